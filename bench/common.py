@@ -1,0 +1,344 @@
+"""Timing, weight generation, derived columns and text/CSV/PNG output for the torchext benchmarks.
+
+Everything that does not need a GPU lives here too (derived columns, tables, CSV, plot), so that
+`python bench/gemv.py --dry-run` exercises it on a CPU machine with fake timings.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+import time
+
+import torch
+
+# ---- timing ------------------------------------------------------------------------------------
+
+L2_FALLBACK_BYTES = 50 * 2**20  # H100's L2, used when the device does not report one
+
+
+def l2_cache_bytes(device) -> int:
+    """The device's L2 size in bytes (get_device_properties), else 50 MiB."""
+    try:
+        size = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0)
+    except Exception:  # noqa: BLE001  (no CUDA, or an old torch without the field)
+        size = 0
+    return size if size > 0 else L2_FALLBACK_BYTES
+
+
+def plan_copies(bytes_per_copy: int, l2_bytes: int, *, l2_factor: float = 4.0,
+                mem_cap_bytes: float = 20e9, max_copies: int = 1024) -> int:
+    """How many copies of the operands a cold-L2 measurement rotates through: enough that their
+    total bytes exceed l2_factor x L2, but never more than mem_cap_bytes in all, nor max_copies
+    (each copy costs one call in the captured graph). At least 1: one copy larger than 4x L2 is
+    already cold, since each call streams it all through L2 before the next call starts again."""
+    bytes_per_copy = max(1, int(bytes_per_copy))
+    need = math.ceil(l2_factor * l2_bytes / bytes_per_copy)
+    by_memory = int(mem_cap_bytes // bytes_per_copy)
+    return max(1, min(need, by_memory, max_copies))
+
+
+def plan_calls(copies: int, repeat: int) -> int:
+    """Calls per captured graph: at least `repeat`, and whole passes over the copies so that every
+    copy is read equally often."""
+    return copies * math.ceil(max(1, repeat) / copies)
+
+
+class GraphTimer:
+    """Median per-call time of `calls` back-to-back calls captured in one CUDA graph.
+
+    call(i) issues the i-th call (the caller rotates operand copies by i). One eager call on a side
+    stream first does lazy initialisation (cuBLAS handles, workspaces) outside the capture, as the
+    torch.cuda.graphs docs advise; then `warmup` replays, then `replays` replays each between two
+    events, all queued before one synchronize. If capture fails (an op that is not capturable), the
+    same calls are timed eagerly between events and the row says so (method "eager")."""
+
+    method = "graph"
+
+    def __init__(self, warmup: int = 2, replays: int = 7):
+        self.warmup, self.replays = warmup, replays
+
+    def __call__(self, call, calls: int, row: dict) -> tuple[float, str, str]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            call(0)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side):
+                for i in range(calls):
+                    call(i)
+        except Exception as e:  # noqa: BLE001  (record why, then time eagerly)
+            torch.cuda.synchronize()
+            note = f"graph capture failed ({short_error(e, 120)}); timed eagerly"
+            return self._eager(call, calls), "eager", note
+        try:
+            for _ in range(self.warmup):
+                graph.replay()
+            ms = self._events(graph.replay, self.replays)
+        finally:
+            del graph
+        return statistics.median(ms) * 1e3 / calls, "graph", ""
+
+    def _eager(self, call, calls: int) -> float:
+        def run():
+            for i in range(calls):
+                call(i)
+        run()
+        ms = self._events(run, self.replays)
+        return statistics.median(ms) * 1e3 / calls
+
+    @staticmethod
+    def _events(fn, n: int) -> list[float]:
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for s, e in zip(starts, ends):
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+# Fake bandwidths (GB/s) for --dry-run: arbitrary, deterministic, only there to exercise the
+# derived columns, tables, CSV and plot on a machine without a GPU.
+FAKE_GBPS = {"bf16": 2600.0, "int4": 1500.0, "Q4_K": 2300.0, "Q5_K": 2250.0, "Q6_K": 2200.0,
+             "Q8_0": 2400.0, "Q5_0": 2100.0, "q4k_q8": 2350.0, "q8_1+q4k_q8": 2000.0, "q8_1": 900.0,
+             "copy": 3000.0}
+
+
+def fake_us(row: dict) -> float:
+    """A made-up kernel time: 2 us of launch plus bytes at a per-label bandwidth, a little slower
+    per extra activation row (so batch-8 / batch-1 ratios differ from 1)."""
+    gbps = FAKE_GBPS.get(row["label"], 1800.0)
+    batch = max(1, int(row.get("batch") or 1))
+    return 2.0 + row["bytes"] / (gbps * 1e3) * (1.0 + 0.05 * (min(batch, 64) - 1))
+
+
+class FakeTimer:
+    """--dry-run: runs call(0) and call(calls - 1) for real (on the CPU; checks that the call and the
+    copy rotation work), then reports fake_us instead of a measurement."""
+
+    method = "fake"
+
+    def __call__(self, call, calls: int, row: dict) -> tuple[float, str, str]:
+        call(0)
+        call(calls - 1)
+        return fake_us(row), "fake", ""
+
+
+def short_error(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+FATAL_MARKERS = ("illegal memory access", "device-side assert", "unspecified launch failure",
+                 "misaligned address", "an illegal instruction")
+
+
+def is_fatal_cuda_error(text: str) -> bool:
+    """A sticky CUDA error: every later call on this context fails too, so the run stops measuring."""
+    return any(m in text for m in FATAL_MARKERS)
+
+
+class Stopwatch:
+    def __init__(self, budget_s: float):
+        self.t0, self.budget_s = time.monotonic(), budget_s
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def out_of_time(self) -> bool:
+        return self.elapsed() > self.budget_s
+
+
+# ---- random-but-realistic quantized weights ---------------------------------------------------
+
+# Byte offsets of the fp16 scale fields inside one block (block layouts per gguf / ggml-common.h):
+# Q4_K and Q5_K start with d then dmin; Q6_K ends with d after ql[128] qh[64] scales[16];
+# the 32-value formats start with d (Q4_1 / Q5_1 then m).
+FP16_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,), "Q5_0": (0,),
+               "Q4_0": (0,), "Q4_1": (0, 2), "Q5_1": (0, 2)}
+
+
+def random_quant_weight(fmt: str, n: int, k: int, copies: int, device, gen) -> torch.Tensor:
+    """`copies` independent random weights [copies, n, row_bytes] uint8, made on `device`: random
+    bytes (every 6-bit scale code, nibble and sign occurs) with each fp16 scale field overwritten by
+    a small positive finite value in [0.001, 0.011), so no block decodes to inf/NaN and none is 0.
+    Each copy w[c] is contiguous and keeps the format's alignment (row bytes are multiples of it)."""
+    import torchext
+
+    bb = torchext.block_bytes(fmt)
+    rb = torchext.row_bytes(fmt, k)
+    nb = rb // bb
+    w = torch.randint(0, 256, (copies, n, rb), dtype=torch.uint8, device=device, generator=gen)
+    blocks = w.view(copies, n, nb, bb)
+    for off in FP16_FIELDS[fmt]:
+        d = torch.rand((copies, n, nb), device=device, generator=gen).mul_(0.01).add_(0.001).half()
+        blocks[..., off:off + 2] = d.view(torch.uint8).view(copies, n, nb, 2)
+    return w
+
+
+# ---- derived columns ---------------------------------------------------------------------------
+
+CSV_FIELDS = ["section", "label", "op", "format", "dtype", "N", "K", "batch", "l2", "us", "bytes",
+              "gbps", "pct_copy", "x_bf16", "b8_over_b1", "calls", "copies", "footprint_mb",
+              "method", "note", "error"]
+
+
+def new_row(**kw) -> dict:
+    row = {f: "" for f in CSV_FIELDS}
+    row.update(kw)
+    return row
+
+
+def _num(v):
+    return None if v in ("", None) else float(v)
+
+
+def derive(rows: list[dict], copy_gbps: float | None) -> None:
+    """Fill gbps, pct_copy, x_bf16 (bf16 F.linear time / this time, same N, K, batch, L2) and
+    b8_over_b1 (this op's batch-8 time / its batch-1 time, same N, K, L2) in place."""
+    bf16 = {}
+    b1 = {}
+    for r in rows:
+        us = _num(r["us"])
+        if us is None or us <= 0 or r["error"]:
+            continue
+        r["gbps"] = float(r["bytes"]) / us / 1e3  # bytes / (us * 1e-6) / 1e9
+        if copy_gbps:
+            r["pct_copy"] = 100.0 * r["gbps"] / copy_gbps
+        if r["section"] == "gemv":
+            key = (r["N"], r["K"], r["batch"], r["l2"])
+            if r["label"] == "bf16":
+                bf16[key] = us
+            if int(r["batch"]) == 1:
+                b1[(r["label"], r["format"], r["N"], r["K"], r["l2"])] = us
+    for r in rows:
+        us = _num(r["us"])
+        if us is None or us <= 0 or r["error"] or r["section"] != "gemv":
+            continue
+        ref = bf16.get((r["N"], r["K"], r["batch"], r["l2"]))
+        if ref is not None:
+            r["x_bf16"] = ref / us
+        if int(r["batch"]) == 8:
+            one = b1.get((r["label"], r["format"], r["N"], r["K"], r["l2"]))
+            if one is not None:
+                r["b8_over_b1"] = us / one
+
+
+def write_csv(path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        wr.writeheader()
+        for r in rows:
+            wr.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+# ---- text tables -------------------------------------------------------------------------------
+
+def fmt_us(v) -> str:
+    v = _num(v)
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 1000 else f"{v:.0f}"
+
+
+def fmt_f(v, spec: str) -> str:
+    v = _num(v)
+    return "-" if v is None else format(v, spec)
+
+
+def render(header: list[str], body: list[list[str]], right: bool = True) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
+    def line(cells):
+        return " ".join((str(c).rjust(w) if (right and i) else str(c).ljust(w))
+                        for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def cell(row: dict | None) -> str:
+    """A table cell: the time, or why there is none."""
+    if row is None:
+        return "-"
+    if row["error"]:
+        return "skip" if row["error"].startswith("skipped") else "ERR"
+    return fmt_us(row["us"])
+
+
+# ---- plot ----------------------------------------------------------------------------------------
+
+def plot(path, rows: list[dict], copy_gbps: float | None, gemv_labels: list[str],
+         elementwise_labels: list[str]) -> str:
+    """GB/s at batch 1 per shape and op (one panel per L2 mode) with the bf16 F.linear level of each
+    shape and the copy-bandwidth roofline; below, the large elementwise ops. Returns a message."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # noqa: BLE001
+        return f"plot skipped: matplotlib is not importable ({short_error(e, 80)})"
+
+    ok = [r for r in rows if not r["error"] and r["gbps"] != ""]
+    modes = [m for m in ("cold", "warm") if any(r["section"] == "gemv" and r["l2"] == m for r in ok)]
+    ew = [r for r in ok if r["section"] == "elementwise"]
+    nrows = len(modes) + (1 if ew else 0)
+    if nrows == 0:
+        return "plot skipped: no successful measurement"
+    fig, axes = plt.subplots(nrows, 1, figsize=(14, 4.6 * nrows), squeeze=False)
+    colors = plt.get_cmap("tab10")
+    for ax, mode in zip(axes[:, 0], modes):
+        b1 = [r for r in ok if r["section"] == "gemv" and r["l2"] == mode and int(r["batch"]) == 1]
+        shapes = list(dict.fromkeys((int(r["N"]), int(r["K"])) for r in b1))
+        labels = [lb for lb in gemv_labels if any(r["label"] == lb for r in b1)]
+        width = 0.8 / max(1, len(labels))
+        for j, lb in enumerate(labels):
+            xs, ys = [], []
+            for i, s in enumerate(shapes):
+                hit = [r for r in b1 if r["label"] == lb and (int(r["N"]), int(r["K"])) == s]
+                if hit:
+                    xs.append(i - 0.4 + (j + 0.5) * width)
+                    ys.append(hit[0]["gbps"])
+            color = "0.55" if lb == "bf16" else colors(j % 10)
+            ax.bar(xs, ys, width, label=lb, color=color)
+        for i, s in enumerate(shapes):
+            ref = [r for r in b1 if r["label"] == "bf16" and (int(r["N"]), int(r["K"])) == s]
+            if ref:
+                ax.hlines(ref[0]["gbps"], i - 0.45, i + 0.45, colors="k", linewidth=1.2,
+                          label="bf16 F.linear" if i == 0 else None)
+        if copy_gbps:
+            ax.axhline(copy_gbps, color="r", linestyle="--", linewidth=1,
+                       label=f"copy bandwidth {copy_gbps:.0f} GB/s")
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels([f"{n}x{k}" for n, k in shapes], fontsize=8)
+        ax.set_ylabel("effective GB/s")
+        ax.set_title(f"batch 1, L2 {mode}: (weight + activation + output bytes) / kernel time")
+        ax.legend(fontsize=7, ncol=4, loc="upper right")
+    if ew:
+        ax = axes[-1, 0]
+        dtypes = list(dict.fromkeys(r["dtype"] for r in ew))
+        labels = [lb for lb in elementwise_labels if any(r["label"] == lb for r in ew)]
+        width = 0.8 / max(1, len(dtypes))
+        for j, dt in enumerate(dtypes):
+            xs, ys = [], []
+            for i, lb in enumerate(labels):
+                hit = [r for r in ew if r["label"] == lb and r["dtype"] == dt]
+                if hit:
+                    xs.append(i - 0.4 + (j + 0.5) * width)
+                    ys.append(hit[0]["gbps"])
+            ax.bar(xs, ys, width, label=dt, color=colors(j % 10))
+        if copy_gbps:
+            ax.axhline(copy_gbps, color="r", linestyle="--", linewidth=1, label="copy bandwidth")
+            ax.axhline(0.8 * copy_gbps, color="r", linestyle=":", linewidth=1, label="80% of copy")
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_ylabel("GB/s (read + write)")
+        ax.set_title("large elementwise ops")
+        ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plot written: {path}"

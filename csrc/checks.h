@@ -1,0 +1,155 @@
+// Argument checks shared by every backend. Each message names the argument and says what
+// was expected; all raise RuntimeError in Python.
+#pragma once
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+
+#include <cstdint>
+#include <string>
+
+#include "kernels/float_types.h"
+#include "kernels/quant_traits.h"
+
+namespace torchext {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+inline const char* dtype_name(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float: return "float32";
+    case ScalarType::Half: return "float16";
+    case ScalarType::BFloat16: return "bfloat16";
+    case ScalarType::Byte: return "uint8";
+    case ScalarType::Char: return "int8";
+    case ScalarType::Int: return "int32";
+    case ScalarType::Long: return "int64";
+    case ScalarType::Double: return "float64";
+    case ScalarType::Bool: return "bool";
+    default: return "an unsupported dtype";
+  }
+}
+
+inline const char* qtype_name(QType t) {
+  switch (t) {
+    case QType::Q4_0: return "Q4_0";
+    case QType::Q4_1: return "Q4_1";
+    case QType::Q5_0: return "Q5_0";
+    case QType::Q5_1: return "Q5_1";
+    case QType::Q8_0: return "Q8_0";
+    case QType::Q8_1: return "Q8_1";
+    case QType::Q4_K: return "Q4_K";
+    case QType::Q5_K: return "Q5_K";
+    case QType::Q6_K: return "Q6_K";
+    default: return "unknown";
+  }
+}
+
+// Block geometry of a weight format, read off its traits.
+struct FormatInfo {
+  QType type;
+  int64_t values;  // per block
+  int64_t bytes;   // per block
+  int64_t align;   // alignment every block keeps when the first one has it
+};
+
+inline FormatInfo format_info(int64_t qtype, const char* arg = "qtype") {
+  FormatInfo info{};
+  const bool known = visit_weight_format(QType(qtype), [&](auto traits) {
+    using T = decltype(traits);
+    info = FormatInfo{QType(qtype), T::kValues, T::kBytes, T::kAlign};
+  });
+  STD_TORCH_CHECK(known, arg, ": unknown or unsupported weight format id ", qtype,
+                  " (expected a gguf GGMLQuantizationType of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K)");
+  return info;
+}
+
+inline int64_t row_bytes(const FormatInfo& f, int64_t k) { return (k + f.values - 1) / f.values * f.bytes; }
+
+inline FloatType float_type(const Tensor& t, const char* arg) {
+  switch (t.scalar_type()) {
+    case ScalarType::Float: return FloatType::F32;
+    case ScalarType::Half: return FloatType::F16;
+    case ScalarType::BFloat16: return FloatType::BF16;
+    default:
+      STD_TORCH_CHECK(false, arg, ": expected a float32, float16 or bfloat16 tensor, got ",
+                      dtype_name(t.scalar_type()));
+  }
+  return FloatType::F32;
+}
+
+inline ScalarType scalar_type_of(FloatType t) {
+  return t == FloatType::F16 ? ScalarType::Half : t == FloatType::BF16 ? ScalarType::BFloat16 : ScalarType::Float;
+}
+
+inline void check_defined_contiguous(const Tensor& t, const char* arg) {
+  STD_TORCH_CHECK(t.defined(), arg, ": expected a tensor, got None");
+  STD_TORCH_CHECK(t.is_contiguous(), arg, ": expected a contiguous tensor (call .contiguous() first)");
+}
+
+inline void check_same_device(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name) {
+  STD_TORCH_CHECK(a.is_cpu() == b.is_cpu() && a.get_device_index() == b.get_device_index(), a_name, " and ",
+                  b_name, ": expected tensors on the same device, got ", a_name, " on ",
+                  a.is_cpu() ? std::string("cpu") : "cuda:" + std::to_string(a.get_device_index()), " and ", b_name,
+                  " on ", b.is_cpu() ? std::string("cpu") : "cuda:" + std::to_string(b.get_device_index()));
+}
+
+inline void check_alignment(const Tensor& t, int64_t align, const char* arg, const char* why) {
+  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % uintptr_t(align) == 0, arg,
+                  ": storage must be ", align, "-byte aligned (", why, "); got an address ",
+                  reinterpret_cast<uintptr_t>(t.data_ptr()) % uintptr_t(align), " bytes past that");
+}
+
+inline void check_shape_nk(int64_t n, int64_t k) {
+  STD_TORCH_CHECK(n > 0, "n: expected a positive number of output rows, got ", n);
+  STD_TORCH_CHECK(k > 0, "k: expected a positive row length, got ", k);
+}
+
+// A quantized weight: uint8, contiguous, exactly n rows of ceil(k / values) blocks.
+inline FormatInfo check_weight(const Tensor& w, int64_t qtype, int64_t n, int64_t k, const char* arg = "w") {
+  const FormatInfo f = format_info(qtype);
+  check_shape_nk(n, k);
+  STD_TORCH_CHECK(f.values == kSuperBlock || k % f.values == 0, "k: ", qtype_name(f.type),
+                  " rows are whole 32-value blocks, so k must be a multiple of 32; got ", k);
+  check_defined_contiguous(w, arg);
+  STD_TORCH_CHECK(w.scalar_type() == ScalarType::Byte, arg, ": expected raw ", qtype_name(f.type),
+                  " bytes as a uint8 tensor, got ", dtype_name(w.scalar_type()));
+  const int64_t expected = n * row_bytes(f, k);
+  STD_TORCH_CHECK(w.numel() == expected, arg, ": expected ", expected, " bytes for ", qtype_name(f.type),
+                  " with n=", n, ", k=", k, " (", n, " rows of ", row_bytes(f, k), " bytes), got ", w.numel());
+  check_alignment(w, f.align, arg, "the alignment of its blocks");
+  return f;
+}
+
+// Float activations [..., k].
+inline FloatType check_activations(const Tensor& x, int64_t k, const char* arg = "x") {
+  check_defined_contiguous(x, arg);
+  const FloatType t = float_type(x, arg);
+  STD_TORCH_CHECK(x.dim() >= 1, arg, ": expected at least one dimension [..., K], got a scalar");
+  STD_TORCH_CHECK(x.size(x.dim() - 1) == k, arg, ": expected the last dimension to be k=", k, ", got ",
+                  x.size(x.dim() - 1));
+  return t;
+}
+
+// Q8_1 activations [..., q8_1_blocks_per_row(k) * 36], as quantize_q8_1 makes them.
+inline void check_q8_1(const Tensor& xq, int64_t k, const char* arg = "xq") {
+  check_defined_contiguous(xq, arg);
+  STD_TORCH_CHECK(xq.scalar_type() == ScalarType::Byte, arg, ": expected Q8_1 bytes as a uint8 tensor, got ",
+                  dtype_name(xq.scalar_type()));
+  STD_TORCH_CHECK(xq.dim() >= 1, arg, ": expected at least one dimension [..., bytes], got a scalar");
+  const int64_t expected = q8_1_blocks_per_row(k) * int64_t(sizeof(block_q8_1));
+  STD_TORCH_CHECK(xq.size(xq.dim() - 1) == expected, arg, ": expected the last dimension to be ", expected,
+                  " bytes (k=", k, " padded to whole 256-value super-blocks, 36 bytes per 32 values), got ",
+                  xq.size(xq.dim() - 1));
+  check_alignment(xq, 4, arg, "Q8_1 quants are read as 32-bit words");
+}
+
+inline bool parse_approximate(const std::string& approximate) {
+  STD_TORCH_CHECK(approximate == "none" || approximate == "tanh",
+                  "approximate: expected 'none' or 'tanh' (as torch.nn.functional.gelu), got '", approximate, "'");
+  return approximate == "tanh";
+}
+
+}  // namespace torchext

@@ -1,0 +1,31 @@
+#include <torch/csrc/stable/ops.h>
+
+#include "csrc/cpu/kernels.h"
+#include "kernels/quant_traits.h"
+
+namespace torchext::cpu {
+
+void gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows, void* out,
+               FloatType ot) {
+  const int64_t xs = q8_1_blocks_per_row(k);
+  visit_weight_format(wt, [&](auto traits) {
+    using T = decltype(traits);
+    const int64_t blocks = (k + T::kValues - 1) / T::kValues;
+    const int64_t row_bytes = blocks * T::kBytes;
+    torch::stable::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const uint8_t* wrow = w + i * row_bytes;
+        for (int64_t r = 0; r < rows; ++r) {
+          float acc[1] = {0.0f};
+          for (int64_t b = 0; b < blocks; ++b) {
+            const block_q8_1* x[1] = {xq + r * xs + b * (T::kValues / kQ8Block)};
+            for (int t = 0; t < T::kItems; ++t) T::template dot_item<1>(wrow + b * T::kBytes, t, x, acc);
+          }
+          store_float(out, r * n + i, ot, acc[0]);
+        }
+      }
+    });
+  });
+}
+
+}  // namespace torchext::cpu

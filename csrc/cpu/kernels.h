@@ -1,0 +1,26 @@
+// CPU kernels: raw pointers in, the same block formats and traits as the CUDA kernels.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/float_types.h"
+
+namespace torchext::cpu {
+
+// rows x k activations -> rows x q8_1_blocks_per_row(k) Q8_1 blocks, bytes identical to CUDA's.
+void quantize_q8_1(const void* x, FloatType xt, int64_t rows, int64_t k, block_q8_1* out);
+
+// out[r, i] = sum_j w[i, j] * xq[r, j] for i < n, r < rows (output element type `ot`).
+void gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows, void* out,
+               FloatType ot);
+
+// n x k dense values of a quantized weight.
+void dequantize(QType wt, const uint8_t* w, int64_t n, int64_t k, void* out, FloatType ot);
+
+// out = gelu(x + bias[i % channels]) (bias may be null), computed in fp32.
+void gelu(const void* x, const void* bias, void* out, int64_t numel, int64_t channels, FloatType t, bool tanh_form);
+
+// n x k float32 rows -> n rows of quantized bytes (llama.cpp's reference quantizers).
+void quantize(QType wt, const float* x, int64_t n, int64_t k, uint8_t* out);
+
+}  // namespace torchext::cpu

@@ -1,0 +1,450 @@
+// Dense float32 rows -> GGUF weight blocks: llama.cpp's reference quantizers, written anew.
+//
+// Rules and constants per llama.cpp ggml/src/ggml-quants.c (as of 0.3.36's vendored copy):
+// quantize_row_{q8_0,q4_0,q4_1,q5_0,q5_1}_ref, quantize_row_{q4_K,q5_K,q6_K}_ref, make_qkx2_quants,
+// make_qx_quants and nearest_int. Every intermediate is fp32 and evaluated in the reference's order
+// (this file builds with -ffp-contract=off), so the bytes match llama.cpp's; the 32-value formats
+// also match the `gguf` package's numpy quantizers bit for bit (tests/test_quantize.py).
+// What the bytes mean is defined by dequantize_chunk in kernels/quant_traits.h.
+#include <torch/csrc/stable/ops.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "csrc/checks.h"
+#include "csrc/cpu/kernels.h"
+#include "kernels/quant_traits.h"
+
+namespace torchext::cpu {
+namespace {
+
+// ---------------------------------------------------------------- rounding helpers
+
+// Nearest integer, ties to even, for |v| < 2^22: adding 1.5 * 2^23 leaves the rounded integer in
+// the low mantissa bits (llama.cpp's nearest_int). Outside that range the result is garbage but
+// defined, exactly as in the reference; callers clamp it.
+inline int nearest_even(float v) {
+  const float shifted = v + 12582912.0f;
+  int32_t bits;
+  std::memcpy(&bits, &shifted, sizeof bits);
+  return (bits & 0x007fffff) - 0x00400000;
+}
+
+inline int clamp_int(int v, int lo, int hi) { return std::min(hi, std::max(lo, v)); }
+
+// (int)v truncated toward zero, capped at `hi`. For the 32-value formats v >= 0 up to rounding, so
+// this is the reference's MIN(hi, (int8_t)v); NaN and negative inputs give 0 instead of a UB cast.
+inline int truncate_capped(float v, int hi) {
+  if (!(v > 0.0f)) return 0;
+  if (v >= float(hi)) return hi;
+  return int(v);
+}
+
+// ---------------------------------------------------------------- 32-value formats
+
+// Index of the first element of largest magnitude (numpy's argmax(abs(x)), which gguf uses). For an
+// all-zero block that is x[0], so the sign of the zero scale follows x[0] as in gguf; llama.cpp starts
+// from +0 and stores -0 there whatever x[0] is. The decoded values are the same.
+inline int first_abs_max(const float* x) {
+  int best = 0;
+  float amax = std::fabs(x[0]);
+  for (int i = 1; i < 32; ++i) {
+    if (std::fabs(x[i]) > amax) {
+      amax = std::fabs(x[i]);
+      best = i;
+    }
+  }
+  return best;
+}
+
+// Sequential scan, the first extreme wins (the reference's loop). gguf's numpy min/max agree except on
+// the sign of a zero extreme when a block holds both +0.0 and -0.0: numpy's SIMD reduction order
+// picks it, so no fixed rule reproduces it. That sign only reaches m (or d) as a signed zero.
+inline void min_max(const float* x, float& lo, float& hi) {
+  lo = x[0];
+  hi = x[0];
+  for (int i = 1; i < 32; ++i) {
+    if (x[i] < lo) lo = x[i];
+    if (x[i] > hi) hi = x[i];
+  }
+}
+
+// 5th bits of 32 values (bit i = bit 4 of q[i]), little-endian into qh[4].
+inline void pack_high_bits(const int* q, uint8_t* qh) {
+  uint32_t bits = 0;
+  for (int i = 0; i < 32; ++i) bits |= uint32_t((q[i] >> 4) & 1) << i;
+  for (int b = 0; b < 4; ++b) qh[b] = uint8_t(bits >> (8 * b));
+}
+
+// Nibbles: byte l holds value l (low) and value l + 16 (high).
+inline void pack_nibbles(const int* q, uint8_t* qs) {
+  for (int l = 0; l < 16; ++l) qs[l] = uint8_t((q[l] & 0xF) | ((q[l + 16] & 0xF) << 4));
+}
+
+// Q8_0: d = max|x| / 127, q = round-half-away(x / d).
+void quantize_block(const float* x, block_q8_0& b) {
+  float amax = 0.0f;
+  for (int i = 0; i < 32; ++i) amax = amax > std::fabs(x[i]) ? amax : std::fabs(x[i]);
+  const float d = amax / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  b.d = float_to_fp16(d);
+  for (int i = 0; i < 32; ++i) {
+    const float v = std::round(x[i] * id);
+    b.qs[i] = int8_t(v == v ? std::min(127.0f, std::max(-127.0f, v)) : 0.0f);
+  }
+}
+
+// Q4_0 / Q5_0 (symmetric, zero point 8 / 16): d = (signed value of largest magnitude) / -zero, so
+// that value maps to q = 0; q = min(2*zero - 1, trunc(x / d + zero + 0.5)).
+template <int kZero>
+void quantize_symmetric(const float* x, fp16_bits& d_out, int* q) {
+  const float max = x[first_abs_max(x)];
+  const float d = max / float(-kZero);
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  d_out = float_to_fp16(d);
+  for (int i = 0; i < 32; ++i) q[i] = truncate_capped(x[i] * id + (float(kZero) + 0.5f), 2 * kZero - 1);
+}
+
+// Q4_1 / Q5_1 (asymmetric): d = (max - min) / nmax, m = min, q = min(nmax, trunc((x - min) / d + 0.5)).
+template <int kMax>
+void quantize_min_max(const float* x, fp16_bits& d_out, fp16_bits& m_out, int* q) {
+  float lo, hi;
+  min_max(x, lo, hi);
+  const float d = (hi - lo) / float(kMax);
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  d_out = float_to_fp16(d);
+  m_out = float_to_fp16(lo);
+  for (int i = 0; i < 32; ++i) q[i] = truncate_capped((x[i] - lo) * id + 0.5f, kMax);
+}
+
+void quantize_block(const float* x, block_q4_0& b) {
+  int q[32];
+  quantize_symmetric<8>(x, b.d, q);
+  pack_nibbles(q, b.qs);
+}
+
+void quantize_block(const float* x, block_q5_0& b) {
+  int q[32];
+  quantize_symmetric<16>(x, b.d, q);
+  pack_nibbles(q, b.qs);
+  pack_high_bits(q, b.qh);
+}
+
+void quantize_block(const float* x, block_q4_1& b) {
+  int q[32];
+  quantize_min_max<15>(x, b.d, b.m, q);
+  pack_nibbles(q, b.qs);
+}
+
+void quantize_block(const float* x, block_q5_1& b) {
+  int q[32];
+  quantize_min_max<31>(x, b.d, b.m, q);
+  pack_nibbles(q, b.qs);
+  pack_high_bits(q, b.qh);
+}
+
+// ---------------------------------------------------------------- Q4_K / Q5_K
+
+// Search parameters of make_qkx2_quants as quantize_row_q{4,5}_K_ref call it.
+struct ScaleSearch {
+  int nmax;      // largest quant: 15 (Q4_K) or 31 (Q5_K)
+  float rmin;    // first trial: iscale = (nmax + rmin) / range ...
+  float rdelta;  // ... then nmax + rmin + rdelta * s for s = 0..steps
+  int steps;
+};
+constexpr ScaleSearch kQ4KSearch{15, -1.0f, 0.1f, 20};
+constexpr ScaleSearch kQ5KSearch{31, -0.5f, 0.1f, 15};
+
+// Weighted least-squares fit of 32 values to x ~ scale * q - offset, q in 0..nmax, offset >= 0
+// (make_qkx2_quants). Starts from min/max scaling; each trial quantizes with a slightly different
+// inverse scale, solves the 2x2 normal equations for (scale, min) given those quants, and keeps the
+// fit with the smallest weighted squared error. Note that a kept trial's min also moves the range
+// that later trials scale against, as in the reference. Returns scale; `offset` = -min.
+float fit_scale_and_min(const float* x, const float* w, const ScaleSearch& s, uint8_t* q, float& offset) {
+  constexpr int n = 32;
+  float lo = x[0], hi = x[0];
+  float sum_w = w[0];
+  float sum_x = sum_w * x[0];
+  for (int i = 1; i < n; ++i) {
+    if (x[i] < lo) lo = x[i];
+    if (x[i] > hi) hi = x[i];
+    sum_w += w[i];
+    sum_x += w[i] * x[i];
+  }
+  if (lo > 0) lo = 0;  // the offset only ever lowers values
+  if (hi == lo) {      // constant (zero) sub-block
+    std::fill(q, q + n, uint8_t(0));
+    offset = -lo;
+    return 0.0f;
+  }
+  float iscale = float(s.nmax) / (hi - lo);
+  float scale = 1 / iscale;
+  float best_error = 0;
+  for (int i = 0; i < n; ++i) {
+    q[i] = uint8_t(clamp_int(nearest_even(iscale * (x[i] - lo)), 0, s.nmax));
+    const float diff = scale * float(q[i]) + lo - x[i];
+    best_error += w[i] * (diff * diff);
+  }
+  uint8_t trial[n];
+  for (int step = 0; step <= s.steps; ++step) {
+    iscale = (s.rmin + s.rdelta * float(step) + float(s.nmax)) / (hi - lo);
+    float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+    for (int i = 0; i < n; ++i) {
+      const int l = clamp_int(nearest_even(iscale * (x[i] - lo)), 0, s.nmax);
+      trial[i] = uint8_t(l);
+      const float wl = w[i] * float(l);
+      sum_l += wl;
+      sum_l2 += wl * float(l);
+      sum_xl += wl * x[i];
+    }
+    const float det = sum_w * sum_l2 - sum_l * sum_l;
+    if (det > 0) {
+      float this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+      float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+      if (this_min > 0) {  // a positive min is not representable: refit the scale alone
+        this_min = 0;
+        this_scale = sum_xl / sum_l2;
+      }
+      float error = 0;
+      for (int i = 0; i < n; ++i) {
+        const float diff = this_scale * float(trial[i]) + this_min - x[i];
+        error += w[i] * (diff * diff);
+      }
+      if (error < best_error) {
+        std::copy(trial, trial + n, q);
+        best_error = error;
+        scale = this_scale;
+        lo = this_min;
+      }
+    }
+  }
+  offset = -lo;
+  return scale;
+}
+
+// Inverse of kquant_scale_min (quant_traits.h): sub-blocks 0..3 keep their 6-bit scale in the low
+// bits of bytes 0..3 and their min in bytes 4..7; sub-blocks 4..7 keep the low 4 bits of scale and
+// min in the two nibbles of bytes 8..11 and the top 2 bits of each in bits 6..7 of bytes 0..7.
+void pack_scales_and_mins(const uint8_t* sc, const uint8_t* m, uint8_t* s) {
+  std::fill(s, s + 12, uint8_t(0));
+  for (int j = 0; j < 8; ++j) {
+    if (j < 4) {
+      s[j] = sc[j];
+      s[j + 4] = m[j];
+    } else {
+      s[j + 4] = uint8_t((sc[j] & 0xF) | ((m[j] & 0xF) << 4));
+      s[j - 4] |= uint8_t((sc[j] >> 4) << 6);
+      s[j] |= uint8_t((m[j] >> 4) << 6);
+    }
+  }
+}
+
+// Shared by Q4_K and Q5_K: fits the 8 sub-blocks, stores d, dmin and the packed 6-bit scales and
+// mins, and returns the 256 quants (0..nmax) recomputed against the fp16-rounded scales.
+template <class Block>
+void quantize_scales_min_kquant(const float* x, const ScaleSearch& search, Block& b, uint8_t* q) {
+  float scales[8], mins[8];
+  float max_scale = 0, max_min = 0;
+  for (int j = 0; j < 8; ++j) {
+    const float* xs = x + 32 * j;
+    // Weights favour large values, plus the sub-block's RMS so that small ones still count.
+    float sum_x2 = 0;
+    for (int l = 0; l < 32; ++l) sum_x2 += xs[l] * xs[l];
+    const float av_x = std::sqrt(sum_x2 / 32);
+    float w[32];
+    for (int l = 0; l < 32; ++l) w[l] = av_x + std::fabs(xs[l]);
+    scales[j] = fit_scale_and_min(xs, w, search, q + 32 * j, mins[j]);
+    if (scales[j] > max_scale) max_scale = scales[j];
+    if (mins[j] > max_min) max_min = mins[j];
+  }
+  // Scales and mins become 6-bit multiples of the super-block's d = max_scale/63, dmin = max_min/63.
+  const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
+  const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
+  uint8_t sc6[8], m6[8];
+  for (int j = 0; j < 8; ++j) {
+    // uint8_t wrap then cap, as the reference stores nearest_int into a uint8_t before MIN(63, .)
+    sc6[j] = std::min<uint8_t>(63, uint8_t(nearest_even(inv_scale * scales[j])));
+    m6[j] = std::min<uint8_t>(63, uint8_t(nearest_even(inv_min * mins[j])));
+  }
+  pack_scales_and_mins(sc6, m6, b.scales);
+  b.d = float_to_fp16(max_scale / 63.0f);
+  b.dmin = float_to_fp16(max_min / 63.0f);
+
+  // Requantize each value against the scale and min the block now stores (x = d*sc*q - dmin*m).
+  // A sub-block whose scale rounded to zero keeps the quants of its fit: they dequantize to -dmin*m
+  // whatever they are.
+  for (int j = 0; j < 8; ++j) {
+    int sc, m;
+    kquant_scale_min(b.scales, j, sc, m);
+    const float d = fp16_to_float(b.d) * float(sc);
+    if (d == 0.0f) continue;
+    const float dm = fp16_to_float(b.dmin) * float(m);
+    for (int l = 0; l < 32; ++l) q[32 * j + l] = uint8_t(clamp_int(nearest_even((x[32 * j + l] + dm) / d), 0, search.nmax));
+  }
+}
+
+void quantize_block(const float* x, block_q4_K& b) {
+  uint8_t q[256];
+  quantize_scales_min_kquant(x, kQ4KSearch, b, q);
+  // byte 32g + l: low nibble = value 64g + l, high nibble = value 64g + 32 + l
+  for (int g = 0; g < 4; ++g)
+    for (int l = 0; l < 32; ++l) b.qs[32 * g + l] = uint8_t(q[64 * g + l] | (q[64 * g + 32 + l] << 4));
+}
+
+void quantize_block(const float* x, block_q5_K& b) {
+  uint8_t q[256];
+  quantize_scales_min_kquant(x, kQ5KSearch, b, q);
+  // Low 4 bits as Q4_K; bit j of qh[l] is the 5th bit of value 32j + l.
+  std::fill(b.qh, b.qh + 32, uint8_t(0));
+  for (int g = 0; g < 4; ++g) {
+    for (int l = 0; l < 32; ++l) {
+      const int lo = q[64 * g + l], hi = q[64 * g + 32 + l];
+      b.qs[32 * g + l] = uint8_t((lo & 0xF) | ((hi & 0xF) << 4));
+      b.qh[l] |= uint8_t(((lo >> 4) << (2 * g)) | ((hi >> 4) << (2 * g + 1)));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- Q6_K
+
+constexpr float kGroupMaxEps = 1e-15f;  // GROUP_MAX_EPS: below this a group counts as all zero
+
+// Signed scale for 16 values, q in -32..31 (make_qx_quants with nmax 32, rmse_type 1, no weights):
+// starts from iscale = -32 / (value of largest magnitude), then tries iscale = -(32 + 0.1 s) / max
+// for s = -9..9 and keeps the one whose least-squares scale, weighted by x^2, explains most of the
+// data (largest sumlx^2 / suml2). Returns that scale; q[i] = quant + 32 (0..63).
+float fit_signed_scale(const float* x, int8_t* q) {
+  constexpr int n = 16, nmax = 32;
+  float max = 0, amax = 0;
+  for (int i = 0; i < n; ++i) {
+    const float ax = std::fabs(x[i]);
+    if (ax > amax) {
+      amax = ax;
+      max = x[i];
+    }
+  }
+  if (amax < kGroupMaxEps) {
+    std::fill(q, q + n, int8_t(0));
+    return 0.0f;
+  }
+  // sums of w*x*l and w*l*l for the quants of `iscale`, w = x^2
+  auto fit = [&](float iscale, float& sumlx, float& suml2) {
+    sumlx = 0;
+    suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+      const int l = clamp_int(nearest_even(iscale * x[i]), -nmax, nmax - 1);
+      const float w = x[i] * x[i];
+      sumlx += w * x[i] * float(l);
+      suml2 += w * float(l) * float(l);
+    }
+  };
+  auto store = [&](float iscale) {
+    for (int i = 0; i < n; ++i) q[i] = int8_t(nmax + clamp_int(nearest_even(iscale * x[i]), -nmax, nmax - 1));
+  };
+  float sumlx, suml2;
+  float iscale = float(-nmax) / max;
+  fit(iscale, sumlx, suml2);
+  store(iscale);
+  float scale = suml2 != 0 ? sumlx / suml2 : 0.0f;
+  float best = scale * sumlx;
+  for (int s = -9; s <= 9; ++s) {
+    if (s == 0) continue;
+    iscale = -(float(nmax) + 0.1f * float(s)) / max;
+    fit(iscale, sumlx, suml2);
+    if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+      store(iscale);
+      scale = sumlx / suml2;
+      best = scale * sumlx;
+    }
+  }
+  return scale;
+}
+
+void quantize_block(const float* x, block_q6_K& b) {
+  std::memset(&b, 0, sizeof b);
+  int8_t q[256];
+  float scales[16];
+  float max_scale = 0, max_abs_scale = 0;
+  for (int j = 0; j < 16; ++j) {
+    scales[j] = fit_signed_scale(x + 16 * j, q + 16 * j);
+    if (std::fabs(scales[j]) > max_abs_scale) {
+      max_abs_scale = std::fabs(scales[j]);
+      max_scale = scales[j];  // keeps its sign: that scale maps to -128 exactly
+    }
+  }
+  if (max_abs_scale < kGroupMaxEps) return;  // all zero: d = 0, every byte 0
+
+  // 16 int8 scales, multiples of d = -max_scale / 128.
+  const float iscale = -128.0f / max_scale;
+  b.d = float_to_fp16(1 / iscale);
+  for (int j = 0; j < 16; ++j) b.scales[j] = int8_t(clamp_int(nearest_even(iscale * scales[j]), -128, 127));
+
+  // Requantize against d * scales[j] as stored; a zero scale keeps the fit's quants (they dequantize to 0).
+  for (int j = 0; j < 16; ++j) {
+    const float d = fp16_to_float(b.d) * float(b.scales[j]);
+    if (d == 0.0f) continue;
+    for (int l = 0; l < 16; ++l) q[16 * j + l] = int8_t(32 + clamp_int(nearest_even(x[16 * j + l] / d), -32, 31));
+  }
+
+  // Value 128h + 32i + l: low 4 bits in ql[64h + 32(i%2) + l] (low nibble for i < 2, high for
+  // i >= 2), high 2 bits in bits 2i, 2i+1 of qh[32h + l].
+  for (int h = 0; h < 2; ++h) {
+    const int8_t* v = q + 128 * h;
+    for (int l = 0; l < 32; ++l) {
+      b.ql[64 * h + l] = uint8_t((v[l] & 0xF) | ((v[l + 64] & 0xF) << 4));
+      b.ql[64 * h + 32 + l] = uint8_t((v[l + 32] & 0xF) | ((v[l + 96] & 0xF) << 4));
+      b.qh[32 * h + l] = uint8_t((v[l] >> 4) | ((v[l + 32] >> 4) << 2) | ((v[l + 64] >> 4) << 4) | ((v[l + 96] >> 4) << 6));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- rows
+
+// n rows of k values -> n rows of ceil(k / kValues) blocks. A last block that runs past k is
+// quantized from a copy padded with zeros (the k-quants' zero padding); rows run in parallel.
+template <QType T>
+void quantize_rows(const float* x, int64_t n, int64_t k, uint8_t* out) {
+  using Traits = QuantTraits<T>;
+  using Block = typename Traits::block;
+  constexpr int kValues = Traits::kValues;
+  const int64_t blocks = (k + kValues - 1) / kValues;
+  torch::stable::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    float padded[kValues];
+    for (int64_t r = begin; r < end; ++r) {
+      Block* dst = reinterpret_cast<Block*>(out + r * blocks * int64_t(sizeof(Block)));
+      const float* row = x + r * k;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const float* src = row + b * kValues;
+        const int64_t have = std::min<int64_t>(kValues, k - b * kValues);
+        if (have < kValues) {
+          std::copy(src, src + have, padded);
+          std::fill(padded + have, padded + kValues, 0.0f);
+          src = padded;
+        }
+        quantize_block(src, dst[b]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void quantize(QType wt, const float* x, int64_t n, int64_t k, uint8_t* out) {
+  switch (wt) {
+    case QType::Q4_K: quantize_rows<QType::Q4_K>(x, n, k, out); break;
+    case QType::Q5_K: quantize_rows<QType::Q5_K>(x, n, k, out); break;
+    case QType::Q6_K: quantize_rows<QType::Q6_K>(x, n, k, out); break;
+    case QType::Q8_0: quantize_rows<QType::Q8_0>(x, n, k, out); break;
+    case QType::Q4_0: quantize_rows<QType::Q4_0>(x, n, k, out); break;
+    case QType::Q4_1: quantize_rows<QType::Q4_1>(x, n, k, out); break;
+    case QType::Q5_0: quantize_rows<QType::Q5_0>(x, n, k, out); break;
+    case QType::Q5_1: quantize_rows<QType::Q5_1>(x, n, k, out); break;
+    default:
+      STD_TORCH_CHECK(false, "qtype: no quantizer for format ", qtype_name(wt), " (id ", int64_t(wt),
+                      "); expected a weight format: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K");
+  }
+}
+
+}  // namespace torchext::cpu

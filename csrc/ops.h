@@ -1,0 +1,176 @@
+// The body of every op, written once and instantiated per backend. A Backend supplies
+//   struct Context { explicit Context(const Tensor& on); };   device guard + stream (CUDA) or nothing (CPU)
+//   quantize_q8_1, gemv_q8_1, dequantize, gelu               the kernels, on raw pointers
+// so that checks, shapes, output allocation and the batch policy are shared by CPU and CUDA.
+#pragma once
+
+#include <torch/csrc/stable/ops.h>
+
+#include <vector>
+
+#include "csrc/checks.h"
+#include "csrc/policy.h"
+
+namespace torchext {
+
+// x's shape with the last dimension replaced by `last`.
+inline std::vector<int64_t> with_last_dim(const Tensor& x, int64_t last) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = last;
+  return shape;
+}
+
+inline int64_t leading_rows(const Tensor& x) {
+  const int64_t last = x.size(x.dim() - 1);
+  return last == 0 ? 0 : x.numel() / last;
+}
+
+template <class Backend>
+struct Ops {
+  using Ctx = typename Backend::Context;
+
+  static Tensor quantize_q8_1(Tensor x) {
+    STD_TORCH_CHECK(x.defined() && x.dim() >= 1, "x: expected activations of shape [..., K]");
+    const int64_t k = x.size(x.dim() - 1);
+    STD_TORCH_CHECK(k > 0, "x: expected a positive last dimension (K), got ", k);
+    const FloatType xt = check_activations(x, k);
+    const int64_t blocks = q8_1_blocks_per_row(k);
+    Tensor out = torch::stable::new_empty(x, with_last_dim(x, blocks * int64_t(sizeof(block_q8_1))), ScalarType::Byte);
+    const int64_t rows = leading_rows(x);
+    if (rows == 0) return out;
+    Ctx ctx(x);
+    Backend::quantize_q8_1(ctx, x.data_ptr(), xt, rows, k, static_cast<block_q8_1*>(out.data_ptr()));
+    return out;
+  }
+
+  // Weights x pre-quantized Q8_1 activations -> float32 [..., n].
+  static Tensor gemv_q8_1(const Tensor& w, int64_t qtype, const Tensor& xq, int64_t n, int64_t k) {
+    const FormatInfo f = check_weight(w, qtype, n, k);
+    check_q8_1(xq, k);
+    check_same_device(w, "w", xq, "xq");
+    Tensor out = torch::stable::new_empty(xq, with_last_dim(xq, n), ScalarType::Float);
+    const int64_t rows = leading_rows(xq);
+    if (rows == 0) return out;
+    Ctx ctx(w);
+    Backend::gemv_q8_1(ctx, f.type, static_cast<const uint8_t*>(w.data_ptr()), n, k,
+                       static_cast<const block_q8_1*>(xq.data_ptr()), rows, out.data_ptr(), FloatType::F32);
+    return out;
+  }
+
+  // Weights x float activations -> [..., n] in x's dtype, through the path batch_policy picks.
+  static Tensor matmul(const Tensor& w, int64_t qtype, const Tensor& x, int64_t n, int64_t k) {
+    const FormatInfo f = check_weight(w, qtype, n, k);
+    const FloatType xt = check_activations(x, k);
+    check_same_device(w, "w", x, "x");
+    const int64_t rows = leading_rows(x);
+    if (rows == 0) return torch::stable::new_empty(x, with_last_dim(x, n));
+    if (choose_matmul_path(rows) == MatmulPath::DequantizeDense) {
+      // Dense GEMM on the dequantized weight: exact weights, no activation rounding.
+      const ScalarType ct = Backend::dense_compute_type(scalar_type_of(xt));
+      Tensor wd = dequantize(w, qtype, n, k, ct);
+      Tensor x2 = torch::stable::reshape(x, {rows, k});
+      if (x.scalar_type() != ct) x2 = torch::stable::to(x2, ct);
+      Tensor y = torch::stable::matmul(x2, torch::stable::transpose(wd, 0, 1));
+      if (y.scalar_type() != x.scalar_type()) y = torch::stable::to(y, x.scalar_type());
+      return torch::stable::reshape(y, with_last_dim(x, n));
+    }
+    Tensor out = torch::stable::new_empty(x, with_last_dim(x, n));
+    Tensor xq = torch::stable::new_empty(x, {rows, q8_1_blocks_per_row(k) * int64_t(sizeof(block_q8_1))},
+                                         ScalarType::Byte);
+    Ctx ctx(w);
+    Backend::quantize_q8_1(ctx, x.data_ptr(), xt, rows, k, static_cast<block_q8_1*>(xq.data_ptr()));
+    Backend::gemv_q8_1(ctx, f.type, static_cast<const uint8_t*>(w.data_ptr()), n, k,
+                       static_cast<const block_q8_1*>(xq.data_ptr()), rows, out.data_ptr(), xt);
+    return out;
+  }
+
+  static Tensor dequantize(const Tensor& w, int64_t qtype, int64_t n, int64_t k, std::optional<ScalarType> dtype) {
+    const FormatInfo f = check_weight(w, qtype, n, k);
+    const ScalarType st = dtype.value_or(ScalarType::Float);
+    STD_TORCH_CHECK(st == ScalarType::Float || st == ScalarType::Half || st == ScalarType::BFloat16,
+                    "dtype: expected float32, float16 or bfloat16, got ", dtype_name(st));
+    Tensor out = torch::stable::new_empty(w, {n, k}, st);
+    Ctx ctx(w);
+    Backend::dequantize(ctx, f.type, static_cast<const uint8_t*>(w.data_ptr()), n, k, out.data_ptr(),
+                        st == ScalarType::Half ? FloatType::F16 : st == ScalarType::BFloat16 ? FloatType::BF16
+                                                                                             : FloatType::F32);
+    return out;
+  }
+
+  static void gelu_into(const Tensor& x, const Tensor* bias, const Tensor& out, const std::string& approximate) {
+    const bool tanh_form = parse_approximate(approximate);
+    const int64_t numel = x.numel();
+    int64_t channels = 1;
+    const void* bias_ptr = nullptr;
+    if (bias != nullptr) {
+      channels = bias->numel();
+      bias_ptr = bias->data_ptr();
+    }
+    if (numel == 0) return;
+    Ctx ctx(x);
+    Backend::gelu(ctx, x.data_ptr(), bias_ptr, out.data_ptr(), numel, channels, float_type(x, "x"), tanh_form);
+  }
+
+  static Tensor gelu(Tensor x, std::string approximate) {
+    check_defined_contiguous(x, "x");
+    float_type(x, "x");
+    Tensor out = torch::stable::empty_like(x);
+    gelu_into(x, nullptr, out, approximate);
+    return out;
+  }
+
+  static Tensor gelu_(Tensor x, std::string approximate) {
+    check_defined_contiguous(x, "x");
+    float_type(x, "x");
+    gelu_into(x, nullptr, x, approximate);
+    return x;
+  }
+
+  static Tensor bias_gelu(Tensor x, Tensor bias, std::string approximate) {
+    check_defined_contiguous(x, "x");
+    check_defined_contiguous(bias, "bias");
+    float_type(x, "x");
+    STD_TORCH_CHECK(bias.scalar_type() == x.scalar_type(), "bias: expected the dtype of x (",
+                    dtype_name(x.scalar_type()), "), got ", dtype_name(bias.scalar_type()));
+    check_same_device(x, "x", bias, "bias");
+    STD_TORCH_CHECK(bias.dim() == 1 && x.dim() >= 1 && bias.size(0) == x.size(x.dim() - 1),
+                    "bias: expected a 1-D tensor of x's last dimension (", x.dim() >= 1 ? x.size(x.dim() - 1) : 0,
+                    "), got ", bias.dim(), " dimensions of ", bias.dim() == 1 ? bias.size(0) : bias.numel(),
+                    " elements");
+    Tensor out = torch::stable::empty_like(x);
+    gelu_into(x, &bias, out, approximate);
+    return out;
+  }
+
+  // The k-quant ops of the seed API, each the generic op at a fixed format.
+  static Tensor q4k_q8_gemv(Tensor w, Tensor xq, int64_t n, int64_t k) {
+    return gemv_q8_1(w, int64_t(QType::Q4_K), xq, n, k);
+  }
+  static Tensor q4k_gemv(Tensor w, Tensor x, int64_t n, int64_t k) { return matmul(w, int64_t(QType::Q4_K), x, n, k); }
+  static Tensor q5k_gemv(Tensor w, Tensor x, int64_t n, int64_t k) { return matmul(w, int64_t(QType::Q5_K), x, n, k); }
+  static Tensor q6k_gemv(Tensor w, Tensor x, int64_t n, int64_t k) { return matmul(w, int64_t(QType::Q6_K), x, n, k); }
+  static Tensor qmatmul(Tensor w, int64_t qtype, Tensor x, int64_t n, int64_t k) { return matmul(w, qtype, x, n, k); }
+  static Tensor dequantize_op(Tensor w, int64_t qtype, int64_t n, int64_t k, std::optional<ScalarType> dtype) {
+    return dequantize(w, qtype, n, k, dtype);
+  }
+};
+
+// Registers every op of Ops<Backend> for one dispatch key; called from each backend's
+// STABLE_TORCH_LIBRARY_IMPL block.
+#define TORCHEXT_REGISTER_OPS(m, Backend)                                      \
+  do {                                                                         \
+    using O = ::torchext::Ops<Backend>;                                        \
+    m.impl("quantize_q8_1", TORCH_BOX(&O::quantize_q8_1));                     \
+    m.impl("q4k_q8_gemv", TORCH_BOX(&O::q4k_q8_gemv));                         \
+    m.impl("q4k_q8_gemv_packed", TORCH_BOX(&O::q4k_q8_gemv));                  \
+    m.impl("q4k_gemv", TORCH_BOX(&O::q4k_gemv));                               \
+    m.impl("q5k_gemv", TORCH_BOX(&O::q5k_gemv));                               \
+    m.impl("q6k_gemv", TORCH_BOX(&O::q6k_gemv));                               \
+    m.impl("qmatmul", TORCH_BOX(&O::qmatmul));                                 \
+    m.impl("gelu", TORCH_BOX(&O::gelu));                                       \
+    m.impl("gelu_", TORCH_BOX(&O::gelu_));                                     \
+    m.impl("bias_gelu", TORCH_BOX(&O::bias_gelu));                             \
+    m.impl("dequantize", TORCH_BOX(&O::dequantize_op));                        \
+  } while (0)
+
+}  // namespace torchext

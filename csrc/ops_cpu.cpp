@@ -1,0 +1,57 @@
+// CPU kernels for every op: the shared op bodies (ops.h) over csrc/cpu.
+#include <torch/csrc/stable/library.h>
+
+#include "csrc/cpu/kernels.h"
+#include "csrc/ops.h"
+
+namespace torchext {
+namespace {
+
+struct CpuBackend {
+  struct Context {
+    explicit Context(const Tensor&) {}
+  };
+  // CPU GEMMs on the dequantized weight run in fp32: half-precision CPU matmul is slow and
+  // rounds differently from one torch release to the next.
+  static ScalarType dense_compute_type(ScalarType) { return ScalarType::Float; }
+
+  static void quantize_q8_1(Context&, const void* x, FloatType xt, int64_t rows, int64_t k, block_q8_1* out) {
+    cpu::quantize_q8_1(x, xt, rows, k, out);
+  }
+  static void gemv_q8_1(Context&, QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq,
+                        int64_t rows, void* out, FloatType ot) {
+    cpu::gemv_q8_1(wt, w, n, k, xq, rows, out, ot);
+  }
+  static void dequantize(Context&, QType wt, const uint8_t* w, int64_t n, int64_t k, void* out, FloatType ot) {
+    cpu::dequantize(wt, w, n, k, out, ot);
+  }
+  static void gelu(Context&, const void* x, const void* bias, void* out, int64_t numel, int64_t channels,
+                   FloatType t, bool tanh_form) {
+    cpu::gelu(x, bias, out, numel, channels, t, tanh_form);
+  }
+};
+
+// dense float32 [n, k] -> quantized rows; padding past k is quantized as zeros.
+Tensor quantize(Tensor w, int64_t qtype) {
+  const FormatInfo f = format_info(qtype);
+  check_defined_contiguous(w, "w");
+  STD_TORCH_CHECK(w.dim() == 2, "w: expected a 2-D weight [n, k], got ", w.dim(), " dimensions");
+  STD_TORCH_CHECK(w.scalar_type() == ScalarType::Float, "w: expected a float32 tensor, got ",
+                  dtype_name(w.scalar_type()), " (call .float() first)");
+  const int64_t n = w.size(0), k = w.size(1);
+  check_shape_nk(n, k);
+  STD_TORCH_CHECK(f.values == kSuperBlock || k % f.values == 0, "w: ", qtype_name(f.type),
+                  " rows are whole 32-value blocks, so k must be a multiple of 32; got ", k);
+  Tensor out = torch::stable::new_empty(w, {n, row_bytes(f, k)}, ScalarType::Byte);
+  cpu::quantize(f.type, static_cast<const float*>(w.data_ptr()), n, k, static_cast<uint8_t*>(out.data_ptr()));
+  return out;
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(torchext, CPU, m) {
+  TORCHEXT_REGISTER_OPS(m, CpuBackend);
+  m.impl("quantize", TORCH_BOX(&quantize));
+}
+
+}  // namespace torchext

@@ -1,0 +1,56 @@
+// CUDA kernels for every op: the shared op bodies (ops.h) over the launchers in kernels/.
+// Each launch runs on the current stream of the inputs' device, under a guard for that device.
+#include <cuda_runtime_api.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+
+#include "csrc/ops.h"
+#include "kernels/dequantize.cuh"
+#include "kernels/gelu.cuh"
+#include "kernels/gemv_q8_1.cuh"
+#include "kernels/quantize_q8_1.cuh"
+
+namespace torchext {
+namespace {
+
+void check_launch(cudaError_t err, const char* kernel) {
+  STD_TORCH_CHECK(err == cudaSuccess, "torchext: launching ", kernel, " failed: ", cudaGetErrorString(err));
+}
+
+struct CudaBackend {
+  struct Context {
+    torch::stable::accelerator::DeviceGuard guard;
+    cudaStream_t stream = nullptr;
+    explicit Context(const Tensor& on) : guard(on.get_device_index()) {
+      void* s = nullptr;
+      // The stable C shim's view of at::cuda::getCurrentCUDAStream (works on torch >= 2.11).
+      STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(on.get_device_index(), &s) == AOTI_TORCH_SUCCESS,
+                      "torchext: could not get the current CUDA stream");
+      stream = static_cast<cudaStream_t>(s);
+    }
+  };
+  // cuBLAS GEMMs run in the activations' dtype with fp32 accumulation.
+  static ScalarType dense_compute_type(ScalarType t) { return t; }
+
+  static void quantize_q8_1(Context& c, const void* x, FloatType xt, int64_t rows, int64_t k, block_q8_1* out) {
+    check_launch(launch_quantize_q8_1(x, xt, rows, k, out, c.stream), "quantize_q8_1");
+  }
+  static void gemv_q8_1(Context& c, QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq,
+                        int64_t rows, void* out, FloatType ot) {
+    check_launch(launch_gemv_q8_1(wt, w, n, k, xq, rows, out, ot, c.stream), "gemv_q8_1");
+  }
+  static void dequantize(Context& c, QType wt, const uint8_t* w, int64_t n, int64_t k, void* out, FloatType ot) {
+    check_launch(launch_dequantize(wt, w, n, k, out, ot, c.stream), "dequantize");
+  }
+  static void gelu(Context& c, const void* x, const void* bias, void* out, int64_t numel, int64_t channels,
+                   FloatType t, bool tanh_form) {
+    check_launch(launch_gelu(x, bias, out, numel, channels, t, tanh_form, c.stream), "gelu");
+  }
+};
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(torchext, CUDA, m) { TORCHEXT_REGISTER_OPS(m, CudaBackend); }
+
+}  // namespace torchext

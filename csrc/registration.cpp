@@ -1,0 +1,31 @@
+// Every torchext schema, once. Backends add kernels in ops_cpu.cpp and ops_cuda.cpp; fake
+// (meta) kernels live beside the Python wrappers in torchext/ops.py. `qtype` is a gguf
+// GGMLQuantizationType id (torchext.QType); activations are [..., K], outputs [..., N].
+#include <torch/csrc/stable/library.h>
+
+STABLE_TORCH_LIBRARY(torchext, m) {
+  // float activations [..., K] -> Q8_1 bytes [..., ceil(K/256)*8*36], zero-padded; s = sum of the inputs
+  m.def("quantize_q8_1(Tensor x) -> Tensor");
+  // Q4_K weights [N, ceil(K/256)*144] x Q8_1 activations -> float32 [..., N], integer DP4A dot products
+  m.def("q4k_q8_gemv(Tensor w, Tensor xq, int n, int k) -> Tensor");
+  // the same computation under the seed's name for its packed-nibble kernel; bit-identical output
+  m.def("q4k_q8_gemv_packed(Tensor w, Tensor xq, int n, int k) -> Tensor");
+  // Q4_K weights x float activations [..., K] -> [..., N] in x's dtype (quantize + dot)
+  m.def("q4k_gemv(Tensor w, Tensor x, int n, int k) -> Tensor");
+  // Q5_K weights [N, ceil(K/256)*176] x float activations -> [..., N] in x's dtype
+  m.def("q5k_gemv(Tensor w, Tensor x, int n, int k) -> Tensor");
+  // Q6_K weights [N, ceil(K/256)*210] x float activations -> [..., N] in x's dtype
+  m.def("q6k_gemv(Tensor w, Tensor x, int n, int k) -> Tensor");
+  // any weight format x float activations [..., K] -> [..., N]; the dispatch QuantLinear uses
+  m.def("qmatmul(Tensor w, int qtype, Tensor x, int n, int k) -> Tensor");
+  // GELU, approximate in {"none", "tanh"} as torch.nn.functional.gelu
+  m.def("gelu(Tensor x, str approximate=\"none\") -> Tensor");
+  // in-place GELU: overwrites and returns x
+  m.def("gelu_(Tensor(a!) x, str approximate=\"none\") -> Tensor(a!)");
+  // GELU(x + bias), bias [K] broadcast over x [..., K], the sum kept in fp32
+  m.def("bias_gelu(Tensor x, Tensor bias, str approximate=\"none\") -> Tensor");
+  // quantized weight -> dense [N, K] in dtype (float32 when None)
+  m.def("dequantize(Tensor w, int qtype, int n, int k, ScalarType? dtype=None) -> Tensor");
+  // dense float [N, K] -> quantized bytes [N, row bytes], llama.cpp's reference quantizers (CPU)
+  m.def("quantize(Tensor w, int qtype) -> Tensor");
+}

@@ -1,0 +1,159 @@
+// GGUF block formats, bit-compatible with llama.cpp (layout per ggml/src/ggml-common.h).
+// Shared by the CPU kernels (csrc/cpu) and the CUDA kernels (kernels/): the one place
+// where a block's size and field order are written down.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#include <cuda_fp16.h>
+#define TORCHEXT_HD __host__ __device__ __forceinline__
+#else
+#define TORCHEXT_HD inline
+#endif
+
+namespace torchext {
+
+// Values are gguf's GGMLQuantizationType ids; torchext/formats.py takes them from the
+// `gguf` package and tests/test_formats.py checks that the two agree.
+enum class QType : int64_t {
+  Q4_0 = 2,
+  Q4_1 = 3,
+  Q5_0 = 6,
+  Q5_1 = 7,
+  Q8_0 = 8,
+  Q8_1 = 9,
+  Q4_K = 12,
+  Q5_K = 13,
+  Q6_K = 14,
+};
+
+constexpr int kSuperBlock = 256;  // values in one k-quant super-block (QK_K)
+constexpr int kQ8Block = 32;      // values in one Q8_1 activation block
+
+// fp16 fields are kept as raw bits so that host code needs no half type.
+using fp16_bits = uint16_t;
+
+struct block_q8_1 {  // activations: x[i] = d * qs[i]; s = sum of the 32 inputs (see quantize_q8_1)
+  fp16_bits d;
+  fp16_bits s;
+  int8_t qs[32];
+};
+struct block_q4_K {  // 8 sub-blocks of 32: x = d*sc[j]*q - dmin*m[j], 6-bit sc/m packed in scales
+  fp16_bits d;
+  fp16_bits dmin;
+  uint8_t scales[12];
+  uint8_t qs[128];  // byte 32*g + l: low nibble = value 64g + l, high nibble = value 64g + 32 + l
+};
+struct block_q5_K {  // as Q4_K, plus a 5th bit per value
+  fp16_bits d;
+  fp16_bits dmin;
+  uint8_t scales[12];
+  uint8_t qh[32];  // bit j of qh[l] is the 5th bit of value 32*j + l
+  uint8_t qs[128];
+};
+struct block_q6_K {  // 16 sub-blocks of 16: x = d*scales[j]*(q - 32), q 6 bits
+  uint8_t ql[128];  // low 4 bits, two values per byte
+  uint8_t qh[64];   // high 2 bits, four values per byte
+  int8_t scales[16];
+  fp16_bits d;
+};
+struct block_q8_0 {  // x = d * qs[i]
+  fp16_bits d;
+  int8_t qs[32];
+};
+struct block_q4_0 {  // x = d * (q - 8); byte l: low nibble = value l, high nibble = value l + 16
+  fp16_bits d;
+  uint8_t qs[16];
+};
+struct block_q4_1 {  // x = d * q + m
+  fp16_bits d;
+  fp16_bits m;
+  uint8_t qs[16];
+};
+struct block_q5_0 {  // x = d * (q - 16); bit i of qh (little-endian u32) is value i's 5th bit
+  fp16_bits d;
+  uint8_t qh[4];
+  uint8_t qs[16];
+};
+struct block_q5_1 {  // x = d * q + m
+  fp16_bits d;
+  fp16_bits m;
+  uint8_t qh[4];
+  uint8_t qs[16];
+};
+
+static_assert(sizeof(block_q8_1) == 36, "Q8_1 block is 36 bytes");
+static_assert(sizeof(block_q4_K) == 144, "Q4_K block is 144 bytes");
+static_assert(sizeof(block_q5_K) == 176, "Q5_K block is 176 bytes");
+static_assert(sizeof(block_q6_K) == 210, "Q6_K block is 210 bytes");
+static_assert(sizeof(block_q8_0) == 34, "Q8_0 block is 34 bytes");
+static_assert(sizeof(block_q4_0) == 18, "Q4_0 block is 18 bytes");
+static_assert(sizeof(block_q4_1) == 20, "Q4_1 block is 20 bytes");
+static_assert(sizeof(block_q5_0) == 22, "Q5_0 block is 22 bytes");
+static_assert(sizeof(block_q5_1) == 24, "Q5_1 block is 24 bytes");
+
+// ---- fp16 <-> fp32, bit-exact on host and device (round to nearest even) ----
+
+TORCHEXT_HD float fp16_to_float(fp16_bits h) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(h));
+#else
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1fu) {
+    bits = sign | 0x7f800000u | (mant << 13);  // inf / nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    uint32_t e = 113u;
+    while ((mant & 0x400u) == 0) {
+      mant <<= 1;
+      --e;
+    }
+    bits = sign | (e << 23) | ((mant & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+TORCHEXT_HD fp16_bits float_to_fp16(float f) {
+#if defined(__CUDA_ARCH__)
+  return __half_as_ushort(__float2half_rn(f));
+#else
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t absx = x & 0x7fffffffu;
+  if (absx >= 0x7f800000u) {  // inf or nan (keep nan quiet)
+    return fp16_bits(sign | 0x7c00u | (absx > 0x7f800000u ? 0x200u | ((absx >> 13) & 0x3ffu) : 0u));
+  }
+  if (absx >= 0x477ff000u) return fp16_bits(sign | 0x7c00u);  // rounds to >= 65520: inf
+  if (absx < 0x38800000u) {  // below 2^-14: subnormal or zero
+    if (absx < 0x33000000u) return fp16_bits(sign);  // below half the smallest subnormal
+    const uint32_t e = absx >> 23;
+    const uint32_t mant = (absx & 0x7fffffu) | 0x800000u;
+    const uint32_t shift = 126u - e;  // value = mant * 2^(e-150); unit = 2^-24
+    uint32_t q = mant >> shift;
+    const uint32_t rem = mant & ((1u << shift) - 1u);
+    const uint32_t half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (q & 1u))) ++q;
+    return fp16_bits(sign | q);
+  }
+  uint32_t r = absx - 0x38000000u;  // rebias exponent 127 -> 15
+  const uint32_t rem = r & 0x1fffu;
+  r >>= 13;
+  if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) ++r;
+  return fp16_bits(sign | r);
+#endif
+}
+
+}  // namespace torchext

@@ -1,0 +1,348 @@
+// Per-format constants and arithmetic, chosen at compile time by the format's traits.
+//
+// Every format exposes the same three things, used by the CPU kernels and the CUDA
+// kernels alike, so that both compute the same function:
+//   dequantize_chunk(blk, c, out)   the 32 contiguous values 32c .. 32c+31 of a block, as float
+//   dot_item<B>(blk, t, x, acc)     item t of a block (32 values, in whatever grouping suits the
+//                                   bit layout) against B rows of Q8_1 activations, integer DP4A
+//                                   dot products scaled in fp32 and added to acc[0..B)
+// x[r] points at activation row r's Q8_1 block that covers the weight block's first value.
+#pragma once
+
+#include "blocks.h"
+
+namespace torchext {
+
+// ---- small integer helpers, identical on host and device ----
+
+// Sum of the four signed-byte products of a and b, plus c.
+TORCHEXT_HD int dp4a(int a, int b, int c) {
+#if defined(__CUDA_ARCH__)
+  return __dp4a(a, b, c);
+#else
+  for (int i = 0; i < 4; ++i) c += int(int8_t(a >> (8 * i))) * int(int8_t(b >> (8 * i)));
+  return c;
+#endif
+}
+
+// A 32-bit word from memory that is at least `Align`-byte aligned (the block's alignment:
+// Q4_K/Q5_K blocks keep 16-byte alignment, Q6_K and several 32-value formats only 2).
+template <int Align>
+TORCHEXT_HD uint32_t load_u32(const uint8_t* p) {
+  if constexpr (Align >= 4) {
+    return *reinterpret_cast<const uint32_t*>(p);
+  } else {
+    const uint16_t* h = reinterpret_cast<const uint16_t*>(p);
+    return uint32_t(h[0]) | (uint32_t(h[1]) << 16);
+  }
+}
+
+TORCHEXT_HD int load_q8_word(const block_q8_1& b, int w) {
+  return reinterpret_cast<const int*>(b.qs)[w];  // qs sits at byte 4 of a 36-byte block
+}
+
+// Bytes q in 0..63 become q - 32 as signed bytes, with no borrow between bytes.
+TORCHEXT_HD int bytes_minus_32(uint32_t q) {
+  return int(((q | 0x80808080u) - 0x20202020u) ^ 0x80808080u);
+}
+
+// Bit j of `bits` (j = 0..3) moved to bit 4 of byte j: the 5th bits of four values.
+TORCHEXT_HD uint32_t spread_bits_to_bit4(uint32_t bits) {
+  return ((bits & 1u) << 4) | ((bits & 2u) << 11) | ((bits & 4u) << 18) | ((bits & 8u) << 25);
+}
+
+// a*b - c and a*b + c rounded twice, never contracted to an FMA, so that host and device
+// dequantize to the same bits as the gguf package's numpy reference.
+TORCHEXT_HD float mul_sub(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(__fmul_rn(a, b), c);
+#else
+  return a * b - c;  // CPU sources build with -ffp-contract=off
+#endif
+}
+TORCHEXT_HD float mul_add(float a, float b, float c) { return mul_sub(a, b, -c); }
+
+TORCHEXT_HD float fp16f(fp16_bits h) { return fp16_to_float(h); }
+
+// Q4_K / Q5_K: the 6-bit scale and min of sub-block j, packed in 12 bytes.
+TORCHEXT_HD void kquant_scale_min(const uint8_t* s, int j, int& sc, int& m) {
+  if (j < 4) {
+    sc = s[j] & 63;
+    m = s[j + 4] & 63;
+  } else {
+    sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+    m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+template <QType T>
+struct QuantTraits;
+
+// ---------------------------------------------------------------- Q4_K
+template <>
+struct QuantTraits<QType::Q4_K> {
+  using block = block_q4_K;
+  static constexpr int kValues = 256;
+  static constexpr int kBytes = sizeof(block);
+  static constexpr int kAlign = 16;
+  static constexpr int kItems = 8;
+
+  static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int c, float* out) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    int sc, m;
+    kquant_scale_min(b.scales, c, sc, m);
+    const float d = fp16f(b.d) * float(sc), dm = fp16f(b.dmin) * float(m);
+    const uint8_t* q = b.qs + 32 * (c / 2);
+    const int shift = 4 * (c % 2);
+    for (int l = 0; l < 32; ++l) out[l] = mul_sub(d, float((q[l] >> shift) & 0xF), dm);
+  }
+
+  // Item t holds the 16 qs bytes 16t .. 16t+15: low nibbles belong to sub-block 2g, high
+  // nibbles to 2g+1 (g = t/2), positions 16h .. 16h+15 within each (h = t%2).
+  template <int B>
+  static TORCHEXT_HD void dot_item(const uint8_t* p, int t, const block_q8_1* const* x, float (&acc)[B]) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    const int g = t / 2, h = t % 2;
+    uint32_t q[4];
+    for (int w = 0; w < 4; ++w) q[w] = load_u32<kAlign>(b.qs + 16 * t + 4 * w);
+    int sc_lo, m_lo, sc_hi, m_hi;
+    kquant_scale_min(b.scales, 2 * g, sc_lo, m_lo);
+    kquant_scale_min(b.scales, 2 * g + 1, sc_hi, m_hi);
+    const float d = fp16f(b.d), dmin = fp16f(b.dmin);
+    for (int r = 0; r < B; ++r) {
+      const block_q8_1& lo = x[r][2 * g];
+      const block_q8_1& hi = x[r][2 * g + 1];
+      int sum_lo = 0, sum_hi = 0;
+      for (int w = 0; w < 4; ++w) {
+        sum_lo = dp4a(int(q[w] & 0x0F0F0F0Fu), load_q8_word(lo, 4 * h + w), sum_lo);
+        sum_hi = dp4a(int((q[w] >> 4) & 0x0F0F0F0Fu), load_q8_word(hi, 4 * h + w), sum_hi);
+      }
+      float v = d * (float(sc_lo) * fp16f(lo.d) * float(sum_lo) + float(sc_hi) * fp16f(hi.d) * float(sum_hi));
+      // The min term covers whole sub-blocks through the Q8_1 sums: the h == 0 item adds it.
+      if (h == 0) v -= dmin * (float(m_lo) * fp16f(lo.s) + float(m_hi) * fp16f(hi.s));
+      acc[r] += v;
+    }
+  }
+};
+
+// ---------------------------------------------------------------- Q5_K
+template <>
+struct QuantTraits<QType::Q5_K> {
+  using block = block_q5_K;
+  static constexpr int kValues = 256;
+  static constexpr int kBytes = sizeof(block);
+  static constexpr int kAlign = 16;
+  static constexpr int kItems = 8;
+
+  static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int c, float* out) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    int sc, m;
+    kquant_scale_min(b.scales, c, sc, m);
+    const float d = fp16f(b.d) * float(sc), dm = fp16f(b.dmin) * float(m);
+    const uint8_t* q = b.qs + 32 * (c / 2);
+    const int shift = 4 * (c % 2);
+    for (int l = 0; l < 32; ++l) {
+      const int v = ((q[l] >> shift) & 0xF) | (((b.qh[l] >> c) & 1) << 4);
+      out[l] = mul_sub(d, float(v), dm);
+    }
+  }
+
+  // As Q4_K; the 5th bits of sub-blocks 2g and 2g+1 are bits 2g and 2g+1 of qh[16h .. 16h+15].
+  template <int B>
+  static TORCHEXT_HD void dot_item(const uint8_t* p, int t, const block_q8_1* const* x, float (&acc)[B]) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    const int g = t / 2, h = t % 2;
+    uint32_t q_lo[4], q_hi[4];
+    for (int w = 0; w < 4; ++w) {
+      const uint32_t q = load_u32<kAlign>(b.qs + 16 * t + 4 * w);
+      const uint32_t qh = load_u32<kAlign>(b.qh + 16 * h + 4 * w);
+      q_lo[w] = (q & 0x0F0F0F0Fu) | (((qh >> (2 * g)) & 0x01010101u) << 4);
+      q_hi[w] = ((q >> 4) & 0x0F0F0F0Fu) | (((qh >> (2 * g + 1)) & 0x01010101u) << 4);
+    }
+    int sc_lo, m_lo, sc_hi, m_hi;
+    kquant_scale_min(b.scales, 2 * g, sc_lo, m_lo);
+    kquant_scale_min(b.scales, 2 * g + 1, sc_hi, m_hi);
+    const float d = fp16f(b.d), dmin = fp16f(b.dmin);
+    for (int r = 0; r < B; ++r) {
+      const block_q8_1& lo = x[r][2 * g];
+      const block_q8_1& hi = x[r][2 * g + 1];
+      int sum_lo = 0, sum_hi = 0;
+      for (int w = 0; w < 4; ++w) {
+        sum_lo = dp4a(int(q_lo[w]), load_q8_word(lo, 4 * h + w), sum_lo);
+        sum_hi = dp4a(int(q_hi[w]), load_q8_word(hi, 4 * h + w), sum_hi);
+      }
+      float v = d * (float(sc_lo) * fp16f(lo.d) * float(sum_lo) + float(sc_hi) * fp16f(hi.d) * float(sum_hi));
+      if (h == 0) v -= dmin * (float(m_lo) * fp16f(lo.s) + float(m_hi) * fp16f(hi.s));
+      acc[r] += v;
+    }
+  }
+};
+
+// ---------------------------------------------------------------- Q6_K
+// Values 128h + 32i + l (h = 0..1, i = 0..3, l = 0..31) take their low 4 bits from
+// ql[64h + 32*(i%2) + l] (low nibble for i < 2, high for i >= 2) and their high 2 bits from
+// bits 2i, 2i+1 of qh[32h + l]; sub-block (16 values) 8h + 2i + l/16 gives the scale.
+template <>
+struct QuantTraits<QType::Q6_K> {
+  using block = block_q6_K;
+  static constexpr int kValues = 256;
+  static constexpr int kBytes = sizeof(block);
+  static constexpr int kAlign = 2;  // 210-byte blocks: rows are only 2-byte aligned
+  static constexpr int kItems = 8;
+
+  static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int c, float* out) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    const int h = c / 4, i = c % 4;
+    const uint8_t* ql = b.ql + 64 * h + 32 * (i % 2);
+    const uint8_t* qh = b.qh + 32 * h;
+    const float d = fp16f(b.d);
+    for (int l = 0; l < 32; ++l) {
+      const int q = (((ql[l] >> (4 * (i / 2))) & 0xF) | (((qh[l] >> (2 * i)) & 3) << 4)) - 32;
+      out[l] = mul_sub(d * float(b.scales[8 * h + 2 * i + l / 16]), float(q), 0.0f);
+    }
+  }
+
+  // Item t covers l = 8r .. 8r+7 (r = t%4) of half h = t/4, for all four i: 8 values each.
+  template <int B>
+  static TORCHEXT_HD void dot_item(const uint8_t* p, int t, const block_q8_1* const* x, float (&acc)[B]) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    const int h = t / 4, l0 = 8 * (t % 4);
+    int q[4][2];  // [i][word]: eight signed 6-bit values of quarter i
+    for (int w = 0; w < 2; ++w) {
+      const uint32_t a = load_u32<kAlign>(b.ql + 64 * h + l0 + 4 * w);
+      const uint32_t c = load_u32<kAlign>(b.ql + 64 * h + 32 + l0 + 4 * w);
+      const uint32_t hb = load_u32<kAlign>(b.qh + 32 * h + l0 + 4 * w);
+      q[0][w] = bytes_minus_32((a & 0x0F0F0F0Fu) | ((hb & 0x03030303u) << 4));
+      q[1][w] = bytes_minus_32((c & 0x0F0F0F0Fu) | (((hb >> 2) & 0x03030303u) << 4));
+      q[2][w] = bytes_minus_32(((a >> 4) & 0x0F0F0F0Fu) | (((hb >> 4) & 0x03030303u) << 4));
+      q[3][w] = bytes_minus_32(((c >> 4) & 0x0F0F0F0Fu) | (((hb >> 6) & 0x03030303u) << 4));
+    }
+    const float d = fp16f(b.d);
+    const int s0 = 8 * h + l0 / 16;
+    for (int r = 0; r < B; ++r) {
+      float v = 0.0f;
+      for (int i = 0; i < 4; ++i) {
+        const block_q8_1& xb = x[r][4 * h + i];
+        int sum = dp4a(q[i][0], load_q8_word(xb, l0 / 4), 0);
+        sum = dp4a(q[i][1], load_q8_word(xb, l0 / 4 + 1), sum);
+        v += float(b.scales[s0 + 2 * i]) * fp16f(xb.d) * float(sum);
+      }
+      acc[r] += d * v;
+    }
+  }
+};
+
+// ---------------------------------------------------------------- 32-value formats
+// One item per block. `Offset` and the zero point make Q4_0/Q5_0 symmetric formats:
+// sum((q - z) * x) = d8 * sum(q * xq) - z * s, with s the Q8_1 block's input sum.
+template <>
+struct QuantTraits<QType::Q8_0> {
+  using block = block_q8_0;
+  static constexpr int kValues = 32;
+  static constexpr int kBytes = sizeof(block);
+  static constexpr int kAlign = 2;
+  static constexpr int kItems = 1;
+
+  static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int, float* out) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    const float d = fp16f(b.d);
+    for (int l = 0; l < 32; ++l) out[l] = mul_sub(d, float(b.qs[l]), 0.0f);
+  }
+
+  template <int B>
+  static TORCHEXT_HD void dot_item(const uint8_t* p, int, const block_q8_1* const* x, float (&acc)[B]) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    int q[8];
+    for (int w = 0; w < 8; ++w) q[w] = int(load_u32<kAlign>(reinterpret_cast<const uint8_t*>(b.qs) + 4 * w));
+    const float d = fp16f(b.d);
+    for (int r = 0; r < B; ++r) {
+      const block_q8_1& xb = x[r][0];
+      int sum = 0;
+      for (int w = 0; w < 8; ++w) sum = dp4a(q[w], load_q8_word(xb, w), sum);
+      acc[r] += d * fp16f(xb.d) * float(sum);
+    }
+  }
+};
+
+// Shared by Q4_0, Q4_1, Q5_0, Q5_1: 16 bytes of nibbles (value l low, l+16 high), an optional
+// 5th bit per value from a 32-bit qh, and either a zero point (Q4_0: 8, Q5_0: 16) or a min m.
+template <class Block, bool kHasMin, bool kHasHigh>
+struct NibbleTraits {
+  using block = Block;
+  static constexpr int kValues = 32;
+  static constexpr int kBytes = sizeof(block);
+  static constexpr int kAlign = kBytes % 4 == 0 ? 4 : 2;
+  static constexpr int kItems = 1;
+  static constexpr int kZero = kHasMin ? 0 : (kHasHigh ? 16 : 8);
+
+  static TORCHEXT_HD float min_of(const block& b) {
+    if constexpr (kHasMin) return fp16f(b.m); else return 0.0f;
+  }
+  static TORCHEXT_HD uint32_t high_bits(const block& b) {
+    if constexpr (kHasHigh) return load_u32<kAlign>(b.qh); else return 0u;
+  }
+
+  static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int, float* out) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    const float d = fp16f(b.d), m = min_of(b);
+    const uint32_t qh = high_bits(b);
+    for (int l = 0; l < 16; ++l) {
+      const int lo = (b.qs[l] & 0xF) | (((qh >> l) & 1) << 4);
+      const int hi = (b.qs[l] >> 4) | (((qh >> (l + 16)) & 1) << 4);
+      if constexpr (kHasMin) {
+        out[l] = mul_add(d, float(lo), m);
+        out[l + 16] = mul_add(d, float(hi), m);
+      } else {
+        out[l] = mul_sub(d, float(lo - kZero), 0.0f);
+        out[l + 16] = mul_sub(d, float(hi - kZero), 0.0f);
+      }
+    }
+  }
+
+  template <int B>
+  static TORCHEXT_HD void dot_item(const uint8_t* p, int, const block_q8_1* const* x, float (&acc)[B]) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    const uint32_t qh = high_bits(b);
+    int lo[4], hi[4];
+    for (int w = 0; w < 4; ++w) {
+      const uint32_t q = load_u32<kAlign>(b.qs + 4 * w);
+      lo[w] = int((q & 0x0F0F0F0Fu) | spread_bits_to_bit4((qh >> (4 * w)) & 0xF));
+      hi[w] = int(((q >> 4) & 0x0F0F0F0Fu) | spread_bits_to_bit4((qh >> (16 + 4 * w)) & 0xF));
+    }
+    const float d = fp16f(b.d), m = min_of(b);
+    for (int r = 0; r < B; ++r) {
+      const block_q8_1& xb = x[r][0];
+      int sum = 0;
+      for (int w = 0; w < 4; ++w) {
+        sum = dp4a(lo[w], load_q8_word(xb, w), sum);
+        sum = dp4a(hi[w], load_q8_word(xb, w + 4), sum);
+      }
+      const float s = fp16f(xb.s);
+      if constexpr (kHasMin) acc[r] += d * fp16f(xb.d) * float(sum) + m * s;
+      else acc[r] += d * (fp16f(xb.d) * float(sum) - float(kZero) * s);
+    }
+  }
+};
+
+template <> struct QuantTraits<QType::Q4_0> : NibbleTraits<block_q4_0, false, false> {};
+template <> struct QuantTraits<QType::Q4_1> : NibbleTraits<block_q4_1, true, false> {};
+template <> struct QuantTraits<QType::Q5_0> : NibbleTraits<block_q5_0, false, true> {};
+template <> struct QuantTraits<QType::Q5_1> : NibbleTraits<block_q5_1, true, true> {};
+
+// Calls f(QuantTraits<T>{}) for the weight format `t`; false if `t` is not a weight format.
+template <class F>
+bool visit_weight_format(QType t, F&& f) {
+  switch (t) {
+    case QType::Q4_K: f(QuantTraits<QType::Q4_K>{}); return true;
+    case QType::Q5_K: f(QuantTraits<QType::Q5_K>{}); return true;
+    case QType::Q6_K: f(QuantTraits<QType::Q6_K>{}); return true;
+    case QType::Q8_0: f(QuantTraits<QType::Q8_0>{}); return true;
+    case QType::Q4_0: f(QuantTraits<QType::Q4_0>{}); return true;
+    case QType::Q4_1: f(QuantTraits<QType::Q4_1>{}); return true;
+    case QType::Q5_0: f(QuantTraits<QType::Q5_0>{}); return true;
+    case QType::Q5_1: f(QuantTraits<QType::Q5_1>{}); return true;
+    default: return false;  // Q8_1 is an activation format; anything else is unknown
+  }
+}
+
+}  // namespace torchext

@@ -1,0 +1,116 @@
+"""Builds torchext._C: the op library, with CUDA kernels when nvcc and a CUDA build of torch are present.
+
+The library uses only PyTorch's stable ABI (TORCH_TARGET_VERSION 2.11) and the limited Python API,
+so one build loads on every torch >= 2.11 and every CPython >= 3.10.
+Environment: TORCHEXT_CUDA=0 forces a CPU-only build; TORCH_CUDA_ARCH_LIST picks GPU
+architectures (default: the visible GPU's, else 9.0 with PTX for newer GPUs).
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_sources(kind):
+    """csrc/sources.txt: the one source list that setup.py and CMakeLists.txt share."""
+    with open(os.path.join(ROOT, "csrc", "sources.txt")) as f:
+        rows = [line.split() for line in f if line.strip() and not line.startswith("#")]
+    return [path for k, path in rows if k == kind]
+
+
+CPU_SOURCES = read_sources("cpu")
+CUDA_SOURCES = read_sources("cuda")
+
+TORCH_TARGET_VERSION = "0x020b000000000000"  # 2.11: the oldest torch this build must load on
+
+
+def _has_toolkit(path):
+    return bool(path) and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
+
+
+def find_cuda_home():
+    """The CUDA toolkit that `nvcc` belongs to, even when `nvcc` on PATH is a wrapper script."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if _has_toolkit(os.environ.get(var)):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if _has_toolkit(guess):
+        return guess
+    try:  # a wrapper: ask the real nvcc where its toolkit is ("#$ TOP=/usr/local/cuda-13.0/bin/..")
+        out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
+        m = re.search(r"TOP=(\S+)", out.stdout + out.stderr)
+        if m and _has_toolkit(os.path.normpath(m.group(1))):
+            return os.path.normpath(m.group(1))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "/usr/local/cuda" if _has_toolkit("/usr/local/cuda") else None
+
+
+CUDA_HOME = find_cuda_home()
+if CUDA_HOME:
+    os.environ["CUDA_HOME"] = CUDA_HOME  # read by torch.utils.cpp_extension at import
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+USE_CUDA = os.environ.get("TORCHEXT_CUDA", "1") != "0" and torch.version.cuda is not None and CUDA_HOME is not None
+if USE_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"  # no GPU to ask: Hopper, plus PTX for newer GPUs
+
+
+def extra_include_dirs():
+    dirs = [ROOT]
+    # torch's CUDA wheel ships the CUDA headers that a minimal toolkit may lack
+    for site in sys.path:
+        cand = os.path.join(site, "nvidia", "cu13", "include")
+        if os.path.isdir(cand):
+            dirs.append(cand)
+            break
+    return dirs
+
+
+def make_extension():
+    defines = [f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"]
+    cxx = ["-O3", "-std=c++17", "-ffp-contract=off", *defines]
+    kwargs = dict(name="torchext._C", include_dirs=extra_include_dirs(), py_limited_api=True)
+    if not USE_CUDA:
+        return CppExtension(sources=CPU_SOURCES, extra_compile_args={"cxx": cxx}, **kwargs)
+    nvcc = ["-O3", "-std=c++17", "-DUSE_CUDA", "--expt-relaxed-constexpr", "-lineinfo", *defines]
+    return CUDAExtension(
+        sources=CPU_SOURCES + CUDA_SOURCES,
+        extra_compile_args={"cxx": cxx + ["-DUSE_CUDA"], "nvcc": nvcc},
+        **kwargs,
+    )
+
+
+class TimedBuild(BuildExtension):
+    def run(self):
+        start = time.time()
+        super().run()
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "the visible GPU") if USE_CUDA else "none (CPU only)"
+        print(f"torchext: built in {time.time() - start:.1f} s; CUDA: {USE_CUDA} ({CUDA_HOME}); archs: {arch}")
+
+
+setup(
+    name="torchext",
+    version="0.1.0",
+    description="GGUF-quantized matmul (k-quants, DP4A) and GELU as PyTorch custom ops",
+    packages=find_packages(include=["torchext", "torchext.*"]),
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": TimedBuild.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11", "numpy", "gguf>=0.17"],
+    extras_require={"test": ["pytest", "hypothesis", "expecttest"], "bench": ["matplotlib"]},
+)

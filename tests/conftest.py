@@ -1,0 +1,265 @@
+"""Shared helpers for the torchext test suite.
+
+Everything here is independent of the op library's C++ code: weights are random bytes in the
+GGUF layout, the weight oracle is gguf.quants.dequantize (numpy), and the Q8_1 oracle is a
+plain numpy transcription of the rule in SPEC.md section 1. Test modules import what they need:
+
+    from conftest import DEVICES, DTYPES, random_weight, dequant_oracle, ...
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+import torchext  # noqa: F401  (loads the op library)
+
+# ---- devices, dtypes, formats ---------------------------------------------------------------
+
+HAS_CUDA = torch.cuda.is_available()
+
+#: Marks a test that needs a CUDA device; it is skipped (not failed) on a machine without one.
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")
+
+#: Parametrize every op test with this: "cpu" always runs, "cuda" is skipped without a GPU.
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+#: The activation / output dtypes every float op accepts.
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# Weight formats by gguf id, written out here rather than read from torchext so that the
+# tests do not inherit a mistake in torchext.formats.
+Q = GGMLQuantizationType
+WEIGHT_QTYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+K_QUANTS = [Q.Q4_K, Q.Q5_K, Q.Q6_K]
+SMALL_BLOCK_QTYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
+
+# Byte offsets of the fp16 fields of one block (layout per llama.cpp ggml-common.h):
+# everything else in a block is quants / packed scale codes, for which any byte is valid.
+FP16_FIELD_OFFSETS = {
+    Q.Q4_0: (0,),  # d
+    Q.Q4_1: (0, 2),  # d, m
+    Q.Q5_0: (0,),  # d
+    Q.Q5_1: (0, 2),  # d, m
+    Q.Q8_0: (0,),  # d
+    Q.Q4_K: (0, 2),  # d, dmin
+    Q.Q5_K: (0, 2),  # d, dmin
+    Q.Q6_K: (208,),  # d (after ql[128], qh[64], scales[16])
+}
+
+
+def qtype_id(qtype) -> int:
+    """The gguf integer id of a format given as a GGMLQuantizationType, torchext.QType or int."""
+    return int(qtype)
+
+
+def block_geometry(qtype) -> tuple[int, int]:
+    """(values per block, bytes per block) from gguf."""
+    return GGML_QUANT_SIZES[GGMLQuantizationType(int(qtype))]
+
+
+def row_bytes(qtype, k: int) -> int:
+    """Bytes of one weight row of k values: ceil(k / block values) blocks."""
+    values, nbytes = block_geometry(qtype)
+    return -(-k // values) * nbytes
+
+
+def q8_1_row_bytes(k: int) -> int:
+    """Bytes of one Q8_1 activation row: k zero-padded to whole 256-value super-blocks."""
+    return -(-k // 256) * 8 * 36
+
+
+def qtype_name(qtype) -> str:
+    return GGMLQuantizationType(int(qtype)).name
+
+
+# ---- weights ---------------------------------------------------------------------------------
+
+def random_weight(qtype, n: int, k: int, device="cpu", seed: int = 0, scale: float = 0.01) -> torch.Tensor:
+    """Random-but-realistic quantized weight bytes, uint8 [n, row_bytes(qtype, k)].
+
+    Every byte is uniformly random (so all quant values and all packed 6-bit scale codes occur),
+    then every fp16 scale field (d, dmin, m) is overwritten with a finite N(0, scale) value, so
+    the dequantized weights are finite and of a realistic magnitude (|w| up to ~10 for k-quants).
+    """
+    values, nbytes = block_geometry(qtype)
+    blocks = -(-k // values)
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(n, blocks, nbytes), dtype=np.uint8)
+    for off in FP16_FIELD_OFFSETS[GGMLQuantizationType(int(qtype))]:
+        f16 = (rng.standard_normal((n, blocks)) * scale).astype(np.float16)
+        raw[:, :, off:off + 2] = f16.astype("<f2").view(np.uint8).reshape(n, blocks, 2)
+    return torch.from_numpy(raw.reshape(n, blocks * nbytes)).to(device)
+
+
+def dequant_oracle(w: torch.Tensor, qtype, n: int, k: int) -> np.ndarray:
+    """Dense weights [n, k] as float64, from gguf.quants.dequantize (values past k dropped).
+
+    gguf computes in float32; the float64 copy is exact and is what float64 references use."""
+    raw = w.detach().cpu().contiguous().numpy().reshape(n, -1)
+    dense = gguf_dequantize(raw, GGMLQuantizationType(int(qtype)))
+    assert dense.shape == (n, -(-k // block_geometry(qtype)[0]) * block_geometry(qtype)[0])
+    return dense[:, :k].astype(np.float64)
+
+
+@functools.lru_cache(maxsize=64)
+def cached_weight(qtype, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """(random_weight on CPU, its dequant_oracle), cached: several tests share one weight.
+    Callers must not modify either (move the tensor with .to(device), which copies)."""
+    w = random_weight(qtype, n, k, "cpu", seed)
+    return w, dequant_oracle(w, qtype, n, k)
+
+
+# ---- activations -----------------------------------------------------------------------------
+
+def exact_activations(shape, seed: int = 0, exponents=(5, 10)) -> torch.Tensor:
+    """float32 activations that Q8_1 represents exactly, of the given shape [..., K].
+
+    In every 32-value block (counted from the start of each row) x = 2^-e * q with one e per
+    block drawn from `exponents` (inclusive), q an integer in [-60, 60], and exactly one element
+    q = +-127 (inside K). So amax = 127 * 2^-e, d = 2^-e exactly (also in fp16), x / d = q
+    exactly, and the block sum 2^-e * sum(q) (|sum(q)| <= 127 + 31 * 60 < 2048) is exact in
+    fp32 and fp16: Q8_1 is lossless. The values are exact in float16 and bfloat16 as well
+    (at most 7 significant bits, exponents in range), so x.to(dtype) changes nothing.
+    """
+    shape = tuple(shape)
+    k = shape[-1]
+    rows = math.prod(shape[:-1])
+    blocks = -(-k // 32)
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-60, 61, size=(rows, blocks, 32)).astype(np.float64)
+    # the +-127 element of each block, at a position inside K (the last block may be partial)
+    valid = np.full(blocks, 32)
+    valid[-1] = k - 32 * (blocks - 1)
+    pos = (rng.random((rows, blocks)) * valid).astype(np.int64)
+    sign = rng.choice(np.array([-127.0, 127.0]), size=(rows, blocks))
+    np.put_along_axis(q, pos[..., None], sign[..., None], axis=-1)
+    e = rng.integers(exponents[0], exponents[1] + 1, size=(rows, blocks, 1))
+    x = (q * np.exp2(-e.astype(np.float64))).reshape(rows, blocks * 32)[:, :k]
+    return torch.from_numpy(x.astype(np.float32).reshape(shape))
+
+
+def gaussian_activations(shape, seed: int = 0) -> torch.Tensor:
+    """float32 N(0, 1) activations of the given shape (reproducible by seed)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+
+
+# ---- Q8_1 oracle -----------------------------------------------------------------------------
+
+_BUTTERFLY = np.arange(32)
+
+
+def q8_1_reference(x) -> np.ndarray:
+    """Q8_1 bytes of float32 activations x [..., K] (numpy), uint8 [..., ceil(K/256) * 8 * 36].
+
+    The rule of SPEC.md section 1 / notes: x is zero-padded to whole 256-value super-blocks;
+    per 32-value block, amax = max|x| (a NaN propagates), d = amax / 127 in fp32 (stored as
+    fp16, round to nearest even), qs[i] = round-half-away-from-zero(x[i] / d) with the fp32 d
+    (0 where amax == 0), s = fp16 of the fp32 sum of the 32 inputs taken in xor-butterfly
+    order (for m in 16, 8, 4, 2, 1: v[l] = v[l] + v[l ^ m]; s = v[0]). A block with a
+    non-finite input stores d = fp16 NaN (0x7e00) and qs = 0. Block bytes: d, s, qs[32].
+    """
+    x = np.asarray(x, dtype=np.float32)
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    padded = -(-k // 256) * 256
+    xp = np.zeros(lead + (padded,), dtype=np.float32)
+    xp[..., :k] = x
+    blk = xp.reshape(lead + (padded // 32, 32))
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        amax = np.max(np.abs(blk), axis=-1)  # np.max propagates NaN
+        finite = np.isfinite(amax)
+        d32 = (amax / np.float32(127.0)).astype(np.float32)
+        v = (blk / d32[..., None]).astype(np.float32)  # fp32 division, as the kernels
+        v64 = v.astype(np.float64)  # round half away from zero, exactly (no fp32 x + 0.5)
+        q = np.sign(v64) * np.floor(np.abs(v64) + 0.5)
+        q = np.where(((amax == 0) | ~finite)[..., None], 0.0, q)
+        d16 = d32.astype(np.float16).view(np.uint16).copy()
+        d16[~finite] = 0x7E00
+        s = blk.copy()
+        for m in (16, 8, 4, 2, 1):
+            s = (s + s[..., _BUTTERFLY ^ m]).astype(np.float32)
+        s16 = s[..., 0].astype(np.float16).view(np.uint16)
+    out = np.empty(lead + (padded // 32, 36), dtype=np.uint8)
+    out[..., 0:2] = d16.astype("<u2").view(np.uint8).reshape(lead + (padded // 32, 2))
+    out[..., 2:4] = s16.astype("<u2").view(np.uint8).reshape(lead + (padded // 32, 2))
+    out[..., 4:] = q.astype(np.int8).view(np.uint8)
+    return out.reshape(lead + (padded // 32 * 36,))
+
+
+def q8_1_fields(xq) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split Q8_1 bytes [..., B*36] into (d uint16 bits [..., B], s uint16 bits [..., B],
+    qs int8 [..., B, 32])."""
+    a = np.asarray(xq.cpu() if isinstance(xq, torch.Tensor) else xq, dtype=np.uint8)
+    blk = a.reshape(a.shape[:-1] + (a.shape[-1] // 36, 36))
+    d = np.ascontiguousarray(blk[..., 0:2]).view("<u2")[..., 0]
+    s = np.ascontiguousarray(blk[..., 2:4]).view("<u2")[..., 0]
+    qs = np.ascontiguousarray(blk[..., 4:]).view(np.int8)
+    return d, s, qs
+
+
+# ---- tolerances ------------------------------------------------------------------------------
+
+def half_ulp(dtype: torch.dtype) -> float:
+    """Relative error of one round-to-nearest into dtype (unit roundoff): 2^-24, 2^-11, 2^-8."""
+    return {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+
+
+def tiny(dtype: torch.dtype) -> float:
+    """Absolute rounding error near zero (half the smallest subnormal): float16's subnormals
+    start at 2^-24, so results below 2^-14 lose relative precision there."""
+    return {torch.float32: 2.0**-150, torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134}[dtype]
+
+
+# ---- one sample list for the matmul ops (STYLE habit 10) ----------------------------------------
+
+class MatmulSample(NamedTuple):
+    """Arguments of qmatmul (w, qtype, x, n, k); qtype is the gguf integer id."""
+    w: torch.Tensor
+    qtype: int
+    x: torch.Tensor
+    n: int
+    k: int
+
+
+# (format, n, k, x shape): every format, K not a multiple of 256, leading batch dims, a 1-D x,
+# 1 and 3 rows (Q8_1 + DP4A path) and 9 rows (dense path), odd super-block counts.
+_SAMPLE_CASES = [
+    (Q.Q4_K, 5, 256, (1, 256)),
+    (Q.Q4_K, 3, 300, (2, 3, 300)),
+    (Q.Q4_K, 4, 512, (9, 512)),
+    (Q.Q5_K, 4, 512, (3, 512)),
+    (Q.Q5_K, 2, 300, (9, 300)),
+    (Q.Q6_K, 7, 768, (1, 768)),
+    (Q.Q6_K, 3, 300, (3, 300)),
+    (Q.Q6_K, 2, 256, (9, 256)),
+    (Q.Q8_0, 3, 64, (64,)),
+    (Q.Q8_0, 5, 64, (9, 64)),
+    (Q.Q4_0, 4, 96, (1, 96)),
+    (Q.Q4_1, 3, 64, (3, 64)),
+    (Q.Q5_0, 6, 128, (2, 3, 128)),
+    (Q.Q5_1, 2, 32, (1, 32)),
+    (Q.Q5_1, 2, 32, (9, 32)),
+]
+
+
+def sample_inputs(device, dtype: torch.dtype = torch.float32) -> Iterator[MatmulSample]:
+    """Representative, small and fast (w, qtype, x, n, k) cases for the matmul ops.
+
+    Covers every weight format, K not a multiple of 256, leading batch dims, a 1-D x, 1, 3 and
+    6 rows (Q8_1 + DP4A path) and 9 rows (dense path). x holds exact_activations, exact in
+    every dtype and lossless in Q8_1, so a consumer can compare against
+    x @ dequant_oracle(w).T with the tight tolerance of tests/test_matmul.py.
+    """
+    for i, (qtype, n, k, shape) in enumerate(_SAMPLE_CASES):
+        w = random_weight(qtype, n, k, device, seed=100 + i)
+        x = exact_activations(shape, seed=200 + i).to(dtype).to(device)
+        yield MatmulSample(w, int(qtype), x, n, k)

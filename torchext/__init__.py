@@ -1,0 +1,28 @@
+"""torchext: GGUF-quantized matmul (k-quants and the 32-value formats, Q8_1 activations, DP4A)
+and GELU as PyTorch custom ops, usable from eager code, torch.compile and CUDA graphs."""
+
+import torch  # noqa: F401  (torch must be loaded before the op library)
+
+from . import _C  # noqa: F401  (loads the library: its static initialisers register torch.ops.torchext)
+from . import ops
+from .formats import QType, block_bytes, block_values, row_bytes
+from .ops import (
+    bias_gelu,
+    dequantize,
+    gelu,
+    gelu_,
+    q4k_gemv,
+    q4k_q8_gemv,
+    q4k_q8_gemv_packed,
+    q5k_gemv,
+    q6k_gemv,
+    qmatmul,
+    quantize,
+    quantize_q8_1,
+)
+
+__all__ = [
+    "QType", "block_bytes", "block_values", "row_bytes", "ops",
+    "quantize_q8_1", "q4k_q8_gemv", "q4k_q8_gemv_packed", "q4k_gemv", "q5k_gemv", "q6k_gemv",
+    "qmatmul", "gelu", "gelu_", "bias_gelu", "dequantize", "quantize",
+]

@@ -1,0 +1,59 @@
+"""The weight formats torchext runs, with ids and sizes taken from the `gguf` package.
+
+kernels/blocks.h defines the same blocks for C++; tests/test_formats.py checks that the two agree.
+"""
+
+import enum
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+
+class QType(enum.IntEnum):
+    """A gguf GGMLQuantizationType that torchext supports (Q8_1 is the activation format)."""
+
+    Q4_0 = GGMLQuantizationType.Q4_0.value
+    Q4_1 = GGMLQuantizationType.Q4_1.value
+    Q5_0 = GGMLQuantizationType.Q5_0.value
+    Q5_1 = GGMLQuantizationType.Q5_1.value
+    Q8_0 = GGMLQuantizationType.Q8_0.value
+    Q8_1 = GGMLQuantizationType.Q8_1.value
+    Q4_K = GGMLQuantizationType.Q4_K.value
+    Q5_K = GGMLQuantizationType.Q5_K.value
+    Q6_K = GGMLQuantizationType.Q6_K.value
+
+    @classmethod
+    def of(cls, fmt) -> "QType":
+        """A QType from a QType, a GGMLQuantizationType, its int id or its name ("Q4_K")."""
+        if isinstance(fmt, str):
+            try:
+                return cls[fmt.upper()]
+            except KeyError:
+                raise ValueError(f"unknown quantization format {fmt!r}; expected one of {[q.name for q in cls]}") from None
+        try:
+            return cls(int(fmt))
+        except ValueError:
+            raise ValueError(f"unsupported quantization format {fmt!r}; expected one of {[q.name for q in cls]}") from None
+
+
+WEIGHT_TYPES = tuple(q for q in QType if q != QType.Q8_1)
+K_QUANTS = (QType.Q4_K, QType.Q5_K, QType.Q6_K)
+
+
+def block_values(qtype) -> int:
+    """Values per block: 256 for the k-quants, 32 otherwise."""
+    return GGML_QUANT_SIZES[GGMLQuantizationType(QType.of(qtype).value)][0]
+
+
+def block_bytes(qtype) -> int:
+    """Bytes per block."""
+    return GGML_QUANT_SIZES[GGMLQuantizationType(QType.of(qtype).value)][1]
+
+
+def row_bytes(qtype, k: int) -> int:
+    """Bytes of one weight row of k values: ceil(k / block_values) blocks."""
+    return -(-k // block_values(qtype)) * block_bytes(qtype)
+
+
+def q8_1_row_bytes(k: int) -> int:
+    """Bytes of one Q8_1 activation row: k padded to whole 256-value super-blocks."""
+    return -(-k // 256) * 8 * 36

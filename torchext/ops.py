@@ -1,0 +1,147 @@
+"""Typed wrappers over torch.ops.torchext, each with its fake (meta) kernel beside it.
+
+The fakes give output shape, dtype and device without running anything, so torch.compile
+(fullgraph=True) and FakeTensor tracing see through every op. tests/test_fake.py checks each
+fake against the real op on every dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .formats import QType, q8_1_row_bytes, row_bytes
+
+_ops = torch.ops.torchext
+_register_fake = torch.library.register_fake
+
+
+def _with_last(x: torch.Tensor, last: int) -> list[int]:
+    return [*x.shape[:-1], last]
+
+
+# ---- activations -------------------------------------------------------------------------
+
+def quantize_q8_1(x: torch.Tensor) -> torch.Tensor:
+    """Q8_1 blocks of x [..., K] (f32/f16/bf16): uint8 [..., ceil(K/256)*8*36], zero-padded.
+    Each block stores d = amax/127 (fp16), s = the sum of its 32 inputs (fp16), 32 int8 quants;
+    CPU and CUDA produce identical bytes."""
+    return _ops.quantize_q8_1(x)
+
+
+@_register_fake("torchext::quantize_q8_1")
+def _(x):
+    return x.new_empty(_with_last(x, q8_1_row_bytes(x.shape[-1])), dtype=torch.uint8)
+
+
+# ---- quantized matmul ----------------------------------------------------------------------
+
+def q4k_q8_gemv(w: torch.Tensor, xq: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Q4_K weights [n, ceil(k/256)*144] x Q8_1 activations [..., bytes] -> float32 [..., n]."""
+    return _ops.q4k_q8_gemv(w, xq, n, k)
+
+
+def q4k_q8_gemv_packed(w: torch.Tensor, xq: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The seed's packed-nibble name for q4k_q8_gemv; the kernel already feeds four nibbles per
+    DP4A operand, so both names run it and return identical bits."""
+    return _ops.q4k_q8_gemv_packed(w, xq, n, k)
+
+
+def _fake_gemv_q8_1(w, xq, n, k):
+    return xq.new_empty(_with_last(xq, n), dtype=torch.float32)
+
+
+_register_fake("torchext::q4k_q8_gemv")(_fake_gemv_q8_1)
+_register_fake("torchext::q4k_q8_gemv_packed")(_fake_gemv_q8_1)
+
+
+def qmatmul(w: torch.Tensor, qtype, x: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """x [..., k] @ dequantize(w).T -> [..., n] in x's dtype, for any weight format.
+    Up to 8 rows: Q8_1 activations and DP4A; more rows: dense GEMM on the dequantized weight."""
+    return _ops.qmatmul(w, int(QType.of(qtype)), x, n, k)
+
+
+def q4k_gemv(w: torch.Tensor, x: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """qmatmul for Q4_K weights."""
+    return _ops.q4k_gemv(w, x, n, k)
+
+
+def q5k_gemv(w: torch.Tensor, x: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """qmatmul for Q5_K weights."""
+    return _ops.q5k_gemv(w, x, n, k)
+
+
+def q6k_gemv(w: torch.Tensor, x: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """qmatmul for Q6_K weights."""
+    return _ops.q6k_gemv(w, x, n, k)
+
+
+def _fake_matmul(w, x, n, k):
+    return x.new_empty(_with_last(x, n))
+
+
+for _name in ("q4k_gemv", "q5k_gemv", "q6k_gemv"):
+    _register_fake(f"torchext::{_name}")(_fake_matmul)
+
+
+@_register_fake("torchext::qmatmul")
+def _(w, qtype, x, n, k):
+    return x.new_empty(_with_last(x, n))
+
+
+# ---- weights ---------------------------------------------------------------------------------
+
+def dequantize(w: torch.Tensor, qtype, n: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense [n, k] values of quantized weight bytes (values past k, the padding, are dropped)."""
+    return _ops.dequantize(w, int(QType.of(qtype)), n, k, dtype)
+
+
+@_register_fake("torchext::dequantize")
+def _(w, qtype, n, k, dtype=None):
+    return w.new_empty((n, k), dtype=dtype or torch.float32)
+
+
+def quantize(w: torch.Tensor, qtype) -> torch.Tensor:
+    """Quantized bytes [n, row_bytes] of a dense float [n, k] weight (llama.cpp's reference
+    quantizers; the last k-quant super-block is zero-padded). Runs on the CPU; a tensor on
+    another device is quantized there and the bytes are moved back."""
+    qt = int(QType.of(qtype))
+    if w.device.type != "cpu":
+        return _ops.quantize(w.detach().float().cpu().contiguous(), qt).to(w.device)
+    return _ops.quantize(w, qt)
+
+
+@_register_fake("torchext::quantize")
+def _(w, qtype):
+    return w.new_empty((w.shape[0], row_bytes(qtype, w.shape[1])), dtype=torch.uint8)
+
+
+# ---- GELU ------------------------------------------------------------------------------------
+
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU as torch.nn.functional.gelu (approximate "none" or "tanh"), computed in fp32."""
+    return _ops.gelu(x, approximate)
+
+
+def gelu_(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """In-place GELU: overwrites x and returns it."""
+    return _ops.gelu_(x, approximate)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU(x + bias) with bias [K] over x [..., K]; the sum is kept in fp32 (one rounding)."""
+    return _ops.bias_gelu(x, bias, approximate)
+
+
+@_register_fake("torchext::gelu")
+def _(x, approximate="none"):
+    return torch.empty_like(x)
+
+
+@_register_fake("torchext::gelu_")
+def _(x, approximate="none"):
+    return x
+
+
+@_register_fake("torchext::bias_gelu")
+def _(x, bias, approximate="none"):
+    return torch.empty_like(x)

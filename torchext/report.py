@@ -1,0 +1,98 @@
+"""Parity and speed of every op on the device present: `python -m torchext.report`.
+
+Parity is against independent references (gguf's numpy dequantization with a float64 matmul,
+torch.nn.functional.gelu); times are medians of repeated calls (CUDA events on a GPU). For the
+careful, graph-timed, L2-cold figures see bench/gemv.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+import torchext
+from torchext.formats import WEIGHT_TYPES, QType, row_bytes
+
+# fp16 scale fields per format (byte offsets within a block), filled with finite values.
+_SCALE_FIELDS = {
+    QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,), QType.Q8_0: (0,),
+    QType.Q4_0: (0,), QType.Q4_1: (0, 2), QType.Q5_0: (0,), QType.Q5_1: (0, 2),
+}
+
+
+def random_weight(qtype: QType, n: int, k: int, gen: np.random.Generator) -> torch.Tensor:
+    """Random quantized bytes with small finite fp16 scales: every code path, no zeros."""
+    bb = torchext.block_bytes(qtype)
+    nb = row_bytes(qtype, k) // bb
+    raw = gen.integers(0, 256, size=(n, nb, bb), dtype=np.uint8)
+    for off in _SCALE_FIELDS[qtype]:
+        scales = (gen.standard_normal((n, nb)) * 0.01).astype(np.float16)
+        raw[:, :, off:off + 2] = scales.view(np.uint8).reshape(n, nb, 2)
+    return torch.from_numpy(raw.reshape(n, nb * bb))
+
+
+def _time_us(fn, device: torch.device, reps: int = 20) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    gen = np.random.default_rng(0)
+    n, k = (4096, 4096) if device.type == "cuda" else (512, 1024)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torchext report on {name} (torch {torch.__version__}); weights {n}x{k}")
+    print(f"{'op':<28}{'rows':>5}{'rel. error':>12}{'us/call':>11}{'GB/s':>9}")
+
+    def row(op, rows, err, us, nbytes):
+        print(f"{op:<28}{rows:>5}{err:>12.2e}{us:>11.1f}{nbytes / us / 1e3:>9.1f}")
+
+    for qtype in WEIGHT_TYPES:
+        w_cpu = random_weight(qtype, n, k, gen)
+        dense = torch.from_numpy(gguf_dequantize(w_cpu.numpy(), GGMLQuantizationType(qtype.value)))
+        dense = dense.reshape(n, -1)[:, :k].double()
+        w = w_cpu.to(device)
+        for rows in (1, 8, 64):
+            x = torch.randn(rows, k, device=device)
+            y = torchext.qmatmul(w, qtype, x, n, k).double().cpu()
+            ref = x.double().cpu() @ dense.T
+            err = ((y - ref).norm() / ref.norm()).item()
+            us = _time_us(lambda: torchext.qmatmul(w, qtype, x, n, k), device)
+            row(f"qmatmul {qtype.name}", rows, err, us, w.numel() + x.numel() * 4 + rows * n * 4)
+
+    x = torch.randn(1 << 22, device=device, dtype=torch.bfloat16)
+    for approx in ("none", "tanh"):
+        y = torchext.gelu(x, approximate=approx)
+        ref = F.gelu(x.double(), approximate=approx)
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        row(f"gelu {approx} bf16", 1, err, _time_us(lambda: torchext.gelu(x, approximate=approx), device), x.numel() * 4)
+    xq = torch.randn(64, 4096, device=device)
+    row("quantize_q8_1 f32", 64, float("nan"), _time_us(lambda: torchext.quantize_q8_1(xq), device),
+        xq.numel() * 4 + xq.numel() // 32 * 36)
+
+
+if __name__ == "__main__":
+    main()
