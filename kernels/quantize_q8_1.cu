@@ -1,6 +1,7 @@
 // Q8_1 quantization of activations: one warp per 32-value block, one value per lane.
 #include "kernels/launch.cuh"
 #include "kernels/quantize_q8_1.cuh"
+#include "kernels/quantize_q8_1_warp.cuh"
 
 namespace torchext {
 namespace {
@@ -16,17 +17,7 @@ __global__ void __launch_bounds__(kWarpsPerCta * kWarp)
   if (i >= rows * blocks) return;
   const int64_t row = i / blocks, col = (i % blocks) * kQ8Block + lane;
   const float v = col < k ? load_float(x, row * k + col, T) : 0.0f;  // zero padding past K
-  float amax = fabsf(v), sum = v;
-  for (int m = kWarp / 2; m > 0; m /= 2) {  // xor butterfly: the order csrc/cpu mirrors
-    amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, m));
-    sum += __shfl_xor_sync(0xffffffffu, sum, m);
-  }
-  block_q8_1& b = out[i];
-  b.qs[lane] = quantize_q8_1_value(v, amax);
-  if (lane == 0) {
-    b.d = q8_1_scale_bits(amax);
-    b.s = float_to_fp16(sum);
-  }
+  quantize_q8_1_warp(v, lane, out[i]);
 }
 
 }  // namespace
