@@ -289,21 +289,24 @@ def plot(path, rows: list[dict], copy_gbps: float | None, gemv_labels: list[str]
     if nrows == 0:
         return "plot skipped: no successful measurement"
     fig, axes = plt.subplots(nrows, 1, figsize=(14, 4.6 * nrows), squeeze=False)
-    colors = plt.get_cmap("tab10")
+    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # 7 is grey: bf16's
+    color_of = {lb: ("0.6" if lb == "bf16" else palette[j % len(palette)])
+                for j, lb in enumerate(lb for lb in gemv_labels if lb != "bf16")}
+    color_of["bf16"] = "0.6"
     for ax, mode in zip(axes[:, 0], modes):
-        b1 = [r for r in ok if r["section"] == "gemv" and r["l2"] == mode and int(r["batch"]) == 1]
+        b1 = [r for r in ok if r["section"] == "gemv" and r["l2"] == mode and int(r["batch"]) == 1
+              and r["label"] in color_of]
         shapes = list(dict.fromkeys((int(r["N"]), int(r["K"])) for r in b1))
-        labels = [lb for lb in gemv_labels if any(r["label"] == lb for r in b1)]
-        width = 0.8 / max(1, len(labels))
-        for j, lb in enumerate(labels):
-            xs, ys = [], []
-            for i, s in enumerate(shapes):
+        seen = set()
+        for i, s in enumerate(shapes):
+            here = [lb for lb in gemv_labels if any(r["label"] == lb and (int(r["N"]), int(r["K"])) == s
+                                                    for r in b1)]
+            width = 0.8 / max(1, len(here))
+            for j, lb in enumerate(here):
                 hit = [r for r in b1 if r["label"] == lb and (int(r["N"]), int(r["K"])) == s]
-                if hit:
-                    xs.append(i - 0.4 + (j + 0.5) * width)
-                    ys.append(hit[0]["gbps"])
-            color = "0.55" if lb == "bf16" else colors(j % 10)
-            ax.bar(xs, ys, width, label=lb, color=color)
+                ax.bar(i - 0.4 + (j + 0.5) * width, hit[0]["gbps"], width, color=color_of[lb],
+                       label=None if lb in seen else lb)
+                seen.add(lb)
         for i, s in enumerate(shapes):
             ref = [r for r in b1 if r["label"] == "bf16" and (int(r["N"]), int(r["K"])) == s]
             if ref:
@@ -316,7 +319,7 @@ def plot(path, rows: list[dict], copy_gbps: float | None, gemv_labels: list[str]
         ax.set_xticklabels([f"{n}x{k}" for n, k in shapes], fontsize=8)
         ax.set_ylabel("effective GB/s")
         ax.set_title(f"batch 1, L2 {mode}: (weight + activation + output bytes) / kernel time")
-        ax.legend(fontsize=7, ncol=4, loc="upper right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0))
     if ew:
         ax = axes[-1, 0]
         dtypes = list(dict.fromkeys(r["dtype"] for r in ew))
@@ -329,7 +332,7 @@ def plot(path, rows: list[dict], copy_gbps: float | None, gemv_labels: list[str]
                 if hit:
                     xs.append(i - 0.4 + (j + 0.5) * width)
                     ys.append(hit[0]["gbps"])
-            ax.bar(xs, ys, width, label=dt, color=colors(j % 10))
+            ax.bar(xs, ys, width, label=dt, color=palette[j % len(palette)])
         if copy_gbps:
             ax.axhline(copy_gbps, color="r", linestyle="--", linewidth=1, label="copy bandwidth")
             ax.axhline(0.8 * copy_gbps, color="r", linestyle=":", linewidth=1, label="80% of copy")
@@ -337,7 +340,7 @@ def plot(path, rows: list[dict], copy_gbps: float | None, gemv_labels: list[str]
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_ylabel("GB/s (read + write)")
         ax.set_title("large elementwise ops")
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

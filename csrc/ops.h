@@ -123,11 +123,10 @@ struct Ops {
     return out;
   }
 
-  static Tensor gelu_(Tensor x, std::string approximate) {
+  static void gelu_(Tensor x, std::string approximate) {
     check_defined_contiguous(x, "x");
     float_type(x, "x");
     gelu_into(x, nullptr, x, approximate);
-    return x;
   }
 
   static Tensor bias_gelu(Tensor x, Tensor bias, std::string approximate) {

@@ -20,8 +20,9 @@ STABLE_TORCH_LIBRARY(torchext, m) {
   m.def("qmatmul(Tensor w, int qtype, Tensor x, int n, int k) -> Tensor");
   // GELU, approximate in {"none", "tanh"} as torch.nn.functional.gelu
   m.def("gelu(Tensor x, str approximate=\"none\") -> Tensor");
-  // in-place GELU: overwrites and returns x
-  m.def("gelu_(Tensor(a!) x, str approximate=\"none\") -> Tensor(a!)");
+  // in-place GELU: overwrites x. It returns nothing, so that functionalization (torch.compile)
+  // can rewrite it; torchext.gelu_ returns x
+  m.def("gelu_(Tensor(a!) x, str approximate=\"none\") -> ()");
   // GELU(x + bias), bias [K] broadcast over x [..., K], the sum kept in fp32
   m.def("bias_gelu(Tensor x, Tensor bias, str approximate=\"none\") -> Tensor");
   // quantized weight -> dense [N, K] in dtype (float32 when None)

@@ -59,7 +59,10 @@ inline constexpr int64_t q8_1_blocks_per_row(int64_t k) {
 
 // Q8_1 quantization of one 32-value block (ggml's CUDA rule): d = amax/127,
 // qs = round-half-away(x/d) (0 where amax is 0), s = sum of the inputs. A block with a
-// non-finite input stores d = NaN and qs = 0, so every output it touches is NaN.
+// non-finite input stores d = s = NaN and qs = 0, so every output it touches is NaN.
+// The fp32 sum is taken in a fixed order, so that every device stores the same s: the four
+// groups of 8 consecutive values are summed left to right into p0..p3, then
+// s = (p0 + p2) + (p1 + p3) (the CUDA kernels' lane-quad reduction).
 constexpr fp16_bits kFp16NaN = 0x7e00;
 
 TORCHEXT_HD int8_t quantize_q8_1_value(float x, float amax) {
@@ -68,6 +71,9 @@ TORCHEXT_HD int8_t quantize_q8_1_value(float x, float amax) {
 }
 TORCHEXT_HD fp16_bits q8_1_scale_bits(float amax) {
   return amax <= 3.402823466e38f ? float_to_fp16(amax / 127.0f) : kFp16NaN;
+}
+TORCHEXT_HD fp16_bits q8_1_sum_bits(float sum, float amax) {
+  return amax <= 3.402823466e38f ? float_to_fp16(sum) : kFp16NaN;  // one NaN on every device
 }
 
 // max that keeps a NaN, so that a non-finite input marks its Q8_1 block.

@@ -10,6 +10,7 @@
 #include "kernels/gemv_q8_1.cuh"
 #include "kernels/launch.cuh"
 #include "kernels/quant_traits.h"
+#include "kernels/quantize_q8_1.cuh"
 #include "kernels/quantize_q8_1_warp.cuh"
 
 namespace torchext {
@@ -23,19 +24,41 @@ constexpr size_t kMaxStagedBytes = 200 * 1024;  // of the 227 KB a Hopper CTA ma
 
 size_t staged_bytes(int64_t k, int64_t rows) { return size_t(rows) * q8_1_blocks_per_row(k) * sizeof(block_q8_1); }
 
-// Brings rows x q8_1_blocks_per_row(k) activation blocks into `dst` (shared memory).
-__device__ void stage_activations(GemvActivations x, int64_t k, int rows, block_q8_1* dst) {
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+// Brings rows x q8_1_blocks_per_row(k) activation blocks into `dst` (shared memory). Each
+// thread keeps kUnroll loads in flight before it stores: one load at a time per thread would
+// make this prologue a chain of L2 round trips.
+constexpr int kUnroll = 4;
+
+__device__ void stage_activations(GemvActivations x, int64_t k, int rows, bool vector_ok, block_q8_1* dst) {
   const int64_t blocks = q8_1_blocks_per_row(k);
-  if (x.is_q8_1) {  // 36-byte blocks as 9 words each
+  if (x.is_q8_1) {  // 36-byte blocks, copied as words
     const int* src = static_cast<const int*>(x.data);
     int* d = reinterpret_cast<int*>(dst);
-    for (int64_t i = threadIdx.x; i < rows * blocks * 9; i += kThreads) d[i] = src[i];
-  } else {
-    for (int64_t i = warp; i < rows * blocks; i += kWarps) {
-      const int64_t r = i / blocks, col = (i % blocks) * kQ8Block + lane;
-      const float v = col < k ? load_float(x.data, r * k + col, x.float_type) : 0.0f;  // zero padding past K
-      quantize_q8_1_warp(v, lane, dst[i]);
+    const int64_t words = rows * blocks * int64_t(sizeof(block_q8_1) / 4);
+    for (int64_t base = threadIdx.x; base < words; base += kThreads * kUnroll) {
+      int w[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) w[u] = base + u * kThreads < words ? src[base + u * kThreads] : 0;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (base + u * kThreads < words) d[base + u * kThreads] = w[u];
+    }
+  } else {  // float rows: a quad of lanes quantizes each block (quantize_q8_1_warp.cuh)
+    const int64_t groups = rows * blocks * 4;
+    for (int64_t base = threadIdx.x; base < groups; base += kThreads * kUnroll) {
+      float v[kUnroll][8];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t g = base + u * kThreads, i = g / 4;
+        for (int e = 0; e < 8; ++e) v[u][e] = 0.0f;
+        if (g < groups)
+          load_group8(x.data, x.float_type, (i / blocks) * k, (i % blocks) * kQ8Block + 8 * (g % 4), k, vector_ok, v[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t g = base + u * kThreads;
+        quantize_q8_1_quad(v[u], g < groups, dst[g < groups ? g / 4 : 0]);
+      }
     }
   }
 }
@@ -43,13 +66,13 @@ __device__ void stage_activations(GemvActivations x, int64_t k, int rows, block_
 template <class T, int B>
 __global__ void __launch_bounds__(kThreads)
     gemv_q8_1_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, GemvActivations x, int rows, int split,
-                     bool staged, void* __restrict__ out, FloatType ot) {
+                     bool staged, bool vector_ok, void* __restrict__ out, FloatType ot) {
   extern __shared__ block_q8_1 smem_x[];
   __shared__ float partial[kWarps][B];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t xb = q8_1_blocks_per_row(k);
   if (staged) {
-    stage_activations(x, k, rows, smem_x);
+    stage_activations(x, k, rows, vector_ok, smem_x);
     __syncthreads();
   }
   const block_q8_1* xs = staged ? smem_x : static_cast<const block_q8_1*>(x.data);
@@ -116,7 +139,8 @@ cudaError_t launch_rows(const uint8_t* w, int64_t n, int64_t k, GemvActivations 
   while (split < kWarps && 2 * split * kWarp <= items && n * split < int64_t(sms) * kMaxResidentWarpsPerSm) split *= 2;
   const int64_t steps = (n + kWarps / split - 1) / (kWarps / split);
   const unsigned grid = unsigned(std::min<int64_t>(steps, int64_t(sms) * std::max(ctas_per_sm, 1)));
-  kernel<<<grid, kThreads, smem, stream>>>(w, n, k, x, rows, split, staged, out, ot);
+  const bool vector_ok = !x.is_q8_1 && rows_allow_vector_loads(x.data, x.float_type, k);
+  kernel<<<grid, kThreads, smem, stream>>>(w, n, k, x, rows, split, staged, vector_ok, out, ot);
   return cudaGetLastError();
 }
 

@@ -1,4 +1,4 @@
-// Q8_1 quantization of activations: one warp per 32-value block, one value per lane.
+// Q8_1 quantization of activations: a quad of lanes per 32-value block, 8 values per lane.
 #include "kernels/launch.cuh"
 #include "kernels/quantize_q8_1.cuh"
 #include "kernels/quantize_q8_1_warp.cuh"
@@ -6,32 +6,31 @@
 namespace torchext {
 namespace {
 
-constexpr int kWarpsPerCta = 8;
+constexpr int kThreads = 256;
 
-template <FloatType T>
-__global__ void __launch_bounds__(kWarpsPerCta * kWarp)
-    quantize_q8_1_kernel(const void* __restrict__ x, int64_t rows, int64_t k, block_q8_1* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads)
+    quantize_q8_1_kernel(const void* __restrict__ x, FloatType t, int64_t rows, int64_t k, bool vector_ok,
+                         block_q8_1* __restrict__ out) {
   const int64_t blocks = q8_1_blocks_per_row(k);
-  const int64_t i = int64_t(blockIdx.x) * kWarpsPerCta + threadIdx.x / kWarp;  // Q8_1 block index
-  const int lane = threadIdx.x % kWarp;
-  if (i >= rows * blocks) return;
-  const int64_t row = i / blocks, col = (i % blocks) * kQ8Block + lane;
-  const float v = col < k ? load_float(x, row * k + col, T) : 0.0f;  // zero padding past K
-  quantize_q8_1_warp(v, lane, out[i]);
+  const int64_t g = int64_t(blockIdx.x) * kThreads + threadIdx.x;  // group of 8 values
+  const int64_t i = g / 4;                                          // Q8_1 block
+  const bool real = i < rows * blocks;
+  float v[8] = {};
+  if (real) load_group8(x, t, (i / blocks) * k, (i % blocks) * kQ8Block + 8 * (g % 4), k, vector_ok, v);
+  quantize_q8_1_quad(v, real, out[real ? i : 0]);
 }
 
 }  // namespace
 
+bool rows_allow_vector_loads(const void* x, FloatType t, int64_t k) {
+  return reinterpret_cast<uintptr_t>(x) % 16 == 0 && k % (t == FloatType::F32 ? 4 : 8) == 0;
+}
+
 cudaError_t launch_quantize_q8_1(const void* x, FloatType xt, int64_t rows, int64_t k, block_q8_1* out,
                                  cudaStream_t stream) {
-  const unsigned grid = grid_for(rows * q8_1_blocks_per_row(k), kWarpsPerCta);
-  const unsigned threads = kWarpsPerCta * kWarp;
-  switch (xt) {
-    case FloatType::F32: quantize_q8_1_kernel<FloatType::F32><<<grid, threads, 0, stream>>>(x, rows, k, out); break;
-    case FloatType::F16: quantize_q8_1_kernel<FloatType::F16><<<grid, threads, 0, stream>>>(x, rows, k, out); break;
-    case FloatType::BF16: quantize_q8_1_kernel<FloatType::BF16><<<grid, threads, 0, stream>>>(x, rows, k, out); break;
-    default: return cudaErrorInvalidValue;
-  }
+  const int64_t groups = rows * q8_1_blocks_per_row(k) * 4;
+  quantize_q8_1_kernel<<<grid_for(groups, kThreads), kThreads, 0, stream>>>(x, xt, rows, k,
+                                                                            rows_allow_vector_loads(x, xt, k), out);
   return cudaGetLastError();
 }
 

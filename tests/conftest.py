@@ -55,11 +55,6 @@ FP16_FIELD_OFFSETS = {
 }
 
 
-def qtype_id(qtype) -> int:
-    """The gguf integer id of a format given as a GGMLQuantizationType, torchext.QType or int."""
-    return int(qtype)
-
-
 def block_geometry(qtype) -> tuple[int, int]:
     """(values per block, bytes per block) from gguf."""
     return GGML_QUANT_SIZES[GGMLQuantizationType(int(qtype))]
@@ -154,7 +149,6 @@ def gaussian_activations(shape, seed: int = 0) -> torch.Tensor:
 
 # ---- Q8_1 oracle -----------------------------------------------------------------------------
 
-_BUTTERFLY = np.arange(32)
 
 
 def q8_1_reference(x) -> np.ndarray:
@@ -163,9 +157,10 @@ def q8_1_reference(x) -> np.ndarray:
     The rule of SPEC.md section 1 / notes: x is zero-padded to whole 256-value super-blocks;
     per 32-value block, amax = max|x| (a NaN propagates), d = amax / 127 in fp32 (stored as
     fp16, round to nearest even), qs[i] = round-half-away-from-zero(x[i] / d) with the fp32 d
-    (0 where amax == 0), s = fp16 of the fp32 sum of the 32 inputs taken in xor-butterfly
-    order (for m in 16, 8, 4, 2, 1: v[l] = v[l] + v[l ^ m]; s = v[0]). A block with a
-    non-finite input stores d = fp16 NaN (0x7e00) and qs = 0. Block bytes: d, s, qs[32].
+    (0 where amax == 0), s = fp16 of the fp32 sum of the 32 inputs taken in the kernels' fixed
+    order (groups of 8 consecutive values summed left to right into p0..p3, then
+    (p0 + p2) + (p1 + p3)). A block with a non-finite input stores d = s = fp16 NaN (0x7e00)
+    and qs = 0. Block bytes: d, s, qs[32].
     """
     x = np.asarray(x, dtype=np.float32)
     k = x.shape[-1]
@@ -184,10 +179,12 @@ def q8_1_reference(x) -> np.ndarray:
         q = np.where(((amax == 0) | ~finite)[..., None], 0.0, q)
         d16 = d32.astype(np.float16).view(np.uint16).copy()
         d16[~finite] = 0x7E00
-        s = blk.copy()
-        for m in (16, 8, 4, 2, 1):
-            s = (s + s[..., _BUTTERFLY ^ m]).astype(np.float32)
-        s16 = s[..., 0].astype(np.float16).view(np.uint16)
+        p = blk[..., 0::8].copy()  # p[..., j] accumulates values 8j .. 8j+7, left to right
+        for i in range(1, 8):
+            p = (p + blk[..., i::8]).astype(np.float32)
+        s = ((p[..., 0] + p[..., 2]).astype(np.float32) + (p[..., 1] + p[..., 3]).astype(np.float32)).astype(np.float32)
+        s16 = s.astype(np.float16).view(np.uint16).copy()
+        s16[~finite] = 0x7E00
     out = np.empty(lead + (padded // 32, 36), dtype=np.uint8)
     out[..., 0:2] = d16.astype("<u2").view(np.uint8).reshape(lead + (padded // 32, 2))
     out[..., 2:4] = s16.astype("<u2").view(np.uint8).reshape(lead + (padded // 32, 2))

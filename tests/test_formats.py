@@ -43,11 +43,6 @@ def test_gguf_q8_1_size_is_the_legacy_layout():
     assert GGML_QUANT_SIZES[GGMLQuantizationType.Q8_1] == (32, 40)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: torchext.block_bytes(QType.Q8_1) copies gguf-py's legacy 40 bytes; the op library's "
-    "Q8_1 block (kernels/blocks.h, quantize_q8_1 output) is 36 bytes",
-)
 def test_q8_1_block_size_is_the_kernels_block():
     assert torchext.block_values(torchext.QType.Q8_1) == 32
     assert torchext.block_bytes(torchext.QType.Q8_1) == 36

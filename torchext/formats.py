@@ -46,7 +46,11 @@ def block_values(qtype) -> int:
 
 def block_bytes(qtype) -> int:
     """Bytes per block."""
-    return GGML_QUANT_SIZES[GGMLQuantizationType(QType.of(qtype).value)][1]
+    qtype = QType.of(qtype)
+    if qtype == QType.Q8_1:
+        # ggml's block_q8_1 is 36 bytes (fp16 d and s); gguf-py still lists the old fp32 layout (40).
+        return 36
+    return GGML_QUANT_SIZES[GGMLQuantizationType(qtype.value)][1]
 
 
 def row_bytes(qtype, k: int) -> int:

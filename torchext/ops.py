@@ -123,8 +123,10 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 
 
 def gelu_(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """In-place GELU: overwrites x and returns it."""
-    return _ops.gelu_(x, approximate)
+    """In-place GELU: overwrites x and returns it (the op itself returns nothing, as mutating
+    custom ops must for torch.compile's functionalization)."""
+    _ops.gelu_(x, approximate)
+    return x
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -139,7 +141,7 @@ def _(x, approximate="none"):
 
 @_register_fake("torchext::gelu_")
 def _(x, approximate="none"):
-    return x
+    return None
 
 
 @_register_fake("torchext::bias_gelu")

@@ -1,0 +1,429 @@
+"""qmatmul, q4k_gemv / q5k_gemv / q6k_gemv and q4k_q8_gemv(_packed) against the oracle
+x @ dequant_oracle(w).T in float64 (gguf.quants.dequantize for the weights).
+
+Tolerances, and why (absref = |x| @ |W|.T, the sum of the magnitudes of an output's terms):
+- exact activations (conftest.exact_activations: every 32-block lossless in Q8_1, so the DP4A
+  path sees the true x): what is left is fp32 accumulation, measured |err| <= 4e-8 * absref;
+  we allow 1e-5 * absref, still far below what one wrong scale, nibble or block would cost
+  (that is the size of a whole term, ~1/K of absref or more). The dense path (> 8 rows) on CPU
+  is an fp32 GEMM of exact values: the same bound.
+- Gaussian activations: Q8_1 rounds each activation by up to amax/254 of its block. Measured
+  norm-relative error ||y - ref|| / ||ref|| ~0.5% for k-quants, ~1.3% for Q4_0/Q5_0, and a
+  worst per-output |err| / absref of 0.017 over 2400 random small cases; we allow 3e-2
+  norm-relative (checked where there are >= 32 outputs: with fewer, one output whose terms
+  cancel makes ||ref|| arbitrarily small) and 0.1 * absref per output.
+- f16/bf16 outputs add one rounding of the fp32 result: half an ulp relative to |y|
+  (conftest.half_ulp: 2^-11, 2^-8), plus float16's absolute 2^-25 below its normal range.
+- CUDA's dense path in f16/bf16 dequantizes the weight to that dtype (one more rounding of
+  every weight: half_ulp * absref) and cuBLAS may reduce in that dtype (another half_ulp *
+  absref): 2 * half_ulp * absref more.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import torchext
+from conftest import (
+    DEVICES,
+    DTYPES,
+    K_QUANTS,
+    Q,
+    SMALL_BLOCK_QTYPES,
+    WEIGHT_QTYPES,
+    cached_weight,
+    dequant_oracle,
+    exact_activations,
+    gaussian_activations,
+    half_ulp,
+    q8_1_row_bytes,
+    qtype_name,
+    random_weight,
+    requires_cuda,
+    row_bytes,
+    tiny,
+)
+
+MAX_GEMV_ROWS = 8  # csrc/policy.h: up to 8 rows Q8_1 + DP4A, from 9 rows dense
+
+NAMED_OPS = {Q.Q4_K: torchext.q4k_gemv, Q.Q5_K: torchext.q5k_gemv, Q.Q6_K: torchext.q6k_gemv}
+
+# (k, n): for the k-quants K in {256, 4096, 2880, 11008 + 128} and a padded 300; N in {1, 7, 4096},
+# 4096 only with a small K (a 2-core CPU). 32-value formats: K in {32, 640, 4096}.
+KQ_SHAPES = [(256, 1), (256, 4096), (300, 7), (4096, 7), (2880, 7), (11008 + 128, 1)]
+SMALL_SHAPES = [(32, 7), (640, 1), (640, 4096), (4096, 7)]
+SHAPE_CASES = [(q, k, n) for q in K_QUANTS for k, n in KQ_SHAPES] + [
+    (q, k, n) for q in SMALL_BLOCK_QTYPES for k, n in SMALL_SHAPES
+]
+
+
+def case_id(case):
+    q, k, n = case
+    return f"{qtype_name(q)}-k{k}-n{n}"
+
+
+# ---- running the op and the oracle -------------------------------------------------------------
+
+def same_bits(a, b) -> bool:
+    """Bitwise equality (NaN == NaN when the bits agree), shape and dtype included."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    ints = {4: torch.int32, 2: torch.int16}[a.element_size()]
+    return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+
+
+def run_matmul(w, qtype, x, n, k):
+    """qmatmul, and for a k-quant also its named op, which must return the very same bits."""
+    y = torchext.qmatmul(w, qtype, x, n, k)
+    if Q(int(qtype)) in NAMED_OPS:
+        assert same_bits(NAMED_OPS[Q(int(qtype))](w, x, n, k), y)
+    assert y.shape == x.shape[:-1] + (n,)
+    assert y.dtype == x.dtype and y.device == x.device
+    return y
+
+
+def oracle(x, W):
+    """(ref, absref, xabs) in float64 with x's leading shape: x @ W.T, |x| @ |W|.T and the
+    row sums of |x| (x as the op sees it, i.e. after rounding to its dtype)."""
+    k = W.shape[1]
+    x64 = x.detach().double().cpu().numpy().reshape(-1, k)
+    shape = tuple(x.shape[:-1]) + (W.shape[0],)
+    ref = (x64 @ W.T).reshape(shape)
+    absref = (np.abs(x64) @ np.abs(W).T).reshape(shape)
+    xabs = np.abs(x64).sum(1).reshape(tuple(x.shape[:-1]) + (1,))
+    return ref, absref, xabs
+
+
+def rows_of(x) -> int:
+    return math.prod(x.shape[:-1])
+
+
+def output_rounding(y, ref, absref, xabs, rel_abs):
+    """Tolerance terms that do not depend on the activations: the op's own error bound
+    rel_abs * absref carried through one rounding to y's dtype, and on CUDA's f16/bf16 dense
+    path the rounding of the weights to that dtype and a reduction in it."""
+    u = half_ulp(y.dtype) if y.dtype != torch.float32 else 0.0
+    tol = rel_abs * absref * (1 + u) + u * np.abs(ref) + (tiny(y.dtype) if u else 0.0)
+    if y.device.type == "cuda" and y.dtype != torch.float32 and rows_of(y) > MAX_GEMV_ROWS:
+        tol = tol + 2 * u * absref + tiny(y.dtype) * xabs
+    return tol
+
+
+def report(err, tol, absref):
+    i = np.unravel_index(np.argmax(err / np.maximum(tol, 1e-300)), err.shape)
+    return f"worst output {tuple(int(j) for j in i)}: |err| {err[i]:.3e} > tol {tol[i]:.3e} (absref {absref[i]:.3e})"
+
+
+def assert_exact_close(y, x, W):
+    """The tight check for exact activations: |y - ref| <= 1e-5 * absref (+ output rounding)."""
+    ref, absref, xabs = oracle(x, W)
+    y64 = y.detach().double().cpu().numpy()
+    err = np.abs(y64 - ref)
+    tol = output_rounding(y, ref, absref, xabs, 1e-5)
+    assert np.isfinite(y64).all()
+    assert (err <= tol).all(), report(err, tol, absref)
+
+
+def assert_gaussian_close(y, x, W):
+    """The statistical check for Gaussian activations (Q8_1 rounding on the DP4A path)."""
+    ref, absref, xabs = oracle(x, W)
+    y64 = y.detach().double().cpu().numpy()
+    err = np.abs(y64 - ref)
+    tol = output_rounding(y, ref, absref, xabs, 0.1)
+    assert np.isfinite(y64).all()
+    assert (err <= tol).all(), report(err, tol, absref)
+    if ref.size >= 32:
+        u = half_ulp(y.dtype) if y.dtype != torch.float32 else 0.0
+        rel = np.linalg.norm(err) / np.linalg.norm(ref)
+        assert rel <= 3e-2 + u, f"norm-relative error {rel:.3e}"
+
+
+# ---- parity ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [3, 9], ids=["dp4a", "dense"])
+@pytest.mark.parametrize("case", SHAPE_CASES, ids=case_id)
+def test_exact_activations(case, rows, dtype, device):
+    qtype, k, n = case
+    w, W = cached_weight(qtype, n, k)
+    x = exact_activations((rows, k), seed=k + n + rows).to(dtype)
+    y = run_matmul(w.to(device), int(qtype), x.to(device), n, k)
+    assert_exact_close(y, x, W)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [4, 16], ids=["dp4a", "dense"])
+@pytest.mark.parametrize("case", SHAPE_CASES, ids=case_id)
+def test_gaussian_activations(case, rows, dtype, device):
+    qtype, k, n = case
+    w, W = cached_weight(qtype, n, k)
+    x = gaussian_activations((rows, k), seed=k + n + rows).to(dtype)
+    y = run_matmul(w.to(device), int(qtype), x.to(device), n, k)
+    if rows > MAX_GEMV_ROWS:  # dense: exact weights, no activation rounding
+        assert_exact_close(y, x, W)
+    else:
+        assert_gaussian_close(y, x, W)
+
+
+# a moderate shape per format for the batch-shape tests: K padded for the k-quants
+ROW_SHAPES = {q: (556 if q in K_QUANTS else 96) for q in WEIGHT_QTYPES}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "lead",
+    [(), (1,), (2,), (3,), (4,), (5,), (6,), (7,), (8,), (9,), (16,), (2, 3), (1, 1, 8), (3, 3)],
+    ids=lambda s: "x".join(map(str, s)) or "1d",
+)
+@pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=qtype_name)
+def test_rows_and_batch_dims(qtype, lead, device):
+    """Rows 1..8 (DP4A), 9 and 16 (dense), leading dims [2, 3, k], [3, 3, k] (9 rows: dense) and a
+    1-D x [k] -> [n]; every row must be right, so a wrong row stride shows."""
+    k, n = ROW_SHAPES[qtype], 7
+    w, W = cached_weight(qtype, n, k)
+    x = exact_activations(lead + (k,), seed=len(lead) * 31 + sum(lead))
+    y = run_matmul(w.to(device), int(qtype), x.to(device), n, k)
+    assert y.shape == lead + (n,)
+    assert_exact_close(y, x, W)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=qtype_name)
+@pytest.mark.parametrize("shape", [(0, 0), (2, 0, 0), (0, 3, 0)], ids=["0xk", "2x0xk", "0x3xk"])
+def test_empty_batch(shape, qtype, dtype, device):
+    k, n = ROW_SHAPES[qtype], 5
+    x = torch.empty(shape[:-1] + (k,), dtype=dtype, device=device)
+    w = random_weight(qtype, n, k, device)
+    y = run_matmul(w, int(qtype), x, n, k)
+    assert y.shape == shape[:-1] + (n,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", [torchext.q4k_q8_gemv, torchext.q4k_q8_gemv_packed])
+def test_q8_gemv_empty_batch(op, device):
+    w = random_weight(Q.Q4_K, 5, 300, device)
+    for lead in [(0,), (2, 0)]:
+        xq = torch.empty(lead + (q8_1_row_bytes(300),), dtype=torch.uint8, device=device)
+        y = op(w, xq, 5, 300)
+        assert y.shape == lead + (5,) and y.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [768, 300])
+@pytest.mark.parametrize("rows", [3, 9])
+def test_q6_k_2_byte_aligned_rows(k, rows, device):
+    """Q6_K rows of an odd number of 210-byte blocks start 2 (mod 4) bytes apart, and the whole
+    weight may start 2 bytes into its storage: kernels must not read rows as 32-bit words."""
+    n = 7
+    w, W = cached_weight(Q.Q6_K, n, k)
+    buf = torch.zeros(w.numel() + 2, dtype=torch.uint8, device=device)
+    buf[2:] = w.reshape(-1).to(device)
+    x = exact_activations((rows, k), seed=rows).to(device)
+    assert_exact_close(torchext.q6k_gemv(buf[2:], x, n, k), x, W)
+    assert_exact_close(torchext.qmatmul(buf[2:], int(Q.Q6_K), x, n, k), x, W)
+
+
+# ---- the batch policy, pinned by behaviour ------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=qtype_name)
+def test_batch_policy_boundary(qtype, device):
+    """At 8 rows the result carries Q8_1 activation rounding (differs from the dense result by
+    far more than fp32 error on Gaussian data); at 9 rows it is the dense fp32 GEMM on the
+    exact weights, within fp32 error of float64."""
+    k, n = 1024, 64
+    w, W = cached_weight(qtype, n, k)
+    x = gaussian_activations((9, k), seed=3)
+    y8 = run_matmul(w.to(device), int(qtype), x[:8].to(device), n, k)
+    y9 = run_matmul(w.to(device), int(qtype), x.to(device), n, k)
+    ref, absref, _ = oracle(x, W)
+    err8 = np.abs(y8.double().cpu().numpy() - ref[:8]) / absref[:8]
+    err9 = np.abs(y9.double().cpu().numpy() - ref) / absref
+    assert err9.max() <= 1e-5, f"9 rows: {err9.max():.2e} is not fp32 GEMM error"
+    # Q8_1 rounding: typical per-output error/absref ~1e-3 (median), never near 1e-5
+    assert np.median(err8) > 1e-4, f"8 rows: median {np.median(err8):.2e} shows no Q8_1 rounding"
+    assert_gaussian_close(y8, x[:8], W)
+    # the first 8 rows of the 9-row result differ from the 8-row result accordingly
+    assert np.median(np.abs(y9[:8].double().cpu().numpy() - y8.double().cpu().numpy()) / absref[:8]) > 1e-4
+
+
+# ---- non-finite activations ----------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=qtype_name)
+def test_non_finite_activations_dp4a(qtype, dtype, device):
+    """A NaN or inf in row r marks its Q8_1 block (d = NaN), so exactly the outputs of row r are
+    NaN; the other rows are bit-for-bit what they are without it (rows are independent)."""
+    k, n, rows = ROW_SHAPES[qtype], 7, 5
+    w, W = cached_weight(qtype, n, k)
+    x = gaussian_activations((rows, k), seed=9).to(dtype)
+    clean = run_matmul(w.to(device), int(qtype), x.to(device), n, k)
+    x[1, k // 2] = float("nan")
+    x[3, k - 1] = float("inf")
+    x[4, 0] = float("-inf")
+    y = run_matmul(w.to(device), int(qtype), x.to(device), n, k).cpu()
+    assert torch.isnan(y[[1, 3, 4]]).all()
+    assert torch.equal(y[[0, 2]], clean.cpu()[[0, 2]])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=qtype_name)
+def test_non_finite_activations_dense(qtype, device):
+    """On the dense path non-finite values propagate as through any matmul: a NaN makes its row
+    NaN, an inf makes its row non-finite, other rows stay finite and correct."""
+    k, n, rows = ROW_SHAPES[qtype], 7, 12
+    w, W = cached_weight(qtype, n, k)
+    x = exact_activations((rows, k), seed=10)
+    x[1, k // 2] = float("nan")
+    x[3, 5] = float("inf")
+    y = run_matmul(w.to(device), int(qtype), x.to(device), n, k).cpu()
+    assert torch.isnan(y[1]).all()
+    assert not torch.isfinite(y[3]).any()
+    keep = [r for r in range(rows) if r not in (1, 3)]
+    assert_exact_close(y[keep], x[keep], W)
+
+
+# ---- q4k_q8_gemv: the pre-quantized entry points ----------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [256, 300, 2880])
+@pytest.mark.parametrize("lead", [(1,), (5,), (8,), (2, 3), (16,)], ids=lambda s: "x".join(map(str, s)))
+def test_q4k_q8_gemv(lead, k, device):
+    """q4k_q8_gemv and q4k_q8_gemv_packed: bit-identical to each other; float32 output; exact
+    against the oracle on lossless activations, for any number of rows (no dense switch here);
+    and quantize_q8_1 + q4k_q8_gemv is exactly q4k_gemv's DP4A path in float32."""
+    n = 7
+    w, W = cached_weight(Q.Q4_K, n, k)
+    w = w.to(device)
+    x = exact_activations(lead + (k,), seed=k + sum(lead)).to(device)
+    xq = torchext.quantize_q8_1(x)
+    y = torchext.q4k_q8_gemv(w, xq, n, k)
+    assert y.shape == lead + (n,) and y.dtype == torch.float32
+    assert torch.equal(torchext.q4k_q8_gemv_packed(w, xq, n, k), y)
+    assert_exact_close(y, x, W)
+    if math.prod(lead) <= MAX_GEMV_ROWS:
+        assert torch.equal(torchext.q4k_gemv(w, x, n, k), y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_q4k_q8_gemv_gaussian_equals_fused(dtype, device):
+    """On Gaussian data too (where Q8_1 rounds): q4k_gemv in f32 == quantize_q8_1 + q4k_q8_gemv,
+    and its f16/bf16 output is that float32 result rounded once."""
+    k, n = 4096, 7
+    w, W = cached_weight(Q.Q4_K, n, k)
+    w = w.to(device)
+    x = gaussian_activations((6, k), seed=1).to(dtype).to(device)
+    y32 = torchext.q4k_q8_gemv(w, torchext.quantize_q8_1(x), n, k)
+    assert torch.equal(torchext.q4k_q8_gemv_packed(w, torchext.quantize_q8_1(x), n, k), y32)
+    assert torch.equal(torchext.q4k_gemv(w, x, n, k), y32.to(dtype))
+    assert_gaussian_close(y32, x, W)
+
+
+# ---- weights from torchext.quantize (once it exists) --------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", K_QUANTS, ids=qtype_name)
+def test_quantizer_weights(qtype, device):
+    n, k = 16, 512
+    dense = gaussian_activations((n, k), seed=4) * 0.05
+    try:
+        w = torchext.quantize(dense, int(qtype))
+    except RuntimeError as e:
+        if "not yet implemented" in str(e):
+            pytest.skip("torchext.quantize is not implemented yet")
+        raise
+    W = dequant_oracle(w, qtype, n, k)
+    for rows in (2, 9):
+        x = exact_activations((rows, k), seed=rows)
+        assert_exact_close(run_matmul(w.to(device), int(qtype), x.to(device), n, k), x, W)
+
+
+# ---- property test --------------------------------------------------------------------------
+
+@st.composite
+def matmul_cases(draw):
+    qtype = draw(st.sampled_from(WEIGHT_QTYPES))
+    n = draw(st.integers(1, 16))
+    if qtype in K_QUANTS:
+        k = draw(st.integers(1, 1200))
+    else:
+        k = 32 * draw(st.integers(1, 1200 // 32))
+    lead = tuple(draw(st.lists(st.integers(0, 3), min_size=0, max_size=2)))
+    dtype = draw(st.sampled_from(DTYPES))
+    seed = draw(st.integers(0, 2**20))
+    return qtype, n, k, lead, dtype, seed
+
+
+@settings(max_examples=40, deadline=None)
+@given(matmul_cases())
+def test_qmatmul_property(case):
+    """Any format, N, K valid for the format, 0..2 leading dims of size 0..3 (0 to 9 rows: both
+    paths and empty batches), any dtype: qmatmul on CPU within the Gaussian tolerance."""
+    qtype, n, k, lead, dtype, seed = case
+    w = random_weight(qtype, n, k, "cpu", seed)
+    x = gaussian_activations(lead + (k,), seed).to(dtype)
+    y = run_matmul(w, int(qtype), x, n, k)
+    assert y.shape == lead + (n,)
+    if y.numel():
+        assert_gaussian_close(y, x, dequant_oracle(w, qtype, n, k))
+
+
+# ---- CPU and CUDA agree --------------------------------------------------------------------------
+
+def assert_cpu_cuda_close(y_cpu, y_cuda, absref):
+    """Same integer dot products, different fp32 summation order: within 1e-6 * absref, plus one
+    ulp of the output dtype (2 * half_ulp * |y|) where the two fp32 values round differently."""
+    a = y_cpu.double().numpy()
+    b = y_cuda.cpu().double().numpy()
+    u = half_ulp(y_cpu.dtype) if y_cpu.dtype != torch.float32 else 0.0
+    tol = 1e-6 * absref + 2 * u * np.abs(a) + (2 * tiny(y_cpu.dtype) if u else 0.0)
+    err = np.abs(a - b)
+    assert (err <= tol).all(), report(err, tol, absref)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("case", SHAPE_CASES, ids=case_id)
+def test_cpu_and_cuda_agree_dp4a(case, rows, dtype):
+    qtype, k, n = case
+    w, W = cached_weight(qtype, n, k)
+    x = gaussian_activations((rows, k), seed=k + rows).to(dtype)
+    y_cpu = run_matmul(w, int(qtype), x, n, k)
+    y_cuda = run_matmul(w.cuda(), int(qtype), x.cuda(), n, k)
+    assert_cpu_cuda_close(y_cpu, y_cuda, oracle(x, W)[1])
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", SHAPE_CASES, ids=case_id)
+def test_cpu_and_cuda_agree_dense_float32(case):
+    """The dense path in float32: both are fp32 GEMMs of the same exact weights."""
+    qtype, k, n = case
+    w, W = cached_weight(qtype, n, k)
+    x = gaussian_activations((16, k), seed=k)
+    y_cpu = run_matmul(w, int(qtype), x, n, k)
+    y_cuda = run_matmul(w.cuda(), int(qtype), x.cuda(), n, k)
+    assert_cpu_cuda_close(y_cpu, y_cuda, oracle(x, W)[1])
+
+
+@requires_cuda
+@pytest.mark.parametrize("k", [256, 300, 2880])
+def test_cpu_and_cuda_agree_q4k_q8_gemv(k):
+    n = 7
+    w, W = cached_weight(Q.Q4_K, n, k)
+    x = gaussian_activations((2, 3, k), seed=k)
+    xq = torchext.quantize_q8_1(x)
+    assert torch.equal(torchext.quantize_q8_1(x.cuda()).cpu(), xq)
+    for op in (torchext.q4k_q8_gemv, torchext.q4k_q8_gemv_packed):
+        assert_cpu_cuda_close(op(w, xq, n, k), op(w.cuda(), xq.cuda(), n, k), oracle(x, W)[1])

@@ -1,0 +1,146 @@
+"""torch.library.opcheck for every op, and every fake (register_fake in torchext/ops.py)
+against the real kernel.
+
+opcheck runs, per sample: test_schema (the op mutates exactly what its schema says: nothing,
+or x for gelu_), test_autograd_registration, test_faketensor (the fake agrees with the real
+op under FakeTensorMode) and test_aot_dispatch_dynamic (the op traces through AOTAutograd with
+symbolic shapes, as torch.compile does it).
+
+test_fake_matches_real does the FakeTensorMode comparison by hand for every op and dtype,
+checking shape, dtype, device and strides (STYLE habit 2: a fake that hard-codes a dtype makes
+bf16 graphs trace wrong, and one with wrong strides makes inductor read the output wrongly).
+"""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_map
+
+import torchext  # noqa: F401
+from conftest import DEVICES, DTYPES, random_weight, sample_inputs
+
+ops = torch.ops.torchext
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14
+
+OPS = ["quantize_q8_1", "q4k_q8_gemv", "q4k_q8_gemv_packed", "q4k_gemv", "q5k_gemv", "q6k_gemv", "qmatmul",
+       "dequantize", "gelu", "gelu_", "bias_gelu", "quantize"]
+
+
+def _randn(shape, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype).to(device)
+
+
+def op_samples(name: str, device, dtype):
+    """[(args, kwargs)] for op `name`: small, representative inputs of the given dtype
+    (for the Q8_1 ops, the dtype of the activations that were quantized)."""
+    dev = torch.device(device)
+    if name == "quantize_q8_1":
+        return [((_randn(s, dtype, dev, i),), {}) for i, s in enumerate([(1, 256), (2, 3, 300), (7,), (0, 64)])]
+    if name in ("q4k_q8_gemv", "q4k_q8_gemv_packed"):
+        out = []
+        for i, (n, k, shape) in enumerate([(5, 256, (1, 256)), (3, 300, (2, 3, 300)), (4, 512, (9, 512))]):
+            xq = ops.quantize_q8_1(_randn(shape, dtype, dev, i))
+            out.append(((random_weight(Q4_K, n, k, dev, seed=i), xq, n, k), {}))
+        return out
+    if name in ("q4k_gemv", "q5k_gemv", "q6k_gemv"):
+        qtype = {"q4k_gemv": Q4_K, "q5k_gemv": Q5_K, "q6k_gemv": Q6_K}[name]
+        cases = [(5, 256, (1, 256)), (3, 300, (2, 3, 300)), (4, 512, (9, 512))]
+        return [((random_weight(qtype, n, k, dev, seed=i), _randn(shape, dtype, dev, i), n, k), {})
+                for i, (n, k, shape) in enumerate(cases)]
+    if name == "qmatmul":
+        return [((s.w, s.qtype, s.x, s.n, s.k), {}) for s in sample_inputs(dev, dtype)]
+    if name == "dequantize":
+        cases = [(Q4_K, 3, 300), (Q5_K, 2, 256), (Q6_K, 2, 512), (Q8_0, 3, 64), (Q4_0, 2, 96), (Q4_1, 2, 32),
+                 (Q5_0, 2, 64), (Q5_1, 3, 32)]
+        out = [((random_weight(q, n, k, dev, seed=i), q, n, k), {"dtype": dtype}) for i, (q, n, k) in enumerate(cases)]
+        if dtype == torch.float32:  # dtype=None means float32
+            out.append(((random_weight(Q6_K, 2, 256, dev, seed=9), Q6_K, 2, 256), {}))
+        return out
+    if name in ("gelu", "gelu_"):
+        return [((_randn(s, dtype, dev, i), a), {}) for i, s in enumerate([(3, 37), (2, 3, 8), (0, 4)])
+                for a in ("none", "tanh")] + [((_randn((5,), dtype, dev, 9),), {})]
+    if name == "bias_gelu":
+        return [((_randn(s, dtype, dev, i), _randn(s[-1:], dtype, dev, i + 10), a), {})
+                for i, s in enumerate([(3, 37), (2, 3, 8), (0, 4), (16,)]) for a in ("none", "tanh")]
+    if name == "quantize":
+        if dev.type != "cpu" or dtype != torch.float32:
+            pytest.skip("quantize runs on float32 CPU tensors only")
+        return [((_randn((n, k), torch.float32, dev, i), q), {})
+                for i, (q, n, k) in enumerate([(Q4_K, 2, 256), (Q6_K, 3, 300), (Q8_0, 2, 64)])]
+    raise AssertionError(name)
+
+
+def _skip_if_unimplemented(name, args, kwargs):
+    if name == "quantize":
+        try:
+            ops.quantize(*args, **kwargs)
+        except RuntimeError as e:
+            if "not yet implemented" in str(e):
+                pytest.skip("torchext::quantize is not implemented yet")
+            raise
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", OPS)
+def test_opcheck(device, dtype, name):
+    samples = op_samples(name, device, dtype)
+    assert samples
+    _skip_if_unimplemented(name, *samples[0])
+    op = getattr(ops, name)
+    for args, kwargs in samples:
+        torch.library.opcheck(op, args, kwargs)
+
+
+def _as_tensors(out):
+    """The tensor outputs of an op as a list (an op returns a Tensor, or nothing)."""
+    if out is None:
+        return []
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", OPS)
+def test_fake_matches_real(device, dtype, name):
+    samples = op_samples(name, device, dtype)
+    _skip_if_unimplemented(name, *samples[0])
+    op = getattr(ops, name)
+    for args, kwargs in samples:
+        # the real op on a copy (gelu_ mutates its argument)
+        real_args = tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, args)
+        real = _as_tensors(op(*real_args, **kwargs))
+        with FakeTensorMode() as mode:
+            fake_args = tree_map(lambda a: mode.from_tensor(a) if isinstance(a, torch.Tensor) else a, args)
+            fake = _as_tensors(op(*fake_args, **kwargs))
+        if name == "gelu_":  # compare the mutated argument (and the return value, if any)
+            real, fake = real + [real_args[0]], fake + [fake_args[0]]
+        assert len(fake) == len(real)
+        for r, f in zip(real, fake):
+            desc = f"{name} on {[tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]}, {kwargs}"
+            assert f.shape == r.shape, desc
+            assert f.dtype == r.dtype, desc
+            assert f.device == r.device, desc
+            if r.numel() > 1:
+                assert f.stride() == r.stride(), desc
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fake_output_dtypes_are_not_hardcoded(device):
+    # The dtype contract the fakes must encode: matmul outputs follow x, Q8_1 GEMV outputs are
+    # float32, quantize_q8_1 gives uint8, dequantize follows its dtype argument.
+    w = random_weight(Q4_K, 4, 256, device)
+    with FakeTensorMode() as mode:
+        fw = mode.from_tensor(w)
+        for dtype in DTYPES:
+            fx = mode.from_tensor(torch.zeros(2, 256, dtype=dtype, device=device))
+            assert ops.qmatmul(fw, Q4_K, fx, 4, 256).dtype == dtype
+            assert ops.q6k_gemv(mode.from_tensor(random_weight(Q6_K, 4, 256, device)), fx, 4, 256).dtype == dtype
+            xq = ops.quantize_q8_1(fx)
+            assert xq.dtype == torch.uint8 and xq.shape == (2, 288)
+            assert ops.q4k_q8_gemv(fw, xq, 4, 256).dtype == torch.float32
+            assert ops.dequantize(fw, Q4_K, 4, 256, dtype).dtype == dtype
+            assert ops.gelu(fx, "none").dtype == dtype
+            assert ops.bias_gelu(fx, mode.from_tensor(torch.zeros(256, dtype=dtype, device=device)), "tanh").dtype == dtype
+        assert ops.dequantize(fw, Q4_K, 4, 256, None).dtype == torch.float32
