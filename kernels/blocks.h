@@ -10,8 +10,10 @@
 #if defined(__CUDACC__)
 #include <cuda_fp16.h>
 #define TORCHEXT_HD __host__ __device__ __forceinline__
+#define TORCHEXT_UNROLL _Pragma("unroll")
 #else
 #define TORCHEXT_HD inline
+#define TORCHEXT_UNROLL
 #endif
 
 namespace torchext {

@@ -1,9 +1,10 @@
 // One GEMV body for every weight format (QuantTraits supplies the block arithmetic) and every
 // batch of up to 8 activation rows.
 //
-// A persistent grid: each CTA first brings the activations into shared memory as Q8_1 blocks
-// (quantizing float rows there, so that no separate quantize launch is needed), then walks
-// over output rows. `split` warps share one output row when there are too few rows to fill
+// A persistent grid: each CTA first quantizes float activations into shared memory as Q8_1
+// blocks (so that no separate quantize launch is needed), then walks over output rows.
+// Activations that arrive as Q8_1 are read where they are, through L1: all warps of a CTA read
+// the same few kilobytes. `split` warps share one output row when there are too few rows to fill
 // the GPU; each weight item is loaded once and dotted with every activation row.
 #include <algorithm>
 
@@ -16,7 +17,7 @@
 namespace torchext {
 namespace {
 
-constexpr int kWarps = 8;
+constexpr int kWarps = 16;  // large CTAs: fewer of them quantize the same activations
 constexpr int kThreads = kWarps * kWarp;
 constexpr int kMaxRows = 8;
 constexpr int kMaxResidentWarpsPerSm = 64;  // Hopper, Ampere
@@ -24,41 +25,28 @@ constexpr size_t kMaxStagedBytes = 200 * 1024;  // of the 227 KB a Hopper CTA ma
 
 size_t staged_bytes(int64_t k, int64_t rows) { return size_t(rows) * q8_1_blocks_per_row(k) * sizeof(block_q8_1); }
 
-// Brings rows x q8_1_blocks_per_row(k) activation blocks into `dst` (shared memory). Each
-// thread keeps kUnroll loads in flight before it stores: one load at a time per thread would
-// make this prologue a chain of L2 round trips.
+// Quantizes rows x k float activations into Q8_1 blocks in `dst` (shared memory). Each thread
+// keeps kUnroll loads in flight before it quantizes: one load at a time per thread would make
+// this prologue a chain of L2 round trips.
 constexpr int kUnroll = 4;
 
 __device__ void stage_activations(GemvActivations x, int64_t k, int rows, bool vector_ok, block_q8_1* dst) {
+  // A quad of lanes quantizes each block (quantize_q8_1_warp.cuh).
   const int64_t blocks = q8_1_blocks_per_row(k);
-  if (x.is_q8_1) {  // 36-byte blocks, copied as words
-    const int* src = static_cast<const int*>(x.data);
-    int* d = reinterpret_cast<int*>(dst);
-    const int64_t words = rows * blocks * int64_t(sizeof(block_q8_1) / 4);
-    for (int64_t base = threadIdx.x; base < words; base += kThreads * kUnroll) {
-      int w[kUnroll];
+  const int64_t groups = rows * blocks * 4;
+  for (int64_t base = threadIdx.x; base < groups; base += kThreads * kUnroll) {
+    float v[kUnroll][8];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) w[u] = base + u * kThreads < words ? src[base + u * kThreads] : 0;
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (base + u * kThreads < words) d[base + u * kThreads] = w[u];
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t g = base + u * kThreads, i = g / 4;
+      for (int e = 0; e < 8; ++e) v[u][e] = 0.0f;
+      if (g < groups)
+        load_group8(x.data, x.float_type, (i / blocks) * k, (i % blocks) * kQ8Block + 8 * (g % 4), k, vector_ok, v[u]);
     }
-  } else {  // float rows: a quad of lanes quantizes each block (quantize_q8_1_warp.cuh)
-    const int64_t groups = rows * blocks * 4;
-    for (int64_t base = threadIdx.x; base < groups; base += kThreads * kUnroll) {
-      float v[kUnroll][8];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t g = base + u * kThreads, i = g / 4;
-        for (int e = 0; e < 8; ++e) v[u][e] = 0.0f;
-        if (g < groups)
-          load_group8(x.data, x.float_type, (i / blocks) * k, (i % blocks) * kQ8Block + 8 * (g % 4), k, vector_ok, v[u]);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t g = base + u * kThreads;
-        quantize_q8_1_quad(v[u], g < groups, dst[g < groups ? g / 4 : 0]);
-      }
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t g = base + u * kThreads;
+      quantize_q8_1_quad(v[u], g < groups, dst[g < groups ? g / 4 : 0]);
     }
   }
 }
@@ -122,8 +110,8 @@ template <class T, int B>
 cudaError_t launch_rows(const uint8_t* w, int64_t n, int64_t k, GemvActivations x, int rows, void* out, FloatType ot,
                         int device, cudaStream_t stream) {
   auto kernel = gemv_q8_1_kernel<T, B>;
-  const bool staged = staged_bytes(k, rows) <= kMaxStagedBytes;
-  if (!staged && !x.is_q8_1) return cudaErrorInvalidValue;  // float rows must be quantized first
+  const bool staged = !x.is_q8_1;
+  if (staged && staged_bytes(k, rows) > kMaxStagedBytes) return cudaErrorInvalidValue;  // quantize them first
   const size_t smem = staged ? staged_bytes(k, rows) : 0;
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));

@@ -20,6 +20,7 @@ TORCHEXT_HD int dp4a(int a, int b, int c) {
 #if defined(__CUDA_ARCH__)
   return __dp4a(a, b, c);
 #else
+  TORCHEXT_UNROLL
   for (int i = 0; i < 4; ++i) c += int(int8_t(a >> (8 * i))) * int(int8_t(b >> (8 * i)));
   return c;
 #endif
@@ -35,6 +36,16 @@ TORCHEXT_HD uint32_t load_u32(const uint8_t* p) {
     const uint16_t* h = reinterpret_cast<const uint16_t*>(p);
     return uint32_t(h[0]) | (uint32_t(h[1]) << 16);
   }
+}
+
+// 16 bytes at a 16-byte aligned address, as four words (one vector load on the GPU).
+TORCHEXT_HD void load_16_bytes(const uint8_t* p, uint32_t (&w)[4]) {
+#if defined(__CUDA_ARCH__)
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+#else
+  std::memcpy(w, p, 16);
+#endif
 }
 
 TORCHEXT_HD int load_q8_word(const block_q8_1& b, int w) {
@@ -64,16 +75,44 @@ TORCHEXT_HD float mul_add(float a, float b, float c) { return mul_sub(a, b, -c);
 
 TORCHEXT_HD float fp16f(fp16_bits h) { return fp16_to_float(h); }
 
-// Q4_K / Q5_K: the 6-bit scale and min of sub-block j, packed in 12 bytes.
-TORCHEXT_HD void kquant_scale_min(const uint8_t* s, int j, int& sc, int& m) {
+// Q4_K / Q5_K: the 6-bit scale and min of sub-block j, packed in the 12 scale bytes, here as
+// the words s0..s3, s4..s7, s8..s11. Sub-blocks 0-3 keep scale and min in the low 6 bits of
+// bytes j and j+4; sub-blocks 4-7 keep their low 4 bits in byte j+4's nibbles and their high 2
+// bits in the top bits of bytes j-4 (scale) and j (min). Shifts, not byte indexing, so that the
+// words stay in registers.
+TORCHEXT_HD void kquant_scale_min(uint32_t w0, uint32_t w1, uint32_t w2, int j, int& sc, int& m) {
+  const int shift = 8 * (j % 4);
+  const int a = (w0 >> shift) & 0xFF, b = (w1 >> shift) & 0xFF, c = (w2 >> shift) & 0xFF;
   if (j < 4) {
-    sc = s[j] & 63;
-    m = s[j + 4] & 63;
+    sc = a & 63;
+    m = b & 63;
   } else {
-    sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-    m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    sc = (c & 0xF) | ((a >> 6) << 4);
+    m = (c >> 4) | ((b >> 6) << 4);
   }
 }
+
+TORCHEXT_HD void kquant_scale_min(const uint8_t* scales, int j, int& sc, int& m) {
+  uint32_t w[3];
+  std::memcpy(w, scales, 12);
+  kquant_scale_min(w[0], w[1], w[2], j, sc, m);
+}
+
+// The first 16 bytes of a Q4_K / Q5_K block (d, dmin, scales[12]) in one 16-byte load, and the
+// scales and mins of sub-blocks 2g and 2g+1 unpacked from it.
+struct KQuantHeader {
+  float d, dmin;
+  int sc_lo, m_lo, sc_hi, m_hi;
+
+  TORCHEXT_HD KQuantHeader(const uint8_t* block, int g) {
+    uint32_t w[4];
+    load_16_bytes(block, w);
+    d = fp16_to_float(fp16_bits(w[0] & 0xffffu));
+    dmin = fp16_to_float(fp16_bits(w[0] >> 16));
+    kquant_scale_min(w[1], w[2], w[3], 2 * g, sc_lo, m_lo);
+    kquant_scale_min(w[1], w[2], w[3], 2 * g + 1, sc_hi, m_hi);
+  }
+};
 
 template <QType T>
 struct QuantTraits;
@@ -104,22 +143,21 @@ struct QuantTraits<QType::Q4_K> {
     const block& b = *reinterpret_cast<const block*>(p);
     const int g = t / 2, h = t % 2;
     uint32_t q[4];
-    for (int w = 0; w < 4; ++w) q[w] = load_u32<kAlign>(b.qs + 16 * t + 4 * w);
-    int sc_lo, m_lo, sc_hi, m_hi;
-    kquant_scale_min(b.scales, 2 * g, sc_lo, m_lo);
-    kquant_scale_min(b.scales, 2 * g + 1, sc_hi, m_hi);
-    const float d = fp16f(b.d), dmin = fp16f(b.dmin);
+    load_16_bytes(b.qs + 16 * t, q);
+    const KQuantHeader hd(p, g);
+    TORCHEXT_UNROLL
     for (int r = 0; r < B; ++r) {
       const block_q8_1& lo = x[r][2 * g];
       const block_q8_1& hi = x[r][2 * g + 1];
       int sum_lo = 0, sum_hi = 0;
+      TORCHEXT_UNROLL
       for (int w = 0; w < 4; ++w) {
         sum_lo = dp4a(int(q[w] & 0x0F0F0F0Fu), load_q8_word(lo, 4 * h + w), sum_lo);
         sum_hi = dp4a(int((q[w] >> 4) & 0x0F0F0F0Fu), load_q8_word(hi, 4 * h + w), sum_hi);
       }
-      float v = d * (float(sc_lo) * fp16f(lo.d) * float(sum_lo) + float(sc_hi) * fp16f(hi.d) * float(sum_hi));
+      float v = hd.d * (float(hd.sc_lo) * fp16f(lo.d) * float(sum_lo) + float(hd.sc_hi) * fp16f(hi.d) * float(sum_hi));
       // The min term covers whole sub-blocks through the Q8_1 sums: the h == 0 item adds it.
-      if (h == 0) v -= dmin * (float(m_lo) * fp16f(lo.s) + float(m_hi) * fp16f(hi.s));
+      if (h == 0) v -= hd.dmin * (float(hd.m_lo) * fp16f(lo.s) + float(hd.m_hi) * fp16f(hi.s));
       acc[r] += v;
     }
   }
@@ -152,27 +190,28 @@ struct QuantTraits<QType::Q5_K> {
   static TORCHEXT_HD void dot_item(const uint8_t* p, int t, const block_q8_1* const* x, float (&acc)[B]) {
     const block& b = *reinterpret_cast<const block*>(p);
     const int g = t / 2, h = t % 2;
-    uint32_t q_lo[4], q_hi[4];
+    uint32_t q_lo[4], q_hi[4], qs[4], qhs[4];
+    load_16_bytes(b.qs + 16 * t, qs);
+    load_16_bytes(b.qh + 16 * h, qhs);
+    TORCHEXT_UNROLL
     for (int w = 0; w < 4; ++w) {
-      const uint32_t q = load_u32<kAlign>(b.qs + 16 * t + 4 * w);
-      const uint32_t qh = load_u32<kAlign>(b.qh + 16 * h + 4 * w);
+      const uint32_t q = qs[w], qh = qhs[w];
       q_lo[w] = (q & 0x0F0F0F0Fu) | (((qh >> (2 * g)) & 0x01010101u) << 4);
       q_hi[w] = ((q >> 4) & 0x0F0F0F0Fu) | (((qh >> (2 * g + 1)) & 0x01010101u) << 4);
     }
-    int sc_lo, m_lo, sc_hi, m_hi;
-    kquant_scale_min(b.scales, 2 * g, sc_lo, m_lo);
-    kquant_scale_min(b.scales, 2 * g + 1, sc_hi, m_hi);
-    const float d = fp16f(b.d), dmin = fp16f(b.dmin);
+    const KQuantHeader hd(p, g);
+    TORCHEXT_UNROLL
     for (int r = 0; r < B; ++r) {
       const block_q8_1& lo = x[r][2 * g];
       const block_q8_1& hi = x[r][2 * g + 1];
       int sum_lo = 0, sum_hi = 0;
+      TORCHEXT_UNROLL
       for (int w = 0; w < 4; ++w) {
         sum_lo = dp4a(int(q_lo[w]), load_q8_word(lo, 4 * h + w), sum_lo);
         sum_hi = dp4a(int(q_hi[w]), load_q8_word(hi, 4 * h + w), sum_hi);
       }
-      float v = d * (float(sc_lo) * fp16f(lo.d) * float(sum_lo) + float(sc_hi) * fp16f(hi.d) * float(sum_hi));
-      if (h == 0) v -= dmin * (float(m_lo) * fp16f(lo.s) + float(m_hi) * fp16f(hi.s));
+      float v = hd.d * (float(hd.sc_lo) * fp16f(lo.d) * float(sum_lo) + float(hd.sc_hi) * fp16f(hi.d) * float(sum_hi));
+      if (h == 0) v -= hd.dmin * (float(hd.m_lo) * fp16f(lo.s) + float(hd.m_hi) * fp16f(hi.s));
       acc[r] += v;
     }
   }
@@ -208,6 +247,7 @@ struct QuantTraits<QType::Q6_K> {
     const block& b = *reinterpret_cast<const block*>(p);
     const int h = t / 4, l0 = 8 * (t % 4);
     int q[4][2];  // [i][word]: eight signed 6-bit values of quarter i
+    TORCHEXT_UNROLL
     for (int w = 0; w < 2; ++w) {
       const uint32_t a = load_u32<kAlign>(b.ql + 64 * h + l0 + 4 * w);
       const uint32_t c = load_u32<kAlign>(b.ql + 64 * h + 32 + l0 + 4 * w);
@@ -219,8 +259,10 @@ struct QuantTraits<QType::Q6_K> {
     }
     const float d = fp16f(b.d);
     const int s0 = 8 * h + l0 / 16;
+    TORCHEXT_UNROLL
     for (int r = 0; r < B; ++r) {
       float v = 0.0f;
+      TORCHEXT_UNROLL
       for (int i = 0; i < 4; ++i) {
         const block_q8_1& xb = x[r][4 * h + i];
         int sum = dp4a(q[i][0], load_q8_word(xb, l0 / 4), 0);
@@ -253,11 +295,14 @@ struct QuantTraits<QType::Q8_0> {
   static TORCHEXT_HD void dot_item(const uint8_t* p, int, const block_q8_1* const* x, float (&acc)[B]) {
     const block& b = *reinterpret_cast<const block*>(p);
     int q[8];
+    TORCHEXT_UNROLL
     for (int w = 0; w < 8; ++w) q[w] = int(load_u32<kAlign>(reinterpret_cast<const uint8_t*>(b.qs) + 4 * w));
     const float d = fp16f(b.d);
+    TORCHEXT_UNROLL
     for (int r = 0; r < B; ++r) {
       const block_q8_1& xb = x[r][0];
       int sum = 0;
+      TORCHEXT_UNROLL
       for (int w = 0; w < 8; ++w) sum = dp4a(q[w], load_q8_word(xb, w), sum);
       acc[r] += d * fp16f(xb.d) * float(sum);
     }
@@ -304,15 +349,18 @@ struct NibbleTraits {
     const block& b = *reinterpret_cast<const block*>(p);
     const uint32_t qh = high_bits(b);
     int lo[4], hi[4];
+    TORCHEXT_UNROLL
     for (int w = 0; w < 4; ++w) {
       const uint32_t q = load_u32<kAlign>(b.qs + 4 * w);
       lo[w] = int((q & 0x0F0F0F0Fu) | spread_bits_to_bit4((qh >> (4 * w)) & 0xF));
       hi[w] = int(((q >> 4) & 0x0F0F0F0Fu) | spread_bits_to_bit4((qh >> (16 + 4 * w)) & 0xF));
     }
     const float d = fp16f(b.d), m = min_of(b);
+    TORCHEXT_UNROLL
     for (int r = 0; r < B; ++r) {
       const block_q8_1& xb = x[r][0];
       int sum = 0;
+      TORCHEXT_UNROLL
       for (int w = 0; w < 4; ++w) {
         sum = dp4a(lo[w], load_q8_word(xb, w), sum);
         sum = dp4a(hi[w], load_q8_word(xb, w + 4), sum);

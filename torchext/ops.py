@@ -1,7 +1,7 @@
 """Typed wrappers over torch.ops.torchext, each with its fake (meta) kernel beside it.
 
 The fakes give output shape, dtype and device without running anything, so torch.compile
-(fullgraph=True) and FakeTensor tracing see through every op. tests/test_fake.py checks each
+(fullgraph=True) and FakeTensor tracing see through every op. tests/test_opcheck.py checks each
 fake against the real op on every dtype.
 """
 
