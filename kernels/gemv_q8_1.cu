@@ -1,10 +1,9 @@
 // One GEMV body for every weight format (QuantTraits supplies the block arithmetic) and every
 // batch of up to 8 activation rows.
 //
-// A persistent grid: each CTA first quantizes float activations into shared memory as Q8_1
-// blocks (so that no separate quantize launch is needed), then walks over output rows.
-// Activations that arrive as Q8_1 are read where they are, through L1: all warps of a CTA read
-// the same few kilobytes. `split` warps share one output row when there are too few rows to fill
+// A persistent grid: each CTA first brings the activations into shared memory as Q8_1 blocks
+// (quantizing float rows there, so that no separate quantize launch is needed), then walks over
+// output rows. `split` warps share one output row when there are too few rows to fill
 // the GPU; each weight item is loaded once and dotted with every activation row.
 #include <algorithm>
 
@@ -20,19 +19,32 @@ namespace {
 constexpr int kWarps = 16;  // large CTAs: fewer of them quantize the same activations
 constexpr int kThreads = kWarps * kWarp;
 constexpr int kMaxRows = 8;
-constexpr int kMaxResidentWarpsPerSm = 64;  // Hopper, Ampere
 constexpr size_t kMaxStagedBytes = 200 * 1024;  // of the 227 KB a Hopper CTA may use
 
 size_t staged_bytes(int64_t k, int64_t rows) { return size_t(rows) * q8_1_blocks_per_row(k) * sizeof(block_q8_1); }
 
-// Quantizes rows x k float activations into Q8_1 blocks in `dst` (shared memory). Each thread
-// keeps kUnroll loads in flight before it quantizes: one load at a time per thread would make
-// this prologue a chain of L2 round trips.
+// Brings rows x q8_1_blocks_per_row(k) activation blocks into `dst` (shared memory). Each
+// thread keeps kUnroll loads in flight before it stores: one load at a time per thread would
+// make this prologue a chain of L2 round trips.
 constexpr int kUnroll = 4;
 
 __device__ void stage_activations(GemvActivations x, int64_t k, int rows, bool vector_ok, block_q8_1* dst) {
-  // A quad of lanes quantizes each block (quantize_q8_1_warp.cuh).
   const int64_t blocks = q8_1_blocks_per_row(k);
+  if (x.is_q8_1) {  // 36-byte blocks, copied as words
+    const int* src = static_cast<const int*>(x.data);
+    int* d = reinterpret_cast<int*>(dst);
+    const int64_t words = rows * blocks * int64_t(sizeof(block_q8_1) / 4);
+    for (int64_t base = threadIdx.x; base < words; base += kThreads * kUnroll) {
+      int v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) v[u] = base + u * kThreads < words ? src[base + u * kThreads] : 0;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (base + u * kThreads < words) d[base + u * kThreads] = v[u];
+    }
+    return;
+  }
+  // Float rows: a quad of lanes quantizes each block (quantize_q8_1_warp.cuh).
   const int64_t groups = rows * blocks * 4;
   for (int64_t base = threadIdx.x; base < groups; base += kThreads * kUnroll) {
     float v[kUnroll][8];
@@ -59,20 +71,22 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float partial[kWarps][B];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t xb = q8_1_blocks_per_row(k);
+  const int64_t blocks = (k + T::kValues - 1) / T::kValues;
+  const int64_t row_bytes = blocks * T::kBytes;
+  const int rows_per_step = kWarps / split, part = warp % split;
   if (staged) {
     stage_activations(x, k, rows, vector_ok, smem_x);
     __syncthreads();
   }
   const block_q8_1* xs = staged ? smem_x : static_cast<const block_q8_1*>(x.data);
 
-  const int64_t blocks = (k + T::kValues - 1) / T::kValues;
   const int64_t items = blocks * T::kItems;
-  const int rows_per_step = kWarps / split, part = warp % split;
-  for (int64_t row0 = int64_t(blockIdx.x) * rows_per_step; row0 < n; row0 += int64_t(gridDim.x) * rows_per_step) {
+  const int64_t stride = int64_t(gridDim.x) * rows_per_step;
+  for (int64_t row0 = int64_t(blockIdx.x) * rows_per_step; row0 < n; row0 += stride) {
     const int64_t row = row0 + warp / split;
     float acc[B] = {};
     if (row < n) {
-      const uint8_t* wrow = w + row * blocks * T::kBytes;
+      const uint8_t* wrow = w + row * row_bytes;
 #pragma unroll 4
       for (int64_t it = part * kWarp + lane; it < items; it += split * kWarp) {
         const int64_t b = it / T::kItems;
@@ -110,8 +124,8 @@ template <class T, int B>
 cudaError_t launch_rows(const uint8_t* w, int64_t n, int64_t k, GemvActivations x, int rows, void* out, FloatType ot,
                         int device, cudaStream_t stream) {
   auto kernel = gemv_q8_1_kernel<T, B>;
-  const bool staged = !x.is_q8_1;
-  if (staged && staged_bytes(k, rows) > kMaxStagedBytes) return cudaErrorInvalidValue;  // quantize them first
+  const bool staged = staged_bytes(k, rows) <= kMaxStagedBytes;
+  if (!staged && !x.is_q8_1) return cudaErrorInvalidValue;  // float rows must be quantized first
   const size_t smem = staged ? staged_bytes(k, rows) : 0;
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
@@ -121,10 +135,12 @@ cudaError_t launch_rows(const uint8_t* w, int64_t n, int64_t k, GemvActivations 
   cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, kThreads, smem);
   if (err != cudaSuccess) return err;
   const int sms = sm_count(device);
-  // Split rows over warps until the GPU's resident warps have work, keeping >= 32 items per warp.
+  // Split rows over warps while that still fits in one wave of resident warps, keeping >= 32
+  // items per warp: few rows then still fill the GPU, and many rows get whole warps each.
   const int64_t items = (k + T::kValues - 1) / T::kValues * T::kItems;
+  const int64_t resident_warps = int64_t(sms) * std::max(ctas_per_sm, 1) * kWarps;
   int split = 1;
-  while (split < kWarps && 2 * split * kWarp <= items && n * split < int64_t(sms) * kMaxResidentWarpsPerSm) split *= 2;
+  while (split < kWarps && 2 * split * kWarp <= items && 2 * split * n <= resident_warps) split *= 2;
   const int64_t steps = (n + kWarps / split - 1) / (kWarps / split);
   const unsigned grid = unsigned(std::min<int64_t>(steps, int64_t(sms) * std::max(ctas_per_sm, 1)));
   const bool vector_ok = !x.is_q8_1 && rows_allow_vector_loads(x.data, x.float_type, k);
