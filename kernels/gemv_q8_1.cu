@@ -1,10 +1,11 @@
 // One GEMV body for every weight format (QuantTraits supplies the block arithmetic) and every
 // batch of up to 8 activation rows.
 //
-// A persistent grid: each CTA first brings the activations into shared memory as Q8_1 blocks
-// (quantizing float rows there, so that no separate quantize launch is needed), then walks over
-// output rows. `split` warps share one output row when there are too few rows to fill
-// the GPU; each weight item is loaded once and dotted with every activation row.
+// A persistent grid: each CTA first brings the activations into shared memory (quantizing float
+// rows there, so that no separate quantize launch is needed), then walks over output rows.
+// `split` warps share one output row when there are too few rows to fill the GPU; each weight
+// item is loaded once and dotted with every activation row. Shared memory holds Q8_1 split into
+// quants and scales (Q8_1SplitRows), so that 16 bytes of activations are one load.
 #include <algorithm>
 
 #include "kernels/gemv_q8_1.cuh"
@@ -20,27 +21,36 @@ constexpr int kWarps = 16;  // large CTAs: fewer of them quantize the same activ
 constexpr int kThreads = kWarps * kWarp;
 constexpr int kMaxRows = 8;
 constexpr size_t kMaxStagedBytes = 200 * 1024;  // of the 227 KB a Hopper CTA may use
-
-size_t staged_bytes(int64_t k, int64_t rows) { return size_t(rows) * q8_1_blocks_per_row(k) * sizeof(block_q8_1); }
-
-// Brings rows x q8_1_blocks_per_row(k) activation blocks into `dst` (shared memory). Each
-// thread keeps kUnroll loads in flight before it stores: one load at a time per thread would
-// make this prologue a chain of L2 round trips.
 constexpr int kUnroll = 4;
 
-__device__ void stage_activations(GemvActivations x, int64_t k, int rows, bool vector_ok, block_q8_1* dst) {
+// Shared memory for `rows` staged rows: 32 quants and one Q8Scales per 32 values.
+size_t staged_bytes(int64_t k, int64_t rows) {
+  return size_t(rows) * q8_1_blocks_per_row(k) * (kQ8Block + sizeof(Q8Scales));
+}
+
+// Brings rows x q8_1_blocks_per_row(k) activation blocks into shared memory, quants to `qs`
+// and scales to `ds`. Each thread keeps kUnroll loads in flight before it stores: one load at
+// a time would make this prologue a chain of L2 round trips.
+__device__ void stage_activations(GemvActivations x, int64_t k, int rows, bool vector_ok, int8_t* qs,
+                                  Q8Scales* ds) {
   const int64_t blocks = q8_1_blocks_per_row(k);
-  if (x.is_q8_1) {  // 36-byte blocks, copied as words
-    const int* src = static_cast<const int*>(x.data);
-    int* d = reinterpret_cast<int*>(dst);
-    const int64_t words = rows * blocks * int64_t(sizeof(block_q8_1) / 4);
+  uint32_t* qs_words = reinterpret_cast<uint32_t*>(qs);
+  if (x.is_q8_1) {  // 36-byte blocks: word 0 holds d and s, words 1..8 the quants
+    const uint32_t* src = static_cast<const uint32_t*>(x.data);
+    const int64_t words = rows * blocks * 9;
     for (int64_t base = threadIdx.x; base < words; base += kThreads * kUnroll) {
-      int v[kUnroll];
+      uint32_t v[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) v[u] = base + u * kThreads < words ? src[base + u * kThreads] : 0;
+      for (int u = 0; u < kUnroll; ++u) v[u] = base + u * kThreads < words ? src[base + u * kThreads] : 0u;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (base + u * kThreads < words) d[base + u * kThreads] = v[u];
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + u * kThreads, block = i / 9, word = i % 9;
+        if (i >= words) continue;
+        if (word == 0)
+          ds[block] = Q8Scales{fp16_to_float(fp16_bits(v[u] & 0xffffu)), fp16_to_float(fp16_bits(v[u] >> 16))};
+        else
+          qs_words[block * 8 + word - 1] = v[u];
+      }
     }
     return;
   }
@@ -51,6 +61,7 @@ __device__ void stage_activations(GemvActivations x, int64_t k, int rows, bool v
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t g = base + u * kThreads, i = g / 4;
+#pragma unroll
       for (int e = 0; e < 8; ++e) v[u][e] = 0.0f;
       if (g < groups)
         load_group8(x.data, x.float_type, (i / blocks) * k, (i % blocks) * kQ8Block + 8 * (g % 4), k, vector_ok, v[u]);
@@ -58,31 +69,38 @@ __device__ void stage_activations(GemvActivations x, int64_t k, int rows, bool v
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t g = base + u * kThreads;
-      quantize_q8_1_quad(v[u], g < groups, dst[g < groups ? g / 4 : 0]);
+      const Q8_1Quad q = quantize_q8_1_quad(v[u]);
+      if (g >= groups) continue;
+      qs_words[2 * g] = q.qs[0];
+      qs_words[2 * g + 1] = q.qs[1];
+      if (g % 4 == 0) ds[g / 4] = Q8Scales{fp16_to_float(q.d), fp16_to_float(q.s)};  // as a Q8_1 block stores them
     }
   }
 }
 
-template <class T, int B>
+// kStaged: activations in shared memory (any B); otherwise Q8_1 blocks read from global memory
+// (B = 1, for rows too long to stage).
+template <class T, int B, bool kStaged>
 __global__ void __launch_bounds__(kThreads)
     gemv_q8_1_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, GemvActivations x, int rows, int split,
-                     bool staged, bool vector_ok, void* __restrict__ out, FloatType ot) {
-  extern __shared__ block_q8_1 smem_x[];
+                     bool vector_ok, void* __restrict__ out, FloatType ot) {
+  extern __shared__ int4 smem[];
   __shared__ float partial[kWarps][B];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t xb = q8_1_blocks_per_row(k);
-  const int64_t blocks = (k + T::kValues - 1) / T::kValues;
-  const int64_t row_bytes = blocks * T::kBytes;
-  const int rows_per_step = kWarps / split, part = warp % split;
-  if (staged) {
-    stage_activations(x, k, rows, vector_ok, smem_x);
+  int8_t* qs = reinterpret_cast<int8_t*>(smem);
+  Q8Scales* ds = reinterpret_cast<Q8Scales*>(qs + rows * xb * kQ8Block);
+  if constexpr (kStaged) {
+    stage_activations(x, k, rows, vector_ok, qs, ds);
     __syncthreads();
   }
-  const block_q8_1* xs = staged ? smem_x : static_cast<const block_q8_1*>(x.data);
 
+  constexpr int kBlocksPerItem = T::kValues / kQ8Block;  // Q8_1 blocks per weight block
+  const int64_t blocks = (k + T::kValues - 1) / T::kValues;
+  const int64_t row_bytes = blocks * T::kBytes;
   const int64_t items = blocks * T::kItems;
-  const int64_t stride = int64_t(gridDim.x) * rows_per_step;
-  for (int64_t row0 = int64_t(blockIdx.x) * rows_per_step; row0 < n; row0 += stride) {
+  const int rows_per_step = kWarps / split, part = warp % split;
+  for (int64_t row0 = int64_t(blockIdx.x) * rows_per_step; row0 < n; row0 += int64_t(gridDim.x) * rows_per_step) {
     const int64_t row = row0 + warp / split;
     float acc[B] = {};
     if (row < n) {
@@ -91,10 +109,19 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t it = part * kWarp + lane; it < items; it += split * kWarp) {
         const int64_t b = it / T::kItems;
         // B is rounded up to a power of two: rows past `rows` read the last row again, and are dropped.
-        const block_q8_1* xr[B];
+        if constexpr (kStaged) {
+          Q8_1SplitRows<B> xr;
 #pragma unroll
-        for (int r = 0; r < B; ++r) xr[r] = xs + (r < rows ? r : rows - 1) * xb + b * (T::kValues / kQ8Block);
-        T::template dot_item<B>(wrow + b * T::kBytes, int(it % T::kItems), xr, acc);
+          for (int r = 0; r < B; ++r) {
+            const int64_t first = (r < rows ? r : rows - 1) * xb + b * kBlocksPerItem;
+            xr.qs[r] = qs + first * kQ8Block;
+            xr.ds[r] = ds + first;
+          }
+          T::template dot_item<B>(wrow + b * T::kBytes, int(it % T::kItems), xr, acc);
+        } else {
+          const Q8_1BlockRows<B> xr{{static_cast<const block_q8_1*>(x.data) + b * kBlocksPerItem}};
+          T::template dot_item<B>(wrow + b * T::kBytes, int(it % T::kItems), xr, acc);
+        }
       }
     }
 #pragma unroll
@@ -120,13 +147,11 @@ int sm_count(int device) {
   return count > 0 ? count : 1;
 }
 
-template <class T, int B>
+template <class T, int B, bool kStaged>
 cudaError_t launch_rows(const uint8_t* w, int64_t n, int64_t k, GemvActivations x, int rows, void* out, FloatType ot,
                         int device, cudaStream_t stream) {
-  auto kernel = gemv_q8_1_kernel<T, B>;
-  const bool staged = staged_bytes(k, rows) <= kMaxStagedBytes;
-  if (!staged && !x.is_q8_1) return cudaErrorInvalidValue;  // float rows must be quantized first
-  const size_t smem = staged ? staged_bytes(k, rows) : 0;
+  auto kernel = gemv_q8_1_kernel<T, B, kStaged>;
+  const size_t smem = kStaged ? staged_bytes(k, rows) : 0;
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return err;
@@ -144,34 +169,37 @@ cudaError_t launch_rows(const uint8_t* w, int64_t n, int64_t k, GemvActivations 
   const int64_t steps = (n + kWarps / split - 1) / (kWarps / split);
   const unsigned grid = unsigned(std::min<int64_t>(steps, int64_t(sms) * std::max(ctas_per_sm, 1)));
   const bool vector_ok = !x.is_q8_1 && rows_allow_vector_loads(x.data, x.float_type, k);
-  kernel<<<grid, kThreads, smem, stream>>>(w, n, k, x, rows, split, staged, vector_ok, out, ot);
+  kernel<<<grid, kThreads, smem, stream>>>(w, n, k, x, rows, split, vector_ok, out, ot);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-bool gemv_stages_activations(int64_t k, int64_t rows, int) {
-  return staged_bytes(k, std::min<int64_t>(rows, kMaxRows)) <= kMaxStagedBytes;
-}
+bool gemv_stages_activations(int64_t k, int64_t, int) { return staged_bytes(k, 1) <= kMaxStagedBytes; }
 
 cudaError_t launch_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, GemvActivations x, int64_t rows,
                              void* out, FloatType ot, int device, cudaStream_t stream) {
   const size_t out_elem = ot == FloatType::F32 ? 4 : 2;
   const size_t x_row_bytes = x.is_q8_1 ? q8_1_blocks_per_row(k) * sizeof(block_q8_1)
                                        : size_t(k) * (x.float_type == FloatType::F32 ? 4 : 2);
+  if (!gemv_stages_activations(k, rows, device) && !x.is_q8_1) return cudaErrorInvalidValue;  // quantize first
   cudaError_t err = cudaSuccess;
   const bool known = visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
-    // Groups of up to 8 rows; the batch policy keeps larger batches off this path.
-    for (int64_t r0 = 0; r0 < rows && err == cudaSuccess; r0 += kMaxRows) {
-      const int g = int(std::min<int64_t>(rows - r0, kMaxRows));
+    // Groups of up to 8 rows, as many as shared memory holds; the batch policy keeps larger
+    // batches off this path.
+    for (int64_t r0 = 0; r0 < rows && err == cudaSuccess;) {
+      int g = int(std::min<int64_t>(rows - r0, kMaxRows));
+      while (g > 1 && staged_bytes(k, g) > kMaxStagedBytes) g /= 2;
       GemvActivations xg = x;
       xg.data = static_cast<const char*>(x.data) + r0 * x_row_bytes;
       void* o = static_cast<char*>(out) + r0 * n * out_elem;
-      if (g == 1) err = launch_rows<T, 1>(w, n, k, xg, g, o, ot, device, stream);
-      else if (g == 2) err = launch_rows<T, 2>(w, n, k, xg, g, o, ot, device, stream);
-      else if (g <= 4) err = launch_rows<T, 4>(w, n, k, xg, g, o, ot, device, stream);
-      else err = launch_rows<T, 8>(w, n, k, xg, g, o, ot, device, stream);
+      if (staged_bytes(k, g) > kMaxStagedBytes) err = launch_rows<T, 1, false>(w, n, k, xg, 1, o, ot, device, stream);
+      else if (g == 1) err = launch_rows<T, 1, true>(w, n, k, xg, g, o, ot, device, stream);
+      else if (g == 2) err = launch_rows<T, 2, true>(w, n, k, xg, g, o, ot, device, stream);
+      else if (g <= 4) err = launch_rows<T, 4, true>(w, n, k, xg, g, o, ot, device, stream);
+      else err = launch_rows<T, 8, true>(w, n, k, xg, g, o, ot, device, stream);
+      r0 += g;
     }
   });
   return known ? err : cudaErrorInvalidValue;

@@ -3,13 +3,13 @@
 // Every format exposes the same three things, used by the CPU kernels and the CUDA
 // kernels alike, so that both compute the same function:
 //   dequantize_chunk(blk, c, out)   the 32 contiguous values 32c .. 32c+31 of a block, as float
-//   dot_item<B>(blk, t, x, acc)     item t of a block (32 values, in whatever grouping suits the
-//                                   bit layout) against B rows of Q8_1 activations, integer DP4A
-//                                   dot products scaled in fp32 and added to acc[0..B)
-// x[r] points at activation row r's Q8_1 block that covers the weight block's first value.
+//   dot_item<B>(blk, t, x, acc)     item t of kItems in a block (a group of values that suits the
+//                                   bit layout) against B rows of Q8_1 activations x (q8_1_rows.h):
+//                                   integer DP4A dot products scaled in fp32, added to acc[0..B)
 #pragma once
 
-#include "blocks.h"
+#include "kernels/blocks.h"
+#include "kernels/q8_1_rows.h"
 
 namespace torchext {
 
@@ -46,10 +46,6 @@ TORCHEXT_HD void load_16_bytes(const uint8_t* p, uint32_t (&w)[4]) {
 #else
   std::memcpy(w, p, 16);
 #endif
-}
-
-TORCHEXT_HD int load_q8_word(const block_q8_1& b, int w) {
-  return reinterpret_cast<const int*>(b.qs)[w];  // qs sits at byte 4 of a 36-byte block
 }
 
 // Bytes q in 0..63 become q - 32 as signed bytes, with no borrow between bytes.
@@ -124,7 +120,7 @@ struct QuantTraits<QType::Q4_K> {
   static constexpr int kValues = 256;
   static constexpr int kBytes = sizeof(block);
   static constexpr int kAlign = 16;
-  static constexpr int kItems = 8;
+  static constexpr int kItems = 4;
 
   static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int c, float* out) {
     const block& b = *reinterpret_cast<const block*>(p);
@@ -136,29 +132,32 @@ struct QuantTraits<QType::Q4_K> {
     for (int l = 0; l < 32; ++l) out[l] = mul_sub(d, float((q[l] >> shift) & 0xF), dm);
   }
 
-  // Item t holds the 16 qs bytes 16t .. 16t+15: low nibbles belong to sub-block 2g, high
-  // nibbles to 2g+1 (g = t/2), positions 16h .. 16h+15 within each (h = t%2).
-  template <int B>
-  static TORCHEXT_HD void dot_item(const uint8_t* p, int t, const block_q8_1* const* x, float (&acc)[B]) {
+  // Item g holds the 32 qs bytes 32g .. 32g+31: low nibbles are sub-block 2g, high nibbles 2g+1.
+  template <int B, class X>
+  static TORCHEXT_HD void dot_item(const uint8_t* p, int g, const X& x, float (&acc)[B]) {
     const block& b = *reinterpret_cast<const block*>(p);
-    const int g = t / 2, h = t % 2;
-    uint32_t q[4];
-    load_16_bytes(b.qs + 16 * t, q);
+    uint32_t q[2][4];
+    load_16_bytes(b.qs + 32 * g, q[0]);
+    load_16_bytes(b.qs + 32 * g + 16, q[1]);
     const KQuantHeader hd(p, g);
     TORCHEXT_UNROLL
     for (int r = 0; r < B; ++r) {
-      const block_q8_1& lo = x[r][2 * g];
-      const block_q8_1& hi = x[r][2 * g + 1];
       int sum_lo = 0, sum_hi = 0;
       TORCHEXT_UNROLL
-      for (int w = 0; w < 4; ++w) {
-        sum_lo = dp4a(int(q[w] & 0x0F0F0F0Fu), load_q8_word(lo, 4 * h + w), sum_lo);
-        sum_hi = dp4a(int((q[w] >> 4) & 0x0F0F0F0Fu), load_q8_word(hi, 4 * h + w), sum_hi);
+      for (int half = 0; half < 2; ++half) {
+        int lo[4], hi[4];
+        x.quants(r, 2 * g, 4 * half, lo);
+        x.quants(r, 2 * g + 1, 4 * half, hi);
+        TORCHEXT_UNROLL
+        for (int w = 0; w < 4; ++w) {
+          sum_lo = dp4a(int(q[half][w] & 0x0F0F0F0Fu), lo[w], sum_lo);
+          sum_hi = dp4a(int((q[half][w] >> 4) & 0x0F0F0F0Fu), hi[w], sum_hi);
+        }
       }
-      float v = hd.d * (float(hd.sc_lo) * fp16f(lo.d) * float(sum_lo) + float(hd.sc_hi) * fp16f(hi.d) * float(sum_hi));
-      // The min term covers whole sub-blocks through the Q8_1 sums: the h == 0 item adds it.
-      if (h == 0) v -= hd.dmin * (float(hd.m_lo) * fp16f(lo.s) + float(hd.m_hi) * fp16f(hi.s));
-      acc[r] += v;
+      // The min term goes through the Q8_1 sums: sum((d*sc*q - dmin*m) * x) = d*sc*d8*isum - dmin*m*s.
+      const Q8Scales lo = x.scales(r, 2 * g), hi = x.scales(r, 2 * g + 1);
+      acc[r] += hd.d * (float(hd.sc_lo) * lo.d * float(sum_lo) + float(hd.sc_hi) * hi.d * float(sum_hi)) -
+                hd.dmin * (float(hd.m_lo) * lo.s + float(hd.m_hi) * hi.s);
     }
   }
 };
@@ -170,7 +169,7 @@ struct QuantTraits<QType::Q5_K> {
   static constexpr int kValues = 256;
   static constexpr int kBytes = sizeof(block);
   static constexpr int kAlign = 16;
-  static constexpr int kItems = 8;
+  static constexpr int kItems = 4;
 
   static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int c, float* out) {
     const block& b = *reinterpret_cast<const block*>(p);
@@ -185,34 +184,40 @@ struct QuantTraits<QType::Q5_K> {
     }
   }
 
-  // As Q4_K; the 5th bits of sub-blocks 2g and 2g+1 are bits 2g and 2g+1 of qh[16h .. 16h+15].
-  template <int B>
-  static TORCHEXT_HD void dot_item(const uint8_t* p, int t, const block_q8_1* const* x, float (&acc)[B]) {
+  // As Q4_K; the 5th bits of sub-blocks 2g and 2g+1 are bits 2g and 2g+1 of qh[0 .. 31].
+  template <int B, class X>
+  static TORCHEXT_HD void dot_item(const uint8_t* p, int g, const X& x, float (&acc)[B]) {
     const block& b = *reinterpret_cast<const block*>(p);
-    const int g = t / 2, h = t % 2;
-    uint32_t q_lo[4], q_hi[4], qs[4], qhs[4];
-    load_16_bytes(b.qs + 16 * t, qs);
-    load_16_bytes(b.qh + 16 * h, qhs);
+    uint32_t q_lo[2][4], q_hi[2][4];
     TORCHEXT_UNROLL
-    for (int w = 0; w < 4; ++w) {
-      const uint32_t q = qs[w], qh = qhs[w];
-      q_lo[w] = (q & 0x0F0F0F0Fu) | (((qh >> (2 * g)) & 0x01010101u) << 4);
-      q_hi[w] = ((q >> 4) & 0x0F0F0F0Fu) | (((qh >> (2 * g + 1)) & 0x01010101u) << 4);
+    for (int half = 0; half < 2; ++half) {
+      uint32_t qs[4], qh[4];
+      load_16_bytes(b.qs + 32 * g + 16 * half, qs);
+      load_16_bytes(b.qh + 16 * half, qh);
+      TORCHEXT_UNROLL
+      for (int w = 0; w < 4; ++w) {
+        q_lo[half][w] = (qs[w] & 0x0F0F0F0Fu) | (((qh[w] >> (2 * g)) & 0x01010101u) << 4);
+        q_hi[half][w] = ((qs[w] >> 4) & 0x0F0F0F0Fu) | (((qh[w] >> (2 * g + 1)) & 0x01010101u) << 4);
+      }
     }
     const KQuantHeader hd(p, g);
     TORCHEXT_UNROLL
     for (int r = 0; r < B; ++r) {
-      const block_q8_1& lo = x[r][2 * g];
-      const block_q8_1& hi = x[r][2 * g + 1];
       int sum_lo = 0, sum_hi = 0;
       TORCHEXT_UNROLL
-      for (int w = 0; w < 4; ++w) {
-        sum_lo = dp4a(int(q_lo[w]), load_q8_word(lo, 4 * h + w), sum_lo);
-        sum_hi = dp4a(int(q_hi[w]), load_q8_word(hi, 4 * h + w), sum_hi);
+      for (int half = 0; half < 2; ++half) {
+        int lo[4], hi[4];
+        x.quants(r, 2 * g, 4 * half, lo);
+        x.quants(r, 2 * g + 1, 4 * half, hi);
+        TORCHEXT_UNROLL
+        for (int w = 0; w < 4; ++w) {
+          sum_lo = dp4a(int(q_lo[half][w]), lo[w], sum_lo);
+          sum_hi = dp4a(int(q_hi[half][w]), hi[w], sum_hi);
+        }
       }
-      float v = hd.d * (float(hd.sc_lo) * fp16f(lo.d) * float(sum_lo) + float(hd.sc_hi) * fp16f(hi.d) * float(sum_hi));
-      if (h == 0) v -= hd.dmin * (float(hd.m_lo) * fp16f(lo.s) + float(hd.m_hi) * fp16f(hi.s));
-      acc[r] += v;
+      const Q8Scales lo = x.scales(r, 2 * g), hi = x.scales(r, 2 * g + 1);
+      acc[r] += hd.d * (float(hd.sc_lo) * lo.d * float(sum_lo) + float(hd.sc_hi) * hi.d * float(sum_hi)) -
+                hd.dmin * (float(hd.m_lo) * lo.s + float(hd.m_hi) * hi.s);
     }
   }
 };
@@ -242,8 +247,8 @@ struct QuantTraits<QType::Q6_K> {
   }
 
   // Item t covers l = 8r .. 8r+7 (r = t%4) of half h = t/4, for all four i: 8 values each.
-  template <int B>
-  static TORCHEXT_HD void dot_item(const uint8_t* p, int t, const block_q8_1* const* x, float (&acc)[B]) {
+  template <int B, class X>
+  static TORCHEXT_HD void dot_item(const uint8_t* p, int t, const X& x, float (&acc)[B]) {
     const block& b = *reinterpret_cast<const block*>(p);
     const int h = t / 4, l0 = 8 * (t % 4);
     int q[4][2];  // [i][word]: eight signed 6-bit values of quarter i
@@ -264,10 +269,10 @@ struct QuantTraits<QType::Q6_K> {
       float v = 0.0f;
       TORCHEXT_UNROLL
       for (int i = 0; i < 4; ++i) {
-        const block_q8_1& xb = x[r][4 * h + i];
-        int sum = dp4a(q[i][0], load_q8_word(xb, l0 / 4), 0);
-        sum = dp4a(q[i][1], load_q8_word(xb, l0 / 4 + 1), sum);
-        v += float(b.scales[s0 + 2 * i]) * fp16f(xb.d) * float(sum);
+        int xq[2];
+        x.quants(r, 4 * h + i, l0 / 4, xq);
+        const int sum = dp4a(q[i][1], xq[1], dp4a(q[i][0], xq[0], 0));
+        v += float(b.scales[s0 + 2 * i]) * x.scales(r, 4 * h + i).d * float(sum);
       }
       acc[r] += d * v;
     }
@@ -291,8 +296,8 @@ struct QuantTraits<QType::Q8_0> {
     for (int l = 0; l < 32; ++l) out[l] = mul_sub(d, float(b.qs[l]), 0.0f);
   }
 
-  template <int B>
-  static TORCHEXT_HD void dot_item(const uint8_t* p, int, const block_q8_1* const* x, float (&acc)[B]) {
+  template <int B, class X>
+  static TORCHEXT_HD void dot_item(const uint8_t* p, int, const X& x, float (&acc)[B]) {
     const block& b = *reinterpret_cast<const block*>(p);
     int q[8];
     TORCHEXT_UNROLL
@@ -300,11 +305,13 @@ struct QuantTraits<QType::Q8_0> {
     const float d = fp16f(b.d);
     TORCHEXT_UNROLL
     for (int r = 0; r < B; ++r) {
-      const block_q8_1& xb = x[r][0];
+      int lo[4], hi[4];
+      x.quants(r, 0, 0, lo);
+      x.quants(r, 0, 4, hi);
       int sum = 0;
       TORCHEXT_UNROLL
-      for (int w = 0; w < 8; ++w) sum = dp4a(q[w], load_q8_word(xb, w), sum);
-      acc[r] += d * fp16f(xb.d) * float(sum);
+      for (int w = 0; w < 4; ++w) sum = dp4a(q[w + 4], hi[w], dp4a(q[w], lo[w], sum));
+      acc[r] += d * x.scales(r, 0).d * float(sum);
     }
   }
 };
@@ -344,8 +351,8 @@ struct NibbleTraits {
     }
   }
 
-  template <int B>
-  static TORCHEXT_HD void dot_item(const uint8_t* p, int, const block_q8_1* const* x, float (&acc)[B]) {
+  template <int B, class X>
+  static TORCHEXT_HD void dot_item(const uint8_t* p, int, const X& x, float (&acc)[B]) {
     const block& b = *reinterpret_cast<const block*>(p);
     const uint32_t qh = high_bits(b);
     int lo[4], hi[4];
@@ -358,16 +365,15 @@ struct NibbleTraits {
     const float d = fp16f(b.d), m = min_of(b);
     TORCHEXT_UNROLL
     for (int r = 0; r < B; ++r) {
-      const block_q8_1& xb = x[r][0];
+      int xl[4], xh[4];
+      x.quants(r, 0, 0, xl);  // values 0..15 meet the low nibbles, 16..31 the high ones
+      x.quants(r, 0, 4, xh);
       int sum = 0;
       TORCHEXT_UNROLL
-      for (int w = 0; w < 4; ++w) {
-        sum = dp4a(lo[w], load_q8_word(xb, w), sum);
-        sum = dp4a(hi[w], load_q8_word(xb, w + 4), sum);
-      }
-      const float s = fp16f(xb.s);
-      if constexpr (kHasMin) acc[r] += d * fp16f(xb.d) * float(sum) + m * s;
-      else acc[r] += d * (fp16f(xb.d) * float(sum) - float(kZero) * s);
+      for (int w = 0; w < 4; ++w) sum = dp4a(hi[w], xh[w], dp4a(lo[w], xl[w], sum));
+      const Q8Scales xs = x.scales(r, 0);
+      if constexpr (kHasMin) acc[r] += d * xs.d * float(sum) + m * xs.s;
+      else acc[r] += d * (xs.d * float(sum) - float(kZero) * xs.s);
     }
   }
 };

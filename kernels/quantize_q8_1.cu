@@ -17,7 +17,16 @@ __global__ void __launch_bounds__(kThreads)
   const bool real = i < rows * blocks;
   float v[8] = {};
   if (real) load_group8(x, t, (i / blocks) * k, (i % blocks) * kQ8Block + 8 * (g % 4), k, vector_ok, v);
-  quantize_q8_1_quad(v, real, out[real ? i : 0]);
+  const Q8_1Quad q = quantize_q8_1_quad(v);
+  if (!real) return;
+  const int j = g % 4;
+  uint32_t* qs = reinterpret_cast<uint32_t*>(out[i].qs);  // qs sits at byte 4: 4-byte aligned
+  qs[2 * j] = q.qs[0];
+  qs[2 * j + 1] = q.qs[1];
+  if (j == 0) {
+    out[i].d = q.d;
+    out[i].s = q.s;
+  }
 }
 
 }  // namespace

@@ -31,10 +31,15 @@ __device__ __forceinline__ void load_group8(const void* x, FloatType t, int64_t 
   }
 }
 
-// Every lane of the warp must call this (it shuffles within quads); `store` says whether this
-// quad's block is real. The sum follows q8_1_group_sum's order, which csrc/cpu mirrors.
-__device__ __forceinline__ void quantize_q8_1_quad(const float (&v)[8], bool store, block_q8_1& out) {
-  const int j = threadIdx.x % 4;
+// One lane's share of a block: its 8 quants packed in two words, and the block's d and s bits.
+struct Q8_1Quad {
+  uint32_t qs[2];
+  fp16_bits d, s;
+};
+
+// Every lane of the warp must call this (it shuffles within quads). The sum follows the fixed
+// order of float_types.h, which csrc/cpu mirrors.
+__device__ __forceinline__ Q8_1Quad quantize_q8_1_quad(const float (&v)[8]) {
   float amax = fabsf(v[0]), p = v[0];
 #pragma unroll
   for (int i = 1; i < 8; ++i) {
@@ -45,17 +50,10 @@ __device__ __forceinline__ void quantize_q8_1_quad(const float (&v)[8], bool sto
   amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
   float s = p + __shfl_xor_sync(0xffffffffu, p, 2);  // p_j + p_{j^2}
   s += __shfl_xor_sync(0xffffffffu, s, 1);          // (p0 + p2) + (p1 + p3)
-  if (!store) return;
-  uint32_t packed[2] = {0u, 0u};
+  Q8_1Quad out{{0u, 0u}, q8_1_scale_bits(amax), q8_1_sum_bits(s, amax)};
 #pragma unroll
-  for (int i = 0; i < 8; ++i) packed[i / 4] |= uint32_t(uint8_t(quantize_q8_1_value(v[i], amax))) << (8 * (i % 4));
-  uint32_t* qs = reinterpret_cast<uint32_t*>(out.qs);  // qs sits at byte 4: 4-byte aligned
-  qs[2 * j] = packed[0];
-  qs[2 * j + 1] = packed[1];
-  if (j == 0) {
-    out.d = q8_1_scale_bits(amax);
-    out.s = q8_1_sum_bits(s, amax);
-  }
+  for (int i = 0; i < 8; ++i) out.qs[i / 4] |= uint32_t(uint8_t(quantize_q8_1_value(v[i], amax))) << (8 * (i % 4));
+  return out;
 }
 
 }  // namespace torchext

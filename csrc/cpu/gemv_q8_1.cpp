@@ -18,7 +18,7 @@ void gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_
         for (int64_t r = 0; r < rows; ++r) {
           float acc[1] = {0.0f};
           for (int64_t b = 0; b < blocks; ++b) {
-            const block_q8_1* x[1] = {xq + r * xs + b * (T::kValues / kQ8Block)};
+            const Q8_1BlockRows<1> x{{xq + r * xs + b * (T::kValues / kQ8Block)}};
             for (int t = 0; t < T::kItems; ++t) T::template dot_item<1>(wrow + b * T::kBytes, t, x, acc);
           }
           store_float(out, r * n + i, ot, acc[0]);
