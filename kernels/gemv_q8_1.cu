@@ -105,7 +105,8 @@ __global__ void __launch_bounds__(kThreads)
     float acc[B] = {};
     if (row < n) {
       const uint8_t* wrow = w + row * row_bytes;
-#pragma unroll 4
+      // Several items in flight per lane; with 8 activation rows the registers go to the rows.
+#pragma unroll(B <= 2 ? 4 : 2)
       for (int64_t it = part * kWarp + lane; it < items; it += split * kWarp) {
         const int64_t b = it / T::kItems;
         // B is rounded up to a power of two: rows past `rows` read the last row again, and are dropped.
