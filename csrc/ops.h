@@ -1,7 +1,6 @@
 // The body of every op, written once and instantiated per backend. A Backend supplies
 //   struct Context { explicit Context(const Tensor& on); };   device guard + stream (CUDA) or nothing (CPU)
-//   quantize_q8_1, gemv, dequantize, gelu                    the kernels, on raw pointers
-//   quantizes_separately(ctx, k, rows)                       whether gemv needs Q8_1 rows made first
+//   quantize_q8_1, gemv_q8_1, dequantize, gelu               the kernels, on raw pointers
 // so that checks, shapes, output allocation and the batch policy are shared by CPU and CUDA.
 #pragma once
 
@@ -53,8 +52,8 @@ struct Ops {
     const int64_t rows = leading_rows(xq);
     if (rows == 0) return out;
     Ctx ctx(w);
-    Backend::gemv(ctx, f.type, static_cast<const uint8_t*>(w.data_ptr()), n, k, GemvActivations{xq.data_ptr(), true},
-                  rows, out.data_ptr(), FloatType::F32);
+    Backend::gemv_q8_1(ctx, f.type, static_cast<const uint8_t*>(w.data_ptr()), n, k,
+                       static_cast<const block_q8_1*>(xq.data_ptr()), rows, out.data_ptr(), FloatType::F32);
     return out;
   }
 
@@ -76,15 +75,12 @@ struct Ops {
       return torch::stable::reshape(y, with_last_dim(x, n));
     }
     Tensor out = torch::stable::new_empty(x, with_last_dim(x, n));
+    Tensor xq = torch::stable::new_empty(x, {rows, q8_1_blocks_per_row(k) * int64_t(sizeof(block_q8_1))},
+                                         ScalarType::Byte);
     Ctx ctx(w);
-    GemvActivations act{x.data_ptr(), false, xt};
-    Tensor xq;  // Q8_1 rows, when the backend's GEMV does not quantize them itself
-    if (Backend::quantizes_separately(ctx, k, rows)) {
-      xq = torch::stable::new_empty(x, {rows, q8_1_blocks_per_row(k) * int64_t(sizeof(block_q8_1))}, ScalarType::Byte);
-      Backend::quantize_q8_1(ctx, x.data_ptr(), xt, rows, k, static_cast<block_q8_1*>(xq.data_ptr()));
-      act = GemvActivations{xq.data_ptr(), true};
-    }
-    Backend::gemv(ctx, f.type, static_cast<const uint8_t*>(w.data_ptr()), n, k, act, rows, out.data_ptr(), xt);
+    Backend::quantize_q8_1(ctx, x.data_ptr(), xt, rows, k, static_cast<block_q8_1*>(xq.data_ptr()));
+    Backend::gemv_q8_1(ctx, f.type, static_cast<const uint8_t*>(w.data_ptr()), n, k,
+                       static_cast<const block_q8_1*>(xq.data_ptr()), rows, out.data_ptr(), xt);
     return out;
   }
 

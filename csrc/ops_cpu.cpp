@@ -18,12 +18,9 @@ struct CpuBackend {
   static void quantize_q8_1(Context&, const void* x, FloatType xt, int64_t rows, int64_t k, block_q8_1* out) {
     cpu::quantize_q8_1(x, xt, rows, k, out);
   }
-  // The CPU GEMV reads Q8_1 rows that quantize_q8_1 made.
-  static bool quantizes_separately(Context&, int64_t, int64_t) { return true; }
-  static void gemv(Context&, QType wt, const uint8_t* w, int64_t n, int64_t k, GemvActivations x, int64_t rows,
-                   void* out, FloatType ot) {
-    STD_TORCH_CHECK(x.is_q8_1, "torchext: the CPU GEMV takes Q8_1 activations");
-    cpu::gemv_q8_1(wt, w, n, k, static_cast<const block_q8_1*>(x.data), rows, out, ot);
+  static void gemv_q8_1(Context&, QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq,
+                        int64_t rows, void* out, FloatType ot) {
+    cpu::gemv_q8_1(wt, w, n, k, xq, rows, out, ot);
   }
   static void dequantize(Context&, QType wt, const uint8_t* w, int64_t n, int64_t k, void* out, FloatType ot) {
     cpu::dequantize(wt, w, n, k, out, ot);

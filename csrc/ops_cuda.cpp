@@ -37,13 +37,9 @@ struct CudaBackend {
   static void quantize_q8_1(Context& c, const void* x, FloatType xt, int64_t rows, int64_t k, block_q8_1* out) {
     check_launch(launch_quantize_q8_1(x, xt, rows, k, out, c.stream), "quantize_q8_1");
   }
-  // The GEMV quantizes float rows into shared memory itself, unless they are too long to fit.
-  static bool quantizes_separately(Context& c, int64_t k, int64_t rows) {
-    return !gemv_stages_activations(k, rows, c.device);
-  }
-  static void gemv(Context& c, QType wt, const uint8_t* w, int64_t n, int64_t k, GemvActivations x, int64_t rows,
-                   void* out, FloatType ot) {
-    check_launch(launch_gemv_q8_1(wt, w, n, k, x, rows, out, ot, c.device, c.stream), "gemv_q8_1");
+  static void gemv_q8_1(Context& c, QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq,
+                        int64_t rows, void* out, FloatType ot) {
+    check_launch(launch_gemv_q8_1(wt, w, n, k, xq, rows, out, ot, c.device, c.stream), "gemv_q8_1");
   }
   static void dequantize(Context& c, QType wt, const uint8_t* w, int64_t n, int64_t k, void* out, FloatType ot) {
     check_launch(launch_dequantize(wt, w, n, k, out, ot, c.stream), "dequantize");

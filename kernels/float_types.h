@@ -79,12 +79,4 @@ TORCHEXT_HD fp16_bits q8_1_sum_bits(float sum, float amax) {
 // max that keeps a NaN, so that a non-finite input marks its Q8_1 block.
 TORCHEXT_HD float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
 
-// The activations of a GEMV: float rows [rows, k], which the GEMV quantizes itself, or Q8_1
-// rows [rows, q8_1_blocks_per_row(k)] made earlier.
-struct GemvActivations {
-  const void* data;
-  bool is_q8_1;
-  FloatType float_type = FloatType::F32;  // of float rows
-};
-
 }  // namespace torchext

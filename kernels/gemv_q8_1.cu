@@ -1,23 +1,24 @@
 // One GEMV body for every weight format (QuantTraits supplies the block arithmetic) and every
 // batch of up to 8 activation rows.
 //
-// A persistent grid: each CTA first brings the activations into shared memory (quantizing float
-// rows there, so that no separate quantize launch is needed), then walks over output rows.
-// `split` warps share one output row when there are too few rows to fill the GPU; each weight
-// item is loaded once and dotted with every activation row. Shared memory holds Q8_1 split into
-// quants and scales (Q8_1SplitRows), so that 16 bytes of activations are one load.
+// A persistent grid: each CTA first copies the Q8_1 activations into shared memory, split into
+// quants and scales (Q8_1SplitRows) so that 16 bytes of activations are one load, then walks
+// over output rows. `split` warps share one output row when there are too few rows to fill the
+// GPU; each weight item is loaded once and dotted with every activation row.
+//
+// Float activations are quantized by quantize_q8_1 first. Quantizing them here instead, in
+// every CTA, saves a launch but was measured slower at every shape and batch (H100, bench/gemv.py,
+// 2026-11-24: 4096x4096 Q4_K batch 1 10.6 us against 9.1 us; 4096x14336 batch 8 102.6 against 77.9).
 #include <algorithm>
 
 #include "kernels/gemv_q8_1.cuh"
 #include "kernels/launch.cuh"
 #include "kernels/quant_traits.h"
-#include "kernels/quantize_q8_1.cuh"
-#include "kernels/quantize_q8_1_warp.cuh"
 
 namespace torchext {
 namespace {
 
-constexpr int kWarps = 16;  // large CTAs: fewer of them quantize the same activations
+constexpr int kWarps = 16;  // large CTAs: fewer of them copy the same activations
 constexpr int kThreads = kWarps * kWarp;
 constexpr int kMaxRows = 8;
 constexpr size_t kMaxStagedBytes = 200 * 1024;  // of the 227 KB a Hopper CTA may use
@@ -28,52 +29,25 @@ size_t staged_bytes(int64_t k, int64_t rows) {
   return size_t(rows) * q8_1_blocks_per_row(k) * (kQ8Block + sizeof(Q8Scales));
 }
 
-// Brings rows x q8_1_blocks_per_row(k) activation blocks into shared memory, quants to `qs`
-// and scales to `ds`. Each thread keeps kUnroll loads in flight before it stores: one load at
-// a time would make this prologue a chain of L2 round trips.
-__device__ void stage_activations(GemvActivations x, int64_t k, int rows, bool vector_ok, int8_t* qs,
-                                  Q8Scales* ds) {
-  const int64_t blocks = q8_1_blocks_per_row(k);
+// Copies rows x q8_1_blocks_per_row(k) Q8_1 blocks into shared memory, quants to `qs` and
+// scales to `ds`. Each thread keeps kUnroll loads in flight before it stores: one load at a time
+// would make this prologue a chain of L2 round trips.
+__device__ void stage_activations(const block_q8_1* x, int64_t k, int rows, int8_t* qs, Q8Scales* ds) {
+  const uint32_t* src = reinterpret_cast<const uint32_t*>(x);  // word 0: d and s; words 1..8: quants
   uint32_t* qs_words = reinterpret_cast<uint32_t*>(qs);
-  if (x.is_q8_1) {  // 36-byte blocks: word 0 holds d and s, words 1..8 the quants
-    const uint32_t* src = static_cast<const uint32_t*>(x.data);
-    const int64_t words = rows * blocks * 9;
-    for (int64_t base = threadIdx.x; base < words; base += kThreads * kUnroll) {
-      uint32_t v[kUnroll];
+  const int64_t words = rows * q8_1_blocks_per_row(k) * 9;
+  for (int64_t base = threadIdx.x; base < words; base += kThreads * kUnroll) {
+    uint32_t v[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) v[u] = base + u * kThreads < words ? src[base + u * kThreads] : 0u;
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t i = base + u * kThreads, block = i / 9, word = i % 9;
-        if (i >= words) continue;
-        if (word == 0)
-          ds[block] = Q8Scales{fp16_to_float(fp16_bits(v[u] & 0xffffu)), fp16_to_float(fp16_bits(v[u] >> 16))};
-        else
-          qs_words[block * 8 + word - 1] = v[u];
-      }
-    }
-    return;
-  }
-  // Float rows: a quad of lanes quantizes each block (quantize_q8_1_warp.cuh).
-  const int64_t groups = rows * blocks * 4;
-  for (int64_t base = threadIdx.x; base < groups; base += kThreads * kUnroll) {
-    float v[kUnroll][8];
+    for (int u = 0; u < kUnroll; ++u) v[u] = base + u * kThreads < words ? src[base + u * kThreads] : 0u;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t g = base + u * kThreads, i = g / 4;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) v[u][e] = 0.0f;
-      if (g < groups)
-        load_group8(x.data, x.float_type, (i / blocks) * k, (i % blocks) * kQ8Block + 8 * (g % 4), k, vector_ok, v[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t g = base + u * kThreads;
-      const Q8_1Quad q = quantize_q8_1_quad(v[u]);
-      if (g >= groups) continue;
-      qs_words[2 * g] = q.qs[0];
-      qs_words[2 * g + 1] = q.qs[1];
-      if (g % 4 == 0) ds[g / 4] = Q8Scales{fp16_to_float(q.d), fp16_to_float(q.s)};  // as a Q8_1 block stores them
+      const int64_t i = base + u * kThreads, block = i / 9, word = i % 9;
+      if (i >= words) continue;
+      if (word == 0)
+        ds[block] = Q8Scales{fp16_to_float(fp16_bits(v[u] & 0xffffu)), fp16_to_float(fp16_bits(v[u] >> 16))};
+      else
+        qs_words[block * 8 + word - 1] = v[u];
     }
   }
 }
@@ -82,8 +56,8 @@ __device__ void stage_activations(GemvActivations x, int64_t k, int rows, bool v
 // (B = 1, for rows too long to stage).
 template <class T, int B, bool kStaged>
 __global__ void __launch_bounds__(kThreads)
-    gemv_q8_1_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, GemvActivations x, int rows, int split,
-                     bool vector_ok, void* __restrict__ out, FloatType ot) {
+    gemv_q8_1_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, const block_q8_1* __restrict__ x, int rows,
+                     int split, void* __restrict__ out, FloatType ot) {
   extern __shared__ int4 smem[];
   __shared__ float partial[kWarps][B];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -91,7 +65,7 @@ __global__ void __launch_bounds__(kThreads)
   int8_t* qs = reinterpret_cast<int8_t*>(smem);
   Q8Scales* ds = reinterpret_cast<Q8Scales*>(qs + rows * xb * kQ8Block);
   if constexpr (kStaged) {
-    stage_activations(x, k, rows, vector_ok, qs, ds);
+    stage_activations(x, k, rows, qs, ds);
     __syncthreads();
   }
 
@@ -120,7 +94,7 @@ __global__ void __launch_bounds__(kThreads)
           }
           T::template dot_item<B>(wrow + b * T::kBytes, int(it % T::kItems), xr, acc);
         } else {
-          const Q8_1BlockRows<B> xr{{static_cast<const block_q8_1*>(x.data) + b * kBlocksPerItem}};
+          const Q8_1BlockRows<B> xr{{x + b * kBlocksPerItem}};
           T::template dot_item<B>(wrow + b * T::kBytes, int(it % T::kItems), xr, acc);
         }
       }
@@ -149,8 +123,8 @@ int sm_count(int device) {
 }
 
 template <class T, int B, bool kStaged>
-cudaError_t launch_rows(const uint8_t* w, int64_t n, int64_t k, GemvActivations x, int rows, void* out, FloatType ot,
-                        int device, cudaStream_t stream) {
+cudaError_t launch_rows(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* x, int rows, void* out,
+                        FloatType ot, int device, cudaStream_t stream) {
   auto kernel = gemv_q8_1_kernel<T, B, kStaged>;
   const size_t smem = kStaged ? staged_bytes(k, rows) : 0;
   if (smem > 48 * 1024) {
@@ -169,31 +143,25 @@ cudaError_t launch_rows(const uint8_t* w, int64_t n, int64_t k, GemvActivations 
   while (split < kWarps && 2 * split * kWarp <= items && 2 * split * n <= resident_warps) split *= 2;
   const int64_t steps = (n + kWarps / split - 1) / (kWarps / split);
   const unsigned grid = unsigned(std::min<int64_t>(steps, int64_t(sms) * std::max(ctas_per_sm, 1)));
-  const bool vector_ok = !x.is_q8_1 && rows_allow_vector_loads(x.data, x.float_type, k);
-  kernel<<<grid, kThreads, smem, stream>>>(w, n, k, x, rows, split, vector_ok, out, ot);
+  kernel<<<grid, kThreads, smem, stream>>>(w, n, k, x, rows, split, out, ot);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-bool gemv_stages_activations(int64_t k, int64_t, int) { return staged_bytes(k, 1) <= kMaxStagedBytes; }
-
-cudaError_t launch_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, GemvActivations x, int64_t rows,
+cudaError_t launch_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* x, int64_t rows,
                              void* out, FloatType ot, int device, cudaStream_t stream) {
   const size_t out_elem = ot == FloatType::F32 ? 4 : 2;
-  const size_t x_row_bytes = x.is_q8_1 ? q8_1_blocks_per_row(k) * sizeof(block_q8_1)
-                                       : size_t(k) * (x.float_type == FloatType::F32 ? 4 : 2);
-  if (!gemv_stages_activations(k, rows, device) && !x.is_q8_1) return cudaErrorInvalidValue;  // quantize first
+  const int64_t xb = q8_1_blocks_per_row(k);
   cudaError_t err = cudaSuccess;
   const bool known = visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
-    // Groups of up to 8 rows, as many as shared memory holds; the batch policy keeps larger
-    // batches off this path.
+    // Groups of up to 8 rows, as many as shared memory holds; rows too long to stage at all are
+    // read from global memory one at a time. The batch policy keeps larger batches off this path.
     for (int64_t r0 = 0; r0 < rows && err == cudaSuccess;) {
       int g = int(std::min<int64_t>(rows - r0, kMaxRows));
       while (g > 1 && staged_bytes(k, g) > kMaxStagedBytes) g /= 2;
-      GemvActivations xg = x;
-      xg.data = static_cast<const char*>(x.data) + r0 * x_row_bytes;
+      const block_q8_1* xg = x + r0 * xb;
       void* o = static_cast<char*>(out) + r0 * n * out_elem;
       if (staged_bytes(k, g) > kMaxStagedBytes) err = launch_rows<T, 1, false>(w, n, k, xg, 1, o, ot, device, stream);
       else if (g == 1) err = launch_rows<T, 1, true>(w, n, k, xg, g, o, ot, device, stream);

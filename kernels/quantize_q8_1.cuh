@@ -11,10 +11,3 @@ cudaError_t launch_quantize_q8_1(const void* x, FloatType xt, int64_t rows, int6
                                  cudaStream_t stream);
 
 }  // namespace torchext
-
-namespace torchext {
-
-// Whether float rows [rows, k] at x can be read 16 bytes at a time (every row start aligned).
-bool rows_allow_vector_loads(const void* x, FloatType t, int64_t k);
-
-}  // namespace torchext

@@ -334,6 +334,18 @@ def test_qmatmul_cuda_matches_cpu(rows, n, k, qtype, dtype):
     check_matmul_vs_cpu(ops.qmatmul(w, qtype, x, n, k), w, qtype, x, n, k)
 
 
+# The GEMV stages up to 8 activation rows in 200 KB of shared memory (40 bytes per 32 values):
+# 8 rows of k = 24576 do not fit and go as two groups of 4; a row of k = 166400 does not fit at
+# all and is read from global memory (kernels/gemv_q8_1.cu).
+@pytest.mark.parametrize("qtype,n,k,rows", [(Q4_K, 5, 24576, 8), (Q8_0, 3, 166400, 2), (Q6_K, 2, 166400, 1)],
+                         ids=["8rows_in_2_groups", "unstaged_2rows", "unstaged_q6k"])
+def test_qmatmul_rows_too_long_to_stage(qtype, n, k, rows):
+    qtype = int(qtype)
+    w = random_weight(qtype, n, k, "cuda", seed=k)
+    x = _randn((rows, k), torch.float32, seed=rows)
+    check_matmul_vs_cpu(ops.qmatmul(w, qtype, x, n, k), w, qtype, x, n, k)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op,qtype", [("q4k_gemv", Q4_K), ("q5k_gemv", Q5_K), ("q6k_gemv", Q6_K)])
 @pytest.mark.parametrize("rows", [1, 3, 12])
