@@ -113,59 +113,11 @@ struct KQuantHeader {
 template <QType T>
 struct QuantTraits;
 
-// ---------------------------------------------------------------- Q4_K
-template <>
-struct QuantTraits<QType::Q4_K> {
-  using block = block_q4_K;
-  static constexpr int kValues = 256;
-  static constexpr int kBytes = sizeof(block);
-  static constexpr int kAlign = 16;
-  static constexpr int kItems = 4;
-
-  static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int c, float* out) {
-    const block& b = *reinterpret_cast<const block*>(p);
-    int sc, m;
-    kquant_scale_min(b.scales, c, sc, m);
-    const float d = fp16f(b.d) * float(sc), dm = fp16f(b.dmin) * float(m);
-    const uint8_t* q = b.qs + 32 * (c / 2);
-    const int shift = 4 * (c % 2);
-    for (int l = 0; l < 32; ++l) out[l] = mul_sub(d, float((q[l] >> shift) & 0xF), dm);
-  }
-
-  // Item g holds the 32 qs bytes 32g .. 32g+31: low nibbles are sub-block 2g, high nibbles 2g+1.
-  template <int B, class X>
-  static TORCHEXT_HD void dot_item(const uint8_t* p, int g, const X& x, float (&acc)[B]) {
-    const block& b = *reinterpret_cast<const block*>(p);
-    uint32_t q[2][4];
-    load_16_bytes(b.qs + 32 * g, q[0]);
-    load_16_bytes(b.qs + 32 * g + 16, q[1]);
-    const KQuantHeader hd(p, g);
-    TORCHEXT_UNROLL
-    for (int r = 0; r < B; ++r) {
-      int sum_lo = 0, sum_hi = 0;
-      TORCHEXT_UNROLL
-      for (int half = 0; half < 2; ++half) {
-        int lo[4], hi[4];
-        x.quants(r, 2 * g, 4 * half, lo);
-        x.quants(r, 2 * g + 1, 4 * half, hi);
-        TORCHEXT_UNROLL
-        for (int w = 0; w < 4; ++w) {
-          sum_lo = dp4a(int(q[half][w] & 0x0F0F0F0Fu), lo[w], sum_lo);
-          sum_hi = dp4a(int((q[half][w] >> 4) & 0x0F0F0F0Fu), hi[w], sum_hi);
-        }
-      }
-      // The min term goes through the Q8_1 sums: sum((d*sc*q - dmin*m) * x) = d*sc*d8*isum - dmin*m*s.
-      const Q8Scales lo = x.scales(r, 2 * g), hi = x.scales(r, 2 * g + 1);
-      acc[r] += hd.d * (float(hd.sc_lo) * lo.d * float(sum_lo) + float(hd.sc_hi) * hi.d * float(sum_hi)) -
-                hd.dmin * (float(hd.m_lo) * lo.s + float(hd.m_hi) * hi.s);
-    }
-  }
-};
-
-// ---------------------------------------------------------------- Q5_K
-template <>
-struct QuantTraits<QType::Q5_K> {
-  using block = block_q5_K;
+// ---------------------------------------------------------------- Q4_K, Q5_K
+// 8 sub-blocks of 32 values with 6-bit scales and mins; Q5_K adds a 5th bit per value in qh.
+template <class Block, bool kHasHigh>
+struct KQuantTraits {
+  using block = Block;
   static constexpr int kValues = 256;
   static constexpr int kBytes = sizeof(block);
   static constexpr int kAlign = 16;
@@ -179,25 +131,35 @@ struct QuantTraits<QType::Q5_K> {
     const uint8_t* q = b.qs + 32 * (c / 2);
     const int shift = 4 * (c % 2);
     for (int l = 0; l < 32; ++l) {
-      const int v = ((q[l] >> shift) & 0xF) | (((b.qh[l] >> c) & 1) << 4);
+      int v = (q[l] >> shift) & 0xF;
+      if constexpr (kHasHigh) v |= ((b.qh[l] >> c) & 1) << 4;
       out[l] = mul_sub(d, float(v), dm);
     }
   }
 
-  // As Q4_K; the 5th bits of sub-blocks 2g and 2g+1 are bits 2g and 2g+1 of qh[0 .. 31].
+  // Item g holds the 32 qs bytes 32g .. 32g+31: low nibbles are sub-block 2g, high nibbles 2g+1;
+  // their 5th bits are bits 2g and 2g+1 of qh[0 .. 31].
   template <int B, class X>
   static TORCHEXT_HD void dot_item(const uint8_t* p, int g, const X& x, float (&acc)[B]) {
     const block& b = *reinterpret_cast<const block*>(p);
     uint32_t q_lo[2][4], q_hi[2][4];
     TORCHEXT_UNROLL
     for (int half = 0; half < 2; ++half) {
-      uint32_t qs[4], qh[4];
+      uint32_t qs[4];
       load_16_bytes(b.qs + 32 * g + 16 * half, qs);
-      load_16_bytes(b.qh + 16 * half, qh);
       TORCHEXT_UNROLL
       for (int w = 0; w < 4; ++w) {
-        q_lo[half][w] = (qs[w] & 0x0F0F0F0Fu) | (((qh[w] >> (2 * g)) & 0x01010101u) << 4);
-        q_hi[half][w] = ((qs[w] >> 4) & 0x0F0F0F0Fu) | (((qh[w] >> (2 * g + 1)) & 0x01010101u) << 4);
+        q_lo[half][w] = qs[w] & 0x0F0F0F0Fu;
+        q_hi[half][w] = (qs[w] >> 4) & 0x0F0F0F0Fu;
+      }
+      if constexpr (kHasHigh) {
+        uint32_t qh[4];
+        load_16_bytes(b.qh + 16 * half, qh);
+        TORCHEXT_UNROLL
+        for (int w = 0; w < 4; ++w) {
+          q_lo[half][w] |= ((qh[w] >> (2 * g)) & 0x01010101u) << 4;
+          q_hi[half][w] |= ((qh[w] >> (2 * g + 1)) & 0x01010101u) << 4;
+        }
       }
     }
     const KQuantHeader hd(p, g);
@@ -215,12 +177,16 @@ struct QuantTraits<QType::Q5_K> {
           sum_hi = dp4a(int(q_hi[half][w]), hi[w], sum_hi);
         }
       }
+      // The min term goes through the Q8_1 sums: sum((d*sc*q - dmin*m) * x) = d*sc*d8*isum - dmin*m*s.
       const Q8Scales lo = x.scales(r, 2 * g), hi = x.scales(r, 2 * g + 1);
       acc[r] += hd.d * (float(hd.sc_lo) * lo.d * float(sum_lo) + float(hd.sc_hi) * hi.d * float(sum_hi)) -
                 hd.dmin * (float(hd.m_lo) * lo.s + float(hd.m_hi) * hi.s);
     }
   }
 };
+
+template <> struct QuantTraits<QType::Q4_K> : KQuantTraits<block_q4_K, false> {};
+template <> struct QuantTraits<QType::Q5_K> : KQuantTraits<block_q5_K, true> {};
 
 // ---------------------------------------------------------------- Q6_K
 // Values 128h + 32i + l (h = 0..1, i = 0..3, l = 0..31) take their low 4 bits from
