@@ -11,6 +11,7 @@
 
 #include "kernels/float_types.h"
 #include "kernels/quant_traits.h"
+#include "kernels/row_index.h"
 
 namespace torchext {
 

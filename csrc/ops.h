@@ -1,6 +1,7 @@
 // The body of every op, written once and instantiated per backend. A Backend supplies
 //   struct Context { explicit Context(const Tensor& on); };   device guard + stream (CUDA) or nothing (CPU)
 //   quantize_q8_1, gemv_q8_1, dequantize, gelu               the kernels, on raw pointers
+//   check_ids(rows, count, n)                                embedding ids in range, where it costs no sync
 // so that checks, shapes, output allocation and the batch policy are shared by CPU and CUDA.
 #pragma once
 
@@ -84,17 +85,38 @@ struct Ops {
     return out;
   }
 
-  static Tensor dequantize(const Tensor& w, int64_t qtype, int64_t n, int64_t k, std::optional<ScalarType> dtype) {
+  // Output rows `rows` of w (all n rows when ids is null) as dense [..., k] in dtype.
+  static Tensor gather_rows(const Tensor& w, int64_t qtype, const Tensor* ids, int64_t n, int64_t k,
+                            std::optional<ScalarType> dtype) {
     const FormatInfo f = check_weight(w, qtype, n, k);
     const ScalarType st = dtype.value_or(ScalarType::Float);
     STD_TORCH_CHECK(st == ScalarType::Float || st == ScalarType::Half || st == ScalarType::BFloat16,
                     "dtype: expected float32, float16 or bfloat16, got ", dtype_name(st));
-    Tensor out = torch::stable::new_empty(w, {n, k}, st);
+    RowIndex rows;
+    int64_t rows_out = n;
+    std::vector<int64_t> shape{n, k};
+    if (ids != nullptr) {
+      check_defined_contiguous(*ids, "ids");
+      STD_TORCH_CHECK(ids->scalar_type() == ScalarType::Long || ids->scalar_type() == ScalarType::Int,
+                      "ids: expected int64 or int32 token ids, got ", dtype_name(ids->scalar_type()));
+      check_same_device(w, "w", *ids, "ids");
+      rows = RowIndex{ids->data_ptr(), ids->scalar_type() == ScalarType::Long};
+      rows_out = ids->numel();
+      shape.assign(ids->sizes().begin(), ids->sizes().end());
+      shape.push_back(k);
+      Backend::check_ids(rows, rows_out, n);
+    }
+    Tensor out = torch::stable::new_empty(w, shape, st);
+    if (rows_out == 0) return out;
     Ctx ctx(w);
-    Backend::dequantize(ctx, f.type, static_cast<const uint8_t*>(w.data_ptr()), n, k, out.data_ptr(),
+    Backend::dequantize(ctx, f.type, static_cast<const uint8_t*>(w.data_ptr()), n, k, rows, rows_out, out.data_ptr(),
                         st == ScalarType::Half ? FloatType::F16 : st == ScalarType::BFloat16 ? FloatType::BF16
                                                                                              : FloatType::F32);
     return out;
+  }
+
+  static Tensor dequantize(const Tensor& w, int64_t qtype, int64_t n, int64_t k, std::optional<ScalarType> dtype) {
+    return gather_rows(w, qtype, nullptr, n, k, dtype);
   }
 
   static void gelu_into(const Tensor& x, const Tensor* bias, const Tensor& out, const std::string& approximate) {
@@ -152,6 +174,9 @@ struct Ops {
   static Tensor dequantize_op(Tensor w, int64_t qtype, int64_t n, int64_t k, std::optional<ScalarType> dtype) {
     return dequantize(w, qtype, n, k, dtype);
   }
+  static Tensor embedding(Tensor w, int64_t qtype, Tensor ids, int64_t n, int64_t k, std::optional<ScalarType> dtype) {
+    return gather_rows(w, qtype, &ids, n, k, dtype);
+  }
 };
 
 // Registers every op of Ops<Backend> for one dispatch key; called from each backend's
@@ -170,6 +195,7 @@ struct Ops {
     m.impl("gelu_", TORCH_BOX(&O::gelu_));                                     \
     m.impl("bias_gelu", TORCH_BOX(&O::bias_gelu));                             \
     m.impl("dequantize", TORCH_BOX(&O::dequantize_op));                        \
+    m.impl("embedding", TORCH_BOX(&O::embedding));                             \
   } while (0)
 
 }  // namespace torchext

@@ -22,8 +22,15 @@ struct CpuBackend {
                         int64_t rows, void* out, FloatType ot) {
     cpu::gemv_q8_1(wt, w, n, k, xq, rows, out, ot);
   }
-  static void dequantize(Context&, QType wt, const uint8_t* w, int64_t n, int64_t k, void* out, FloatType ot) {
-    cpu::dequantize(wt, w, n, k, out, ot);
+  static void dequantize(Context&, QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows,
+                         int64_t rows_out, void* out, FloatType ot) {
+    cpu::dequantize(wt, w, n, k, rows, rows_out, out, ot);
+  }
+  // On the CPU an id out of range is an error, as in torch.nn.functional.embedding.
+  static void check_ids(const RowIndex& rows, int64_t count, int64_t n) {
+    for (int64_t i = 0; i < count; ++i)
+      STD_TORCH_CHECK(rows.source(i, n) >= 0, "ids: expected ids in [0, n=", n, "), got ", rows.id(i),
+                      " at flat position ", i);
   }
   static void gelu(Context&, const void* x, const void* bias, void* out, int64_t numel, int64_t channels,
                    FloatType t, bool tanh_form) {

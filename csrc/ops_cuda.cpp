@@ -41,9 +41,12 @@ struct CudaBackend {
                         int64_t rows, void* out, FloatType ot) {
     check_launch(launch_gemv_q8_1(wt, w, n, k, xq, rows, out, ot, c.device, c.stream), "gemv_q8_1");
   }
-  static void dequantize(Context& c, QType wt, const uint8_t* w, int64_t n, int64_t k, void* out, FloatType ot) {
-    check_launch(launch_dequantize(wt, w, n, k, out, ot, c.stream), "dequantize");
+  static void dequantize(Context& c, QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows,
+                         int64_t rows_out, void* out, FloatType ot) {
+    check_launch(launch_dequantize(wt, w, n, k, rows, rows_out, out, ot, c.stream), "dequantize");
   }
+  // Reading the ids on the host would synchronise; an id out of range gives a NaN row instead.
+  static void check_ids(const RowIndex&, int64_t, int64_t) {}
   static void gelu(Context& c, const void* x, const void* bias, void* out, int64_t numel, int64_t channels,
                    FloatType t, bool tanh_form) {
     check_launch(launch_gelu(x, bias, out, numel, channels, t, tanh_form, c.stream), "gelu");

@@ -27,6 +27,9 @@ STABLE_TORCH_LIBRARY(torchext, m) {
   m.def("bias_gelu(Tensor x, Tensor bias, str approximate=\"none\") -> Tensor");
   // quantized weight -> dense [N, K] in dtype (float32 when None)
   m.def("dequantize(Tensor w, int qtype, int n, int k, ScalarType? dtype=None) -> Tensor");
+  // rows ids [...] of a quantized weight -> dense [..., K] in dtype (float32 when None): a
+  // quantized embedding table. Out-of-range ids raise on the CPU and give NaN rows on CUDA.
+  m.def("embedding(Tensor w, int qtype, Tensor ids, int n, int k, ScalarType? dtype=None) -> Tensor");
   // dense float [N, K] -> quantized bytes [N, row bytes], llama.cpp's reference quantizers (CPU)
   m.def("quantize(Tensor w, int qtype) -> Tensor");
 }

@@ -31,15 +31,21 @@ __device__ __forceinline__ void store_chunk(void* out, int64_t offset, const flo
 
 template <class T, FloatType OT>
 __global__ void __launch_bounds__(kThreads)
-    dequantize_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, bool vector_ok, void* __restrict__ out) {
+    dequantize_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, RowIndex rows, int64_t rows_out,
+                      bool vector_ok, void* __restrict__ out) {
   constexpr int kChunks = T::kValues / 32;
   const int64_t blocks = (k + T::kValues - 1) / T::kValues;
   const int64_t chunks_per_row = (k + 31) / 32;
   const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (i >= n * chunks_per_row) return;
-  const int64_t row = i / chunks_per_row, c = i % chunks_per_row;
+  if (i >= rows_out * chunks_per_row) return;
+  const int64_t row = i / chunks_per_row, c = i % chunks_per_row, src = rows.source(row, n);
   float v[32];
-  T::dequantize_chunk(w + (row * blocks + c / kChunks) * T::kBytes, int(c % kChunks), v);
+  if (src >= 0) {
+    T::dequantize_chunk(w + (src * blocks + c / kChunks) * T::kBytes, int(c % kChunks), v);
+  } else {  // an id out of range: checking it on the host would need a sync
+#pragma unroll
+    for (int l = 0; l < 32; ++l) v[l] = __int_as_float(0x7fc00000);
+  }
   const int64_t offset = row * k + c * 32;
   if (vector_ok && c * 32 + 32 <= k) {
     store_chunk<OT>(out, offset, v);
@@ -51,22 +57,23 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <class T>
-void launch_typed(const uint8_t* w, int64_t n, int64_t k, void* out, FloatType ot, cudaStream_t stream) {
-  const unsigned grid = grid_for(n * ((k + 31) / 32), kThreads);
+void launch_typed(const uint8_t* w, int64_t n, int64_t k, RowIndex rows, int64_t rows_out, void* out, FloatType ot,
+                  cudaStream_t stream) {
+  const unsigned grid = grid_for(rows_out * ((k + 31) / 32), kThreads);
   const int elem = ot == FloatType::F32 ? 4 : 2;
   const bool vector_ok = reinterpret_cast<uintptr_t>(out) % 16 == 0 && (k * elem) % 16 == 0;
-  switch (ot) {
-    case FloatType::F32: dequantize_kernel<T, FloatType::F32><<<grid, kThreads, 0, stream>>>(w, n, k, vector_ok, out); break;
-    case FloatType::F16: dequantize_kernel<T, FloatType::F16><<<grid, kThreads, 0, stream>>>(w, n, k, vector_ok, out); break;
-    default: dequantize_kernel<T, FloatType::BF16><<<grid, kThreads, 0, stream>>>(w, n, k, vector_ok, out);
-  }
+  auto kernel = ot == FloatType::F32   ? dequantize_kernel<T, FloatType::F32>
+                : ot == FloatType::F16 ? dequantize_kernel<T, FloatType::F16>
+                                       : dequantize_kernel<T, FloatType::BF16>;
+  kernel<<<grid, kThreads, 0, stream>>>(w, n, k, rows, rows_out, vector_ok, out);
 }
 
 }  // namespace
 
-cudaError_t launch_dequantize(QType wt, const uint8_t* w, int64_t n, int64_t k, void* out, FloatType ot,
-                              cudaStream_t stream) {
-  const bool known = visit_weight_format(wt, [&](auto traits) { launch_typed<decltype(traits)>(w, n, k, out, ot, stream); });
+cudaError_t launch_dequantize(QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows, int64_t rows_out,
+                              void* out, FloatType ot, cudaStream_t stream) {
+  const bool known = visit_weight_format(
+      wt, [&](auto traits) { launch_typed<decltype(traits)>(w, n, k, rows, rows_out, out, ot, stream); });
   return known ? cudaGetLastError() : cudaErrorInvalidValue;
 }
 

@@ -9,6 +9,7 @@ from .formats import QType, block_bytes, block_values, row_bytes
 from .ops import (
     bias_gelu,
     dequantize,
+    embedding,
     gelu,
     gelu_,
     q4k_gemv,
@@ -20,9 +21,12 @@ from .ops import (
     quantize,
     quantize_q8_1,
 )
+from .cache import WeightCache
+from . import nn
 
 __all__ = [
     "QType", "block_bytes", "block_values", "row_bytes", "ops",
     "quantize_q8_1", "q4k_q8_gemv", "q4k_q8_gemv_packed", "q4k_gemv", "q5k_gemv", "q6k_gemv",
-    "qmatmul", "gelu", "gelu_", "bias_gelu", "dequantize", "quantize",
+    "qmatmul", "gelu", "gelu_", "bias_gelu", "dequantize", "embedding", "quantize",
+    "WeightCache", "nn",
 ]

@@ -100,6 +100,19 @@ def _(w, qtype, n, k, dtype=None):
     return w.new_empty((n, k), dtype=dtype or torch.float32)
 
 
+def embedding(w: torch.Tensor, qtype, ids: torch.Tensor, n: int, k: int,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows ids [...] (int64 or int32) of a quantized [n, k] weight as dense [..., k]: a token
+    embedding that stays quantized. An id outside [0, n) raises on the CPU; on CUDA, where
+    checking would synchronise with the host, its row comes out NaN."""
+    return _ops.embedding(w, int(QType.of(qtype)), ids, n, k, dtype)
+
+
+@_register_fake("torchext::embedding")
+def _(w, qtype, ids, n, k, dtype=None):
+    return w.new_empty((*ids.shape, k), dtype=dtype or torch.float32)
+
+
 def quantize(w: torch.Tensor, qtype) -> torch.Tensor:
     """Quantized bytes [n, row_bytes] of a dense float [n, k] weight (llama.cpp's reference
     quantizers; the last k-quant super-block is zero-padded). Runs on the CPU; a tensor on

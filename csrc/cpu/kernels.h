@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "kernels/float_types.h"
+#include "kernels/row_index.h"
 
 namespace torchext::cpu {
 
@@ -14,8 +15,10 @@ void quantize_q8_1(const void* x, FloatType xt, int64_t rows, int64_t k, block_q
 void gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows, void* out,
                FloatType ot);
 
-// n x k dense values of a quantized weight.
-void dequantize(QType wt, const uint8_t* w, int64_t n, int64_t k, void* out, FloatType ot);
+// rows_out x k dense values: output row i is weight row rows.source(i, n) of the n x k quantized
+// weight (NaN for an id out of range).
+void dequantize(QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows, int64_t rows_out, void* out,
+                FloatType ot);
 
 // out = gelu(x + bias[i % channels]) (bias may be null), computed in fp32.
 void gelu(const void* x, const void* bias, void* out, int64_t numel, int64_t channels, FloatType t, bool tanh_form);

@@ -1,0 +1,121 @@
+"""QuantLinear: a drop-in for torch.nn.Linear whose weight stays in a GGUF format.
+
+    layer = QuantLinear.from_linear(nn.Linear(512, 256), "Q4_K")   # quantize a float layer
+    layer = QuantLinear.from_cache(cache, "blk.0.attn_q.weight")     # share a cached weight
+    quantize_linears(model, "Q8_0", filter=lambda name, m: name != "lm_head")
+
+The weight is a uint8 buffer [out_features, row_bytes] (so .to(), state_dict and torch.compile see
+it like any buffer); forward is torchext.qmatmul, which picks the Q8_1 GEMV or the dense path by
+the number of rows. Inference only: the op has no backward.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .cache import WeightCache, as_weight_rows, check_weight_bytes, weight_format
+from .formats import block_values
+from .ops import qmatmul, quantize
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T + bias with W kept as raw bytes of a torchext weight format.
+
+    Args: weight (uint8 bytes of out_features rows of in_features values, any shape with
+    out_features * row_bytes(qtype, in_features) elements), qtype (QType, gguf id or name),
+    in_features, out_features, bias (optional [out_features] float tensor).
+    x is [..., in_features] in float32, float16 or bfloat16; the output is in x's dtype (the bias
+    is cast to it). The 32-value formats need in_features % 32 == 0; the k-quants take any
+    in_features (the last super-block is padding).
+    """
+
+    weight: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, qtype, in_features: int, out_features: int,
+                 bias: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        q = weight_format(qtype)
+        check_weight_bytes(weight, q, out_features, in_features, what="weight")
+        self.qtype = q
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.register_buffer("weight", as_weight_rows(weight, q, self.out_features, self.in_features))
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or bias.shape != (self.out_features,):
+                got = f"{bias.dtype} {list(bias.shape)}" if isinstance(bias, torch.Tensor) else type(bias).__name__
+                raise ValueError(f"bias: expected a float tensor of shape [{self.out_features}], got {got}")
+            # a Parameter, as in nn.Linear (parameters() finds it), but frozen: there is no backward
+            self.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = qmatmul(self.weight, self.qtype, x, self.out_features, self.in_features)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, qtype) -> "QuantLinear":
+        """Quantize a float nn.Linear (torchext.quantize, llama.cpp's reference quantizers, on the
+        CPU). The bytes go to the linear's device; the bias keeps its dtype."""
+        q = weight_format(qtype)
+        out_features, in_features = linear.weight.shape
+        if block_values(q) == 32 and in_features % 32:
+            raise ValueError(f"in_features: {q.name} rows are whole 32-value blocks, so in_features must be a "
+                             f"multiple of 32, got {in_features}; use a k-quant (Q4_K, Q5_K, Q6_K) or leave this "
+                             "layer in float")
+        w = linear.weight.detach()
+        data = quantize(w.to("cpu", torch.float32).contiguous(), q).to(w.device)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(data, q, in_features, out_features, bias)
+
+    @classmethod
+    def from_cache(cls, cache: WeightCache, name: str, bias: Optional[torch.Tensor] = None) -> "QuantLinear":
+        """A layer over a cached quantized weight; the buffer is the cache's tensor (no copy)."""
+        w, q, n, k = cache.get(name)
+        if q is None:
+            raise ValueError(f"{name}: a dense weight ({w.dtype}, shape {list(w.shape)}); QuantLinear needs a "
+                             "quantized one, use nn.Linear for this layer")
+        return cls(w, q, k, n, bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={self.qtype.name}, bytes={self.weight.numel()}")
+
+
+def quantize_linears(module: nn.Module, qtype,
+                     filter: Optional[Callable[[str, nn.Linear], bool]] = None) -> nn.Module:
+    """Replace, in place, every nn.Linear of `module` (those for which filter(qualified name,
+    layer) is true, when a filter is given) with QuantLinear.from_linear(layer, qtype), and
+    return the module (the new layer itself when `module` is an nn.Linear).
+
+    nn.MultiheadAttention's out_proj is skipped: that module reads its weight directly.
+    """
+    q = weight_format(qtype)
+    if _replaceable(module) and (filter is None or filter("", module)):
+        return QuantLinear.from_linear(module, q)
+    # every (parent, attribute) holding a chosen layer; a layer held twice (tied) is quantized once
+    targets = [(name, m) for name, m in module.named_modules(remove_duplicate=False)
+               if _replaceable(m) and (filter is None or filter(name, m))]
+    for name, m in targets:  # check them all before replacing any, so an error leaves the module as it was
+        if block_values(q) == 32 and m.in_features % 32:
+            raise ValueError(f"{name}: in_features={m.in_features} is not a multiple of 32, which {q.name} needs; "
+                             "exclude this layer with filter=... or use a k-quant")
+    done: dict[int, QuantLinear] = {}
+    for name, m in targets:
+        if id(m) not in done:
+            done[id(m)] = QuantLinear.from_linear(m, q)
+        parent_name, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent_name), child, done[id(m)])
+    return module
+
+
+def _replaceable(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) and not isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+__all__ = ["QuantLinear", "quantize_linears"]
