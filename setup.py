@@ -48,7 +48,8 @@ def find_cuda_home():
     if _has_toolkit(guess):
         return guess
     try:  # a wrapper: ask the real nvcc where its toolkit is ("#$ TOP=/usr/local/cuda-13.0/bin/..")
-        out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
         m = re.search(r"TOP=(\S+)", out.stdout + out.stderr)
         if m and _has_toolkit(os.path.normpath(m.group(1))):
             return os.path.normpath(m.group(1))

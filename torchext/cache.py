@@ -53,19 +53,24 @@ def weight_format(qtype) -> QType:
     return q
 
 
-def check_weight_bytes(tensor: torch.Tensor, qtype: QType, n: int, k: int, what: str = "tensor") -> None:
-    """ValueError unless `tensor` can hold an [n, k] weight of format qtype as raw bytes."""
+def check_weight_bytes(tensor: torch.Tensor, qtype: QType, n: int, k: int,
+                       names: tuple[str, str, str] = ("tensor", "n", "k")) -> None:
+    """ValueError unless `tensor` can hold an [n, k] weight of format qtype as raw bytes; the
+    messages call the three arguments by `names` (QuantLinear's are weight, out_features,
+    in_features)."""
+    what, n_name, k_name = names
     if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8:
         got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise ValueError(f"{what}: expected raw {qtype.name} bytes as a uint8 tensor, got {got}")
-    for arg, v in (("n", n), ("k", k)):
+    for arg, v in ((n_name, n), (k_name, k)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
             raise ValueError(f"{arg}: expected a positive int, got {v!r}")
     if block_values(qtype) == 32 and k % 32:
-        raise ValueError(f"k: {qtype.name} rows are whole 32-value blocks, so k must be a multiple of 32, got {k}")
+        raise ValueError(f"{k_name}: {qtype.name} rows are whole 32-value blocks, so {k_name} must be a multiple "
+                         f"of 32, got {k}")
     expected = n * row_bytes(qtype, k)
     if tensor.numel() != expected:
-        raise ValueError(f"{what}: expected {expected} bytes for {qtype.name} with n={n}, k={k} "
+        raise ValueError(f"{what}: expected {expected} bytes for {qtype.name} with {n_name}={n}, {k_name}={k} "
                          f"({n} rows of {row_bytes(qtype, k)}), got {tensor.numel()} (shape {list(tensor.shape)})")
 
 
@@ -100,8 +105,8 @@ class WeightCache:
         Quantized (qtype a weight format, its QType, gguf id or name): tensor holds the raw bytes
         of n rows of k values, any shape with n * row_bytes(qtype, k) elements; it is kept as
         [n, row_bytes] (a view, or a copy when not contiguous or 16-byte aligned).
-        Dense (qtype None): a float (or signed integer) tensor kept as given; k is its last dimension and n
-        the product of the others (n and k, when given, must agree).
+        Dense (qtype None): a float (or signed integer) tensor kept as given; k is its last
+        dimension and n the product of the others (n and k, when given, must agree).
         """
         if not isinstance(name, str):
             raise TypeError(f"name: expected a str, got {type(name).__name__}")
@@ -193,12 +198,12 @@ class WeightCache:
     # ---- compute ---------------------------------------------------------------------------------
 
     def matmul(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """x [..., k] @ weight.T -> [..., n] in x's dtype: torchext.qmatmul for quantized bytes
-        (which picks the GEMV or dense path by batch size), F.linear for a dense [n, k] weight
-        (cast to x's dtype)."""
+        """x [..., k] (any strides) @ weight.T -> [..., n] in x's dtype: torchext.qmatmul for
+        quantized bytes (which picks the GEMV or dense path by batch size), F.linear for a dense
+        [n, k] weight (cast to x's dtype)."""
         e = self.get(name)
         if e.qtype is not None:
-            return qmatmul(e.tensor, e.qtype, x, e.n, e.k)
+            return qmatmul(e.tensor, e.qtype, x.contiguous(), e.n, e.k)  # any strides, as F.linear
         if e.tensor.dim() != 2:
             raise ValueError(f"{name}: a dense weight of shape {list(e.tensor.shape)} is not a matrix")
         return F.linear(x, e.tensor.to(x.dtype))

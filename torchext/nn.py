@@ -6,7 +6,8 @@
 
 The weight is a uint8 buffer [out_features, row_bytes] (so .to(), state_dict and torch.compile see
 it like any buffer); forward is torchext.qmatmul, which picks the Q8_1 GEMV or the dense path by
-the number of rows. Inference only: the op has no backward.
+the number of rows. Inference only: the op has no autograd formula, so no gradient flows
+through the layer to its input.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ class QuantLinear(nn.Module):
     Args: weight (uint8 bytes of out_features rows of in_features values, any shape with
     out_features * row_bytes(qtype, in_features) elements), qtype (QType, gguf id or name),
     in_features, out_features, bias (optional [out_features] float tensor).
-    x is [..., in_features] in float32, float16 or bfloat16; the output is in x's dtype (the bias
-    is cast to it). The 32-value formats need in_features % 32 == 0; the k-quants take any
-    in_features (the last super-block is padding).
+    x is [..., in_features] in float32, float16 or bfloat16, any strides; the output is in x's
+    dtype (the bias is cast to it). The 32-value formats need in_features % 32 == 0; the k-quants
+    take any in_features (the last super-block is padding).
     """
 
     weight: torch.Tensor
@@ -38,7 +39,7 @@ class QuantLinear(nn.Module):
                  bias: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         q = weight_format(qtype)
-        check_weight_bytes(weight, q, out_features, in_features, what="weight")
+        check_weight_bytes(weight, q, out_features, in_features, names=("weight", "out_features", "in_features"))
         self.qtype = q
         self.in_features = int(in_features)
         self.out_features = int(out_features)
@@ -53,7 +54,8 @@ class QuantLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = qmatmul(self.weight, self.qtype, x, self.out_features, self.in_features)
+        # any strides, as nn.Linear takes (the op wants contiguous rows; a no-op when they are)
+        y = qmatmul(self.weight, self.qtype, x.contiguous(), self.out_features, self.in_features)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

@@ -65,6 +65,8 @@ def main(argv=None) -> None:
     n, k = (4096, 4096) if device.type == "cuda" else (512, 1024)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torchext report on {name} (torch {torch.__version__}); weights {n}x{k}")
+    print("rel. error: norm-relative against gguf's numpy dequantization and a float64 matmul (GEMV:")
+    print("Q8_1 activation rounding), F.gelu in float64, or the float weights (quantize: its RMSE).")
     print(f"{'op':<28}{'rows':>5}{'rel. error':>12}{'us/call':>11}{'GB/s':>9}")
 
     def row(op, rows, err, us, nbytes):
@@ -82,16 +84,47 @@ def main(argv=None) -> None:
             err = ((y - ref).norm() / ref.norm()).item()
             us = _time_us(lambda: torchext.qmatmul(w, qtype, x, n, k), device)
             row(f"qmatmul {qtype.name}", rows, err, us, w.numel() + x.numel() * 4 + rows * n * 4)
+        y = torchext.dequantize(w, qtype, n, k).double().cpu()
+        err = ((y - dense).norm() / dense.norm()).item()
+        row(f"dequantize {qtype.name}", n, err, _time_us(lambda: torchext.dequantize(w, qtype, n, k), device),
+            w.numel() + n * k * 4)
+        ids = torch.randint(0, n, (64,), device=device)
+        y = torchext.embedding(w, qtype, ids, n, k).double().cpu()
+        err = ((y - dense[ids.cpu()]).norm() / dense[ids.cpu()].norm()).item()
+        row(f"embedding {qtype.name}", 64, err, _time_us(lambda: torchext.embedding(w, qtype, ids, n, k), device),
+            64 * (w.numel() // n + k * 4))
+        if qtype == QType.Q4_K:  # the seed's Q8_1 entry point, on pre-quantized activations
+            x = torch.randn(1, k, device=device)
+            xq = torchext.quantize_q8_1(x)
+            y = torchext.q4k_q8_gemv(w, xq, n, k).double().cpu()
+            err = ((y - x.double().cpu() @ dense.T).norm() / (x.double().cpu() @ dense.T).norm()).item()
+            row("q4k_q8_gemv", 1, err, _time_us(lambda: torchext.q4k_q8_gemv(w, xq, n, k), device),
+                w.numel() + xq.numel() + n * 4)
 
     x = torch.randn(1 << 22, device=device, dtype=torch.bfloat16)
+    bias = torch.randn(1024, device=device, dtype=torch.bfloat16)
     for approx in ("none", "tanh"):
         y = torchext.gelu(x, approximate=approx)
         ref = F.gelu(x.double(), approximate=approx)
         err = ((y.double() - ref).norm() / ref.norm()).item()
         row(f"gelu {approx} bf16", 1, err, _time_us(lambda: torchext.gelu(x, approximate=approx), device), x.numel() * 4)
+        y = torchext.bias_gelu(x.view(-1, 1024), bias, approximate=approx)
+        ref = F.gelu(x.view(-1, 1024).double() + bias.double(), approximate=approx)
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        row(f"bias_gelu {approx} bf16", 1, err,
+            _time_us(lambda: torchext.bias_gelu(x.view(-1, 1024), bias, approximate=approx), device), x.numel() * 4)
+    z = x.clone()
+    row("gelu_ bf16 (in place)", 1, float("nan"), _time_us(lambda: torchext.gelu_(z), device), x.numel() * 4)
     xq = torch.randn(64, 4096, device=device)
     row("quantize_q8_1 f32", 64, float("nan"), _time_us(lambda: torchext.quantize_q8_1(xq), device),
         xq.numel() * 4 + xq.numel() // 32 * 36)
+    wf = torch.randn(256, 4096)
+    for qtype in (QType.Q4_K, QType.Q6_K, QType.Q8_0):
+        wq = torchext.quantize(wf, qtype)
+        back = torchext.dequantize(wq, qtype, 256, 4096)
+        err = ((back - wf).norm() / wf.norm()).item()
+        row(f"quantize {qtype.name} (CPU)", 256, err, _time_us(lambda: torchext.quantize(wf, qtype), torch.device("cpu"), 3),
+            wf.numel() * 4 + wq.numel())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,328 @@
+"""torchext.WeightCache: entries, errors, device moves, matmul, and GGUF files via load_gguf.
+
+GGUF files are written here with gguf.GGUFWriter (raw quantized bytes through raw_dtype) and the
+loader is checked against what was written and against gguf's own numpy dequantization.
+
+Tolerances (see tests/test_matmul.py for the measurements): cache.matmul must be bit-identical to
+torchext.qmatmul / F.linear on the same tensors (it only forwards to them). Against the float64
+oracle x @ dequant(W).T with Gaussian x, the Q8_1 rounding of the activations (up to amax/254 per
+value) leaves ~0.5-1.3% norm-relative error: we allow 3e-2 norm-relative (every weight here has
+>= 32 outputs) and 0.1 * (|x| @ |W|.T) per output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
+from gguf import GGMLQuantizationType as G
+from gguf.quants import dequantize as gguf_dequantize
+
+import torchext
+from conftest import (
+    DEVICES,
+    DTYPES,
+    K_QUANTS,
+    WEIGHT_QTYPES,
+    dequant_oracle,
+    gaussian_activations,
+    qtype_name,
+    random_weight,
+    row_bytes,
+)
+from torchext import QType, WeightCache
+
+
+def small_cache(device="cpu") -> WeightCache:
+    cache = WeightCache()
+    cache.put("q4k", random_weight(G.Q4_K, 64, 512, device, seed=1), QType.Q4_K, 64, 512)
+    cache.put("q8_0", random_weight(G.Q8_0, 32, 96, device, seed=2), "Q8_0", 32, 96)
+    cache.put("dense", torch.randn(16, 64, device=device))
+    cache.put("norm", torch.randn(64, dtype=torch.float16, device=device))
+    return cache
+
+
+# ---- entries -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_put_get_contains_len_iter(device):
+    cache = WeightCache()
+    assert len(cache) == 0 and list(cache) == [] and cache.total_bytes() == 0 and "x" not in cache
+    w4 = random_weight(G.Q4_K, 64, 512, device, seed=1)
+    e = cache.put("blk.0.ffn_up.weight", w4, QType.Q4_K, 64, 512)
+    assert e.tensor is cache.get("blk.0.ffn_up.weight").tensor
+    assert e.tensor.data_ptr() == w4.data_ptr()  # kept as given, no copy
+    w, q, n, k = cache["blk.0.ffn_up.weight"]
+    assert (q, n, k) == (QType.Q4_K, 64, 512) and e.quantized and w.shape == (64, 2 * 144)
+
+    # every way of naming a format; a flat byte tensor is kept as [n, row_bytes]
+    w8 = random_weight(G.Q8_0, 32, 96, device, seed=2)
+    for fmt in ("Q8_0", "q8_0", G.Q8_0, 8, QType.Q8_0):
+        e8 = cache.put("blk.0.attn_q.weight", w8.flatten(), fmt, 32, 96)
+        assert e8.qtype is QType.Q8_0 and e8.tensor.shape == (32, 102) and e8.tensor.data_ptr() == w8.data_ptr()
+    dense = torch.randn(16, 64, device=device)
+    norm = torch.randn(64, dtype=torch.float16, device=device)
+    ed = cache.put("output.weight", dense)
+    en = cache.put("output_norm.weight", norm, None, 1, 64)
+    assert (ed.qtype, ed.n, ed.k, ed.quantized) == (None, 16, 64, False) and ed.tensor is dense
+    assert (en.n, en.k) == (1, 64) and en.tensor is norm
+
+    names = ["blk.0.ffn_up.weight", "blk.0.attn_q.weight", "output.weight", "output_norm.weight"]
+    assert len(cache) == 4 and list(cache) == names and cache.names() == names  # insertion order
+    assert all(s in cache for s in names) and "blk.1.ffn_up.weight" not in cache and 3 not in cache
+    assert cache.total_bytes() == w4.numel() + w8.numel() + dense.numel() * 4 + norm.numel() * 2
+    assert "4 weights: 2 quantized, 2 dense" in repr(cache)
+
+    # replacing keeps one entry; removing while iterating is safe (iteration is over a snapshot)
+    cache.put("output.weight", dense * 2)
+    assert len(cache) == 4 and torch.equal(cache["output.weight"].tensor, dense * 2)
+    for name in cache:
+        if name.startswith("blk."):
+            assert cache.remove(name).tensor.dtype == torch.uint8
+    assert list(cache) == ["output.weight", "output_norm.weight"]
+    assert cache.total_bytes() == dense.numel() * 4 + norm.numel() * 2
+
+
+def test_put_copies_only_unaligned_or_strided_bytes():
+    w = random_weight(G.Q4_K, 8, 256, seed=3)
+    buf = torch.zeros(w.numel() + 1, dtype=torch.uint8)
+    buf[1:] = w.flatten()
+    misaligned = buf[1:]  # Q4_K needs 16-byte aligned storage; this starts one byte past an aligned one
+    assert misaligned.data_ptr() % 16 == 1
+    e = WeightCache().put("w", misaligned, "Q4_K", 8, 256)
+    assert e.tensor.data_ptr() % 16 == 0 and torch.equal(e.tensor, w)
+    x = gaussian_activations((1, 256), seed=4)
+    assert torch.equal(torchext.qmatmul(e.tensor, "Q4_K", x, 8, 256), torchext.qmatmul(w, "Q4_K", x, 8, 256))
+
+    strided = torch.cat([w, w], dim=1)[:, ::2]  # a non-contiguous [8, 144] view
+    e = WeightCache().put("w", strided, "Q4_K", 8, 256)
+    assert e.tensor.is_contiguous() and torch.equal(e.tensor, strided)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((torch.zeros(64, 287, dtype=torch.uint8), "Q4_K", 64, 512),
+         r"tensor: expected 18432 bytes for Q4_K with n=64, k=512 \(64 rows of 288\), got 18368"),
+        ((torch.zeros(64, 288), "Q4_K", 64, 512),
+         r"tensor: expected raw Q4_K bytes as a uint8 tensor, got torch.float32"),
+        ((torch.zeros(10, 36, dtype=torch.uint8), "Q8_1", 10, 32), r"qtype: unsupported weight format 'Q8_1'"),
+        ((torch.zeros(10, 84, dtype=torch.uint8), G.Q2_K, 10, 256), r"qtype: unsupported weight format 'Q2_K'"),
+        ((torch.zeros(10, 84, dtype=torch.uint8), 99, 10, 256), r"qtype: unsupported weight format 99"),
+        ((torch.zeros(10, 84, dtype=torch.uint8), "Q3_K", 10, 256), r"qtype: unsupported weight format 'Q3_K'"),
+        ((torch.zeros(10, 84, dtype=torch.uint8), "nonsense", 10, 256), r"qtype: unsupported weight format 'nonsense'"),
+        ((torch.zeros(10, 144, dtype=torch.uint8), "Q4_K"), r"n and k: required for a quantized \(Q4_K\) weight"),
+        ((torch.zeros(0, 144, dtype=torch.uint8), "Q4_K", 0, 256), r"n: expected a positive int, got 0"),
+        ((torch.zeros(1, 144, dtype=torch.uint8), "Q4_K", 1, -256), r"k: expected a positive int, got -256"),
+        ((torch.zeros(1, 144, dtype=torch.uint8), "Q4_K", 1, 256.0), r"k: expected a positive int, got 256.0"),
+        ((torch.zeros(4, 68, dtype=torch.uint8), "Q8_0", 4, 40),
+         r"k: Q8_0 rows are whole 32-value blocks, so k must be a multiple of 32, got 40"),
+        ((torch.zeros(4, 68, dtype=torch.uint8),), r"tensor: expected a float .* got torch.uint8; pass qtype"),
+        ((torch.zeros(4, 8), None, 8, 4), r"n and k: a dense tensor of shape \[4, 8\] holds n=4, k=8, got n=8, k=4"),
+        ((torch.tensor(1.0),), r"tensor: expected at least one dimension"),
+    ],
+    ids=lambda a: a if isinstance(a, str) else None,
+)
+def test_put_errors(args, match):
+    cache = WeightCache()
+    with pytest.raises(ValueError, match=match):
+        cache.put("w", *args)
+    assert len(cache) == 0  # nothing half-added
+    with pytest.raises(TypeError, match="name: expected a str"):
+        cache.put(3, torch.zeros(4))
+
+
+def test_missing_name_is_a_clear_key_error():
+    with pytest.raises(KeyError, match="no weight named 'w': the cache is empty"):
+        WeightCache().get("w")
+    cache = WeightCache()
+    for i in range(7):
+        cache.put(f"blk.{i}.w", torch.zeros(2, 2))
+    message = (r"no weight named 'blk.9.w'; the cache holds 7: "
+               r"'blk.0.w', 'blk.1.w', 'blk.2.w', 'blk.3.w', 'blk.4.w' and 2 more")
+    for call in (cache.get, cache.__getitem__, cache.remove, lambda s: cache.matmul(s, torch.zeros(2))):
+        with pytest.raises(KeyError, match=message):
+            call("blk.9.w")
+    assert len(cache) == 7
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_to_device_moves_every_entry(device):
+    cache = small_cache("cpu")
+    before = {name: e.tensor.clone() for name, e in cache.items()}
+    assert cache.to(device) is cache
+    for name, e in cache.items():
+        assert e.tensor.device.type == device and torch.equal(e.tensor.cpu(), before[name])
+        assert e.tensor.dtype == before[name].dtype and e.tensor.data_ptr() % 16 == 0
+    assert [(e.qtype, e.n, e.k) for _, e in cache.items()] == [(QType.Q4_K, 64, 512), (QType.Q8_0, 32, 96),
+                                                               (None, 16, 64), (None, 1, 64)]
+    # the meta device (shapes only) runs everywhere, so a move to another device is always tested
+    assert cache.to("meta") is cache
+    assert all(e.tensor.is_meta and e.tensor.shape == before[name].shape for name, e in cache.items())
+    assert cache.total_bytes() == sum(t.numel() * t.element_size() for t in before.values())
+
+
+# ---- matmul --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matmul_forwards_to_the_ops(device, dtype):
+    cache = small_cache(device)
+    for rows in (1, 3, 9):  # 9 rows takes the op's dense path, <= 8 the Q8_1 GEMV
+        for name in ("q4k", "q8_0"):
+            w, q, n, k = cache[name]
+            x = gaussian_activations((rows, k), seed=rows).to(dtype).to(device)
+            got = cache.matmul(name, x)
+            assert got.shape == (rows, n) and got.dtype == dtype
+            assert torch.equal(got, torchext.qmatmul(w, q, x, n, k))
+        x = gaussian_activations((2, rows, 64), seed=rows).to(dtype).to(device)
+        dense = cache["dense"].tensor
+        assert torch.equal(cache.matmul("dense", x), F.linear(x, dense.to(dtype)))  # weight cast to x's dtype
+    xt = gaussian_activations((512, 2), seed=9).to(dtype).to(device).t()  # any strides, as F.linear
+    w, q, n, k = cache["q4k"]
+    assert torch.equal(cache.matmul("q4k", xt), torchext.qmatmul(w, q, xt.contiguous(), n, k))
+    with pytest.raises(ValueError, match=r"norm: a dense weight of shape \[64\] is not a matrix"):
+        cache.matmul("norm", x)
+
+
+# ---- GGUF files ----------------------------------------------------------------------------------
+
+def q2_k_bytes(n: int, k: int, seed: int) -> np.ndarray:
+    """Random Q2_K rows (a format torchext does not run) with finite fp16 d, dmin at bytes 80, 82."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(n, k // 256, 84), dtype=np.uint8)
+    raw[:, :, 80:84] = (rng.standard_normal((n, k // 256, 2)) * 0.01).astype("<f2").view(np.uint8)
+    return raw.reshape(n, -1)
+
+
+# name -> (ggml type, N, K): every weight format, N >= 32 (see the tolerance note), plus dense tensors
+QUANT_TENSORS = {f"blk.{i}.{qtype_name(q).lower()}.weight": (q, 32 + 8 * i, 512 if q in K_QUANTS else 96)
+                 for i, q in enumerate(WEIGHT_QTYPES)}
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    """A GGUF file with a tensor of every torchext weight format, a 3-D (expert-stacked) Q8_0
+    tensor, F32, F16, BF16 and I32 tensors and a Q2_K one (dequantized by the loader).
+    Returns (path, {name: the numpy array written})."""
+    path = tmp_path_factory.mktemp("gguf") / "weights.gguf"
+    rng = np.random.default_rng(0)
+    written = {}
+    for i, (name, (q, n, k)) in enumerate(QUANT_TENSORS.items()):
+        written[name] = random_weight(q, n, k, seed=10 + i).numpy()
+    written["blk.0.ffn_up_exps.weight"] = random_weight(G.Q8_0, 2 * 3, 64, seed=30).numpy().reshape(2, 3, 68)
+    written["output.weight"] = rng.standard_normal((40, 64)).astype(np.float32)
+    written["output_norm.weight"] = rng.standard_normal(64).astype(np.float16)
+    bf16 = (rng.standard_normal((4, 32)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    written["token_embd.weight"] = bf16.view(np.uint8).reshape(4, 64)
+    written["positions"] = np.arange(12, dtype=np.int32).reshape(3, 4)
+    written["blk.0.q2k.weight"] = q2_k_bytes(8, 512, seed=31)
+
+    writer = GGUFWriter(str(path), "torchext-test")
+    raw_types = {name: q for name, (q, _, _) in QUANT_TENSORS.items()}
+    raw_types.update({"blk.0.ffn_up_exps.weight": G.Q8_0, "token_embd.weight": G.BF16, "blk.0.q2k.weight": G.Q2_K})
+    for name, a in written.items():
+        if name in raw_types:  # raw bytes: raw_shape is the byte shape, the writer derives the ggml shape
+            writer.add_tensor(name, a, raw_shape=a.shape, raw_dtype=raw_types[name])
+        else:
+            writer.add_tensor(name, a)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path, written
+
+
+def test_gguf_reader_layout(gguf_file):
+    """The convention load_gguf relies on: GGUFReader's `shape` lists ggml dims, ne0 (the row
+    length K) first, so a 2-D [N, K] weight reads as [K, N]; its `data` for a quantized type is
+    the uint8 byte rows [N, row_bytes] (numpy order), for F32 the values [N, K]."""
+    path, written = gguf_file
+    tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+    name = "blk.5.q4_k.weight"
+    q, n, k = QUANT_TENSORS[name]
+    t = tensors[name]
+    assert t.tensor_type == G.Q4_K and [int(d) for d in t.shape] == [k, n]
+    assert t.data.dtype == np.uint8 and t.data.shape == (n, row_bytes(q, k))
+    assert [int(d) for d in tensors["blk.0.ffn_up_exps.weight"].shape] == [64, 3, 2]
+    t = tensors["output.weight"]
+    assert [int(d) for d in t.shape] == [64, 40] and t.data.shape == (40, 64) and t.data.dtype == np.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_load_gguf(gguf_file, device):
+    path, written = gguf_file
+    calls = []
+    cache = WeightCache()
+    assert cache.load_gguf(path, names=[s for s in written if s != "blk.0.q2k.weight"] + ["blk.0.q2k.weight"],
+                           device=device, progress=lambda *a: calls.append(a)) is cache
+    assert list(cache) == list(written) and len(calls) == len(written)
+    assert calls[0] == (1, len(written), "blk.0.q4_0.weight") and calls[-1] == (len(written), len(written),
+                                                                                  "blk.0.q2k.weight")
+    for name, (q, n, k) in QUANT_TENSORS.items():
+        w, qtype, en, ek = cache[name]
+        assert (qtype, en, ek) == (QType(q), n, k)
+        assert w.dtype == torch.uint8 and w.device.type == device and w.data_ptr() % 16 == 0
+        assert np.array_equal(w.cpu().numpy(), written[name])  # the very bytes of the file
+    w, qtype, n, k = cache["blk.0.ffn_up_exps.weight"]  # 3-D: all the experts' rows, k = ne0
+    assert (qtype, n, k) == (QType.Q8_0, 6, 64)
+    assert np.array_equal(w.cpu().numpy(), written["blk.0.ffn_up_exps.weight"].reshape(6, 68))
+
+    out = cache["output.weight"]  # F32 as is, numpy order [N, K]
+    assert (out.qtype, out.n, out.k) == (None, 40, 64) and out.tensor.dtype == torch.float32
+    assert np.array_equal(out.tensor.cpu().numpy(), written["output.weight"])
+    norm = cache["output_norm.weight"].tensor  # F16 kept as float16
+    assert norm.dtype == torch.float16 and np.array_equal(norm.cpu().numpy(), written["output_norm.weight"])
+    embd = cache["token_embd.weight"].tensor  # BF16 kept as bfloat16, values as gguf dequantizes them
+    assert embd.dtype == torch.bfloat16 and embd.shape == (4, 32)
+    assert np.array_equal(embd.float().cpu().numpy(), gguf_dequantize(written["token_embd.weight"], G.BF16))
+    pos = cache["positions"].tensor
+    assert pos.dtype == torch.int32 and np.array_equal(pos.cpu().numpy(), written["positions"])
+    q2 = cache["blk.0.q2k.weight"]  # a type torchext does not run: dequantized to float32 by gguf
+    assert (q2.qtype, q2.n, q2.k, q2.tensor.dtype) == (None, 8, 512, torch.float32)
+    assert np.array_equal(q2.tensor.cpu().numpy(), gguf_dequantize(written["blk.0.q2k.weight"], G.Q2_K))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [1, 9])
+def test_load_gguf_matmul_matches_oracle(gguf_file, device, rows):
+    path, written = gguf_file
+    cache = WeightCache.from_gguf(path, names=list(QUANT_TENSORS) + ["output.weight"], device=device)
+    for i, (name, (q, n, k)) in enumerate(QUANT_TENSORS.items()):
+        x = gaussian_activations((rows, k), seed=40 + i)
+        W = dequant_oracle(torch.from_numpy(written[name]), q, n, k)  # gguf's numpy dequantization
+        ref = x.double().numpy() @ W.T
+        absref = np.abs(x.double().numpy()) @ np.abs(W).T
+        got = cache.matmul(name, x.to(device)).double().cpu().numpy()
+        assert got.shape == (rows, n)
+        rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        assert rel <= 3e-2, (name, rows, rel)
+        assert np.all(np.abs(got - ref) <= 0.1 * absref), name
+    x = gaussian_activations((rows, 64), seed=50)
+    ref = x.double().numpy() @ written["output.weight"].astype(np.float64).T
+    # dense fp32: only fp32 rounding of 64-term sums (relative 64 * 2^-24 of |x| @ |W|.T at worst)
+    absref = np.abs(x.double().numpy()) @ np.abs(written["output.weight"].astype(np.float64)).T
+    got = cache.matmul("output.weight", x.to(device)).double().cpu().numpy()
+    assert np.all(np.abs(got - ref) <= 1e-5 * absref)
+
+
+def test_load_gguf_errors(gguf_file, tmp_path):
+    path, written = gguf_file
+    with pytest.raises(KeyError, match=r"names: \['nope', 'blk.99'\] not in .*weights.gguf', which holds "
+                                       rf"{len(written)} tensors: 'blk.0.q4_0.weight'"):
+        WeightCache().load_gguf(path, names=["output.weight", "nope", "blk.99"])
+    # a type gguf cannot dequantize (Q8_K, llama.cpp's intermediate format) is a clear error; names= skips it
+    bad = tmp_path / "q8k.gguf"
+    writer = GGUFWriter(str(bad), "torchext-test")
+    qk = GGML_QUANT_SIZES[G.Q8_K][1]
+    writer.add_tensor("odd", np.zeros((2, qk), dtype=np.uint8), raw_shape=(2, qk), raw_dtype=G.Q8_K)
+    writer.add_tensor("ok", np.ones((2, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="odd: gguf cannot dequantize tensor type Q8_K"):
+        WeightCache().load_gguf(bad)
+    assert list(WeightCache().load_gguf(bad, names=["ok"])) == ["ok"]

@@ -1,0 +1,349 @@
+"""torchext.nn.QuantLinear and quantize_linears; torch.compile of models built from them.
+
+Tolerances, and why:
+- QuantLinear.forward is qmatmul plus a bias add, so it must equal those two ops bit for bit.
+- from_linear against the float layer: the error is the format's quantization error (plus, for
+  <= 8 rows, the Q8_1 rounding of the activations). On N(0, 0.05^2) weights [256, 512] and N(0, 1)
+  inputs, the norm-relative error ||y - x @ W.T|| / ||x @ W.T|| measured (max over 5 seeds, rows
+  1 / 4 / 16; llama.cpp's reference quantizers):
+      Q8_0 0.81%  Q6_K 2.0%  Q5_K 3.9%  Q5_1 4.3%  Q5_0 4.8%  Q4_K 7.7%  Q4_1 8.5%  Q4_0 9.3%
+  It is an average over 131072 weights, so it hardly moves between seeds: we assert 1.3x the
+  measurement as the upper bound, and half of it as a lower bound (a layer that silently kept
+  float weights, or quantized to the wrong format, fails one or the other).
+- torch.compile with backend="aot_eager" runs the same kernels on the same inputs: bit-identical
+  to eager for the MLP (only custom ops and an add). The transformer block adds RMSNorm and
+  scaled_dot_product_attention, which AOTAutograd may decompose, so it is compared at 1e-5
+  relative (float32 rounding of a few reductions of 64-256 terms).
+- CUDA graphs (mode="reduce-overhead", inductor): inductor generates the elementwise code and may
+  reorder reductions: 1e-3 relative/absolute on O(1) float32 outputs.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchext
+from conftest import DEVICES, DTYPES, gaussian_activations, random_weight, requires_cuda
+from torchext import QType, WeightCache
+from torchext.nn import QuantLinear, quantize_linears
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def gaussian_linear(in_features, out_features, bias=True, seed=0, std=0.05) -> nn.Linear:
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=g) * std)
+        if bias:
+            linear.bias.copy_(torch.randn(out_features, generator=g))
+    return linear
+
+
+# ---- the layer ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("qtype, n, k",
+                         [(QType.Q4_K, 64, 300), (QType.Q6_K, 48, 512), (QType.Q8_0, 40, 96), (QType.Q5_1, 32, 64)],
+                         ids=lambda v: getattr(v, "name", None))
+def test_forward_is_qmatmul_plus_bias(device, dtype, qtype, n, k):
+    w = random_weight(qtype, n, k, device, seed=n)
+    bias = gaussian_activations((n,), seed=k).to(device)  # float32: the forward casts it to x's dtype
+    with_bias = QuantLinear(w, qtype, k, n, bias)
+    without = QuantLinear(w.flatten(), int(qtype), k, n)  # flat bytes and an int id are fine too
+    assert without.weight.shape == with_bias.weight.shape == (n, w.shape[1]) and without.bias is None
+    for shape in [(k,), (1, k), (2, 3, k), (9, k)]:  # GEMV path up to 8 rows, dense path beyond
+        x = gaussian_activations(shape, seed=len(shape)).to(dtype).to(device)
+        y = torchext.qmatmul(w, qtype, x, n, k)
+        assert torch.equal(without(x), y)
+        got = with_bias(x)
+        assert got.shape == (*shape[:-1], n) and got.dtype == dtype
+        assert torch.equal(got, y + bias.to(dtype))
+    # any strides, as nn.Linear (the op itself wants contiguous rows)
+    x = gaussian_activations((2 * k, 3), seed=5).to(dtype).to(device)[::2].t()
+    assert not x.is_contiguous()
+    assert torch.equal(with_bias(x), torchext.qmatmul(w, qtype, x.contiguous(), n, k) + bias.to(dtype))
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((torch.zeros(8, 143, dtype=torch.uint8), "Q4_K", 256, 8),
+         r"weight: expected 1152 bytes for Q4_K with out_features=8, in_features=256"),
+        ((torch.zeros(8, 144), "Q4_K", 256, 8),
+         r"weight: expected raw Q4_K bytes as a uint8 tensor, got torch.float32"),
+        ((torch.zeros(8, 68, dtype=torch.uint8), "Q8_0", 40, 8),
+         r"in_features: Q8_0 rows are whole 32-value blocks, so in_features must be a multiple of 32, got 40"),
+        ((torch.zeros(8, 36, dtype=torch.uint8), "Q8_1", 32, 8), r"qtype: unsupported weight format 'Q8_1'"),
+        ((torch.zeros(8, 144, dtype=torch.uint8), "Q4_K", 256, 0), r"out_features: expected a positive int, got 0"),
+        ((torch.zeros(8, 144, dtype=torch.uint8), "Q4_K", 256, 8, torch.zeros(7)),
+         r"bias: expected a float tensor of shape \[8\], got torch.float32 \[7\]"),
+    ],
+    ids=["bytes", "dtype", "in_features", "format", "out_features", "bias"],
+)
+def test_constructor_errors(args, match):
+    with pytest.raises(ValueError, match=match):
+        QuantLinear(*args)
+
+
+# Norm-relative error bounds of from_linear (see the module docstring): (lower, upper).
+FROM_LINEAR_BOUNDS = {
+    QType.Q8_0: (0.004, 0.0105), QType.Q6_K: (0.010, 0.026), QType.Q5_K: (0.019, 0.051),
+    QType.Q5_1: (0.020, 0.056), QType.Q5_0: (0.022, 0.062), QType.Q4_K: (0.036, 0.10),
+    QType.Q4_1: (0.040, 0.11), QType.Q4_0: (0.044, 0.12),
+}
+
+
+@pytest.mark.parametrize("qtype", list(FROM_LINEAR_BOUNDS), ids=lambda q: q.name)
+def test_from_linear_error_per_format(qtype):
+    linear = gaussian_linear(512, 256, bias=True, seed=int(qtype))
+    layer = QuantLinear.from_linear(linear, qtype)
+    assert layer.qtype is qtype and layer.weight.dtype == torch.uint8
+    assert torch.equal(layer.bias, linear.bias)
+    lower, upper = FROM_LINEAR_BOUNDS[qtype]
+    for rows in (1, 16):
+        x = gaussian_activations((rows, 512), seed=rows)
+        with torch.no_grad():
+            ref = (x.double() @ linear.weight.double().T)
+            got = layer(x).double() - linear.bias.double()
+        rel = ((got - ref).norm() / ref.norm()).item()
+        assert lower < rel < upper, (qtype.name, rows, rel)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_from_linear_keeps_device_and_bias_dtype(device):
+    linear = gaussian_linear(300, 40, seed=1).to(device=device, dtype=torch.bfloat16)
+    layer = QuantLinear.from_linear(linear, "Q4_K")  # a k-quant takes any in_features (padded super-block)
+    assert layer.weight.device.type == device and layer.weight.shape == (40, 2 * 144)
+    assert layer.bias.dtype == torch.bfloat16 and torch.equal(layer.bias, linear.bias)
+    assert not layer.bias.requires_grad and [p for p in layer.parameters()] == [layer.bias]
+    x = gaussian_activations((3, 300), seed=2).to(device=device, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and y.device.type == device
+    with torch.no_grad():
+        ref = linear.float()(x.float())
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 0.1
+    with pytest.raises(ValueError, match="in_features: Q5_0 rows are whole 32-value blocks, .* got 300; use a k-quant"):
+        QuantLinear.from_linear(linear, "Q5_0")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_dict_round_trip_and_module_moves(device):
+    layer = QuantLinear.from_linear(gaussian_linear(256, 64, seed=3), "Q5_K").to(device)
+    assert layer.weight.device.type == device
+    sd = layer.state_dict()
+    assert set(sd) == {"weight", "bias"} and sd["weight"].dtype == torch.uint8
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    fresh = QuantLinear(torch.zeros_like(sd["weight"]), "Q5_K", 256, 64, torch.zeros(64, device=device))
+    fresh.load_state_dict(loaded)
+    x = gaussian_activations((2, 256), seed=4).to(device)
+    assert torch.equal(fresh(x), layer(x))
+    # .half() converts the float bias but leaves the uint8 weight bytes alone
+    half = fresh.half()
+    assert half.weight.dtype == torch.uint8 and torch.equal(half.weight, sd["weight"])
+    assert half.bias.dtype == torch.float16 and half(x.half()).dtype == torch.float16
+    moved = fresh.to("meta")  # a device move of every buffer, testable without a GPU
+    assert moved.weight.is_meta and moved.bias.is_meta
+
+
+def test_extra_repr():
+    layer = QuantLinear.from_linear(gaussian_linear(512, 256, seed=5), QType.Q4_K)
+    assert layer.extra_repr() == "in_features=512, out_features=256, bias=True, format=Q4_K, bytes=73728"
+    assert repr(QuantLinear(torch.zeros(8, 102, dtype=torch.uint8), "Q8_0", 96, 8)) == (
+        "QuantLinear(in_features=96, out_features=8, bias=False, format=Q8_0, bytes=816)")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_from_cache_shares_the_cached_bytes(device):
+    cache = WeightCache()
+    cache.put("blk.0.attn_q.weight", random_weight(QType.Q6_K, 64, 256, device, seed=6), "Q6_K", 64, 256)
+    cache.put("blk.0.attn_norm.weight", torch.ones(256, device=device))
+    bias = torch.randn(64, device=device)
+    layer = QuantLinear.from_cache(cache, "blk.0.attn_q.weight", bias=bias)
+    assert layer.weight.data_ptr() == cache["blk.0.attn_q.weight"].tensor.data_ptr()
+    assert (layer.qtype, layer.in_features, layer.out_features) == (QType.Q6_K, 256, 64)
+    x = gaussian_activations((5, 256), seed=7).to(device)
+    assert torch.equal(layer(x), cache.matmul("blk.0.attn_q.weight", x) + bias)
+    with pytest.raises(ValueError, match=r"blk.0.attn_norm.weight: a dense weight .* use nn.Linear"):
+        QuantLinear.from_cache(cache, "blk.0.attn_norm.weight")
+    with pytest.raises(KeyError, match="no weight named 'blk.1.attn_q.weight'"):
+        QuantLinear.from_cache(cache, "blk.1.attn_q.weight")
+
+
+# ---- quantize_linears --------------------------------------------------------------------------
+
+class Net(nn.Module):
+    def __init__(self, head_in=256):
+        super().__init__()
+        self.attn = nn.ModuleDict({"q": gaussian_linear(256, 256, seed=10),
+                                   "o": gaussian_linear(256, 256, False, 11)})
+        self.mlp = nn.Sequential(gaussian_linear(256, 512, seed=12), nn.GELU(), gaussian_linear(512, 256, seed=13))
+        self.head = gaussian_linear(head_in, 10, seed=14)
+        self.mha = nn.MultiheadAttention(256, 4, batch_first=True)  # its out_proj must stay float
+
+    def forward(self, x):
+        h = self.attn["o"](self.attn["q"](x))
+        h = h + self.mlp(h)
+        return self.head(h)
+
+
+def test_quantize_linears_with_filter():
+    net = Net()
+    x = gaussian_activations((4, 256), seed=15)
+    with torch.no_grad():
+        ref = net(x)
+    seen = []
+
+    def keep_head(name, m):
+        seen.append(name)
+        return name != "head"
+
+    assert quantize_linears(net, "Q8_0", filter=keep_head) is net
+    assert "head" in seen and "mha.out_proj" not in seen  # MultiheadAttention reads out_proj.weight itself
+    assert isinstance(net.head, nn.Linear) and isinstance(net.mha.out_proj, nn.Linear)
+    for layer in (net.attn["q"], net.attn["o"], net.mlp[0], net.mlp[2]):
+        assert isinstance(layer, QuantLinear) and layer.qtype is QType.Q8_0
+    assert net.attn["o"].bias is None and net.mlp[0].bias is not None
+    with torch.no_grad():
+        got = net(x)
+    # Q8_0 on every layer but the head: ~1% per layer (see FROM_LINEAR_BOUNDS), a few layers deep
+    assert ((got - ref).norm() / ref.norm()).item() < 0.03
+
+
+def test_quantize_linears_tied_root_and_errors():
+    shared = gaussian_linear(256, 256, seed=20)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    quantize_linears(model, QType.Q4_K)
+    assert isinstance(model[0], QuantLinear) and model[0] is model[2]  # a tied layer stays tied
+
+    root = quantize_linears(gaussian_linear(64, 8, seed=21), "Q4_K")
+    assert isinstance(root, QuantLinear) and root.in_features == 64
+
+    net = Net(head_in=256)
+    net.head = gaussian_linear(256, 10, seed=22)
+    net.mlp[2] = gaussian_linear(500, 256, seed=23)  # 500 is not a multiple of 32
+    with pytest.raises(ValueError, match=r"mlp.2: in_features=500 is not a multiple of 32, which Q4_0 needs"):
+        quantize_linears(net, "Q4_0")
+    assert not any(isinstance(m, QuantLinear) for m in net.modules())  # nothing replaced before the error
+    quantize_linears(net, "Q4_0", filter=lambda name, m: m.in_features % 32 == 0)
+    assert isinstance(net.mlp[0], QuantLinear) and isinstance(net.mlp[2], nn.Linear)
+    with pytest.raises(ValueError, match="qtype: unsupported weight format 'Q2_K'"):
+        quantize_linears(net, "Q2_K")
+
+
+# ---- torch.compile -------------------------------------------------------------------------------
+
+class MLP(nn.Module):
+    """up (Q4_K, no bias) -> torchext.bias_gelu (tanh) -> down (Q8_0, with bias) -> torchext.gelu."""
+
+    def __init__(self, d=256, hidden=512, dtype=torch.float32):
+        super().__init__()
+        self.up = QuantLinear.from_linear(gaussian_linear(d, hidden, bias=False, seed=30), "Q4_K")
+        self.up_bias = nn.Parameter(torch.randn(hidden, generator=torch.Generator().manual_seed(31)).to(dtype),
+                                    requires_grad=False)
+        self.down = QuantLinear.from_linear(gaussian_linear(hidden, d, seed=32).to(dtype), "Q8_0")
+
+    def forward(self, x):
+        return torchext.gelu(self.down(torchext.bias_gelu(self.up(x), self.up_bias, "tanh")))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d), requires_grad=False)
+
+    def forward(self, x):
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight).to(x.dtype)
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: causal attention (SDPA) with quantized q/k/v/o projections
+    (Q4_K, Q5_K, Q6_K, Q8_0), then a gated GELU-tanh MLP (gate Q4_K, up Q5_0, down Q6_K) whose
+    GELU is the torchext op."""
+
+    def __init__(self, d=256, heads=4, hidden=512):
+        super().__init__()
+        self.heads = heads
+        self.attn_norm, self.mlp_norm = RMSNorm(d), RMSNorm(d)
+        std = d ** -0.5
+        self.q = QuantLinear.from_linear(gaussian_linear(d, d, False, 40, std), "Q4_K")
+        self.k = QuantLinear.from_linear(gaussian_linear(d, d, False, 41, std), "Q5_K")
+        self.v = QuantLinear.from_linear(gaussian_linear(d, d, False, 42, std), "Q6_K")
+        self.o = QuantLinear.from_linear(gaussian_linear(d, d, True, 43, std), "Q8_0")
+        self.gate = QuantLinear.from_linear(gaussian_linear(d, hidden, False, 44, std), "Q4_K")
+        self.up = QuantLinear.from_linear(gaussian_linear(d, hidden, False, 45, std), "Q5_0")
+        self.down = QuantLinear.from_linear(gaussian_linear(hidden, d, False, 46, hidden ** -0.5), "Q6_K")
+
+    def forward(self, x):  # x [batch, seq, d]
+        b, s, d = x.shape
+        h = self.attn_norm(x)
+        q, k, v = (proj(h).view(b, s, self.heads, d // self.heads).transpose(1, 2)
+                   for proj in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, s, d))
+        h = self.mlp_norm(x)
+        return x + self.down(torchext.gelu(self.gate(h), "tanh") * self.up(h))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mlp_compiles_fullgraph(device, dtype):
+    model = MLP(dtype=dtype).to(device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+    for shape in [(1, 256), (2, 6, 256)]:  # 1 row: Q8_1 GEMV; 12 rows: dense; the policy is inside the op
+        x = gaussian_activations(shape, seed=shape[0]).to(dtype).to(device)
+        with torch.no_grad():
+            expected = model(x)
+            got = compiled(x)
+        assert got.shape == (*shape[:-1], 256) and got.dtype == dtype
+        assert torch.equal(got, expected)
+
+
+def test_mlp_and_block_have_no_graph_break():
+    x = gaussian_activations((1, 4, 256), seed=50)
+    for model in (MLP(), Block()):
+        with torch.no_grad():
+            explanation = torch._dynamo.explain(model)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_compiles_fullgraph(device):
+    model = Block().to(device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+    for shape in [(1, 1, 256), (2, 8, 256)]:  # one decode token (GEMV) and a prompt of 16 rows (dense)
+        x = gaussian_activations(shape, seed=shape[1]).to(device)
+        with torch.no_grad():
+            expected = model(x)
+            got = compiled(x)
+        assert got.shape == shape
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda
+def test_block_cuda_graphs_reduce_overhead():
+    model = Block().to("cuda")
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        # several calls: warm-up, graph recording, then replays; new input values each time, so a
+        # replay that ignored its input (or read a stale buffer) would fail
+        for step in range(5):
+            x = gaussian_activations((1, 1, 256), seed=60 + step).to("cuda")
+            got = compiled(x).clone()  # a replay's output is overwritten by the next replay
+            torch.testing.assert_close(got, model(x), rtol=1e-3, atol=1e-3)
