@@ -7,6 +7,8 @@
 #include <torch/headeronly/core/ScalarType.h>
 
 #include <cstdint>
+#include <sstream>
+#include <stdexcept>
 #include <string>
 
 #include "kernels/float_types.h"
@@ -17,6 +19,20 @@ namespace torchext {
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
+
+// Raises RuntimeError with exactly the message given: it starts with the argument's name
+// (STD_TORCH_CHECK would put the C++ function, file and line in front of it).
+template <class... Args>
+[[noreturn]] void fail(const Args&... parts) {
+  std::ostringstream message;
+  (message << ... << parts);
+  throw std::runtime_error(message.str());
+}
+
+#define TORCHEXT_CHECK(cond, ...) \
+  do {                            \
+    if (!(cond)) ::torchext::fail(__VA_ARGS__); \
+  } while (0)
 
 inline const char* dtype_name(ScalarType t) {
   switch (t) {
@@ -62,7 +78,7 @@ inline FormatInfo format_info(int64_t qtype, const char* arg = "qtype") {
     using T = decltype(traits);
     info = FormatInfo{QType(qtype), T::kValues, T::kBytes, T::kAlign};
   });
-  STD_TORCH_CHECK(known, arg, ": unknown or unsupported weight format id ", qtype,
+  TORCHEXT_CHECK(known, arg, ": unknown or unsupported weight format id ", qtype,
                   " (expected a gguf GGMLQuantizationType of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K)");
   return info;
 }
@@ -75,10 +91,8 @@ inline FloatType float_type(const Tensor& t, const char* arg) {
     case ScalarType::Half: return FloatType::F16;
     case ScalarType::BFloat16: return FloatType::BF16;
     default:
-      STD_TORCH_CHECK(false, arg, ": expected a float32, float16 or bfloat16 tensor, got ",
-                      dtype_name(t.scalar_type()));
+      fail(arg, ": expected a float32, float16 or bfloat16 tensor, got ", dtype_name(t.scalar_type()));
   }
-  return FloatType::F32;
 }
 
 inline ScalarType scalar_type_of(FloatType t) {
@@ -86,39 +100,39 @@ inline ScalarType scalar_type_of(FloatType t) {
 }
 
 inline void check_defined_contiguous(const Tensor& t, const char* arg) {
-  STD_TORCH_CHECK(t.defined(), arg, ": expected a tensor, got None");
-  STD_TORCH_CHECK(t.is_contiguous(), arg, ": expected a contiguous tensor (call .contiguous() first)");
+  TORCHEXT_CHECK(t.defined(), arg, ": expected a tensor, got None");
+  TORCHEXT_CHECK(t.is_contiguous(), arg, ": expected a contiguous tensor (call .contiguous() first)");
 }
 
 inline void check_same_device(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name) {
-  STD_TORCH_CHECK(a.is_cpu() == b.is_cpu() && a.get_device_index() == b.get_device_index(), a_name, " and ",
+  TORCHEXT_CHECK(a.is_cpu() == b.is_cpu() && a.get_device_index() == b.get_device_index(), a_name, " and ",
                   b_name, ": expected tensors on the same device, got ", a_name, " on ",
                   a.is_cpu() ? std::string("cpu") : "cuda:" + std::to_string(a.get_device_index()), " and ", b_name,
                   " on ", b.is_cpu() ? std::string("cpu") : "cuda:" + std::to_string(b.get_device_index()));
 }
 
 inline void check_alignment(const Tensor& t, int64_t align, const char* arg, const char* why) {
-  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % uintptr_t(align) == 0, arg,
+  TORCHEXT_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % uintptr_t(align) == 0, arg,
                   ": storage must be ", align, "-byte aligned (", why, "); got an address ",
                   reinterpret_cast<uintptr_t>(t.data_ptr()) % uintptr_t(align), " bytes past that");
 }
 
 inline void check_shape_nk(int64_t n, int64_t k) {
-  STD_TORCH_CHECK(n > 0, "n: expected a positive number of output rows, got ", n);
-  STD_TORCH_CHECK(k > 0, "k: expected a positive row length, got ", k);
+  TORCHEXT_CHECK(n > 0, "n: expected a positive number of output rows, got ", n);
+  TORCHEXT_CHECK(k > 0, "k: expected a positive row length, got ", k);
 }
 
 // A quantized weight: uint8, contiguous, exactly n rows of ceil(k / values) blocks.
 inline FormatInfo check_weight(const Tensor& w, int64_t qtype, int64_t n, int64_t k, const char* arg = "w") {
   const FormatInfo f = format_info(qtype);
   check_shape_nk(n, k);
-  STD_TORCH_CHECK(f.values == kSuperBlock || k % f.values == 0, "k: ", qtype_name(f.type),
+  TORCHEXT_CHECK(f.values == kSuperBlock || k % f.values == 0, "k: ", qtype_name(f.type),
                   " rows are whole 32-value blocks, so k must be a multiple of 32; got ", k);
   check_defined_contiguous(w, arg);
-  STD_TORCH_CHECK(w.scalar_type() == ScalarType::Byte, arg, ": expected raw ", qtype_name(f.type),
+  TORCHEXT_CHECK(w.scalar_type() == ScalarType::Byte, arg, ": expected raw ", qtype_name(f.type),
                   " bytes as a uint8 tensor, got ", dtype_name(w.scalar_type()));
   const int64_t expected = n * row_bytes(f, k);
-  STD_TORCH_CHECK(w.numel() == expected, arg, ": expected ", expected, " bytes for ", qtype_name(f.type),
+  TORCHEXT_CHECK(w.numel() == expected, arg, ": expected ", expected, " bytes for ", qtype_name(f.type),
                   " with n=", n, ", k=", k, " (", n, " rows of ", row_bytes(f, k), " bytes), got ", w.numel());
   check_alignment(w, f.align, arg, "the alignment of its blocks");
   return f;
@@ -128,8 +142,8 @@ inline FormatInfo check_weight(const Tensor& w, int64_t qtype, int64_t n, int64_
 inline FloatType check_activations(const Tensor& x, int64_t k, const char* arg = "x") {
   check_defined_contiguous(x, arg);
   const FloatType t = float_type(x, arg);
-  STD_TORCH_CHECK(x.dim() >= 1, arg, ": expected at least one dimension [..., K], got a scalar");
-  STD_TORCH_CHECK(x.size(x.dim() - 1) == k, arg, ": expected the last dimension to be k=", k, ", got ",
+  TORCHEXT_CHECK(x.dim() >= 1, arg, ": expected at least one dimension [..., K], got a scalar");
+  TORCHEXT_CHECK(x.size(x.dim() - 1) == k, arg, ": expected the last dimension to be k=", k, ", got ",
                   x.size(x.dim() - 1));
   return t;
 }
@@ -137,18 +151,18 @@ inline FloatType check_activations(const Tensor& x, int64_t k, const char* arg =
 // Q8_1 activations [..., q8_1_blocks_per_row(k) * 36], as quantize_q8_1 makes them.
 inline void check_q8_1(const Tensor& xq, int64_t k, const char* arg = "xq") {
   check_defined_contiguous(xq, arg);
-  STD_TORCH_CHECK(xq.scalar_type() == ScalarType::Byte, arg, ": expected Q8_1 bytes as a uint8 tensor, got ",
+  TORCHEXT_CHECK(xq.scalar_type() == ScalarType::Byte, arg, ": expected Q8_1 bytes as a uint8 tensor, got ",
                   dtype_name(xq.scalar_type()));
-  STD_TORCH_CHECK(xq.dim() >= 1, arg, ": expected at least one dimension [..., bytes], got a scalar");
+  TORCHEXT_CHECK(xq.dim() >= 1, arg, ": expected at least one dimension [..., bytes], got a scalar");
   const int64_t expected = q8_1_blocks_per_row(k) * int64_t(sizeof(block_q8_1));
-  STD_TORCH_CHECK(xq.size(xq.dim() - 1) == expected, arg, ": expected the last dimension to be ", expected,
+  TORCHEXT_CHECK(xq.size(xq.dim() - 1) == expected, arg, ": expected the last dimension to be ", expected,
                   " bytes (k=", k, " padded to whole 256-value super-blocks, 36 bytes per 32 values), got ",
                   xq.size(xq.dim() - 1));
   check_alignment(xq, 4, arg, "Q8_1 quants are read as 32-bit words");
 }
 
 inline bool parse_approximate(const std::string& approximate) {
-  STD_TORCH_CHECK(approximate == "none" || approximate == "tanh",
+  TORCHEXT_CHECK(approximate == "none" || approximate == "tanh",
                   "approximate: expected 'none' or 'tanh' (as torch.nn.functional.gelu), got '", approximate, "'");
   return approximate == "tanh";
 }

@@ -31,9 +31,9 @@ struct Ops {
   using Ctx = typename Backend::Context;
 
   static Tensor quantize_q8_1(Tensor x) {
-    STD_TORCH_CHECK(x.defined() && x.dim() >= 1, "x: expected activations of shape [..., K]");
+    TORCHEXT_CHECK(x.defined() && x.dim() >= 1, "x: expected activations of shape [..., K]");
     const int64_t k = x.size(x.dim() - 1);
-    STD_TORCH_CHECK(k > 0, "x: expected a positive last dimension (K), got ", k);
+    TORCHEXT_CHECK(k > 0, "x: expected a positive last dimension (K), got ", k);
     const FloatType xt = check_activations(x, k);
     const int64_t blocks = q8_1_blocks_per_row(k);
     Tensor out = torch::stable::new_empty(x, with_last_dim(x, blocks * int64_t(sizeof(block_q8_1))), ScalarType::Byte);
@@ -90,14 +90,14 @@ struct Ops {
                             std::optional<ScalarType> dtype) {
     const FormatInfo f = check_weight(w, qtype, n, k);
     const ScalarType st = dtype.value_or(ScalarType::Float);
-    STD_TORCH_CHECK(st == ScalarType::Float || st == ScalarType::Half || st == ScalarType::BFloat16,
+    TORCHEXT_CHECK(st == ScalarType::Float || st == ScalarType::Half || st == ScalarType::BFloat16,
                     "dtype: expected float32, float16 or bfloat16, got ", dtype_name(st));
     RowIndex rows;
     int64_t rows_out = n;
     std::vector<int64_t> shape{n, k};
     if (ids != nullptr) {
       check_defined_contiguous(*ids, "ids");
-      STD_TORCH_CHECK(ids->scalar_type() == ScalarType::Long || ids->scalar_type() == ScalarType::Int,
+      TORCHEXT_CHECK(ids->scalar_type() == ScalarType::Long || ids->scalar_type() == ScalarType::Int,
                       "ids: expected int64 or int32 token ids, got ", dtype_name(ids->scalar_type()));
       check_same_device(w, "w", *ids, "ids");
       rows = RowIndex{ids->data_ptr(), ids->scalar_type() == ScalarType::Long};
@@ -151,10 +151,10 @@ struct Ops {
     check_defined_contiguous(x, "x");
     check_defined_contiguous(bias, "bias");
     float_type(x, "x");
-    STD_TORCH_CHECK(bias.scalar_type() == x.scalar_type(), "bias: expected the dtype of x (",
+    TORCHEXT_CHECK(bias.scalar_type() == x.scalar_type(), "bias: expected the dtype of x (",
                     dtype_name(x.scalar_type()), "), got ", dtype_name(bias.scalar_type()));
     check_same_device(x, "x", bias, "bias");
-    STD_TORCH_CHECK(bias.dim() == 1 && x.dim() >= 1 && bias.size(0) == x.size(x.dim() - 1),
+    TORCHEXT_CHECK(bias.dim() == 1 && x.dim() >= 1 && bias.size(0) == x.size(x.dim() - 1),
                     "bias: expected a 1-D tensor of x's last dimension (", x.dim() >= 1 ? x.size(x.dim() - 1) : 0,
                     "), got ", bias.dim(), " dimensions of ", bias.dim() == 1 ? bias.size(0) : bias.numel(),
                     " elements");

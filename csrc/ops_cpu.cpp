@@ -29,7 +29,7 @@ struct CpuBackend {
   // On the CPU an id out of range is an error, as in torch.nn.functional.embedding.
   static void check_ids(const RowIndex& rows, int64_t count, int64_t n) {
     for (int64_t i = 0; i < count; ++i)
-      STD_TORCH_CHECK(rows.source(i, n) >= 0, "ids: expected ids in [0, n=", n, "), got ", rows.id(i),
+      TORCHEXT_CHECK(rows.source(i, n) >= 0, "ids: expected ids in [0, n=", n, "), got ", rows.id(i),
                       " at flat position ", i);
   }
   static void gelu(Context&, const void* x, const void* bias, void* out, int64_t numel, int64_t channels,
@@ -42,12 +42,12 @@ struct CpuBackend {
 Tensor quantize(Tensor w, int64_t qtype) {
   const FormatInfo f = format_info(qtype);
   check_defined_contiguous(w, "w");
-  STD_TORCH_CHECK(w.dim() == 2, "w: expected a 2-D weight [n, k], got ", w.dim(), " dimensions");
-  STD_TORCH_CHECK(w.scalar_type() == ScalarType::Float, "w: expected a float32 tensor, got ",
+  TORCHEXT_CHECK(w.dim() == 2, "w: expected a 2-D weight [n, k], got ", w.dim(), " dimensions");
+  TORCHEXT_CHECK(w.scalar_type() == ScalarType::Float, "w: expected a float32 tensor, got ",
                   dtype_name(w.scalar_type()), " (call .float() first)");
   const int64_t n = w.size(0), k = w.size(1);
   check_shape_nk(n, k);
-  STD_TORCH_CHECK(f.values == kSuperBlock || k % f.values == 0, "w: ", qtype_name(f.type),
+  TORCHEXT_CHECK(f.values == kSuperBlock || k % f.values == 0, "w: ", qtype_name(f.type),
                   " rows are whole 32-value blocks, so k must be a multiple of 32; got ", k);
   Tensor out = torch::stable::new_empty(w, {n, row_bytes(f, k)}, ScalarType::Byte);
   cpu::quantize(f.type, static_cast<const float*>(w.data_ptr()), n, k, static_cast<uint8_t*>(out.data_ptr()));

@@ -15,7 +15,7 @@ namespace torchext {
 namespace {
 
 void check_launch(cudaError_t err, const char* kernel) {
-  STD_TORCH_CHECK(err == cudaSuccess, "torchext: launching ", kernel, " failed: ", cudaGetErrorString(err));
+  TORCHEXT_CHECK(err == cudaSuccess, "torchext: launching ", kernel, " failed: ", cudaGetErrorString(err));
 }
 
 struct CudaBackend {
@@ -26,7 +26,7 @@ struct CudaBackend {
     explicit Context(const Tensor& on) : guard(on.get_device_index()), device(on.get_device_index()) {
       void* s = nullptr;
       // The stable C shim's view of at::cuda::getCurrentCUDAStream (works on torch >= 2.11).
-      STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(on.get_device_index(), &s) == AOTI_TORCH_SUCCESS,
+      TORCHEXT_CHECK(aoti_torch_get_current_cuda_stream(on.get_device_index(), &s) == AOTI_TORCH_SUCCESS,
                       "torchext: could not get the current CUDA stream");
       stream = static_cast<cudaStream_t>(s);
     }

@@ -160,3 +160,57 @@ def _(x, approximate="none"):
 @_register_fake("torchext::bias_gelu")
 def _(x, bias, approximate="none"):
     return torch.empty_like(x)
+
+
+# ---- autograd ------------------------------------------------------------------------------------
+# Gradients flow to the activations (and the bias), so layers upstream of a quantized one train;
+# the quantized weights are uint8 bytes and take none. Backward runs dense torch ops.
+
+def _setup_matmul_qtype(ctx, inputs, output):
+    w, qtype, x, n, k = inputs
+    ctx.w, ctx.qtype, ctx.n, ctx.k = w, qtype, n, k
+
+
+def _backward_matmul_qtype(ctx, grad):
+    return None, None, grad @ dequantize(ctx.w, ctx.qtype, ctx.n, ctx.k, grad.dtype), None, None
+
+
+torch.library.register_autograd("torchext::qmatmul", _backward_matmul_qtype, setup_context=_setup_matmul_qtype)
+for _name, _qtype in (("q4k_gemv", QType.Q4_K), ("q5k_gemv", QType.Q5_K), ("q6k_gemv", QType.Q6_K)):
+    def _setup(ctx, inputs, output, _qtype=_qtype):
+        w, x, n, k = inputs
+        ctx.w, ctx.qtype, ctx.n, ctx.k = w, int(_qtype), n, k
+
+    def _backward(ctx, grad):
+        return None, grad @ dequantize(ctx.w, ctx.qtype, ctx.n, ctx.k, grad.dtype), None, None
+
+    torch.library.register_autograd(f"torchext::{_name}", _backward, setup_context=_setup)
+
+
+def _setup_gelu(ctx, inputs, output):
+    x, approximate = inputs
+    ctx.save_for_backward(x)
+    ctx.approximate = approximate
+
+
+def _backward_gelu(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return torch.ops.aten.gelu_backward(grad, x, approximate=ctx.approximate), None
+
+
+def _setup_bias_gelu(ctx, inputs, output):
+    x, bias, approximate = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.approximate = approximate
+
+
+def _backward_bias_gelu(ctx, grad):
+    x, bias = ctx.saved_tensors
+    z = x.float() + bias.float()  # the op keeps x + bias in fp32
+    grad_z = torch.ops.aten.gelu_backward(grad.float(), z, approximate=ctx.approximate)
+    grad_bias = grad_z.reshape(-1, grad_z.shape[-1]).sum(0)
+    return grad_z.to(x.dtype), grad_bias.to(bias.dtype), None
+
+
+torch.library.register_autograd("torchext::gelu", _backward_gelu, setup_context=_setup_gelu)
+torch.library.register_autograd("torchext::bias_gelu", _backward_bias_gelu, setup_context=_setup_bias_gelu)

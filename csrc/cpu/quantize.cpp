@@ -7,7 +7,6 @@
 // also match the `gguf` package's numpy quantizers bit for bit (tests/test_quantize.py).
 // What the bytes mean is defined by dequantize_chunk in kernels/quant_traits.h.
 #include <torch/csrc/stable/ops.h>
-#include <torch/headeronly/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
@@ -442,7 +441,7 @@ void quantize(QType wt, const float* x, int64_t n, int64_t k, uint8_t* out) {
     case QType::Q5_0: quantize_rows<QType::Q5_0>(x, n, k, out); break;
     case QType::Q5_1: quantize_rows<QType::Q5_1>(x, n, k, out); break;
     default:
-      STD_TORCH_CHECK(false, "qtype: no quantizer for format ", qtype_name(wt), " (id ", int64_t(wt),
+      fail("qtype: no quantizer for format ", qtype_name(wt), " (id ", int64_t(wt),
                       "); expected a weight format: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K");
   }
 }
