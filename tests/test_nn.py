@@ -127,9 +127,10 @@ def test_from_linear_keeps_device_and_bias_dtype(device):
     layer = QuantLinear.from_linear(linear, "Q4_K")  # a k-quant takes any in_features (padded super-block)
     assert layer.weight.device.type == device and layer.weight.shape == (40, 2 * 144)
     assert layer.bias.dtype == torch.bfloat16 and torch.equal(layer.bias, linear.bias)
-    assert not layer.bias.requires_grad and [p for p in layer.parameters()] == [layer.bias]
+    assert layer.bias.requires_grad and [p for p in layer.parameters()] == [layer.bias]  # as nn.Linear's
     x = gaussian_activations((3, 300), seed=2).to(device=device, dtype=torch.bfloat16)
-    y = layer(x)
+    with torch.no_grad():
+        y = layer(x)
     assert y.dtype == torch.bfloat16 and y.device.type == device
     with torch.no_grad():
         ref = linear.float()(x.float())
@@ -347,3 +348,17 @@ def test_block_cuda_graphs_reduce_overhead():
             x = gaussian_activations((1, 1, 256), seed=60 + step).to("cuda")
             got = compiled(x).clone()  # a replay's output is overwritten by the next replay
             torch.testing.assert_close(got, model(x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_reach_input_and_bias(device):
+    """Training around a quantized layer: x and the bias get the gradients of x @ W.T + b, with W
+    the dequantized weight (the bytes themselves are not trained)."""
+    linear = gaussian_linear(256, 32, seed=3).to(device)
+    layer = QuantLinear.from_linear(linear, "Q6_K")
+    x = gaussian_activations((2, 256), seed=4).to(device).requires_grad_()
+    g = torch.randn(2, 32, device=device)
+    layer(x).backward(g)
+    w = torchext.dequantize(layer.weight, "Q6_K", 32, 256)
+    torch.testing.assert_close(x.grad, g @ w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.bias.grad, g.sum(0))

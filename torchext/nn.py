@@ -6,8 +6,8 @@
 
 The weight is a uint8 buffer [out_features, row_bytes] (so .to(), state_dict and torch.compile see
 it like any buffer); forward is torchext.qmatmul, which picks the Q8_1 GEMV or the dense path by
-the number of rows. Inference only: the op has no autograd formula, so no gradient flows
-through the layer to its input.
+the number of rows. Gradients flow to the input and the bias (the op's backward multiplies by
+the dequantized weight); the quantized weight itself is not trained.
 """
 
 from __future__ import annotations
@@ -48,8 +48,7 @@ class QuantLinear(nn.Module):
             if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or bias.shape != (self.out_features,):
                 got = f"{bias.dtype} {list(bias.shape)}" if isinstance(bias, torch.Tensor) else type(bias).__name__
                 raise ValueError(f"bias: expected a float tensor of shape [{self.out_features}], got {got}")
-            # a Parameter, as in nn.Linear (parameters() finds it), but frozen: there is no backward
-            self.bias = nn.Parameter(bias.detach(), requires_grad=False)
+            self.bias = nn.Parameter(bias.detach())  # trainable, as in nn.Linear
         else:
             self.register_parameter("bias", None)
 
