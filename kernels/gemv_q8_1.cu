@@ -21,7 +21,6 @@ namespace {
 constexpr int kWarps = 16;  // large CTAs: fewer of them copy the same activations
 constexpr int kThreads = kWarps * kWarp;
 constexpr int kMaxRows = 8;
-constexpr size_t kMaxStagedBytes = 200 * 1024;  // of the 227 KB a Hopper CTA may use
 constexpr int kUnroll = 4;
 
 // Shared memory for `rows` staged rows: 32 quants and one Q8Scales per 32 values.
@@ -122,6 +121,14 @@ int sm_count(int device) {
   return count > 0 ? count : 1;
 }
 
+// Shared memory a CTA may stage activations in: the device's opt-in limit (227 KB on Hopper,
+// 163 KB on A100, 99 KB on consumer GPUs) less room for the kernel's static arrays.
+size_t max_staged_bytes(int device) {
+  int limit = 0;
+  cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return limit > 4096 ? size_t(limit) - 4096 : 0;
+}
+
 template <class T, int B, bool kStaged>
 cudaError_t launch_rows(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* x, int rows, void* out,
                         FloatType ot, int device, cudaStream_t stream) {
@@ -153,6 +160,7 @@ cudaError_t launch_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, c
                              void* out, FloatType ot, int device, cudaStream_t stream) {
   const size_t out_elem = ot == FloatType::F32 ? 4 : 2;
   const int64_t xb = q8_1_blocks_per_row(k);
+  const size_t max_staged = max_staged_bytes(device);
   cudaError_t err = cudaSuccess;
   const bool known = visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
@@ -160,10 +168,10 @@ cudaError_t launch_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, c
     // read from global memory one at a time. The batch policy keeps larger batches off this path.
     for (int64_t r0 = 0; r0 < rows && err == cudaSuccess;) {
       int g = int(std::min<int64_t>(rows - r0, kMaxRows));
-      while (g > 1 && staged_bytes(k, g) > kMaxStagedBytes) g /= 2;
+      while (g > 1 && staged_bytes(k, g) > max_staged) g /= 2;
       const block_q8_1* xg = x + r0 * xb;
       void* o = static_cast<char*>(out) + r0 * n * out_elem;
-      if (staged_bytes(k, g) > kMaxStagedBytes) err = launch_rows<T, 1, false>(w, n, k, xg, 1, o, ot, device, stream);
+      if (staged_bytes(k, g) > max_staged) err = launch_rows<T, 1, false>(w, n, k, xg, 1, o, ot, device, stream);
       else if (g == 1) err = launch_rows<T, 1, true>(w, n, k, xg, g, o, ot, device, stream);
       else if (g == 2) err = launch_rows<T, 2, true>(w, n, k, xg, g, o, ot, device, stream);
       else if (g <= 4) err = launch_rows<T, 4, true>(w, n, k, xg, g, o, ot, device, stream);
