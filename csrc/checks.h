@@ -7,6 +7,7 @@
 #include <torch/headeronly/core/ScalarType.h>
 
 #include <cstdint>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -85,18 +86,20 @@ inline FormatInfo format_info(int64_t qtype, const char* arg = "qtype") {
 
 inline int64_t row_bytes(const FormatInfo& f, int64_t k) { return (k + f.values - 1) / f.values * f.bytes; }
 
-inline FloatType float_type(const Tensor& t, const char* arg) {
-  switch (t.scalar_type()) {
+// The kernels' element type for a torch dtype; nullopt for a dtype they do not take.
+inline std::optional<FloatType> float_type_of(ScalarType t) {
+  switch (t) {
     case ScalarType::Float: return FloatType::F32;
     case ScalarType::Half: return FloatType::F16;
     case ScalarType::BFloat16: return FloatType::BF16;
-    default:
-      fail(arg, ": expected a float32, float16 or bfloat16 tensor, got ", dtype_name(t.scalar_type()));
+    default: return std::nullopt;
   }
 }
 
-inline ScalarType scalar_type_of(FloatType t) {
-  return t == FloatType::F16 ? ScalarType::Half : t == FloatType::BF16 ? ScalarType::BFloat16 : ScalarType::Float;
+inline FloatType float_type(const Tensor& t, const char* arg) {
+  const std::optional<FloatType> f = float_type_of(t.scalar_type());
+  TORCHEXT_CHECK(f, arg, ": expected a float32, float16 or bfloat16 tensor, got ", dtype_name(t.scalar_type()));
+  return *f;
 }
 
 inline void check_defined_contiguous(const Tensor& t, const char* arg) {

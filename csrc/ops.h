@@ -67,7 +67,7 @@ struct Ops {
     if (rows == 0) return torch::stable::new_empty(x, with_last_dim(x, n));
     if (choose_matmul_path(rows) == MatmulPath::DequantizeDense) {
       // Dense GEMM on the dequantized weight: exact weights, no activation rounding.
-      const ScalarType ct = Backend::dense_compute_type(scalar_type_of(xt));
+      const ScalarType ct = Backend::dense_compute_type(x.scalar_type());
       Tensor wd = dequantize(w, qtype, n, k, ct);
       Tensor x2 = torch::stable::reshape(x, {rows, k});
       if (x.scalar_type() != ct) x2 = torch::stable::to(x2, ct);
@@ -90,8 +90,8 @@ struct Ops {
                             std::optional<ScalarType> dtype) {
     const FormatInfo f = check_weight(w, qtype, n, k);
     const ScalarType st = dtype.value_or(ScalarType::Float);
-    TORCHEXT_CHECK(st == ScalarType::Float || st == ScalarType::Half || st == ScalarType::BFloat16,
-                    "dtype: expected float32, float16 or bfloat16, got ", dtype_name(st));
+    const std::optional<FloatType> ot = float_type_of(st);
+    TORCHEXT_CHECK(ot, "dtype: expected float32, float16 or bfloat16, got ", dtype_name(st));
     RowIndex rows;
     int64_t rows_out = n;
     std::vector<int64_t> shape{n, k};
@@ -110,8 +110,7 @@ struct Ops {
     if (rows_out == 0) return out;
     Ctx ctx(w);
     Backend::dequantize(ctx, f.type, static_cast<const uint8_t*>(w.data_ptr()), n, k, rows, rows_out, out.data_ptr(),
-                        st == ScalarType::Half ? FloatType::F16 : st == ScalarType::BFloat16 ? FloatType::BF16
-                                                                                             : FloatType::F32);
+                        *ot);
     return out;
   }
 
