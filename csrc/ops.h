@@ -44,17 +44,21 @@ struct Ops {
     return out;
   }
 
-  // Weights x pre-quantized Q8_1 activations -> float32 [..., n].
-  static Tensor gemv_q8_1(const Tensor& w, int64_t qtype, const Tensor& xq, int64_t n, int64_t k) {
+  // Weights x pre-quantized Q8_1 activations -> [..., n] in dtype (float32 when None).
+  static Tensor gemv_q8_1(const Tensor& w, int64_t qtype, const Tensor& xq, int64_t n, int64_t k,
+                          std::optional<ScalarType> dtype = std::nullopt) {
     const FormatInfo f = check_weight(w, qtype, n, k);
     check_q8_1(xq, k);
     check_same_device(w, "w", xq, "xq");
-    Tensor out = torch::stable::new_empty(xq, with_last_dim(xq, n), ScalarType::Float);
+    const ScalarType st = dtype.value_or(ScalarType::Float);
+    const std::optional<FloatType> ot = float_type_of(st);
+    TORCHEXT_CHECK(ot, "dtype: expected float32, float16 or bfloat16, got ", dtype_name(st));
+    Tensor out = torch::stable::new_empty(xq, with_last_dim(xq, n), st);
     const int64_t rows = leading_rows(xq);
     if (rows == 0) return out;
     Ctx ctx(w);
     Backend::gemv_q8_1(ctx, f.type, static_cast<const uint8_t*>(w.data_ptr()), n, k,
-                       static_cast<const block_q8_1*>(xq.data_ptr()), rows, out.data_ptr(), FloatType::F32);
+                       static_cast<const block_q8_1*>(xq.data_ptr()), rows, out.data_ptr(), *ot);
     return out;
   }
 
@@ -170,6 +174,10 @@ struct Ops {
   static Tensor q5k_gemv(Tensor w, Tensor x, int64_t n, int64_t k) { return matmul(w, int64_t(QType::Q5_K), x, n, k); }
   static Tensor q6k_gemv(Tensor w, Tensor x, int64_t n, int64_t k) { return matmul(w, int64_t(QType::Q6_K), x, n, k); }
   static Tensor qmatmul(Tensor w, int64_t qtype, Tensor x, int64_t n, int64_t k) { return matmul(w, qtype, x, n, k); }
+  static Tensor qmatmul_q8_1(Tensor w, int64_t qtype, Tensor xq, int64_t n, int64_t k,
+                             std::optional<ScalarType> dtype) {
+    return gemv_q8_1(w, qtype, xq, n, k, dtype);
+  }
   static Tensor dequantize_op(Tensor w, int64_t qtype, int64_t n, int64_t k, std::optional<ScalarType> dtype) {
     return dequantize(w, qtype, n, k, dtype);
   }
@@ -190,6 +198,7 @@ struct Ops {
     m.impl("q5k_gemv", TORCH_BOX(&O::q5k_gemv));                               \
     m.impl("q6k_gemv", TORCH_BOX(&O::q6k_gemv));                               \
     m.impl("qmatmul", TORCH_BOX(&O::qmatmul));                                 \
+    m.impl("qmatmul_q8_1", TORCH_BOX(&O::qmatmul_q8_1));                       \
     m.impl("gelu", TORCH_BOX(&O::gelu));                                       \
     m.impl("gelu_", TORCH_BOX(&O::gelu_));                                     \
     m.impl("bias_gelu", TORCH_BOX(&O::bias_gelu));                             \

@@ -18,6 +18,9 @@ STABLE_TORCH_LIBRARY(torchext, m) {
   m.def("q6k_gemv(Tensor w, Tensor x, int n, int k) -> Tensor");
   // any weight format x float activations [..., K] -> [..., N]; the dispatch QuantLinear uses
   m.def("qmatmul(Tensor w, int qtype, Tensor x, int n, int k) -> Tensor");
+  // any weight format x Q8_1 activations [..., bytes] -> [..., N] in dtype (float32 when None): one
+  // quantize_q8_1 shared by several weights that read the same input (q/k/v, gate/up)
+  m.def("qmatmul_q8_1(Tensor w, int qtype, Tensor xq, int n, int k, ScalarType? dtype=None) -> Tensor");
   // GELU, approximate in {"none", "tanh"} as torch.nn.functional.gelu
   m.def("gelu(Tensor x, str approximate=\"none\") -> Tensor");
   // in-place GELU: overwrites x. It returns nothing, so that functionalization (torch.compile)

@@ -12,15 +12,12 @@ value) leaves ~0.5-1.3% norm-relative error: we allow 3e-2 norm-relative (every 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
-from gguf import GGMLQuantizationType as G
-from gguf.quants import dequantize as gguf_dequantize
-
-import torchext
 from conftest import (
     DEVICES,
     DTYPES,
@@ -32,6 +29,11 @@ from conftest import (
     random_weight,
     row_bytes,
 )
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
+from gguf import GGMLQuantizationType as G
+from gguf.quants import dequantize as gguf_dequantize
+
+import torchext
 from torchext import QType, WeightCache
 
 
@@ -239,7 +241,7 @@ def test_gguf_reader_layout(gguf_file):
     """The convention load_gguf relies on: GGUFReader's `shape` lists ggml dims, ne0 (the row
     length K) first, so a 2-D [N, K] weight reads as [K, N]; its `data` for a quantized type is
     the uint8 byte rows [N, row_bytes] (numpy order), for F32 the values [N, K]."""
-    path, written = gguf_file
+    path, _ = gguf_file
     tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
     name = "blk.5.q4_k.weight"
     q, n, k = QUANT_TENSORS[name]
@@ -326,3 +328,196 @@ def test_load_gguf_errors(gguf_file, tmp_path):
     with pytest.raises(ValueError, match="odd: gguf cannot dequantize tensor type Q8_K"):
         WeightCache().load_gguf(bad)
     assert list(WeightCache().load_gguf(bad, names=["ok"])) == ["ok"]
+
+
+# ---- the weight pool (load_gguf(pool=True)) ------------------------------------------------------
+
+def gguf_data_bytes(path) -> int:
+    """Bytes of a GGUF file's data section: from the reader's data_offset to the end of the file."""
+    return path.stat().st_size - GGUFReader(str(path)).data_offset
+
+
+def shares_pool(t: torch.Tensor, cache: WeightCache) -> bool:
+    """Whether t views a storage of exactly the pool's size (the one the pool's entries share)."""
+    return t.untyped_storage().nbytes() == cache.pool_bytes
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_load_gguf_pool(gguf_file, device):
+    path, written = gguf_file
+    calls = []
+    cache = WeightCache().load_gguf(path, device=device, progress=lambda *a: calls.append(a), pool=True)
+    plain = WeightCache().load_gguf(path, device=device)
+    assert list(cache) == list(written) == cache.names() and len(cache) == len(written)
+    assert calls == [(i + 1, len(written), name) for i, name in enumerate(written)]  # once per tensor
+    assert cache.pool_bytes == gguf_data_bytes(path) and plain.pool_bytes == 0
+    assert isinstance(cache.load_seconds, float) and cache.load_seconds >= 0
+
+    pooled = [name for name in written if name != "blk.0.q2k.weight"]  # Q2_K is dequantized, not a view
+    base = cache[pooled[0]].tensor.untyped_storage().data_ptr()
+    for name in written:
+        e, p = cache[name], plain[name]
+        assert (e.qtype, e.n, e.k) == (p.qtype, p.n, p.k), name
+        assert e.tensor.dtype == p.tensor.dtype and e.tensor.shape == p.tensor.shape, name
+        assert torch.equal(e.tensor, p.tensor), name  # the same bytes / values as a tensor-by-tensor load
+        assert e.tensor.device.type == device and e.tensor.is_contiguous()
+        in_pool = e.tensor.untyped_storage().data_ptr() == base
+        assert in_pool == (name in pooled), name
+        if e.quantized:
+            assert e.tensor.data_ptr() % 16 == 0  # Q4_K/Q5_K's block loads need it
+    assert all(shares_pool(cache[name].tensor, cache) for name in pooled)
+    out = cache["output.weight"].tensor  # a typed view: F32 values as written
+    assert np.array_equal(out.cpu().numpy(), written["output.weight"])
+    # the pool once (its entries are views) plus the one tensor of its own
+    q2k = cache["blk.0.q2k.weight"].tensor
+    assert cache.total_bytes() == cache.pool_bytes + q2k.numel() * 4
+    assert f"{len(written)} weights: 9 quantized, 5 dense" in repr(cache) and "pool of" in repr(cache)
+    assert "pool" not in repr(plain)
+    assert WeightCache.from_gguf(path, pool=True).names() == cache.names()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [1, 9])
+def test_pool_matmul_matches_plain_load(gguf_file, device, rows):
+    path, _ = gguf_file
+    cache = WeightCache.from_gguf(path, device=device, pool=True)
+    plain = WeightCache.from_gguf(path, device=device)
+    for i, (name, (_, n, k)) in enumerate(QUANT_TENSORS.items()):
+        x = gaussian_activations((rows, k), seed=60 + i).to(device)
+        got = cache.matmul(name, x)
+        assert got.shape == (rows, n) and torch.equal(got, plain.matmul(name, x)), name
+    x = gaussian_activations((rows, 64), seed=70).to(device)
+    assert torch.equal(cache.matmul("output.weight", x), plain.matmul("output.weight", x))
+
+
+def test_pool_lookup_put_remove(gguf_file):
+    path, written = gguf_file
+    cache = WeightCache()
+    cache.put("output.weight", torch.zeros(2, 2))  # the file's tensor of this name replaces it
+    cache.put("mine", torch.ones(3, 8))
+    cache.load_gguf(path, pool=True)
+    pooled = [name for name in written if name != "blk.0.q2k.weight"]
+    assert list(cache) == [*pooled, "mine", "blk.0.q2k.weight"]  # the pool's (file order), then the others
+    assert cache["output.weight"].tensor.shape == (40, 64) and shares_pool(cache["output.weight"].tensor, cache)
+    pool_bytes, total = cache.pool_bytes, cache.total_bytes()
+    assert total == pool_bytes + 3 * 8 * 4 + 8 * 512 * 4
+
+    # put shadows a pooled name: the new weight wins, the pool keeps its bytes
+    name = "blk.5.q4_k.weight"
+    q, n, k = QUANT_TENSORS[name]
+    w = random_weight(q, n, k, seed=80)
+    assert cache.put(name, w, q, n, k).tensor.data_ptr() == w.data_ptr()
+    assert cache[name].tensor.data_ptr() == w.data_ptr() and torch.equal(cache.get(name).tensor, w)
+    assert len(cache) == len(written) + 1 and cache.names()[-1] == name  # now an individual entry
+    assert cache.pool_bytes == pool_bytes and cache.total_bytes() == total + w.numel()
+    x = gaussian_activations((1, k), seed=81)
+    assert torch.equal(cache.matmul(name, x), torchext.qmatmul(w, q, x, n, k))
+
+    # remove takes from whichever map holds the name
+    e = cache.remove("output.weight")
+    assert shares_pool(e.tensor, cache) and "output.weight" not in cache and cache.pool_bytes == pool_bytes
+    assert cache.remove(name).tensor.data_ptr() == w.data_ptr() and name not in cache
+    assert cache.remove("mine").tensor.shape == (3, 8)
+    with pytest.raises(KeyError, match="no weight named 'output.weight'; the cache holds"):
+        cache.remove("output.weight")
+    assert len(cache) == len(written) - 2 and cache.total_bytes() == pool_bytes + 8 * 512 * 4
+    # the pool is freed with the last entry that views it
+    for s in list(cache):
+        if s != "blk.0.q2k.weight":
+            cache.remove(s)
+    assert list(cache) == ["blk.0.q2k.weight"] and cache.pool_bytes == 0 and "pool" not in repr(cache)
+    assert cache.total_bytes() == 8 * 512 * 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pool_to_device(gguf_file, device):
+    path, written = gguf_file
+    cache = WeightCache.from_gguf(path, pool=True)
+    cache.put("mine", torch.ones(3, 8))
+    before = {name: e.tensor.clone() for name, e in cache.items()}
+    pool_bytes, total = cache.pool_bytes, cache.total_bytes()
+    ptrs = [e.tensor.data_ptr() for _, e in cache.items()]
+    assert cache.to("cpu") is cache and [e.tensor.data_ptr() for _, e in cache.items()] == ptrs  # no copy
+
+    assert cache.to(device) is cache
+    pooled = [name for name in written if name != "blk.0.q2k.weight"]
+    base = cache[pooled[0]].tensor.untyped_storage().data_ptr()
+    for name, e in cache.items():
+        assert e.tensor.device.type == device and torch.equal(e.tensor.cpu(), before[name]), name
+        assert (e.tensor.untyped_storage().data_ptr() == base) == (name in pooled), name  # still views
+    assert cache.pool_bytes == pool_bytes and cache.total_bytes() == total
+    x = gaussian_activations((1, 512), seed=90).to(device)
+    q, n, k = QUANT_TENSORS["blk.5.q4_k.weight"]
+    w = before["blk.5.q4_k.weight"].to(device)
+    assert torch.equal(cache.matmul("blk.5.q4_k.weight", x), torchext.qmatmul(w, q, x, n, k))
+
+    # the meta device (shapes only) runs everywhere
+    assert cache.to("meta") is cache
+    assert all(e.tensor.is_meta and e.tensor.shape == before[name].shape and e.tensor.dtype == before[name].dtype
+               for name, e in cache.items())
+    assert all(shares_pool(cache[name].tensor, cache) for name in pooled)
+    assert cache.pool_bytes == pool_bytes and cache.total_bytes() == total
+
+
+def test_load_gguf_pool_errors(gguf_file, tmp_path, monkeypatch):
+    path, _ = gguf_file
+    cache = WeightCache()
+    with pytest.raises(ValueError, match="pool: a pool holds the whole file, so names must be None"):
+        cache.load_gguf(path, names=["output.weight"], pool=True)
+    assert len(cache) == 0 and cache.pool_bytes == 0
+    cache.load_gguf(path, pool=True)
+    with pytest.raises(ValueError, match="pool: this cache already holds a pool"):
+        cache.load_gguf(path, pool=True)
+
+    # a file cut inside its last tensor: gguf's reader already refuses it
+    data = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:-100])
+    with pytest.raises(ValueError):
+        WeightCache().load_gguf(cut, pool=True)
+
+    # a file that shrinks after gguf read its header: load_gguf's own size check
+    import gguf
+
+    class ShrinkingReader(GGUFReader):
+        def __init__(self, p, *args, **kwargs):
+            super().__init__(p, *args, **kwargs)
+            os.truncate(p, len(data) - 100)
+
+    shrinking = tmp_path / "shrinking.gguf"
+    shrinking.write_bytes(data)
+    monkeypatch.setattr(gguf, "GGUFReader", ShrinkingReader)
+    empty = WeightCache()
+    with pytest.raises(ValueError, match=r"shrinking.gguf' is truncated: blk.0.q2k.weight needs data-section bytes"):
+        empty.load_gguf(shrinking, pool=True)
+    assert len(empty) == 0 and empty.pool_bytes == 0
+    monkeypatch.undo()
+
+    # an 8-byte aligned file can put a Q4_K tensor off a 16-byte boundary: refused, not copied
+    odd = tmp_path / "align8.gguf"
+    writer = GGUFWriter(str(odd), "torchext-test")
+    writer.add_custom_alignment(8)
+    writer.add_tensor("scale", np.ones(2, dtype=np.float32))  # 8 bytes: the next tensor starts at 8
+    writer.add_tensor("w", random_weight(G.Q4_K, 2, 256, seed=5).numpy(), raw_shape=(2, 144), raw_dtype=G.Q4_K)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"pool: w starts 8 bytes into the data section, not on a 16-byte boundary "
+                                         r"\(file alignment 8\); load it with pool=False"):
+        WeightCache().load_gguf(odd, pool=True)
+    assert WeightCache().load_gguf(odd)["w"].tensor.data_ptr() % 16 == 0  # the copying load still serves it
+
+    # a type gguf cannot dequantize fails before anything is stored
+    bad = tmp_path / "q8k.gguf"
+    writer = GGUFWriter(str(bad), "torchext-test")
+    qk = GGML_QUANT_SIZES[G.Q8_K][1]
+    writer.add_tensor("ok", np.ones((2, 32), dtype=np.float32))
+    writer.add_tensor("odd", np.zeros((2, qk), dtype=np.uint8), raw_shape=(2, qk), raw_dtype=G.Q8_K)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="odd: gguf cannot dequantize tensor type Q8_K"):
+        empty.load_gguf(bad, pool=True)
+    assert len(empty) == 0 and empty.pool_bytes == 0

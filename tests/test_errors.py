@@ -547,6 +547,23 @@ def test_wrappers_reject_unknown_format_names():
         torchext.qmatmul(w, "Q8_1", x, N, K)
 
 
+# ---- qmatmul_q8_1 -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_qmatmul_q8_1_errors(device):
+    w8, xq = weight(Q8_0, device=device), q8(device=device)
+    with err(lit("dtype: expected float32, float16 or bfloat16, got int32")):
+        ops.qmatmul_q8_1(w8, Q8_0, xq, N, K, torch.int32)
+    with err("qtype"):
+        ops.qmatmul_q8_1(w8, 99, xq, N, K)
+    with err("xq"):
+        ops.qmatmul_q8_1(w8, Q8_0, xq[:, :-4], N, K)
+    with err("xq"):
+        ops.qmatmul_q8_1(w8, Q8_0, xq.view(torch.int8), N, K)
+    with err(lit("w: expected")):
+        ops.qmatmul_q8_1(w8[:-1], Q8_0, xq, N, K)
+
+
 # ---- an error leaves nothing behind -----------------------------------------------------------------
 
 def _good_and_bad(device):
@@ -567,6 +584,8 @@ def _good_and_bad(device):
          lambda: ops.q5k_gemv(w4, x9, N, K)),
         ("q6k_gemv", lambda: ops.q6k_gemv(w6, x1, N, K), lambda: ops.q6k_gemv(w6, x1, N + 1, K)),
         ("qmatmul", lambda: ops.qmatmul(w8, Q8_0, x9, N, K), lambda: ops.qmatmul(w8, 99, x9, N, K)),
+        ("qmatmul_q8_1", lambda: ops.qmatmul_q8_1(w8, Q8_0, xq, N, K, torch.float16),
+         lambda: ops.qmatmul_q8_1(w8, Q8_0, xq, N, K, torch.int32)),
         ("dequantize", lambda: ops.dequantize(w6, Q6_K, N, K, torch.bfloat16),
          lambda: ops.dequantize(w6, Q6_K, N, K, torch.int32)),
         ("gelu", lambda: ops.gelu(x9, "tanh"), lambda: ops.gelu(x9, "exact")),
@@ -576,9 +595,10 @@ def _good_and_bad(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("index", range(11), ids=lambda i: ["quantize_q8_1", "q4k_q8_gemv", "q4k_q8_gemv_packed",
+@pytest.mark.parametrize("index", range(12), ids=lambda i: ["quantize_q8_1", "q4k_q8_gemv", "q4k_q8_gemv_packed",
                                                            "q4k_gemv", "q5k_gemv", "q6k_gemv", "qmatmul",
-                                                           "dequantize", "gelu", "gelu_", "bias_gelu"][i])
+                                                           "qmatmul_q8_1", "dequantize", "gelu", "gelu_",
+                                                           "bias_gelu"][i])
 def test_op_still_works_after_an_error(device, index):
     name, good, bad = _good_and_bad(device)[index]
     before = good()

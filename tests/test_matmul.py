@@ -330,6 +330,45 @@ def test_q4k_q8_gemv_gaussian_equals_fused(dtype, device):
     assert_gaussian_close(y32, x, W)
 
 
+# ---- qmatmul_q8_1: one quantize_q8_1 shared by several weights ---------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=qtype_name)
+def test_qmatmul_q8_1_is_qmatmuls_gemv_path(qtype, dtype, device):
+    """quantize_q8_1 + qmatmul_q8_1 in x's dtype is bit for bit qmatmul's GEMV path, for every
+    format, 1 to 8 rows with batch dims; float32 (the default dtype) is that result before its
+    one rounding; and the result is close to the oracle (Gaussian tolerance)."""
+    n, k = 5, 512
+    w, W = cached_weight(qtype, n, k)
+    w = w.to(device)
+    for lead in [(1,), (3,), (2, 4)]:
+        x = gaussian_activations(lead + (k,), seed=len(lead) + lead[0]).to(dtype).to(device)
+        xq = torchext.quantize_q8_1(x)
+        y = torchext.qmatmul_q8_1(w, qtype, xq, n, k, dtype)
+        assert y.shape == lead + (n,) and y.dtype == dtype
+        assert torch.equal(y, torchext.qmatmul(w, qtype, x, n, k))
+        y32 = torchext.qmatmul_q8_1(w, qtype, xq, n, k)
+        assert y32.dtype == torch.float32 and torch.equal(y32.to(dtype), y)
+        assert_gaussian_close(y32, x, W)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemv_max_rows_is_the_policy(device):
+    """torchext.ops.GEMV_MAX_ROWS (what nn.shared_input uses) is where qmatmul switches paths:
+    at that many rows qmatmul equals the Q8_1 GEMV bit for bit; one more row takes the dense path,
+    which is exact on activations that Q8_1 would round."""
+    assert torchext.ops.GEMV_MAX_ROWS == MAX_GEMV_ROWS
+    n, k = 6, 256
+    w, W = cached_weight(Q.Q8_0, n, k)
+    w = w.to(device)
+    for rows in (MAX_GEMV_ROWS, MAX_GEMV_ROWS + 1):
+        x = gaussian_activations((rows, k), seed=rows).to(device)
+        gemv = torchext.qmatmul_q8_1(w, Q.Q8_0, torchext.quantize_q8_1(x), n, k)
+        y = torchext.qmatmul(w, Q.Q8_0, x, n, k)
+        assert torch.equal(y, gemv) == (rows <= MAX_GEMV_ROWS)
+
+
 # ---- weights from torchext.quantize (once it exists) --------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)

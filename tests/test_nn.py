@@ -30,7 +30,7 @@ from torch import nn
 import torchext
 from conftest import DEVICES, DTYPES, gaussian_activations, random_weight, requires_cuda
 from torchext import QType, WeightCache
-from torchext.nn import QuantLinear, quantize_linears
+from torchext.nn import QuantLinear, quantize_linears, shared_input
 
 
 @pytest.fixture(autouse=True)
@@ -200,6 +200,23 @@ class Net(nn.Module):
         h = self.attn["o"](self.attn["q"](x))
         h = h + self.mlp(h)
         return self.head(h)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_shared_input_equals_each_layer(device, dtype):
+    """shared_input quantizes x once for layers of any formats (and biases): the same bits as
+    calling each layer, on the GEMV path (1-8 rows, batch dims) and the dense path (9+ rows)."""
+    k = 512
+    layers = [QuantLinear(random_weight(q, n, k, device, seed=i), q, k, n,
+                          bias=torch.randn(n, device=device) if i == 1 else None)
+              for i, (q, n) in enumerate([(QType.Q5_0, 8), (QType.Q4_K, 3), (QType.Q8_0, 5)])]
+    for lead in [(1,), (2, 4), (9,)]:
+        x = gaussian_activations(lead + (k,), seed=lead[0]).to(dtype).to(device)
+        outs = shared_input(x, *layers)
+        assert len(outs) == 3
+        for m, y in zip(layers, outs):
+            assert torch.equal(y, m(x)), (m, lead)
 
 
 def test_quantize_linears_with_filter():

@@ -23,7 +23,7 @@ ops = torch.ops.torchext
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14
 
 OPS = ["quantize_q8_1", "q4k_q8_gemv", "q4k_q8_gemv_packed", "q4k_gemv", "q5k_gemv", "q6k_gemv", "qmatmul",
-       "dequantize", "gelu", "gelu_", "bias_gelu", "quantize"]
+       "qmatmul_q8_1", "dequantize", "gelu", "gelu_", "bias_gelu", "quantize"]
 
 
 def _randn(shape, dtype, device, seed):
@@ -43,6 +43,10 @@ def op_samples(name: str, device, dtype):
             xq = ops.quantize_q8_1(_randn(shape, dtype, dev, i))
             out.append(((random_weight(Q4_K, n, k, dev, seed=i), xq, n, k), {}))
         return out
+    if name == "qmatmul_q8_1":
+        cases = [(Q8_0, 5, 256, (1, 256), dtype), (Q6_K, 3, 300, (2, 3, 300), None), (Q5_0, 4, 64, (8, 64), dtype)]
+        return [((random_weight(q, n, k, dev, seed=i), q, ops.quantize_q8_1(_randn(shape, dtype, dev, i)), n, k),
+                 {} if out is None else {"dtype": out}) for i, (q, n, k, shape, out) in enumerate(cases)]
     if name in ("q4k_gemv", "q5k_gemv", "q6k_gemv"):
         qtype = {"q4k_gemv": Q4_K, "q5k_gemv": Q5_K, "q6k_gemv": Q6_K}[name]
         cases = [(5, 256, (1, 256)), (3, 300, (2, 3, 300)), (4, 512, (9, 512))]

@@ -18,6 +18,7 @@ from .ops import (
     q5k_gemv,
     q6k_gemv,
     qmatmul,
+    qmatmul_q8_1,
     quantize,
     quantize_q8_1,
 )
@@ -27,6 +28,6 @@ from . import nn
 __all__ = [
     "QType", "block_bytes", "block_values", "row_bytes", "ops",
     "quantize_q8_1", "q4k_q8_gemv", "q4k_q8_gemv_packed", "q4k_gemv", "q5k_gemv", "q6k_gemv",
-    "qmatmul", "gelu", "gelu_", "bias_gelu", "dequantize", "embedding", "quantize",
+    "qmatmul", "qmatmul_q8_1", "gelu", "gelu_", "bias_gelu", "dequantize", "embedding", "quantize",
     "WeightCache", "nn",
 ]

@@ -6,6 +6,9 @@ tensor as it was stored ([n, k] for a matrix, [k] for a norm vector, ...).
 
 The cache is a plain dict with checks. It holds nothing the ops need: they take tensors, so model
 code can take the tensors out (or use QuantLinear.from_cache) and trace, compile and capture them.
+
+load_gguf(..., pool=True) keeps a file's whole data section as one uint8 tensor, the pool, and
+its entries are views into it: one read and one device copy instead of one per tensor.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Callable, Iterable, Iterator, NamedTuple, Optional
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,7 +36,7 @@ class CacheEntry(NamedTuple):
     """One cached weight: unpacks as (tensor, qtype, n, k); qtype is None for a dense tensor."""
 
     tensor: torch.Tensor
-    qtype: Optional[QType]
+    qtype: QType | None
     n: int
     k: int
 
@@ -91,15 +96,22 @@ class WeightCache:
         w, qtype, n, k = cache["blk.0.ffn_up.weight"]
 
     Supports `name in cache`, len, iteration over names (insertion order), `cache[name]`.
+
+    Two maps: the pool's entries (views into one uint8 tensor, see load_gguf(pool=True)) and
+    individually added ones. Lookups check the pool first, then the individual entries; iteration
+    gives the pool's names (file order), then the others. A name is held by one map at a time.
     """
 
     def __init__(self) -> None:
-        self._entries: dict[str, CacheEntry] = {}
+        self._entries: dict[str, CacheEntry] = {}  # individually added (put, load_gguf without pool)
+        self._pooled: dict[str, CacheEntry] = {}  # views into self._pool, in file order
+        self._pool: torch.Tensor | None = None  # a GGUF data section as one uint8 tensor
+        self.load_seconds: float | None = None  # wall time of the last load_gguf (host side)
 
     # ---- entries -----------------------------------------------------------------------------
 
-    def put(self, name: str, tensor: torch.Tensor, qtype=None, n: Optional[int] = None,
-            k: Optional[int] = None) -> CacheEntry:
+    def put(self, name: str, tensor: torch.Tensor, qtype=None, n: int | None = None,
+            k: int | None = None) -> CacheEntry:
         """Add (or replace) a weight and return its entry.
 
         Quantized (qtype a weight format, its QType, gguf id or name): tensor holds the raw bytes
@@ -107,6 +119,8 @@ class WeightCache:
         [n, row_bytes] (a view, or a copy when not contiguous or 16-byte aligned).
         Dense (qtype None): a float (or signed integer) tensor kept as given; k is its last
         dimension and n the product of the others (n and k, when given, must agree).
+        A name held by the pool leaves the pool's map: the new weight wins, and the pool keeps its
+        bytes (one allocation) while any of its entries remain.
         """
         if not isinstance(name, str):
             raise TypeError(f"name: expected a str, got {type(name).__name__}")
@@ -119,6 +133,8 @@ class WeightCache:
             check_weight_bytes(tensor, q, n, k)
             n, k = int(n), int(k)
             entry = CacheEntry(as_weight_rows(tensor, q, n, k), q, n, k)
+        if name in self._pooled:
+            self._unpool(name)
         self._entries[name] = entry
         return entry
 
@@ -139,22 +155,33 @@ class WeightCache:
         return CacheEntry(tensor, None, dn, dk)
 
     def get(self, name: str) -> CacheEntry:
-        """The entry of `name`; KeyError naming a few known names when there is none."""
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise KeyError(self._missing(name)) from None
+        """The entry of `name` (the pool's, else the individual one); KeyError naming a few known
+        names when there is none."""
+        entry = self._pooled.get(name)
+        if entry is None:
+            entry = self._entries.get(name)
+        if entry is None:
+            raise KeyError(self._missing(name))
+        return entry
 
     __getitem__ = get
 
     def remove(self, name: str) -> CacheEntry:
         """Drop `name` and return its entry (KeyError when there is none)."""
         entry = self.get(name)
-        del self._entries[name]
+        if name in self._pooled:
+            self._unpool(name)
+        else:
+            del self._entries[name]
         return entry
 
+    def _unpool(self, name: str) -> None:
+        del self._pooled[name]
+        if not self._pooled:
+            self._pool = None  # no entry views it any more: let the allocation go
+
     def _missing(self, name) -> str:
-        known = list(self._entries)
+        known = self.names()
         if not known:
             return f"no weight named {name!r}: the cache is empty"
         shown = ", ".join(repr(s) for s in known[:5])
@@ -162,27 +189,40 @@ class WeightCache:
         return f"no weight named {name!r}; the cache holds {len(known)}: {shown}{more}"
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._pooled or name in self._entries
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._pooled) + len(self._entries)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(list(self._entries))  # a snapshot: removing while iterating is safe
+        return iter(self.names())  # a snapshot: removing while iterating is safe
 
     def names(self) -> list[str]:
-        return list(self._entries)
+        return [*self._pooled, *self._entries]
 
     def items(self) -> Iterator[tuple[str, CacheEntry]]:
-        return iter(list(self._entries.items()))
+        return iter([*self._pooled.items(), *self._entries.items()])
+
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes of the pool tensor (0 when there is none)."""
+        return 0 if self._pool is None else self._pool.numel()
 
     def total_bytes(self) -> int:
-        """Bytes held by every entry (quantized bytes plus dense tensors' storage)."""
-        return sum(e.tensor.numel() * e.tensor.element_size() for e in self._entries.values())
+        """Bytes held: the pool once (its entries are views, and bytes that no entry uses any more
+        are still allocated) plus every individual entry's tensor."""
+        return self.pool_bytes + sum(e.tensor.numel() * e.tensor.element_size() for e in self._entries.values())
 
-    def to(self, device) -> "WeightCache":
-        """Move every entry to `device` (in place) and return self."""
+    def to(self, device) -> WeightCache:
+        """Move every entry to `device` (in place) and return self; the pool moves in one copy and
+        its entries stay views into it."""
         device = torch.device(device)
+        if self._pool is not None and self._pool.device != device:
+            self._pool = self._pool.to(device)
+            for name, e in self._pooled.items():
+                t = e.tensor
+                offset = t.storage_offset() * t.element_size()  # the views' base is the pool itself
+                self._pooled[name] = e._replace(tensor=_pool_view(self._pool, offset, t.dtype, t.shape))
         for name, e in self._entries.items():
             t = e.tensor.to(device)
             if e.qtype is not None:
@@ -191,9 +231,11 @@ class WeightCache:
         return self
 
     def __repr__(self) -> str:
-        quant = sum(e.qtype is not None for e in self._entries.values())
+        quant = sum(e.qtype is not None for _, e in self.items())
+        pool = (f"; pool of {self.pool_bytes / 2**20:.1f} MiB holding {len(self._pooled)}"
+                if self._pool is not None else "")
         return (f"WeightCache({len(self)} weights: {quant} quantized, {len(self) - quant} dense; "
-                f"{self.total_bytes() / 2**20:.1f} MiB)")
+                f"{self.total_bytes() / 2**20:.1f} MiB{pool})")
 
     # ---- compute ---------------------------------------------------------------------------------
 
@@ -210,8 +252,9 @@ class WeightCache:
 
     # ---- GGUF ------------------------------------------------------------------------------------
 
-    def load_gguf(self, path: str | os.PathLike, names: Optional[Iterable[str]] = None, device=None,
-                  progress: Optional[Callable[[int, int, str], None]] = None) -> "WeightCache":
+    def load_gguf(self, path: str | os.PathLike, names: Iterable[str] | None = None, device=None,
+                  progress: Callable[[int, int, str], None] | None = None,
+                  pool: bool = False, reader=None) -> WeightCache:
         """Add the tensors of a GGUF file (all, or those in `names`) and return self.
 
         Read with gguf.GGUFReader. A tensor in a torchext weight format (Q4_0 ... Q6_K) stays raw
@@ -221,11 +264,26 @@ class WeightCache:
         types as their integer dtype, any other quantized type dequantized to float32 with
         gguf.quants.dequantize (ValueError if gguf cannot). `device` (default CPU) is where the
         tensors go; `progress(done, total, name)` is called after each tensor.
+
+        pool=True (names must be None) reads the file's data section into one uint8 tensor, the
+        pool, in one read (into pinned memory for CUDA) and moves it in one copy; every weight-format
+        and F32/F16/BF16/F64/integer tensor is then a view into it. Other quantized types are
+        dequantized into individual entries as above (their bytes stay in the pool, unused). The
+        file's tensors replace same-named individual entries. One pool per cache.
+        `self.load_seconds` records the call's wall time (a non-blocking GPU copy may still run).
+        `reader`: a gguf.GGUFReader already open on `path` (parsing a large vocabulary takes
+        seconds, so a caller that also reads the metadata passes its reader).
         """
         import gguf
-        from gguf.quants import dequantize as gguf_dequantize
 
-        reader = gguf.GGUFReader(os.fspath(path))
+        start = time.perf_counter()
+        if pool and names is not None:
+            raise ValueError("pool: a pool holds the whole file, so names must be None; "
+                             "load chosen tensors with pool=False")
+        if pool and self._pool is not None:
+            raise ValueError("pool: this cache already holds a pool; load another file into a new WeightCache "
+                             "(or with pool=False)")
+        reader = reader if reader is not None else gguf.GGUFReader(os.fspath(path))
         tensors = {t.name: t for t in reader.tensors}
         if names is None:
             wanted = list(tensors)
@@ -237,24 +295,113 @@ class WeightCache:
                 raise KeyError(f"names: {missing[:5]} not in {os.fspath(path)!r}, which holds {len(tensors)} "
                                f"tensors: {known}{' ...' if len(tensors) > 5 else ''}")
         device = torch.device(device) if device is not None else torch.device("cpu")
-        for i, name in enumerate(wanted):
-            t = tensors[name]
-            gtype = t.tensor_type
-            dims = [int(d) for d in t.shape]  # ggml order: dims[0] = ne0 = the row length
-            if gtype.value in {q.value for q in WEIGHT_TYPES}:
-                q = QType(gtype.value)
-                k, n = dims[0], math.prod(dims[1:])
-                self.put(name, _to_torch(t.data, device), q, n, k)
-            else:
-                self.put(name, _dense(t.data, gtype, name, gguf_dequantize, device))
-            if progress is not None:
-                progress(i + 1, len(wanted), name)
+        if pool:
+            self._load_pool(path, reader, device, progress)
+        else:
+            for i, name in enumerate(wanted):
+                self._load_tensor(tensors[name], device)
+                if progress is not None:
+                    progress(i + 1, len(wanted), name)
+        self.load_seconds = time.perf_counter() - start
         return self
 
+    def _load_tensor(self, t, device: torch.device) -> None:
+        """One tensor of a GGUFReader, copied out of the file into an individual entry."""
+        from gguf.quants import dequantize as gguf_dequantize
+
+        if t.tensor_type.value in _WEIGHT_IDS:
+            k, n = _ggml_k_n(t)
+            self.put(t.name, _to_torch(t.data, device), QType(t.tensor_type.value), n, k)
+        else:
+            self.put(t.name, _dense(t.data, t.tensor_type, t.name, gguf_dequantize, device))
+
+    def _load_pool(self, path, reader, device: torch.device, progress) -> None:
+        from gguf.quants import dequantize as gguf_dequantize
+
+        if reader.byte_order != "I":
+            raise ValueError(f"pool: {os.fspath(path)!r} is in the other byte order; load it with pool=False")
+        base = reader.data_offset
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size - base
+            views = {}  # name -> (offset in the pool, view dtype, view shape), for the tensors the pool serves
+            for t in reader.tensors:
+                offset = t.data_offset - base  # ReaderTensor.data_offset counts from the file's start
+                if t.tensor_type.value in _WEIGHT_IDS:
+                    if offset % _ALIGN:  # GGUF's default alignment is 32; a file may set less
+                        raise ValueError(f"pool: {t.name} starts {offset} bytes into the data section, not on a "
+                                         f"{_ALIGN}-byte boundary (file alignment {reader.alignment}); "
+                                         "load it with pool=False")
+                    k, n = _ggml_k_n(t)
+                    views[t.name] = (offset, torch.uint8, (n, row_bytes(QType(t.tensor_type.value), k)))
+                elif t.tensor_type.name in _POOL_DTYPES:
+                    shape = tuple(int(d) for d in reversed(t.shape))  # numpy order, as the reader's data
+                    views[t.name] = (offset, _POOL_DTYPES[t.tensor_type.name], shape)
+                nbytes = _view_bytes(*views[t.name][1:]) if t.name in views else t.n_bytes
+                if offset < 0 or offset + nbytes > size:
+                    raise ValueError(f"{os.fspath(path)!r} is truncated: {t.name} needs data-section bytes "
+                                     f"{offset}..{offset + nbytes}, the section holds {size}")
+            # one read of the whole section; pinned host memory lets the GPU copy run asynchronously
+            host = torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
+            assert host.data_ptr() % 64 == 0, "torch allocations are 64-byte aligned"
+            f.seek(base)
+            got = f.readinto(host.numpy())  # BufferedReader.readinto reads until full or end of file
+        if got != size:
+            raise ValueError(f"{os.fspath(path)!r} is truncated: read {got} of {size} data-section bytes")
+        pool = host if device.type == "cpu" else host.to(device, non_blocking=True)
+        assert device.type == "meta" or pool.data_ptr() % _ALIGN == 0, "offsets keep the pool's alignment"
+
+        # entries first, stored at the end: an error (a type gguf cannot dequantize) leaves the cache as it was
+        pooled, others = {}, {}
+        for i, t in enumerate(reader.tensors):
+            if t.name in views:
+                offset, dtype, shape = views[t.name]
+                view = _pool_view(pool, offset, dtype, shape)
+                if dtype == torch.uint8:
+                    q = QType(t.tensor_type.value)
+                    k, n = _ggml_k_n(t)
+                    check_weight_bytes(view, q, n, k)  # k a whole number of blocks
+                    pooled[t.name] = CacheEntry(view, q, n, k)
+                else:
+                    pooled[t.name] = self._dense_entry(view, None, None)
+            else:  # a quantized type torchext does not run: dequantized into its own tensor
+                others[t.name] = self._dense_entry(_dense(t.data, t.tensor_type, t.name, gguf_dequantize, device),
+                                                   None, None)
+            if progress is not None:
+                progress(i + 1, len(reader.tensors), t.name)
+        for name in pooled:
+            self._entries.pop(name, None)  # the file's tensor replaces an individual one of that name
+        self._entries.update(others)
+        self._pool, self._pooled = (pool if pooled else None), pooled  # a pool lives while an entry views it
+
     @classmethod
-    def from_gguf(cls, path, **kwargs) -> "WeightCache":
+    def from_gguf(cls, path, **kwargs) -> WeightCache:
         """A new cache holding a GGUF file's tensors: WeightCache().load_gguf(path, **kwargs)."""
         return cls().load_gguf(path, **kwargs)
+
+
+_WEIGHT_IDS = frozenset(q.value for q in WEIGHT_TYPES)
+
+
+def _ggml_k_n(t) -> tuple[int, int]:
+    """(k, n) of a GGUFReader tensor: k = ne0 (the row length, first in ggml's dims), n the rest."""
+    dims = [int(d) for d in t.shape]
+    return dims[0], math.prod(dims[1:])
+
+
+# the tensor types a pool entry views as they are stored (little-endian, as torch on every host it runs on)
+_POOL_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+}
+
+
+def _view_bytes(dtype: torch.dtype, shape) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _pool_view(pool: torch.Tensor, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
+    """The bytes pool[offset:] as a `dtype` tensor of `shape`, a view (no copy)."""
+    return pool[offset:offset + _view_bytes(dtype, shape)].view(dtype).view(shape)
 
 
 def _to_torch(a: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .cache import WeightCache, as_weight_rows, check_weight_bytes, weight_format
 from .formats import block_values
-from .ops import qmatmul, quantize
+from .ops import GEMV_MAX_ROWS, qmatmul, qmatmul_q8_1, quantize, quantize_q8_1
 
 
 class QuantLinear(nn.Module):
@@ -54,10 +54,14 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # any strides, as nn.Linear takes (the op wants contiguous rows; a no-op when they are)
-        y = qmatmul(self.weight, self.qtype, x.contiguous(), self.out_features, self.in_features)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+        return self._add_bias(qmatmul(self.weight, self.qtype, x.contiguous(), self.out_features, self.in_features))
+
+    def forward_q8_1(self, xq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The layer on activations already quantized by quantize_q8_1 (GEMV path), output in dtype."""
+        return self._add_bias(qmatmul_q8_1(self.weight, self.qtype, xq, self.out_features, self.in_features, dtype))
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, qtype) -> "QuantLinear":
@@ -86,6 +90,17 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={self.qtype.name}, bytes={self.weight.numel()}")
+
+
+def shared_input(x: torch.Tensor, *layers: QuantLinear) -> tuple[torch.Tensor, ...]:
+    """(layer(x) for each layer), for layers that read the same input (attention's q/k/v, a gated
+    MLP's gate/up): when the rows take the GEMV path, x is quantized to Q8_1 once for all of them
+    instead of once per layer. The results are the same bits as calling each layer."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows == 0 or rows > GEMV_MAX_ROWS or len({m.in_features for m in layers}) != 1:
+        return tuple(m(x) for m in layers)
+    xq = quantize_q8_1(x.contiguous())
+    return tuple(m.forward_q8_1(xq, x.dtype) for m in layers)
 
 
 def quantize_linears(module: nn.Module, qtype,
@@ -119,4 +134,4 @@ def _replaceable(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) and not isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)
 
 
-__all__ = ["QuantLinear", "quantize_linears"]
+__all__ = ["QuantLinear", "quantize_linears", "shared_input"]

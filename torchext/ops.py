@@ -88,6 +88,26 @@ def _(w, qtype, x, n, k):
     return x.new_empty(_with_last(x, n))
 
 
+def qmatmul_q8_1(w: torch.Tensor, qtype, xq: torch.Tensor, n: int, k: int,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Weights of any format x Q8_1 activations xq [..., bytes] (from quantize_q8_1) -> [..., n]
+    in dtype: qmatmul's GEMV path with the quantization done by the caller, so that several
+    weights reading the same input share one quantize_q8_1. With dtype = x's dtype,
+    qmatmul_q8_1(w, qtype, quantize_q8_1(x), n, k, x.dtype) equals qmatmul(w, qtype, x, n, k)
+    bit for bit whenever qmatmul takes the GEMV path (up to GEMV_MAX_ROWS rows)."""
+    return _ops.qmatmul_q8_1(w, int(QType.of(qtype)), xq, n, k, dtype)
+
+
+@_register_fake("torchext::qmatmul_q8_1")
+def _(w, qtype, xq, n, k, dtype=None):
+    return xq.new_empty(_with_last(xq, n), dtype=dtype or torch.float32)
+
+
+#: The most activation rows qmatmul sends through the Q8_1 GEMV; more rows take the dense path
+#: (csrc/policy.h, kMaxGemvRows: tests/test_matmul.py checks that the two agree).
+GEMV_MAX_ROWS = 8
+
+
 # ---- weights ---------------------------------------------------------------------------------
 
 def dequantize(w: torch.Tensor, qtype, n: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -1,0 +1,147 @@
+"""Gemma 3 270M (Q4_K_M GGUF) end to end: greedy batch-1 decode and 512-token prefill speed.
+
+    python bench/gemma3.py --out DIR [--gguf PATH] [--tokens 128] [--prefill 512]
+
+Decode: a static key/value cache and one decode step (forward + argmax + position increment)
+compiled with torch.compile(mode="reduce-overhead", fullgraph=True), i.e. replayed as a CUDA graph;
+tokens are fed back on the device, so the timed loop never waits on the host. tokens/s counts
+`--tokens` generated tokens between two events after a warm-up run, as llama-bench's tg128 does.
+Prefill: one forward pass over a `--prefill`-token prompt (eager and compiled), as pp512.
+The per-token split (GEMV kernels, attention, the rest) comes from torch.profiler's CUDA kernel
+times over the decode loop. Weight memory is reported against the file and dense bf16.
+Writes DIR/gemma3.json and prints a summary. Nothing here is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from torchext.models.gemma3 import decode_step, gemma3_gguf_path, load_gemma3  # noqa: E402
+
+LLAMA_CPP = {"decode_tok_s": 957.0, "prefill_tok_s": (44_000.0, 63_000.0)}  # H100, llama-bench tg128 / pp512
+
+
+def timed(fn, reps: int = 1) -> float:
+    """Seconds per call of fn() between CUDA events (after the caller's warm-up)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+def decode_loop(step, model, n: int, start_pos: int):
+    token = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    pos = torch.full((1,), start_pos, dtype=torch.long, device="cuda")
+
+    def run():
+        nonlocal token, pos
+        t, p = token, pos
+        for _ in range(n):
+            t, p = (x.clone() for x in step(t, p))  # as generate(): graph outputs are overwritten by the next replay
+    return run
+
+
+def kernel_split(step, model, n: int, start_pos: int) -> dict:
+    """Per-token CUDA kernel time (us) by kind, from torch.profiler over n decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run = decode_loop(step, model, n, start_pos)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    split = {"gemv": 0.0, "quantize_q8_1": 0.0, "embedding": 0.0, "attention": 0.0, "other": 0.0}
+    names: dict[str, float] = {}
+    for e in prof.key_averages():
+        us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        if us <= 0 or e.key.startswith(("ProfilerStep", "cudaGraph")):
+            continue
+        k = e.key.lower()
+        kind = ("gemv" if "gemv" in k else "quantize_q8_1" if "quantize_q8_1" in k else
+                "embedding" if "dequantize" in k or "embedding" in k else
+                "attention" if any(s in k for s in ("attention", "fmha", "flash", "sdpa", "softmax")) else "other")
+        split[kind] += us / n
+        names[e.key[:90]] = names.get(e.key[:90], 0.0) + us / n
+    split["top_kernels_us_per_token"] = dict(sorted(names.items(), key=lambda kv: -kv[1])[:15])
+    return split
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--gguf", type=Path, default=None, help="the GGUF file (default: the gemma3 package's)")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/gemma3.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, args.dtype)
+    path = args.gguf or gemma3_gguf_path()
+    max_len = args.prefill + args.tokens + 8
+    model, tok, stats = load_gemma3(path, device="cuda", dtype=dtype, max_seq_len=max_len)
+    res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                 "dtype": args.dtype, "load": stats, "llama_cpp_h100": LLAMA_CPP,
+                 "gpu_weight_bytes_allocated": torch.cuda.memory_allocated()}
+
+    with torch.no_grad():
+        # prefill: eager, then compiled (dynamic=False: one prompt length)
+        prompt = torch.randint(1000, 200_000, (1, args.prefill), device="cuda", generator=None)
+        positions = torch.arange(args.prefill, device="cuda")
+        for name, fn in (("eager", model), ("compiled", torch.compile(model, fullgraph=True))):
+            fn(prompt, positions)
+            fn(prompt, positions)
+            s = timed(lambda: fn(prompt, positions), reps=5)
+            res[f"prefill_{name}_ms"] = s * 1e3
+            res[f"prefill_{name}_tok_s"] = args.prefill / s
+
+        # decode from position args.prefill (a KV cache of that many positions), batch 1
+        eager_step = decode_step(model)
+        run = decode_loop(eager_step, model, 16, args.prefill)
+        run()
+        res["decode_eager_tok_s"] = 16 / timed(run)
+        t0 = time.perf_counter()
+        step = torch.compile(decode_step(model), mode="reduce-overhead", fullgraph=True)
+        run = decode_loop(step, model, args.tokens, args.prefill)
+        run()
+        res["compile_s"] = time.perf_counter() - t0
+        run()
+        res["decode_tok_s"] = args.tokens / timed(run)
+        res["decode_us_per_token"] = 1e6 / res["decode_tok_s"]
+        res["decode_split_us_per_token"] = kernel_split(step, model, 32, args.prefill)
+
+        # the text, as a sanity check of what was timed
+        from torchext.models.gemma3 import generate
+        ids = tok.encode("The three primary colors are")
+        res["sample"] = tok.decode(generate(model, ids, 24, step=step))
+
+    (args.out / "gemma3.json").write_text(json.dumps(res, indent=1))
+    mb = 2**20
+    print(f"{res['gpu']}, torch {res['torch']}, CUDA {res['cuda']}, activations {args.dtype}")
+    print(f"weights: pool {stats['pool_bytes'] / mb:.1f} MiB on the GPU (file {stats['file_bytes'] / mb:.1f} MiB, "
+          f"dense bf16 {stats['bf16_bytes'] / mb:.1f} MiB), loaded in {stats['load_s']:.1f} s")
+    print(f"decode: {res['decode_tok_s']:.0f} tok/s ({res['decode_us_per_token']:.0f} us/token; eager "
+          f"{res['decode_eager_tok_s']:.0f} tok/s; llama.cpp {LLAMA_CPP['decode_tok_s']:.0f})")
+    split = res["decode_split_us_per_token"]
+    print("  per token, us: " + ", ".join(f"{k} {v:.1f}" for k, v in split.items() if isinstance(v, float)))
+    print(f"prefill {args.prefill}: compiled {res['prefill_compiled_tok_s']:.0f} tok/s "
+          f"({res['prefill_compiled_ms']:.2f} ms), eager {res['prefill_eager_tok_s']:.0f} tok/s; "
+          f"llama.cpp {LLAMA_CPP['prefill_tok_s'][0]:.0f}-{LLAMA_CPP['prefill_tok_s'][1]:.0f}")
+    print(f"sample: {res['sample']!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

