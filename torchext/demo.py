@@ -119,7 +119,7 @@ def main(argv=None) -> int:
 
     print("Gemma 3 270M Q4_K_M through torchext", flush=True)
     path = args.gguf or gemma3_gguf_path()
-    print(f"  file: {path}", flush=True)
+    print(f"  file: {path}\n  reading its metadata and vocabulary (gguf.GGUFReader) ...", flush=True)
     model, tok, stats = load_gemma3(path, device=device, max_seq_len=256, progress=_progress)
     mib = 2**20
     print(f"  weights on {device}: one pool of {stats['pool_bytes'] / mib:.1f} MiB (file {stats['file_bytes'] / mib:.1f} "
