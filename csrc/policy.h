@@ -1,5 +1,6 @@
 // Which kernel serves a matmul of `rows` activation rows: the one batch policy that every op,
-// QuantLinear and WeightCache.matmul go through (tests/test_policy.py pins it).
+// QuantLinear and WeightCache.matmul go through; torchext.ops.GEMV_MAX_ROWS mirrors kMaxGemvRows for
+// nn.shared_input, and tests/test_matmul.py::test_gemv_max_rows_is_the_policy pins the two together.
 #pragma once
 
 #include <cstdint>

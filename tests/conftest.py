@@ -141,6 +141,17 @@ def exact_activations(shape, seed: int = 0, exponents=(5, 10)) -> torch.Tensor:
     return torch.from_numpy(x.astype(np.float32).reshape(shape))
 
 
+def gaussian_linear(in_features, out_features, bias=True, seed=0, std=0.05) -> torch.nn.Linear:
+    """An nn.Linear with N(0, std) weights and N(0, 1) bias, from a fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=g) * std)
+        if bias:
+            linear.bias.copy_(torch.randn(out_features, generator=g))
+    return linear
+
+
 def gaussian_activations(shape, seed: int = 0) -> torch.Tensor:
     """float32 N(0, 1) activations of the given shape (reproducible by seed)."""
     g = torch.Generator().manual_seed(seed)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchext
-from conftest import DEVICES, DTYPES, gaussian_activations, random_weight, requires_cuda
+from conftest import DEVICES, DTYPES, gaussian_activations, gaussian_linear, random_weight, requires_cuda
 from torchext import QType, WeightCache
 from torchext.nn import QuantLinear, quantize_linears, shared_input
 
@@ -38,16 +38,6 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def gaussian_linear(in_features, out_features, bias=True, seed=0, std=0.05) -> nn.Linear:
-    g = torch.Generator().manual_seed(seed)
-    linear = nn.Linear(in_features, out_features, bias=bias)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(out_features, in_features, generator=g) * std)
-        if bias:
-            linear.bias.copy_(torch.randn(out_features, generator=g))
-    return linear
 
 
 # ---- the layer ---------------------------------------------------------------------------------

