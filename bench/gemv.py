@@ -562,7 +562,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-copies", type=int, default=1024, help="cap on rotated copies (= calls per graph)")
     p.add_argument("--mem-cap-gb", type=float, default=20.0, help="cap on the bytes of rotated copies")
     p.add_argument("--elementwise-numel", type=int, default=64 * 2**20, help="elements of the elementwise tensors")
-    p.add_argument("--copy-mib", type=int, default=1024, help="MiB of the copy-bandwidth roofline buffer")
+    # 256 MiB (512 MB moved a copy, > 4x L2): the size of the operands measured here. On the H100
+    # the same graph-timed copy_ ran at 3015 GB/s for 256 MiB but 2433-2437 GB/s for 512 and 1024
+    # MiB (2026-11-24), so a larger buffer understated the roofline by ~20%.
+    p.add_argument("--copy-mib", type=int, default=256, help="MiB of the copy-bandwidth roofline buffer")
     p.add_argument("--no-elementwise", action="store_true")
     p.add_argument("--no-int4", action="store_true", help="skip the aten int4 baseline")
     p.add_argument("--budget-s", type=float, default=240.0,
