@@ -40,7 +40,7 @@ def timed(fn, reps: int = 1) -> float:
     return start.elapsed_time(end) / 1e3 / reps
 
 
-def decode_loop(step, model, n: int, start_pos: int):
+def decode_loop(step, n: int, start_pos: int):
     token = torch.zeros(1, 1, dtype=torch.long, device="cuda")
     pos = torch.full((1,), start_pos, dtype=torch.long, device="cuda")
 
@@ -52,11 +52,11 @@ def decode_loop(step, model, n: int, start_pos: int):
     return run
 
 
-def kernel_split(step, model, n: int, start_pos: int) -> dict:
+def kernel_split(step, n: int, start_pos: int) -> dict:
     """Per-token CUDA kernel time (us) by kind, from torch.profiler over n decode steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    run = decode_loop(step, model, n, start_pos)
+    run = decode_loop(step, n, start_pos)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
 
     with torch.no_grad():
         # prefill: eager, then compiled into a CUDA graph (one prompt length)
-        prompt = torch.randint(1000, 200_000, (1, args.prefill), device="cuda", generator=None)
+        prompt = torch.randint(1000, 200_000, (1, args.prefill), device="cuda")
         positions = torch.arange(args.prefill, device="cuda")
         for name, fn in (("eager", model), ("compiled", torch.compile(model, mode="reduce-overhead", fullgraph=True))):
             fn(prompt, positions)
@@ -115,19 +115,19 @@ def main(argv=None) -> int:
         # decode, batch 1: as tg128, --tokens tokens from an empty context with a cache of that
         # length; then the same after the --prefill prompt (attention over a longer cache)
         tg = model.with_max_seq_len(args.tokens + 8)
-        run = decode_loop(decode_step(tg), tg, 16, 0)
+        run = decode_loop(decode_step(tg), 16, 0)
         run()
         res["decode_eager_tok_s"] = 16 / timed(run)
         for name, m, start in (("decode", tg, 0), (f"decode_after_{args.prefill}", model, args.prefill)):
             t0 = time.perf_counter()
             step = torch.compile(decode_step(m), mode="reduce-overhead", fullgraph=True)
-            run = decode_loop(step, m, args.tokens, start)
+            run = decode_loop(step, args.tokens, start)
             run()
             res[f"{name}_compile_s"] = time.perf_counter() - t0
             run()
             res[f"{name}_tok_s"] = args.tokens / timed(run)
             res[f"{name}_us_per_token"] = 1e6 / res[f"{name}_tok_s"]
-            res[f"{name}_split_us_per_token"] = kernel_split(step, m, 32, start)
+            res[f"{name}_split_us_per_token"] = kernel_split(step, 32, start)
 
         # the text, as a sanity check of what was timed
         from torchext.models.gemma3 import generate

@@ -96,6 +96,13 @@ inline std::optional<FloatType> float_type_of(ScalarType t) {
   }
 }
 
+// The element type of an op's output `dtype` argument (callers map None to float32 first).
+inline FloatType output_float_type(ScalarType dtype) {
+  const std::optional<FloatType> f = float_type_of(dtype);
+  TORCHEXT_CHECK(f, "dtype: expected float32, float16 or bfloat16, got ", dtype_name(dtype));
+  return *f;
+}
+
 inline FloatType float_type(const Tensor& t, const char* arg) {
   const std::optional<FloatType> f = float_type_of(t.scalar_type());
   TORCHEXT_CHECK(f, arg, ": expected a float32, float16 or bfloat16 tensor, got ", dtype_name(t.scalar_type()));

@@ -51,14 +51,13 @@ struct Ops {
     check_q8_1(xq, k);
     check_same_device(w, "w", xq, "xq");
     const ScalarType st = dtype.value_or(ScalarType::Float);
-    const std::optional<FloatType> ot = float_type_of(st);
-    TORCHEXT_CHECK(ot, "dtype: expected float32, float16 or bfloat16, got ", dtype_name(st));
+    const FloatType ot = output_float_type(st);
     Tensor out = torch::stable::new_empty(xq, with_last_dim(xq, n), st);
     const int64_t rows = leading_rows(xq);
     if (rows == 0) return out;
     Ctx ctx(w);
     Backend::gemv_q8_1(ctx, f.type, static_cast<const uint8_t*>(w.data_ptr()), n, k,
-                       static_cast<const block_q8_1*>(xq.data_ptr()), rows, out.data_ptr(), *ot);
+                       static_cast<const block_q8_1*>(xq.data_ptr()), rows, out.data_ptr(), ot);
     return out;
   }
 
@@ -94,8 +93,7 @@ struct Ops {
                             std::optional<ScalarType> dtype) {
     const FormatInfo f = check_weight(w, qtype, n, k);
     const ScalarType st = dtype.value_or(ScalarType::Float);
-    const std::optional<FloatType> ot = float_type_of(st);
-    TORCHEXT_CHECK(ot, "dtype: expected float32, float16 or bfloat16, got ", dtype_name(st));
+    const FloatType ot = output_float_type(st);
     RowIndex rows;
     int64_t rows_out = n;
     std::vector<int64_t> shape{n, k};
@@ -114,7 +112,7 @@ struct Ops {
     if (rows_out == 0) return out;
     Ctx ctx(w);
     Backend::dequantize(ctx, f.type, static_cast<const uint8_t*>(w.data_ptr()), n, k, rows, rows_out, out.data_ptr(),
-                        *ot);
+                        ot);
     return out;
   }
 

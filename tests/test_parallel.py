@@ -133,13 +133,10 @@ def test_column_gather_is_bitwise_and_row_slices_full_input(backend):
 def _gemma(rank, device, path):
     import gguf
 
-    from torchext.models.gemma3 import Gemma3, Gemma3Config, GGUFTokenizer, generate
+    from torchext.models.gemma3 import generate, load_gemma3
 
-    # load_gemma3's steps over one reader, which from_gguf shares (parsing the file takes ~14 s)
-    reader = gguf.GGUFReader(str(path))
-    model = Gemma3(WeightCache().load_gguf(path, pool=True, reader=reader), Gemma3Config.from_gguf(reader),
-                   max_seq_len=64)
-    tok = GGUFTokenizer.from_gguf(reader)
+    reader = gguf.GGUFReader(str(path))  # one parse (~14 s) for the model and from_gguf
+    model, tok, _ = load_gemma3(path, max_seq_len=64, reader=reader)
     files = {t.name: torch.from_numpy(np.array(t.data)) for t in reader.tensors if t.name.startswith("blk.0.ffn")}
 
     # (c) blk.0.ffn_gate: Q5_0, 2048 rows of 640 by rows; blk.0.ffn_down: Q6_K, 640 rows of 2048 = 8

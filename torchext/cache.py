@@ -309,8 +309,8 @@ class WeightCache:
         """One tensor of a GGUFReader, copied out of the file into an individual entry."""
         from gguf.quants import dequantize as gguf_dequantize
 
-        if t.tensor_type.value in _WEIGHT_IDS:
-            k, n = _ggml_k_n(t)
+        if t.tensor_type.value in WEIGHT_IDS:
+            k, n = ggml_k_n(t)
             self.put(t.name, _to_torch(t.data, device), QType(t.tensor_type.value), n, k)
         else:
             self.put(t.name, _dense(t.data, t.tensor_type, t.name, gguf_dequantize, device))
@@ -326,12 +326,12 @@ class WeightCache:
             views = {}  # name -> (offset in the pool, view dtype, view shape), for the tensors the pool serves
             for t in reader.tensors:
                 offset = t.data_offset - base  # ReaderTensor.data_offset counts from the file's start
-                if t.tensor_type.value in _WEIGHT_IDS:
+                if t.tensor_type.value in WEIGHT_IDS:
                     if offset % _ALIGN:  # GGUF's default alignment is 32; a file may set less
                         raise ValueError(f"pool: {t.name} starts {offset} bytes into the data section, not on a "
                                          f"{_ALIGN}-byte boundary (file alignment {reader.alignment}); "
                                          "load it with pool=False")
-                    k, n = _ggml_k_n(t)
+                    k, n = ggml_k_n(t)
                     views[t.name] = (offset, torch.uint8, (n, row_bytes(QType(t.tensor_type.value), k)))
                 elif t.tensor_type.name in _POOL_DTYPES:
                     shape = tuple(int(d) for d in reversed(t.shape))  # numpy order, as the reader's data
@@ -358,7 +358,7 @@ class WeightCache:
                 view = _pool_view(pool, offset, dtype, shape)
                 if dtype == torch.uint8:
                     q = QType(t.tensor_type.value)
-                    k, n = _ggml_k_n(t)
+                    k, n = ggml_k_n(t)
                     check_weight_bytes(view, q, n, k)  # k a whole number of blocks
                     pooled[t.name] = CacheEntry(view, q, n, k)
                 else:
@@ -379,10 +379,10 @@ class WeightCache:
         return cls().load_gguf(path, **kwargs)
 
 
-_WEIGHT_IDS = frozenset(q.value for q in WEIGHT_TYPES)
+WEIGHT_IDS = frozenset(q.value for q in WEIGHT_TYPES)
 
 
-def _ggml_k_n(t) -> tuple[int, int]:
+def ggml_k_n(t) -> tuple[int, int]:
     """(k, n) of a GGUFReader tensor: k = ne0 (the row length, first in ggml's dims), n the rest."""
     dims = [int(d) for d in t.shape]
     return dims[0], math.prod(dims[1:])

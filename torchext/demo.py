@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
@@ -50,22 +52,22 @@ def decode_speed(model, ids, n: int, step) -> tuple[float, list[int]]:
     return (n - 1) / max(1e-9, (t2 - t1) - (t1 - t0)), out
 
 
-def weight_parity(path, cache_device) -> dict[str, float]:
+def weight_parity(reader, cache_device) -> dict[str, float]:
     """Largest norm-relative error per format of torchext.qmatmul (1 activation row: the Q8_1 GEMV)
-    against float64 x @ gguf.quants.dequantize(w).T, over every quantized tensor of the file."""
-    import gguf
+    against float64 x @ gguf.quants.dequantize(w).T, over every quantized tensor of the file
+    (reader: its gguf.GGUFReader)."""
     from gguf.quants import dequantize as gguf_dequantize
 
     from . import qmatmul
-    from .formats import WEIGHT_TYPES, QType
+    from .cache import WEIGHT_IDS, ggml_k_n
+    from .formats import QType
 
-    reader = gguf.GGUFReader(str(path))
     gen = torch.Generator().manual_seed(0)
     worst: dict[str, float] = {}
     for t in reader.tensors:
-        if t.tensor_type.value not in {q.value for q in WEIGHT_TYPES}:
+        if t.tensor_type.value not in WEIGHT_IDS:
             continue
-        k, n = int(t.shape[0]), int(np.prod(t.shape[1:]))
+        k, n = ggml_k_n(t)
         x = torch.randn(1, k, generator=gen)
         w = torch.from_numpy(np.array(t.data)).to(cache_device)
         y = qmatmul(w, QType(t.tensor_type.value), x.to(cache_device), n, k).double().cpu()
@@ -87,8 +89,6 @@ def logit_parity(model, path, ids) -> dict | None:
     if tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (5, 23):
         return {"skipped": f"transformers {transformers.__version__} reads this file's tensors wrongly "
                            "(5.17 was seen to); 5.23 or later is the oracle"}
-    from pathlib import Path
-
     p = Path(path)
     hf = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
     with torch.no_grad():
@@ -120,7 +120,8 @@ def main(argv=None) -> int:
     print("Gemma 3 270M Q4_K_M through torchext", flush=True)
     path = args.gguf or gemma3_gguf_path()
     print(f"  file: {path}\n  reading its metadata and vocabulary (gguf.GGUFReader) ...", flush=True)
-    model, tok, stats = load_gemma3(path, device=device, max_seq_len=256, progress=_progress)
+    reader = gguf.GGUFReader(str(path))  # parsed once: the model, its tokenizer and the parity check read it
+    model, tok, stats = load_gemma3(path, device=device, max_seq_len=256, progress=_progress, reader=reader)
     mib = 2**20
     print(f"  weights on {device}: one pool of {stats['pool_bytes'] / mib:.1f} MiB (file {stats['file_bytes'] / mib:.1f} "
           f"MiB; dense bf16 would be {stats['bf16_bytes'] / mib:.1f} MiB), loaded in {stats['load_s']:.1f} s")
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
 
     if not args.no_parity:
         print("\nparity, every quantized weight (1 row, Q8_1 GEMV) against float64 x @ gguf dequantize(w).T:")
-        for fmt, err in weight_parity(path, device).items():
+        for fmt, err in weight_parity(reader, device).items():
             print(f"  {fmt}: largest norm-relative error {err:.2e}")
         res = logit_parity(model, path, ids)
         if res is None or "skipped" in res:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import WeightCache, weight_format
+from .cache import WEIGHT_IDS, WeightCache, ggml_k_n, weight_format
 from .formats import WEIGHT_TYPES, QType, block_bytes, block_values, row_bytes
 from .nn import QuantLinear
 
@@ -80,11 +80,10 @@ def _gguf_tensor(path, name: str, reader):
     if not found:
         raise KeyError(f"name: no tensor {name!r} in {os.fspath(path)!r}")
     t = found[0]
-    if t.tensor_type.value not in [q.value for q in WEIGHT_TYPES]:
+    if t.tensor_type.value not in WEIGHT_IDS:
         raise ValueError(f"{name}: {t.tensor_type.name} is not a weight format the parallel layers shard (a dense "
                          f"or unsupported type); expected one of {[q.name for q in WEIGHT_TYPES]}")
-    k = int(t.shape[0])  # GGUF lists the row length (ne0) first
-    n = int(np.prod(t.shape[1:]))
+    k, n = ggml_k_n(t)
     return t, QType(t.tensor_type.value), n, k
 
 

@@ -253,15 +253,16 @@ class Gemma3(nn.Module):
 
 
 def load_gemma3(path: str | os.PathLike, device=None, dtype: torch.dtype = torch.float32, batch: int = 1,
-                max_seq_len: int = 1024,
-                progress: Optional[Callable[[int, int, str], None]] = None) -> tuple[Gemma3, GGUFTokenizer, dict]:
+                max_seq_len: int = 1024, progress: Optional[Callable[[int, int, str], None]] = None,
+                reader=None) -> tuple[Gemma3, GGUFTokenizer, dict]:
     """(model, tokenizer, stats) from a gemma3 GGUF file: the file's tensor data is read into one
     pool on `device` (one host read, one copy) and every weight is a view into it.
-    stats: load seconds, pool bytes, file bytes, and the bytes the weights would take in bf16."""
+    stats: load seconds, pool bytes, file bytes, and the bytes the weights would take in bf16.
+    reader: a gguf.GGUFReader already open on path (parsing the vocabulary takes seconds)."""
     import gguf
 
     t0 = time.perf_counter()
-    reader = gguf.GGUFReader(os.fspath(path))
+    reader = reader if reader is not None else gguf.GGUFReader(os.fspath(path))
     cfg = Gemma3Config.from_gguf(reader)
     tokenizer = GGUFTokenizer.from_gguf(reader)
     cache = WeightCache().load_gguf(path, device=device, pool=True, progress=progress, reader=reader)

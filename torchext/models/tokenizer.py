@@ -33,11 +33,11 @@ class GGUFTokenizer:
         self.add_bos, self.add_space_prefix = add_bos, add_space_prefix
         self.ids = {p: i for i, p in enumerate(self.pieces) if self.types[i] in (NORMAL, USER_DEFINED, UNUSED)}
         self.byte_ids = {int(self.pieces[i][3:5], 16): i for i, t in enumerate(self.types) if t == BYTE}
-        # longest first, so "\n\n" wins over "\n"; control pieces like "<pad>" are no text to split on
-        whole = sorted((p for i, p in enumerate(self.pieces)
-                        if self.types[i] in (CONTROL, USER_DEFINED) and p and not p.startswith("<unused")),
-                       key=len, reverse=True)
-        self._whole = {p: i for i, p in enumerate(self.pieces) if p in set(whole)}
+        # pieces matched whole in the raw text; the pattern tries the longest first, so "\n\n" wins
+        # over "\n"
+        self._whole = {p: i for i, p in enumerate(self.pieces)
+                       if self.types[i] in (CONTROL, USER_DEFINED) and p and not p.startswith("<unused")}
+        whole = sorted(self._whole, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(re.escape(p) for p in whole) + ")") if whole else None
 
     @classmethod
