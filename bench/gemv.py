@@ -39,9 +39,9 @@ DECODER_FORMATS = ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q5_0"]
 # o_proj (Q4_K), as in its Q4_K_M GGUF.
 GEMMA_SHAPES = [(262144, 640, "Q8_0"), (2048, 640, "Q5_0"), (1024, 640, "Q5_0"),
                 (640, 2048, "Q6_K"), (640, 1024, "Q4_K")]
-GEMV_BATCHES = [1, 2, 4, 8]        # qmatmul's Q8_1 + DP4A GEMV path (csrc/policy.h: rows <= 8)
-LARGE_BATCHES = [16, 64, 512]      # its dequantize + dense GEMM path
-MAX_GEMV_ROWS = 8
+GEMV_BATCHES = [1, 2, 4, 8]        # the GEMV batches (b8/b1 is a target)
+LARGE_BATCHES = [16, 64, 512]      # its large-batch ones (x bf16 at 512 is a target)
+MAX_GEMV_ROWS = 16                 # kernels/batch_policy.h: up to 16 rows the Q8_1 GEMV, then dense
 
 # Column order of the printed tables (labels): baselines, then torchext per weight format.
 GEMV_LABELS = ["bf16", "int4", "Q4_K", "q4k_q8", "q8_1+q4k_q8", "q8_1", "Q5_K", "Q6_K", "Q8_0", "Q5_0"]
@@ -65,7 +65,7 @@ class OpSpec:
     fmt: str                   # weight format (CSV)
     out_bytes: int             # bytes per output element
     act: str                   # activation kind: "x" (bf16 [B, K]) or "xq" (Q8_1 bytes)
-    gemv_only: bool            # only for batch <= 8 (the GEMV path)
+    gemv_only: bool            # only for batches the GEMV path serves
     make: Callable             # make(state, x, xq, n, k, c) -> call(i), c = copies rotated
 
 

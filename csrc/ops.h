@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "csrc/checks.h"
-#include "csrc/policy.h"
+#include "kernels/batch_policy.h"
 
 namespace torchext {
 
@@ -68,7 +68,7 @@ struct Ops {
     check_same_device(w, "w", x, "x");
     const int64_t rows = leading_rows(x);
     if (rows == 0) return torch::stable::new_empty(x, with_last_dim(x, n));
-    if (choose_matmul_path(rows) == MatmulPath::DequantizeDense) {
+    if (!gemv_serves(rows)) {
       // Dense GEMM on the dequantized weight: exact weights, no activation rounding.
       const ScalarType ct = Backend::dense_compute_type(x.scalar_type());
       Tensor wd = dequantize(w, qtype, n, k, ct);

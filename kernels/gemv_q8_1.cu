@@ -1,5 +1,6 @@
-// One GEMV body for every weight format (QuantTraits supplies the block arithmetic) and every
-// batch of up to 8 activation rows.
+// One DP4A GEMV body for every weight format (QuantTraits supplies the block arithmetic) and every
+// batch of up to 8 activation rows, and the launcher that sends each group of rows to it or to the
+// tensor-core GEMV (gemv_q8_1_mma.cu), as batch_policy.h says.
 //
 // A persistent grid: each CTA first copies the Q8_1 activations into shared memory, split into
 // quants and scales (Q8_1SplitRows) so that 16 bytes of activations are one load, then walks
@@ -11,7 +12,9 @@
 // 2026-11-24: 4096x4096 Q4_K batch 1 10.6 us against 9.1 us; 4096x14336 batch 8 102.6 against 77.9).
 #include <algorithm>
 
+#include "kernels/batch_policy.h"
 #include "kernels/gemv_q8_1.cuh"
+#include "kernels/gemv_q8_1_mma.cuh"
 #include "kernels/launch.cuh"
 #include "kernels/quant_traits.h"
 
@@ -20,7 +23,6 @@ namespace {
 
 constexpr int kWarps = 16;  // large CTAs: fewer of them copy the same activations
 constexpr int kThreads = kWarps * kWarp;
-constexpr int kMaxRows = 8;
 constexpr int kUnroll = 4;
 
 // Shared memory for `rows` staged rows: 32 quants and one Q8Scales per 32 values.
@@ -161,16 +163,23 @@ cudaError_t launch_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, c
   const size_t out_elem = ot == FloatType::F32 ? 4 : 2;
   const int64_t xb = q8_1_blocks_per_row(k);
   const size_t max_staged = max_staged_bytes(device);
+  const bool int8_mma = has_int8_mma(device);
   cudaError_t err = cudaSuccess;
   const bool known = visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
-    // Groups of up to 8 rows, as many as shared memory holds; rows too long to stage at all are
-    // read from global memory one at a time. The batch policy keeps larger batches off this path.
+    // Groups of up to 16 rows for the tensor-core kernel; for DP4A up to 8, as many as shared memory
+    // holds, and rows too long to stage at all are read from global memory one at a time.
     for (int64_t r0 = 0; r0 < rows && err == cudaSuccess;) {
-      int g = int(std::min<int64_t>(rows - r0, kMaxRows));
-      while (g > 1 && staged_bytes(k, g) > max_staged) g /= 2;
       const block_q8_1* xg = x + r0 * xb;
       void* o = static_cast<char*>(out) + r0 * n * out_elem;
+      if (choose_gemv_kernel(rows - r0, T::kValues, int8_mma) == GemvKernel::Int8Mma) {
+        const int g = int(std::min<int64_t>(rows - r0, kMaxMmaRows));
+        err = launch_gemv_q8_1_mma(wt, w, n, k, xg, g, o, ot, device, stream);
+        r0 += g;
+        continue;
+      }
+      int g = int(std::min<int64_t>(rows - r0, kMaxDp4aRows));
+      while (g > 1 && staged_bytes(k, g) > max_staged) g /= 2;
       if (staged_bytes(k, g) > max_staged) err = launch_rows<T, 1, false>(w, n, k, xg, 1, o, ot, device, stream);
       else if (g == 1) err = launch_rows<T, 1, true>(w, n, k, xg, g, o, ot, device, stream);
       else if (g == 2) err = launch_rows<T, 2, true>(w, n, k, xg, g, o, ot, device, stream);

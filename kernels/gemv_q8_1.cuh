@@ -6,8 +6,8 @@
 
 namespace torchext {
 
-// out[r, i] = sum_j w[i, j] * xq[r, j] for i < n, r < rows, for any weight format: integer DP4A
-// dot products against Q8_1 activations (quantize_q8_1's rows), fp32 accumulation, output
+// out[r, i] = sum_j w[i, j] * xq[r, j] for i < n, r < rows, for any weight format: integer DP4A or
+// int8 tensor-core dot products against Q8_1 activations (quantize_q8_1's rows), fp32 accumulation, output
 // element type `ot`.
 cudaError_t launch_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows,
                              void* out, FloatType ot, int device, cudaStream_t stream);

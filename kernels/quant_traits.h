@@ -6,6 +6,9 @@
 //   dot_item<B>(blk, t, x, acc)     item t of kItems in a block (a group of values that suits the
 //                                   bit layout) against B rows of Q8_1 activations x (q8_1_rows.h):
 //                                   integer DP4A dot products scaled in fp32, added to acc[0..B)
+//   mma_load(blk, i, t, raw)        lane t of a quad's loads for item i of kMmaItems, and
+//   mma_slice(raw, s)               slice s of kMmaSlices from them, as an int8 MMA fragment
+//                                   (MmaSlice below; the tensor-core GEMV, CUDA only)
 #pragma once
 
 #include "kernels/blocks.h"
@@ -110,6 +113,20 @@ struct KQuantHeader {
   }
 };
 
+// The tensor-core GEMV (gemv_q8_1_mma.cu) takes a weight row in items (kMmaItems per block): lane t
+// (0..3) of a quad first issues every load of an item (mma_load into MmaRaw, loads only: any use of
+// a loaded value would stall the lane before it issues the next item's loads), then takes slices
+// from the registers (mma_slice). A slice is 32 values (one
+// Q8_1 block; W = 2 words: values 4t..4t+3 and 16+4t..16+4t+3 as signed bytes) or 16 values (W = 1:
+// values 4t..4t+3), the order in which mma.sync's m16n8k32 and m16n8k16 fragments take their k
+// index. Value v of a slice is d * q + m (m meets the Q8_1 block's input sum, so only 32-value
+// slices may have one); mma_slice_first(item, s) is the block's value where slice s starts.
+template <int W>
+struct MmaSlice {
+  uint32_t q[W];
+  float d, m;
+};
+
 template <QType T>
 struct QuantTraits;
 
@@ -183,6 +200,39 @@ struct KQuantTraits {
                 hd.dmin * (float(hd.m_lo) * lo.s + float(hd.m_hi) * hi.s);
     }
   }
+
+  // One MMA item per block, 8 slices: sub-block j is the low (j even) or high nibbles of qs bytes
+  // 32*(j/2) .. +31, its 5th bits bit j of qh[0..31].
+  static constexpr int kMmaItems = 1, kMmaSlices = 8, kMmaWords = 2;
+  struct MmaRaw {
+    uint32_t head[4];  // d, dmin, scales
+    uint32_t qs[4][2];
+    uint32_t qh[kHasHigh ? 2 : 1];
+  };
+  static TORCHEXT_HD int mma_slice_first(int, int s) { return 32 * s; }
+  static TORCHEXT_HD void mma_load(const uint8_t* p, int, int t, MmaRaw& r) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    load_16_bytes(p, r.head);
+    TORCHEXT_UNROLL
+    for (int w = 0; w < 2; ++w) {
+      TORCHEXT_UNROLL
+      for (int g = 0; g < 4; ++g) r.qs[g][w] = load_u32<kAlign>(b.qs + 32 * g + 16 * w + 4 * t);
+      if constexpr (kHasHigh) r.qh[w] = load_u32<kAlign>(b.qh + 16 * w + 4 * t);
+    }
+  }
+  static TORCHEXT_HD MmaSlice<2> mma_slice(const MmaRaw& r, int j) {
+    MmaSlice<2> s;
+    TORCHEXT_UNROLL
+    for (int w = 0; w < 2; ++w) {
+      s.q[w] = (r.qs[j / 2][w] >> (4 * (j % 2))) & 0x0F0F0F0Fu;
+      if constexpr (kHasHigh) s.q[w] |= ((r.qh[w] >> j) & 0x01010101u) << 4;
+    }
+    int sc, m;
+    kquant_scale_min(r.head[1], r.head[2], r.head[3], j, sc, m);
+    s.d = fp16_to_float(fp16_bits(r.head[0] & 0xffffu)) * float(sc);
+    s.m = -fp16_to_float(fp16_bits(r.head[0] >> 16)) * float(m);
+    return s;
+  }
 };
 
 template <> struct QuantTraits<QType::Q4_K> : KQuantTraits<block_q4_K, false> {};
@@ -243,6 +293,38 @@ struct QuantTraits<QType::Q6_K> {
       acc[r] += d * v;
     }
   }
+
+  // Scales cover 16 values, so MMA slices are 16 values: item h is half h of the block, slice
+  // s = 2i + (l >= 16) its quarter i's values l = 0..15 or 16..31, with scale scales[8h + s].
+  static constexpr int kMmaItems = 2, kMmaSlices = 8, kMmaWords = 1;
+  struct MmaRaw {
+    uint32_t ql[4];  // ql[64h + 16j + 4t ..]: quarters j/2 (low nibbles) and j/2 + 2 (high)
+    uint32_t qh[2];  // qh[32h + 16j + 4t ..]
+    uint32_t sc[2];  // scales[8h .. 8h+7]
+    fp16_bits d;
+  };
+  static TORCHEXT_HD int mma_slice_first(int h, int s) { return 128 * h + 16 * s; }
+  static TORCHEXT_HD void mma_load(const uint8_t* p, int h, int t, MmaRaw& r) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    TORCHEXT_UNROLL
+    for (int j = 0; j < 4; ++j) r.ql[j] = load_u32<kAlign>(b.ql + 64 * h + 16 * j + 4 * t);
+    TORCHEXT_UNROLL
+    for (int j = 0; j < 2; ++j) {
+      r.qh[j] = load_u32<kAlign>(b.qh + 32 * h + 16 * j + 4 * t);
+      r.sc[j] = load_u32<kAlign>(reinterpret_cast<const uint8_t*>(b.scales) + 8 * h + 4 * j);
+    }
+    r.d = b.d;
+  }
+  static TORCHEXT_HD MmaSlice<1> mma_slice(const MmaRaw& r, int s) {
+    const int i = s / 2, half = s % 2;
+    const uint32_t ql = (r.ql[2 * (i % 2) + half] >> (4 * (i / 2))) & 0x0F0F0F0Fu;
+    const uint32_t qh = ((r.qh[half] >> (2 * i)) & 0x03030303u) << 4;
+    MmaSlice<1> out;
+    out.q[0] = uint32_t(bytes_minus_32(ql | qh));
+    out.d = fp16f(r.d) * float(int8_t(r.sc[s / 4] >> (8 * (s % 4))));
+    out.m = 0.0f;
+    return out;
+  }
 };
 
 // ---------------------------------------------------------------- 32-value formats
@@ -280,6 +362,21 @@ struct QuantTraits<QType::Q8_0> {
       acc[r] += d * x.scales(r, 0).d * float(sum);
     }
   }
+
+  static constexpr int kMmaItems = 1, kMmaSlices = 1, kMmaWords = 2;
+  struct MmaRaw {
+    uint32_t q[2];
+    fp16_bits d;
+  };
+  static TORCHEXT_HD int mma_slice_first(int, int) { return 0; }
+  static TORCHEXT_HD void mma_load(const uint8_t* p, int, int t, MmaRaw& r) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    const uint8_t* qs = reinterpret_cast<const uint8_t*>(b.qs);
+    r.q[0] = load_u32<kAlign>(qs + 4 * t);
+    r.q[1] = load_u32<kAlign>(qs + 16 + 4 * t);
+    r.d = b.d;
+  }
+  static TORCHEXT_HD MmaSlice<2> mma_slice(const MmaRaw& r, int) { return {{r.q[0], r.q[1]}, fp16f(r.d), 0.0f}; }
 };
 
 // Shared by Q4_0, Q4_1, Q5_0, Q5_1: 16 bytes of nibbles (value l low, l+16 high), an optional
@@ -341,6 +438,28 @@ struct NibbleTraits {
       if constexpr (kHasMin) acc[r] += d * xs.d * float(sum) + m * xs.s;
       else acc[r] += d * (xs.d * float(sum) - float(kZero) * xs.s);
     }
+  }
+
+  // Byte 4t..4t+3's low nibbles are values 4t..4t+3, its high nibbles values 16+4t..16+4t+3:
+  // one load gives both words. The zero point becomes a min of -z*d.
+  static constexpr int kMmaItems = 1, kMmaSlices = 1, kMmaWords = 2;
+  struct MmaRaw {
+    uint32_t q, qh;
+    fp16_bits d, m;
+  };
+  static TORCHEXT_HD int mma_slice_first(int, int) { return 0; }
+  static TORCHEXT_HD void mma_load(const uint8_t* p, int, int t, MmaRaw& r) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    r.q = load_u32<kAlign>(b.qs + 4 * t);
+    r.qh = high_bits(b) >> (4 * t);
+    r.d = b.d;
+    if constexpr (kHasMin) r.m = b.m;
+  }
+  static TORCHEXT_HD MmaSlice<2> mma_slice(const MmaRaw& r, int) {
+    const float d = fp16f(r.d);
+    return {{(r.q & 0x0F0F0F0Fu) | spread_bits_to_bit4(r.qh & 0xF),
+             ((r.q >> 4) & 0x0F0F0F0Fu) | spread_bits_to_bit4((r.qh >> 16) & 0xF)},
+            d, kHasMin ? fp16f(r.m) : -float(kZero) * d};
   }
 };
 

