@@ -46,7 +46,7 @@ __device__ void stage_activations(const block_q8_1* x, int64_t k, int rows, int8
       const int64_t i = base + u * kThreads, block = i / 9, word = i % 9;
       if (i >= words) continue;
       if (word == 0)
-        ds[block] = Q8Scales{fp16_to_float(fp16_bits(v[u] & 0xffffu)), fp16_to_float(fp16_bits(v[u] >> 16))};
+        ds[block] = Q8Scales::of_word(v[u]);
       else
         qs_words[block * 8 + word - 1] = v[u];
     }
@@ -115,12 +115,6 @@ __global__ void __launch_bounds__(kThreads)
     if (part == 0 && lane == 0 && row < n)
       for (int r = 0; r < B && r < rows; ++r) store_float(out, r * n + row, ot, acc[r]);
   }
-}
-
-int sm_count(int device) {
-  int count = 0;
-  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-  return count > 0 ? count : 1;
 }
 
 // Shared memory a CTA may stage activations in: the device's opt-in limit (227 KB on Hopper,

@@ -48,8 +48,7 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[2 * W], 
 
 // Q8_1 scales (d, s) of a block as one 32-bit load.
 __device__ __forceinline__ Q8Scales q8_1_scales(const block_q8_1& b) {
-  const uint32_t v = *reinterpret_cast<const uint32_t*>(&b);
-  return Q8Scales{fp16_to_float(fp16_bits(v & 0xffffu)), fp16_to_float(fp16_bits(v >> 16))};
+  return Q8Scales::of_word(*reinterpret_cast<const uint32_t*>(&b));
 }
 
 // Items whose loads a lane issues before it uses the first: about 24 registers of loads per row
@@ -152,12 +151,6 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
 }
 
-int multiprocessors(int device) {
-  int count = 0;
-  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-  return count > 0 ? count : 1;
-}
-
 template <class T, int NT>
 cudaError_t launch_tiles(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* x, int rows, void* out,
                          FloatType ot, int device, cudaStream_t stream) {
@@ -169,7 +162,7 @@ cudaError_t launch_tiles(const uint8_t* w, int64_t n, int64_t k, const block_q8_
   // slots empty, keeping >= 2 items per warp.
   const int64_t tiles = (n + kTileRows - 1) / kTileRows;
   const int64_t items = (k + T::kValues - 1) / T::kValues * T::kMmaItems;
-  const int64_t resident_warps = int64_t(multiprocessors(device)) * std::max(ctas_per_sm, 1) * kWarps;
+  const int64_t resident_warps = int64_t(sm_count(device)) * std::max(ctas_per_sm, 1) * kWarps;
   int split = 1;
   while (split < kWarps && 4 * split <= items && 2 * split * tiles <= resident_warps) split *= 2;
   const int64_t tiles_per_cta = kWarps / split;

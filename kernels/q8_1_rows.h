@@ -11,6 +11,11 @@ namespace torchext {
 
 struct alignas(8) Q8Scales {
   float d, s;
+
+  // From a Q8_1 block's first 32-bit word: d in the low half, s in the high half.
+  static TORCHEXT_HD Q8Scales of_word(uint32_t v) {
+    return Q8Scales{fp16_to_float(fp16_bits(v & 0xffffu)), fp16_to_float(fp16_bits(v >> 16))};
+  }
 };
 
 template <int B>
