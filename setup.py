@@ -81,10 +81,45 @@ def extra_include_dirs():
     return dirs
 
 
+def loaded_libstdcxx():
+    """The libstdc++.so.6 this process (and so torch) runs on, from /proc/self/maps; None elsewhere."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so"):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def shared_libstdcxx_link_args():
+    """Link flags that make libstdc++ a shared dependency of the library.
+
+    A compiler driver that finds only libstdc++.a (the GPU machine's /opt/gcc/bin/g++, GCC 13, whose
+    -B folder has the archive but no libstdc++.so) links a private copy of the C++ runtime into the
+    library. That copy's iostreams were never initialised: every error message (ostringstream <<
+    int) segfaulted the process, whatever the torch version. Then link the runtime torch already
+    loaded, by its file name; tests/test_build.py checks the result.
+    """
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                               timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    runtime = loaded_libstdcxx()
+    if os.path.isabs(found) or runtime is None:  # the driver links the shared runtime by itself
+        return []
+    return [f"-L{os.path.dirname(runtime)}", f"-l:{os.path.basename(runtime)}"]
+
+
 def make_extension():
     defines = [f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"]
     cxx = ["-O3", "-std=c++17", "-ffp-contract=off", *defines]
-    kwargs = dict(name="torchext._C", include_dirs=extra_include_dirs(), py_limited_api=True)
+    kwargs = dict(name="torchext._C", include_dirs=extra_include_dirs(), py_limited_api=True,
+                  extra_link_args=shared_libstdcxx_link_args())
     if not USE_CUDA:
         return CppExtension(sources=CPU_SOURCES, extra_compile_args={"cxx": cxx}, **kwargs)
     nvcc = ["-O3", "-std=c++17", "-DUSE_CUDA", "--expt-relaxed-constexpr", "-lineinfo", *defines]

@@ -8,9 +8,9 @@
 
 #include <cstdint>
 #include <optional>
-#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "kernels/float_types.h"
 #include "kernels/quant_traits.h"
@@ -21,13 +21,23 @@ namespace torchext {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
+// One part of an error message. Numbers go through std::to_string (printf), not iostreams: an
+// ostream needs libstdc++'s locale, which a copy of libstdc++ linked statically into this library
+// (seen with GCC 13 on Ubuntu 24.04) never initialises, so `stream << n` segfaulted there.
+inline void append_part(std::string& s, const char* part) { s += part; }
+inline void append_part(std::string& s, const std::string& part) { s += part; }
+template <class T, std::enable_if_t<std::is_arithmetic_v<T>, int> = 0>
+void append_part(std::string& s, T part) {
+  s += std::to_string(part);
+}
+
 // Raises RuntimeError with exactly the message given: it starts with the argument's name
 // (STD_TORCH_CHECK would put the C++ function, file and line in front of it).
 template <class... Args>
 [[noreturn]] void fail(const Args&... parts) {
-  std::ostringstream message;
-  (message << ... << parts);
-  throw std::runtime_error(message.str());
+  std::string message;
+  (append_part(message, parts), ...);
+  throw std::runtime_error(message);
 }
 
 #define TORCHEXT_CHECK(cond, ...) \

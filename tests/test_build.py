@@ -1,0 +1,59 @@
+"""How the op library was built and linked, and what that means for an error raised in it.
+
+On the GPU machine (Ubuntu 24.04, GCC 13 behind /opt/gcc/bin/g++) the compiler driver found only
+libstdc++.a, so the library carried its own copy of the C++ runtime; formatting any error message
+in that copy segfaulted the process (torch 2.11, 2026-12-02). setup.py now links the shared
+runtime explicitly when the driver would not; these tests hold both ends of that.
+"""
+
+import struct
+import subprocess
+import sys
+
+import pytest
+
+import torchext
+
+LIBRARY = torchext._C.__file__
+
+
+def needed_libraries(path: str) -> list[str]:
+    """The DT_NEEDED entries of a 64-bit little-endian ELF shared object."""
+    with open(path, "rb") as f:
+        elf = f.read()
+    assert elf[:4] == b"\x7fELF" and elf[4] == 2 and elf[5] == 1, f"{path}: not a 64-bit little-endian ELF"
+    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", elf, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", elf, shoff + i * shentsize) for i in range(shnum)]
+    names = []
+    for _, sh_type, _, _, offset, size, link, _, _, _ in sections:
+        if sh_type != 6:  # SHT_DYNAMIC
+            continue
+        strtab = sections[link][4]
+        for tag, value in struct.iter_unpack("<qQ", elf[offset:offset + size]):
+            if tag == 1:  # DT_NEEDED
+                names.append(elf[strtab + value:elf.index(b"\0", strtab + value)].decode())
+    return names
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF libraries on Linux only")
+def test_library_links_the_shared_cxx_runtime():
+    needed = needed_libraries(LIBRARY)
+    assert any(name.startswith("libstdc++.so") for name in needed), (
+        f"{LIBRARY} does not depend on libstdc++.so (it needs {needed}): a static copy of the C++ "
+        "runtime was linked in, whose iostreams crash; see setup.py shared_libstdcxx_link_args")
+
+
+def test_an_op_error_raises_in_a_fresh_process():
+    """The first error of a process (nothing warmed up) reaches Python as a RuntimeError."""
+    code = (
+        "import torch, torchext\n"
+        "w = torchext.quantize(torch.randn(4, 32), 'Q8_0')\n"
+        "try:\n"
+        "    torchext.embedding(w, 'Q8_0', torch.tensor([4]), 4, 32)\n"
+        "except RuntimeError as e:\n"
+        "    print('raised:', e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"exit code {result.returncode}\n{result.stderr[-2000:]}"
+    assert "raised: ids: expected ids in [0, n=4), got 4" in result.stdout
