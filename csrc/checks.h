@@ -94,7 +94,18 @@ inline FormatInfo format_info(int64_t qtype, const char* arg = "qtype") {
   return info;
 }
 
-inline int64_t row_bytes(const FormatInfo& f, int64_t k) { return (k + f.values - 1) / f.values * f.bytes; }
+// a * b, or an error naming what overflowed int64 (a wrapped product once let a 144-byte weight
+// pass as 2^60 + 1 rows and be read far out of bounds).
+inline int64_t checked_mul(int64_t a, int64_t b, const char* what) {
+  int64_t p = 0;
+  TORCHEXT_CHECK(!__builtin_mul_overflow(a, b, &p), what, ": the size overflows int64 (", a, " x ", b, ")");
+  return p;
+}
+
+// Bytes of one row of k > 0 values: ceil(k / values) blocks (no overflow: k / values + 1 <= k).
+inline int64_t row_bytes(const FormatInfo& f, int64_t k) {
+  return checked_mul(k / f.values + (k % f.values != 0), f.bytes, "k");
+}
 
 // The kernels' element type for a torch dtype; nullopt for a dtype they do not take.
 inline std::optional<FloatType> float_type_of(ScalarType t) {
@@ -151,7 +162,7 @@ inline FormatInfo check_weight(const Tensor& w, int64_t qtype, int64_t n, int64_
   check_defined_contiguous(w, arg);
   TORCHEXT_CHECK(w.scalar_type() == ScalarType::Byte, arg, ": expected raw ", qtype_name(f.type),
                   " bytes as a uint8 tensor, got ", dtype_name(w.scalar_type()));
-  const int64_t expected = n * row_bytes(f, k);
+  const int64_t expected = checked_mul(n, row_bytes(f, k), "n");
   TORCHEXT_CHECK(w.numel() == expected, arg, ": expected ", expected, " bytes for ", qtype_name(f.type),
                   " with n=", n, ", k=", k, " (", n, " rows of ", row_bytes(f, k), " bytes), got ", w.numel());
   check_alignment(w, f.align, arg, "the alignment of its blocks");
@@ -174,7 +185,8 @@ inline void check_q8_1(const Tensor& xq, int64_t k, const char* arg = "xq") {
   TORCHEXT_CHECK(xq.scalar_type() == ScalarType::Byte, arg, ": expected Q8_1 bytes as a uint8 tensor, got ",
                   dtype_name(xq.scalar_type()));
   TORCHEXT_CHECK(xq.dim() >= 1, arg, ": expected at least one dimension [..., bytes], got a scalar");
-  const int64_t expected = q8_1_blocks_per_row(k) * int64_t(sizeof(block_q8_1));
+  const int64_t expected =
+      checked_mul(k / kSuperBlock + (k % kSuperBlock != 0), kSuperBlock / kQ8Block * int64_t(sizeof(block_q8_1)), "k");
   TORCHEXT_CHECK(xq.size(xq.dim() - 1) == expected, arg, ": expected the last dimension to be ", expected,
                   " bytes (k=", k, " padded to whole 256-value super-blocks, 36 bytes per 32 values), got ",
                   xq.size(xq.dim() - 1));

@@ -38,9 +38,16 @@ constexpr int kQ8Block = 32;      // values in one Q8_1 activation block
 // fp16 fields are kept as raw bits so that host code needs no half type.
 using fp16_bits = uint16_t;
 
-struct block_q8_1 {  // activations: x[i] = d * qs[i]; s = sum of the 32 inputs (see quantize_q8_1)
-  fp16_bits d;
-  fp16_bits s;
+// Activations: x[i] = d * qs[i]. ggml's block_q8_1 holds fp16 d and fp16 s (the sum of the inputs);
+// fp16 overflows for |x| above about 8e6 (d) or a block sum above 65504 (s, so |x| ~ 2e3 already)
+// and flushes blocks below about 1e-5 to zero. torchext keeps the 36 bytes and widens the first
+// word: the fp32 bits of d rounded up to 10 mantissa bits (fp16's precision, fp32's range), whose
+// low 13 bits hold sum(qs) as a two's-complement integer (|sum| <= 32 * 127 < 2^12). The dot products
+// meet a weight block's offset with d * sum(qs), the rounded inputs, as llama.cpp's MMVQ does (the
+// sum of the unrounded inputs does not cancel the rounding of the scaled term). Encoding and
+// decoding: float_types.h (q8_1_scale_word) and q8_1_rows.h (Q8Scales::of_word).
+struct block_q8_1 {
+  uint32_t scale;  // d and sum(qs), as above
   int8_t qs[32];
 };
 struct block_q4_K {  // 8 sub-blocks of 32: x = d*sc[j]*q - dmin*m[j], 6-bit sc/m packed in scales

@@ -57,23 +57,47 @@ inline constexpr int64_t q8_1_blocks_per_row(int64_t k) {
   return (k + kSuperBlock - 1) / kSuperBlock * (kSuperBlock / kQ8Block);
 }
 
-// Q8_1 quantization of one 32-value block (ggml's CUDA rule): d = amax/127,
-// qs = round-half-away(x/d) (0 where amax is 0), s = sum of the inputs. A block with a
-// non-finite input stores d = s = NaN and qs = 0, so every output it touches is NaN.
-// The fp32 sum is taken in a fixed order, so that every device stores the same s: the four
-// groups of 8 consecutive values are summed left to right into p0..p3, then
-// s = (p0 + p2) + (p1 + p3) (the CUDA kernels' lane-quad reduction).
-constexpr fp16_bits kFp16NaN = 0x7e00;
+// Q8_1 quantization of one 32-value block (block_q8_1 in blocks.h): d = amax/127 rounded up (in
+// magnitude) to fp16's 10 mantissa bits, in fp32's exponent range; qs = round-half-away(x/d) with
+// that d. Rounding d up keeps |x/d| <= 127, so |x - d*qs| <= d/2 holds for every value, even where
+// d is an fp32 subnormal (amax below ~2e-37) and the rounding is coarse; qs = 0 where amax is 0.
+// A block with a non-finite input stores d = NaN, sum 0 and qs = 0, so every output it touches is
+// NaN.
+constexpr uint32_t kQ8SumBits = 13;
+constexpr uint32_t kQ8SumMask = (1u << kQ8SumBits) - 1u;
+constexpr uint32_t kQ8NaNWord = 0x7fc00000u;  // a quiet NaN d with sum 0
 
-TORCHEXT_HD int8_t quantize_q8_1_value(float x, float amax) {
-  if (amax == 0.0f || !(amax <= 3.402823466e38f)) return 0;
-  return int8_t(roundf(x / (amax / 127.0f)));
+TORCHEXT_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
 }
-TORCHEXT_HD fp16_bits q8_1_scale_bits(float amax) {
-  return amax <= 3.402823466e38f ? float_to_fp16(amax / 127.0f) : kFp16NaN;
+TORCHEXT_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
 }
-TORCHEXT_HD fp16_bits q8_1_sum_bits(float sum, float amax) {
-  return amax <= 3.402823466e38f ? float_to_fp16(sum) : kFp16NaN;  // one NaN on every device
+
+// d of a block whose largest |x| is amax: amax/127 with its low 13 mantissa bits rounded up (no
+// overflow: amax/127 is far below FLT_MAX); NaN when amax is not finite.
+TORCHEXT_HD float q8_1_scale(float amax) {
+  if (!(amax <= 3.402823466e38f)) return bits_float(kQ8NaNWord);
+  return bits_float((float_bits(amax / 127.0f) + kQ8SumMask) & ~kQ8SumMask);
+}
+TORCHEXT_HD int8_t quantize_q8_1_value(float x, float d) {
+  if (!(d > 0.0f)) return 0;  // amax 0, or a non-finite block (d NaN)
+  return int8_t(roundf(x / d));
+}
+TORCHEXT_HD uint32_t q8_1_scale_word(float d, int sum_qs) {
+  return float_bits(d) | (uint32_t(sum_qs) & kQ8SumMask);
 }
 
 // max that keeps a NaN, so that a non-finite input marks its Q8_1 block.

@@ -12,9 +12,12 @@ namespace torchext {
 struct alignas(8) Q8Scales {
   float d, s;
 
-  // From a Q8_1 block's first 32-bit word: d in the low half, s in the high half.
+  // From a Q8_1 block's scale word (blocks.h): d, and s = d * sum(qs), the sum of the rounded
+  // inputs that a weight block's offset (min, zero point) meets.
   static TORCHEXT_HD Q8Scales of_word(uint32_t v) {
-    return Q8Scales{fp16_to_float(fp16_bits(v & 0xffffu)), fp16_to_float(fp16_bits(v >> 16))};
+    const float d = bits_float(v & ~kQ8SumMask);
+    const int sum_qs = int(v << (32 - kQ8SumBits)) >> (32 - kQ8SumBits);  // sign-extend 13 bits
+    return Q8Scales{d, d * float(sum_qs)};
   }
 };
 
@@ -29,9 +32,7 @@ struct Q8_1BlockRows {
     TORCHEXT_UNROLL
     for (int i = 0; i < N; ++i) q[i] = words[w0 + i];
   }
-  TORCHEXT_HD Q8Scales scales(int r, int j) const {
-    return Q8Scales{fp16_to_float(row[r][j].d), fp16_to_float(row[r][j].s)};
-  }
+  TORCHEXT_HD Q8Scales scales(int r, int j) const { return Q8Scales::of_word(row[r][j].scale); }
 };
 
 template <int B>

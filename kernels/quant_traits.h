@@ -195,9 +195,11 @@ struct KQuantTraits {
         }
       }
       // The min term goes through the Q8_1 sums: sum((d*sc*q - dmin*m) * x) = d*sc*d8*isum - dmin*m*s.
+      // Weight scales multiply first, then the activation scale, then the integer sum: every
+      // partial product stays near the size of its contribution (|x| up to 1e34 stays finite).
       const Q8Scales lo = x.scales(r, 2 * g), hi = x.scales(r, 2 * g + 1);
-      acc[r] += hd.d * (float(hd.sc_lo) * lo.d * float(sum_lo) + float(hd.sc_hi) * hi.d * float(sum_hi)) -
-                hd.dmin * (float(hd.m_lo) * lo.s + float(hd.m_hi) * hi.s);
+      acc[r] += hd.d * float(hd.sc_lo) * lo.d * float(sum_lo) + hd.d * float(hd.sc_hi) * hi.d * float(sum_hi) -
+                hd.dmin * float(hd.m_lo) * lo.s - hd.dmin * float(hd.m_hi) * hi.s;
     }
   }
 
@@ -282,15 +284,13 @@ struct QuantTraits<QType::Q6_K> {
     const int s0 = 8 * h + l0 / 16;
     TORCHEXT_UNROLL
     for (int r = 0; r < B; ++r) {
-      float v = 0.0f;
       TORCHEXT_UNROLL
       for (int i = 0; i < 4; ++i) {
         int xq[2];
         x.quants(r, 4 * h + i, l0 / 4, xq);
         const int sum = dp4a(q[i][1], xq[1], dp4a(q[i][0], xq[0], 0));
-        v += float(b.scales[s0 + 2 * i]) * x.scales(r, 4 * h + i).d * float(sum);
+        acc[r] += d * float(b.scales[s0 + 2 * i]) * x.scales(r, 4 * h + i).d * float(sum);  // weight scales first
       }
-      acc[r] += d * v;
     }
   }
 
@@ -435,8 +435,9 @@ struct NibbleTraits {
       TORCHEXT_UNROLL
       for (int w = 0; w < 4; ++w) sum = dp4a(hi[w], xh[w], dp4a(lo[w], xl[w], sum));
       const Q8Scales xs = x.scales(r, 0);
+      // d * d8 before the integer sum, as every format: partial products stay near the result's size
       if constexpr (kHasMin) acc[r] += d * xs.d * float(sum) + m * xs.s;
-      else acc[r] += d * (xs.d * float(sum) - float(kZero) * xs.s);
+      else acc[r] += d * xs.d * float(sum) - d * float(kZero) * xs.s;
     }
   }
 

@@ -30,28 +30,31 @@ __device__ __forceinline__ void load_group8(const void* x, FloatType t, int64_t 
   }
 }
 
-// One lane's share of a block: its 8 quants packed in two words, and the block's d and s bits.
+// One lane's share of a block: its 8 quants packed in two words, and the block's scale word.
 struct Q8_1Quad {
   uint32_t qs[2];
-  fp16_bits d, s;
+  uint32_t scale;
 };
 
-// Every lane of the warp must call this (it shuffles within quads). The sum follows the fixed
-// order of float_types.h, which csrc/cpu mirrors.
+// Every lane of the warp must call this (it shuffles within quads).
 __device__ __forceinline__ Q8_1Quad quantize_q8_1_quad(const float (&v)[8]) {
-  float amax = fabsf(v[0]), p = v[0];
+  float amax = fabsf(v[0]);
 #pragma unroll
-  for (int i = 1; i < 8; ++i) {
-    amax = nan_max(amax, fabsf(v[i]));
-    p += v[i];
-  }
+  for (int i = 1; i < 8; ++i) amax = nan_max(amax, fabsf(v[i]));
   amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
   amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-  float s = p + __shfl_xor_sync(0xffffffffu, p, 2);  // p_j + p_{j^2}
-  s += __shfl_xor_sync(0xffffffffu, s, 1);          // (p0 + p2) + (p1 + p3)
-  Q8_1Quad out{{0u, 0u}, q8_1_scale_bits(amax), q8_1_sum_bits(s, amax)};
+  const float d = q8_1_scale(amax);
+  Q8_1Quad out{{0u, 0u}, 0u};
+  int sum = 0;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) out.qs[i / 4] |= uint32_t(uint8_t(quantize_q8_1_value(v[i], amax))) << (8 * (i % 4));
+  for (int i = 0; i < 8; ++i) {
+    const int8_t q = quantize_q8_1_value(v[i], d);
+    sum += q;
+    out.qs[i / 4] |= uint32_t(uint8_t(q)) << (8 * (i % 4));
+  }
+  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  out.scale = q8_1_scale_word(d, sum);
   return out;
 }
 
@@ -72,10 +75,7 @@ __global__ void __launch_bounds__(kThreads)
   uint32_t* qs = reinterpret_cast<uint32_t*>(out[i].qs);  // qs sits at byte 4: 4-byte aligned
   qs[2 * j] = q.qs[0];
   qs[2 * j + 1] = q.qs[1];
-  if (j == 0) {
-    out[i].d = q.d;
-    out[i].s = q.s;
-  }
+  if (j == 0) out[i].scale = q.scale;
 }
 
 // Whether float rows [rows, k] at x can be read 16 bytes at a time (every row start aligned).

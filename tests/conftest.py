@@ -173,13 +173,12 @@ def gaussian_activations(shape, seed: int = 0) -> torch.Tensor:
 def q8_1_reference(x) -> np.ndarray:
     """Q8_1 bytes of float32 activations x [..., K] (numpy), uint8 [..., ceil(K/256) * 8 * 36].
 
-    The rule of SPEC.md section 1 / notes: x is zero-padded to whole 256-value super-blocks;
-    per 32-value block, amax = max|x| (a NaN propagates), d = amax / 127 in fp32 (stored as
-    fp16, round to nearest even), qs[i] = round-half-away-from-zero(x[i] / d) with the fp32 d
-    (0 where amax == 0), s = fp16 of the fp32 sum of the 32 inputs taken in the kernels' fixed
-    order (groups of 8 consecutive values summed left to right into p0..p3, then
-    (p0 + p2) + (p1 + p3)). A block with a non-finite input stores d = s = fp16 NaN (0x7e00)
-    and qs = 0. Block bytes: d, s, qs[32].
+    torchext's rule (kernels/blocks.h): x is zero-padded to whole 256-value super-blocks; per
+    32-value block, amax = max|x| (a NaN propagates), d = amax / 127 in fp32 with its fp32 bits
+    rounded up to 10 mantissa bits (add 2^13 - 1, clear the low 13 bits), qs[i] =
+    round-half-away-from-zero(x[i] / d) with that d (0 where amax == 0). The block's first word is
+    d's bits with sum(qs) in the low 13 bits (two's complement); a block with a non-finite input
+    stores the word 0x7fc00000 (d NaN, sum 0) and qs = 0. Block bytes: word (little-endian), qs[32].
     """
     x = np.asarray(x, dtype=np.float32)
     k = x.shape[-1]
@@ -191,35 +190,40 @@ def q8_1_reference(x) -> np.ndarray:
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         amax = np.max(np.abs(blk), axis=-1)  # np.max propagates NaN
         finite = np.isfinite(amax)
-        d32 = (amax / np.float32(127.0)).astype(np.float32)
-        v = (blk / d32[..., None]).astype(np.float32)  # fp32 division, as the kernels
+        bits = (amax / np.float32(127.0)).astype(np.float32).view(np.uint32).astype(np.uint64)
+        bits = ((bits + 0x1FFF) & 0xFFFFE000).astype(np.uint32)
+        d = bits.view(np.float32)
+        v = (blk / d[..., None]).astype(np.float32)  # fp32 division, as the kernels
         v64 = v.astype(np.float64)  # round half away from zero, exactly (no fp32 x + 0.5)
         q = np.sign(v64) * np.floor(np.abs(v64) + 0.5)
-        q = np.where(((amax == 0) | ~finite)[..., None], 0.0, q)
-        d16 = d32.astype(np.float16).view(np.uint16).copy()
-        d16[~finite] = 0x7E00
-        p = blk[..., 0::8].copy()  # p[..., j] accumulates values 8j .. 8j+7, left to right
-        for i in range(1, 8):
-            p = (p + blk[..., i::8]).astype(np.float32)
-        s = ((p[..., 0] + p[..., 2]).astype(np.float32) + (p[..., 1] + p[..., 3]).astype(np.float32)).astype(np.float32)
-        s16 = s.astype(np.float16).view(np.uint16).copy()
-        s16[~finite] = 0x7E00
+        q = np.where(((amax == 0) | ~finite)[..., None], 0.0, q).astype(np.int64)
+    word = bits | (q.sum(-1) & 0x1FFF).astype(np.uint32)
+    word[~finite] = 0x7FC00000
     out = np.empty(lead + (padded // 32, 36), dtype=np.uint8)
-    out[..., 0:2] = d16.astype("<u2").view(np.uint8).reshape(lead + (padded // 32, 2))
-    out[..., 2:4] = s16.astype("<u2").view(np.uint8).reshape(lead + (padded // 32, 2))
+    out[..., 0:4] = word.astype("<u4").view(np.uint8).reshape(lead + (padded // 32, 4))
     out[..., 4:] = q.astype(np.int8).view(np.uint8)
     return out.reshape(lead + (padded // 32 * 36,))
 
 
-def q8_1_fields(xq) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Split Q8_1 bytes [..., B*36] into (d uint16 bits [..., B], s uint16 bits [..., B],
-    qs int8 [..., B, 32])."""
+class Q8_1Fields(NamedTuple):
+    """A Q8_1 row's blocks, decoded: d (float32 [..., B]), sum_qs (int [..., B], the low 13 bits
+    of the scale word), qs (int8 [..., B, 32]) and the raw scale words (uint32 [..., B])."""
+    d: np.ndarray
+    sum_qs: np.ndarray
+    qs: np.ndarray
+    word: np.ndarray
+
+
+def q8_1_fields(xq) -> Q8_1Fields:
+    """Split Q8_1 bytes [..., B*36] into their fields (q8_1_reference's layout)."""
     a = np.asarray(xq.cpu() if isinstance(xq, torch.Tensor) else xq, dtype=np.uint8)
     blk = a.reshape(a.shape[:-1] + (a.shape[-1] // 36, 36))
-    d = np.ascontiguousarray(blk[..., 0:2]).view("<u2")[..., 0]
-    s = np.ascontiguousarray(blk[..., 2:4]).view("<u2")[..., 0]
+    word = np.ascontiguousarray(blk[..., 0:4]).view("<u4")[..., 0]
+    d = (word & np.uint32(0xFFFFE000)).view(np.float32)
+    low = (word & np.uint32(0x1FFF)).astype(np.int64)
+    sum_qs = np.where(low >= 0x1000, low - 0x2000, low)
     qs = np.ascontiguousarray(blk[..., 4:]).view(np.int8)
-    return d, s, qs
+    return Q8_1Fields(d, sum_qs, qs, word)
 
 
 # ---- tolerances ------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 The matmul ops' gradient w.r.t. x is grad @ dequantize(w): checked against autograd through
 x @ dequantize(w).T in float32 (same dense weight, so only fp32 summation order differs: 1e-5
 relative). GELU's gradient is aten.gelu_backward at x (or x + bias in fp32): checked against
-autograd through F.gelu; bias_gelu's bias gradient is the sum over leading dimensions.
+autograd through F.gelu; bias_gelu's bias gradient is the sum over leading dimensions. gelu_
+behaves as torch's in-place ops: it refuses a leaf that requires grad, gives any other tensor
+F.gelu's gradient, and moves the version counter of what it overwrites.
 """
 
 import pytest
@@ -68,3 +70,65 @@ def test_weights_take_no_gradient():
     y = torchext.qmatmul(w, torchext.QType.Q4_K, x, n, k)
     (grad_x,) = torch.autograd.grad(y.sum(), (x,))
     assert grad_x.shape == x.shape and not w.requires_grad
+
+
+# ---- gelu_ under autograd: as torch's in-place ops ------------------------------------------------
+
+INPLACE_GELU = [torchext.gelu_, torch.ops.torchext.gelu_]  # the wrapper and the op itself
+
+
+@pytest.mark.parametrize("gelu_", INPLACE_GELU, ids=["wrapper", "op"])
+def test_gelu_inplace_on_a_leaf_that_requires_grad_raises(gelu_):
+    x = torch.tensor([-1.0, 0.5, 2.0], requires_grad=True)
+    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad is being used in an in-place operation"):
+        gelu_(x)
+    assert torch.equal(x.detach(), torch.tensor([-1.0, 0.5, 2.0]))  # left as it was
+    with pytest.raises(RuntimeError, match="a view of a leaf Variable that requires grad is being used in an in-place"):
+        gelu_(x[1:])
+    with torch.no_grad():  # as for torch's in-place ops, allowed without grad mode
+        gelu_(x)
+    torch.testing.assert_close(x.detach(), F.gelu(torch.tensor([-1.0, 0.5, 2.0])))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gelu_", INPLACE_GELU, ids=["wrapper", "op"])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_inplace_gradient_is_gelus(gelu_, approximate, device):
+    x = torch.tensor([-1.0, 0.5, 2.0], device=device, requires_grad=True)
+    y = x * 1  # a non-leaf
+    gelu_(y, approximate)
+    y.backward(torch.ones(3, device=device))
+    x_ref = x.detach().clone().requires_grad_()
+    F.gelu(x_ref, approximate=approximate).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    if approximate == "none":
+        torch.testing.assert_close(x.grad.cpu(), torch.tensor([-0.0833, 0.8675, 1.0852]), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("gelu_", INPLACE_GELU, ids=["wrapper", "op"])
+def test_gelu_inplace_on_a_view_of_a_non_leaf(gelu_):
+    # the in-place result flows back through the view into its base, as x.mul_(2) would
+    x = torch.randn(4, 6, requires_grad=True)
+    base = x * 1
+    gelu_(base[1:3])
+    g = torch.randn(4, 6)
+    base.backward(g)
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[1:3] = True
+    x_ref = x.detach().clone().requires_grad_()
+    torch.where(mask, F.gelu(x_ref), x_ref).backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("gelu_", INPLACE_GELU, ids=["wrapper", "op"])
+def test_gelu_inplace_bumps_the_version_counter(gelu_):
+    # another op saved x for its backward: overwriting x afterwards must make that backward fail,
+    # not compute a gradient from the new values
+    w = torch.randn(3, requires_grad=True)
+    x = torch.randn(3)
+    y = (x * w).sum()
+    before = x._version
+    gelu_(x)
+    assert x._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()

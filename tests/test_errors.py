@@ -281,14 +281,15 @@ class TestMatmulWeight:
         for off in sorted({a, 2 * a % 16}):
             assert torch.equal(f(at_offset(w, off), x), ref), f"offset {off}"
 
-    def test_devices_differ(self, device, op, qtype):
+    @pytest.mark.parametrize("rows", [2, 17], ids=["gemv", "dense"])
+    def test_devices_differ(self, device, op, qtype, rows):
         if device != "cuda":
             pytest.skip("needs a CUDA device")
         f = matmul_call(op, qtype)
         with err(lit("w and x: expected tensors on the same device, got w on cuda:0 and x on cpu")):
-            f(weight(qtype, device="cuda"), acts(device="cpu"))
+            f(weight(qtype, device="cuda"), acts((rows, K), device="cpu"))
         with err(lit("w and x: expected tensors on the same device, got w on cpu and x on cuda:0")):
-            f(weight(qtype, device="cpu"), acts(device="cuda"))
+            f(weight(qtype, device="cpu"), acts((rows, K), device="cuda"))
 
 
 def test_q6k_weight_at_byte_offset_2_works():
@@ -623,3 +624,27 @@ def test_empty_inputs_are_not_errors(device):
         assert y.shape == (2, 0, N) and y.dtype == dtype
     assert ops.gelu(torch.empty(0, 3, device=device), "none").shape == (0, 3)
     assert ops.bias_gelu(torch.empty(0, 3, device=device), torch.ones(3, device=device), "none").shape == (0, 3)
+
+
+# ---- sizes that overflow int64 -----------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", [Q4_K, Q5_K, Q4_1, Q5_1, Q6_K, Q8_0])
+def test_byte_count_overflow_raises(device, qtype):
+    """n * row_bytes that wraps int64 once passed the byte check with a 144-byte weight (2^60 + 1
+    rows of 144 bytes wrap to 144) and the kernels read far out of bounds; now it names n."""
+    w = weight(qtype, n=1, k=256, device=device)
+    rb = row_bytes(qtype, 256)
+    n = 2**64 // rb + 1  # n * rb = 2^64 + (rb - 2^64 % rb): wraps to a small count
+    n = min(n, 2**63 - 1)
+    with err(lit("n: the size overflows int64")):
+        ops.embedding(w, qtype, torch.tensor([2**40], device=device), n, 256, None)
+    with err(lit("n: the size overflows int64")):
+        ops.dequantize(w, qtype, n, 256, None)
+    with err(lit("n: the size overflows int64")):
+        ops.qmatmul(w, qtype, acts((1, 256), device=device), n, 256)
+    # k near 2^63: a row of more bytes than values (Q8_0: 34 per 32) overflows; the others fit
+    k = (2**63 - 1) // 32 * 32
+    big_rows = qtype == Q8_0
+    with err(lit("k: the size overflows int64") if big_rows else lit("w: expected ")):
+        ops.dequantize(w, qtype, 1, k, None)

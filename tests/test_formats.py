@@ -3,6 +3,7 @@ structs (seen through the ops' byte-count checks) agree for every format (STYLE 
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -135,3 +136,50 @@ def test_cpp_rejects_formats_it_does_not_run(qtype, device):
         torch.ops.torchext.qmatmul(w, qtype, x, 2, 256)
     with pytest.raises(RuntimeError, match=f"qtype: unknown or unsupported weight format id {qtype}"):
         torch.ops.torchext.dequantize(w, qtype, 2, 256)
+
+
+# a qtype is a whole number (or a name): int() would truncate 12.7 to 12 (Q4_K) and read True as 1
+NOT_AN_ID = [12.7, 12.0, float("nan"), True, False, np.float64(12.0), torch.tensor(12.5), None, [12]]
+
+
+@pytest.mark.parametrize("fmt", NOT_AN_ID, ids=repr)
+def test_qtype_of_rejects_what_is_not_an_integer_id(fmt):
+    with pytest.raises(ValueError, match=re.escape(repr(fmt))):
+        torchext.QType.of(fmt)
+
+
+def test_qtype_of_takes_integer_ids_of_any_integer_type():
+    assert torchext.QType.of(np.int64(12)) is torchext.QType.Q4_K
+    assert torchext.QType.of(np.uint8(8)) is torchext.QType.Q8_0
+    assert torchext.QType.of(torch.tensor(14)) is torchext.QType.Q6_K
+
+
+def _public_calls_with_qtype():
+    """Every public function that takes a qtype, as fmt -> call."""
+    w, x = torch.zeros(2, 144, dtype=torch.uint8), torch.zeros(1, 256)
+    from torchext.nn import QuantLinear, quantize_linears
+    from torchext.parallel import column_split
+    return {
+        "qmatmul": lambda q: torchext.qmatmul(w, q, x, 2, 256),
+        "qmatmul_q8_1": lambda q: torchext.qmatmul_q8_1(w, q, torchext.quantize_q8_1(x), 2, 256),
+        "dequantize": lambda q: torchext.dequantize(w, q, 2, 256),
+        "embedding": lambda q: torchext.embedding(w, q, torch.tensor([0]), 2, 256),
+        "quantize": lambda q: torchext.quantize(torch.zeros(2, 256), q),
+        "block_values": torchext.block_values,
+        "block_bytes": torchext.block_bytes,
+        "row_bytes": lambda q: torchext.row_bytes(q, 256),
+        "QuantLinear": lambda q: QuantLinear(w, q, 256, 2),
+        "QuantLinear.from_linear": lambda q: QuantLinear.from_linear(torch.nn.Linear(256, 2), q),
+        "quantize_linears": lambda q: quantize_linears(torch.nn.Linear(256, 2), q),
+        "WeightCache.put": lambda q: torchext.WeightCache().put("w", w, q, 2, 256),
+        "column_split": lambda q: column_split(q, 256, 0, 1),
+    }
+
+
+@pytest.mark.parametrize("name", list(_public_calls_with_qtype()))
+@pytest.mark.parametrize("fmt", [12.7, True], ids=repr)
+def test_every_public_call_rejects_a_qtype_that_is_not_an_id(name, fmt):
+    call = _public_calls_with_qtype()[name]
+    assert call(torchext.QType.Q4_K) is not None  # the same call with the format named works
+    with pytest.raises(ValueError, match=re.escape(repr(fmt))):
+        call(fmt)

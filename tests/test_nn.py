@@ -134,7 +134,8 @@ def test_state_dict_round_trip_and_module_moves(device):
     layer = QuantLinear.from_linear(gaussian_linear(256, 64, seed=3), "Q5_K").to(device)
     assert layer.weight.device.type == device
     sd = layer.state_dict()
-    assert set(sd) == {"weight", "bias"} and sd["weight"].dtype == torch.uint8
+    assert set(sd) == {"weight", "bias", "_extra_state"} and sd["weight"].dtype == torch.uint8
+    assert sd["_extra_state"] == {"format": "Q5_K", "out_features": 64, "in_features": 256}
     buf = io.BytesIO()
     torch.save(sd, buf)
     buf.seek(0)
@@ -149,6 +150,66 @@ def test_state_dict_round_trip_and_module_moves(device):
     assert half.bias.dtype == torch.float16 and half(x.half()).dtype == torch.float16
     moved = fresh.to("meta")  # a device move of every buffer, testable without a GPU
     assert moved.weight.is_meta and moved.bias.is_meta
+
+
+# ---- state_dict: the format and shape travel with the bytes ---------------------------------------
+
+def _load_error(match):
+    return pytest.raises(RuntimeError, match=r"Error\(s\) in loading state_dict(.|\n)*" + match)
+
+
+def test_state_dict_of_another_format_is_refused():
+    # Q4_0 and Q4_K rows of 256 values are both 144 bytes: only the format tells them apart
+    q4_0 = QuantLinear(random_weight(QType.Q4_0, 8, 256, seed=1), "Q4_0", 256, 8)
+    q4_k = QuantLinear(random_weight(QType.Q4_K, 8, 256, seed=2), "Q4_K", 256, 8)
+    assert q4_0.weight.shape == q4_k.weight.shape
+    before = q4_k.weight.clone()
+    model = nn.Sequential(nn.Identity(), q4_k)
+    with _load_error(r"1\.weight: the state_dict holds Q4_0 bytes \(out_features=8, in_features=256\), this layer "
+                     r"is Q4_K \(out_features=8, in_features=256\)"):
+        model.load_state_dict({f"1.{key}": v for key, v in q4_0.state_dict().items()})
+    assert torch.equal(q4_k.weight, before)  # nothing was loaded
+
+
+def test_state_dict_of_another_k_with_the_same_bytes_is_refused():
+    # a k-quant row of 255 values is a row of 256 (one padded super-block): same bytes, other layer
+    a = QuantLinear(random_weight(QType.Q6_K, 4, 255), "Q6_K", 255, 4)
+    b = QuantLinear(random_weight(QType.Q6_K, 4, 256), "Q6_K", 256, 4)
+    with _load_error(r"weight: the state_dict holds Q6_K bytes \(out_features=4, in_features=255\), this layer is "
+                     r"Q6_K \(out_features=4, in_features=256\)"):
+        b.load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8, torch.float16], ids=str)
+def test_state_dict_weight_that_is_not_bytes_is_refused(dtype):
+    layer = QuantLinear(random_weight(QType.Q8_0, 8, 64), "Q8_0", 64, 8)
+    sd = layer.state_dict()
+    sd["weight"] = sd["weight"].to(dtype)  # same shape: load_state_dict would cast it into the buffer
+    before = layer.weight.clone()
+    with _load_error(rf"weight: expected raw Q8_0 bytes as a uint8 tensor, got {dtype}"):
+        layer.load_state_dict(sd)
+    assert torch.equal(layer.weight, before)
+
+
+def test_state_dict_without_the_format_needs_strict_false():
+    # a state_dict saved before the format was part of it: strict loading reports the missing
+    # entry; strict=False loads the bytes unchecked, as for any missing key
+    layer = QuantLinear(random_weight(QType.Q8_0, 8, 64, seed=3), "Q8_0", 64, 8)
+    sd = {"weight": layer.weight}
+    fresh = QuantLinear(torch.zeros(8, 68, dtype=torch.uint8), "Q8_0", 64, 8)
+    with _load_error(r'Missing key\(s\) in state_dict: "_extra_state"'):
+        fresh.load_state_dict(sd)
+    result = fresh.load_state_dict(sd, strict=False)
+    assert result.missing_keys == ["_extra_state"] and torch.equal(fresh.weight, layer.weight)
+
+
+def test_state_dict_with_an_unreadable_format_is_refused():
+    layer = QuantLinear(random_weight(QType.Q8_0, 8, 64), "Q8_0", 64, 8)
+    sd = layer.state_dict()
+    sd["_extra_state"] = {"format": "Q9_9"}
+    with _load_error(r"_extra_state: expected \{'format', 'out_features', 'in_features'\} of a QuantLinear, got "
+                     r"\{'format': 'Q9_9'\}"):
+        layer.load_state_dict(sd)
 
 
 def test_extra_repr():

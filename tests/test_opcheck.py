@@ -9,6 +9,8 @@ symbolic shapes, as torch.compile does it).
 test_fake_matches_real does the FakeTensorMode comparison by hand for every op and dtype,
 checking shape, dtype, device and strides (STYLE habit 2: a fake that hard-codes a dtype makes
 bf16 graphs trace wrong, and one with wrong strides makes inductor read the output wrongly).
+test_opcheck_with_inputs_that_require_grad runs opcheck with the autograd kernels in play.
+tests/test_fakes.py checks that the fakes reject what the kernels reject.
 """
 
 import pytest
@@ -148,3 +150,17 @@ def test_fake_output_dtypes_are_not_hardcoded(device):
             assert ops.gelu(fx, "none").dtype == dtype
             assert ops.bias_gelu(fx, mode.from_tensor(torch.zeros(256, dtype=dtype, device=device)), "tanh").dtype == dtype
         assert ops.dequantize(fw, Q4_K, 4, 256, None).dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["qmatmul", "q6k_gemv", "gelu", "gelu_", "bias_gelu"])
+def test_opcheck_with_inputs_that_require_grad(device, name):
+    # the autograd kernels (register_autograd, and gelu_'s own) under opcheck: the activations
+    # (and the bias) require grad, and are non-leaves so that gelu_ may overwrite them
+    def requiring_grad(a):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a.detach().requires_grad_() * 1
+        return a
+
+    for args, kwargs in op_samples(name, device, torch.float32):
+        torch.library.opcheck(getattr(ops, name), tree_map(requiring_grad, args), kwargs)

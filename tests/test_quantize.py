@@ -210,6 +210,25 @@ def test_zero_rows_decode_to_zero(qtype):
 
 
 @pytest.mark.parametrize("qtype", K_QUANTS + SMALL, ids=lambda q: q.name)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_weight_keeps_its_block_nan(qtype, bad):
+    """A NaN or infinite weight makes its whole block dequantize to NaN (gguf's numpy Q8_0 keeps a
+    NaN block NaN too); it once quantized to finite bytes. Other blocks are as without it."""
+    k = 512
+    x = gaussian(2, k, seed=3)
+    clean = x.copy()
+    x[1, 300] = bad
+    q, q_clean = quantize(x, qtype), quantize(clean, qtype)
+    values = GGML_QUANT_SIZES[qtype][0]
+    got = decode(q, qtype, k)
+    block = slice(300 // values * values, (300 // values + 1) * values)
+    assert np.isnan(got[1, block]).all()
+    others = np.ones_like(got, bool)
+    others[1, block] = False
+    np.testing.assert_array_equal(got[others], decode(q_clean, qtype, k)[others])
+
+
+@pytest.mark.parametrize("qtype", K_QUANTS + SMALL, ids=lambda q: q.name)
 @pytest.mark.parametrize("c", [0.37, -2.5])
 def test_constant_row(qtype, c):
     k = 512

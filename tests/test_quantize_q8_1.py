@@ -1,8 +1,8 @@
 """quantize_q8_1: bytes against the numpy Q8_1 oracle (conftest.q8_1_reference).
 
-Tolerance: none. d, qs and s are all determined bit for bit by the rule (fp32 amax / 127,
-fp32 division, round half away from zero, fp16 round-to-nearest-even, and the fp32 sum in
-xor-butterfly order), so every byte must match the oracle, on CPU and CUDA alike.
+Tolerance: none. d, qs and sum(qs) are all determined bit for bit by the rule (fp32 amax / 127
+rounded up to 10 mantissa bits, fp32 division, round half away from zero, an integer sum), so every
+byte must match the oracle, on CPU and CUDA alike.
 """
 
 import math
@@ -24,15 +24,15 @@ from conftest import (
 )
 
 KS = [32, 256, 300, 4096, 2880]
-FP16_NAN = 0x7E00
+NAN_WORD = 0x7FC00000  # d = NaN, sum(qs) = 0
 
 
-def realistic_activations(shape, seed):
-    """Gaussian values with a per-row magnitude from 1e-3 to 1e2: small rows give subnormal
-    fp16 scales d (amax/127 < 2^-14), large ones scales and sums far from 1."""
+def realistic_activations(shape, seed, decades=(-3, 2)):
+    """Gaussian values with a per-row magnitude from 10^decades[0] to 10^decades[1]."""
     x = gaussian_activations(shape, seed)
     g = torch.Generator().manual_seed(seed + 1)
-    mag = 10.0 ** (torch.rand(shape[:-1] + (1,), generator=g) * 5 - 3)
+    lo, hi = decades
+    mag = 10.0 ** (torch.rand(shape[:-1] + (1,), generator=g) * (hi - lo) + lo)
     return x * mag
 
 
@@ -40,11 +40,10 @@ def assert_same_bytes(got, ref):
     got = got.cpu().numpy() if isinstance(got, torch.Tensor) else got
     assert got.shape == ref.shape and got.dtype == np.uint8
     if not np.array_equal(got, ref):
-        gd, gs, gq = q8_1_fields(got)
-        rd, rs, rq = q8_1_fields(ref)
+        g, r = q8_1_fields(got), q8_1_fields(ref)
         raise AssertionError(
-            f"Q8_1 bytes differ: {int((gd != rd).sum())} d, {int((gs != rs).sum())} s and "
-            f"{int((gq != rq).any(-1).sum())} qs blocks of {gd.size}; first block "
+            f"Q8_1 bytes differ: {int((g.word != r.word).sum())} scale words and "
+            f"{int((g.qs != r.qs).any(-1).sum())} qs blocks of {g.d.size}; first block "
             f"{np.argwhere((got != ref).reshape(got.shape[:-1] + (-1, 36)).any(-1))[0].tolist()}"
         )
 
@@ -78,28 +77,28 @@ def test_rounding_is_half_away_from_zero(dtype, device):
     ties = [127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, 0.25, -0.75, 3.0]
     x[: len(ties)] = torch.tensor(ties)
     xq = torchext.quantize_q8_1(x.to(dtype).to(device))
-    d, s, qs = q8_1_fields(xq)
-    assert d[0] == np.float16(1.0).view(np.uint16)
+    f = q8_1_fields(xq)
+    assert f.d[0] == 1.0
     expected = [127, 1, 2, 3, -1, -2, -3, 127, -127, 0, -1, 3]
-    assert qs[0, : len(ties)].tolist() == expected
-    assert (qs[0, len(ties):] == 0).all()
-    assert s[0] == np.float16(sum(ties)).view(np.uint16)
+    assert f.qs[0, : len(ties)].tolist() == expected
+    assert (f.qs[0, len(ties):] == 0).all()
+    assert f.sum_qs[0] == sum(expected)
     assert_same_bytes(xq, q8_1_reference(x.numpy()[None, :])[0])
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_exact_activations_are_lossless(dtype, device):
-    """The generator behind the tight matmul tests: d = 2^-e, qs = x / d and s = sum(x) exactly."""
+    """The generator behind the tight matmul tests: d = 2^-e, qs = x / d, d * sum(qs) = sum(x)."""
     x = exact_activations((3, 300), seed=5)
     assert torch.equal(x.to(dtype).float(), x)  # exact in every dtype
-    d, s, qs = q8_1_fields(torchext.quantize_q8_1(x.to(dtype).to(device)))
+    f = q8_1_fields(torchext.quantize_q8_1(x.to(dtype).to(device)))
     xp = np.zeros((3, 512), np.float64)
     xp[:, :300] = x.double().numpy()
     blocks = xp.reshape(3, 16, 32)
-    d64 = d.view(np.float16).astype(np.float64)
-    np.testing.assert_array_equal(d64[..., None] * qs, blocks)
-    np.testing.assert_array_equal(s.view(np.float16).astype(np.float64), blocks.sum(-1))
+    d64 = f.d.astype(np.float64)
+    np.testing.assert_array_equal(d64[..., None] * f.qs, blocks)
+    np.testing.assert_array_equal(d64 * f.sum_qs, blocks.sum(-1))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -109,7 +108,7 @@ def test_zero_blocks(dtype, device):
     x[0] = 0.0  # a whole zero row
     x[1, 64:96] = 0.0  # one zero block between non-zero ones
     xq = torchext.quantize_q8_1(x.to(dtype).to(device)).cpu().numpy()
-    assert (xq[0] == 0).all()  # d = 0, s = +0, qs = 0 everywhere
+    assert (xq[0] == 0).all()  # d = 0, sum 0, qs = 0 everywhere
     assert (xq[1].reshape(8, 36)[2] == 0).all()
     assert (xq[1].reshape(8, 36)[[0, 1, 3]] != 0).any(-1).all()
     assert_same_bytes(xq, q8_1_reference(x.to(dtype).float().numpy()))
@@ -135,34 +134,50 @@ def test_padding_past_k_is_zero(k, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("decade", [-30, -20, -8, -3, 0, 4, 8, 20, 30], ids=lambda e: f"1e{e}")
+def test_any_finite_magnitude(decade, dtype, device):
+    """The scale keeps fp32's exponent range: |x| from 1e-30 to 1e30 (as far as dtype holds it)
+    quantizes to the oracle's bytes with |x - d * qs| <= d / 2 in every block, and d * sum(qs) is
+    finite; ggml's fp16 d and s overflowed from |x| ~ 2e3 (the sum) and flushed below ~1e-5."""
+    info = torch.finfo(dtype)
+    if 10.0**decade * 4 > info.max or 10.0**decade < info.tiny:
+        pytest.skip(f"{dtype} does not hold 1e{decade}")
+    x = (gaussian_activations((4, 300), seed=decade + 40) * 10.0**decade).to(dtype)
+    xq = torchext.quantize_q8_1(x.to(device))
+    assert_same_bytes(xq, q8_1_reference(x.float().numpy()))
+    f = q8_1_fields(xq)
+    xp = np.zeros((4, 512), np.float64)
+    xp[:, :300] = x.double().numpy()
+    d = f.d.astype(np.float64)[..., None]
+    assert np.isfinite(d).all() and (d[:, :10] > 0).all()  # blocks 10.. are padding (d = 0)
+    assert (np.abs(xp.reshape(4, 16, 32) - d * f.qs) <= d / 2).all()
+    assert np.isfinite(d[..., 0] * f.sum_qs).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_finite_input_marks_its_block(dtype, device):
-    """A block holding NaN, +inf or -inf stores d = fp16 NaN (0x7e00) and qs = 0 (its s is
-    non-finite); every other block is exactly what it would be without the bad value."""
+    """A block holding NaN, +inf or -inf stores the scale word 0x7fc00000 (d NaN, sum 0) and
+    qs = 0; every other block is exactly what it would be without the bad value."""
     x = realistic_activations((3, 300), seed=13)
     bad = [(0, 40, float("nan")), (1, 299, float("inf")), (2, 0, float("-inf")), (2, 33, float("nan"))]
     clean = x.clone()
     for r, c, v in bad:
         x[r, c] = v
     xq = torchext.quantize_q8_1(x.to(dtype).to(device))
-    d, s, qs = q8_1_fields(xq)
-    marked = np.zeros(d.shape, bool)
+    f = q8_1_fields(xq)
+    marked = np.zeros(f.d.shape, bool)
     for r, c, _ in bad:
         marked[r, c // 32] = True
-    assert (d[marked] == FP16_NAN).all()
-    assert (qs[marked] == 0).all()
-    assert not np.isfinite(s[marked].view(np.float16)).any()
+    assert (f.word[marked] == NAN_WORD).all()
+    assert (f.qs[marked] == 0).all()
     # the other blocks: as if the bad values were zeros (nothing leaks across blocks)
     for r, c, _ in bad:
         clean[r, c] = 0.0
-    cd, cs, cq = q8_1_fields(torchext.quantize_q8_1(clean.to(dtype).to(device)))
-    np.testing.assert_array_equal(d[~marked], cd[~marked])
-    np.testing.assert_array_equal(s[~marked], cs[~marked])
-    np.testing.assert_array_equal(qs[~marked], cq[~marked])
-    # and the oracle agrees on d and qs (s of a marked block is some NaN or inf)
-    rd, rs, rq = q8_1_fields(q8_1_reference(x.to(dtype).float().numpy()))
-    np.testing.assert_array_equal(d, rd)
-    np.testing.assert_array_equal(qs, rq)
-    np.testing.assert_array_equal(s[~marked], rs[~marked])
+    c = q8_1_fields(torchext.quantize_q8_1(clean.to(dtype).to(device)))
+    np.testing.assert_array_equal(f.word[~marked], c.word[~marked])
+    np.testing.assert_array_equal(f.qs[~marked], c.qs[~marked])
+    assert_same_bytes(xq, q8_1_reference(x.to(dtype).float().numpy()))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -191,7 +206,7 @@ def test_cpu_and_cuda_bytes_identical(k, dtype):
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_and_cuda_bytes_identical_with_non_finite(dtype):
-    """CPU and CUDA give identical bytes, non-finite blocks included (d = s = 0x7e00, qs = 0)."""
+    """CPU and CUDA give identical bytes, non-finite blocks included (word 0x7fc00000, qs = 0)."""
     x = realistic_activations((2, 300), seed=19)
     x[0, 3], x[1, 100], x[1, 299] = float("nan"), float("inf"), float("-inf")
     assert torch.equal(torchext.quantize_q8_1(x.to(dtype)), torchext.quantize_q8_1(x.to(dtype).cuda()).cpu())

@@ -4,6 +4,9 @@ kernels/blocks.h defines the same blocks for C++; tests/test_formats.py checks t
 """
 
 import enum
+import operator
+
+import numpy as np
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -23,14 +26,23 @@ class QType(enum.IntEnum):
 
     @classmethod
     def of(cls, fmt) -> "QType":
-        """A QType from a QType, a GGMLQuantizationType, its int id or its name ("Q4_K")."""
+        """A QType from a QType, a GGMLQuantizationType, its integer id (int, numpy integer, integer
+        tensor of one element) or its name ("Q4_K")."""
         if isinstance(fmt, str):
             try:
                 return cls[fmt.upper()]
             except KeyError:
                 raise ValueError(f"unknown quantization format {fmt!r}; expected one of {[q.name for q in cls]}") from None
+        # operator.index, not int(): int() would truncate 12.7 to 12 (Q4_K); a bool is no id either
         try:
-            return cls(int(fmt))
+            value = None if isinstance(fmt, (bool, np.bool_)) else operator.index(fmt)
+        except TypeError:
+            value = None
+        if value is None:
+            raise ValueError(f"unsupported quantization format {fmt!r}: expected a QType, a gguf "
+                             f"GGMLQuantizationType, its integer id or its name, got a {type(fmt).__name__}")
+        try:
+            return cls(value)
         except ValueError:
             raise ValueError(f"unsupported quantization format {fmt!r}; expected one of {[q.name for q in cls]}") from None
 

@@ -5,9 +5,11 @@
     quantize_linears(model, "Q8_0", filter=lambda name, m: name != "lm_head")
 
 The weight is a uint8 buffer [out_features, row_bytes] (so .to(), state_dict and torch.compile see
-it like any buffer); forward is torchext.qmatmul, which picks the Q8_1 GEMV or the dense path by
-the number of rows. Gradients flow to the input and the bias (the op's backward multiplies by
-the dequantized weight); the quantized weight itself is not trained.
+it like any buffer); the state_dict also records the format and shape, and load_state_dict refuses
+bytes of another format or shape, or a weight that is not uint8. forward is torchext.qmatmul,
+which picks the Q8_1 GEMV or the dense path by the number of rows. Gradients flow to the input
+and the bias (the op's backward multiplies by the dequantized weight); the quantized weight itself
+is not trained.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import torch
 from torch import nn
 
 from .cache import WeightCache, as_weight_rows, check_weight_bytes, weight_format
-from .formats import block_values
+from .formats import WEIGHT_TYPES, block_values
 from .ops import GEMV_MAX_ROWS, qmatmul, qmatmul_q8_1, quantize, quantize_q8_1
+
+_EXTRA_STATE = "_extra_state"  # the state_dict key of what get_extra_state returns
 
 
 class QuantLinear(nn.Module):
@@ -86,6 +90,51 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{name}: a dense weight ({w.dtype}, shape {list(w.shape)}); QuantLinear needs a "
                              "quantized one, use nn.Linear for this layer")
         return cls(w, q, k, n, bias)
+
+    # ---- state_dict: the bytes mean nothing without their format and shape ---------------------
+    # Q4_0 and Q4_K rows of 256 values are both 144 bytes, and a k-quant row of 255 values is one of
+    # 256: the state_dict carries format, out_features and in_features beside the weight, and
+    # loading refuses a state_dict of another layout (or non-uint8 weights, which copy_ would cast).
+
+    def get_extra_state(self) -> dict:
+        return {"format": self.qtype.name, "out_features": self.out_features, "in_features": self.in_features}
+
+    def set_extra_state(self, state) -> None:
+        problem = self._layout_problem(state, prefix="")
+        if problem is not None:
+            raise ValueError(problem)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        problems = []
+        if prefix + _EXTRA_STATE in state_dict:
+            layout = self._layout_problem(state_dict[prefix + _EXTRA_STATE], prefix)
+            if layout is not None:
+                problems.append(layout)
+        weight = state_dict.get(prefix + "weight")
+        if isinstance(weight, torch.Tensor) and weight.dtype != torch.uint8:
+            problems.append(f"{prefix}weight: expected raw {self.qtype.name} bytes as a uint8 tensor, got "
+                            f"{weight.dtype}; quantize float weights first (QuantLinear.from_linear)")
+        if problems:  # load_state_dict raises with these; nothing of this layer is overwritten
+            error_msgs.extend(problems)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _layout_problem(self, state, prefix: str) -> Optional[str]:
+        """Why `state` (a get_extra_state result) does not describe this layer, or None."""
+        readable = (isinstance(state, dict) and set(state) == {"format", "out_features", "in_features"}
+                    and state["format"] in {q.name for q in WEIGHT_TYPES}
+                    and all(type(state[key]) is int for key in ("out_features", "in_features")))
+        if not readable:
+            return (f"{prefix}{_EXTRA_STATE}: expected {{'format', 'out_features', 'in_features'}} of a "
+                    f"QuantLinear, got {state!r}")
+        if state != self.get_extra_state():
+            return (f"{prefix}weight: the state_dict holds {state['format']} bytes (out_features="
+                    f"{state['out_features']}, in_features={state['in_features']}), this layer is {self.qtype.name} "
+                    f"(out_features={self.out_features}, in_features={self.in_features}); load it into a "
+                    "QuantLinear of that format and shape")
+        return None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

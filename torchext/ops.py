@@ -1,15 +1,20 @@
 """Typed wrappers over torch.ops.torchext, each with its fake (meta) kernel beside it.
 
 The fakes give output shape, dtype and device without running anything, so torch.compile
-(fullgraph=True) and FakeTensor tracing see through every op. tests/test_opcheck.py checks each
-fake against the real op on every dtype.
+(fullgraph=True) and FakeTensor tracing see through every op. They also run for any call with a
+meta tensor among its arguments, so they check what the kernels check (csrc/checks.h), with the
+same RuntimeError messages: a bad call fails while tracing, and a meta tensor mixed with a CPU or
+CUDA one is an error rather than an uninitialised result. Only what needs data is left to the
+kernels: storage alignment and embedding ids in range. tests/test_opcheck.py checks each fake
+against the real op on every dtype; tests/test_fakes.py checks that both reject the same inputs.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.graph import increment_version
 
-from .formats import QType, q8_1_row_bytes, row_bytes
+from .formats import WEIGHT_TYPES, QType, block_bytes, block_values, q8_1_row_bytes, row_bytes
 
 _ops = torch.ops.torchext
 _register_fake = torch.library.register_fake
@@ -17,6 +22,118 @@ _register_fake = torch.library.register_fake
 
 def _with_last(x: torch.Tensor, last: int) -> list[int]:
     return [*x.shape[:-1], last]
+
+
+# ---- the kernels' argument checks, for the fakes ------------------------------------------------
+# torch._check raises RuntimeError(message) and, on a symbolic condition, guards on it (or
+# defers it to run time) instead of failing the trace.
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INT64_MAX = 2**63 - 1
+_WEIGHT_NAMES = [q.name for q in WEIGHT_TYPES]
+# the dtypes csrc/checks.h (dtype_name) names; any other it calls "an unsupported dtype"
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.uint8: "uint8", torch.int8: "int8", torch.int32: "int32", torch.int64: "int64",
+                torch.float64: "float64", torch.bool: "bool"}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, "an unsupported dtype")
+
+
+def _check_contiguous(t: torch.Tensor, arg: str) -> None:
+    torch._check(t.is_contiguous(), lambda: f"{arg}: expected a contiguous tensor (call .contiguous() first)")
+
+
+def _check_float(t: torch.Tensor, arg: str) -> None:
+    torch._check(t.dtype in _FLOAT_DTYPES,
+                 lambda: f"{arg}: expected a float32, float16 or bfloat16 tensor, got {_dtype_name(t.dtype)}")
+
+
+def _output_dtype(dtype) -> torch.dtype:
+    dtype = torch.float32 if dtype is None else dtype
+    torch._check(dtype in _FLOAT_DTYPES,
+                 lambda: f"dtype: expected float32, float16 or bfloat16, got {_dtype_name(dtype)}")
+    return dtype
+
+
+def _check_same_device(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str) -> None:
+    torch._check(a.device == b.device,
+                 lambda: f"{a_name} and {b_name}: expected tensors on the same device, got {a_name} on {a.device} "
+                         f"and {b_name} on {b.device}")
+
+
+def _check_shape_nk(n: int, k: int) -> None:
+    torch._check(n > 0, lambda: f"n: expected a positive number of output rows, got {n}")
+    torch._check(k > 0, lambda: f"k: expected a positive row length, got {k}")
+
+
+def _weight_format(qtype: int) -> QType:
+    try:
+        q = QType(qtype)
+    except ValueError:
+        q = None
+    torch._check(q in WEIGHT_TYPES,
+                 lambda: f"qtype: unknown or unsupported weight format id {qtype} (expected a gguf "
+                         f"GGMLQuantizationType of {', '.join(_WEIGHT_NAMES[:-1])} or {_WEIGHT_NAMES[-1]})")
+    return q
+
+
+def _check_whole_blocks(q: QType, k: int, arg: str) -> None:
+    torch._check(block_values(q) == 256 or k % 32 == 0,
+                 lambda: f"{arg}: {q.name} rows are whole 32-value blocks, so k must be a multiple of 32; got {k}")
+
+
+def _checked_mul(a: int, b: int, what: str) -> int:
+    """a * b for positive a and b, as the kernels compute sizes: an error naming `what` where the
+    product overflows int64."""
+    torch._check(a * b <= _INT64_MAX, lambda: f"{what}: the size overflows int64 ({a} x {b})")
+    return a * b
+
+
+def _check_weight(w: torch.Tensor, qtype: int, n: int, k: int) -> QType:
+    """A quantized weight: uint8, contiguous, exactly n rows of row_bytes(qtype, k)."""
+    q = _weight_format(qtype)
+    _check_shape_nk(n, k)
+    _check_whole_blocks(q, k, "k")
+    _check_contiguous(w, "w")
+    torch._check(w.dtype == torch.uint8,
+                 lambda: f"w: expected raw {q.name} bytes as a uint8 tensor, got {_dtype_name(w.dtype)}")
+    rb = _checked_mul(-(-k // block_values(q)), block_bytes(q), "k")
+    torch._check(w.numel() == _checked_mul(n, rb, "n"),
+                 lambda: f"w: expected {n * rb} bytes for {q.name} with n={n}, k={k} ({n} rows of {rb} bytes), "
+                         f"got {w.numel()}")
+    return q
+
+
+def _check_activations(x: torch.Tensor, k: int, arg: str = "x") -> None:
+    """Float activations [..., k]."""
+    _check_contiguous(x, arg)
+    _check_float(x, arg)
+    torch._check(x.dim() >= 1, lambda: f"{arg}: expected at least one dimension [..., K], got a scalar")
+    torch._check(x.shape[-1] == k, lambda: f"{arg}: expected the last dimension to be k={k}, got {x.shape[-1]}")
+
+
+def _check_q8_1(xq: torch.Tensor, k: int) -> None:
+    """Q8_1 activations [..., q8_1_row_bytes(k)], as quantize_q8_1 makes them."""
+    _check_contiguous(xq, "xq")
+    torch._check(xq.dtype == torch.uint8,
+                 lambda: f"xq: expected Q8_1 bytes as a uint8 tensor, got {_dtype_name(xq.dtype)}")
+    torch._check(xq.dim() >= 1, lambda: "xq: expected at least one dimension [..., bytes], got a scalar")
+    expected = q8_1_row_bytes(k)
+    torch._check(xq.shape[-1] == expected,
+                 lambda: f"xq: expected the last dimension to be {expected} bytes (k={k} padded to whole 256-value "
+                         f"super-blocks, 36 bytes per 32 values), got {xq.shape[-1]}")
+
+
+def _check_approximate(approximate: str) -> None:
+    torch._check(approximate in ("none", "tanh"),
+                 lambda: f"approximate: expected 'none' or 'tanh' (as torch.nn.functional.gelu), got '{approximate}'")
+
+
+def _check_gelu_input(x: torch.Tensor) -> None:
+    _check_contiguous(x, "x")
+    _check_float(x, "x")
 
 
 # ---- activations -------------------------------------------------------------------------
@@ -30,6 +147,9 @@ def quantize_q8_1(x: torch.Tensor) -> torch.Tensor:
 
 @_register_fake("torchext::quantize_q8_1")
 def _(x):
+    torch._check(x.dim() >= 1, lambda: "x: expected activations of shape [..., K]")
+    torch._check(x.shape[-1] > 0, lambda: f"x: expected a positive last dimension (K), got {x.shape[-1]}")
+    _check_activations(x, x.shape[-1])
     return x.new_empty(_with_last(x, q8_1_row_bytes(x.shape[-1])), dtype=torch.uint8)
 
 
@@ -46,12 +166,19 @@ def q4k_q8_gemv_packed(w: torch.Tensor, xq: torch.Tensor, n: int, k: int) -> tor
     return _ops.q4k_q8_gemv_packed(w, xq, n, k)
 
 
-def _fake_gemv_q8_1(w, xq, n, k):
-    return xq.new_empty(_with_last(xq, n), dtype=torch.float32)
+def _fake_gemv_q8_1(w, qtype, xq, n, k, dtype=None):
+    _check_weight(w, qtype, n, k)
+    _check_q8_1(xq, k)
+    _check_same_device(w, "w", xq, "xq")
+    return xq.new_empty(_with_last(xq, n), dtype=_output_dtype(dtype))
 
 
-_register_fake("torchext::q4k_q8_gemv")(_fake_gemv_q8_1)
-_register_fake("torchext::q4k_q8_gemv_packed")(_fake_gemv_q8_1)
+def _fake_q4k_q8_gemv(w, xq, n, k):
+    return _fake_gemv_q8_1(w, int(QType.Q4_K), xq, n, k)
+
+
+_register_fake("torchext::q4k_q8_gemv")(_fake_q4k_q8_gemv)
+_register_fake("torchext::q4k_q8_gemv_packed")(_fake_q4k_q8_gemv)
 
 
 def qmatmul(w: torch.Tensor, qtype, x: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -76,17 +203,22 @@ def q6k_gemv(w: torch.Tensor, x: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return _ops.q6k_gemv(w, x, n, k)
 
 
-def _fake_matmul(w, x, n, k):
-    return x.new_empty(_with_last(x, n))
-
-
-for _name in ("q4k_gemv", "q5k_gemv", "q6k_gemv"):
-    _register_fake(f"torchext::{_name}")(_fake_matmul)
-
-
 @_register_fake("torchext::qmatmul")
-def _(w, qtype, x, n, k):
+def _fake_matmul(w, qtype, x, n, k):
+    _check_weight(w, qtype, n, k)
+    _check_activations(x, k)
+    _check_same_device(w, "w", x, "x")
     return x.new_empty(_with_last(x, n))
+
+
+def _fake_fixed_format_matmul(qtype: QType):
+    def fake(w, x, n, k):
+        return _fake_matmul(w, int(qtype), x, n, k)
+    return fake
+
+
+for _name, _qtype in (("q4k_gemv", QType.Q4_K), ("q5k_gemv", QType.Q5_K), ("q6k_gemv", QType.Q6_K)):
+    _register_fake(f"torchext::{_name}")(_fake_fixed_format_matmul(_qtype))
 
 
 def qmatmul_q8_1(w: torch.Tensor, qtype, xq: torch.Tensor, n: int, k: int,
@@ -99,9 +231,7 @@ def qmatmul_q8_1(w: torch.Tensor, qtype, xq: torch.Tensor, n: int, k: int,
     return _ops.qmatmul_q8_1(w, int(QType.of(qtype)), xq, n, k, dtype)
 
 
-@_register_fake("torchext::qmatmul_q8_1")
-def _(w, qtype, xq, n, k, dtype=None):
-    return xq.new_empty(_with_last(xq, n), dtype=dtype or torch.float32)
+_register_fake("torchext::qmatmul_q8_1")(_fake_gemv_q8_1)
 
 
 #: The most activation rows qmatmul sends through the Q8_1 GEMV; more rows take the dense path
@@ -118,7 +248,8 @@ def dequantize(w: torch.Tensor, qtype, n: int, k: int, dtype: torch.dtype = torc
 
 @_register_fake("torchext::dequantize")
 def _(w, qtype, n, k, dtype=None):
-    return w.new_empty((n, k), dtype=dtype or torch.float32)
+    _check_weight(w, qtype, n, k)
+    return w.new_empty((n, k), dtype=_output_dtype(dtype))
 
 
 def embedding(w: torch.Tensor, qtype, ids: torch.Tensor, n: int, k: int,
@@ -131,7 +262,13 @@ def embedding(w: torch.Tensor, qtype, ids: torch.Tensor, n: int, k: int,
 
 @_register_fake("torchext::embedding")
 def _(w, qtype, ids, n, k, dtype=None):
-    return w.new_empty((*ids.shape, k), dtype=dtype or torch.float32)
+    _check_weight(w, qtype, n, k)
+    dtype = _output_dtype(dtype)
+    _check_contiguous(ids, "ids")
+    torch._check(ids.dtype in (torch.int64, torch.int32),
+                 lambda: f"ids: expected int64 or int32 token ids, got {_dtype_name(ids.dtype)}")
+    _check_same_device(w, "w", ids, "ids")
+    return w.new_empty((*ids.shape, k), dtype=dtype)
 
 
 def quantize(w: torch.Tensor, qtype) -> torch.Tensor:
@@ -146,7 +283,15 @@ def quantize(w: torch.Tensor, qtype) -> torch.Tensor:
 
 @_register_fake("torchext::quantize")
 def _(w, qtype):
-    return w.new_empty((w.shape[0], row_bytes(qtype, w.shape[1])), dtype=torch.uint8)
+    q = _weight_format(qtype)
+    _check_contiguous(w, "w")
+    torch._check(w.dim() == 2, lambda: f"w: expected a 2-D weight [n, k], got {w.dim()} dimensions")
+    torch._check(w.dtype == torch.float32,
+                 lambda: f"w: expected a float32 tensor, got {_dtype_name(w.dtype)} (call .float() first)")
+    n, k = w.shape
+    _check_shape_nk(n, k)
+    _check_whole_blocks(q, k, "w")
+    return w.new_empty((n, row_bytes(q, k)), dtype=torch.uint8)
 
 
 # ---- GELU ------------------------------------------------------------------------------------
@@ -158,7 +303,10 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 
 def gelu_(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """In-place GELU: overwrites x and returns it (the op itself returns nothing, as mutating
-    custom ops must for torch.compile's functionalization)."""
+    custom ops must for torch.compile's functionalization). Under autograd it behaves as torch's
+    in-place ops: a leaf that requires grad (or a view of one) is refused, any other tensor that
+    requires grad gets F.gelu's gradient, and x's version counter moves, so a backward that saved
+    x before it was overwritten fails instead of using the new values."""
     _ops.gelu_(x, approximate)
     return x
 
@@ -170,16 +318,30 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") ->
 
 @_register_fake("torchext::gelu")
 def _(x, approximate="none"):
+    _check_gelu_input(x)
+    _check_approximate(approximate)
     return torch.empty_like(x)
 
 
 @_register_fake("torchext::gelu_")
 def _(x, approximate="none"):
-    return None
+    _check_gelu_input(x)
+    _check_approximate(approximate)
 
 
 @_register_fake("torchext::bias_gelu")
 def _(x, bias, approximate="none"):
+    _check_contiguous(x, "x")
+    _check_contiguous(bias, "bias")
+    _check_float(x, "x")
+    torch._check(bias.dtype == x.dtype, lambda: f"bias: expected the dtype of x ({_dtype_name(x.dtype)}), "
+                                                f"got {_dtype_name(bias.dtype)}")
+    _check_same_device(x, "x", bias, "bias")
+    channels = x.shape[-1] if x.dim() >= 1 else 0
+    torch._check(bias.dim() == 1 and x.dim() >= 1 and bias.shape[0] == channels,
+                 lambda: f"bias: expected a 1-D tensor of x's last dimension ({channels}), got {bias.dim()} "
+                         f"dimensions of {bias.shape[0] if bias.dim() == 1 else bias.numel()} elements")
+    _check_approximate(approximate)
     return torch.empty_like(x)
 
 
@@ -235,3 +397,19 @@ def _backward_bias_gelu(ctx, grad):
 
 torch.library.register_autograd("torchext::gelu", _backward_gelu, setup_context=_setup_gelu)
 torch.library.register_autograd("torchext::bias_gelu", _backward_bias_gelu, setup_context=_setup_bias_gelu)
+
+
+def _gelu_inplace_autograd(keyset, x, approximate="none"):
+    if torch.is_grad_enabled() and x.requires_grad:
+        # GELU's backward needs the input that the kernel overwrites: take the gradient through
+        # the functional op on a copy, then copy_ records the overwrite (and refuses a leaf, as
+        # every in-place op does)
+        x.copy_(gelu(x.clone(), approximate))
+        return
+    _ops.gelu_.default.redispatch(keyset & torch._C._after_autograd_keyset, x, approximate)
+    increment_version(x)  # the dispatcher does not know that the kernel wrote x
+
+
+# register_autograd does not take mutating ops, so gelu_'s Autograd kernel is registered directly
+_autograd_lib = torch.library.Library("torchext", "IMPL")
+_autograd_lib.impl("gelu_", _gelu_inplace_autograd, "Autograd", with_keyset=True)

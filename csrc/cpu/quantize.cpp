@@ -401,8 +401,11 @@ void quantize_block(const float* x, block_q6_K& b) {
 
 // ---------------------------------------------------------------- rows
 
+constexpr fp16_bits kNaNBlockScale = 0x7e00;  // a quiet fp16 NaN
+
 // n rows of k values -> n rows of ceil(k / kValues) blocks. A last block that runs past k is
-// quantized from a copy padded with zeros (the k-quants' zero padding); rows run in parallel.
+// quantized from a copy padded with zeros (the k-quants' zero padding); a block holding NaN or
+// +-inf is stored with d = NaN (all its values dequantize to NaN); rows run in parallel.
 template <QType T>
 void quantize_rows(const float* x, int64_t n, int64_t k, uint8_t* out) {
   using Traits = QuantTraits<T>;
@@ -422,7 +425,12 @@ void quantize_rows(const float* x, int64_t n, int64_t k, uint8_t* out) {
           std::fill(padded + have, padded + kValues, 0.0f);
           src = padded;
         }
-        quantize_block(src, dst[b]);
+        if (std::all_of(src, src + kValues, [](float v) { return std::isfinite(v); })) {
+          quantize_block(src, dst[b]);
+        } else {  // a non-finite weight keeps its block non-finite, as gguf's numpy Q8_0 does
+          std::memset(&dst[b], 0, sizeof(Block));
+          dst[b].d = kNaNBlockScale;  // every value of the block is d * (...) +- ...: NaN
+        }
       }
     }
   });

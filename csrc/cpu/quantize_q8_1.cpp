@@ -15,17 +15,14 @@ void quantize_q8_1(const void* x, FloatType xt, int64_t rows, int64_t k, block_q
         v[l] = col0 + l < k ? load_float(x, row * k + col0 + l, xt) : 0.0f;  // zero padding past K
         amax = nan_max(amax, std::fabs(v[l]));
       }
-      // The CUDA kernels' order (float_types.h): four groups of 8 left to right, then pairs.
-      float p[4];
-      for (int j = 0; j < 4; ++j) {
-        p[j] = v[8 * j];
-        for (int l = 1; l < 8; ++l) p[j] += v[8 * j + l];
-      }
-      const float sum = (p[0] + p[2]) + (p[1] + p[3]);
+      const float d = q8_1_scale(amax);
       block_q8_1& b = out[i];
-      b.d = q8_1_scale_bits(amax);
-      b.s = q8_1_sum_bits(sum, amax);
-      for (int l = 0; l < kQ8Block; ++l) b.qs[l] = quantize_q8_1_value(v[l], amax);
+      int sum = 0;
+      for (int l = 0; l < kQ8Block; ++l) {
+        b.qs[l] = quantize_q8_1_value(v[l], d);
+        sum += b.qs[l];
+      }
+      b.scale = q8_1_scale_word(d, sum);
     }
   });
 }

@@ -11,7 +11,7 @@
 #include <cstring>
 #include <string>
 
-#include "kernels/blocks.h"
+#include "kernels/q8_1_rows.h"
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
@@ -45,12 +45,15 @@ void test_quantize_q8_1() {
   float amax = 0.0f;
   for (int l = 0; l < 32; ++l) amax = std::fmax(amax, std::fabs(p[l]));
   bool qs_ok = true;
-  for (int l = 0; l < 32; ++l) qs_ok &= b[0].qs[l] == int8_t(std::round(p[l] / (amax / 127.0f)));
-  expect(torchext::fp16_to_float(b[0].d) == torchext::fp16_to_float(torchext::float_to_fp16(amax / 127.0f)) && qs_ok,
-         "quantize_q8_1 block 0: d = amax/127, qs = round(x/d)");
+  for (int l = 0; l < 32; ++l) qs_ok &= b[0].qs[l] == int8_t(std::round(p[l] / torchext::q8_1_scale(amax)));
+  const torchext::Q8Scales s = torchext::Q8Scales::of_word(b[0].scale);
+  int sum_qs = 0;
+  for (int l = 0; l < 32; ++l) sum_qs += b[0].qs[l];
+  expect(s.d == torchext::q8_1_scale(amax) && s.s == s.d * float(sum_qs) && qs_ok,
+         "quantize_q8_1 block 0: d = amax/127 (rounded up to 10 mantissa bits), qs = round(x/d), d * sum(qs)");
   bool pad_zero = true;
   for (int l = 0; l < 32; ++l) pad_zero &= b[15].qs[l] == 0;  // values 480..511 of row 0 are all padding
-  expect(pad_zero && b[15].d == 0, "quantize_q8_1 zero-pads past K");
+  expect(pad_zero && b[15].scale == 0, "quantize_q8_1 zero-pads past K");
 }
 
 void test_qmatmul_q8_0() {

@@ -24,6 +24,7 @@ CUDA graph.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from torch import nn
 from .. import ops
 from ..cache import WeightCache
 from ..nn import QuantLinear, shared_input
-from .tokenizer import GGUFTokenizer
+from .tokenizer import GGUFTokenizer, checked_token_ids
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,15 @@ class Gemma3Config:
     @property
     def attn_scale(self) -> float:
         return self.head_dim ** -0.5  # query_pre_attn_scalar = head_dim for every size but 27B
+
+
+def check_dtype(dtype) -> None:
+    """ValueError unless Gemma 3 runs in dtype: float32 or bfloat16."""
+    if dtype == torch.float16:
+        raise ValueError("dtype: float16 cannot hold Gemma 3's residual stream, which grows past float16's largest "
+                         "value (65504) and turns every logit into NaN; use torch.bfloat16 or torch.float32")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype: expected torch.float32 or torch.bfloat16, got {dtype!r}")
 
 
 class RMSNorm(nn.Module):
@@ -202,11 +212,12 @@ class Gemma3(nn.Module):
 
     forward(tokens [B, T] int64, pos [T] int64) writes the T positions into the key/value cache
     and returns the logits [B, vocab] of the last position (of every position with
-    all_logits=True), in the model's dtype.
+    all_logits=True), in the model's dtype (float32 or bfloat16: see check_dtype).
     """
 
     def __init__(self, cache: WeightCache, cfg: Gemma3Config, batch: int = 1, max_seq_len: int = 1024,
                  dtype: torch.dtype = torch.float32, device=None) -> None:
+        check_dtype(dtype)
         super().__init__()
         if max_seq_len > cfg.context_length:
             raise ValueError(f"max_seq_len: {max_seq_len} exceeds the model's context length {cfg.context_length}")
@@ -258,9 +269,11 @@ def load_gemma3(path: str | os.PathLike, device=None, dtype: torch.dtype = torch
     """(model, tokenizer, stats) from a gemma3 GGUF file: the file's tensor data is read into one
     pool on `device` (one host read, one copy) and every weight is a view into it.
     stats: load seconds, pool bytes, file bytes, and the bytes the weights would take in bf16.
-    reader: a gguf.GGUFReader already open on path (parsing the vocabulary takes seconds)."""
+    reader: a gguf.GGUFReader already open on path (parsing the vocabulary takes seconds).
+    dtype: float32 or bfloat16 (float16 is refused: see check_dtype)."""
     import gguf
 
+    check_dtype(dtype)  # before seconds of reading the file
     t0 = time.perf_counter()
     reader = reader if reader is not None else gguf.GGUFReader(os.fspath(path))
     cfg = Gemma3Config.from_gguf(reader)
@@ -300,14 +313,24 @@ def greedy_token(logits: torch.Tensor, chunk: int = 512) -> torch.Tensor:
 def generate(model: Gemma3, prompt: list[int], max_new_tokens: int,
              step: Optional[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None,
              stop: Optional[set[int]] = None) -> list[int]:
-    """Greedy continuation of `prompt` (token ids): the prompt in one forward pass, then one token
-    per `step` (default decode_step(model); pass a compiled one to decode with CUDA graphs). The
-    tokens stay on the device until the end (one host sync); the result is cut after the first
-    token in `stop` (default: <eos> and <end_of_turn>)."""
+    """The greedy continuation of `prompt` (token ids, at least one): exactly max_new_tokens new
+    tokens (none for 0), or fewer when one of them is in `stop` (default: <eos> and
+    <end_of_turn>): the result ends with that token then. The prompt and the new tokens must fit
+    in the model's max_seq_len. The prompt runs in one forward pass, then one token per `step`
+    (default decode_step(model); pass a compiled one to decode with CUDA graphs). The tokens stay
+    on the device until the end (one host sync)."""
     device = model.embed_bytes.device
-    if not prompt or len(prompt) + max_new_tokens > model.max_seq_len:
-        raise ValueError(f"prompt: {len(prompt)} tokens plus max_new_tokens={max_new_tokens} must be between 1 and "
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected a whole number >= 0, got {max_new_tokens!r}")
+    # checked here: on CUDA the embedding gives an id outside the vocabulary a NaN row, not an error
+    prompt = checked_token_ids(prompt, model.cfg.vocab_size, "prompt")
+    if not prompt:
+        raise ValueError("prompt: expected at least one token id, got none")
+    if len(prompt) + max_new_tokens > model.max_seq_len:
+        raise ValueError(f"prompt: {len(prompt)} tokens plus max_new_tokens={max_new_tokens} exceed "
                          f"max_seq_len={model.max_seq_len}")
+    if max_new_tokens == 0:
+        return []
     stop = {1, 106} if stop is None else stop
     step = step or decode_step(model)
     model.reset()

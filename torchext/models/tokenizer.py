@@ -12,6 +12,7 @@ tokenizer treats them. tests/test_gemma3.py checks the ids against `transformers
 from __future__ import annotations
 
 import heapq
+import operator
 import re
 from typing import Sequence
 
@@ -19,6 +20,25 @@ SPACE = "\u2581"  # "▁", SentencePiece's visible space
 
 # token_type values of tokenizer.ggml.token_type (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def checked_token_ids(ids: Sequence[int], vocab_size: int, arg: str) -> list[int]:
+    """ids as a list of ints, ValueError (naming `arg`, the id and its position) for one that is
+    not an integer in [0, vocab_size): int() would truncate 1.5, and a negative id would index
+    the vocabulary from its end."""
+    checked = []
+    for position, tid in enumerate(ids):
+        try:
+            value = None if isinstance(tid, bool) else operator.index(tid)
+        except TypeError:
+            value = None
+        if value is None:
+            raise ValueError(f"{arg}: expected integer token ids, got {tid!r} at position {position}")
+        if not 0 <= value < vocab_size:
+            raise ValueError(f"{arg}: token id {value} at position {position} is outside the vocabulary "
+                             f"[0, {vocab_size})")
+        checked.append(value)
+    return checked
 
 
 class GGUFTokenizer:
@@ -118,9 +138,10 @@ class GGUFTokenizer:
     # ---- decode ----------------------------------------------------------------------------------
 
     def decode(self, ids: Sequence[int], skip_control: bool = True) -> str:
+        """The text of token ids (ints, numpy integers or integer tensor elements); ValueError
+        naming the first id that is not in the vocabulary."""
         out = bytearray()
-        for tid in ids:
-            tid = int(tid)
+        for tid in checked_token_ids(ids, len(self.pieces), "ids"):
             t = self.types[tid]
             if t == BYTE:
                 out.append(int(self.pieces[tid][3:5], 16))

@@ -1,0 +1,135 @@
+"""Bad input to the Python-only parts (the GGUF tokenizer, Gemma 3's generate and loader) raises
+a ValueError that names what was wrong, instead of a silent answer.
+
+None of this needs the Gemma 3 GGUF file: the tokenizer gets a vocabulary of a few pieces, and
+generate runs a one-layer Gemma 3 of random Q8_0 weights (the real model's code, tiny shapes).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchext
+from conftest import DEVICES
+from torchext.models.gemma3 import Gemma3, Gemma3Config, generate, load_gemma3
+from torchext.models.tokenizer import BYTE, CONTROL, NORMAL, GGUFTokenizer
+
+# ---- tokenizer -------------------------------------------------------------------------------------
+
+PIECES = ["<pad>", "<eos>", "<bos>", "\u2581a", "b", "<0x41>"]
+TYPES = [CONTROL, CONTROL, CONTROL, NORMAL, NORMAL, BYTE]
+
+
+@pytest.fixture
+def tokenizer():
+    return GGUFTokenizer(PIECES, [0.0] * len(PIECES), TYPES, bos_id=2, eos_id=1)
+
+
+def test_tiny_vocabulary_round_trip(tokenizer):
+    assert tokenizer.encode(" ab") == [2, 3, 4]
+    assert tokenizer.decode([2, 3, 4, 5, 1]) == " abA"
+    assert tokenizer.decode(torch.tensor([3, 4])) == " ab"  # tensor elements are ids too
+
+
+@pytest.mark.parametrize("bad", [-1, -6, 6, 10**9])
+def test_decode_of_an_id_outside_the_vocabulary_raises(tokenizer, bad):
+    # -1 used to decode as the last piece (Python indexing), 6 to raise an IndexError
+    with pytest.raises(ValueError, match=rf"ids: token id {bad} at position 1 is outside the vocabulary \[0, 6\)"):
+        tokenizer.decode([3, bad, 4])
+
+
+@pytest.mark.parametrize("bad", [1.5, 3.0, True, None, "3"], ids=repr)
+def test_decode_of_something_that_is_not_an_id_raises(tokenizer, bad):
+    with pytest.raises(ValueError, match=rf"ids: expected integer token ids, got {bad!r} at position 0"):
+        tokenizer.decode([bad])
+
+
+# ---- Gemma 3: dtype ----------------------------------------------------------------------------------
+
+CFG = Gemma3Config(vocab_size=16, hidden=64, layers=1, heads=2, kv_heads=1, head_dim=32, ffn=96, eps=1e-6,
+                   rope_base_global=1e6, sliding_window=4, context_length=64)
+
+
+def test_float16_is_refused_before_reading_the_file(tmp_path):
+    # the check comes first: a path that does not exist proves no load was attempted
+    with pytest.raises(ValueError, match=r"dtype: float16 cannot hold Gemma 3's residual stream.* use "
+                                         r"torch.bfloat16 or torch.float32"):
+        load_gemma3(tmp_path / "absent.gguf", dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"dtype: float16 cannot hold"):
+        Gemma3(torchext.WeightCache(), CFG, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, "float32"], ids=str)
+def test_other_unsupported_dtypes_are_refused(tmp_path, dtype):
+    with pytest.raises(ValueError, match=r"dtype: expected torch.float32 or torch.bfloat16, got "):
+        load_gemma3(tmp_path / "absent.gguf", dtype=dtype)
+
+
+# ---- Gemma 3: generate -------------------------------------------------------------------------------
+
+def tiny_gemma3(device, max_seq_len=32, dtype=torch.float32) -> Gemma3:
+    """A one-layer Gemma 3 of random Q8_0 weights, under the GGUF tensor names load_gemma3 uses."""
+    g = torch.Generator().manual_seed(0)
+    cache = torchext.WeightCache()
+
+    def matrix(name, n, k):
+        dense = torch.randn(n, k, generator=g) * k ** -0.5
+        cache.put(name, torchext.quantize(dense, "Q8_0").to(device), "Q8_0", n, k)
+
+    def norm(name, size):
+        cache.put(name, (1 + 0.1 * torch.randn(size, generator=g)).to(device))
+
+    c = CFG
+    matrix("token_embd.weight", c.vocab_size, c.hidden)
+    norm("output_norm.weight", c.hidden)
+    p = "blk.0."
+    matrix(p + "attn_q.weight", c.heads * c.head_dim, c.hidden)
+    matrix(p + "attn_k.weight", c.kv_heads * c.head_dim, c.hidden)
+    matrix(p + "attn_v.weight", c.kv_heads * c.head_dim, c.hidden)
+    matrix(p + "attn_output.weight", c.hidden, c.heads * c.head_dim)
+    matrix(p + "ffn_gate.weight", c.ffn, c.hidden)
+    matrix(p + "ffn_up.weight", c.ffn, c.hidden)
+    matrix(p + "ffn_down.weight", c.hidden, c.ffn)
+    for name in ("attn_q_norm", "attn_k_norm"):
+        norm(p + name + ".weight", c.head_dim)
+    for name in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
+        norm(p + name + ".weight", c.hidden)
+    return Gemma3(cache, c, max_seq_len=max_seq_len, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_generate_returns_max_new_tokens_tokens(device):
+    model = tiny_gemma3(device)
+    prompt = [2, 5, 7]
+    longest = generate(model, prompt, 6, stop=set())
+    assert len(longest) == 6 and all(0 <= t < CFG.vocab_size for t in longest)
+    for count in range(6):  # greedy: each shorter run is a prefix of the longer one
+        assert generate(model, prompt, count, stop=set()) == longest[:count]
+    assert generate(model, prompt, 0) == []
+
+
+def test_generate_stops_after_a_stop_token():
+    model = tiny_gemma3("cpu")
+    tokens = generate(model, [2, 5, 7], 6, stop=set())
+    first = tokens[1]
+    assert generate(model, [2, 5, 7], 6, stop={first}) == tokens[: tokens.index(first) + 1]
+
+
+@pytest.mark.parametrize(
+    "prompt, max_new_tokens, match",
+    [
+        ([], 3, r"prompt: expected at least one token id, got none"),
+        ([2, 16], 3, r"prompt: token id 16 at position 1 is outside the vocabulary \[0, 16\)"),
+        ([-1, 2], 3, r"prompt: token id -1 at position 0 is outside the vocabulary \[0, 16\)"),
+        ([2, 3], -1, r"max_new_tokens: expected a whole number >= 0, got -1"),
+        ([2, 3], 2.5, r"max_new_tokens: expected a whole number >= 0, got 2.5"),
+        ([2, 3], True, r"max_new_tokens: expected a whole number >= 0, got True"),
+        ([2] * 30, 3, r"prompt: 30 tokens plus max_new_tokens=3 exceed max_seq_len=32"),
+    ],
+    ids=["empty", "id-too-large", "id-negative", "negative", "float", "bool", "too-long"],
+)
+def test_generate_rejects_bad_arguments(prompt, max_new_tokens, match):
+    model = tiny_gemma3("cpu")
+    with pytest.raises(ValueError, match=match):
+        generate(model, prompt, max_new_tokens)
