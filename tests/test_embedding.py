@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import torchext
-from conftest import DEVICES, DTYPES, HAS_CUDA, WEIGHT_QTYPES, cached_weight, qtype_name, requires_cuda
+from conftest import DEVICES, DTYPES, HAS_CUDA, WEIGHT_QTYPES, Q, cached_weight, qtype_name, requires_cuda
 
 
 def _k_for(qtype) -> int:
@@ -104,11 +104,13 @@ def test_opcheck(device):
                           (w.to(device), int(torchext.QType.Q4_K), ids, 5, 256, torch.bfloat16))
 
 
-def test_compiles_fullgraph():
+@pytest.mark.parametrize("qtype", [torchext.QType.Q5_0, Q.Q5_0, int(Q.Q5_0), "Q5_0"], ids=["QType", "gguf", "int", "name"])
+def test_compiles_fullgraph(qtype):
+    """Every spelling of the format traces (dynamo 2.12-2.13 recursed in operator.index on an IntEnum)."""
     w, _ = cached_weight(torchext.QType.Q5_0, 8, 64)
 
     def embed_and_scale(ids):
-        return torchext.embedding(w, torchext.QType.Q5_0, ids, 8, 64) * 8.0 ** 0.5
+        return torchext.embedding(w, qtype, ids, 8, 64) * 8.0 ** 0.5
 
     ids = torch.tensor([[1, 7, 3]])
     compiled = torch.compile(embed_and_scale, fullgraph=True, backend="aot_eager")

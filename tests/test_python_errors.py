@@ -7,6 +7,7 @@ generate runs a one-layer Gemma 3 of random Q8_0 weights (the real model's code,
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,3 +134,19 @@ def test_generate_rejects_bad_arguments(prompt, max_new_tokens, match):
     model = tiny_gemma3("cpu")
     with pytest.raises(ValueError, match=match):
         generate(model, prompt, max_new_tokens)
+
+
+def test_load_gemma3_checks_the_file_first(tmp_path):
+    """A corrupted file meets torchext's GGUF checks (a ValueError naming it) before gguf's reader,
+    whose own errors (IndexError, reshape errors) name neither file nor tensor."""
+    import gguf
+    path = tmp_path / "cut.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    path.write_bytes(path.read_bytes()[:-64])  # the data cut short
+    with pytest.raises(ValueError, match="cut.gguf"):
+        load_gemma3(path)

@@ -20,11 +20,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .formats import WEIGHT_TYPES, QType, block_values, row_bytes
+from .gguf_file import GGUFFile, GGUFTensor
 from .ops import qmatmul
 
 # Raw bytes must start on a 16-byte boundary for Q4_K/Q5_K (the kernels' 16-byte header loads;
@@ -257,13 +257,19 @@ class WeightCache:
                   pool: bool = False, reader=None) -> WeightCache:
         """Add the tensors of a GGUF file (all, or those in `names`) and return self.
 
-        Read with gguf.GGUFReader. A tensor in a torchext weight format (Q4_0 ... Q6_K) stays raw
-        bytes, [n, row_bytes] with k = ne0 (the row length, first in GGUF's dimension list) and n
-        the product of the other dimensions. Every other tensor is dense, in the file's shape
-        (numpy order, [n, k] for a matrix): F32, F16 and F64 as they are, BF16 as bfloat16, integer
-        types as their integer dtype, any other quantized type dequantized to float32 with
-        gguf.quants.dequantize (ValueError if gguf cannot). `device` (default CPU) is where the
-        tensors go; `progress(done, total, name)` is called after each tensor.
+        The file's header and tables are read and checked first (torchext.gguf_file.GGUFFile):
+        anything malformed (not GGUF, a version other than 2 or 3, big-endian, cut short, a tensor
+        whose type, shape or offset does not fit the file's data) is a ValueError naming the file
+        and the tensor, before any entry is added. Tensor data is read with ordinary reads, so a
+        file that shrinks during the load is a ValueError too, never a bus error.
+
+        A tensor in a torchext weight format (Q4_0 ... Q6_K) stays raw bytes, [n, row_bytes] with
+        k = ne0 (the row length, first in GGUF's dimension list) and n the product of the other
+        dimensions. Every other tensor is dense, in the file's shape (numpy order, [n, k] for a
+        matrix): F32, F16, BF16, F64 and the integer types as their dtype, any other quantized type
+        dequantized to float32 with gguf.quants.dequantize (ValueError if gguf cannot). `device`
+        (default CPU) is where the tensors go; `progress(done, total, name)` is called after each
+        tensor.
 
         pool=True (names must be None) reads the file's data section into one uint8 tensor, the
         pool, in one read (into pinned memory for CUDA) and moves it in one copy; every weight-format
@@ -271,11 +277,9 @@ class WeightCache:
         dequantized into individual entries as above (their bytes stay in the pool, unused). The
         file's tensors replace same-named individual entries. One pool per cache.
         `self.load_seconds` records the call's wall time (a non-blocking GPU copy may still run).
-        `reader`: a gguf.GGUFReader already open on `path` (parsing a large vocabulary takes
-        seconds, so a caller that also reads the metadata passes its reader).
+        `reader`: a gguf.GGUFReader a caller opened on `path` for the metadata; its tensor table
+        must be the file's as read now (ValueError otherwise). Nothing is read through it.
         """
-        import gguf
-
         start = time.perf_counter()
         if pool and names is not None:
             raise ValueError("pool: a pool holds the whole file, so names must be None; "
@@ -283,91 +287,72 @@ class WeightCache:
         if pool and self._pool is not None:
             raise ValueError("pool: this cache already holds a pool; load another file into a new WeightCache "
                              "(or with pool=False)")
-        reader = reader if reader is not None else gguf.GGUFReader(os.fspath(path))
-        tensors = {t.name: t for t in reader.tensors}
-        if names is None:
-            wanted = list(tensors)
-        else:
-            wanted = list(dict.fromkeys(names))
-            missing = [s for s in wanted if s not in tensors]
-            if missing:
-                known = ", ".join(repr(s) for s in list(tensors)[:5])
-                raise KeyError(f"names: {missing[:5]} not in {os.fspath(path)!r}, which holds {len(tensors)} "
-                               f"tensors: {known}{' ...' if len(tensors) > 5 else ''}")
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        if pool:
-            self._load_pool(path, reader, device, progress)
-        else:
-            for i, name in enumerate(wanted):
-                self._load_tensor(tensors[name], device)
-                if progress is not None:
-                    progress(i + 1, len(wanted), name)
+        with GGUFFile(path) as g:
+            if reader is not None:
+                g.check_reader(reader)
+            tensors = {t.name: t for t in g.tensors}
+            if names is None:
+                wanted = list(tensors)
+            else:
+                wanted = list(dict.fromkeys(names))
+                missing = [s for s in wanted if s not in tensors]
+                if missing:
+                    known = ", ".join(repr(s) for s in list(tensors)[:5])
+                    raise KeyError(f"names: {missing[:5]} not in {g.name!r}, which holds {len(tensors)} "
+                                   f"tensors: {known}{' ...' if len(tensors) > 5 else ''}")
+            device = torch.device(device) if device is not None else torch.device("cpu")
+            if pool:
+                self._load_pool(g, device, progress)
+            else:
+                for i, name in enumerate(wanted):
+                    t = tensors[name]
+                    self._add(t, _tensor_from_bytes(g.read(t), t, g.name, device))
+                    if progress is not None:
+                        progress(i + 1, len(wanted), name)
         self.load_seconds = time.perf_counter() - start
         return self
 
-    def _load_tensor(self, t, device: torch.device) -> None:
-        """One tensor of a GGUFReader, copied out of the file into an individual entry."""
-        from gguf.quants import dequantize as gguf_dequantize
-
+    def _add(self, t: GGUFTensor, tensor: torch.Tensor) -> None:
+        """Put a GGUF tensor's torch tensor: raw bytes for a weight format, else dense."""
         if t.tensor_type.value in WEIGHT_IDS:
-            k, n = ggml_k_n(t)
-            self.put(t.name, _to_torch(t.data, device), QType(t.tensor_type.value), n, k)
+            self.put(t.name, tensor, QType(t.tensor_type.value), t.n, t.k)
         else:
-            self.put(t.name, _dense(t.data, t.tensor_type, t.name, gguf_dequantize, device))
+            self.put(t.name, tensor)
 
-    def _load_pool(self, path, reader, device: torch.device, progress) -> None:
-        from gguf.quants import dequantize as gguf_dequantize
-
-        if reader.byte_order != "I":
-            raise ValueError(f"pool: {os.fspath(path)!r} is in the other byte order; load it with pool=False")
-        base = reader.data_offset
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size - base
-            views = {}  # name -> (offset in the pool, view dtype, view shape), for the tensors the pool serves
-            for t in reader.tensors:
-                offset = t.data_offset - base  # ReaderTensor.data_offset counts from the file's start
-                if t.tensor_type.value in WEIGHT_IDS:
-                    if offset % _ALIGN:  # GGUF's default alignment is 32; a file may set less
-                        raise ValueError(f"pool: {t.name} starts {offset} bytes into the data section, not on a "
-                                         f"{_ALIGN}-byte boundary (file alignment {reader.alignment}); "
-                                         "load it with pool=False")
-                    k, n = ggml_k_n(t)
-                    views[t.name] = (offset, torch.uint8, (n, row_bytes(QType(t.tensor_type.value), k)))
-                elif t.tensor_type.name in _POOL_DTYPES:
-                    shape = tuple(int(d) for d in reversed(t.shape))  # numpy order, as the reader's data
-                    views[t.name] = (offset, _POOL_DTYPES[t.tensor_type.name], shape)
-                nbytes = _view_bytes(*views[t.name][1:]) if t.name in views else t.n_bytes
-                if offset < 0 or offset + nbytes > size:
-                    raise ValueError(f"{os.fspath(path)!r} is truncated: {t.name} needs data-section bytes "
-                                     f"{offset}..{offset + nbytes}, the section holds {size}")
-            # one read of the whole section; pinned host memory lets the GPU copy run asynchronously
-            host = torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
-            assert host.data_ptr() % 64 == 0, "torch allocations are 64-byte aligned"
-            f.seek(base)
-            got = f.readinto(host.numpy())  # BufferedReader.readinto reads until full or end of file
-        if got != size:
-            raise ValueError(f"{os.fspath(path)!r} is truncated: read {got} of {size} data-section bytes")
+    def _load_pool(self, g: GGUFFile, device: torch.device, progress) -> None:
+        views = {}  # name -> (offset in the pool, view dtype, view shape), for the tensors the pool serves
+        for t in g.tensors:
+            offset = t.data_offset - g.data_offset
+            if t.tensor_type.value in WEIGHT_IDS:
+                if offset % _ALIGN:  # GGUF's default alignment is 32; a file may set less
+                    raise ValueError(f"pool: {t.name} starts {offset} bytes into the data section, not on a "
+                                     f"{_ALIGN}-byte boundary (file alignment {g.alignment}); "
+                                     "load it with pool=False")
+                views[t.name] = (offset, torch.uint8, (t.n, row_bytes(QType(t.tensor_type.value), t.k)))
+            elif t.tensor_type.name in _VIEW_DTYPES:
+                views[t.name] = (offset, _VIEW_DTYPES[t.tensor_type.name], t.numpy_shape)
+        # pinned host memory lets the GPU copy run asynchronously
+        host = g.read_data_section(pin_memory=device.type == "cuda")
         pool = host if device.type == "cpu" else host.to(device, non_blocking=True)
         assert device.type == "meta" or pool.data_ptr() % _ALIGN == 0, "offsets keep the pool's alignment"
 
         # entries first, stored at the end: an error (a type gguf cannot dequantize) leaves the cache as it was
         pooled, others = {}, {}
-        for i, t in enumerate(reader.tensors):
+        for i, t in enumerate(g.tensors):
             if t.name in views:
                 offset, dtype, shape = views[t.name]
                 view = _pool_view(pool, offset, dtype, shape)
                 if dtype == torch.uint8:
                     q = QType(t.tensor_type.value)
-                    k, n = ggml_k_n(t)
-                    check_weight_bytes(view, q, n, k)  # k a whole number of blocks
-                    pooled[t.name] = CacheEntry(view, q, n, k)
+                    check_weight_bytes(view, q, t.n, t.k)
+                    pooled[t.name] = CacheEntry(view, q, t.n, t.k)
                 else:
                     pooled[t.name] = self._dense_entry(view, None, None)
             else:  # a quantized type torchext does not run: dequantized into its own tensor
-                others[t.name] = self._dense_entry(_dense(t.data, t.tensor_type, t.name, gguf_dequantize, device),
-                                                   None, None)
+                raw = host[t.data_offset - g.data_offset:][:t.n_bytes]
+                others[t.name] = self._dense_entry(_tensor_from_bytes(raw, t, g.name, device), None, None)
             if progress is not None:
-                progress(i + 1, len(reader.tensors), t.name)
+                progress(i + 1, len(g.tensors), t.name)
         for name in pooled:
             self._entries.pop(name, None)  # the file's tensor replaces an individual one of that name
         self._entries.update(others)
@@ -388,8 +373,9 @@ def ggml_k_n(t) -> tuple[int, int]:
     return dims[0], math.prod(dims[1:])
 
 
-# the tensor types a pool entry views as they are stored (little-endian, as torch on every host it runs on)
-_POOL_DTYPES = {
+# the tensor types kept as they are stored, viewed as a torch dtype (little-endian, as torch on every
+# host it runs on)
+_VIEW_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
     "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
 }
@@ -404,30 +390,18 @@ def _pool_view(pool: torch.Tensor, offset: int, dtype: torch.dtype, shape) -> to
     return pool[offset:offset + _view_bytes(dtype, shape)].view(dtype).view(shape)
 
 
-def _to_torch(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A torch copy of a (read-only, memory-mapped) numpy array, in a fresh aligned allocation."""
-    out = torch.empty(a.shape, dtype=_TORCH_DTYPES[np.dtype(a.dtype)], device=device)
-    src = torch.from_numpy(np.array(a, copy=True))  # a writable copy; torch refuses read-only memory
-    out.copy_(src)
-    return out
+def _tensor_from_bytes(raw: torch.Tensor, t: GGUFTensor, file: str, device: torch.device) -> torch.Tensor:
+    """A GGUF tensor on `device` from its bytes (a uint8 CPU tensor): the bytes themselves for a
+    weight format, a typed view for the _VIEW_DTYPES types, else gguf's float32 dequantization."""
+    from gguf.quants import dequantize as gguf_dequantize
 
-
-_TORCH_DTYPES = {
-    np.dtype(np.uint8): torch.uint8, np.dtype(np.int8): torch.int8, np.dtype(np.int16): torch.int16,
-    np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64, np.dtype(np.float16): torch.float16,
-    np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
-}
-
-
-def _dense(data: np.ndarray, gtype, name: str, gguf_dequantize, device) -> torch.Tensor:
-    from gguf import GGMLQuantizationType as G
-
-    if gtype in (G.F32, G.F16, G.F64, G.I8, G.I16, G.I32, G.I64):
-        return _to_torch(data, device)  # GGUFReader already gives these their numpy dtype and shape
+    if t.tensor_type.value in WEIGHT_IDS:
+        return raw.to(device)
+    if t.tensor_type.name in _VIEW_DTYPES:
+        return raw.view(_VIEW_DTYPES[t.tensor_type.name]).view(t.numpy_shape).to(device)
     try:
-        dense = gguf_dequantize(data, gtype)  # float32, the byte rows expanded to values
+        values = gguf_dequantize(raw.numpy().reshape(t.byte_shape), t.tensor_type)  # float32
     except NotImplementedError:
-        raise ValueError(f"{name}: gguf cannot dequantize tensor type {gtype.name}; "
+        raise ValueError(f"{file}: tensor {t.name!r}: gguf cannot dequantize tensor type {t.tensor_type.name}; "
                          "leave it out with names=...") from None
-    out = _to_torch(dense, device)
-    return out.to(torch.bfloat16) if gtype == G.BF16 else out  # bf16 -> f32 -> bf16 is exact
+    return torch.from_numpy(values).to(device)

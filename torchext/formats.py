@@ -28,16 +28,24 @@ class QType(enum.IntEnum):
     def of(cls, fmt) -> "QType":
         """A QType from a QType, a GGMLQuantizationType, its integer id (int, numpy integer, integer
         tensor of one element) or its name ("Q4_K")."""
+        if isinstance(fmt, cls):  # first: also what torch.compile traces (dynamo 2.12-2.13 recurse in operator.index)
+            return fmt
         if isinstance(fmt, str):
             try:
                 return cls[fmt.upper()]
             except KeyError:
                 raise ValueError(f"unknown quantization format {fmt!r}; expected one of {[q.name for q in cls]}") from None
-        # operator.index, not int(): int() would truncate 12.7 to 12 (Q4_K); a bool is no id either
-        try:
-            value = None if isinstance(fmt, (bool, np.bool_)) else operator.index(fmt)
-        except TypeError:
+        # operator.index, not int(): int() would truncate 12.7 to 12 (Q4_K); a bool is no id either.
+        # An int (gguf's IntEnum included) is taken as it is: dynamo 2.12-2.13 recurse in operator.index.
+        if isinstance(fmt, (bool, np.bool_)):
             value = None
+        elif isinstance(fmt, int):
+            value = int(fmt)
+        else:
+            try:
+                value = operator.index(fmt)
+            except TypeError:
+                value = None
         if value is None:
             raise ValueError(f"unsupported quantization format {fmt!r}: expected a QType, a gguf "
                              f"GGMLQuantizationType, its integer id or its name, got a {type(fmt).__name__}")

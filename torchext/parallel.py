@@ -33,6 +33,7 @@ from torch import nn
 
 from .cache import WEIGHT_IDS, WeightCache, ggml_k_n, weight_format
 from .formats import WEIGHT_TYPES, QType, block_bytes, block_values, row_bytes
+from .gguf_file import GGUFFile
 from .nn import QuantLinear
 
 
@@ -75,6 +76,7 @@ def _gguf_tensor(path, name: str, reader):
     """(tensor info, qtype, n, k) of a quantized tensor of a GGUF file."""
     import gguf
 
+    GGUFFile(path)  # torchext's checks of the header, tables and offsets first: errors name file and tensor
     reader = reader if reader is not None else gguf.GGUFReader(os.fspath(path))
     found = [t for t in reader.tensors if t.name == name]
     if not found:

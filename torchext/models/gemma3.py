@@ -37,6 +37,7 @@ from torch import nn
 
 from .. import ops
 from ..cache import WeightCache
+from ..gguf_file import GGUFFile
 from ..nn import QuantLinear, shared_input
 from .tokenizer import GGUFTokenizer, checked_token_ids
 
@@ -275,6 +276,7 @@ def load_gemma3(path: str | os.PathLike, device=None, dtype: torch.dtype = torch
 
     check_dtype(dtype)  # before seconds of reading the file
     t0 = time.perf_counter()
+    GGUFFile(path)  # torchext's checks of the header, tables and offsets first: errors name file and tensor
     reader = reader if reader is not None else gguf.GGUFReader(os.fspath(path))
     cfg = Gemma3Config.from_gguf(reader)
     tokenizer = GGUFTokenizer.from_gguf(reader)
