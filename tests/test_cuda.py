@@ -21,11 +21,12 @@ CUDA vs CPU tolerances (per output, |y_cuda - y_cpu| <= tol):
 
 import gc
 
+import numpy as np
 import pytest
 import torch
 
 import torchext  # noqa: F401
-from conftest import DTYPES, WEIGHT_QTYPES, dequant_oracle, random_weight
+from conftest import DTYPES, WEIGHT_QTYPES, dequant_oracle, q8_1_fields, random_weight
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
@@ -401,9 +402,9 @@ def test_q4k_q8_gemv_cuda_matches_cpu(rows, dtype):
     assert torch.equal(y, ops.q4k_q8_gemv_packed(w, xq, n, k))
     ref = ops.q4k_q8_gemv(w_cpu, xq_cpu, n, k)
     # both consume the same Q8_1 bytes; absdot from the dequantized activations (d * qs)
-    xd = (xq_cpu.view(rows, -1, 36)[..., 4:].view(torch.int8).float()
-          * xq_cpu.view(rows, -1, 36)[..., 0:2].contiguous().view(torch.float16).float()).reshape(rows, -1)[:, :k]
-    absdot = xd.double().abs() @ ops.dequantize(w_cpu, Q4_K, n, k, None).double().abs().t()
+    f = q8_1_fields(xq_cpu)
+    xd = torch.from_numpy((f.d.astype(np.float64)[..., None] * f.qs).reshape(rows, -1)[:, :k])
+    absdot = xd.abs() @ ops.dequantize(w_cpu, Q4_K, n, k, None).double().abs().t()
     assert ((y.cpu().double() - ref.double()).abs() <= GEMV_TOL * absdot + 1e-30).all()
 
 
