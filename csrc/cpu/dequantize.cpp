@@ -10,6 +10,10 @@ namespace torchext::cpu {
 
 void dequantize(QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows, int64_t rows_out, void* out,
                 FloatType ot) {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool avx2 = has_avx2();
+  if (avx2) return dequantize_avx2(wt, w, n, k, rows, rows_out, out, ot);
+#endif
   visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
     const int64_t blocks = (k + T::kValues - 1) / T::kValues;

@@ -11,12 +11,21 @@ namespace torchext::cpu {
 // rows x k activations -> rows x q8_1_blocks_per_row(k) Q8_1 blocks, bytes identical to CUDA's.
 void quantize_q8_1(const void* x, FloatType xt, int64_t rows, int64_t k, block_q8_1* out);
 
-// out[r, i] = sum_j w[i, j] * xq[r, j] for i < n, r < rows (output element type `ot`).
+// out[r, i] = sum_j w[i, j] * xq[r, j] for i < n, r < rows (output element type `ot`): the AVX2
+// kernel where the CPU has AVX2, FMA and F16C, else the portable one.
 void gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows, void* out,
                FloatType ot);
 
+#if defined(__x86_64__) || defined(_M_X64)
+bool has_avx2();  // the CPU runs AVX2, FMA and F16C
+void gemv_q8_1_avx2(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows, void* out,
+                    FloatType ot);
+void dequantize_avx2(QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows, int64_t rows_out, void* out,
+                     FloatType ot);
+#endif
+
 // rows_out x k dense values: output row i is weight row rows.source(i, n) of the n x k quantized
-// weight (NaN for an id out of range).
+// weight (NaN for an id out of range); AVX2 where the CPU has it, the same bits either way.
 void dequantize(QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows, int64_t rows_out, void* out,
                 FloatType ot);
 

@@ -1,0 +1,285 @@
+// The CPU GEMV on AVX2: weight x Q8_1 activations, one body for every weight format.
+//
+// A weight block is taken 32 values at a time (a chunk: one Q8_1 block of the activations). Each
+// format's Avx2Chunk (below) turns chunk c of a block into 32 quants in one register, as unsigned
+// bytes (meeting the signed activations in maddubs) or, for Q6_K and Q8_0, signed ones (the sign
+// trick: |w| times x carrying w's sign), with the chunk's weight scales and offset. The bit layouts
+// are kernels/quant_traits.h's (dequantize_chunk), here in vector form. Per chunk and activation
+// row: maddubs + madd give eight int32 sums of four products (exact: |q| <= 63, |x| <= 127), which
+// meet the scales in fp32 as in the scalar kernel, acc += dw * dx * isum + m * dx * sum(qx); the
+// eight lanes are added at the end of the row. Results equal the scalar kernel's up to fp32
+// summation order.
+//
+// Compiled for every x86-64 CPU: only the functions marked TORCHEXT_AVX2 use AVX2, FMA and F16C,
+// and gemv_q8_1 (gemv_q8_1.cpp) calls them only when the CPU has all three.
+#if defined(__x86_64__) || defined(_M_X64)
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <torch/csrc/stable/ops.h>
+
+#include "csrc/cpu/kernels.h"
+#include "kernels/quant_traits.h"
+
+#define TORCHEXT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TORCHEXT_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
+
+namespace torchext::cpu {
+namespace {
+
+// 32 quants of one chunk and how they scale: value l = d_l * (q_l - zero) - sub, rounded as
+// dequantize_chunk rounds it (product, then difference), d_l = d_lo for l < 16 and d_hi for l >= 16
+// (equal except for Q6_K, whose scales cover 16 values). zero is Q4_0's / Q5_0's zero point.
+struct Chunk {
+  __m256i q;
+  float d_lo, d_hi;
+  int zero;
+  float sub;
+
+  // The offset m of value = d_l * q_l + m that the dot products meet with d_x * sum(q_x).
+  float offset() const { return -sub - float(zero) * d_lo; }
+};
+
+// fp16 -> fp32 in one instruction (the portable fp16_to_float is bit arithmetic; same result)
+TORCHEXT_AVX2_INLINE float half(fp16_bits h) { return _cvtsh_ss(h); }
+TORCHEXT_AVX2_INLINE __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+TORCHEXT_AVX2_INLINE __m256i low_nibbles(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+TORCHEXT_AVX2_INLINE __m256i high_nibbles(__m256i v) {
+  return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F));
+}
+// 16 bytes of nibbles (value l low, value l + 16 high) as 32 quants in value order.
+TORCHEXT_AVX2_INLINE __m256i split_nibbles(const uint8_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
+}
+// Bit l of the 32-bit word bits as 0x10 in byte l (a 5th bit), 0 elsewhere.
+TORCHEXT_AVX2_INLINE __m256i bits_to_bit4(uint32_t bits) {
+  // byte l takes word byte l / 8, then tests its bit l % 8
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(int(bits)),
+      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+  const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+  return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+}
+
+// Keyed by the format's traits (QuantTraits<T>), which visit_weight_format hands out.
+template <class Traits>
+struct Avx2Chunk;
+
+// Q4_K / Q5_K: chunk c is sub-block c: the low (c even) or high nibbles of qs[32 * (c / 2) ..],
+// with Q5_K's 5th bits from bit c of qh[0 .. 31].
+template <class Block, bool kHasHigh>
+struct KQuantChunk {
+  static constexpr bool kSigned = false;
+  TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int c) {
+    const Block& b = *reinterpret_cast<const Block*>(p);
+    const __m256i qs = load32(b.qs + 32 * (c / 2));
+    __m256i q = c % 2 ? high_nibbles(qs) : low_nibbles(qs);
+    if constexpr (kHasHigh) {
+      const __m256i bit = _mm256_and_si256(_mm256_srli_epi16(load32(b.qh), c), _mm256_set1_epi8(1));
+      q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
+    }
+    int sc, m;
+    kquant_scale_min(b.scales, c, sc, m);
+    const float d = half(b.d) * float(sc);
+    return Chunk{q, d, d, 0, half(b.dmin) * float(m)};
+  }
+};
+template <> struct Avx2Chunk<QuantTraits<QType::Q4_K>> : KQuantChunk<block_q4_K, false> {};
+template <> struct Avx2Chunk<QuantTraits<QType::Q5_K>> : KQuantChunk<block_q5_K, true> {};
+
+// Q6_K: chunk c = 4h + i holds values 128h + 32i + l; signed quants q - 32, sub-block scales of 16.
+template <>
+struct Avx2Chunk<QuantTraits<QType::Q6_K>> {
+  static constexpr bool kSigned = true;
+  TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int c) {
+    const block_q6_K& b = *reinterpret_cast<const block_q6_K*>(p);
+    const int h = c / 4, i = c % 4;
+    const __m256i ql = load32(b.ql + 64 * h + 32 * (i % 2));
+    const __m256i low = i < 2 ? low_nibbles(ql) : high_nibbles(ql);
+    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(load32(b.qh + 32 * h), 2 * i), _mm256_set1_epi8(3));
+    const __m256i q = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32));
+    const float d = half(b.d);
+    return Chunk{q, d * float(b.scales[8 * h + 2 * i]), d * float(b.scales[8 * h + 2 * i + 1]), 0, 0.0f};
+  }
+};
+
+template <>
+struct Avx2Chunk<QuantTraits<QType::Q8_0>> {
+  static constexpr bool kSigned = true;
+  TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int) {
+    const block_q8_0& b = *reinterpret_cast<const block_q8_0*>(p);
+    const float d = half(b.d);
+    return Chunk{load32(reinterpret_cast<const uint8_t*>(b.qs)), d, d, 0, 0.0f};
+  }
+};
+
+// Q4_0 / Q4_1 / Q5_0 / Q5_1: nibbles (and 5th bits), a zero point as the offset -z * d, or a min.
+template <class Traits, bool kHasMin, bool kHasHigh>
+struct NibbleChunk {
+  using Block = typename Traits::block;
+  static constexpr bool kSigned = false;
+  TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int) {
+    const Block& b = *reinterpret_cast<const Block*>(p);
+    __m256i q = split_nibbles(b.qs);
+    if constexpr (kHasHigh) q = _mm256_or_si256(q, bits_to_bit4(load_u32<Traits::kAlign>(b.qh)));
+    const float d = half(b.d);
+    if constexpr (kHasMin) return Chunk{q, d, d, 0, -half(b.m)};
+    else return Chunk{q, d, d, Traits::kZero, 0.0f};
+  }
+};
+template <> struct Avx2Chunk<QuantTraits<QType::Q4_0>> : NibbleChunk<QuantTraits<QType::Q4_0>, false, false> {};
+template <> struct Avx2Chunk<QuantTraits<QType::Q4_1>> : NibbleChunk<QuantTraits<QType::Q4_1>, true, false> {};
+template <> struct Avx2Chunk<QuantTraits<QType::Q5_0>> : NibbleChunk<QuantTraits<QType::Q5_0>, false, true> {};
+template <> struct Avx2Chunk<QuantTraits<QType::Q5_1>> : NibbleChunk<QuantTraits<QType::Q5_1>, true, true> {};
+
+// Eight int32 sums of four products each (lanes 0-3: values 0-15, lanes 4-7: values 16-31).
+template <bool kSigned>
+TORCHEXT_AVX2_INLINE __m256i dot_lanes(__m256i w, const int8_t* x) {
+  __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  if constexpr (kSigned) {  // |w| meets x with w's sign: maddubs wants an unsigned first operand
+    xv = _mm256_sign_epi8(xv, w);
+    w = _mm256_sign_epi8(w, w);
+  }
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), _mm256_set1_epi16(1));
+}
+
+TORCHEXT_AVX2_INLINE float sum_lanes(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// Output rows [begin, end) for activation rows r0 .. r0 + R - 1.
+template <class Traits, int R>
+TORCHEXT_AVX2 void gemv_rows(const uint8_t* w, int64_t k, const block_q8_1* xq, int64_t x_stride, int64_t r0,
+                             int64_t n, int64_t begin, int64_t end, void* out, FloatType ot) {
+  using C = Avx2Chunk<Traits>;
+  constexpr int kChunks = Traits::kValues / kQ8Block;
+  const int64_t blocks = (k + Traits::kValues - 1) / Traits::kValues;
+  const int64_t row_bytes = blocks * Traits::kBytes;
+  for (int64_t i = begin; i < end; ++i) {
+    const uint8_t* wrow = w + i * row_bytes;
+    __m256 acc[R];
+    float offset[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.0f;
+    for (int64_t b = 0; b < blocks; ++b) {
+#pragma GCC unroll 8  // a constant c: each chunk's scale unpacking and shifts resolve at compile time
+      for (int c = 0; c < kChunks; ++c) {
+        const Chunk ch = C::load(wrow + b * Traits::kBytes, c);
+        const int64_t j = b * kChunks + c;  // the activations' Q8_1 block
+        for (int r = 0; r < R; ++r) {
+          const block_q8_1& xb = xq[(r0 + r) * x_stride + j];
+          const Q8Scales xs = Q8Scales::of_word(xb.scale);
+          const __m256 scale = _mm256_setr_m128(_mm_set1_ps(ch.d_lo * xs.d), _mm_set1_ps(ch.d_hi * xs.d));
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_lanes<C::kSigned>(ch.q, xb.qs)), scale, acc[r]);
+          offset[r] += ch.offset() * xs.s;
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) store_float(out, (r0 + r) * n + i, ot, sum_lanes(acc[r]) + offset[r]);
+  }
+}
+
+template <class T>
+void gemv_format(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows, void* out,
+                 FloatType ot) {
+  const int64_t x_stride = q8_1_blocks_per_row(k);
+  torch::stable::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    // Up to four activation rows share each unpacked chunk.
+    int64_t r0 = 0;
+    for (; r0 + 4 <= rows; r0 += 4) gemv_rows<T, 4>(w, k, xq, x_stride, r0, n, begin, end, out, ot);
+    switch (rows - r0) {
+      case 3: gemv_rows<T, 3>(w, k, xq, x_stride, r0, n, begin, end, out, ot); break;
+      case 2: gemv_rows<T, 2>(w, k, xq, x_stride, r0, n, begin, end, out, ot); break;
+      case 1: gemv_rows<T, 1>(w, k, xq, x_stride, r0, n, begin, end, out, ot); break;
+      default: break;
+    }
+  });
+}
+
+// Eight values of a chunk (bytes 8g .. 8g+7 of q) as d * (q - zero) - sub, rounded twice as
+// dequantize_chunk does (no FMA): the same bits.
+template <bool kSigned>
+TORCHEXT_AVX2_INLINE __m256 dequantize_eight(const Chunk& ch, int g) {
+  alignas(32) int8_t bytes[32];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(bytes), ch.q);
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * g));
+  const __m256i q = kSigned ? _mm256_cvtepi8_epi32(raw) : _mm256_cvtepu8_epi32(raw);
+  const __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(ch.zero)));
+  return _mm256_sub_ps(_mm256_mul_ps(v, _mm256_set1_ps(g < 2 ? ch.d_lo : ch.d_hi)), _mm256_set1_ps(ch.sub));
+}
+
+// Eight floats stored as `ot`, rounded to nearest even as store_float rounds them (bf16: NaN stays a
+// quiet NaN).
+TORCHEXT_AVX2_INLINE void store_eight(void* out, int64_t i, FloatType ot, __m256 v) {
+  if (ot == FloatType::F32) {
+    _mm256_storeu_ps(static_cast<float*>(out) + i, v);
+  } else if (ot == FloatType::F16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i),
+                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  } else {
+    const __m256i x = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x40));
+    const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const __m256i h = _mm256_blendv_epi8(rounded, quiet, is_nan);  // 8 x uint16 in the low halves
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i), packed);
+  }
+}
+
+template <class Traits>
+TORCHEXT_AVX2 void dequantize_rows(const uint8_t* w, int64_t n, int64_t k, RowIndex rows, int64_t begin, int64_t end,
+                                   void* out, FloatType ot) {
+  using C = Avx2Chunk<Traits>;
+  constexpr int kChunks = Traits::kValues / kQ8Block;
+  const int64_t blocks = (k + Traits::kValues - 1) / Traits::kValues;
+  const int64_t whole = k / 32;  // chunks stored with vectors; a last partial one goes the scalar way
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t src = rows.source(i, n);
+    float v[32];
+    for (int64_t c = 0; c * 32 < k; ++c) {
+      const uint8_t* blk = src >= 0 ? w + (src * blocks + c / kChunks) * Traits::kBytes : nullptr;
+      if (src >= 0 && c < whole) {
+        const Chunk ch = C::load(blk, int(c % kChunks));
+        for (int g = 0; g < 4; ++g) store_eight(out, i * k + 32 * c + 8 * g, ot, dequantize_eight<C::kSigned>(ch, g));
+        continue;
+      }
+      if (src < 0) std::fill(v, v + 32, std::nanf(""));  // an id out of range
+      else Traits::dequantize_chunk(blk, int(c % kChunks), v);
+      for (int l = 0; l < 32 && 32 * c + l < k; ++l) store_float(out, i * k + 32 * c + l, ot, v[l]);
+    }
+  }
+}
+
+}  // namespace
+
+bool has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+void gemv_q8_1_avx2(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows, void* out,
+                    FloatType ot) {
+  visit_weight_format(wt, [&](auto traits) {
+    gemv_format<decltype(traits)>(w, n, k, xq, rows, out, ot);
+  });
+}
+
+void dequantize_avx2(QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows, int64_t rows_out, void* out,
+                     FloatType ot) {
+  visit_weight_format(wt, [&](auto traits) {
+    torch::stable::parallel_for(0, rows_out, 1, [&](int64_t begin, int64_t end) {
+      dequantize_rows<decltype(traits)>(w, n, k, rows, begin, end, out, ot);
+    });
+  });
+}
+
+}  // namespace torchext::cpu
+
+#endif  // x86-64
