@@ -14,17 +14,14 @@
 // and gemv_q8_1 (gemv_q8_1.cpp) calls them only when the CPU has all three.
 #if defined(__x86_64__) || defined(_M_X64)
 
-#include <immintrin.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <cmath>
-#include <torch/csrc/stable/ops.h>
 
+#include "csrc/cpu/avx2.h"
 #include "csrc/cpu/kernels.h"
 #include "kernels/quant_traits.h"
-
-#define TORCHEXT_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define TORCHEXT_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
 
 namespace torchext::cpu {
 namespace {
@@ -42,8 +39,6 @@ struct Chunk {
   float offset() const { return -sub - float(zero) * d_lo; }
 };
 
-// fp16 -> fp32 in one instruction (the portable fp16_to_float is bit arithmetic; same result)
-TORCHEXT_AVX2_INLINE float half(fp16_bits h) { return _cvtsh_ss(h); }
 TORCHEXT_AVX2_INLINE __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 TORCHEXT_AVX2_INLINE __m256i low_nibbles(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
 TORCHEXT_AVX2_INLINE __m256i high_nibbles(__m256i v) {
@@ -212,26 +207,6 @@ TORCHEXT_AVX2_INLINE __m256 dequantize_eight(const Chunk& ch, int g) {
   const __m256i q = kSigned ? _mm256_cvtepi8_epi32(raw) : _mm256_cvtepu8_epi32(raw);
   const __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(ch.zero)));
   return _mm256_sub_ps(_mm256_mul_ps(v, _mm256_set1_ps(g < 2 ? ch.d_lo : ch.d_hi)), _mm256_set1_ps(ch.sub));
-}
-
-// Eight floats stored as `ot`, rounded to nearest even as store_float rounds them (bf16: NaN stays a
-// quiet NaN).
-TORCHEXT_AVX2_INLINE void store_eight(void* out, int64_t i, FloatType ot, __m256 v) {
-  if (ot == FloatType::F32) {
-    _mm256_storeu_ps(static_cast<float*>(out) + i, v);
-  } else if (ot == FloatType::F16) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i),
-                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-  } else {
-    const __m256i x = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
-    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x40));
-    const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    const __m256i h = _mm256_blendv_epi8(rounded, quiet, is_nan);  // 8 x uint16 in the low halves
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i), packed);
-  }
 }
 
 template <class Traits>

@@ -1,0 +1,50 @@
+// AVX2 helpers shared by the CPU kernels' x86-64 paths. Functions marked TORCHEXT_AVX2 may use
+// AVX2, FMA and F16C; callers reach them only when has_avx2() (kernels.h) says the CPU has all three,
+// so the library still loads and runs on any x86-64 CPU.
+#pragma once
+
+#if defined(__x86_64__) || defined(_M_X64)
+
+#include <immintrin.h>
+
+#include "kernels/float_types.h"
+
+#define TORCHEXT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TORCHEXT_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
+
+namespace torchext::cpu {
+
+// fp16 -> fp32 in one instruction (the portable fp16_to_float is bit arithmetic; same result)
+TORCHEXT_AVX2_INLINE float half(fp16_bits h) { return _cvtsh_ss(h); }
+
+// Eight elements of type t at p + i as floats (exact widening).
+TORCHEXT_AVX2_INLINE __m256 load_eight(const void* p, int64_t i, FloatType t) {
+  if (t == FloatType::F32) return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+  if (t == FloatType::F16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// Eight floats stored as `ot`, rounded to nearest even as store_float rounds them (bf16: NaN stays a
+// quiet NaN).
+TORCHEXT_AVX2_INLINE void store_eight(void* out, int64_t i, FloatType ot, __m256 v) {
+  if (ot == FloatType::F32) {
+    _mm256_storeu_ps(static_cast<float*>(out) + i, v);
+  } else if (ot == FloatType::F16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i),
+                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  } else {
+    const __m256i x = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x40));
+    const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const __m256i h = _mm256_blendv_epi8(rounded, quiet, is_nan);  // 8 x uint16 in the low halves
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i), packed);
+  }
+}
+
+}  // namespace torchext::cpu
+
+#endif  // x86-64
