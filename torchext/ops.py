@@ -140,8 +140,9 @@ def _check_gelu_input(x: torch.Tensor) -> None:
 
 def quantize_q8_1(x: torch.Tensor) -> torch.Tensor:
     """Q8_1 blocks of x [..., K] (f32/f16/bf16): uint8 [..., ceil(K/256)*8*36], zero-padded.
-    Each block stores d = amax/127 (fp16), s = the sum of its 32 inputs (fp16), 32 int8 quants;
-    CPU and CUDA produce identical bytes."""
+    Each 36-byte block of 32 values is a word holding d = amax/127 as fp32 rounded up to 10
+    mantissa bits, with sum(qs) in its low 13 bits, then the 32 int8 quants qs = round(x/d);
+    CPU and CUDA produce identical bytes (the README's "Q8_1 activations" has the details)."""
     return _ops.quantize_q8_1(x)
 
 
@@ -161,8 +162,9 @@ def q4k_q8_gemv(w: torch.Tensor, xq: torch.Tensor, n: int, k: int) -> torch.Tens
 
 
 def q4k_q8_gemv_packed(w: torch.Tensor, xq: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """The seed's packed-nibble name for q4k_q8_gemv; the kernel already feeds four nibbles per
-    DP4A operand, so both names run it and return identical bits."""
+    """q4k_q8_gemv under the name that the first, pre-torchext version of this code gave its
+    packed-nibble kernel, kept so that code written against it runs: the kernel already feeds
+    four nibbles per DP4A operand, so both names run it and return identical bits."""
     return _ops.q4k_q8_gemv_packed(w, xq, n, k)
 
 
@@ -274,9 +276,10 @@ def _(w, qtype, ids, n, k, dtype=None):
 def quantize(w: torch.Tensor, qtype) -> torch.Tensor:
     """Quantized bytes [n, row_bytes] of a dense float [n, k] weight (llama.cpp's reference
     quantizers; the last k-quant super-block is zero-padded). Runs on the CPU; a tensor on
-    another device is quantized there and the bytes are moved back."""
+    another device is quantized there and the bytes are moved back; a meta tensor gives a meta
+    result (the fake)."""
     qt = int(QType.of(qtype))
-    if w.device.type != "cpu":
+    if w.device.type not in ("cpu", "meta"):
         return _ops.quantize(w.detach().float().cpu().contiguous(), qt).to(w.device)
     return _ops.quantize(w, qt)
 

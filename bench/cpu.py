@@ -1,0 +1,116 @@
+"""torchext's CPU kernels against llama.cpp's CPU backend on the same machine and threads.
+
+    python bench/cpu.py [--llama-cpp DIR] [--threads 2] [--formats Q4_K Q8_0 ...] [--gemma]
+
+GEMV, batch 1, N x K = 4096 x 14336 per format: torchext.qmatmul (activation quantization included,
+as llama.cpp's MUL_MAT includes it), the median of timed calls rotating two weight copies (66 MB
+for Q8_0, more than this CPU's L3), against `test-backend-ops perf -b CPU -o MUL_MAT` for the same
+type and shape (llama.cpp's own timing loop). test-backend-ops runs its CPU backend on half the
+hardware threads (one on a 2-core machine), so torchext's GEMV runs on as many here. With --gemma, Gemma 3 270M Q4_K_M decode tok/s:
+torchext's eager generate() against `llama-bench -n 32 -p 0`.
+
+DIR is a llama.cpp CPU build (its bin/ holds test-backend-ops and llama-bench). To make one from
+PyPI's llama-cpp-python sdist, which vendors llama.cpp:
+    pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
+    cd llama_cpp_python-*/vendor/llama.cpp && cmake -S . -B build -DCMAKE_BUILD_TYPE=Release \\
+        -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=ON && \\
+        cmake --build build -j --target llama-bench test-backend-ops
+Without DIR only torchext's side is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torchext  # noqa: E402
+
+N, K = 4096, 14336
+FORMATS = ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+
+
+def time_torchext(fmt: str, reps: int) -> float:
+    """Median µs of qmatmul on one row, two weight copies alternating."""
+    g = torch.Generator().manual_seed(0)
+    ws = [torchext.quantize(torch.randn(N, K, generator=g) * 0.02, fmt) for _ in range(2)]
+    x = torch.randn(1, K, generator=g)
+    for w in ws:
+        torchext.qmatmul(w, fmt, x, N, K)
+    times = []
+    for i in range(reps):
+        start = time.perf_counter()
+        torchext.qmatmul(ws[i % 2], fmt, x, N, K)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def time_llama_cpp(bin_dir: Path, fmt: str) -> float | None:
+    """µs per MUL_MAT of test-backend-ops perf (CPU backend, f32 activations, batch 1)."""
+    exe = bin_dir / "test-backend-ops"
+    params = rf"type_a={fmt.lower()},type_b=f32,m={N},n=1,k={K},"
+    out = subprocess.run([str(exe), "perf", "-b", "CPU", "-o", "MUL_MAT", "-p", re.escape(params)],
+                         capture_output=True, text=True, timeout=600)
+    m = re.search(r"([\d.]+) us/run", out.stdout)
+    return float(m.group(1)) if m else None
+
+
+def gemma_torchext(tokens: int = 32) -> float:
+    from torchext.models.gemma3 import gguf_path, generate, load_gemma3
+    model, tok, _ = load_gemma3(gguf_path(), device="cpu", max_seq_len=256)
+    prompt = tok.encode("The three primary colors are")
+    with torch.inference_mode():
+        generate(model, prompt, 2)
+        start = time.perf_counter()
+        generate(model, prompt, tokens)
+        return tokens / (time.perf_counter() - start)
+
+
+def gemma_llama_cpp(bin_dir: Path, threads: int) -> float | None:
+    from torchext.models.gemma3 import gguf_path
+    out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf_path()), "-t", str(threads), "-p", "0",
+                          "-n", "32", "-o", "csv"], capture_output=True, text=True, timeout=900)
+    rows = [line.split(",") for line in out.stdout.splitlines()]
+    if len(rows) < 2:
+        return None
+    head = [h.strip('"') for h in rows[0]]
+    return float(rows[-1][head.index("avg_ts")].strip('"'))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--llama-cpp", type=Path, help="a llama.cpp CPU build folder (with bin/)")
+    p.add_argument("--threads", type=int, default=2, help="threads for the Gemma decode (both sides)")
+    p.add_argument("--formats", nargs="+", default=FORMATS)
+    p.add_argument("--reps", type=int, default=21)
+    p.add_argument("--gemma", action="store_true", help="also Gemma 3 270M decode (needs the gemma extra)")
+    a = p.parse_args()
+    bin_dir = a.llama_cpp / "bin" if a.llama_cpp else None
+    gemv_threads = max(1, (os.cpu_count() or 2) // 2)  # test-backend-ops' CPU thread count
+    torch.set_num_threads(gemv_threads)
+    print(f"CPU, torch {torch.__version__}; GEMV batch 1, N x K = {N} x {K}, {gemv_threads} thread(s), µs")
+    print(f"{'format':7} {'torchext':>10} {'llama.cpp':>10} {'llama.cpp / torchext':>21}")
+    for fmt in a.formats:
+        ours = time_torchext(fmt, a.reps)
+        theirs = time_llama_cpp(bin_dir, fmt) if bin_dir else None
+        ratio = f"{theirs / ours:21.2f}" if theirs else f"{'-':>21}"
+        print(f"{fmt:7} {ours:10.1f} {theirs if theirs else '-':>10} {ratio}")
+    if a.gemma:
+        torch.set_num_threads(a.threads)
+        ours = gemma_torchext()
+        theirs = gemma_llama_cpp(bin_dir, a.threads) if bin_dir else None
+        print(f"Gemma 3 270M Q4_K_M decode, tok/s: torchext {ours:.1f} (eager), llama.cpp "
+              f"{theirs if theirs else '-'}" + (f" ({ours / theirs:.2f}x)" if theirs else ""))
+
+
+if __name__ == "__main__":
+    main()
