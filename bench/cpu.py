@@ -57,7 +57,7 @@ def time_torchext(fmt: str, reps: int) -> float:
 def time_llama_cpp(bin_dir: Path, fmt: str) -> float | None:
     """µs per MUL_MAT of test-backend-ops perf (CPU backend, f32 activations, batch 1)."""
     exe = bin_dir / "test-backend-ops"
-    params = rf"type_a={fmt.lower()},type_b=f32,m={N},n=1,k={K},"
+    params = rf"type_a={fmt[0].lower() + fmt[1:]},type_b=f32,m={N},n=1,k={K},"  # ggml: q4_K, q8_0
     out = subprocess.run([str(exe), "perf", "-b", "CPU", "-o", "MUL_MAT", "-p", re.escape(params)],
                          capture_output=True, text=True, timeout=600)
     m = re.search(r"([\d.]+) us/run", out.stdout)

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torchext.models.gemma3 import decode_step, gemma3_gguf_path, load_gemma3  # noqa: E402
+from torchext.models.gemma3 import decode_step, gguf_path, load_gemma3  # noqa: E402
 
 LLAMA_CPP = {"decode_tok_s": 957.0, "prefill_tok_s": (44_000.0, 63_000.0)}  # H100, llama-bench tg128 / pp512
 
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype)
-    path = args.gguf or gemma3_gguf_path()
+    path = args.gguf or gguf_path()
     max_len = args.prefill + args.tokens + 8
     model, tok, stats = load_gemma3(path, device="cuda", dtype=dtype, max_seq_len=max_len)
     res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,

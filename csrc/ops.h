@@ -164,7 +164,7 @@ struct Ops {
     return out;
   }
 
-  // The k-quant ops of the seed API, each the generic op at a fixed format.
+  // The k-quant ops kept from the first, pre-torchext version's API, each the generic op at a fixed format.
   static Tensor q4k_q8_gemv(Tensor w, Tensor xq, int64_t n, int64_t k) {
     return gemv_q8_1(w, int64_t(QType::Q4_K), xq, n, k);
   }

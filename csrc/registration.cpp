@@ -4,11 +4,13 @@
 #include <torch/csrc/stable/library.h>
 
 STABLE_TORCH_LIBRARY(torchext, m) {
-  // float activations [..., K] -> Q8_1 bytes [..., ceil(K/256)*8*36], zero-padded; s = sum of the inputs
+  // float activations [..., K] -> Q8_1 bytes [..., ceil(K/256)*8*36], zero-padded; each block's first
+  // word is d (fp32, 10 mantissa bits) with sum(qs) in its low 13 bits (kernels/blocks.h)
   m.def("quantize_q8_1(Tensor x) -> Tensor");
   // Q4_K weights [N, ceil(K/256)*144] x Q8_1 activations -> float32 [..., N], integer DP4A dot products
   m.def("q4k_q8_gemv(Tensor w, Tensor xq, int n, int k) -> Tensor");
-  // the same computation under the seed's name for its packed-nibble kernel; bit-identical output
+  // the same computation under the name the first, pre-torchext version of this code gave its
+  // packed-nibble kernel, kept for code written against it; bit-identical output
   m.def("q4k_q8_gemv_packed(Tensor w, Tensor xq, int n, int k) -> Tensor");
   // Q4_K weights x float activations [..., K] -> [..., N] in x's dtype (quantize + dot)
   m.def("q4k_gemv(Tensor w, Tensor x, int n, int k) -> Tensor");

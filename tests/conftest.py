@@ -2,7 +2,8 @@
 
 Everything here is independent of the op library's C++ code: weights are random bytes in the
 GGUF layout, the weight oracle is gguf.quants.dequantize (numpy), and the Q8_1 oracle is a
-plain numpy transcription of the rule in SPEC.md section 1. Test modules import what they need:
+plain numpy transcription of torchext's Q8_1 rule (q8_1_reference states it; the README's "Q8_1
+activations" too). Test modules import what they need:
 
     from conftest import DEVICES, DTYPES, random_weight, dequant_oracle, ...
 """
@@ -239,7 +240,7 @@ def tiny(dtype: torch.dtype) -> float:
     return {torch.float32: 2.0**-150, torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134}[dtype]
 
 
-# ---- one sample list for the matmul ops (STYLE habit 10) ----------------------------------------
+# ---- one sample list for the matmul ops: parity, opcheck, error and compile tests share it --------
 
 class MatmulSample(NamedTuple):
     """Arguments of qmatmul (w, qtype, x, n, k); qtype is the gguf integer id."""

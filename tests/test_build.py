@@ -3,7 +3,8 @@
 On the GPU machine (Ubuntu 24.04, GCC 13 behind /opt/gcc/bin/g++) the compiler driver found only
 libstdc++.a, so the library carried its own copy of the C++ runtime; formatting any error message
 in that copy segfaulted the process (torch 2.11, 2026-12-02). setup.py now links the shared
-runtime explicitly when the driver would not; these tests hold both ends of that.
+runtime explicitly when the driver would not; these tests hold both ends of that. Also here:
+`python -m torchext.info`, which reports how the library was built and what it runs on.
 """
 
 import struct
@@ -11,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import torchext
 
@@ -57,3 +59,24 @@ def test_an_op_error_raises_in_a_fresh_process():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"exit code {result.returncode}\n{result.stderr[-2000:]}"
     assert "raised: ids: expected ids in [0, n=4), got 4" in result.stdout
+
+
+def test_info_reports_the_library():
+    """python -m torchext.info runs and names the devices the library has kernels for."""
+    result = subprocess.run([sys.executable, "-m", "torchext.info"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    has_cuda = torch.ops.torchext.qmatmul.default.has_kernel_for_dispatch_key("CUDA")
+    assert f"kernels registered for: CPU{', CUDA' if has_cuda else ''}\n" in result.stdout, result.stdout
+    assert result.stderr == "", result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("capability, targets, expected", [
+    ((9, 0), ["sm_90", "compute_90"], "sm_90 machine code"),
+    ((8, 6), ["sm_80", "compute_90"], "sm_80 machine code"),  # a cubin runs on later minors
+    ((8, 6), ["sm_80a"], "no code"),  # an arch-specific cubin runs on its own capability only
+    ((12, 0), ["sm_90", "compute_90"], "compute_90 PTX"),  # PTX runs on every later GPU
+    ((8, 0), ["sm_90", "compute_90"], "no code"),
+])
+def test_info_matches_gpu_and_library_code(capability, targets, expected):
+    from torchext.info import gpu_code
+    assert expected in gpu_code(capability, targets)

@@ -28,8 +28,8 @@ PROMPT = ("The Moon is Earth's only natural satellite. It orbits at an average d
 
 @pytest.fixture(scope="module")
 def path():
-    from torchext.models.gemma3 import gemma3_gguf_path
-    return gemma3_gguf_path()
+    from torchext.models.gemma3 import gguf_path
+    return gguf_path()
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_file_holds_what_llama_cpp_stored(reader):
     counts: dict[str, int] = {}
     for t in reader.tensors:
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-    # the issue's census of the Q4_K_M file: every 640-wide input falls back to a 32-value format
+    # the Q4_K_M file's census (llama.cpp's choice): every 640-wide input falls back to a 32-value format
     assert counts == {"F32": 109, "Q5_0": 81, "Q8_0": 10, "Q4_K": 27, "Q6_K": 9}
 
 

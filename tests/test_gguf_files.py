@@ -246,7 +246,7 @@ def test_truncated_at_every_offset(valid, tmp_path):
 
 
 def test_file_cut_after_the_reader_mapped_it_is_no_bus_error(tmp_path):
-    """The issue's case: gguf's reader maps a file, the file is cut (its mapped pages past the new
+    """A case that crashed: gguf's reader maps a file, the file is cut (its mapped pages past the new
     end are gone), then load_gguf with that reader, which used to touch those pages (SIGBUS). In a
     fresh process, so that a crash fails this test instead of ending the run."""
     path = tmp_path / "pages.gguf"
@@ -352,7 +352,7 @@ def test_changed_tensor_type(valid, tmp_path, name):
 
 
 def test_q4_k_read_as_q8_0(valid, tmp_path):
-    """The issue's case: it loaded and gave NaN logits."""
+    """A case that used to load, then give NaN logits."""
     _, layout, _ = valid
     bad = patched(tmp_path, layout.data, (layout.type_at["blk.0.ffn_up.weight"], struct.pack("<I", G.Q8_0)))
     assert load_error(bad) == ("tensor 'blk.0.ffn_up.weight': Q8_0 of shape [256, 2] takes 544 bytes (544 padded to "

@@ -7,8 +7,9 @@ op under FakeTensorMode) and test_aot_dispatch_dynamic (the op traces through AO
 symbolic shapes, as torch.compile does it).
 
 test_fake_matches_real does the FakeTensorMode comparison by hand for every op and dtype,
-checking shape, dtype, device and strides (STYLE habit 2: a fake that hard-codes a dtype makes
-bf16 graphs trace wrong, and one with wrong strides makes inductor read the output wrongly).
+checking shape, dtype, device and strides (a fake that hard-codes a dtype makes bf16 graphs
+trace wrong, as vLLM's GGUF fake once did, and one with wrong strides makes inductor read the
+output wrongly).
 test_opcheck_with_inputs_that_require_grad runs opcheck with the autograd kernels in play.
 tests/test_fakes.py checks that the fakes reject what the kernels reject.
 """

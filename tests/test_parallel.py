@@ -173,8 +173,8 @@ def _gemma(rank, device, path):
 
 def test_gemma3_shards_from_gguf_and_sharded_model():
     skip_without_gemma_gguf()
-    from torchext.models.gemma3 import gemma3_gguf_path
-    spawn(_gemma, gemma3_gguf_path())
+    from torchext.models.gemma3 import gguf_path
+    spawn(_gemma, gguf_path())
 
 
 # ---- (d) errors, in one process (construction needs no process group) -------------------------

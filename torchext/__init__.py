@@ -1,6 +1,8 @@
 """torchext: GGUF-quantized matmul (k-quants and the 32-value formats, Q8_1 activations, DP4A)
 and GELU as PyTorch custom ops, usable from eager code, torch.compile and CUDA graphs."""
 
+import logging
+
 import torch  # noqa: F401  (torch must be loaded before the op library)
 
 from . import _C  # noqa: F401  (loads the library: its static initialisers register torch.ops.torchext)
@@ -24,6 +26,13 @@ from .ops import (
 )
 from .cache import WeightCache
 from . import nn
+
+# torch.compile on the CPU makes inductor import torch.utils.cpp_extension, which, in a CUDA build
+# of torch on a machine without a GPU, warns "No CUDA runtime is found, using CUDA_HOME=..." while
+# looking for a CUDA toolkit that CPU code never uses: nothing is wrong, so that one message is
+# dropped (the logger's other messages pass).
+logging.getLogger("torch.utils.cpp_extension").addFilter(
+    lambda record: not record.getMessage().startswith("No CUDA runtime is found"))
 
 __all__ = [
     "QType", "block_bytes", "block_values", "row_bytes", "ops",

@@ -42,6 +42,7 @@ class CacheEntry(NamedTuple):
 
     @property
     def quantized(self) -> bool:
+        """Whether the entry holds raw bytes of a weight format (else a dense tensor)."""
         return self.qtype is not None
 
 
@@ -198,9 +199,11 @@ class WeightCache:
         return iter(self.names())  # a snapshot: removing while iterating is safe
 
     def names(self) -> list[str]:
+        """Every name, in iteration order."""
         return [*self._pooled, *self._entries]
 
     def items(self) -> Iterator[tuple[str, CacheEntry]]:
+        """(name, entry) pairs, in iteration order."""
         return iter([*self._pooled.items(), *self._entries.items()])
 
     @property

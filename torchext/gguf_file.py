@@ -118,6 +118,7 @@ class GGUFFile:
         self.close()
 
     def close(self) -> None:
+        """Close the file (leaving a `with` block does)."""
         self._f.close()
 
     @property

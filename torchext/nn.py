@@ -57,6 +57,7 @@ class QuantLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] @ W.T (+ bias) -> [..., out_features] in x's dtype."""
         # any strides, as nn.Linear takes (the op wants contiguous rows; a no-op when they are)
         return self._add_bias(qmatmul(self.weight, self.qtype, x.contiguous(), self.out_features, self.in_features))
 
@@ -97,9 +98,11 @@ class QuantLinear(nn.Module):
     # loading refuses a state_dict of another layout (or non-uint8 weights, which copy_ would cast).
 
     def get_extra_state(self) -> dict:
+        """The format and shape, saved in the state_dict beside the weight's bytes."""
         return {"format": self.qtype.name, "out_features": self.out_features, "in_features": self.in_features}
 
     def set_extra_state(self, state) -> None:
+        """Check a loaded state's format and shape against this layer's (ValueError if they differ)."""
         problem = self._layout_problem(state, prefix="")
         if problem is not None:
             raise ValueError(problem)
@@ -137,6 +140,7 @@ class QuantLinear(nn.Module):
         return None
 
     def extra_repr(self) -> str:
+        """Shape, bias, format and byte count, for print(module)."""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={self.qtype.name}, bytes={self.weight.numel()}")
 

@@ -130,6 +130,7 @@ class ColumnParallelQuantLinear(nn.Module):
         self.qtype = self.local.qtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's output features of x [..., in_features] (all of them with gather_output)."""
         return self._gather(self.local(x))
 
     def forward_q8_1(self, xq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -178,6 +179,7 @@ class ColumnParallelQuantLinear(nn.Module):
         return cls(weight, q, k, n, bias, rank=rank, world_size=world_size, group=group, gather_output=gather_output)
 
     def extra_repr(self) -> str:
+        """Format, shape and this rank's rows, for print(module)."""
         return (f"format={self.qtype.name}, in_features={self.in_features}, out_features={self.out_features}, "
                 f"local=[{self.start}:{self.stop}] ({self.stop - self.start} rows), rank={self.rank}/"
                 f"{self.world_size}, gather_output={self.gather_output}")
@@ -209,6 +211,7 @@ class RowParallelQuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole output [..., out_features], the ranks' partial products summed by one all_reduce."""
         width = self.stop - self.start if self.input_is_parallel else self.in_features
         if x.shape[-1] != width:
             raise ValueError(f"x: expected last dimension {width} ({'this rank' if self.input_is_parallel else 'all'}"
@@ -250,6 +253,7 @@ class RowParallelQuantLinear(nn.Module):
                    input_is_parallel=input_is_parallel)
 
     def extra_repr(self) -> str:
+        """Format, shape and this rank's input features, for print(module)."""
         return (f"format={self.qtype.name}, in_features={self.in_features}, out_features={self.out_features}, "
                 f"local=[:, {self.start}:{self.stop}] ({self.stop - self.start} features), rank={self.rank}/"
                 f"{self.world_size}, input_is_parallel={self.input_is_parallel}, bias={self.bias is not None}")

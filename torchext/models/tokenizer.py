@@ -85,6 +85,9 @@ class GGUFTokenizer:
     # ---- encode ----------------------------------------------------------------------------------
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of text: control and user-defined pieces whole, the rest merged pair by pair
+        by piece score (the module docstring's rule); <bos> first when add_bos (default: as the
+        file says)."""
         ids = [self.bos_id] if (self.add_bos if add_bos is None else add_bos) else []
         parts = self._split.split(text) if self._split else [text]
         for j, part in enumerate(parts):
