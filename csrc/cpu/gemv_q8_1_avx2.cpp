@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "csrc/cpu/avx2.h"
 #include "csrc/cpu/kernels.h"
@@ -69,7 +70,7 @@ struct Avx2Chunk;
 // with Q5_K's 5th bits from bit c of qh[0 .. 31].
 template <class Block, bool kHasHigh>
 struct KQuantChunk {
-  static constexpr bool kSigned = false;
+  static constexpr bool kSigned = false, kHalfScales = false;
   TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int c) {
     const Block& b = *reinterpret_cast<const Block*>(p);
     const __m256i qs = load32(b.qs + 32 * (c / 2));
@@ -90,7 +91,7 @@ template <> struct Avx2Chunk<QuantTraits<QType::Q5_K>> : KQuantChunk<block_q5_K,
 // Q6_K: chunk c = 4h + i holds values 128h + 32i + l; signed quants q - 32, sub-block scales of 16.
 template <>
 struct Avx2Chunk<QuantTraits<QType::Q6_K>> {
-  static constexpr bool kSigned = true;
+  static constexpr bool kSigned = true, kHalfScales = true;  // a scale per 16 values
   TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int c) {
     const block_q6_K& b = *reinterpret_cast<const block_q6_K*>(p);
     const int h = c / 4, i = c % 4;
@@ -105,7 +106,7 @@ struct Avx2Chunk<QuantTraits<QType::Q6_K>> {
 
 template <>
 struct Avx2Chunk<QuantTraits<QType::Q8_0>> {
-  static constexpr bool kSigned = true;
+  static constexpr bool kSigned = true, kHalfScales = false;
   TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int) {
     const block_q8_0& b = *reinterpret_cast<const block_q8_0*>(p);
     const float d = half(b.d);
@@ -117,7 +118,7 @@ struct Avx2Chunk<QuantTraits<QType::Q8_0>> {
 template <class Traits, bool kHasMin, bool kHasHigh>
 struct NibbleChunk {
   using Block = typename Traits::block;
-  static constexpr bool kSigned = false;
+  static constexpr bool kSigned = false, kHalfScales = false;
   TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int) {
     const Block& b = *reinterpret_cast<const Block*>(p);
     __m256i q = split_nibbles(b.qs);
@@ -150,9 +151,10 @@ TORCHEXT_AVX2_INLINE float sum_lanes(__m256 v) {
 }
 
 // Output rows [begin, end) for activation rows r0 .. r0 + R - 1.
+// xs: every activation block's scales, decoded once per call.
 template <class Traits, int R>
-TORCHEXT_AVX2 void gemv_rows(const uint8_t* w, int64_t k, const block_q8_1* xq, int64_t x_stride, int64_t r0,
-                             int64_t n, int64_t begin, int64_t end, void* out, FloatType ot) {
+TORCHEXT_AVX2 void gemv_rows(const uint8_t* w, int64_t k, const block_q8_1* xq, const Q8Scales* xs, int64_t x_stride,
+                             int64_t r0, int64_t n, int64_t begin, int64_t end, void* out, FloatType ot) {
   using C = Avx2Chunk<Traits>;
   constexpr int kChunks = Traits::kValues / kQ8Block;
   const int64_t blocks = (k + Traits::kValues - 1) / Traits::kValues;
@@ -168,11 +170,12 @@ TORCHEXT_AVX2 void gemv_rows(const uint8_t* w, int64_t k, const block_q8_1* xq, 
         const Chunk ch = C::load(wrow + b * Traits::kBytes, c);
         const int64_t j = b * kChunks + c;  // the activations' Q8_1 block
         for (int r = 0; r < R; ++r) {
-          const block_q8_1& xb = xq[(r0 + r) * x_stride + j];
-          const Q8Scales xs = Q8Scales::of_word(xb.scale);
-          const __m256 scale = _mm256_setr_m128(_mm_set1_ps(ch.d_lo * xs.d), _mm_set1_ps(ch.d_hi * xs.d));
-          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_lanes<C::kSigned>(ch.q, xb.qs)), scale, acc[r]);
-          offset[r] += ch.offset() * xs.s;
+          const int64_t x = (r0 + r) * x_stride + j;
+          const Q8Scales xd = xs[x];
+          const __m256 scale = C::kHalfScales ? _mm256_setr_m128(_mm_set1_ps(ch.d_lo * xd.d), _mm_set1_ps(ch.d_hi * xd.d))
+                                              : _mm256_set1_ps(ch.d_lo * xd.d);
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_lanes<C::kSigned>(ch.q, xq[x].qs)), scale, acc[r]);
+          offset[r] += ch.offset() * xd.s;
         }
       }
     }
@@ -184,14 +187,16 @@ template <class T>
 void gemv_format(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows, void* out,
                  FloatType ot) {
   const int64_t x_stride = q8_1_blocks_per_row(k);
+  std::vector<Q8Scales> xs(size_t(rows * x_stride));
+  for (size_t j = 0; j < xs.size(); ++j) xs[j] = Q8Scales::of_word(xq[j].scale);
   torch::stable::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     // Up to four activation rows share each unpacked chunk.
     int64_t r0 = 0;
-    for (; r0 + 4 <= rows; r0 += 4) gemv_rows<T, 4>(w, k, xq, x_stride, r0, n, begin, end, out, ot);
+    for (; r0 + 4 <= rows; r0 += 4) gemv_rows<T, 4>(w, k, xq, xs.data(), x_stride, r0, n, begin, end, out, ot);
     switch (rows - r0) {
-      case 3: gemv_rows<T, 3>(w, k, xq, x_stride, r0, n, begin, end, out, ot); break;
-      case 2: gemv_rows<T, 2>(w, k, xq, x_stride, r0, n, begin, end, out, ot); break;
-      case 1: gemv_rows<T, 1>(w, k, xq, x_stride, r0, n, begin, end, out, ot); break;
+      case 3: gemv_rows<T, 3>(w, k, xq, xs.data(), x_stride, r0, n, begin, end, out, ot); break;
+      case 2: gemv_rows<T, 2>(w, k, xq, xs.data(), x_stride, r0, n, begin, end, out, ot); break;
+      case 1: gemv_rows<T, 1>(w, k, xq, xs.data(), x_stride, r0, n, begin, end, out, ot); break;
       default: break;
     }
   });
