@@ -693,7 +693,9 @@ def test_quantize(device, fault, data):
         else torch.float32
     # 10^-30 to 10^4: above that the formats' fp16 scales overflow (Q8_0's d = amax / 127)
     w = gaussian(shape, draw(st.integers(0, 2**16))) * 10.0 ** draw(st.one_of(st.just(0), st.integers(-30, 4)))
-    if w.numel() and draw(st.sampled_from([False] * 3 + [True])):
+    # non-finite values only in float dtypes: casting NaN or inf to int32 is undefined (CPU and CUDA
+    # give different huge integers, which no format holds)
+    if w.numel() and dtype.is_floating_point and draw(st.sampled_from([False] * 3 + [True])):
         for _ in range(draw(st.integers(1, 3))):
             w.view(-1)[draw(st.integers(0, w.numel() - 1))] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
     w = w.to(dtype).to(draw_devices(draw, device, 1, False)[0])

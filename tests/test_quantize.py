@@ -229,6 +229,19 @@ def test_non_finite_weight_keeps_its_block_nan(qtype, bad):
 
 
 @pytest.mark.parametrize("qtype", K_QUANTS + SMALL, ids=lambda q: q.name)
+def test_weights_beyond_the_format_raise(qtype):
+    """Finite weights whose block scales overflow fp16 (e.g. Q8_0's d = amax/127 from ~8.3e6) once
+    quantized silently to blocks that dequantize to inf/NaN; now an error names w and the row."""
+    x = gaussian(3, 256, seed=5)
+    x[2, 40] = 1e10
+    with pytest.raises(RuntimeError, match=r"^w: row 2 holds finite values up to .* beyond what "
+                                           f"{qtype.name} can represent"):
+        quantize(x, qtype)
+    x[2, 40] = 1e3  # within every format's range
+    assert np.isfinite(decode(quantize(x, qtype), qtype, 256)).all()
+
+
+@pytest.mark.parametrize("qtype", K_QUANTS + SMALL, ids=lambda q: q.name)
 @pytest.mark.parametrize("c", [0.37, -2.5])
 def test_constant_row(qtype, c):
     k = 512

@@ -9,6 +9,7 @@
 #include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 
@@ -403,15 +404,29 @@ void quantize_block(const float* x, block_q6_K& b) {
 
 constexpr fp16_bits kNaNBlockScale = 0x7e00;  // a quiet fp16 NaN
 
+// Whether every value of a quantized block dequantizes finite: false where a finite input's fp16
+// scales overflowed (their range ends at 65504, so Q8_0's d = amax/127 does from |w| ~ 8.3e6).
+template <class Traits>
+bool block_is_finite(const uint8_t* blk) {
+  float v[32];
+  for (int c = 0; c < Traits::kValues / 32; ++c) {
+    Traits::dequantize_chunk(blk, c, v);
+    if (!std::all_of(v, v + 32, [](float f) { return std::isfinite(f); })) return false;
+  }
+  return true;
+}
+
 // n rows of k values -> n rows of ceil(k / kValues) blocks. A last block that runs past k is
 // quantized from a copy padded with zeros (the k-quants' zero padding); a block holding NaN or
-// +-inf is stored with d = NaN (all its values dequantize to NaN); rows run in parallel.
+// +-inf is stored with d = NaN (all its values dequantize to NaN); rows run in parallel. A finite
+// block the format cannot hold is an error naming its row (one such row).
 template <QType T>
 void quantize_rows(const float* x, int64_t n, int64_t k, uint8_t* out) {
   using Traits = QuantTraits<T>;
   using Block = typename Traits::block;
   constexpr int kValues = Traits::kValues;
   const int64_t blocks = (k + kValues - 1) / kValues;
+  std::atomic<int64_t> overflow_row{-1};
   torch::stable::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     float padded[kValues];
     for (int64_t r = begin; r < end; ++r) {
@@ -427,6 +442,7 @@ void quantize_rows(const float* x, int64_t n, int64_t k, uint8_t* out) {
         }
         if (std::all_of(src, src + kValues, [](float v) { return std::isfinite(v); })) {
           quantize_block(src, dst[b]);
+          if (!block_is_finite<Traits>(reinterpret_cast<const uint8_t*>(&dst[b]))) overflow_row.store(r);
         } else {  // a non-finite weight keeps its block non-finite, as gguf's numpy Q8_0 does
           std::memset(&dst[b], 0, sizeof(Block));
           dst[b].d = kNaNBlockScale;  // every value of the block is d * (...) +- ...: NaN
@@ -434,6 +450,13 @@ void quantize_rows(const float* x, int64_t n, int64_t k, uint8_t* out) {
       }
     }
   });
+  const int64_t r = overflow_row.load();
+  if (r >= 0) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(x[r * k + i]));
+    fail("w: row ", r, " holds finite values up to ", amax, " in magnitude, beyond what ", qtype_name(T),
+         " can represent (its fp16 block scales overflow; scale the weight down first)");
+  }
 }
 
 }  // namespace
