@@ -12,32 +12,12 @@ careful L2-cold, graph-timed measurement.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import torchext
-
-
-def time_us(fn, device: torch.device, reps: int) -> float:
-    """Median microseconds of fn() over reps calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
+from torchext.report import time_us
 
 
 def main(argv=None) -> None:

@@ -48,7 +48,9 @@ def q8_1_values(xq: torch.Tensor, k: int) -> torch.Tensor:
     return (d * qs).flatten(-2)[..., :k]
 
 
-def _time_us(fn, device: torch.device, reps: int = 20) -> float:
+def time_us(fn, device: torch.device, reps: int = 20) -> float:
+    """Median microseconds of fn() over reps calls after one warm-up call: CUDA events on a GPU,
+    perf_counter on the CPU."""
     fn()
     times = []
     for _ in range(reps):
@@ -94,23 +96,23 @@ def main(argv=None) -> None:
             y = torchext.qmatmul(w, qtype, x, n, k).double().cpu()
             ref = x.double().cpu() @ dense.T
             err = ((y - ref).norm() / ref.norm()).item()
-            us = _time_us(lambda: torchext.qmatmul(w, qtype, x, n, k), device)
+            us = time_us(lambda: torchext.qmatmul(w, qtype, x, n, k), device)
             row(f"qmatmul {qtype.name}", rows, err, us, w.numel() + x.numel() * 4 + rows * n * 4)
         y = torchext.dequantize(w, qtype, n, k).double().cpu()
         err = ((y - dense).norm() / dense.norm()).item()
-        row(f"dequantize {qtype.name}", n, err, _time_us(lambda: torchext.dequantize(w, qtype, n, k), device),
+        row(f"dequantize {qtype.name}", n, err, time_us(lambda: torchext.dequantize(w, qtype, n, k), device),
             w.numel() + n * k * 4)
         ids = torch.randint(0, n, (64,), device=device)
         y = torchext.embedding(w, qtype, ids, n, k).double().cpu()
         err = ((y - dense[ids.cpu()]).norm() / dense[ids.cpu()].norm()).item()
-        row(f"embedding {qtype.name}", 64, err, _time_us(lambda: torchext.embedding(w, qtype, ids, n, k), device),
+        row(f"embedding {qtype.name}", 64, err, time_us(lambda: torchext.embedding(w, qtype, ids, n, k), device),
             64 * (w.numel() // n + k * 4))
         if qtype == QType.Q4_K:  # the Q4_K op on activations quantized beforehand
             x = torch.randn(1, k, device=device)
             xq = torchext.quantize_q8_1(x)
             y = torchext.q4k_q8_gemv(w, xq, n, k).double().cpu()
             err = ((y - x.double().cpu() @ dense.T).norm() / (x.double().cpu() @ dense.T).norm()).item()
-            row("q4k_q8_gemv", 1, err, _time_us(lambda: torchext.q4k_q8_gemv(w, xq, n, k), device),
+            row("q4k_q8_gemv", 1, err, time_us(lambda: torchext.q4k_q8_gemv(w, xq, n, k), device),
                 w.numel() + xq.numel() + n * 4)
 
     x = torch.randn(1 << 22, device=device, dtype=torch.bfloat16)
@@ -119,27 +121,27 @@ def main(argv=None) -> None:
         y = torchext.gelu(x, approximate=approx)
         ref = F.gelu(x.double(), approximate=approx)
         err = ((y.double() - ref).norm() / ref.norm()).item()
-        row(f"gelu {approx} bf16", 1, err, _time_us(lambda: torchext.gelu(x, approximate=approx), device), x.numel() * 4)
+        row(f"gelu {approx} bf16", 1, err, time_us(lambda: torchext.gelu(x, approximate=approx), device), x.numel() * 4)
         y = torchext.bias_gelu(x.view(-1, 1024), bias, approximate=approx)
         ref = F.gelu(x.view(-1, 1024).double() + bias.double(), approximate=approx)
         err = ((y.double() - ref).norm() / ref.norm()).item()
         row(f"bias_gelu {approx} bf16", 1, err,
-            _time_us(lambda: torchext.bias_gelu(x.view(-1, 1024), bias, approximate=approx), device), x.numel() * 4)
+            time_us(lambda: torchext.bias_gelu(x.view(-1, 1024), bias, approximate=approx), device), x.numel() * 4)
     z = torchext.gelu_(x.clone())
     ref = F.gelu(x.double())
     err = ((z.double() - ref).norm() / ref.norm()).item()
-    row("gelu_ bf16 (in place)", 1, err, _time_us(lambda: torchext.gelu_(z), device), x.numel() * 4)
+    row("gelu_ bf16 (in place)", 1, err, time_us(lambda: torchext.gelu_(z), device), x.numel() * 4)
     xf = torch.randn(64, 4096, device=device)
     back = q8_1_values(torchext.quantize_q8_1(xf), 4096).double()
     err = ((back - xf.double().cpu()).norm() / xf.double().cpu().norm()).item()
-    row("quantize_q8_1 f32", 64, err, _time_us(lambda: torchext.quantize_q8_1(xf), device),
+    row("quantize_q8_1 f32", 64, err, time_us(lambda: torchext.quantize_q8_1(xf), device),
         xf.numel() * 4 + xf.numel() // 32 * 36)
     wf = torch.randn(256, 4096)
     for qtype in (QType.Q4_K, QType.Q6_K, QType.Q8_0):
         wq = torchext.quantize(wf, qtype)
         back = torchext.dequantize(wq, qtype, 256, 4096)
         err = ((back - wf).norm() / wf.norm()).item()
-        row(f"quantize {qtype.name} (CPU)", 256, err, _time_us(lambda: torchext.quantize(wf, qtype), torch.device("cpu"), 3),
+        row(f"quantize {qtype.name} (CPU)", 256, err, time_us(lambda: torchext.quantize(wf, qtype), torch.device("cpu"), 3),
             wf.numel() * 4 + wq.numel())
 
 
