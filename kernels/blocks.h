@@ -104,7 +104,27 @@ static_assert(sizeof(block_q4_1) == 20, "Q4_1 block is 20 bytes");
 static_assert(sizeof(block_q5_0) == 22, "Q5_0 block is 22 bytes");
 static_assert(sizeof(block_q5_1) == 24, "Q5_1 block is 24 bytes");
 
-// ---- fp16 <-> fp32, bit-exact on host and device (round to nearest even) ----
+// ---- fp32 bit patterns, and fp16 <-> fp32 bit-exact on host and device (round to nearest even) ----
+
+TORCHEXT_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+TORCHEXT_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
 
 TORCHEXT_HD float fp16_to_float(fp16_bits h) {
 #if defined(__CUDA_ARCH__)
@@ -128,9 +148,7 @@ TORCHEXT_HD float fp16_to_float(fp16_bits h) {
     }
     bits = sign | (e << 23) | ((mant & 0x3ffu) << 13);
   }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+  return bits_float(bits);
 #endif
 }
 
@@ -138,8 +156,7 @@ TORCHEXT_HD fp16_bits float_to_fp16(float f) {
 #if defined(__CUDA_ARCH__)
   return __half_as_ushort(__float2half_rn(f));
 #else
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
+  const uint32_t x = float_bits(f);
   const uint32_t sign = (x >> 16) & 0x8000u;
   const uint32_t absx = x & 0x7fffffffu;
   if (absx >= 0x7f800000u) {  // inf or nan (keep nan quiet)

@@ -12,23 +12,13 @@ namespace torchext {
 
 enum class FloatType : int { F32, F16, BF16 };
 
-TORCHEXT_HD float bf16_to_float(uint16_t h) {
-  const uint32_t bits = uint32_t(h) << 16;
-  float f;
-#if defined(__CUDA_ARCH__)
-  f = __uint_as_float(bits);
-#else
-  std::memcpy(&f, &bits, 4);
-#endif
-  return f;
-}
+TORCHEXT_HD float bf16_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16); }
 
 TORCHEXT_HD uint16_t float_to_bf16(float f) {
 #if defined(__CUDA_ARCH__)
   return __bfloat16_as_ushort(__float2bfloat16_rn(f));
 #else
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
+  uint32_t x = float_bits(f);
   if ((x & 0x7fffffffu) > 0x7f800000u) return uint16_t((x >> 16) | 0x40u);  // quiet nan
   x += 0x7fffu + ((x >> 16) & 1u);
   return uint16_t(x >> 16);
@@ -66,25 +56,6 @@ inline constexpr int64_t q8_1_blocks_per_row(int64_t k) {
 constexpr uint32_t kQ8SumBits = 13;
 constexpr uint32_t kQ8SumMask = (1u << kQ8SumBits) - 1u;
 constexpr uint32_t kQ8NaNWord = 0x7fc00000u;  // a quiet NaN d with sum 0
-
-TORCHEXT_HD uint32_t float_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-#endif
-}
-TORCHEXT_HD float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-#endif
-}
 
 // d of a block whose largest |x| is amax: amax/127 with its low 13 mantissa bits rounded up (no
 // overflow: amax/127 is far below FLT_MAX); NaN when amax is not finite.
