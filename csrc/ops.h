@@ -69,7 +69,16 @@ struct Ops {
     check_same_device(w, "w", x, "x");
     const int64_t rows = leading_rows(x);
     if (rows == 0) return torch::stable::new_empty(x, with_last_dim(x, n));
-    if (!gemv_serves(rows)) {
+    const MatmulPath path = choose_matmul_path(rows, Backend::tiled_gemm_runs(xt, w, x, k));
+    if (path == MatmulPath::TiledGemm) {
+      if constexpr (Backend::kHasTiledGemm) {
+        Tensor out = torch::stable::new_empty(x, with_last_dim(x, n));
+        Ctx ctx(w);
+        Backend::tiled_gemm(ctx, f.type, w, n, k, x, xt, rows, out);
+        return out;
+      }
+    }
+    if (path == MatmulPath::Dense) {
       // Dense GEMM on the dequantized weight: exact weights, no activation rounding. The weight is
       // dequantized dense_rows_per_pass(k) rows at a time into one reused buffer (the CPU's: a
       // cache-sized block, so no fresh 4*n*k bytes to fault in per call; CUDA's: all rows, one GEMM).

@@ -20,6 +20,9 @@ struct CpuBackend {
   // dequantization and the GEMM (4096x4096 Q4_K, 64 rows, 2 threads: 38 ms in one pass, most of
   // it faulting in a fresh 64 MiB buffer; F.linear on the dense weight 15 ms).
   static int64_t dense_rows_per_pass(int64_t k) { return std::max<int64_t>(16, (int64_t(1) << 18) / k); }
+  // No tiled GEMM on the CPU: from 17 rows the dense path.
+  static constexpr bool kHasTiledGemm = false;
+  static bool tiled_gemm_runs(FloatType, const Tensor&, const Tensor&, int64_t) { return false; }
 
   static void quantize_q8_1(Context&, const void* x, FloatType xt, int64_t rows, int64_t k, block_q8_1* out) {
     cpu::quantize_q8_1(x, xt, rows, k, out);

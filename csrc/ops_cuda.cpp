@@ -9,6 +9,7 @@
 #include "kernels/dequantize.cuh"
 #include "kernels/gelu.cuh"
 #include "kernels/gemv_q8_1.cuh"
+#include "kernels/qgemm.cuh"
 #include "kernels/quantize_q8_1.cuh"
 
 namespace torchext {
@@ -42,6 +43,21 @@ struct CudaBackend {
   static void gemv_q8_1(Context& c, QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq,
                         int64_t rows, void* out, FloatType ot) {
     check_launch(launch_gemv_q8_1(wt, w, n, k, xq, rows, out, ot, c.device, c.stream), "gemv_q8_1");
+  }
+  static constexpr bool kHasTiledGemm = true;
+  static bool tiled_gemm_runs(FloatType xt, const Tensor& w, const Tensor& x, int64_t k) {
+    return qgemm_supports(xt, w.data_ptr(), x.data_ptr(), k, w.get_device_index());
+  }
+  // out [rows, n] in x's type; a K-split plan's fp32 partial sums go to a workspace from torch's allocator.
+  static void tiled_gemm(Context& c, QType wt, const Tensor& w, int64_t n, int64_t k, const Tensor& x, FloatType xt,
+                         int64_t rows, const Tensor& out) {
+    const int64_t floats = qgemm_workspace_floats(wt, xt, n, k, rows, c.device);
+    Tensor workspace;
+    if (floats > 0) workspace = torch::stable::new_empty(x, {floats}, ScalarType::Float);
+    check_launch(launch_qgemm(wt, static_cast<const uint8_t*>(w.data_ptr()), n, k, x.data_ptr(), xt, rows,
+                              floats > 0 ? static_cast<float*>(workspace.data_ptr()) : nullptr, out.data_ptr(),
+                              c.device, c.stream),
+                 "qgemm");
   }
   static void dequantize(Context& c, QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows,
                          int64_t rows_out, void* out, FloatType ot) {

@@ -1,5 +1,5 @@
 // Which kernel serves a matmul of `rows` activation rows: the one batch policy that every op,
-// QuantLinear and WeightCache.matmul go through (csrc/ops.h asks gemv_serves, the CUDA GEMV
+// QuantLinear and WeightCache.matmul go through (csrc/ops.h asks choose_matmul_path, the CUDA GEMV
 // launcher asks choose_gemv_kernel). torchext.ops.GEMV_MAX_ROWS mirrors kMaxGemvRows for
 // nn.shared_input, and tests/test_matmul.py::test_gemv_max_rows_is_the_policy pins the two together.
 #pragma once
@@ -10,10 +10,10 @@ namespace torchext {
 
 enum class GemvKernel : int { Dp4a = 0, Int8Mma = 1 };
 
-// Up to 16 rows a GEMV on Q8_1 activations reads each weight byte once for all rows; beyond that
-// a dense GEMM on the dequantized weight, its cost one dequantization pass plus tensor-core math.
-// Measured on an H100 with bench/gemv.py, 2026-11-24, L2 cold: 16 rows by the tensor-core GEMV
-// take 17.7 us on 4096x4096 Q4_K and 307 us on 128256x4096 (dense: 36.7 and 1015 us).
+// Up to 16 rows a GEMV on Q8_1 activations reads each weight byte once for all rows. Measured on an
+// H100 with bench/gemv.py, 2026-11-24, L2 cold: 16 rows by the tensor-core GEMV take 17.7 us on
+// 4096x4096 Q4_K and 307 us on 128256x4096 (dense: 36.7 and 1015 us); on the H200 (2026-12-02)
+// 4096x14336 takes 41.5 us at 16 rows and the tiled GEMM 36.5 at 17.
 constexpr int64_t kMaxGemvRows = 16;
 
 // The DP4A kernel does 4 multiply-adds per instruction and row, so it becomes instruction-bound as
@@ -29,7 +29,25 @@ constexpr int64_t kMinMmaRowsSmallBlocks = 9;  // 32-value formats
 constexpr int64_t kMaxMmaRows = kMaxGemvRows;  // one launch of the MMA kernel takes up to 16 rows
 constexpr int64_t kMaxDp4aRows = 8;            // the DP4A kernel stages up to 8 rows
 
+// What computes a matmul of float activations against a quantized weight: the GEMVs on Q8_1
+// activations (up to kMaxGemvRows), the tiled GEMM (qgemm.cu: weights dequantized in registers
+// exactly as dequantize() gives them, activations unrounded) up to kMaxTiledGemmRows, and from there
+// a dense GEMM on the dequantized weight; the dense GEMM also wherever the tiled GEMM does not run
+// (the CPU, fp32 activations, misaligned operands, GPUs before compute capability 8.0).
+// Measured on an H200 with bench/gemv.py, 2026-12-02, L2 cold, bf16, Q4_K, us (tiled / dense):
+//   4096x14336: 17 rows 36.5 / 106.1, 64 rows 62.8 / 108.6, 96 rows 108.0 / ~110, 128 rows 82.7 / 107.5
+//   14336x4096: 17 rows 49.2 / 118.0, 64 rows 83.5 / 105.9, 128 rows 128.8 / 104.8
+// and from 256 rows the dense GEMM wins everywhere (512 rows: 294 / 146 us).
+enum class MatmulPath : int { Gemv = 0, TiledGemm = 1, Dense = 2 };
+
+constexpr int64_t kMaxTiledGemmRows = 64;
+
 inline bool gemv_serves(int64_t rows) { return rows <= kMaxGemvRows; }
+
+inline MatmulPath choose_matmul_path(int64_t rows, bool tiled_gemm_runs) {
+  if (gemv_serves(rows)) return MatmulPath::Gemv;
+  return tiled_gemm_runs && rows <= kMaxTiledGemmRows ? MatmulPath::TiledGemm : MatmulPath::Dense;
+}
 
 // block_values: the weight format's values per block (256 or 32); int8_mma: the device has int8
 // mma.sync (compute capability 8.0 or newer).

@@ -10,7 +10,8 @@
 # minutes on an H100 (not yet measured); SANITIZE_TIMEOUT caps it.
 # Knobs: SANITIZE_K (pytest -k expression), SANITIZE_TIMEOUT (seconds, default 300), PYTHON.
 #
-# What runs: the CUDA cases of every test module except test_compile.py and test_opcheck.py
+# What runs: the CUDA cases (and the CUDA-only test_qgemm.py) of every test module except
+# test_compile.py and test_opcheck.py
 # (they mostly exercise tracing on the host, and inductor/triton compilation under the
 # sanitizer is slow), minus
 #   graph       CUDA-graph capture needs PyTorch's caching allocator, which is off here;
@@ -41,7 +42,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 
-K_EXPR=${SANITIZE_K:-"cuda and not graph and not side_stream and not huge and not 2_31 and not cuda1 and not no_host_sync \
+K_EXPR=${SANITIZE_K:-"(cuda or test_qgemm) and not graph and not side_stream and not huge and not 2_31 and not cuda1 and not no_host_sync \
 and (not test_matmul or exact_activations or aligned or non_finite or empty) and (not test_errors or works)"}
 mapfile -t FILES < <(ls tests/test_*.py | grep -v -e test_compile.py -e test_opcheck.py)
 

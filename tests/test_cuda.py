@@ -9,7 +9,8 @@ CUDA vs CPU tolerances (per output, |y_cuda - y_cpu| <= tol):
     float64 reference: <= 4e-8 * absdot). Plus one ulp of the output dtype: two fp32 values
     that differ slightly can round to neighbouring outputs.
   * dense path (> 16 rows): the CPU dequantizes to fp32 and multiplies in fp32; CUDA
-    dequantizes to x's dtype and multiplies in x's dtype with cuBLAS (fp32 accumulate). Each
+    dequantizes to x's dtype and multiplies in x's dtype with cuBLAS (fp32 accumulate), or from
+    17 to 64 rows of fp16/bf16 runs the tiled GEMM on the same rounded weights (fp32 sums). Each
     weight is rounded once to the dtype (relative 2^-24 / 2^-11 / 2^-8) and cuBLAS may reduce
     split-K partials in the dtype, so tol = c * absdot with c = 3e-5 (fp32, no TF32), 2e-3
     (fp16), 1.6e-2 (bf16), about 4x the rounding bound, plus one ulp of the output. Since a

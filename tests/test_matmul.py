@@ -17,7 +17,9 @@ Tolerances, and why (absref = |x| @ |W|.T, the sum of the magnitudes of an outpu
   (conftest.half_ulp: 2^-11, 2^-8), plus float16's absolute 2^-25 below its normal range.
 - CUDA's dense path in f16/bf16 dequantizes the weight to that dtype (one more rounding of
   every weight: half_ulp * absref) and cuBLAS may reduce in that dtype (another half_ulp *
-  absref): 2 * half_ulp * absref more.
+  absref): 2 * half_ulp * absref more. The tiled GEMM that serves 17 to 64 rows there multiplies
+  the same rounded weights with fp32 sums (half_ulp * absref, tests/test_qgemm.py); the dense
+  path's bound covers it.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from conftest import (
     tiny,
 )
 
-MAX_GEMV_ROWS = 16  # kernels/batch_policy.h: up to 16 rows a Q8_1 GEMV (DP4A or int8 MMA), from 17 dense
+MAX_GEMV_ROWS = 16  # kernels/batch_policy.h: up to 16 rows a Q8_1 GEMV (DP4A or int8 MMA), then unrounded activations
 
 NAMED_OPS = {Q.Q4_K: torchext.q4k_gemv, Q.Q5_K: torchext.q5k_gemv, Q.Q6_K: torchext.q6k_gemv}
 

@@ -186,7 +186,10 @@ _register_fake("torchext::q4k_q8_gemv_packed")(_fake_q4k_q8_gemv)
 def qmatmul(w: torch.Tensor, qtype, x: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """x [..., k] @ dequantize(w).T -> [..., n] in x's dtype, for any weight format.
     Up to GEMV_MAX_ROWS (16) rows: Q8_1 activations and integer dot products (DP4A, or int8 tensor
-    cores from 2 rows on sm_80+); more rows: dense GEMM on the dequantized weight."""
+    cores from 2 rows on sm_80+). 17 to 64 rows of fp16/bf16 on CUDA (sm_80+): a tiled GEMM over
+    the quantized weight, which multiplies each weight exactly as dequantize() gives it, rounded to
+    x's dtype, with the activations unrounded (fp32 products and sums). Otherwise: a dense GEMM on
+    the dequantized weight (same weights, same activations)."""
     return _ops.qmatmul(w, int(QType.of(qtype)), x, n, k)
 
 
@@ -236,8 +239,8 @@ def qmatmul_q8_1(w: torch.Tensor, qtype, xq: torch.Tensor, n: int, k: int,
 _register_fake("torchext::qmatmul_q8_1")(_fake_gemv_q8_1)
 
 
-#: The most activation rows qmatmul sends through the Q8_1 GEMV; more rows take the dense path
-#: (kernels/batch_policy.h, kMaxGemvRows: tests/test_matmul.py checks that the two agree).
+#: The most activation rows qmatmul sends through the Q8_1 GEMV; more rows take the tiled GEMM or
+#: the dense path, which leave activations unrounded (kernels/batch_policy.h, kMaxGemvRows: tests/test_matmul.py checks that the two agree).
 GEMV_MAX_ROWS = 16
 
 

@@ -1,0 +1,431 @@
+// The tiled GEMM for 17 to 64 activation rows (batch_policy.h): out = x @ W^T with W quantized, one
+// body for every weight format (QuantTraits' mma_load / mma_slice, the tensor-core GEMV's fragments)
+// and for fp16 and bf16 activations, on fp16/bf16 mma.sync with fp32 accumulation.
+//
+// - A CTA owns kTileN = 128 weight rows x BM (32 or 64) activation rows. Each of its 4 warps owns 32
+//   weight rows (two 16-row MMA tiles) against all BM rows: every weight byte is read from memory
+//   and dequantized once per CTA.
+// - K advances kChunk = 256 values per pipeline stage (one k-quant super-block, eight 32-value
+//   blocks). The stage's weight bytes and activations are copied to shared memory with cp.async
+//   while the warps compute the previous stage; each warp first decodes its rows' slice scales into
+//   a table (decode_scales), so the 4 lanes that share a row do not each decode them.
+// - Weight values become A fragments in registers: a slice word holds 4 consecutive values as signed
+//   bytes; value = fmaf(d, q, m). d*q is exact in fp32 for every format (fp16 d times a scale of at
+//   most 7 bits times |q| of at most 6 bits: <= 24 significant bits), so the one FMA rounds exactly as
+//   dequantize's multiply-then-add, and after rounding to x's type the fragments hold exactly the
+//   values the dense path multiplies.
+// - The k order inside a 16-value MMA step is permuted: lane t's A registers hold the step's values
+//   4t..4t+3 (MMA k 2t, 2t+1, 2t+8, 2t+9), its B registers the same four activations, one 8-byte
+//   shared-memory load. A dot product does not depend on the order of its terms.
+// - Too few tiles to fill the GPU: K is split over grid.z; each split writes fp32 partial sums to a
+//   workspace that add_splits_kernel adds up in split order (deterministic, no atomics).
+//
+// What limits it (H200, bench/NOTES.md): issue slots, about 4 instructions per weight value for the
+// exact dequantization, not memory. More pipeline stages, two warps per tile splitting each chunk,
+// and 128-row tiles were each measured slower.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "kernels/launch.cuh"
+#include "kernels/qgemm.cuh"
+#include "kernels/quant_traits.h"
+
+namespace torchext {
+namespace {
+
+constexpr int kChunk = 256;                // values of K per pipeline stage
+constexpr int kXStride = kChunk + 16;      // halves per staged activation row (see load_x)
+constexpr int kTileN = 128;                // weight rows per CTA
+constexpr int kWarpsN = kTileN / 32;       // warps along N, 32 weight rows each
+constexpr int kMaxSplits = 16;
+constexpr int64_t kMaxWorkspaceFloats = int64_t(1) << 26;  // 256 MiB of partial sums at most
+
+// A chunk's weight bytes in one row, staged in shared memory. A row's chunk starts at any 2-byte
+// offset (210-byte Q6_K blocks, 18-byte Q4_0 blocks ...), so the copy is of the 16-byte aligned
+// pieces that cover it, and a row's data starts `(offset % 16)` bytes into its slot. An odd number of
+// 16-byte pieces per slot puts the 8 rows a warp reads at once in 8 different 4-bank groups.
+template <class T>
+struct WeightChunk {
+  static constexpr int kBlocks = kChunk / T::kValues;
+  static constexpr int kBytes = kBlocks * T::kBytes;
+  static constexpr int kPieces = (kBytes + 15 + 15) / 16;
+  static constexpr int kStride = (kPieces | 1) * 16;
+};
+
+// The (d, m) of every slice of a chunk's weight rows, decoded by each warp for its own 32 rows
+// (decode_scales) instead of by each of the 4 lanes that share a row. Rows kSlices + 1 float2 apart:
+// the 8 rows a warp reads at once fall in different banks.
+template <class T>
+struct ScaleTable {
+  static constexpr int kSlices = WeightChunk<T>::kBlocks * T::kMmaItems * T::kMmaSlices;
+  static constexpr int kStride = kSlices + 1;
+  static constexpr int kWarpBytes = 32 * kStride * int(sizeof(float2));
+};
+
+constexpr int kSmemLimit = 227 * 1024;  // shared memory a Hopper CTA may opt in to
+
+// BM activation rows per CTA, one warp along M per 32 weight rows (WM = BM); pipeline stages:
+// as many as fit, up to kMaxStages.
+template <int BM, int kMaxStages>
+struct Tile {
+  static constexpr int kBM = BM, kWM = BM;
+  static constexpr int kWarps = kWarpsN;
+  static constexpr int kThreads = kWarps * kWarp;
+  template <class T>
+  static constexpr int stage_bytes() {
+    return kTileN * WeightChunk<T>::kStride + BM * kXStride * 2;
+  }
+  template <class T>
+  static constexpr int stages() {
+    constexpr int fit = (kSmemLimit - kWarps * ScaleTable<T>::kWarpBytes) / stage_bytes<T>();
+    return fit < kMaxStages ? fit : kMaxStages;
+  }
+  template <class T>
+  static constexpr int smem_bytes() {
+    return stages<T>() * stage_bytes<T>() + kWarps * ScaleTable<T>::kWarpBytes;
+  }
+};
+
+struct GemmArgs {
+  const uint8_t* w;
+  int64_t n, k, row_bytes, w_bytes;
+  const void* x;
+  int64_t rows;
+  int64_t chunks_per_split;
+  float* partial;  // [splits][rows][n] when grid.z > 1
+  void* out;
+};
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int bytes) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Chunk c of the tile's weight rows (rows past n repeat row n-1, computed but never stored) and of its
+// activation rows (rows past `rows` and values past k are zero-filled).
+template <class T, class H, int BM, int kThreads>
+__device__ __forceinline__ void load_chunk(const GemmArgs& a, int64_t n0, int64_t m0, int64_t c, uint8_t* ws, H* xs) {
+  using L = WeightChunk<T>;
+  for (int i = threadIdx.x; i < kTileN * L::kPieces; i += kThreads) {
+    const int r = i / L::kPieces, p = i % L::kPieces;
+    const int64_t row = n0 + r < a.n ? n0 + r : a.n - 1;
+    const int64_t off = ((row * a.row_bytes + c * L::kBytes) & ~int64_t(15)) + 16 * p;
+    const int64_t left = a.w_bytes - off;  // the last pieces may run past the weight's end
+    const int bytes = left >= 16 ? 16 : left > 0 ? int(left) : 0;
+    cp_async_16(ws + r * L::kStride + 16 * p, bytes > 0 ? a.w + off : a.w, bytes);
+  }
+  // Rows of kXStride halves: 544 bytes, 8 banks apart, so the 16 lanes of a half-warp's 8-byte loads
+  // (4 rows x 4 lanes, 8 bytes each) cover the 32 banks once.
+  constexpr int kPieces = kChunk * 2 / 16;
+  const H* x = static_cast<const H*>(a.x);
+  for (int i = threadIdx.x; i < BM * kPieces; i += kThreads) {
+    const int r = i / kPieces, p = i % kPieces;
+    const int64_t row = m0 + r, col = c * kChunk + 8 * p;
+    const bool in = row < a.rows && col < a.k;  // k % 8 == 0: a piece is wholly in or out
+    cp_async_16(xs + r * kXStride + 8 * p, in ? x + row * a.k + col : x, in ? 16 : 0);
+  }
+}
+
+template <class H>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  if constexpr (std::is_same_v<H, __nv_bfloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+// Values j and j+1 of word w of a slice, as d * q + m rounded to H. The signed byte q becomes a float
+// through its bits: 0x4B0000uu is 2^23 + uu, with uu = q + 128.
+template <class H, int W>
+__device__ __forceinline__ uint32_t slice_pair(const MmaSlice<W>& s, int w, int j) {
+  const uint32_t biased = s.q[w] ^ 0x80808080u;
+  const float q0 = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7540 + j)) - 8388736.0f;
+  const float q1 = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7541 + j)) - 8388736.0f;
+  return pack_pair<H>(fmaf(s.d, q0, s.m), fmaf(s.d, q1, s.m));
+}
+
+// c += a * b: 16 weight rows x 16 values (a) times 16 values x 8 activation rows (b), fp32 sums.
+template <class H>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint2 b) {
+#if __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<H, __nv_bfloat16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
+  }
+#else
+  __trap();  // qgemm_supports sends only compute capability 8.0 and newer here
+#endif
+}
+
+// Fills a warp's scale table from a staged chunk: lane l decodes the slices of (row, block, item)
+// units l, l + 32, ... of the warp's 32 rows.
+template <class T>
+__device__ __forceinline__ void decode_scales(const uint8_t* ws, const GemmArgs& a, int64_t n0, int64_t c, int blocks,
+                                              int lane, float2* table) {
+  using L = WeightChunk<T>;
+  constexpr int kUnits = L::kBlocks * T::kMmaItems;
+#pragma unroll
+  for (int i = lane; i < 32 * kUnits; i += kWarp) {
+    const int r = i / kUnits, u = i % kUnits, blk = u / T::kMmaItems, item = u % T::kMmaItems;
+    if (blk >= blocks) continue;
+    const int64_t row = n0 + r < a.n ? n0 + r : a.n - 1;
+    const uint8_t* p = ws + r * L::kStride + ((row * a.row_bytes + c * L::kBytes) & 15) + blk * T::kBytes;
+    typename T::MmaRaw raw;
+    T::mma_load(p, item, 0, raw);
+#pragma unroll
+    for (int s = 0; s < T::kMmaSlices; ++s) {
+      const auto sl = T::mma_slice(raw, s);
+      table[r * ScaleTable<T>::kStride + u * T::kMmaSlices + s] = make_float2(sl.d, sl.m);
+    }
+  }
+}
+
+// One staged chunk against this warp's WM activation rows. wrow[i]: the lane's weight row 8i + g of
+// the warp's 32 (MMA tile i / 2, fragment rows g or g + 8); xs: its activation row g at value 4t.
+// `blocks`: the chunk's weight blocks inside the row (fewer than kBlocks only at a 32-value format's
+// last chunk).
+template <class T, class H, int WM>
+__device__ __forceinline__ void mma_chunk(const uint8_t* const (&wrow)[4], const float2* const (&scales)[4],
+                                          const H* xs, int blocks, int t, float (&acc)[2][WM / 8][4]) {
+  constexpr int kW = T::kMmaWords;
+#pragma unroll
+  for (int blk = 0; blk < WeightChunk<T>::kBlocks; ++blk) {
+    if (blk >= blocks) break;
+#pragma unroll
+    for (int item = 0; item < T::kMmaItems; ++item) {
+      typename T::MmaRaw raw[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) T::mma_load(wrow[i] + blk * T::kBytes, item, t, raw[i]);
+#pragma unroll
+      for (int s = 0; s < T::kMmaSlices; ++s) {
+        const int unit = (blk * T::kMmaItems + item) * T::kMmaSlices + s;
+        // the quants from the lane's registers (the compiler drops mma_slice's unused scale
+        // arithmetic), d and m from the scale table
+        MmaSlice<kW> sl[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          sl[i] = T::mma_slice(raw[i], s);
+          const float2 dm = scales[i][unit];
+          sl[i].d = dm.x, sl[i].m = dm.y;
+        }
+        const int first = blk * T::kValues + T::mma_slice_first(item, s);
+#pragma unroll
+        for (int w = 0; w < kW; ++w) {  // one 16-value MMA step per slice word
+          uint32_t a[2][4];
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            a[mt][0] = slice_pair<H>(sl[2 * mt], w, 0);
+            a[mt][1] = slice_pair<H>(sl[2 * mt + 1], w, 0);
+            a[mt][2] = slice_pair<H>(sl[2 * mt], w, 2);
+            a[mt][3] = slice_pair<H>(sl[2 * mt + 1], w, 2);
+          }
+          const H* xp = xs + first + 16 * w;
+#pragma unroll
+          for (int nt = 0; nt < WM / 8; ++nt) {
+            const uint2 b = *reinterpret_cast<const uint2*>(xp + nt * 8 * kXStride);
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) mma_16816<H>(acc[mt][nt], a[mt], b);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <class T, class H, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) qgemm_kernel(GemmArgs a) {
+  using L = WeightChunk<T>;
+  constexpr int BM = Cfg::kBM, WM = Cfg::kWM;
+  constexpr int kStages = Cfg::template stages<T>(), kStageBytes = Cfg::template stage_bytes<T>();
+  static_assert(kStages >= 2, "two stages must fit in shared memory");
+  extern __shared__ int4 smem_vec[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(smem_vec);
+  const auto stage_w = [&](int s) { return smem + s * kStageBytes; };
+  const auto stage_x = [&](int s) { return reinterpret_cast<H*>(smem + s * kStageBytes + kTileN * L::kStride); };
+
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
+  const int warp_n = warp;
+  float2* table = reinterpret_cast<float2*>(smem + kStages * kStageBytes + warp * ScaleTable<T>::kWarpBytes);
+  const int64_t n0 = int64_t(blockIdx.x) * kTileN, m0 = int64_t(blockIdx.y) * BM;
+  const int64_t chunks = (a.k + kChunk - 1) / kChunk, blocks = (a.k + T::kValues - 1) / T::kValues;
+  const int64_t c0 = int64_t(blockIdx.z) * a.chunks_per_split, c1 = std::min(chunks, c0 + a.chunks_per_split);
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (c0 + s < c1) load_chunk<T, H, BM, Cfg::kThreads>(a, n0, m0, c0 + s, stage_w(s), stage_x(s));
+    cp_async_commit();
+  }
+
+  float acc[2][WM / 8][4] = {};
+  for (int64_t c = c0; c < c1; ++c) {
+    const int s = int((c - c0) % kStages);
+    cp_async_wait<kStages - 2>();  // chunk c has landed
+    __syncthreads();               // and every warp is done with the stage refilled next
+    const int64_t next = c + kStages - 1;
+    if (next < c1) {
+      const int ns = int((next - c0) % kStages);
+      load_chunk<T, H, BM, Cfg::kThreads>(a, n0, m0, next, stage_w(ns), stage_x(ns));
+    }
+    cp_async_commit();
+
+    const int valid = int(std::min<int64_t>(L::kBlocks, blocks - c * L::kBlocks));
+    decode_scales<T>(stage_w(s) + 32 * warp_n * L::kStride, a, n0 + 32 * warp_n, c, valid, lane, table);
+    __syncwarp();
+
+    const uint8_t* wrow[4];
+    const float2* scales[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int local = 32 * warp_n + 8 * i + g;
+      const int64_t row = n0 + local < a.n ? n0 + local : a.n - 1;
+      wrow[i] = stage_w(s) + local * L::kStride + ((row * a.row_bytes + c * L::kBytes) & 15);
+      scales[i] = table + (8 * i + g) * ScaleTable<T>::kStride;
+    }
+    const H* xs = stage_x(s) + g * kXStride + 4 * t;
+    mma_chunk<T, H, WM>(wrow, scales, xs, valid, t, acc);
+  }
+
+
+  constexpr FloatType kOut = std::is_same_v<H, __nv_bfloat16> ? FloatType::BF16 : FloatType::F16;
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < WM / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t col = n0 + 32 * warp_n + 16 * mt + g + 8 * (e / 2);  // weight row: output column
+        const int64_t row = m0 + 8 * nt + 2 * t + e % 2;                  // activation row: output row
+        if (col >= a.n || row >= a.rows) continue;
+        if (gridDim.z > 1)
+          a.partial[(int64_t(blockIdx.z) * a.rows + row) * a.n + col] = acc[mt][nt][e];
+        else
+          store_float(a.out, row * a.n + col, kOut, acc[mt][nt][e]);
+      }
+}
+
+// out[i] = the sum over splits of partial[s][i], in split order.
+__global__ void add_splits_kernel(const float* __restrict__ partial, int splits, int64_t count, void* out,
+                                  FloatType ot) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    float v = 0.0f;
+    for (int s = 0; s < splits; ++s) v += partial[s * count + i];
+    store_float(out, i, ot, v);
+  }
+}
+
+// Calls f(Tile) for the tile that serves `rows` activation rows (up to kMaxTiledGemmRows).
+template <class F>
+void visit_tile(int64_t rows, F&& f) {
+  if (rows <= 32) f(Tile<32, 2>{});
+  else f(Tile<64, 2>{});
+}
+
+// How a product is cut: the number of K splits that minimises waves x chunks per split, so that
+// the tiles of a short, wide product still fill the GPU.
+struct Plan {
+  int splits;
+  int64_t chunks_per_split;
+};
+
+Plan make_plan(int64_t n, int64_t k, int64_t rows, int bm, int ctas_per_sm, int device) {
+  Plan p{1, 0};
+  const int64_t chunks = (k + kChunk - 1) / kChunk;
+  const int64_t tiles = (n + kTileN - 1) / kTileN * ((rows + bm - 1) / bm);
+  const int64_t slots = int64_t(sm_count(device)) * std::max(ctas_per_sm, 1);
+  int64_t best = -1;
+  for (int s = 1; s <= kMaxSplits && s <= chunks; s *= 2) {
+    if (s > 1 && int64_t(s) * rows * n > kMaxWorkspaceFloats) break;
+    const int64_t cost = (tiles * s + slots - 1) / slots * ((chunks + s - 1) / s);
+    if (best < 0 || cost < best) best = cost, p.splits = s;
+  }
+  p.chunks_per_split = (chunks + p.splits - 1) / p.splits;
+  p.splits = int((chunks + p.chunks_per_split - 1) / p.chunks_per_split);  // no empty split
+  return p;
+}
+
+// One instantiation of the kernel: its shared memory, occupancy, plan and launch.
+template <class T, class H, class Cfg>
+struct Kernel {
+  using Traits = T;
+  static constexpr auto fn = qgemm_kernel<T, H, Cfg>;
+  static constexpr int smem = Cfg::template smem_bytes<T>();
+  static_assert(smem <= kSmemLimit, "more shared memory than a Hopper CTA may have");
+
+  static Plan plan(int64_t n, int64_t k, int64_t rows, int device) {
+    int ctas = 0;  // resident CTAs per SM, after opting in to the shared memory
+    if (cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess)
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, fn, Cfg::kThreads, smem);
+    return make_plan(n, k, rows, Cfg::kBM, ctas, device);
+  }
+
+  static cudaError_t launch(const GemmArgs& args, const Plan& p, cudaStream_t stream) {
+    const dim3 grid(unsigned((args.n + kTileN - 1) / kTileN), unsigned((args.rows + Cfg::kBM - 1) / Cfg::kBM),
+                    unsigned(p.splits));
+    fn<<<grid, Cfg::kThreads, smem, stream>>>(args);
+    return cudaGetLastError();
+  }
+};
+
+// Calls f(Kernel<T, H, Cfg>{}) for the format, activation type and tile shape of a product.
+template <class F>
+bool visit_kernel(QType wt, FloatType xt, int64_t rows, F&& f) {
+  return visit_weight_format(wt, [&](auto traits) {
+    using T = decltype(traits);
+    visit_tile(rows, [&](auto tile) {
+      using Cfg = decltype(tile);
+      if (xt == FloatType::BF16) f(Kernel<T, __nv_bfloat16, Cfg>{});
+      else f(Kernel<T, __half, Cfg>{});
+    });
+  });
+}
+
+}  // namespace
+
+bool qgemm_supports(FloatType xt, const void* w, const void* x, int64_t k, int device) {
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  return xt != FloatType::F32 && major >= 8 && k % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(x) % 16 == 0;
+}
+
+int64_t qgemm_workspace_floats(QType wt, FloatType xt, int64_t n, int64_t k, int64_t rows, int device) {
+  Plan p{1, 0};
+  visit_kernel(wt, xt, rows, [&](auto kernel) { p = kernel.plan(n, k, rows, device); });
+  return p.splits > 1 ? int64_t(p.splits) * rows * n : 0;
+}
+
+cudaError_t launch_qgemm(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* x, FloatType xt, int64_t rows,
+                         float* workspace, void* out, int device, cudaStream_t stream) {
+  cudaError_t err = cudaErrorInvalidValue;
+  Plan p{1, 0};
+  visit_kernel(wt, xt, rows, [&](auto kernel) {
+    using T = typename decltype(kernel)::Traits;
+    p = kernel.plan(n, k, rows, device);
+    const int64_t row_bytes = (k + T::kValues - 1) / T::kValues * T::kBytes;
+    err = kernel.launch(GemmArgs{w, n, k, row_bytes, row_bytes * n, x, rows, p.chunks_per_split, workspace, out}, p,
+                        stream);
+  });
+  if (err != cudaSuccess || p.splits == 1) return err;
+  const int64_t count = rows * n;
+  const unsigned grid = unsigned(std::min<int64_t>((count + 255) / 256, int64_t(sm_count(device)) * 8));
+  add_splits_kernel<<<grid, 256, 0, stream>>>(workspace, p.splits, count, out, xt);
+  return cudaGetLastError();
+}
+
+}  // namespace torchext

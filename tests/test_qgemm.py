@@ -1,0 +1,147 @@
+"""The tiled GEMM (kernels/qgemm.cu): qmatmul's path for 17 to 64 activation rows on CUDA for fp16
+and bf16 activations (kernels/batch_policy.h).
+
+What it computes, and so the bounds used here: every weight value exactly as `dequantize` gives
+it, rounded to x's dtype (half an ulp, conftest.half_ulp: relative 2^-11 for fp16, 2^-8 for bf16,
+plus fp16's absolute 2^-25 below its normal range), times the activations as given (no rounding);
+the products are exact in fp32 and summed in fp32, then the sum is rounded once to x's dtype. So
+for every output
+    |y - x @ W.T| <= u * absref + 1e-5 * absref + u * |ref| + tiny * sum|x|
+with W the float64 oracle (gguf's dequantization), absref = |x| @ |W|.T, and 1e-5 * absref a
+generous allowance for fp32 summation (measured well below 1e-6). Half the tolerance of the dense
+path (dequantize + cuBLAS in that dtype, test_matmul.output_rounding), which may also reduce in
+the half type.
+
+Bit-exact checks: identity rows return the dequantized weights themselves, and the K-split plan
+(partial sums in an fp32 workspace, added in split order) is deterministic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import torchext
+from conftest import (
+    K_QUANTS,
+    WEIGHT_QTYPES,
+    dequant_oracle,
+    gaussian_activations,
+    half_ulp,
+    qtype_name,
+    random_weight,
+    requires_cuda,
+    tiny,
+)
+
+pytestmark = requires_cuda
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+# (n, k) per format family: n not a multiple of the 128-row tile; for the 32-value formats a k
+# whose last 256-value chunk holds only 4 of its 8 blocks (640); for the k-quants a k that is not a
+# multiple of 256 (a padded last super-block, 1000 = 3 blocks + 232 values).
+SHAPES = {q: [(200, 512), (77, 1000), (1100, 2304)] if q in K_QUANTS else [(200, 512), (77, 640), (1100, 2304)]
+          for q in WEIGHT_QTYPES}
+# the 32-row tile (17: partial, 32: full) and the 64-row tile (33: partial, 64: full)
+ROWS = [17, 32, 33, 64]
+
+
+def assert_within_bound(y, x, W):
+    x64 = x.double().cpu().numpy()
+    ref = x64 @ W.T
+    absref = np.abs(x64) @ np.abs(W).T
+    u = half_ulp(y.dtype)
+    tol = (u + 1e-5) * absref + u * np.abs(ref) + tiny(y.dtype) * (np.abs(x64).sum(1, keepdims=True) + 1)
+    err = np.abs(y.double().cpu().numpy() - ref)
+    assert np.isfinite(err).all()
+    worst = np.unravel_index(np.argmax(err / tol), err.shape)
+    assert (err <= tol).all(), f"output {worst}: |err| {err[worst]:.3e} > tol {tol[worst]:.3e}"
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=qtype_name)
+def test_within_the_bound(qtype, rows, dtype):
+    for n, k in SHAPES[qtype]:
+        w = random_weight(qtype, n, k, seed=n + k)
+        W = dequant_oracle(w, qtype, n, k)
+        x = gaussian_activations((rows, k), seed=rows + k).to(dtype)
+        assert_within_bound(torchext.qmatmul(w.cuda(), int(qtype), x.cuda(), n, k), x, W)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=qtype_name)
+def test_identity_rows_give_the_dequantized_weights(qtype, dtype):
+    """Row i of the identity picks column i of W: each output is one product w * 1.0 summed with
+    zeros, so it must equal dequantize's value rounded to dtype exactly, for every weight value."""
+    n, k = 150, 1024
+    w = random_weight(qtype, n, k, "cuda", seed=7)
+    wd = torchext.dequantize(w, int(qtype), n, k, dtype=dtype)
+    for rows in (17, 40, 64):
+        eye = torch.eye(k, dtype=dtype, device="cuda")[:rows]
+        y = torchext.qmatmul(w, int(qtype), eye, n, k)
+        assert torch.equal(y, wd[:, :rows].T), f"{rows} rows"
+
+
+def test_split_k_is_deterministic():
+    """17 rows of a 256 x 8192 weight: 2 tiles, so K is split (up to 16 ways) and the partial sums
+    meet in a workspace; repeated calls give the same bits and stay within the bound."""
+    n, k = 256, 8192
+    for fmt in (WEIGHT_QTYPES[0], K_QUANTS[0]):
+        w = random_weight(fmt, n, k, seed=3)
+        W = dequant_oracle(w, fmt, n, k)
+        x = gaussian_activations((17, k), seed=5).to(torch.bfloat16)
+        wc, xc = w.cuda(), x.cuda()
+        y = torchext.qmatmul(wc, int(fmt), xc, n, k)
+        assert_within_bound(y, x, W)
+        for _ in range(3):
+            assert torch.equal(torchext.qmatmul(wc, int(fmt), xc, n, k), y)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_misaligned_activations_take_the_dense_path(dtype):
+    """The tiled GEMM copies activation rows in 16-byte pieces; a view 2 bytes into its storage
+    (or k not a multiple of 8) goes to the dense path instead, with the same result within the
+    dense path's bound (2 half-ulps: test_matmul.output_rounding)."""
+    qtype, n, k, rows = K_QUANTS[0], 64, 300, 20  # k % 8 != 0
+    w = random_weight(qtype, n, k, seed=1)
+    W = dequant_oracle(w, qtype, n, k)
+    x = gaussian_activations((rows, k), seed=2).to(dtype)
+    y = torchext.qmatmul(w.cuda(), int(qtype), x.cuda(), n, k).double().cpu().numpy()
+    k2 = 512
+    w2 = random_weight(qtype, n, k2, seed=1)
+    x2 = gaussian_activations((rows, k2), seed=2).to(dtype)
+    storage = torch.empty(rows * k2 + 1, dtype=dtype, device="cuda")
+    shifted = storage[1:].view(rows, k2)
+    shifted.copy_(x2)
+    assert shifted.data_ptr() % 16 != 0
+    y2 = torchext.qmatmul(w2.cuda(), int(qtype), shifted, n, k2)
+    y2_aligned = torchext.qmatmul(w2.cuda(), int(qtype), x2.cuda(), n, k2)
+    u = half_ulp(dtype)
+    for yy, xx, WW in ((y, x, W), (y2.double().cpu().numpy(), x2, dequant_oracle(w2, qtype, n, k2))):
+        x64 = xx.double().numpy()
+        ref, absref = x64 @ WW.T, np.abs(x64) @ np.abs(WW).T
+        xabs = np.abs(x64).sum(1, keepdims=True)
+        assert (np.abs(yy - ref) <= (2 * u + 1e-5) * absref + u * np.abs(ref) + tiny(dtype) * (xabs + 1)).all()
+    assert y2_aligned.shape == y2.shape
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_cuda_graph_replay(dtype):
+    """Captured in a CUDA graph (workspace and all) and replayed on new inputs, bit for bit the
+    eager result, for a K-split plan (17 rows) and a 64-row tile."""
+    qtype, n, k = K_QUANTS[0], 256, 4096
+    w = random_weight(qtype, n, k, "cuda", seed=11)
+    for rows in (17, 64):
+        static_x = torch.zeros(rows, k, dtype=dtype, device="cuda")
+        torchext.qmatmul(w, int(qtype), static_x, n, k)  # warm-up outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = torchext.qmatmul(w, int(qtype), static_x, n, k)
+        for seed in range(2):
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed)).to(dtype).cuda()
+            static_x.copy_(x)
+            graph.replay()
+            assert torch.equal(static_y, torchext.qmatmul(w, int(qtype), x, n, k))
