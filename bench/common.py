@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from torchext import formats
+
 # ---- timing ------------------------------------------------------------------------------------
 
 L2_FALLBACK_BYTES = 50 * 2**20  # H100's L2, used when the device does not report one
@@ -157,11 +159,8 @@ class Stopwatch:
 
 # ---- random-but-realistic quantized weights ---------------------------------------------------
 
-# Byte offsets of the fp16 scale fields inside one block (block layouts per gguf / ggml-common.h):
-# Q4_K and Q5_K start with d then dmin; Q6_K ends with d after ql[128] qh[64] scales[16];
-# the 32-value formats start with d (Q4_1 / Q5_1 then m).
-FP16_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,), "Q5_0": (0,),
-               "Q4_0": (0,), "Q4_1": (0, 2), "Q5_1": (0, 2)}
+# Byte offsets of the fp16 scale fields inside one block, by format name (torchext's catalog).
+FP16_FIELDS = {q.name: offsets for q, offsets in formats.FP16_FIELDS.items()}
 
 
 def random_quant_weight(fmt: str, n: int, k: int, copies: int, device, gen) -> torch.Tensor:

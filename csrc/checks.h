@@ -62,17 +62,34 @@ inline const char* dtype_name(ScalarType t) {
 
 inline const char* qtype_name(QType t) {
   switch (t) {
-    case QType::Q4_0: return "Q4_0";
-    case QType::Q4_1: return "Q4_1";
-    case QType::Q5_0: return "Q5_0";
-    case QType::Q5_1: return "Q5_1";
-    case QType::Q8_0: return "Q8_0";
+#define TORCHEXT_QTYPE_NAME(name, id) \
+  case QType::name:                   \
+    return #name;
+    TORCHEXT_WEIGHT_FORMATS(TORCHEXT_QTYPE_NAME)
+#undef TORCHEXT_QTYPE_NAME
     case QType::Q8_1: return "Q8_1";
-    case QType::Q4_K: return "Q4_K";
-    case QType::Q5_K: return "Q5_K";
-    case QType::Q6_K: return "Q6_K";
     default: return "unknown";
   }
+}
+
+// "Q4_0, Q4_1, ... or Q6_K": the catalog's weight formats, for error messages.
+inline std::string weight_format_list() {
+  std::string list;
+  const char* names[] = {
+#define TORCHEXT_QTYPE_STRING(name, id) #name,
+      TORCHEXT_WEIGHT_FORMATS(TORCHEXT_QTYPE_STRING)
+#undef TORCHEXT_QTYPE_STRING
+  };
+  const size_t count = sizeof(names) / sizeof(names[0]);
+  for (size_t i = 0; i < count; ++i) list += std::string(i == 0 ? "" : i + 1 == count ? " or " : ", ") + names[i];
+  return list;
+}
+
+// The error for a format id that no kernel handles (the op checks catch it first; this is every
+// dispatch's default).
+[[noreturn]] inline void fail_unknown_format(QType t, const char* what) {
+  fail(what, ": no kernel for weight format id ", int64_t(t), " (", qtype_name(t), "); expected ",
+       weight_format_list());
 }
 
 // Block geometry of a weight format, read off its traits.
@@ -90,7 +107,7 @@ inline FormatInfo format_info(int64_t qtype, const char* arg = "qtype") {
     info = FormatInfo{QType(qtype), T::kValues, T::kBytes, T::kAlign};
   });
   TORCHEXT_CHECK(known, arg, ": unknown or unsupported weight format id ", qtype,
-                  " (expected a gguf GGMLQuantizationType of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K)");
+                  " (expected a gguf GGMLQuantizationType of ", weight_format_list(), ")");
   return info;
 }
 

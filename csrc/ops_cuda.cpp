@@ -19,6 +19,14 @@ void check_launch(cudaError_t err, const char* kernel) {
   TORCHEXT_CHECK(err == cudaSuccess, "torchext: launching ", kernel, " failed: ", cudaGetErrorString(err));
 }
 
+// A launcher that dispatches on the weight format returns cudaErrorInvalidValue for a format the
+// catalog lacks (the op's checks reject it first); the message names the format either way.
+void check_launch(cudaError_t err, const char* kernel, QType wt) {
+  if (err == cudaErrorInvalidValue && !visit_weight_format(wt, [](auto) {})) fail_unknown_format(wt, kernel);
+  TORCHEXT_CHECK(err == cudaSuccess, "torchext: launching ", kernel, " for ", qtype_name(wt),
+                 " weights failed: ", cudaGetErrorString(err));
+}
+
 struct CudaBackend {
   struct Context {
     torch::stable::accelerator::DeviceGuard guard;
@@ -42,7 +50,7 @@ struct CudaBackend {
   }
   static void gemv_q8_1(Context& c, QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq,
                         int64_t rows, void* out, FloatType ot) {
-    check_launch(launch_gemv_q8_1(wt, w, n, k, xq, rows, out, ot, c.device, c.stream), "gemv_q8_1");
+    check_launch(launch_gemv_q8_1(wt, w, n, k, xq, rows, out, ot, c.device, c.stream), "gemv_q8_1", wt);
   }
   static constexpr bool kHasTiledGemm = true;
   static bool tiled_gemm_runs(FloatType xt, const Tensor& w, const Tensor& x, int64_t k) {
@@ -57,11 +65,11 @@ struct CudaBackend {
     check_launch(launch_qgemm(wt, static_cast<const uint8_t*>(w.data_ptr()), n, k, x.data_ptr(), xt, rows,
                               floats > 0 ? static_cast<float*>(workspace.data_ptr()) : nullptr, out.data_ptr(),
                               c.device, c.stream),
-                 "qgemm");
+                 "qgemm", wt);
   }
   static void dequantize(Context& c, QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows,
                          int64_t rows_out, void* out, FloatType ot) {
-    check_launch(launch_dequantize(wt, w, n, k, rows, rows_out, out, ot, c.stream), "dequantize");
+    check_launch(launch_dequantize(wt, w, n, k, rows, rows_out, out, ot, c.stream), "dequantize", wt);
   }
   // Reading the ids on the host would synchronise; an id out of range gives a NaN row instead.
   static void check_ids(const RowIndex&, int64_t, int64_t) {}

@@ -18,18 +18,28 @@
 
 namespace torchext {
 
-// Values are gguf's GGMLQuantizationType ids; torchext/formats.py takes them from the
-// `gguf` package and tests/test_formats.py checks that the two agree.
+// The format catalog: every weight format torchext runs, as X(name, gguf GGMLQuantizationType id).
+// Everything that lists or dispatches on formats expands it: the QType ids below, their names
+// (qtype_name), the format visit every kernel dispatches through (quant_traits.h) and the error
+// messages that list the formats. Adding a format means: its block struct here, its QuantTraits
+// (quant_traits.h), its row in this table and in torchext/formats.py's FORMATS, and tests.
+// torchext/formats.py takes the ids from the `gguf` package; tests/test_formats.py checks that the
+// two tables agree.
+#define TORCHEXT_WEIGHT_FORMATS(X) \
+  X(Q4_0, 2)                       \
+  X(Q4_1, 3)                       \
+  X(Q5_0, 6)                       \
+  X(Q5_1, 7)                       \
+  X(Q8_0, 8)                       \
+  X(Q4_K, 12)                      \
+  X(Q5_K, 13)                      \
+  X(Q6_K, 14)
+
 enum class QType : int64_t {
-  Q4_0 = 2,
-  Q4_1 = 3,
-  Q5_0 = 6,
-  Q5_1 = 7,
-  Q8_0 = 8,
-  Q8_1 = 9,
-  Q4_K = 12,
-  Q5_K = 13,
-  Q6_K = 14,
+#define TORCHEXT_QTYPE_ID(name, id) name = id,
+  TORCHEXT_WEIGHT_FORMATS(TORCHEXT_QTYPE_ID)
+#undef TORCHEXT_QTYPE_ID
+  Q8_1 = 9,  // the activation format (block_q8_1 below), not a weight format
 };
 
 constexpr int kSuperBlock = 256;  // values in one k-quant super-block (QK_K)

@@ -127,8 +127,15 @@ struct MmaSlice {
   float d, m;
 };
 
+// QuantTraits<T>: the arithmetic of format T, with kType its catalog id (FormatTraits adds it to the
+// family templates that several formats share).
 template <QType T>
 struct QuantTraits;
+
+template <QType T, class Family>
+struct FormatTraits : Family {
+  static constexpr QType kType = T;
+};
 
 // ---------------------------------------------------------------- Q4_K, Q5_K
 // 8 sub-blocks of 32 values with 6-bit scales and mins; Q5_K adds a 5th bit per value in qh.
@@ -237,8 +244,8 @@ struct KQuantTraits {
   }
 };
 
-template <> struct QuantTraits<QType::Q4_K> : KQuantTraits<block_q4_K, false> {};
-template <> struct QuantTraits<QType::Q5_K> : KQuantTraits<block_q5_K, true> {};
+template <> struct QuantTraits<QType::Q4_K> : FormatTraits<QType::Q4_K, KQuantTraits<block_q4_K, false>> {};
+template <> struct QuantTraits<QType::Q5_K> : FormatTraits<QType::Q5_K, KQuantTraits<block_q5_K, true>> {};
 
 // ---------------------------------------------------------------- Q6_K
 // Values 128h + 32i + l (h = 0..1, i = 0..3, l = 0..31) take their low 4 bits from
@@ -246,6 +253,7 @@ template <> struct QuantTraits<QType::Q5_K> : KQuantTraits<block_q5_K, true> {};
 // bits 2i, 2i+1 of qh[32h + l]; sub-block (16 values) 8h + 2i + l/16 gives the scale.
 template <>
 struct QuantTraits<QType::Q6_K> {
+  static constexpr QType kType = QType::Q6_K;
   using block = block_q6_K;
   static constexpr int kValues = 256;
   static constexpr int kBytes = sizeof(block);
@@ -332,6 +340,7 @@ struct QuantTraits<QType::Q6_K> {
 // sum((q - z) * x) = d8 * sum(q * xq) - z * s, with s the Q8_1 block's input sum.
 template <>
 struct QuantTraits<QType::Q8_0> {
+  static constexpr QType kType = QType::Q8_0;
   using block = block_q8_0;
   static constexpr int kValues = 32;
   static constexpr int kBytes = sizeof(block);
@@ -464,23 +473,22 @@ struct NibbleTraits {
   }
 };
 
-template <> struct QuantTraits<QType::Q4_0> : NibbleTraits<block_q4_0, false, false> {};
-template <> struct QuantTraits<QType::Q4_1> : NibbleTraits<block_q4_1, true, false> {};
-template <> struct QuantTraits<QType::Q5_0> : NibbleTraits<block_q5_0, false, true> {};
-template <> struct QuantTraits<QType::Q5_1> : NibbleTraits<block_q5_1, true, true> {};
+template <> struct QuantTraits<QType::Q4_0> : FormatTraits<QType::Q4_0, NibbleTraits<block_q4_0, false, false>> {};
+template <> struct QuantTraits<QType::Q4_1> : FormatTraits<QType::Q4_1, NibbleTraits<block_q4_1, true, false>> {};
+template <> struct QuantTraits<QType::Q5_0> : FormatTraits<QType::Q5_0, NibbleTraits<block_q5_0, false, true>> {};
+template <> struct QuantTraits<QType::Q5_1> : FormatTraits<QType::Q5_1, NibbleTraits<block_q5_1, true, true>> {};
 
-// Calls f(QuantTraits<T>{}) for the weight format `t`; false if `t` is not a weight format.
+// Calls f(QuantTraits<T>{}) for the weight format `t`; false (f not called) if `t` is not one of
+// the catalog's weight formats (blocks.h). Every caller turns false into an error naming the id.
 template <class F>
 bool visit_weight_format(QType t, F&& f) {
   switch (t) {
-    case QType::Q4_K: f(QuantTraits<QType::Q4_K>{}); return true;
-    case QType::Q5_K: f(QuantTraits<QType::Q5_K>{}); return true;
-    case QType::Q6_K: f(QuantTraits<QType::Q6_K>{}); return true;
-    case QType::Q8_0: f(QuantTraits<QType::Q8_0>{}); return true;
-    case QType::Q4_0: f(QuantTraits<QType::Q4_0>{}); return true;
-    case QType::Q4_1: f(QuantTraits<QType::Q4_1>{}); return true;
-    case QType::Q5_0: f(QuantTraits<QType::Q5_0>{}); return true;
-    case QType::Q5_1: f(QuantTraits<QType::Q5_1>{}); return true;
+#define TORCHEXT_VISIT_FORMAT(name, id) \
+  case QType::name:                     \
+    f(QuantTraits<QType::name>{});      \
+    return true;
+    TORCHEXT_WEIGHT_FORMATS(TORCHEXT_VISIT_FORMAT)
+#undef TORCHEXT_VISIT_FORMAT
     default: return false;  // Q8_1 is an activation format; anything else is unknown
   }
 }

@@ -21,6 +21,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 import torchext  # noqa: F401  (loads the op library)
+from torchext.formats import FP16_FIELDS, SMALL_BLOCK_TYPES, WEIGHT_TYPES
+from torchext.formats import K_QUANTS as CATALOG_K_QUANTS
 
 # ---- devices, dtypes, formats ---------------------------------------------------------------
 
@@ -35,25 +37,15 @@ DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 #: The activation / output dtypes every float op accepts.
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-# Weight formats by gguf id, written out here rather than read from torchext so that the
-# tests do not inherit a mistake in torchext.formats.
+# Weight formats by gguf id, from torchext's format catalog (torchext/formats.py), which
+# tests/test_formats.py checks against gguf's own tables.
 Q = GGMLQuantizationType
-WEIGHT_QTYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
-K_QUANTS = [Q.Q4_K, Q.Q5_K, Q.Q6_K]
-SMALL_BLOCK_QTYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
+WEIGHT_QTYPES = [Q(int(q)) for q in WEIGHT_TYPES]
+K_QUANTS = [Q(int(q)) for q in CATALOG_K_QUANTS]
+SMALL_BLOCK_QTYPES = [Q(int(q)) for q in SMALL_BLOCK_TYPES]
 
-# Byte offsets of the fp16 fields of one block (layout per llama.cpp ggml-common.h):
-# everything else in a block is quants / packed scale codes, for which any byte is valid.
-FP16_FIELD_OFFSETS = {
-    Q.Q4_0: (0,),  # d
-    Q.Q4_1: (0, 2),  # d, m
-    Q.Q5_0: (0,),  # d
-    Q.Q5_1: (0, 2),  # d, m
-    Q.Q8_0: (0,),  # d
-    Q.Q4_K: (0, 2),  # d, dmin
-    Q.Q5_K: (0, 2),  # d, dmin
-    Q.Q6_K: (208,),  # d (after ql[128], qh[64], scales[16])
-}
+# Byte offsets of the fp16 fields of one block (tests/test_formats.py checks them with gguf).
+FP16_FIELD_OFFSETS = {Q(int(q)): offsets for q, offsets in FP16_FIELDS.items()}
 
 
 def block_geometry(qtype) -> tuple[int, int]:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
 
 import torchext
 from conftest import DEVICES, K_QUANTS, WEIGHT_QTYPES, q8_1_row_bytes, qtype_name, row_bytes
@@ -35,6 +36,22 @@ def test_block_sizes_are_gguf_sizes(gq):
         assert torchext.block_bytes(fmt) == nbytes
     for k in (values, 3 * values, 300 if values == 256 else 96):
         assert torchext.row_bytes(gq, k) == -(-k // values) * nbytes
+
+
+@pytest.mark.parametrize("gq", WEIGHT_QTYPES, ids=qtype_name)
+def test_fp16_fields_are_the_blocks_scales(gq):
+    """The catalog's fp16 field offsets are every scale of the block: with those fields 0 and all
+    other bytes random, gguf dequantizes every value to 0; with them finite, every value is finite."""
+    values, nbytes = GGML_QUANT_SIZES[gq]
+    offsets = torchext.formats.FP16_FIELDS[torchext.QType.of(gq)]
+    raw = np.random.default_rng(int(gq)).integers(0, 256, size=(64, nbytes), dtype=np.uint8)
+    for off in offsets:
+        raw[:, off:off + 2] = np.zeros(64, dtype="<f2").view(np.uint8).reshape(64, 2)
+    assert not dequantize(raw, gq).any()
+    for off in offsets:
+        raw[:, off:off + 2] = np.full(64, 0.5, dtype="<f2").view(np.uint8).reshape(64, 2)
+    dense = dequantize(raw, gq)
+    assert np.isfinite(dense).all() and dense.any()
 
 
 def test_gguf_q8_1_size_is_the_legacy_layout():

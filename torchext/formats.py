@@ -1,6 +1,7 @@
-"""The weight formats torchext runs, with ids and sizes taken from the `gguf` package.
-
-kernels/blocks.h defines the same blocks for C++; tests/test_formats.py checks that the two agree.
+"""The weight formats torchext runs, with ids and sizes taken from the `gguf` package: the Python
+side of the format catalog (kernels/blocks.h's TORCHEXT_WEIGHT_FORMATS is the C++ side). The tests,
+the benchmarks and torchext.report take their format lists and block facts from here;
+tests/test_formats.py checks this table against gguf and against the C++ ops.
 """
 
 import enum
@@ -56,7 +57,17 @@ class QType(enum.IntEnum):
 
 
 WEIGHT_TYPES = tuple(q for q in QType if q != QType.Q8_1)
-K_QUANTS = (QType.Q4_K, QType.Q5_K, QType.Q6_K)
+K_QUANTS = tuple(q for q in WEIGHT_TYPES if GGML_QUANT_SIZES[GGMLQuantizationType(q.value)][0] == 256)
+SMALL_BLOCK_TYPES = tuple(q for q in WEIGHT_TYPES if q not in K_QUANTS)
+
+#: Byte offsets of each weight format's fp16 fields in one block: d, then dmin (k-quants) or m
+#: (Q4_1, Q5_1); Q6_K's d follows ql[128], qh[64] and scales[16] (layouts per llama.cpp's
+#: ggml-common.h, as kernels/blocks.h spells them). Every other byte is quants or packed scale codes,
+#: valid whatever its value: random bytes with finite values here decode to finite weights.
+FP16_FIELDS = {
+    QType.Q4_0: (0,), QType.Q4_1: (0, 2), QType.Q5_0: (0,), QType.Q5_1: (0, 2), QType.Q8_0: (0,),
+    QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,),
+}
 
 
 def block_values(qtype) -> int:

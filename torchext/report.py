@@ -19,21 +19,14 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 import torchext
-from torchext.formats import WEIGHT_TYPES, QType, row_bytes
-
-# fp16 scale fields per format (byte offsets within a block), filled with finite values.
-_SCALE_FIELDS = {
-    QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,), QType.Q8_0: (0,),
-    QType.Q4_0: (0,), QType.Q4_1: (0, 2), QType.Q5_0: (0,), QType.Q5_1: (0, 2),
-}
-
+from torchext.formats import FP16_FIELDS, WEIGHT_TYPES, QType, row_bytes
 
 def random_weight(qtype: QType, n: int, k: int, gen: np.random.Generator) -> torch.Tensor:
     """Random quantized bytes with small finite fp16 scales: every code path, no zeros."""
     bb = torchext.block_bytes(qtype)
     nb = row_bytes(qtype, k) // bb
     raw = gen.integers(0, 256, size=(n, nb, bb), dtype=np.uint8)
-    for off in _SCALE_FIELDS[qtype]:
+    for off in FP16_FIELDS[qtype]:
         scales = (gen.standard_normal((n, nb)) * 0.01).astype(np.float16)
         raw[:, :, off:off + 2] = scales.view(np.uint8).reshape(n, nb, 2)
     return torch.from_numpy(raw.reshape(n, nb * bb))

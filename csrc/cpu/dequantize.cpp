@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "csrc/checks.h"
 #include "csrc/cpu/kernels.h"
 #include "kernels/quant_traits.h"
 
@@ -14,7 +15,7 @@ void dequantize(QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows,
   static const bool avx2 = has_avx2();
   if (avx2) return dequantize_avx2(wt, w, n, k, rows, rows_out, out, ot);
 #endif
-  visit_weight_format(wt, [&](auto traits) {
+  const bool known = visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
     const int64_t blocks = (k + T::kValues - 1) / T::kValues;
     const int64_t chunks = blocks * (T::kValues / 32);
@@ -31,6 +32,7 @@ void dequantize(QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows,
       }
     });
   });
+  if (!known) fail_unknown_format(wt, "dequantize");
 }
 
 }  // namespace torchext::cpu

@@ -1,5 +1,6 @@
 #include <torch/csrc/stable/ops.h>
 
+#include "csrc/checks.h"
 #include "csrc/cpu/kernels.h"
 #include "kernels/quant_traits.h"
 
@@ -12,7 +13,7 @@ void gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_
   if (avx2) return gemv_q8_1_avx2(wt, w, n, k, xq, rows, out, ot);
 #endif
   const int64_t xs = q8_1_blocks_per_row(k);
-  visit_weight_format(wt, [&](auto traits) {
+  const bool known = visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
     const int64_t blocks = (k + T::kValues - 1) / T::kValues;
     const int64_t row_bytes = blocks * T::kBytes;
@@ -30,6 +31,7 @@ void gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_
       }
     });
   });
+  if (!known) fail_unknown_format(wt, "gemv_q8_1");
 }
 
 }  // namespace torchext::cpu

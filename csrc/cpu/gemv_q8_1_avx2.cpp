@@ -20,6 +20,7 @@
 #include <cmath>
 #include <vector>
 
+#include "csrc/checks.h"
 #include "csrc/cpu/avx2.h"
 #include "csrc/cpu/kernels.h"
 #include "kernels/quant_traits.h"
@@ -246,18 +247,19 @@ bool has_avx2() {
 
 void gemv_q8_1_avx2(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows, void* out,
                     FloatType ot) {
-  visit_weight_format(wt, [&](auto traits) {
-    gemv_format<decltype(traits)>(w, n, k, xq, rows, out, ot);
-  });
+  const bool known =
+      visit_weight_format(wt, [&](auto traits) { gemv_format<decltype(traits)>(w, n, k, xq, rows, out, ot); });
+  if (!known) fail_unknown_format(wt, "gemv_q8_1");
 }
 
 void dequantize_avx2(QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows, int64_t rows_out, void* out,
                      FloatType ot) {
-  visit_weight_format(wt, [&](auto traits) {
+  const bool known = visit_weight_format(wt, [&](auto traits) {
     torch::stable::parallel_for(0, rows_out, 1, [&](int64_t begin, int64_t end) {
       dequantize_rows<decltype(traits)>(w, n, k, rows, begin, end, out, ot);
     });
   });
+  if (!known) fail_unknown_format(wt, "dequantize");
 }
 
 }  // namespace torchext::cpu

@@ -462,19 +462,8 @@ void quantize_rows(const float* x, int64_t n, int64_t k, uint8_t* out) {
 }  // namespace
 
 void quantize(QType wt, const float* x, int64_t n, int64_t k, uint8_t* out) {
-  switch (wt) {
-    case QType::Q4_K: quantize_rows<QType::Q4_K>(x, n, k, out); break;
-    case QType::Q5_K: quantize_rows<QType::Q5_K>(x, n, k, out); break;
-    case QType::Q6_K: quantize_rows<QType::Q6_K>(x, n, k, out); break;
-    case QType::Q8_0: quantize_rows<QType::Q8_0>(x, n, k, out); break;
-    case QType::Q4_0: quantize_rows<QType::Q4_0>(x, n, k, out); break;
-    case QType::Q4_1: quantize_rows<QType::Q4_1>(x, n, k, out); break;
-    case QType::Q5_0: quantize_rows<QType::Q5_0>(x, n, k, out); break;
-    case QType::Q5_1: quantize_rows<QType::Q5_1>(x, n, k, out); break;
-    default:
-      fail("qtype: no quantizer for format ", qtype_name(wt), " (id ", int64_t(wt),
-                      "); expected a weight format: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K");
-  }
+  const bool known = visit_weight_format(wt, [&](auto traits) { quantize_rows<decltype(traits)::kType>(x, n, k, out); });
+  if (!known) fail_unknown_format(wt, "quantize");
 }
 
 }  // namespace torchext::cpu
