@@ -184,7 +184,7 @@ def random_quant_weight(fmt: str, n: int, k: int, copies: int, device, gen) -> t
 # ---- derived columns ---------------------------------------------------------------------------
 
 CSV_FIELDS = ["section", "label", "op", "format", "dtype", "N", "K", "batch", "l2", "us", "bytes",
-              "gbps", "pct_copy", "x_bf16", "b8_over_b1", "calls", "copies", "footprint_mb",
+              "gbps", "tflops", "pct_copy", "x_bf16", "b8_over_b1", "calls", "copies", "footprint_mb",
               "method", "note", "error"]
 
 
@@ -199,8 +199,9 @@ def _num(v):
 
 
 def derive(rows: list[dict], copy_gbps: float | None) -> None:
-    """Fill gbps, pct_copy, x_bf16 (bf16 F.linear time / this time, same N, K, batch, L2) and
-    b8_over_b1 (this op's batch-8 time / its batch-1 time, same N, K, L2) in place."""
+    """Fill gbps, tflops (2 * batch * N * K multiply-adds' flops per second, matmuls), pct_copy,
+    x_bf16 (bf16 F.linear time / this time, same N, K, batch, L2) and b8_over_b1 (this op's batch-8
+    time / its batch-1 time, same N, K, L2) in place."""
     bf16 = {}
     b1 = {}
     for r in rows:
@@ -211,6 +212,7 @@ def derive(rows: list[dict], copy_gbps: float | None) -> None:
         if copy_gbps:
             r["pct_copy"] = 100.0 * r["gbps"] / copy_gbps
         if r["section"] == "gemv":
+            r["tflops"] = 2.0 * int(r["batch"]) * int(r["N"]) * int(r["K"]) / us / 1e6
             key = (r["N"], r["K"], r["batch"], r["l2"])
             if r["label"] == "bf16":
                 bf16[key] = us
@@ -269,6 +271,45 @@ def cell(row: dict | None) -> str:
 
 
 # ---- plot ----------------------------------------------------------------------------------------
+
+def plot_batches(path, rows: list[dict], labels: list[str]) -> str:
+    """Per shape (one column): effective GB/s (top) and TFLOP/s (bottom) against the batch, one line
+    per op, L2 cold. For runs over several batches (--batches); returns a message."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # noqa: BLE001
+        return f"batch plot skipped: matplotlib is not importable ({short_error(e, 80)})"
+    ok = [r for r in rows if r["section"] == "gemv" and not r["error"] and r["gbps"] != "" and r["l2"] == "cold"
+          and r["label"] in labels]
+    shapes = list(dict.fromkeys((int(r["N"]), int(r["K"])) for r in ok))
+    if not shapes or len({int(r["batch"]) for r in ok}) < 3:
+        return "batch plot skipped: fewer than 3 batches measured (L2 cold)"
+    fig, axes = plt.subplots(2, len(shapes), figsize=(5.5 * len(shapes), 8), squeeze=False)
+    palette = plt.get_cmap("tab10").colors
+    for col, (n, k) in enumerate(shapes):
+        for i, lb in enumerate(labels):
+            pts = sorted((int(r["batch"]), r["gbps"], r["tflops"]) for r in ok
+                         if r["label"] == lb and (int(r["N"]), int(r["K"])) == (n, k))
+            if not pts:
+                continue
+            style = dict(color="k", linewidth=2) if lb == "bf16" else dict(color=palette[i % len(palette)])
+            for row, metric in ((0, 1), (1, 2)):
+                axes[row, col].plot([p[0] for p in pts], [p[metric] for p in pts], marker=".", label=lb, **style)
+        for row, unit in ((0, "effective GB/s"), (1, "TFLOP/s")):
+            ax = axes[row, col]
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("activation rows (batch)")
+            ax.set_ylabel(unit)
+            ax.grid(True, which="both", linewidth=0.3)
+        axes[0, col].set_title(f"{n}x{k}, L2 cold")
+        axes[0, col].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"batch plot written: {path}"
+
 
 def plot(path, rows: list[dict], copy_gbps: float | None, gemv_labels: list[str],
          elementwise_labels: list[str]) -> str:

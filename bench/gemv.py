@@ -5,7 +5,8 @@ effective GB/s next to bf16 F.linear and PyTorch's int4 path in the same run.
     python bench/gemv.py --out DIR [--quick] [--shapes 4096x4096 640x1024:Q4_K ...] [--batches 1 8]
     python bench/gemv.py --out DIR --dry-run    # no GPU: fake timings, checks the reporting code
 
-Writes DIR/gemv.csv (every row, errors included), DIR/gemv.png (when matplotlib is importable) and
+Writes DIR/gemv.csv (every row, errors included), DIR/gemv.png and, over 3 or more batches,
+DIR/batches.png (GB/s and TFLOP/s against the batch; both when matplotlib is importable) and
 DIR/summary.txt (the tables printed at the end of stdout). Never asserts on a timing.
 """
 
@@ -446,6 +447,7 @@ def write_outputs(ctx: Ctx, outdir: Path, final: bool, header: str = "") -> str:
     text = summary_text(ctx, header)
     (outdir / "summary.txt").write_text(text + "\n")
     msg = common.plot(outdir / "gemv.png", ctx.rows, ctx.copy_gbps, PLOT_LABELS, ELEMENTWISE_LABELS)
+    msg += "\n" + common.plot_batches(outdir / "batches.png", ctx.rows, PLOT_LABELS)
     return text + "\n" + msg + f"\nCSV written: {outdir / 'gemv.csv'}"
 
 
