@@ -63,13 +63,13 @@ struct Ops {
   }
 
   // Weights x float activations -> [..., n] in x's dtype, through the path batch_policy picks.
-  static Tensor matmul(const Tensor& w, int64_t qtype, const Tensor& x, int64_t n, int64_t k) {
+  static Tensor matmul(const Tensor& w, int64_t qtype, const Tensor& x, int64_t n, int64_t k, bool exact = false) {
     const FormatInfo f = check_weight(w, qtype, n, k);
     const FloatType xt = check_activations(x, k);
     check_same_device(w, "w", x, "x");
     const int64_t rows = leading_rows(x);
     if (rows == 0) return torch::stable::new_empty(x, with_last_dim(x, n));
-    const MatmulPath path = choose_matmul_path(rows, Backend::tiled_gemm_runs(xt, w, x, k));
+    const MatmulPath path = choose_matmul_path(rows, Backend::tiled_gemm_runs(xt, w, x, k), exact);
     if (path == MatmulPath::TiledGemm) {
       if constexpr (Backend::kHasTiledGemm) {
         Tensor out = torch::stable::new_empty(x, with_last_dim(x, n));
@@ -199,7 +199,9 @@ struct Ops {
   static Tensor q4k_gemv(Tensor w, Tensor x, int64_t n, int64_t k) { return matmul(w, int64_t(QType::Q4_K), x, n, k); }
   static Tensor q5k_gemv(Tensor w, Tensor x, int64_t n, int64_t k) { return matmul(w, int64_t(QType::Q5_K), x, n, k); }
   static Tensor q6k_gemv(Tensor w, Tensor x, int64_t n, int64_t k) { return matmul(w, int64_t(QType::Q6_K), x, n, k); }
-  static Tensor qmatmul(Tensor w, int64_t qtype, Tensor x, int64_t n, int64_t k) { return matmul(w, qtype, x, n, k); }
+  static Tensor qmatmul(Tensor w, int64_t qtype, Tensor x, int64_t n, int64_t k, bool exact) {
+    return matmul(w, qtype, x, n, k, exact);
+  }
   static Tensor qmatmul_q8_1(Tensor w, int64_t qtype, Tensor xq, int64_t n, int64_t k,
                              std::optional<ScalarType> dtype) {
     return gemv_q8_1(w, qtype, xq, n, k, dtype);

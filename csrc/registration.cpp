@@ -18,8 +18,9 @@ STABLE_TORCH_LIBRARY(torchext, m) {
   m.def("q5k_gemv(Tensor w, Tensor x, int n, int k) -> Tensor");
   // Q6_K weights [N, ceil(K/256)*210] x float activations -> [..., N] in x's dtype
   m.def("q6k_gemv(Tensor w, Tensor x, int n, int k) -> Tensor");
-  // any weight format x float activations [..., K] -> [..., N]; the dispatch QuantLinear uses
-  m.def("qmatmul(Tensor w, int qtype, Tensor x, int n, int k) -> Tensor");
+  // any weight format x float activations [..., K] -> [..., N]; the dispatch QuantLinear uses.
+  // exact: never round the activations (no Q8_1 GEMV, whatever the number of rows)
+  m.def("qmatmul(Tensor w, int qtype, Tensor x, int n, int k, bool exact=False) -> Tensor");
   // any weight format x Q8_1 activations [..., bytes] -> [..., N] in dtype (float32 when None): one
   // quantize_q8_1 shared by several weights that read the same input (q/k/v, gate/up)
   m.def("qmatmul_q8_1(Tensor w, int qtype, Tensor xq, int n, int k, ScalarType? dtype=None) -> Tensor");

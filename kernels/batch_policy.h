@@ -44,8 +44,9 @@ constexpr int64_t kMaxTiledGemmRows = 64;
 
 inline bool gemv_serves(int64_t rows) { return rows <= kMaxGemvRows; }
 
-inline MatmulPath choose_matmul_path(int64_t rows, bool tiled_gemm_runs) {
-  if (gemv_serves(rows)) return MatmulPath::Gemv;
+// exact: the caller asked for unrounded activations (qmatmul's `exact`), so never the GEMVs.
+inline MatmulPath choose_matmul_path(int64_t rows, bool tiled_gemm_runs, bool exact) {
+  if (!exact && gemv_serves(rows)) return MatmulPath::Gemv;
   return tiled_gemm_runs && rows <= kMaxTiledGemmRows ? MatmulPath::TiledGemm : MatmulPath::Dense;
 }
 

@@ -186,6 +186,31 @@ def test_gaussian_activations(case, rows, dtype, device):
         assert_gaussian_close(y, x, W)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=qtype_name)
+def test_exact_argument_never_rounds_activations(qtype, rows, dtype, device):
+    """exact=True at GEMV-sized batches: Gaussian activations (which Q8_1 would round by far more
+    than fp32 error) meet the exact bound: the dense path's fp32 error on the CPU; on CUDA for
+    f16/bf16 the weights' rounding to that dtype (the tiled GEMM or the dense path, 2 half-ulps:
+    output_rounding's dense term, applied here at any row count)."""
+    k, n = (512, 40) if qtype in K_QUANTS else (96, 40)
+    w, W = cached_weight(qtype, n, k)
+    x = gaussian_activations((rows, k), seed=rows + 3).to(dtype)
+    y = torchext.qmatmul(w.to(device), int(qtype), x.to(device), n, k, exact=True)
+    assert y.shape == (rows, n) and y.dtype == dtype
+    ref, absref, xabs = oracle(x, W)
+    u = half_ulp(dtype) if dtype != torch.float32 else 0.0
+    tol = output_rounding(y, ref, absref, xabs, 1e-5)
+    if device == "cuda" and u:
+        tol = tol + 2 * u * absref + tiny(dtype) * xabs
+    err = np.abs(y.double().cpu().numpy() - ref)
+    assert (err <= tol).all(), report(err, tol, absref)
+    layer = torchext.nn.QuantLinear(w.to(device), qtype, k, n, exact=True)
+    assert torch.equal(layer(x.to(device)), y) and "exact=True" in repr(layer)
+
+
 # a moderate shape per format for the batch-shape tests: K padded for the k-quants
 ROW_SHAPES = {q: (556 if q in K_QUANTS else 96) for q in WEIGHT_QTYPES}
 

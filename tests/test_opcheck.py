@@ -56,7 +56,10 @@ def op_samples(name: str, device, dtype):
         return [((random_weight(qtype, n, k, dev, seed=i), _randn(shape, dtype, dev, i), n, k), {})
                 for i, (n, k, shape) in enumerate(cases)]
     if name == "qmatmul":
-        return [((s.w, s.qtype, s.x, s.n, s.k), {}) for s in sample_inputs(dev, dtype)]
+        samples = list(sample_inputs(dev, dtype))
+        # and exact=True (never the Q8_1 GEMV) on the first few
+        return [((s.w, s.qtype, s.x, s.n, s.k), {}) for s in samples] + [
+            ((s.w, s.qtype, s.x, s.n, s.k), {"exact": True}) for s in samples[:4]]
     if name == "dequantize":
         cases = [(Q4_K, 3, 300), (Q5_K, 2, 256), (Q6_K, 2, 512), (Q8_0, 3, 64), (Q4_0, 2, 96), (Q4_1, 2, 32),
                  (Q5_0, 2, 64), (Q5_1, 3, 32)]

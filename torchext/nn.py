@@ -34,15 +34,17 @@ class QuantLinear(nn.Module):
     in_features, out_features, bias (optional [out_features] float tensor).
     x is [..., in_features] in float32, float16 or bfloat16, any strides; the output is in x's
     dtype (the bias is cast to it). The 32-value formats need in_features % 32 == 0; the k-quants
-    take any in_features (the last super-block is padding).
+    take any in_features (the last super-block is padding). exact=True: activations are never
+    rounded to 8 bits (torchext.qmatmul's exact), at any number of rows.
     """
 
     weight: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, qtype, in_features: int, out_features: int,
-                 bias: Optional[torch.Tensor] = None) -> None:
+                 bias: Optional[torch.Tensor] = None, exact: bool = False) -> None:
         super().__init__()
         q = weight_format(qtype)
+        self.exact = bool(exact)
         check_weight_bytes(weight, q, out_features, in_features, names=("weight", "out_features", "in_features"))
         self.qtype = q
         self.in_features = int(in_features)
@@ -59,7 +61,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] @ W.T (+ bias) -> [..., out_features] in x's dtype."""
         # any strides, as nn.Linear takes (the op wants contiguous rows; a no-op when they are)
-        return self._add_bias(qmatmul(self.weight, self.qtype, x.contiguous(), self.out_features, self.in_features))
+        y = qmatmul(self.weight, self.qtype, x.contiguous(), self.out_features, self.in_features, self.exact)
+        return self._add_bias(y)
 
     def forward_q8_1(self, xq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The layer on activations already quantized by quantize_q8_1 (GEMV path), output in dtype."""
@@ -142,7 +145,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         """Shape, bias, format and byte count, for print(module)."""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"format={self.qtype.name}, bytes={self.weight.numel()}")
+                f"format={self.qtype.name}, bytes={self.weight.numel()}" + (", exact=True" if self.exact else ""))
 
 
 def shared_input(x: torch.Tensor, *layers: QuantLinear) -> tuple[torch.Tensor, ...]:

@@ -183,14 +183,16 @@ _register_fake("torchext::q4k_q8_gemv")(_fake_q4k_q8_gemv)
 _register_fake("torchext::q4k_q8_gemv_packed")(_fake_q4k_q8_gemv)
 
 
-def qmatmul(w: torch.Tensor, qtype, x: torch.Tensor, n: int, k: int) -> torch.Tensor:
+def qmatmul(w: torch.Tensor, qtype, x: torch.Tensor, n: int, k: int, exact: bool = False) -> torch.Tensor:
     """x [..., k] @ dequantize(w).T -> [..., n] in x's dtype, for any weight format.
     Up to GEMV_MAX_ROWS (16) rows: Q8_1 activations and integer dot products (DP4A, or int8 tensor
     cores from 2 rows on sm_80+). 17 to 64 rows of fp16/bf16 on CUDA (sm_80+): a tiled GEMM over
     the quantized weight, which multiplies each weight exactly as dequantize() gives it, rounded to
     x's dtype, with the activations unrounded (fp32 products and sums). Otherwise: a dense GEMM on
-    the dequantized weight (same weights, same activations)."""
-    return _ops.qmatmul(w, int(QType.of(qtype)), x, n, k)
+    the dequantized weight (same weights, same activations).
+    exact=True never rounds the activations: up to 16 rows too, it takes the tiled GEMM (fp16/bf16
+    on CUDA) or the dense GEMM."""
+    return _ops.qmatmul(w, int(QType.of(qtype)), x, n, k, bool(exact))
 
 
 def q4k_gemv(w: torch.Tensor, x: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -209,7 +211,7 @@ def q6k_gemv(w: torch.Tensor, x: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 @_register_fake("torchext::qmatmul")
-def _fake_matmul(w, qtype, x, n, k):
+def _fake_matmul(w, qtype, x, n, k, exact=False):
     _check_weight(w, qtype, n, k)
     _check_activations(x, k)
     _check_same_device(w, "w", x, "x")
@@ -356,12 +358,12 @@ def _(x, bias, approximate="none"):
 # the quantized weights are uint8 bytes and take none. Backward runs dense torch ops.
 
 def _setup_matmul_qtype(ctx, inputs, output):
-    w, qtype, x, n, k = inputs
+    w, qtype, x, n, k, exact = inputs
     ctx.w, ctx.qtype, ctx.n, ctx.k = w, qtype, n, k
 
 
 def _backward_matmul_qtype(ctx, grad):
-    return None, None, grad @ dequantize(ctx.w, ctx.qtype, ctx.n, ctx.k, grad.dtype), None, None
+    return None, None, grad @ dequantize(ctx.w, ctx.qtype, ctx.n, ctx.k, grad.dtype), None, None, None
 
 
 torch.library.register_autograd("torchext::qmatmul", _backward_matmul_qtype, setup_context=_setup_matmul_qtype)
