@@ -18,6 +18,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "csrc/checks.h"
@@ -242,6 +244,14 @@ TORCHEXT_AVX2 void dequantize_rows(const uint8_t* w, int64_t n, int64_t k, RowIn
 }  // namespace
 
 bool has_avx2() {
+  // TORCHEXT_CPU_KERNELS=portable sends every CPU op to the portable kernels on any CPU (what a CPU
+  // without AVX2 runs), so that they can be tested and compared here. Read at each op's first call.
+  if (const char* choice = std::getenv("TORCHEXT_CPU_KERNELS")) {
+    const std::string c(choice);
+    TORCHEXT_CHECK(c == "portable" || c == "auto" || c.empty(),
+                   "TORCHEXT_CPU_KERNELS: expected 'portable' or 'auto', got '", c, "'");
+    if (c == "portable") return false;
+  }
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 

@@ -17,7 +17,7 @@ void gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_
                FloatType ot);
 
 #if defined(__x86_64__) || defined(_M_X64)
-bool has_avx2();  // the CPU runs AVX2, FMA and F16C
+bool has_avx2();  // the CPU runs AVX2, FMA and F16C, and TORCHEXT_CPU_KERNELS does not say "portable"
 void gemv_q8_1_avx2(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows, void* out,
                     FloatType ot);
 void dequantize_avx2(QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows, int64_t rows_out, void* out,
