@@ -37,7 +37,7 @@ namespace torchext {
 namespace {
 
 constexpr int kChunk = 256;                // values of K per pipeline stage
-constexpr int kXStride = kChunk + 16;      // halves per staged activation row (see load_x)
+constexpr int kXStride = kChunk + 16;      // halves per staged activation row (see load_chunk)
 constexpr int kTileN = 128;                // weight rows per CTA
 constexpr int kWarpsN = kTileN / 32;       // warps along N, 32 weight rows each
 constexpr int kMaxSplits = 16;
@@ -67,11 +67,11 @@ struct ScaleTable {
 
 constexpr int kSmemLimit = 227 * 1024;  // shared memory a Hopper CTA may opt in to
 
-// BM activation rows per CTA, one warp along M per 32 weight rows (WM = BM); pipeline stages:
-// as many as fit, up to kMaxStages.
-template <int BM, int kMaxStages>
+// BM activation rows per CTA, all of them against each warp's 32 weight rows (WM = BM); two pipeline
+// stages (more were measured slower: bench/NOTES.md).
+template <int BM>
 struct Tile {
-  static constexpr int kBM = BM, kWM = BM;
+  static constexpr int kBM = BM, kWM = BM, kStages = 2;
   static constexpr int kWarps = kWarpsN;
   static constexpr int kThreads = kWarps * kWarp;
   template <class T>
@@ -79,13 +79,8 @@ struct Tile {
     return kTileN * WeightChunk<T>::kStride + BM * kXStride * 2;
   }
   template <class T>
-  static constexpr int stages() {
-    constexpr int fit = (kSmemLimit - kWarps * ScaleTable<T>::kWarpBytes) / stage_bytes<T>();
-    return fit < kMaxStages ? fit : kMaxStages;
-  }
-  template <class T>
   static constexpr int smem_bytes() {
-    return stages<T>() * stage_bytes<T>() + kWarps * ScaleTable<T>::kWarpBytes;
+    return kStages * stage_bytes<T>() + kWarps * ScaleTable<T>::kWarpBytes;
   }
 };
 
@@ -252,8 +247,7 @@ template <class T, class H, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) qgemm_kernel(GemmArgs a) {
   using L = WeightChunk<T>;
   constexpr int BM = Cfg::kBM, WM = Cfg::kWM;
-  constexpr int kStages = Cfg::template stages<T>(), kStageBytes = Cfg::template stage_bytes<T>();
-  static_assert(kStages >= 2, "two stages must fit in shared memory");
+  constexpr int kStages = Cfg::kStages, kStageBytes = Cfg::template stage_bytes<T>();
   extern __shared__ int4 smem_vec[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(smem_vec);
   const auto stage_w = [&](int s) { return smem + s * kStageBytes; };
@@ -332,8 +326,8 @@ __global__ void add_splits_kernel(const float* __restrict__ partial, int splits,
 // Calls f(Tile) for the tile that serves `rows` activation rows (up to kMaxTiledGemmRows).
 template <class F>
 void visit_tile(int64_t rows, F&& f) {
-  if (rows <= 32) f(Tile<32, 2>{});
-  else f(Tile<64, 2>{});
+  if (rows <= 32) f(Tile<32>{});
+  else f(Tile<64>{});
 }
 
 // How a product is cut: the number of K splits that minimises waves x chunks per split, so that
