@@ -33,7 +33,9 @@ namespace torchext {
   X(Q8_0, 8)                       \
   X(Q4_K, 12)                      \
   X(Q5_K, 13)                      \
-  X(Q6_K, 14)
+  X(Q6_K, 14)                      \
+  X(IQ4_NL, 20)                    \
+  X(IQ4_XS, 23)
 
 enum class QType : int64_t {
 #define TORCHEXT_QTYPE_ID(name, id) name = id,
@@ -105,9 +107,23 @@ struct block_q5_1 {  // x = d * q + m
 };
 
 static_assert(sizeof(block_q8_1) == 36, "Q8_1 block is 36 bytes");
+// IQ4_NL / IQ4_XS (non-linear 4-bit): each nibble indexes the 16 levels of kIQ4Levels (quant_traits.h).
+struct block_iq4_nl {  // 32 values: x = d * level[q]; byte l: low nibble value l, high nibble value l + 16
+  fp16_bits d;
+  uint8_t qs[16];
+};
+struct block_iq4_xs {  // 8 sub-blocks of 32: x = d * (ls - 32) * level[q], ls a 6-bit scale
+  fp16_bits d;
+  uint16_t scales_h;    // bits 2j, 2j+1: the high 2 bits of sub-block j's ls
+  uint8_t scales_l[4];  // nibble j % 2 of byte j / 2: its low 4 bits
+  uint8_t qs[128];      // bytes 16j .. 16j+15: sub-block j, low nibble value l, high nibble value l + 16
+};
+
 static_assert(sizeof(block_q4_K) == 144, "Q4_K block is 144 bytes");
 static_assert(sizeof(block_q5_K) == 176, "Q5_K block is 176 bytes");
 static_assert(sizeof(block_q6_K) == 210, "Q6_K block is 210 bytes");
+static_assert(sizeof(block_iq4_nl) == 18, "IQ4_NL block is 18 bytes");
+static_assert(sizeof(block_iq4_xs) == 136, "IQ4_XS block is 136 bytes");
 static_assert(sizeof(block_q8_0) == 34, "Q8_0 block is 34 bytes");
 static_assert(sizeof(block_q4_0) == 18, "Q4_0 block is 18 bytes");
 static_assert(sizeof(block_q4_1) == 20, "Q4_1 block is 20 bytes");

@@ -478,6 +478,155 @@ template <> struct QuantTraits<QType::Q4_1> : FormatTraits<QType::Q4_1, NibbleTr
 template <> struct QuantTraits<QType::Q5_0> : FormatTraits<QType::Q5_0, NibbleTraits<block_q5_0, false, true>> {};
 template <> struct QuantTraits<QType::Q5_1> : FormatTraits<QType::Q5_1, NibbleTraits<block_q5_1, true, true>> {};
 
+// ---------------------------------------------------------------- IQ4_NL, IQ4_XS
+// Non-linear 4-bit: a nibble indexes 16 int8 levels (llama.cpp's kvalues_iq4nl). IQ4_NL has one fp16
+// d per 32 values, IQ4_XS eight 32-value sub-blocks with 6-bit scales ls: x = d * (ls - 32) * level.
+// Levels are int8, so the integer dot products are those of Q8_0; d * level is exact in fp32.
+constexpr int8_t kIQ4Levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+// Levels 4w .. 4w+3 as the bytes of one word.
+constexpr uint32_t iq4_level_word(int w) {
+  return uint32_t(uint8_t(kIQ4Levels[4 * w])) | uint32_t(uint8_t(kIQ4Levels[4 * w + 1])) << 8 |
+         uint32_t(uint8_t(kIQ4Levels[4 * w + 2])) << 16 | uint32_t(uint8_t(kIQ4Levels[4 * w + 3])) << 24;
+}
+
+// Four nibble indexes (bytes of 0..15) -> their four levels as signed bytes.
+TORCHEXT_HD uint32_t iq4_levels(uint32_t idx) {
+#if defined(__CUDA_ARCH__)
+  // The table as 4 words: prmt picks bytes 0-7 of (t0, t1) or (t2, t3) by the index's low 3 bits, its
+  // bit 3 chooses between the two.
+  constexpr uint32_t t0 = iq4_level_word(0), t1 = iq4_level_word(1), t2 = iq4_level_word(2), t3 = iq4_level_word(3);
+  const uint32_t x = idx & 0x07070707u;
+  const uint32_t sel = (x & 0xFu) | ((x >> 4) & 0xF0u) | ((x >> 8) & 0xF00u) | ((x >> 12) & 0xF000u);
+  const uint32_t hi = ((idx & 0x08080808u) >> 3) * 0xFFu;
+  return (__byte_perm(t2, t3, sel) & hi) | (__byte_perm(t0, t1, sel) & ~hi);
+#else
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) v |= uint32_t(uint8_t(kIQ4Levels[(idx >> (8 * i)) & 15])) << (8 * i);
+  return v;
+#endif
+}
+
+// 32 values from 16 bytes of nibbles (value l low, l + 16 high) scaled by d, as gguf computes them.
+TORCHEXT_HD void iq4_dequantize_32(const uint8_t* qs, float d, float* out) {
+  TORCHEXT_UNROLL
+  for (int w = 0; w < 4; ++w) {
+    uint32_t q;
+    std::memcpy(&q, qs + 4 * w, 4);
+    const uint32_t lo = iq4_levels(q & 0x0F0F0F0Fu), hi = iq4_levels((q >> 4) & 0x0F0F0F0Fu);
+    TORCHEXT_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      out[4 * w + i] = mul_sub(d, float(int8_t(lo >> (8 * i))), 0.0f);
+      out[16 + 4 * w + i] = mul_sub(d, float(int8_t(hi >> (8 * i))), 0.0f);
+    }
+  }
+}
+
+// The dot products of 32 values from 16 bytes of nibbles (read as 4 words at Align) with B rows of
+// Q8_1 block j, scaled by the weights' d: acc[r] += d * d_x * isum.
+template <int Align, int B, class X>
+TORCHEXT_HD void iq4_dot_32(const uint8_t* qs, float d, int j, const X& x, float (&acc)[B]) {
+  int lo[4], hi[4];
+  TORCHEXT_UNROLL
+  for (int w = 0; w < 4; ++w) {
+    const uint32_t q = load_u32<Align>(qs + 4 * w);
+    lo[w] = int(iq4_levels(q & 0x0F0F0F0Fu));
+    hi[w] = int(iq4_levels((q >> 4) & 0x0F0F0F0Fu));
+  }
+  TORCHEXT_UNROLL
+  for (int r = 0; r < B; ++r) {
+    int xl[4], xh[4];
+    x.quants(r, j, 0, xl);  // values 0..15 meet the low nibbles, 16..31 the high ones
+    x.quants(r, j, 4, xh);
+    int sum = 0;
+    TORCHEXT_UNROLL
+    for (int w = 0; w < 4; ++w) sum = dp4a(hi[w], xh[w], dp4a(lo[w], xl[w], sum));
+    acc[r] += d * x.scales(r, j).d * float(sum);
+  }
+}
+
+template <>
+struct QuantTraits<QType::IQ4_NL> {
+  static constexpr QType kType = QType::IQ4_NL;
+  using block = block_iq4_nl;
+  static constexpr int kValues = 32;
+  static constexpr int kBytes = sizeof(block);
+  static constexpr int kAlign = 2;
+  static constexpr int kItems = 1;
+
+  static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int, float* out) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    iq4_dequantize_32(b.qs, fp16f(b.d), out);
+  }
+  template <int B, class X>
+  static TORCHEXT_HD void dot_item(const uint8_t* p, int, const X& x, float (&acc)[B]) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    iq4_dot_32<kAlign>(b.qs, fp16f(b.d), 0, x, acc);
+  }
+
+  // Byte 4t..4t+3's low nibbles are values 4t..4t+3, its high nibbles 16+4t..16+4t+3.
+  static constexpr int kMmaItems = 1, kMmaSlices = 1, kMmaWords = 2;
+  struct MmaRaw {
+    uint32_t q;
+    fp16_bits d;
+  };
+  static TORCHEXT_HD int mma_slice_first(int, int) { return 0; }
+  static TORCHEXT_HD void mma_load(const uint8_t* p, int, int t, MmaRaw& r) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    r.q = load_u32<kAlign>(b.qs + 4 * t);
+    r.d = b.d;
+  }
+  static TORCHEXT_HD MmaSlice<2> mma_slice(const MmaRaw& r, int) {
+    return {{iq4_levels(r.q & 0x0F0F0F0Fu), iq4_levels((r.q >> 4) & 0x0F0F0F0Fu)}, fp16f(r.d), 0.0f};
+  }
+};
+
+template <>
+struct QuantTraits<QType::IQ4_XS> {
+  static constexpr QType kType = QType::IQ4_XS;
+  using block = block_iq4_xs;
+  static constexpr int kValues = 256;
+  static constexpr int kBytes = sizeof(block);
+  static constexpr int kAlign = 8;  // 136-byte blocks
+  static constexpr int kItems = 8;  // item j: sub-block j
+
+  // ls - 32 of sub-block j, from the scale words: w0 = d | scales_h << 16, w1 = scales_l[0..3].
+  static TORCHEXT_HD int sub_scale(uint32_t w0, uint32_t w1, int j) {
+    return int(((w1 >> (4 * j)) & 0xFu) | (((w0 >> (16 + 2 * j)) & 3u) << 4)) - 32;
+  }
+  static TORCHEXT_HD float sub_d(const uint8_t* p, int j) {
+    return fp16f(fp16_bits(load_u32<kAlign>(p) & 0xFFFFu)) * float(sub_scale(load_u32<kAlign>(p), load_u32<kAlign>(p + 4), j));
+  }
+
+  static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int c, float* out) {
+    iq4_dequantize_32(reinterpret_cast<const block*>(p)->qs + 16 * c, sub_d(p, c), out);
+  }
+  template <int B, class X>
+  static TORCHEXT_HD void dot_item(const uint8_t* p, int j, const X& x, float (&acc)[B]) {
+    iq4_dot_32<kAlign>(reinterpret_cast<const block*>(p)->qs + 16 * j, sub_d(p, j), j, x, acc);
+  }
+
+  // One MMA item per block, 8 slices: slice j is sub-block j (its 16 bytes at 16j; lane t's word at
+  // 16j + 4t holds values 4t..4t+3 in its low nibbles, 16+4t..16+4t+3 in its high ones).
+  static constexpr int kMmaItems = 1, kMmaSlices = 8, kMmaWords = 2;
+  struct MmaRaw {
+    uint32_t head[2];  // d | scales_h << 16, scales_l
+    uint32_t qs[8];
+  };
+  static TORCHEXT_HD int mma_slice_first(int, int s) { return 32 * s; }
+  static TORCHEXT_HD void mma_load(const uint8_t* p, int, int t, MmaRaw& r) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    r.head[0] = load_u32<kAlign>(p);
+    r.head[1] = load_u32<kAlign>(p + 4);
+    TORCHEXT_UNROLL
+    for (int j = 0; j < 8; ++j) r.qs[j] = load_u32<kAlign>(b.qs + 16 * j + 4 * t);
+  }
+  static TORCHEXT_HD MmaSlice<2> mma_slice(const MmaRaw& r, int j) {
+    const float d = fp16f(fp16_bits(r.head[0] & 0xFFFFu)) * float(sub_scale(r.head[0], r.head[1], j));
+    return {{iq4_levels(r.qs[j] & 0x0F0F0F0Fu), iq4_levels((r.qs[j] >> 4) & 0x0F0F0F0Fu)}, d, 0.0f};
+  }
+};
+
 // Calls f(QuantTraits<T>{}) for the weight format `t`; false (f not called) if `t` is not one of
 // the catalog's weight formats (blocks.h). Every caller turns false into an error naming the id.
 template <class F>

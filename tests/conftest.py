@@ -21,7 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 import torchext  # noqa: F401  (loads the op library)
-from torchext.formats import FP16_FIELDS, SMALL_BLOCK_TYPES, WEIGHT_TYPES
+from torchext.formats import FP16_FIELDS, QUANTIZABLE_TYPES, SMALL_BLOCK_TYPES, WEIGHT_TYPES
 from torchext.formats import K_QUANTS as CATALOG_K_QUANTS
 
 # ---- devices, dtypes, formats ---------------------------------------------------------------
@@ -43,6 +43,7 @@ Q = GGMLQuantizationType
 WEIGHT_QTYPES = [Q(int(q)) for q in WEIGHT_TYPES]
 K_QUANTS = [Q(int(q)) for q in CATALOG_K_QUANTS]
 SMALL_BLOCK_QTYPES = [Q(int(q)) for q in SMALL_BLOCK_TYPES]
+QUANTIZABLE_QTYPES = [Q(int(q)) for q in QUANTIZABLE_TYPES]  # torchext.quantize makes these (not IQ*)
 
 # Byte offsets of the fp16 fields of one block (tests/test_formats.py checks them with gguf).
 FP16_FIELD_OFFSETS = {Q(int(q)): offsets for q, offsets in FP16_FIELDS.items()}

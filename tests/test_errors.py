@@ -25,7 +25,8 @@ SMALL_BLOCK = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0]
 ALL_WEIGHTS = SMALL_BLOCK + [Q4_K, Q5_K, Q6_K]
 # The alignment each format's blocks keep (gcd(block bytes, 16), at most 4 for 32-value
 # formats whose block is a multiple of 4 bytes): the op checks the weight's address against it.
-ALIGN = {Q4_0: 2, Q4_1: 4, Q5_0: 2, Q5_1: 4, Q8_0: 2, Q4_K: 16, Q5_K: 16, Q6_K: 2}
+# the catalog's alignments (torchext/formats.py); the tests below check that the ops enforce them
+ALIGN = {int(q): a for q, a in torchext.formats.ALIGNMENT.items()}
 
 N, K = 4, 256  # the default good shape: one super-block / eight 32-blocks per row
 
@@ -311,7 +312,7 @@ class TestQmatmulFormat:
     def test_unknown_qtype(self, device, qtype):
         # 9 = Q8_1 is the activation format, 0/1 = F32/F16, 10/11 = Q2_K/Q3_K: not weight formats here
         with err(lit(f"qtype: unknown or unsupported weight format id {qtype} (expected a gguf "
-                     "GGMLQuantizationType of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K)")):
+                     "GGMLQuantizationType of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL or IQ4_XS)")):
             ops.qmatmul(weight(Q4_K, device=device), qtype, acts(device=device), N, K)
 
     @pytest.mark.parametrize("qtype", SMALL_BLOCK, ids=lambda q: NAMES[q])

@@ -21,6 +21,8 @@ CASES = [
     ("gguf_generate.py", ["--tiny"], "blk.0.ffn_down.weight (Q8_0)"),
     ("gguf_generate.py", ["--tokens", "4"], "tokens in"),
     ("bench_layer.py", ["--n", "256", "--k", "512", "--batches", "1", "17", "--reps", "3"], "speed-up"),
+    ("hf_generate.py", ["--tiny"], "QuantLinear layers"),
+    ("hf_generate.py", ["--tokens", "4"], "tokens in"),
 ]
 
 
@@ -32,7 +34,7 @@ def run_script(script: str, args: list[str], cwd: Path) -> subprocess.CompletedP
 
 @pytest.mark.parametrize("script, args, expected", CASES, ids=[f"{s}{''.join(a[:1])}" for s, a, _ in CASES])
 def test_example_runs(script, args, expected, tmp_path):
-    if script == "gguf_generate.py" and "--tiny" not in args:
+    if script in ("gguf_generate.py", "hf_generate.py") and "--tiny" not in args:
         skip_without_gemma_gguf()
     result = run_script(script, args, tmp_path)
     assert result.returncode == 0, (f"{script} {' '.join(args)} failed:\n"

@@ -81,6 +81,7 @@ from conftest import (
     DEVICES,
     DTYPES,
     K_QUANTS,
+    QUANTIZABLE_QTYPES,
     SMALL_BLOCK_QTYPES,
     WEIGHT_QTYPES,
     Q,
@@ -155,13 +156,13 @@ def draw_faults(draw, fault: str, possible) -> set[str]:
     return {fault, draw(st.sampled_from(possible))} if draw(st.sampled_from([False] * 5 + [True])) else {fault}
 
 
-def draw_qtype(draw, bad: bool, bytes_fmt: int) -> tuple[object, int]:
+def draw_qtype(draw, bad: bool, bytes_fmt: int, formats=FORMATS) -> tuple[object, int]:
     """(the format argument, the weight format of the bytes). The wrappers take a weight format as
     an id, a QType or gguf enum, a numpy integer or a name in any case; `bad` draws one that names
     no weight format (the bytes are then bytes_fmt's)."""
     if bad:
         return draw(st.sampled_from(BAD_QTYPES)), bytes_fmt
-    fmt = draw(st.sampled_from(FORMATS))
+    fmt = draw(st.sampled_from(formats))
     spelling = draw(st.sampled_from(["id", "QType", "gguf", "numpy", "name"]))
     return {"id": fmt, "QType": torchext.QType(fmt), "gguf": Q(fmt), "numpy": np.int64(fmt),
             "name": Q(fmt).name.lower()}[spelling], fmt
@@ -679,7 +680,7 @@ QUANTIZE_FAULTS = ("qtype", "k-partial-block", "w-shape", "w-dtype", "w-strided"
 def test_quantize(device, fault, data):
     draw = data.draw
     faults = draw_faults(draw, fault, QUANTIZE_FAULTS)
-    qtype, fmt = draw_qtype(draw, "qtype" in faults, int(Q.Q8_0))
+    qtype, fmt = draw_qtype(draw, "qtype" in faults, int(Q.Q8_0), [int(q) for q in QUANTIZABLE_QTYPES])
     problems = [QTYPE] if "qtype" in faults else []
     n, k = draw(st.integers(1, 6)), draw_k(draw, fmt)
     if "k-partial-block" in faults and fmt not in K_QUANT_IDS:

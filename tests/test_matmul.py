@@ -38,6 +38,7 @@ from conftest import (
     DTYPES,
     K_QUANTS,
     Q,
+    QUANTIZABLE_QTYPES,
     SMALL_BLOCK_QTYPES,
     WEIGHT_QTYPES,
     cached_weight,
@@ -445,7 +446,7 @@ def test_gemv_max_rows_is_the_policy(device):
 # ---- weights from torchext.quantize (once it exists) --------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("qtype", K_QUANTS, ids=qtype_name)
+@pytest.mark.parametrize("qtype", [q for q in K_QUANTS if q in QUANTIZABLE_QTYPES], ids=qtype_name)
 def test_quantizer_weights(qtype, device):
     n, k = 16, 512
     dense = gaussian_activations((n, k), seed=4) * 0.05

@@ -24,6 +24,8 @@ class QType(enum.IntEnum):
     Q4_K = GGMLQuantizationType.Q4_K.value
     Q5_K = GGMLQuantizationType.Q5_K.value
     Q6_K = GGMLQuantizationType.Q6_K.value
+    IQ4_NL = GGMLQuantizationType.IQ4_NL.value
+    IQ4_XS = GGMLQuantizationType.IQ4_XS.value
 
     @classmethod
     def of(cls, fmt) -> "QType":
@@ -66,8 +68,20 @@ SMALL_BLOCK_TYPES = tuple(q for q in WEIGHT_TYPES if q not in K_QUANTS)
 #: valid whatever its value: random bytes with finite values here decode to finite weights.
 FP16_FIELDS = {
     QType.Q4_0: (0,), QType.Q4_1: (0, 2), QType.Q5_0: (0,), QType.Q5_1: (0, 2), QType.Q8_0: (0,),
-    QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,),
+    QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,), QType.IQ4_NL: (0,), QType.IQ4_XS: (0,),
 }
+
+#: The byte alignment a weight's data must keep: each format's blocks are read with loads of that
+#: size (kernels/quant_traits.h, kAlign: 16-byte headers of Q4_K/Q5_K, 4-byte words of 20/24-byte
+#: blocks, 8 for IQ4_XS's 136-byte blocks, 2 for the rest); the ops reject anything less.
+ALIGNMENT = {
+    QType.Q4_0: 2, QType.Q4_1: 4, QType.Q5_0: 2, QType.Q5_1: 4, QType.Q8_0: 2,
+    QType.Q4_K: 16, QType.Q5_K: 16, QType.Q6_K: 2, QType.IQ4_NL: 2, QType.IQ4_XS: 8,
+}
+
+#: The formats torchext.quantize makes (llama.cpp's reference quantizers); the IQ formats need an
+#: importance matrix, and come from GGUF files.
+QUANTIZABLE_TYPES = tuple(q for q in WEIGHT_TYPES if not q.name.startswith("IQ"))
 
 
 def block_values(qtype) -> int:

@@ -136,6 +136,31 @@ template <> struct Avx2Chunk<QuantTraits<QType::Q4_1>> : NibbleChunk<QuantTraits
 template <> struct Avx2Chunk<QuantTraits<QType::Q5_0>> : NibbleChunk<QuantTraits<QType::Q5_0>, false, true> {};
 template <> struct Avx2Chunk<QuantTraits<QType::Q5_1>> : NibbleChunk<QuantTraits<QType::Q5_1>, true, true> {};
 
+// IQ4_NL / IQ4_XS: 16 bytes of nibbles (value l low, l + 16 high) looked up in the 16 levels with
+// one byte shuffle: signed quants.
+TORCHEXT_AVX2_INLINE __m256i iq4_chunk_levels(const uint8_t* qs) {
+  const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4Levels)));
+  return _mm256_shuffle_epi8(levels, split_nibbles(qs));
+}
+template <>
+struct Avx2Chunk<QuantTraits<QType::IQ4_NL>> {
+  static constexpr bool kSigned = true, kHalfScales = false;
+  TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int) {
+    const block_iq4_nl& b = *reinterpret_cast<const block_iq4_nl*>(p);
+    const float d = half(b.d);
+    return Chunk{iq4_chunk_levels(b.qs), d, d, 0, 0.0f};
+  }
+};
+template <>
+struct Avx2Chunk<QuantTraits<QType::IQ4_XS>> {
+  static constexpr bool kSigned = true, kHalfScales = false;
+  TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int c) {
+    using T = QuantTraits<QType::IQ4_XS>;
+    const float d = T::sub_d(p, c);
+    return Chunk{iq4_chunk_levels(reinterpret_cast<const block_iq4_xs*>(p)->qs + 16 * c), d, d, 0, 0.0f};
+  }
+};
+
 // Eight int32 sums of four products each (lanes 0-3: values 0-15, lanes 4-7: values 16-31).
 template <bool kSigned>
 TORCHEXT_AVX2_INLINE __m256i dot_lanes(__m256i w, const int8_t* x) {

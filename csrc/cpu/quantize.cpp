@@ -12,6 +12,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #include "csrc/checks.h"
 #include "csrc/cpu/kernels.h"
@@ -459,10 +461,27 @@ void quantize_rows(const float* x, int64_t n, int64_t k, uint8_t* out) {
   }
 }
 
+
+// Whether this file has a quantizer for blocks of type Block.
+template <class Block, class = void>
+struct HasQuantizer : std::false_type {};
+template <class Block>
+struct HasQuantizer<Block, std::void_t<decltype(quantize_block(std::declval<const float*>(), std::declval<Block&>()))>>
+    : std::true_type {};
+
 }  // namespace
 
 void quantize(QType wt, const float* x, int64_t n, int64_t k, uint8_t* out) {
-  const bool known = visit_weight_format(wt, [&](auto traits) { quantize_rows<decltype(traits)::kType>(x, n, k, out); });
+  const bool known = visit_weight_format(wt, [&](auto traits) {
+    using T = decltype(traits);
+    if constexpr (HasQuantizer<typename T::block>::value) {
+      quantize_rows<T::kType>(x, n, k, out);
+    } else {
+      fail("qtype: torchext has no quantizer for ", qtype_name(wt), ": llama.cpp makes the IQ formats with an ",
+           "importance matrix (llama-quantize --imatrix); load such weights from a GGUF file, or quantize to a ",
+           "k-quant (Q4_K, Q5_K, Q6_K) instead");
+    }
+  });
   if (!known) fail_unknown_format(wt, "quantize");
 }
 

@@ -1,0 +1,449 @@
+"""Hugging Face transformers models over a GGUF file's packed weights, and peft LoRA around them.
+
+    from transformers import AutoTokenizer
+    from torchext.hf import from_gguf
+
+    model = from_gguf("models", gguf_file="model-Q4_K_M.gguf")          # or from_gguf("models/model.gguf")
+    tokenizer = AutoTokenizer.from_pretrained("models", gguf_file="model-Q4_K_M.gguf")
+    out = model.generate(**tokenizer("The Moon", return_tensors="pt"), max_new_tokens=20, do_sample=False)
+
+from_gguf builds the transformers model of the file's architecture from transformers' own reading
+of the GGUF metadata (AutoConfig, gguf_file=...) and fills it from the file: every nn.Linear whose
+tensor is in one of torchext's formats (torchext.formats.WEIGHT_TYPES: Q4_0 ... Q6_K, IQ4_NL, IQ4_XS) becomes a
+torchext.nn.QuantLinear over the file's bytes, a token embedding in such a format a QuantEmbedding
+(torchext.embedding), and a tied output head a QuantLinear over the embedding's bytes. Norms,
+biases and F32/F16/BF16 tensors load as transformers loads them (its tensor processors, cast to
+`dtype`); a tensor in a quantized format torchext does not run (Q2_K, Q3_K, IQ2_XS, ...) is dequantized
+by gguf, as transformers does, with a warning naming it. No dense copy of a packed weight is made:
+the model is built with its nn.Linear and nn.Embedding parameters on the meta device (its buffers,
+such as rotary tables, are computed as usual) and the bytes are read tensor by tensor.
+
+Names and layouts are transformers' legacy GGUF loader's (transformers.modeling_gguf_pytorch_utils:
+get_gguf_hf_weights_map and the per-architecture TENSOR_PROCESSORS), so what transformers maps,
+this maps. A processor's transform of a packed tensor must be a row permutation (rows are
+independent in every format): llama's (and mistral's) reverse permutation of attn_q/attn_k is
+found by running the processor on the row indices and applied to the packed rows. Anything else
+(a transpose, a split, a change of values) is refused with an error naming the tensor.
+
+Why a function and not a transformers quantizer: transformers 5.24 already answers
+from_pretrained(..., gguf_file=...) with its own GGUF quantizer (GgufHfQuantizer), whose hooks
+(read_header, get_state_dict, ...) are new in 5.2x and private; a second quantizer would have to
+replace it through those hooks. The functions used here (AutoConfig with gguf_file,
+AutoModel*.from_config, get_gguf_hf_weights_map, TENSOR_PROCESSORS, GGUF_SUPPORTED_ARCHITECTURES)
+date from transformers 4.x and keep their form in 5.24 (from_config's dtype= from 4.56); 5.24 is
+the version tested here. The map is built for the file's own
+architecture name: transformers derives it from config.model_type, which fails for Mistral files
+(general.architecture "llama"; gguf knows no "mistral"), so this loads Mistral files that
+transformers 5.24 itself cannot. The architectures are those of that loader that keep their
+weights in nn.Linear and nn.Embedding (llama, mistral, qwen2, qwen3, phi3, gemma2,
+gemma3 and others; tests/test_transformers.py checks those seven); transformers 5.24's new loader
+(qwen35, lfm2) keeps its own packed weights and is not used here.
+
+Memory, measured (CPU, 2 cores, transformers 5.24; `python -m torchext.hf --memory FILE` repeats
+it in a fresh process): Gemma 3 270M Q4_K_M, a 241 MiB file, loads in 17.5 s with a peak
+resident-memory increase of 732 MiB (3.0x the file). The peak is transformers' reading of the
+metadata (AutoConfig parses the 262,144-token vocabulary with gguf.GGUFReader: +732 MiB, of which
+55 MiB remain once it returns); the loaded model then holds the packed tensors (235 MiB, the file's
+bytes), its float32 norms and the imported modeling code (165 MiB): +469 MiB resident. transformers'
+own GGUF path (from_pretrained(..., gguf_file=...)), which dequantizes to float32, takes 37.3 s and
++2,401 MiB (10x the file) for the same file.
+
+peft: register_lora(LoraConfig(...)) registers QuantLoraLinear for QuantLinear through peft's
+custom-module mechanism (LoraConfig._register_custom_module); the adapters train around the
+packed weights (QuantLinear's gradient reaches its input), and merging is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import ops
+from .cache import WEIGHT_IDS, _tensor_from_bytes, as_weight_rows, check_weight_bytes, weight_format
+from .formats import QType
+from .gguf_file import GGUFFile, GGUFTensor
+from .nn import QuantLinear
+
+logger = logging.getLogger(__name__)
+
+
+class QuantEmbedding(nn.Module):
+    """A token embedding whose table stays in a torchext weight format: forward(ids) gathers the
+    rows with torchext.embedding, dense in `dtype`, times `embed_scale` when given (Gemma 3's
+    scaled embedding, rounded to `dtype` as transformers rounds it).
+
+    Args: weight (uint8 bytes of num_embeddings rows of embedding_dim values), qtype,
+    num_embeddings, embedding_dim, padding_idx (kept for code that reads it), embed_scale
+    (optional float tensor), dtype (float32, float16 or bfloat16).
+    """
+
+    weight: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, qtype, num_embeddings: int, embedding_dim: int,
+                 padding_idx: Optional[int] = None, embed_scale: Optional[torch.Tensor] = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        q = weight_format(qtype)
+        check_weight_bytes(weight, q, num_embeddings, embedding_dim,
+                           names=("weight", "num_embeddings", "embedding_dim"))
+        self.qtype = q
+        self.num_embeddings, self.embedding_dim, self.padding_idx = int(num_embeddings), int(embedding_dim), padding_idx
+        self.dtype = dtype
+        self.register_buffer("weight", as_weight_rows(weight, q, self.num_embeddings, self.embedding_dim))
+        if embed_scale is not None:
+            self.register_buffer("embed_scale", embed_scale, persistent=False)
+        else:
+            self.embed_scale = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` [...] of the table: [..., embedding_dim] in self.dtype."""
+        out = ops.embedding(self.weight, self.qtype, ids.contiguous(), self.num_embeddings, self.embedding_dim,
+                            self.dtype)
+        return out if self.embed_scale is None else out * self.embed_scale.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        """Shape, format and byte count, for print(module)."""
+        return (f"{self.num_embeddings}, {self.embedding_dim}, format={self.qtype.name}, dtype={self.dtype}, "
+                f"bytes={self.weight.numel()}")
+
+
+def from_gguf(path_or_dir: str | os.PathLike, gguf_file: Optional[str] = None, *, device=None,
+              dtype: torch.dtype = torch.float32, model_class=None, **config_kwargs):
+    """The transformers model of a GGUF file, its packed weights on torchext layers (module
+    docstring). Arguments follow from_pretrained's: `path_or_dir` is a local folder and
+    `gguf_file` a file name in it (or a path), or `path_or_dir` is the file itself.
+    device: where the model goes (default CPU); dtype: of activations, norms and dense weights
+    (float32 default, bfloat16, float16); model_class: a transformers Auto class or model class
+    (default AutoModelForCausalLM); config_kwargs go to AutoConfig.from_pretrained (for example
+    attn_implementation="eager").
+
+    Errors (ValueError, FileNotFoundError) name the file and, where there is one, the tensor: a
+    missing file, a malformed GGUF (torchext.gguf_file's checks), an architecture transformers
+    cannot read, a packed tensor that transformers would transform other than by permuting its
+    rows or that lands elsewhere than an nn.Linear or nn.Embedding of its shape, and a model
+    parameter the file does not hold.
+    """
+    import transformers
+
+    path = _gguf_path(path_or_dir, gguf_file)
+    with GGUFFile(path) as g:  # checks header, tables and offsets before transformers reads anything
+        architecture = _architecture(path)
+        config = _config(path, architecture, config_kwargs)
+        model_class = transformers.AutoModelForCausalLM if model_class is None else model_class
+        with _linear_and_embedding_weights_on_meta():
+            try:
+                model = model_class.from_config(config, dtype=dtype)
+            except ValueError as e:
+                raise ValueError(f"{path}: {getattr(model_class, '__name__', model_class)} has no model for this "
+                                 f"file's architecture {architecture!r} (model_type {config.model_type!r}): {e}") from e
+        _load_tensors(model, g, architecture, dtype)
+    return model.to(device if device is not None else "cpu").eval()
+
+
+def _gguf_path(path_or_dir, gguf_file) -> Path:
+    base = Path(path_or_dir)
+    path = base / gguf_file if gguf_file is not None else base
+    if not path.is_file():
+        what = "a GGUF file" if gguf_file is None else f"{gguf_file!r} in {str(base)!r}"
+        hint = "; pass the file name as gguf_file=..." if gguf_file is None and base.is_dir() else ""
+        raise FileNotFoundError(f"{path}: no such file (expected {what}{hint})")
+    return path
+
+
+def _architecture(path: Path) -> str:
+    """general.architecture, checked against what transformers' GGUF loader reads."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    architecture = _string_field(path, "general.architecture")
+    if architecture is None:
+        raise ValueError(f"{path}: no general.architecture in the GGUF metadata, so transformers cannot tell which "
+                         "model this is")
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        import transformers
+        readable = sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+        raise ValueError(f"{path}: architecture {architecture!r} is not one transformers {transformers.__version__} "
+                         f"reads from GGUF; it reads {', '.join(readable)}")
+    return architecture
+
+
+def _string_field(path: Path, key: str) -> Optional[str]:
+    """The string value of `key` in a GGUF file's metadata (None without one), read by scanning the
+    key/value table: gguf.GGUFReader would parse every field, seconds and hundreds of MiB for a
+    large vocabulary. The tables were checked (GGUFFile) before this runs."""
+    scalar_bytes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType ids
+    string, array = 8, 9
+    with open(path, "rb") as f:
+        def u32() -> int:
+            return int.from_bytes(f.read(4), "little")
+
+        def u64() -> int:
+            return int.from_bytes(f.read(8), "little")
+
+        def skip(vtype: int) -> None:
+            if vtype == string:
+                f.seek(u64(), os.SEEK_CUR)
+            elif vtype == array:
+                etype, count = u32(), u64()
+                if etype in scalar_bytes:
+                    f.seek(count * scalar_bytes[etype], os.SEEK_CUR)
+                else:
+                    for _ in range(count):
+                        skip(etype)
+            else:
+                f.seek(scalar_bytes[vtype], os.SEEK_CUR)
+
+        f.seek(16)  # magic, version, tensor count
+        for _ in range(u64()):
+            name = f.read(u64()).decode("utf-8")
+            vtype = u32()
+            if name == key and vtype == string:
+                return f.read(u64()).decode("utf-8")
+            skip(vtype)
+    return None
+
+
+def _config(path: Path, architecture: str, config_kwargs: dict):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, **config_kwargs)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{path}: transformers cannot build a config from this {architecture!r} file's "
+                         f"metadata: {e!r}") from e
+
+
+@contextlib.contextmanager
+def _linear_and_embedding_weights_on_meta():
+    """nn.Linear and nn.Embedding (subclasses included) create their parameters on the meta device
+    while the model is built: no memory, no random initialisation. Everything else (norms,
+    rotary tables, scale buffers) is built as usual, so buffers computed at construction keep
+    their values. The classes are patched for the duration of the block."""
+    originals = {cls: cls.__init__ for cls in (nn.Linear, nn.Embedding)}
+
+    def on_meta(init):
+        @functools.wraps(init)
+        def wrapped(self, *args, **kwargs):
+            kwargs["device"] = torch.device("meta")
+            init(self, *args, **kwargs)
+        return wrapped
+
+    for cls, init in originals.items():
+        cls.__init__ = on_meta(init)
+    try:
+        yield
+    finally:
+        for cls, init in originals.items():
+            cls.__init__ = init
+
+
+def _load_tensors(model: nn.Module, g: GGUFFile, architecture: str, dtype: torch.dtype) -> None:
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=model.config.to_dict())
+    # the map from gguf's names for the file's own architecture: transformers derives that name from
+    # config.model_type, which fails for Mistral files (general.architecture "llama", model_type
+    # "mistral", which gguf's tables do not know)
+    names = get_gguf_hf_weights_map(model, processor, model_type=architecture)
+    dequantized, unmapped = [], []
+    for t in g.tensors:
+        # what MoE processors write under transformers' names instead of returning a tensor
+        produced: dict[str, dict[str, torch.Tensor]] = {"tensors": {}}
+        if t.tensor_type.value in WEIGHT_IDS:
+            _load_packed(model, g, t, processor, names, produced, dtype)
+            continue
+        raw = _tensor_from_bytes(g.read(t), t, g.name, torch.device("cpu"))
+        if t.tensor_type.name not in ("F32", "F16", "BF16", "F64") and raw.is_floating_point():
+            dequantized.append(f"{t.name} ({t.tensor_type.name})")
+        values = raw.float().numpy() if raw.is_floating_point() else raw.numpy()
+        result = processor.process(weights=values, name=t.name, tensor_key_mapping=names,
+                                   parsed_parameters=produced)
+        for hf_name, tensor in produced["tensors"].items():
+            _set_dense(model, hf_name, tensor, dtype, g.name, t.name)
+        if result.name is None:
+            continue
+        if result.name not in names:
+            unmapped.append(t.name)  # transformers skips these too (rope_freqs and the like)
+            continue
+        _set_dense(model, names[result.name], torch.from_numpy(np.copy(result.weights)), dtype, g.name, t.name)
+    if dequantized:
+        logger.warning("%s: torchext has no kernel for these tensors' formats; dequantized to %s as transformers "
+                       "does: %s", g.name, dtype, ", ".join(dequantized))
+    if unmapped:
+        logger.info("%s: tensors transformers does not map for this architecture, skipped: %s", g.name,
+                    ", ".join(unmapped))
+    _tie_output_head(model)
+    missing = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise ValueError(f"{g.name}: the file holds no tensor for {len(missing)} parameters of "
+                         f"{type(model).__name__}: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+
+
+def _load_packed(model: nn.Module, g: GGUFFile, t: GGUFTensor, processor, names: dict, produced: dict,
+                 dtype: torch.dtype) -> None:
+    """A tensor in a torchext format onto a QuantLinear or QuantEmbedding, rows permuted as
+    transformers' processor would permute the dequantized values."""
+    q = QType(t.tensor_type.value)
+    where = f"{g.name}: tensor {t.name!r} ({q.name}, {'x'.join(map(str, t.numpy_shape))})"
+    if len(t.shape) != 2:
+        raise ValueError(f"{where}: a packed tensor of {len(t.shape)} dimensions; torchext keeps 2-D weights "
+                         "(nn.Linear, nn.Embedding) packed")
+    # the processor run on the row indices shows what it does to the rows
+    with np.errstate(all="ignore"):
+        try:
+            result = processor.process(weights=np.arange(t.n, dtype=np.float64)[:, None], name=t.name,
+                                       tensor_key_mapping=names, parsed_parameters=produced)
+            rows = result.weights
+        except (ValueError, IndexError, TypeError) as e:
+            raise ValueError(f"{where}: transformers' {type(processor).__name__} reshapes this tensor ({e}); "
+                             "torchext can only permute a packed tensor's rows") from None
+    if result.name is None or produced["tensors"]:
+        raise ValueError(f"{where}: transformers' {type(processor).__name__} splits or merges this tensor into "
+                         "others; torchext keeps only whole 2-D tensors packed")
+    if result.name not in names:
+        logger.info("%s: not mapped by transformers for this architecture, skipped", where)
+        return
+    rows = np.asarray(rows)
+    if rows.shape != (t.n, 1) or not np.array_equal(np.sort(rows[:, 0]), np.arange(t.n)):
+        raise ValueError(f"{where}: transformers' {type(processor).__name__} transforms this tensor other than by "
+                         "permuting its rows (transposing it or changing its values); torchext cannot do that to "
+                         "packed bytes")
+    data = g.read(t).view(t.n, -1)
+    order = rows[:, 0].astype(np.int64)
+    if not np.array_equal(order, np.arange(t.n)):
+        data = data[torch.from_numpy(order)]  # rows are independent in every format
+    hf_name = names[result.name]
+    module_name, _, leaf = hf_name.rpartition(".")
+    module = model.get_submodule(module_name)
+    shape = tuple(getattr(module, "weight", torch.empty(0)).shape)
+    if leaf == "weight" and shape == (t.n, t.k) and _is_plain(module, nn.Linear):
+        _set_module(model, module_name, QuantLinear(data, q, t.k, t.n, module.bias))
+    elif leaf == "weight" and shape == (t.n, t.k) and _is_plain(module, nn.Embedding):
+        _set_module(model, module_name, QuantEmbedding(data, q, t.n, t.k, module.padding_idx,
+                                                       getattr(module, "embed_scale", None), dtype))
+    else:
+        raise ValueError(f"{where}: maps to {hf_name}, of a {type(module).__name__} (weight shape {list(shape)}); "
+                         f"torchext keeps a packed tensor only as the weight of an nn.Linear or nn.Embedding of "
+                         f"shape [{t.n}, {t.k}]")
+
+
+def _is_plain(module: nn.Module, cls: type) -> bool:
+    """An instance of cls whose forward is cls's (an embedding may add a scale, which QuantEmbedding keeps)."""
+    if not isinstance(module, cls):
+        return False
+    return type(module).forward is cls.forward or (cls is nn.Embedding and hasattr(module, "embed_scale"))
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def _set_dense(model: nn.Module, hf_name: str, tensor: torch.Tensor, dtype: torch.dtype, file: str,
+               gguf_name: str) -> None:
+    module_name, _, leaf = hf_name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = module._parameters.get(leaf, module._buffers.get(leaf))
+    if old is None:
+        raise ValueError(f"{file}: tensor {gguf_name!r} maps to {hf_name}, which {type(model).__name__} does not have")
+    if tuple(old.shape) != tuple(tensor.shape):
+        raise ValueError(f"{file}: tensor {gguf_name!r} has shape {list(tensor.shape)} after transformers' "
+                         f"processing, but {hf_name} is {list(old.shape)}")
+    if tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad and tensor.is_floating_point())
+    else:
+        module._buffers[leaf] = tensor
+
+
+def _tie_output_head(model: nn.Module) -> None:
+    """A tied output head (no output.weight in the file) reads the token embedding's weight: the
+    same bytes (a QuantLinear over the QuantEmbedding's buffer) or the same dense parameter."""
+    output = model.get_output_embeddings()
+    if not isinstance(output, nn.Linear) or not output.weight.is_meta:
+        return
+    embedding = model.get_input_embeddings()
+    if isinstance(embedding, QuantEmbedding):
+        head = QuantLinear(embedding.weight, embedding.qtype, embedding.embedding_dim, embedding.num_embeddings,
+                           output.bias)
+        name = next(n for n, m in model.named_modules() if m is output)
+        _set_module(model, name, head)
+    elif isinstance(embedding, nn.Embedding) and embedding.weight.shape == output.weight.shape:
+        output.weight = embedding.weight
+
+
+# ---- peft ------------------------------------------------------------------------------------------
+
+def register_lora(config):
+    """`config` (a peft LoraConfig) with QuantLoraLinear registered for QuantLinear, through peft's
+    custom-module mechanism; returns config. target_modules then picks QuantLinear layers as it
+    picks nn.Linear ones:
+
+        peft_model = get_peft_model(model, register_lora(LoraConfig(r=8, target_modules=["q_proj", "v_proj"])))
+        peft_model.save_pretrained("adapter")
+        # later, onto a model from from_gguf (peft does not save the registration):
+        config = register_lora(LoraConfig.from_pretrained("adapter"))
+        peft_model = PeftModel.from_pretrained(model, "adapter", config=config)
+    """
+    config._register_custom_module({QuantLinear: quant_lora_linear_class()})
+    return config
+
+
+@functools.cache
+def quant_lora_linear_class() -> type:
+    """QuantLoraLinear, peft's LoRA Linear around a QuantLinear (made on first use, so that torchext.hf
+    imports without peft): y = QuantLinear(x) + B(A(dropout(x))) * scaling. The adapters train;
+    merging is refused, since the base weight is GGUF bytes that cannot absorb a dense update."""
+    from peft.tuners.lora.layer import Linear
+
+    class QuantLoraLinear(Linear):
+        """LoRA adapters around a torchext QuantLinear (see quant_lora_linear_class)."""
+
+        def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+            return module.in_features, module.out_features
+
+        def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+            """Refused: ValueError."""
+            base = self.get_base_layer()
+            raise ValueError(f"merging a LoRA adapter into a torchext QuantLinear ({base.qtype.name}, "
+                             f"{base.out_features}x{base.in_features}) is not supported: its weight is packed GGUF "
+                             "bytes, which a dense update cannot be added to. Keep the adapter unmerged (it runs "
+                             "beside the packed weight), or merge into a dense copy of the model")
+
+    return QuantLoraLinear
+
+
+def _measure_load_memory(path: str) -> None:
+    """Print the peak resident-memory increase of from_gguf(path) against the file's size (run in
+    a fresh process: ru_maxrss is the process's peak)."""
+    import resource
+    import time
+
+    import transformers  # noqa: F401  (imported before the baseline, as a user's process has it)
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    model = from_gguf(path)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    size = os.path.getsize(path)
+    packed = sum({m.weight.data_ptr(): m.weight.numel() for m in model.modules()
+                  if isinstance(m, (QuantLinear, QuantEmbedding))}.values())  # a tied head's bytes once
+    print(f"{path}: file {size / 2**20:.0f} MiB, packed weights {packed / 2**20:.0f} MiB; loaded in {seconds:.1f} s "
+          f"with a peak resident-memory increase of {(peak - before) / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="torchext.hf: measure from_gguf's peak memory on a GGUF file")
+    parser.add_argument("--memory", required=True, metavar="FILE", help="a GGUF file")
+    _measure_load_memory(parser.parse_args().memory)
