@@ -10,9 +10,9 @@
 //   while the warps compute the previous stage; each warp first decodes its rows' slice scales into
 //   a table (decode_scales), so the 4 lanes that share a row do not each decode them.
 // - Weight values become A fragments in registers: a slice word holds 4 consecutive values as signed
-//   bytes; value = fmaf(d, q, m). d*q is exact in fp32 for every format (fp16 d times a scale of at
-//   most 7 bits times |q| of at most 6 bits: <= 24 significant bits), so the one FMA rounds exactly as
-//   dequantize's multiply-then-add, and after rounding to x's type the fragments hold exactly the
+//   bytes; value = fmaf(d, q, m). d*q is exact in fp32 for every format: at most 24 significant bits
+//   (fp16 d 11, Q6_K's scale 7 and |q| 6; IQ4_XS: 11, |ls - 32| 5, its level 7), so the one FMA
+//   rounds exactly as dequantize's multiply-then-add, and after rounding to x's type the fragments hold exactly the
 //   values the dense path multiplies.
 // - The k order inside a 16-value MMA step is permuted: lane t's A registers hold the step's values
 //   4t..4t+3 (MMA k 2t, 2t+1, 2t+8, 2t+9), its B registers the same four activations, one 8-byte
