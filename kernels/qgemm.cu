@@ -114,8 +114,18 @@ __device__ __forceinline__ void load_chunk(const GemmArgs& a, int64_t n0, int64_
     const int64_t row = n0 + r < a.n ? n0 + r : a.n - 1;
     const int64_t off = ((row * a.row_bytes + c * L::kBytes) & ~int64_t(15)) + 16 * p;
     const int64_t left = a.w_bytes - off;  // the last pieces may run past the weight's end
-    const int bytes = left >= 16 ? 16 : left > 0 ? int(left) : 0;
-    cp_async_16(ws + r * L::kStride + 16 * p, bytes > 0 ? a.w + off : a.w, bytes);
+    uint8_t* dst = ws + r * L::kStride + 16 * p;
+    if (left >= 16) {
+      cp_async_16(dst, a.w + off, 16);
+    } else if (left <= 0) {
+      cp_async_16(dst, a.w, 0);  // zero-fill, nothing read
+    } else {
+      // The weight's last bytes (a multiple of 2, 2-byte aligned): copied here, since a 16-byte
+      // cp.async names 16 bytes even when told to read fewer (compute-sanitizer flags the rest).
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(a.w + off);
+      uint16_t* to = reinterpret_cast<uint16_t*>(dst);
+      for (int h = 0; h < 8; ++h) to[h] = 2 * h < left ? src[h] : uint16_t(0);
+    }
   }
   // Rows of kXStride halves: 544 bytes, 8 banks apart, so the 16 lanes of a half-warp's 8-byte loads
   // (4 rows x 4 lanes, 8 bytes each) cover the 32 banks once.
