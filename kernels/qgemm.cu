@@ -104,15 +104,21 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Chunk c of the tile's weight rows (rows past n repeat row n-1, computed but never stored) and of its
-// activation rows (rows past `rows` and values past k are zero-filled).
+// Where chunk c of weight row `row` starts, in bytes from the weight's first: rows past n repeat row
+// n-1 (computed but never stored). Its low 4 bits are where the row's data starts in its slot.
+template <class T>
+__device__ __forceinline__ int64_t chunk_start(const GemmArgs& a, int64_t row, int64_t c) {
+  return (row < a.n ? row : a.n - 1) * a.row_bytes + c * WeightChunk<T>::kBytes;
+}
+
+// Chunk c of the tile's weight rows (chunk_start) and of its activation rows (rows past `rows` and
+// values past k are zero-filled).
 template <class T, class H, int BM, int kThreads>
 __device__ __forceinline__ void load_chunk(const GemmArgs& a, int64_t n0, int64_t m0, int64_t c, uint8_t* ws, H* xs) {
   using L = WeightChunk<T>;
   for (int i = threadIdx.x; i < kTileN * L::kPieces; i += kThreads) {
     const int r = i / L::kPieces, p = i % L::kPieces;
-    const int64_t row = n0 + r < a.n ? n0 + r : a.n - 1;
-    const int64_t off = ((row * a.row_bytes + c * L::kBytes) & ~int64_t(15)) + 16 * p;
+    const int64_t off = (chunk_start<T>(a, n0 + r, c) & ~int64_t(15)) + 16 * p;
     const int64_t left = a.w_bytes - off;  // the last pieces may run past the weight's end
     uint8_t* dst = ws + r * L::kStride + 16 * p;
     if (left >= 16) {
@@ -189,8 +195,7 @@ __device__ __forceinline__ void decode_scales(const uint8_t* ws, const GemmArgs&
   for (int i = lane; i < 32 * kUnits; i += kWarp) {
     const int r = i / kUnits, u = i % kUnits, blk = u / T::kMmaItems, item = u % T::kMmaItems;
     if (blk >= blocks) continue;
-    const int64_t row = n0 + r < a.n ? n0 + r : a.n - 1;
-    const uint8_t* p = ws + r * L::kStride + ((row * a.row_bytes + c * L::kBytes) & 15) + blk * T::kBytes;
+    const uint8_t* p = ws + r * L::kStride + (chunk_start<T>(a, n0 + r, c) & 15) + blk * T::kBytes;
     typename T::MmaRaw raw;
     T::mma_load(p, item, 0, raw);
 #pragma unroll
@@ -297,8 +302,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) qgemm_kernel(GemmArgs a) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int local = 32 * warp_n + 8 * i + g;
-      const int64_t row = n0 + local < a.n ? n0 + local : a.n - 1;
-      wrow[i] = stage_w(s) + local * L::kStride + ((row * a.row_bytes + c * L::kBytes) & 15);
+      wrow[i] = stage_w(s) + local * L::kStride + (chunk_start<T>(a, n0 + local, c) & 15);
       scales[i] = table + (8 * i + g) * ScaleTable<T>::kStride;
     }
     const H* xs = stage_x(s) + g * kXStride + 4 * t;

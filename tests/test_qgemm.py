@@ -117,14 +117,12 @@ def test_misaligned_activations_take_the_dense_path(dtype):
     shifted.copy_(x2)
     assert shifted.data_ptr() % 16 != 0
     y2 = torchext.qmatmul(w2.cuda(), int(qtype), shifted, n, k2)
-    y2_aligned = torchext.qmatmul(w2.cuda(), int(qtype), x2.cuda(), n, k2)
     u = half_ulp(dtype)
     for yy, xx, WW in ((y, x, W), (y2.double().cpu().numpy(), x2, dequant_oracle(w2, qtype, n, k2))):
         x64 = xx.double().numpy()
         ref, absref = x64 @ WW.T, np.abs(x64) @ np.abs(WW).T
         xabs = np.abs(x64).sum(1, keepdims=True)
         assert (np.abs(yy - ref) <= (2 * u + 1e-5) * absref + u * np.abs(ref) + tiny(dtype) * (xabs + 1)).all()
-    assert y2_aligned.shape == y2.shape
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)

@@ -325,30 +325,38 @@ def test_unsupported_architecture(tmp_path):
         hf.from_gguf(path)
 
 
-def test_packed_tensor_that_is_no_linear_weight(llama_file, tmp_path):
-    """A norm written in a packed format (its values would have to become a dense vector) is
-    refused with the tensor's name and what it maps to."""
-    path = tmp_path / "packed_norm.gguf"
-    reader = gguf.GGUFReader(str(llama_file))
-    w = gguf.GGUFWriter(str(path), "llama")
+def rewrite_llama_file(src, dst, tensor) -> None:
+    """A copy of the llama GGUF file src at dst, its name and llama.* metadata kept, each tensor t
+    as tensor(t) gives it: (array, raw gguf type), or None to leave it out."""
+    reader = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), "llama")
     for name, f in reader.fields.items():
-        if name.startswith("llama.") or name == "general.name":
-            if name == "general.name":
-                w.add_name(f.contents())
-            elif isinstance(f.contents(), float):
-                w.add_float32(name, f.contents())
-            else:
-                w.add_uint32(name, f.contents())
+        if name == "general.name":
+            w.add_name(f.contents())
+        elif name.startswith("llama."):
+            (w.add_float32 if isinstance(f.contents(), float) else w.add_uint32)(name, f.contents())
     for t in reader.tensors:
-        if t.name == "output_norm.weight":
-            packed = torchext.quantize(torch.from_numpy(np.array(t.data)).reshape(1, HIDDEN), QType.Q8_0)
-            w.add_tensor(t.name, packed.numpy(), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+        kept = tensor(t)
+        if kept is not None:
+            w.add_tensor(t.name, kept[0], raw_dtype=kept[1])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_packed_tensor_that_is_no_linear_weight(llama_file, tmp_path):
+    """A norm written in a packed format (its values would have to become a dense vector) is
+    refused with the tensor's name and what it maps to."""
+    path = tmp_path / "packed_norm.gguf"
+
+    def pack_the_norm(t):
+        if t.name != "output_norm.weight":
+            return np.array(t.data), t.tensor_type
+        packed = torchext.quantize(torch.from_numpy(np.array(t.data)).reshape(1, HIDDEN), QType.Q8_0)
+        return packed.numpy(), gguf.GGMLQuantizationType.Q8_0
+
+    rewrite_llama_file(llama_file, path, pack_the_norm)
     with pytest.raises(ValueError, match=r"tensor 'output_norm.weight' \(Q8_0, 1x256\): maps to model.norm.weight, "
                                          r"of a LlamaRMSNorm"):
         hf.from_gguf(path)
@@ -356,18 +364,8 @@ def test_packed_tensor_that_is_no_linear_weight(llama_file, tmp_path):
 
 def test_file_without_a_tensor_the_model_needs(llama_file, tmp_path):
     path = tmp_path / "no_down.gguf"
-    reader = gguf.GGUFReader(str(llama_file))
-    w = gguf.GGUFWriter(str(path), "llama")
-    for name, f in reader.fields.items():
-        if name.startswith("llama."):
-            (w.add_float32 if isinstance(f.contents(), float) else w.add_uint32)(name, f.contents())
-    for t in reader.tensors:
-        if t.name != "blk.1.ffn_down.weight":
-            w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    rewrite_llama_file(llama_file, path,
+                       lambda t: None if t.name == "blk.1.ffn_down.weight" else (np.array(t.data), t.tensor_type))
     with pytest.raises(ValueError, match=r"no tensor for 1 parameters of LlamaForCausalLM: "
                                          r"model.layers.1.mlp.down_proj.weight"):
         hf.from_gguf(path)
