@@ -75,6 +75,7 @@ def test_portable_kernels_agree_with_the_default_ones(tmp_path):
 
 def test_unknown_choice_is_an_error():
     code = "import torch, torchext; torchext.quantize_q8_1(torch.ones(1, 32))"
-    env = dict(os.environ, TORCHEXT_CPU_KERNELS="avx9000", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
+    env = dict(os.environ, TORCHEXT_CPU_KERNELS="avx9000", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "TORCHEXT_CPU_KERNELS: expected 'portable' or 'auto', got 'avx9000'" in r.stderr
