@@ -6,6 +6,8 @@ Decode: a static key/value cache and one decode step (forward + argmax + positio
 compiled with torch.compile(mode="reduce-overhead", fullgraph=True), i.e. replayed as a CUDA graph;
 tokens are fed back on the device, so the timed loop never waits on the host. tokens/s counts
 `--tokens` generated tokens between two events after a warm-up run, as llama-bench's tg128 does.
+Batched decode (`--batches`, default 8 32 64): the same compiled step over that many sequences at
+once (every sequence at the same position), tokens/s counting every sequence's tokens.
 Prefill: one forward pass over a `--prefill`-token prompt (eager and compiled), as pp512.
 The per-token split (GEMV kernels, attention, the rest) comes from torch.profiler's CUDA kernel
 times over the decode loop. Weight memory is reported against the file and dense bf16.
@@ -40,8 +42,8 @@ def timed(fn, reps: int = 1) -> float:
     return start.elapsed_time(end) / 1e3 / reps
 
 
-def decode_loop(step, n: int, start_pos: int):
-    token = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+def decode_loop(step, n: int, start_pos: int, batch: int = 1):
+    token = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
     pos = torch.full((1,), start_pos, dtype=torch.long, device="cuda")
 
     def run():
@@ -88,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--batches", type=int, nargs="*", default=[8, 32, 64], help="batched decode sizes")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gemma3.py needs a CUDA GPU", file=sys.stderr)
@@ -129,6 +132,17 @@ def main(argv=None) -> int:
             res[f"{name}_us_per_token"] = 1e6 / res[f"{name}_tok_s"]
             res[f"{name}_split_us_per_token"] = kernel_split(step, 32, start)
 
+        # batched decode: B sequences a step, from an empty context
+        for b in args.batches:
+            from torchext.models.gemma3 import Gemma3
+            batched = Gemma3(model.weights, model.cfg, batch=b, max_seq_len=args.tokens + 8, dtype=dtype, device="cuda")
+            step_b = torch.compile(decode_step(batched), mode="reduce-overhead", fullgraph=True)
+            run = decode_loop(step_b, args.tokens, 0, batch=b)
+            run()
+            run()
+            res[f"decode_batch{b}_tok_s"] = b * args.tokens / timed(run)
+            del batched, step_b, run
+
         # the text, as a sanity check of what was timed
         from torchext.models.gemma3 import generate
         ids = tok.encode("The three primary colors are")
@@ -148,6 +162,9 @@ def main(argv=None) -> int:
     for name in ("decode", after):
         split = res[f"{name}_split_us_per_token"]
         print(f"  {name}, per token, us: " + ", ".join(f"{k} {v:.1f}" for k, v in split.items() if isinstance(v, float)))
+    if args.batches:
+        print("batched decode, tok/s (all sequences): " +
+              ", ".join(f"batch {b} {res[f'decode_batch{b}_tok_s']:.0f}" for b in args.batches))
     print(f"prefill {args.prefill}: compiled {res['prefill_compiled_tok_s']:.0f} tok/s "
           f"({res['prefill_compiled_ms']:.2f} ms), eager {res['prefill_eager_tok_s']:.0f} tok/s; "
           f"llama.cpp {LLAMA_CPP['prefill_tok_s'][0]:.0f}-{LLAMA_CPP['prefill_tok_s'][1]:.0f}")

@@ -45,14 +45,13 @@ def sequence(seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module")
-def trained(gguf_file):
+def train_lora(path, device="cpu", dtype=torch.float32):
     """(peft model, losses, gradients of the first step, packed bytes before training) after 8
     AdamW steps on one batch, LoRA on every QuantLinear of the decoder layers."""
-    model = hf.from_gguf(gguf_file)
+    model = hf.from_gguf(path, device=device, dtype=dtype)
     before = packed_bytes(model)
     peft_model = peft.get_peft_model(model, lora_config())
-    ids = sequence()
+    ids = sequence().to(device)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     losses, first_grads = [], None
     for _ in range(8):
@@ -67,6 +66,11 @@ def trained(gguf_file):
         optimizer.zero_grad()
         losses.append(loss.item())
     return peft_model, losses, first_grads, before
+
+
+@pytest.fixture(scope="module")
+def trained(gguf_file):
+    return train_lora(gguf_file)
 
 
 def test_lora_layers_wrap_the_packed_layers(trained):
@@ -154,3 +158,19 @@ def test_merging_is_refused(gguf_file):
         peft_model.merge_and_unload()
     after = packed_bytes(peft_model.get_base_model())
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_cuda_in_bfloat16(trained, gguf_file):
+    """The same training on the GPU with bf16 activations: 48 rows per matmul take the tiled GEMM
+    (weights exact, activations unrounded) forward and the dense path backward. The loss falls as
+    on the CPU, the bytes stay, and the first loss is the CPU's fp32 one to bf16's precision: each
+    matmul's inputs round to 8 mantissa bits (relative 2^-9 each), ~5 chained matmuls and a
+    log-softmax over 384 logits; bound 2% of the loss (a wrong weight moves it by its whole size)."""
+    _, cpu_losses, _, _ = trained
+    peft_model, losses, grads, before = train_lora(gguf_file, device="cuda", dtype=torch.bfloat16)
+    assert losses[-1] < 0.8 * losses[0], losses
+    after = packed_bytes(peft_model.get_base_model())
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert all(torch.isfinite(g.float()).all() for g in grads.values())
+    assert abs(losses[0] - cpu_losses[0]) <= 0.02 * cpu_losses[0], (losses[0], cpu_losses[0])

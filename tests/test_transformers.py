@@ -289,6 +289,27 @@ def test_greedy_generation_matches_transformers(models):
     assert (plain.max(-1).values - chosen <= 2 * GEMV_VS_PLAIN * plain.abs().max()).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a.name in ("llama", "gemma3")], ids=lambda a: a.name)
+def test_cuda_generation_compiled_with_static_cache(arch, tmp_path):
+    """The same file on the GPU: generate() with transformers' static cache, which on CUDA compiles
+    the forward pass (torch.compile, mode "reduce-overhead": CUDA graphs) on its own. The prompt
+    takes the dense path, each decode step the Q8_1 GEMV: the same rounding rule as on the CPU, so
+    the tokens are the CPU model's (fp32 accumulation order differs; a flip would need a near-tie,
+    which these seeds do not have). Two architectures keep the compile time down (llama: plain
+    linears and a separate head; gemma3: tied head, norms with offsets, sliding windows)."""
+    path = tmp_path / f"{arch.name}.gguf"
+    write_gguf(arch, path, seed=ARCHS.index(arch))
+    ids = prompt(20, seed=1)
+    settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        want = hf.from_gguf(path).generate(ids, **settings)
+        gpu = hf.from_gguf(path, device="cuda")
+        assert all(b.device.type == "cuda" for b in gpu.buffers()) and all(p.is_cuda for p in gpu.parameters())
+        got = gpu.generate(ids.cuda(), cache_implementation="static", **settings)
+    assert got.cpu().tolist() == want.tolist()
+
+
 # ---- bad inputs -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
