@@ -89,7 +89,7 @@ def main() -> None:
     a = p.parse_args()
 
     from gguf import GGUFReader
-    from torchext.cache import ggml_k_n
+    from torchext.gguf_file import ggml_k_n
     path = a.gguf
     if path is None:
         from torchext.models.gemma3 import gguf_path

@@ -1,4 +1,5 @@
-"""WeightCache: named weights, quantized (raw GGUF bytes) or dense, and a GGUF file loader.
+"""WeightCache: named weights, quantized (raw GGUF bytes) or dense, loaded from GGUF files (whose
+reading and checks are torchext.gguf_file's).
 
 An entry is (tensor, qtype, n, k): a quantized weight is a uint8 tensor [n, row_bytes(qtype, k)]
 holding n rows of k values in a torchext weight format; a dense weight (qtype None) is a float
@@ -14,7 +15,6 @@ its entries are views into it: one read and one device copy instead of one per t
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -23,13 +23,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .formats import WEIGHT_TYPES, QType, block_values, row_bytes
-from .gguf_file import GGUFFile, GGUFTensor
+from .formats import QType, row_bytes
+from .gguf_file import VIEW_DTYPES, GGUFFile, GGUFTensor, tensor_from_bytes
 from .ops import qmatmul
-
-# Raw bytes must start on a 16-byte boundary for Q4_K/Q5_K (the kernels' 16-byte header loads;
-# the other formats need less, see csrc/checks.h). Fresh torch allocations are 64-byte aligned.
-_ALIGN = 16
+from .weights import WEIGHT_ALIGN, WEIGHT_IDS, as_weight_rows, check_weight_bytes, weight_format
 
 
 class CacheEntry(NamedTuple):
@@ -44,49 +41,6 @@ class CacheEntry(NamedTuple):
     def quantized(self) -> bool:
         """Whether the entry holds raw bytes of a weight format (else a dense tensor)."""
         return self.qtype is not None
-
-
-def weight_format(qtype) -> QType:
-    """The QType of a weight format torchext runs (ValueError for anything else, Q8_1 included:
-    that is the activation format)."""
-    try:
-        q = QType.of(qtype)
-    except (ValueError, TypeError):
-        q = None
-    if q not in WEIGHT_TYPES:
-        raise ValueError(f"qtype: unsupported weight format {getattr(qtype, 'name', qtype)!r}; "
-                         f"expected one of {[t.name for t in WEIGHT_TYPES]} (or None for a dense tensor)")
-    return q
-
-
-def check_weight_bytes(tensor: torch.Tensor, qtype: QType, n: int, k: int,
-                       names: tuple[str, str, str] = ("tensor", "n", "k")) -> None:
-    """ValueError unless `tensor` can hold an [n, k] weight of format qtype as raw bytes; the
-    messages call the three arguments by `names` (QuantLinear's are weight, out_features,
-    in_features)."""
-    what, n_name, k_name = names
-    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8:
-        got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise ValueError(f"{what}: expected raw {qtype.name} bytes as a uint8 tensor, got {got}")
-    for arg, v in ((n_name, n), (k_name, k)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
-            raise ValueError(f"{arg}: expected a positive int, got {v!r}")
-    if block_values(qtype) == 32 and k % 32:
-        raise ValueError(f"{k_name}: {qtype.name} rows are whole 32-value blocks, so {k_name} must be a multiple "
-                         f"of 32, got {k}")
-    expected = n * row_bytes(qtype, k)
-    if tensor.numel() != expected:
-        raise ValueError(f"{what}: expected {expected} bytes for {qtype.name} with {n_name}={n}, {k_name}={k} "
-                         f"({n} rows of {row_bytes(qtype, k)}), got {tensor.numel()} (shape {list(tensor.shape)})")
-
-
-def as_weight_rows(tensor: torch.Tensor, qtype: QType, n: int, k: int) -> torch.Tensor:
-    """The bytes as a contiguous, aligned [n, row_bytes] tensor: a view when they already are,
-    else one copy."""
-    rows = tensor.reshape(n, row_bytes(qtype, k))
-    if not rows.is_contiguous() or rows.data_ptr() % _ALIGN:
-        rows = rows.clone(memory_format=torch.contiguous_format)  # a fresh, aligned allocation
-    return rows
 
 
 class WeightCache:
@@ -309,7 +263,7 @@ class WeightCache:
             else:
                 for i, name in enumerate(wanted):
                     t = tensors[name]
-                    self._add(t, _tensor_from_bytes(g.read(t), t, g.name, device))
+                    self._add(t, tensor_from_bytes(g.read(t), t, g.name, device))
                     if progress is not None:
                         progress(i + 1, len(wanted), name)
         self.load_seconds = time.perf_counter() - start
@@ -327,17 +281,17 @@ class WeightCache:
         for t in g.tensors:
             offset = t.data_offset - g.data_offset
             if t.tensor_type.value in WEIGHT_IDS:
-                if offset % _ALIGN:  # GGUF's default alignment is 32; a file may set less
+                if offset % WEIGHT_ALIGN:  # GGUF's default alignment is 32; a file may set less
                     raise ValueError(f"pool: {t.name} starts {offset} bytes into the data section, not on a "
-                                     f"{_ALIGN}-byte boundary (file alignment {g.alignment}); "
+                                     f"{WEIGHT_ALIGN}-byte boundary (file alignment {g.alignment}); "
                                      "load it with pool=False")
                 views[t.name] = (offset, torch.uint8, (t.n, row_bytes(QType(t.tensor_type.value), t.k)))
-            elif t.tensor_type.name in _VIEW_DTYPES:
-                views[t.name] = (offset, _VIEW_DTYPES[t.tensor_type.name], t.numpy_shape)
+            elif t.tensor_type.name in VIEW_DTYPES:
+                views[t.name] = (offset, VIEW_DTYPES[t.tensor_type.name], t.numpy_shape)
         # pinned host memory lets the GPU copy run asynchronously
         host = g.read_data_section(pin_memory=device.type == "cuda")
         pool = host if device.type == "cpu" else host.to(device, non_blocking=True)
-        assert device.type == "meta" or pool.data_ptr() % _ALIGN == 0, "offsets keep the pool's alignment"
+        assert device.type == "meta" or pool.data_ptr() % WEIGHT_ALIGN == 0, "offsets keep the pool's alignment"
 
         # entries first, stored at the end: an error (a type gguf cannot dequantize) leaves the cache as it was
         pooled, others = {}, {}
@@ -353,7 +307,7 @@ class WeightCache:
                     pooled[t.name] = self._dense_entry(view, None, None)
             else:  # a quantized type torchext does not run: dequantized into its own tensor
                 raw = host[t.data_offset - g.data_offset:][:t.n_bytes]
-                others[t.name] = self._dense_entry(_tensor_from_bytes(raw, t, g.name, device), None, None)
+                others[t.name] = self._dense_entry(tensor_from_bytes(raw, t, g.name, device), None, None)
             if progress is not None:
                 progress(i + 1, len(g.tensors), t.name)
         for name in pooled:
@@ -367,23 +321,6 @@ class WeightCache:
         return cls().load_gguf(path, **kwargs)
 
 
-WEIGHT_IDS = frozenset(q.value for q in WEIGHT_TYPES)
-
-
-def ggml_k_n(t) -> tuple[int, int]:
-    """(k, n) of a GGUFReader tensor: k = ne0 (the row length, first in ggml's dims), n the rest."""
-    dims = [int(d) for d in t.shape]
-    return dims[0], math.prod(dims[1:])
-
-
-# the tensor types kept as they are stored, viewed as a torch dtype (little-endian, as torch on every
-# host it runs on)
-_VIEW_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-}
-
-
 def _view_bytes(dtype: torch.dtype, shape) -> int:
     return math.prod(shape) * dtype.itemsize
 
@@ -391,20 +328,3 @@ def _view_bytes(dtype: torch.dtype, shape) -> int:
 def _pool_view(pool: torch.Tensor, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
     """The bytes pool[offset:] as a `dtype` tensor of `shape`, a view (no copy)."""
     return pool[offset:offset + _view_bytes(dtype, shape)].view(dtype).view(shape)
-
-
-def _tensor_from_bytes(raw: torch.Tensor, t: GGUFTensor, file: str, device: torch.device) -> torch.Tensor:
-    """A GGUF tensor on `device` from its bytes (a uint8 CPU tensor): the bytes themselves for a
-    weight format, a typed view for the _VIEW_DTYPES types, else gguf's float32 dequantization."""
-    from gguf.quants import dequantize as gguf_dequantize
-
-    if t.tensor_type.value in WEIGHT_IDS:
-        return raw.to(device)
-    if t.tensor_type.name in _VIEW_DTYPES:
-        return raw.view(_VIEW_DTYPES[t.tensor_type.name]).view(t.numpy_shape).to(device)
-    try:
-        values = gguf_dequantize(raw.numpy().reshape(t.byte_shape), t.tensor_type)  # float32
-    except NotImplementedError:
-        raise ValueError(f"{file}: tensor {t.name!r}: gguf cannot dequantize tensor type {t.tensor_type.name}; "
-                         "leave it out with names=...") from None
-    return torch.from_numpy(values).to(device)

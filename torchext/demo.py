@@ -61,7 +61,8 @@ def weight_parity(reader, cache_device) -> dict[str, float]:
     from gguf.quants import dequantize as gguf_dequantize
 
     from . import qmatmul
-    from .cache import WEIGHT_IDS, ggml_k_n
+    from .gguf_file import ggml_k_n
+    from .weights import WEIGHT_IDS
     from .formats import QType
 
     gen = torch.Generator().manual_seed(0)

@@ -34,6 +34,8 @@ from typing import NamedTuple, NoReturn
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from .weights import WEIGHT_IDS
+
 INT64_MAX = 2**63 - 1  # ggml counts elements and bytes in int64
 SUPPORTED_VERSIONS = (2, 3)
 MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -349,3 +351,34 @@ class _TableReader:
         if max(elements, n_bytes) > INT64_MAX:
             self.fail(f"{tensor_type.name} of shape {list(shape)} is {n_bytes} bytes, more than int64 holds")
         return n_bytes
+
+
+def ggml_k_n(t) -> tuple[int, int]:
+    """(k, n) of a GGUFReader tensor: k = ne0 (the row length, first in ggml's dims), n the rest."""
+    dims = [int(d) for d in t.shape]
+    return dims[0], math.prod(dims[1:])
+
+
+#: The tensor types kept as they are stored, viewed as a torch dtype (little-endian, as torch on every
+#: host it runs on)
+VIEW_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+}
+
+
+def tensor_from_bytes(raw: torch.Tensor, t: GGUFTensor, file: str, device: torch.device) -> torch.Tensor:
+    """A GGUF tensor on `device` from its bytes (a uint8 CPU tensor): the bytes themselves for a
+    weight format, a typed view for the VIEW_DTYPES types, else gguf's float32 dequantization."""
+    from gguf.quants import dequantize as gguf_dequantize
+
+    if t.tensor_type.value in WEIGHT_IDS:
+        return raw.to(device)
+    if t.tensor_type.name in VIEW_DTYPES:
+        return raw.view(VIEW_DTYPES[t.tensor_type.name]).view(t.numpy_shape).to(device)
+    try:
+        values = gguf_dequantize(raw.numpy().reshape(t.byte_shape), t.tensor_type)  # float32
+    except NotImplementedError:
+        raise ValueError(f"{file}: tensor {t.name!r}: gguf cannot dequantize tensor type {t.tensor_type.name}; "
+                         "leave it out with names=...") from None
+    return torch.from_numpy(values).to(device)

@@ -67,7 +67,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .cache import WEIGHT_IDS, _tensor_from_bytes, as_weight_rows, check_weight_bytes, weight_format
+from .gguf_file import tensor_from_bytes
+from .weights import WEIGHT_IDS, as_weight_rows, check_weight_bytes, weight_format
 from .formats import QType
 from .gguf_file import GGUFFile, GGUFTensor
 from .nn import QuantLinear
@@ -259,7 +260,7 @@ def _load_tensors(model: nn.Module, g: GGUFFile, architecture: str, dtype: torch
         if t.tensor_type.value in WEIGHT_IDS:
             _load_packed(model, g, t, processor, names, produced, dtype)
             continue
-        raw = _tensor_from_bytes(g.read(t), t, g.name, torch.device("cpu"))
+        raw = tensor_from_bytes(g.read(t), t, g.name, torch.device("cpu"))
         if t.tensor_type.name not in ("F32", "F16", "BF16", "F64") and raw.is_floating_point():
             dequantized.append(f"{t.name} ({t.tensor_type.name})")
         values = raw.float().numpy() if raw.is_floating_point() else raw.numpy()

@@ -19,7 +19,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .cache import WeightCache, as_weight_rows, check_weight_bytes, weight_format
+from .cache import WeightCache
+from .weights import as_weight_rows, check_weight_bytes, weight_format
 from .formats import WEIGHT_TYPES, block_values
 from .ops import GEMV_MAX_ROWS, qmatmul, qmatmul_q8_1, quantize, quantize_q8_1
 

@@ -31,7 +31,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import WEIGHT_IDS, WeightCache, ggml_k_n, weight_format
+from .cache import WeightCache
+from .gguf_file import ggml_k_n
+from .weights import WEIGHT_IDS, weight_format
 from .formats import WEIGHT_TYPES, QType, block_bytes, block_values, row_bytes
 from .gguf_file import GGUFFile
 from .nn import QuantLinear
