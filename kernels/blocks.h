@@ -37,7 +37,8 @@ namespace torchext {
   X(Q5_K, 13)                      \
   X(Q6_K, 14)                      \
   X(IQ4_NL, 20)                    \
-  X(IQ4_XS, 23)
+  X(IQ4_XS, 23)                    \
+  X(TQ2_0, 35)
 
 enum class QType : int64_t {
 #define TORCHEXT_QTYPE_ID(name, id) name = id,
@@ -122,6 +123,11 @@ struct block_q5_1 {  // x = d * q + m
   uint8_t qs[16];
 };
 
+struct block_tq2_0 {  // ternary: x = d * (q - 1), q the crumb of a value laid out as Q2_K's (0..2)
+  uint8_t qs[64];
+  fp16_bits d;
+};
+
 static_assert(sizeof(block_q8_1) == 36, "Q8_1 block is 36 bytes");
 // IQ4_NL / IQ4_XS (non-linear 4-bit): each nibble indexes the 16 levels of kIQ4Levels (quant_traits.h).
 struct block_iq4_nl {  // 32 values: x = d * level[q]; byte l: low nibble value l, high nibble value l + 16
@@ -137,6 +143,7 @@ struct block_iq4_xs {  // 8 sub-blocks of 32: x = d * (ls - 32) * level[q], ls a
 
 static_assert(sizeof(block_q2_K) == 84, "Q2_K block is 84 bytes");
 static_assert(sizeof(block_q3_K) == 110, "Q3_K block is 110 bytes");
+static_assert(sizeof(block_tq2_0) == 66, "TQ2_0 block is 66 bytes");
 static_assert(sizeof(block_q4_K) == 144, "Q4_K block is 144 bytes");
 static_assert(sizeof(block_q5_K) == 176, "Q5_K block is 176 bytes");
 static_assert(sizeof(block_q6_K) == 210, "Q6_K block is 210 bytes");

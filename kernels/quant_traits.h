@@ -497,6 +497,45 @@ struct QuantTraits<QType::Q3_K> : CrumbKQuantGeometry<QType::Q3_K, block_q3_K, 2
   }
 };
 
+// ---------------------------------------------------------------- TQ2_0
+// Ternary, one fp16 d per 256 values: x = d * (q - 1), q the crumb Q2_K's layout puts there. Its
+// items and slices are Q2_K's; with no sub-block scales a slice's d is the block's.
+template <>
+struct QuantTraits<QType::TQ2_0> : CrumbKQuantGeometry<QType::TQ2_0, block_tq2_0, 2> {  // 66-byte blocks
+  static constexpr bool kMmaMins = false;
+
+  static TORCHEXT_HD uint32_t trits(uint32_t qs, int i) { return uint32_t(bytes_minus(crumbs(qs, i), 1)); }
+
+  static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int c, float* out) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    const float d = fp16f(b.d);
+    for (int l = 0; l < 32; ++l) out[l] = mul_sub(d, float(int((b.qs[32 * (c / 4) + l] >> (2 * (c % 4))) & 3) - 1), 0.0f);
+  }
+
+  template <int B, class X>
+  static TORCHEXT_HD void dot_item(const uint8_t* p, int t, const X& x, float (&acc)[B]) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    const int h = t / 4, l0 = 8 * (t % 4);
+    const uint32_t q0 = load_u32<kAlign>(b.qs + 32 * h + l0), q1 = load_u32<kAlign>(b.qs + 32 * h + l0 + 4);
+    const float d = fp16f(b.d);
+    for_quarters<B>(h, l0, x, [&](int r, int i, const int (&xq)[2], float xd) {
+      acc[r] += d * xd * float(dp4a(int(trits(q1, i)), xq[1], dp4a(int(trits(q0, i)), xq[0], 0)));
+    });
+  }
+
+  struct MmaRaw {
+    uint32_t qs[2];  // qs[32h + 16j + 4t ..]
+    fp16_bits d;
+  };
+  static TORCHEXT_HD void mma_load(const uint8_t* p, int h, int t, MmaRaw& r) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    TORCHEXT_UNROLL
+    for (int j = 0; j < 2; ++j) r.qs[j] = load_u32<kAlign>(b.qs + 32 * h + 16 * j + 4 * t);
+    r.d = b.d;
+  }
+  static TORCHEXT_HD MmaSlice<1> mma_slice(const MmaRaw& r, int s) { return {{trits(r.qs[s % 2], s / 2)}, fp16f(r.d), 0.0f}; }
+};
+
 // ---------------------------------------------------------------- 32-value formats
 // One item per block. `Offset` and the zero point make Q4_0/Q5_0 symmetric formats:
 // sum((q - z) * x) = d8 * sum(q * xq) - z * s, with s the Q8_1 block's input sum.

@@ -28,6 +28,7 @@ class QType(enum.IntEnum):
     Q6_K = GGMLQuantizationType.Q6_K.value
     IQ4_NL = GGMLQuantizationType.IQ4_NL.value
     IQ4_XS = GGMLQuantizationType.IQ4_XS.value
+    TQ2_0 = GGMLQuantizationType.TQ2_0.value
 
     @classmethod
     def of(cls, fmt) -> "QType":
@@ -66,13 +67,13 @@ SMALL_BLOCK_TYPES = tuple(q for q in WEIGHT_TYPES if q not in K_QUANTS)
 
 #: Byte offsets of each weight format's fp16 fields in one block: d, then dmin (k-quants) or m
 #: (Q4_1, Q5_1); Q2_K's d and dmin follow scales[16] and qs[64], Q3_K's d hmask[32], qs[64] and
-#: scales[12], Q6_K's d ql[128], qh[64] and scales[16] (layouts per llama.cpp's
+#: scales[12], Q6_K's d ql[128], qh[64] and scales[16], TQ2_0's d qs[64] (layouts per llama.cpp's
 #: ggml-common.h, as kernels/blocks.h spells them). Every other byte is quants or packed scale codes,
 #: valid whatever its value: random bytes with finite values here decode to finite weights.
 FP16_FIELDS = {
     QType.Q4_0: (0,), QType.Q4_1: (0, 2), QType.Q5_0: (0,), QType.Q5_1: (0, 2), QType.Q8_0: (0,),
     QType.Q2_K: (80, 82), QType.Q3_K: (108,), QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,),
-    QType.IQ4_NL: (0,), QType.IQ4_XS: (0,),
+    QType.IQ4_NL: (0,), QType.IQ4_XS: (0,), QType.TQ2_0: (64,),
 }
 
 #: The byte alignment a weight's data must keep: each format's blocks are read with loads of that
@@ -80,7 +81,7 @@ FP16_FIELDS = {
 #: blocks, 8 for IQ4_XS's 136-byte blocks, 2 for the rest); the ops reject anything less.
 ALIGNMENT = {
     QType.Q4_0: 2, QType.Q4_1: 4, QType.Q5_0: 2, QType.Q5_1: 4, QType.Q8_0: 2, QType.Q2_K: 4, QType.Q3_K: 2,
-    QType.Q4_K: 16, QType.Q5_K: 16, QType.Q6_K: 2, QType.IQ4_NL: 2, QType.IQ4_XS: 8,
+    QType.Q4_K: 16, QType.Q5_K: 16, QType.Q6_K: 2, QType.IQ4_NL: 2, QType.IQ4_XS: 8, QType.TQ2_0: 2,
 }
 
 #: The formats torchext.quantize makes (llama.cpp's reference quantizers); the IQ formats need an

@@ -140,6 +140,16 @@ struct Avx2Chunk<QuantTraits<QType::Q3_K>> {
 };
 
 template <>
+struct Avx2Chunk<QuantTraits<QType::TQ2_0>> {
+  static constexpr bool kSigned = true, kHalfScales = false, kHalfMins = false;
+  TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int c) {
+    const block_tq2_0& b = *reinterpret_cast<const block_tq2_0*>(p);
+    const float d = half(b.d);
+    return Chunk{_mm256_sub_epi8(chunk_crumbs(b.qs, c), _mm256_set1_epi8(1)), d, d, 0, 0.0f, 0.0f};
+  }
+};
+
+template <>
 struct Avx2Chunk<QuantTraits<QType::Q8_0>> {
   static constexpr bool kSigned = true, kHalfScales = false, kHalfMins = false;
   TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int) {

@@ -457,6 +457,24 @@ void quantize_block(const float* x, block_q3_K& b) {
   pack_crumbs(crumb, b.qs);
 }
 
+// ---------------------------------------------------------------- TQ1_0, TQ2_0
+
+// gguf's ternary rule: d = max|x| over the block, q = round-half-away(x / d) in -1..1 (x * (1/d) in
+// fp32, as numpy computes it); q + 1 into `t`.
+void ternary_quants(const float* x, fp16_bits& d_out, uint8_t* t) {
+  float d = 0.0f;
+  for (int i = 0; i < 256; ++i) d = std::max(d, std::fabs(x[i]));
+  const float id = d == 0.0f ? 0.0f : 1.0f / d;
+  for (int i = 0; i < 256; ++i) t[i] = uint8_t(int(std::round(x[i] * id)) + 1);
+  d_out = float_to_fp16(d);
+}
+
+void quantize_block(const float* x, block_tq2_0& b) {
+  uint8_t t[256];
+  ternary_quants(x, b.d, t);
+  pack_crumbs(t, b.qs);
+}
+
 // ---------------------------------------------------------------- Q6_K
 
 
