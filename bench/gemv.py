@@ -45,7 +45,8 @@ LARGE_BATCHES = [16, 64, 512]      # its large-batch ones (x bf16 at 512 is a ta
 MAX_GEMV_ROWS = 16                 # kernels/batch_policy.h: up to 16 rows the Q8_1 GEMV, then dense
 
 # Column order of the printed tables (labels): baselines, then torchext per weight format.
-GEMV_LABELS = ["bf16", "int4", "Q4_K", "q4k_q8", "q8_1+q4k_q8", "q8_1", "Q5_K", "Q6_K", "Q8_0", "Q5_0", "IQ4_XS", "IQ4_NL"]
+GEMV_LABELS = ["bf16", "int4", "Q4_K", "q4k_q8", "q8_1+q4k_q8", "q8_1", "Q5_K", "Q6_K", "Q8_0", "Q5_0", "IQ4_XS", "IQ4_NL",
+               "Q3_K", "Q2_K"]
 PLOT_LABELS = [lb for lb in GEMV_LABELS if lb != "q8_1"]  # the plot shows matmuls; q8_1 has no weight
 ELEMENTWISE_LABELS = ["copy", "q8_1", "gelu", "gelu tanh", "gelu_", "bias_gelu", "F.gelu",
                       "F.gelu tanh", "F.gelu(x+b)"]

@@ -31,11 +31,14 @@ namespace torchext {
   X(Q5_0, 6)                       \
   X(Q5_1, 7)                       \
   X(Q8_0, 8)                       \
+  X(Q2_K, 10)                      \
+  X(Q3_K, 11)                      \
   X(Q4_K, 12)                      \
   X(Q5_K, 13)                      \
   X(Q6_K, 14)                      \
   X(IQ4_NL, 20)                    \
-  X(IQ4_XS, 23)
+  X(IQ4_XS, 23)                    \
+  X(TQ2_0, 35)
 
 enum class QType : int64_t {
 #define TORCHEXT_QTYPE_ID(name, id) name = id,
@@ -81,6 +84,20 @@ struct block_q6_K {  // 16 sub-blocks of 16: x = d*scales[j]*(q - 32), q 6 bits
   int8_t scales[16];
   fp16_bits d;
 };
+// Q2_K / Q3_K: value 128h + 32i + l (h = 0..1, i = 0..3, l = 0..31) is bits 2i, 2i+1 of qs[32h + l];
+// 16 sub-blocks of 16 values, sub-block 8h + 2i + l/16.
+struct block_q2_K {  // x = d*sc*q - dmin*m, sc / m the low / high nibble of scales[sub-block]
+  uint8_t scales[16];
+  uint8_t qs[64];
+  fp16_bits d;
+  fp16_bits dmin;
+};
+struct block_q3_K {  // x = d*(s - 32)*(q - 4*(1 - hbit)), s a 6-bit scale
+  uint8_t hmask[32];   // bit 4h + i of hmask[l]: value 128h + 32i + l's 3rd bit
+  uint8_t qs[64];
+  uint8_t scales[12];  // s of sub-block j: low 4 bits nibble j/8 of byte j%8, high 2 bits bits 2(j/4) of byte 8 + j%4
+  fp16_bits d;
+};
 struct block_q8_0 {  // x = d * qs[i]
   fp16_bits d;
   int8_t qs[32];
@@ -106,6 +123,11 @@ struct block_q5_1 {  // x = d * q + m
   uint8_t qs[16];
 };
 
+struct block_tq2_0 {  // ternary: x = d * (q - 1), q the crumb of a value laid out as Q2_K's (0..2)
+  uint8_t qs[64];
+  fp16_bits d;
+};
+
 static_assert(sizeof(block_q8_1) == 36, "Q8_1 block is 36 bytes");
 // IQ4_NL / IQ4_XS (non-linear 4-bit): each nibble indexes the 16 levels of kIQ4Levels (quant_traits.h).
 struct block_iq4_nl {  // 32 values: x = d * level[q]; byte l: low nibble value l, high nibble value l + 16
@@ -119,6 +141,9 @@ struct block_iq4_xs {  // 8 sub-blocks of 32: x = d * (ls - 32) * level[q], ls a
   uint8_t qs[128];      // bytes 16j .. 16j+15: sub-block j, low nibble value l, high nibble value l + 16
 };
 
+static_assert(sizeof(block_q2_K) == 84, "Q2_K block is 84 bytes");
+static_assert(sizeof(block_q3_K) == 110, "Q3_K block is 110 bytes");
+static_assert(sizeof(block_tq2_0) == 66, "TQ2_0 block is 66 bytes");
 static_assert(sizeof(block_q4_K) == 144, "Q4_K block is 144 bytes");
 static_assert(sizeof(block_q5_K) == 176, "Q5_K block is 176 bytes");
 static_assert(sizeof(block_q6_K) == 210, "Q6_K block is 210 bytes");

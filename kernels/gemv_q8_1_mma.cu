@@ -2,9 +2,9 @@
 // (QuantTraits::mma_load and mma_slice supply each format's int8 fragments and scales).
 //
 // A warp owns 16 weight rows and computes them against up to 8 (NT = 1) or 16 (NT = 2) activation
-// rows with mma.sync: per slice of 32 values (16 for Q6_K, whose scales cover 16), one m16n8k32
-// (m16n8k16) product per 8 activation rows gives exact int32 dot products, which are scaled in
-// fp32 as the DP4A kernel scales them: acc += d_w * d_x * isum + m_w * s_x. The 8 warps of a CTA
+// rows with mma.sync: per slice of 32 values (16 for Q2_K, Q3_K, Q6_K, whose scales cover 16), one
+// m16n8k32 (m16n8k16) product per 8 activation rows gives exact int32 dot products, which are scaled
+// in fp32 as the DP4A kernel scales them: acc += d_w * d_x * isum + m_w * s_x. The 8 warps of a CTA
 // split the rows' items between them when there are too few rows to fill the GPU; their partial
 // sums meet in shared memory. Activations are read straight from the Q8_1 blocks (no staging
 // prologue): the warps of a CTA read the same blocks, which L1 serves.
@@ -117,11 +117,21 @@ __global__ void __launch_bounds__(kThreads, 2)
           acc[j][1] += sl.d * s1.d * float(c[1]);
           acc[j][2] += sh.d * s0.d * float(c[2]);
           acc[j][3] += sh.d * s1.d * float(c[3]);
-          if constexpr (kW == 2) {  // only 32-value slices carry a min (MmaSlice, quant_traits.h)
+          if constexpr (kW == 2) {  // a 32-value slice's min meets its Q8_1 block's input sum
             acc[j][0] += sl.m * s0.s;
             acc[j][1] += sl.m * s1.s;
             acc[j][2] += sh.m * s0.s;
             acc[j][3] += sh.m * s1.s;
+          } else if constexpr (T::kMmaMins) {
+            // a 16-value slice's min meets the sum of its 16 activations: ones times B gives it for
+            // columns 2t, 2t+1 in every row of C
+            const uint32_t ones[2] = {0x01010101u, 0x01010101u};
+            int xsum[4] = {0, 0, 0, 0};
+            mma_s8<1>(xsum, ones, bq);
+            acc[j][0] += sl.m * s0.d * float(xsum[0]);
+            acc[j][1] += sl.m * s1.d * float(xsum[1]);
+            acc[j][2] += sh.m * s0.d * float(xsum[0]);
+            acc[j][3] += sh.m * s1.d * float(xsum[1]);
           }
         }
       }

@@ -51,10 +51,16 @@ TORCHEXT_HD void load_16_bytes(const uint8_t* p, uint32_t (&w)[4]) {
 #endif
 }
 
-// Bytes q in 0..63 become q - 32 as signed bytes, with no borrow between bytes.
-TORCHEXT_HD int bytes_minus_32(uint32_t q) {
-  return int(((q | 0x80808080u) - 0x20202020u) ^ 0x80808080u);
+// Bytes q in 0..127 become q - z (z in 0..127) as signed bytes, with no borrow between bytes.
+TORCHEXT_HD int bytes_minus(uint32_t q, uint32_t z) {
+  return int(((q | 0x80808080u) - z * 0x01010101u) ^ 0x80808080u);
 }
+
+// Bits 2i, 2i+1 of each byte of w: four 2-bit quants (Q2_K, Q3_K, TQ2_0 keep four per byte).
+TORCHEXT_HD uint32_t crumbs(uint32_t w, int i) { return (w >> (2 * i)) & 0x03030303u; }
+
+// The sum of four signed bytes (four Q8_1 activations), plus c.
+TORCHEXT_HD int byte_sum(int x, int c) { return dp4a(0x01010101, x, c); }
 
 // Bit j of `bits` (j = 0..3) moved to bit 4 of byte j: the 5th bits of four values.
 TORCHEXT_HD uint32_t spread_bits_to_bit4(uint32_t bits) {
@@ -119,8 +125,9 @@ struct KQuantHeader {
 // from the registers (mma_slice). A slice is 32 values (one
 // Q8_1 block; W = 2 words: values 4t..4t+3 and 16+4t..16+4t+3 as signed bytes) or 16 values (W = 1:
 // values 4t..4t+3), the order in which mma.sync's m16n8k32 and m16n8k16 fragments take their k
-// index. Value v of a slice is d * q + m (m meets the Q8_1 block's input sum, so only 32-value
-// slices may have one); mma_slice_first(item, s) is the block's value where slice s starts.
+// index. Value v of a slice is d * q + m: m meets the sum of the slice's rounded activations (a
+// 32-value slice: the Q8_1 block's input sum; a 16-value slice, only where the format sets kMmaMins:
+// an MMA of ones). mma_slice_first(item, s) is the block's value where slice s starts.
 template <int W>
 struct MmaSlice {
   uint32_t q[W];
@@ -247,6 +254,22 @@ struct KQuantTraits {
 template <> struct QuantTraits<QType::Q4_K> : FormatTraits<QType::Q4_K, KQuantTraits<block_q4_K, false>> {};
 template <> struct QuantTraits<QType::Q5_K> : FormatTraits<QType::Q5_K, KQuantTraits<block_q5_K, true>> {};
 
+// Item (h, l0) of the formats with 16-value sub-blocks (Q2_K, Q3_K, Q6_K): values l0 .. l0+7 of the
+// quarters i = 0..3 of half h, value 128h + 32i + l in Q8_1 block 4h + i. Calls f(r, i, xq, d_x) with
+// each activation row's two quant words of those values and its block's scale.
+template <int B, class X, class F>
+TORCHEXT_HD void for_quarters(int h, int l0, const X& x, F&& f) {
+  TORCHEXT_UNROLL
+  for (int r = 0; r < B; ++r) {
+    TORCHEXT_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      int xq[2];
+      x.quants(r, 4 * h + i, l0 / 4, xq);
+      f(r, i, xq, x.scales(r, 4 * h + i).d);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- Q6_K
 // Values 128h + 32i + l (h = 0..1, i = 0..3, l = 0..31) take their low 4 bits from
 // ql[64h + 32*(i%2) + l] (low nibble for i < 2, high for i >= 2) and their high 2 bits from
@@ -283,28 +306,23 @@ struct QuantTraits<QType::Q6_K> {
       const uint32_t a = load_u32<kAlign>(b.ql + 64 * h + l0 + 4 * w);
       const uint32_t c = load_u32<kAlign>(b.ql + 64 * h + 32 + l0 + 4 * w);
       const uint32_t hb = load_u32<kAlign>(b.qh + 32 * h + l0 + 4 * w);
-      q[0][w] = bytes_minus_32((a & 0x0F0F0F0Fu) | ((hb & 0x03030303u) << 4));
-      q[1][w] = bytes_minus_32((c & 0x0F0F0F0Fu) | (((hb >> 2) & 0x03030303u) << 4));
-      q[2][w] = bytes_minus_32(((a >> 4) & 0x0F0F0F0Fu) | (((hb >> 4) & 0x03030303u) << 4));
-      q[3][w] = bytes_minus_32(((c >> 4) & 0x0F0F0F0Fu) | (((hb >> 6) & 0x03030303u) << 4));
+      q[0][w] = bytes_minus((a & 0x0F0F0F0Fu) | ((hb & 0x03030303u) << 4), 32);
+      q[1][w] = bytes_minus((c & 0x0F0F0F0Fu) | (((hb >> 2) & 0x03030303u) << 4), 32);
+      q[2][w] = bytes_minus(((a >> 4) & 0x0F0F0F0Fu) | (((hb >> 4) & 0x03030303u) << 4), 32);
+      q[3][w] = bytes_minus(((c >> 4) & 0x0F0F0F0Fu) | (((hb >> 6) & 0x03030303u) << 4), 32);
     }
     const float d = fp16f(b.d);
     const int s0 = 8 * h + l0 / 16;
-    TORCHEXT_UNROLL
-    for (int r = 0; r < B; ++r) {
-      TORCHEXT_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        int xq[2];
-        x.quants(r, 4 * h + i, l0 / 4, xq);
-        const int sum = dp4a(q[i][1], xq[1], dp4a(q[i][0], xq[0], 0));
-        acc[r] += d * float(b.scales[s0 + 2 * i]) * x.scales(r, 4 * h + i).d * float(sum);  // weight scales first
-      }
-    }
+    for_quarters<B>(h, l0, x, [&](int r, int i, const int (&xq)[2], float xd) {
+      const int sum = dp4a(q[i][1], xq[1], dp4a(q[i][0], xq[0], 0));
+      acc[r] += d * float(b.scales[s0 + 2 * i]) * xd * float(sum);  // weight scales first
+    });
   }
 
   // Scales cover 16 values, so MMA slices are 16 values: item h is half h of the block, slice
   // s = 2i + (l >= 16) its quarter i's values l = 0..15 or 16..31, with scale scales[8h + s].
   static constexpr int kMmaItems = 2, kMmaSlices = 8, kMmaWords = 1;
+  static constexpr bool kMmaMins = false;
   struct MmaRaw {
     uint32_t ql[4];  // ql[64h + 16j + 4t ..]: quarters j/2 (low nibbles) and j/2 + 2 (high)
     uint32_t qh[2];  // qh[32h + 16j + 4t ..]
@@ -328,11 +346,194 @@ struct QuantTraits<QType::Q6_K> {
     const uint32_t ql = (r.ql[2 * (i % 2) + half] >> (4 * (i / 2))) & 0x0F0F0F0Fu;
     const uint32_t qh = ((r.qh[half] >> (2 * i)) & 0x03030303u) << 4;
     MmaSlice<1> out;
-    out.q[0] = uint32_t(bytes_minus_32(ql | qh));
+    out.q[0] = uint32_t(bytes_minus(ql | qh, 32));
     out.d = fp16f(r.d) * float(int8_t(r.sc[s / 4] >> (8 * (s % 4))));
     out.m = 0.0f;
     return out;
   }
+};
+
+// ---------------------------------------------------------------- Q2_K, Q3_K
+// 16 sub-blocks of 16 values; value 128h + 32i + l is crumb i (bits 2i, 2i+1) of qs[32h + l] and
+// belongs to sub-block 8h + 2i + l/16. Q2_K: x = d*sc*q - dmin*m with 4-bit sc, m; Q3_K: x = d*s*q
+// with q = crumb + 4*hbit - 4 (hbit: bit 4h + i of hmask[l]) and s a 6-bit scale - 32. Items and
+// MMA slices follow Q6_K: item t covers l = 8(t%4) .. +7 of half t/4 for all four i; MMA item h is
+// half h, slice s = 2i + l/16 its sub-block 8h + s.
+template <QType T, class Block, int Align>
+struct CrumbKQuantGeometry {
+  static constexpr QType kType = T;
+  using block = Block;
+  static constexpr int kBytes = sizeof(block);
+  static constexpr int kAlign = Align;
+  static constexpr int kValues = 256;
+  static constexpr int kItems = 8;
+  static constexpr int kMmaItems = 2, kMmaSlices = 8, kMmaWords = 1;
+  static TORCHEXT_HD int mma_slice_first(int h, int s) { return 128 * h + 16 * s; }
+};
+
+template <>
+struct QuantTraits<QType::Q2_K> : CrumbKQuantGeometry<QType::Q2_K, block_q2_K, 4> {  // 84-byte blocks
+  static constexpr bool kMmaMins = true;
+
+  // d*sc and dmin*m of a sub-block from its scale byte and the word d | dmin << 16.
+  static TORCHEXT_HD float scale_of(uint32_t dd, int sc) { return fp16f(fp16_bits(dd & 0xFFFFu)) * float(sc & 0xF); }
+  static TORCHEXT_HD float min_of(uint32_t dd, int sc) { return fp16f(fp16_bits(dd >> 16)) * float(sc >> 4); }
+
+  static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int c, float* out) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    const int h = c / 4, i = c % 4;
+    const uint32_t dd = load_u32<kAlign>(reinterpret_cast<const uint8_t*>(&b.d));
+    for (int l = 0; l < 32; ++l) {
+      const int sc = b.scales[8 * h + 2 * i + l / 16];
+      out[l] = mul_sub(scale_of(dd, sc), float((b.qs[32 * h + l] >> (2 * i)) & 3), min_of(dd, sc));
+    }
+  }
+
+  // The min term meets the integer sum of the rounded activations, as every format's offset does.
+  template <int B, class X>
+  static TORCHEXT_HD void dot_item(const uint8_t* p, int t, const X& x, float (&acc)[B]) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    const int h = t / 4, l0 = 8 * (t % 4);
+    const uint32_t q0 = load_u32<kAlign>(b.qs + 32 * h + l0), q1 = load_u32<kAlign>(b.qs + 32 * h + l0 + 4);
+    const uint32_t dd = load_u32<kAlign>(reinterpret_cast<const uint8_t*>(&b.d));
+    for_quarters<B>(h, l0, x, [&](int r, int i, const int (&xq)[2], float xd) {
+      const int sum = dp4a(int(crumbs(q1, i)), xq[1], dp4a(int(crumbs(q0, i)), xq[0], 0));
+      const int xsum = byte_sum(xq[1], byte_sum(xq[0], 0));
+      const int sc = b.scales[8 * h + 2 * i + l0 / 16];
+      acc[r] += scale_of(dd, sc) * xd * float(sum) - min_of(dd, sc) * xd * float(xsum);  // weight scales first
+    });
+  }
+
+  struct MmaRaw {
+    uint32_t qs[2];  // qs[32h + 16j + 4t ..]: values l = 16j + 4t .. of every quarter i
+    uint32_t sc[2];  // scales[8h .. 8h+7]
+    uint32_t dd;     // d | dmin << 16
+  };
+  static TORCHEXT_HD void mma_load(const uint8_t* p, int h, int t, MmaRaw& r) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    TORCHEXT_UNROLL
+    for (int j = 0; j < 2; ++j) {
+      r.qs[j] = load_u32<kAlign>(b.qs + 32 * h + 16 * j + 4 * t);
+      r.sc[j] = load_u32<kAlign>(b.scales + 8 * h + 4 * j);
+    }
+    r.dd = load_u32<kAlign>(reinterpret_cast<const uint8_t*>(&b.d));
+  }
+  static TORCHEXT_HD MmaSlice<1> mma_slice(const MmaRaw& r, int s) {
+    const int sc = int((r.sc[s / 4] >> (8 * (s % 4))) & 0xFFu);
+    return {{crumbs(r.qs[s % 2], s / 2)}, scale_of(r.dd, sc), -min_of(r.dd, sc)};
+  }
+};
+
+// Q3_K's 6-bit scale of sub-block j, minus 32, from the 12 scale bytes as words w0..w2: its low 4
+// bits are nibble j/8 of byte j%8, its high 2 bits bits 2(j/4) of byte 8 + j%4.
+TORCHEXT_HD int q3k_scale(uint32_t w0, uint32_t w1, uint32_t w2, int j) {
+  const uint32_t low = ((j % 8 < 4 ? w0 : w1) >> (8 * (j % 4) + 4 * (j / 8))) & 0xFu;
+  const uint32_t high = (w2 >> (8 * (j % 4) + 2 * (j / 4))) & 3u;
+  return int(low | (high << 4)) - 32;
+}
+
+template <>
+struct QuantTraits<QType::Q3_K> : CrumbKQuantGeometry<QType::Q3_K, block_q3_K, 2> {  // 110-byte blocks
+  static constexpr bool kMmaMins = false;
+
+  // d * (s - 32) of sub-block j.
+  static TORCHEXT_HD float sub_d(const block& b, int j) {
+    const uint8_t* sc = b.scales;
+    return fp16f(b.d) * float(q3k_scale(load_u32<kAlign>(sc), load_u32<kAlign>(sc + 4), load_u32<kAlign>(sc + 8), j));
+  }
+  // Four signed quants from four qs bytes and their four hmask bytes: crumb i, 3rd bit 4h + i.
+  static TORCHEXT_HD uint32_t quants(uint32_t qs, uint32_t hm, int h, int i) {
+    return uint32_t(bytes_minus(crumbs(qs, i) | (((hm >> (4 * h + i)) & 0x01010101u) << 2), 4));
+  }
+
+  static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int c, float* out) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    const int h = c / 4, i = c % 4;
+    const float d_lo = sub_d(b, 8 * h + 2 * i), d_hi = sub_d(b, 8 * h + 2 * i + 1);
+    for (int l = 0; l < 32; ++l) {
+      const int q = int((b.qs[32 * h + l] >> (2 * i)) & 3) + 4 * int((b.hmask[l] >> (4 * h + i)) & 1) - 4;
+      out[l] = mul_sub(l < 16 ? d_lo : d_hi, float(q), 0.0f);
+    }
+  }
+
+  template <int B, class X>
+  static TORCHEXT_HD void dot_item(const uint8_t* p, int t, const X& x, float (&acc)[B]) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    const int h = t / 4, l0 = 8 * (t % 4);
+    uint32_t qs[2], hm[2];
+    TORCHEXT_UNROLL
+    for (int w = 0; w < 2; ++w) {
+      qs[w] = load_u32<kAlign>(b.qs + 32 * h + l0 + 4 * w);
+      hm[w] = load_u32<kAlign>(b.hmask + l0 + 4 * w);
+    }
+    for_quarters<B>(h, l0, x, [&](int r, int i, const int (&xq)[2], float xd) {
+      const int sum = dp4a(int(quants(qs[1], hm[1], h, i)), xq[1], dp4a(int(quants(qs[0], hm[0], h, i)), xq[0], 0));
+      acc[r] += sub_d(b, 8 * h + 2 * i + l0 / 16) * xd * float(sum);  // weight scales first
+    });
+  }
+
+  struct MmaRaw {
+    uint32_t qs[2];  // qs[32h + 16j + 4t ..]
+    uint32_t hm[2];  // hmask[16j + 4t ..]
+    uint32_t sc[3];  // the 12 scale bytes
+    fp16_bits d;
+    int h;
+  };
+  static TORCHEXT_HD void mma_load(const uint8_t* p, int h, int t, MmaRaw& r) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    TORCHEXT_UNROLL
+    for (int j = 0; j < 2; ++j) {
+      r.qs[j] = load_u32<kAlign>(b.qs + 32 * h + 16 * j + 4 * t);
+      r.hm[j] = load_u32<kAlign>(b.hmask + 16 * j + 4 * t);
+    }
+    TORCHEXT_UNROLL
+    for (int j = 0; j < 3; ++j) r.sc[j] = load_u32<kAlign>(b.scales + 4 * j);
+    r.d = b.d;
+    r.h = h;
+  }
+  static TORCHEXT_HD MmaSlice<1> mma_slice(const MmaRaw& r, int s) {
+    const float d = fp16f(r.d) * float(q3k_scale(r.sc[0], r.sc[1], r.sc[2], 8 * r.h + s));
+    return {{quants(r.qs[s % 2], r.hm[s % 2], r.h, s / 2)}, d, 0.0f};
+  }
+};
+
+// ---------------------------------------------------------------- TQ2_0
+// Ternary, one fp16 d per 256 values: x = d * (q - 1), q the crumb Q2_K's layout puts there. Its
+// items and slices are Q2_K's; with no sub-block scales a slice's d is the block's.
+template <>
+struct QuantTraits<QType::TQ2_0> : CrumbKQuantGeometry<QType::TQ2_0, block_tq2_0, 2> {  // 66-byte blocks
+  static constexpr bool kMmaMins = false;
+
+  static TORCHEXT_HD uint32_t trits(uint32_t qs, int i) { return uint32_t(bytes_minus(crumbs(qs, i), 1)); }
+
+  static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int c, float* out) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    const float d = fp16f(b.d);
+    for (int l = 0; l < 32; ++l) out[l] = mul_sub(d, float(int((b.qs[32 * (c / 4) + l] >> (2 * (c % 4))) & 3) - 1), 0.0f);
+  }
+
+  template <int B, class X>
+  static TORCHEXT_HD void dot_item(const uint8_t* p, int t, const X& x, float (&acc)[B]) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    const int h = t / 4, l0 = 8 * (t % 4);
+    const uint32_t q0 = load_u32<kAlign>(b.qs + 32 * h + l0), q1 = load_u32<kAlign>(b.qs + 32 * h + l0 + 4);
+    const float d = fp16f(b.d);
+    for_quarters<B>(h, l0, x, [&](int r, int i, const int (&xq)[2], float xd) {
+      acc[r] += d * xd * float(dp4a(int(trits(q1, i)), xq[1], dp4a(int(trits(q0, i)), xq[0], 0)));
+    });
+  }
+
+  struct MmaRaw {
+    uint32_t qs[2];  // qs[32h + 16j + 4t ..]
+    fp16_bits d;
+  };
+  static TORCHEXT_HD void mma_load(const uint8_t* p, int h, int t, MmaRaw& r) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    TORCHEXT_UNROLL
+    for (int j = 0; j < 2; ++j) r.qs[j] = load_u32<kAlign>(b.qs + 32 * h + 16 * j + 4 * t);
+    r.d = b.d;
+  }
+  static TORCHEXT_HD MmaSlice<1> mma_slice(const MmaRaw& r, int s) { return {{trits(r.qs[s % 2], s / 2)}, fp16f(r.d), 0.0f}; }
 };
 
 // ---------------------------------------------------------------- 32-value formats

@@ -111,9 +111,9 @@ def test_put_copies_only_unaligned_or_strided_bytes():
         ((torch.zeros(64, 288), "Q4_K", 64, 512),
          r"tensor: expected raw Q4_K bytes as a uint8 tensor, got torch.float32"),
         ((torch.zeros(10, 36, dtype=torch.uint8), "Q8_1", 10, 32), r"qtype: unsupported weight format 'Q8_1'"),
-        ((torch.zeros(10, 84, dtype=torch.uint8), G.Q2_K, 10, 256), r"qtype: unsupported weight format 'Q2_K'"),
+        ((torch.zeros(10, 292, dtype=torch.uint8), G.Q8_K, 10, 256), r"qtype: unsupported weight format 'Q8_K'"),
         ((torch.zeros(10, 84, dtype=torch.uint8), 99, 10, 256), r"qtype: unsupported weight format 99"),
-        ((torch.zeros(10, 84, dtype=torch.uint8), "Q3_K", 10, 256), r"qtype: unsupported weight format 'Q3_K'"),
+        ((torch.zeros(10, 292, dtype=torch.uint8), "Q8_K", 10, 256), r"qtype: unsupported weight format 'Q8_K'"),
         ((torch.zeros(10, 84, dtype=torch.uint8), "nonsense", 10, 256), r"qtype: unsupported weight format 'nonsense'"),
         ((torch.zeros(10, 144, dtype=torch.uint8), "Q4_K"), r"n and k: required for a quantized \(Q4_K\) weight"),
         ((torch.zeros(0, 144, dtype=torch.uint8), "Q4_K", 0, 256), r"n: expected a positive int, got 0"),
@@ -191,23 +191,22 @@ def test_matmul_forwards_to_the_ops(device, dtype):
 
 # ---- GGUF files ----------------------------------------------------------------------------------
 
-def q2_k_bytes(n: int, k: int, seed: int) -> np.ndarray:
-    """Random Q2_K rows (a format torchext does not run) with finite fp16 d, dmin at bytes 80, 82."""
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, size=(n, k // 256, 84), dtype=np.uint8)
-    raw[:, :, 80:84] = (rng.standard_normal((n, k // 256, 2)) * 0.01).astype("<f2").view(np.uint8)
-    return raw.reshape(n, -1)
+def nvfp4_bytes(n: int, k: int, seed: int) -> np.ndarray:
+    """Random NVFP4 rows (a format torchext does not run): every byte pattern decodes finite (its
+    scales are unsigned E4M3 bytes, at most 240)."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, k // 64 * 36), dtype=np.uint8)
 
 
 # name -> (ggml type, N, K): every weight format, N >= 32 (see the tolerance note), plus dense tensors
 QUANT_TENSORS = {f"blk.{i}.{qtype_name(q).lower()}.weight": (q, 32 + 8 * i, 512 if q in K_QUANTS else 96)
                  for i, q in enumerate(WEIGHT_QTYPES)}
+Q4_K_TENSOR = next(name for name, (q, _, _) in QUANT_TENSORS.items() if q == G.Q4_K)
 
 
 @pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory):
     """A GGUF file with a tensor of every torchext weight format, a 3-D (expert-stacked) Q8_0
-    tensor, F32, F16, BF16 and I32 tensors and a Q2_K one (dequantized by the loader).
+    tensor, F32, F16, BF16 and I32 tensors and an NVFP4 one (dequantized by the loader).
     Returns (path, {name: the numpy array written})."""
     path = tmp_path_factory.mktemp("gguf") / "weights.gguf"
     rng = np.random.default_rng(0)
@@ -220,11 +219,11 @@ def gguf_file(tmp_path_factory):
     bf16 = (rng.standard_normal((4, 32)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
     written["token_embd.weight"] = bf16.view(np.uint8).reshape(4, 64)
     written["positions"] = np.arange(12, dtype=np.int32).reshape(3, 4)
-    written["blk.0.q2k.weight"] = q2_k_bytes(8, 512, seed=31)
+    written["blk.0.nvfp4.weight"] = nvfp4_bytes(8, 512, seed=31)
 
     writer = GGUFWriter(str(path), "torchext-test")
     raw_types = {name: q for name, (q, _, _) in QUANT_TENSORS.items()}
-    raw_types.update({"blk.0.ffn_up_exps.weight": G.Q8_0, "token_embd.weight": G.BF16, "blk.0.q2k.weight": G.Q2_K})
+    raw_types.update({"blk.0.ffn_up_exps.weight": G.Q8_0, "token_embd.weight": G.BF16, "blk.0.nvfp4.weight": G.NVFP4})
     for name, a in written.items():
         if name in raw_types:  # raw bytes: raw_shape is the byte shape, the writer derives the ggml shape
             writer.add_tensor(name, a, raw_shape=a.shape, raw_dtype=raw_types[name])
@@ -243,7 +242,7 @@ def test_gguf_reader_layout(gguf_file):
     the uint8 byte rows [N, row_bytes] (numpy order), for F32 the values [N, K]."""
     path, _ = gguf_file
     tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
-    name = "blk.5.q4_k.weight"
+    name = Q4_K_TENSOR
     q, n, k = QUANT_TENSORS[name]
     t = tensors[name]
     assert t.tensor_type == G.Q4_K and [int(d) for d in t.shape] == [k, n]
@@ -258,11 +257,11 @@ def test_load_gguf(gguf_file, device):
     path, written = gguf_file
     calls = []
     cache = WeightCache()
-    assert cache.load_gguf(path, names=[s for s in written if s != "blk.0.q2k.weight"] + ["blk.0.q2k.weight"],
+    assert cache.load_gguf(path, names=[s for s in written if s != "blk.0.nvfp4.weight"] + ["blk.0.nvfp4.weight"],
                            device=device, progress=lambda *a: calls.append(a)) is cache
     assert list(cache) == list(written) and len(calls) == len(written)
     assert calls[0] == (1, len(written), "blk.0.q4_0.weight") and calls[-1] == (len(written), len(written),
-                                                                                  "blk.0.q2k.weight")
+                                                                                  "blk.0.nvfp4.weight")
     for name, (q, n, k) in QUANT_TENSORS.items():
         w, qtype, en, ek = cache[name]
         assert (qtype, en, ek) == (QType(q), n, k)
@@ -282,9 +281,9 @@ def test_load_gguf(gguf_file, device):
     assert np.array_equal(embd.float().cpu().numpy(), gguf_dequantize(written["token_embd.weight"], G.BF16))
     pos = cache["positions"].tensor
     assert pos.dtype == torch.int32 and np.array_equal(pos.cpu().numpy(), written["positions"])
-    q2 = cache["blk.0.q2k.weight"]  # a type torchext does not run: dequantized to float32 by gguf
-    assert (q2.qtype, q2.n, q2.k, q2.tensor.dtype) == (None, 8, 512, torch.float32)
-    assert np.array_equal(q2.tensor.cpu().numpy(), gguf_dequantize(written["blk.0.q2k.weight"], G.Q2_K))
+    unrun = cache["blk.0.nvfp4.weight"]  # a type torchext does not run: dequantized to float32 by gguf
+    assert (unrun.qtype, unrun.n, unrun.k, unrun.tensor.dtype) == (None, 8, 512, torch.float32)
+    assert np.array_equal(unrun.tensor.cpu().numpy(), gguf_dequantize(written["blk.0.nvfp4.weight"], G.NVFP4))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -353,7 +352,7 @@ def test_load_gguf_pool(gguf_file, device):
     assert cache.pool_bytes == gguf_data_bytes(path) and plain.pool_bytes == 0
     assert isinstance(cache.load_seconds, float) and cache.load_seconds >= 0
 
-    pooled = [name for name in written if name != "blk.0.q2k.weight"]  # Q2_K is dequantized, not a view
+    pooled = [name for name in written if name != "blk.0.nvfp4.weight"]  # NVFP4 is dequantized, not a view
     base = cache[pooled[0]].tensor.untyped_storage().data_ptr()
     for name in written:
         e, p = cache[name], plain[name]
@@ -369,9 +368,9 @@ def test_load_gguf_pool(gguf_file, device):
     out = cache["output.weight"].tensor  # a typed view: F32 values as written
     assert np.array_equal(out.cpu().numpy(), written["output.weight"])
     # the pool once (its entries are views) plus the one tensor of its own
-    q2k = cache["blk.0.q2k.weight"].tensor
-    assert cache.total_bytes() == cache.pool_bytes + q2k.numel() * 4
-    quantized = len(QUANT_TENSORS) + 1  # and the expert-stacked Q8_0; Q2_K and the float tensors are dense
+    nvfp4 = cache["blk.0.nvfp4.weight"].tensor
+    assert cache.total_bytes() == cache.pool_bytes + nvfp4.numel() * 4
+    quantized = len(QUANT_TENSORS) + 1  # and the expert-stacked Q8_0; NVFP4 and the float tensors are dense
     assert f"{len(written)} weights: {quantized} quantized, {len(written) - quantized} dense" in repr(cache)
     assert "pool of" in repr(cache)
     assert "pool" not in repr(plain)
@@ -398,14 +397,14 @@ def test_pool_lookup_put_remove(gguf_file):
     cache.put("output.weight", torch.zeros(2, 2))  # the file's tensor of this name replaces it
     cache.put("mine", torch.ones(3, 8))
     cache.load_gguf(path, pool=True)
-    pooled = [name for name in written if name != "blk.0.q2k.weight"]
-    assert list(cache) == [*pooled, "mine", "blk.0.q2k.weight"]  # the pool's (file order), then the others
+    pooled = [name for name in written if name != "blk.0.nvfp4.weight"]
+    assert list(cache) == [*pooled, "mine", "blk.0.nvfp4.weight"]  # the pool's (file order), then the others
     assert cache["output.weight"].tensor.shape == (40, 64) and shares_pool(cache["output.weight"].tensor, cache)
     pool_bytes, total = cache.pool_bytes, cache.total_bytes()
     assert total == pool_bytes + 3 * 8 * 4 + 8 * 512 * 4
 
     # put shadows a pooled name: the new weight wins, the pool keeps its bytes
-    name = "blk.5.q4_k.weight"
+    name = Q4_K_TENSOR
     q, n, k = QUANT_TENSORS[name]
     w = random_weight(q, n, k, seed=80)
     assert cache.put(name, w, q, n, k).tensor.data_ptr() == w.data_ptr()
@@ -425,9 +424,9 @@ def test_pool_lookup_put_remove(gguf_file):
     assert len(cache) == len(written) - 2 and cache.total_bytes() == pool_bytes + 8 * 512 * 4
     # the pool is freed with the last entry that views it
     for s in list(cache):
-        if s != "blk.0.q2k.weight":
+        if s != "blk.0.nvfp4.weight":
             cache.remove(s)
-    assert list(cache) == ["blk.0.q2k.weight"] and cache.pool_bytes == 0 and "pool" not in repr(cache)
+    assert list(cache) == ["blk.0.nvfp4.weight"] and cache.pool_bytes == 0 and "pool" not in repr(cache)
     assert cache.total_bytes() == 8 * 512 * 4
 
 
@@ -442,16 +441,16 @@ def test_pool_to_device(gguf_file, device):
     assert cache.to("cpu") is cache and [e.tensor.data_ptr() for _, e in cache.items()] == ptrs  # no copy
 
     assert cache.to(device) is cache
-    pooled = [name for name in written if name != "blk.0.q2k.weight"]
+    pooled = [name for name in written if name != "blk.0.nvfp4.weight"]
     base = cache[pooled[0]].tensor.untyped_storage().data_ptr()
     for name, e in cache.items():
         assert e.tensor.device.type == device and torch.equal(e.tensor.cpu(), before[name]), name
         assert (e.tensor.untyped_storage().data_ptr() == base) == (name in pooled), name  # still views
     assert cache.pool_bytes == pool_bytes and cache.total_bytes() == total
     x = gaussian_activations((1, 512), seed=90).to(device)
-    q, n, k = QUANT_TENSORS["blk.5.q4_k.weight"]
-    w = before["blk.5.q4_k.weight"].to(device)
-    assert torch.equal(cache.matmul("blk.5.q4_k.weight", x), torchext.qmatmul(w, q, x, n, k))
+    q, n, k = QUANT_TENSORS[Q4_K_TENSOR]
+    w = before[Q4_K_TENSOR].to(device)
+    assert torch.equal(cache.matmul(Q4_K_TENSOR, x), torchext.qmatmul(w, q, x, n, k))
 
     # the meta device (shapes only) runs everywhere
     assert cache.to("meta") is cache
@@ -475,7 +474,7 @@ def test_load_gguf_pool_errors(gguf_file, tmp_path):
     data = path.read_bytes()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(data[:-100])
-    with pytest.raises(ValueError, match=r"cut.gguf: tensor 'blk.0.q2k.weight': data \[\d+, \d+\) runs past the end "
+    with pytest.raises(ValueError, match=r"cut.gguf: tensor 'blk.0.nvfp4.weight': data \[\d+, \d+\) runs past the end "
                                          rf"of the file \(size {len(data) - 100}\)"):
         WeightCache().load_gguf(cut, pool=True)
     shrinking = tmp_path / "shrinking.gguf"
@@ -483,7 +482,7 @@ def test_load_gguf_pool_errors(gguf_file, tmp_path):
     reader = GGUFReader(str(shrinking))
     os.truncate(shrinking, len(data) - 100)
     empty = WeightCache()
-    with pytest.raises(ValueError, match=r"shrinking.gguf: tensor 'blk.0.q2k.weight': data .* runs past the end"):
+    with pytest.raises(ValueError, match=r"shrinking.gguf: tensor 'blk.0.nvfp4.weight': data .* runs past the end"):
         empty.load_gguf(shrinking, pool=True, reader=reader)
     assert len(empty) == 0 and empty.pool_bytes == 0
 

@@ -21,11 +21,14 @@ class QType(enum.IntEnum):
     Q5_1 = GGMLQuantizationType.Q5_1.value
     Q8_0 = GGMLQuantizationType.Q8_0.value
     Q8_1 = GGMLQuantizationType.Q8_1.value
+    Q2_K = GGMLQuantizationType.Q2_K.value
+    Q3_K = GGMLQuantizationType.Q3_K.value
     Q4_K = GGMLQuantizationType.Q4_K.value
     Q5_K = GGMLQuantizationType.Q5_K.value
     Q6_K = GGMLQuantizationType.Q6_K.value
     IQ4_NL = GGMLQuantizationType.IQ4_NL.value
     IQ4_XS = GGMLQuantizationType.IQ4_XS.value
+    TQ2_0 = GGMLQuantizationType.TQ2_0.value
 
     @classmethod
     def of(cls, fmt) -> "QType":
@@ -63,20 +66,22 @@ K_QUANTS = tuple(q for q in WEIGHT_TYPES if GGML_QUANT_SIZES[GGMLQuantizationTyp
 SMALL_BLOCK_TYPES = tuple(q for q in WEIGHT_TYPES if q not in K_QUANTS)
 
 #: Byte offsets of each weight format's fp16 fields in one block: d, then dmin (k-quants) or m
-#: (Q4_1, Q5_1); Q6_K's d follows ql[128], qh[64] and scales[16] (layouts per llama.cpp's
+#: (Q4_1, Q5_1); Q2_K's d and dmin follow scales[16] and qs[64], Q3_K's d hmask[32], qs[64] and
+#: scales[12], Q6_K's d ql[128], qh[64] and scales[16], TQ2_0's d qs[64] (layouts per llama.cpp's
 #: ggml-common.h, as kernels/blocks.h spells them). Every other byte is quants or packed scale codes,
 #: valid whatever its value: random bytes with finite values here decode to finite weights.
 FP16_FIELDS = {
     QType.Q4_0: (0,), QType.Q4_1: (0, 2), QType.Q5_0: (0,), QType.Q5_1: (0, 2), QType.Q8_0: (0,),
-    QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,), QType.IQ4_NL: (0,), QType.IQ4_XS: (0,),
+    QType.Q2_K: (80, 82), QType.Q3_K: (108,), QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,),
+    QType.IQ4_NL: (0,), QType.IQ4_XS: (0,), QType.TQ2_0: (64,),
 }
 
 #: The byte alignment a weight's data must keep: each format's blocks are read with loads of that
-#: size (kernels/quant_traits.h, kAlign: 16-byte headers of Q4_K/Q5_K, 4-byte words of 20/24-byte
+#: size (kernels/quant_traits.h, kAlign: 16-byte headers of Q4_K/Q5_K, 4-byte words of 20/24/84-byte
 #: blocks, 8 for IQ4_XS's 136-byte blocks, 2 for the rest); the ops reject anything less.
 ALIGNMENT = {
-    QType.Q4_0: 2, QType.Q4_1: 4, QType.Q5_0: 2, QType.Q5_1: 4, QType.Q8_0: 2,
-    QType.Q4_K: 16, QType.Q5_K: 16, QType.Q6_K: 2, QType.IQ4_NL: 2, QType.IQ4_XS: 8,
+    QType.Q4_0: 2, QType.Q4_1: 4, QType.Q5_0: 2, QType.Q5_1: 4, QType.Q8_0: 2, QType.Q2_K: 4, QType.Q3_K: 2,
+    QType.Q4_K: 16, QType.Q5_K: 16, QType.Q6_K: 2, QType.IQ4_NL: 2, QType.IQ4_XS: 8, QType.TQ2_0: 2,
 }
 
 #: The formats torchext.quantize makes (llama.cpp's reference quantizers); the IQ formats need an

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "csrc/checks.h"
@@ -30,17 +31,19 @@
 namespace torchext::cpu {
 namespace {
 
-// 32 quants of one chunk and how they scale: value l = d_l * (q_l - zero) - sub, rounded as
-// dequantize_chunk rounds it (product, then difference), d_l = d_lo for l < 16 and d_hi for l >= 16
-// (equal except for Q6_K, whose scales cover 16 values). zero is Q4_0's / Q5_0's zero point.
+// 32 quants of one chunk and how they scale: value l = d_l * (q_l - zero) - sub_l, rounded as
+// dequantize_chunk rounds it (product, then difference), d_l, sub_l = d_lo, sub_lo for l < 16 and
+// d_hi, sub_hi for l >= 16 (equal except for the formats whose scales cover 16 values: kHalfScales,
+// and Q2_K's mins: kHalfMins). zero is Q4_0's / Q5_0's zero point.
 struct Chunk {
   __m256i q;
   float d_lo, d_hi;
   int zero;
-  float sub;
+  float sub_lo, sub_hi;
 
-  // The offset m of value = d_l * q_l + m that the dot products meet with d_x * sum(q_x).
-  float offset() const { return -sub - float(zero) * d_lo; }
+  // The offsets m of value = d_l * q_l + m that the dot products meet with d_x * sum(q_x).
+  float offset_lo() const { return -sub_lo - float(zero) * d_lo; }
+  float offset_hi() const { return -sub_hi - float(zero) * d_hi; }
 };
 
 TORCHEXT_AVX2_INLINE __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
@@ -73,7 +76,7 @@ struct Avx2Chunk;
 // with Q5_K's 5th bits from bit c of qh[0 .. 31].
 template <class Block, bool kHasHigh>
 struct KQuantChunk {
-  static constexpr bool kSigned = false, kHalfScales = false;
+  static constexpr bool kSigned = false, kHalfScales = false, kHalfMins = false;
   TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int c) {
     const Block& b = *reinterpret_cast<const Block*>(p);
     const __m256i qs = load32(b.qs + 32 * (c / 2));
@@ -85,7 +88,8 @@ struct KQuantChunk {
     int sc, m;
     kquant_scale_min(b.scales, c, sc, m);
     const float d = half(b.d) * float(sc);
-    return Chunk{q, d, d, 0, half(b.dmin) * float(m)};
+    const float dm = half(b.dmin) * float(m);
+    return Chunk{q, d, d, 0, dm, dm};
   }
 };
 template <> struct Avx2Chunk<QuantTraits<QType::Q4_K>> : KQuantChunk<block_q4_K, false> {};
@@ -94,7 +98,7 @@ template <> struct Avx2Chunk<QuantTraits<QType::Q5_K>> : KQuantChunk<block_q5_K,
 // Q6_K: chunk c = 4h + i holds values 128h + 32i + l; signed quants q - 32, sub-block scales of 16.
 template <>
 struct Avx2Chunk<QuantTraits<QType::Q6_K>> {
-  static constexpr bool kSigned = true, kHalfScales = true;  // a scale per 16 values
+  static constexpr bool kSigned = true, kHalfScales = true, kHalfMins = false;  // a scale per 16 values
   TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int c) {
     const block_q6_K& b = *reinterpret_cast<const block_q6_K*>(p);
     const int h = c / 4, i = c % 4;
@@ -103,17 +107,55 @@ struct Avx2Chunk<QuantTraits<QType::Q6_K>> {
     const __m256i high = _mm256_and_si256(_mm256_srli_epi16(load32(b.qh + 32 * h), 2 * i), _mm256_set1_epi8(3));
     const __m256i q = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32));
     const float d = half(b.d);
-    return Chunk{q, d * float(b.scales[8 * h + 2 * i]), d * float(b.scales[8 * h + 2 * i + 1]), 0, 0.0f};
+    return Chunk{q, d * float(b.scales[8 * h + 2 * i]), d * float(b.scales[8 * h + 2 * i + 1]), 0, 0.0f, 0.0f};
+  }
+};
+
+// Q2_K / Q3_K: chunk c = 4h + i holds values 128h + 32i + l, crumb i of qs[32h + l]; scales (and
+// Q2_K's mins) of 16 values. Q3_K's 3rd bit is bit c of hmask[l]: signed quants crumb + 4*bit - 4.
+TORCHEXT_AVX2_INLINE __m256i chunk_crumbs(const uint8_t* qs, int c) {
+  return _mm256_and_si256(_mm256_srli_epi16(load32(qs + 32 * (c / 4)), 2 * (c % 4)), _mm256_set1_epi8(3));
+}
+template <>
+struct Avx2Chunk<QuantTraits<QType::Q2_K>> {
+  static constexpr bool kSigned = false, kHalfScales = true, kHalfMins = true;
+  TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int c) {
+    using T = QuantTraits<QType::Q2_K>;
+    const block_q2_K& b = *reinterpret_cast<const block_q2_K*>(p);
+    const uint32_t dd = load_u32<T::kAlign>(reinterpret_cast<const uint8_t*>(&b.d));
+    const int lo = b.scales[2 * c], hi = b.scales[2 * c + 1];  // sub-blocks 8h + 2i, 8h + 2i + 1
+    return Chunk{chunk_crumbs(b.qs, c), T::scale_of(dd, lo), T::scale_of(dd, hi), 0, T::min_of(dd, lo), T::min_of(dd, hi)};
+  }
+};
+template <>
+struct Avx2Chunk<QuantTraits<QType::Q3_K>> {
+  static constexpr bool kSigned = true, kHalfScales = true, kHalfMins = false;
+  TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int c) {
+    using T = QuantTraits<QType::Q3_K>;
+    const block_q3_K& b = *reinterpret_cast<const block_q3_K*>(p);
+    const __m256i bit = _mm256_and_si256(_mm256_srli_epi16(load32(b.hmask), c), _mm256_set1_epi8(1));
+    const __m256i q = _mm256_sub_epi8(_mm256_or_si256(chunk_crumbs(b.qs, c), _mm256_slli_epi16(bit, 2)), _mm256_set1_epi8(4));
+    return Chunk{q, T::sub_d(b, 2 * c), T::sub_d(b, 2 * c + 1), 0, 0.0f, 0.0f};
+  }
+};
+
+template <>
+struct Avx2Chunk<QuantTraits<QType::TQ2_0>> {
+  static constexpr bool kSigned = true, kHalfScales = false, kHalfMins = false;
+  TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int c) {
+    const block_tq2_0& b = *reinterpret_cast<const block_tq2_0*>(p);
+    const float d = half(b.d);
+    return Chunk{_mm256_sub_epi8(chunk_crumbs(b.qs, c), _mm256_set1_epi8(1)), d, d, 0, 0.0f, 0.0f};
   }
 };
 
 template <>
 struct Avx2Chunk<QuantTraits<QType::Q8_0>> {
-  static constexpr bool kSigned = true, kHalfScales = false;
+  static constexpr bool kSigned = true, kHalfScales = false, kHalfMins = false;
   TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int) {
     const block_q8_0& b = *reinterpret_cast<const block_q8_0*>(p);
     const float d = half(b.d);
-    return Chunk{load32(reinterpret_cast<const uint8_t*>(b.qs)), d, d, 0, 0.0f};
+    return Chunk{load32(reinterpret_cast<const uint8_t*>(b.qs)), d, d, 0, 0.0f, 0.0f};
   }
 };
 
@@ -121,14 +163,14 @@ struct Avx2Chunk<QuantTraits<QType::Q8_0>> {
 template <class Traits, bool kHasMin, bool kHasHigh>
 struct NibbleChunk {
   using Block = typename Traits::block;
-  static constexpr bool kSigned = false, kHalfScales = false;
+  static constexpr bool kSigned = false, kHalfScales = false, kHalfMins = false;
   TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int) {
     const Block& b = *reinterpret_cast<const Block*>(p);
     __m256i q = split_nibbles(b.qs);
     if constexpr (kHasHigh) q = _mm256_or_si256(q, bits_to_bit4(load_u32<Traits::kAlign>(b.qh)));
     const float d = half(b.d);
-    if constexpr (kHasMin) return Chunk{q, d, d, 0, -half(b.m)};
-    else return Chunk{q, d, d, Traits::kZero, 0.0f};
+    if constexpr (kHasMin) return Chunk{q, d, d, 0, -half(b.m), -half(b.m)};
+    else return Chunk{q, d, d, Traits::kZero, 0.0f, 0.0f};
   }
 };
 template <> struct Avx2Chunk<QuantTraits<QType::Q4_0>> : NibbleChunk<QuantTraits<QType::Q4_0>, false, false> {};
@@ -144,20 +186,20 @@ TORCHEXT_AVX2_INLINE __m256i iq4_chunk_levels(const uint8_t* qs) {
 }
 template <>
 struct Avx2Chunk<QuantTraits<QType::IQ4_NL>> {
-  static constexpr bool kSigned = true, kHalfScales = false;
+  static constexpr bool kSigned = true, kHalfScales = false, kHalfMins = false;
   TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int) {
     const block_iq4_nl& b = *reinterpret_cast<const block_iq4_nl*>(p);
     const float d = half(b.d);
-    return Chunk{iq4_chunk_levels(b.qs), d, d, 0, 0.0f};
+    return Chunk{iq4_chunk_levels(b.qs), d, d, 0, 0.0f, 0.0f};
   }
 };
 template <>
 struct Avx2Chunk<QuantTraits<QType::IQ4_XS>> {
-  static constexpr bool kSigned = true, kHalfScales = false;
+  static constexpr bool kSigned = true, kHalfScales = false, kHalfMins = false;
   TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int c) {
     using T = QuantTraits<QType::IQ4_XS>;
     const float d = T::sub_d(p, c);
-    return Chunk{iq4_chunk_levels(reinterpret_cast<const block_iq4_xs*>(p)->qs + 16 * c), d, d, 0, 0.0f};
+    return Chunk{iq4_chunk_levels(reinterpret_cast<const block_iq4_xs*>(p)->qs + 16 * c), d, d, 0, 0.0f, 0.0f};
   }
 };
 
@@ -178,11 +220,17 @@ TORCHEXT_AVX2_INLINE float sum_lanes(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
+// d_x times the sums of a Q8_1 block's quants 0..15 and 16..31: what mins of 16 values meet.
+struct HalfSums {
+  float lo, hi;
+};
+
 // Output rows [begin, end) for activation rows r0 .. r0 + R - 1.
-// xs: every activation block's scales, decoded once per call.
+// xs: every activation block's scales, decoded once per call; hs: their HalfSums (kHalfMins only).
 template <class Traits, int R>
-TORCHEXT_AVX2 void gemv_rows(const uint8_t* w, int64_t k, const block_q8_1* xq, const Q8Scales* xs, int64_t x_stride,
-                             int64_t r0, int64_t n, int64_t begin, int64_t end, void* out, FloatType ot) {
+TORCHEXT_AVX2 void gemv_rows(const uint8_t* w, int64_t k, const block_q8_1* xq, const Q8Scales* xs, const HalfSums* hs,
+                             int64_t x_stride, int64_t r0, int64_t n, int64_t begin, int64_t end, void* out,
+                             FloatType ot) {
   using C = Avx2Chunk<Traits>;
   constexpr int kChunks = Traits::kValues / kQ8Block;
   const int64_t blocks = (k + Traits::kValues - 1) / Traits::kValues;
@@ -203,7 +251,8 @@ TORCHEXT_AVX2 void gemv_rows(const uint8_t* w, int64_t k, const block_q8_1* xq, 
           const __m256 scale = C::kHalfScales ? _mm256_setr_m128(_mm_set1_ps(ch.d_lo * xd.d), _mm_set1_ps(ch.d_hi * xd.d))
                                               : _mm256_set1_ps(ch.d_lo * xd.d);
           acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_lanes<C::kSigned>(ch.q, xq[x].qs)), scale, acc[r]);
-          offset[r] += ch.offset() * xd.s;
+          if constexpr (C::kHalfMins) offset[r] += ch.offset_lo() * hs[x].lo + ch.offset_hi() * hs[x].hi;
+          else offset[r] += ch.offset_lo() * xd.s;
         }
       }
     }
@@ -217,14 +266,23 @@ void gemv_format(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, i
   const int64_t x_stride = q8_1_blocks_per_row(k);
   std::vector<Q8Scales> xs(size_t(rows * x_stride));
   for (size_t j = 0; j < xs.size(); ++j) xs[j] = Q8Scales::of_word(xq[j].scale);
+  std::vector<HalfSums> hs(Avx2Chunk<T>::kHalfMins ? xs.size() : 0);
+  for (size_t j = 0; j < hs.size(); ++j) {
+    int lo = 0, hi = 0;
+    for (int l = 0; l < 16; ++l) lo += xq[j].qs[l], hi += xq[j].qs[16 + l];
+    hs[j] = HalfSums{xs[j].d * float(lo), xs[j].d * float(hi)};
+  }
   torch::stable::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     // Up to four activation rows share each unpacked chunk.
+    const auto rows_from = [&](auto tile, int64_t r0) {
+      gemv_rows<T, decltype(tile)::value>(w, k, xq, xs.data(), hs.data(), x_stride, r0, n, begin, end, out, ot);
+    };
     int64_t r0 = 0;
-    for (; r0 + 4 <= rows; r0 += 4) gemv_rows<T, 4>(w, k, xq, xs.data(), x_stride, r0, n, begin, end, out, ot);
+    for (; r0 + 4 <= rows; r0 += 4) rows_from(std::integral_constant<int, 4>{}, r0);
     switch (rows - r0) {
-      case 3: gemv_rows<T, 3>(w, k, xq, xs.data(), x_stride, r0, n, begin, end, out, ot); break;
-      case 2: gemv_rows<T, 2>(w, k, xq, xs.data(), x_stride, r0, n, begin, end, out, ot); break;
-      case 1: gemv_rows<T, 1>(w, k, xq, xs.data(), x_stride, r0, n, begin, end, out, ot); break;
+      case 3: rows_from(std::integral_constant<int, 3>{}, r0); break;
+      case 2: rows_from(std::integral_constant<int, 2>{}, r0); break;
+      case 1: rows_from(std::integral_constant<int, 1>{}, r0); break;
       default: break;
     }
   });
@@ -239,7 +297,8 @@ TORCHEXT_AVX2_INLINE __m256 dequantize_eight(const Chunk& ch, int g) {
   const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * g));
   const __m256i q = kSigned ? _mm256_cvtepi8_epi32(raw) : _mm256_cvtepu8_epi32(raw);
   const __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(ch.zero)));
-  return _mm256_sub_ps(_mm256_mul_ps(v, _mm256_set1_ps(g < 2 ? ch.d_lo : ch.d_hi)), _mm256_set1_ps(ch.sub));
+  return _mm256_sub_ps(_mm256_mul_ps(v, _mm256_set1_ps(g < 2 ? ch.d_lo : ch.d_hi)),
+                       _mm256_set1_ps(g < 2 ? ch.sub_lo : ch.sub_hi));
 }
 
 template <class Traits>

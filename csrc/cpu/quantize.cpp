@@ -149,23 +149,26 @@ void quantize_block(const float* x, block_q5_1& b) {
 
 // ---------------------------------------------------------------- Q4_K / Q5_K
 
-// Search parameters of make_qkx2_quants as quantize_row_q{4,5}_K_ref call it.
+// Search parameters of make_qkx2_quants as quantize_row_q{2,4,5}_K_ref call it.
 struct ScaleSearch {
-  int nmax;      // largest quant: 15 (Q4_K) or 31 (Q5_K)
+  int nmax;      // largest quant: 3 (Q2_K), 15 (Q4_K) or 31 (Q5_K)
   float rmin;    // first trial: iscale = (nmax + rmin) / range ...
   float rdelta;  // ... then nmax + rmin + rdelta * s for s = 0..steps
   int steps;
+  bool abs_error;  // a fit's error: weighted |diff| (Q2_K) instead of weighted diff^2
 };
-constexpr ScaleSearch kQ4KSearch{15, -1.0f, 0.1f, 20};
-constexpr ScaleSearch kQ5KSearch{31, -0.5f, 0.1f, 15};
+constexpr ScaleSearch kQ2KSearch{3, -0.5f, 0.1f, 15, true};
+constexpr ScaleSearch kQ4KSearch{15, -1.0f, 0.1f, 20, false};
+constexpr ScaleSearch kQ5KSearch{31, -0.5f, 0.1f, 15, false};
 
-// Weighted least-squares fit of 32 values to x ~ scale * q - offset, q in 0..nmax, offset >= 0
+// Weighted least-squares fit of n values to x ~ scale * q - offset, q in 0..nmax, offset >= 0
 // (make_qkx2_quants). Starts from min/max scaling; each trial quantizes with a slightly different
 // inverse scale, solves the 2x2 normal equations for (scale, min) given those quants, and keeps the
-// fit with the smallest weighted squared error. Note that a kept trial's min also moves the range
-// that later trials scale against, as in the reference. Returns scale; `offset` = -min.
+// fit with the smallest weighted error. Note that a kept trial's min also moves the range that later
+// trials scale against, as in the reference. Returns scale; `offset` = -min.
+template <int n>
 float fit_scale_and_min(const float* x, const float* w, const ScaleSearch& s, uint8_t* q, float& offset) {
-  constexpr int n = 32;
+  const auto error_of = [&](float diff) { return s.abs_error ? std::fabs(diff) : diff * diff; };
   float lo = x[0], hi = x[0];
   float sum_w = w[0];
   float sum_x = sum_w * x[0];
@@ -186,8 +189,7 @@ float fit_scale_and_min(const float* x, const float* w, const ScaleSearch& s, ui
   float best_error = 0;
   for (int i = 0; i < n; ++i) {
     q[i] = uint8_t(clamp_int(nearest_even(iscale * (x[i] - lo)), 0, s.nmax));
-    const float diff = scale * float(q[i]) + lo - x[i];
-    best_error += w[i] * (diff * diff);
+    best_error += w[i] * error_of(scale * float(q[i]) + lo - x[i]);
   }
   uint8_t trial[n];
   for (int step = 0; step <= s.steps; ++step) {
@@ -210,10 +212,7 @@ float fit_scale_and_min(const float* x, const float* w, const ScaleSearch& s, ui
         this_scale = sum_xl / sum_l2;
       }
       float error = 0;
-      for (int i = 0; i < n; ++i) {
-        const float diff = this_scale * float(trial[i]) + this_min - x[i];
-        error += w[i] * (diff * diff);
-      }
+      for (int i = 0; i < n; ++i) error += w[i] * error_of(this_scale * float(trial[i]) + this_min - x[i]);
       if (error < best_error) {
         std::copy(trial, trial + n, q);
         best_error = error;
@@ -257,7 +256,7 @@ void quantize_scales_min_kquant(const float* x, const ScaleSearch& search, Block
     const float av_x = std::sqrt(sum_x2 / 32);
     float w[32];
     for (int l = 0; l < 32; ++l) w[l] = av_x + std::fabs(xs[l]);
-    scales[j] = fit_scale_and_min(xs, w, search, q + 32 * j, mins[j]);
+    scales[j] = fit_scale_and_min<32>(xs, w, search, q + 32 * j, mins[j]);
     if (scales[j] > max_scale) max_scale = scales[j];
     if (mins[j] > max_min) max_min = mins[j];
   }
@@ -309,9 +308,175 @@ void quantize_block(const float* x, block_q5_K& b) {
   }
 }
 
-// ---------------------------------------------------------------- Q6_K
+// ---------------------------------------------------------------- Q2_K, Q3_K
+
+// Value 128h + 32i + l goes to bits 2i, 2i+1 of qs[32h + l] (crumbs, quant_traits.h).
+void pack_crumbs(const uint8_t* q, uint8_t* qs) {
+  for (int h = 0; h < 2; ++h)
+    for (int l = 0; l < 32; ++l) {
+      const uint8_t* v = q + 128 * h + l;
+      qs[32 * h + l] = uint8_t(v[0] | (v[32] << 2) | (v[64] << 4) | (v[96] << 6));
+    }
+}
+
+// quantize_row_q2_K_ref: each 16 values fitted as x ~ scale * q - min (q 0..3, weights |x|, the error
+// weighted |diff|), scales and mins as 4-bit multiples of d = max_scale/15 and dmin = max_min/15, then
+// the quants recomputed against the stored d*sc and dmin*m.
+void quantize_block(const float* x, block_q2_K& b) {
+  uint8_t q[256];
+  float scales[16], mins[16];
+  float max_scale = 0, max_min = 0;
+  for (int j = 0; j < 16; ++j) {
+    float w[16];
+    for (int l = 0; l < 16; ++l) w[l] = std::fabs(x[16 * j + l]);
+    scales[j] = fit_scale_and_min<16>(x + 16 * j, w, kQ2KSearch, q + 16 * j, mins[j]);
+    if (scales[j] > max_scale) max_scale = scales[j];
+    if (mins[j] > max_min) max_min = mins[j];
+  }
+  // iscale * scales[j] <= 15: the codes fit their nibbles without a clamp, as in the reference
+  const float inv_scale = max_scale > 0 ? 15.0f / max_scale : 0.0f;
+  const float inv_min = max_min > 0 ? 15.0f / max_min : 0.0f;
+  for (int j = 0; j < 16; ++j)
+    b.scales[j] = uint8_t(nearest_even(inv_scale * scales[j]) | (nearest_even(inv_min * mins[j]) << 4));
+  b.d = float_to_fp16(max_scale > 0 ? max_scale / 15.0f : 0.0f);
+  b.dmin = float_to_fp16(max_min > 0 ? max_min / 15.0f : 0.0f);
+
+  // A sub-block whose scale code is 0 keeps the quants of its fit (they dequantize to -dmin*m).
+  for (int j = 0; j < 16; ++j) {
+    const float d = fp16_to_float(b.d) * float(b.scales[j] & 0xF);
+    if (d == 0.0f) continue;
+    const float dm = fp16_to_float(b.dmin) * float(b.scales[j] >> 4);
+    for (int l = 0; l < 16; ++l) q[16 * j + l] = uint8_t(clamp_int(nearest_even((x[16 * j + l] + dm) / d), 0, 3));
+  }
+  pack_crumbs(q, b.qs);
+}
 
 constexpr float kGroupMaxEps = 1e-15f;  // GROUP_MAX_EPS: below this a group counts as all zero
+
+// Fits the 16 sub-blocks of 16 values of a block with `fit` (scales[j], quants into q) and returns
+// the scale of largest magnitude, sign kept: Q3_K and Q6_K code the others as multiples of it.
+template <class Fit>
+float fit_sub_blocks(const float* x, int8_t* q, float* scales, Fit fit) {
+  float max_scale = 0, max_abs_scale = 0;
+  for (int j = 0; j < 16; ++j) {
+    scales[j] = fit(x + 16 * j, q + 16 * j);
+    if (std::fabs(scales[j]) > max_abs_scale) {
+      max_abs_scale = std::fabs(scales[j]);
+      max_scale = scales[j];
+    }
+  }
+  return max_scale;
+}
+
+// Signed scale for 16 values, quants -4..3 (make_q3_quants with nmax 4 and its RMSE search): starts
+// from iscale = -4 / (value of largest magnitude), then for up to 5 passes moves single quants to
+// the value the rest of the fit suggests whenever that raises sumlx^2 / suml2 (weights x^2). Returns
+// sumlx / suml2; q[i] = quant + 4 (0..7).
+float fit_q3_scale(const float* x, int8_t* q) {
+  constexpr int n = 16, nmax = 4;
+  float max = 0, amax = 0;
+  for (int i = 0; i < n; ++i) {
+    if (std::fabs(x[i]) > amax) {
+      amax = std::fabs(x[i]);
+      max = x[i];
+    }
+  }
+  if (amax < kGroupMaxEps) {
+    std::fill(q, q + n, int8_t(0));
+    return 0.0f;
+  }
+  const float iscale = float(-nmax) / max;
+  int l[n];
+  float sumlx = 0, suml2 = 0;
+  for (int i = 0; i < n; ++i) {
+    l[i] = clamp_int(nearest_even(iscale * x[i]), -nmax, nmax - 1);
+    const float w = x[i] * x[i];
+    sumlx += w * x[i] * float(l[i]);
+    suml2 += w * float(l[i]) * float(l[i]);
+  }
+  for (int pass = 0; pass < 5; ++pass) {
+    int changed = 0;
+    for (int i = 0; i < n; ++i) {
+      const float w = x[i] * x[i];
+      float slx = sumlx - w * x[i] * float(l[i]);
+      if (!(slx > 0)) continue;
+      float sl2 = suml2 - w * float(l[i]) * float(l[i]);
+      const int moved = clamp_int(nearest_even(x[i] * sl2 / slx), -nmax, nmax - 1);
+      if (moved == l[i]) continue;
+      slx += w * x[i] * float(moved);
+      sl2 += w * float(moved) * float(moved);
+      if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
+        l[i] = moved;
+        sumlx = slx;
+        suml2 = sl2;
+        ++changed;
+      }
+    }
+    if (changed == 0) break;
+  }
+  for (int i = 0; i < n; ++i) q[i] = int8_t(l[i] + nmax);
+  return sumlx / suml2;
+}
+
+// quantize_row_q3_K_ref: signed scales per 16 values (fit_q3_scale), stored as 6-bit multiples of
+// d = -max_scale/32 (the scale of largest magnitude maps to -32), then the quants recomputed against
+// d * (s - 32) and split into crumbs and hmask bits.
+void quantize_block(const float* x, block_q3_K& b) {
+  int8_t q[256];
+  float scales[16];
+  const float max_scale = fit_sub_blocks(x, q, scales, fit_q3_scale);
+  std::fill(b.scales, b.scales + 12, uint8_t(0));
+  if (max_scale != 0) {
+    const float iscale = -32.0f / max_scale;
+    for (int j = 0; j < 16; ++j) {
+      // the reference keeps nearest_int in an int8_t before clamping: |iscale * scale| <= 32 fits
+      const int s = clamp_int(int8_t(nearest_even(iscale * scales[j])), -32, 31) + 32;
+      b.scales[j % 8] |= uint8_t((s & 0xF) << (4 * (j / 8)));
+      b.scales[8 + j % 4] |= uint8_t((s >> 4) << (2 * (j / 4)));
+    }
+    b.d = float_to_fp16(1 / iscale);
+  } else {
+    b.d = float_to_fp16(0.0f);
+  }
+
+  uint32_t sw[3];
+  std::memcpy(sw, b.scales, 12);
+  for (int j = 0; j < 16; ++j) {
+    const float d = fp16_to_float(b.d) * float(q3k_scale(sw[0], sw[1], sw[2], j));
+    if (d == 0.0f) continue;
+    for (int l = 0; l < 16; ++l) q[16 * j + l] = int8_t(4 + clamp_int(nearest_even(x[16 * j + l] / d), -4, 3));
+  }
+  // quant 4..7: its 3rd bit set in hmask (bit j/32 of hmask[j%32]), the crumb keeps quant - 4
+  uint8_t crumb[256];
+  std::fill(b.hmask, b.hmask + 32, uint8_t(0));
+  for (int j = 0; j < 256; ++j) {
+    const bool high = q[j] > 3;
+    if (high) b.hmask[j % 32] |= uint8_t(1 << (j / 32));
+    crumb[j] = uint8_t(high ? q[j] - 4 : q[j]);
+  }
+  pack_crumbs(crumb, b.qs);
+}
+
+// ---------------------------------------------------------------- TQ1_0, TQ2_0
+
+// gguf's ternary rule: d = max|x| over the block, q = round-half-away(x / d) in -1..1 (x * (1/d) in
+// fp32, as numpy computes it); q + 1 into `t`.
+void ternary_quants(const float* x, fp16_bits& d_out, uint8_t* t) {
+  float d = 0.0f;
+  for (int i = 0; i < 256; ++i) d = std::max(d, std::fabs(x[i]));
+  const float id = d == 0.0f ? 0.0f : 1.0f / d;
+  for (int i = 0; i < 256; ++i) t[i] = uint8_t(int(std::round(x[i] * id)) + 1);
+  d_out = float_to_fp16(d);
+}
+
+void quantize_block(const float* x, block_tq2_0& b) {
+  uint8_t t[256];
+  ternary_quants(x, b.d, t);
+  pack_crumbs(t, b.qs);
+}
+
+// ---------------------------------------------------------------- Q6_K
+
 
 // Signed scale for 16 values, q in -32..31 (make_qx_quants with nmax 32, rmse_type 1, no weights):
 // starts from iscale = -32 / (value of largest magnitude), then tries iscale = -(32 + 0.1 s) / max
@@ -368,15 +533,8 @@ void quantize_block(const float* x, block_q6_K& b) {
   std::memset(&b, 0, sizeof b);
   int8_t q[256];
   float scales[16];
-  float max_scale = 0, max_abs_scale = 0;
-  for (int j = 0; j < 16; ++j) {
-    scales[j] = fit_signed_scale(x + 16 * j, q + 16 * j);
-    if (std::fabs(scales[j]) > max_abs_scale) {
-      max_abs_scale = std::fabs(scales[j]);
-      max_scale = scales[j];  // keeps its sign: that scale maps to -128 exactly
-    }
-  }
-  if (max_abs_scale < kGroupMaxEps) return;  // all zero: d = 0, every byte 0
+  const float max_scale = fit_sub_blocks(x, q, scales, fit_signed_scale);  // maps to -128 exactly
+  if (std::fabs(max_scale) < kGroupMaxEps) return;  // all zero: d = 0, every byte 0
 
   // 16 int8 scales, multiples of d = -max_scale / 128.
   const float iscale = -128.0f / max_scale;
