@@ -199,31 +199,6 @@ def q8_1_reference(x) -> np.ndarray:
     return out.reshape(lead + (padded // 32 * 36,))
 
 
-def q8_1_round(x: torch.Tensor) -> torch.Tensor:
-    """x with each 32-value block rounded as torchext's Q8_1 quantization rounds it: d = amax/127 in
-    fp32, its bits rounded up to 10 mantissa bits; d * round-half-away(x / d)."""
-    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
-    amax = blocks.abs().amax(-1, keepdim=True)
-    bits = (amax / 127).view(torch.int32)
-    d = ((bits + 0x1FFF) & ~0x1FFF).view(torch.float32)
-    v = (blocks / d).double()
-    q = torch.where(amax > 0, v.sign() * (v.abs() + 0.5).floor(), 0.0)
-    return (q * d.double()).float().reshape(x.shape).to(x.dtype)
-
-
-def with_q8_1_inputs(model: torch.nn.Module, names=None):
-    """Hooks rounding the input of every nn.Linear (those of the qualified `names` when given) with
-    q8_1_round when it has at most 16 rows, as torchext.qmatmul's GEMV does (more rows take its
-    dense path, unrounded); the returned function removes them."""
-    def round_gemv_rows(_module, args):
-        x = args[0]
-        return (q8_1_round(x),) if x.numel() // x.shape[-1] <= torchext.ops.GEMV_MAX_ROWS else None
-
-    hooks = [m.register_forward_pre_hook(round_gemv_rows) for name, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and (names is None or name in names)]
-    return lambda: [h.remove() for h in hooks]
-
-
 class Q8_1Fields(NamedTuple):
     """A Q8_1 row's blocks, decoded: d (float32 [..., B]), sum_qs (int [..., B], the low 13 bits
     of the scale word), qs (int8 [..., B, 32]) and the raw scale words (uint32 [..., B])."""

@@ -15,7 +15,7 @@ torchext's model holds the file's bytes and runs them through torchext.qmatmul:
 - up to 16 rows (a 6-token prompt, and every decode step): the Q8_1 GEMV, which rounds each
   32-value block of a layer's input to 8 bits (d = amax/127, README "Q8_1 activations") and is then
   exact up to fp32 accumulation. Its oracle is the same transformers model with every nn.Linear's
-  input rounded that way first (conftest.q8_1_round, a transcription of the rule).
+  input rounded that way first (q8_1_round below, a transcription of the rule).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import with_q8_1_inputs
 
 import torchext
 from torchext.formats import QType
@@ -173,6 +172,30 @@ def models(request, tmp_path_factory):
                                                             dtype=torch.float32).eval()
     ours = hf.from_gguf(folder, gguf_file=path.name)
     return arch, formats, ref, ours
+
+
+def q8_1_round(x: torch.Tensor) -> torch.Tensor:
+    """x with each 32-value block rounded as torchext's Q8_1 quantization rounds it: d = amax/127 in
+    fp32, its bits rounded up to 10 mantissa bits; d * round-half-away(x / d)."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    bits = (amax / 127).view(torch.int32)
+    d = ((bits + 0x1FFF) & ~0x1FFF).view(torch.float32)
+    v = (blocks / d).double()
+    q = torch.where(amax > 0, v.sign() * (v.abs() + 0.5).floor(), 0.0)
+    return (q * d.double()).float().reshape(x.shape).to(x.dtype)
+
+
+def with_q8_1_inputs(model: torch.nn.Module):
+    """Hooks rounding the input of every nn.Linear with q8_1_round when it has at most 16 rows, as
+    torchext.qmatmul's GEMV does (more rows take its dense path, unrounded); the returned function
+    removes them."""
+    def round_gemv_rows(_module, args):
+        x = args[0]
+        return (q8_1_round(x),) if x.numel() // x.shape[-1] <= torchext.ops.GEMV_MAX_ROWS else None
+
+    hooks = [m.register_forward_pre_hook(round_gemv_rows) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return lambda: [h.remove() for h in hooks]
 
 
 def prompt(rows: int, seed: int = 0) -> torch.Tensor:

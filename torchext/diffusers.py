@@ -7,7 +7,7 @@
     transformer = FluxTransformer2DModel.from_single_file(
         "flux1-dev-Q4_K_S.gguf", quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16),
         torch_dtype=torch.bfloat16)
-    print(convert_gguf_linears(transformer))   # "converted 494 GGUF linears to torchext (Q4_K 380, ...)"
+    print(convert_gguf_linears(transformer))   # "converted N GGUF linears to torchext (Q4_K ..., ...)"
 
 diffusers' GGUF quantizer (diffusers.quantizers.gguf) loads each quantized 2-D weight as a
 GGUFParameter (the tensor's raw GGUF bytes, uint8 [out_features, row_bytes], and its quant_type)
