@@ -15,9 +15,11 @@ on a GGUFLinear, whose forward dequantizes the whole weight on every call and th
 in the quantizer's compute_dtype. convert_gguf_linears replaces every GGUFLinear whose format
 torchext runs (torchext.formats.WEIGHT_TYPES) with a GGUFQuantLinear over the same bytes (no copy:
 the buffer is the parameter's storage) that calls torchext.qmatmul instead: up to 16 rows a Q8_1
-GEMV, from 17 rows a GEMM that dequantizes tile by tile (CUDA) or once per call (CPU), never a
-dense copy of the weight kept around. Layers in other formats (BF16, Q2_K, Q3_K, the IQ1-IQ3
-formats) stay on diffusers' path and are listed in the returned report.
+GEMV over the packed weight, 17 to 64 rows on CUDA a tiled GEMM over it, more rows (Flux's 4096
+image tokens) a dense GEMM on the dequantized weight: on CUDA one dequantization kernel into a
+temporary, then cuBLAS (diffusers' dequantization is a chain of fp16 torch ops), on the CPU in
+cache-sized row chunks. Layers in other formats (BF16, Q2_K,
+Q3_K, the IQ1-IQ3 formats) stay on diffusers' path and are listed in the returned report.
 
 What stays the same: the output dtype is the compute_dtype (activations are cast to it first,
 as diffusers' CUDA path does), the bias is the same tensor, cast to compute_dtype when added,
@@ -96,14 +98,17 @@ def convert_gguf_linears(model: nn.Module, exact: bool = False) -> GGUFLinearCon
     GGUFQuantLinear over the same bytes; returns which layers were converted and which were kept
     (module docstring). exact=True: activations are never rounded to Q8_1 (torchext.qmatmul's
     exact), giving up the Q8_1 GEMV on layers of 16 rows or fewer. Works on the model's device
-    (CPU or CUDA); convert before attaching
-    accelerate hooks (enable_sequential_cpu_offload), since the hooks hold the modules they wrap.
+    (CPU or CUDA); convert before attaching accelerate hooks (enable_sequential_cpu_offload), since
+    the hooks hold the modules they wrap.
 
     ValueError when `model` holds no GGUFLinear (it was not loaded from a GGUF file with
-    GGUFQuantizationConfig, or was converted already), or when a GGUFLinear carries an accelerate
-    hook.
+    GGUFQuantizationConfig, or was converted already), is a GGUFLinear itself (there is no parent
+    to replace it in), or when a GGUFLinear carries an accelerate hook.
     """
     from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    if isinstance(model, GGUFLinear):
+        raise ValueError("model is a single GGUFLinear: pass the module that holds it, which the layer is replaced in")
 
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, GGUFLinear)]
     if not layers:
