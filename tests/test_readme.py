@@ -60,7 +60,7 @@ def write_model_gguf(path: Path) -> None:
 
 def test_readme_has_its_python_blocks():
     assert [heading for heading, _ in BLOCKS] == ["In model code", "With Hugging Face transformers and peft",
-                                                 "Gemma 3 270M, end to end"]
+                                                 "With diffusers", "Gemma 3 270M, end to end"]
 
 
 @pytest.mark.parametrize("heading, code", BLOCKS, ids=[heading for heading, _ in BLOCKS])
