@@ -18,8 +18,8 @@ the buffer is the parameter's storage) that calls torchext.qmatmul instead: up t
 GEMV over the packed weight, 17 to 64 rows on CUDA a tiled GEMM over it, more rows (Flux's 4096
 image tokens) a dense GEMM on the dequantized weight: on CUDA one dequantization kernel into a
 temporary, then cuBLAS (diffusers' dequantization is a chain of fp16 torch ops), on the CPU in
-cache-sized row chunks. Layers in other formats (BF16, Q2_K,
-Q3_K, the IQ1-IQ3 formats) stay on diffusers' path and are listed in the returned report.
+cache-sized row chunks. Layers in other formats (BF16, F16,
+formats torchext does not run) stay on diffusers' path and are listed in the returned report.
 
 What stays the same: the output dtype is the compute_dtype (activations are cast to it first,
 as diffusers' CUDA path does), the bias is the same tensor, cast to compute_dtype when added,
