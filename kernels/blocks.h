@@ -35,7 +35,13 @@ namespace torchext {
   X(Q5_K, 13)                      \
   X(Q6_K, 14)                      \
   X(IQ4_NL, 20)                    \
-  X(IQ4_XS, 23)
+  X(IQ4_XS, 23)                    \
+  TORCHEXT_IQ_GRID_FORMATS(X)
+
+// The grid-based imatrix formats, the catalog's last rows (blocks below, traits in
+// quant_traits_iq_grid.h).
+#define TORCHEXT_IQ_GRID_FORMATS(X) \
+  X(IQ3_S, 21)
 
 enum class QType : int64_t {
 #define TORCHEXT_QTYPE_ID(name, id) name = id,
@@ -119,11 +125,36 @@ struct block_iq4_xs {  // 8 sub-blocks of 32: x = d * (ls - 32) * level[q], ls a
   uint8_t qs[128];      // bytes 16j .. 16j+15: sub-block j, low nibble value l, high nibble value l + 16
 };
 
+// Grid-based imatrix formats: 256 values in 8 sub-blocks of 32 (sub-block j: values 32j ..); each
+// group of 8 values (IQ3: 4) is a point of a fixed grid (kernels/iq_grids.h) chosen by an index, with
+// a sign per value (x = scale * grid value * sign) and a 4-bit scale ls per sub-block (IQ2_XS, IQ2_S:
+// per 16 values).
+struct block_iq2_xxs {  // x = d * (0.5 + ls) / 4 * grid * sign
+  fp16_bits d;
+  uint16_t qs[32];  // sub-block j: qs[4j .. 4j+3] as two words: 4 grid indexes (a byte per 8 values),
+                    // then 4 7-bit indexes of sign patterns (7g .. 7g+6) and ls (bits 28-31)
+};
+struct block_iq3_xxs {  // x = d * (0.5 + ls) / 2 * grid * sign
+  fp16_bits d;
+  uint8_t qs[64];             // grid indexes, a byte per 4 values
+  uint8_t signs_scales[32];   // sub-block j: bytes 4j .. 4j+3 as a word, laid out as IQ2_XXS's second word
+};
+struct block_iq3_s {  // x = d * (1 + 2 ls) * grid * sign
+  fp16_bits d;
+  uint8_t qs[64];     // low 8 bits of the 9-bit grid index, a byte per 4 values
+  uint8_t qh[8];      // bit i of qh[j]: the 9th bit of qs[8j + i]'s index
+  uint8_t signs[32];  // bit i of signs[l]: value 8l + i is negative
+  uint8_t scales[4];  // nibble j % 2 of scales[j / 2]: ls of sub-block j
+};
+
 static_assert(sizeof(block_q4_K) == 144, "Q4_K block is 144 bytes");
 static_assert(sizeof(block_q5_K) == 176, "Q5_K block is 176 bytes");
 static_assert(sizeof(block_q6_K) == 210, "Q6_K block is 210 bytes");
 static_assert(sizeof(block_iq4_nl) == 18, "IQ4_NL block is 18 bytes");
 static_assert(sizeof(block_iq4_xs) == 136, "IQ4_XS block is 136 bytes");
+static_assert(sizeof(block_iq2_xxs) == 66, "IQ2_XXS block is 66 bytes");
+static_assert(sizeof(block_iq3_xxs) == 98, "IQ3_XXS block is 98 bytes");
+static_assert(sizeof(block_iq3_s) == 110, "IQ3_S block is 110 bytes");
 static_assert(sizeof(block_q8_0) == 34, "Q8_0 block is 34 bytes");
 static_assert(sizeof(block_q4_0) == 18, "Q4_0 block is 18 bytes");
 static_assert(sizeof(block_q4_1) == 20, "Q4_1 block is 20 bytes");

@@ -27,6 +27,9 @@ ALL_WEIGHTS = SMALL_BLOCK + [Q4_K, Q5_K, Q6_K]
 # formats whose block is a multiple of 4 bytes): the op checks the weight's address against it.
 # the catalog's alignments (torchext/formats.py); the tests below check that the ops enforce them
 ALIGN = {int(q): a for q, a in torchext.formats.ALIGNMENT.items()}
+# the catalog's formats as the error messages list them: "Q4_0, Q4_1, ... or IQ4_XS"
+_names = [q.name for q in torchext.formats.WEIGHT_TYPES]
+CATALOG_NAMES = ", ".join(_names[:-1]) + " or " + _names[-1]
 
 N, K = 4, 256  # the default good shape: one super-block / eight 32-blocks per row
 
@@ -312,7 +315,7 @@ class TestQmatmulFormat:
     def test_unknown_qtype(self, device, qtype):
         # 9 = Q8_1 is the activation format, 0/1 = F32/F16, 10/11 = Q2_K/Q3_K: not weight formats here
         with err(lit(f"qtype: unknown or unsupported weight format id {qtype} (expected a gguf "
-                     "GGMLQuantizationType of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL or IQ4_XS)")):
+                     f"GGMLQuantizationType of {CATALOG_NAMES})")):
             ops.qmatmul(weight(Q4_K, device=device), qtype, acts(device=device), N, K)
 
     @pytest.mark.parametrize("qtype", SMALL_BLOCK, ids=lambda q: NAMES[q])

@@ -1,0 +1,155 @@
+// QuantTraits of the grid-based imatrix formats (block layouts: blocks.h). Part of quant_traits.h,
+// which includes this file after its helpers (dp4a, load_u32, MmaSlice, FormatTraits) and before the
+// format visit; include quant_traits.h, not this file.
+//
+// A sub-block of 32 values decodes to 8 words of 4 signed bytes q (grid value times sign; IQ1: 8 times
+// the grid value plus the delta's sign) and a float scale d per 16 or 32 values, so that x = d * q. Every
+// such product is exact in fp32 (fp16 d: 11 significant bits, the sub-block scale's odd factor at most
+// 5, |q| at most 6), so x has the bits of gguf's x = db * grid * sign whatever the order of rounding,
+// and the integer dot products and MMA fragments take q as they take any int8 quant.
+#pragma once
+
+#include "kernels/iq_grids.h"
+
+namespace torchext {
+
+// ---- the grid and sign tables (kernels/iq_grids.h, generated from gguf) ----
+// Host code reads constexpr arrays. Device code reads copies in global memory through the read-only
+// cache: each lane looks up its own grid point, and __constant__ memory serializes a warp's
+// different addresses (as llama.cpp's CUDA backend, global tables). `static __device__`: each CUDA
+// translation unit has its own copy, as whole-program (non-rdc) compilation requires.
+#if defined(__CUDACC__)
+#define TORCHEXT_IQ_TABLE(type, name, values)   \
+  inline constexpr type name##_host[] = {values}; \
+  static __device__ const type name##_device[] = {values};
+#else
+#define TORCHEXT_IQ_TABLE(type, name, values) inline constexpr type name##_host[] = {values};
+#endif
+#if defined(__CUDA_ARCH__)
+#define TORCHEXT_IQ_READ(name, i) __ldg(&name##_device[i])
+#else
+#define TORCHEXT_IQ_READ(name, i) name##_host[i]
+#endif
+
+TORCHEXT_IQ_TABLE(uint32_t, iq3s_grid, TORCHEXT_IQ3S_GRID)
+
+// Signs from bits: 4 values (bytes of g, each 1..127) made negative where bit i of `bits` is set:
+// (g ^ 0xFF) + 1 = -g per byte, with no carry between bytes since g > 0.
+TORCHEXT_HD uint32_t apply_signs(uint32_t g, uint32_t bits) {
+  const uint32_t ones = ((bits & 0xFu) * 0x00204081u) & 0x01010101u;  // bit i -> bit 8i
+  return (g ^ (ones * 0xFFu)) + ones;
+}
+
+// Loads a sub-block and decodes it: the QuantTraits interface from a format's Grid, which supplies
+//   Raw                      the bytes of sub-block j that decoding reads (loaded into registers)
+//   load(p, j, raw)          their loads, and nothing else (the MMA GEMV issues loads before any use)
+//   quad(raw, i)             values 4i .. 4i+3 of the sub-block as signed bytes
+//   scale(raw, h)            d of values 16h .. 16h+15 (kScaleValues 16) or of all 32 (h = 0)
+template <class Grid>
+struct GridTraits {
+  using block = typename Grid::block;
+  static constexpr int kValues = 256;
+  static constexpr int kBytes = sizeof(block);
+  static constexpr int kAlign = Grid::kAlign;
+  static constexpr int kItems = 8;  // item j: sub-block j, one Q8_1 block
+  static constexpr bool kHalfScales = Grid::kScaleValues == 16;
+
+  // Sub-block j as words q[i] (values 4i .. 4i+3) and the scales of its halves.
+  static TORCHEXT_HD void unpack(const uint8_t* p, int j, uint32_t (&q)[8], float (&d)[2]) {
+    typename Grid::Raw r;
+    Grid::load(p, j, r);
+    TORCHEXT_UNROLL
+    for (int i = 0; i < 8; ++i) q[i] = Grid::quad(r, i);
+    d[0] = Grid::scale(r, 0);
+    d[1] = kHalfScales ? Grid::scale(r, 1) : d[0];
+  }
+
+  static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int c, float* out) {
+    uint32_t q[8];
+    float d[2];
+    unpack(p, c, q, d);
+    for (int l = 0; l < 32; ++l) out[l] = mul_sub(d[l / 16], float(int8_t(q[l / 4] >> (8 * (l % 4)))), 0.0f);
+  }
+
+  template <int B, class X>
+  static TORCHEXT_HD void dot_item(const uint8_t* p, int j, const X& x, float (&acc)[B]) {
+    uint32_t q[8];
+    float d[2];
+    unpack(p, j, q, d);
+    TORCHEXT_UNROLL
+    for (int r = 0; r < B; ++r) {
+      int xl[4], xh[4];
+      x.quants(r, j, 0, xl);
+      x.quants(r, j, 4, xh);
+      int sum_lo = 0, sum_hi = 0;
+      TORCHEXT_UNROLL
+      for (int w = 0; w < 4; ++w) {
+        sum_lo = dp4a(int(q[w]), xl[w], sum_lo);
+        sum_hi = dp4a(int(q[4 + w]), xh[w], sum_hi);
+      }
+      const float xd = x.scales(r, j).d;  // weight scale, activation scale, then the integer sum
+      if constexpr (kHalfScales) acc[r] += d[0] * xd * float(sum_lo) + d[1] * xd * float(sum_hi);
+      else acc[r] += d[0] * xd * float(sum_lo + sum_hi);
+    }
+  }
+
+  // MMA item j: sub-block j, one 32-value slice, or two 16-value ones where scales cover 16 values.
+  // Lane t's words are quads t and 4 + t (32-value slice) or 4s + t (16-value slice s), so MmaRaw
+  // keeps t for mma_slice.
+  static constexpr int kMmaItems = 8, kMmaSlices = kHalfScales ? 2 : 1, kMmaWords = kHalfScales ? 1 : 2;
+  struct MmaRaw {
+    typename Grid::Raw raw;
+    int t;
+  };
+  static TORCHEXT_HD int mma_slice_first(int j, int s) { return 32 * j + 16 * s; }
+  static TORCHEXT_HD void mma_load(const uint8_t* p, int j, int t, MmaRaw& r) {
+    Grid::load(p, j, r.raw);
+    r.t = t;
+  }
+  static TORCHEXT_HD MmaSlice<kMmaWords> mma_slice(const MmaRaw& r, int s) {
+    MmaSlice<kMmaWords> out;
+    if constexpr (kHalfScales) {
+      out.q[0] = Grid::quad(r.raw, 4 * s + r.t);
+    } else {
+      out.q[0] = Grid::quad(r.raw, r.t);
+      out.q[1] = Grid::quad(r.raw, 4 + r.t);
+    }
+    out.d = Grid::scale(r.raw, s);
+    out.m = 0.0f;
+    return out;
+  }
+};
+
+// ---------------------------------------------------------------- IQ3_S
+// Quad i of sub-block j: grid point qs[8j + i] | (bit i of qh[j]) << 8, signs bits 4(i%2) .. of
+// signs[4j + i/2]; d = fp16 d * (1 + 2 ls).
+struct IQ3SGrid {
+  using block = block_iq3_s;
+  static constexpr int kAlign = 2;  // 110-byte blocks
+  static constexpr int kScaleValues = 32;
+  struct Raw {
+    uint32_t qs[2], signs;
+    uint8_t qh, scales, shift;  // ls is bits shift .. shift+3 of scales
+    fp16_bits d;
+  };
+  static TORCHEXT_HD void load(const uint8_t* p, int j, Raw& r) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    r.qs[0] = load_u32<kAlign>(b.qs + 8 * j);
+    r.qs[1] = load_u32<kAlign>(b.qs + 8 * j + 4);
+    r.signs = load_u32<kAlign>(b.signs + 4 * j);
+    r.qh = b.qh[j];
+    r.scales = b.scales[j / 2];
+    r.shift = uint8_t(4 * (j % 2));
+    r.d = b.d;
+  }
+  static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
+    const uint32_t index = ((r.qs[i / 4] >> (8 * (i % 4))) & 0xFFu) | (uint32_t(r.qh >> i) & 1u) << 8;
+    return apply_signs(TORCHEXT_IQ_READ(iq3s_grid, index), r.signs >> (4 * i));
+  }
+  static TORCHEXT_HD float scale(const Raw& r, int) {
+    return fp16f(r.d) * float(1 + 2 * ((r.scales >> r.shift) & 0xF));
+  }
+};
+template <> struct QuantTraits<QType::IQ3_S> : FormatTraits<QType::IQ3_S, GridTraits<IQ3SGrid>> {};
+
+}  // namespace torchext
