@@ -41,6 +41,7 @@ namespace torchext {
 // The grid-based imatrix formats, the catalog's last rows (blocks below, traits in
 // quant_traits_iq_grid.h).
 #define TORCHEXT_IQ_GRID_FORMATS(X) \
+  X(IQ3_XXS, 18)                    \
   X(IQ3_S, 21)
 
 enum class QType : int64_t {
@@ -136,8 +137,9 @@ struct block_iq2_xxs {  // x = d * (0.5 + ls) / 4 * grid * sign
 };
 struct block_iq3_xxs {  // x = d * (0.5 + ls) / 2 * grid * sign
   fp16_bits d;
-  uint8_t qs[64];             // grid indexes, a byte per 4 values
-  uint8_t signs_scales[32];   // sub-block j: bytes 4j .. 4j+3 as a word, laid out as IQ2_XXS's second word
+  uint8_t qs[64];            // grid indexes, a byte per 4 values
+  uint8_t signs_scales[32];  // sub-block j: bytes 4j .. 4j+3 as a word: 4 7-bit indexes of sign
+                             // patterns (bits 7g .. 7g+6: values 8g .. 8g+7) and ls (bits 28-31)
 };
 struct block_iq3_s {  // x = d * (1 + 2 ls) * grid * sign
   fp16_bits d;

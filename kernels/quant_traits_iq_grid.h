@@ -31,13 +31,21 @@ namespace torchext {
 #define TORCHEXT_IQ_READ(name, i) name##_host[i]
 #endif
 
+TORCHEXT_IQ_TABLE(uint32_t, iq3xxs_grid, TORCHEXT_IQ3XXS_GRID)
 TORCHEXT_IQ_TABLE(uint32_t, iq3s_grid, TORCHEXT_IQ3S_GRID)
+TORCHEXT_IQ_TABLE(uint8_t, iq2_signs, TORCHEXT_IQ2_SIGNS)
 
 // Signs from bits: 4 values (bytes of g, each 1..127) made negative where bit i of `bits` is set:
 // (g ^ 0xFF) + 1 = -g per byte, with no carry between bytes since g > 0.
 TORCHEXT_HD uint32_t apply_signs(uint32_t g, uint32_t bits) {
   const uint32_t ones = ((bits & 0xFu) * 0x00204081u) & 0x01010101u;  // bit i -> bit 8i
   return (g ^ (ones * 0xFFu)) + ones;
+}
+
+// The 4 sign bits of quad i from a word of four 7-bit sign-pattern indexes (IQ2_XXS, IQ3_XXS): pattern
+// i / 2 covers 8 values, the quad its low or high half.
+TORCHEXT_HD uint32_t pattern_signs(uint32_t patterns, int i) {
+  return uint32_t(TORCHEXT_IQ_READ(iq2_signs, (patterns >> (7 * (i / 2))) & 0x7Fu)) >> (4 * (i % 2));
 }
 
 // Loads a sub-block and decodes it: the QuantTraits interface from a format's Grid, which supplies
@@ -119,6 +127,32 @@ struct GridTraits {
     return out;
   }
 };
+
+// ---------------------------------------------------------------- IQ3_XXS
+// Quad i of sub-block j: grid point qs[8j + i]; signs and ls from the word signs_scales[4j ..];
+// d = fp16 d * (0.5 + ls) / 2.
+struct IQ3XXSGrid {
+  using block = block_iq3_xxs;
+  static constexpr int kAlign = 2;  // 98-byte blocks
+  static constexpr int kScaleValues = 32;
+  struct Raw {
+    uint32_t qs[2], signs_scale;
+    fp16_bits d;
+  };
+  static TORCHEXT_HD void load(const uint8_t* p, int j, Raw& r) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    r.qs[0] = load_u32<kAlign>(b.qs + 8 * j);
+    r.qs[1] = load_u32<kAlign>(b.qs + 8 * j + 4);
+    r.signs_scale = load_u32<kAlign>(b.signs_scales + 4 * j);
+    r.d = b.d;
+  }
+  static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
+    const uint32_t grid = TORCHEXT_IQ_READ(iq3xxs_grid, (r.qs[i / 4] >> (8 * (i % 4))) & 0xFFu);
+    return apply_signs(grid, pattern_signs(r.signs_scale, i));
+  }
+  static TORCHEXT_HD float scale(const Raw& r, int) { return fp16f(r.d) * (0.5f + float(r.signs_scale >> 28)) * 0.5f; }
+};
+template <> struct QuantTraits<QType::IQ3_XXS> : FormatTraits<QType::IQ3_XXS, GridTraits<IQ3XXSGrid>> {};
 
 // ---------------------------------------------------------------- IQ3_S
 // Quad i of sub-block j: grid point qs[8j + i] | (bit i of qh[j]) << 8, signs bits 4(i%2) .. of
