@@ -41,8 +41,11 @@ namespace torchext {
 // The grid-based imatrix formats, the catalog's last rows (blocks below, traits in
 // quant_traits_iq_grid.h).
 #define TORCHEXT_IQ_GRID_FORMATS(X) \
+  X(IQ2_XXS, 16)                    \
+  X(IQ2_XS, 17)                     \
   X(IQ3_XXS, 18)                    \
-  X(IQ3_S, 21)
+  X(IQ3_S, 21)                      \
+  X(IQ2_S, 22)
 
 enum class QType : int64_t {
 #define TORCHEXT_QTYPE_ID(name, id) name = id,
@@ -135,6 +138,18 @@ struct block_iq2_xxs {  // x = d * (0.5 + ls) / 4 * grid * sign
   uint16_t qs[32];  // sub-block j: qs[4j .. 4j+3] as two words: 4 grid indexes (a byte per 8 values),
                     // then 4 7-bit indexes of sign patterns (7g .. 7g+6) and ls (bits 28-31)
 };
+struct block_iq2_xs {  // x = d * (0.5 + ls) / 4 * grid * sign
+  fp16_bits d;
+  uint16_t qs[32];     // qs[4j + g]: values 8g .. 8g+7 of sub-block j: 9-bit grid index | 7-bit sign pattern << 9
+  uint8_t scales[8];   // scales[j]: ls of values 0 .. 15 (low nibble) and 16 .. 31 (high)
+};
+struct block_iq2_s {  // x = d * (0.5 + ls) / 4 * grid * sign
+  fp16_bits d;
+  uint8_t qs[32];      // qs[4j + g]: low 8 bits of the 10-bit grid index of values 8g .. 8g+7
+  uint8_t signs[32];   // bit i of signs[4j + g]: value 8g + i is negative
+  uint8_t qh[8];       // bits 2g, 2g+1 of qh[j]: the index's high bits
+  uint8_t scales[8];   // as IQ2_XS
+};
 struct block_iq3_xxs {  // x = d * (0.5 + ls) / 2 * grid * sign
   fp16_bits d;
   uint8_t qs[64];            // grid indexes, a byte per 4 values
@@ -155,6 +170,8 @@ static_assert(sizeof(block_q6_K) == 210, "Q6_K block is 210 bytes");
 static_assert(sizeof(block_iq4_nl) == 18, "IQ4_NL block is 18 bytes");
 static_assert(sizeof(block_iq4_xs) == 136, "IQ4_XS block is 136 bytes");
 static_assert(sizeof(block_iq2_xxs) == 66, "IQ2_XXS block is 66 bytes");
+static_assert(sizeof(block_iq2_xs) == 74, "IQ2_XS block is 74 bytes");
+static_assert(sizeof(block_iq2_s) == 82, "IQ2_S block is 82 bytes");
 static_assert(sizeof(block_iq3_xxs) == 98, "IQ3_XXS block is 98 bytes");
 static_assert(sizeof(block_iq3_s) == 110, "IQ3_S block is 110 bytes");
 static_assert(sizeof(block_q8_0) == 34, "Q8_0 block is 34 bytes");

@@ -31,6 +31,9 @@ namespace torchext {
 #define TORCHEXT_IQ_READ(name, i) name##_host[i]
 #endif
 
+TORCHEXT_IQ_TABLE(uint64_t, iq2xxs_grid, TORCHEXT_IQ2XXS_GRID)
+TORCHEXT_IQ_TABLE(uint64_t, iq2xs_grid, TORCHEXT_IQ2XS_GRID)
+TORCHEXT_IQ_TABLE(uint64_t, iq2s_grid, TORCHEXT_IQ2S_GRID)
 TORCHEXT_IQ_TABLE(uint32_t, iq3xxs_grid, TORCHEXT_IQ3XXS_GRID)
 TORCHEXT_IQ_TABLE(uint32_t, iq3s_grid, TORCHEXT_IQ3S_GRID)
 TORCHEXT_IQ_TABLE(uint8_t, iq2_signs, TORCHEXT_IQ2_SIGNS)
@@ -41,6 +44,9 @@ TORCHEXT_HD uint32_t apply_signs(uint32_t g, uint32_t bits) {
   const uint32_t ones = ((bits & 0xFu) * 0x00204081u) & 0x01010101u;  // bit i -> bit 8i
   return (g ^ (ones * 0xFFu)) + ones;
 }
+
+// Quad i's half of an 8-value grid point (values 8(i/2) .. of the sub-block): its low word for even i.
+TORCHEXT_HD uint32_t point_half(uint64_t point, int i) { return uint32_t(point >> (32 * (i % 2))); }
 
 // The 4 sign bits of quad i from a word of four 7-bit sign-pattern indexes (IQ2_XXS, IQ3_XXS): pattern
 // i / 2 covers 8 values, the quad its low or high half.
@@ -127,6 +133,91 @@ struct GridTraits {
     return out;
   }
 };
+
+// ---------------------------------------------------------------- IQ2_XXS, IQ2_XS, IQ2_S
+// 8-value grid points of 8, 25, 43. IQ2_XXS: sub-block j is qs[4j .. 4j+3] as two words (4 point
+// indexes; 4 sign-pattern indexes and ls), d = fp16 d * (0.5 + ls) / 4.
+struct IQ2XXSGrid {
+  using block = block_iq2_xxs;
+  static constexpr int kAlign = 2;  // 66-byte blocks
+  static constexpr int kScaleValues = 32;
+  struct Raw {
+    uint32_t points, signs_scale;
+    fp16_bits d;
+  };
+  static TORCHEXT_HD void load(const uint8_t* p, int j, Raw& r) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    const uint8_t* q = reinterpret_cast<const uint8_t*>(b.qs + 4 * j);
+    r.points = load_u32<kAlign>(q);
+    r.signs_scale = load_u32<kAlign>(q + 4);
+    r.d = b.d;
+  }
+  static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
+    const uint64_t point = TORCHEXT_IQ_READ(iq2xxs_grid, (r.points >> (8 * (i / 2))) & 0xFFu);
+    return apply_signs(point_half(point, i), pattern_signs(r.signs_scale, i));
+  }
+  static TORCHEXT_HD float scale(const Raw& r, int) { return fp16f(r.d) * (0.5f + float(r.signs_scale >> 28)) * 0.25f; }
+};
+template <> struct QuantTraits<QType::IQ2_XXS> : FormatTraits<QType::IQ2_XXS, GridTraits<IQ2XXSGrid>> {};
+
+// d of half h of an IQ2_XS / IQ2_S sub-block: fp16 d * (0.5 + ls) / 4, ls nibble h of its scale byte.
+TORCHEXT_HD float iq2_half_scale(fp16_bits d, uint8_t scales, int h) {
+  return fp16f(d) * (0.5f + float((scales >> (4 * h)) & 0xF)) * 0.25f;
+}
+
+// IQ2_XS: qs[4j + g] = point index (9 bits) | sign-pattern index << 9 for values 8g .. 8g+7.
+struct IQ2XSGrid {
+  using block = block_iq2_xs;
+  static constexpr int kAlign = 2;  // 74-byte blocks
+  static constexpr int kScaleValues = 16;
+  struct Raw {
+    uint32_t codes[2];
+    uint8_t scales;
+    fp16_bits d;
+  };
+  static TORCHEXT_HD void load(const uint8_t* p, int j, Raw& r) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    const uint8_t* q = reinterpret_cast<const uint8_t*>(b.qs + 4 * j);
+    r.codes[0] = load_u32<kAlign>(q);
+    r.codes[1] = load_u32<kAlign>(q + 4);
+    r.scales = b.scales[j];
+    r.d = b.d;
+  }
+  static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
+    const uint32_t code = (r.codes[i / 4] >> (16 * ((i / 2) % 2))) & 0xFFFFu;
+    const uint32_t signs = uint32_t(TORCHEXT_IQ_READ(iq2_signs, code >> 9)) >> (4 * (i % 2));
+    return apply_signs(point_half(TORCHEXT_IQ_READ(iq2xs_grid, code & 0x1FFu), i), signs);
+  }
+  static TORCHEXT_HD float scale(const Raw& r, int h) { return iq2_half_scale(r.d, r.scales, h); }
+};
+template <> struct QuantTraits<QType::IQ2_XS> : FormatTraits<QType::IQ2_XS, GridTraits<IQ2XSGrid>> {};
+
+// IQ2_S: point index qs[4j + g] | bits 2g, 2g+1 of qh[j] << 8 (10 bits), signs[4j + g] its 8 signs.
+struct IQ2SGrid {
+  using block = block_iq2_s;
+  static constexpr int kAlign = 2;  // 82-byte blocks
+  static constexpr int kScaleValues = 16;
+  struct Raw {
+    uint32_t points, signs;
+    uint8_t qh, scales;
+    fp16_bits d;
+  };
+  static TORCHEXT_HD void load(const uint8_t* p, int j, Raw& r) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    r.points = load_u32<kAlign>(b.qs + 4 * j);
+    r.signs = load_u32<kAlign>(b.signs + 4 * j);
+    r.qh = b.qh[j];
+    r.scales = b.scales[j];
+    r.d = b.d;
+  }
+  static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
+    const int g = i / 2;
+    const uint32_t index = ((r.points >> (8 * g)) & 0xFFu) | (uint32_t(r.qh >> (2 * g)) & 3u) << 8;
+    return apply_signs(point_half(TORCHEXT_IQ_READ(iq2s_grid, index), i), r.signs >> (4 * i));
+  }
+  static TORCHEXT_HD float scale(const Raw& r, int h) { return iq2_half_scale(r.d, r.scales, h); }
+};
+template <> struct QuantTraits<QType::IQ2_S> : FormatTraits<QType::IQ2_S, GridTraits<IQ2SGrid>> {};
 
 // ---------------------------------------------------------------- IQ3_XXS
 // Quad i of sub-block j: grid point qs[8j + i]; signs and ls from the word signs_scales[4j ..];

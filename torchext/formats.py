@@ -27,8 +27,11 @@ class QType(enum.IntEnum):
     IQ4_NL = GGMLQuantizationType.IQ4_NL.value
     IQ4_XS = GGMLQuantizationType.IQ4_XS.value
     # the grid-based imatrix formats (kernels/quant_traits_iq_grid.h)
+    IQ2_XXS = GGMLQuantizationType.IQ2_XXS.value
+    IQ2_XS = GGMLQuantizationType.IQ2_XS.value
     IQ3_XXS = GGMLQuantizationType.IQ3_XXS.value
     IQ3_S = GGMLQuantizationType.IQ3_S.value
+    IQ2_S = GGMLQuantizationType.IQ2_S.value
 
     @classmethod
     def of(cls, fmt) -> "QType":
@@ -72,7 +75,7 @@ SMALL_BLOCK_TYPES = tuple(q for q in WEIGHT_TYPES if q not in K_QUANTS)
 FP16_FIELDS = {
     QType.Q4_0: (0,), QType.Q4_1: (0, 2), QType.Q5_0: (0,), QType.Q5_1: (0, 2), QType.Q8_0: (0,),
     QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,), QType.IQ4_NL: (0,), QType.IQ4_XS: (0,),
-    QType.IQ3_XXS: (0,), QType.IQ3_S: (0,),
+    QType.IQ2_XXS: (0,), QType.IQ2_XS: (0,), QType.IQ3_XXS: (0,), QType.IQ3_S: (0,), QType.IQ2_S: (0,),
 }
 
 #: The byte alignment a weight's data must keep: each format's blocks are read with loads of that
@@ -81,7 +84,7 @@ FP16_FIELDS = {
 ALIGNMENT = {
     QType.Q4_0: 2, QType.Q4_1: 4, QType.Q5_0: 2, QType.Q5_1: 4, QType.Q8_0: 2,
     QType.Q4_K: 16, QType.Q5_K: 16, QType.Q6_K: 2, QType.IQ4_NL: 2, QType.IQ4_XS: 8,
-    QType.IQ3_XXS: 2, QType.IQ3_S: 2,
+    QType.IQ2_XXS: 2, QType.IQ2_XS: 2, QType.IQ3_XXS: 2, QType.IQ3_S: 2, QType.IQ2_S: 2,
 }
 
 #: The formats torchext.quantize makes (llama.cpp's reference quantizers); the IQ formats need an
