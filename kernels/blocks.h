@@ -44,6 +44,7 @@ namespace torchext {
   X(IQ2_XXS, 16)                    \
   X(IQ2_XS, 17)                     \
   X(IQ3_XXS, 18)                    \
+  X(IQ1_S, 19)                      \
   X(IQ3_S, 21)                      \
   X(IQ2_S, 22)
 
@@ -163,6 +164,11 @@ struct block_iq3_s {  // x = d * (1 + 2 ls) * grid * sign
   uint8_t signs[32];  // bit i of signs[l]: value 8l + i is negative
   uint8_t scales[4];  // nibble j % 2 of scales[j / 2]: ls of sub-block j
 };
+struct block_iq1_s {  // x = d * (2 ls + 1) * (grid + delta), grid values -1, 0, 1, delta +-1/8
+  fp16_bits d;
+  uint8_t qs[32];   // qs[4j + g]: low 8 bits of the 11-bit grid index of values 8g .. 8g+7
+  uint16_t qh[8];   // qh[j]: bits 3g .. 3g+2 the indexes' high bits, 12-14 ls, 15 delta < 0
+};
 
 static_assert(sizeof(block_q4_K) == 144, "Q4_K block is 144 bytes");
 static_assert(sizeof(block_q5_K) == 176, "Q5_K block is 176 bytes");
@@ -174,6 +180,7 @@ static_assert(sizeof(block_iq2_xs) == 74, "IQ2_XS block is 74 bytes");
 static_assert(sizeof(block_iq2_s) == 82, "IQ2_S block is 82 bytes");
 static_assert(sizeof(block_iq3_xxs) == 98, "IQ3_XXS block is 98 bytes");
 static_assert(sizeof(block_iq3_s) == 110, "IQ3_S block is 110 bytes");
+static_assert(sizeof(block_iq1_s) == 50, "IQ1_S block is 50 bytes");
 static_assert(sizeof(block_q8_0) == 34, "Q8_0 block is 34 bytes");
 static_assert(sizeof(block_q4_0) == 18, "Q4_0 block is 18 bytes");
 static_assert(sizeof(block_q4_1) == 20, "Q4_1 block is 20 bytes");

@@ -36,6 +36,7 @@ TORCHEXT_IQ_TABLE(uint64_t, iq2xs_grid, TORCHEXT_IQ2XS_GRID)
 TORCHEXT_IQ_TABLE(uint64_t, iq2s_grid, TORCHEXT_IQ2S_GRID)
 TORCHEXT_IQ_TABLE(uint32_t, iq3xxs_grid, TORCHEXT_IQ3XXS_GRID)
 TORCHEXT_IQ_TABLE(uint32_t, iq3s_grid, TORCHEXT_IQ3S_GRID)
+TORCHEXT_IQ_TABLE(uint64_t, iq1s_grid, TORCHEXT_IQ1S_GRID)
 TORCHEXT_IQ_TABLE(uint8_t, iq2_signs, TORCHEXT_IQ2_SIGNS)
 
 // Signs from bits: 4 values (bytes of g, each 1..127) made negative where bit i of `bits` is set:
@@ -276,5 +277,43 @@ struct IQ3SGrid {
   }
 };
 template <> struct QuantTraits<QType::IQ3_S> : FormatTraits<QType::IQ3_S, GridTraits<IQ3SGrid>> {};
+
+// ---------------------------------------------------------------- IQ1_S
+// x = dl * (grid + delta), grid values -1, 0, 1 (stored + 1), delta = +-1/8 per sub-block (IQ1_S) or
+// per 8 values (IQ1_M). Counted in eighths, q = 8 * grid +- 1 is an int8 (|q| <= 9) and d = dl / 8,
+// exact: the slice form d * q with no offset, whatever the delta's granularity.
+
+// Quad i's eighths from its half of an IQ1 grid point (bytes grid + 1): 8 * (grid + 1) + (7 or 9) - 16,
+// the subtraction done on biased bytes (no borrow between bytes).
+TORCHEXT_HD uint32_t iq1_eighths(uint64_t point, int i, bool negative_delta) {
+  const uint32_t biased = (point_half(point, i) << 3) + (negative_delta ? 0x07070707u : 0x09090909u);
+  return ((biased | 0x80808080u) - 0x10101010u) ^ 0x80808080u;
+}
+
+// Sub-block j: point indexes qs[4j + g] | bits 3g .. 3g+2 of qh[j] << 8; qh[j]'s bits 12-14 are ls
+// (dl = fp16 d * (2 ls + 1)), bit 15 the delta's sign.
+struct IQ1SGrid {
+  using block = block_iq1_s;
+  static constexpr int kAlign = 2;  // 50-byte blocks
+  static constexpr int kScaleValues = 32;
+  struct Raw {
+    uint32_t points;
+    uint16_t qh;
+    fp16_bits d;
+  };
+  static TORCHEXT_HD void load(const uint8_t* p, int j, Raw& r) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    r.points = load_u32<kAlign>(b.qs + 4 * j);
+    r.qh = b.qh[j];
+    r.d = b.d;
+  }
+  static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
+    const int g = i / 2;
+    const uint32_t index = ((r.points >> (8 * g)) & 0xFFu) | ((uint32_t(r.qh) >> (3 * g)) & 7u) << 8;
+    return iq1_eighths(TORCHEXT_IQ_READ(iq1s_grid, index), i, r.qh & 0x8000u);
+  }
+  static TORCHEXT_HD float scale(const Raw& r, int) { return fp16f(r.d) * float(2 * ((r.qh >> 12) & 7) + 1) * 0.125f; }
+};
+template <> struct QuantTraits<QType::IQ1_S> : FormatTraits<QType::IQ1_S, GridTraits<IQ1SGrid>> {};
 
 }  // namespace torchext

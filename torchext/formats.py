@@ -30,6 +30,7 @@ class QType(enum.IntEnum):
     IQ2_XXS = GGMLQuantizationType.IQ2_XXS.value
     IQ2_XS = GGMLQuantizationType.IQ2_XS.value
     IQ3_XXS = GGMLQuantizationType.IQ3_XXS.value
+    IQ1_S = GGMLQuantizationType.IQ1_S.value
     IQ3_S = GGMLQuantizationType.IQ3_S.value
     IQ2_S = GGMLQuantizationType.IQ2_S.value
 
@@ -76,6 +77,7 @@ FP16_FIELDS = {
     QType.Q4_0: (0,), QType.Q4_1: (0, 2), QType.Q5_0: (0,), QType.Q5_1: (0, 2), QType.Q8_0: (0,),
     QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,), QType.IQ4_NL: (0,), QType.IQ4_XS: (0,),
     QType.IQ2_XXS: (0,), QType.IQ2_XS: (0,), QType.IQ3_XXS: (0,), QType.IQ3_S: (0,), QType.IQ2_S: (0,),
+    QType.IQ1_S: (0,),
 }
 
 #: The byte alignment a weight's data must keep: each format's blocks are read with loads of that
@@ -85,6 +87,7 @@ ALIGNMENT = {
     QType.Q4_0: 2, QType.Q4_1: 4, QType.Q5_0: 2, QType.Q5_1: 4, QType.Q8_0: 2,
     QType.Q4_K: 16, QType.Q5_K: 16, QType.Q6_K: 2, QType.IQ4_NL: 2, QType.IQ4_XS: 8,
     QType.IQ2_XXS: 2, QType.IQ2_XS: 2, QType.IQ3_XXS: 2, QType.IQ3_S: 2, QType.IQ2_S: 2,
+    QType.IQ1_S: 2,
 }
 
 #: The formats torchext.quantize makes (llama.cpp's reference quantizers); the IQ formats need an
