@@ -46,7 +46,8 @@ namespace torchext {
   X(IQ3_XXS, 18)                    \
   X(IQ1_S, 19)                      \
   X(IQ3_S, 21)                      \
-  X(IQ2_S, 22)
+  X(IQ2_S, 22)                      \
+  X(IQ1_M, 29)
 
 enum class QType : int64_t {
 #define TORCHEXT_QTYPE_ID(name, id) name = id,
@@ -169,6 +170,12 @@ struct block_iq1_s {  // x = d * (2 ls + 1) * (grid + delta), grid values -1, 0,
   uint8_t qs[32];   // qs[4j + g]: low 8 bits of the 11-bit grid index of values 8g .. 8g+7
   uint16_t qh[8];   // qh[j]: bits 3g .. 3g+2 the indexes' high bits, 12-14 ls, 15 delta < 0
 };
+struct block_iq1_m {  // x = d * (2 ls + 1) * (grid + delta), as IQ1_S with ls and delta per 16 / 8 values
+  uint8_t qs[32];       // as IQ1_S
+  uint8_t qh[16];       // nibble g % 2 of qh[2j + g / 2]: the index's high 3 bits, bit 3 delta < 0
+  uint16_t scales[4];   // ls of values 16s .. 16s+15 (s = 0..15) in bits 3(s % 4) of scales[s / 4];
+                        // bits 12-15 of scales[w]: bits 4w .. 4w+3 of the fp16 d
+};
 
 static_assert(sizeof(block_q4_K) == 144, "Q4_K block is 144 bytes");
 static_assert(sizeof(block_q5_K) == 176, "Q5_K block is 176 bytes");
@@ -181,6 +188,7 @@ static_assert(sizeof(block_iq2_s) == 82, "IQ2_S block is 82 bytes");
 static_assert(sizeof(block_iq3_xxs) == 98, "IQ3_XXS block is 98 bytes");
 static_assert(sizeof(block_iq3_s) == 110, "IQ3_S block is 110 bytes");
 static_assert(sizeof(block_iq1_s) == 50, "IQ1_S block is 50 bytes");
+static_assert(sizeof(block_iq1_m) == 56, "IQ1_M block is 56 bytes");
 static_assert(sizeof(block_q8_0) == 34, "Q8_0 block is 34 bytes");
 static_assert(sizeof(block_q4_0) == 18, "Q4_0 block is 18 bytes");
 static_assert(sizeof(block_q4_1) == 20, "Q4_1 block is 20 bytes");

@@ -316,4 +316,41 @@ struct IQ1SGrid {
 };
 template <> struct QuantTraits<QType::IQ1_S> : FormatTraits<QType::IQ1_S, GridTraits<IQ1SGrid>> {};
 
+// ---------------------------------------------------------------- IQ1_M
+// Sub-block j: point indexes qs[4j + g] | (nibble g of qh[2j .. 2j+1]) & 7 << 8, the nibble's bit 3
+// the delta's sign; 3-bit ls per 16 values (dl = d * (2 ls + 1)), fp16 d from the scale words' top
+// nibbles.
+struct IQ1MGrid {
+  using block = block_iq1_m;
+  static constexpr int kAlign = 8;  // 56-byte blocks
+  static constexpr int kScaleValues = 16;
+  struct Raw {
+    uint32_t points, scales[2];
+    uint16_t qh;
+    uint8_t j;
+  };
+  static TORCHEXT_HD void load(const uint8_t* p, int j, Raw& r) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    r.points = load_u32<kAlign>(b.qs + 4 * j);
+    r.qh = *reinterpret_cast<const uint16_t*>(b.qh + 2 * j);
+    r.scales[0] = load_u32<kAlign>(reinterpret_cast<const uint8_t*>(b.scales));
+    r.scales[1] = load_u32<kAlign>(reinterpret_cast<const uint8_t*>(b.scales) + 4);
+    r.j = uint8_t(j);
+  }
+  static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
+    const int g = i / 2;
+    const uint32_t nibble = (uint32_t(r.qh) >> (4 * g)) & 0xFu;
+    const uint32_t index = ((r.points >> (8 * g)) & 0xFFu) | (nibble & 7u) << 8;
+    return iq1_eighths(TORCHEXT_IQ_READ(iq1s_grid, index), i, nibble & 8u);
+  }
+  static TORCHEXT_HD float scale(const Raw& r, int h) {
+    const uint32_t w0 = r.scales[0], w1 = r.scales[1];  // scale words 0 | 1 << 16, 2 | 3 << 16
+    const fp16_bits d = fp16_bits(((w0 >> 12) & 0xFu) | ((w0 >> 24) & 0xF0u) | ((w1 >> 4) & 0xF00u) | ((w1 >> 16) & 0xF000u));
+    // ls of values 16h .. of sub-block j: bits 3(2(j % 2) + h) of scale word j / 2
+    const int ls = (r.scales[r.j / 4] >> (16 * ((r.j / 2) % 2) + 3 * (2 * (r.j % 2) + h))) & 7;
+    return fp16f(d) * float(2 * ls + 1) * 0.125f;
+  }
+};
+template <> struct QuantTraits<QType::IQ1_M> : FormatTraits<QType::IQ1_M, GridTraits<IQ1MGrid>> {};
+
 }  // namespace torchext

@@ -48,10 +48,10 @@ def test_fp16_fields_are_the_blocks_scales(gq):
     offsets = torchext.formats.FP16_FIELDS[torchext.QType.of(gq)]
     raw = np.random.default_rng(int(gq)).integers(0, 256, size=(64, nbytes), dtype=np.uint8)
     for off in offsets:
-        raw[:, off:off + 2] = np.zeros(64, dtype="<f2").view(np.uint8).reshape(64, 2)
+        torchext.formats.put_fp16_field(raw, int(gq), off, np.zeros(64, dtype=np.float16))
     assert not dequantize(raw, gq).any()
     for off in offsets:
-        raw[:, off:off + 2] = np.full(64, 0.5, dtype="<f2").view(np.uint8).reshape(64, 2)
+        torchext.formats.put_fp16_field(raw, int(gq), off, np.full(64, 0.5, dtype=np.float16))
     dense = dequantize(raw, gq)
     assert np.isfinite(dense).all() and dense.any()
 
