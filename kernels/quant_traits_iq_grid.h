@@ -4,9 +4,10 @@
 //
 // A sub-block of 32 values decodes to 8 words of 4 signed bytes q (grid value times sign; IQ1: 8 times
 // the grid value plus the delta's sign) and a float scale d per 16 or 32 values, so that x = d * q. Every
-// such product is exact in fp32 (fp16 d: 11 significant bits, the sub-block scale's odd factor at most
-// 5, |q| at most 6), so x has the bits of gguf's x = db * grid * sign whatever the order of rounding,
-// and the integer dot products and MMA fragments take q as they take any int8 quant.
+// such product is exact in fp32: fp16 d has 11 significant bits, the sub-block scale's odd factor
+// (2 ls + 1) at most 5 and |q| at most 6, 22 in all (the factors 1/2, 1/4, 1/8 are exponents). So x has
+// the bits of gguf's db * grid * sign whatever the order of rounding (and the tiled GEMM's fmaf(d, q, 0)
+// too), and the integer dot products and MMA fragments take q as they take any int8 quant.
 #pragma once
 
 #include "kernels/iq_grids.h"
@@ -38,6 +39,7 @@ TORCHEXT_IQ_TABLE(uint32_t, iq3xxs_grid, TORCHEXT_IQ3XXS_GRID)
 TORCHEXT_IQ_TABLE(uint32_t, iq3s_grid, TORCHEXT_IQ3S_GRID)
 TORCHEXT_IQ_TABLE(uint64_t, iq1s_grid, TORCHEXT_IQ1S_GRID)
 TORCHEXT_IQ_TABLE(uint8_t, iq2_signs, TORCHEXT_IQ2_SIGNS)
+#undef TORCHEXT_IQ_TABLE
 
 // Signs from bits: 4 values (bytes of g, each 1..127) made negative where bit i of `bits` is set:
 // (g ^ 0xFF) + 1 = -g per byte, with no carry between bytes since g > 0.
@@ -352,5 +354,7 @@ struct IQ1MGrid {
   }
 };
 template <> struct QuantTraits<QType::IQ1_M> : FormatTraits<QType::IQ1_M, GridTraits<IQ1MGrid>> {};
+
+#undef TORCHEXT_IQ_READ
 
 }  // namespace torchext
