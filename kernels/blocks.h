@@ -38,7 +38,19 @@ namespace torchext {
   X(Q6_K, 14)                      \
   X(IQ4_NL, 20)                    \
   X(IQ4_XS, 23)                    \
-  X(TQ2_0, 35)
+  X(TQ2_0, 35)                     \
+  TORCHEXT_IQ_GRID_FORMATS(X)
+
+// The grid-based imatrix formats, the catalog's last rows (blocks below, traits in
+// quant_traits_iq_grid.h).
+#define TORCHEXT_IQ_GRID_FORMATS(X) \
+  X(IQ2_XXS, 16)                    \
+  X(IQ2_XS, 17)                     \
+  X(IQ3_XXS, 18)                    \
+  X(IQ1_S, 19)                      \
+  X(IQ3_S, 21)                      \
+  X(IQ2_S, 22)                      \
+  X(IQ1_M, 29)
 
 enum class QType : int64_t {
 #define TORCHEXT_QTYPE_ID(name, id) name = id,
@@ -144,11 +156,65 @@ struct block_iq4_xs {  // 8 sub-blocks of 32: x = d * (ls - 32) * level[q], ls a
 static_assert(sizeof(block_q2_K) == 84, "Q2_K block is 84 bytes");
 static_assert(sizeof(block_q3_K) == 110, "Q3_K block is 110 bytes");
 static_assert(sizeof(block_tq2_0) == 66, "TQ2_0 block is 66 bytes");
+
+// Grid-based imatrix formats: 256 values in 8 sub-blocks of 32 (sub-block j: values 32j ..); each
+// group of 8 values (IQ3: 4) is a point of a fixed grid (kernels/iq_grids.h) chosen by an index, with
+// a sign per value (x = scale * grid value * sign) and a 4-bit scale ls per sub-block (IQ2_XS, IQ2_S:
+// per 16 values).
+struct block_iq2_xxs {  // x = d * (0.5 + ls) / 4 * grid * sign
+  fp16_bits d;
+  uint16_t qs[32];  // sub-block j: qs[4j .. 4j+3] as two words: 4 grid indexes (a byte per 8 values),
+                    // then 4 7-bit indexes of sign patterns (7g .. 7g+6) and ls (bits 28-31)
+};
+struct block_iq2_xs {  // x = d * (0.5 + ls) / 4 * grid * sign
+  fp16_bits d;
+  uint16_t qs[32];     // qs[4j + g]: values 8g .. 8g+7 of sub-block j: 9-bit grid index | 7-bit sign pattern << 9
+  uint8_t scales[8];   // scales[j]: ls of values 0 .. 15 (low nibble) and 16 .. 31 (high)
+};
+struct block_iq2_s {  // x = d * (0.5 + ls) / 4 * grid * sign
+  fp16_bits d;
+  uint8_t qs[32];      // qs[4j + g]: low 8 bits of the 10-bit grid index of values 8g .. 8g+7
+  uint8_t signs[32];   // bit i of signs[4j + g]: value 8g + i is negative
+  uint8_t qh[8];       // bits 2g, 2g+1 of qh[j]: the index's high bits
+  uint8_t scales[8];   // as IQ2_XS
+};
+struct block_iq3_xxs {  // x = d * (0.5 + ls) / 2 * grid * sign
+  fp16_bits d;
+  uint8_t qs[64];            // grid indexes, a byte per 4 values
+  uint8_t signs_scales[32];  // sub-block j: bytes 4j .. 4j+3 as a word: 4 7-bit indexes of sign
+                             // patterns (bits 7g .. 7g+6: values 8g .. 8g+7) and ls (bits 28-31)
+};
+struct block_iq3_s {  // x = d * (1 + 2 ls) * grid * sign
+  fp16_bits d;
+  uint8_t qs[64];     // low 8 bits of the 9-bit grid index, a byte per 4 values
+  uint8_t qh[8];      // bit i of qh[j]: the 9th bit of qs[8j + i]'s index
+  uint8_t signs[32];  // bit i of signs[l]: value 8l + i is negative
+  uint8_t scales[4];  // nibble j % 2 of scales[j / 2]: ls of sub-block j
+};
+struct block_iq1_s {  // x = d * (2 ls + 1) * (grid + delta), grid values -1, 0, 1, delta +-1/8
+  fp16_bits d;
+  uint8_t qs[32];   // qs[4j + g]: low 8 bits of the 11-bit grid index of values 8g .. 8g+7
+  uint16_t qh[8];   // qh[j]: bits 3g .. 3g+2 the indexes' high bits, 12-14 ls, 15 delta < 0
+};
+struct block_iq1_m {  // x = d * (2 ls + 1) * (grid + delta), as IQ1_S with ls and delta per 16 / 8 values
+  uint8_t qs[32];       // as IQ1_S
+  uint8_t qh[16];       // nibble g % 2 of qh[2j + g / 2]: the index's high 3 bits, bit 3 delta < 0
+  uint16_t scales[4];   // ls of values 16s .. 16s+15 (s = 0..15) in bits 3(s % 4) of scales[s / 4];
+                        // bits 12-15 of scales[w]: bits 4w .. 4w+3 of the fp16 d
+};
+
 static_assert(sizeof(block_q4_K) == 144, "Q4_K block is 144 bytes");
 static_assert(sizeof(block_q5_K) == 176, "Q5_K block is 176 bytes");
 static_assert(sizeof(block_q6_K) == 210, "Q6_K block is 210 bytes");
 static_assert(sizeof(block_iq4_nl) == 18, "IQ4_NL block is 18 bytes");
 static_assert(sizeof(block_iq4_xs) == 136, "IQ4_XS block is 136 bytes");
+static_assert(sizeof(block_iq2_xxs) == 66, "IQ2_XXS block is 66 bytes");
+static_assert(sizeof(block_iq2_xs) == 74, "IQ2_XS block is 74 bytes");
+static_assert(sizeof(block_iq2_s) == 82, "IQ2_S block is 82 bytes");
+static_assert(sizeof(block_iq3_xxs) == 98, "IQ3_XXS block is 98 bytes");
+static_assert(sizeof(block_iq3_s) == 110, "IQ3_S block is 110 bytes");
+static_assert(sizeof(block_iq1_s) == 50, "IQ1_S block is 50 bytes");
+static_assert(sizeof(block_iq1_m) == 56, "IQ1_M block is 56 bytes");
 static_assert(sizeof(block_q8_0) == 34, "Q8_0 block is 34 bytes");
 static_assert(sizeof(block_q4_0) == 18, "Q4_0 block is 18 bytes");
 static_assert(sizeof(block_q4_1) == 20, "Q4_1 block is 20 bytes");

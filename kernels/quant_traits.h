@@ -828,6 +828,12 @@ struct QuantTraits<QType::IQ4_XS> {
   }
 };
 
+}  // namespace torchext
+
+#include "kernels/quant_traits_iq_grid.h"  // the grid-based imatrix formats
+
+namespace torchext {
+
 // Calls f(QuantTraits<T>{}) for the weight format `t`; false (f not called) if `t` is not one of
 // the catalog's weight formats (blocks.h). Every caller turns false into an error naming the id.
 template <class F>

@@ -21,7 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 import torchext  # noqa: F401  (loads the op library)
-from torchext.formats import FP16_FIELDS, QUANTIZABLE_TYPES, SMALL_BLOCK_TYPES, WEIGHT_TYPES
+from torchext.formats import FP16_FIELDS, QUANTIZABLE_TYPES, SMALL_BLOCK_TYPES, WEIGHT_TYPES, put_fp16_field
 from torchext.formats import K_QUANTS as CATALOG_K_QUANTS
 
 # ---- devices, dtypes, formats ---------------------------------------------------------------
@@ -83,8 +83,7 @@ def random_weight(qtype, n: int, k: int, device="cpu", seed: int = 0, scale: flo
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=(n, blocks, nbytes), dtype=np.uint8)
     for off in FP16_FIELD_OFFSETS[GGMLQuantizationType(int(qtype))]:
-        f16 = (rng.standard_normal((n, blocks)) * scale).astype(np.float16)
-        raw[:, :, off:off + 2] = f16.astype("<f2").view(np.uint8).reshape(n, blocks, 2)
+        put_fp16_field(raw, int(qtype), off, (rng.standard_normal((n, blocks)) * scale).astype(np.float16))
     return torch.from_numpy(raw.reshape(n, blocks * nbytes)).to(device)
 
 

@@ -23,10 +23,11 @@ Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 9, 12, 13,
 NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
 SMALL_BLOCK = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0]
 ALL_WEIGHTS = SMALL_BLOCK + [Q4_K, Q5_K, Q6_K]
-# The alignment each format's blocks keep (gcd(block bytes, 16), at most 4 for 32-value
-# formats whose block is a multiple of 4 bytes): the op checks the weight's address against it.
 # the catalog's alignments (torchext/formats.py); the tests below check that the ops enforce them
 ALIGN = {int(q): a for q, a in torchext.formats.ALIGNMENT.items()}
+# the catalog's formats as the error messages list them: "Q4_0, Q4_1, ... or IQ4_XS"
+_names = [q.name for q in torchext.formats.WEIGHT_TYPES]
+CATALOG_NAMES = ", ".join(_names[:-1]) + " or " + _names[-1]
 
 N, K = 4, 256  # the default good shape: one super-block / eight 32-blocks per row
 
@@ -311,10 +312,8 @@ class TestQmatmulFormat:
     @pytest.mark.parametrize("qtype", [99, Q8_1, -1, 0, 1, 15, 1 << 40])
     def test_unknown_qtype(self, device, qtype):
         # 9 = Q8_1 is the activation format, 0/1 = F32/F16, 15 = Q8_K: not weight formats here
-        # the catalog's formats in its order (kernels/blocks.h's table lists them as formats.py does)
-        *most, last = [q.name for q in torchext.formats.WEIGHT_TYPES]
         with err(lit(f"qtype: unknown or unsupported weight format id {qtype} (expected a gguf "
-                     f"GGMLQuantizationType of {', '.join(most)} or {last})")):
+                     f"GGMLQuantizationType of {CATALOG_NAMES})")):
             ops.qmatmul(weight(Q4_K, device=device), qtype, acts(device=device), N, K)
 
     @pytest.mark.parametrize("qtype", SMALL_BLOCK, ids=lambda q: NAMES[q])

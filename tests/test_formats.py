@@ -3,6 +3,8 @@ structs (seen through the ops' byte-count checks) agree for every format: the bl
 defined once in C++ (kernels/blocks.h) and Python takes ids and sizes from gguf, so this test is
 what keeps the three in step."""
 
+import importlib.util
+import pathlib
 import re
 
 import numpy as np
@@ -46,10 +48,10 @@ def test_fp16_fields_are_the_blocks_scales(gq):
     offsets = torchext.formats.FP16_FIELDS[torchext.QType.of(gq)]
     raw = np.random.default_rng(int(gq)).integers(0, 256, size=(64, nbytes), dtype=np.uint8)
     for off in offsets:
-        raw[:, off:off + 2] = np.zeros(64, dtype="<f2").view(np.uint8).reshape(64, 2)
+        torchext.formats.put_fp16_field(raw, int(gq), off, np.zeros(64, dtype=np.float16))
     assert not dequantize(raw, gq).any()
     for off in offsets:
-        raw[:, off:off + 2] = np.full(64, 0.5, dtype="<f2").view(np.uint8).reshape(64, 2)
+        torchext.formats.put_fp16_field(raw, int(gq), off, np.full(64, 0.5, dtype=np.float16))
     dense = dequantize(raw, gq)
     assert np.isfinite(dense).all() and dense.any()
 
@@ -202,3 +204,14 @@ def test_every_public_call_rejects_a_qtype_that_is_not_an_id(name, fmt):
     assert call(torchext.QType.Q4_K) is not None  # the same call with the format named works
     with pytest.raises(ValueError, match=re.escape(repr(fmt))):
         call(fmt)
+
+
+def test_iq_grid_header_is_generated_from_gguf():
+    """kernels/iq_grids.h, the lookup tables of the grid formats, is what tools/gen_iq_grids.py makes
+    from the gguf package's dequantizers: the C++ tables are gguf's (the dequantize tests then check
+    every format's values against gguf's, bit for bit)."""
+    path = pathlib.Path(__file__).resolve().parent.parent / "tools" / "gen_iq_grids.py"
+    spec = importlib.util.spec_from_file_location("gen_iq_grids", path)
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.HEADER.read_text() == gen.render(), "kernels/iq_grids.h is stale: run tools/gen_iq_grids.py"

@@ -138,9 +138,9 @@ def check_meta(y, shape, dtype) -> None:
 QTYPE = r"qtype:|unsupported quantization format|unknown quantization format"
 FORMATS = [int(q) for q in WEIGHT_QTYPES]
 K_QUANT_IDS = {int(q) for q in K_QUANTS}
-# no weight format: F32, F16, Q8_1 (the activation format), Q8_K, IQ2_XXS, unknown ids, a float
+# no weight format: F32, F16, Q8_1 (the activation format), Q8_K, TQ1_0 (not run), unknown ids, a float
 # (once truncated to an id), a bool, None, unknown names
-BAD_QTYPES = [0, 1, 9, 15, 16, 99, -1, 12.7, True, None, "Q3_X", "Q8_1"]
+BAD_QTYPES = [0, 1, 9, 15, 34, 99, -1, 12.7, True, None, "Q3_X", "Q8_1"]
 BAD_FLOAT_DTYPES = [torch.float64, torch.int32, torch.uint8]
 INT64_MAX = 2**63 - 1
 # 10^e activation scales: as wide as Gaussian values stay finite in the dtype

@@ -20,7 +20,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as G
 from gguf import quants as gq
 
 import torchext  # noqa: F401  (loads torch.ops.torchext)
-from conftest import FP16_FIELD_OFFSETS, QUANTIZABLE_QTYPES
+from conftest import FP16_FIELD_OFFSETS, QUANTIZABLE_QTYPES, WEIGHT_QTYPES
 
 
 def gguf_quantizes(qtype) -> bool:
@@ -414,3 +414,10 @@ def _q(w, qtype=int(G.Q4_K)):
 def test_errors_name_the_argument(make, arg):
     with pytest.raises(RuntimeError, match=rf"\b{arg}\b"):
         make()
+
+
+@pytest.mark.parametrize("qtype", [q for q in WEIGHT_QTYPES if q not in QUANTIZABLE_QTYPES], ids=lambda q: q.name)
+def test_imatrix_formats_are_refused_with_the_reason(qtype):
+    """The catalog's IQ formats need llama.cpp's importance matrix: quantize says so by name."""
+    with pytest.raises(RuntimeError, match=rf"qtype: torchext has no quantizer for {qtype.name}: .*importance matrix"):
+        _q(torch.randn(4, 256), int(qtype))

@@ -29,6 +29,14 @@ class QType(enum.IntEnum):
     IQ4_NL = GGMLQuantizationType.IQ4_NL.value
     IQ4_XS = GGMLQuantizationType.IQ4_XS.value
     TQ2_0 = GGMLQuantizationType.TQ2_0.value
+    # the grid-based imatrix formats (kernels/quant_traits_iq_grid.h)
+    IQ2_XXS = GGMLQuantizationType.IQ2_XXS.value
+    IQ2_XS = GGMLQuantizationType.IQ2_XS.value
+    IQ3_XXS = GGMLQuantizationType.IQ3_XXS.value
+    IQ1_S = GGMLQuantizationType.IQ1_S.value
+    IQ3_S = GGMLQuantizationType.IQ3_S.value
+    IQ2_S = GGMLQuantizationType.IQ2_S.value
+    IQ1_M = GGMLQuantizationType.IQ1_M.value
 
     @classmethod
     def of(cls, fmt) -> "QType":
@@ -74,14 +82,34 @@ FP16_FIELDS = {
     QType.Q4_0: (0,), QType.Q4_1: (0, 2), QType.Q5_0: (0,), QType.Q5_1: (0, 2), QType.Q8_0: (0,),
     QType.Q2_K: (80, 82), QType.Q3_K: (108,), QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,),
     QType.IQ4_NL: (0,), QType.IQ4_XS: (0,), QType.TQ2_0: (64,),
+    QType.IQ2_XXS: (0,), QType.IQ2_XS: (0,), QType.IQ3_XXS: (0,), QType.IQ3_S: (0,), QType.IQ2_S: (0,),
+    QType.IQ1_S: (0,), QType.IQ1_M: (48,),
 }
+
+#: Formats whose fp16 field at FP16_FIELDS' offset is not two bytes: IQ1_M keeps bits 4w .. 4w+3 of d
+#: in the top nibble of the 16-bit scale word w = 0..3 from that offset. put_fp16_field writes either.
+SPLIT_FP16_FIELDS = (QType.IQ1_M,)
+
+
+def put_fp16_field(blocks: np.ndarray, qtype, off: int, values) -> None:
+    """Stores fp16 `values` [...] into the fp16 field at byte `off` of `blocks` [..., block bytes]
+    (uint8, written in place)."""
+    bits = np.asarray(values, dtype=np.float16).astype("<f2").view("<u2")
+    if QType.of(qtype) in SPLIT_FP16_FIELDS:
+        words = blocks[..., off:off + 8].copy().view("<u2")
+        nibbles = (bits[..., None] >> np.array([0, 4, 8, 12], dtype="<u2")) & 0xF
+        blocks[..., off:off + 8] = ((words & 0x0FFF) | (nibbles << 12)).astype("<u2").view(np.uint8)
+    else:
+        blocks[..., off:off + 2] = bits[..., None].view(np.uint8)
 
 #: The byte alignment a weight's data must keep: each format's blocks are read with loads of that
 #: size (kernels/quant_traits.h, kAlign: 16-byte headers of Q4_K/Q5_K, 4-byte words of 20/24/84-byte
-#: blocks, 8 for IQ4_XS's 136-byte blocks, 2 for the rest); the ops reject anything less.
+#: blocks, 8 for IQ4_XS's 136-byte and IQ1_M's 56-byte blocks, 2 for the rest); the ops reject anything less.
 ALIGNMENT = {
     QType.Q4_0: 2, QType.Q4_1: 4, QType.Q5_0: 2, QType.Q5_1: 4, QType.Q8_0: 2, QType.Q2_K: 4, QType.Q3_K: 2,
     QType.Q4_K: 16, QType.Q5_K: 16, QType.Q6_K: 2, QType.IQ4_NL: 2, QType.IQ4_XS: 8, QType.TQ2_0: 2,
+    QType.IQ2_XXS: 2, QType.IQ2_XS: 2, QType.IQ3_XXS: 2, QType.IQ3_S: 2, QType.IQ2_S: 2,
+    QType.IQ1_S: 2, QType.IQ1_M: 8,
 }
 
 #: The formats torchext.quantize makes (llama.cpp's reference quantizers); the IQ formats need an

@@ -9,11 +9,11 @@
 
 from_gguf builds the transformers model of the file's architecture from transformers' own reading
 of the GGUF metadata (AutoConfig, gguf_file=...) and fills it from the file: every nn.Linear whose
-tensor is in one of torchext's formats (torchext.formats.WEIGHT_TYPES: Q4_0 ... Q8_0, Q2_K ... Q6_K, IQ4_NL, IQ4_XS) becomes a
+tensor is in one of torchext's formats (torchext.formats.WEIGHT_TYPES: Q4_0 ... Q6_K, the IQ formats) becomes a
 torchext.nn.QuantLinear over the file's bytes, a token embedding in such a format a QuantEmbedding
 (torchext.embedding), and a tied output head a QuantLinear over the embedding's bytes. Norms,
 biases and F32/F16/BF16 tensors load as transformers loads them (its tensor processors, cast to
-`dtype`); a tensor in a quantized format torchext does not run (IQ2_XS, IQ1_S, ...) is dequantized
+`dtype`); a tensor in a quantized format torchext does not run (not in WEIGHT_TYPES) is dequantized
 by gguf, as transformers does, with a warning naming it. No dense copy of a packed weight is made:
 the model is built with its nn.Linear and nn.Embedding parameters on the meta device (its buffers,
 such as rotary tables, are computed as usual) and the bytes are read tensor by tensor.

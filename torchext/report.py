@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 import torchext
-from torchext.formats import FP16_FIELDS, WEIGHT_TYPES, QType, row_bytes
+from torchext.formats import FP16_FIELDS, WEIGHT_TYPES, QType, put_fp16_field, row_bytes
 
 def random_weight(qtype: QType, n: int, k: int, gen: np.random.Generator) -> torch.Tensor:
     """Random quantized bytes with small finite fp16 scales: every code path, no zeros."""
@@ -27,8 +27,7 @@ def random_weight(qtype: QType, n: int, k: int, gen: np.random.Generator) -> tor
     nb = row_bytes(qtype, k) // bb
     raw = gen.integers(0, 256, size=(n, nb, bb), dtype=np.uint8)
     for off in FP16_FIELDS[qtype]:
-        scales = (gen.standard_normal((n, nb)) * 0.01).astype(np.float16)
-        raw[:, :, off:off + 2] = scales.view(np.uint8).reshape(n, nb, 2)
+        put_fp16_field(raw, qtype, off, (gen.standard_normal((n, nb)) * 0.01).astype(np.float16))
     return torch.from_numpy(raw.reshape(n, nb * bb))
 
 

@@ -203,6 +203,25 @@ struct Avx2Chunk<QuantTraits<QType::IQ4_XS>> {
   }
 };
 
+// Grid formats (IQ2_XXS .. IQ1_M): the scalar traits decode the chunk (a grid lookup per 4 or 8
+// values, then the signs; vector gathers would save little next to the integer work), one vector load
+// takes the 32 signed quants. Scales per 16 values for IQ2_XS, IQ2_S and IQ1_M.
+template <class Traits>
+struct GridChunk {
+  static constexpr bool kSigned = true, kHalfScales = Traits::kHalfScales, kHalfMins = false;
+  TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int c) {
+    alignas(32) uint32_t q[8];
+    float d[2];
+    Traits::unpack(p, c, q, d);
+    return Chunk{_mm256_load_si256(reinterpret_cast<const __m256i*>(q)), d[0], d[1], 0, 0.0f};
+  }
+};
+#define TORCHEXT_GRID_CHUNK(name, id) \
+  template <>                         \
+  struct Avx2Chunk<QuantTraits<QType::name>> : GridChunk<QuantTraits<QType::name>> {};
+TORCHEXT_IQ_GRID_FORMATS(TORCHEXT_GRID_CHUNK)
+#undef TORCHEXT_GRID_CHUNK
+
 // Eight int32 sums of four products each (lanes 0-3: values 0-15, lanes 4-7: values 16-31).
 template <bool kSigned>
 TORCHEXT_AVX2_INLINE __m256i dot_lanes(__m256i w, const int8_t* x) {
