@@ -25,7 +25,8 @@ ops = torch.ops.torchext
 EPS = 1e-6
 # (leading shape, K): K = 1, 33, 300 and 1000 are neither multiples of 32 nor of 256; 640 is Gemma 3
 # 270M's hidden size, 2048 its MLP's width
-SHAPES = [((1,), 640), ((3,), 256), ((2, 3), 300), ((5,), 1), ((4,), 33), ((1,), 1000), ((2,), 2048), ((17,), 64)]
+SHAPES = [((1,), 640), ((3,), 256), ((2, 3), 300), ((5,), 1), ((4,), 33), ((1,), 1000), ((2,), 2048), ((17,), 64),
+          ((129,), 1536)]
 APPROXIMATE = ["tanh", "none"]
 
 
@@ -130,6 +131,30 @@ def test_rms_norm_in_a_gemv_equals_the_unfused_layer(device):
     want = layer(rms_norm_reference(x, w, EPS).to(device))
     got = layer.forward_q8_1(ops.rms_norm_quantize_q8_1(x, w, EPS), x.dtype)
     assert torch.equal(got, want)
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a contiguous tensor whose data starts one element past a 16-byte boundary (the
+    CUDA kernels read such rows one value at a time, aligned ones 16 bytes at a time)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_misaligned_inputs_give_the_same_bytes(device, dtype):
+    k = 512
+    x = _randn((3, k), dtype, device, 0)
+    w = _norm_weight(k, dtype, 1).to(device)
+    gate, up = _randn((3, k), dtype, device, 2), _randn((3, k), dtype, device, 3)
+    norm = ops.rms_norm_quantize_q8_1(x, w, EPS)
+    gated = ops.gated_gelu_quantize_q8_1(gate, up, "tanh")
+    for xx, ww in ((_misaligned(x), w), (x, _misaligned(w)), (_misaligned(x), _misaligned(w))):
+        _assert_bytes_equal(ops.rms_norm_quantize_q8_1(xx, ww, EPS), norm)
+    for g, u in ((_misaligned(gate), up), (gate, _misaligned(up))):
+        _assert_bytes_equal(ops.gated_gelu_quantize_q8_1(g, u, "tanh"), gated)
 
 
 # ---- gated_gelu_quantize_q8_1 ------------------------------------------------------------------------
