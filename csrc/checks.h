@@ -196,6 +196,21 @@ inline FloatType check_activations(const Tensor& x, int64_t k, const char* arg =
   return t;
 }
 
+// Activations [..., K] with K > 0, the input of every op that produces Q8_1 activations.
+inline FloatType check_q8_1_source(const Tensor& x, const char* arg) {
+  TORCHEXT_CHECK(x.defined() && x.dim() >= 1, arg, ": expected activations of shape [..., K]");
+  const int64_t k = x.size(x.dim() - 1);
+  TORCHEXT_CHECK(k > 0, arg, ": expected a positive last dimension (K), got ", k);
+  return check_activations(x, k, arg);
+}
+
+// "[2, 640]", as Python prints list(t.shape).
+inline std::string shape_string(const Tensor& t) {
+  std::string s = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
+  return s + "]";
+}
+
 // Q8_1 activations [..., q8_1_blocks_per_row(k) * 36], as quantize_q8_1 makes them.
 inline void check_q8_1(const Tensor& xq, int64_t k, const char* arg = "xq") {
   check_defined_contiguous(xq, arg);

@@ -1,6 +1,7 @@
 // The body of every op, written once and instantiated per backend. A Backend supplies
 //   struct Context { explicit Context(const Tensor& on); };   device guard + stream (CUDA) or nothing (CPU)
-//   quantize_q8_1, gemv_q8_1, dequantize, gelu               the kernels, on raw pointers
+//   quantize_q8_1, rms_norm_quantize_q8_1, gated_gelu_quantize_q8_1, gemv_q8_1, dequantize, gelu
+//                                                            the kernels, on raw pointers
 //   check_ids(rows, count, n)                                embedding ids in range, where it costs no sync
 // so that checks, shapes, output allocation and the batch policy are shared by CPU and CUDA.
 #pragma once
@@ -27,21 +28,66 @@ inline int64_t leading_rows(const Tensor& x) {
   return last == 0 ? 0 : x.numel() / last;
 }
 
+// Uninitialised Q8_1 activations for x [..., k]: [..., q8_1_blocks_per_row(k) * 36] bytes on x's device.
+inline Tensor new_q8_1(const Tensor& x, int64_t k) {
+  return torch::stable::new_empty(x, with_last_dim(x, q8_1_blocks_per_row(k) * int64_t(sizeof(block_q8_1))),
+                                  ScalarType::Byte);
+}
+
 template <class Backend>
 struct Ops {
   using Ctx = typename Backend::Context;
 
   static Tensor quantize_q8_1(Tensor x) {
-    TORCHEXT_CHECK(x.defined() && x.dim() >= 1, "x: expected activations of shape [..., K]");
+    const FloatType xt = check_q8_1_source(x, "x");
     const int64_t k = x.size(x.dim() - 1);
-    TORCHEXT_CHECK(k > 0, "x: expected a positive last dimension (K), got ", k);
-    const FloatType xt = check_activations(x, k);
-    const int64_t blocks = q8_1_blocks_per_row(k);
-    Tensor out = torch::stable::new_empty(x, with_last_dim(x, blocks * int64_t(sizeof(block_q8_1))), ScalarType::Byte);
+    Tensor out = new_q8_1(x, k);
     const int64_t rows = leading_rows(x);
     if (rows == 0) return out;
     Ctx ctx(x);
     Backend::quantize_q8_1(ctx, x.data_ptr(), xt, rows, k, static_cast<block_q8_1*>(out.data_ptr()));
+    return out;
+  }
+
+  // quantize_q8_1 of x / rms(x) * weight over the last dimension, rounded to x's dtype first.
+  static Tensor rms_norm_quantize_q8_1(Tensor x, Tensor weight, double eps) {
+    const FloatType xt = check_q8_1_source(x, "x");
+    const int64_t k = x.size(x.dim() - 1);
+    check_defined_contiguous(weight, "weight");
+    TORCHEXT_CHECK(weight.scalar_type() == ScalarType::Float || weight.scalar_type() == x.scalar_type(),
+                    "weight: expected float32 or the dtype of x (", dtype_name(x.scalar_type()), "), got ",
+                    dtype_name(weight.scalar_type()));
+    TORCHEXT_CHECK(weight.dim() == 1 && weight.size(0) == k, "weight: expected shape [", k,
+                    "] (x's last dimension), got ", shape_string(weight));
+    check_same_device(x, "x", weight, "weight");
+    // fp32 holds it (the kernels add it in fp32), and a NaN fails both comparisons
+    TORCHEXT_CHECK(eps >= 0.0 && eps <= 3.4028234663852886e38, "eps: expected a number >= 0 that float32 holds");
+    Tensor out = new_q8_1(x, k);
+    const int64_t rows = leading_rows(x);
+    if (rows == 0) return out;
+    Ctx ctx(x);
+    Backend::rms_norm_quantize_q8_1(ctx, x.data_ptr(), xt, weight.data_ptr(), float_type(weight, "weight"), rows, k,
+                                    float(eps), static_cast<block_q8_1*>(out.data_ptr()));
+    return out;
+  }
+
+  // quantize_q8_1 of gelu(gate) * up, each rounded to the inputs' dtype as the unfused ops round it.
+  static Tensor gated_gelu_quantize_q8_1(Tensor gate, Tensor up, std::string approximate) {
+    const FloatType t = check_q8_1_source(gate, "gate");
+    const int64_t k = gate.size(gate.dim() - 1);
+    check_defined_contiguous(up, "up");
+    TORCHEXT_CHECK(up.scalar_type() == gate.scalar_type(), "up: expected the dtype of gate (",
+                    dtype_name(gate.scalar_type()), "), got ", dtype_name(up.scalar_type()));
+    TORCHEXT_CHECK(up.sizes().equals(gate.sizes()), "up: expected the shape of gate ", shape_string(gate), ", got ",
+                    shape_string(up));
+    check_same_device(gate, "gate", up, "up");
+    const bool tanh_form = parse_approximate(approximate);
+    Tensor out = new_q8_1(gate, k);
+    const int64_t rows = leading_rows(gate);
+    if (rows == 0) return out;
+    Ctx ctx(gate);
+    Backend::gated_gelu_quantize_q8_1(ctx, gate.data_ptr(), up.data_ptr(), t, rows, k, tanh_form,
+                                      static_cast<block_q8_1*>(out.data_ptr()));
     return out;
   }
 
@@ -107,8 +153,7 @@ struct Ops {
       return torch::stable::reshape(y, with_last_dim(x, n));
     }
     Tensor out = torch::stable::new_empty(x, with_last_dim(x, n));
-    Tensor xq = torch::stable::new_empty(x, {rows, q8_1_blocks_per_row(k) * int64_t(sizeof(block_q8_1))},
-                                         ScalarType::Byte);
+    Tensor xq = new_q8_1(x, k);
     Ctx ctx(w);
     Backend::quantize_q8_1(ctx, x.data_ptr(), xt, rows, k, static_cast<block_q8_1*>(xq.data_ptr()));
     Backend::gemv_q8_1(ctx, f.type, static_cast<const uint8_t*>(w.data_ptr()), n, k,
@@ -220,6 +265,8 @@ struct Ops {
   do {                                                                         \
     using O = ::torchext::Ops<Backend>;                                        \
     m.impl("quantize_q8_1", TORCH_BOX(&O::quantize_q8_1));                     \
+    m.impl("rms_norm_quantize_q8_1", TORCH_BOX(&O::rms_norm_quantize_q8_1));   \
+    m.impl("gated_gelu_quantize_q8_1", TORCH_BOX(&O::gated_gelu_quantize_q8_1)); \
     m.impl("q4k_q8_gemv", TORCH_BOX(&O::q4k_q8_gemv));                         \
     m.impl("q4k_q8_gemv_packed", TORCH_BOX(&O::q4k_q8_gemv));                  \
     m.impl("q4k_gemv", TORCH_BOX(&O::q4k_gemv));                               \

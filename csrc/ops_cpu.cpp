@@ -27,6 +27,14 @@ struct CpuBackend {
   static void quantize_q8_1(Context&, const void* x, FloatType xt, int64_t rows, int64_t k, block_q8_1* out) {
     cpu::quantize_q8_1(x, xt, rows, k, out);
   }
+  static void rms_norm_quantize_q8_1(Context&, const void* x, FloatType xt, const void* w, FloatType wt, int64_t rows,
+                                     int64_t k, float eps, block_q8_1* out) {
+    cpu::rms_norm_quantize_q8_1(x, xt, w, wt, rows, k, eps, out);
+  }
+  static void gated_gelu_quantize_q8_1(Context&, const void* gate, const void* up, FloatType t, int64_t rows,
+                                       int64_t k, bool tanh_form, block_q8_1* out) {
+    cpu::gated_gelu_quantize_q8_1(gate, up, t, rows, k, tanh_form, out);
+  }
   static void gemv_q8_1(Context&, QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq,
                         int64_t rows, void* out, FloatType ot) {
     cpu::gemv_q8_1(wt, w, n, k, xq, rows, out, ot);

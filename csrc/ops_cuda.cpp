@@ -7,6 +7,7 @@
 
 #include "csrc/ops.h"
 #include "kernels/dequantize.cuh"
+#include "kernels/fused_q8_1.cuh"
 #include "kernels/gelu.cuh"
 #include "kernels/gemv_q8_1.cuh"
 #include "kernels/qgemm.cuh"
@@ -47,6 +48,15 @@ struct CudaBackend {
 
   static void quantize_q8_1(Context& c, const void* x, FloatType xt, int64_t rows, int64_t k, block_q8_1* out) {
     check_launch(launch_quantize_q8_1(x, xt, rows, k, out, c.stream), "quantize_q8_1");
+  }
+  static void rms_norm_quantize_q8_1(Context& c, const void* x, FloatType xt, const void* w, FloatType wt,
+                                     int64_t rows, int64_t k, float eps, block_q8_1* out) {
+    check_launch(launch_rms_norm_quantize_q8_1(x, xt, w, wt, rows, k, eps, out, c.stream), "rms_norm_quantize_q8_1");
+  }
+  static void gated_gelu_quantize_q8_1(Context& c, const void* gate, const void* up, FloatType t, int64_t rows,
+                                       int64_t k, bool tanh_form, block_q8_1* out) {
+    check_launch(launch_gated_gelu_quantize_q8_1(gate, up, t, rows, k, tanh_form, out, c.stream),
+                 "gated_gelu_quantize_q8_1");
   }
   static void gemv_q8_1(Context& c, QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq,
                         int64_t rows, void* out, FloatType ot) {

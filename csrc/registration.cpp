@@ -7,6 +7,13 @@ STABLE_TORCH_LIBRARY(torchext, m) {
   // float activations [..., K] -> Q8_1 bytes [..., ceil(K/256)*8*36], zero-padded; each block's first
   // word is d (fp32, 10 mantissa bits) with sum(qs) in its low 13 bits (kernels/blocks.h)
   m.def("quantize_q8_1(Tensor x) -> Tensor");
+  // quantize_q8_1(rms_norm(x)) in one kernel, rms_norm(x) = x / sqrt(mean(x^2) + eps) * weight in fp32
+  // rounded to x's dtype, weight [K] float32 or x's dtype; the sum of squares in the fixed order of
+  // kernels/fused_q8_1_math.h, so CPU and CUDA give the same bytes
+  m.def("rms_norm_quantize_q8_1(Tensor x, Tensor weight, float eps) -> Tensor");
+  // quantize_q8_1(gelu(gate, approximate) * up) in one kernel, gelu(gate) and the product each rounded to
+  // the inputs' dtype as torchext.gelu and torch's multiplication round them; gate and up [..., K]
+  m.def("gated_gelu_quantize_q8_1(Tensor gate, Tensor up, str approximate=\"tanh\") -> Tensor");
   // Q4_K weights [N, ceil(K/256)*144] x Q8_1 activations -> float32 [..., N], integer DP4A dot products
   m.def("q4k_q8_gemv(Tensor w, Tensor xq, int n, int k) -> Tensor");
   // the same computation under the name the first, pre-torchext version of this code gave its

@@ -1,96 +1,25 @@
-// Q8_1 quantization of activations: a quad of lanes per 32-value block, lane j = 0..3 of a quad
-// holding the 8 consecutive values 8j .. 8j+7, read with 16-byte loads.
-#include "kernels/launch.cuh"
+// Q8_1 quantization of stored activations (the kernel: quantize_q8_1_rows.cuh).
 #include "kernels/quantize_q8_1.cuh"
+#include "kernels/quantize_q8_1_rows.cuh"
 
 namespace torchext {
 namespace {
 
-// v[0..8) = x[row_base + col .. col+8), zero past k. `vector_ok`: rows start 16-byte aligned
-// and k is a multiple of 8, so whole groups can be read with 16-byte loads.
-__device__ __forceinline__ void load_group8(const void* x, FloatType t, int64_t row_base, int64_t col, int64_t k,
-                                            bool vector_ok, float (&v)[8]) {
-  if (vector_ok && col + 8 <= k) {
-    if (t == FloatType::F32) {
-      const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(x) + row_base + col);
-      const float4 a = p[0], b = p[1];
-      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-    } else {
-      union {
-        uint4 raw;
-        uint16_t h[8];
-      } u;
-      u.raw = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(x) + row_base + col);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = t == FloatType::F16 ? fp16_to_float(u.h[i]) : bf16_to_float(u.h[i]);
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = col + i < k ? load_float(x, row_base + col + i, t) : 0.0f;
+// The activations as they are stored.
+struct StoredValues {
+  const void* x;
+  FloatType t;
+  bool vector_ok;
+  __device__ void load(int64_t row, int64_t col, int64_t k, float (&v)[8]) const {
+    load_group8(x, t, row * k, col, k, vector_ok, v);
   }
-}
-
-// One lane's share of a block: its 8 quants packed in two words, and the block's scale word.
-struct Q8_1Quad {
-  uint32_t qs[2];
-  uint32_t scale;
 };
-
-// Every lane of the warp must call this (it shuffles within quads).
-__device__ __forceinline__ Q8_1Quad quantize_q8_1_quad(const float (&v)[8]) {
-  float amax = fabsf(v[0]);
-#pragma unroll
-  for (int i = 1; i < 8; ++i) amax = nan_max(amax, fabsf(v[i]));
-  amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-  amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-  const float d = q8_1_scale(amax);
-  Q8_1Quad out{{0u, 0u}, 0u};
-  int sum = 0;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int8_t q = quantize_q8_1_value(v[i], d);
-    sum += q;
-    out.qs[i / 4] |= uint32_t(uint8_t(q)) << (8 * (i % 4));
-  }
-  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-  out.scale = q8_1_scale_word(d, sum);
-  return out;
-}
-
-constexpr int kThreads = 256;
-
-__global__ void __launch_bounds__(kThreads)
-    quantize_q8_1_kernel(const void* __restrict__ x, FloatType t, int64_t rows, int64_t k, bool vector_ok,
-                         block_q8_1* __restrict__ out) {
-  const int64_t blocks = q8_1_blocks_per_row(k);
-  const int64_t g = int64_t(blockIdx.x) * kThreads + threadIdx.x;  // group of 8 values
-  const int64_t i = g / 4;                                          // Q8_1 block
-  const bool real = i < rows * blocks;
-  float v[8] = {};
-  if (real) load_group8(x, t, (i / blocks) * k, (i % blocks) * kQ8Block + 8 * (g % 4), k, vector_ok, v);
-  const Q8_1Quad q = quantize_q8_1_quad(v);
-  if (!real) return;
-  const int j = g % 4;
-  uint32_t* qs = reinterpret_cast<uint32_t*>(out[i].qs);  // qs sits at byte 4: 4-byte aligned
-  qs[2 * j] = q.qs[0];
-  qs[2 * j + 1] = q.qs[1];
-  if (j == 0) out[i].scale = q.scale;
-}
-
-// Whether float rows [rows, k] at x can be read 16 bytes at a time (every row start aligned).
-bool rows_allow_vector_loads(const void* x, FloatType t, int64_t k) {
-  return reinterpret_cast<uintptr_t>(x) % 16 == 0 && k % (t == FloatType::F32 ? 4 : 8) == 0;
-}
 
 }  // namespace
 
 cudaError_t launch_quantize_q8_1(const void* x, FloatType xt, int64_t rows, int64_t k, block_q8_1* out,
                                  cudaStream_t stream) {
-  const int64_t groups = rows * q8_1_blocks_per_row(k) * 4;
-  quantize_q8_1_kernel<<<grid_for(groups, kThreads), kThreads, 0, stream>>>(x, xt, rows, k,
-                                                                            rows_allow_vector_loads(x, xt, k), out);
-  return cudaGetLastError();
+  return launch_quantize_q8_1_rows(StoredValues{x, xt, rows_allow_vector_loads(x, xt, k)}, rows, k, out, stream);
 }
 
 }  // namespace torchext

@@ -149,12 +149,21 @@ class QuantLinear(nn.Module):
                 f"format={self.qtype.name}, bytes={self.weight.numel()}" + (", exact=True" if self.exact else ""))
 
 
+def takes_q8_1(x: torch.Tensor, *layers: QuantLinear) -> bool:
+    """Whether the layers, all reading x, take qmatmul's GEMV path on one Q8_1 copy of x: at most
+    GEMV_MAX_ROWS rows (and some), one in_features, and no layer exact (exact ones never round x).
+    Then a caller may quantize x itself (quantize_q8_1, or an op that computes and quantizes x in
+    one kernel) and call each layer's forward_q8_1."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (0 < rows <= GEMV_MAX_ROWS and len({m.in_features for m in layers}) == 1
+            and not any(getattr(m, "exact", False) for m in layers))
+
+
 def shared_input(x: torch.Tensor, *layers: QuantLinear) -> tuple[torch.Tensor, ...]:
     """(layer(x) for each layer), for layers that read the same input (attention's q/k/v, a gated
     MLP's gate/up): when the rows take the GEMV path, x is quantized to Q8_1 once for all of them
     instead of once per layer. The results are the same bits as calling each layer."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows == 0 or rows > GEMV_MAX_ROWS or len({m.in_features for m in layers}) != 1:
+    if not takes_q8_1(x, *layers):
         return tuple(m(x) for m in layers)
     xq = quantize_q8_1(x.contiguous())
     return tuple(m.forward_q8_1(xq, x.dtype) for m in layers)
@@ -191,4 +200,4 @@ def _replaceable(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) and not isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)
 
 
-__all__ = ["QuantLinear", "quantize_linears", "shared_input"]
+__all__ = ["QuantLinear", "quantize_linears", "shared_input", "takes_q8_1"]

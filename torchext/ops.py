@@ -30,6 +30,7 @@ def _with_last(x: torch.Tensor, last: int) -> list[int]:
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT64_MAX = 2**63 - 1
+_FLOAT32_MAX = 3.4028234663852886e38
 _WEIGHT_NAMES = [q.name for q in WEIGHT_TYPES]
 # the dtypes csrc/checks.h (dtype_name) names; any other it calls "an unsupported dtype"
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -146,12 +147,70 @@ def quantize_q8_1(x: torch.Tensor) -> torch.Tensor:
     return _ops.quantize_q8_1(x)
 
 
+def _check_q8_1_source(x: torch.Tensor, arg: str) -> None:
+    """Activations [..., K] with K > 0, the input of every op that produces Q8_1 activations."""
+    torch._check(x.dim() >= 1, lambda: f"{arg}: expected activations of shape [..., K]")
+    torch._check(x.shape[-1] > 0, lambda: f"{arg}: expected a positive last dimension (K), got {x.shape[-1]}")
+    _check_activations(x, x.shape[-1], arg)
+
+
 @_register_fake("torchext::quantize_q8_1")
 def _(x):
-    torch._check(x.dim() >= 1, lambda: "x: expected activations of shape [..., K]")
-    torch._check(x.shape[-1] > 0, lambda: f"x: expected a positive last dimension (K), got {x.shape[-1]}")
-    _check_activations(x, x.shape[-1])
+    _check_q8_1_source(x, "x")
     return x.new_empty(_with_last(x, q8_1_row_bytes(x.shape[-1])), dtype=torch.uint8)
+
+
+def rms_norm_quantize_q8_1(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """quantize_q8_1(rms_norm(x)) in one kernel, for the GEMVs that read a normalised input
+    (qmatmul_q8_1): the same bytes as quantize_q8_1 of
+
+        xf = x.float();  rms_norm(x) = ((xf * (1 / sqrt(sum(xf**2) / K + eps))) * weight.float()).to(x.dtype)
+
+    over the last dimension K of x [..., K] (float32, float16 or bfloat16), weight [K] float32 or x's
+    dtype, every step rounded to float32 (no fused multiply-add). The sum of squares runs in a fixed
+    order, the same on the CPU and CUDA: 32 partial sums, partial l adding xf[j]**2 for j = l, l + 32,
+    l + 64, ... in turn, then folded in halves (partial l += partial l + h for h = 16, 8, 4, 2, 1).
+    A model's RMSNorm that sums in another order (torch's mean) agrees up to that sum's float32
+    rounding. Where xf**2 overflows float32 (|x| above ~1.8e19) the row normalises to zeros, as
+    that formula gives it. Returns uint8 [..., ceil(K/256)*8*36], the layout of quantize_q8_1."""
+    return _ops.rms_norm_quantize_q8_1(x, weight, float(eps))
+
+
+@_register_fake("torchext::rms_norm_quantize_q8_1")
+def _(x, weight, eps):
+    _check_q8_1_source(x, "x")
+    _check_contiguous(weight, "weight")
+    torch._check(weight.dtype in (torch.float32, x.dtype),
+                 lambda: f"weight: expected float32 or the dtype of x ({_dtype_name(x.dtype)}), got "
+                         f"{_dtype_name(weight.dtype)}")
+    k = x.shape[-1]
+    torch._check(weight.dim() == 1 and weight.shape[0] == k,
+                 lambda: f"weight: expected shape [{k}] (x's last dimension), got {list(weight.shape)}")
+    _check_same_device(x, "x", weight, "weight")
+    torch._check(0.0 <= eps <= _FLOAT32_MAX, lambda: "eps: expected a number >= 0 that float32 holds")
+    return x.new_empty(_with_last(x, q8_1_row_bytes(k)), dtype=torch.uint8)
+
+
+def gated_gelu_quantize_q8_1(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """quantize_q8_1(gelu(gate, approximate) * up) in one kernel, for a gated MLP's down projection
+    (qmatmul_q8_1): the same bytes as quantize_q8_1(torchext.gelu(gate, approximate) * up) on the same
+    device, GELU's output and the product each rounded to the inputs' dtype. gate and up: [..., K] of
+    one float dtype and shape (no broadcasting); approximate "tanh" (the default, Gemma's and GeGLU's
+    form) or "none". Returns uint8 [..., ceil(K/256)*8*36], the layout of quantize_q8_1."""
+    return _ops.gated_gelu_quantize_q8_1(gate, up, approximate)
+
+
+@_register_fake("torchext::gated_gelu_quantize_q8_1")
+def _(gate, up, approximate="tanh"):
+    _check_q8_1_source(gate, "gate")
+    _check_contiguous(up, "up")
+    torch._check(up.dtype == gate.dtype,
+                 lambda: f"up: expected the dtype of gate ({_dtype_name(gate.dtype)}), got {_dtype_name(up.dtype)}")
+    torch._check(up.shape == gate.shape,
+                 lambda: f"up: expected the shape of gate {list(gate.shape)}, got {list(up.shape)}")
+    _check_same_device(gate, "gate", up, "up")
+    _check_approximate(approximate)
+    return gate.new_empty(_with_last(gate, q8_1_row_bytes(gate.shape[-1])), dtype=torch.uint8)
 
 
 # ---- quantized matmul ----------------------------------------------------------------------

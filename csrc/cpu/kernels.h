@@ -32,6 +32,15 @@ void dequantize(QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows,
 // out = gelu(x + bias[i % channels]) (bias may be null), computed in fp32.
 void gelu(const void* x, const void* bias, void* out, int64_t numel, int64_t channels, FloatType t, bool tanh_form);
 
+// x (rows x k, type xt) normalised per row, x / rms(x) * w with w [k] of type wt, rounded to xt, then
+// quantize_q8_1: the arithmetic of kernels/fused_q8_1_math.h.
+void rms_norm_quantize_q8_1(const void* x, FloatType xt, const void* w, FloatType wt, int64_t rows, int64_t k,
+                            float eps, block_q8_1* out);
+
+// quantize_q8_1 of gelu(gate) * up (rows x k, both of type t), each rounded to t as the unfused ops round.
+void gated_gelu_quantize_q8_1(const void* gate, const void* up, FloatType t, int64_t rows, int64_t k, bool tanh_form,
+                              block_q8_1* out);
+
 // n x k float32 rows -> n rows of quantized bytes (llama.cpp's reference quantizers).
 void quantize(QType wt, const float* x, int64_t n, int64_t k, uint8_t* out);
 

@@ -2,8 +2,10 @@
 
 Every matrix is a QuantLinear over the file's bytes (Q4_K/Q6_K/Q5_0/Q8_0 in the Q4_K_M file),
 the token embedding is a quantized row gather (torchext.embedding) and the tied output head a
-QuantLinear over the same bytes; the MLP's GELU is torchext.gelu. The architecture, as Hugging
-Face's Gemma3ForCausalLM and llama.cpp's gemma3 graph define it:
+QuantLinear over the same bytes; the MLP's GELU is torchext.gelu. On decode steps (few rows, the
+Q8_1 GEMV path) each norm in front of a matrix and the MLP's gelu(gate) * up are computed in the
+kernel that quantizes the GEMV input (torchext.rms_norm_quantize_q8_1, gated_gelu_quantize_q8_1).
+The architecture, as Hugging Face's Gemma3ForCausalLM and llama.cpp's gemma3 graph define it:
 
     h = embed(ids) * sqrt(hidden)
     per layer:  h += post_attn_norm(attn(attn_norm(h)))
@@ -38,7 +40,7 @@ from torch import nn
 from .. import ops
 from ..cache import WeightCache
 from ..gguf_file import GGUFFile
-from ..nn import QuantLinear, shared_input
+from ..nn import QuantLinear, takes_q8_1
 from .tokenizer import GGUFTokenizer, checked_token_ids
 
 
@@ -113,6 +115,19 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).to(x.dtype)
 
 
+def normed_input(norm: RMSNorm, h: torch.Tensor, *layers: QuantLinear) -> tuple[torch.Tensor, ...]:
+    """(layer(norm(h)) for each layer). On the GEMV path (few rows) one kernel normalises h and
+    quantizes it to Q8_1 for all the layers (torchext.rms_norm_quantize_q8_1): the norm, then the
+    quantize_q8_1 that the layers would share, in one launch. Its norm sums the squares in its own
+    fixed order, so it can part from RMSNorm.forward's (torch's mean) by the float32 rounding of
+    that sum; tests/test_fused.py bounds the difference."""
+    if not takes_q8_1(h, *layers):
+        x = norm(h)
+        return tuple(m(x) for m in layers)
+    xq = ops.rms_norm_quantize_q8_1(h.contiguous(), norm.weight, norm.eps)
+    return tuple(m.forward_q8_1(xq, h.dtype) for m in layers)
+
+
 def rope_tables(base: float, head_dim: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [length, head_dim] of the rotary embedding, halves repeated (NeoX order)."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
@@ -153,18 +168,19 @@ class Attention(nn.Module):
         for buf in (self.k_cache, self.v_cache):  # mutated in place by a CUDA graph: keep its address
             torch._dynamo.mark_static_address(buf)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, T, hidden] at positions pos [T] (cos, sin: their rotary tables): writes the T keys
-        and values into the cache and returns the attention output [B, T, hidden]."""
+    def forward(self, norm: RMSNorm, h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        """The attention of x = norm(h), h [B, T, hidden] at positions pos [T] (cos, sin: their rotary
+        tables): writes the T keys and values into the cache and returns the output [B, T, hidden]."""
         cfg = self.cfg
-        b, t, _ = x.shape
-        q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
+        b, t, _ = h.shape
+        q, k, v = normed_input(norm, h, self.q_proj, self.k_proj, self.v_proj)
         q = apply_rope(self.q_norm(q.view(b, t, cfg.heads, cfg.head_dim)), cos, sin)
         k = apply_rope(self.k_norm(k.view(b, t, cfg.kv_heads, cfg.head_dim)), cos, sin)
         self.k_cache.index_copy_(2, pos, k.transpose(1, 2))
         self.v_cache.index_copy_(2, pos, v.view(b, t, cfg.kv_heads, cfg.head_dim).transpose(1, 2))
         # key j is visible from query position p when j <= p, and for a local layer p - j < window
-        kpos = torch.arange(self.k_cache.shape[2], device=x.device)
+        kpos = torch.arange(self.k_cache.shape[2], device=h.device)
         visible = kpos[None, :] <= pos[:, None]
         if not self.is_global:
             visible = visible & (pos[:, None] - kpos[None, :] < cfg.sliding_window)
@@ -198,9 +214,13 @@ class MLP(nn.Module):
         self.up_proj = QuantLinear.from_cache(cache, p + "ffn_up.weight")
         self.down_proj = QuantLinear.from_cache(cache, p + "ffn_down.weight")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The MLP of x [..., hidden] -> [..., hidden]; gate and up share one quantize_q8_1."""
-        gate, up = shared_input(x, self.gate_proj, self.up_proj)
+    def forward(self, norm: RMSNorm, h: torch.Tensor) -> torch.Tensor:
+        """The MLP of x = norm(h), h [..., hidden] -> [..., hidden]. On the GEMV path (few rows) two
+        kernels make its Q8_1 inputs: norm(h) for gate and up, gelu(gate) * up for down (the same
+        bytes as torchext.gelu, the product and quantize_q8_1)."""
+        gate, up = normed_input(norm, h, self.gate_proj, self.up_proj)
+        if takes_q8_1(gate, self.down_proj):
+            return self.down_proj.forward_q8_1(ops.gated_gelu_quantize_q8_1(gate, up, "tanh"), gate.dtype)
         return self.down_proj(ops.gelu(gate, "tanh") * up)
 
 
@@ -220,8 +240,8 @@ class Block(nn.Module):
 
     def forward(self, h, pos, cos, sin):
         """The residual stream h [B, T, hidden] after this layer (pos, cos, sin as Attention.forward)."""
-        h = h + self.post_attn_norm(self.attn(self.attn_norm(h), pos, cos, sin))
-        return h + self.post_ffw_norm(self.mlp(self.ffn_norm(h)))
+        h = h + self.post_attn_norm(self.attn(self.attn_norm, h, pos, cos, sin))
+        return h + self.post_ffw_norm(self.mlp(self.ffn_norm, h))
 
 
 class Gemma3(nn.Module):
@@ -267,8 +287,8 @@ class Gemma3(nn.Module):
         rope = {True: (self.cos_global[pos], self.sin_global[pos]), False: (self.cos_local[pos], self.sin_local[pos])}
         for block in self.blocks:
             h = block(h, pos, *rope[block.attn.is_global])
-        h = self.norm(h if all_logits else h[:, -1])
-        return self.lm_head(h)
+        (logits,) = normed_input(self.norm, h if all_logits else h[:, -1], self.lm_head)
+        return logits
 
     def with_max_seq_len(self, max_seq_len: int) -> "Gemma3":
         """A model over the same weights (no copy) with a key/value cache of another length."""

@@ -1,0 +1,59 @@
+// Fused producers of Q8_1 activations on the CPU. There is no launch to save here: each computes its
+// values with the arithmetic of kernels/fused_q8_1_math.h (torchext.gelu's kernel for the GELU),
+// stores them in the activations' type as the unfused ops do, and quantizes them with quantize_q8_1's
+// own kernel, so that the bytes are those of the unfused ops and of the CUDA kernels.
+#include <torch/csrc/stable/ops.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "csrc/cpu/kernels.h"
+#include "kernels/fused_q8_1_math.h"
+
+namespace torchext::cpu {
+namespace {
+
+size_t element_bytes(FloatType t) { return t == FloatType::F32 ? sizeof(float) : sizeof(uint16_t); }
+
+// The sum of squares of x[base .. base+k), in the order fused_q8_1_math.h fixes (kRmsLanes partial sums
+// folded in halves), which is the CUDA warp's.
+float row_sum_squares(const void* x, FloatType t, int64_t base, int64_t k) {
+  float partial[kRmsLanes] = {};
+  for (int64_t j = 0; j < k; ++j) {
+    const float v = load_float(x, base + j, t);
+    partial[j % kRmsLanes] = add_rn(partial[j % kRmsLanes], mul_rn(v, v));
+  }
+  for (int h = kRmsLanes / 2; h > 0; h /= 2)
+    for (int l = 0; l < h; ++l) partial[l] = add_rn(partial[l], partial[l + h]);
+  return partial[0];
+}
+
+}  // namespace
+
+void rms_norm_quantize_q8_1(const void* x, FloatType xt, const void* w, FloatType wt, int64_t rows, int64_t k,
+                            float eps, block_q8_1* out) {
+  std::vector<uint8_t> normed(size_t(rows) * size_t(k) * element_bytes(xt));
+  void* y = normed.data();
+  torch::stable::parallel_for(0, rows, std::max<int64_t>(1, (int64_t(1) << 14) / k), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float inverse = rms_inverse(row_sum_squares(x, xt, r * k, k), k, eps);
+      for (int64_t j = 0; j < k; ++j)
+        store_float(y, r * k + j, xt, rms_norm_value(load_float(x, r * k + j, xt), inverse, load_float(w, j, wt), xt));
+    }
+  });
+  quantize_q8_1(y, xt, rows, k, out);
+}
+
+void gated_gelu_quantize_q8_1(const void* gate, const void* up, FloatType t, int64_t rows, int64_t k, bool tanh_form,
+                              block_q8_1* out) {
+  const int64_t numel = rows * k;
+  std::vector<uint8_t> product(size_t(numel) * element_bytes(t));
+  void* p = product.data();
+  gelu(gate, nullptr, p, numel, 1, t, tanh_form);
+  torch::stable::parallel_for(0, numel, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) store_float(p, i, t, gated_value(load_float(p, i, t), load_float(up, i, t), t));
+  });
+  quantize_q8_1(p, t, rows, k, out);
+}
+
+}  // namespace torchext::cpu

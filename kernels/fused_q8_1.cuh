@@ -1,0 +1,19 @@
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "kernels/float_types.h"
+
+namespace torchext {
+
+// rows x k activations x (type xt), normalised per row (x / rms(x) * w, w [k] of type wt; the
+// arithmetic of fused_q8_1_math.h) and rounded to xt -> rows x q8_1_blocks_per_row(k) Q8_1 blocks.
+cudaError_t launch_rms_norm_quantize_q8_1(const void* x, FloatType xt, const void* w, FloatType wt, int64_t rows,
+                                          int64_t k, float eps, block_q8_1* out, cudaStream_t stream);
+
+// gelu(gate) * up (rows x k, both of type t; tanh_form: GELU's tanh approximation), rounded as the
+// unfused ops round it -> rows x q8_1_blocks_per_row(k) Q8_1 blocks.
+cudaError_t launch_gated_gelu_quantize_q8_1(const void* gate, const void* up, FloatType t, int64_t rows, int64_t k,
+                                            bool tanh_form, block_q8_1* out, cudaStream_t stream);
+
+}  // namespace torchext
