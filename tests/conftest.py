@@ -21,7 +21,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 import torchext  # noqa: F401  (loads the op library)
-from torchext.formats import FP16_FIELDS, QUANTIZABLE_TYPES, SMALL_BLOCK_TYPES, WEIGHT_TYPES, put_fp16_field
+from torchext.formats import (ALIGNMENT, FP16_FIELDS, QUANTIZABLE_TYPES, SMALL_BLOCK_TYPES, WEIGHT_TYPES, QType,
+                              put_fp16_field)
 from torchext.formats import K_QUANTS as CATALOG_K_QUANTS
 
 # ---- devices, dtypes, formats ---------------------------------------------------------------
@@ -44,6 +45,14 @@ WEIGHT_QTYPES = [Q(int(q)) for q in WEIGHT_TYPES]
 K_QUANTS = [Q(int(q)) for q in CATALOG_K_QUANTS]
 SMALL_BLOCK_QTYPES = [Q(int(q)) for q in SMALL_BLOCK_TYPES]
 QUANTIZABLE_QTYPES = [Q(int(q)) for q in QUANTIZABLE_TYPES]  # torchext.quantize makes these (not IQ*)
+
+#: One format per kind of block the kernels read, the first in catalog order with its (values per
+#: block, alignment): the kernels' shape handling (blocks per row, padding past k, rows, row
+#: alignment) is one body for all formats, so the shape matrix of the parity tests runs in full for
+#: these and in part (a padded and a multi-block shape) for the rest, whose arithmetic is their own.
+SHAPE_MATRIX_QTYPES = [q for i, q in enumerate(WEIGHT_QTYPES)
+                       if all((GGML_QUANT_SIZES[p][0], ALIGNMENT[QType(int(p))]) !=
+                              (GGML_QUANT_SIZES[q][0], ALIGNMENT[QType(int(q))]) for p in WEIGHT_QTYPES[:i])]
 
 # Byte offsets of the fp16 fields of one block (tests/test_formats.py checks them with gguf).
 FP16_FIELD_OFFSETS = {Q(int(q)): offsets for q, offsets in FP16_FIELDS.items()}

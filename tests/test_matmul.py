@@ -39,7 +39,7 @@ from conftest import (
     K_QUANTS,
     Q,
     QUANTIZABLE_QTYPES,
-    SMALL_BLOCK_QTYPES,
+    SHAPE_MATRIX_QTYPES,
     WEIGHT_QTYPES,
     cached_weight,
     dequant_oracle,
@@ -61,12 +61,21 @@ MAX_GEMV_ROWS = 16  # kernels/batch_policy.h: up to 16 rows a Q8_1 GEMV (DP4A or
 NAMED_OPS = {Q.Q4_K: torchext.q4k_gemv, Q.Q5_K: torchext.q5k_gemv, Q.Q6_K: torchext.q6k_gemv}
 
 # (k, n): for the k-quants K in {256, 4096, 2880, 11008 + 128} and a padded 300; N in {1, 7, 4096},
-# 4096 only with a small K (a 2-core CPU). 32-value formats: K in {32, 640, 4096}.
+# 4096 only with a small K (a 2-core CPU). 32-value formats: K in {32, 640, 4096}. The formats outside
+# SHAPE_MATRIX_QTYPES take the padded and multi-block shapes only (conftest says why).
 KQ_SHAPES = [(256, 1), (256, 4096), (300, 7), (4096, 7), (2880, 7), (11008 + 128, 1)]
 SMALL_SHAPES = [(32, 7), (640, 1), (640, 4096), (4096, 7)]
-SHAPE_CASES = [(q, k, n) for q in K_QUANTS for k, n in KQ_SHAPES] + [
-    (q, k, n) for q in SMALL_BLOCK_QTYPES for k, n in SMALL_SHAPES
-]
+KQ_SHAPES_PART, SMALL_SHAPES_PART = [(300, 7), (2880, 7)], [(32, 7), (4096, 7)]
+
+
+def shapes_of(q):
+    full = q in SHAPE_MATRIX_QTYPES
+    if q in K_QUANTS:
+        return KQ_SHAPES if full else KQ_SHAPES_PART
+    return SMALL_SHAPES if full else SMALL_SHAPES_PART
+
+
+SHAPE_CASES = [(q, k, n) for q in WEIGHT_QTYPES for k, n in shapes_of(q)]
 
 
 def case_id(case):
