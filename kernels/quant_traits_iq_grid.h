@@ -48,6 +48,10 @@ TORCHEXT_HD uint32_t apply_signs(uint32_t g, uint32_t bits) {
   return (g ^ (ones * 0xFFu)) + ones;
 }
 
+// w[1] if `second`, else w[0], by a select: the MMA GEMV's quad index is the lane's t, not known at
+// compile time, and indexing a register array with it would move the array to local memory.
+TORCHEXT_HD uint32_t pick_word(const uint32_t (&w)[2], bool second) { return second ? w[1] : w[0]; }
+
 // Quad i's half of an 8-value grid point (values 8(i/2) .. of the sub-block): its low word for even i.
 TORCHEXT_HD uint32_t point_half(uint64_t point, int i) { return uint32_t(point >> (32 * (i % 2))); }
 
@@ -188,7 +192,7 @@ struct IQ2XSGrid {
     r.d = b.d;
   }
   static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
-    const uint32_t code = (r.codes[i / 4] >> (16 * ((i / 2) % 2))) & 0xFFFFu;
+    const uint32_t code = (pick_word(r.codes, i >= 4) >> (16 * ((i / 2) % 2))) & 0xFFFFu;
     const uint32_t signs = uint32_t(TORCHEXT_IQ_READ(iq2_signs, code >> 9)) >> (4 * (i % 2));
     return apply_signs(point_half(TORCHEXT_IQ_READ(iq2xs_grid, code & 0x1FFu), i), signs);
   }
@@ -242,7 +246,7 @@ struct IQ3XXSGrid {
     r.d = b.d;
   }
   static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
-    const uint32_t grid = TORCHEXT_IQ_READ(iq3xxs_grid, (r.qs[i / 4] >> (8 * (i % 4))) & 0xFFu);
+    const uint32_t grid = TORCHEXT_IQ_READ(iq3xxs_grid, (pick_word(r.qs, i >= 4) >> (8 * (i % 4))) & 0xFFu);
     return apply_signs(grid, pattern_signs(r.signs_scale, i));
   }
   static TORCHEXT_HD float scale(const Raw& r, int) { return fp16f(r.d) * (0.5f + float(r.signs_scale >> 28)) * 0.5f; }
@@ -272,7 +276,7 @@ struct IQ3SGrid {
     r.d = b.d;
   }
   static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
-    const uint32_t index = ((r.qs[i / 4] >> (8 * (i % 4))) & 0xFFu) | (uint32_t(r.qh >> i) & 1u) << 8;
+    const uint32_t index = ((pick_word(r.qs, i >= 4) >> (8 * (i % 4))) & 0xFFu) | (uint32_t(r.qh >> i) & 1u) << 8;
     return apply_signs(TORCHEXT_IQ_READ(iq3s_grid, index), r.signs >> (4 * i));
   }
   static TORCHEXT_HD float scale(const Raw& r, int) {
@@ -350,7 +354,7 @@ struct IQ1MGrid {
     const uint32_t w0 = r.scales[0], w1 = r.scales[1];  // scale words 0 | 1 << 16, 2 | 3 << 16
     const fp16_bits d = fp16_bits(((w0 >> 12) & 0xFu) | ((w0 >> 24) & 0xF0u) | ((w1 >> 4) & 0xF00u) | ((w1 >> 16) & 0xF000u));
     // ls of values 16h .. of sub-block j: bits 3(2(j % 2) + h) of scale word j / 2
-    const int ls = (r.scales[r.j / 4] >> (16 * ((r.j / 2) % 2) + 3 * (2 * (r.j % 2) + h))) & 7;
+    const int ls = (pick_word(r.scales, r.j >= 4) >> (16 * ((r.j / 2) % 2) + 3 * (2 * (r.j % 2) + h))) & 7;
     return fp16f(d) * float(2 * ls + 1) * 0.125f;
   }
 };
