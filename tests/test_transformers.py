@@ -302,6 +302,28 @@ def test_greedy_generation_matches_transformers(models):
     assert (plain.max(-1).values - chosen <= 2 * GEMV_VS_PLAIN * plain.abs().max()).all()
 
 
+def test_cpu_generation_compiled_with_static_cache(tmp_path):
+    """On the CPU transformers compiles generate()'s forward pass only when asked (a CompileConfig
+    with _compile_all_devices): fullgraph, so every torchext op traces through its fake kernel
+    without a graph break; the aot_eager backend runs the traced graph without inductor's code
+    generation (minutes on two cores; test_compile.py covers inductor). Tokens as uncompiled."""
+    from transformers import CompileConfig
+
+    path = tmp_path / "llama.gguf"
+    write_gguf(ARCHS[0], path, seed=0)
+    model = hf.from_gguf(path)
+    ids = prompt(20, seed=1)
+    settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, cache_implementation="static")
+    config = CompileConfig(fullgraph=True, backend="aot_eager")
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = model.generate(ids, disable_compile=True, **settings)
+        got = model.generate(ids, compile_config=config, **settings)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it was compiled
+    assert got.tolist() == want.tolist()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a.name in ("llama", "gemma3")], ids=lambda a: a.name)
 def test_cuda_generation_compiled_with_static_cache(arch, tmp_path):
