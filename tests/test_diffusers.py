@@ -201,5 +201,5 @@ def test_errors_name_the_problem(flux_gguf, tmp_path):
     with pytest.raises(ValueError, match=r"x_embedder.weight: Q8_0 rows are whole 32-value blocks, and this weight's "
                                          r"rows have 16 values"):
         save_gguf(tiny_flux(), tmp_path / "x.gguf", "Q8_0")
-    with pytest.raises(ValueError, match=r"neither torchext nor gguf can quantize to Q2_K"):
-        save_gguf(tiny_flux(), tmp_path / "x.gguf", lambda name, layer: "Q2_K" if name == "proj_out" else None)
+    with pytest.raises(ValueError, match=r"neither torchext nor gguf can quantize to IQ2_XXS"):
+        save_gguf(tiny_flux(), tmp_path / "x.gguf", lambda name, layer: "IQ2_XXS" if name == "proj_out" else None)

@@ -150,13 +150,14 @@ class QuantLinear(nn.Module):
 
 
 def takes_q8_1(x: torch.Tensor, *layers: QuantLinear) -> bool:
-    """Whether the layers, all reading x, take qmatmul's GEMV path on one Q8_1 copy of x: at most
-    GEMV_MAX_ROWS rows (and some), one in_features, and no layer exact (exact ones never round x).
-    Then a caller may quantize x itself (quantize_q8_1, or an op that computes and quantizes x in
-    one kernel) and call each layer's forward_q8_1."""
+    """Whether the layers, all reading x, take qmatmul's GEMV path on one Q8_1 copy of x: all
+    QuantLinear (other modules, such as torchext.parallel's sharded layers, have no forward_q8_1),
+    at most GEMV_MAX_ROWS rows (and some), one in_features, and no layer exact (exact ones never
+    round x). Then a caller may quantize x itself (quantize_q8_1, or an op that computes and
+    quantizes x in one kernel) and call each layer's forward_q8_1."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (0 < rows <= GEMV_MAX_ROWS and len({m.in_features for m in layers}) == 1
-            and not any(getattr(m, "exact", False) for m in layers))
+    return (0 < rows <= GEMV_MAX_ROWS and all(isinstance(m, QuantLinear) for m in layers)
+            and len({m.in_features for m in layers}) == 1 and not any(m.exact for m in layers))
 
 
 def shared_input(x: torch.Tensor, *layers: QuantLinear) -> tuple[torch.Tensor, ...]:
