@@ -58,6 +58,17 @@ _MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, a one-byte value
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
 
 
+class GGUFKeyValue(NamedTuple):
+    """One metadata entry as the table holds it: key, value type (a GGUFValueType id), length (an
+    array's element count, else 0) and the entry's byte span [start, end) in the file, key included."""
+
+    key: str
+    value_type: int
+    length: int
+    start: int
+    end: int
+
+
 class GGUFTensor(NamedTuple):
     """One entry of a GGUF file's tensor table, checked against the file. The fields mirror
     gguf.ReaderTensor's (shape in ggml order, ne0 first; data_offset from the start of the file)."""
@@ -98,7 +109,8 @@ class GGUFFile:
                 raw = g.read(t)  # uint8 tensor of t.n_bytes
 
     Attributes: name (the path as given), size (bytes, when the tables were read), version,
-    alignment, data_offset (where the data section starts) and tensors (in table order).
+    alignment, data_offset (where the data section starts), key_values (the metadata entries,
+    GGUFKeyValue, in table order: spans, values not decoded) and tensors (in table order).
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -107,7 +119,7 @@ class GGUFFile:
         try:
             self.size = os.fstat(self._f.fileno()).st_size
             tables = _TableReader(self._f, self.name, self.size)
-            self.version, self.alignment, self.data_offset, self.tensors = tables.read()
+            self.version, self.alignment, self.data_offset, self.key_values, self.tensors = tables.read()
             self._check_data_layout()
         except BaseException:
             self._f.close()
@@ -127,6 +139,22 @@ class GGUFFile:
     def data_bytes(self) -> int:
         """Bytes of the data section (0 for a file with no tensors that ends before it)."""
         return max(self.size - self.data_offset, 0)
+
+    def entry_bytes(self, kv: GGUFKeyValue) -> bytes:
+        """A metadata entry's bytes as stored (key, type and value)."""
+        self._f.seek(kv.start)
+        raw = self._f.read(kv.end - kv.start)
+        if len(raw) != kv.end - kv.start:
+            raise ValueError(f"{self.name}: key {kv.key!r}: the file shrank after its tables were read")
+        return raw
+
+    def string_value(self, key: str) -> str | None:
+        """The value of a STRING metadata entry (None when there is no such entry)."""
+        for kv in self.key_values:
+            if kv.key == key and kv.value_type == GGUFValueType.STRING:
+                raw = self.entry_bytes(kv)[8 + len(key.encode("utf-8")) + 4 + 8:]  # past key, type, length
+                return raw.decode("utf-8")
+        return None
 
     def read(self, t: GGUFTensor) -> torch.Tensor:
         """A tensor's bytes, a fresh uint8 tensor (64-byte aligned, as every torch allocation)."""
@@ -246,8 +274,8 @@ class _TableReader:
         except UnicodeDecodeError:
             self.fail(f"{part} is not UTF-8")
 
-    def read(self) -> tuple[int, int, int, tuple[GGUFTensor, ...]]:
-        """(version, alignment, data section offset, tensors) of the file."""
+    def read(self) -> tuple[int, int, int, tuple[GGUFKeyValue, ...], tuple[GGUFTensor, ...]]:
+        """(version, alignment, data section offset, metadata entries, tensors) of the file."""
         i = self.take(4, "magic")
         magic = self.window[i:i + 4]
         if magic != b"GGUF":
@@ -263,19 +291,20 @@ class _TableReader:
         if tensor_count * _MIN_TENSOR_INFO_BYTES + kv_count * _MIN_KV_BYTES > self.size - self.pos:
             self.fail(f"{tensor_count} tensors and {kv_count} key/value pairs cannot fit in a file of "
                       f"{self.size} bytes")
-        alignment = self._read_key_values(kv_count)
+        alignment, key_values = self._read_key_values(kv_count)
         infos = self._read_tensor_infos(tensor_count)
         data_offset = _round_up(self.pos, alignment)  # the data section follows the table
         tensors = tuple(GGUFTensor(name, tensor_type, shape, n_bytes, data_offset + offset)
                         for name, tensor_type, shape, n_bytes, offset in infos)
-        return version, alignment, data_offset, tensors
+        return version, alignment, data_offset, key_values, tensors
 
-    def _read_key_values(self, count: int) -> int:
-        """Check the key/value table; return general.alignment (or the default)."""
+    def _read_key_values(self, count: int) -> tuple[int, tuple[GGUFKeyValue, ...]]:
+        """Check the key/value table; return general.alignment (or the default) and the entries."""
         alignment = DEFAULT_ALIGNMENT
-        keys = set()
+        keys, entries = set(), []
         for i in range(count):
             self.context = f"key/value pair {i}"
+            start = self.pos
             key = self.read_name("key")
             self.context = f"key {key!r}"
             if key in keys:
@@ -288,11 +317,14 @@ class _TableReader:
                 alignment = self.u32("value")
                 if alignment == 0 or alignment & (alignment - 1):
                     self.fail(f"{alignment} is not a power of two")
+                length = 0
             else:
-                self._skip_value(vtype, 0)
-        return alignment
+                length = self._skip_value(vtype, 0)
+            entries.append(GGUFKeyValue(key, vtype, length, start, self.pos))
+        return alignment, tuple(entries)
 
-    def _skip_value(self, vtype: int, depth: int) -> None:
+    def _skip_value(self, vtype: int, depth: int) -> int:
+        """Skip a value of type vtype; return its element count if it is an array, else 0."""
         if vtype in _SCALAR_BYTES:
             self.skip(_SCALAR_BYTES[vtype], "value")
         elif vtype == GGUFValueType.STRING:
@@ -311,8 +343,10 @@ class _TableReader:
                     self._skip_value(etype, depth + 1)
             else:
                 self.fail(f"unknown array element type {etype}")
+            return count
         else:
             self.fail(f"unknown value type {vtype}")
+        return 0
 
     def _read_tensor_infos(self, count: int) -> list[tuple]:
         """(name, type, shape, bytes, offset in the data section) of each tensor."""

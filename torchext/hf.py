@@ -60,7 +60,6 @@ import functools
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -137,7 +136,7 @@ def from_gguf(path_or_dir: str | os.PathLike, gguf_file: Optional[str] = None, *
 
     path = _gguf_path(path_or_dir, gguf_file)
     with GGUFFile(path) as g:  # checks header, tables and offsets before transformers reads anything
-        architecture = _architecture(path)
+        architecture = _architecture(path, g)
         config = _config(path, g, architecture, config_kwargs)
         model_class = transformers.AutoModelForCausalLM if model_class is None else model_class
         with _linear_and_embedding_weights_on_meta():
@@ -160,11 +159,11 @@ def _gguf_path(path_or_dir, gguf_file) -> Path:
     return path
 
 
-def _architecture(path: Path) -> str:
+def _architecture(path: Path, g: GGUFFile) -> str:
     """general.architecture, checked against what transformers' GGUF loader reads."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    architecture = _string_field(path, "general.architecture")
+    architecture = g.string_value("general.architecture")
     if architecture is None:
         raise ValueError(f"{path}: no general.architecture in the GGUF metadata, so transformers cannot tell which "
                          "model this is")
@@ -174,55 +173,6 @@ def _architecture(path: Path) -> str:
         raise ValueError(f"{path}: architecture {architecture!r} is not one transformers {transformers.__version__} "
                          f"reads from GGUF; it reads {', '.join(readable)}")
     return architecture
-
-
-_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType ids
-_STRING, _ARRAY, _UINT32 = 8, 9, 4
-
-
-def _key_values(f) -> Iterator[tuple[str, int, int, int, int]]:
-    """(key, value type, array length or 0, start, end) of each metadata entry of the GGUF file open
-    as f (start and end: the entry's byte span, key included), scanned without decoding values:
-    gguf.GGUFReader would parse every field, seconds and hundreds of MiB for a large vocabulary.
-    The tables were checked (GGUFFile) before this runs."""
-    def u32() -> int:
-        return int.from_bytes(f.read(4), "little")
-
-    def u64() -> int:
-        return int.from_bytes(f.read(8), "little")
-
-    def skip(vtype: int) -> int:
-        if vtype == _STRING:
-            f.seek(u64(), os.SEEK_CUR)
-        elif vtype == _ARRAY:
-            etype, count = u32(), u64()
-            if etype in _SCALAR_BYTES:
-                f.seek(count * _SCALAR_BYTES[etype], os.SEEK_CUR)
-            else:
-                for _ in range(count):
-                    skip(etype)
-            return count
-        else:
-            f.seek(_SCALAR_BYTES[vtype], os.SEEK_CUR)
-        return 0
-
-    f.seek(16)  # magic, version, tensor count
-    for _ in range(u64()):
-        start = f.tell()
-        name = f.read(u64()).decode("utf-8")
-        vtype = u32()
-        count = skip(vtype)
-        yield name, vtype, count, start, f.tell()  # the caller leaves f where it found it
-
-
-def _string_field(path: Path, key: str) -> Optional[str]:
-    """The string value of `key` in a GGUF file's metadata (None without one)."""
-    with open(path, "rb") as f:
-        for name, vtype, _, start, end in _key_values(f):
-            if name == key and vtype == _STRING:
-                f.seek(start + 8 + len(name.encode("utf-8")) + 4)  # past the key and the value type
-                return f.read(int.from_bytes(f.read(8), "little")).decode("utf-8")
-    return None
 
 
 def _gguf_string(text: str) -> bytes:
@@ -239,20 +189,15 @@ def _metadata_file(path: Path, g: GGUFFile, architecture: str):
     kept as {architecture}.vocab_size, where transformers otherwise counts the tokens; tensors stay
     in the table (transformers reads their names: a missing output.weight means a tied head) as
     one-value F32 tensors."""
+    from gguf import GGUFValueType
+
     vocab_key = f"{architecture}.vocab_size"
-    kept, tokens, has_vocab = [], None, False
-    with open(path, "rb") as f:
-        for name, vtype, count, start, end in _key_values(f):
-            has_vocab |= name == vocab_key
-            if name == "tokenizer.ggml.tokens":
-                tokens = count
-            if vtype != _ARRAY or count <= 1024:
-                here = f.tell()
-                f.seek(start)
-                kept.append(f.read(end - start))
-                f.seek(here)
-    if tokens is not None and not has_vocab:
-        kept.append(_gguf_string(vocab_key) + _UINT32.to_bytes(4, "little") + tokens.to_bytes(4, "little"))
+    entries = {kv.key: kv for kv in g.key_values}
+    kept = [g.entry_bytes(kv) for kv in g.key_values if kv.value_type != GGUFValueType.ARRAY or kv.length <= 1024]
+    tokens = entries.get("tokenizer.ggml.tokens")
+    if tokens is not None and vocab_key not in entries:
+        kept.append(_gguf_string(vocab_key) + int(GGUFValueType.UINT32).to_bytes(4, "little") +
+                    tokens.length.to_bytes(4, "little"))
     infos = b"".join(_gguf_string(t.name) + (1).to_bytes(4, "little") + (1).to_bytes(8, "little") +
                      (0).to_bytes(4, "little") + (g.alignment * i).to_bytes(8, "little")
                      for i, t in enumerate(g.tensors))
@@ -488,7 +433,7 @@ def _measure_load_memory(path: str) -> None:
     import transformers
 
     with GGUFFile(path) as g, torch.device("meta"):  # imports the architecture's model code, builds nothing
-        transformers.AutoModelForCausalLM.from_config(_config(Path(path), g, _architecture(Path(path)), {}))
+        transformers.AutoModelForCausalLM.from_config(_config(Path(path), g, _architecture(Path(path), g), {}))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     model = from_gguf(path)
