@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     import transformers
 
     from torchext import hf
+    from torchext.gguf_file import GGUFFile
 
     if args.gguf is None:
         from torchext.models.gemma3 import gguf_path
@@ -94,7 +95,9 @@ def main(argv=None) -> int:
         del dense
         torch._dynamo.reset()
         torch.cuda.empty_cache()
-        if hf._architecture(path) == "gemma3":
+        with GGUFFile(path) as g:
+            architecture = g.string_value("general.architecture")
+        if architecture == "gemma3":
             res["handwritten_tok_s"] = handwritten_decode_tok_s(path, args.tokens)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "hf_decode.json").write_text(json.dumps(res, indent=1))
