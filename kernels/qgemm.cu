@@ -2,9 +2,9 @@
 // body for every weight format (QuantTraits' mma_load / mma_slice, the tensor-core GEMV's fragments)
 // and for fp16 and bf16 activations, on fp16/bf16 mma.sync with fp32 accumulation.
 //
-// - A CTA owns kTileN = 128 weight rows x BM (32 or 64) activation rows. Each of its 4 warps owns 32
-//   weight rows (two 16-row MMA tiles) against all BM rows: every weight byte is read from memory
-//   and dequantized once per CTA.
+// - A CTA owns kTileN = 256 or 128 weight rows x BM (32 or 64) activation rows (visit_tile). Each of
+//   its 8 or 4 warps owns 32 weight rows (two 16-row MMA tiles) against all BM rows: every weight
+//   byte is read from memory and dequantized once per CTA.
 // - K advances kChunk = 256 values per pipeline stage (one k-quant super-block, eight 32-value
 //   blocks). The stage's weight bytes and activations are copied to shared memory with cp.async
 //   while the warps compute the previous stage; each warp first decodes its rows' slice scales into
@@ -38,8 +38,6 @@ namespace {
 
 constexpr int kChunk = 256;                // values of K per pipeline stage
 constexpr int kXStride = kChunk + 16;      // halves per staged activation row (see load_chunk)
-constexpr int kTileN = 128;                // weight rows per CTA
-constexpr int kWarpsN = kTileN / 32;       // warps along N, 32 weight rows each
 constexpr int kMaxSplits = 16;
 constexpr int64_t kMaxWorkspaceFloats = int64_t(1) << 26;  // 256 MiB of partial sums at most
 
@@ -69,14 +67,14 @@ constexpr int kSmemLimit = 227 * 1024;  // shared memory a Hopper CTA may opt in
 
 // BM activation rows per CTA, all of them against each warp's 32 weight rows (WM = BM); two pipeline
 // stages (more were measured slower: bench/NOTES.md).
-template <int BM>
+template <int BM, int TN>
 struct Tile {
-  static constexpr int kBM = BM, kWM = BM, kStages = 2;
-  static constexpr int kWarps = kWarpsN;
+  static constexpr int kBM = BM, kWM = BM, kStages = 2, kTileN = TN;
+  static constexpr int kWarps = TN / 32;  // warps along N, 32 weight rows each
   static constexpr int kThreads = kWarps * kWarp;
   template <class T>
   static constexpr int stage_bytes() {
-    return kTileN * WeightChunk<T>::kStride + BM * kXStride * 2;
+    return TN * WeightChunk<T>::kStride + BM * kXStride * 2;
   }
   template <class T>
   static constexpr int smem_bytes() {
@@ -113,7 +111,7 @@ __device__ __forceinline__ int64_t chunk_start(const GemmArgs& a, int64_t row, i
 
 // Chunk c of the tile's weight rows (chunk_start) and of its activation rows (rows past `rows` and
 // values past k are zero-filled).
-template <class T, class H, int BM, int kThreads>
+template <class T, class H, int BM, int kThreads, int kTileN>
 __device__ __forceinline__ void load_chunk(const GemmArgs& a, int64_t n0, int64_t m0, int64_t c, uint8_t* ws, H* xs) {
   using L = WeightChunk<T>;
   for (int i = threadIdx.x; i < kTileN * L::kPieces; i += kThreads) {
@@ -262,7 +260,7 @@ template <class T, class H, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) qgemm_kernel(GemmArgs a) {
   using L = WeightChunk<T>;
   constexpr int BM = Cfg::kBM, WM = Cfg::kWM;
-  constexpr int kStages = Cfg::kStages, kStageBytes = Cfg::template stage_bytes<T>();
+  constexpr int kStages = Cfg::kStages, kStageBytes = Cfg::template stage_bytes<T>(), kTileN = Cfg::kTileN;
   extern __shared__ int4 smem_vec[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(smem_vec);
   const auto stage_w = [&](int s) { return smem + s * kStageBytes; };
@@ -277,7 +275,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) qgemm_kernel(GemmArgs a) {
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (c0 + s < c1) load_chunk<T, H, BM, Cfg::kThreads>(a, n0, m0, c0 + s, stage_w(s), stage_x(s));
+    if (c0 + s < c1) load_chunk<T, H, BM, Cfg::kThreads, Cfg::kTileN>(a, n0, m0, c0 + s, stage_w(s), stage_x(s));
     cp_async_commit();
   }
 
@@ -289,7 +287,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) qgemm_kernel(GemmArgs a) {
     const int64_t next = c + kStages - 1;
     if (next < c1) {
       const int ns = int((next - c0) % kStages);
-      load_chunk<T, H, BM, Cfg::kThreads>(a, n0, m0, next, stage_w(ns), stage_x(ns));
+      load_chunk<T, H, BM, Cfg::kThreads, Cfg::kTileN>(a, n0, m0, next, stage_w(ns), stage_x(ns));
     }
     cp_async_commit();
 
@@ -337,11 +335,26 @@ __global__ void add_splits_kernel(const float* __restrict__ partial, int splits,
   }
 }
 
-// Calls f(Tile) for the tile that serves `rows` activation rows (up to kMaxTiledGemmRows).
-template <class F>
-void visit_tile(int64_t rows, F&& f) {
-  if (rows <= 32) f(Tile<32>{});
-  else f(Tile<64>{});
+// Calls f(Tile) for the tile that serves `rows` activation rows (up to kMaxTiledGemmRows): 256
+// weight rows (8 warps) where two stages of them fit in the device's shared memory, else 128.
+// Measured on the H200 (bench/NOTES.md, "Tile width"): at 64 rows the 256-row tile took Q4_K
+// 4096x14336 from 60.7 to 45.8 us and Q6_K from 80.4 to 53.6 (14336x4096: within 5% either way);
+// Q8_0, whose 64-row wide tile does not fit, gained at 17-32 rows (58.1 -> 40.4 us).
+template <class T, int BM, class F>
+void visit_width(int smem_optin, F&& f) {
+  using Wide = Tile<BM, 256>;
+  if constexpr (Wide::template smem_bytes<T>() <= kSmemLimit) {
+    if (Wide::template smem_bytes<T>() <= smem_optin) return f(Wide{});
+  }
+  f(Tile<BM, 128>{});
+}
+
+template <class T, class F>
+void visit_tile(int64_t rows, int device, F&& f) {
+  int smem_optin = 0;
+  cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (rows <= 32) visit_width<T, 32>(smem_optin, f);
+  else visit_width<T, 64>(smem_optin, f);
 }
 
 // How a product is cut: the number of K splits that minimises waves x chunks per split, so that
@@ -351,10 +364,10 @@ struct Plan {
   int64_t chunks_per_split;
 };
 
-Plan make_plan(int64_t n, int64_t k, int64_t rows, int bm, int ctas_per_sm, int device) {
+Plan make_plan(int64_t n, int64_t k, int64_t rows, int bm, int tile_n, int ctas_per_sm, int device) {
   Plan p{1, 0};
   const int64_t chunks = (k + kChunk - 1) / kChunk;
-  const int64_t tiles = (n + kTileN - 1) / kTileN * ((rows + bm - 1) / bm);
+  const int64_t tiles = (n + tile_n - 1) / tile_n * ((rows + bm - 1) / bm);
   const int64_t slots = int64_t(sm_count(device)) * std::max(ctas_per_sm, 1);
   int64_t best = -1;
   for (int s = 1; s <= kMaxSplits && s <= chunks; s *= 2) {
@@ -379,11 +392,11 @@ struct Kernel {
     int ctas = 0;  // resident CTAs per SM, after opting in to the shared memory
     if (cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess)
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, fn, Cfg::kThreads, smem);
-    return make_plan(n, k, rows, Cfg::kBM, ctas, device);
+    return make_plan(n, k, rows, Cfg::kBM, Cfg::kTileN, ctas, device);
   }
 
   static cudaError_t launch(const GemmArgs& args, const Plan& p, cudaStream_t stream) {
-    const dim3 grid(unsigned((args.n + kTileN - 1) / kTileN), unsigned((args.rows + Cfg::kBM - 1) / Cfg::kBM),
+    const dim3 grid(unsigned((args.n + Cfg::kTileN - 1) / Cfg::kTileN), unsigned((args.rows + Cfg::kBM - 1) / Cfg::kBM),
                     unsigned(p.splits));
     fn<<<grid, Cfg::kThreads, smem, stream>>>(args);
     return cudaGetLastError();
@@ -392,10 +405,10 @@ struct Kernel {
 
 // Calls f(Kernel<T, H, Cfg>{}) for the format, activation type and tile shape of a product.
 template <class F>
-bool visit_kernel(QType wt, FloatType xt, int64_t rows, F&& f) {
+bool visit_kernel(QType wt, FloatType xt, int64_t rows, int device, F&& f) {
   return visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
-    visit_tile(rows, [&](auto tile) {
+    visit_tile<T>(rows, device, [&](auto tile) {
       using Cfg = decltype(tile);
       if (xt == FloatType::BF16) f(Kernel<T, __nv_bfloat16, Cfg>{});
       else f(Kernel<T, __half, Cfg>{});
@@ -414,7 +427,7 @@ bool qgemm_supports(FloatType xt, const void* w, const void* x, int64_t k, int d
 
 int64_t qgemm_workspace_floats(QType wt, FloatType xt, int64_t n, int64_t k, int64_t rows, int device) {
   Plan p{1, 0};
-  visit_kernel(wt, xt, rows, [&](auto kernel) { p = kernel.plan(n, k, rows, device); });
+  visit_kernel(wt, xt, rows, device, [&](auto kernel) { p = kernel.plan(n, k, rows, device); });
   return p.splits > 1 ? int64_t(p.splits) * rows * n : 0;
 }
 
@@ -422,7 +435,7 @@ cudaError_t launch_qgemm(QType wt, const uint8_t* w, int64_t n, int64_t k, const
                          float* workspace, void* out, int device, cudaStream_t stream) {
   cudaError_t err = cudaErrorInvalidValue;
   Plan p{1, 0};
-  visit_kernel(wt, xt, rows, [&](auto kernel) {
+  visit_kernel(wt, xt, rows, device, [&](auto kernel) {
     using T = typename decltype(kernel)::Traits;
     p = kernel.plan(n, k, rows, device);
     const int64_t row_bytes = (k + T::kValues - 1) / T::kValues * T::kBytes;
