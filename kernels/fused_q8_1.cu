@@ -19,10 +19,20 @@ struct RmsNormValues {
   bool vector_ok;  // x's rows and w can both be read 16 bytes at a time
   __device__ void load(int64_t row, int64_t col, int64_t k, float (&v)[8]) const {
     const int64_t base = row * k;
+    // kBatch loads in flight before their squares are added in order: one dependent load -> add
+    // per value left a 640-value row waiting on ~20 serial L2 round trips.
+    constexpr int kBatch = 8;
     float sum = 0.0f;
-    for (int64_t j = threadIdx.x % kWarp; j < k; j += kWarp) {
-      const float xj = load_float(x, base + j, xt);
-      sum = add_rn(sum, mul_rn(xj, xj));
+    for (int64_t j0 = threadIdx.x % kWarp; j0 < k; j0 += kBatch * kWarp) {
+      float xj[kBatch];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int64_t j = j0 + b * kWarp;
+        xj[b] = j < k ? load_float(x, base + j, xt) : 0.0f;
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b)
+        if (j0 + b * kWarp < k) sum = add_rn(sum, mul_rn(xj[b], xj[b]));
     }
     static_assert(kRmsLanes == kWarp, "one partial sum per lane");
 #pragma unroll
