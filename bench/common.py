@@ -159,15 +159,21 @@ class Stopwatch:
 
 # ---- random-but-realistic quantized weights ---------------------------------------------------
 
-# Byte offsets of the fp16 scale fields inside one block, by format name (torchext's catalog).
-FP16_FIELDS = {q.name: offsets for q, offsets in formats.FP16_FIELDS.items()}
+# Byte offsets of the scale fields inside one block, by format name (torchext's catalog).
+SCALE_FIELDS = {q.name: offsets for q, offsets in formats.SCALE_FIELDS.items()}
+
+
+def plain_fp16_scales(fmt: str) -> bool:
+    """Whether the format's scale fields are plain fp16 words (not IQ1_M's split d, not FP4 scales)."""
+    return formats.scale_field_bytes(fmt) == 2
 
 
 def random_quant_weight(fmt: str, n: int, k: int, copies: int, device, gen) -> torch.Tensor:
     """`copies` independent random weights [copies, n, row_bytes] uint8, made on `device`: random
-    bytes (every 6-bit scale code, nibble and sign occurs) with each fp16 scale field overwritten by
-    a small positive finite value in [0.001, 0.011), so no block decodes to inf/NaN and none is 0.
-    Each copy w[c] is contiguous and keeps the format's alignment (row bytes are multiples of it)."""
+    bytes (every 6-bit scale code, nibble and sign occurs) with each scale field overwritten by a
+    small positive finite value in [0.001, 0.011) (fp16; MXFP4's and NVFP4's scales round it to
+    their codes), so no block decodes to inf/NaN and none is 0. Each copy w[c] is contiguous and
+    keeps the format's alignment (row bytes are multiples of it)."""
     import torchext
 
     bb = torchext.block_bytes(fmt)
@@ -175,9 +181,15 @@ def random_quant_weight(fmt: str, n: int, k: int, copies: int, device, gen) -> t
     nb = rb // bb
     w = torch.randint(0, 256, (copies, n, rb), dtype=torch.uint8, device=device, generator=gen)
     blocks = w.view(copies, n, nb, bb)
-    for off in FP16_FIELDS[fmt]:
+    width = formats.scale_field_bytes(fmt)
+    for off in SCALE_FIELDS[fmt]:
         d = torch.rand((copies, n, nb), device=device, generator=gen).mul_(0.01).add_(0.001).half()
-        blocks[..., off:off + 2] = d.view(torch.uint8).view(copies, n, nb, 2)
+        if plain_fp16_scales(fmt):
+            blocks[..., off:off + 2] = d.view(torch.uint8).view(copies, n, nb, 2)
+        else:  # encoded by the catalog (on the CPU: these formats' fields are a small part of the bytes)
+            field = blocks[..., off:off + width].cpu().numpy()
+            formats.put_scale_field(field, fmt, 0, d.cpu().numpy())
+            blocks[..., off:off + width] = torch.from_numpy(field).to(device)
     return w
 
 

@@ -45,8 +45,9 @@ LARGE_BATCHES = [16, 64, 512]      # its large-batch ones (x bf16 at 512 is a ta
 MAX_GEMV_ROWS = 16                 # kernels/batch_policy.h: up to 16 rows the Q8_1 GEMV, then dense
 
 # Column order of the printed tables (labels): baselines, then torchext per weight format.
-GEMV_LABELS = ["bf16", "int4", "Q4_K", "q4k_q8", "q8_1+q4k_q8", "q8_1", "Q5_K", "Q6_K", "Q8_0", "Q5_0", "IQ4_XS", "IQ4_NL",
-               "Q3_K", "Q2_K"]
+# Every format of torchext's catalog has a column (--shapes NxK:FMT measures any of them).
+GEMV_LABELS = ["bf16", "int4", "Q4_K", "q4k_q8", "q8_1+q4k_q8", "q8_1", "Q5_K", "Q6_K", "Q8_0", "Q5_0"]
+GEMV_LABELS += [q.name for q in common.formats.WEIGHT_TYPES if q.name not in GEMV_LABELS]
 PLOT_LABELS = [lb for lb in GEMV_LABELS if lb != "q8_1"]  # the plot shows matmuls; q8_1 has no weight
 ELEMENTWISE_LABELS = ["copy", "q8_1", "gelu", "gelu tanh", "gelu_", "bias_gelu", "F.gelu",
                       "F.gelu tanh", "F.gelu(x+b)"]
@@ -480,7 +481,7 @@ def self_check(ctx: Ctx, outdir: Path, text: str) -> list[str]:
             d = torchext.dequantize(w[c], fmt, 4, 512)
             check(bool(torch.isfinite(d).all()) and bool((d != 0).any()), f"random {fmt} weight decodes")
         blk = w.view(2, 4, -1, torchext.block_bytes(fmt))
-        for off in common.FP16_FIELDS[fmt]:
+        for off in common.SCALE_FIELDS[fmt] if common.plain_fp16_scales(fmt) else ():
             v = blk[..., off:off + 2].contiguous().view(torch.float16).float()
             check(bool(((v >= 0.001) & (v < 0.0111)).all()), f"{fmt} fp16 field at byte {off}")
 

@@ -119,6 +119,13 @@ inline int64_t checked_mul(int64_t a, int64_t b, const char* what) {
   return p;
 }
 
+// Whether a row of k values is whole blocks, as a format requires unless it is one of the 256-value
+// formats, whose last block may run past k (the k-quants' zero padding); otherwise the error.
+inline void check_whole_blocks(const FormatInfo& f, int64_t k, const char* arg) {
+  TORCHEXT_CHECK(f.values == kSuperBlock || k % f.values == 0, arg, ": ", qtype_name(f.type), " rows are whole ",
+                 f.values, "-value blocks, so k must be a multiple of ", f.values, "; got ", k);
+}
+
 // Bytes of one row of k > 0 values: ceil(k / values) blocks (no overflow: k / values + 1 <= k).
 inline int64_t row_bytes(const FormatInfo& f, int64_t k) {
   return checked_mul(k / f.values + (k % f.values != 0), f.bytes, "k");
@@ -174,8 +181,7 @@ inline void check_shape_nk(int64_t n, int64_t k) {
 inline FormatInfo check_weight(const Tensor& w, int64_t qtype, int64_t n, int64_t k, const char* arg = "w") {
   const FormatInfo f = format_info(qtype);
   check_shape_nk(n, k);
-  TORCHEXT_CHECK(f.values == kSuperBlock || k % f.values == 0, "k: ", qtype_name(f.type),
-                  " rows are whole 32-value blocks, so k must be a multiple of 32; got ", k);
+  check_whole_blocks(f, k, "k");
   check_defined_contiguous(w, arg);
   TORCHEXT_CHECK(w.scalar_type() == ScalarType::Byte, arg, ": expected raw ", qtype_name(f.type),
                   " bytes as a uint8 tensor, got ", dtype_name(w.scalar_type()));

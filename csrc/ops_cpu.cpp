@@ -64,8 +64,7 @@ Tensor quantize(Tensor w, int64_t qtype) {
                   dtype_name(w.scalar_type()), " (call .float() first)");
   const int64_t n = w.size(0), k = w.size(1);
   check_shape_nk(n, k);
-  TORCHEXT_CHECK(f.values == kSuperBlock || k % f.values == 0, "w: ", qtype_name(f.type),
-                  " rows are whole 32-value blocks, so k must be a multiple of 32; got ", k);
+  check_whole_blocks(f, k, "w");
   Tensor out = torch::stable::new_empty(w, {n, row_bytes(f, k)}, ScalarType::Byte);
   cpu::quantize(f.type, static_cast<const float*>(w.data_ptr()), n, k, static_cast<uint8_t*>(out.data_ptr()));
   return out;

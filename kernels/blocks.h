@@ -39,6 +39,9 @@ namespace torchext {
   X(IQ4_NL, 20)                    \
   X(IQ4_XS, 23)                    \
   X(TQ2_0, 35)                     \
+  X(TQ1_0, 34)                     \
+  X(MXFP4, 39)                     \
+  X(NVFP4, 40)                     \
   TORCHEXT_IQ_GRID_FORMATS(X)
 
 // The grid-based imatrix formats, the catalog's last rows (blocks below, traits in
@@ -140,6 +143,28 @@ struct block_tq2_0 {  // ternary: x = d * (q - 1), q the crumb of a value laid o
   fp16_bits d;
 };
 
+// TQ1_0: ternary, 5 values a byte in base 3 (3^5 = 243 <= 256), x = d * (digit - 1). A byte b holding
+// digits t0 .. t4 (t0 the most significant) is ceil(256 * (81 t0 + 27 t1 + 9 t2 + 3 t3 + t4) / 243), so
+// digit j is ((b * 3^j mod 256) * 3) >> 8. Value 32j + l (j = 0..4, l = 0..31) is digit j of qs[l],
+// value 160 + 16j + l (l = 0..15) digit j of qs[32 + l], value 240 + 4j + l (j = 0..3, l = 0..3) digit j
+// of qh[l] (whose 5th digit is always 0).
+struct block_tq1_0 {
+  uint8_t qs[48];
+  uint8_t qh[4];
+  fp16_bits d;
+};
+
+// FP4 E2M1 codes: a nibble indexes the doubled E2M1 values kFP4Levels (quant_traits.h), 0, 1, 2, 3, 4,
+// 6, 8, 12 and their negatives, as llama.cpp's kvalues_mxfp4; the block scale carries the halving.
+struct block_mxfp4 {  // 32 values: x = 2^(e - 128) * level[q]; byte l: low nibble value l, high nibble l + 16
+  uint8_t e;          // E8M0 exponent: the OCP MX scale 2^(e - 127), halved
+  uint8_t qs[16];
+};
+struct block_nvfp4 {  // 64 values in 4 sub-blocks of 16: x = ue4m3(d[s]) / 2 * level[q]
+  uint8_t d[4];       // unsigned E4M3 scale of sub-block s (bias 7; codes 0 and 0x7F decode to 0)
+  uint8_t qs[32];     // bytes 8s .. 8s+7: low nibble value 16s + l, high nibble value 16s + 8 + l
+};
+
 static_assert(sizeof(block_q8_1) == 36, "Q8_1 block is 36 bytes");
 // IQ4_NL / IQ4_XS (non-linear 4-bit): each nibble indexes the 16 levels of kIQ4Levels (quant_traits.h).
 struct block_iq4_nl {  // 32 values: x = d * level[q]; byte l: low nibble value l, high nibble value l + 16
@@ -156,6 +181,9 @@ struct block_iq4_xs {  // 8 sub-blocks of 32: x = d * (ls - 32) * level[q], ls a
 static_assert(sizeof(block_q2_K) == 84, "Q2_K block is 84 bytes");
 static_assert(sizeof(block_q3_K) == 110, "Q3_K block is 110 bytes");
 static_assert(sizeof(block_tq2_0) == 66, "TQ2_0 block is 66 bytes");
+static_assert(sizeof(block_tq1_0) == 54, "TQ1_0 block is 54 bytes");
+static_assert(sizeof(block_mxfp4) == 17, "MXFP4 block is 17 bytes");
+static_assert(sizeof(block_nvfp4) == 36, "NVFP4 block is 36 bytes");
 
 // Grid-based imatrix formats: 256 values in 8 sub-blocks of 32 (sub-block j: values 32j ..); each
 // group of 8 values (IQ3: 4) is a point of a fixed grid (kernels/iq_grids.h) chosen by an index, with

@@ -41,12 +41,14 @@ constexpr int kXStride = kChunk + 16;      // halves per staged activation row (
 constexpr int kMaxSplits = 16;
 constexpr int64_t kMaxWorkspaceFloats = int64_t(1) << 26;  // 256 MiB of partial sums at most
 
-// A chunk's weight bytes in one row, staged in shared memory. A row's chunk starts at any 2-byte
-// offset (210-byte Q6_K blocks, 18-byte Q4_0 blocks ...), so the copy is of the 16-byte aligned
-// pieces that cover it, and a row's data starts `(offset % 16)` bytes into its slot. An odd number of
-// 16-byte pieces per slot puts the 8 rows a warp reads at once in 8 different 4-bank groups.
+// A chunk's weight bytes in one row, staged in shared memory. A row's chunk starts at any offset
+// (210-byte Q6_K blocks, 18-byte Q4_0 blocks, 17-byte MXFP4 blocks at odd ones ...), so the copy is of
+// the 16-byte aligned pieces that cover it, and a row's data starts `(offset % 16)` bytes into its slot
+// (the traits then read it with loads of the block's own alignment). An odd number of 16-byte pieces
+// per slot puts the 8 rows a warp reads at once in 8 different 4-bank groups.
 template <class T>
 struct WeightChunk {
+  static_assert(kChunk % T::kValues == 0, "a chunk is whole blocks (32, 64 or 256 values)");
   static constexpr int kBlocks = kChunk / T::kValues;
   static constexpr int kBytes = kBlocks * T::kBytes;
   static constexpr int kPieces = (kBytes + 15 + 15) / 16;
@@ -124,11 +126,11 @@ __device__ __forceinline__ void load_chunk(const GemmArgs& a, int64_t n0, int64_
     } else if (left <= 0) {
       cp_async_16(dst, a.w, 0);  // zero-fill, nothing read
     } else {
-      // The weight's last bytes (a multiple of 2, 2-byte aligned): copied here, since a 16-byte
-      // cp.async names 16 bytes even when told to read fewer (compute-sanitizer flags the rest).
-      const uint16_t* src = reinterpret_cast<const uint16_t*>(a.w + off);
-      uint16_t* to = reinterpret_cast<uint16_t*>(dst);
-      for (int h = 0; h < 8; ++h) to[h] = 2 * h < left ? src[h] : uint16_t(0);
+      // The weight's last 1 to 15 bytes: copied here a byte at a time (MXFP4's 17-byte blocks leave an
+      // odd count), since a 16-byte cp.async names 16 bytes even when told to read fewer
+      // (compute-sanitizer flags the rest).
+      const uint8_t* src = a.w + off;
+      for (int b = 0; b < 16; ++b) dst[b] = b < left ? src[b] : uint8_t(0);
     }
   }
   // Rows of kXStride halves: 544 bytes, 8 banks apart, so the 16 lanes of a half-warp's 8-byte loads
@@ -206,8 +208,8 @@ __device__ __forceinline__ void decode_scales(const uint8_t* ws, const GemmArgs&
 
 // One staged chunk against this warp's WM activation rows. wrow[i]: the lane's weight row 8i + g of
 // the warp's 32 (MMA tile i / 2, fragment rows g or g + 8); xs: its activation row g at value 4t.
-// `blocks`: the chunk's weight blocks inside the row (fewer than kBlocks only at a 32-value format's
-// last chunk).
+// `blocks`: the chunk's weight blocks inside the row (fewer than kBlocks only at the last chunk of a
+// format of 32 or 64 values a block).
 template <class T, class H, int WM>
 __device__ __forceinline__ void mma_chunk(const uint8_t* const (&wrow)[4], const float2* const (&scales)[4],
                                           const H* xs, int blocks, int t, float (&acc)[2][WM / 8][4]) {

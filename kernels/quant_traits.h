@@ -30,14 +30,18 @@ TORCHEXT_HD int dp4a(int a, int b, int c) {
 }
 
 // A 32-bit word from memory that is at least `Align`-byte aligned (the block's alignment:
-// Q4_K/Q5_K blocks keep 16-byte alignment, Q6_K and several 32-value formats only 2).
+// Q4_K/Q5_K blocks keep 16-byte alignment, Q6_K and several 32-value formats only 2, MXFP4's
+// 17-byte blocks 1). Only the word's own 4 bytes are read, whatever the alignment: a wider aligned
+// load around them could run past the end of the weight.
 template <int Align>
 TORCHEXT_HD uint32_t load_u32(const uint8_t* p) {
   if constexpr (Align >= 4) {
     return *reinterpret_cast<const uint32_t*>(p);
-  } else {
+  } else if constexpr (Align >= 2) {
     const uint16_t* h = reinterpret_cast<const uint16_t*>(p);
     return uint32_t(h[0]) | (uint32_t(h[1]) << 16);
+  } else {
+    return uint32_t(p[0]) | (uint32_t(p[1]) << 8) | (uint32_t(p[2]) << 16) | (uint32_t(p[3]) << 24);
   }
 }
 
@@ -679,108 +683,148 @@ template <> struct QuantTraits<QType::Q4_1> : FormatTraits<QType::Q4_1, NibbleTr
 template <> struct QuantTraits<QType::Q5_0> : FormatTraits<QType::Q5_0, NibbleTraits<block_q5_0, false, true>> {};
 template <> struct QuantTraits<QType::Q5_1> : FormatTraits<QType::Q5_1, NibbleTraits<block_q5_1, true, true>> {};
 
-// ---------------------------------------------------------------- IQ4_NL, IQ4_XS
-// Non-linear 4-bit: a nibble indexes 16 int8 levels (llama.cpp's kvalues_iq4nl). IQ4_NL has one fp16
-// d per 32 values, IQ4_XS eight 32-value sub-blocks with 6-bit scales ls: x = d * (ls - 32) * level.
-// Levels are int8, so the integer dot products are those of Q8_0; d * level is exact in fp32.
+// ---------------------------------------------------------------- nibble levels: IQ4_NL, IQ4_XS, MXFP4
+// A nibble indexes 16 int8 levels: IQ4_NL's and IQ4_XS's non-linear ones (llama.cpp's kvalues_iq4nl)
+// or the FP4 E2M1 values doubled (MXFP4, NVFP4: kvalues_mxfp4; the format's scale carries the halving).
+// IQ4_NL has one fp16 d per 32 values, IQ4_XS eight 32-value sub-blocks with 6-bit scales ls:
+// x = d * (ls - 32) * level; MXFP4 one power of two per 32 values (its E8M0 exponent), NVFP4 one UE4M3
+// scale per 16. Levels are int8, so the integer dot products are those of Q8_0; d * level is exact in
+// fp32 for every format's d.
 constexpr int8_t kIQ4Levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+constexpr int8_t kFP4Levels[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
-// Levels 4w .. 4w+3 as the bytes of one word.
-constexpr uint32_t iq4_level_word(int w) {
-  return uint32_t(uint8_t(kIQ4Levels[4 * w])) | uint32_t(uint8_t(kIQ4Levels[4 * w + 1])) << 8 |
-         uint32_t(uint8_t(kIQ4Levels[4 * w + 2])) << 16 | uint32_t(uint8_t(kIQ4Levels[4 * w + 3])) << 24;
-}
+// The lookups and 32-value kernels of one level table L.
+template <const int8_t (&L)[16]>
+struct NibbleLevels {
+  static constexpr const int8_t (&kTable)[16] = L;
 
-// Four nibble indexes (bytes of 0..15) -> their four levels as signed bytes.
-TORCHEXT_HD uint32_t iq4_levels(uint32_t idx) {
+  // Levels 4w .. 4w+3 as the bytes of one word.
+  static constexpr uint32_t word(int w) {
+    return uint32_t(uint8_t(L[4 * w])) | uint32_t(uint8_t(L[4 * w + 1])) << 8 | uint32_t(uint8_t(L[4 * w + 2])) << 16 |
+           uint32_t(uint8_t(L[4 * w + 3])) << 24;
+  }
+
+  // Four nibble indexes (bytes of 0..15) -> their four levels as signed bytes.
+  static TORCHEXT_HD uint32_t of(uint32_t idx) {
 #if defined(__CUDA_ARCH__)
-  // The table as 4 words: prmt picks bytes 0-7 of (t0, t1) or (t2, t3) by the index's low 3 bits, its
-  // bit 3 chooses between the two.
-  constexpr uint32_t t0 = iq4_level_word(0), t1 = iq4_level_word(1), t2 = iq4_level_word(2), t3 = iq4_level_word(3);
-  const uint32_t x = idx & 0x07070707u;
-  const uint32_t sel = (x & 0xFu) | ((x >> 4) & 0xF0u) | ((x >> 8) & 0xF00u) | ((x >> 12) & 0xF000u);
-  const uint32_t hi = ((idx & 0x08080808u) >> 3) * 0xFFu;
-  return (__byte_perm(t2, t3, sel) & hi) | (__byte_perm(t0, t1, sel) & ~hi);
+    // The table as 4 words: prmt picks bytes 0-7 of (t0, t1) or (t2, t3) by the index's low 3 bits, its
+    // bit 3 chooses between the two.
+    constexpr uint32_t t0 = word(0), t1 = word(1), t2 = word(2), t3 = word(3);
+    const uint32_t x = idx & 0x07070707u;
+    const uint32_t sel = (x & 0xFu) | ((x >> 4) & 0xF0u) | ((x >> 8) & 0xF00u) | ((x >> 12) & 0xF000u);
+    const uint32_t hi = ((idx & 0x08080808u) >> 3) * 0xFFu;
+    return (__byte_perm(t2, t3, sel) & hi) | (__byte_perm(t0, t1, sel) & ~hi);
 #else
-  uint32_t v = 0;
-  for (int i = 0; i < 4; ++i) v |= uint32_t(uint8_t(kIQ4Levels[(idx >> (8 * i)) & 15])) << (8 * i);
-  return v;
+    uint32_t v = 0;
+    for (int i = 0; i < 4; ++i) v |= uint32_t(uint8_t(L[(idx >> (8 * i)) & 15])) << (8 * i);
+    return v;
 #endif
-}
+  }
 
-// 32 values from 16 bytes of nibbles (value l low, l + 16 high) scaled by d, as gguf computes them.
-TORCHEXT_HD void iq4_dequantize_32(const uint8_t* qs, float d, float* out) {
-  TORCHEXT_UNROLL
-  for (int w = 0; w < 4; ++w) {
-    uint32_t q;
-    std::memcpy(&q, qs + 4 * w, 4);
-    const uint32_t lo = iq4_levels(q & 0x0F0F0F0Fu), hi = iq4_levels((q >> 4) & 0x0F0F0F0Fu);
+  // 32 values from 16 bytes of nibbles (value l low, l + 16 high) scaled by d, as gguf computes them.
+  static TORCHEXT_HD void dequantize_32(const uint8_t* qs, float d, float* out) {
     TORCHEXT_UNROLL
-    for (int i = 0; i < 4; ++i) {
-      out[4 * w + i] = mul_sub(d, float(int8_t(lo >> (8 * i))), 0.0f);
-      out[16 + 4 * w + i] = mul_sub(d, float(int8_t(hi >> (8 * i))), 0.0f);
+    for (int w = 0; w < 4; ++w) {
+      uint32_t q;
+      std::memcpy(&q, qs + 4 * w, 4);
+      const uint32_t lo = of(q & 0x0F0F0F0Fu), hi = of((q >> 4) & 0x0F0F0F0Fu);
+      TORCHEXT_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        out[4 * w + i] = mul_sub(d, float(int8_t(lo >> (8 * i))), 0.0f);
+        out[16 + 4 * w + i] = mul_sub(d, float(int8_t(hi >> (8 * i))), 0.0f);
+      }
     }
   }
-}
 
-// The dot products of 32 values from 16 bytes of nibbles (read as 4 words at Align) with B rows of
-// Q8_1 block j, scaled by the weights' d: acc[r] += d * d_x * isum.
-template <int Align, int B, class X>
-TORCHEXT_HD void iq4_dot_32(const uint8_t* qs, float d, int j, const X& x, float (&acc)[B]) {
-  int lo[4], hi[4];
-  TORCHEXT_UNROLL
-  for (int w = 0; w < 4; ++w) {
-    const uint32_t q = load_u32<Align>(qs + 4 * w);
-    lo[w] = int(iq4_levels(q & 0x0F0F0F0Fu));
-    hi[w] = int(iq4_levels((q >> 4) & 0x0F0F0F0Fu));
-  }
-  TORCHEXT_UNROLL
-  for (int r = 0; r < B; ++r) {
-    int xl[4], xh[4];
-    x.quants(r, j, 0, xl);  // values 0..15 meet the low nibbles, 16..31 the high ones
-    x.quants(r, j, 4, xh);
-    int sum = 0;
+  // The dot products of 32 values from 16 bytes of nibbles (read as 4 words at Align) with B rows of
+  // Q8_1 block j, scaled by the weights' d: acc[r] += d * d_x * isum.
+  template <int Align, int B, class X>
+  static TORCHEXT_HD void dot_32(const uint8_t* qs, float d, int j, const X& x, float (&acc)[B]) {
+    int lo[4], hi[4];
     TORCHEXT_UNROLL
-    for (int w = 0; w < 4; ++w) sum = dp4a(hi[w], xh[w], dp4a(lo[w], xl[w], sum));
-    acc[r] += d * x.scales(r, j).d * float(sum);
+    for (int w = 0; w < 4; ++w) {
+      const uint32_t q = load_u32<Align>(qs + 4 * w);
+      lo[w] = int(of(q & 0x0F0F0F0Fu));
+      hi[w] = int(of((q >> 4) & 0x0F0F0F0Fu));
+    }
+    TORCHEXT_UNROLL
+    for (int r = 0; r < B; ++r) {
+      int xl[4], xh[4];
+      x.quants(r, j, 0, xl);  // values 0..15 meet the low nibbles, 16..31 the high ones
+      x.quants(r, j, 4, xh);
+      int sum = 0;
+      TORCHEXT_UNROLL
+      for (int w = 0; w < 4; ++w) sum = dp4a(hi[w], xh[w], dp4a(lo[w], xl[w], sum));
+      acc[r] += d * x.scales(r, j).d * float(sum);
+    }
   }
-}
+};
+using IQ4Levels = NibbleLevels<kIQ4Levels>;
+using FP4Levels = NibbleLevels<kFP4Levels>;
 
-template <>
-struct QuantTraits<QType::IQ4_NL> {
-  static constexpr QType kType = QType::IQ4_NL;
-  using block = block_iq4_nl;
+// IQ4_NL and MXFP4: 32 values as 16 bytes of nibbles (byte l: value l low, l + 16 high) and one scale a
+// block, F::scale(F::field(block)); F also names the block, its level table and its alignment.
+template <class F>
+struct LevelNibbleTraits {
+  using Format = F;
+  using block = typename F::block;
+  using Levels = typename F::Levels;
   static constexpr int kValues = 32;
   static constexpr int kBytes = sizeof(block);
-  static constexpr int kAlign = 2;
+  static constexpr int kAlign = F::kAlign;
   static constexpr int kItems = 1;
 
   static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int, float* out) {
     const block& b = *reinterpret_cast<const block*>(p);
-    iq4_dequantize_32(b.qs, fp16f(b.d), out);
+    Levels::dequantize_32(b.qs, F::scale(F::field(b)), out);
   }
   template <int B, class X>
   static TORCHEXT_HD void dot_item(const uint8_t* p, int, const X& x, float (&acc)[B]) {
     const block& b = *reinterpret_cast<const block*>(p);
-    iq4_dot_32<kAlign>(b.qs, fp16f(b.d), 0, x, acc);
+    Levels::template dot_32<kAlign>(b.qs, F::scale(F::field(b)), 0, x, acc);
   }
 
   // Byte 4t..4t+3's low nibbles are values 4t..4t+3, its high nibbles 16+4t..16+4t+3.
   static constexpr int kMmaItems = 1, kMmaSlices = 1, kMmaWords = 2;
   struct MmaRaw {
     uint32_t q;
-    fp16_bits d;
+    typename F::Field scale;
   };
   static TORCHEXT_HD int mma_slice_first(int, int) { return 0; }
   static TORCHEXT_HD void mma_load(const uint8_t* p, int, int t, MmaRaw& r) {
     const block& b = *reinterpret_cast<const block*>(p);
     r.q = load_u32<kAlign>(b.qs + 4 * t);
-    r.d = b.d;
+    r.scale = F::field(b);
   }
   static TORCHEXT_HD MmaSlice<2> mma_slice(const MmaRaw& r, int) {
-    return {{iq4_levels(r.q & 0x0F0F0F0Fu), iq4_levels((r.q >> 4) & 0x0F0F0F0Fu)}, fp16f(r.d), 0.0f};
+    return {{Levels::of(r.q & 0x0F0F0F0Fu), Levels::of((r.q >> 4) & 0x0F0F0F0Fu)}, F::scale(r.scale), 0.0f};
   }
 };
+
+struct IQ4NLFormat {
+  using block = block_iq4_nl;
+  using Levels = IQ4Levels;
+  using Field = fp16_bits;
+  static constexpr int kAlign = 2;  // 18-byte blocks
+  static TORCHEXT_HD Field field(const block& b) { return b.d; }
+  static TORCHEXT_HD float scale(Field d) { return fp16f(d); }
+};
+template <> struct QuantTraits<QType::IQ4_NL> : FormatTraits<QType::IQ4_NL, LevelNibbleTraits<IQ4NLFormat>> {};
+
+// MXFP4's E8M0 exponent e as its scale halved, 2^(e - 128) (gguf's e8m0_to_fp32_half, llama.cpp's
+// ggml_e8m0_to_fp32_half): the fp32 bits of that power of two, a subnormal for e < 2, 2^127 for e = 255
+// (no code is NaN or infinite; levels of 8 and 12 times 2^127 overflow to infinity, as in gguf).
+TORCHEXT_HD float e8m0_half(uint8_t e) { return bits_float(e < 2 ? 0x00200000u << e : uint32_t(e - 1) << 23); }
+
+struct MXFP4Format {
+  using block = block_mxfp4;
+  using Levels = FP4Levels;
+  using Field = uint8_t;
+  static constexpr int kAlign = 1;  // 17-byte blocks: a row or a block may start at any byte
+  static TORCHEXT_HD Field field(const block& b) { return b.e; }
+  static TORCHEXT_HD float scale(Field e) { return e8m0_half(e); }
+};
+template <> struct QuantTraits<QType::MXFP4> : FormatTraits<QType::MXFP4, LevelNibbleTraits<MXFP4Format>> {};
 
 template <>
 struct QuantTraits<QType::IQ4_XS> {
@@ -800,11 +844,11 @@ struct QuantTraits<QType::IQ4_XS> {
   }
 
   static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int c, float* out) {
-    iq4_dequantize_32(reinterpret_cast<const block*>(p)->qs + 16 * c, sub_d(p, c), out);
+    IQ4Levels::dequantize_32(reinterpret_cast<const block*>(p)->qs + 16 * c, sub_d(p, c), out);
   }
   template <int B, class X>
   static TORCHEXT_HD void dot_item(const uint8_t* p, int j, const X& x, float (&acc)[B]) {
-    iq4_dot_32<kAlign>(reinterpret_cast<const block*>(p)->qs + 16 * j, sub_d(p, j), j, x, acc);
+    IQ4Levels::dot_32<kAlign>(reinterpret_cast<const block*>(p)->qs + 16 * j, sub_d(p, j), j, x, acc);
   }
 
   // One MMA item per block, 8 slices: slice j is sub-block j (its 16 bytes at 16j; lane t's word at
@@ -824,7 +868,162 @@ struct QuantTraits<QType::IQ4_XS> {
   }
   static TORCHEXT_HD MmaSlice<2> mma_slice(const MmaRaw& r, int j) {
     const float d = fp16f(fp16_bits(r.head[0] & 0xFFFFu)) * float(sub_scale(r.head[0], r.head[1], j));
-    return {{iq4_levels(r.qs[j] & 0x0F0F0F0Fu), iq4_levels((r.qs[j] >> 4) & 0x0F0F0F0Fu)}, d, 0.0f};
+    return {{IQ4Levels::of(r.qs[j] & 0x0F0F0F0Fu), IQ4Levels::of((r.qs[j] >> 4) & 0x0F0F0F0Fu)}, d, 0.0f};
+  }
+};
+
+// ---------------------------------------------------------------- formats decoded chunk by chunk
+// dequantize_chunk and dot_item of a format D that decodes its 32-value chunk c into 8 words of signed
+// bytes q[i] (values 4i .. 4i+3) and the scales d[0], d[1] of its halves (equal where one scale covers
+// all 32, D::kHalfScales false): D::unpack(p, c, q, d), so that x = d * q. Item j is chunk j, one Q8_1
+// block. The grid formats (quant_traits_iq_grid.h), TQ1_0 and NVFP4; the AVX2 GEMV takes the same unpack.
+template <class D>
+struct UnpackedChunks {
+  static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int c, float* out) {
+    uint32_t q[8];
+    float d[2];
+    D::unpack(p, c, q, d);
+    for (int l = 0; l < 32; ++l) out[l] = mul_sub(d[l / 16], float(int8_t(q[l / 4] >> (8 * (l % 4)))), 0.0f);
+  }
+
+  template <int B, class X>
+  static TORCHEXT_HD void dot_item(const uint8_t* p, int j, const X& x, float (&acc)[B]) {
+    uint32_t q[8];
+    float d[2];
+    D::unpack(p, j, q, d);
+    TORCHEXT_UNROLL
+    for (int r = 0; r < B; ++r) {
+      int xl[4], xh[4];
+      x.quants(r, j, 0, xl);
+      x.quants(r, j, 4, xh);
+      int sum_lo = 0, sum_hi = 0;
+      TORCHEXT_UNROLL
+      for (int w = 0; w < 4; ++w) {
+        sum_lo = dp4a(int(q[w]), xl[w], sum_lo);
+        sum_hi = dp4a(int(q[4 + w]), xh[w], sum_hi);
+      }
+      const float xd = x.scales(r, j).d;  // weight scale, activation scale, then the integer sum
+      if constexpr (D::kHalfScales) acc[r] += d[0] * xd * float(sum_lo) + d[1] * xd * float(sum_hi);
+      else acc[r] += d[0] * xd * float(sum_lo + sum_hi);
+    }
+  }
+};
+
+// The constants of such a format (TQ1_0, NVFP4): item j is chunk j.
+template <QType T, class Block, int Values, int Align, bool HalfScales>
+struct ChunkGeometry {
+  static constexpr QType kType = T;
+  using block = Block;
+  static constexpr int kValues = Values;
+  static constexpr int kBytes = sizeof(Block);
+  static constexpr int kAlign = Align;
+  static constexpr int kItems = Values / 32;
+  static constexpr bool kHalfScales = HalfScales;
+};
+
+// ---------------------------------------------------------------- NVFP4
+// 64 values in 4 sub-blocks of 16: x = ue4m3_half(d[s]) * level[q], FP4 levels (kFP4Levels). Chunk c
+// (item c) is sub-blocks 2c and 2c + 1, one scale per half; MMA slices are the 16-value sub-blocks.
+
+// An unsigned E4M3 scale code (bias 7) as its value halved, as gguf's NVFP4.ue4m3_to_fp32 decodes it:
+// exponent bits 3-6, mantissa bits 0-2, bit 7 ignored (0x80 decodes as 0x00, 0xFF as 0x7F's 240 / 2);
+// codes 0 and 0x7F (E4M3's NaN) give 0. Exact fp32 values, all normal but 0: 2^-10 * m for exponent 0,
+// else (1 + m / 8) * 2^(e - 8), written as fp32 bits.
+TORCHEXT_HD float ue4m3_half(uint32_t code) {
+  const uint32_t e = (code >> 3) & 0xFu, m = code & 7u;
+  if (code == 0x7Fu) return 0.0f;
+  return e == 0 ? float(m) * 0.0009765625f : bits_float(((e + 119u) << 23) | (m << 20));
+}
+
+template <>
+struct QuantTraits<QType::NVFP4> : ChunkGeometry<QType::NVFP4, block_nvfp4, 64, 4, true>,  // 36-byte blocks
+                                   UnpackedChunks<QuantTraits<QType::NVFP4>> {
+
+  // A sub-block's bytes as two words w0, w1: its values 0..3 and 4..7 are the low nibbles of w0 and w1,
+  // 8..11 and 12..15 their high nibbles. quad(w, h): the levels of w's low (h = 0) or high nibbles.
+  static TORCHEXT_HD uint32_t quad(uint32_t w, int h) { return FP4Levels::of((w >> (4 * h)) & 0x0F0F0F0Fu); }
+
+  static TORCHEXT_HD void unpack(const uint8_t* p, int c, uint32_t (&q)[8], float (&d)[2]) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    TORCHEXT_UNROLL
+    for (int i = 0; i < 8; ++i) q[i] = quad(load_u32<kAlign>(b.qs + 16 * c + 8 * (i / 4) + 4 * (i % 2)), (i / 2) % 2);
+    const uint32_t scales = load_u32<kAlign>(b.d);
+    d[0] = ue4m3_half((scales >> (16 * c)) & 0xFFu);
+    d[1] = ue4m3_half((scales >> (16 * c + 8)) & 0xFFu);
+  }
+
+  // One MMA item a block, slice s its sub-block s: lane t's values 4t .. 4t+3 are the low (t < 2) or
+  // high nibbles of the sub-block's word t % 2.
+  static constexpr int kMmaItems = 1, kMmaSlices = 4, kMmaWords = 1;
+  static constexpr bool kMmaMins = false;
+  struct MmaRaw {
+    uint32_t qs[4];  // bytes 8s + 4(t % 2) .. of sub-block s
+    uint32_t scales;
+    int h;  // t / 2
+  };
+  static TORCHEXT_HD int mma_slice_first(int, int s) { return 16 * s; }
+  static TORCHEXT_HD void mma_load(const uint8_t* p, int, int t, MmaRaw& r) {
+    const block& b = *reinterpret_cast<const block*>(p);
+    TORCHEXT_UNROLL
+    for (int s = 0; s < 4; ++s) r.qs[s] = load_u32<kAlign>(b.qs + 8 * s + 4 * (t % 2));
+    r.scales = load_u32<kAlign>(b.d);
+    r.h = t / 2;
+  }
+  static TORCHEXT_HD MmaSlice<1> mma_slice(const MmaRaw& r, int s) {
+    return {{quad(r.qs[s], r.h)}, ue4m3_half((r.scales >> (8 * s)) & 0xFFu), 0.0f};
+  }
+};
+
+// ---------------------------------------------------------------- TQ1_0
+// Ternary, one fp16 d per 256 values, 5 values a byte in base 3 (blocks.h). Chunk c < 5 is digit c of
+// qs[0 .. 31]; the last 96 values are six groups of 16, g = 0..5 (values 160 + 16g ..): digit g of
+// qs[32 .. 47] for g < 5, then qh's digits 0..3 (values 240 + 4j + l: digit j of qh[l]); chunk c >= 5 is
+// groups 2(c - 5) and 2(c - 5) + 1. A 32-value MMA slice per chunk.
+
+// 3^j for a digit j = 0..4.
+TORCHEXT_HD uint32_t pow3(int j) { return j == 0 ? 1u : j == 1 ? 3u : j == 2 ? 9u : j == 3 ? 27u : 81u; }
+
+// Digit j of each byte of w as a trit -1..1 in that byte, from p3 = 3^j: ((b * 3^j mod 256) * 3) >> 8,
+// minus 1. Two bytes at a time in 16-bit lanes, where b * 81 * 3 < 2^16 leaves no carry between lanes.
+TORCHEXT_HD uint32_t base3_trits(uint32_t w, uint32_t p3) {
+  const uint32_t even = ((w & 0x00FF00FFu) * p3) & 0x00FF00FFu;  // bytes 0 and 2, times 3^j mod 256
+  const uint32_t odd = (((w >> 8) & 0x00FF00FFu) * p3) & 0x00FF00FFu;
+  const uint32_t digits = (((even * 3u) >> 8) & 0x00030003u) | ((((odd * 3u) >> 8) & 0x00030003u) << 8);
+  return uint32_t(bytes_minus(digits, 1));
+}
+
+template <>
+struct QuantTraits<QType::TQ1_0> : ChunkGeometry<QType::TQ1_0, block_tq1_0, 256, 2, false>,  // 54-byte blocks
+                                   UnpackedChunks<QuantTraits<QType::TQ1_0>> {
+
+  // Where values 4i .. 4i+3 of chunk c are: the byte offset of their 4 bytes in the block, and the digit.
+  static TORCHEXT_HD int quad_offset(int c, int i) { return c < 5 ? 4 * i : c == 7 && i >= 4 ? 48 : 32 + 4 * (i % 4); }
+  static TORCHEXT_HD int quad_digit(int c, int i) { return c < 5 ? c : c == 7 && i >= 4 ? i - 4 : 2 * (c - 5) + i / 4; }
+
+  static TORCHEXT_HD void unpack(const uint8_t* p, int c, uint32_t (&q)[8], float (&d)[2]) {
+    TORCHEXT_UNROLL
+    for (int i = 0; i < 8; ++i) q[i] = base3_trits(load_u32<kAlign>(p + quad_offset(c, i)), pow3(quad_digit(c, i)));
+    d[0] = d[1] = fp16f(reinterpret_cast<const block*>(p)->d);
+  }
+
+  // MMA item c: chunk c, one 32-value slice; lane t's words are quads t and 4 + t.
+  static constexpr int kMmaItems = 8, kMmaSlices = 1, kMmaWords = 2;
+  static constexpr bool kMmaMins = false;
+  struct MmaRaw {
+    uint32_t qs[2], p3[2];
+    fp16_bits d;
+  };
+  static TORCHEXT_HD int mma_slice_first(int c, int) { return 32 * c; }
+  static TORCHEXT_HD void mma_load(const uint8_t* p, int c, int t, MmaRaw& r) {
+    TORCHEXT_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      r.qs[h] = load_u32<kAlign>(p + quad_offset(c, 4 * h + t));
+      r.p3[h] = pow3(quad_digit(c, 4 * h + t));
+    }
+    r.d = reinterpret_cast<const block*>(p)->d;
+  }
+  static TORCHEXT_HD MmaSlice<2> mma_slice(const MmaRaw& r, int) {
+    return {{base3_trits(r.qs[0], r.p3[0]), base3_trits(r.qs[1], r.p3[1])}, fp16f(r.d), 0.0f};
   }
 };
 

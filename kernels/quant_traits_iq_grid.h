@@ -67,7 +67,7 @@ TORCHEXT_HD uint32_t pattern_signs(uint32_t patterns, int i) {
 //   quad(raw, i)             values 4i .. 4i+3 of the sub-block as signed bytes
 //   scale(raw, h)            d of values 16h .. 16h+15 (kScaleValues 16) or of all 32 (h = 0)
 template <class Grid>
-struct GridTraits {
+struct GridTraits : UnpackedChunks<GridTraits<Grid>> {
   using block = typename Grid::block;
   static constexpr int kValues = 256;
   static constexpr int kBytes = sizeof(block);
@@ -75,7 +75,7 @@ struct GridTraits {
   static constexpr int kItems = 8;  // item j: sub-block j, one Q8_1 block
   static constexpr bool kHalfScales = Grid::kScaleValues == 16;
 
-  // Sub-block j as words q[i] (values 4i .. 4i+3) and the scales of its halves.
+  // Sub-block j as words q[i] (values 4i .. 4i+3) and the scales of its halves (UnpackedChunks).
   static TORCHEXT_HD void unpack(const uint8_t* p, int j, uint32_t (&q)[8], float (&d)[2]) {
     typename Grid::Raw r;
     Grid::load(p, j, r);
@@ -83,35 +83,6 @@ struct GridTraits {
     for (int i = 0; i < 8; ++i) q[i] = Grid::quad(r, i);
     d[0] = Grid::scale(r, 0);
     d[1] = kHalfScales ? Grid::scale(r, 1) : d[0];
-  }
-
-  static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int c, float* out) {
-    uint32_t q[8];
-    float d[2];
-    unpack(p, c, q, d);
-    for (int l = 0; l < 32; ++l) out[l] = mul_sub(d[l / 16], float(int8_t(q[l / 4] >> (8 * (l % 4)))), 0.0f);
-  }
-
-  template <int B, class X>
-  static TORCHEXT_HD void dot_item(const uint8_t* p, int j, const X& x, float (&acc)[B]) {
-    uint32_t q[8];
-    float d[2];
-    unpack(p, j, q, d);
-    TORCHEXT_UNROLL
-    for (int r = 0; r < B; ++r) {
-      int xl[4], xh[4];
-      x.quants(r, j, 0, xl);
-      x.quants(r, j, 4, xh);
-      int sum_lo = 0, sum_hi = 0;
-      TORCHEXT_UNROLL
-      for (int w = 0; w < 4; ++w) {
-        sum_lo = dp4a(int(q[w]), xl[w], sum_lo);
-        sum_hi = dp4a(int(q[4 + w]), xh[w], sum_hi);
-      }
-      const float xd = x.scales(r, j).d;  // weight scale, activation scale, then the integer sum
-      if constexpr (kHalfScales) acc[r] += d[0] * xd * float(sum_lo) + d[1] * xd * float(sum_hi);
-      else acc[r] += d[0] * xd * float(sum_lo + sum_hi);
-    }
   }
 
   // MMA item j: sub-block j, one 32-value slice, or two 16-value ones where scales cover 16 values.

@@ -21,8 +21,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 import torchext  # noqa: F401  (loads the op library)
-from torchext.formats import (ALIGNMENT, FP16_FIELDS, QUANTIZABLE_TYPES, SMALL_BLOCK_TYPES, WEIGHT_TYPES, QType,
-                              put_fp16_field)
+from torchext.formats import (ALIGNMENT, QUANTIZABLE_TYPES, SCALE_FIELDS, SMALL_BLOCK_TYPES, WEIGHT_TYPES, QType,
+                              put_scale_field)
 from torchext.formats import K_QUANTS as CATALOG_K_QUANTS
 
 # ---- devices, dtypes, formats ---------------------------------------------------------------
@@ -44,7 +44,11 @@ Q = GGMLQuantizationType
 WEIGHT_QTYPES = [Q(int(q)) for q in WEIGHT_TYPES]
 K_QUANTS = [Q(int(q)) for q in CATALOG_K_QUANTS]
 SMALL_BLOCK_QTYPES = [Q(int(q)) for q in SMALL_BLOCK_TYPES]
-QUANTIZABLE_QTYPES = [Q(int(q)) for q in QUANTIZABLE_TYPES]  # torchext.quantize makes these (not IQ*)
+QUANTIZABLE_QTYPES = [Q(int(q)) for q in QUANTIZABLE_TYPES]  # torchext.quantize makes these (not IQ*, NVFP4)
+#: Quantizable formats with no block that decodes to NaN (MXFP4: every E8M0 scale is finite, so a block
+#: of level-0 codes decodes to 0): torchext.quantize refuses a NaN or infinite weight for them, where the
+#: other formats store its block as NaN.
+NO_NAN_QTYPES = [Q.MXFP4]
 
 #: One format per kind of block the kernels read, the first in catalog order with its (values per
 #: block, alignment): the kernels' shape handling (blocks per row, padding past k, rows, row
@@ -54,8 +58,8 @@ SHAPE_MATRIX_QTYPES = [q for i, q in enumerate(WEIGHT_QTYPES)
                        if all((GGML_QUANT_SIZES[p][0], ALIGNMENT[QType(int(p))]) !=
                               (GGML_QUANT_SIZES[q][0], ALIGNMENT[QType(int(q))]) for p in WEIGHT_QTYPES[:i])]
 
-# Byte offsets of the fp16 fields of one block (tests/test_formats.py checks them with gguf).
-FP16_FIELD_OFFSETS = {Q(int(q)): offsets for q, offsets in FP16_FIELDS.items()}
+# Byte offsets of the scale fields of one block (tests/test_formats.py checks them with gguf).
+SCALE_FIELD_OFFSETS = {Q(int(q)): offsets for q, offsets in SCALE_FIELDS.items()}
 
 
 def block_geometry(qtype) -> tuple[int, int]:
@@ -84,15 +88,17 @@ def random_weight(qtype, n: int, k: int, device="cpu", seed: int = 0, scale: flo
     """Random-but-realistic quantized weight bytes, uint8 [n, row_bytes(qtype, k)].
 
     Every byte is uniformly random (so all quant values and all packed 6-bit scale codes occur),
-    then every fp16 scale field (d, dmin, m) is overwritten with a finite N(0, scale) value, so
-    the dequantized weights are finite and of a realistic magnitude (|w| up to ~10 for k-quants).
+    then every scale field (d, dmin, m; MXFP4's and NVFP4's FP4 scales) is overwritten with a finite
+    N(0, scale) value (put_scale_field: fp16, or the nearest code of the FP4 scales, which drop the
+    sign), so the dequantized weights are finite and of a realistic magnitude (|w| up to ~10 for
+    k-quants).
     """
     values, nbytes = block_geometry(qtype)
     blocks = -(-k // values)
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=(n, blocks, nbytes), dtype=np.uint8)
-    for off in FP16_FIELD_OFFSETS[GGMLQuantizationType(int(qtype))]:
-        put_fp16_field(raw, int(qtype), off, (rng.standard_normal((n, blocks)) * scale).astype(np.float16))
+    for off in SCALE_FIELD_OFFSETS[GGMLQuantizationType(int(qtype))]:
+        put_scale_field(raw, int(qtype), off, (rng.standard_normal((n, blocks)) * scale).astype(np.float16))
     return torch.from_numpy(raw.reshape(n, blocks * nbytes)).to(device)
 
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import torchext
-from torchext.formats import put_fp16_field
+from torchext.formats import ALIGNMENT, QType, put_scale_field
 from conftest import (
     DEVICES,
     DTYPES,
-    FP16_FIELD_OFFSETS,
+    SCALE_FIELD_OFFSETS,
     K_QUANTS,
     SMALL_BLOCK_QTYPES,
     WEIGHT_QTYPES,
@@ -32,9 +32,10 @@ from gguf.quants import dequantize as gguf_dequantize
 
 # (format, n, k): k-quants at one super-block, K not a multiple of 256 (the padding must be
 # dropped), an odd super-block count (3 Q6_K blocks = 630-byte rows, only 2-byte aligned) and a
-# real width (2880); 32-value formats at one block, an odd count and 4096.
+# real width (2880); 32- and 64-value formats at one block, an odd count (3 MXFP4 blocks = 51-byte
+# rows: odd addresses) and 4096.
 CASES = [(q, 5, k) for q in K_QUANTS for k in (256, 300, 768, 2880)] + [
-    (q, 5, k) for q in SMALL_BLOCK_QTYPES for k in (32, 96, 4096)
+    (q, 5, k) for q in SMALL_BLOCK_QTYPES for k in (block_geometry(q)[0], 3 * block_geometry(q)[0], 4096)
 ]
 
 
@@ -121,6 +122,50 @@ def test_storage_at_2_byte_offset(qtype, device):
     np.testing.assert_array_equal(got.cpu().numpy().view(np.uint32), gguf_f32(w, qtype, n, k).view(np.uint32))
 
 
+# the formats whose blocks keep 1-byte alignment (MXFP4's 17 bytes): rows and blocks at odd addresses
+BYTE_ALIGNED = [q for q in WEIGHT_QTYPES if ALIGNMENT[QType(int(q))] == 1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [1, 3])
+@pytest.mark.parametrize("qtype", BYTE_ALIGNED, ids=qtype_name)
+def test_storage_at_odd_offsets(qtype, offset, device):
+    """A 1-byte-aligned format's weight at an odd address (a slice of a larger buffer), with rows of
+    an odd number of blocks, one and several: every row and block starts at odd and even addresses,
+    and the last block ends where the buffer does (a kernel that read whole words would run past it)."""
+    values = block_geometry(qtype)[0]
+    for n, k in ((7, values), (3, 5 * values)):
+        w = random_weight(qtype, n, k, seed=offset + k).reshape(-1)
+        buf = torch.zeros(w.numel() + offset, dtype=torch.uint8, device=device)
+        buf[offset:] = w.to(device)
+        got = torchext.dequantize(buf[offset:], qtype, n, k)
+        np.testing.assert_array_equal(got.cpu().numpy().view(np.uint32), gguf_f32(w, qtype, n, k).view(np.uint32))
+
+
+# The formats whose scales are codes of a byte each (MXFP4's E8M0 exponent, NVFP4's unsigned E4M3):
+# every one of the 256 codes, which random_weight's rounded Gaussian scales do not reach.
+BYTE_SCALES = [Q(int(q)) for q in torchext.formats.BYTE_SCALE_FIELDS]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", BYTE_SCALES, ids=qtype_name)
+def test_every_scale_code(qtype, device):
+    """Each scale field of a block holds each of the 256 codes (0 and 0x7F, which gguf decodes to 0
+    for NVFP4, and 0x80 .. 0xFF, whose top bit gguf ignores; MXFP4's subnormal 2^-128 and 2^-127, and
+    its largest codes, at which levels of 8 and 12 overflow to infinity in gguf's float32 as here):
+    bit for bit gguf's values, infinities and signed zeros included."""
+    values, nbytes = block_geometry(qtype)
+    n = 256
+    w = random_weight(qtype, n, values, "cpu", seed=int(qtype)).reshape(n, nbytes)
+    for i, off in enumerate(SCALE_FIELD_OFFSETS[qtype]):
+        w[:, off] = torch.roll(torch.arange(256, dtype=torch.int32), 37 * i).to(torch.uint8)
+    got = torchext.dequantize(w.to(device), qtype, n, values).cpu().numpy()
+    with np.errstate(over="ignore"):  # gguf's float32 products that overflow: the infinities compared
+        ref = gguf_f32(w, qtype, n, values)
+    assert np.isinf(ref).any() == (qtype == Q.MXFP4)
+    np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=qtype_name)
 def test_every_code_of_every_field(qtype, device):
@@ -132,8 +177,8 @@ def test_every_code_of_every_field(qtype, device):
     w = random_weight(qtype, n, k, "cpu", seed=int(qtype), scale=1.0)
     wb = w.view(n, k // values, nbytes)
     special = np.array([1000.0, -2.0**-20, 2.0**-24, -0.0, 65504.0], dtype=np.float16)
-    for off in FP16_FIELD_OFFSETS[qtype]:
-        put_fp16_field(wb[0, :5].numpy(), int(qtype), off, special)  # numpy() shares w's memory
+    for off in SCALE_FIELD_OFFSETS[qtype]:
+        put_scale_field(wb[0, :5].numpy(), int(qtype), off, special)  # numpy() shares w's memory
     got = torchext.dequantize(w.to(device), qtype, n, k)
     ref = gguf_f32(w, qtype, n, k)
     assert np.isfinite(ref).all()

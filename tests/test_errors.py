@@ -20,9 +20,12 @@ from conftest import DEVICES, random_weight, row_bytes
 
 ops = torch.ops.torchext
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 9, 12, 13, 14
-NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
-SMALL_BLOCK = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0]
-ALL_WEIGHTS = SMALL_BLOCK + [Q4_K, Q5_K, Q6_K]
+TQ1_0, MXFP4, NVFP4 = 34, 39, 40
+NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K",
+         TQ1_0: "TQ1_0", MXFP4: "MXFP4", NVFP4: "NVFP4"}
+SMALL_BLOCK = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4, NVFP4]  # rows of whole 32-value (NVFP4: 64-value) blocks
+BLOCK_VALUES = {q: 64 if q == NVFP4 else 32 for q in SMALL_BLOCK}
+ALL_WEIGHTS = SMALL_BLOCK + [Q4_K, Q5_K, Q6_K, TQ1_0]
 # the catalog's alignments (torchext/formats.py); the tests below check that the ops enforce them
 ALIGN = {int(q): a for q, a in torchext.formats.ALIGNMENT.items()}
 # the catalog's formats as the error messages list them: "Q4_0, Q4_1, ... or IQ4_XS"
@@ -264,6 +267,8 @@ class TestMatmulWeight:
     def test_weight_misaligned(self, device, op, qtype):
         # one byte below the format's alignment (Q4_K/Q5_K at +2 as well: 16-byte blocks)
         a = ALIGN[qtype]
+        if a == 1:
+            pytest.skip("1-byte-aligned blocks (MXFP4): no address is misaligned; test_weight_at_its_alignment_works")
         offsets = [1] if a == 2 else [a // 2, 1] if a == 4 else [2, 8]
         for off in offsets:
             w = at_offset(weight(qtype, device=device), off)
@@ -317,15 +322,20 @@ class TestQmatmulFormat:
             ops.qmatmul(weight(Q4_K, device=device), qtype, acts(device=device), N, K)
 
     @pytest.mark.parametrize("qtype", SMALL_BLOCK, ids=lambda q: NAMES[q])
-    @pytest.mark.parametrize("k", [48, 100, 31, 1])
-    def test_k_not_multiple_of_32(self, device, qtype, k):
+    @pytest.mark.parametrize("k", [48, 100, 31, 1, 96])
+    def test_k_not_multiple_of_the_block(self, device, qtype, k):
+        v = BLOCK_VALUES[qtype]
+        if k % v == 0:
+            pytest.skip(f"{k} is whole {NAMES[qtype]} blocks")  # 96: only NVFP4's 64-value blocks leave a part
         w = torch.zeros(N, row_bytes(qtype, k), dtype=torch.uint8, device=device)
-        with err(lit(f"k: {NAMES[qtype]} rows are whole 32-value blocks, so k must be a multiple of 32; got {k}")):
+        with err(lit(f"k: {NAMES[qtype]} rows are whole {v}-value blocks, so k must be a multiple of {v}; got {k}")):
             ops.qmatmul(w, qtype, acts((1, k), device=device), N, k)
+        with err(lit(f"k: {NAMES[qtype]} rows are whole {v}-value blocks, so k must be a multiple of {v}; got {k}")):
+            ops.dequantize(w, qtype, N, k, None)
 
-    @pytest.mark.parametrize("qtype", [Q4_K, Q5_K, Q6_K], ids=lambda q: NAMES[q])
+    @pytest.mark.parametrize("qtype", [Q4_K, Q5_K, Q6_K, TQ1_0], ids=lambda q: NAMES[q])
     def test_kquant_any_k_is_not_an_error(self, device, qtype):
-        # k-quants pad the last super-block, so k = 48 is valid (no "multiple of 32" error)
+        # the 256-value formats pad the last super-block, so k = 48 is valid (no "multiple of 32" error)
         y = ops.qmatmul(weight(qtype, k=48, device=device), qtype, acts((1, 48), device=device), N, 48)
         assert y.shape == (1, N)
 

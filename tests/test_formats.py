@@ -36,24 +36,33 @@ def test_block_sizes_are_gguf_sizes(gq):
     for fmt in (gq, gq.name, int(gq), torchext.QType[gq.name]):
         assert torchext.block_values(fmt) == values
         assert torchext.block_bytes(fmt) == nbytes
-    for k in (values, 3 * values, 300 if values == 256 else 96):
+    for k in (values, 3 * values, 300 if values == 256 else 96 * values // 32):
         assert torchext.row_bytes(gq, k) == -(-k // values) * nbytes
 
 
 @pytest.mark.parametrize("gq", WEIGHT_QTYPES, ids=qtype_name)
-def test_fp16_fields_are_the_blocks_scales(gq):
-    """The catalog's fp16 field offsets are every scale of the block: with those fields 0 and all
-    other bytes random, gguf dequantizes every value to 0; with them finite, every value is finite."""
+def test_scale_fields_are_the_blocks_scales(gq):
+    """The catalog's scale fields are every scale of the block: with all other bytes random, gguf
+    dequantizes every value to 0 with the fields 0 (MXFP4's E8M0 has no zero: the smallest scale,
+    2^-128, leaves values of at most 12 * 2^-128), and to finite values with them 0.5; with them 1.0
+    every value is exactly twice that (scales multiply every value, offsets included)."""
     values, nbytes = GGML_QUANT_SIZES[gq]
-    offsets = torchext.formats.FP16_FIELDS[torchext.QType.of(gq)]
+    offsets = torchext.formats.SCALE_FIELDS[torchext.QType.of(gq)]
     raw = np.random.default_rng(int(gq)).integers(0, 256, size=(64, nbytes), dtype=np.uint8)
-    for off in offsets:
-        torchext.formats.put_fp16_field(raw, int(gq), off, np.zeros(64, dtype=np.float16))
-    assert not dequantize(raw, gq).any()
-    for off in offsets:
-        torchext.formats.put_fp16_field(raw, int(gq), off, np.full(64, 0.5, dtype=np.float16))
-    dense = dequantize(raw, gq)
-    assert np.isfinite(dense).all() and dense.any()
+
+    def with_scales(v):
+        for off in offsets:
+            torchext.formats.put_scale_field(raw, int(gq), off, np.full(64, v, dtype=np.float16))
+        return dequantize(raw, gq)
+
+    zero = with_scales(0.0)
+    if gq == GGMLQuantizationType.MXFP4:
+        assert (np.abs(zero) <= 12 * 2.0**-128).all()
+    else:
+        assert not zero.any()
+    half, one = with_scales(0.5), with_scales(1.0)
+    assert np.isfinite(half).all() and half.any()
+    np.testing.assert_array_equal(one, 2 * half)
 
 
 def test_gguf_q8_1_size_is_the_legacy_layout():
@@ -79,9 +88,10 @@ def test_qtype_of_rejects_unsupported(fmt):
 
 def _k_cases(gq):
     # k-quants: a whole super-block, a padded one (K not a multiple of 256) and an odd count
-    # (3 Q6_K super-blocks = 630 bytes, a row that is only 2-byte aligned); 32-value formats:
+    # (3 Q6_K super-blocks = 630 bytes, a row that is only 2-byte aligned); 32- and 64-value formats:
     # one block and an odd number of blocks.
-    return [256, 300, 768] if gq in K_QUANTS else [32, 96]
+    values = GGML_QUANT_SIZES[gq][0]
+    return [256, 300, 768] if gq in K_QUANTS else [values, 3 * values]
 
 
 @pytest.mark.parametrize("device", DEVICES)

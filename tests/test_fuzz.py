@@ -81,6 +81,7 @@ from conftest import (
     DEVICES,
     DTYPES,
     K_QUANTS,
+    NO_NAN_QTYPES,
     QUANTIZABLE_QTYPES,
     SMALL_BLOCK_QTYPES,
     WEIGHT_QTYPES,
@@ -138,9 +139,9 @@ def check_meta(y, shape, dtype) -> None:
 QTYPE = r"qtype:|unsupported quantization format|unknown quantization format"
 FORMATS = [int(q) for q in WEIGHT_QTYPES]
 K_QUANT_IDS = {int(q) for q in K_QUANTS}
-# no weight format: F32, F16, Q8_1 (the activation format), Q8_K, TQ1_0 (not run), unknown ids, a float
-# (once truncated to an id), a bool, None, unknown names
-BAD_QTYPES = [0, 1, 9, 15, 34, 99, -1, 12.7, True, None, "Q3_X", "Q8_1"]
+# no weight format: F32, F16, Q8_1 (the activation format), Q8_K, BF16, Q1_0 (not run), unknown ids, a
+# float (once truncated to an id), a bool, None, unknown names
+BAD_QTYPES = [0, 1, 9, 15, 30, 41, 99, -1, 12.7, True, None, "Q3_X", "Q8_1"]
 BAD_FLOAT_DTYPES = [torch.float64, torch.int32, torch.uint8]
 INT64_MAX = 2**63 - 1
 # 10^e activation scales: as wide as Gaussian values stay finite in the dtype
@@ -169,9 +170,14 @@ def draw_qtype(draw, bad: bool, bytes_fmt: int, formats=FORMATS) -> tuple[object
 
 
 def draw_k(draw, fmt: int) -> int:
-    """A row length valid for the format: any for the k-quants (the last super-block is padding),
-    whole 32-value blocks for the others."""
-    return draw(st.integers(1, 700)) if fmt in K_QUANT_IDS else 32 * draw(st.integers(1, 20))
+    """A row length valid for the format: any for the 256-value formats (the last super-block is
+    padding), whole 32- or 64-value blocks for the others."""
+    return draw(st.integers(1, 700)) if fmt in K_QUANT_IDS else block_geometry(fmt)[0] * draw(st.integers(1, 20))
+
+
+def partial_block(draw, fmt: int) -> int:
+    """1 .. block values - 1: added to a valid k, a row that ends inside a block."""
+    return draw(st.integers(1, block_geometry(fmt)[0] - 1))
 
 
 SHAPE_FAULTS = ("n-not-positive", "k-not-positive", "n-huge", "k-huge", "k-partial-block")
@@ -179,8 +185,8 @@ SHAPE_FAULTS = ("n-not-positive", "k-not-positive", "n-huge", "k-huge", "k-parti
 
 def shape_fault(draw, faults: set[str], fmt: int, n: int, k: int) -> tuple[int, int, list[str]]:
     """(n, k) as the op is told them, and the arguments it may name: n or k not positive, near
-    int64's limit (n * row bytes overflows, or the byte count cannot match), or k not whole 32-value
-    blocks (the k-quants take any k)."""
+    int64's limit (n * row bytes overflows, or the byte count cannot match), or k not whole 32- or
+    64-value blocks (the 256-value formats take any k)."""
     problems = []
     if "n-not-positive" in faults:
         n = draw(st.integers(-3, 0))
@@ -195,7 +201,7 @@ def shape_fault(draw, faults: set[str], fmt: int, n: int, k: int) -> tuple[int, 
         k = draw(st.integers(2**60, INT64_MAX))
         problems += ["k:", "n:", "w:"]
     if "k-partial-block" in faults and fmt not in K_QUANT_IDS:
-        k += draw(st.integers(1, 31))
+        k += partial_block(draw, fmt)
         problems += ["k:", "w:"]
     return n, k, problems
 
@@ -281,8 +287,8 @@ def weight_bytes(draw, faults: set[str], w: torch.Tensor, fmt: int) -> torch.Ten
     transposed, a few bytes short or long, or of another dtype."""
     if "w-transposed" not in faults and draw(st.booleans()):
         w = w.reshape(-1)
-    if "w-misaligned" in faults:
-        w = at_byte_offset(w, draw(st.sampled_from([o for o in range(16) if o % ALIGN[fmt]])))
+    if "w-misaligned" in faults:  # 1-byte-aligned blocks (MXFP4): no offset is misaligned, any is taken
+        w = at_byte_offset(w, draw(st.sampled_from([o for o in range(16) if o % ALIGN[fmt]] or list(range(16)))))
     else:
         w = at_byte_offset(w, draw(st.sampled_from(range(0, 16, ALIGN[fmt]))))
     if "w-transposed" in faults and w.dim() == 2:
@@ -684,7 +690,7 @@ def test_quantize(device, fault, data):
     problems = [QTYPE] if "qtype" in faults else []
     n, k = draw(st.integers(1, 6)), draw_k(draw, fmt)
     if "k-partial-block" in faults and fmt not in K_QUANT_IDS:
-        k += draw(st.integers(1, 31))
+        k += partial_block(draw, fmt)
         problems.append("w:")
     # 1-D, 3-D or empty: an empty dim is n or k not positive
     shape = draw(st.sampled_from([(k,), (1, n, k), (n, 0), (0, k)])) if "w-shape" in faults else (n, k)
@@ -699,6 +705,8 @@ def test_quantize(device, fault, data):
     if w.numel() and dtype.is_floating_point and draw(st.sampled_from([False] * 3 + [True])):
         for _ in range(draw(st.integers(1, 3))):
             w.view(-1)[draw(st.integers(0, w.numel() - 1))] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+        if fmt in {int(q) for q in NO_NAN_QTYPES}:  # no NaN block to store them in: an error naming w
+            problems.append("w:")
     w = w.to(dtype).to(draw_devices(draw, device, 1, False)[0])
     w = strided(draw, w) if "w-strided" in faults else at_offset(draw, w)
     # on CUDA, the wrapper quantizes a contiguous float32 CPU copy

@@ -27,6 +27,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import torchext
+from conftest import DEVICES, dequant_oracle, exact_activations, random_weight
+from test_matmul import assert_exact_close
 from torchext import WeightCache
 from torchext.gguf_file import GGUFFile
 
@@ -175,6 +177,46 @@ def test_valid_file_loads_as_gguf_reads_it(valid, pool):
     assert_loads_as_gguf_reads(path, cache)
     assert [cache[name].qtype for name in TENSORS] == [torchext.QType(q) if q != G.F32 else None
                                                        for q, _, _ in TENSORS.values()]
+
+
+# one tensor of every format of torchext's catalog: n rows (odd, so that 17-byte MXFP4 rows end at odd
+# offsets), k of an odd number of blocks (whole 256-value blocks: GGUF rows are whole blocks)
+EVERY_FORMAT = {f"blk.{i}.{q.name.lower()}.weight": (G(int(q)), 5 + 2 * i, 3 * GGML_QUANT_SIZES[G(int(q))][0])
+                for i, q in enumerate(torchext.formats.WEIGHT_TYPES)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_weight_format_in_a_file_pooled(tmp_path, device):
+    """A file written by gguf.GGUFWriter with a tensor of every weight format loads with pool=True as
+    views of the file's bytes (not dequantized), and each multiplies as the float64 product with
+    gguf's numpy dequantization: 1 and 5 rows (the GEMVs: DP4A, and on CUDA int8 MMA for the
+    256-value formats), 20 rows (the dense path; in float32 on CUDA too). The activations are exact
+    in Q8_1 (conftest.exact_activations), so the bound is test_matmul's for them: 1e-5 * |x| @ |W|.T
+    (fp32 accumulation, measured below 4e-8 of it)."""
+    path = tmp_path / "every.gguf"
+    writer = GGUFWriter(str(path), "torchext-test")
+    written = {}
+    for i, (name, (q, n, k)) in enumerate(EVERY_FORMAT.items()):
+        written[name] = random_weight(q, n, k, seed=100 + i).numpy()
+        writer.add_tensor(name, written[name], raw_shape=written[name].shape, raw_dtype=q)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    cache = WeightCache.from_gguf(path, pool=True, device=device)
+    assert list(cache) == list(EVERY_FORMAT) and cache.pool_bytes > 0
+    base = cache[next(iter(EVERY_FORMAT))].tensor.untyped_storage().data_ptr()
+    for i, (name, (q, n, k)) in enumerate(EVERY_FORMAT.items()):
+        e = cache[name]
+        assert (e.qtype, e.n, e.k) == (torchext.QType(int(q)), n, k), name
+        assert e.tensor.dtype == torch.uint8 and e.tensor.device.type == device, name
+        assert e.tensor.untyped_storage().data_ptr() == base, f"{name} is not a view of the pool"
+        assert np.array_equal(e.tensor.cpu().numpy(), written[name]), name  # the file's very bytes
+        W = dequant_oracle(torch.from_numpy(written[name]), q, n, k)
+        for rows in (1, 5, 20):
+            x = exact_activations((rows, k), seed=10 * i + rows)
+            assert_exact_close(cache.matmul(name, x.to(device)), x, W)
 
 
 def test_version_2_and_nested_arrays_load(valid, tmp_path):

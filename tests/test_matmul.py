@@ -55,24 +55,27 @@ from conftest import (
     row_bytes,
     tiny,
 )
+from torchext.formats import block_values
 
 MAX_GEMV_ROWS = 16  # kernels/batch_policy.h: up to 16 rows a Q8_1 GEMV (DP4A or int8 MMA), then unrounded activations
 
 NAMED_OPS = {Q.Q4_K: torchext.q4k_gemv, Q.Q5_K: torchext.q5k_gemv, Q.Q6_K: torchext.q6k_gemv}
 
 # (k, n): for the k-quants K in {256, 4096, 2880, 11008 + 128} and a padded 300; N in {1, 7, 4096},
-# 4096 only with a small K (a 2-core CPU). 32-value formats: K in {32, 640, 4096}. The formats outside
-# SHAPE_MATRIX_QTYPES take the padded and multi-block shapes only (conftest says why).
+# 4096 only with a small K (a 2-core CPU). 32- and 64-value formats: K of 1, 19 and 20 blocks (32, 608
+# and 640 values a row for the 32-value ones: 1 and 19 give MXFP4's 17-byte blocks rows of odd length)
+# and 4096. The formats outside SHAPE_MATRIX_QTYPES take the padded and multi-block shapes only
+# (conftest says why).
 KQ_SHAPES = [(256, 1), (256, 4096), (300, 7), (4096, 7), (2880, 7), (11008 + 128, 1)]
-SMALL_SHAPES = [(32, 7), (640, 1), (640, 4096), (4096, 7)]
-KQ_SHAPES_PART, SMALL_SHAPES_PART = [(300, 7), (2880, 7)], [(32, 7), (4096, 7)]
+KQ_SHAPES_PART = [(300, 7), (2880, 7)]
 
 
 def shapes_of(q):
     full = q in SHAPE_MATRIX_QTYPES
     if q in K_QUANTS:
         return KQ_SHAPES if full else KQ_SHAPES_PART
-    return SMALL_SHAPES if full else SMALL_SHAPES_PART
+    values = block_values(q)
+    return [(values, 7), (19 * values, 1), (20 * values, 4096), (4096, 7)] if full else [(values, 7), (4096, 7)]
 
 
 SHAPE_CASES = [(q, k, n) for q in WEIGHT_QTYPES for k, n in shapes_of(q)]
@@ -205,7 +208,7 @@ def test_exact_argument_never_rounds_activations(qtype, rows, dtype, device):
     than fp32 error) meet the exact bound: the dense path's fp32 error on the CPU; on CUDA for
     f16/bf16 the weights' rounding to that dtype (the tiled GEMM or the dense path, 2 half-ulps:
     output_rounding's dense term, applied here at any row count)."""
-    k, n = (512, 40) if qtype in K_QUANTS else (96, 40)
+    k, n = (512, 40) if qtype in K_QUANTS else (3 * block_values(qtype), 40)
     w, W = cached_weight(qtype, n, k)
     x = gaussian_activations((rows, k), seed=rows + 3).to(dtype)
     y = torchext.qmatmul(w.to(device), int(qtype), x.to(device), n, k, exact=True)
@@ -221,8 +224,8 @@ def test_exact_argument_never_rounds_activations(qtype, rows, dtype, device):
     assert torch.equal(layer(x.to(device)), y) and "exact=True" in repr(layer)
 
 
-# a moderate shape per format for the batch-shape tests: K padded for the k-quants
-ROW_SHAPES = {q: (556 if q in K_QUANTS else 96) for q in WEIGHT_QTYPES}
+# a moderate shape per format for the batch-shape tests: K padded for the k-quants, 3 blocks for the others
+ROW_SHAPES = {q: (556 if q in K_QUANTS else 3 * block_values(q)) for q in WEIGHT_QTYPES}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -480,7 +483,7 @@ def matmul_cases(draw):
     if qtype in K_QUANTS:
         k = draw(st.integers(1, 1200))
     else:
-        k = 32 * draw(st.integers(1, 1200 // 32))
+        k = block_values(qtype) * draw(st.integers(1, 1200 // block_values(qtype)))
     lead = tuple(draw(st.lists(st.integers(0, 5), min_size=0, max_size=2)))
     dtype = draw(st.sampled_from(DTYPES))
     seed = draw(st.integers(0, 2**20))

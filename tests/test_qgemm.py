@@ -34,14 +34,18 @@ from conftest import (
     requires_cuda,
     tiny,
 )
+from torchext.formats import block_values
 
 pytestmark = requires_cuda
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 
-# (n, k) per format family: n not a multiple of the 128-row tile; for the 32-value formats a k
-# whose last 256-value chunk holds only 4 of its 8 blocks (640); for the k-quants a k that is not a
-# multiple of 256 (a padded last super-block, 1000 = 3 blocks + 232 values).
-SHAPES = {q: [(200, 512), (77, 1000), (1100, 2304)] if q in K_QUANTS else [(200, 512), (77, 640), (1100, 2304)]
+# (n, k) per format family: n not a multiple of the 128-row tile; for the 32- and 64-value formats a
+# k whose last 256-value chunk holds only half its blocks (640), rows of one block and of 19 (odd row
+# lengths for MXFP4's 17-byte blocks: rows and chunks at odd offsets, a weight whose last bytes are an
+# odd count, copied without the 16-byte cp.async); for the k-quants a k that is not a multiple of 256
+# (a padded last super-block, 1000 = 3 blocks + 232 values).
+SHAPES = {q: [(200, 512), (77, 1000), (1100, 2304)] if q in K_QUANTS else
+          [(200, 512), (77, 640), (1100, 2304), (9, block_values(q)), (33, 19 * block_values(q))]
           for q in WEIGHT_QTYPES}
 # the 32-row tile (17: partial, 32: full) and the 64-row tile (33: partial, 64: full)
 ROWS = [17, 32, 33, 64]

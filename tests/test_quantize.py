@@ -2,7 +2,8 @@
 
 Oracles, all independent of torchext:
 - the formats the `gguf` package can quantize (the 32-value formats Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and
-  the ternary TQ2_0) must be bit-identical to its numpy quantizers (gguf.quants.quantize);
+  MXFP4, and the ternary TQ1_0 and TQ2_0) must be bit-identical to its numpy quantizers
+  (gguf.quants.quantize);
 - the k-quants, which gguf cannot quantize, are decoded with gguf.quants.dequantize; Q4_K, Q5_K and
   Q6_K must beat plain round-to-nearest (RTN) with the same block structure, computed here in numpy;
   Q2_K and Q3_K must reproduce Gaussian data as well as float64 numpy ports of llama.cpp's reference
@@ -20,7 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as G
 from gguf import quants as gq
 
 import torchext  # noqa: F401  (loads torch.ops.torchext)
-from conftest import FP16_FIELD_OFFSETS, QUANTIZABLE_QTYPES, WEIGHT_QTYPES
+from conftest import NO_NAN_QTYPES, QUANTIZABLE_QTYPES, SCALE_FIELD_OFFSETS, WEIGHT_QTYPES
 
 
 def gguf_quantizes(qtype) -> bool:
@@ -106,6 +107,26 @@ def test_small_formats_match_gguf(qtype, shape, spread):
 def test_small_formats_match_gguf_edge_rows(qtype):
     x = edge_rows(256)
     assert_same_bytes(quantize(x, qtype), gq.quantize(x, qtype), qtype)
+
+
+def test_mxfp4_scales_match_gguf_over_the_float32_range():
+    """MXFP4's exponent e = floor(log2(max|x|)) + 125, as gguf's numpy computes it, over every binade
+    of float32: blocks whose largest value is a power of two, or within a few float32 steps below
+    one (where numpy's float32 log2 rounds up to the power, so e is one higher), from the largest
+    finite values down to subnormal ones (below 2^-125 gguf's float -> uint8 cast wraps e to 253 ..
+    255, which decodes to zeros); the other values of each block Gaussian, below the largest."""
+    rng = np.random.default_rng(5)
+    powers = np.float32(2.0) ** np.arange(-149, 128, dtype=np.float32)
+    tops = [powers]
+    for steps in (1, 2, 7, 40):  # float32 values `steps` ulps below each power of two
+        tops.append(np.frombuffer((powers.view(np.uint32) - np.uint32(steps)).tobytes(), np.float32))
+    top = np.concatenate(tops)
+    top = top[np.isfinite(top) & (top > 0)]  # not the steps below 2^-149
+    x = (rng.uniform(-1, 1, (top.size, 32)) * top[:, None]).astype(np.float32)
+    x[np.arange(top.size), rng.integers(0, 32, top.size)] = top * rng.choice([-1, 1], top.size).astype(np.float32)
+    with np.errstate(all="ignore"):  # gguf's log2 of a zero block, and its wrapping cast
+        ref = gq.quantize(x, G.MXFP4)
+    assert_same_bytes(quantize(x, G.MXFP4), ref, G.MXFP4)
 
 
 # ---------------------------------------------------------------- (2) k-quants beat round-to-nearest
@@ -324,8 +345,18 @@ def test_k_quants_pad_rows_with_zeros(qtype, k):
 
 # Relative tolerance 1e-3 for values that each format can hold up to its fp16 scale: the scale's fp16
 # rounding is at most 2^-11 (4.9e-4) relative, and the 6-bit / int8 sub-block scales of a constant row
-# sit at their maximum (63 or -128), so they add no further error.
+# sit at their maximum (63 or -128), so they add no further error. MXFP4 holds a block's largest value
+# x as the nearest of 8 d and 12 d (x / d in [8, 16) by its choice of d): within 25% (x = 16 d - 0).
 REL = 1e-3
+REL_OF = {G.MXFP4: 0.25}
+
+
+def test_mxfp4_largest_finite_weights_quantize():
+    x = np.full((1, 64), np.finfo(np.float32).max, np.float32)
+    x[0, 1::2] *= -1
+    y = decode(quantize(x, G.MXFP4), G.MXFP4, 64)
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, x, rtol=REL_OF[G.MXFP4])
 
 
 @pytest.mark.parametrize("qtype", K_QUANTS + SMALL, ids=lambda q: q.name)
@@ -335,7 +366,7 @@ def test_zero_rows_decode_to_zero(qtype):
     np.testing.assert_array_equal(decode(q, qtype, k), 0.0)
 
 
-@pytest.mark.parametrize("qtype", K_QUANTS + SMALL, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [q for q in K_QUANTS + SMALL if q not in NO_NAN_QTYPES], ids=lambda q: q.name)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 def test_non_finite_weight_keeps_its_block_nan(qtype, bad):
     """A NaN or infinite weight makes its whole block dequantize to NaN (gguf's numpy Q8_0 keeps a
@@ -354,7 +385,22 @@ def test_non_finite_weight_keeps_its_block_nan(qtype, bad):
     np.testing.assert_array_equal(got[others], decode(q_clean, qtype, k)[others])
 
 
-@pytest.mark.parametrize("qtype", K_QUANTS + SMALL, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", NO_NAN_QTYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_weight_without_a_nan_block_raises(qtype, bad):
+    """A format with no block that decodes to NaN (MXFP4) cannot keep a NaN or infinite weight: an
+    error names w and the row (gguf's numpy quantizer gives such a block e = 0 and zeros)."""
+    x = gaussian(3, 256, seed=3)
+    x[1, 100] = bad
+    with pytest.raises(RuntimeError, match=rf"^w: row 1 holds NaN or infinite values, which {qtype.name} cannot "):
+        quantize(x, qtype)
+
+
+# MXFP4's power-of-two scales reach 2^124 for finite inputs: no finite float32 overflows them
+FP16_SCALED = [q for q in K_QUANTS + SMALL if q != G.MXFP4]
+
+
+@pytest.mark.parametrize("qtype", FP16_SCALED, ids=lambda q: q.name)
 def test_weights_beyond_the_format_raise(qtype):
     """Finite weights whose block scales overflow fp16 (e.g. Q8_0's d = amax/127 from ~8.3e6) once
     quantized silently to blocks that dequantize to inf/NaN; now an error names w and the row."""
@@ -372,7 +418,7 @@ def test_weights_beyond_the_format_raise(qtype):
 def test_constant_row(qtype, c):
     k = 512
     q = quantize(np.full((1, k), c, np.float32), qtype)
-    np.testing.assert_allclose(decode(q, qtype, k), c, rtol=REL, atol=0)
+    np.testing.assert_allclose(decode(q, qtype, k), c, rtol=REL_OF.get(qtype, REL), atol=0)
 
 
 @pytest.mark.parametrize("qtype", K_QUANTS + SMALL, ids=lambda q: q.name)
@@ -383,7 +429,7 @@ def test_single_nonzero(qtype, v):
     x[0, pos] = v
     y = decode(quantize(x, qtype), qtype, k)
     zeros = np.delete(y, pos, axis=1)
-    if v > 0 or len(FP16_FIELD_OFFSETS[qtype]) == 1:  # one fp16 field: d, no min
+    if v > 0 or len(SCALE_FIELD_OFFSETS[qtype]) == 1:  # one scale field: d, no min
         # Exactly 0: symmetric formats map 0 to their zero point, and the formats with a min get min 0
         # when the block's minimum is 0 (the min is capped at 0).
         np.testing.assert_array_equal(zeros, 0.0)
@@ -392,7 +438,7 @@ def test_single_nonzero(qtype, v):
         # of d and m, each 2^-11 relative, so |decoded 0| <= 2 * 2^-11 * |v| < REL * |v|. (Q4_K/Q5_K: the
         # one nonzero sub-block holds the largest scale and min, so its 6-bit values are exactly 63.)
         np.testing.assert_allclose(zeros, 0.0, rtol=0, atol=REL * abs(v))
-    np.testing.assert_allclose(y[0, pos], v, rtol=REL, atol=0)
+    np.testing.assert_allclose(y[0, pos], v, rtol=REL_OF.get(qtype, REL), atol=0)
 
 
 # ---------------------------------------------------------------- (5) errors name the argument
@@ -417,7 +463,10 @@ def test_errors_name_the_argument(make, arg):
 
 
 @pytest.mark.parametrize("qtype", [q for q in WEIGHT_QTYPES if q not in QUANTIZABLE_QTYPES], ids=lambda q: q.name)
-def test_imatrix_formats_are_refused_with_the_reason(qtype):
-    """The catalog's IQ formats need llama.cpp's importance matrix: quantize says so by name."""
-    with pytest.raises(RuntimeError, match=rf"qtype: torchext has no quantizer for {qtype.name}: .*importance matrix"):
+def test_formats_without_a_quantizer_are_refused_with_the_reason(qtype):
+    """The catalog's IQ formats need llama.cpp's importance matrix, and gguf has no NVFP4 quantizer
+    for torchext's to match: quantize says so by name."""
+    assert qtype.name.startswith("IQ") or not gguf_quantizes(qtype)
+    reason = "importance matrix" if qtype.name.startswith("IQ") else "the gguf package.* has none"
+    with pytest.raises(RuntimeError, match=rf"qtype: torchext has no quantizer for {qtype.name}: .*{reason}"):
         _q(torch.randn(4, 256), int(qtype))

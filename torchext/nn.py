@@ -21,7 +21,7 @@ from torch import nn
 
 from .cache import WeightCache
 from .weights import as_weight_rows, check_weight_bytes, weight_format
-from .formats import WEIGHT_TYPES, block_values
+from .formats import WEIGHT_TYPES, block_values, whole_blocks_error
 from .ops import GEMV_MAX_ROWS, qmatmul, qmatmul_q8_1, quantize, quantize_q8_1
 
 _EXTRA_STATE = "_extra_state"  # the state_dict key of what get_extra_state returns
@@ -34,8 +34,8 @@ class QuantLinear(nn.Module):
     out_features * row_bytes(qtype, in_features) elements), qtype (QType, gguf id or name),
     in_features, out_features, bias (optional [out_features] float tensor).
     x is [..., in_features] in float32, float16 or bfloat16, any strides; the output is in x's
-    dtype (the bias is cast to it). The 32-value formats need in_features % 32 == 0; the k-quants
-    take any in_features (the last super-block is padding). exact=True: activations are never
+    dtype (the bias is cast to it). The 32-value formats need in_features % 32 == 0 (NVFP4 % 64);
+    the 256-value formats take any in_features (the last super-block is padding). exact=True: activations are never
     rounded to 8 bits (torchext.qmatmul's exact), at any number of rows.
     """
 
@@ -78,10 +78,9 @@ class QuantLinear(nn.Module):
         CPU). The bytes go to the linear's device; the bias keeps its dtype."""
         q = weight_format(qtype)
         out_features, in_features = linear.weight.shape
-        if block_values(q) == 32 and in_features % 32:
-            raise ValueError(f"in_features: {q.name} rows are whole 32-value blocks, so in_features must be a "
-                             f"multiple of 32, got {in_features}; use a k-quant (Q4_K, Q5_K, Q6_K) or leave this "
-                             "layer in float")
+        if (whole := whole_blocks_error(q, in_features, "in_features")) is not None:
+            raise ValueError(f"{whole}, got {in_features}; use a k-quant (Q4_K, Q5_K, Q6_K) or leave this layer "
+                             "in float")
         w = linear.weight.detach()
         data = quantize(w.to("cpu", torch.float32).contiguous(), q).to(w.device)
         bias = None if linear.bias is None else linear.bias.detach().clone()
@@ -185,9 +184,9 @@ def quantize_linears(module: nn.Module, qtype,
     targets = [(name, m) for name, m in module.named_modules(remove_duplicate=False)
                if _replaceable(m) and (filter is None or filter(name, m))]
     for name, m in targets:  # check them all before replacing any, so an error leaves the module as it was
-        if block_values(q) == 32 and m.in_features % 32:
-            raise ValueError(f"{name}: in_features={m.in_features} is not a multiple of 32, which {q.name} needs; "
-                             "exclude this layer with filter=... or use a k-quant")
+        if whole_blocks_error(q, m.in_features) is not None:
+            raise ValueError(f"{name}: in_features={m.in_features} is not a multiple of {block_values(q)}, which "
+                             f"{q.name} needs; exclude this layer with filter=... or use a k-quant")
     done: dict[int, QuantLinear] = {}
     for name, m in targets:
         if id(m) not in done:

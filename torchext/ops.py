@@ -81,8 +81,9 @@ def _weight_format(qtype: int) -> QType:
 
 
 def _check_whole_blocks(q: QType, k: int, arg: str) -> None:
-    torch._check(block_values(q) == 256 or k % 32 == 0,
-                 lambda: f"{arg}: {q.name} rows are whole 32-value blocks, so k must be a multiple of 32; got {k}")
+    bv = block_values(q)
+    torch._check(bv == 256 or k % bv == 0,
+                 lambda: f"{arg}: {q.name} rows are whole {bv}-value blocks, so k must be a multiple of {bv}; got {k}")
 
 
 def _checked_mul(a: int, b: int, what: str) -> int:

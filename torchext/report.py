@@ -19,15 +19,15 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 import torchext
-from torchext.formats import FP16_FIELDS, WEIGHT_TYPES, QType, put_fp16_field, row_bytes
+from torchext.formats import SCALE_FIELDS, WEIGHT_TYPES, QType, put_scale_field, row_bytes
 
 def random_weight(qtype: QType, n: int, k: int, gen: np.random.Generator) -> torch.Tensor:
-    """Random quantized bytes with small finite fp16 scales: every code path, no zeros."""
+    """Random quantized bytes with small finite scales: every code path, no zeros."""
     bb = torchext.block_bytes(qtype)
     nb = row_bytes(qtype, k) // bb
     raw = gen.integers(0, 256, size=(n, nb, bb), dtype=np.uint8)
-    for off in FP16_FIELDS[qtype]:
-        put_fp16_field(raw, qtype, off, (gen.standard_normal((n, nb)) * 0.01).astype(np.float16))
+    for off in SCALE_FIELDS[qtype]:
+        put_scale_field(raw, qtype, off, (gen.standard_normal((n, nb)) * 0.01).astype(np.float16))
     return torch.from_numpy(raw.reshape(n, nb * bb))
 
 

@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from .formats import ALIGNMENT, WEIGHT_TYPES, QType, block_values, row_bytes
+from .formats import ALIGNMENT, WEIGHT_TYPES, QType, row_bytes, whole_blocks_error
 
 #: The GGUF type ids of the weight formats torchext runs: tensors of these types stay raw bytes.
 WEIGHT_IDS = frozenset(q.value for q in WEIGHT_TYPES)
@@ -42,9 +42,8 @@ def check_weight_bytes(tensor: torch.Tensor, qtype: QType, n: int, k: int,
     for arg, v in ((n_name, n), (k_name, k)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
             raise ValueError(f"{arg}: expected a positive int, got {v!r}")
-    if block_values(qtype) == 32 and k % 32:
-        raise ValueError(f"{k_name}: {qtype.name} rows are whole 32-value blocks, so {k_name} must be a multiple "
-                         f"of 32, got {k}")
+    if (whole := whole_blocks_error(qtype, k, k_name)) is not None:
+        raise ValueError(f"{whole}, got {k}")
     expected = n * row_bytes(qtype, k)
     if tensor.numel() != expected:
         raise ValueError(f"{what}: expected {expected} bytes for {qtype.name} with {n_name}={n}, {k_name}={k} "

@@ -178,36 +178,57 @@ template <> struct Avx2Chunk<QuantTraits<QType::Q4_1>> : NibbleChunk<QuantTraits
 template <> struct Avx2Chunk<QuantTraits<QType::Q5_0>> : NibbleChunk<QuantTraits<QType::Q5_0>, false, true> {};
 template <> struct Avx2Chunk<QuantTraits<QType::Q5_1>> : NibbleChunk<QuantTraits<QType::Q5_1>, true, true> {};
 
-// IQ4_NL / IQ4_XS: 16 bytes of nibbles (value l low, l + 16 high) looked up in the 16 levels with
-// one byte shuffle: signed quants.
-TORCHEXT_AVX2_INLINE __m256i iq4_chunk_levels(const uint8_t* qs) {
-  const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4Levels)));
-  return _mm256_shuffle_epi8(levels, split_nibbles(qs));
+// IQ4_NL / IQ4_XS / MXFP4 / NVFP4: nibble indexes (32 bytes of 0..15) looked up in a format's 16
+// levels with one byte shuffle: signed quants.
+TORCHEXT_AVX2_INLINE __m256i chunk_levels(const int8_t (&table)[16], __m256i nibbles) {
+  const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table)));
+  return _mm256_shuffle_epi8(levels, nibbles);
 }
-template <>
-struct Avx2Chunk<QuantTraits<QType::IQ4_NL>> {
+// IQ4_NL and MXFP4: one scale a block (LevelNibbleTraits' F::scale of F::field).
+template <class Traits>
+struct LevelNibbleChunk {
   static constexpr bool kSigned = true, kHalfScales = false, kHalfMins = false;
   TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int) {
-    const block_iq4_nl& b = *reinterpret_cast<const block_iq4_nl*>(p);
-    const float d = half(b.d);
-    return Chunk{iq4_chunk_levels(b.qs), d, d, 0, 0.0f, 0.0f};
+    using F = typename Traits::Format;
+    const typename F::block& b = *reinterpret_cast<const typename F::block*>(p);
+    const float d = F::scale(F::field(b));
+    return Chunk{chunk_levels(Traits::Levels::kTable, split_nibbles(b.qs)), d, d, 0, 0.0f, 0.0f};
   }
 };
+template <> struct Avx2Chunk<QuantTraits<QType::IQ4_NL>> : LevelNibbleChunk<QuantTraits<QType::IQ4_NL>> {};
+template <> struct Avx2Chunk<QuantTraits<QType::MXFP4>> : LevelNibbleChunk<QuantTraits<QType::MXFP4>> {};
 template <>
 struct Avx2Chunk<QuantTraits<QType::IQ4_XS>> {
   static constexpr bool kSigned = true, kHalfScales = false, kHalfMins = false;
   TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int c) {
     using T = QuantTraits<QType::IQ4_XS>;
     const float d = T::sub_d(p, c);
-    return Chunk{iq4_chunk_levels(reinterpret_cast<const block_iq4_xs*>(p)->qs + 16 * c), d, d, 0, 0.0f, 0.0f};
+    return Chunk{chunk_levels(kIQ4Levels, split_nibbles(reinterpret_cast<const block_iq4_xs*>(p)->qs + 16 * c)), d, d,
+                 0, 0.0f, 0.0f};
+  }
+};
+// NVFP4: chunk c is the 16 bytes at qs + 16c, sub-blocks 2c and 2c + 1 of 8 bytes each, whose low
+// nibbles are values 0..7 and high nibbles 8..15: low and high nibbles interleaved by 8-byte halves.
+template <>
+struct Avx2Chunk<QuantTraits<QType::NVFP4>> {
+  static constexpr bool kSigned = true, kHalfScales = true, kHalfMins = false;
+  TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int c) {
+    const block_nvfp4& b = *reinterpret_cast<const block_nvfp4*>(p);
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs + 16 * c));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+    const __m256i nibbles = _mm256_set_m128i(_mm_unpackhi_epi64(lo, hi), _mm_unpacklo_epi64(lo, hi));
+    return Chunk{chunk_levels(kFP4Levels, nibbles), ue4m3_half(b.d[2 * c]), ue4m3_half(b.d[2 * c + 1]), 0, 0.0f,
+                 0.0f};
   }
 };
 
-// Grid formats (IQ2_XXS .. IQ1_M): the scalar traits decode the chunk (a grid lookup per 4 or 8
-// values, then the signs; vector gathers would save little next to the integer work), one vector load
-// takes the 32 signed quants. Scales per 16 values for IQ2_XS, IQ2_S and IQ1_M.
+// Formats decoded by their scalar traits' unpack (UnpackedChunks, quant_traits.h): the grid formats
+// IQ2_XXS .. IQ1_M (a grid lookup per 4 or 8 values, then the signs; vector gathers would save little
+// next to the integer work) and TQ1_0's base-3 digits; one vector load takes the 32 signed quants.
+// Scales per 16 values for IQ2_XS, IQ2_S and IQ1_M.
 template <class Traits>
-struct GridChunk {
+struct UnpackedChunk {
   static constexpr bool kSigned = true, kHalfScales = Traits::kHalfScales, kHalfMins = false;
   TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int c) {
     alignas(32) uint32_t q[8];
@@ -218,9 +239,10 @@ struct GridChunk {
 };
 #define TORCHEXT_GRID_CHUNK(name, id) \
   template <>                         \
-  struct Avx2Chunk<QuantTraits<QType::name>> : GridChunk<QuantTraits<QType::name>> {};
+  struct Avx2Chunk<QuantTraits<QType::name>> : UnpackedChunk<QuantTraits<QType::name>> {};
 TORCHEXT_IQ_GRID_FORMATS(TORCHEXT_GRID_CHUNK)
 #undef TORCHEXT_GRID_CHUNK
+template <> struct Avx2Chunk<QuantTraits<QType::TQ1_0>> : UnpackedChunk<QuantTraits<QType::TQ1_0>> {};
 
 // Eight int32 sums of four products each (lanes 0-3: values 0-15, lanes 4-7: values 16-31).
 template <bool kSigned>

@@ -457,7 +457,7 @@ void quantize_block(const float* x, block_q3_K& b) {
   pack_crumbs(crumb, b.qs);
 }
 
-// ---------------------------------------------------------------- TQ1_0, TQ2_0
+// ---------------------------------------------------------------- TQ2_0, TQ1_0
 
 // gguf's ternary rule: d = max|x| over the block, q = round-half-away(x / d) in -1..1 (x * (1/d) in
 // fp32, as numpy computes it); q + 1 into `t`.
@@ -473,6 +473,54 @@ void quantize_block(const float* x, block_tq2_0& b) {
   uint8_t t[256];
   ternary_quants(x, b.d, t);
   pack_crumbs(t, b.qs);
+}
+
+// `digits` base-3 digits v[0], v[stride], ... (the first the most significant; 4 digits take the places
+// of 3^4 .. 3^1) as gguf's TQ1_0 byte: ceil(256 * n / 243) for their value n, so that digit j is
+// ((byte * 3^j mod 256) * 3) >> 8 (base3_trits, quant_traits.h).
+uint8_t pack_base3(const uint8_t* v, int stride, int digits) {
+  int n = 0;
+  for (int j = 0; j < 5; ++j) n = 3 * n + (j < digits ? v[j * stride] : 0);
+  return uint8_t((n * 256 + 242) / 243);
+}
+
+// TQ1_0: gguf's ternary rule (ternary_quants), values laid out as blocks.h says.
+void quantize_block(const float* x, block_tq1_0& b) {
+  uint8_t t[256];
+  ternary_quants(x, b.d, t);
+  for (int l = 0; l < 32; ++l) b.qs[l] = pack_base3(t + l, 32, 5);             // values 32j + l
+  for (int l = 0; l < 16; ++l) b.qs[32 + l] = pack_base3(t + 160 + l, 16, 5);  // values 160 + 16j + l
+  for (int l = 0; l < 4; ++l) b.qh[l] = pack_base3(t + 240 + l, 4, 4);         // values 240 + 4j + l
+}
+
+// ---------------------------------------------------------------- MXFP4
+
+// gguf's numpy MXFP4 quantizer (MXFP4.quantize_blocks): e = floor(log2(max|x|)) - 2 + 127, the scale
+// 2^(e - 128) that puts max|x| at a level of 4 to 8 (of 12), and 0 for an all-zero block; every value
+// takes the first of the 16 levels whose scaled value is nearest (|d * level - x| in fp32, ties to
+// the lower index: the smaller magnitude). Two details follow numpy exactly: log2 is numpy's float32
+// log2, which is the float64 log2 rounded to fp32 (for the 2^-24-relative sliver below a power of two
+// it rounds up to the integer, so e is one higher there), and e is stored with numpy's float -> uint8
+// cast, which on x86-64 wraps: a block whose max|x| is below 2^-125 gets e = 253 .. 255 (a huge scale)
+// and quantizes to zeros, where e = 0 would have kept a few of its levels. The scale is a power of two
+// up to 2^124 for finite inputs, so no finite block overflows; NaN and infinity have no encoding
+// (store_nan_block).
+void quantize_block(const float* x, block_mxfp4& b) {
+  float amax = 0.0f;
+  for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const int e = amax > 0.0f ? int(std::floor(float(std::log2(double(amax))))) - 2 + 127 : 0;
+  b.e = uint8_t(e & 0xFF);
+  const float d = e8m0_half(b.e);
+  int q[32];
+  for (int i = 0; i < 32; ++i) {
+    q[i] = 0;
+    float best = std::fabs(d * float(kFP4Levels[0]) - x[i]);
+    for (int l = 1; l < 16; ++l) {
+      const float err = std::fabs(d * float(kFP4Levels[l]) - x[i]);
+      if (err < best) best = err, q[i] = l;
+    }
+  }
+  pack_nibbles(q, b.qs);
 }
 
 // ---------------------------------------------------------------- Q6_K
@@ -576,17 +624,28 @@ bool block_is_finite(const uint8_t* blk) {
   return true;
 }
 
+// A block holding NaN or +-inf: stored with d = NaN, so that every value of the block (d * (...) +- ...)
+// dequantizes to NaN; true. MXFP4 has no such code (its scale is a power of two, finite for every e, and
+// d * 0 is 0): false, and the row is an error.
+template <class Block>
+bool store_nan_block(Block& b) {
+  std::memset(&b, 0, sizeof(Block));
+  b.d = kNaNBlockScale;
+  return true;
+}
+bool store_nan_block(block_mxfp4&) { return false; }
+
 // n rows of k values -> n rows of ceil(k / kValues) blocks. A last block that runs past k is
 // quantized from a copy padded with zeros (the k-quants' zero padding); a block holding NaN or
-// +-inf is stored with d = NaN (all its values dequantize to NaN); rows run in parallel. A finite
-// block the format cannot hold is an error naming its row (one such row).
+// +-inf is stored as NaN (store_nan_block); rows run in parallel. A finite block the format cannot
+// hold, or a non-finite one it cannot store, is an error naming its row (one such row).
 template <QType T>
 void quantize_rows(const float* x, int64_t n, int64_t k, uint8_t* out) {
   using Traits = QuantTraits<T>;
   using Block = typename Traits::block;
   constexpr int kValues = Traits::kValues;
   const int64_t blocks = (k + kValues - 1) / kValues;
-  std::atomic<int64_t> overflow_row{-1};
+  std::atomic<int64_t> overflow_row{-1}, non_finite_row{-1};
   torch::stable::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     float padded[kValues];
     for (int64_t r = begin; r < end; ++r) {
@@ -603,13 +662,15 @@ void quantize_rows(const float* x, int64_t n, int64_t k, uint8_t* out) {
         if (std::all_of(src, src + kValues, [](float v) { return std::isfinite(v); })) {
           quantize_block(src, dst[b]);
           if (!block_is_finite<Traits>(reinterpret_cast<const uint8_t*>(&dst[b]))) overflow_row.store(r);
-        } else {  // a non-finite weight keeps its block non-finite, as gguf's numpy Q8_0 does
-          std::memset(&dst[b], 0, sizeof(Block));
-          dst[b].d = kNaNBlockScale;  // every value of the block is d * (...) +- ...: NaN
+        } else if (!store_nan_block(dst[b])) {  // a non-finite weight keeps its block non-finite, as
+          non_finite_row.store(r);                // gguf's numpy Q8_0 does, where the format can
         }
       }
     }
   });
+  if (const int64_t r = non_finite_row.load(); r >= 0)
+    fail("w: row ", r, " holds NaN or infinite values, which ", qtype_name(T), " cannot represent (no code of its ",
+         "block scale is NaN or infinite)");
   const int64_t r = overflow_row.load();
   if (r >= 0) {
     float amax = 0.0f;
@@ -634,6 +695,10 @@ void quantize(QType wt, const float* x, int64_t n, int64_t k, uint8_t* out) {
     using T = decltype(traits);
     if constexpr (HasQuantizer<typename T::block>::value) {
       quantize_rows<T::kType>(x, n, k, out);
+    } else if (wt == QType::NVFP4) {
+      fail("qtype: torchext has no quantizer for NVFP4: the gguf package, whose quantizers torchext's match, ",
+           "has none; load such weights from a GGUF file, or quantize to MXFP4 or a k-quant (Q4_K, Q5_K, Q6_K) ",
+           "instead");
     } else {
       fail("qtype: torchext has no quantizer for ", qtype_name(wt), ": llama.cpp makes the IQ formats with an ",
            "importance matrix (llama-quantize --imatrix); load such weights from a GGUF file, or quantize to a ",
