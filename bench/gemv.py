@@ -46,8 +46,9 @@ MAX_GEMV_ROWS = 16                 # kernels/batch_policy.h: up to 16 rows the Q
 
 # Column order of the printed tables (labels): baselines, then torchext per weight format.
 # Every format of torchext's catalog has a column (--shapes NxK:FMT measures any of them).
+CATALOG_FORMATS = [q.name for q in common.formats.WEIGHT_TYPES]
 GEMV_LABELS = ["bf16", "int4", "Q4_K", "q4k_q8", "q8_1+q4k_q8", "q8_1", "Q5_K", "Q6_K", "Q8_0", "Q5_0"]
-GEMV_LABELS += [q.name for q in common.formats.WEIGHT_TYPES if q.name not in GEMV_LABELS]
+GEMV_LABELS += [f for f in CATALOG_FORMATS if f not in GEMV_LABELS]
 PLOT_LABELS = [lb for lb in GEMV_LABELS if lb != "q8_1"]  # the plot shows matmuls; q8_1 has no weight
 ELEMENTWISE_LABELS = ["copy", "q8_1", "gelu", "gelu tanh", "gelu_", "bias_gelu", "F.gelu",
                       "F.gelu tanh", "F.gelu(x+b)"]
@@ -356,7 +357,7 @@ def summary_text(ctx: Ctx, header: str) -> str:
 
     if sel:
         shapes = list(dict.fromkeys((r["N"], r["K"]) for r in sel))
-        fmts_of = {s: [f for f in DECODER_FORMATS if any((r["N"], r["K"]) == s and r["label"] == f for r in sel)]
+        fmts_of = {s: [f for f in CATALOG_FORMATS if any((r["N"], r["K"]) == s and r["label"] == f for r in sel)]
                    for s in shapes}
         wide = [s for s in shapes if len(fmts_of[s]) > 1]
         narrow = [s for s in shapes if len(fmts_of[s]) <= 1]

@@ -25,7 +25,7 @@ constexpr int64_t kMaxGemvRows = 16;
 //     quad-per-row loads 2-byte accesses, so DP4A wins up to 8 rows (Q8_0 8 rows: 452 against 497
 //     us; Q5_0 368 against 487) and MMA from 16 (Q8_0 608 against 905; Q5_0 600 against 735).
 constexpr int64_t kMinMmaRowsSuperBlocks = 2;  // 256-value formats (Q4_K, Q5_K, Q6_K)
-constexpr int64_t kMinMmaRowsSmallBlocks = 9;  // 32-value formats
+constexpr int64_t kMinMmaRowsSmallBlocks = 9;  // 32-value formats, and NVFP4's 64 (not measured)
 constexpr int64_t kMaxMmaRows = kMaxGemvRows;  // one launch of the MMA kernel takes up to 16 rows
 constexpr int64_t kMaxDp4aRows = 8;            // the DP4A kernel stages up to 8 rows
 
@@ -50,10 +50,11 @@ inline MatmulPath choose_matmul_path(int64_t rows, bool tiled_gemm_runs, bool ex
   return tiled_gemm_runs && rows <= kMaxTiledGemmRows ? MatmulPath::TiledGemm : MatmulPath::Dense;
 }
 
-// block_values: the weight format's values per block (256 or 32); int8_mma: the device has int8
-// mma.sync (compute capability 8.0 or newer).
+// block_values: the weight format's values per block (256, or 32 and NVFP4's 64: the formats of
+// smaller blocks, whose MMA items are one block each); int8_mma: the device has int8 mma.sync (compute
+// capability 8.0 or newer).
 inline GemvKernel choose_gemv_kernel(int64_t rows, int block_values, bool int8_mma) {
-  const int64_t min_mma_rows = block_values == 256 ? kMinMmaRowsSuperBlocks : kMinMmaRowsSmallBlocks;
+  const int64_t min_mma_rows = block_values >= 256 ? kMinMmaRowsSuperBlocks : kMinMmaRowsSmallBlocks;
   return int8_mma && rows >= min_mma_rows ? GemvKernel::Int8Mma : GemvKernel::Dp4a;
 }
 

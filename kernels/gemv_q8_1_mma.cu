@@ -52,10 +52,12 @@ __device__ __forceinline__ Q8Scales q8_1_scales(const block_q8_1& b) {
 }
 
 // Items whose loads a lane issues before it uses the first: about 24 registers of loads per row
-// (two CTAs of 128-register threads per SM).
+// (two CTAs of 128-register threads per SM). The words of a 1-byte-aligned format (MXFP4) arrive as
+// single bytes, a register each until they are combined (counted as one word, 12 items ahead spilled
+// 56-88 bytes a thread, ptxas -v).
 template <class T>
 constexpr int items_ahead() {
-  constexpr int words = int(sizeof(typename T::MmaRaw) / 4);
+  constexpr int words = int(sizeof(typename T::MmaRaw) / 4) * (T::kAlign == 1 ? 4 : 1);
   return words >= 12 ? 2 : 24 / words;
 }
 

@@ -11,7 +11,8 @@
 //   a table (decode_scales), so the 4 lanes that share a row do not each decode them.
 // - Weight values become A fragments in registers: a slice word holds 4 consecutive values as signed
 //   bytes; value = fmaf(d, q, m). d*q is exact in fp32 for every format: at most 24 significant bits
-//   (fp16 d 11, Q6_K's scale 7 and |q| 6; IQ4_XS: 11, |ls - 32| 5, its level 7), so the one FMA
+//   (fp16 d 11, Q6_K's scale 7 and |q| 6; IQ4_XS: 11, |ls - 32| 5, its level 7; MXFP4 and NVFP4: a
+//   power of two or a 4-bit E4M3 scale times a 2-bit FP4 level), so the one FMA
 //   rounds exactly as dequantize's multiply-then-add, and after rounding to x's type the fragments hold exactly the
 //   values the dense path multiplies.
 // - The k order inside a 16-value MMA step is permuted: lane t's A registers hold the step's values

@@ -112,6 +112,25 @@ def test_dynamic_batch(device):
         assert torch.equal(compiled(w, x), f(w, x)), rows
 
 
+# ---- every format of the catalog in one graph -----------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_format_in_one_graph(device):
+    """qmatmul (3 rows: the Q8_1 GEMV), dequantize and embedding of every catalog format traced into one
+    graph (their fakes compute each format's shapes: 32-, 64- and 256-value blocks), the same bits as
+    eager."""
+    cases = [(q, 3, 768, random_weight(q, 3, 768, device, seed=int(q))) for q in torchext.formats.WEIGHT_TYPES]
+
+    def f(x, ids):
+        return [(ops.qmatmul(w, int(q), x, n, k), ops.dequantize(w, int(q), n, k, torch.bfloat16),
+                 ops.embedding(w, int(q), ids, n, k, None)) for q, n, k, w in cases]
+
+    x, ids = _randn((3, 768), torch.float32, device, 5), torch.tensor([2, 0], device=device)
+    compiled, eager = torch.compile(f, fullgraph=True, backend="aot_eager")(x, ids), f(x, ids)
+    for (q, *_), got, want in zip(cases, compiled, eager):
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), q.name
+
+
 # ---- a tiny MLP with two quantized layers ------------------------------------------------------------
 
 class QuantLinearSketch(torch.nn.Module):

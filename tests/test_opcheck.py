@@ -23,7 +23,7 @@ import torchext  # noqa: F401
 from conftest import DEVICES, DTYPES, random_weight, sample_inputs
 
 ops = torch.ops.torchext
-Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, TQ1_0, MXFP4, NVFP4 = 2, 3, 6, 7, 8, 12, 13, 14, 34, 39, 40
 
 OPS = ["quantize_q8_1", "q4k_q8_gemv", "q4k_q8_gemv_packed", "q4k_gemv", "q5k_gemv", "q6k_gemv", "qmatmul",
        "qmatmul_q8_1", "dequantize", "gelu", "gelu_", "bias_gelu", "quantize"]
@@ -62,7 +62,7 @@ def op_samples(name: str, device, dtype):
             ((s.w, s.qtype, s.x, s.n, s.k), {"exact": True}) for s in samples[:4]]
     if name == "dequantize":
         cases = [(Q4_K, 3, 300), (Q5_K, 2, 256), (Q6_K, 2, 512), (Q8_0, 3, 64), (Q4_0, 2, 96), (Q4_1, 2, 32),
-                 (Q5_0, 2, 64), (Q5_1, 3, 32)]
+                 (Q5_0, 2, 64), (Q5_1, 3, 32), (TQ1_0, 2, 300), (MXFP4, 3, 32), (NVFP4, 2, 128)]
         out = [((random_weight(q, n, k, dev, seed=i), q, n, k), {"dtype": dtype}) for i, (q, n, k) in enumerate(cases)]
         if dtype == torch.float32:  # dtype=None means float32
             out.append(((random_weight(Q6_K, 2, 256, dev, seed=9), Q6_K, 2, 256), {}))
@@ -77,7 +77,8 @@ def op_samples(name: str, device, dtype):
         if dev.type != "cpu" or dtype != torch.float32:
             pytest.skip("quantize runs on float32 CPU tensors only")
         return [((_randn((n, k), torch.float32, dev, i), q), {})
-                for i, (q, n, k) in enumerate([(Q4_K, 2, 256), (Q6_K, 3, 300), (Q8_0, 2, 64)])]
+                for i, (q, n, k) in enumerate([(Q4_K, 2, 256), (Q6_K, 3, 300), (Q8_0, 2, 64), (TQ1_0, 2, 300),
+                                               (MXFP4, 3, 96)])]
     raise AssertionError(name)
 
 

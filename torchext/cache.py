@@ -220,7 +220,7 @@ class WeightCache:
         and the tensor, before any entry is added. Tensor data is read with ordinary reads, so a
         file that shrinks during the load is a ValueError too, never a bus error.
 
-        A tensor in a torchext weight format (Q4_0 ... Q6_K) stays raw bytes, [n, row_bytes] with
+        A tensor in a torchext weight format (formats.WEIGHT_TYPES) stays raw bytes, [n, row_bytes] with
         k = ne0 (the row length, first in GGUF's dimension list) and n the product of the other
         dimensions. Every other tensor is dense, in the file's shape (numpy order, [n, k] for a
         matrix): F32, F16, BF16, F64 and the integer types as their dtype, any other quantized type

@@ -9,7 +9,8 @@
 
 from_gguf builds the transformers model of the file's architecture from transformers' own reading
 of the GGUF metadata (AutoConfig, gguf_file=...) and fills it from the file: every nn.Linear whose
-tensor is in one of torchext's formats (torchext.formats.WEIGHT_TYPES: Q4_0 ... Q6_K, the IQ formats) becomes a
+tensor is in one of torchext's formats (torchext.formats.WEIGHT_TYPES: Q4_0 ... Q6_K, TQ1_0, TQ2_0, MXFP4,
+NVFP4, the IQ formats) becomes a
 torchext.nn.QuantLinear over the file's bytes, a token embedding in such a format a QuantEmbedding
 (torchext.embedding), and a tied output head a QuantLinear over the embedding's bytes. Norms,
 biases and F32/F16/BF16 tensors load as transformers loads them (its tensor processors, cast to
