@@ -7,6 +7,8 @@ Tolerances, and why:
   inputs, the norm-relative error ||y - x @ W.T|| / ||x @ W.T|| measured (max over 5 seeds, rows
   1 / 4 / 16; llama.cpp's reference quantizers):
       Q8_0 0.81%  Q6_K 2.0%  Q5_K 3.9%  Q5_1 4.3%  Q5_0 4.8%  Q4_K 7.7%  Q4_1 8.5%  Q4_0 9.3%
+      MXFP4 13.6%  TQ1_0 87% (gguf's rules: FP4 levels under a power-of-two scale; ternary with
+      d = max|w| over 256 values, which rounds most Gaussian weights to 0)
   It is an average over 131072 weights, so it hardly moves between seeds: we assert 1.3x the
   measurement as the upper bound, and half of it as a lower bound (a layer that silently kept
   float weights, or quantized to the wrong format, fails one or the other).
@@ -45,7 +47,8 @@ def _fresh_dynamo():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("qtype, n, k",
-                         [(QType.Q4_K, 64, 300), (QType.Q6_K, 48, 512), (QType.Q8_0, 40, 96), (QType.Q5_1, 32, 64)],
+                         [(QType.Q4_K, 64, 300), (QType.Q6_K, 48, 512), (QType.Q8_0, 40, 96), (QType.Q5_1, 32, 64),
+                          (QType.TQ1_0, 24, 300), (QType.MXFP4, 24, 96), (QType.NVFP4, 24, 128)],
                          ids=lambda v: getattr(v, "name", None))
 def test_forward_is_qmatmul_plus_bias(device, dtype, qtype, n, k):
     w = random_weight(qtype, n, k, device, seed=n)
@@ -76,11 +79,13 @@ def test_forward_is_qmatmul_plus_bias(device, dtype, qtype, n, k):
         ((torch.zeros(8, 68, dtype=torch.uint8), "Q8_0", 40, 8),
          r"in_features: Q8_0 rows are whole 32-value blocks, so in_features must be a multiple of 32, got 40"),
         ((torch.zeros(8, 36, dtype=torch.uint8), "Q8_1", 32, 8), r"qtype: unsupported weight format 'Q8_1'"),
+        ((torch.zeros(8, 54, dtype=torch.uint8), "NVFP4", 96, 8),
+         r"in_features: NVFP4 rows are whole 64-value blocks, so in_features must be a multiple of 64, got 96"),
         ((torch.zeros(8, 144, dtype=torch.uint8), "Q4_K", 256, 0), r"out_features: expected a positive int, got 0"),
         ((torch.zeros(8, 144, dtype=torch.uint8), "Q4_K", 256, 8, torch.zeros(7)),
          r"bias: expected a float tensor of shape \[8\], got torch.float32 \[7\]"),
     ],
-    ids=["bytes", "dtype", "in_features", "format", "out_features", "bias"],
+    ids=["bytes", "dtype", "in_features", "format", "in_features_nvfp4", "out_features", "bias"],
 )
 def test_constructor_errors(args, match):
     with pytest.raises(ValueError, match=match):
@@ -91,7 +96,7 @@ def test_constructor_errors(args, match):
 FROM_LINEAR_BOUNDS = {
     QType.Q8_0: (0.004, 0.0105), QType.Q6_K: (0.010, 0.026), QType.Q5_K: (0.019, 0.051),
     QType.Q5_1: (0.020, 0.056), QType.Q5_0: (0.022, 0.062), QType.Q4_K: (0.036, 0.10),
-    QType.Q4_1: (0.040, 0.11), QType.Q4_0: (0.044, 0.12),
+    QType.Q4_1: (0.040, 0.11), QType.Q4_0: (0.044, 0.12), QType.MXFP4: (0.068, 0.18), QType.TQ1_0: (0.44, 1.13),
 }
 
 
