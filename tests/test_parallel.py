@@ -77,7 +77,9 @@ def mlp(gate, up, down, x):
 
 # ---- (a) a sharded MLP, (b) column parallel with gather ----------------------------------------
 
-MLP_SHAPES = [(QType.Q4_K, 256, 512), (QType.Q8_0, 256, 192), (QType.Q5_0, 320, 320)]  # (format, hidden, ffn)
+# (format, hidden, ffn); MXFP4's down projection splits its 320 features into 5 blocks of 17 bytes a rank,
+# so rank 1's bytes of every row start at an odd offset
+MLP_SHAPES = [(QType.Q4_K, 256, 512), (QType.Q8_0, 256, 192), (QType.Q5_0, 320, 320), (QType.MXFP4, 192, 320)]
 
 
 def _sharded_mlps(rank, device):

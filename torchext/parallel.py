@@ -10,7 +10,7 @@ output with gather_output=True (an all_gather). Rows are independent, so the res
 unsharded layer's, bit for bit.
 
 Row parallel: the input features are split over the ranks at block boundaries (256 values for
-the k-quants, 32 for the others), equally; each rank keeps, of every row, the bytes of its blocks,
+the k-quants and the other 256-value formats, 64 for NVFP4, 32 for the others), equally; each rank keeps, of every row, the bytes of its blocks,
 computes the partial product of its slice of x and the partial results are summed with an
 all_reduce; the bias is added once, after it. The Q8_1 activation blocks are the unsharded
 layer's (the slices start on block boundaries), so only the order of the float sums differs.
