@@ -248,7 +248,7 @@ def test_real_shapes(shape, tokens):
         blocks[..., off:off + 2] = d.view(torch.uint8).view(*blocks.shape[:-1], 2)
     ids = routed_ids(tokens, top_k, experts, seed=tokens).cuda()
     x = torch.randn(tokens, k, device="cuda", generator=g).bfloat16()
-    y = torchext.qmatmul_id(w, qtype, x, ids, n, k).cpu()
+    y = torchext.qmatmul_id(w, qtype, x, ids, n, k)  # on CUDA: the tolerance of CUDA's unrounded paths
     for s in torch.randperm(tokens * top_k, generator=torch.Generator().manual_seed(0))[:12].tolist():
         t, j = divmod(s, top_k)
         W = dequant_oracle(w[int(ids[t, j])].cpu(), qtype, n, k)
