@@ -163,17 +163,16 @@ def run_projection(ctx: Ctx, m: Model, proj: str, batches: list[int], modes: lis
                     ids = routed_ids(b, m, sets, ctx.device, ctx.gen)
                     x_shape = (sets, b, m.top_k, k) if per_slot else (sets, b, k)
                     x = torch.randn(x_shape, dtype=torch.bfloat16, device=ctx.device, generator=ctx.gen)
-                    if label == "bf16 grouped_mm":
-                        row["op"] = "torch._grouped_mm (sorted slots)"
-                        call = lambda i: grouped_mm_call(w[i % copies], x[i % sets], ids[i % sets], m, per_slot)  # noqa: E731
-                    elif label == "bf16 gather+bmm":
-                        row["op"] = "gather + torch.bmm"
-                        call = lambda i: gather_bmm_call(w[i % copies], x[i % sets], ids[i % sets], m, per_slot)  # noqa: E731
+                    if dense:
+                        grouped = label == "bf16 grouped_mm"
+                        fn = grouped_mm_call if grouped else gather_bmm_call
+                        row["op"] = "torch._grouped_mm (sorted slots)" if grouped else "gather + torch.bmm"
+                        call = (lambda i, fn=fn: fn(w[i % copies], x[i % sets], ids[i % sets], m, per_slot))
                     else:
                         row["op"] = "torchext.qmatmul_id"
                         qt = int(torchext.QType.of(label))
-                        call = lambda i: torch.ops.torchext.qmatmul_id(  # noqa: E731
-                            w[i % copies], qt, x[i % sets], ids[i % sets], n, k, False)
+                        call = (lambda i: torch.ops.torchext.qmatmul_id(
+                            w[i % copies], qt, x[i % sets], ids[i % sets], n, k, False))
                     gather = label == "bf16 gather+bmm"
                     weight = (b * m.top_k * expert_bytes if gather else selected_bytes(ids, expert_bytes))
                     row["bytes"] = round(weight + x[0].numel() * 2 + b * m.top_k * n * 2)

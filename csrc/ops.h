@@ -247,8 +247,8 @@ struct Ops {
     if (x.scalar_type() != ct) x2 = torch::stable::to(x2, ct);
     Tensor wd = torch::stable::new_empty(w, {n, k}, ct);
     for (int64_t e = 0; e < a.slots.experts; ++e) {
-      Backend::dequantize(ctx, a.format.type, static_cast<const uint8_t*>(w.data_ptr()) + e * n * row_bytes(a.format, k),
-                          n, k, RowIndex{}, n, wd.data_ptr(), output_float_type(ct));
+      const uint8_t* we = static_cast<const uint8_t*>(w.data_ptr()) + e * n * row_bytes(a.format, k);
+      Backend::dequantize(ctx, a.format.type, we, n, k, RowIndex{}, n, wd.data_ptr(), output_float_type(ct));
       Tensor y = torch::stable::matmul(x2, torch::stable::transpose(wd, 0, 1));
       if (y.scalar_type() != x.scalar_type()) y = torch::stable::to(y, x.scalar_type());
       Backend::copy_expert_rows(ctx, a.slots, e, y.data_ptr(), n, out.data_ptr(), a.xt, /*mark_invalid=*/e == 0);

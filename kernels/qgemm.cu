@@ -19,6 +19,9 @@
 //   shared-memory load. A dot product does not depend on the order of its terms.
 // - Too few tiles to fill the GPU: K is split over grid.z; each split writes fp32 partial sums to a
 //   workspace that add_splits_kernel adds up in split order (deterministic, no atomics).
+// - qmatmul_id's grouped GEMM is the same body over other tiles (ExpertTiles): BM slots that
+//   route_slots sorted to one expert, their activation rows gathered and output rows scattered
+//   through the slot table, the expert's rows of the weight.
 //
 // What limits it (H200, bench/NOTES.md): issue slots, about 4 instructions per weight value for the
 // exact dequantization, not memory. More pipeline stages, two warps per tile splitting each chunk,

@@ -258,8 +258,8 @@ def test_equals_transformers_qwen2_moe_block_with_shared_expert(tmp_path):
 
 def small_block(device, exact=False):
     router, gate, up, down = float_experts(3)
-    return QuantSparseMoeBlock(TopKRouter(router, TOP_K), QuantExperts.from_float(gate, up, down, ("Q4_K", "Q8_0",
-                                                                                                   "Q6_K"), exact)).to(device)
+    experts = QuantExperts.from_float(gate, up, down, ("Q4_K", "Q8_0", "Q6_K"), exact)
+    return QuantSparseMoeBlock(TopKRouter(router, TOP_K), experts).to(device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
