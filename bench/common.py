@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import signal
 import statistics
 import time
 
@@ -155,6 +156,55 @@ class Stopwatch:
 
     def out_of_time(self) -> bool:
         return self.elapsed() > self.budget_s
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (`timeout`, the device tool's limit) raises KeyboardInterrupt: a run stops measuring
+    and still writes its outputs."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+class Measurements:
+    """A run's rows and their measuring: args (seed, budget_s), the device, a timer (GraphTimer or
+    FakeTimer), a generator, the L2 size. Each measurement is in its own try/except: a failure is
+    recorded in its row and the run goes on, except after a sticky CUDA error (the rest is skipped)
+    or once the time budget is spent."""
+
+    def __init__(self, args, device, timer):
+        self.args, self.device, self.timer = args, device, timer
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(args.seed)
+        self.l2 = l2_cache_bytes(device) if device.type == "cuda" else L2_FALLBACK_BYTES
+        self.watch = Stopwatch(args.budget_s)
+        self.rows: list[dict] = []
+        self.fatal = ""
+
+    def measure(self, row: dict, call, calls: int) -> None:
+        if self.fatal:
+            row["error"] = f"skipped: earlier fatal CUDA error ({self.fatal[:80]})"
+            return
+        if self.watch.out_of_time():
+            row["error"] = f"skipped: time budget of {self.args.budget_s:.0f} s spent"
+            return
+        try:
+            us, method, note = self.timer(call, calls, row)
+            row.update(us=us, method=method, note=" ".join(x for x in (row["note"], note) if x))
+        except Exception as e:  # noqa: BLE001  (record and go on)
+            self.fail(row, e)
+
+    def fail(self, row: dict, e: BaseException) -> None:
+        row["error"] = short_error(e) or "error"
+        if is_fatal_cuda_error(row["error"]):
+            self.fatal = row["error"]
+        if self.device.type == "cuda":
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            except Exception as e2:  # noqa: BLE001
+                self.fatal = self.fatal or short_error(e2)
 
 
 # ---- random-but-realistic quantized weights ---------------------------------------------------

@@ -16,7 +16,6 @@ import argparse
 import csv
 import math
 import platform
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,45 +158,15 @@ def build_int4(ctx, n: int, k: int, copies: int) -> dict:
 
 # ---- measuring ----------------------------------------------------------------------------------
 
-class Ctx:
+class Ctx(common.Measurements):
     def __init__(self, args, device, timer):
-        self.args, self.device, self.timer = args, device, timer
-        self.gen = torch.Generator(device=device)
-        self.gen.manual_seed(args.seed)
-        self.l2 = common.l2_cache_bytes(device) if device.type == "cuda" else common.L2_FALLBACK_BYTES
-        self.watch = common.Stopwatch(args.budget_s)
-        self.rows: list[dict] = []
-        self.fatal = ""
+        super().__init__(args, device, timer)
         self.copy_gbps: float | None = None
 
     def copies(self, bytes_per_copy: int) -> int:
         c = plan_copies(bytes_per_copy, self.l2, mem_cap_bytes=self.args.mem_cap_gb * 1e9,
                         max_copies=self.args.max_copies)
         return min(c, 2) if self.args.dry_run else c  # dry run: rotation exercised, no big CPU buffers
-
-    def measure(self, row: dict, call, calls: int) -> None:
-        if self.fatal:
-            row["error"] = f"skipped: earlier fatal CUDA error ({self.fatal[:80]})"
-            return
-        if self.watch.out_of_time():
-            row["error"] = f"skipped: time budget of {self.args.budget_s:.0f} s spent"
-            return
-        try:
-            us, method, note = self.timer(call, calls, row)
-            row.update(us=us, method=method, note=" ".join(x for x in (row["note"], note) if x))
-        except Exception as e:  # noqa: BLE001  (record and go on)
-            self.fail(row, e)
-
-    def fail(self, row: dict, e: BaseException) -> None:
-        row["error"] = short_error(e) or "error"
-        if common.is_fatal_cuda_error(row["error"]):
-            self.fatal = row["error"]
-        if self.device.type == "cuda":
-            try:
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-            except Exception as e2:  # noqa: BLE001
-                self.fatal = self.fatal or short_error(e2)
 
 
 def run_group(ctx: Ctx, group: str, n: int, k: int, batches: list[int], modes: list[str]) -> None:
@@ -548,10 +517,6 @@ def parse_shapes(items: list[str]) -> list[tuple[int, int, list[str]]]:
     return out
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -615,8 +580,7 @@ def main(argv=None) -> int:
         tx_where = f"torchext IMPORT FAILED: {short_error(e)}"
 
     ctx = Ctx(args, device, timer)
-    # `timeout` (the device tool's limit) sends SIGTERM: stop measuring, still write the outputs.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    common.stop_on_sigterm()
     if device.type == "cuda":
         prop = torch.cuda.get_device_properties(device)
         gpu = (f"{prop.name}, sm_{prop.major}{prop.minor}, {prop.multi_processor_count} SMs, "

@@ -6,12 +6,14 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 
+#include <climits>
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 
+#include "kernels/expert_slots.h"
 #include "kernels/float_types.h"
 #include "kernels/quant_traits.h"
 #include "kernels/row_index.h"
@@ -177,11 +179,18 @@ inline void check_shape_nk(int64_t n, int64_t k) {
   TORCHEXT_CHECK(k > 0, "k: expected a positive row length, got ", k);
 }
 
-// A quantized weight: uint8, contiguous, exactly n rows of ceil(k / values) blocks.
-inline FormatInfo check_weight(const Tensor& w, int64_t qtype, int64_t n, int64_t k, const char* arg = "w") {
+// The weight rows' format and length, shared by every weight check: a known format, n, k > 0,
+// whole 32-value blocks for the 32-value formats.
+inline FormatInfo check_format_nk(int64_t qtype, int64_t n, int64_t k) {
   const FormatInfo f = format_info(qtype);
   check_shape_nk(n, k);
   check_whole_blocks(f, k, "k");
+  return f;
+}
+
+// A quantized weight: uint8, contiguous, exactly n rows of ceil(k / values) blocks.
+inline FormatInfo check_weight(const Tensor& w, int64_t qtype, int64_t n, int64_t k, const char* arg = "w") {
+  const FormatInfo f = check_format_nk(qtype, n, k);
   check_defined_contiguous(w, arg);
   TORCHEXT_CHECK(w.scalar_type() == ScalarType::Byte, arg, ": expected raw ", qtype_name(f.type),
                   " bytes as a uint8 tensor, got ", dtype_name(w.scalar_type()));
@@ -229,6 +238,43 @@ inline void check_q8_1(const Tensor& xq, int64_t k, const char* arg = "xq") {
                   " bytes (k=", k, " padded to whole 256-value super-blocks, 36 bytes per 32 values), got ",
                   xq.size(xq.dim() - 1));
   check_alignment(xq, 4, arg, "Q8_1 quants are read as 32-bit words");
+}
+
+// The operands of qmatmul_id: the experts' weights [E, n, row bytes], activations x [T, k] (read by
+// every slot of a token) or [T, top_k, k] (one row per slot), expert ids [T, top_k].
+struct MatmulIdOperands {
+  FormatInfo format;
+  FloatType xt;
+  int64_t tokens;
+  ExpertSlots slots;
+};
+
+inline MatmulIdOperands check_matmul_id(const Tensor& w, int64_t qtype, const Tensor& x, const Tensor& ids, int64_t n,
+                                        int64_t k) {
+  const FormatInfo f = check_format_nk(qtype, n, k);
+  check_defined_contiguous(w, "w");
+  TORCHEXT_CHECK(w.scalar_type() == ScalarType::Byte, "w: expected raw ", qtype_name(f.type),
+                  " bytes as a uint8 tensor, got ", dtype_name(w.scalar_type()));
+  const int64_t rb = row_bytes(f, k);
+  TORCHEXT_CHECK(w.dim() == 3 && w.size(0) > 0 && w.size(1) == n && w.size(2) == rb, "w: expected ",
+                  qtype_name(f.type), " experts of shape [E, n, row bytes] = [E, ", n, ", ", rb, "] with E > 0, got ",
+                  shape_string(w));
+  TORCHEXT_CHECK(w.size(0) <= kMaxExperts, "w: at most ", kMaxExperts, " experts, got ", w.size(0));
+  check_alignment(w, f.align, "w", "the alignment of its blocks");
+  const FloatType xt = check_activations(x, k);
+  TORCHEXT_CHECK(x.dim() == 2 || x.dim() == 3, "x: expected [T, k] or [T, top_k, k], got ", x.dim(), " dimensions");
+  check_defined_contiguous(ids, "ids");
+  TORCHEXT_CHECK(ids.scalar_type() == ScalarType::Long || ids.scalar_type() == ScalarType::Int,
+                  "ids: expected int64 or int32 expert ids, got ", dtype_name(ids.scalar_type()));
+  TORCHEXT_CHECK(ids.dim() == 2 && ids.size(0) == x.size(0) && (x.dim() == 2 || x.size(1) == ids.size(1)),
+                  "ids: expected [T, top_k] for x of shape [T, k] or [T, top_k, k], got ids ", shape_string(ids),
+                  " and x ", shape_string(x));
+  check_same_device(w, "w", x, "x");
+  check_same_device(w, "w", ids, "ids");
+  const int64_t slots = checked_mul(ids.size(0), ids.size(1), "ids");
+  TORCHEXT_CHECK(slots <= INT32_MAX, "ids: at most 2^31 - 1 slots (T x top_k), got ", slots);
+  const RowIndex id_rows{ids.data_ptr(), ids.scalar_type() == ScalarType::Long};
+  return {f, xt, ids.size(0), ExpertSlots{id_rows, slots, w.size(0), ids.size(1), x.dim() == 3}};
 }
 
 inline bool parse_approximate(const std::string& approximate) {

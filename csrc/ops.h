@@ -2,13 +2,17 @@
 //   struct Context { explicit Context(const Tensor& on); };   device guard + stream (CUDA) or nothing (CPU)
 //   quantize_q8_1, rms_norm_quantize_q8_1, gated_gelu_quantize_q8_1, gemv_q8_1, dequantize, gelu
 //                                                            the kernels, on raw pointers
-//   check_ids(rows, count, n)                                embedding ids in range, where it costs no sync
+//   check_ids(rows, count, n, bound)                         ids in [0, n), where it costs no sync
+//   kIdsOnHost                                               qmatmul_id groups slots by expert on the host (CPU);
+//                                                            otherwise on the device: gemv_q8_1_id, tiled_gemm_id
+//                                                            and copy_expert_rows, no host sync
 // so that checks, shapes, output allocation and the batch policy are shared by CPU and CUDA.
 #pragma once
 
 #include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "csrc/checks.h"
@@ -161,6 +165,96 @@ struct Ops {
     return out;
   }
 
+  // Experts' weights w [E, n, row bytes] x activations -> [T, top_k, n] in x's dtype: slot (t, j)
+  // multiplies its activation row (x[t] of x [T, k], or x[t, j] of x [T, top_k, k]) by expert ids[t, j]'s
+  // weight, through the path the batch policy picks for T tokens (choose_matmul_id_path).
+  static Tensor matmul_id(const Tensor& w, int64_t qtype, const Tensor& x, const Tensor& ids, int64_t n, int64_t k,
+                          bool exact) {
+    const MatmulIdOperands a = check_matmul_id(w, qtype, x, ids, n, k);
+    const ExpertSlots& s = a.slots;
+    Tensor out = torch::stable::new_empty(x, {a.tokens, s.top_k, n});
+    if (s.count == 0) return out;
+    Backend::check_ids(s.ids, s.count, s.experts, "E");
+    const MatmulPath path = choose_matmul_id_path(a.tokens, Backend::tiled_gemm_runs(a.xt, w, x, k), exact);
+    Ctx ctx(w);
+    if constexpr (Backend::kIdsOnHost) {
+      matmul_id_by_expert(ctx, w, qtype, a, x, n, k, path, out);
+    } else if (path == MatmulPath::Gemv) {
+      Tensor xq = new_q8_1(x, k);
+      Backend::quantize_q8_1(ctx, x.data_ptr(), a.xt, leading_rows(x), k, static_cast<block_q8_1*>(xq.data_ptr()));
+      Backend::gemv_q8_1_id(ctx, a.format.type, static_cast<const uint8_t*>(w.data_ptr()), n, k,
+                            static_cast<const block_q8_1*>(xq.data_ptr()), s, out.data_ptr(), a.xt);
+    } else if (path == MatmulPath::TiledGemm) {
+      Backend::tiled_gemm_id(ctx, a.format.type, w, n, k, x, a.xt, s, out);
+    } else {
+      matmul_id_masked(ctx, w, qtype, a, x, n, k, out);
+    }
+    return out;
+  }
+
+  // qmatmul_id where the ids are readable on the host (CPU): each expert's rows are gathered (Q8_1
+  // blocks quantized once for the GEMV path, else float rows), multiplied by the Q8_1 GEMV or the dense
+  // path of qmatmul (exact), and the results copied to their slots.
+  static void matmul_id_by_expert(Ctx& ctx, const Tensor& w, int64_t qtype, const MatmulIdOperands& a,
+                                  const Tensor& x, int64_t n, int64_t k, MatmulPath path, const Tensor& out) {
+    const ExpertSlots& s = a.slots;
+    std::vector<int64_t> first(s.experts + 1, 0), order(s.count);
+    for (int64_t i = 0; i < s.count; ++i) ++first[s.expert(i) + 1];
+    for (int64_t e = 0; e < s.experts; ++e) first[e + 1] += first[e];
+    std::vector<int64_t> next(first.begin(), first.end() - 1);
+    for (int64_t i = 0; i < s.count; ++i) order[next[s.expert(i)]++] = i;
+
+    const bool gemv = path == MatmulPath::Gemv;
+    Tensor src = torch::stable::reshape(x, {leading_rows(x), k});
+    if (gemv) {
+      Tensor xq = new_q8_1(src, k);
+      Backend::quantize_q8_1(ctx, src.data_ptr(), a.xt, src.size(0), k, static_cast<block_q8_1*>(xq.data_ptr()));
+      src = xq;
+    }
+    const int64_t src_bytes = src.size(1) * int64_t(src.element_size()), out_bytes = n * int64_t(out.element_size());
+    const char* src_rows = static_cast<const char*>(src.data_ptr());
+    char* out_rows = static_cast<char*>(out.data_ptr());
+    for (int64_t e = 0; e < s.experts; ++e) {
+      const int64_t count = first[e + 1] - first[e];
+      if (count == 0) continue;
+      Tensor rows = torch::stable::new_empty(src, {count, src.size(1)});
+      for (int64_t i = 0; i < count; ++i)
+        std::memcpy(static_cast<char*>(rows.data_ptr()) + i * src_bytes,
+                    src_rows + s.x_row(order[first[e] + i]) * src_bytes, src_bytes);
+      const Tensor we = torch::stable::select(w, 0, e);
+      Tensor y;
+      if (gemv) {
+        y = torch::stable::new_empty(x, {count, n});
+        Backend::gemv_q8_1(ctx, a.format.type, static_cast<const uint8_t*>(we.data_ptr()), n, k,
+                           static_cast<const block_q8_1*>(rows.data_ptr()), count, y.data_ptr(), a.xt);
+      } else {
+        y = torch::stable::contiguous(matmul(we, qtype, rows, n, k, /*exact=*/true));
+      }
+      for (int64_t i = 0; i < count; ++i)
+        std::memcpy(out_rows + order[first[e] + i] * out_bytes, static_cast<const char*>(y.data_ptr()) + i * out_bytes,
+                    out_bytes);
+    }
+  }
+
+  // qmatmul_id's dense path on a device (CUDA without the grouped GEMM: fp32 activations, GPUs before
+  // sm_80, misaligned operands). Which rows each expert takes is known on the device only, so every
+  // expert multiplies every row and copy_expert_rows keeps the slots routed to it: E dense GEMMs,
+  // exact and free of host syncs, a fallback rather than a fast path.
+  static void matmul_id_masked(Ctx& ctx, const Tensor& w, int64_t qtype, const MatmulIdOperands& a, const Tensor& x,
+                               int64_t n, int64_t k, const Tensor& out) {
+    const ScalarType ct = Backend::dense_compute_type(x.scalar_type());
+    Tensor x2 = torch::stable::reshape(x, {leading_rows(x), k});
+    if (x.scalar_type() != ct) x2 = torch::stable::to(x2, ct);
+    Tensor wd = torch::stable::new_empty(w, {n, k}, ct);
+    for (int64_t e = 0; e < a.slots.experts; ++e) {
+      const uint8_t* we = static_cast<const uint8_t*>(w.data_ptr()) + e * n * row_bytes(a.format, k);
+      Backend::dequantize(ctx, a.format.type, we, n, k, RowIndex{}, n, wd.data_ptr(), output_float_type(ct));
+      Tensor y = torch::stable::matmul(x2, torch::stable::transpose(wd, 0, 1));
+      if (y.scalar_type() != x.scalar_type()) y = torch::stable::to(y, x.scalar_type());
+      Backend::copy_expert_rows(ctx, a.slots, e, y.data_ptr(), n, out.data_ptr(), a.xt, /*mark_invalid=*/e == 0);
+    }
+  }
+
   // Output rows `rows` of w (all n rows when ids is null) as dense [..., k] in dtype.
   static Tensor gather_rows(const Tensor& w, int64_t qtype, const Tensor* ids, int64_t n, int64_t k,
                             std::optional<ScalarType> dtype) {
@@ -179,7 +273,7 @@ struct Ops {
       rows_out = ids->numel();
       shape.assign(ids->sizes().begin(), ids->sizes().end());
       shape.push_back(k);
-      Backend::check_ids(rows, rows_out, n);
+      Backend::check_ids(rows, rows_out, n, "n");
     }
     Tensor out = torch::stable::new_empty(w, shape, st);
     if (rows_out == 0) return out;
@@ -257,6 +351,9 @@ struct Ops {
   static Tensor embedding(Tensor w, int64_t qtype, Tensor ids, int64_t n, int64_t k, std::optional<ScalarType> dtype) {
     return gather_rows(w, qtype, &ids, n, k, dtype);
   }
+  static Tensor qmatmul_id(Tensor w, int64_t qtype, Tensor x, Tensor ids, int64_t n, int64_t k, bool exact) {
+    return matmul_id(w, qtype, x, ids, n, k, exact);
+  }
 };
 
 // Registers every op of Ops<Backend> for one dispatch key; called from each backend's
@@ -274,6 +371,7 @@ struct Ops {
     m.impl("q6k_gemv", TORCH_BOX(&O::q6k_gemv));                               \
     m.impl("qmatmul", TORCH_BOX(&O::qmatmul));                                 \
     m.impl("qmatmul_q8_1", TORCH_BOX(&O::qmatmul_q8_1));                       \
+    m.impl("qmatmul_id", TORCH_BOX(&O::qmatmul_id));                           \
     m.impl("gelu", TORCH_BOX(&O::gelu));                                       \
     m.impl("gelu_", TORCH_BOX(&O::gelu_));                                     \
     m.impl("bias_gelu", TORCH_BOX(&O::bias_gelu));                             \

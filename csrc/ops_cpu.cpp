@@ -43,12 +43,15 @@ struct CpuBackend {
                          int64_t rows_out, void* out, FloatType ot) {
     cpu::dequantize(wt, w, n, k, rows, rows_out, out, ot);
   }
-  // On the CPU an id out of range is an error, as in torch.nn.functional.embedding.
-  static void check_ids(const RowIndex& rows, int64_t count, int64_t n) {
+  // On the CPU an id out of range is an error, as in torch.nn.functional.embedding; `bound` names n
+  // in the message ("n": a weight's rows, "E": experts).
+  static void check_ids(const RowIndex& rows, int64_t count, int64_t n, const char* bound) {
     for (int64_t i = 0; i < count; ++i)
-      TORCHEXT_CHECK(rows.source(i, n) >= 0, "ids: expected ids in [0, n=", n, "), got ", rows.id(i),
+      TORCHEXT_CHECK(rows.source(i, n) >= 0, "ids: expected ids in [0, ", bound, "=", n, "), got ", rows.id(i),
                       " at flat position ", i);
   }
+  // qmatmul_id reads the ids here and groups each expert's rows (ops.h, matmul_id_by_expert).
+  static constexpr bool kIdsOnHost = true;
   static void gelu(Context&, const void* x, const void* bias, void* out, int64_t numel, int64_t channels,
                    FloatType t, bool tanh_form) {
     cpu::gelu(x, bias, out, numel, channels, t, tanh_form);

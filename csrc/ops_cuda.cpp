@@ -12,6 +12,7 @@
 #include "kernels/gemv_q8_1.cuh"
 #include "kernels/qgemm.cuh"
 #include "kernels/quantize_q8_1.cuh"
+#include "kernels/route_slots.cuh"
 
 namespace torchext {
 namespace {
@@ -82,7 +83,33 @@ struct CudaBackend {
     check_launch(launch_dequantize(wt, w, n, k, rows, rows_out, out, ot, c.stream), "dequantize", wt);
   }
   // Reading the ids on the host would synchronise; an id out of range gives a NaN row instead.
-  static void check_ids(const RowIndex&, int64_t, int64_t) {}
+  static void check_ids(const RowIndex&, int64_t, int64_t, const char*) {}
+
+  // qmatmul_id: the slots are grouped by expert on the device (ops.h).
+  static constexpr bool kIdsOnHost = false;
+  static void gemv_q8_1_id(Context& c, QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq,
+                           const ExpertSlots& slots, void* out, FloatType ot) {
+    check_launch(launch_gemv_q8_1_id(wt, w, n, k, xq, slots, out, ot, c.device, c.stream), "gemv_q8_1_id", wt);
+  }
+  // The grouped GEMM: route_slots sorts the slots into tiles (its arrays from torch's allocator, sized
+  // for the most tiles the ids can need), then the tiled GEMM runs over them.
+  static void tiled_gemm_id(Context& c, QType wt, const Tensor& w, int64_t n, int64_t k, const Tensor& x, FloatType xt,
+                            const ExpertSlots& slots, const Tensor& out) {
+    const int tile_rows = qgemm_id_tile_rows(slots.count, slots.experts);
+    const int64_t tiles = route_slots_max_tiles(slots.count, slots.experts, tile_rows);
+    Tensor routing = torch::stable::new_empty(x, {tiles * tile_rows + tiles}, ScalarType::Int);
+    int32_t* sorted = static_cast<int32_t*>(routing.data_ptr());
+    int32_t* tile_experts = sorted + tiles * tile_rows;
+    check_launch(launch_route_slots(slots, tile_rows, tiles, sorted, tile_experts, n, out.data_ptr(), xt, c.stream),
+                 "route_slots");
+    check_launch(launch_qgemm_id(wt, static_cast<const uint8_t*>(w.data_ptr()), n, k, x.data_ptr(), xt, slots,
+                                 tile_rows, tiles, sorted, tile_experts, out.data_ptr(), c.device, c.stream),
+                 "qgemm_id", wt);
+  }
+  static void copy_expert_rows(Context& c, const ExpertSlots& slots, int64_t expert, const void* src, int64_t n,
+                               void* out, FloatType ot, bool mark_invalid) {
+    check_launch(launch_copy_expert_rows(slots, expert, src, n, out, ot, mark_invalid, c.stream), "copy_expert_rows");
+  }
   static void gelu(Context& c, const void* x, const void* bias, void* out, int64_t numel, int64_t channels,
                    FloatType t, bool tanh_form) {
     check_launch(launch_gelu(x, bias, out, numel, channels, t, tanh_form, c.stream), "gelu");

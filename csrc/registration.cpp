@@ -31,6 +31,12 @@ STABLE_TORCH_LIBRARY(torchext, m) {
   // any weight format x Q8_1 activations [..., bytes] -> [..., N] in dtype (float32 when None): one
   // quantize_q8_1 shared by several weights that read the same input (q/k/v, gate/up)
   m.def("qmatmul_q8_1(Tensor w, int qtype, Tensor xq, int n, int k, ScalarType? dtype=None) -> Tensor");
+  // the experts' weights [E, n, row bytes] (one GGUF *_exps tensor) x activations x [T, k] (every slot of a
+  // token reads its row) or [T, top_k, k] (a row per slot) with expert ids [T, top_k] (int64 or int32)
+  // -> [T, top_k, n] in x's dtype: out[t, j] = x[t] (or x[t, j]) @ dequantize(w[ids[t, j]]).T, ggml's
+  // mul_mat_id. The path follows the number of tokens T (kernels/batch_policy.h); exact as in qmatmul.
+  // An id out of range raises on the CPU and gives a NaN row on CUDA.
+  m.def("qmatmul_id(Tensor w, int qtype, Tensor x, Tensor ids, int n, int k, bool exact=False) -> Tensor");
   // GELU, approximate in {"none", "tanh"} as torch.nn.functional.gelu
   m.def("gelu(Tensor x, str approximate=\"none\") -> Tensor");
   // in-place GELU: overwrites x. It returns nothing, so that functionalization (torch.compile)

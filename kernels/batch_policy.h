@@ -50,6 +50,18 @@ inline MatmulPath choose_matmul_path(int64_t rows, bool tiled_gemm_runs, bool ex
   return tiled_gemm_runs && rows <= kMaxTiledGemmRows ? MatmulPath::TiledGemm : MatmulPath::Dense;
 }
 
+// The expert-indexed matmul (qmatmul_id: T tokens, each routed to top_k of E experts) decides on T
+// alone, a static shape, never on the ids (reading them would need a host sync): an expert receives
+// at most T activation rows when a token's top_k ids are distinct, so up to kMaxGemvRows tokens one
+// GEMV pass per selected expert serves all of its rows, each expert's weight read once whatever
+// the number of tokens routed to it; more tokens take the grouped tiled GEMM (unrounded activations,
+// as qmatmul from 17 rows), or the dense path where that does not run. Repeated ids in a token are
+// allowed: the kernels then take an expert's rows in several groups.
+inline MatmulPath choose_matmul_id_path(int64_t tokens, bool grouped_gemm_runs, bool exact) {
+  if (!exact && gemv_serves(tokens)) return MatmulPath::Gemv;
+  return grouped_gemm_runs ? MatmulPath::TiledGemm : MatmulPath::Dense;
+}
+
 // block_values: the weight format's values per block (256, or 32 and NVFP4's 64: the formats of
 // smaller blocks, whose MMA items are one block each); int8_mma: the device has int8 mma.sync (compute
 // capability 8.0 or newer).

@@ -13,6 +13,7 @@
 #include <algorithm>
 
 #include "kernels/batch_policy.h"
+#include "kernels/expert_rows.cuh"
 #include "kernels/gemv_q8_1.cuh"
 #include "kernels/gemv_q8_1_mma.cuh"
 #include "kernels/launch.cuh"
@@ -30,17 +31,24 @@ size_t staged_bytes(int64_t k, int64_t rows) {
   return size_t(rows) * q8_1_blocks_per_row(k) * (kQ8Block + sizeof(Q8Scales));
 }
 
-// Copies rows x q8_1_blocks_per_row(k) Q8_1 blocks into shared memory, quants to `qs` and
-// scales to `ds`. Each thread keeps kUnroll loads in flight before it stores: one load at a time
-// would make this prologue a chain of L2 round trips.
-__device__ void stage_activations(const block_q8_1* x, int64_t k, int rows, int8_t* qs, Q8Scales* ds) {
-  const uint32_t* src = reinterpret_cast<const uint32_t*>(x);  // word 0: d and s; words 1..8: quants
+// Copies the x.count rows' q8_1_blocks_per_row(k) Q8_1 blocks into shared memory, quants to `qs`
+// and scales to `ds`. Each thread keeps kUnroll loads in flight before it stores: one load at a
+// time would make this prologue a chain of L2 round trips.
+template <class Rows>
+__device__ void stage_activations(const Rows& x, int64_t k, int8_t* qs, Q8Scales* ds) {
   uint32_t* qs_words = reinterpret_cast<uint32_t*>(qs);
-  const int64_t words = rows * q8_1_blocks_per_row(k) * 9;
+  const int64_t row_words = q8_1_blocks_per_row(k) * 9, words = x.count * row_words;
+  // word i of the staged rows (word 0 of a block: d and s; words 1..8: quants); staged rows fit in
+  // shared memory, so i and row_words fit in 32 bits
+  const auto word = [&](int64_t i) {
+    if constexpr (Rows::kContiguous) return reinterpret_cast<const uint32_t*>(x.in(0))[i];
+    const uint32_t r = uint32_t(i) / uint32_t(row_words);
+    return reinterpret_cast<const uint32_t*>(x.in(int(r)))[i - r * row_words];
+  };
   for (int64_t base = threadIdx.x; base < words; base += kThreads * kUnroll) {
     uint32_t v[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = base + u * kThreads < words ? src[base + u * kThreads] : 0u;
+    for (int u = 0; u < kUnroll; ++u) v[u] = base + u * kThreads < words ? word(base + u * kThreads) : 0u;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = base + u * kThreads, block = i / 9, word = i % 9;
@@ -53,20 +61,22 @@ __device__ void stage_activations(const block_q8_1* x, int64_t k, int rows, int8
   }
 }
 
-// kStaged: activations in shared memory (any B); otherwise Q8_1 blocks read from global memory
-// (B = 1, for rows too long to stage).
-template <class T, int B, bool kStaged>
-__global__ void __launch_bounds__(kThreads)
-    gemv_q8_1_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, const block_q8_1* __restrict__ x, int rows,
-                     int split, void* __restrict__ out, FloatType ot) {
+// The GEMV of weight w [n, k] against the rows x (ContiguousRows or SlotRows, up to B of them):
+// a CTA's share of the n output columns, called by every thread of the CTA. kStaged: activations in
+// shared memory (any B); otherwise Q8_1 blocks read from global memory (B = 1, for rows too long to
+// stage).
+template <class T, int B, bool kStaged, class Rows>
+__device__ __forceinline__ void gemv_rows(const uint8_t* __restrict__ w, int64_t n, int64_t k, const Rows& x,
+                                          int split, void* __restrict__ out, FloatType ot) {
   extern __shared__ int4 smem[];
   __shared__ float partial[kWarps][B];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int rows = x.count;
   const int64_t xb = q8_1_blocks_per_row(k);
   int8_t* qs = reinterpret_cast<int8_t*>(smem);
   Q8Scales* ds = reinterpret_cast<Q8Scales*>(qs + rows * xb * kQ8Block);
   if constexpr (kStaged) {
-    stage_activations(x, k, rows, qs, ds);
+    stage_activations(x, k, qs, ds);
     __syncthreads();
   }
 
@@ -95,7 +105,7 @@ __global__ void __launch_bounds__(kThreads)
           }
           T::template dot_item<B>(wrow + b * T::kBytes, int(it % T::kItems), xr, acc);
         } else {
-          const Q8_1BlockRows<B> xr{{x + b * kBlocksPerItem}};
+          const Q8_1BlockRows<B> xr{{x.in(0) + b * kBlocksPerItem}};
           T::template dot_item<B>(wrow + b * T::kBytes, int(it % T::kItems), xr, acc);
         }
       }
@@ -113,8 +123,34 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
     }
     if (part == 0 && lane == 0 && row < n)
-      for (int r = 0; r < B && r < rows; ++r) store_float(out, r * n + row, ot, acc[r]);
+      for (int r = 0; r < B && r < rows; ++r) store_float(out, x.out(r) * n + row, ot, acc[r]);
   }
+}
+
+template <class T, int B, bool kStaged>
+__global__ void __launch_bounds__(kThreads)
+    gemv_q8_1_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, const block_q8_1* __restrict__ x, int rows,
+                     int split, void* __restrict__ out, FloatType ot) {
+  gemv_rows<T, B, kStaged>(w, n, k, ContiguousRows{x, q8_1_blocks_per_row(k), rows}, split, out, ot);
+}
+
+// qmatmul_id: row y of the grid serves the y-th expert routed to (gemv_expert_slots), the last row of
+// CTAs marks the slots whose id is out of range.
+template <class T, int B, bool kStaged>
+__global__ void __launch_bounds__(kThreads)
+    gemv_q8_1_id_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, const block_q8_1* __restrict__ x,
+                        ExpertSlots slots, int split, void* __restrict__ out, FloatType ot) {
+  __shared__ ExpertCtaShared<kThreads> sh;
+  const int64_t rows_per_step = kWarps / split;
+  if (blockIdx.y + 1 == gridDim.y) {
+    for (int64_t c0 = int64_t(blockIdx.x) * rows_per_step; c0 < n; c0 += int64_t(gridDim.x) * rows_per_step)
+      mark_invalid_slots(slots, c0, std::min(n, c0 + rows_per_step), n, sh.slot, sh.warp_hits, out, ot);
+    return;
+  }
+  const int64_t expert_bytes = n * ((k + T::kValues - 1) / T::kValues * T::kBytes);
+  gemv_expert_slots<B>(slots, x, k, sh, [&](int64_t expert, const SlotRows& rows) {
+    gemv_rows<T, B, kStaged>(w + expert * expert_bytes, n, k, rows, split, out, ot);
+  });
 }
 
 // Shared memory a CTA may stage activations in: the device's opt-in limit (227 KB on Hopper,
@@ -125,28 +161,60 @@ size_t max_staged_bytes(int device) {
   return limit > 4096 ? size_t(limit) - 4096 : 0;
 }
 
-template <class T, int B, bool kStaged>
-cudaError_t launch_rows(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* x, int rows, void* out,
-                        FloatType ot, int device, cudaStream_t stream) {
-  auto kernel = gemv_q8_1_kernel<T, B, kStaged>;
-  const size_t smem = kStaged ? staged_bytes(k, rows) : 0;
+// A launch of a GEMV kernel whose CTAs cover `columns` output columns in all (n, or n per routed
+// expert): its dynamic shared memory (opted in), resident CTAs, and how many warps share a row.
+struct GemvPlan {
+  size_t smem;
+  int split;
+  int64_t rows_per_step, steps, resident_ctas;
+};
+
+template <class T, class Kernel>
+cudaError_t plan_gemv(Kernel kernel, int64_t n, int64_t k, int64_t columns, size_t smem, int device, GemvPlan& p) {
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return err;
   }
   int ctas_per_sm = 0;
-  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, kThreads, smem);
+  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, kThreads, smem);
   if (err != cudaSuccess) return err;
-  const int sms = sm_count(device);
   // Split rows over warps while that still fits in one wave of resident warps, keeping >= 32
   // items per warp: few rows then still fill the GPU, and many rows get whole warps each.
   const int64_t items = (k + T::kValues - 1) / T::kValues * T::kItems;
-  const int64_t resident_warps = int64_t(sms) * std::max(ctas_per_sm, 1) * kWarps;
-  int split = 1;
-  while (split < kWarps && 2 * split * kWarp <= items && 2 * split * n <= resident_warps) split *= 2;
-  const int64_t steps = (n + kWarps / split - 1) / (kWarps / split);
-  const unsigned grid = unsigned(std::min<int64_t>(steps, int64_t(sms) * std::max(ctas_per_sm, 1)));
-  kernel<<<grid, kThreads, smem, stream>>>(w, n, k, x, rows, split, out, ot);
+  p.smem = smem;
+  p.resident_ctas = int64_t(sm_count(device)) * std::max(ctas_per_sm, 1);
+  p.split = 1;
+  while (p.split < kWarps && 2 * p.split * kWarp <= items && 2 * p.split * columns <= p.resident_ctas * kWarps)
+    p.split *= 2;
+  p.rows_per_step = kWarps / p.split;
+  p.steps = (n + p.rows_per_step - 1) / p.rows_per_step;
+  return cudaSuccess;
+}
+
+template <class T, int B, bool kStaged>
+cudaError_t launch_rows(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* x, int rows, void* out,
+                        FloatType ot, int device, cudaStream_t stream) {
+  auto kernel = gemv_q8_1_kernel<T, B, kStaged>;
+  GemvPlan p;
+  const cudaError_t err = plan_gemv<T>(kernel, n, k, n, kStaged ? staged_bytes(k, rows) : 0, device, p);
+  if (err != cudaSuccess) return err;
+  const unsigned grid = unsigned(std::min(p.steps, p.resident_ctas));
+  kernel<<<grid, kThreads, p.smem, stream>>>(w, n, k, x, rows, p.split, out, ot);
+  return cudaGetLastError();
+}
+
+// A row of CTAs (one per step of rows) for each expert that can be routed to, at most one per slot,
+// and a row for the ids out of range; the split counts the columns of the routed experts.
+template <class T, int B, bool kStaged>
+cudaError_t launch_id_rows(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* x, const ExpertSlots& slots,
+                           void* out, FloatType ot, int device, cudaStream_t stream) {
+  auto kernel = gemv_q8_1_id_kernel<T, B, kStaged>;
+  GemvPlan p;
+  const int64_t routed = std::min(slots.experts, slots.count);
+  const cudaError_t err = plan_gemv<T>(kernel, n, k, n * routed, kStaged ? staged_bytes(k, B) : 0, device, p);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned(p.steps), unsigned(routed + 1));
+  kernel<<<grid, kThreads, p.smem, stream>>>(w, n, k, x, slots, p.split, out, ot);
   return cudaGetLastError();
 }
 
@@ -183,6 +251,31 @@ cudaError_t launch_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, c
     }
   });
   return known ? err : cudaErrorInvalidValue;
+}
+
+
+cudaError_t launch_gemv_q8_1_id(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* x,
+                                const ExpertSlots& slots, void* out, FloatType ot, int device, cudaStream_t stream) {
+  // an expert receives at most `tokens` rows unless ids repeat in a token (then it takes several groups)
+  const int64_t tokens = slots.count / slots.top_k;
+  const size_t max_staged = max_staged_bytes(device);
+  cudaError_t err = cudaErrorInvalidValue;
+  visit_weight_format(wt, [&](auto traits) {
+    using T = decltype(traits);
+    if (choose_gemv_kernel(tokens, T::kValues, has_int8_mma(device)) == GemvKernel::Int8Mma) {
+      err = launch_gemv_q8_1_mma_id(wt, w, n, k, x, slots, out, ot, device, stream);
+      return;
+    }
+    int g = 1;
+    while (g < std::min<int64_t>(tokens, kMaxDp4aRows)) g *= 2;
+    while (g > 1 && staged_bytes(k, g) > max_staged) g /= 2;
+    if (staged_bytes(k, g) > max_staged) err = launch_id_rows<T, 1, false>(w, n, k, x, slots, out, ot, device, stream);
+    else if (g == 1) err = launch_id_rows<T, 1, true>(w, n, k, x, slots, out, ot, device, stream);
+    else if (g == 2) err = launch_id_rows<T, 2, true>(w, n, k, x, slots, out, ot, device, stream);
+    else if (g == 4) err = launch_id_rows<T, 4, true>(w, n, k, x, slots, out, ot, device, stream);
+    else err = launch_id_rows<T, 8, true>(w, n, k, x, slots, out, ot, device, stream);
+  });
+  return err;
 }
 
 }  // namespace torchext

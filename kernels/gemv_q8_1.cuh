@@ -2,6 +2,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "kernels/expert_slots.h"
 #include "kernels/float_types.h"
 
 namespace torchext {
@@ -11,5 +12,12 @@ namespace torchext {
 // element type `ot`.
 cudaError_t launch_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows,
                              void* out, FloatType ot, int device, cudaStream_t stream);
+
+// qmatmul_id's GEMV: out[s, i] = sum_j w[e, i, j] * xq[x_row(s), j] for every slot s routed to expert e
+// (ExpertSlots), w holding the experts' [n, k] weights back to back; a NaN row for a slot whose id is
+// out of range. Each routed expert's weight is read once for all of its slots; the kernel (DP4A or
+// tensor cores) follows choose_gemv_kernel for T = slots / top_k rows, the most one expert receives.
+cudaError_t launch_gemv_q8_1_id(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq,
+                                const ExpertSlots& slots, void* out, FloatType ot, int device, cudaStream_t stream);
 
 }  // namespace torchext

@@ -15,6 +15,7 @@
 #include <algorithm>
 
 #include "kernels/batch_policy.h"
+#include "kernels/expert_rows.cuh"
 #include "kernels/gemv_q8_1_mma.cuh"
 #include "kernels/launch.cuh"
 #include "kernels/quant_traits.h"
@@ -61,10 +62,11 @@ constexpr int items_ahead() {
   return words >= 12 ? 2 : 24 / words;
 }
 
-template <class T, int NT>
-__global__ void __launch_bounds__(kThreads, 2)
-    gemv_q8_1_mma_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, const block_q8_1* __restrict__ x,
-                         int rows, int split, void* __restrict__ out, FloatType ot) {
+// The tiles of weight w [n, k] that this CTA owns against the rows x (ContiguousRows or SlotRows, up
+// to 8 * NT of them), called by every thread of the CTA.
+template <class T, int NT, class Rows>
+__device__ __forceinline__ void gemv_mma_rows(const uint8_t* __restrict__ w, int64_t n, int64_t k, const Rows& x,
+                                              int split, void* __restrict__ out, FloatType ot) {
   constexpr int kW = T::kMmaWords, kAhead = items_ahead<T>();
   __shared__ float partial[kWarps][kTileRows][8 * NT];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
@@ -72,11 +74,12 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t row0 = (int64_t(blockIdx.x) * (kWarps / split) + warp / split) * kTileRows;
 
   // This lane's two weight rows (clamped: rows past n compute garbage that is never stored) and
-  // activation rows: column g of B, and columns 2t, 2t+1 of C (rows past `rows` re-read the last).
-  const int64_t blocks = (k + T::kValues - 1) / T::kValues, xb = q8_1_blocks_per_row(k);
+  // activation rows: column g of B, and columns 2t, 2t+1 of C (rows past x.count re-read the last).
+  const int64_t blocks = (k + T::kValues - 1) / T::kValues;
   const auto w_row = [&](int64_t r) { return w + (r < n ? r : n - 1) * blocks * T::kBytes; };
   const uint8_t *w_lo = w_row(row0 + g), *w_hi = w_row(row0 + g + 8);
-  const auto x_row = [&](int r) { return x + (r < rows ? r : rows - 1) * xb; };
+  const int rows = x.count;
+  const auto x_row = [&](int r) { return x.in(r < rows ? r : rows - 1); };
   const block_q8_1 *xq[NT], *xs[NT][2];
 #pragma unroll
   for (int j = 0; j < NT; ++j) xq[j] = x_row(8 * j + g), xs[j][0] = x_row(8 * j + 2 * t), xs[j][1] = x_row(8 * j + 2 * t + 1);
@@ -159,27 +162,78 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int e = 0; e < 4; ++e) {
       const int64_t row = row0 + g + 8 * (e / 2);
       const int col = 8 * j + 2 * t + e % 2;
-      if (row < n && col < rows) store_float(out, col * n + row, ot, acc[j][e]);
+      if (row < n && col < rows) store_float(out, x.out(col) * n + row, ot, acc[j][e]);
     }
+}
+
+template <class T, int NT>
+__global__ void __launch_bounds__(kThreads, 2)
+    gemv_q8_1_mma_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, const block_q8_1* __restrict__ x,
+                         int rows, int split, void* __restrict__ out, FloatType ot) {
+  gemv_mma_rows<T, NT>(w, n, k, ContiguousRows{x, q8_1_blocks_per_row(k), rows}, split, out, ot);
+}
+
+// qmatmul_id: row y of the grid serves the y-th expert routed to (gemv_expert_slots), the last row of
+// CTAs marks the slots whose id is out of range.
+template <class T, int NT>
+__global__ void __launch_bounds__(kThreads, 2)
+    gemv_q8_1_mma_id_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, const block_q8_1* __restrict__ x,
+                            ExpertSlots slots, int split, void* __restrict__ out, FloatType ot) {
+  __shared__ ExpertCtaShared<kThreads> sh;
+  if (blockIdx.y + 1 == gridDim.y) {
+    const int64_t c0 = int64_t(blockIdx.x) * (kWarps / split) * kTileRows;
+    mark_invalid_slots(slots, c0, std::min(n, c0 + (kWarps / split) * kTileRows), n, sh.slot, sh.warp_hits, out, ot);
+    return;
+  }
+  const int64_t expert_bytes = n * ((k + T::kValues - 1) / T::kValues * T::kBytes);
+  gemv_expert_slots<8 * NT>(slots, x, k, sh, [&](int64_t expert, const SlotRows& rows) {
+    gemv_mma_rows<T, NT>(w + expert * expert_bytes, n, k, rows, split, out, ot);
+  });
+}
+
+// How many warps share a tile's items, and the CTAs that cover n rows, for a launch of `kernel` whose
+// CTAs cover `tiles` 16-row tiles in all (n's, or n's per routed expert).
+template <class T, class Kernel>
+cudaError_t plan_tiles(Kernel kernel, int64_t n, int64_t k, int64_t tiles, int device, int& split, int64_t& ctas) {
+  int ctas_per_sm = 0;
+  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, kThreads, 0);
+  if (err != cudaSuccess) return err;
+  // Split a tile's items over 2, 4 or 8 warps while the tiles alone would leave most resident warp
+  // slots empty, keeping >= 2 items per warp.
+  const int64_t items = (k + T::kValues - 1) / T::kValues * T::kMmaItems;
+  const int64_t resident_warps = int64_t(sm_count(device)) * std::max(ctas_per_sm, 1) * kWarps;
+  split = 1;
+  while (split < kWarps && 4 * split <= items && 2 * split * tiles <= resident_warps) split *= 2;
+  const int64_t tiles_per_cta = kWarps / split;
+  ctas = ((n + kTileRows - 1) / kTileRows + tiles_per_cta - 1) / tiles_per_cta;
+  return cudaSuccess;
 }
 
 template <class T, int NT>
 cudaError_t launch_tiles(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* x, int rows, void* out,
                          FloatType ot, int device, cudaStream_t stream) {
   auto kernel = gemv_q8_1_mma_kernel<T, NT>;
-  int ctas_per_sm = 0;
-  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, kThreads, 0);
-  if (err != cudaSuccess) return err;
-  // Split a tile's items over 2, 4 or 8 warps while the tiles alone would leave most resident warp
-  // slots empty, keeping >= 2 items per warp.
-  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
-  const int64_t items = (k + T::kValues - 1) / T::kValues * T::kMmaItems;
-  const int64_t resident_warps = int64_t(sm_count(device)) * std::max(ctas_per_sm, 1) * kWarps;
   int split = 1;
-  while (split < kWarps && 4 * split <= items && 2 * split * tiles <= resident_warps) split *= 2;
-  const int64_t tiles_per_cta = kWarps / split;
-  const unsigned grid = unsigned((tiles + tiles_per_cta - 1) / tiles_per_cta);
-  kernel<<<grid, kThreads, 0, stream>>>(w, n, k, x, rows, split, out, ot);
+  int64_t ctas = 0;
+  const cudaError_t err = plan_tiles<T>(kernel, n, k, (n + kTileRows - 1) / kTileRows, device, split, ctas);
+  if (err != cudaSuccess) return err;
+  kernel<<<unsigned(ctas), kThreads, 0, stream>>>(w, n, k, x, rows, split, out, ot);
+  return cudaGetLastError();
+}
+
+// A row of CTAs (one per group of tiles) for each expert that can be routed to, at most one per
+// slot, and a row for the ids out of range; the split counts the tiles of the routed experts.
+template <class T, int NT>
+cudaError_t launch_id_tiles(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* x, const ExpertSlots& slots,
+                            void* out, FloatType ot, int device, cudaStream_t stream) {
+  auto kernel = gemv_q8_1_mma_id_kernel<T, NT>;
+  const int64_t routed = std::min(slots.experts, slots.count);
+  const int64_t tiles = (n + kTileRows - 1) / kTileRows * routed;
+  int split = 1;
+  int64_t ctas = 0;
+  const cudaError_t err = plan_tiles<T>(kernel, n, k, tiles, device, split, ctas);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3(unsigned(ctas), unsigned(routed + 1)), kThreads, 0, stream>>>(w, n, k, x, slots, split, out, ot);
   return cudaGetLastError();
 }
 
@@ -199,6 +253,18 @@ cudaError_t launch_gemv_q8_1_mma(QType wt, const uint8_t* w, int64_t n, int64_t 
     using T = decltype(traits);
     err = rows <= 8 ? launch_tiles<T, 1>(w, n, k, x, rows, out, ot, device, stream)
                     : launch_tiles<T, 2>(w, n, k, x, rows, out, ot, device, stream);
+  });
+  return err;
+}
+
+cudaError_t launch_gemv_q8_1_mma_id(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* x,
+                                    const ExpertSlots& slots, void* out, FloatType ot, int device,
+                                    cudaStream_t stream) {
+  cudaError_t err = cudaErrorInvalidValue;
+  visit_weight_format(wt, [&](auto traits) {
+    using T = decltype(traits);
+    err = slots.count / slots.top_k <= 8 ? launch_id_tiles<T, 1>(w, n, k, x, slots, out, ot, device, stream)
+                                         : launch_id_tiles<T, 2>(w, n, k, x, slots, out, ot, device, stream);
   });
   return err;
 }

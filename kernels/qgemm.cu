@@ -20,6 +20,9 @@
 //   shared-memory load. A dot product does not depend on the order of its terms.
 // - Too few tiles to fill the GPU: K is split over grid.z; each split writes fp32 partial sums to a
 //   workspace that add_splits_kernel adds up in split order (deterministic, no atomics).
+// - qmatmul_id's grouped GEMM is the same body over other tiles (ExpertTiles): BM slots that
+//   route_slots sorted to one expert, their activation rows gathered and output rows scattered
+//   through the slot table, the expert's rows of the weight.
 //
 // What limits it (H200, bench/NOTES.md): issue slots, about 4 instructions per weight value for the
 // exact dequantization, not memory. More pipeline stages, two warps per tile splitting each chunk,
@@ -105,21 +108,74 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Where chunk c of weight row `row` starts, in bytes from the weight's first: rows past n repeat row
-// n-1 (computed but never stored). Its low 4 bits are where the row's data starts in its slot.
+// The rows of a CTA's tile: its first weight row n0 (an output column), counted from w_row0 (an
+// expert's first row in a qmatmul_id weight), and for each of its activation rows r the row of x
+// it reads and the output row it writes (-1: none; zeros are read and nothing is stored).
+// DenseTile: qmatmul's tile (blockIdx.x, blockIdx.y) of out [rows, n].
+struct DenseTile {
+  static constexpr int64_t w_row0 = 0;
+  int64_t n0, m0, rows;
+  __device__ __forceinline__ int64_t x_row(int r) const { return m0 + r < rows ? m0 + r : -1; }
+  __device__ __forceinline__ int64_t out_row(int r) const { return x_row(r); }
+};
+
+// ExpertTile: BM slots routed to one expert (route_slots), kept in shared memory; slot s reads x's
+// row s / x_divisor (1 when x holds a row per slot, else top_k) and writes output row s.
+struct ExpertTile {
+  int64_t n0, w_row0;
+  const int32_t* slot;
+  int64_t x_divisor;
+  __device__ __forceinline__ int64_t x_row(int r) const { return slot[r] < 0 ? -1 : slot[r] / x_divisor; }
+  __device__ __forceinline__ int64_t out_row(int r) const { return slot[r]; }
+};
+
+// What a CTA's tile is, from blockIdx. open() is called by every thread of the CTA and returns false
+// (in all of them) for a CTA without a tile.
+struct DenseTiles {
+  using Tile = DenseTile;
+  int64_t rows;
+  template <int BM, int kTileN>
+  __device__ __forceinline__ bool open(int32_t*, Tile& t) const {
+    t = Tile{int64_t(blockIdx.x) * kTileN, int64_t(blockIdx.y) * BM, rows};
+    return true;
+  }
+};
+
+// qmatmul_id: blockIdx.x is a tile of route_slots' sorted slots (the grid is sized for the most
+// tiles the ids can need; past the real ones tile_experts holds -1), blockIdx.y the weight rows.
+struct ExpertTiles {
+  using Tile = ExpertTile;
+  const int32_t* sorted_slots;
+  const int32_t* tile_experts;
+  int64_t n, x_divisor;
+  template <int BM, int kTileN>
+  __device__ __forceinline__ bool open(int32_t* slot, Tile& t) const {
+    const int64_t tile = blockIdx.x;
+    const int64_t expert = tile_experts[tile];
+    if (expert < 0) return false;
+    for (int r = threadIdx.x; r < BM; r += blockDim.x) slot[r] = sorted_slots[tile * BM + r];
+    __syncthreads();
+    t = Tile{int64_t(blockIdx.y) * kTileN, expert * n, slot, x_divisor};
+    return true;
+  }
+};
+
+// Where chunk c of weight row `row` (of the n from w_row0) starts, in bytes from the weight's first:
+// rows past n repeat row n-1 (computed but never stored). Its low 4 bits are where the row's data
+// starts in its slot.
 template <class T>
-__device__ __forceinline__ int64_t chunk_start(const GemmArgs& a, int64_t row, int64_t c) {
-  return (row < a.n ? row : a.n - 1) * a.row_bytes + c * WeightChunk<T>::kBytes;
+__device__ __forceinline__ int64_t chunk_start(const GemmArgs& a, int64_t w_row0, int64_t row, int64_t c) {
+  return (w_row0 + (row < a.n ? row : a.n - 1)) * a.row_bytes + c * WeightChunk<T>::kBytes;
 }
 
-// Chunk c of the tile's weight rows (chunk_start) and of its activation rows (rows past `rows` and
+// Chunk c of the tile's weight rows (chunk_start) and of its activation rows (rows without one and
 // values past k are zero-filled).
-template <class T, class H, int BM, int kThreads, int kTileN>
-__device__ __forceinline__ void load_chunk(const GemmArgs& a, int64_t n0, int64_t m0, int64_t c, uint8_t* ws, H* xs) {
+template <class T, class H, int BM, int kThreads, int kTileN, class Tile>
+__device__ __forceinline__ void load_chunk(const GemmArgs& a, const Tile& tile, int64_t c, uint8_t* ws, H* xs) {
   using L = WeightChunk<T>;
   for (int i = threadIdx.x; i < kTileN * L::kPieces; i += kThreads) {
     const int r = i / L::kPieces, p = i % L::kPieces;
-    const int64_t off = (chunk_start<T>(a, n0 + r, c) & ~int64_t(15)) + 16 * p;
+    const int64_t off = (chunk_start<T>(a, tile.w_row0, tile.n0 + r, c) & ~int64_t(15)) + 16 * p;
     const int64_t left = a.w_bytes - off;  // the last pieces may run past the weight's end
     uint8_t* dst = ws + r * L::kStride + 16 * p;
     if (left >= 16) {
@@ -140,8 +196,8 @@ __device__ __forceinline__ void load_chunk(const GemmArgs& a, int64_t n0, int64_
   const H* x = static_cast<const H*>(a.x);
   for (int i = threadIdx.x; i < BM * kPieces; i += kThreads) {
     const int r = i / kPieces, p = i % kPieces;
-    const int64_t row = m0 + r, col = c * kChunk + 8 * p;
-    const bool in = row < a.rows && col < a.k;  // k % 8 == 0: a piece is wholly in or out
+    const int64_t row = tile.x_row(r), col = c * kChunk + 8 * p;
+    const bool in = row >= 0 && col < a.k;  // k % 8 == 0: a piece is wholly in or out
     cp_async_16(xs + r * kXStride + 8 * p, in ? x + row * a.k + col : x, in ? 16 : 0);
   }
 }
@@ -188,15 +244,15 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 // Fills a warp's scale table from a staged chunk: lane l decodes the slices of (row, block, item)
 // units l, l + 32, ... of the warp's 32 rows.
 template <class T>
-__device__ __forceinline__ void decode_scales(const uint8_t* ws, const GemmArgs& a, int64_t n0, int64_t c, int blocks,
-                                              int lane, float2* table) {
+__device__ __forceinline__ void decode_scales(const uint8_t* ws, const GemmArgs& a, int64_t w_row0, int64_t n0,
+                                              int64_t c, int blocks, int lane, float2* table) {
   using L = WeightChunk<T>;
   constexpr int kUnits = L::kBlocks * T::kMmaItems;
 #pragma unroll
   for (int i = lane; i < 32 * kUnits; i += kWarp) {
     const int r = i / kUnits, u = i % kUnits, blk = u / T::kMmaItems, item = u % T::kMmaItems;
     if (blk >= blocks) continue;
-    const uint8_t* p = ws + r * L::kStride + (chunk_start<T>(a, n0 + r, c) & 15) + blk * T::kBytes;
+    const uint8_t* p = ws + r * L::kStride + (chunk_start<T>(a, w_row0, n0 + r, c) & 15) + blk * T::kBytes;
     typename T::MmaRaw raw;
     T::mma_load(p, item, 0, raw);
 #pragma unroll
@@ -259,8 +315,8 @@ __device__ __forceinline__ void mma_chunk(const uint8_t* const (&wrow)[4], const
   }
 }
 
-template <class T, class H, class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, 1) qgemm_kernel(GemmArgs a) {
+template <class T, class H, class Cfg, class Tiles>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) qgemm_kernel(GemmArgs a, Tiles tiles) {
   using L = WeightChunk<T>;
   constexpr int BM = Cfg::kBM, WM = Cfg::kWM;
   constexpr int kStages = Cfg::kStages, kStageBytes = Cfg::template stage_bytes<T>(), kTileN = Cfg::kTileN;
@@ -272,13 +328,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) qgemm_kernel(GemmArgs a) {
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
   const int warp_n = warp;
   float2* table = reinterpret_cast<float2*>(smem + kStages * kStageBytes + warp * ScaleTable<T>::kWarpBytes);
-  const int64_t n0 = int64_t(blockIdx.x) * kTileN, m0 = int64_t(blockIdx.y) * BM;
+  __shared__ int32_t tile_slots[BM];
+  typename Tiles::Tile tile;
+  if (!tiles.template open<BM, kTileN>(tile_slots, tile)) return;
+  const int64_t n0 = tile.n0;
   const int64_t chunks = (a.k + kChunk - 1) / kChunk, blocks = (a.k + T::kValues - 1) / T::kValues;
   const int64_t c0 = int64_t(blockIdx.z) * a.chunks_per_split, c1 = std::min(chunks, c0 + a.chunks_per_split);
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (c0 + s < c1) load_chunk<T, H, BM, Cfg::kThreads, Cfg::kTileN>(a, n0, m0, c0 + s, stage_w(s), stage_x(s));
+    if (c0 + s < c1) load_chunk<T, H, BM, Cfg::kThreads, kTileN>(a, tile, c0 + s, stage_w(s), stage_x(s));
     cp_async_commit();
   }
 
@@ -290,12 +349,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) qgemm_kernel(GemmArgs a) {
     const int64_t next = c + kStages - 1;
     if (next < c1) {
       const int ns = int((next - c0) % kStages);
-      load_chunk<T, H, BM, Cfg::kThreads, Cfg::kTileN>(a, n0, m0, next, stage_w(ns), stage_x(ns));
+      load_chunk<T, H, BM, Cfg::kThreads, kTileN>(a, tile, next, stage_w(ns), stage_x(ns));
     }
     cp_async_commit();
 
     const int valid = int(std::min<int64_t>(L::kBlocks, blocks - c * L::kBlocks));
-    decode_scales<T>(stage_w(s) + 32 * warp_n * L::kStride, a, n0 + 32 * warp_n, c, valid, lane, table);
+    decode_scales<T>(stage_w(s) + 32 * warp_n * L::kStride, a, tile.w_row0, n0 + 32 * warp_n, c, valid, lane, table);
     __syncwarp();
 
     const uint8_t* wrow[4];
@@ -303,7 +362,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) qgemm_kernel(GemmArgs a) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int local = 32 * warp_n + 8 * i + g;
-      wrow[i] = stage_w(s) + local * L::kStride + (chunk_start<T>(a, n0 + local, c) & 15);
+      wrow[i] = stage_w(s) + local * L::kStride + (chunk_start<T>(a, tile.w_row0, n0 + local, c) & 15);
       scales[i] = table + (8 * i + g) * ScaleTable<T>::kStride;
     }
     const H* xs = stage_x(s) + g * kXStride + 4 * t;
@@ -319,8 +378,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) qgemm_kernel(GemmArgs a) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int64_t col = n0 + 32 * warp_n + 16 * mt + g + 8 * (e / 2);  // weight row: output column
-        const int64_t row = m0 + 8 * nt + 2 * t + e % 2;                  // activation row: output row
-        if (col >= a.n || row >= a.rows) continue;
+        const int64_t row = tile.out_row(8 * nt + 2 * t + e % 2);          // activation row: output row
+        if (col >= a.n || row < 0) continue;
         if (gridDim.z > 1)
           a.partial[(int64_t(blockIdx.z) * a.rows + row) * a.n + col] = acc[mt][nt][e];
         else
@@ -387,7 +446,8 @@ Plan make_plan(int64_t n, int64_t k, int64_t rows, int bm, int tile_n, int ctas_
 template <class T, class H, class Cfg>
 struct Kernel {
   using Traits = T;
-  static constexpr auto fn = qgemm_kernel<T, H, Cfg>;
+  static constexpr auto fn = qgemm_kernel<T, H, Cfg, DenseTiles>;
+  static constexpr auto fn_id = qgemm_kernel<T, H, Cfg, ExpertTiles>;
   static constexpr int smem = Cfg::template smem_bytes<T>();
   static_assert(smem <= kSmemLimit, "more shared memory than a Hopper CTA may have");
 
@@ -401,7 +461,16 @@ struct Kernel {
   static cudaError_t launch(const GemmArgs& args, const Plan& p, cudaStream_t stream) {
     const dim3 grid(unsigned((args.n + Cfg::kTileN - 1) / Cfg::kTileN), unsigned((args.rows + Cfg::kBM - 1) / Cfg::kBM),
                     unsigned(p.splits));
-    fn<<<grid, Cfg::kThreads, smem, stream>>>(args);
+    fn<<<grid, Cfg::kThreads, smem, stream>>>(args, DenseTiles{args.rows});
+    return cudaGetLastError();
+  }
+
+  // qmatmul_id: one CTA per possible tile of routed slots and kTileN weight rows; no K split.
+  static cudaError_t launch_id(const GemmArgs& args, const ExpertTiles& tiles, int64_t max_tiles, cudaStream_t stream) {
+    const cudaError_t err = cudaFuncSetAttribute(fn_id, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    const dim3 grid(unsigned(max_tiles), unsigned((args.n + Cfg::kTileN - 1) / Cfg::kTileN));
+    fn_id<<<grid, Cfg::kThreads, smem, stream>>>(args, tiles);
     return cudaGetLastError();
   }
 };
@@ -450,6 +519,23 @@ cudaError_t launch_qgemm(QType wt, const uint8_t* w, int64_t n, int64_t k, const
   const unsigned grid = unsigned(std::min<int64_t>((count + 255) / 256, int64_t(sm_count(device)) * 8));
   add_splits_kernel<<<grid, 256, 0, stream>>>(workspace, p.splits, count, out, xt);
   return cudaGetLastError();
+}
+
+int qgemm_id_tile_rows(int64_t slots, int64_t experts) { return slots <= 32 * experts ? 32 : 64; }
+
+cudaError_t launch_qgemm_id(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* x, FloatType xt,
+                            const ExpertSlots& slots, int tile_rows, int64_t max_tiles, const int32_t* sorted_slots,
+                            const int32_t* tile_experts, void* out, int device, cudaStream_t stream) {
+  cudaError_t err = cudaErrorInvalidValue;
+  visit_kernel(wt, xt, tile_rows, device, [&](auto kernel) {
+    using T = typename decltype(kernel)::Traits;
+    const int64_t row_bytes = (k + T::kValues - 1) / T::kValues * T::kBytes;
+    const int64_t chunks = (k + kChunk - 1) / kChunk;  // one split: all of K
+    const GemmArgs args{w, n, k, row_bytes, row_bytes * n * slots.experts, x, slots.count, chunks, nullptr, out};
+    err = kernel.launch_id(args, ExpertTiles{sorted_slots, tile_experts, n, slots.x_per_slot ? 1 : slots.top_k},
+                           max_tiles, stream);
+  });
+  return err;
 }
 
 }  // namespace torchext

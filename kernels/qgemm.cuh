@@ -2,6 +2,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "kernels/expert_slots.h"
 #include "kernels/float_types.h"
 
 namespace torchext {
@@ -20,5 +21,14 @@ int64_t qgemm_workspace_floats(QType wt, FloatType xt, int64_t n, int64_t k, int
 
 cudaError_t launch_qgemm(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* x, FloatType xt, int64_t rows,
                          float* workspace, void* out, int device, cudaStream_t stream);
+
+// qmatmul_id's grouped GEMM, for the operands qgemm_supports: out[s] = x[x_row(s)] @ W_e^T for every
+// slot s that route_slots (route_slots.cuh) placed in a tile of expert e, W_e the e-th [n, k] weight of
+// w (the experts back to back). Tiles hold qgemm_id_tile_rows(slots, experts) slots each; the grid is
+// sized for max_tiles of them, and CTAs of tiles past the ids' real count (tile_experts < 0) exit.
+int qgemm_id_tile_rows(int64_t slots, int64_t experts);
+cudaError_t launch_qgemm_id(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* x, FloatType xt,
+                            const ExpertSlots& slots, int tile_rows, int64_t max_tiles, const int32_t* sorted_slots,
+                            const int32_t* tile_experts, void* out, int device, cudaStream_t stream);
 
 }  // namespace torchext

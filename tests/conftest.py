@@ -149,6 +149,23 @@ def exact_activations(shape, seed: int = 0, exponents=(5, 10)) -> torch.Tensor:
     return torch.from_numpy(x.astype(np.float32).reshape(shape))
 
 
+def capture_graph(fn):
+    """Warm fn up on a side stream (as torch's CUDA-graph notes advise), then capture one call.
+    Returns (graph, the static output)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    torch.cuda.synchronize()
+    return g, out
+
+
 def skip_without_gemma_gguf():
     """Skip unless the gemma extra is installed whole: the package that assembles the Gemma 3
     270M GGUF and its four data parts (a GPU machine without network may carry only the first)."""

@@ -178,3 +178,23 @@ def test_tiny_mlp_inductor(device):
         got = compiled(x)
     assert got.shape == (4, 96) and got.dtype == dtype
     torch.testing.assert_close(got, expected)
+
+
+# ---- expert routing: data-dependent ids inside the graph ---------------------------------------------
+
+def routed_experts(w, router, x):
+    """Top-2 routing of each token, then the expert-indexed matmul on the ids just computed."""
+    ids = torch.topk(x.float() @ router.t(), 2, dim=-1).indices
+    return ops.qmatmul_id(w, int(QType.Q4_K), x, ids, 32, K2, False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_qmatmul_id_with_routing_compiles(device):
+    """The ids come from top-k inside the compiled function (data-dependent): one graph, symbolic
+    token counts across the GEMV / grouped-GEMM boundary, the eager result bit for bit."""
+    w = torch.stack([random_weight(QType.Q4_K, 32, K2, device, seed=e) for e in range(6)])
+    router = _randn((6, K2), torch.float32, device, 40)
+    compiled = torch.compile(routed_experts, fullgraph=True, backend="aot_eager", dynamic=True)
+    for rows in (1, 7, 20):
+        x = _randn((rows, K2), torch.bfloat16, device, rows)
+        assert torch.equal(compiled(w, router, x), routed_experts(w, router, x)), rows

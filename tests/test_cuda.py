@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import torchext  # noqa: F401
-from conftest import DTYPES, WEIGHT_QTYPES, dequant_oracle, q8_1_fields, random_weight
+from conftest import DTYPES, WEIGHT_QTYPES, capture_graph, dequant_oracle, q8_1_fields, random_weight
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
@@ -78,23 +78,6 @@ def check_matmul_vs_cpu(y: torch.Tensor, w: torch.Tensor, qtype: int, x: torch.T
 
 # ---- CUDA graph capture -------------------------------------------------------------------------------
 
-def _capture(fn):
-    """Warm fn up on a side stream (as torch's CUDA-graph notes advise), then capture one call.
-    Returns (graph, the static output)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    torch.cuda.synchronize()
-    return g, out
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("qtype", [Q4_K, Q6_K, Q8_0], ids=["Q4_K", "Q6_K", "Q8_0"])
 @pytest.mark.parametrize("rows", [1, 4, 12, 17])
@@ -102,7 +85,7 @@ def test_cuda_graph_qmatmul(rows, qtype, dtype):
     n, k = 96, 512
     w = random_weight(qtype, n, k, "cuda", seed=rows)
     static_x = torch.zeros(rows, k, dtype=dtype, device="cuda")
-    g, out = _capture(lambda: ops.qmatmul(w, qtype, static_x, n, k))
+    g, out = capture_graph(lambda: ops.qmatmul(w, qtype, static_x, n, k))
     previous = None
     for seed in (1, 2, 3):
         x = _randn((rows, k), dtype, seed=100 * rows + seed)
@@ -121,7 +104,7 @@ def test_cuda_graph_qmatmul(rows, qtype, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_graph_quantize_q8_1(dtype):
     static_x = torch.zeros(3, 300, dtype=dtype, device="cuda")
-    g, out = _capture(lambda: ops.quantize_q8_1(static_x))
+    g, out = capture_graph(lambda: ops.quantize_q8_1(static_x))
     for seed in (1, 2):
         x = _randn((3, 300), dtype, seed=seed)
         static_x.copy_(x)
@@ -134,7 +117,7 @@ def test_cuda_graph_quantize_q8_1(dtype):
 def test_cuda_graph_gelu_and_bias_gelu(dtype):
     static_x = torch.zeros(5, 1000, dtype=dtype, device="cuda")
     static_b = torch.zeros(1000, dtype=dtype, device="cuda")
-    g, (y1, y2) = _capture(lambda: (ops.gelu(static_x, "tanh"), ops.bias_gelu(static_x, static_b, "none")))
+    g, (y1, y2) = capture_graph(lambda: (ops.gelu(static_x, "tanh"), ops.bias_gelu(static_x, static_b, "none")))
     for seed in (1, 2):
         x, b = _randn((5, 1000), dtype, seed=seed), _randn((1000,), dtype, seed=seed + 10)
         static_x.copy_(x)
@@ -150,7 +133,7 @@ def test_cuda_graph_gelu_and_bias_gelu(dtype):
 def test_cuda_graph_dequantize(qtype, dtype):
     n, k = 8, 512
     static_w = random_weight(qtype, n, k, "cuda", seed=0)
-    g, out = _capture(lambda: ops.dequantize(static_w, qtype, n, k, dtype))
+    g, out = capture_graph(lambda: ops.dequantize(static_w, qtype, n, k, dtype))
     for seed in (1, 2):
         w = random_weight(qtype, n, k, "cpu", seed=seed)
         static_w.copy_(w)

@@ -577,6 +577,27 @@ def test_qmatmul_q8_1_errors(device):
         ops.qmatmul_q8_1(w8[:-1], Q8_0, xq, N, K)
 
 
+# ---- qmatmul_id -------------------------------------------------------------------------------------
+
+def experts(qtype=Q4_K, count=3, device="cpu"):
+    return torch.stack([weight(qtype, seed=e) for e in range(count)]).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_qmatmul_id_errors(device):
+    """The checks test_fakes.py does not reach: storage alignment, and the kernels' own messages."""
+    w, x = experts(device=device), acts(device=device)
+    ids = torch.tensor([[0, 2], [1, 1]], device=device)
+    with err(lit("w: storage must be 16-byte aligned (the alignment of its blocks); got an address 2 bytes")):
+        ops.qmatmul_id(at_offset(w, 2), Q4_K, x, ids, N, K, False)
+    with err(lit(f"w: expected Q4_K experts of shape [E, n, row bytes] = [E, {N}, 144] with E > 0, got [3, {N}, 143]")):
+        ops.qmatmul_id(w[..., :-1].contiguous(), Q4_K, x, ids, N, K, False)
+    with err(lit("ids: expected [T, top_k] for x of shape [T, k] or [T, top_k, k], got ids [2, 2] and x [2, 3, 256]")):
+        ops.qmatmul_id(w, Q4_K, acts((2, 3, K), device=device), ids, N, K, False)
+    with err(lit("ids: expected int64 or int32 expert ids, got int16")):
+        ops.qmatmul_id(w, Q4_K, x, ids.short(), N, K, False)
+
+
 # ---- an error leaves nothing behind -----------------------------------------------------------------
 
 def _good_and_bad(device):
@@ -587,6 +608,7 @@ def _good_and_bad(device):
     xq = ops.quantize_q8_1(x1)
     b = acts((K,), device=device, seed=3)
     bad_x = acts((1, K - 32), device=device)
+    we, ids = experts(device=device), torch.tensor([[0, 2]], device=device)
     return [
         ("quantize_q8_1", lambda: ops.quantize_q8_1(x1), lambda: ops.quantize_q8_1(x1.double())),
         ("q4k_q8_gemv", lambda: ops.q4k_q8_gemv(w4, xq, N, K), lambda: ops.q4k_q8_gemv(w4, xq[:, :-4], N, K)),
@@ -604,14 +626,16 @@ def _good_and_bad(device):
         ("gelu", lambda: ops.gelu(x9, "tanh"), lambda: ops.gelu(x9, "exact")),
         ("gelu_", lambda: torchext.gelu_(x9.clone(), "none"), lambda: ops.gelu_(x9, "bad")),
         ("bias_gelu", lambda: ops.bias_gelu(x9, b, "none"), lambda: ops.bias_gelu(x9, b[:-1], "none")),
+        ("qmatmul_id", lambda: ops.qmatmul_id(we, Q4_K, x1, ids, N, K, False),
+         lambda: ops.qmatmul_id(we, Q4_K, x1, ids.float(), N, K, False)),
     ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("index", range(12), ids=lambda i: ["quantize_q8_1", "q4k_q8_gemv", "q4k_q8_gemv_packed",
+@pytest.mark.parametrize("index", range(13), ids=lambda i: ["quantize_q8_1", "q4k_q8_gemv", "q4k_q8_gemv_packed",
                                                            "q4k_gemv", "q5k_gemv", "q6k_gemv", "qmatmul",
                                                            "qmatmul_q8_1", "dequantize", "gelu", "gelu_",
-                                                           "bias_gelu"][i])
+                                                           "bias_gelu", "qmatmul_id"][i])
 def test_op_still_works_after_an_error(device, index):
     name, good, bad = _good_and_bad(device)[index]
     before = good()

@@ -45,6 +45,14 @@ def _transposed(t):
     return t.t().contiguous().t()
 
 
+def _experts(qtype=Q4_K, experts=3, n=N, k=K):
+    return torch.stack([random_weight(qtype, n, k, "cpu", seed=e) for e in range(experts)])
+
+
+def _ids(tokens=2, top_k=2, experts=3):
+    return (torch.arange(tokens * top_k) % experts).reshape(tokens, top_k)
+
+
 # (id, op name, args): each call fails one check of the real kernel
 BAD_CALLS = [
     # the weight checks every weight op shares (qmatmul stands for them, the others name theirs)
@@ -92,6 +100,22 @@ BAD_CALLS = [
     ("ids-int16", "embedding", lambda: (_w(), Q4_K, torch.tensor([1], dtype=torch.int16), N, K, None)),
     ("ids-non-contiguous", "embedding", lambda: (_w(), Q4_K, _transposed(torch.zeros(2, 3, dtype=torch.long)), N, K,
                                                   None)),
+    # qmatmul_id: experts [E, n, row bytes], x [T, k] or [T, top_k, k], ids [T, top_k]
+    ("id-w-2d", "qmatmul_id", lambda: (_w(), Q4_K, _x(), _ids(), N, K, False)),
+    ("id-w-rows", "qmatmul_id", lambda: (_experts(n=N + 1), Q4_K, _x(), _ids(), N, K, False)),
+    ("id-w-no-experts", "qmatmul_id", lambda: (_experts()[:0], Q4_K, _x(), _ids(), N, K, False)),
+    ("id-w-too-many-experts", "qmatmul_id", lambda: (torch.zeros(4097, 1, 144, dtype=torch.uint8), Q4_K, _x(), _ids(),
+                                                     1, K, False)),
+    ("id-w-float", "qmatmul_id", lambda: (_experts().float(), Q4_K, _x(), _ids(), N, K, False)),
+    ("id-w-k", "qmatmul_id", lambda: (_experts(), Q4_K, _x((2, 512)), _ids(), N, 512, False)),
+    ("id-x-4d", "qmatmul_id", lambda: (_experts(), Q4_K, _x((2, 2, 1, K)), _ids(), N, K, False)),
+    ("id-x-int", "qmatmul_id", lambda: (_experts(), Q4_K, torch.ones(2, K, dtype=torch.int32), _ids(), N, K, False)),
+    ("id-x-per-slot", "qmatmul_id", lambda: (_experts(), Q4_K, _x((2, 3, K)), _ids(), N, K, False)),
+    ("id-ids-float", "qmatmul_id", lambda: (_experts(), Q4_K, _x(), _ids().float(), N, K, False)),
+    ("id-ids-1d", "qmatmul_id", lambda: (_experts(), Q4_K, _x(), _ids()[:, 0].contiguous(), N, K, False)),
+    ("id-ids-tokens", "qmatmul_id", lambda: (_experts(), Q4_K, _x(), _ids(tokens=3), N, K, False)),
+    ("id-ids-non-contiguous", "qmatmul_id", lambda: (_experts(), Q4_K, _x((3, K)), _transposed(_ids(tokens=2, top_k=3)),
+                                                     N, K, False)),
     # quantize_q8_1
     ("q8_1-int", "quantize_q8_1", lambda: (torch.ones(2, K, dtype=torch.int32),)),
     ("q8_1-bool", "quantize_q8_1", lambda: (torch.ones(2, K, dtype=torch.bool),)),
@@ -156,6 +180,8 @@ def test_fakes_pass_what_the_kernel_passes():
         ("qmatmul", (_w(Q8_0).flatten(), Q8_0, _x((K,)), N, K)),
         ("embedding", (_w(), Q4_K, torch.tensor([[0, 3]], dtype=torch.int32), N, K, torch.bfloat16)),
         ("qmatmul_q8_1", (_w(), Q4_K, _xq((0, K)), N, K, torch.float16)),
+        ("qmatmul_id", (_experts(), Q4_K, _x((0, K)).bfloat16(), _ids(tokens=0).int(), N, K, False)),
+        ("qmatmul_id", (_experts(), Q4_K, _x((2, 2, K)), _ids().int(), N, K, True)),
         ("bias_gelu", (_x((0, 3)), torch.ones(3), "tanh")),
     ]
     for name, args in calls:
@@ -187,6 +213,10 @@ MIXED = [
     ("q4k_q8_gemv_packed", lambda a, b: ops.q4k_q8_gemv_packed(_w().to(a), _xq().to(b), N, K), ("w", "xq")),
     ("qmatmul_q8_1", lambda a, b: ops.qmatmul_q8_1(_w(Q8_0).to(a), Q8_0, _xq().to(b), N, K, None), ("w", "xq")),
     ("embedding", lambda a, b: ops.embedding(_w().to(a), Q4_K, torch.tensor([0, 3]).to(b), N, K, None),
+     ("w", "ids")),
+    ("qmatmul_id-x", lambda a, b: ops.qmatmul_id(_experts().to(a), Q4_K, _x().to(b), _ids().to(a), N, K, False),
+     ("w", "x")),
+    ("qmatmul_id-ids", lambda a, b: ops.qmatmul_id(_experts().to(a), Q4_K, _x().to(a), _ids().to(b), N, K, False),
      ("w", "ids")),
     ("bias_gelu", lambda a, b: ops.bias_gelu(_x((2, 3)).to(a), torch.ones(3).to(b), "none"), ("x", "bias")),
 ]

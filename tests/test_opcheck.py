@@ -26,7 +26,7 @@ ops = torch.ops.torchext
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, TQ1_0, MXFP4, NVFP4 = 2, 3, 6, 7, 8, 12, 13, 14, 34, 39, 40
 
 OPS = ["quantize_q8_1", "q4k_q8_gemv", "q4k_q8_gemv_packed", "q4k_gemv", "q5k_gemv", "q6k_gemv", "qmatmul",
-       "qmatmul_q8_1", "dequantize", "gelu", "gelu_", "bias_gelu", "quantize"]
+       "qmatmul_q8_1", "qmatmul_id", "dequantize", "gelu", "gelu_", "bias_gelu", "quantize"]
 
 
 def _randn(shape, dtype, device, seed):
@@ -60,6 +60,18 @@ def op_samples(name: str, device, dtype):
         # and exact=True (never the Q8_1 GEMV) on the first few
         return [((s.w, s.qtype, s.x, s.n, s.k), {}) for s in samples] + [
             ((s.w, s.qtype, s.x, s.n, s.k), {"exact": True}) for s in samples[:4]]
+    if name == "qmatmul_id":
+        # (format, experts, n, k, tokens, top_k, x per slot, ids dtype, exact): the GEMV path (up to 16
+        # tokens), the unrounded one (17), x [T, top_k, k], int32 ids, exact
+        cases = [(Q4_K, 4, 5, 256, 1, 2, False, torch.int64, False), (Q8_0, 3, 4, 64, 3, 2, True, torch.int32, False),
+                 (Q6_K, 5, 3, 300, 17, 3, False, torch.int64, False), (Q5_0, 2, 6, 64, 2, 1, False, torch.int64, True)]
+        out = []
+        for i, (q, e, n, k, t, top_k, per_slot, ids_dtype, exact) in enumerate(cases):
+            w = torch.stack([random_weight(q, n, k, dev, seed=10 * i + j) for j in range(e)])
+            x = _randn((t, top_k, k) if per_slot else (t, k), dtype, dev, i)
+            ids = torch.randint(0, e, (t, top_k), generator=torch.Generator().manual_seed(i)).to(ids_dtype).to(dev)
+            out.append(((w, q, x, ids, n, k), {"exact": exact}))
+        return out
     if name == "dequantize":
         cases = [(Q4_K, 3, 300), (Q5_K, 2, 256), (Q6_K, 2, 512), (Q8_0, 3, 64), (Q4_0, 2, 96), (Q4_1, 2, 32),
                  (Q5_0, 2, 64), (Q5_1, 3, 32), (TQ1_0, 2, 300), (MXFP4, 3, 32), (NVFP4, 2, 128)]
@@ -158,7 +170,7 @@ def test_fake_output_dtypes_are_not_hardcoded(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["qmatmul", "q6k_gemv", "gelu", "gelu_", "bias_gelu"])
+@pytest.mark.parametrize("name", ["qmatmul", "qmatmul_id", "q6k_gemv", "gelu", "gelu_", "bias_gelu"])
 def test_opcheck_with_inputs_that_require_grad(device, name):
     # the autograd kernels (register_autograd, and gelu_'s own) under opcheck: the activations
     # (and the bias) require grad, and are non-leaves so that gelu_ may overwrite them

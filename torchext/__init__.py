@@ -21,6 +21,7 @@ from .ops import (
     q5k_gemv,
     q6k_gemv,
     qmatmul,
+    qmatmul_id,
     qmatmul_q8_1,
     quantize,
     quantize_q8_1,
@@ -39,6 +40,6 @@ logging.getLogger("torch.utils.cpp_extension").addFilter(
 __all__ = [
     "QType", "block_bytes", "block_values", "row_bytes", "ops",
     "quantize_q8_1", "rms_norm_quantize_q8_1", "gated_gelu_quantize_q8_1", "q4k_q8_gemv", "q4k_q8_gemv_packed", "q4k_gemv", "q5k_gemv", "q6k_gemv",
-    "qmatmul", "qmatmul_q8_1", "gelu", "gelu_", "bias_gelu", "dequantize", "embedding", "quantize",
+    "qmatmul", "qmatmul_id", "qmatmul_q8_1", "gelu", "gelu_", "bias_gelu", "dequantize", "embedding", "quantize",
     "WeightCache", "nn",
 ]

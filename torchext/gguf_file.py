@@ -52,6 +52,11 @@ _SCALAR_BYTES = {
     GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4,
     GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8,
 }
+# struct formats of the integer value types (little-endian)
+_INT_FORMATS = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q",
+}
 # the fewest bytes a value of each non-scalar type takes: a string's length, an array's type and count
 _MIN_BYTES = {GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}
 _MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, a one-byte value
@@ -154,6 +159,14 @@ class GGUFFile:
             if kv.key == key and kv.value_type == GGUFValueType.STRING:
                 raw = self.entry_bytes(kv)[8 + len(key.encode("utf-8")) + 4 + 8:]  # past key, type, length
                 return raw.decode("utf-8")
+        return None
+
+    def int_value(self, key: str) -> int | None:
+        """The value of an integer metadata entry (None when there is no such entry, or it holds no integer)."""
+        for kv in self.key_values:
+            if kv.key == key and kv.value_type in _INT_FORMATS:
+                fmt = _INT_FORMATS[kv.value_type]
+                return struct.unpack_from(fmt, self.entry_bytes(kv), 8 + len(key.encode("utf-8")) + 4)[0]
         return None
 
     def read(self, t: GGUFTensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
     layer = QuantLinear.from_linear(nn.Linear(512, 256), "Q4_K")   # quantize a float layer
     layer = QuantLinear.from_cache(cache, "blk.0.attn_q.weight")     # share a cached weight
     quantize_linears(model, "Q8_0", filter=lambda name, m: name != "lm_head")
+    moe = QuantSparseMoeBlock.from_cache(cache, "blk.0", top_k=8)      # a GGUF's *_exps tensors
 
 The weight is a uint8 buffer [out_features, row_bytes] (so .to(), state_dict and torch.compile see
 it like any buffer); the state_dict also records the format and shape, and load_state_dict refuses
@@ -17,12 +18,13 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .cache import WeightCache
 from .weights import as_weight_rows, check_weight_bytes, weight_format
-from .formats import WEIGHT_TYPES, block_values, whole_blocks_error
-from .ops import GEMV_MAX_ROWS, qmatmul, qmatmul_q8_1, quantize, quantize_q8_1
+from .formats import WEIGHT_TYPES, block_values, row_bytes, whole_blocks_error
+from .ops import GEMV_MAX_ROWS, qmatmul, qmatmul_id, qmatmul_q8_1, quantize, quantize_q8_1
 
 _EXTRA_STATE = "_extra_state"  # the state_dict key of what get_extra_state returns
 
@@ -200,4 +202,202 @@ def _replaceable(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) and not isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)
 
 
-__all__ = ["QuantLinear", "quantize_linears", "shared_input", "takes_q8_1"]
+# ---- mixture of experts ---------------------------------------------------------------------------
+# The Qwen2-MoE / Qwen3-MoE sparse block, in the shape of transformers' modules (5.x): a router
+# (`gate`: logits, softmax in float32, top-k, optional renormalisation) and the experts (`experts`:
+# forward(hidden_states, top_k_index, top_k_weights)), so that either can stand in for transformers'
+# own later. The experts' weights stay GGUF *_exps bytes and run through qmatmul_id, which reads
+# each selected expert's weight once per call and never syncs with the host: a block traces with
+# torch.compile(fullgraph=True) and captures in a CUDA graph, ids and all.
+
+class QuantExperts(nn.Module):
+    """E SwiGLU experts, down(silu(gate(x)) * up(x)), as three quantized weights [E, n, row_bytes]:
+    gate and up [E, intermediate_size, hidden_size], down [E, hidden_size, intermediate_size] (GGUF's
+    ffn_gate_exps, ffn_up_exps, ffn_down_exps). qtypes: one format for all three, or (gate, up, down).
+
+    forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H], as transformers'
+    Qwen3MoeExperts: sum_j top_k_weights[t, j] * expert_{top_k_index[t, j]}(hidden_states[t]). The
+    weighted sum runs in float32 and is rounded once to the hidden states' dtype (transformers adds
+    the experts' outputs in that dtype). exact=True: activations never rounded (qmatmul_id's exact).
+    """
+
+    def __init__(self, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor, qtypes,
+                 num_experts: int, hidden_size: int, intermediate_size: int, exact: bool = False) -> None:
+        super().__init__()
+        formats = tuple(qtypes) if isinstance(qtypes, (tuple, list)) else (qtypes,) * 3
+        if len(formats) != 3:
+            raise ValueError(f"qtypes: expected one format or three (gate, up, down), got {len(formats)}")
+        self.qtypes = tuple(weight_format(q) for q in formats)
+        self.num_experts, self.hidden_size = int(num_experts), int(hidden_size)
+        self.intermediate_size, self.exact = int(intermediate_size), bool(exact)
+        shapes = {"gate_proj": (self.intermediate_size, self.hidden_size),
+                  "up_proj": (self.intermediate_size, self.hidden_size),
+                  "down_proj": (self.hidden_size, self.intermediate_size)}
+        for (name, (n, k)), tensor, q in zip(shapes.items(), (gate_proj, up_proj, down_proj), self.qtypes):
+            check_weight_bytes(tensor, q, self.num_experts * n, k, names=(name, "num_experts x rows", "row length"))
+            rows = as_weight_rows(tensor, q, self.num_experts * n, k)
+            self.register_buffer(name, rows.view(self.num_experts, n, row_bytes(q, k)))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        x, ids = hidden_states.contiguous(), top_k_index.contiguous()
+        h, i = self.hidden_size, self.intermediate_size
+        gate = qmatmul_id(self.gate_proj, self.qtypes[0], x, ids, i, h, self.exact)  # [T, k, I]
+        up = qmatmul_id(self.up_proj, self.qtypes[1], x, ids, i, h, self.exact)
+        down = qmatmul_id(self.down_proj, self.qtypes[2], F.silu(gate) * up, ids, h, i, self.exact)  # [T, k, H]
+        return (down.float() * top_k_weights.float().unsqueeze(-1)).sum(1).to(x.dtype)
+
+    @classmethod
+    def from_float(cls, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor, qtypes,
+                   exact: bool = False) -> "QuantExperts":
+        """Quantize float experts: gate and up [E, I, H], down [E, H, I] (transformers keeps gate and
+        up as one gate_up_proj [E, 2I, H]: pass its two halves), with torchext.quantize per expert."""
+        formats = tuple(qtypes) if isinstance(qtypes, (tuple, list)) else (qtypes,) * 3
+        e, i, h = gate_proj.shape
+        data = [torch.stack([quantize(w.detach().to("cpu", torch.float32).contiguous(), q) for w in t]).to(t.device)
+                for t, q in zip((gate_proj, up_proj, down_proj), formats)]
+        return cls(*data, formats, e, h, i, exact)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+                f"intermediate_size={self.intermediate_size}, formats={'/'.join(q.name for q in self.qtypes)}"
+                + (", exact=True" if self.exact else ""))
+
+
+class TopKRouter(nn.Module):
+    """The router of a Qwen2/Qwen3-MoE block: logits = proj(hidden_states) in the hidden states'
+    dtype, softmax over the experts in float32, the top_k largest, renormalised to sum to 1 when
+    norm_topk_prob, cast to the logits' dtype. proj: a dense [E, H] weight (GGUF's ffn_gate_inp,
+    usually F32, cast to the input's dtype as transformers' F.linear does) or a QuantLinear.
+    forward(hidden_states [..., H]) -> (logits [T, E], scores [T, top_k], indices [T, top_k])."""
+
+    def __init__(self, proj, top_k: int, norm_topk_prob: bool = True) -> None:
+        super().__init__()
+        if isinstance(proj, torch.Tensor):
+            if proj.dim() != 2 or not proj.is_floating_point():
+                raise ValueError(f"proj: expected a float [num_experts, hidden_size] weight, got {proj.dtype} "
+                                 f"{list(proj.shape)}")
+            linear = nn.Linear(proj.shape[1], proj.shape[0], bias=False, device=proj.device, dtype=proj.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(proj)
+            proj = linear
+        self.proj = proj
+        self.num_experts, self.hidden_size = proj.out_features, proj.in_features
+        if not 0 < top_k <= self.num_experts:
+            raise ValueError(f"top_k: expected 1 to num_experts={self.num_experts}, got {top_k}")
+        self.top_k, self.norm_topk_prob = int(top_k), bool(norm_topk_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = hidden_states.reshape(-1, self.hidden_size)
+        if isinstance(self.proj, nn.Linear):
+            logits = F.linear(x, self.proj.weight.to(x.dtype))
+        else:
+            logits = self.proj(x)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        scores, indices = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            scores = scores / scores.sum(dim=-1, keepdim=True)
+        return logits, scores.to(logits.dtype), indices
+
+    def extra_repr(self) -> str:
+        return f"top_k={self.top_k}, norm_topk_prob={self.norm_topk_prob}"
+
+
+class QuantSharedExpert(nn.Module):
+    """Qwen2-MoE's shared expert: a SwiGLU MLP of QuantLinear layers that every token goes through,
+    scaled by sigmoid(gate_weight . x) (gate_weight [H], GGUF's ffn_gate_inp_shexp)."""
+
+    def __init__(self, gate_proj: QuantLinear, up_proj: QuantLinear, down_proj: QuantLinear,
+                 gate_weight: torch.Tensor) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.register_buffer("gate_weight", gate_weight.reshape(-1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = shared_input(x, self.gate_proj, self.up_proj)
+        scale = torch.sigmoid(F.linear(x, self.gate_weight.to(x.dtype).unsqueeze(0)))
+        return scale * self.down_proj(F.silu(gate) * up)
+
+
+class QuantSparseMoeBlock(nn.Module):
+    """A sparse mixture-of-experts block (transformers' Qwen3MoeSparseMoeBlock, and Qwen2-MoE's with a
+    shared expert): forward(hidden_states [..., H]) -> [..., H] = experts(x, top-k ids, their scores)
+    (+ shared_expert(x)). Built from a GGUF's tensors with from_cache / from_gguf, or from float
+    tensors with QuantExperts.from_float. gpt-oss's routing (top-k before the softmax, expert biases,
+    clamped SwiGLU) is not this block's."""
+
+    def __init__(self, gate: TopKRouter, experts: QuantExperts, shared_expert: Optional[QuantSharedExpert] = None):
+        super().__init__()
+        if (gate.num_experts, gate.hidden_size) != (experts.num_experts, experts.hidden_size):
+            raise ValueError(f"gate: routes {gate.num_experts} experts of hidden_size {gate.hidden_size}, the "
+                             f"experts are {experts.num_experts} of hidden_size {experts.hidden_size}")
+        self.gate, self.experts, self.shared_expert = gate, experts, shared_expert
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.reshape(-1, self.experts.hidden_size)
+        _, scores, indices = self.gate(x)
+        y = self.experts(x, indices, scores)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(x)
+        return y.reshape(hidden_states.shape)
+
+    @classmethod
+    def from_cache(cls, cache: WeightCache, prefix: str, top_k: int, norm_topk_prob: bool = True,
+                   exact: bool = False) -> "QuantSparseMoeBlock":
+        """The block of GGUF layer `prefix` ("blk.0") in a WeightCache: the router {prefix}.ffn_gate_inp
+        (dense or quantized), the experts {prefix}.ffn_{gate,up,down}_exps (raw bytes, shared with
+        the cache: no copy) and, when the file has them, Qwen2-MoE's shared expert
+        {prefix}.ffn_{gate,up,down}_shexp and {prefix}.ffn_gate_inp_shexp. top_k: the GGUF's
+        {arch}.expert_used_count; norm_topk_prob: Qwen3-MoE renormalises (True), Qwen2-MoE not."""
+        def entry(name):
+            return cache.get(f"{prefix}.{name}.weight")
+
+        router = entry("ffn_gate_inp")
+        num_experts, hidden = router.n, router.k
+        proj = router.tensor if router.qtype is None else QuantLinear(router.tensor, router.qtype, hidden,
+                                                                      num_experts)
+        exps = [entry(f"ffn_{p}_exps") for p in ("gate", "up", "down")]
+        for e in exps:
+            if e.qtype is None:
+                raise ValueError(f"{prefix}: expert weights must be quantized (a torchext weight format), got a "
+                                 f"dense {e.tensor.dtype} tensor")
+        inter = exps[0].n // num_experts
+        want = [(num_experts * inter, hidden)] * 2 + [(num_experts * hidden, inter)]
+        got = [(e.n, e.k) for e in exps]
+        if got != want or exps[0].n % num_experts:
+            raise ValueError(f"{prefix}: ffn_gate_exps, ffn_up_exps, ffn_down_exps hold (rows, row length) "
+                             f"{got}; {num_experts} experts of hidden_size {hidden} need {want}")
+        experts = QuantExperts(*(e.tensor for e in exps), [e.qtype for e in exps], num_experts, hidden, inter, exact)
+        shared = None
+        if f"{prefix}.ffn_gate_shexp.weight" in cache:
+            layers = [QuantLinear.from_cache(cache, f"{prefix}.ffn_{p}_shexp.weight") for p in ("gate", "up", "down")]
+            for layer in layers:
+                layer.exact = exact
+            shared = QuantSharedExpert(*layers, entry("ffn_gate_inp_shexp").tensor)
+        return cls(TopKRouter(proj, top_k, norm_topk_prob), experts, shared)
+
+    @classmethod
+    def from_gguf(cls, path, layer: int, top_k: Optional[int] = None, norm_topk_prob: bool = True,
+                  device=None, exact: bool = False) -> "QuantSparseMoeBlock":
+        """Load layer `layer`'s MoE tensors from a GGUF file (WeightCache.load_gguf: the expert
+        weights stay raw bytes) and build the block; top_k defaults to the file's
+        {general.architecture}.expert_used_count."""
+        from .gguf_file import GGUFFile
+
+        prefix = f"blk.{layer}."
+        with GGUFFile(path) as g:
+            names = [t.name for t in g.tensors if t.name.startswith(prefix) and
+                     any(t.name.startswith(prefix + p) for p in ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
+                                                                   "ffn_down_exps", "ffn_gate_shexp", "ffn_up_shexp",
+                                                                   "ffn_down_shexp"))]
+            if top_k is None:
+                arch = g.string_value("general.architecture")
+                top_k = g.int_value(f"{arch}.expert_used_count") if arch else None
+                if top_k is None:
+                    raise ValueError(f"{g.name}: no {arch}.expert_used_count in the metadata; pass top_k")
+        cache = WeightCache().load_gguf(path, names=names, device=device)
+        return cls.from_cache(cache, prefix.rstrip("."), top_k, norm_topk_prob, exact)
+
+
+__all__ = ["QuantExperts", "QuantLinear", "QuantSharedExpert", "QuantSparseMoeBlock", "TopKRouter",
+           "quantize_linears", "shared_input", "takes_q8_1"]

@@ -93,15 +93,20 @@ def _checked_mul(a: int, b: int, what: str) -> int:
     return a * b
 
 
-def _check_weight(w: torch.Tensor, qtype: int, n: int, k: int) -> QType:
-    """A quantized weight: uint8, contiguous, exactly n rows of row_bytes(qtype, k)."""
+def _check_weight_bytes(w: torch.Tensor, qtype: int, n: int, k: int) -> tuple[QType, int]:
+    """(format, bytes per row) of a quantized weight's format, n and k, and its bytes: uint8, contiguous."""
     q = _weight_format(qtype)
     _check_shape_nk(n, k)
     _check_whole_blocks(q, k, "k")
     _check_contiguous(w, "w")
     torch._check(w.dtype == torch.uint8,
                  lambda: f"w: expected raw {q.name} bytes as a uint8 tensor, got {_dtype_name(w.dtype)}")
-    rb = _checked_mul(-(-k // block_values(q)), block_bytes(q), "k")
+    return q, _checked_mul(-(-k // block_values(q)), block_bytes(q), "k")
+
+
+def _check_weight(w: torch.Tensor, qtype: int, n: int, k: int) -> QType:
+    """A quantized weight: uint8, contiguous, exactly n rows of row_bytes(qtype, k)."""
+    q, rb = _check_weight_bytes(w, qtype, n, k)
     torch._check(w.numel() == _checked_mul(n, rb, "n"),
                  lambda: f"w: expected {n * rb} bytes for {q.name} with n={n}, k={k} ({n} rows of {rb} bytes), "
                          f"got {w.numel()}")
@@ -301,6 +306,50 @@ def qmatmul_q8_1(w: torch.Tensor, qtype, xq: torch.Tensor, n: int, k: int,
 _register_fake("torchext::qmatmul_q8_1")(_fake_gemv_q8_1)
 
 
+def qmatmul_id(w: torch.Tensor, qtype, x: torch.Tensor, ids: torch.Tensor, n: int, k: int,
+               exact: bool = False) -> torch.Tensor:
+    """The expert-indexed matmul of a mixture of experts (ggml's mul_mat_id): E experts' quantized
+    weights w, uint8 [E, n, row_bytes(qtype, k)] (one GGUF *_exps tensor), activations x [T, k] (every
+    slot of token t reads x[t]: gate and up projections) or [T, top_k, k] (slot (t, j) reads x[t, j]:
+    the down projection), expert ids [T, top_k] (int64 or int32) -> [T, top_k, n] in x's dtype with
+
+        out[t, j] = x[t] (or x[t, j]) @ dequantize(w[ids[t, j]]).T
+
+    Ids may repeat within a token (each slot is computed on its own). The path follows the number of
+    tokens T, never the ids (no host sync: capturable in a CUDA graph, traceable with data-dependent
+    ids): up to GEMV_MAX_ROWS tokens the Q8_1 GEMV, which reads each selected expert's weight once for
+    all the rows routed to it; more tokens (or exact=True) leave the activations unrounded, through a
+    grouped tiled GEMM over the routed rows on CUDA (fp16/bf16, sm_80+) or a dense GEMM per expert.
+    An id outside [0, E) raises on the CPU and gives a NaN output row on CUDA."""
+    return _ops.qmatmul_id(w, int(QType.of(qtype)), x, ids, n, k, bool(exact))
+
+
+#: The most experts one qmatmul_id weight may hold (kernels/expert_slots.h, kMaxExperts).
+MAX_EXPERTS = 4096
+
+
+@_register_fake("torchext::qmatmul_id")
+def _(w, qtype, x, ids, n, k, exact=False):
+    q, rb = _check_weight_bytes(w, qtype, n, k)
+    torch._check(w.dim() == 3 and w.shape[0] > 0 and w.shape[1] == n and w.shape[2] == rb,
+                 lambda: f"w: expected {q.name} experts of shape [E, n, row bytes] = [E, {n}, {rb}] with E > 0, "
+                         f"got {list(w.shape)}")
+    torch._check(w.shape[0] <= MAX_EXPERTS, lambda: f"w: at most {MAX_EXPERTS} experts, got {w.shape[0]}")
+    _check_activations(x, k)
+    torch._check(x.dim() in (2, 3), lambda: f"x: expected [T, k] or [T, top_k, k], got {x.dim()} dimensions")
+    _check_contiguous(ids, "ids")
+    torch._check(ids.dtype in (torch.int64, torch.int32),
+                 lambda: f"ids: expected int64 or int32 expert ids, got {_dtype_name(ids.dtype)}")
+    torch._check(ids.dim() == 2 and ids.shape[0] == x.shape[0] and (x.dim() == 2 or x.shape[1] == ids.shape[1]),
+                 lambda: f"ids: expected [T, top_k] for x of shape [T, k] or [T, top_k, k], got ids "
+                         f"{list(ids.shape)} and x {list(x.shape)}")
+    _check_same_device(w, "w", x, "x")
+    _check_same_device(w, "w", ids, "ids")
+    slots = _checked_mul(ids.shape[0], ids.shape[1], "ids")
+    torch._check(slots <= 2**31 - 1, lambda: f"ids: at most 2^31 - 1 slots (T x top_k), got {slots}")
+    return x.new_empty((ids.shape[0], ids.shape[1], n))
+
+
 #: The most activation rows qmatmul sends through the Q8_1 GEMV; more rows take the tiled GEMM or
 #: the dense path, which leave activations unrounded (kernels/batch_policy.h, kMaxGemvRows: tests/test_matmul.py checks that the two agree).
 GEMV_MAX_ROWS = 16
@@ -436,6 +485,26 @@ for _name, _qtype in (("q4k_gemv", QType.Q4_K), ("q5k_gemv", QType.Q5_K), ("q6k_
         return None, grad @ dequantize(ctx.w, ctx.qtype, ctx.n, ctx.k, grad.dtype), None, None
 
     torch.library.register_autograd(f"torchext::{_name}", _backward, setup_context=_setup)
+
+
+def _setup_matmul_id(ctx, inputs, output):
+    w, qtype, x, ids, n, k, exact = inputs
+    ctx.w, ctx.qtype, ctx.n, ctx.k, ctx.x_per_slot = w, qtype, n, k, x.dim() == 3
+    ctx.save_for_backward(ids)
+
+
+def _backward_matmul_id(ctx, grad):
+    # slot (t, j)'s gradient goes through expert ids[t, j]'s dequantized weight, taken expert by expert
+    # (which experts are used is known on the device only)
+    (ids,) = ctx.saved_tensors
+    grad_x = grad.new_zeros((*grad.shape[:2], ctx.k))
+    for e in range(ctx.w.shape[0]):
+        w_e = dequantize(ctx.w[e], ctx.qtype, ctx.n, ctx.k, grad.dtype)
+        grad_x += torch.where((ids == e).unsqueeze(-1), grad @ w_e, 0)
+    return None, None, grad_x if ctx.x_per_slot else grad_x.sum(1), None, None, None, None
+
+
+torch.library.register_autograd("torchext::qmatmul_id", _backward_matmul_id, setup_context=_setup_matmul_id)
 
 
 def _setup_gelu(ctx, inputs, output):
