@@ -71,10 +71,21 @@ ARCHS = [
                                                      sliding_window=16), "gemma2", tied=True, norm_offset=1.0),
     Arch("gemma3", transformers.Gemma3TextConfig, dict(num_attention_heads=4, num_key_value_heads=1, head_dim=64,
                                                         sliding_window=16), "gemma3", tied=True, norm_offset=1.0),
+    # Mixture of experts: the *_exps tensors run packed on QuantExperts (qmatmul_id). GGUF holds no
+    # expert FFN width that transformers reads, so these keep its config defaults (768; 1408 and
+    # 5632 for Qwen2-MoE's experts and shared expert).
+    Arch("qwen2_moe", transformers.Qwen2MoeConfig, dict(num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                                         num_experts_per_tok=2), "qwen2moe", tied=False,
+         extra={"expert_count": 4, "expert_used_count": 2}),
+    Arch("qwen3_moe", transformers.Qwen3MoeConfig, dict(num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+                                                         num_experts=4, num_experts_per_tok=2), "qwen3moe",
+         tied=False, extra={"expert_count": 4, "expert_used_count": 2, "attention.key_length": 128}),
 ]
 
 # transformers' parameter names -> GGUF's (llama.cpp's tensor names), for these architectures
 GGUF_NAMES = [
+    (r"mlp\.shared_expert_gate\.", "ffn_gate_inp_shexp."), (r"mlp\.gate\.", "ffn_gate_inp."),
+    (r"mlp\.shared_expert\.(gate|up|down)_proj", r"ffn_\1_shexp"), (r"mlp\.experts\.down_proj", "ffn_down_exps.weight"),
     (r"^model\.embed_tokens\.", "token_embd."), (r"^model\.norm\.", "output_norm."), (r"^lm_head\.", "output."),
     (r"^model\.layers\.(\d+)\.", r"blk.\1."),
     (r"self_attn\.q_proj", "attn_q"), (r"self_attn\.k_proj", "attn_k"), (r"self_attn\.v_proj", "attn_v"),
@@ -101,6 +112,11 @@ def llama_cpp_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def quantize_experts(t: torch.Tensor, q: QType) -> np.ndarray:
+    """[E, rows, k] float -> the GGUF bytes [E, rows, row bytes], each expert quantized on its own."""
+    return torch.stack([torchext.quantize(e.contiguous(), q) for e in t]).numpy()
+
+
 def write_gguf(arch: Arch, path: Path, seed: int, general_name: str | None = None) -> dict[str, QType]:
     """A tiny random `arch` model as a GGUF file (general.name: the arch's, or `general_name`);
     returns each packed tensor's format."""
@@ -125,6 +141,8 @@ def write_gguf(arch: Arch, path: Path, seed: int, general_name: str | None = Non
     if a.startswith("gemma"):
         w.add_uint32(f"{a}.attention.key_length", head_dim)
         w.add_uint32(f"{a}.attention.sliding_window", config.sliding_window)
+    for key, value in arch.extra.items():
+        w.add_uint32(f"{a}.{key}", value)
     for key, token in (("bos", 1), ("eos", 2), ("padding", 0)):
         w.add_uint32(f"tokenizer.ggml.{key}_token_id", token)
 
@@ -139,13 +157,25 @@ def write_gguf(arch: Arch, path: Path, seed: int, general_name: str | None = Non
             t = (t + 0.1 * torch.randn(t.shape, generator=gen)) + arch.norm_offset * ("norm" in g_name)
             w.add_tensor(g_name, t.numpy())
             continue
+        if "ffn_gate_inp" in g_name:  # routers stay F32, as llama.cpp writes them; the shared gate as [H]
+            w.add_tensor(g_name, t.reshape(-1).numpy() if "shexp" in g_name else t.numpy())
+            continue
+        if name.endswith("experts.gate_up_proj"):  # [E, 2I, H]: GGUF's ffn_gate_exps and ffn_up_exps [E, I, H]
+            prefix = g_name.rpartition(".mlp.")[0].replace("model.layers.", "blk.")
+            for part, half in zip(("gate", "up"), t.chunk(2, dim=1)):
+                q = FORMATS[(i + seed + len(formats)) % len(FORMATS)]
+                formats[f"{prefix}.ffn_{part}_exps.weight"] = q
+                w.add_tensor(f"{prefix}.ffn_{part}_exps.weight", quantize_experts(half, q),
+                             raw_dtype=gguf.GGMLQuantizationType(q))
+            continue
         if arch.permute_qk and ".attn_q." in g_name:
             t = llama_cpp_permute(t, heads)
         elif arch.permute_qk and ".attn_k." in g_name:
             t = llama_cpp_permute(t, kv_heads)
         q = FORMATS[(i + seed) % len(FORMATS)]
         formats[g_name] = q
-        w.add_tensor(g_name, torchext.quantize(t.contiguous(), q).numpy(), raw_dtype=gguf.GGMLQuantizationType(q))
+        w.add_tensor(g_name, quantize_experts(t, q) if t.dim() == 3 else torchext.quantize(t.contiguous(), q).numpy(),
+                     raw_dtype=gguf.GGMLQuantizationType(q))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -188,14 +218,37 @@ def q8_1_round(x: torch.Tensor) -> torch.Tensor:
 
 def with_q8_1_inputs(model: torch.nn.Module):
     """Hooks rounding the input of every nn.Linear with q8_1_round when it has at most 16 rows, as
-    torchext.qmatmul's GEMV does (more rows take its dense path, unrounded); the returned function
-    removes them."""
+    torchext.qmatmul's GEMV does (more rows take its dense path, unrounded), and every experts
+    module's matmul inputs (q8_1_experts); the returned function removes them."""
     def round_gemv_rows(_module, args):
         x = args[0]
         return (q8_1_round(x),) if x.numel() // x.shape[-1] <= torchext.ops.GEMV_MAX_ROWS else None
 
-    hooks = [m.register_forward_pre_hook(round_gemv_rows) for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    return lambda: [h.remove() for h in hooks]
+    # Qwen2-MoE's shared_expert_gate is an F32 tensor in the file: a dense nn.Linear in torchext's model too
+    hooks = [m.register_forward_pre_hook(round_gemv_rows) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and not name.endswith("shared_expert_gate")]
+    experts = [m for m in model.modules() if type(m).__name__.endswith("Experts")]
+    for m in experts:
+        m.forward = q8_1_experts(m)
+    return lambda: [h.remove() for h in hooks] + [delattr(m, "forward") for m in experts]
+
+
+def q8_1_experts(experts: torch.nn.Module):
+    """The forward of transformers' experts module (gate_up_proj [E, 2I, H], down_proj [E, H, I]) with
+    each expert matmul's input rounded by q8_1_round when the block has at most 16 tokens, as
+    qmatmul_id's GEMV rounds them (its path depends on the token count alone), token by token."""
+    def forward(hidden_states, top_k_index, top_k_weights):
+        gemv = hidden_states.shape[0] <= torchext.ops.GEMV_MAX_ROWS
+        rounded = q8_1_round if gemv else (lambda v: v)
+        x, out = rounded(hidden_states), torch.zeros_like(hidden_states)
+        for t in range(x.shape[0]):
+            for j in range(top_k_index.shape[1]):
+                e = int(top_k_index[t, j])
+                gate, up = torch.nn.functional.linear(x[t], experts.gate_up_proj[e]).chunk(2, dim=-1)
+                h = rounded(experts.act_fn(gate) * up)
+                out[t] += top_k_weights[t, j] * torch.nn.functional.linear(h, experts.down_proj[e])
+        return out
+    return forward
 
 
 def prompt(rows: int, seed: int = 0) -> torch.Tensor:
@@ -217,11 +270,19 @@ def test_config_is_the_one_transformers_reads(models):
 
 def test_every_packed_tensor_is_on_a_torchext_layer(models):
     """Every matrix of the file is a QuantLinear (or the QuantEmbedding) holding the file's
-    format; no nn.Linear is left; a tied head reads the embedding's bytes."""
+    format, every MoE layer's experts a QuantExperts holding its three *_exps formats; no
+    nn.Linear is left but those of dense tensors (Qwen2-MoE's shared-expert gate); a tied head
+    reads the embedding's bytes."""
     arch, formats, _, ours = models
     packed_types = (torchext.nn.QuantLinear, hf.QuantEmbedding)
     layers = {name: m for name, m in ours.named_modules() if isinstance(m, packed_types)}
-    assert not [n for n, m in ours.named_modules() if type(m) is torch.nn.Linear]
+    assert not [n for n, m in ours.named_modules()
+                if type(m) is torch.nn.Linear and gguf_name(arch, n + ".weight") in formats]
+    experts = {name: m for name, m in ours.named_modules() if isinstance(m, torchext.nn.QuantExperts)}
+    assert len(experts) == (LAYERS if arch.name.endswith("moe") else 0)
+    for name, m in experts.items():
+        blk = gguf_name(arch, name).rpartition(".mlp.")[0]
+        assert m.qtypes == tuple(formats[f"{blk}.ffn_{p}_exps.weight"] for p in ("gate", "up", "down")), name
     assert isinstance(ours.get_input_embeddings(), hf.QuantEmbedding)
     assert ours.get_input_embeddings().qtype == formats["token_embd.weight"]
     for name, m in layers.items():
@@ -262,8 +323,14 @@ def test_gemv_path_logits_match_transformers_with_q8_1_inputs(models):
     except where an upstream fp32 difference (~1e-6 relative) moves an activation across a
     rounding boundary: that changes one value by d = amax/127 and an output by d * |w|, about
     1/127/sqrt(256) = 5e-4 of the output's scale; the bound is 2e-3 of the largest logit
-    (measured: <= 4e-7, no flip). Against plain transformers: GEMV_VS_PLAIN."""
-    _, _, ref, ours = models
+    (measured: <= 4e-7, no flip). Against plain transformers: GEMV_VS_PLAIN.
+
+    The MoE files round at more points (every expert's inputs, ~10,000 values a layer here), so an
+    upstream fp32 difference flips one there, and the next layer's rounded inputs then differ by
+    that flip's effect (1e-5 relative), far above fp32's, flipping many more (measured: 2.6e-7 of the
+    largest logit for qwen2_moe, no flip; 0.8% for qwen3_moe). For them the model-level bound is GEMV_VS_PLAIN, and the experts' own
+    exactness against the rounded oracle is test_experts_match_transformers_with_q8_1_inputs'."""
+    arch, _, ref, ours = models
     ids = prompt(6)
     with torch.no_grad():
         got = ours(ids).logits
@@ -273,9 +340,35 @@ def test_gemv_path_logits_match_transformers_with_q8_1_inputs(models):
             rounded = ref(ids).logits
         finally:
             remove()
-    assert (got - rounded).abs().max() <= 2e-3 * rounded.abs().max(), float((got - rounded).abs().max())
+    bound = GEMV_VS_PLAIN if arch.name.endswith("moe") else 2e-3
+    assert (got - rounded).abs().max() <= bound * rounded.abs().max(), float((got - rounded).abs().max())
     assert (got - plain).abs().max() <= GEMV_VS_PLAIN * plain.abs().max(), float((got - plain).abs().max())
     assert (got - plain).abs().max() > 0  # the GEMV path was taken: the rounding shows
+
+
+@pytest.mark.parametrize("tokens", [6, 24])
+def test_experts_match_transformers_with_q8_1_inputs(models, tokens):
+    """Each MoE layer's QuantExperts against transformers' experts module on the same hidden states,
+    expert ids and routing weights: 6 tokens take qmatmul_id's GEMV, whose oracle rounds each expert
+    matmul's input to Q8_1 (q8_1_experts); 24 take its exact path, whose oracle is the plain module.
+    Either way the two compute the same products and differ by fp32 summation order (~sqrt(k) *
+    2^-24 relative, k <= 1408), except where that moves a down projection's input (computed from the
+    gate and up outputs) across a Q8_1 rounding boundary: one step d = amax/127 of one value, about
+    5e-4 of the output's scale (as in the model-level test). Bound 2e-3 of the largest output
+    (measured: 6e-7 without a flip, 1.7e-4 with one)."""
+    arch, _, ref, ours = models
+    if not arch.name.endswith("moe"):
+        pytest.skip("no experts in this architecture")
+    gen = torch.Generator().manual_seed(tokens)
+    for layer_ref, layer_ours in zip(ref.model.layers, ours.model.layers):
+        num_experts, hidden = layer_ours.mlp.experts.num_experts, layer_ours.mlp.experts.hidden_size
+        x = torch.randn(tokens, hidden, generator=gen)
+        ids = torch.stack([torch.randperm(num_experts, generator=gen)[:2] for _ in range(tokens)])
+        weights = torch.rand(tokens, 2, generator=gen)
+        with torch.no_grad():
+            want = q8_1_experts(layer_ref.mlp.experts)(x, ids, weights)
+            got = layer_ours.mlp.experts(x, ids, weights)
+        assert (got - want).abs().max() <= 2e-3 * want.abs().max(), float((got - want).abs().max() / want.abs().max())
 
 
 def test_greedy_generation_matches_transformers(models):

@@ -36,18 +36,24 @@ the version tested here. The map is built for the file's own
 architecture name: transformers derives it from config.model_type, which fails for Mistral files
 (general.architecture "llama"; gguf knows no "mistral"), so this loads Mistral files that
 transformers 5.24 itself cannot. The architectures are those of that loader that keep their
-weights in nn.Linear and nn.Embedding (llama, mistral, qwen2, qwen3, phi3, gemma2,
-gemma3 and others; tests/test_transformers.py checks those seven); transformers 5.24's new loader
+weights in nn.Linear and nn.Embedding, and MoE experts in transformers' 3-D experts modules (llama,
+mistral, qwen2, qwen3, phi3, gemma2, gemma3, qwen2moe, qwen3moe and others;
+tests/test_transformers.py checks those nine); transformers 5.24's new loader
 (qwen35, lfm2) keeps its own packed weights and is not used here.
 
 Memory, measured (CPU, 2 cores, transformers 5.24; `python -m torchext.hf --memory FILE` repeats
-it in a fresh process): Gemma 3 270M Q4_K_M, a 241 MiB file, loads in 17.5 s with a peak
-resident-memory increase of 732 MiB (3.0x the file). The peak is transformers' reading of the
-metadata (AutoConfig parses the 262,144-token vocabulary with gguf.GGUFReader: +732 MiB, of which
-55 MiB remain once it returns); the loaded model then holds the packed tensors (235 MiB, the file's
-bytes), its float32 norms and the imported modeling code (165 MiB): +469 MiB resident. transformers'
-own GGUF path (from_pretrained(..., gguf_file=...)), which dequantizes to float32, takes 37.3 s and
-+2,401 MiB (10x the file) for the same file.
+it in a fresh process): Gemma 3 270M Q4_K_M, a 241 MiB file, loads in 6.8 s with a peak
+resident-memory increase of 242 MiB above a process that has imported transformers' Gemma 3 code:
+the packed tensors (235 MiB, the file's bytes) and the float32 norms. transformers reads the config
+from a metadata-only copy of the file (_metadata_file): its gguf.GGUFReader parsed the whole
+262,144-token vocabulary of the original (+732 MiB). transformers' own GGUF path
+(from_pretrained(..., gguf_file=...)), which dequantizes to float32, takes 37.3 s and +2,401 MiB
+(10x the file) for the same file.
+
+Mixture of experts (qwen2moe, qwen3moe files): a layer's ffn_{gate,up,down}_exps tensors [E, rows, k]
+become one torchext.nn.QuantExperts over their bytes (torchext.qmatmul_id) in place of
+transformers' experts module (gate_up_proj, down_proj; built on the meta device); the router and
+the shared expert load like any other tensor.
 
 peft: register_lora(LoraConfig(...)) registers QuantLoraLinear for QuantLinear through peft's
 custom-module mechanism (LoraConfig._register_custom_module); the adapters train around the
@@ -60,6 +66,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -140,7 +147,7 @@ def from_gguf(path_or_dir: str | os.PathLike, gguf_file: Optional[str] = None, *
         architecture = _architecture(path, g)
         config = _config(path, g, architecture, config_kwargs)
         model_class = transformers.AutoModelForCausalLM if model_class is None else model_class
-        with _linear_and_embedding_weights_on_meta():
+        with _linear_and_embedding_weights_on_meta(config.model_type):
             try:
                 model = model_class.from_config(config, dtype=dtype)
             except ValueError as e:
@@ -168,7 +175,8 @@ def _architecture(path: Path, g: GGUFFile) -> str:
     if architecture is None:
         raise ValueError(f"{path}: no general.architecture in the GGUF metadata, so transformers cannot tell which "
                          "model this is")
-    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES and _MOE_ARCHITECTURES.get(architecture) not in \
+            GGUF_SUPPORTED_ARCHITECTURES:
         import transformers
         readable = sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
         raise ValueError(f"{path}: architecture {architecture!r} is not one transformers {transformers.__version__} "
@@ -223,12 +231,14 @@ def _config(path: Path, g: GGUFFile, architecture: str, config_kwargs: dict):
 
 
 @contextlib.contextmanager
-def _linear_and_embedding_weights_on_meta():
-    """nn.Linear and nn.Embedding (subclasses included) create their parameters on the meta device
-    while the model is built: no memory, no random initialisation. Everything else (norms,
-    rotary tables, scale buffers) is built as usual, so buffers computed at construction keep
-    their values. The classes are patched for the duration of the block."""
+def _linear_and_embedding_weights_on_meta(model_type: str):
+    """nn.Linear and nn.Embedding (subclasses included), and the architecture's experts modules
+    (_experts_classes), create their parameters on the meta device while the model is built: no
+    memory, no random initialisation. Everything else (norms, rotary tables, scale buffers) is
+    built as usual, so buffers computed at construction keep their values. The classes are
+    patched for the duration of the block."""
     originals = {cls: cls.__init__ for cls in (nn.Linear, nn.Embedding)}
+    experts = {cls: cls.__init__ for cls in _experts_classes(model_type)}
 
     def on_meta(init):
         @functools.wraps(init)
@@ -237,13 +247,38 @@ def _linear_and_embedding_weights_on_meta():
             init(self, *args, **kwargs)
         return wrapped
 
+    def under_meta(init):  # experts modules make their nn.Parameter(torch.empty(...)) themselves
+        @functools.wraps(init)
+        def wrapped(self, *args, **kwargs):
+            with torch.device("meta"):
+                init(self, *args, **kwargs)
+        return wrapped
+
     for cls, init in originals.items():
         cls.__init__ = on_meta(init)
+    for cls, init in experts.items():
+        cls.__init__ = under_meta(init)
     try:
         yield
     finally:
-        for cls, init in originals.items():
+        for cls, init in {**originals, **experts}.items():
             cls.__init__ = init
+
+
+#: general.architecture of the MoE files transformers reads -> its model_type
+_MOE_ARCHITECTURES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+
+
+def _experts_classes(model_type: str) -> list[type]:
+    """The modules of a transformers MoE architecture that hold all experts' weights as 3-D tensors
+    (Qwen2MoeExperts, Qwen3MoeExperts: gate_up_proj [E, 2I, H], down_proj [E, H, I])."""
+    if model_type not in _MOE_ARCHITECTURES.values():
+        return []
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    return [cls for name, cls in vars(module).items()
+            if name.endswith("Experts") and isinstance(cls, type) and issubclass(cls, nn.Module)]
 
 
 def _load_tensors(model: nn.Module, g: GGUFFile, architecture: str, dtype: torch.dtype) -> None:
@@ -255,9 +290,13 @@ def _load_tensors(model: nn.Module, g: GGUFFile, architecture: str, dtype: torch
     # "mistral", which gguf's tables do not know)
     names = get_gguf_hf_weights_map(model, processor, model_type=architecture)
     dequantized, unmapped = [], []
+    experts: dict[str, dict[str, GGUFTensor]] = {}  # experts module -> its *_exps tensors by projection
     for t in g.tensors:
         # what MoE processors write under transformers' names instead of returning a tensor
         produced: dict[str, dict[str, torch.Tensor]] = {"tensors": {}}
+        if t.tensor_type.value in WEIGHT_IDS and len(t.shape) == 3:
+            _collect_experts(model, g, t, names, experts)
+            continue
         if t.tensor_type.value in WEIGHT_IDS:
             _load_packed(model, g, t, processor, names, produced, dtype)
             continue
@@ -275,6 +314,8 @@ def _load_tensors(model: nn.Module, g: GGUFFile, architecture: str, dtype: torch
             unmapped.append(t.name)  # transformers skips these too (rope_freqs and the like)
             continue
         _set_dense(model, names[result.name], torch.from_numpy(np.copy(result.weights)), dtype, g.name, t.name)
+    for module_name, tensors in experts.items():
+        _load_experts(model, g, module_name, tensors)
     if dequantized:
         logger.warning("%s: torchext has no kernel for these tensors' formats; dequantized to %s as transformers "
                        "does: %s", g.name, dtype, ", ".join(dequantized))
@@ -334,6 +375,51 @@ def _load_packed(model: nn.Module, g: GGUFFile, t: GGUFTensor, processor, names:
         raise ValueError(f"{where}: maps to {hf_name}, of a {type(module).__name__} (weight shape {list(shape)}); "
                          f"torchext keeps a packed tensor only as the weight of an nn.Linear or nn.Embedding of "
                          f"shape [{t.n}, {t.k}]")
+
+
+_EXPERTS_TENSOR = re.compile(r"blk\.\d+\.ffn_(gate|up|down)_exps\.weight")
+
+
+def _collect_experts(model: nn.Module, g: GGUFFile, t: GGUFTensor, names: dict,
+                     experts: dict[str, dict[str, GGUFTensor]]) -> None:
+    """A packed 3-D tensor: one of a MoE layer's ffn_{gate,up,down}_exps [E, rows, k], kept for the
+    experts module transformers maps it to (the processor would merge gate and up into one dense
+    gate_up_proj); _load_experts replaces the module once the file has given all three."""
+    where = f"{g.name}: tensor {t.name!r} ({QType(t.tensor_type.value).name}, {'x'.join(map(str, t.numpy_shape))})"
+    m = _EXPERTS_TENSOR.fullmatch(t.name)
+    hf_name = names.get(t.name, names.get(t.name.removesuffix(".weight"))) if m else None
+    if hf_name is None:
+        raise ValueError(f"{where}: a packed tensor of 3 dimensions that is no MoE layer's ffn_gate_exps, "
+                         "ffn_up_exps or ffn_down_exps mapped by transformers; torchext keeps only those and "
+                         "2-D weights packed")
+    experts.setdefault(hf_name.rpartition(".")[0], {})[m.group(1)] = t
+
+
+def _load_experts(model: nn.Module, g: GGUFFile, module_name: str, tensors: dict[str, GGUFTensor]) -> None:
+    """Replaces transformers' experts module (gate_up_proj [E, 2I, H], down_proj [E, H, I], SiLU
+    gating) by a QuantExperts over the file's ffn_{gate,up,down}_exps bytes."""
+    from .nn import QuantExperts
+
+    module = model.get_submodule(module_name)
+    missing = [p for p in ("gate", "up", "down") if p not in tensors]
+    if missing:
+        raise ValueError(f"{g.name}: {module_name} has {', '.join(f'ffn_{p}_exps' for p in tensors)} but no "
+                         f"{', '.join(f'ffn_{p}_exps' for p in missing)}; torchext runs the three together")
+    gate, up, down = (tensors[p] for p in ("gate", "up", "down"))
+    e, inter, hidden = gate.numpy_shape
+    gate_up = getattr(module, "gate_up_proj", None)
+    down_proj = getattr(module, "down_proj", None)
+    act = getattr(getattr(model.config, "get_text_config", lambda: model.config)(), "hidden_act", None)
+    if (gate_up is None or down_proj is None or tuple(gate_up.shape) != (e, 2 * inter, hidden)
+            or tuple(down_proj.shape) != (e, hidden, inter) or up.numpy_shape != gate.numpy_shape
+            or down.numpy_shape != (e, hidden, inter) or act != "silu"):
+        raise ValueError(f"{g.name}: {module_name} ({type(module).__name__}, act {act!r}) is not E SiLU-gated experts "
+                         f"of gate_up_proj [E, 2I, H] and down_proj [E, H, I] matching ffn_gate_exps "
+                         f"{list(gate.numpy_shape)}, ffn_up_exps {list(up.numpy_shape)} and ffn_down_exps "
+                         f"{list(down.numpy_shape)}; torchext cannot run these experts packed")
+    data = [g.read(t).view(t.n, -1) for t in (gate, up, down)]
+    _set_module(model, module_name, QuantExperts(*data, [QType(t.tensor_type.value) for t in (gate, up, down)], e,
+                                                 hidden, inter))
 
 
 def _is_plain(module: nn.Module, cls: type) -> bool:
