@@ -58,9 +58,9 @@ def models(dry_run: bool) -> dict[str, Model]:
     import torchext
 
     names = {q.name for q in torchext.formats.WEIGHT_TYPES}
-    # gpt-oss ships its experts in MXFP4; where torchext has no such format yet, its shape runs
-    # with Q4_K and Q8_0 (the summary says which)
-    gpt_oss = ("MXFP4",) if "MXFP4" in names else ("Q4_K", "Q8_0")
+    # gpt-oss ships its experts in MXFP4 (beside Q4_K, for comparison with the other shape); a build
+    # without that format runs the shape with Q4_K and Q8_0 (the summary says which)
+    gpt_oss = ("MXFP4", "Q4_K") if "MXFP4" in names else ("Q4_K", "Q8_0")
     if dry_run:
         return {"qwen3_30b_a3b": Model("qwen3_30b_a3b", 8, 2, 256, 128, ("Q4_K", "Q8_0")),
                 "gpt_oss_20b": Model("gpt_oss_20b", 4, 2, 160, 160, gpt_oss)}
@@ -212,6 +212,7 @@ def summary_text(ctx: Ctx, header: str, ms: dict[str, Model]) -> str:
         if not sel:
             continue
         labels = list(dict.fromkeys(r["label"] for r in sel))
+        labels = [lb for lb in labels if not lb.startswith("bf16")] + [lb for lb in labels if lb.startswith("bf16")]
         idx = {(r["model"], r["proj"], r["batch"], r["label"]): r for r in sel}
         body = []
         for name in dict.fromkeys(r["model"] for r in sel):

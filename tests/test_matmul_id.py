@@ -22,8 +22,9 @@ from test_matmul import oracle, q8_1_bound, report
 ops = torch.ops.torchext
 MAX_GEMV_ROWS = torchext.ops.GEMV_MAX_ROWS
 
-# a k-quant, the 32-value formats of 18 and 34 bytes, an IQ format
-FORMATS = [Q.Q4_K, Q.Q8_0, Q.Q4_0, Q.IQ4_XS]
+# a k-quant, the 32-value formats of 18 and 34 bytes, an IQ format, gpt-oss's MXFP4 (17-byte blocks: experts
+# and rows start at odd addresses)
+FORMATS = [Q.Q4_K, Q.Q8_0, Q.Q4_0, Q.IQ4_XS, Q.MXFP4]
 SHAPES = {q: (40, 512) if q in (Q.Q4_K, Q.IQ4_XS) else (40, 96) for q in FORMATS}  # (n, k)
 
 
@@ -213,7 +214,7 @@ def test_id_out_of_range_gives_a_nan_row_on_cuda(case):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("tokens", [1, 8, 16, 17, 100])
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.Q5_1, Q.IQ3_S], ids=qtype_name)
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.Q5_1, Q.IQ3_S, Q.MXFP4], ids=qtype_name)
 def test_cuda_matches_cpu(qtype, tokens, dtype):
     """The same slots on both devices: the GEMV path's integer dot products agree up to fp32
     summation order, the unrounded paths within the oracle's tolerance (assert_slots_close)."""
