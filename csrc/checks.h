@@ -58,6 +58,9 @@ inline const char* dtype_name(ScalarType t) {
     case ScalarType::Long: return "int64";
     case ScalarType::Double: return "float64";
     case ScalarType::Bool: return "bool";
+    case ScalarType::Short: return "int16";
+    case ScalarType::ComplexFloat: return "complex64";
+    case ScalarType::ComplexDouble: return "complex128";
     default: return "an unsupported dtype";
   }
 }

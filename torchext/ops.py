@@ -35,7 +35,8 @@ _WEIGHT_NAMES = [q.name for q in WEIGHT_TYPES]
 # the dtypes csrc/checks.h (dtype_name) names; any other it calls "an unsupported dtype"
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                 torch.uint8: "uint8", torch.int8: "int8", torch.int32: "int32", torch.int64: "int64",
-                torch.float64: "float64", torch.bool: "bool"}
+                torch.float64: "float64", torch.bool: "bool", torch.int16: "int16", torch.complex64: "complex64",
+                torch.complex128: "complex128"}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
