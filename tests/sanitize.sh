@@ -19,6 +19,7 @@
 #   huge, 2_31  the > 2^31-byte weight: minutes under memcheck;
 #   cuda1       multi-GPU memory accounting, meaningless without the caching allocator;
 #   no_host_sync
+#   real_shapes  qmatmul_id at Qwen3-30B-A3B / gpt-oss-20B sizes: minutes under memcheck;
 # and of test_matmul.py (but all of test_matmul_id.py, whose name -k's "test_matmul" also matches) only the exact-activation parity (every format and shape), aligned-row,
 # non-finite and empty-batch cases; of test_errors.py only the cases where a bad-looking input
 # must work ("works": 2-byte-aligned Q6_K rows, flat weights, an op called after an error).
@@ -42,7 +43,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 
-K_EXPR=${SANITIZE_K:-"(cuda or test_qgemm) and not graph and not side_stream and not huge and not 2_31 and not cuda1 and not no_host_sync \
+K_EXPR=${SANITIZE_K:-"(cuda or test_qgemm) and not graph and not side_stream and not huge and not 2_31 and not cuda1 and not no_host_sync and not real_shapes \
 and (not test_matmul or test_matmul_id or exact_activations or aligned or non_finite or empty) and (not test_errors or works)"}
 mapfile -t FILES < <(ls tests/test_*.py | grep -v -e test_compile.py -e test_opcheck.py)
 
