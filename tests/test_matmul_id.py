@@ -22,10 +22,11 @@ from test_matmul import oracle, q8_1_bound, report
 ops = torch.ops.torchext
 MAX_GEMV_ROWS = torchext.ops.GEMV_MAX_ROWS
 
-# a k-quant, the 32-value formats of 18 and 34 bytes, an IQ format, gpt-oss's MXFP4 (17-byte blocks: experts
-# and rows start at odd addresses)
-FORMATS = [Q.Q4_K, Q.Q8_0, Q.Q4_0, Q.IQ4_XS, Q.MXFP4]
-SHAPES = {q: (40, 512) if q in (Q.Q4_K, Q.IQ4_XS) else (40, 96) for q in FORMATS}  # (n, k)
+# a k-quant, the 32-value formats of 18 and 34 bytes, an IQ format, gpt-oss's MXFP4 (17-byte blocks; with an
+# odd row count every other expert, and every other row, starts at an odd address) and NVFP4 (64-value blocks)
+FORMATS = [Q.Q4_K, Q.Q8_0, Q.Q4_0, Q.IQ4_XS, Q.MXFP4, Q.NVFP4]
+SHAPES = {q: (40, 96) for q in FORMATS} | {Q.Q4_K: (40, 512), Q.IQ4_XS: (40, 512), Q.MXFP4: (41, 96),
+                                           Q.NVFP4: (40, 128)}  # (n, k)
 
 
 def expert_weights(qtype, experts: int, n: int, k: int, device="cpu", seed: int = 0):
@@ -244,7 +245,7 @@ def test_real_shapes(shape, tokens):
     w = torch.randint(0, 256, (experts, n, torchext.row_bytes(qtype, k)), dtype=torch.uint8, device="cuda",
                       generator=g)
     blocks = w.view(experts, n, -1, torchext.block_bytes(qtype))
-    for off in torchext.formats.FP16_FIELDS[torchext.QType(int(qtype))]:  # finite scales, realistic outputs
+    for off in torchext.formats.SCALE_FIELDS[torchext.QType(int(qtype))]:  # finite scales, realistic outputs
         d = (torch.randn(blocks.shape[:-1], device="cuda", generator=g) * 1e-2).half()
         blocks[..., off:off + 2] = d.view(torch.uint8).view(*blocks.shape[:-1], 2)
     ids = routed_ids(tokens, top_k, experts, seed=tokens).cuda()
