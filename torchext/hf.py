@@ -387,7 +387,8 @@ def _collect_experts(model: nn.Module, g: GGUFFile, t: GGUFTensor, names: dict,
     gate_up_proj); _load_experts replaces the module once the file has given all three."""
     where = f"{g.name}: tensor {t.name!r} ({QType(t.tensor_type.value).name}, {'x'.join(map(str, t.numpy_shape))})"
     m = _EXPERTS_TENSOR.fullmatch(t.name)
-    hf_name = names.get(t.name, names.get(t.name.removesuffix(".weight"))) if m else None
+    # transformers' map holds gguf's names without ".weight" (blk.0.ffn_gate_exps -> ...experts.gate_up_proj)
+    hf_name = names.get(t.name.removesuffix(".weight")) if m else None
     if hf_name is None:
         raise ValueError(f"{where}: a packed tensor of 3 dimensions that is no MoE layer's ffn_gate_exps, "
                          "ffn_up_exps or ffn_down_exps mapped by transformers; torchext keeps only those and "
@@ -409,7 +410,7 @@ def _load_experts(model: nn.Module, g: GGUFFile, module_name: str, tensors: dict
     e, inter, hidden = gate.numpy_shape
     gate_up = getattr(module, "gate_up_proj", None)
     down_proj = getattr(module, "down_proj", None)
-    act = getattr(getattr(model.config, "get_text_config", lambda: model.config)(), "hidden_act", None)
+    act = getattr(model.config, "hidden_act", None)
     if (gate_up is None or down_proj is None or tuple(gate_up.shape) != (e, 2 * inter, hidden)
             or tuple(down_proj.shape) != (e, hidden, inter) or up.numpy_shape != gate.numpy_shape
             or down.numpy_shape != (e, hidden, inter) or act != "silu"):
