@@ -31,6 +31,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 
 #include "kernels/launch.cuh"
@@ -44,6 +45,7 @@ constexpr int kChunk = 256;                // values of K per pipeline stage
 constexpr int kXStride = kChunk + 16;      // halves per staged activation row (see load_chunk)
 constexpr int kMaxSplits = 16;
 constexpr int64_t kMaxWorkspaceFloats = int64_t(1) << 26;  // 256 MiB of partial sums at most
+constexpr int kCachedDevices = 64;  // devices whose occupancy answers are kept (opt_in)
 
 // A chunk's weight bytes in one row, staged in shared memory. A row's chunk starts at any offset
 // (210-byte Q6_K blocks, 18-byte Q4_0 blocks, 17-byte MXFP4 blocks at odd ones ...), so the copy is of
@@ -83,8 +85,18 @@ struct Tile {
     return TN * WeightChunk<T>::kStride + BM * kXStride * 2;
   }
   template <class T>
+  static constexpr int scale_table_offset() {
+    return kStages * stage_bytes<T>();
+  }
+  template <class T>
+  static constexpr int slot_table_offset() {
+    return scale_table_offset<T>() + kWarps * ScaleTable<T>::kWarpBytes;
+  }
+  // All of the CTA's shared memory is this dynamic allocation (the grouped GEMM's slot table
+  // included), so the width check against the device's opt-in limit counts every byte.
+  template <class T>
   static constexpr int smem_bytes() {
-    return kStages * stage_bytes<T>() + kWarps * ScaleTable<T>::kWarpBytes;
+    return slot_table_offset<T>() + BM * int(sizeof(int32_t));
   }
 };
 
@@ -327,8 +339,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) qgemm_kernel(GemmArgs a, Til
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
   const int warp_n = warp;
-  float2* table = reinterpret_cast<float2*>(smem + kStages * kStageBytes + warp * ScaleTable<T>::kWarpBytes);
-  __shared__ int32_t tile_slots[BM];
+  float2* table = reinterpret_cast<float2*>(smem + Cfg::template scale_table_offset<T>() +
+                                            warp * ScaleTable<T>::kWarpBytes);
+  int32_t* tile_slots = reinterpret_cast<int32_t*>(smem + Cfg::template slot_table_offset<T>());
   typename Tiles::Tile tile;
   if (!tiles.template open<BM, kTileN>(tile_slots, tile)) return;
   const int64_t n0 = tile.n0;
@@ -442,6 +455,24 @@ Plan make_plan(int64_t n, int64_t k, int64_t rows, int bm, int tile_n, int ctas_
   return p;
 }
 
+// Opts kernel F in to kSmem bytes of dynamic shared memory on `device` (the current one) and returns
+// its resident CTAs per SM (0: it cannot run). The opt-in and the occupancy query cost microseconds of
+// host time and depend only on the kernel and the device, so each device's answer is kept for the
+// process (as answer + 1; 0: not asked yet); threads that race here store the same value.
+template <auto F, int kThreads, int kSmem>
+int opt_in(int device) {
+  static std::atomic<int> known[kCachedDevices];
+  const bool cached = device >= 0 && device < kCachedDevices;
+  if (cached) {
+    if (const int v = known[device].load(std::memory_order_relaxed)) return v - 1;
+  }
+  int ctas = 0;
+  if (cudaFuncSetAttribute(F, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) == cudaSuccess)
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, F, kThreads, kSmem);
+  if (cached) known[device].store(ctas + 1, std::memory_order_relaxed);
+  return ctas;
+}
+
 // One instantiation of the kernel: its shared memory, occupancy, plan and launch.
 template <class T, class H, class Cfg>
 struct Kernel {
@@ -452,10 +483,7 @@ struct Kernel {
   static_assert(smem <= kSmemLimit, "more shared memory than a Hopper CTA may have");
 
   static Plan plan(int64_t n, int64_t k, int64_t rows, int device) {
-    int ctas = 0;  // resident CTAs per SM, after opting in to the shared memory
-    if (cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess)
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, fn, Cfg::kThreads, smem);
-    return make_plan(n, k, rows, Cfg::kBM, Cfg::kTileN, ctas, device);
+    return make_plan(n, k, rows, Cfg::kBM, Cfg::kTileN, opt_in<fn, Cfg::kThreads, smem>(device), device);
   }
 
   static cudaError_t launch(const GemmArgs& args, const Plan& p, cudaStream_t stream) {
@@ -466,9 +494,9 @@ struct Kernel {
   }
 
   // qmatmul_id: one CTA per possible tile of routed slots and kTileN weight rows; no K split.
-  static cudaError_t launch_id(const GemmArgs& args, const ExpertTiles& tiles, int64_t max_tiles, cudaStream_t stream) {
-    const cudaError_t err = cudaFuncSetAttribute(fn_id, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
+  static cudaError_t launch_id(const GemmArgs& args, const ExpertTiles& tiles, int64_t max_tiles, int device,
+                               cudaStream_t stream) {
+    if (opt_in<fn_id, Cfg::kThreads, smem>(device) == 0) return cudaErrorInvalidConfiguration;
     const dim3 grid(unsigned(max_tiles), unsigned((args.n + Cfg::kTileN - 1) / Cfg::kTileN));
     fn_id<<<grid, Cfg::kThreads, smem, stream>>>(args, tiles);
     return cudaGetLastError();
@@ -533,7 +561,7 @@ cudaError_t launch_qgemm_id(QType wt, const uint8_t* w, int64_t n, int64_t k, co
     const int64_t chunks = (k + kChunk - 1) / kChunk;  // one split: all of K
     const GemmArgs args{w, n, k, row_bytes, row_bytes * n * slots.experts, x, slots.count, chunks, nullptr, out};
     err = kernel.launch_id(args, ExpertTiles{sorted_slots, tile_experts, n, slots.x_per_slot ? 1 : slots.top_k},
-                           max_tiles, stream);
+                           max_tiles, device, stream);
   });
   return err;
 }
