@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -21,6 +22,17 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 import torchext  # noqa: F401  (loads the op library)
+
+# pytest-xdist (-n auto) runs a worker per core, and torch gives every process an intra-op thread per
+# core: workers x cores threads on the cores, whose OpenMP barriers then spin waiting for threads that
+# are not running. On the 2-core CI machine one Gemma 3 decode step took 480 ms in each of two
+# concurrent 2-thread processes and 61 ms in each of two 1-thread ones. So each worker, and the
+# processes it starts (examples, README blocks), gets its share of the cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 from torchext.formats import (ALIGNMENT, QUANTIZABLE_TYPES, SCALE_FIELDS, SMALL_BLOCK_TYPES, WEIGHT_TYPES, QType,
                               put_scale_field)
 from torchext.formats import K_QUANTS as CATALOG_K_QUANTS
