@@ -1,12 +1,16 @@
 """torchext's CPU kernels against llama.cpp's CPU backend on the same machine and threads.
 
-    python bench/cpu.py [--llama-cpp DIR] [--threads 2] [--formats Q4_K Q8_0 ...] [--gemma]
+    python bench/cpu.py [--llama-cpp DIR] [--threads 2] [--gemv-threads T] [--rows 1]
+                        [--formats Q4_K Q8_0 ...] [--gemma]
 
-GEMV, batch 1, N x K = 4096 x 14336 per format: torchext.qmatmul (activation quantization included,
-as llama.cpp's MUL_MAT includes it), the median of timed calls rotating two weight copies (66 MB
-for Q8_0, more than this CPU's L3), against `test-backend-ops perf -b CPU -o MUL_MAT` for the same
-type and shape (llama.cpp's own timing loop). test-backend-ops runs its CPU backend on half the
-hardware threads (one on a 2-core machine), so torchext's GEMV runs on as many here. With --gemma, Gemma 3 270M Q4_K_M decode tok/s:
+GEMV, batch 1 (--rows), N x K = 4096 x 14336 per format: torchext.qmatmul (activation quantization
+included, as llama.cpp's MUL_MAT includes it), the median of timed calls rotating two weight copies
+(66 MB for Q8_0, more than this CPU's L3), against `test-backend-ops perf -b CPU -o MUL_MAT` for
+the same type and shape (llama.cpp's own timing loop). test-backend-ops runs its CPU backend on half the
+hardware threads (one on a 2-core machine), so torchext's GEMV runs on as many here unless
+--gemv-threads says otherwise (llama.cpp's figure is then for its own thread count). The kernels
+are those TORCHEXT_CPU_KERNELS picks (README, "On the CPU"): set it to time, say, the AVX2 GEMV on
+a CPU with VNNI. With --gemma, Gemma 3 270M Q4_K_M decode tok/s:
 torchext's eager generate() against `llama-bench -n 32 -p 0`.
 
 DIR is a llama.cpp CPU build (its bin/ holds test-backend-ops and llama-bench). To make one from
@@ -39,13 +43,17 @@ N, K = 4096, 14336
 FORMATS = ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 
 
-def time_torchext(fmt: str, reps: int) -> float:
-    """Median µs of qmatmul on one row, two weight copies alternating."""
+def time_torchext(fmt: str, rows: int, reps: int, warmup_s: float = 2.0) -> float:
+    """Median µs of qmatmul on `rows` rows, two weight copies alternating, after warmup_s seconds of
+    calls: on a 2-core VM (2026-12-02) the first hundred or so calls on freshly written weights ran
+    up to 3x slower."""
     g = torch.Generator().manual_seed(0)
     ws = [torchext.quantize(torch.randn(N, K, generator=g) * 0.02, fmt) for _ in range(2)]
-    x = torch.randn(1, K, generator=g)
-    for w in ws:
-        torchext.qmatmul(w, fmt, x, N, K)
+    x = torch.randn(rows, K, generator=g)
+    end = time.perf_counter() + warmup_s
+    while time.perf_counter() < end:
+        for w in ws:
+            torchext.qmatmul(w, fmt, x, N, K)
     times = []
     for i in range(reps):
         start = time.perf_counter()
@@ -54,10 +62,10 @@ def time_torchext(fmt: str, reps: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def time_llama_cpp(bin_dir: Path, fmt: str) -> float | None:
-    """µs per MUL_MAT of test-backend-ops perf (CPU backend, f32 activations, batch 1)."""
+def time_llama_cpp(bin_dir: Path, fmt: str, rows: int) -> float | None:
+    """µs per MUL_MAT of test-backend-ops perf (CPU backend, f32 activations, `rows` rows)."""
     exe = bin_dir / "test-backend-ops"
-    params = rf"type_a={fmt[0].lower() + fmt[1:]},type_b=f32,m={N},n=1,k={K},"  # ggml: q4_K, q8_0
+    params = rf"type_a={fmt[0].lower() + fmt[1:]},type_b=f32,m={N},n={rows},k={K},"  # ggml: q4_K, q8_0
     out = subprocess.run([str(exe), "perf", "-b", "CPU", "-o", "MUL_MAT", "-p", re.escape(params)],
                          capture_output=True, text=True, timeout=600)
     m = re.search(r"([\d.]+) us/run", out.stdout)
@@ -90,18 +98,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llama-cpp", type=Path, help="a llama.cpp CPU build folder (with bin/)")
     p.add_argument("--threads", type=int, default=2, help="threads for the Gemma decode (both sides)")
+    p.add_argument("--gemv-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                   help="threads for torchext's GEMV (default: test-backend-ops' CPU thread count)")
+    p.add_argument("--rows", type=int, default=1, help="GEMV batch (activation rows)")
     p.add_argument("--formats", nargs="+", default=FORMATS)
     p.add_argument("--reps", type=int, default=21)
     p.add_argument("--gemma", action="store_true", help="also Gemma 3 270M decode (needs the gemma extra)")
     a = p.parse_args()
     bin_dir = a.llama_cpp / "bin" if a.llama_cpp else None
-    gemv_threads = max(1, (os.cpu_count() or 2) // 2)  # test-backend-ops' CPU thread count
-    torch.set_num_threads(gemv_threads)
-    print(f"CPU, torch {torch.__version__}; GEMV batch 1, N x K = {N} x {K}, {gemv_threads} thread(s), µs")
+    torch.set_num_threads(a.gemv_threads)
+    kernels = os.environ.get("TORCHEXT_CPU_KERNELS") or "auto"
+    print(f"CPU, torch {torch.__version__}, TORCHEXT_CPU_KERNELS={kernels}; GEMV batch {a.rows}, "
+          f"N x K = {N} x {K}, {a.gemv_threads} thread(s), µs")
     print(f"{'format':7} {'torchext':>10} {'llama.cpp':>10} {'llama.cpp / torchext':>21}")
     for fmt in a.formats:
-        ours = time_torchext(fmt, a.reps)
-        theirs = time_llama_cpp(bin_dir, fmt) if bin_dir else None
+        ours = time_torchext(fmt, a.rows, a.reps)
+        theirs = time_llama_cpp(bin_dir, fmt, a.rows) if bin_dir else None
         ratio = f"{theirs / ours:21.2f}" if theirs else f"{'-':>21}"
         print(f"{fmt:7} {ours:10.1f} {theirs if theirs else '-':>10} {ratio}")
     if a.gemma:

@@ -1,11 +1,14 @@
-"""The portable CPU kernels (what a CPU without AVX2, FMA and F16C runs), forced on this CPU with
-TORCHEXT_CPU_KERNELS=portable in a subprocess, against the default (AVX2) kernels in this process.
+"""The CPU kernels chosen with TORCHEXT_CPU_KERNELS, each in a subprocess: the portable ones (what a
+CPU without AVX2, FMA and F16C runs) against the default ones in this process, and the VNNI GEMV
+against the AVX2 one where the CPU has VNNI.
 
 dequantize, quantize_q8_1 and embedding compute one formula per value and must give the same bits.
 The GEMV (1 to 16 rows) sums the same exact per-block terms in a different order: within fp32
 summation error, 1e-5 * (|x^| @ |W|.T) with x^ the Q8_1-rounded activations (test_matmul's bound for
 fp32 accumulation; |x^| <= 2|x| elementwise up to blocks' rounding, so 2e-5 * (|x| @ |W|.T) is used). GELU's vector exp/erf differ from libm's in the last bits:
-within 4 fp32 ulps (measured <= 1). The dense path (17+ rows) is torch's GEMM either way.
+within 4 fp32 ulps (measured <= 1). The dense path (17+ rows) is torch's GEMM either way. The VNNI
+and AVX2 GEMVs differ only in the instructions of their exact integer dot products: every output
+is the same bits.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def outputs() -> dict:
         w = random_weight(q, n, k, seed=int(q))
         out[f"dequantize-{q.name}"] = torchext.dequantize(w, int(q), n, k)
         out[f"embedding-{q.name}"] = torchext.embedding(w, int(q), torch.tensor([3, 0, 47]), n, k, dtype=torch.bfloat16)
-        for rows in (1, 5, 16):
+        for rows in (1, 6, 7, 16):  # the GEMV's tiles of 1, 2, 3 and 4 rows
             x = torch.randn(rows, k)
             out[f"qmatmul-{q.name}-{rows}"] = torchext.qmatmul(w, int(q), x, n, k)
             out[f"x-{q.name}-{rows}"] = x
@@ -46,13 +49,27 @@ def outputs() -> dict:
     return out
 
 
-def test_portable_kernels_agree_with_the_default_ones(tmp_path):
-    saved = tmp_path / "portable.pt"
+def outputs_with(kernels: str, tmp_path: Path) -> dict:
+    """outputs() in a subprocess run with TORCHEXT_CPU_KERNELS=kernels."""
+    saved = tmp_path / f"{kernels}.pt"
     code = (f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]; import torch; "
             f"import test_portable_cpu as t; torch.save(t.outputs(), {str(saved)!r})")
-    env = dict(os.environ, TORCHEXT_CPU_KERNELS="portable", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, TORCHEXT_CPU_KERNELS=kernels, CUDA_VISIBLE_DEVICES="")
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
-    portable, default = torch.load(saved), outputs()
+    return torch.load(saved)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux names them (empty elsewhere)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
+
+
+def test_portable_kernels_agree_with_the_default_ones(tmp_path):
+    portable, default = outputs_with("portable", tmp_path), outputs()
     assert portable.keys() == default.keys()
     differs = False
     for key, p in portable.items():
@@ -73,9 +90,31 @@ def test_portable_kernels_agree_with_the_default_ones(tmp_path):
     assert differs, "TORCHEXT_CPU_KERNELS=portable changed nothing: were the portable kernels run?"
 
 
+# TORCHEXT_CPU_KERNELS's name and the CPU flags each needs
+VNNI = {"avxvnni": {"avx_vnni"}, "avx512vnni": {"avx512_vnni", "avx512vl", "avx512bw"}}
+
+
+@pytest.fixture(scope="module")
+def avx2_outputs(tmp_path_factory):
+    if not {"avx2", "fma", "f16c"} <= cpu_flags():
+        pytest.skip("this CPU lacks AVX2, FMA or F16C")
+    return outputs_with("avx2", tmp_path_factory.mktemp("avx2"))
+
+
+@pytest.mark.parametrize("kernels", sorted(VNNI))
+def test_vnni_gemv_gives_the_avx2_bits(kernels, avx2_outputs, tmp_path):
+    if not VNNI[kernels] <= cpu_flags():
+        pytest.skip(f"this CPU lacks {kernels}")
+    vnni, avx2 = outputs_with(kernels, tmp_path), avx2_outputs
+    assert vnni.keys() == avx2.keys()
+    for key, v in vnni.items():
+        assert torch.equal(v, avx2[key]), key
+
+
 def test_unknown_choice_is_an_error():
     code = "import torch, torchext; torchext.quantize_q8_1(torch.ones(1, 32))"
     env = dict(os.environ, TORCHEXT_CPU_KERNELS="avx9000", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "TORCHEXT_CPU_KERNELS: expected 'portable' or 'auto', got 'avx9000'" in r.stderr
+    assert r.returncode != 0 and ("TORCHEXT_CPU_KERNELS: expected 'auto', 'portable', 'avx2', 'avxvnni' or 'avx512vnni', "
+                                 "got 'avx9000'") in r.stderr

@@ -9,8 +9,9 @@
 
 #include "kernels/float_types.h"
 
-#define TORCHEXT_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define TORCHEXT_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
+#define TORCHEXT_AVX2_TARGET "avx2,fma,f16c"
+#define TORCHEXT_AVX2 __attribute__((target(TORCHEXT_AVX2_TARGET)))
+#define TORCHEXT_AVX2_INLINE __attribute__((target(TORCHEXT_AVX2_TARGET), always_inline)) inline
 
 namespace torchext::cpu {
 

@@ -9,8 +9,8 @@ namespace torchext::cpu {
 void gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows, void* out,
                FloatType ot) {
 #if defined(__x86_64__) || defined(_M_X64)
-  static const bool avx2 = has_avx2();
-  if (avx2) return gemv_q8_1_avx2(wt, w, n, k, xq, rows, out, ot);
+  static const X86Kernels isa = cpu_kernels();
+  if (isa != X86Kernels::kPortable) return gemv_q8_1_x86(isa, wt, w, n, k, xq, rows, out, ot);
 #endif
   const int64_t xs = q8_1_blocks_per_row(k);
   const bool known = visit_weight_format(wt, [&](auto traits) {

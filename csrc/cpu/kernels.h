@@ -11,15 +11,18 @@ namespace torchext::cpu {
 // rows x k activations -> rows x q8_1_blocks_per_row(k) Q8_1 blocks, bytes identical to CUDA's.
 void quantize_q8_1(const void* x, FloatType xt, int64_t rows, int64_t k, block_q8_1* out);
 
-// out[r, i] = sum_j w[i, j] * xq[r, j] for i < n, r < rows (output element type `ot`): the AVX2
-// kernel where the CPU has AVX2, FMA and F16C, else the portable one.
+// out[r, i] = sum_j w[i, j] * xq[r, j] for i < n, r < rows (output element type `ot`): the x86-64
+// kernel of cpu_kernels() (VNNI or AVX2 dot products), else the portable one.
 void gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows, void* out,
                FloatType ot);
 
 #if defined(__x86_64__) || defined(_M_X64)
-bool has_avx2();  // the CPU runs AVX2, FMA and F16C, and TORCHEXT_CPU_KERNELS does not say "portable"
-void gemv_q8_1_avx2(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows, void* out,
-                    FloatType ot);
+// The x86-64 kernels the CPU runs, best first; TORCHEXT_CPU_KERNELS may ask for a lesser one.
+enum class X86Kernels { kAvx512Vnni, kAvxVnni, kAvx2, kPortable };
+X86Kernels cpu_kernels();  // read at each call: callers keep the answer of their first
+inline bool has_avx2() { return cpu_kernels() != X86Kernels::kPortable; }  // AVX2, FMA and F16C at least
+void gemv_q8_1_x86(X86Kernels isa, QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq,
+                   int64_t rows, void* out, FloatType ot);
 void dequantize_avx2(QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows, int64_t rows_out, void* out,
                      FloatType ot);
 #endif

@@ -1,17 +1,18 @@
-// The CPU GEMV on AVX2: weight x Q8_1 activations, one body for every weight format.
+// The CPU GEMV on x86-64: weight x Q8_1 activations, one body for every weight format and
+// instruction set (AVX2, AVX-VNNI, AVX512-VNNI).
 //
 // A weight block is taken 32 values at a time (a chunk: one Q8_1 block of the activations). Each
 // format's Avx2Chunk (below) turns chunk c of a block into 32 quants in one register, as unsigned
-// bytes (meeting the signed activations in maddubs) or, for Q6_K and Q8_0, signed ones (the sign
-// trick: |w| times x carrying w's sign), with the chunk's weight scales and offset. The bit layouts
-// are kernels/quant_traits.h's (dequantize_chunk), here in vector form. Per chunk and activation
-// row: maddubs + madd give eight int32 sums of four products (exact: |q| <= 63, |x| <= 127), which
+// bytes or, for Q6_K, Q8_0 and others, signed ones (the sign trick: |w| times x carrying w's sign),
+// with the chunk's weight scales and offset. The bit layouts are kernels/quant_traits.h's
+// (dequantize_chunk), here in vector form. Per chunk and activation row, dot_lanes gives eight
+// int32 sums of four products (maddubs + madd on AVX2, vpdpbusd with VNNI; exact either way), which
 // meet the scales in fp32 as in the scalar kernel, acc += dw * dx * isum + m * dx * sum(qx); the
 // eight lanes are added at the end of the row. Results equal the scalar kernel's up to fp32
-// summation order.
+// summation order, and are the same bits on every instruction set.
 //
-// Compiled for every x86-64 CPU: only the functions marked TORCHEXT_AVX2 use AVX2, FMA and F16C,
-// and gemv_q8_1 (gemv_q8_1.cpp) calls them only when the CPU has all three.
+// Compiled for every x86-64 CPU: only functions with a target attribute use more than x86-64's
+// base, and gemv_q8_1 (gemv_q8_1.cpp) calls them only when cpu_kernels() says the CPU has it.
 #if defined(__x86_64__) || defined(_M_X64)
 
 #include <torch/csrc/stable/ops.h>
@@ -244,16 +245,40 @@ TORCHEXT_IQ_GRID_FORMATS(TORCHEXT_GRID_CHUNK)
 #undef TORCHEXT_GRID_CHUNK
 template <> struct Avx2Chunk<QuantTraits<QType::TQ1_0>> : UnpackedChunk<QuantTraits<QType::TQ1_0>> {};
 
-// Eight int32 sums of four products each (lanes 0-3: values 0-15, lanes 4-7: values 16-31).
+// The products of a chunk's quants w and an activation block x: as unsigned u times signed s bytes,
+// which both instructions below want (signed quants meet x as |w| times x with w's sign).
+struct DotOperands {
+  __m256i u, s;
+};
 template <bool kSigned>
-TORCHEXT_AVX2_INLINE __m256i dot_lanes(__m256i w, const int8_t* x) {
-  __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  if constexpr (kSigned) {  // |w| meets x with w's sign: maddubs wants an unsigned first operand
-    xv = _mm256_sign_epi8(xv, w);
-    w = _mm256_sign_epi8(w, w);
-  }
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), _mm256_set1_epi16(1));
+TORCHEXT_AVX2_INLINE DotOperands dot_operands(__m256i w, const int8_t* x) {
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  if constexpr (kSigned) return DotOperands{_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w)};
+  else return DotOperands{w, xv};
 }
+
+// The instruction sets' tags; each one's dot_lanes gives the same eight int32 sums of four products
+// u * s (lanes 0-3: values 0-15, lanes 4-7: values 16-31), exactly.
+// AVX2: maddubs (pair sums, exact: |u| <= 128 and |s| <= 127 keep them below 2^15), then madd.
+struct Avx2 {
+  TORCHEXT_AVX2_INLINE static __m256i dot_lanes(DotOperands o) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(o.u, o.s), _mm256_set1_epi16(1));
+  }
+};
+// VNNI: one vpdpbusd, in its VEX form (AVX-VNNI) or its EVEX one (AVX512-VNNI with AVX512VL, whose
+// gemv_rows may also use 32 vector registers).
+#define TORCHEXT_AVXVNNI_TARGET TORCHEXT_AVX2_TARGET ",avxvnni"
+#define TORCHEXT_AVX512VNNI_TARGET TORCHEXT_AVX2_TARGET ",avx512f,avx512vl,avx512bw,avx512vnni"
+struct AvxVnni {
+  __attribute__((target(TORCHEXT_AVXVNNI_TARGET), always_inline)) static __m256i dot_lanes(DotOperands o) {
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), o.u, o.s);
+  }
+};
+struct Avx512Vnni {
+  __attribute__((target(TORCHEXT_AVX512VNNI_TARGET), always_inline)) static __m256i dot_lanes(DotOperands o) {
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), o.u, o.s);
+  }
+};
 
 TORCHEXT_AVX2_INLINE float sum_lanes(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -266,42 +291,23 @@ struct HalfSums {
   float lo, hi;
 };
 
-// Output rows [begin, end) for activation rows r0 .. r0 + R - 1.
-// xs: every activation block's scales, decoded once per call; hs: their HalfSums (kHalfMins only).
-template <class Traits, int R>
-TORCHEXT_AVX2 void gemv_rows(const uint8_t* w, int64_t k, const block_q8_1* xq, const Q8Scales* xs, const HalfSums* hs,
-                             int64_t x_stride, int64_t r0, int64_t n, int64_t begin, int64_t end, void* out,
-                             FloatType ot) {
-  using C = Avx2Chunk<Traits>;
-  constexpr int kChunks = Traits::kValues / kQ8Block;
-  const int64_t blocks = (k + Traits::kValues - 1) / Traits::kValues;
-  const int64_t row_bytes = blocks * Traits::kBytes;
-  for (int64_t i = begin; i < end; ++i) {
-    const uint8_t* wrow = w + i * row_bytes;
-    __m256 acc[R];
-    float offset[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.0f;
-    for (int64_t b = 0; b < blocks; ++b) {
-#pragma GCC unroll 8  // a constant c: each chunk's scale unpacking and shifts resolve at compile time
-      for (int c = 0; c < kChunks; ++c) {
-        const Chunk ch = C::load(wrow + b * Traits::kBytes, c);
-        const int64_t j = b * kChunks + c;  // the activations' Q8_1 block
-        for (int r = 0; r < R; ++r) {
-          const int64_t x = (r0 + r) * x_stride + j;
-          const Q8Scales xd = xs[x];
-          const __m256 scale = C::kHalfScales ? _mm256_setr_m128(_mm_set1_ps(ch.d_lo * xd.d), _mm_set1_ps(ch.d_hi * xd.d))
-                                              : _mm256_set1_ps(ch.d_lo * xd.d);
-          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_lanes<C::kSigned>(ch.q, xq[x].qs)), scale, acc[r]);
-          if constexpr (C::kHalfMins) offset[r] += ch.offset_lo() * hs[x].lo + ch.offset_hi() * hs[x].hi;
-          else offset[r] += ch.offset_lo() * xd.s;
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r) store_float(out, (r0 + r) * n + i, ot, sum_lanes(acc[r]) + offset[r]);
-  }
-}
+#define TORCHEXT_GEMV_ISA Avx2
+#define TORCHEXT_GEMV_TARGET TORCHEXT_AVX2_TARGET
+#include "csrc/cpu/gemv_q8_1_rows.h"
+#undef TORCHEXT_GEMV_ISA
+#undef TORCHEXT_GEMV_TARGET
+#define TORCHEXT_GEMV_ISA AvxVnni
+#define TORCHEXT_GEMV_TARGET TORCHEXT_AVXVNNI_TARGET
+#include "csrc/cpu/gemv_q8_1_rows.h"
+#undef TORCHEXT_GEMV_ISA
+#undef TORCHEXT_GEMV_TARGET
+#define TORCHEXT_GEMV_ISA Avx512Vnni
+#define TORCHEXT_GEMV_TARGET TORCHEXT_AVX512VNNI_TARGET
+#include "csrc/cpu/gemv_q8_1_rows.h"
+#undef TORCHEXT_GEMV_ISA
+#undef TORCHEXT_GEMV_TARGET
 
-template <class T>
+template <class Isa, class T>
 void gemv_format(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows, void* out,
                  FloatType ot) {
   const int64_t x_stride = q8_1_blocks_per_row(k);
@@ -316,7 +322,7 @@ void gemv_format(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, i
   torch::stable::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     // Up to four activation rows share each unpacked chunk.
     const auto rows_from = [&](auto tile, int64_t r0) {
-      gemv_rows<T, decltype(tile)::value>(w, k, xq, xs.data(), hs.data(), x_stride, r0, n, begin, end, out, ot);
+      gemv_rows<T, decltype(tile)::value>(Isa{}, w, k, xq, xs.data(), hs.data(), x_stride, r0, n, begin, end, out, ot);
     };
     int64_t r0 = 0;
     for (; r0 + 4 <= rows; r0 += 4) rows_from(std::integral_constant<int, 4>{}, r0);
@@ -368,22 +374,45 @@ TORCHEXT_AVX2 void dequantize_rows(const uint8_t* w, int64_t n, int64_t k, RowIn
 
 }  // namespace
 
-bool has_avx2() {
-  // TORCHEXT_CPU_KERNELS=portable sends every CPU op to the portable kernels on any CPU (what a CPU
-  // without AVX2 runs), so that they can be tested and compared here. Read at each op's first call.
-  if (const char* choice = std::getenv("TORCHEXT_CPU_KERNELS")) {
-    const std::string c(choice);
-    TORCHEXT_CHECK(c == "portable" || c == "auto" || c.empty(),
-                   "TORCHEXT_CPU_KERNELS: expected 'portable' or 'auto', got '", c, "'");
-    if (c == "portable") return false;
+X86Kernels cpu_kernels() {
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const bool avxvnni = avx2 && __builtin_cpu_supports("avxvnni");
+  const bool avx512vnni = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+  const char* env = std::getenv("TORCHEXT_CPU_KERNELS");
+  const std::string choice = env ? env : "";
+  if (choice.empty() || choice == "auto") {
+    return avx512vnni ? X86Kernels::kAvx512Vnni
+           : avxvnni  ? X86Kernels::kAvxVnni
+           : avx2     ? X86Kernels::kAvx2
+                      : X86Kernels::kPortable;
   }
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  // TORCHEXT_CPU_KERNELS names lesser kernels (portable: what a CPU without AVX2 runs), so that each
+  // can be tested and compared on one CPU.
+  const struct {
+    const char* name;
+    X86Kernels kernels;
+    bool runs;
+  } named[] = {{"portable", X86Kernels::kPortable, true},
+               {"avx2", X86Kernels::kAvx2, avx2},
+               {"avxvnni", X86Kernels::kAvxVnni, avxvnni},
+               {"avx512vnni", X86Kernels::kAvx512Vnni, avx512vnni}};
+  for (const auto& n : named) {
+    if (choice != n.name) continue;
+    TORCHEXT_CHECK(n.runs, "TORCHEXT_CPU_KERNELS=", choice, ": this CPU lacks its instructions");
+    return n.kernels;
+  }
+  fail("TORCHEXT_CPU_KERNELS: expected 'auto', 'portable', 'avx2', 'avxvnni' or 'avx512vnni', got '", choice, "'");
 }
 
-void gemv_q8_1_avx2(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows, void* out,
-                    FloatType ot) {
-  const bool known =
-      visit_weight_format(wt, [&](auto traits) { gemv_format<decltype(traits)>(w, n, k, xq, rows, out, ot); });
+void gemv_q8_1_x86(X86Kernels isa, QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq,
+                   int64_t rows, void* out, FloatType ot) {
+  const bool known = visit_weight_format(wt, [&](auto traits) {
+    using T = decltype(traits);
+    if (isa == X86Kernels::kAvx512Vnni) gemv_format<Avx512Vnni, T>(w, n, k, xq, rows, out, ot);
+    else if (isa == X86Kernels::kAvxVnni) gemv_format<AvxVnni, T>(w, n, k, xq, rows, out, ot);
+    else gemv_format<Avx2, T>(w, n, k, xq, rows, out, ot);
+  });
   if (!known) fail_unknown_format(wt, "gemv_q8_1");
 }
 
