@@ -182,21 +182,21 @@ inline void check_shape_nk(int64_t n, int64_t k) {
   TORCHEXT_CHECK(k > 0, "k: expected a positive row length, got ", k);
 }
 
-// The weight rows' format and length, shared by every weight check: a known format, n, k > 0,
-// whole 32-value blocks for the 32-value formats.
-inline FormatInfo check_format_nk(int64_t qtype, int64_t n, int64_t k) {
+// What every quantized weight check starts with: a known format, n, k > 0, whole blocks of k, and
+// the weight a defined, contiguous uint8 tensor. Its shape is the caller's to check.
+inline FormatInfo check_weight_bytes(const Tensor& w, int64_t qtype, int64_t n, int64_t k, const char* arg) {
   const FormatInfo f = format_info(qtype);
   check_shape_nk(n, k);
   check_whole_blocks(f, k, "k");
+  check_defined_contiguous(w, arg);
+  TORCHEXT_CHECK(w.scalar_type() == ScalarType::Byte, arg, ": expected raw ", qtype_name(f.type),
+                  " bytes as a uint8 tensor, got ", dtype_name(w.scalar_type()));
   return f;
 }
 
 // A quantized weight: uint8, contiguous, exactly n rows of ceil(k / values) blocks.
 inline FormatInfo check_weight(const Tensor& w, int64_t qtype, int64_t n, int64_t k, const char* arg = "w") {
-  const FormatInfo f = check_format_nk(qtype, n, k);
-  check_defined_contiguous(w, arg);
-  TORCHEXT_CHECK(w.scalar_type() == ScalarType::Byte, arg, ": expected raw ", qtype_name(f.type),
-                  " bytes as a uint8 tensor, got ", dtype_name(w.scalar_type()));
+  const FormatInfo f = check_weight_bytes(w, qtype, n, k, arg);
   const int64_t expected = checked_mul(n, row_bytes(f, k), "n");
   TORCHEXT_CHECK(w.numel() == expected, arg, ": expected ", expected, " bytes for ", qtype_name(f.type),
                   " with n=", n, ", k=", k, " (", n, " rows of ", row_bytes(f, k), " bytes), got ", w.numel());
@@ -254,10 +254,7 @@ struct MatmulIdOperands {
 
 inline MatmulIdOperands check_matmul_id(const Tensor& w, int64_t qtype, const Tensor& x, const Tensor& ids, int64_t n,
                                         int64_t k) {
-  const FormatInfo f = check_format_nk(qtype, n, k);
-  check_defined_contiguous(w, "w");
-  TORCHEXT_CHECK(w.scalar_type() == ScalarType::Byte, "w: expected raw ", qtype_name(f.type),
-                  " bytes as a uint8 tensor, got ", dtype_name(w.scalar_type()));
+  const FormatInfo f = check_weight_bytes(w, qtype, n, k, "w");
   const int64_t rb = row_bytes(f, k);
   TORCHEXT_CHECK(w.dim() == 3 && w.size(0) > 0 && w.size(1) == n && w.size(2) == rb, "w: expected ",
                   qtype_name(f.type), " experts of shape [E, n, row bytes] = [E, ", n, ", ", rb, "] with E > 0, got ",
