@@ -210,6 +210,14 @@ def _replaceable(m: nn.Module) -> bool:
 # each selected expert's weight once per call and never syncs with the host: a block traces with
 # torch.compile(fullgraph=True) and captures in a CUDA graph, ids and all.
 
+def _expert_formats(qtypes) -> tuple:
+    """QuantExperts' qtypes as (gate, up, down): one format for all three, or three."""
+    formats = tuple(qtypes) if isinstance(qtypes, (tuple, list)) else (qtypes,) * 3
+    if len(formats) != 3:
+        raise ValueError(f"qtypes: expected one format or three (gate, up, down), got {len(formats)}")
+    return formats
+
+
 class QuantExperts(nn.Module):
     """E SwiGLU experts, down(silu(gate(x)) * up(x)), as three quantized weights [E, n, row_bytes]:
     gate and up [E, intermediate_size, hidden_size], down [E, hidden_size, intermediate_size] (GGUF's
@@ -224,10 +232,7 @@ class QuantExperts(nn.Module):
     def __init__(self, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor, qtypes,
                  num_experts: int, hidden_size: int, intermediate_size: int, exact: bool = False) -> None:
         super().__init__()
-        formats = tuple(qtypes) if isinstance(qtypes, (tuple, list)) else (qtypes,) * 3
-        if len(formats) != 3:
-            raise ValueError(f"qtypes: expected one format or three (gate, up, down), got {len(formats)}")
-        self.qtypes = tuple(weight_format(q) for q in formats)
+        self.qtypes = tuple(weight_format(q) for q in _expert_formats(qtypes))
         self.num_experts, self.hidden_size = int(num_experts), int(hidden_size)
         self.intermediate_size, self.exact = int(intermediate_size), bool(exact)
         shapes = {"gate_proj": (self.intermediate_size, self.hidden_size),
@@ -252,7 +257,7 @@ class QuantExperts(nn.Module):
                    exact: bool = False) -> "QuantExperts":
         """Quantize float experts: gate and up [E, I, H], down [E, H, I] (transformers keeps gate and
         up as one gate_up_proj [E, 2I, H]: pass its two halves), with torchext.quantize per expert."""
-        formats = tuple(qtypes) if isinstance(qtypes, (tuple, list)) else (qtypes,) * 3
+        formats = _expert_formats(qtypes)
         e, i, h = gate_proj.shape
         data = [torch.stack([quantize(w.detach().to("cpu", torch.float32).contiguous(), q) for w in t]).to(t.device)
                 for t, q in zip((gate_proj, up_proj, down_proj), formats)]
