@@ -4,9 +4,12 @@
                         [--formats Q4_K Q8_0 ...] [--gemma]
 
 GEMV, batch 1 (--rows), N x K = 4096 x 14336 per format: torchext.qmatmul (activation quantization
-included, as llama.cpp's MUL_MAT includes it), the median of timed calls rotating two weight copies
-(66 MB for Q8_0, more than this CPU's L3), against `test-backend-ops perf -b CPU -o MUL_MAT` for
-the same type and shape (llama.cpp's own timing loop). test-backend-ops runs its CPU backend on half the
+included, as llama.cpp's MUL_MAT includes it), the median of timed calls, against `test-backend-ops
+perf -b CPU -o MUL_MAT` for the same type and shape (llama.cpp's own timing loop). That loop runs the
+op on one weight again and again, so torchext's compared column does the same ("1 weight"); the
+"2 weights" column alternates two copies, which on the 2-core VM CI runs on (480 MiB of L3 shared
+with other guests) doubled or tripled the time: a 62 MB Q8_0 weight stayed in cache, two did not
+(2026-12-03: 3.1-3.4 against 7.9-8.4 ms). test-backend-ops runs its CPU backend on half the
 hardware threads (one on a 2-core machine), so torchext's GEMV runs on as many here unless
 --gemv-threads says otherwise (llama.cpp's figure is then for its own thread count). The kernels
 are those TORCHEXT_CPU_KERNELS picks (README, "On the CPU"): set it to time, say, the AVX2 GEMV on
@@ -43,12 +46,12 @@ N, K = 4096, 14336
 FORMATS = ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 
 
-def time_torchext(fmt: str, rows: int, reps: int, warmup_s: float = 2.0) -> float:
-    """Median µs of qmatmul on `rows` rows, two weight copies alternating, after warmup_s seconds of
-    calls: on a 2-core VM (2026-12-02) the first hundred or so calls on freshly written weights ran
-    up to 3x slower."""
+def time_torchext(fmt: str, rows: int, reps: int, copies: int, warmup_s: float = 2.0) -> float:
+    """Median µs of qmatmul on `rows` rows, `copies` weight copies taken in turn, after warmup_s
+    seconds of calls: on a 2-core VM (2026-12-02) the first hundred or so calls on freshly written
+    weights ran up to 3x slower."""
     g = torch.Generator().manual_seed(0)
-    ws = [torchext.quantize(torch.randn(N, K, generator=g) * 0.02, fmt) for _ in range(2)]
+    ws = [torchext.quantize(torch.randn(N, K, generator=g) * 0.02, fmt) for _ in range(copies)]
     x = torch.randn(rows, K, generator=g)
     end = time.perf_counter() + warmup_s
     while time.perf_counter() < end:
@@ -57,7 +60,7 @@ def time_torchext(fmt: str, rows: int, reps: int, warmup_s: float = 2.0) -> floa
     times = []
     for i in range(reps):
         start = time.perf_counter()
-        torchext.qmatmul(ws[i % 2], fmt, x, N, K)
+        torchext.qmatmul(ws[i % copies], fmt, x, N, K)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e6
 
@@ -110,12 +113,14 @@ def main() -> None:
     kernels = os.environ.get("TORCHEXT_CPU_KERNELS") or "auto"
     print(f"CPU, torch {torch.__version__}, TORCHEXT_CPU_KERNELS={kernels}; GEMV batch {a.rows}, "
           f"N x K = {N} x {K}, {a.gemv_threads} thread(s), µs")
-    print(f"{'format':7} {'torchext':>10} {'llama.cpp':>10} {'llama.cpp / torchext':>21}")
+    print(f"{'format':7} {'torchext, 1 weight':>19} {'llama.cpp':>10} {'llama.cpp / torchext':>21} "
+          f"{'torchext, 2 weights':>20}")
     for fmt in a.formats:
-        ours = time_torchext(fmt, a.rows, a.reps)
+        ours = time_torchext(fmt, a.rows, a.reps, copies=1)
         theirs = time_llama_cpp(bin_dir, fmt, a.rows) if bin_dir else None
         ratio = f"{theirs / ours:21.2f}" if theirs else f"{'-':>21}"
-        print(f"{fmt:7} {ours:10.1f} {theirs if theirs else '-':>10} {ratio}")
+        two = time_torchext(fmt, a.rows, a.reps, copies=2)
+        print(f"{fmt:7} {ours:19.1f} {theirs if theirs else '-':>10} {ratio} {two:20.1f}")
     if a.gemma:
         torch.set_num_threads(a.threads)
         ours = gemma_torchext()

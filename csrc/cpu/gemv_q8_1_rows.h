@@ -4,40 +4,61 @@
 // instantiation of a template, and a body compiled for one set cannot inline another set's
 // intrinsics, so the one text is compiled once per tag as an overload on it.
 //
-// Output rows [begin, end) for activation rows r0 .. r0 + R - 1.
-// xs: every activation block's scales, decoded once per call; hs: their HalfSums (kHalfMins only).
+// Output rows [begin, end) for activation rows r0 .. r0 + R - 1; xs: every activation block's scales.
 template <class Traits, int R>
 __attribute__((target(TORCHEXT_GEMV_TARGET))) void gemv_rows(TORCHEXT_GEMV_ISA, const uint8_t* w, int64_t k,
-                                                             const block_q8_1* xq, const Q8Scales* xs,
-                                                             const HalfSums* hs, int64_t x_stride, int64_t r0,
-                                                             int64_t n, int64_t begin, int64_t end, void* out,
-                                                             FloatType ot) {
+                                                             const block_q8_1* xq, const XScales& xs,
+                                                             int64_t x_stride, int64_t r0, int64_t n, int64_t begin,
+                                                             int64_t end, void* out, FloatType ot) {
   using C = Avx2Chunk<Traits>;
   constexpr int kChunks = Traits::kValues / kQ8Block;
+  constexpr bool kBlockScales = HasBlockScales<C>::value;
+  static_assert(!kBlockScales || kChunks == 8, "block scales are one lane a chunk");
   const int64_t blocks = (k + Traits::kValues - 1) / Traits::kValues;
   const int64_t row_bytes = blocks * Traits::kBytes;
+  const float* xd = xs.d.data();
+  const float* xsum = xs.s.data();
   for (int64_t i = begin; i < end; ++i) {
     const uint8_t* wrow = w + i * row_bytes;
-    __m256 acc[R];
+    __m256 acc[R], offsets[R];  // offsets: kBlockScales, lane c the offsets of chunks c of each block
     float offset[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.0f;
+    for (int r = 0; r < R; ++r) acc[r] = offsets[r] = _mm256_setzero_ps(), offset[r] = 0.0f;
     for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* blk = wrow + b * Traits::kBytes;
+      __m256 lo[R], hi[R];  // kBlockScales: lane c is chunk c's scale, weight times activation
+      if constexpr (kBlockScales) {
+        const BlockScales bs = C::block_scales(blk);
+        for (int r = 0; r < R; ++r) {
+          const int64_t x = (r0 + r) * x_stride + b * kChunks;
+          const __m256 d = _mm256_loadu_ps(xd + x);
+          lo[r] = _mm256_mul_ps(bs.d_lo, d);
+          hi[r] = C::kHalfScales ? _mm256_mul_ps(bs.d_hi, d) : lo[r];
+          offsets[r] = _mm256_fmadd_ps(bs.offset, _mm256_loadu_ps(xsum + x), offsets[r]);
+        }
+      }
 #pragma GCC unroll 8  // a constant c: each chunk's scale unpacking and shifts resolve at compile time
       for (int c = 0; c < kChunks; ++c) {
-        const Chunk ch = C::load(wrow + b * Traits::kBytes, c);
+        const Chunk ch = C::load(blk, c);  // kBlockScales: only its quants are used
         const int64_t j = b * kChunks + c;  // the activations' Q8_1 block
         for (int r = 0; r < R; ++r) {
           const int64_t x = (r0 + r) * x_stride + j;
-          const Q8Scales xd = xs[x];
-          const __m256 scale = C::kHalfScales ? _mm256_setr_m128(_mm_set1_ps(ch.d_lo * xd.d), _mm_set1_ps(ch.d_hi * xd.d))
-                                              : _mm256_set1_ps(ch.d_lo * xd.d);
+          __m256 scale;
+          if constexpr (kBlockScales) {
+            const __m256i lane = _mm256_set1_epi32(c);
+            scale = _mm256_permutevar8x32_ps(lo[r], lane);
+            if (C::kHalfScales) scale = _mm256_blend_ps(scale, _mm256_permutevar8x32_ps(hi[r], lane), 0xF0);
+          } else {
+            scale = C::kHalfScales ? _mm256_setr_m128(_mm_set1_ps(ch.d_lo * xd[x]), _mm_set1_ps(ch.d_hi * xd[x]))
+                                   : _mm256_set1_ps(ch.d_lo * xd[x]);
+            if constexpr (C::kHalfMins) offset[r] += ch.offset_lo() * xs.halves[x].lo + ch.offset_hi() * xs.halves[x].hi;
+            else offset[r] += ch.offset_lo() * xsum[x];
+          }
           const __m256i sums = TORCHEXT_GEMV_ISA::dot_lanes(dot_operands<C::kSigned>(ch.q, xq[x].qs));
           acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r]);
-          if constexpr (C::kHalfMins) offset[r] += ch.offset_lo() * hs[x].lo + ch.offset_hi() * hs[x].hi;
-          else offset[r] += ch.offset_lo() * xd.s;
         }
       }
     }
-    for (int r = 0; r < R; ++r) store_float(out, (r0 + r) * n + i, ot, sum_lanes(acc[r]) + offset[r]);
+    for (int r = 0; r < R; ++r)
+      store_float(out, (r0 + r) * n + i, ot, sum_lanes(acc[r]) + (kBlockScales ? sum_lanes(offsets[r]) : offset[r]));
   }
 }

@@ -8,8 +8,10 @@
 // (dequantize_chunk), here in vector form. Per chunk and activation row, dot_lanes gives eight
 // int32 sums of four products (maddubs + madd on AVX2, vpdpbusd with VNNI; exact either way), which
 // meet the scales in fp32 as in the scalar kernel, acc += dw * dx * isum + m * dx * sum(qx); the
-// eight lanes are added at the end of the row. Results equal the scalar kernel's up to fp32
-// summation order, and are the same bits on every instruction set.
+// eight lanes are added at the end of the row. The k-quants with kBlockScales (Q4_K, Q5_K, Q6_K)
+// decode a block's eight chunk scales at once (BlockScales) and sum their offsets a block at a
+// time. Results equal the scalar kernel's up to fp32 summation order, and are the same bits on
+// every instruction set.
 //
 // Compiled for every x86-64 CPU: only functions with a target attribute use more than x86-64's
 // base, and gemv_q8_1 (gemv_q8_1.cpp) calls them only when cpu_kernels() says the CPU has it.
@@ -20,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -47,16 +50,26 @@ struct Chunk {
   float offset_hi() const { return -sub_hi - float(zero) * d_hi; }
 };
 
+// The scales of a 256-value block's eight chunks at once, for the formats whose Avx2Chunk has
+// kBlockScales: lane c is chunk c's d_lo, d_hi (as Chunk's) and offset (offset_lo()). Decoded with a
+// few vector steps per block instead of scalar ones per chunk: Q4_K's 225 instructions a block
+// (scale unpacking, 40 scalar multiplies) were what bounded its GEMV, not the dot products (one
+// thread, 4096 x 14336, weight in cache: 3.3 -> 2.0 ms; bench/NOTES.md).
+struct BlockScales {
+  __m256 d_lo, d_hi, offset;
+};
+
 TORCHEXT_AVX2_INLINE __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 TORCHEXT_AVX2_INLINE __m256i low_nibbles(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
 TORCHEXT_AVX2_INLINE __m256i high_nibbles(__m256i v) {
   return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F));
 }
-// 16 bytes of nibbles (value l low, value l + 16 high) as 32 quants in value order.
+// 16 bytes of nibbles (value l low, value l + 16 high) as 32 quants in value order: the bytes in
+// both halves (a broadcast load), the upper half shifted, then masked. No cross-lane shuffle: those
+// share one port with the scale broadcasts and the 5th-bit spreading.
 TORCHEXT_AVX2_INLINE __m256i split_nibbles(const uint8_t* p) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
+  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_and_si256(_mm256_blend_epi32(v, _mm256_srli_epi16(v, 4), 0xF0), _mm256_set1_epi8(0x0F));
 }
 // Bit l of the 32-bit word bits as 0x10 in byte l (a 5th bit), 0 elsewhere.
 TORCHEXT_AVX2_INLINE __m256i bits_to_bit4(uint32_t bits) {
@@ -77,7 +90,25 @@ struct Avx2Chunk;
 // with Q5_K's 5th bits from bit c of qh[0 .. 31].
 template <class Block, bool kHasHigh>
 struct KQuantChunk {
-  static constexpr bool kSigned = false, kHalfScales = false, kHalfMins = false;
+  static constexpr bool kSigned = false, kHalfScales = false, kHalfMins = false, kBlockScales = true;
+  // The 12 scale bytes as words a, b, c hold sub-block j's 6-bit scale and min (kquant_scale_min):
+  // j < 4: byte j of a and of b, low 6 bits; j >= 4: the low / high nibble of byte j - 4 of c, with
+  // the top two bits of byte j - 4 of a / b above it. As bytes j of two 64-bit words, widened to
+  // floats: d * sc and -(dmin * m), the products load() forms.
+  TORCHEXT_AVX2_INLINE static BlockScales block_scales(const uint8_t* p) {
+    const Block& b = *reinterpret_cast<const Block*>(p);
+    uint32_t w[3];
+    std::memcpy(w, b.scales, 12);
+    const uint32_t six = 0x3f3f3f3fu, nib = 0x0f0f0f0fu, top = 0x30303030u;
+    const uint64_t sc = uint64_t(w[0] & six) | uint64_t((w[2] & nib) | ((w[0] >> 2) & top)) << 32;
+    const uint64_t m = uint64_t(w[1] & six) | uint64_t(((w[2] >> 4) & nib) | ((w[1] >> 2) & top)) << 32;
+    const auto widen = [](uint64_t bytes) __attribute__((target(TORCHEXT_AVX2_TARGET), always_inline)) {
+      return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(bytes))));
+    };
+    const __m256 d = _mm256_mul_ps(_mm256_set1_ps(half(b.d)), widen(sc));
+    const __m256 dm = _mm256_mul_ps(_mm256_set1_ps(half(b.dmin)), widen(m));
+    return BlockScales{d, d, _mm256_xor_ps(dm, _mm256_set1_ps(-0.0f))};  // -dm, exactly
+  }
   TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int c) {
     const Block& b = *reinterpret_cast<const Block*>(p);
     const __m256i qs = load32(b.qs + 32 * (c / 2));
@@ -100,6 +131,17 @@ template <> struct Avx2Chunk<QuantTraits<QType::Q5_K>> : KQuantChunk<block_q5_K,
 template <>
 struct Avx2Chunk<QuantTraits<QType::Q6_K>> {
   static constexpr bool kSigned = true, kHalfScales = true, kHalfMins = false;  // a scale per 16 values
+  static constexpr bool kBlockScales = true;
+  // Chunk c's scales are the int8 scales[2c] and scales[2c + 1]: even bytes to d_lo, odd to d_hi.
+  TORCHEXT_AVX2_INLINE static BlockScales block_scales(const uint8_t* p) {
+    const block_q6_K& b = *reinterpret_cast<const block_q6_K*>(p);
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales));
+    const __m128i split = _mm_shuffle_epi8(sc, _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+    const __m256 d = _mm256_set1_ps(half(b.d));
+    const __m256 lo = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(split)));
+    const __m256 hi = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(split, split))));
+    return BlockScales{lo, hi, _mm256_setzero_ps()};
+  }
   TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int c) {
     const block_q6_K& b = *reinterpret_cast<const block_q6_K*>(p);
     const int h = c / 4, i = c % 4;
@@ -245,6 +287,12 @@ TORCHEXT_IQ_GRID_FORMATS(TORCHEXT_GRID_CHUNK)
 #undef TORCHEXT_GRID_CHUNK
 template <> struct Avx2Chunk<QuantTraits<QType::TQ1_0>> : UnpackedChunk<QuantTraits<QType::TQ1_0>> {};
 
+// Whether format C decodes a block's scales at once (block_scales) rather than per chunk.
+template <class C, class = void>
+struct HasBlockScales : std::false_type {};
+template <class C>
+struct HasBlockScales<C, std::enable_if_t<C::kBlockScales>> : std::true_type {};
+
 // The products of a chunk's quants w and an activation block x: as unsigned u times signed s bytes,
 // which both instructions below want (signed quants meet x as |w| times x with w's sign).
 struct DotOperands {
@@ -291,6 +339,13 @@ struct HalfSums {
   float lo, hi;
 };
 
+// Every activation block's scales, decoded once per call: d, s = d * sum(qs) (Q8Scales) as two
+// arrays, so that a 256-value weight block's eight are one load each; halves only for kHalfMins.
+struct XScales {
+  std::vector<float> d, s;
+  std::vector<HalfSums> halves;
+};
+
 #define TORCHEXT_GEMV_ISA Avx2
 #define TORCHEXT_GEMV_TARGET TORCHEXT_AVX2_TARGET
 #include "csrc/cpu/gemv_q8_1_rows.h"
@@ -310,19 +365,23 @@ struct HalfSums {
 template <class Isa, class T>
 void gemv_format(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows, void* out,
                  FloatType ot) {
-  const int64_t x_stride = q8_1_blocks_per_row(k);
-  std::vector<Q8Scales> xs(size_t(rows * x_stride));
-  for (size_t j = 0; j < xs.size(); ++j) xs[j] = Q8Scales::of_word(xq[j].scale);
-  std::vector<HalfSums> hs(Avx2Chunk<T>::kHalfMins ? xs.size() : 0);
-  for (size_t j = 0; j < hs.size(); ++j) {
+  const int64_t x_stride = q8_1_blocks_per_row(k);  // a multiple of 8: whole super-blocks
+  const size_t count = size_t(rows * x_stride);
+  XScales xs{std::vector<float>(count), std::vector<float>(count), {}};
+  for (size_t j = 0; j < count; ++j) {
+    const Q8Scales sc = Q8Scales::of_word(xq[j].scale);
+    xs.d[j] = sc.d, xs.s[j] = sc.s;
+  }
+  if (Avx2Chunk<T>::kHalfMins) xs.halves.resize(count);
+  for (size_t j = 0; j < xs.halves.size(); ++j) {
     int lo = 0, hi = 0;
     for (int l = 0; l < 16; ++l) lo += xq[j].qs[l], hi += xq[j].qs[16 + l];
-    hs[j] = HalfSums{xs[j].d * float(lo), xs[j].d * float(hi)};
+    xs.halves[j] = HalfSums{xs.d[j] * float(lo), xs.d[j] * float(hi)};
   }
   torch::stable::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     // Up to four activation rows share each unpacked chunk.
     const auto rows_from = [&](auto tile, int64_t r0) {
-      gemv_rows<T, decltype(tile)::value>(Isa{}, w, k, xq, xs.data(), hs.data(), x_stride, r0, n, begin, end, out, ot);
+      gemv_rows<T, decltype(tile)::value>(Isa{}, w, k, xq, xs, x_stride, r0, n, begin, end, out, ot);
     };
     int64_t r0 = 0;
     for (; r0 + 4 <= rows; r0 += 4) rows_from(std::integral_constant<int, 4>{}, r0);
