@@ -9,7 +9,7 @@ tokens are fed back on the device, so the timed loop never waits on the host. to
 Batched decode (`--batches`, default 8 32 64): the same compiled step over that many sequences at
 once (every sequence at the same position), tokens/s counting every sequence's tokens.
 Prefill: one forward pass over a `--prefill`-token prompt (eager and compiled), as pp512.
-The per-token split (GEMV kernels, attention, the rest) comes from torch.profiler's CUDA kernel
+The per-token split (GEMV kernels, attention, the rest) and the kernel launches per token come from torch.profiler's CUDA kernel
 times over the decode loop. Weight memory is reported against the file and dense bf16.
 Writes DIR/gemma3.json and prints a summary. Nothing here is asserted.
 """
@@ -64,6 +64,7 @@ def kernel_split(step, n: int, start_pos: int) -> dict:
         torch.cuda.synchronize()
     split = {"gemv": 0.0, "quantize_q8_1": 0.0, "torchext_other": 0.0, "attention": 0.0, "other": 0.0}
     names: dict[str, float] = {}
+    launches = 0
     for e in prof.key_averages():
         us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
         if us <= 0 or e.key.startswith(("ProfilerStep", "cudaGraph")):
@@ -78,7 +79,9 @@ def kernel_split(step, n: int, start_pos: int) -> dict:
         else:
             kind = "other"
         split[kind] += us / n
+        launches += e.count
         names[e.key[:90]] = names.get(e.key[:90], 0.0) + us / n
+    split["kernels_per_token"] = launches / n
     split["top_kernels_us_per_token"] = dict(sorted(names.items(), key=lambda kv: -kv[1])[:15])
     return split
 

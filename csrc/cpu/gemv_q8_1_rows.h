@@ -25,6 +25,8 @@ __attribute__((target(TORCHEXT_GEMV_TARGET))) void gemv_rows(TORCHEXT_GEMV_ISA, 
     for (int r = 0; r < R; ++r) acc[r] = offsets[r] = _mm256_setzero_ps(), offset[r] = 0.0f;
     for (int64_t b = 0; b < blocks; ++b) {
       const uint8_t* blk = wrow + b * Traits::kBytes;
+      for (int o = 0; o < Traits::kBytes; o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(blk) + kPrefetchAhead + o, _MM_HINT_T0);
       __m256 lo[R], hi[R];  // kBlockScales: lane c is chunk c's scale, weight times activation
       if constexpr (kBlockScales) {
         const BlockScales bs = C::block_scales(blk);

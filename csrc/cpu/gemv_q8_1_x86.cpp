@@ -346,6 +346,13 @@ struct XScales {
   std::vector<HalfSums> halves;
 };
 
+// How far ahead of the block being multiplied its weight row is prefetched, in bytes (each of a
+// block's cache lines; prefetches past the weight's end are harmless hints). The hardware's
+// streamer stays within a 4 KiB page, so a weight that is not in cache streamed at 8 GB/s a core
+// on the 2-core Xeon VM (Q8_0 262144x640, 1 thread); 4, 6 and 8 KiB ahead gave 17.5, 19.2 and
+// 14.6 GB/s there, 2 threads 36-39 GB/s against 16.8 (bench/NOTES.md, "CPU GEMV: prefetching").
+constexpr int kPrefetchAhead = 6144;
+
 #define TORCHEXT_GEMV_ISA Avx2
 #define TORCHEXT_GEMV_TARGET TORCHEXT_AVX2_TARGET
 #include "csrc/cpu/gemv_q8_1_rows.h"

@@ -189,16 +189,18 @@ class Attention(nn.Module):
         # whole static cache with the invisible keys masked. Decode steps spell attention out as
         # products and sums (H100, bench/gemma3.py: SDPA's fused kernel runs one CTA for 4 query
         # rows, 110 us a layer, its GQA expansion copies the cache, and cuBLAS takes 3 kernels a
-        # matmul); prompts take SDPA (33k against 24k tok/s for 512 tokens).
+        # matmul); prompts take SDPA (33k against 24k tok/s for 512 tokens), and so does the CPU,
+        # where eager products write [heads, max_seq_len, head_dim] temporaries (2-core Xeon VM,
+        # bench/cpu.py --gemma, 256 positions: 45 -> 53 tok/s with SDPA).
         group = cfg.heads // cfg.kv_heads
         qg = q.view(b, t, cfg.kv_heads, group, cfg.head_dim).permute(0, 2, 3, 1, 4)
         qg = qg.reshape(b, cfg.kv_heads, group * t, cfg.head_dim)
         mask = visible.repeat(group, 1)  # row (g, i) sees what position i sees
-        if t <= DECODE_ROWS:  # products and sums, which inductor fuses into a few reductions
+        if t <= DECODE_ROWS and h.is_cuda:  # products and sums, which inductor fuses into a few reductions
             scores = (qg.unsqueeze(-2) * self.k_cache.unsqueeze(-3)).float().sum(-1) * cfg.attn_scale
             p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
             o = (p.unsqueeze(-1) * self.v_cache.unsqueeze(-3).float()).sum(-2).to(qg.dtype)
-        else:  # a prompt: enough query rows for SDPA's fused kernel to fill the GPU
+        else:  # a prompt (enough query rows for SDPA's fused kernel to fill the GPU), or the CPU
             o = F.scaled_dot_product_attention(qg, self.k_cache, self.v_cache, attn_mask=mask, scale=cfg.attn_scale)
         o = o.view(b, cfg.kv_heads, group, t, cfg.head_dim).permute(0, 3, 1, 2, 4)
         return self.o_proj(o.reshape(b, t, cfg.heads * cfg.head_dim))
