@@ -55,7 +55,7 @@ from conftest import (
     row_bytes,
     tiny,
 )
-from torchext.formats import block_values
+from torchext.formats import QType, block_values
 
 MAX_GEMV_ROWS = 16  # kernels/batch_policy.h: up to 16 rows a Q8_1 GEMV (DP4A or int8 MMA), then unrounded activations
 
@@ -197,6 +197,17 @@ def test_gaussian_activations(case, rows, dtype, device):
         assert_exact_close(y, x, W)
     else:
         assert_gaussian_close(y, x, W)
+
+
+@pytest.mark.parametrize("qtype", [QType.Q4_K, QType.Q8_0], ids=qtype_name)
+def test_dense_path_in_several_passes(qtype):
+    """The CPU's dense path dequantizes max(128, 2^20 / k) weight rows a pass (csrc/ops_cpu.cpp):
+    n = 2 whole passes and a partial one at k = 256 (4096 rows a pass), every output column from
+    its own pass, against the oracle."""
+    k, n = 256, 2 * 4096 + 77
+    w, W = cached_weight(qtype, n, k)
+    x = exact_activations((17, k), seed=3)
+    assert_exact_close(run_matmul(w, int(qtype), x, n, k), x, W)
 
 
 @pytest.mark.parametrize("device", DEVICES)
