@@ -9,8 +9,8 @@ tokens are fed back on the device, so the timed loop never waits on the host. to
 Batched decode (`--batches`, default 8 32 64): the same compiled step over that many sequences at
 once (every sequence at the same position), tokens/s counting every sequence's tokens.
 Prefill: one forward pass over a `--prefill`-token prompt (eager and compiled), as pp512.
-The per-token split (GEMV kernels, attention, the rest) and the kernel launches per token come from torch.profiler's CUDA kernel
-times over the decode loop. Weight memory is reported against the file and dense bf16.
+The per-token split (GEMV kernels, attention, the rest) and the kernel launches per token come
+from torch.profiler's CUDA kernel times over the decode loop. Weight memory is reported against the file and dense bf16.
 Writes DIR/gemma3.json and prints a summary. Nothing here is asserted.
 """
 
