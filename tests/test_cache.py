@@ -529,3 +529,107 @@ def test_load_gguf_pool_errors(gguf_file, tmp_path):
     with pytest.raises(ValueError, match=r"q8k.gguf: tensor 'odd': gguf cannot dequantize tensor type Q8_K"):
         empty.load_gguf(bad, pool=True)
     assert len(empty) == 0 and empty.pool_bytes == 0
+
+
+# ---- stacking rows ---------------------------------------------------------------------------------
+
+# name -> (ggml type, N, K) or None for a dense tensor; Q8_0 rows of 96 values are 102 bytes, so 32 or
+# 40 rows end on a 16-byte boundary and 36 do not
+STACK_TENSORS = {"a.weight": (G.Q8_0, 32, 96), "norm": None, "b.weight": (G.Q8_0, 40, 96),
+                 "c.weight": (G.Q4_K, 16, 512), "d.weight": (G.Q8_0, 36, 96), "e.weight": (G.Q4_K, 8, 512),
+                 "f.weight": (G.Q8_0, 8, 96)}
+STACK_GROUPS = {"ab": ["a.weight", "b.weight"], "ce": ["c.weight", "e.weight"]}
+
+
+@pytest.fixture(scope="module")
+def stack_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "stack.gguf"
+    writer = GGUFWriter(str(path), "torchext-test")
+    for i, (name, spec) in enumerate(STACK_TENSORS.items()):
+        if spec is None:
+            writer.add_tensor(name, np.random.default_rng(i).standard_normal(64).astype(np.float32))
+        else:
+            a = random_weight(spec[0], spec[1], spec[2], seed=100 + i).numpy()
+            writer.add_tensor(name, a, raw_shape=a.shape, raw_dtype=spec[0])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def check_stacked(cache: WeightCache, before: dict, device: str) -> None:
+    """Every entry holds its bytes of before; each group is its members' rows, which view it, and
+    multiplies as its members side by side."""
+    for name, t in before.items():
+        assert torch.equal(cache[name].tensor.cpu(), t), name
+    for group, members in STACK_GROUPS.items():
+        g = cache[group]
+        assert (g.qtype, g.k, g.n) == (cache[members[0]].qtype, cache[members[0]].k, sum(cache[m].n for m in members))
+        assert torch.equal(g.tensor.cpu(), torch.cat([before[m] for m in members]))
+        at = g.tensor.data_ptr()
+        for m in members:
+            assert cache[m].tensor.data_ptr() == at and cache[m].tensor.data_ptr() % 16 == 0, m
+            at += cache[m].tensor.numel()
+        for rows in (1, 9):
+            x = gaussian_activations((rows, g.k), seed=rows).to(device)
+            parts = torch.cat([cache.matmul(m, x) for m in members], dim=-1)
+            got = cache.matmul(group, x)
+            if device == "cpu":  # a row's dot product does not depend on the other rows
+                assert torch.equal(got, parts), group
+            else:  # a CUDA GEMV may split a row's sum between warps by the launch's row count: fp32
+                # sums in another order, each within k * 2^-24 of sum |w x| (k terms, one rounding each)
+                w = torch.from_numpy(np.concatenate([dequant_oracle(before[m], cache[m].qtype, cache[m].n, g.k)
+                                                     for m in members]))
+                bound = g.k * 2.0**-24 * (w.abs() @ x.double().abs().T.cpu()).T * 2
+                assert ((got - parts).double().abs().cpu() <= bound + 1e-30).all(), group
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stack_rows_in_a_pool(stack_file, device):
+    cache = WeightCache.from_gguf(stack_file, device=device, pool=True)
+    before = {name: e.tensor.cpu().clone() for name, e in cache.items()}
+    old_pool = cache.pool_bytes
+    assert cache.stack_rows(STACK_GROUPS) is cache
+    # each group where its first member was, its members after it, the others in file order
+    assert cache.names() == ["ab", "a.weight", "b.weight", "norm", "ce", "c.weight", "e.weight", "d.weight",
+                             "f.weight"]
+    assert all(shares_pool(e.tensor, cache) for _, e in cache.items())
+    assert cache.total_bytes() == cache.pool_bytes <= old_pool  # one pool, the old one let go
+    check_stacked(cache, before, device)
+    ptrs = [e.tensor.data_ptr() for _, e in cache.items()]
+    assert cache.stack_rows(STACK_GROUPS) is cache and [e.tensor.data_ptr() for _, e in cache.items()] == ptrs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stack_rows_of_individual_entries(stack_file, device):
+    pooled = WeightCache.from_gguf(stack_file, device=device, pool=True)
+    cache = WeightCache()
+    for name, e in pooled.items():  # copies, not views of a pool
+        cache.put(name, e.tensor.clone(), e.qtype, e.n, e.k) if e.quantized else cache.put(name, e.tensor.clone())
+    before = {name: e.tensor.cpu().clone() for name, e in cache.items()}
+    cache.stack_rows(STACK_GROUPS)
+    assert cache.pool_bytes == 0 and set(cache.names()) == set(before) | set(STACK_GROUPS)
+    check_stacked(cache, before, device)
+    assert cache.stackable_runs(["a.weight", "b.weight", "f.weight", "c.weight", "d.weight", "a.weight"]) == [
+        ["a.weight", "b.weight", "f.weight"], ["c.weight"], ["d.weight"], ["a.weight"]]
+
+
+@pytest.mark.parametrize("groups, error, match", [
+    ({"x": ["a.weight", "c.weight"]}, ValueError, r"x: members must be quantized weights of one format and k; "
+                                                  r"a.weight is Q8_0 with k=96, c.weight is Q4_K with k=512"),
+    ({"x": ["a.weight", "norm"]}, ValueError, r"norm is a dense tensor"),
+    ({"x": ["a.weight", "nope"]}, KeyError, r"no weight named 'nope'"),
+    ({"x": ["a.weight", "a.weight"]}, ValueError, r"x: a member appears twice"),
+    ({"x": ["a.weight", "b.weight"], "y": ["b.weight", "f.weight"]}, ValueError, r"y: b.weight is in two groups"),
+    ({"x": ["d.weight", "a.weight"]}, ValueError, r"x: a.weight's rows would start 3672 bytes into the group, "
+                                                  r"not on a 16-byte boundary"),
+    ({"norm": ["a.weight", "b.weight"]}, ValueError, r"norm: the name is taken by another weight"),
+    ({"x": []}, ValueError, r"x: a group needs at least one member"),
+])
+def test_stack_rows_errors(stack_file, groups, error, match):
+    cache = WeightCache.from_gguf(stack_file, pool=True)
+    names, ptrs = cache.names(), [e.tensor.data_ptr() for _, e in cache.items()]
+    with pytest.raises(error, match=match):
+        cache.stack_rows(groups)
+    assert cache.names() == names and [e.tensor.data_ptr() for _, e in cache.items()] == ptrs  # untouched

@@ -114,7 +114,9 @@ def test_every_weight_is_a_view_of_the_one_pool(loaded, path):
     model, _, stats = loaded
     pool_ptr = model.embed_bytes.untyped_storage().data_ptr()
     layers = [m for m in model.modules() if isinstance(m, torchext.nn.QuantLinear)]
-    assert len(layers) == 18 * 7 + 1
+    # per layer: o and down, gate+up stacked, q+k stacked with v where v is Q5_0 too (9 layers; Q8_0 in 9)
+    assert len(layers) == 18 * 4 + 9 + 1
+    assert sum("+" in name for name in model.weights.names()) == 18 * 2
     for m in layers:
         assert m.weight.untyped_storage().data_ptr() == pool_ptr
     assert model.lm_head.weight.data_ptr() == model.embed_bytes.data_ptr()  # tied: the same bytes

@@ -14,10 +14,11 @@ its entries are views into it: one read and one device copy instead of one per t
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -129,6 +130,117 @@ class WeightCache:
         else:
             del self._entries[name]
         return entry
+
+    def stack_rows(self, groups: Mapping[str, Sequence[str]]) -> WeightCache:
+        """Lay each group's quantized weights out as adjacent rows of one weight, added under the
+        group's name, and return self: one matmul of the group then serves layers that read the same
+        input (attention's q/k/v, a gated MLP's gate/up), one GEMV launch instead of one per layer.
+
+        groups: {group name: member names}. The members of a group share a format and k; the
+        group's entry is [sum of their n, row_bytes], and each member keeps its name as a view of
+        its rows (the same bytes; the group's outputs are the members' outputs side by side, in the
+        order given). A member's rows must start on a 16-byte boundary of the group (ValueError).
+        Pooled entries move into a new pool laid out with each all-pooled group's members together
+        (one device copy of the pool; the old one is freed once nothing else views it); a group with
+        an individual member becomes one new tensor. A group whose name is already cached with its
+        members as views of its rows is left as it is, so calling this again is a no-op.
+        """
+        todo = {}
+        for group, members in groups.items():
+            members = list(members)
+            if group in self and self._members_view(group, members):
+                continue
+            if group in self or not members:
+                raise ValueError(f"{group}: " + ("the name is taken by another weight" if members else
+                                                 "a group needs at least one member"))
+            entries = [self.get(m) for m in members]  # KeyError names an unknown member
+            first = entries[0]
+            if len(set(members)) != len(members):
+                raise ValueError(f"{group}: a member appears twice in {members}")
+            for m, e in zip(members, entries):
+                if e.qtype is None or (e.qtype, e.k) != (first.qtype, first.k):
+                    got = "a dense tensor" if e.qtype is None else f"{e.qtype.name} with k={e.k}"
+                    raise ValueError(f"{group}: members must be quantized weights of one format and k; {members[0]} is "
+                                     f"{first.qtype.name if first.qtype else 'dense'} with k={first.k}, {m} is {got}")
+                if m in todo or any(m in ms for ms in todo.values()):
+                    raise ValueError(f"{group}: {m} is in two groups")
+            starts = itertools.accumulate([e.tensor.numel() for e in entries[:-1]], initial=0)
+            for m, start in zip(members, starts):
+                if start % WEIGHT_ALIGN:
+                    raise ValueError(f"{group}: {m}'s rows would start {start} bytes into the group, not on a "
+                                     f"{WEIGHT_ALIGN}-byte boundary; order the members so that they do")
+            todo[group] = members
+        pooled = {g: ms for g, ms in todo.items() if all(m in self._pooled for m in ms)}
+        if pooled:
+            self._relayout_pool(pooled)
+        for group, members in todo.items():
+            if group not in pooled:
+                entries = [self.get(m) for m in members]
+                g = self.put(group, torch.cat([e.tensor for e in entries]), entries[0].qtype,
+                             sum(e.n for e in entries), entries[0].k)
+                for m, e, row in zip(members, entries, itertools.accumulate([e.n for e in entries], initial=0)):
+                    self.put(m, g.tensor[row:row + e.n], e.qtype, e.n, e.k)
+        return self
+
+    def stackable_runs(self, names: Sequence[str]) -> list[list[str]]:
+        """`names` cut into runs that stack_rows can stack, in order: consecutive quantized weights of
+        one format and k, each starting on a 16-byte boundary of its run (a run of one stays alone)."""
+        runs: list[list[str]] = []
+        for name in names:
+            e, run = self.get(name), runs[-1] if runs else None
+            lead = self.get(run[0]) if run else None
+            if (run and e.qtype is not None and (e.qtype, e.k) == (lead.qtype, lead.k)
+                    and sum(self.get(m).tensor.numel() for m in run) % WEIGHT_ALIGN == 0):
+                run.append(name)
+            else:
+                runs.append([name])
+        return runs
+
+    def _members_view(self, group: str, members: list[str]) -> bool:
+        """Whether `members` are cached as consecutive row views of `group`'s tensor, in order."""
+        g = self.get(group)
+        at = g.tensor.data_ptr()
+        for m in members:
+            e = self._pooled.get(m) or self._entries.get(m)
+            if e is None or e.qtype != g.qtype or e.k != g.k or e.tensor.data_ptr() != at:
+                return False
+            at += e.tensor.numel()
+        return at == g.tensor.data_ptr() + g.tensor.numel()
+
+    def _relayout_pool(self, groups: dict[str, list[str]]) -> None:
+        """A new pool holding the pooled entries in their order, each group's members moved together
+        to where its first member was, and the group's entry just before them."""
+        lead = {ms[0]: g for g, ms in groups.items()}
+        grouped = {m for ms in groups.values() for m in ms}
+        order = []  # (name, entry) of the new pool, groups as (group, None)
+        for name, e in self._pooled.items():
+            if name in lead:
+                order.append((lead[name], None))
+                order.extend((m, self._pooled[m]) for m in groups[lead[name]])
+            elif name not in grouped:
+                order.append((name, e))
+        offsets, size = {}, 0
+        for name, e in order:
+            if e is None or name not in grouped:  # a group's members follow it unpadded (stack_rows checked)
+                size += -size % WEIGHT_ALIGN
+            offsets[name] = size
+            if e is not None:
+                size += e.tensor.numel() * e.tensor.element_size()
+        pool = torch.empty(size, dtype=torch.uint8, device=self._pool.device)
+        new = {}
+        for name, e in order:
+            if e is None:
+                members = groups[name]
+                n = sum(self._pooled[m].n for m in members)
+                first = self._pooled[members[0]]
+                rows = _pool_view(pool, offsets[name], torch.uint8, (n, first.tensor.shape[1]))
+                new[name] = CacheEntry(rows, first.qtype, n, first.k)
+            else:
+                t = e.tensor
+                view = _pool_view(pool, offsets[name], t.dtype, t.shape)
+                view.copy_(t)
+                new[name] = e._replace(tensor=view)
+        self._pool, self._pooled = pool, new
 
     def _unpool(self, name: str) -> None:
         del self._pooled[name]

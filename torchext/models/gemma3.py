@@ -128,6 +128,32 @@ def normed_input(norm: RMSNorm, h: torch.Tensor, *layers: QuantLinear) -> tuple[
     return tuple(m.forward_q8_1(xq, h.dtype) for m in layers)
 
 
+def stacked_linears(cache: WeightCache, names: list[str]) -> tuple[nn.ModuleList, list[list[int]]]:
+    """Layers that read one input (q/k/v, gate/up), as few QuantLinears as their formats allow: the
+    runs of one format that Gemma3 stacked in the cache (WeightCache.stack_rows: one GEMV launch for a
+    run), and each run's output sizes, for split_outputs."""
+    runs = cache.stackable_runs(names)
+    return (nn.ModuleList(QuantLinear.from_cache(cache, "+".join(r)) for r in runs),
+            [[cache[m].n for m in r] for r in runs])
+
+
+def split_outputs(outputs: tuple[torch.Tensor, ...], sizes: list[list[int]]) -> list[torch.Tensor]:
+    """The stacked layers' outputs cut back into one per layer (views)."""
+    return [part for y, s in zip(outputs, sizes) for part in y.split(s, dim=-1)]
+
+
+def stack_projections(cache: WeightCache, layers: int) -> None:
+    """Stack each layer's q/k/v and gate/up weights in the cache where their formats allow (Gemma 3
+    270M Q4_K_M: q+k, and v too where it is Q5_0; gate+up), names as stacked_linears expects."""
+    groups = {}
+    for i in range(layers):
+        p = f"blk.{i}."
+        for names in ([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"],
+                      [p + "ffn_gate.weight", p + "ffn_up.weight"]):
+            groups.update({"+".join(r): r for r in cache.stackable_runs(names) if len(r) > 1})
+    cache.stack_rows(groups)
+
+
 def rope_tables(base: float, head_dim: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [length, head_dim] of the rotary embedding, halves repeated (NeoX order)."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
@@ -156,9 +182,8 @@ class Attention(nn.Module):
         p = f"blk.{layer}."
         self.cfg = cfg
         self.is_global = cfg.is_global(layer)
-        self.q_proj = QuantLinear.from_cache(cache, p + "attn_q.weight")
-        self.k_proj = QuantLinear.from_cache(cache, p + "attn_k.weight")
-        self.v_proj = QuantLinear.from_cache(cache, p + "attn_v.weight")
+        self.qkv_proj, self.qkv_sizes = stacked_linears(cache, [p + "attn_q.weight", p + "attn_k.weight",
+                                                                p + "attn_v.weight"])
         self.o_proj = QuantLinear.from_cache(cache, p + "attn_output.weight")
         self.q_norm = RMSNorm(cache[p + "attn_q_norm.weight"].tensor, cfg.eps)
         self.k_norm = RMSNorm(cache[p + "attn_k_norm.weight"].tensor, cfg.eps)
@@ -174,7 +199,7 @@ class Attention(nn.Module):
         tables): writes the T keys and values into the cache and returns the output [B, T, hidden]."""
         cfg = self.cfg
         b, t, _ = h.shape
-        q, k, v = normed_input(norm, h, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = split_outputs(normed_input(norm, h, *self.qkv_proj), self.qkv_sizes)
         q = apply_rope(self.q_norm(q.view(b, t, cfg.heads, cfg.head_dim)), cos, sin)
         k = apply_rope(self.k_norm(k.view(b, t, cfg.kv_heads, cfg.head_dim)), cos, sin)
         self.k_cache.index_copy_(2, pos, k.transpose(1, 2))
@@ -212,15 +237,15 @@ class MLP(nn.Module):
     def __init__(self, cache: WeightCache, layer: int) -> None:
         super().__init__()
         p = f"blk.{layer}."
-        self.gate_proj = QuantLinear.from_cache(cache, p + "ffn_gate.weight")
-        self.up_proj = QuantLinear.from_cache(cache, p + "ffn_up.weight")
+        self.gate_up_proj, self.gate_up_sizes = stacked_linears(cache, [p + "ffn_gate.weight", p + "ffn_up.weight"])
         self.down_proj = QuantLinear.from_cache(cache, p + "ffn_down.weight")
 
     def forward(self, norm: RMSNorm, h: torch.Tensor) -> torch.Tensor:
         """The MLP of x = norm(h), h [..., hidden] -> [..., hidden]. On the GEMV path (few rows) two
         kernels make its Q8_1 inputs: norm(h) for gate and up, gelu(gate) * up for down (the same
         bytes as torchext.gelu, the product and quantize_q8_1)."""
-        gate, up = normed_input(norm, h, self.gate_proj, self.up_proj)
+        gate, up = split_outputs(normed_input(norm, h, *self.gate_up_proj), self.gate_up_sizes)
+        gate, up = gate.contiguous(), up.contiguous()  # the ops take contiguous rows: copies from 2 rows
         if takes_q8_1(gate, self.down_proj):
             return self.down_proj.forward_q8_1(ops.gated_gelu_quantize_q8_1(gate, up, "tanh"), gate.dtype)
         return self.down_proj(ops.gelu(gate, "tanh") * up)
@@ -252,6 +277,8 @@ class Gemma3(nn.Module):
     forward(tokens [B, T] int64, pos [T] int64) writes the T positions into the key/value cache
     and returns the logits [B, vocab] of the last position (of every position with
     all_logits=True), in the model's dtype (float32 or bfloat16: see check_dtype).
+    The model stacks each layer's q/k/v and gate/up weights in the cache (stack_projections): the
+    entries keep their names and values, and views taken from the cache before are of its old pool.
     """
 
     def __init__(self, cache: WeightCache, cfg: Gemma3Config, batch: int = 1, max_seq_len: int = 1024,
@@ -262,6 +289,7 @@ class Gemma3(nn.Module):
             raise ValueError(f"max_seq_len: {max_seq_len} exceeds the model's context length {cfg.context_length}")
         self.cfg, self.dtype, self.max_seq_len, self.batch = cfg, dtype, max_seq_len, batch
         self.weights = cache  # the WeightCache every layer views (see with_max_seq_len)
+        stack_projections(cache, cfg.layers)  # first: it may move the pool, which every view below then sees
         emb = cache["token_embd.weight"]
         if emb.qtype is None:
             raise ValueError("token_embd.weight: expected a quantized weight, got a dense tensor")
