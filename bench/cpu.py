@@ -1,7 +1,7 @@
 """torchext's CPU kernels against llama.cpp's CPU backend on the same machine and threads.
 
     python bench/cpu.py [--llama-cpp DIR] [--threads 2] [--gemv-threads T] [--rows 1]
-                        [--formats Q4_K Q8_0 ...] [--gemma]
+                        [--formats Q4_K Q8_0 ...] [--gemma] [--dense]
 
 GEMV, batch 1 (--rows), N x K = 4096 x 14336 per format: torchext.qmatmul (activation quantization
 included, as llama.cpp's MUL_MAT includes it), the median of timed calls, against `test-backend-ops
@@ -14,7 +14,10 @@ hardware threads (one on a 2-core machine), so torchext's GEMV runs on as many h
 --gemv-threads says otherwise (llama.cpp's figure is then for its own thread count). The kernels
 are those TORCHEXT_CPU_KERNELS picks (README, "On the CPU"): set it to time, say, the AVX2 GEMV on
 a CPU with VNNI. With --gemma, Gemma 3 270M Q4_K_M decode tok/s:
-torchext's eager generate() against `llama-bench -n 32 -p 0`.
+torchext's eager generate() against `llama-bench -n 32 -p 0`. With --dense, the dense path (17 and
+more rows: the weight dequantized to fp32 a pass of rows at a time, each pass multiplied by torch's
+GEMM) against F.linear on the whole dequantized fp32 weight, --threads threads, 17 / 64 / 256 rows,
+for --formats at 4096x4096, 14336x4096 and 4096x14336 (the median of 9 calls each).
 
 DIR is a llama.cpp CPU build (its bin/ holds test-backend-ops and llama-bench). To make one from
 PyPI's llama-cpp-python sdist, which vendors llama.cpp:
@@ -97,6 +100,38 @@ def gemma_llama_cpp(bin_dir: Path, threads: int) -> float | None:
     return float(rows[-1][head.index("avg_ts")].strip('"'))
 
 
+DENSE_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
+DENSE_ROWS = [17, 64, 256]
+
+
+def median_ms(fn, reps: int = 9) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def dense_rows(formats: list[str]) -> None:
+    """The dense path against F.linear on the dequantized fp32 weight (see the module docstring)."""
+    print(f"dense path, {torch.get_num_threads()} threads: F.linear on the fp32 weight / torchext, ms (ratio)")
+    for fmt in formats:
+        for n, k in DENSE_SHAPES:
+            g = torch.Generator().manual_seed(0)
+            w = torchext.quantize(torch.randn(n, k, generator=g) * 0.02, fmt)
+            dense = torchext.dequantize(w, fmt, n, k, torch.float32)
+            cells = []
+            for rows in DENSE_ROWS:
+                x = torch.randn(rows, k, generator=g)
+                ours = median_ms(lambda: torchext.qmatmul(w, fmt, x, n, k))
+                theirs = median_ms(lambda: torch.nn.functional.linear(x, dense))
+                cells.append(f"{rows} rows {theirs:.2f} / {ours:.2f} ({theirs / ours:.2f})")
+            print(f"{fmt} {n}x{k}: " + ", ".join(cells), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llama-cpp", type=Path, help="a llama.cpp CPU build folder (with bin/)")
@@ -107,7 +142,12 @@ def main() -> None:
     p.add_argument("--formats", nargs="+", default=FORMATS)
     p.add_argument("--reps", type=int, default=21)
     p.add_argument("--gemma", action="store_true", help="also Gemma 3 270M decode (needs the gemma extra)")
+    p.add_argument("--dense", action="store_true", help="only the dense path (17+ rows) against F.linear")
     a = p.parse_args()
+    if a.dense:
+        torch.set_num_threads(a.threads)
+        dense_rows(a.formats if a.formats != FORMATS else ["Q4_K"])
+        return
     bin_dir = a.llama_cpp / "bin" if a.llama_cpp else None
     torch.set_num_threads(a.gemv_threads)
     kernels = os.environ.get("TORCHEXT_CPU_KERNELS") or "auto"

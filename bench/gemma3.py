@@ -63,7 +63,7 @@ def kernel_split(step, n: int, start_pos: int) -> dict:
         run()
         torch.cuda.synchronize()
     split = {"gemv": 0.0, "quantize_q8_1": 0.0, "torchext_other": 0.0, "attention": 0.0, "other": 0.0}
-    names: dict[str, float] = {}
+    names: dict[str, list[float]] = {}  # kernel -> [us, launches] per token
     launches = 0
     for e in prof.key_averages():
         us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
@@ -80,9 +80,11 @@ def kernel_split(step, n: int, start_pos: int) -> dict:
             kind = "other"
         split[kind] += us / n
         launches += e.count
-        names[e.key[:90]] = names.get(e.key[:90], 0.0) + us / n
+        entry = names.setdefault(e.key[:90], [0.0, 0.0])
+        entry[0] += us / n
+        entry[1] += e.count / n
     split["kernels_per_token"] = launches / n
-    split["top_kernels_us_per_token"] = dict(sorted(names.items(), key=lambda kv: -kv[1])[:15])
+    split["top_kernels_us_launches_per_token"] = dict(sorted(names.items(), key=lambda kv: -kv[1][0])[:30])
     return split
 
 
@@ -165,6 +167,9 @@ def main(argv=None) -> int:
     for name in ("decode", after):
         split = res[f"{name}_split_us_per_token"]
         print(f"  {name}, per token, us: " + ", ".join(f"{k} {v:.1f}" for k, v in split.items() if isinstance(v, float)))
+    print("  decode's kernels by time, per token (us, launches):")
+    for kernel, (us, calls) in res["decode_split_us_per_token"]["top_kernels_us_launches_per_token"].items():
+        print(f"    {us:6.1f} {calls:5.1f}  {kernel}")
     if args.batches:
         print("batched decode, tok/s (all sequences): " +
               ", ".join(f"batch {b} {res[f'decode_batch{b}_tok_s']:.0f}" for b in args.batches))

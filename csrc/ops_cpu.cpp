@@ -16,14 +16,16 @@ struct CpuBackend {
   // CPU GEMMs on the dequantized weight run in fp32: half-precision CPU matmul is slow and
   // rounds differently from one torch release to the next.
   static ScalarType dense_compute_type(ScalarType) { return ScalarType::Float; }
-  // Rows dequantized per dense pass: about 4 MiB of fp32 (at least 128 rows), which stays in cache
-  // between the dequantization and the GEMM (4096x4096 Q4_K, 64 rows, 2 threads: 38 ms in one pass,
-  // most of it faulting in a fresh 64 MiB buffer; F.linear on the dense weight 15 ms). The 2-core
-  // Xeon VM, Q4_K, 17 / 64 / 256 rows, x F.linear's speed on the dense fp32 weight, 1 MiB passes
-  // (at least 16 rows) against these: 4096x14336 0.72 / 0.42 / 0.33 -> 0.97 / 0.84 / 0.86,
-  // 14336x4096 1.01 / 0.84 / 0.69 -> 1.04 / 0.89 / 0.86, 4096x4096 0.75 / 0.74 / 0.66 -> 0.72 /
-  // 0.78 / 0.79; 8 MiB passes lost at 17 rows (4096x4096 0.49).
-  static int64_t dense_rows_per_pass(int64_t k) { return std::max<int64_t>(128, (int64_t(1) << 20) / k); }
+  // Rows dequantized per dense pass: about 2 MiB of fp32 (at least 128 rows: fewer leave MKL's GEMM
+  // on a pass short of its rate), reused from pass to pass, so that each core's slice stays in its
+  // 2 MiB L2 between the dequantization and the GEMM. The 2-core Xeon VM, 2026-12-03, Q4_K, x
+  // F.linear's speed on the dense fp32 weight at 17 / 64 / 256 rows, 4 MiB passes -> 2 MiB (with
+  // the dequantizer's column split, bench/NOTES.md): 4096x4096 0.73 / 0.79 / 0.86 -> 0.85 / 0.89 /
+  // 0.82, 14336x4096 1.14 / 0.90 / 0.90 -> 1.22 / 0.97 / 0.88 (4096x14336: 128 rows either way).
+  // With a Q4_K-only dequantizer (tried, not kept) 3 MiB passes gave 4096x4096 0.80 / 0.84 / 0.87,
+  // 4 MiB 0.76 / 0.79 / 0.86: many activation rows would take larger passes (the GEMM dominates
+  // there), but k alone decides.
+  static int64_t dense_rows_per_pass(int64_t k) { return std::max<int64_t>(128, (int64_t(1) << 19) / k); }
   // No tiled GEMM on the CPU: from 17 rows the dense path.
   static constexpr bool kHasTiledGemm = false;
   static bool tiled_gemm_runs(FloatType, const Tensor&, const Tensor&, int64_t) { return false; }

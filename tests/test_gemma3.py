@@ -123,6 +123,22 @@ def test_every_weight_is_a_view_of_the_one_pool(loaded, path):
     assert stats["pool_bytes"] < stats["file_bytes"] < stats["bf16_bytes"] / 2
 
 
+def test_stacked_projections_give_the_unstacked_logits(loaded, path, reader):
+    """Stacking q/k(/v) and gate/up (the default) changes the launches, not the numbers: on the CPU's
+    GEMV path (few rows) a row's dot product does not depend on the weight's other rows."""
+    from torchext.models.gemma3 import load_gemma3
+    model, tok, _ = loaded
+    plain, _, _ = load_gemma3(path, device="cpu", max_seq_len=128, reader=reader, stack=False)
+    assert not any("+" in name for name in plain.weights.names())
+    ids = torch.tensor([tok.encode("The three primary colors are")])
+    pos = torch.arange(ids.shape[1])
+    with torch.no_grad():
+        model.reset()
+        stacked = model(ids, pos, all_logits=True)
+        model.reset()
+        assert torch.equal(stacked, plain(ids, pos, all_logits=True))
+
+
 def test_tokenizer_matches_transformers(loaded, hf, path):
     _, tok, _ = loaded
     ref = hf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -138,7 +138,7 @@ def _gemma(rank, device, path):
     from torchext.models.gemma3 import generate, load_gemma3
 
     reader = gguf.GGUFReader(str(path))  # one parse (~14 s) for the model and from_gguf
-    model, tok, _ = load_gemma3(path, max_seq_len=64, reader=reader)
+    model, tok, _ = load_gemma3(path, max_seq_len=64, reader=reader, stack=False)  # gate and up shard apart
     files = {t.name: torch.from_numpy(np.array(t.data)) for t in reader.tensors if t.name.startswith("blk.0.ffn")}
 
     # (c) blk.0.ffn_gate: Q5_0, 2048 rows of 640 by rows; blk.0.ffn_down: Q6_K, 640 rows of 2048 = 8
@@ -152,13 +152,14 @@ def _gemma(rank, device, path):
     with pytest.raises(ValueError, match=r"blk.0.ffn_norm.weight: F32 is not a weight format"):
         RowParallelQuantLinear.from_gguf(path, "blk.0.ffn_norm.weight", reader=reader)
     mlp0 = model.blocks[0].mlp
-    assert torch.equal(gate.local.weight, ColumnParallelQuantLinear.from_quant_linear(mlp0.gate_proj).local.weight)
+    gate_proj, up_proj = mlp0.gate_up_proj  # one QuantLinear each (not stacked)
+    assert torch.equal(gate.local.weight, ColumnParallelQuantLinear.from_quant_linear(gate_proj).local.weight)
     assert torch.equal(down.local.weight, RowParallelQuantLinear.from_quant_linear(mlp0.down_proj).local.weight)
     a, b = column_split(QType.Q6_K, 2048, rank, WORLD)
     with torch.no_grad():
         for rows in (1, 16):
             x = gaussian_activations((rows, 640), seed=rows)
-            assert torch.equal(gate(x), mlp0.gate_proj(x))
+            assert torch.equal(gate(x), gate_proj(x))
             h = gaussian_activations((rows, 2048), seed=rows)
             assert rel(down(h[:, a:b]), mlp0.down_proj(h)) < 1e-4
 
@@ -167,8 +168,7 @@ def _gemma(rank, device, path):
     want = generate(model, prompt, 4)
     for block in model.blocks:
         m = block.mlp
-        m.gate_proj = ColumnParallelQuantLinear.from_quant_linear(m.gate_proj)
-        m.up_proj = ColumnParallelQuantLinear.from_quant_linear(m.up_proj)
+        m.gate_up_proj = torch.nn.ModuleList(ColumnParallelQuantLinear.from_quant_linear(x) for x in m.gate_up_proj)
         m.down_proj = RowParallelQuantLinear.from_quant_linear(m.down_proj)
     assert generate(model, prompt, 4) == want, tok.decode(want)
 

@@ -128,18 +128,20 @@ def normed_input(norm: RMSNorm, h: torch.Tensor, *layers: QuantLinear) -> tuple[
     return tuple(m.forward_q8_1(xq, h.dtype) for m in layers)
 
 
-def stacked_linears(cache: WeightCache, names: list[str]) -> tuple[nn.ModuleList, list[list[int]]]:
-    """Layers that read one input (q/k/v, gate/up), as few QuantLinears as their formats allow: the
-    runs of one format that Gemma3 stacked in the cache (WeightCache.stack_rows: one GEMV launch for a
-    run), and each run's output sizes, for split_outputs."""
-    runs = cache.stackable_runs(names)
+def stacked_linears(cache: WeightCache, names: list[str]) -> tuple[nn.ModuleList, list[Optional[list[int]]]]:
+    """Layers that read one input (q/k/v, gate/up) as QuantLinears over the cache's stacks of them
+    (stack_projections: one GEMV launch a stack) where it holds them, else one a layer; and each
+    one's output sizes for split_outputs (None for a single layer)."""
+    runs = []
+    for run in cache.stackable_runs(names):
+        runs.extend([run] if "+".join(run) in cache else [[name] for name in run])
     return (nn.ModuleList(QuantLinear.from_cache(cache, "+".join(r)) for r in runs),
-            [[cache[m].n for m in r] for r in runs])
+            [[cache[m].n for m in r] if len(r) > 1 else None for r in runs])
 
 
-def split_outputs(outputs: tuple[torch.Tensor, ...], sizes: list[list[int]]) -> list[torch.Tensor]:
-    """The stacked layers' outputs cut back into one per layer (views)."""
-    return [part for y, s in zip(outputs, sizes) for part in y.split(s, dim=-1)]
+def split_outputs(outputs: tuple[torch.Tensor, ...], sizes: list[Optional[list[int]]]) -> list[torch.Tensor]:
+    """The layers' outputs with each stack's cut back into one per member (views)."""
+    return [part for y, s in zip(outputs, sizes) for part in (y.split(s, dim=-1) if s else (y,))]
 
 
 def stack_projections(cache: WeightCache, layers: int) -> None:
@@ -277,19 +279,22 @@ class Gemma3(nn.Module):
     forward(tokens [B, T] int64, pos [T] int64) writes the T positions into the key/value cache
     and returns the logits [B, vocab] of the last position (of every position with
     all_logits=True), in the model's dtype (float32 or bfloat16: see check_dtype).
-    The model stacks each layer's q/k/v and gate/up weights in the cache (stack_projections): the
+    stack=True stacks each layer's q/k/v and gate/up weights in the cache (stack_projections): the
     entries keep their names and values, and views taken from the cache before are of its old pool.
+    The layers use the cache's stacks wherever it holds them; stack=False on an unstacked cache keeps
+    one QuantLinear a weight (for code that replaces layers one by one, such as tensor parallelism).
     """
 
     def __init__(self, cache: WeightCache, cfg: Gemma3Config, batch: int = 1, max_seq_len: int = 1024,
-                 dtype: torch.dtype = torch.float32, device=None) -> None:
+                 dtype: torch.dtype = torch.float32, device=None, stack: bool = True) -> None:
         check_dtype(dtype)
         super().__init__()
         if max_seq_len > cfg.context_length:
             raise ValueError(f"max_seq_len: {max_seq_len} exceeds the model's context length {cfg.context_length}")
         self.cfg, self.dtype, self.max_seq_len, self.batch = cfg, dtype, max_seq_len, batch
         self.weights = cache  # the WeightCache every layer views (see with_max_seq_len)
-        stack_projections(cache, cfg.layers)  # first: it may move the pool, which every view below then sees
+        if stack:  # first: it may move the pool, which every view below then sees
+            stack_projections(cache, cfg.layers)
         emb = cache["token_embd.weight"]
         if emb.qtype is None:
             raise ValueError("token_embd.weight: expected a quantized weight, got a dense tensor")
@@ -334,12 +339,12 @@ class Gemma3(nn.Module):
 
 def load_gemma3(path: str | os.PathLike, device=None, dtype: torch.dtype = torch.float32, batch: int = 1,
                 max_seq_len: int = 1024, progress: Optional[Callable[[int, int, str], None]] = None,
-                reader=None) -> tuple[Gemma3, GGUFTokenizer, dict]:
+                reader=None, stack: bool = True) -> tuple[Gemma3, GGUFTokenizer, dict]:
     """(model, tokenizer, stats) from a gemma3 GGUF file: the file's tensor data is read into one
     pool on `device` (one host read, one copy) and every weight is a view into it.
     stats: load seconds, pool bytes, file bytes, and the bytes the weights would take in bf16.
     reader: a gguf.GGUFReader already open on path (parsing the vocabulary takes seconds).
-    dtype: float32 or bfloat16 (float16 is refused: see check_dtype)."""
+    dtype: float32 or bfloat16 (float16 is refused: see check_dtype); stack: as Gemma3's."""
     import gguf
 
     check_dtype(dtype)  # before seconds of reading the file
@@ -349,7 +354,7 @@ def load_gemma3(path: str | os.PathLike, device=None, dtype: torch.dtype = torch
     cfg = Gemma3Config.from_gguf(reader)
     tokenizer = GGUFTokenizer.from_gguf(reader)
     cache = WeightCache().load_gguf(path, device=device, pool=True, progress=progress, reader=reader)
-    model = Gemma3(cache, cfg, batch=batch, max_seq_len=max_seq_len, dtype=dtype, device=device)
+    model = Gemma3(cache, cfg, batch=batch, max_seq_len=max_seq_len, dtype=dtype, device=device, stack=stack)
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     values = sum(int(t.n_elements) for t in reader.tensors)
