@@ -129,29 +129,39 @@ struct Ops {
       }
     }
     if (path == MatmulPath::Dense) {
-      // Dense GEMM on the dequantized weight: exact weights, no activation rounding. The weight is
-      // dequantized dense_rows_per_pass(k) rows at a time into one reused buffer (the CPU's: a
-      // cache-sized block, so no fresh 4*n*k bytes to fault in per call; CUDA's: all rows, one GEMM).
+      // Dense GEMM on the dequantized weight: exact weights, no activation rounding. On the CPU
+      // (kDenseTilesPerThread) each thread takes every workers-th tile of dense_rows_per_pass(k)
+      // weight rows into its own cache-sized buffer and multiplies it there (ops run single-threaded
+      // inside the parallel region): no fresh 4*n*k bytes to fault in per call. CUDA dequantizes all
+      // rows, then one GEMM.
       const ScalarType ct = Backend::dense_compute_type(x.scalar_type());
       Tensor x2 = torch::stable::reshape(x, {rows, k});
       if (x.scalar_type() != ct) x2 = torch::stable::to(x2, ct);
-      const int64_t pass = std::min(n, Backend::dense_rows_per_pass(k));
       Tensor y;
-      if (pass == n) {
-        y = torch::stable::matmul(x2, torch::stable::transpose(dequantize(w, qtype, n, k, ct), 0, 1));
-      } else {
+      if constexpr (Backend::kDenseTilesPerThread) {
         y = torch::stable::new_empty(x2, {rows, n});
-        Tensor wd = torch::stable::new_empty(w, {pass, k}, ct);
+        const int64_t pass = std::min(n, Backend::dense_rows_per_pass(k));
+        const int64_t tiles = (n + pass - 1) / pass;
+        const int64_t workers = std::min<int64_t>(torch::stable::get_num_threads(), tiles);
+        Tensor wd = torch::stable::new_empty(w, {workers, pass, k}, ct);
         const FloatType dt = output_float_type(ct);
         const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
-        Ctx ctx(w);
-        for (int64_t r0 = 0; r0 < n; r0 += pass) {
-          const int64_t m = std::min(pass, n - r0);
-          Tensor block = m == pass ? wd : torch::stable::narrow(wd, 0, 0, m);
-          Backend::dequantize(ctx, f.type, wp + r0 * row_bytes(f, k), m, k, RowIndex{}, m, block.data_ptr(), dt);
-          Tensor columns = torch::stable::narrow(y, 1, r0, m);
-          torch::stable::copy_(columns, torch::stable::matmul(x2, torch::stable::transpose(block, 0, 1)));
-        }
+        const int64_t rb = row_bytes(f, k);
+        torch::stable::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+          Ctx ctx(w);
+          for (int64_t t = begin; t < end; ++t) {
+            Tensor buf = torch::stable::select(wd, 0, t);
+            for (int64_t i = t; i < tiles; i += workers) {
+              const int64_t r0 = i * pass, m = std::min(pass, n - r0);
+              Tensor block = m == pass ? buf : torch::stable::narrow(buf, 0, 0, m);
+              Backend::dequantize(ctx, f.type, wp + r0 * rb, m, k, RowIndex{}, m, block.data_ptr(), dt);
+              Tensor columns = torch::stable::narrow(y, 1, r0, m);
+              torch::stable::copy_(columns, torch::stable::matmul(x2, torch::stable::transpose(block, 0, 1)));
+            }
+          }
+        });
+      } else {
+        y = torch::stable::matmul(x2, torch::stable::transpose(dequantize(w, qtype, n, k, ct), 0, 1));
       }
       if (y.scalar_type() != x.scalar_type()) y = torch::stable::to(y, x.scalar_type());
       return torch::stable::reshape(y, with_last_dim(x, n));

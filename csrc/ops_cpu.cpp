@@ -16,15 +16,16 @@ struct CpuBackend {
   // CPU GEMMs on the dequantized weight run in fp32: half-precision CPU matmul is slow and
   // rounds differently from one torch release to the next.
   static ScalarType dense_compute_type(ScalarType) { return ScalarType::Float; }
-  // Rows dequantized per dense pass: about 2 MiB of fp32 (at least 128 rows: fewer leave MKL's GEMM
-  // on a pass short of its rate), reused from pass to pass, so that each core's slice stays in its
-  // 2 MiB L2 between the dequantization and the GEMM. The 2-core Xeon VM, 2026-12-03, Q4_K, x
-  // F.linear's speed on the dense fp32 weight at 17 / 64 / 256 rows, 4 MiB passes -> 2 MiB (with
-  // the dequantizer's column split, bench/NOTES.md): 4096x4096 0.73 / 0.79 / 0.86 -> 0.85 / 0.89 /
-  // 0.82, 14336x4096 1.14 / 0.90 / 0.90 -> 1.22 / 0.97 / 0.88 (4096x14336: 128 rows either way).
-  // With a Q4_K-only dequantizer (tried, not kept) 3 MiB passes gave 4096x4096 0.80 / 0.84 / 0.87,
-  // 4 MiB 0.76 / 0.79 / 0.86: many activation rows would take larger passes (the GEMM dominates
-  // there), but k alone decides.
+  // The dense path (ops.h): each thread dequantizes a tile of weight rows into its own buffer and
+  // multiplies it (MKL single-threaded inside the region), tile after tile: one fork-join a call,
+  // and the tile stays in that core's 2 MiB L2 between the two. A tile is about 2 MiB of fp32, at
+  // least 128 rows. The 2-core Xeon VM, 2026-12-03, x F.linear's speed on the dense fp32 weight at
+  // 17 / 64 / 256 rows, Q4_K / Q6_K, two runs each (bench/cpu.py --dense): 4096x4096 0.84-0.89 /
+  // 0.80-0.87 / 0.85-0.88 and 0.79-0.80 / 0.84 / 0.84-0.89, 4096x14336 1.07-1.08 / 0.85-0.90 /
+  // 0.84-0.92 and 1.00-1.13 / 0.89-0.92 / 0.88-0.93, where 2 MiB passes shared by both threads
+  // (two fork-joins a pass) gave 0.78-0.85 / 0.81-0.89 / 0.81-0.82 on 4096x4096 Q4_K. 1 MiB tiles
+  // lost at 256 rows (0.72-0.81), 4 MiB ones were level (17 rows 0.77-0.86, 256 rows 0.85-0.96).
+  static constexpr bool kDenseTilesPerThread = true;
   static int64_t dense_rows_per_pass(int64_t k) { return std::max<int64_t>(128, (int64_t(1) << 19) / k); }
   // No tiled GEMM on the CPU: from 17 rows the dense path.
   static constexpr bool kHasTiledGemm = false;

@@ -44,8 +44,7 @@ struct CudaBackend {
   };
   // cuBLAS GEMMs run in the activations' dtype with fp32 accumulation.
   static ScalarType dense_compute_type(ScalarType t) { return t; }
-  // The whole weight in one pass: one dequantization launch, one cuBLAS GEMM.
-  static int64_t dense_rows_per_pass(int64_t) { return INT64_MAX; }
+  static constexpr bool kDenseTilesPerThread = false;  // one dequantization launch, one cuBLAS GEMM
 
   static void quantize_q8_1(Context& c, const void* x, FloatType xt, int64_t rows, int64_t k, block_q8_1* out) {
     check_launch(launch_quantize_q8_1(x, xt, rows, k, out, c.stream), "quantize_q8_1");

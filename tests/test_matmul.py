@@ -201,13 +201,20 @@ def test_gaussian_activations(case, rows, dtype, device):
 
 @pytest.mark.parametrize("qtype", [QType.Q4_K, QType.Q8_0], ids=qtype_name)
 def test_dense_path_in_several_passes(qtype):
-    """The CPU's dense path dequantizes max(128, 2^20 / k) weight rows a pass (csrc/ops_cpu.cpp):
-    n = 2 whole passes and a partial one at k = 256 (4096 rows a pass), every output column from
-    its own pass, against the oracle."""
-    k, n = 256, 2 * 4096 + 77
+    """The CPU's dense path dequantizes tiles of max(128, 2^19 / k) weight rows, each thread every
+    workers-th tile into its own buffer (csrc/ops_cpu.cpp, ops.h): n = 4 whole tiles and a partial
+    one at k = 256 (2048 rows a tile), every output column from its own tile, against the oracle,
+    on one thread and on two."""
+    k, n = 256, 4 * 2048 + 77
     w, W = cached_weight(qtype, n, k)
     x = exact_activations((17, k), seed=3)
-    assert_exact_close(run_matmul(w, int(qtype), x, n, k), x, W)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            assert_exact_close(run_matmul(w, int(qtype), x, n, k), x, W)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -498,10 +498,8 @@ void gemv_q8_1_x86(X86Kernels isa, QType wt, const uint8_t* w, int64_t n, int64_
 void dequantize_avx2(QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows, int64_t rows_out, void* out,
                      FloatType ot) {
   // The threads split the columns, not the rows: each dequantizes the same slice of every row, so
-  // one row (an embedding lookup) takes every thread, and the dense qmatmul path's GEMM, which at
-  // few activation rows splits K between its threads, finds its slice in that core's cache
-  // (2-core Xeon VM, 2026-12-03, 4096x4096 Q4_K, 17 rows, 2 MiB passes: 6.2 -> 5.6 ms against halves
-  // of the rows).
+  // one row (an embedding lookup) takes every thread. (The dense qmatmul path calls this inside its
+  // own parallel region, where it runs on the calling thread alone.)
   const bool known = visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
     torch::stable::parallel_for(0, (k + 31) / 32, 1, [&](int64_t begin, int64_t end) {
