@@ -130,7 +130,7 @@ struct Ops {
     }
     if (path == MatmulPath::Dense) {
       // Dense GEMM on the dequantized weight: exact weights, no activation rounding. On the CPU
-      // (kDenseTilesPerThread) each thread takes every workers-th tile of dense_rows_per_pass(k)
+      // (kDenseTilesPerThread) each thread takes every workers-th tile of dense_tile_rows(k)
       // weight rows into its own cache-sized buffer and multiplies it there (ops run single-threaded
       // inside the parallel region): no fresh 4*n*k bytes to fault in per call. CUDA dequantizes all
       // rows, then one GEMM.
@@ -140,10 +140,10 @@ struct Ops {
       Tensor y;
       if constexpr (Backend::kDenseTilesPerThread) {
         y = torch::stable::new_empty(x2, {rows, n});
-        const int64_t pass = std::min(n, Backend::dense_rows_per_pass(k));
-        const int64_t tiles = (n + pass - 1) / pass;
+        const int64_t tile = std::min(n, Backend::dense_tile_rows(k));
+        const int64_t tiles = (n + tile - 1) / tile;
         const int64_t workers = std::min<int64_t>(torch::stable::get_num_threads(), tiles);
-        Tensor wd = torch::stable::new_empty(w, {workers, pass, k}, ct);
+        Tensor wd = torch::stable::new_empty(w, {workers, tile, k}, ct);
         const FloatType dt = output_float_type(ct);
         const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
         const int64_t rb = row_bytes(f, k);
@@ -152,8 +152,8 @@ struct Ops {
           for (int64_t t = begin; t < end; ++t) {
             Tensor buf = torch::stable::select(wd, 0, t);
             for (int64_t i = t; i < tiles; i += workers) {
-              const int64_t r0 = i * pass, m = std::min(pass, n - r0);
-              Tensor block = m == pass ? buf : torch::stable::narrow(buf, 0, 0, m);
+              const int64_t r0 = i * tile, m = std::min(tile, n - r0);
+              Tensor block = m == tile ? buf : torch::stable::narrow(buf, 0, 0, m);
               Backend::dequantize(ctx, f.type, wp + r0 * rb, m, k, RowIndex{}, m, block.data_ptr(), dt);
               Tensor columns = torch::stable::narrow(y, 1, r0, m);
               torch::stable::copy_(columns, torch::stable::matmul(x2, torch::stable::transpose(block, 0, 1)));

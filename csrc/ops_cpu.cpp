@@ -26,7 +26,7 @@ struct CpuBackend {
   // (two fork-joins a pass) gave 0.78-0.85 / 0.81-0.89 / 0.81-0.82 on 4096x4096 Q4_K. 1 MiB tiles
   // lost at 256 rows (0.72-0.81), 4 MiB ones were level (17 rows 0.77-0.86, 256 rows 0.85-0.96).
   static constexpr bool kDenseTilesPerThread = true;
-  static int64_t dense_rows_per_pass(int64_t k) { return std::max<int64_t>(128, (int64_t(1) << 19) / k); }
+  static int64_t dense_tile_rows(int64_t k) { return std::max<int64_t>(128, (int64_t(1) << 19) / k); }
   // No tiled GEMM on the CPU: from 17 rows the dense path.
   static constexpr bool kHasTiledGemm = false;
   static bool tiled_gemm_runs(FloatType, const Tensor&, const Tensor&, int64_t) { return false; }
