@@ -15,7 +15,7 @@ hardware threads (one on a 2-core machine), so torchext's GEMV runs on as many h
 are those TORCHEXT_CPU_KERNELS picks (README, "On the CPU"): set it to time, say, the AVX2 GEMV on
 a CPU with VNNI. With --gemma, Gemma 3 270M Q4_K_M decode tok/s:
 torchext's eager generate() against `llama-bench -n 32 -p 0`. With --dense, the dense path (17 and
-more rows: the weight dequantized to fp32 a pass of rows at a time, each pass multiplied by torch's
+more rows: each thread dequantizes tiles of weight rows to fp32 and multiplies each by torch's
 GEMM) against F.linear on the whole dequantized fp32 weight, --threads threads, 17 / 64 / 256 rows,
 for --formats at 4096x4096, 14336x4096 and 4096x14336 (the median of 9 calls each).
 

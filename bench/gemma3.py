@@ -64,7 +64,6 @@ def kernel_split(step, n: int, start_pos: int) -> dict:
         torch.cuda.synchronize()
     split = {"gemv": 0.0, "quantize_q8_1": 0.0, "torchext_other": 0.0, "attention": 0.0, "other": 0.0}
     names: dict[str, list[float]] = {}  # kernel -> [us, launches] per token
-    launches = 0
     for e in prof.key_averages():
         us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
         if us <= 0 or e.key.startswith(("ProfilerStep", "cudaGraph")):
@@ -79,11 +78,10 @@ def kernel_split(step, n: int, start_pos: int) -> dict:
         else:
             kind = "other"
         split[kind] += us / n
-        launches += e.count
         entry = names.setdefault(e.key[:90], [0.0, 0.0])
         entry[0] += us / n
         entry[1] += e.count / n
-    split["kernels_per_token"] = launches / n
+    split["kernels_per_token"] = sum(launches for _, launches in names.values())
     split["top_kernels_us_launches_per_token"] = dict(sorted(names.items(), key=lambda kv: -kv[1][0])[:30])
     return split
 

@@ -162,7 +162,7 @@ class WeightCache:
                     got = "a dense tensor" if e.qtype is None else f"{e.qtype.name} with k={e.k}"
                     raise ValueError(f"{group}: members must be quantized weights of one format and k; {members[0]} is "
                                      f"{first.qtype.name if first.qtype else 'dense'} with k={first.k}, {m} is {got}")
-                if m in todo or any(m in ms for ms in todo.values()):
+                if any(m in ms for ms in todo.values()):
                     raise ValueError(f"{group}: {m} is in two groups")
             starts = itertools.accumulate([e.tensor.numel() for e in entries[:-1]], initial=0)
             for m, start in zip(members, starts):
@@ -201,8 +201,10 @@ class WeightCache:
         g = self.get(group)
         at = g.tensor.data_ptr()
         for m in members:
-            e = self._pooled.get(m) or self._entries.get(m)
-            if e is None or e.qtype != g.qtype or e.k != g.k or e.tensor.data_ptr() != at:
+            if m not in self:
+                return False
+            e = self.get(m)
+            if e.qtype != g.qtype or e.k != g.k or e.tensor.data_ptr() != at:
                 return False
             at += e.tensor.numel()
         return at == g.tensor.data_ptr() + g.tensor.numel()

@@ -346,12 +346,11 @@ struct XScales {
   std::vector<HalfSums> halves;
 };
 
-// How far ahead of the block being multiplied (or dequantized) its weight row is prefetched, in
-// bytes (each of a block's cache lines; prefetches past the weight's end are harmless hints). The
+// How far ahead of the block being multiplied its weight row is prefetched, in bytes (each of a
+// block's cache lines; prefetches past the weight's end are harmless hints). The
 // hardware's streamer stays within a 4 KiB page, so a weight that is not in cache streamed at 8 GB/s
 // a core on the 2-core Xeon VM (Q8_0 262144x640, 1 thread); 4, 6 and 8 KiB ahead gave 17.5, 19.2
 // and 14.6 GB/s there, 2 threads 36-39 GB/s against 16.8 (bench/NOTES.md, "CPU GEMV: prefetching").
-// Whole-weight dequantize to fp32, 4096x14336, 2 threads: Q4_K 68 -> 53-57 ms, Q8_0 58 -> 50-54.
 constexpr int kPrefetchAhead = 6144;
 
 #define TORCHEXT_GEMV_ISA Avx2
@@ -427,7 +426,6 @@ constexpr int kPrefetchRows = 4;
 template <class Traits, FloatType kOut>
 TORCHEXT_AVX2 void dequantize_columns(const uint8_t* w, int64_t n, int64_t k, RowIndex rows, int64_t rows_out,
                                       int64_t c_begin, int64_t c_end, void* out) {
-  constexpr FloatType ot = kOut;
   using C = Avx2Chunk<Traits>;
   constexpr int kChunks = Traits::kValues / kQ8Block, kChunkBytes = Traits::kBytes / kChunks;
   const int64_t row_bytes = (k + Traits::kValues - 1) / Traits::kValues * Traits::kBytes;
@@ -438,15 +436,15 @@ TORCHEXT_AVX2 void dequantize_columns(const uint8_t* w, int64_t n, int64_t k, Ro
     for (int64_t c = c_begin; c < c_end; ++c) {
       const int64_t at = c / kChunks * Traits::kBytes + c % kChunks * kChunkBytes;  // the chunk's bytes in a row
       if (ahead >= 0) _mm_prefetch(reinterpret_cast<const char*>(w + ahead * row_bytes + at), _MM_HINT_T0);
-      const uint8_t* blk = w + src * row_bytes + c / kChunks * Traits::kBytes;
+      const uint8_t* blk = src >= 0 ? w + src * row_bytes + c / kChunks * Traits::kBytes : nullptr;
       if (src >= 0 && c < whole) {
-        dequantize_chunk_to<C::kSigned>(C::load(blk, int(c % kChunks)), out, i * k + 32 * c, ot);
+        dequantize_chunk_to<C::kSigned>(C::load(blk, int(c % kChunks)), out, i * k + 32 * c, kOut);
         continue;
       }
       float v[32];
       if (src < 0) std::fill(v, v + 32, std::nanf(""));  // an id out of range
       else Traits::dequantize_chunk(blk, int(c % kChunks), v);
-      for (int l = 0; l < 32 && 32 * c + l < k; ++l) store_float(out, i * k + 32 * c + l, ot, v[l]);
+      for (int l = 0; l < 32 && 32 * c + l < k; ++l) store_float(out, i * k + 32 * c + l, kOut, v[l]);
     }
   }
 }

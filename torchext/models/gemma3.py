@@ -128,14 +128,19 @@ def normed_input(norm: RMSNorm, h: torch.Tensor, *layers: QuantLinear) -> tuple[
     return tuple(m.forward_q8_1(xq, h.dtype) for m in layers)
 
 
+def stack_name(names: list[str]) -> str:
+    """The cache name of a stack of these weights (of a single weight: its own name)."""
+    return "+".join(names)
+
+
 def stacked_linears(cache: WeightCache, names: list[str]) -> tuple[nn.ModuleList, list[Optional[list[int]]]]:
     """Layers that read one input (q/k/v, gate/up) as QuantLinears over the cache's stacks of them
     (stack_projections: one GEMV launch a stack) where it holds them, else one a layer; and each
     one's output sizes for split_outputs (None for a single layer)."""
     runs = []
     for run in cache.stackable_runs(names):
-        runs.extend([run] if "+".join(run) in cache else [[name] for name in run])
-    return (nn.ModuleList(QuantLinear.from_cache(cache, "+".join(r)) for r in runs),
+        runs.extend([run] if stack_name(run) in cache else [[name] for name in run])
+    return (nn.ModuleList(QuantLinear.from_cache(cache, stack_name(r)) for r in runs),
             [[cache[m].n for m in r] if len(r) > 1 else None for r in runs])
 
 
@@ -152,7 +157,7 @@ def stack_projections(cache: WeightCache, layers: int) -> None:
         p = f"blk.{i}."
         for names in ([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"],
                       [p + "ffn_gate.weight", p + "ffn_up.weight"]):
-            groups.update({"+".join(r): r for r in cache.stackable_runs(names) if len(r) > 1})
+            groups.update({stack_name(r): r for r in cache.stackable_runs(names) if len(r) > 1})
     cache.stack_rows(groups)
 
 
