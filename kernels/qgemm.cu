@@ -24,9 +24,11 @@
 //   route_slots sorted to one expert, their activation rows gathered and output rows scattered
 //   through the slot table, the expert's rows of the weight.
 //
-// What limits it (H200, bench/NOTES.md): issue slots, about 4 instructions per weight value for the
-// exact dequantization, not memory. More pipeline stages, two warps per tile splitting each chunk,
-// and 128-row tiles were each measured slower.
+// What limits it (H200, bench/NOTES.md): the instructions the warps issue, not memory. At 64 rows
+// that is about 10 per weight value: 4 are the exact dequantization, and a third of the total is
+// load_chunk's address and bounds arithmetic, redone for every 16-byte piece. More pipeline stages,
+// two warps per tile splitting each chunk, 128-row tiles and Hopper's wgmma (the MMAs off the
+// warps) were each measured no faster.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
