@@ -26,7 +26,7 @@
 //
 // What limits it (H200, bench/NOTES.md): the instructions the warps issue, not memory. At 64 rows
 // that is about 10 per weight value: 4 are the exact dequantization, and a third of the total is
-// load_chunk's address and bounds arithmetic, redone for every 16-byte piece. More pipeline stages,
+// load_chunk, mostly address and bounds arithmetic redone for every 16-byte piece. More pipeline stages,
 // two warps per tile splitting each chunk, 128-row tiles and Hopper's wgmma (the MMAs off the
 // warps) were each measured no faster.
 #include <cuda_bf16.h>
