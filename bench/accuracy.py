@@ -9,8 +9,13 @@ offset with the sum of the unrounded inputs (ggml's fp16 `s`, the rule torchext 
 of d * sum(q), computed in numpy from the same bytes.
 
     python bench/accuracy.py [--gguf PATH] [--device cpu|cuda] [--rows 1] [--limit-n 8192]
+    python bench/accuracy.py --synthetic 4096x4096 --device cuda --rows 32 --dtype bfloat16
 
 The weight is the file's (or its requantization): the error is the activations' rounding alone.
+--synthetic takes a Gaussian weight (std 0.02) quantized into every format `quantize` writes
+instead of a file, and prints the error with exact=False and exact=True: with more than 16 rows
+(no activation rounding) on CUDA in bf16 the tiled GEMM computes the weights in bf16 unless
+exact=True (the same float64 reference: x as rounded to the dtype).
 """
 
 from __future__ import annotations
@@ -79,6 +84,25 @@ def unrounded_offset_error(W: np.ndarray, w_bytes: np.ndarray, qtype: QType, x: 
     return np.linalg.norm(y_old - ref) / np.linalg.norm(ref)
 
 
+def synthetic(a) -> None:
+    from torchext.formats import QUANTIZABLE_TYPES
+    n, k = map(int, a.synthetic.split("x"))
+    g = torch.Generator().manual_seed(a.seed)
+    dense = torch.randn(n, k, generator=g) * 0.02
+    x = torch.randn(a.rows, k, generator=g).to(getattr(torch, a.dtype))
+    x64 = x.double().numpy()
+    print(f"Gaussian {n}x{k} weight, {a.rows} Gaussian row(s), {a.dtype}, {a.device}; norm-relative error, "
+          "exact=False then exact=True")
+    for fmt in QUANTIZABLE_TYPES:
+        w = torchext.quantize(dense, fmt)
+        ref = x64 @ torchext.dequantize(w, fmt, n, k).double().numpy().T
+        errs = []
+        for exact in (False, True):
+            y = torchext.qmatmul(w.to(a.device), fmt, x.to(a.device), n, k, exact=exact).double().cpu().numpy()
+            errs.append(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+        print(f"{fmt.name:7} {errs[0]:10.2e} {errs[1]:10.2e}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gguf", type=Path, help="a GGUF file (default: the gemma extra's Gemma 3 270M Q4_K_M)")
@@ -86,7 +110,11 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1, help="activation rows (<= 16: the GEMV path)")
     p.add_argument("--limit-n", type=int, default=8192, help="use at most this many rows of each weight")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--synthetic", metavar="NxK", help="a Gaussian weight instead of a file")
     a = p.parse_args()
+    if a.synthetic:
+        return synthetic(a)
 
     from gguf import GGUFReader
     from torchext.gguf_file import ggml_k_n

@@ -124,7 +124,7 @@ struct Ops {
       if constexpr (Backend::kHasTiledGemm) {
         Tensor out = torch::stable::new_empty(x, with_last_dim(x, n));
         Ctx ctx(w);
-        Backend::tiled_gemm(ctx, f.type, w, n, k, x, xt, rows, out);
+        Backend::tiled_gemm(ctx, f.type, w, n, k, x, xt, exact, rows, out);
         return out;
       }
     }
@@ -195,7 +195,7 @@ struct Ops {
       Backend::gemv_q8_1_id(ctx, a.format.type, static_cast<const uint8_t*>(w.data_ptr()), n, k,
                             static_cast<const block_q8_1*>(xq.data_ptr()), s, out.data_ptr(), a.xt);
     } else if (path == MatmulPath::TiledGemm) {
-      Backend::tiled_gemm_id(ctx, a.format.type, w, n, k, x, a.xt, s, out);
+      Backend::tiled_gemm_id(ctx, a.format.type, w, n, k, x, a.xt, exact, s, out);
     } else {
       matmul_id_masked(ctx, w, qtype, a, x, n, k, out);
     }

@@ -68,11 +68,11 @@ struct CudaBackend {
   }
   // out [rows, n] in x's type; a K-split plan's fp32 partial sums go to a workspace from torch's allocator.
   static void tiled_gemm(Context& c, QType wt, const Tensor& w, int64_t n, int64_t k, const Tensor& x, FloatType xt,
-                         int64_t rows, const Tensor& out) {
-    const int64_t floats = qgemm_workspace_floats(wt, xt, n, k, rows, c.device);
+                         bool exact, int64_t rows, const Tensor& out) {
+    const int64_t floats = qgemm_workspace_floats(wt, xt, exact, n, k, rows, c.device);
     Tensor workspace;
     if (floats > 0) workspace = torch::stable::new_empty(x, {floats}, ScalarType::Float);
-    check_launch(launch_qgemm(wt, static_cast<const uint8_t*>(w.data_ptr()), n, k, x.data_ptr(), xt, rows,
+    check_launch(launch_qgemm(wt, static_cast<const uint8_t*>(w.data_ptr()), n, k, x.data_ptr(), xt, exact, rows,
                               floats > 0 ? static_cast<float*>(workspace.data_ptr()) : nullptr, out.data_ptr(),
                               c.device, c.stream),
                  "qgemm", wt);
@@ -93,7 +93,7 @@ struct CudaBackend {
   // The grouped GEMM: route_slots sorts the slots into tiles (its arrays from torch's allocator, sized
   // for the most tiles the ids can need), then the tiled GEMM runs over them.
   static void tiled_gemm_id(Context& c, QType wt, const Tensor& w, int64_t n, int64_t k, const Tensor& x, FloatType xt,
-                            const ExpertSlots& slots, const Tensor& out) {
+                            bool exact, const ExpertSlots& slots, const Tensor& out) {
     const int tile_rows = qgemm_id_tile_rows(slots.count, slots.experts);
     const int64_t tiles = route_slots_max_tiles(slots.count, slots.experts, tile_rows);
     Tensor routing = torch::stable::new_empty(x, {tiles * tile_rows + tiles}, ScalarType::Int);
@@ -101,7 +101,7 @@ struct CudaBackend {
     int32_t* tile_experts = sorted + tiles * tile_rows;
     check_launch(launch_route_slots(slots, tile_rows, tiles, sorted, tile_experts, n, out.data_ptr(), xt, c.stream),
                  "route_slots");
-    check_launch(launch_qgemm_id(wt, static_cast<const uint8_t*>(w.data_ptr()), n, k, x.data_ptr(), xt, slots,
+    check_launch(launch_qgemm_id(wt, static_cast<const uint8_t*>(w.data_ptr()), n, k, x.data_ptr(), xt, exact, slots,
                                  tile_rows, tiles, sorted, tile_experts, out.data_ptr(), c.device, c.stream),
                  "qgemm_id", wt);
   }

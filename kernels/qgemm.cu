@@ -15,6 +15,10 @@
 //   power of two or a 4-bit E4M3 scale times a 2-bit FP4 level), so the one FMA
 //   rounds exactly as dequantize's multiply-then-add, and after rounding to x's type the fragments hold exactly the
 //   values the dense path multiplies.
+// - That is the exact path (qmatmul's exact=True, and every fp16 product). By default bf16 values
+//   are computed in bf16 (packed_pair): q exact through its bits, d and m rounded to bf16, packed
+//   fmas on two values: 3.5 instructions a pair where the exact conversion takes 7.5. That needs
+//   quants of 7 bits; Q8_0, IQ4_NL and IQ4_XS keep the exact conversion.
 // - The k order inside a 16-value MMA step is permuted: lane t's A registers hold the step's values
 //   4t..4t+3 (MMA k 2t, 2t+1, 2t+8, 2t+9), its B registers the same four activations, one 8-byte
 //   shared-memory load. A dot product does not depend on the order of its terms.
@@ -24,11 +28,13 @@
 //   route_slots sorted to one expert, their activation rows gathered and output rows scattered
 //   through the slot table, the expert's rows of the weight.
 //
-// What limits it (H200, bench/NOTES.md): the instructions the warps issue, not memory. At 64 rows
-// that is about 10 per weight value: 4 are the exact dequantization, and a third of the total is
-// load_chunk, mostly address and bounds arithmetic redone for every 16-byte piece. More pipeline stages,
-// two warps per tile splitting each chunk, 128-row tiles and Hopper's wgmma (the MMAs off the
-// warps) were each measured no faster.
+// What limits it (H200, bench/NOTES.md): latency, with one 8-warp CTA per SM. At 64 rows the exact
+// path issues about 10 instructions per weight value (4 of them the dequantization, a third the
+// chunk copies' address and bounds arithmetic) at about 0.4 per scheduler and cycle, the tensor
+// pipe a third busy; stalls on fixed-latency dependencies and on the stage's data cost about a cycle
+// per issued instruction each. Computing bf16 weights in bf16 issues 18% fewer and runs 9% faster.
+// More pipeline stages, two warps per tile splitting each chunk, 128-row tiles, per-row chunk copies
+// and Hopper's wgmma (the MMAs off the warps) were each measured no faster.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -237,6 +243,52 @@ __device__ __forceinline__ uint32_t slice_pair(const MmaSlice<W>& s, int w, int 
   return pack_pair<H>(fmaf(s.d, q0, s.m), fmaf(s.d, q1, s.m));
 }
 
+// a * b + c for both bf16 halves of the words, each rounded once.
+__device__ __forceinline__ uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r = 0;
+#if __CUDA_ARCH__ >= 800
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+#else
+  __trap();
+#endif
+  return r;
+}
+
+// Values j and j+1 of slice word q as bf16, computed in bf16: d2 and m2 hold d and m rounded to bf16
+// (in both halves), q becomes exact in bf16 through its bits, and one fma rounds d2 * q + m2. Under
+// the exponent of 2^7 a byte b below 128 reads as 2^7 + b, so b = q + 64 (q's low 7 bits with bit 6
+// flipped) for |q| <= 63 (kPacks); subtracting the bias is exact. 3.5 instructions a pair (half a
+// LOP3, a PRMT, two FMAs) where slice_pair takes 7.5.
+__device__ __forceinline__ uint32_t packed_pair(uint32_t q, uint32_t d2, uint32_t m2, int j) {
+  constexpr uint32_t kOne = 0x3F803F80u, kMinusBias = 0xC340C340u;  // 1, -(2^7 + 64)
+  const uint32_t b = (q & 0x7F7F7F7Fu) ^ 0x40404040u;
+  const uint32_t v = __byte_perm(b, 0x43434343u, j == 0 ? 0x4140 : 0x4342);
+  return fma_bf16x2(fma_bf16x2(v, kOne, kMinusBias), d2, m2);
+}
+
+// Whether format T's slices take packed_pair in H: in bf16 where its quants fit in 7 bits (Q8_0,
+// IQ4_NL and IQ4_XS bytes reach +-127). Not in fp16: a slice's d is often below fp16's normal range
+// (2^-14) where the weights themselves are not (IQ2_XS's d is the fp16 d times (0.5 + ls) / 4), and
+// rounded there it lost up to 7% of an output (H200, tests/test_cuda.py, 2026-12-03); bf16 has fp32's
+// exponent range.
+template <class T, class H>
+constexpr bool kPacks = std::is_same_v<H, __nv_bfloat16> && T::kMmaQuantMax <= 63;
+
+// A scale table entry: (d, m) as fp32 for slice_pair, or each rounded to bf16 in both halves of a
+// word for packed_pair.
+template <class H, bool kExact>
+__device__ __forceinline__ float2 scale_entry(float d, float m) {
+  if constexpr (kExact) return make_float2(d, m);
+  else return make_float2(__uint_as_float(pack_pair<H>(d, d)), __uint_as_float(pack_pair<H>(m, m)));
+}
+
+// Values j and j+1 of word w of slice s, whose d and m are the table's entry.
+template <class H, bool kExact, int W>
+__device__ __forceinline__ uint32_t fragment_pair(const MmaSlice<W>& s, int w, int j) {
+  if constexpr (kExact) return slice_pair<H>(s, w, j);
+  else return packed_pair(s.q[w], __float_as_uint(s.d), __float_as_uint(s.m), j);
+}
+
 // c += a * b: 16 weight rows x 16 values (a) times 16 values x 8 activation rows (b), fp32 sums.
 template <class H>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint2 b) {
@@ -257,7 +309,7 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 
 // Fills a warp's scale table from a staged chunk: lane l decodes the slices of (row, block, item)
 // units l, l + 32, ... of the warp's 32 rows.
-template <class T>
+template <class T, class H, bool kExact>
 __device__ __forceinline__ void decode_scales(const uint8_t* ws, const GemmArgs& a, int64_t w_row0, int64_t n0,
                                               int64_t c, int blocks, int lane, float2* table) {
   using L = WeightChunk<T>;
@@ -272,7 +324,7 @@ __device__ __forceinline__ void decode_scales(const uint8_t* ws, const GemmArgs&
 #pragma unroll
     for (int s = 0; s < T::kMmaSlices; ++s) {
       const auto sl = T::mma_slice(raw, s);
-      table[r * ScaleTable<T>::kStride + u * T::kMmaSlices + s] = make_float2(sl.d, sl.m);
+      table[r * ScaleTable<T>::kStride + u * T::kMmaSlices + s] = scale_entry<H, kExact>(sl.d, sl.m);
     }
   }
 }
@@ -281,7 +333,7 @@ __device__ __forceinline__ void decode_scales(const uint8_t* ws, const GemmArgs&
 // the warp's 32 (MMA tile i / 2, fragment rows g or g + 8); xs: its activation row g at value 4t.
 // `blocks`: the chunk's weight blocks inside the row (fewer than kBlocks only at the last chunk of a
 // format of 32 or 64 values a block).
-template <class T, class H, int WM>
+template <class T, class H, bool kExact, int WM>
 __device__ __forceinline__ void mma_chunk(const uint8_t* const (&wrow)[4], const float2* const (&scales)[4],
                                           const H* xs, int blocks, int t, float (&acc)[2][WM / 8][4]) {
   constexpr int kW = T::kMmaWords;
@@ -311,10 +363,10 @@ __device__ __forceinline__ void mma_chunk(const uint8_t* const (&wrow)[4], const
           uint32_t a[2][4];
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
-            a[mt][0] = slice_pair<H>(sl[2 * mt], w, 0);
-            a[mt][1] = slice_pair<H>(sl[2 * mt + 1], w, 0);
-            a[mt][2] = slice_pair<H>(sl[2 * mt], w, 2);
-            a[mt][3] = slice_pair<H>(sl[2 * mt + 1], w, 2);
+            a[mt][0] = fragment_pair<H, kExact>(sl[2 * mt], w, 0);
+            a[mt][1] = fragment_pair<H, kExact>(sl[2 * mt + 1], w, 0);
+            a[mt][2] = fragment_pair<H, kExact>(sl[2 * mt], w, 2);
+            a[mt][3] = fragment_pair<H, kExact>(sl[2 * mt + 1], w, 2);
           }
           const H* xp = xs + first + 16 * w;
 #pragma unroll
@@ -329,7 +381,7 @@ __device__ __forceinline__ void mma_chunk(const uint8_t* const (&wrow)[4], const
   }
 }
 
-template <class T, class H, class Cfg, class Tiles>
+template <class T, class H, bool kExact, class Cfg, class Tiles>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) qgemm_kernel(GemmArgs a, Tiles tiles) {
   using L = WeightChunk<T>;
   constexpr int BM = Cfg::kBM, WM = Cfg::kWM;
@@ -369,7 +421,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) qgemm_kernel(GemmArgs a, Til
     cp_async_commit();
 
     const int valid = int(std::min<int64_t>(L::kBlocks, blocks - c * L::kBlocks));
-    decode_scales<T>(stage_w(s) + 32 * warp_n * L::kStride, a, tile.w_row0, n0 + 32 * warp_n, c, valid, lane, table);
+    decode_scales<T, H, kExact>(stage_w(s) + 32 * warp_n * L::kStride, a, tile.w_row0, n0 + 32 * warp_n, c, valid,
+                                lane, table);
     __syncwarp();
 
     const uint8_t* wrow[4];
@@ -381,7 +434,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) qgemm_kernel(GemmArgs a, Til
       scales[i] = table + (8 * i + g) * ScaleTable<T>::kStride;
     }
     const H* xs = stage_x(s) + g * kXStride + 4 * t;
-    mma_chunk<T, H, WM>(wrow, scales, xs, valid, t, acc);
+    mma_chunk<T, H, kExact, WM>(wrow, scales, xs, valid, t, acc);
   }
 
 
@@ -480,11 +533,11 @@ int opt_in(int device) {
 }
 
 // One instantiation of the kernel: its shared memory, occupancy, plan and launch.
-template <class T, class H, class Cfg>
+template <class T, class H, bool kExact, class Cfg>
 struct Kernel {
   using Traits = T;
-  static constexpr auto fn = qgemm_kernel<T, H, Cfg, DenseTiles>;
-  static constexpr auto fn_id = qgemm_kernel<T, H, Cfg, ExpertTiles>;
+  static constexpr auto fn = qgemm_kernel<T, H, kExact, Cfg, DenseTiles>;
+  static constexpr auto fn_id = qgemm_kernel<T, H, kExact, Cfg, ExpertTiles>;
   static constexpr int smem = Cfg::template smem_bytes<T>();
   static_assert(smem <= kSmemLimit, "more shared memory than a Hopper CTA may have");
 
@@ -509,15 +562,23 @@ struct Kernel {
   }
 };
 
-// Calls f(Kernel<T, H, Cfg>{}) for the format, activation type and tile shape of a product.
+// Calls f(Kernel<T, H, kExact, Cfg>{}) for the format, activation type, dequantization and tile shape
+// of a product: exact, or packed where the format's slices allow it in H.
 template <class F>
-bool visit_kernel(QType wt, FloatType xt, int64_t rows, int device, F&& f) {
-  return visit_weight_format(wt, [&](auto traits) {
+bool visit_kernel(QType wt, FloatType xt, bool exact, int64_t rows, int device, F&& f) {
+  const auto visit_dequant = [&](auto traits, auto half, auto tile) {
     using T = decltype(traits);
-    visit_tile<T>(rows, device, [&](auto tile) {
-      using Cfg = decltype(tile);
-      if (xt == FloatType::BF16) f(Kernel<T, __nv_bfloat16, Cfg>{});
-      else f(Kernel<T, __half, Cfg>{});
+    using H = decltype(half);
+    using Cfg = decltype(tile);
+    if constexpr (kPacks<T, H>) {
+      if (!exact) return f(Kernel<T, H, false, Cfg>{});
+    }
+    f(Kernel<T, H, true, Cfg>{});
+  };
+  return visit_weight_format(wt, [&](auto traits) {
+    visit_tile<decltype(traits)>(rows, device, [&](auto tile) {
+      if (xt == FloatType::BF16) visit_dequant(traits, __nv_bfloat16{}, tile);
+      else visit_dequant(traits, __half{}, tile);
     });
   });
 }
@@ -531,17 +592,17 @@ bool qgemm_supports(FloatType xt, const void* w, const void* x, int64_t k, int d
          reinterpret_cast<uintptr_t>(x) % 16 == 0;
 }
 
-int64_t qgemm_workspace_floats(QType wt, FloatType xt, int64_t n, int64_t k, int64_t rows, int device) {
+int64_t qgemm_workspace_floats(QType wt, FloatType xt, bool exact, int64_t n, int64_t k, int64_t rows, int device) {
   Plan p{1, 0};
-  visit_kernel(wt, xt, rows, device, [&](auto kernel) { p = kernel.plan(n, k, rows, device); });
+  visit_kernel(wt, xt, exact, rows, device, [&](auto kernel) { p = kernel.plan(n, k, rows, device); });
   return p.splits > 1 ? int64_t(p.splits) * rows * n : 0;
 }
 
-cudaError_t launch_qgemm(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* x, FloatType xt, int64_t rows,
-                         float* workspace, void* out, int device, cudaStream_t stream) {
+cudaError_t launch_qgemm(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* x, FloatType xt, bool exact,
+                         int64_t rows, float* workspace, void* out, int device, cudaStream_t stream) {
   cudaError_t err = cudaErrorInvalidValue;
   Plan p{1, 0};
-  visit_kernel(wt, xt, rows, device, [&](auto kernel) {
+  visit_kernel(wt, xt, exact, rows, device, [&](auto kernel) {
     using T = typename decltype(kernel)::Traits;
     p = kernel.plan(n, k, rows, device);
     const int64_t row_bytes = (k + T::kValues - 1) / T::kValues * T::kBytes;
@@ -557,11 +618,11 @@ cudaError_t launch_qgemm(QType wt, const uint8_t* w, int64_t n, int64_t k, const
 
 int qgemm_id_tile_rows(int64_t slots, int64_t experts) { return slots <= 32 * experts ? 32 : 64; }
 
-cudaError_t launch_qgemm_id(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* x, FloatType xt,
+cudaError_t launch_qgemm_id(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* x, FloatType xt, bool exact,
                             const ExpertSlots& slots, int tile_rows, int64_t max_tiles, const int32_t* sorted_slots,
                             const int32_t* tile_experts, void* out, int device, cudaStream_t stream) {
   cudaError_t err = cudaErrorInvalidValue;
-  visit_kernel(wt, xt, tile_rows, device, [&](auto kernel) {
+  visit_kernel(wt, xt, exact, tile_rows, device, [&](auto kernel) {
     using T = typename decltype(kernel)::Traits;
     const int64_t row_bytes = (k + T::kValues - 1) / T::kValues * T::kBytes;
     const int64_t chunks = (k + kChunk - 1) / kChunk;  // one split: all of K

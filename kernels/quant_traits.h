@@ -131,7 +131,8 @@ struct KQuantHeader {
 // values 4t..4t+3), the order in which mma.sync's m16n8k32 and m16n8k16 fragments take their k
 // index. Value v of a slice is d * q + m: m meets the sum of the slice's rounded activations (a
 // 32-value slice: the Q8_1 block's input sum; a 16-value slice, only where the format sets kMmaMins:
-// an MMA of ones). mma_slice_first(item, s) is the block's value where slice s starts.
+// an MMA of ones). mma_slice_first(item, s) is the block's value where slice s starts, and
+// kMmaQuantMax bounds |q| (the tiled GEMM's packed conversion to bf16 takes q of 7 bits).
 template <int W>
 struct MmaSlice {
   uint32_t q[W];
@@ -224,6 +225,7 @@ struct KQuantTraits {
   // One MMA item per block, 8 slices: sub-block j is the low (j even) or high nibbles of qs bytes
   // 32*(j/2) .. +31, its 5th bits bit j of qh[0..31].
   static constexpr int kMmaItems = 1, kMmaSlices = 8, kMmaWords = 2;
+  static constexpr int kMmaQuantMax = kHasHigh ? 31 : 15;
   struct MmaRaw {
     uint32_t head[4];  // d, dmin, scales
     uint32_t qs[4][2];
@@ -327,6 +329,7 @@ struct QuantTraits<QType::Q6_K> {
   // s = 2i + (l >= 16) its quarter i's values l = 0..15 or 16..31, with scale scales[8h + s].
   static constexpr int kMmaItems = 2, kMmaSlices = 8, kMmaWords = 1;
   static constexpr bool kMmaMins = false;
+  static constexpr int kMmaQuantMax = 32;  // 6 bits - 32
   struct MmaRaw {
     uint32_t ql[4];  // ql[64h + 16j + 4t ..]: quarters j/2 (low nibbles) and j/2 + 2 (high)
     uint32_t qh[2];  // qh[32h + 16j + 4t ..]
@@ -378,6 +381,7 @@ struct CrumbKQuantGeometry {
 template <>
 struct QuantTraits<QType::Q2_K> : CrumbKQuantGeometry<QType::Q2_K, block_q2_K, 4> {  // 84-byte blocks
   static constexpr bool kMmaMins = true;
+  static constexpr int kMmaQuantMax = 3;
 
   // d*sc and dmin*m of a sub-block from its scale byte and the word d | dmin << 16.
   static TORCHEXT_HD float scale_of(uint32_t dd, int sc) { return fp16f(fp16_bits(dd & 0xFFFFu)) * float(sc & 0xF); }
@@ -439,6 +443,7 @@ TORCHEXT_HD int q3k_scale(uint32_t w0, uint32_t w1, uint32_t w2, int j) {
 template <>
 struct QuantTraits<QType::Q3_K> : CrumbKQuantGeometry<QType::Q3_K, block_q3_K, 2> {  // 110-byte blocks
   static constexpr bool kMmaMins = false;
+  static constexpr int kMmaQuantMax = 4;
 
   // d * (s - 32) of sub-block j.
   static TORCHEXT_HD float sub_d(const block& b, int j) {
@@ -507,6 +512,7 @@ struct QuantTraits<QType::Q3_K> : CrumbKQuantGeometry<QType::Q3_K, block_q3_K, 2
 template <>
 struct QuantTraits<QType::TQ2_0> : CrumbKQuantGeometry<QType::TQ2_0, block_tq2_0, 2> {  // 66-byte blocks
   static constexpr bool kMmaMins = false;
+  static constexpr int kMmaQuantMax = 1;
 
   static TORCHEXT_HD uint32_t trits(uint32_t qs, int i) { return uint32_t(bytes_minus(crumbs(qs, i), 1)); }
 
@@ -578,6 +584,7 @@ struct QuantTraits<QType::Q8_0> {
   }
 
   static constexpr int kMmaItems = 1, kMmaSlices = 1, kMmaWords = 2;
+  static constexpr int kMmaQuantMax = 128;
   struct MmaRaw {
     uint32_t q[2];
     fp16_bits d;
@@ -658,6 +665,7 @@ struct NibbleTraits {
   // Byte 4t..4t+3's low nibbles are values 4t..4t+3, its high nibbles values 16+4t..16+4t+3:
   // one load gives both words. The zero point becomes a min of -z*d.
   static constexpr int kMmaItems = 1, kMmaSlices = 1, kMmaWords = 2;
+  static constexpr int kMmaQuantMax = kHasHigh ? 31 : 15;  // the raw quant; m holds -z*d
   struct MmaRaw {
     uint32_t q, qh;
     fp16_bits d, m;
@@ -697,6 +705,12 @@ constexpr int8_t kFP4Levels[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -
 template <const int8_t (&L)[16]>
 struct NibbleLevels {
   static constexpr const int8_t (&kTable)[16] = L;
+  static constexpr int max_abs() {
+    int m = 0;
+    for (int v : L) m = v < -m ? -v : (v > m ? v : m);
+    return m;
+  }
+  static constexpr int kMaxAbs = max_abs();
 
   // Levels 4w .. 4w+3 as the bytes of one word.
   static constexpr uint32_t word(int w) {
@@ -786,6 +800,7 @@ struct LevelNibbleTraits {
 
   // Byte 4t..4t+3's low nibbles are values 4t..4t+3, its high nibbles 16+4t..16+4t+3.
   static constexpr int kMmaItems = 1, kMmaSlices = 1, kMmaWords = 2;
+  static constexpr int kMmaQuantMax = Levels::kMaxAbs;
   struct MmaRaw {
     uint32_t q;
     typename F::Field scale;
@@ -854,6 +869,7 @@ struct QuantTraits<QType::IQ4_XS> {
   // One MMA item per block, 8 slices: slice j is sub-block j (its 16 bytes at 16j; lane t's word at
   // 16j + 4t holds values 4t..4t+3 in its low nibbles, 16+4t..16+4t+3 in its high ones).
   static constexpr int kMmaItems = 1, kMmaSlices = 8, kMmaWords = 2;
+  static constexpr int kMmaQuantMax = IQ4Levels::kMaxAbs;
   struct MmaRaw {
     uint32_t head[2];  // d | scales_h << 16, scales_l
     uint32_t qs[8];
@@ -956,6 +972,7 @@ struct QuantTraits<QType::NVFP4> : ChunkGeometry<QType::NVFP4, block_nvfp4, 64, 
   // high nibbles of the sub-block's word t % 2.
   static constexpr int kMmaItems = 1, kMmaSlices = 4, kMmaWords = 1;
   static constexpr bool kMmaMins = false;
+  static constexpr int kMmaQuantMax = FP4Levels::kMaxAbs;
   struct MmaRaw {
     uint32_t qs[4];  // bytes 8s + 4(t % 2) .. of sub-block s
     uint32_t scales;
@@ -1009,6 +1026,7 @@ struct QuantTraits<QType::TQ1_0> : ChunkGeometry<QType::TQ1_0, block_tq1_0, 256,
   // MMA item c: chunk c, one 32-value slice; lane t's words are quads t and 4 + t.
   static constexpr int kMmaItems = 8, kMmaSlices = 1, kMmaWords = 2;
   static constexpr bool kMmaMins = false;
+  static constexpr int kMmaQuantMax = 1;
   struct MmaRaw {
     uint32_t qs[2], p3[2];
     fp16_bits d;

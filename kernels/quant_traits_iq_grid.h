@@ -66,6 +66,7 @@ TORCHEXT_HD uint32_t pattern_signs(uint32_t patterns, int i) {
 //   load(p, j, raw)          their loads, and nothing else (the MMA GEMV issues loads before any use)
 //   quad(raw, i)             values 4i .. 4i+3 of the sub-block as signed bytes
 //   scale(raw, h)            d of values 16h .. 16h+15 (kScaleValues 16) or of all 32 (h = 0)
+//   kQuantMax                the largest |q| a quad holds
 template <class Grid>
 struct GridTraits : UnpackedChunks<GridTraits<Grid>> {
   using block = typename Grid::block;
@@ -90,6 +91,7 @@ struct GridTraits : UnpackedChunks<GridTraits<Grid>> {
   // keeps t for mma_slice.
   static constexpr int kMmaItems = 8, kMmaSlices = kHalfScales ? 2 : 1, kMmaWords = kHalfScales ? 1 : 2;
   static constexpr bool kMmaMins = false;  // signed grid values times a scale: no min
+  static constexpr int kMmaQuantMax = Grid::kQuantMax;
   struct MmaRaw {
     typename Grid::Raw raw;
     int t;
@@ -120,6 +122,7 @@ struct IQ2XXSGrid {
   using block = block_iq2_xxs;
   static constexpr int kAlign = 2;  // 66-byte blocks
   static constexpr int kScaleValues = 32;
+  static constexpr int kQuantMax = 43;
   struct Raw {
     uint32_t points, signs_scale;
     fp16_bits d;
@@ -149,6 +152,7 @@ struct IQ2XSGrid {
   using block = block_iq2_xs;
   static constexpr int kAlign = 2;  // 74-byte blocks
   static constexpr int kScaleValues = 16;
+  static constexpr int kQuantMax = 43;
   struct Raw {
     uint32_t codes[2];
     uint8_t scales;
@@ -176,6 +180,7 @@ struct IQ2SGrid {
   using block = block_iq2_s;
   static constexpr int kAlign = 2;  // 82-byte blocks
   static constexpr int kScaleValues = 16;
+  static constexpr int kQuantMax = 43;
   struct Raw {
     uint32_t points, signs;
     uint8_t qh, scales;
@@ -205,6 +210,7 @@ struct IQ3XXSGrid {
   using block = block_iq3_xxs;
   static constexpr int kAlign = 2;  // 98-byte blocks
   static constexpr int kScaleValues = 32;
+  static constexpr int kQuantMax = 62;
   struct Raw {
     uint32_t qs[2], signs_scale;
     fp16_bits d;
@@ -231,6 +237,7 @@ struct IQ3SGrid {
   using block = block_iq3_s;
   static constexpr int kAlign = 2;  // 110-byte blocks
   static constexpr int kScaleValues = 32;
+  static constexpr int kQuantMax = 15;
   struct Raw {
     uint32_t qs[2], signs;
     uint8_t qh, scales, shift;  // ls is bits shift .. shift+3 of scales
@@ -274,6 +281,7 @@ struct IQ1SGrid {
   using block = block_iq1_s;
   static constexpr int kAlign = 2;  // 50-byte blocks
   static constexpr int kScaleValues = 32;
+  static constexpr int kQuantMax = 9;
   struct Raw {
     uint32_t points;
     uint16_t qh;
@@ -302,6 +310,7 @@ struct IQ1MGrid {
   using block = block_iq1_m;
   static constexpr int kAlign = 8;  // 56-byte blocks
   static constexpr int kScaleValues = 16;
+  static constexpr int kQuantMax = 9;
   struct Raw {
     uint32_t points, scales[2];
     uint16_t qh;

@@ -124,6 +124,32 @@ def dequant_oracle(w: torch.Tensor, qtype, n: int, k: int) -> np.ndarray:
     return dense[:, :k].astype(np.float64)
 
 
+# The bytes of a block that hold its quants, for the formats whose tiled-GEMM slices (kernels/
+# quant_traits.h, mma_slice) write a value as d * q + m with m != 0: a min (Q4_K, Q5_K, Q2_K, Q4_1,
+# Q5_1) or -z * d for a zero point z (Q4_0, Q5_0). With them zeroed every value is its m.
+QUANT_BYTES_OF_OFFSET_FORMATS = {Q.Q4_0: (2, 18), Q.Q4_1: (4, 20), Q.Q5_0: (2, 22), Q.Q5_1: (4, 24),
+                                 Q.Q2_K: (16, 80), Q.Q4_K: (16, 144), Q.Q5_K: (16, 176)}
+
+
+def offset_oracle(w: torch.Tensor, qtype, n: int, k: int) -> np.ndarray:
+    """|m| of every weight value [n, k] as float64 (zeros for formats without an offset): with
+    |d * q| <= |W| + |m|, the magnitude of the terms the tiled GEMM rounds when exact=False."""
+    q = Q(int(qtype))
+    if q not in QUANT_BYTES_OF_OFFSET_FORMATS:
+        return np.zeros((n, k))
+    lo, hi = QUANT_BYTES_OF_OFFSET_FORMATS[q]
+    blocks = w.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(n, -1, block_geometry(q)[1]).copy()
+    blocks[..., lo:hi] = 0
+    with np.errstate(all="ignore"):
+        return np.abs(dequant_oracle(torch.from_numpy(blocks.reshape(n, -1)), q, n, k))
+
+
+@functools.lru_cache(maxsize=64)
+def cached_offsets(qtype, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """offset_oracle of cached_weight(qtype, n, k, seed)."""
+    return offset_oracle(cached_weight(qtype, n, k, seed)[0], qtype, n, k)
+
+
 @functools.lru_cache(maxsize=64)
 def cached_weight(qtype, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
     """(random_weight on CPU, its dequant_oracle), cached: several tests share one weight.
@@ -268,6 +294,17 @@ def q8_1_fields(xq) -> Q8_1Fields:
 def half_ulp(dtype: torch.dtype) -> float:
     """Relative error of one round-to-nearest into dtype (unit roundoff): 2^-24, 2^-11, 2^-8."""
     return {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+
+
+def half_weight_rounding(dtype: torch.dtype, absref, offabs, xabs):
+    """The error CUDA's fp16/bf16 paths beyond the GEMVs add by computing the weights in that dtype,
+    for activations x: the dense path rounds each weight once (u * |W|) and may reduce in the dtype;
+    the tiled GEMM with exact=False in bf16 computes each value d * q + m as one fma from d and m
+    rounded to bf16: (2u + u^2)(|d q| + |m|), with |d q| + |m| <= |W| + 2|m|. Summed over x: absref =
+    |x| @ |W|.T, offabs = |x| @ |m|.T (offset_oracle), xabs = sum |x| (fp16's absolute rounding
+    below its normal range), with u^2 more for the fp32 sums."""
+    u = half_ulp(dtype)
+    return (2 * u + 2 * u * u) * (absref + 2 * offabs) + tiny(dtype) * xabs
 
 
 def tiny(dtype: torch.dtype) -> float:

@@ -24,7 +24,8 @@ Oracles and tolerances, and where they come from:
   error Q8_1 rounding of x can cause, sum_b (d_b / 2) * sum_{i in b} |W_i| (d_b from
   conftest.q8_1_reference), plus 1e-5 * absref for fp32 accumulation; on the dense path (17 rows
   on) 1e-5 * absref; plus one rounding to an f16/bf16 output (half_ulp * |ref| + tiny) and, on
-  CUDA's f16/bf16 dense path, 2 * half_ulp * absref (test_matmul.output_rounding); plus one fp32
+  CUDA's f16/bf16 paths beyond 16 rows, the weights computed in that dtype
+  (conftest.half_weight_rounding, through test_matmul.output_rounding); plus one fp32
   subnormal step per term (2k * 2^-149, for products below fp32's normal range, as test_matmul's
   magnitude test). Activations are Gaussian times 10^e, e drawn per call from float32's [-30, 30],
   bfloat16's [-37, 34] or float16's [-7, 4] (where Gaussian values stay finite and mostly normal):
@@ -88,6 +89,7 @@ from conftest import (
     Q,
     block_geometry,
     half_ulp,
+    offset_oracle,
     q8_1_reference,
     q8_1_row_bytes,
     random_weight,
@@ -96,7 +98,7 @@ from conftest import (
 from test_errors import ALIGN
 from test_gelu import _units as gelu_units
 from test_gelu import assert_gelu_close
-from test_matmul import MAX_GEMV_ROWS, oracle, output_rounding, q8_1_bound, report
+from test_matmul import MAX_GEMV_ROWS, offsets_term, oracle, output_rounding, q8_1_bound, report
 
 
 def fuzz_settings(examples: int):
@@ -443,9 +445,9 @@ def matmul_cases(draw, main_device, fault) -> MatmulCase:
     return MatmulCase(entry, qtype, fmt, w, x, n, k, out_dtype, xq_offset, draw(st.booleans()), problems)
 
 
-def check_matmul(y, x, W, out_dtype, gemv):
-    """y against x @ W.T with the module docstring's tolerance; rows holding a NaN or inf give
-    non-finite outputs only."""
+def check_matmul(y, x, W, out_dtype, gemv, M=None):
+    """y against x @ W.T with the module docstring's tolerance (M: the weights' offsets,
+    conftest.offset_oracle); rows holding a NaN or inf give non-finite outputs only."""
     n, k = W.shape
     assert tuple(y.shape) == tuple(x.shape[:-1]) + (n,) and y.dtype == out_dtype and y.device == x.device, describe(y)
     if y.numel() == 0:
@@ -455,7 +457,8 @@ def check_matmul(y, x, W, out_dtype, gemv):
         ref, absref, xabs = oracle(x2, W)
         bound = q8_1_bound(x2, W) if gemv else 0.0
         u = 0.0 if out_dtype == torch.float32 else half_ulp(out_dtype)
-        tol = output_rounding(y2, ref, absref, xabs, 1e-5) + bound * (1 + 1e-5) * (1 + u) + 2 * k * 2.0**-149
+        tol = output_rounding(y2, ref, absref, xabs, 1e-5, offsets_term(x2, M)) + bound * (1 + 1e-5) * (1 + u)
+        tol = tol + 2 * k * 2.0**-149
     got = y2.double().cpu().numpy()
     bad_rows = ~torch.isfinite(x2.float()).all(1).cpu().numpy()
     assert not np.isfinite(got[bad_rows]).any(), "an output of a row holding a NaN or inf is finite"
@@ -480,7 +483,8 @@ def test_matmul_family(device, fault, data):
     def check(y):
         if x.is_meta:
             return check_meta(y, tuple(x.shape[:-1]) + (n,), case.out_dtype)
-        check_matmul(y, x, weight_oracle(case.w, case.fmt, n, case.k).astype(np.float64), case.out_dtype, gemv)
+        W = weight_oracle(case.w, case.fmt, n, case.k).astype(np.float64)
+        check_matmul(y, x, W, case.out_dtype, gemv, offset_oracle(case.w, case.fmt, n, case.k))
 
     check_call(case.call, case.problems, check)
 

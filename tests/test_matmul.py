@@ -17,9 +17,10 @@ Tolerances, and why (absref = |x| @ |W|.T, the sum of the magnitudes of an outpu
   (conftest.half_ulp: 2^-11, 2^-8), plus float16's absolute 2^-25 below its normal range.
 - CUDA's dense path in f16/bf16 dequantizes the weight to that dtype (one more rounding of
   every weight: half_ulp * absref) and cuBLAS may reduce in that dtype (another half_ulp *
-  absref): 2 * half_ulp * absref more. The tiled GEMM that serves 17 to 64 rows there multiplies
-  the same rounded weights with fp32 sums (half_ulp * absref, tests/test_qgemm.py); the dense
-  path's bound covers it.
+  absref): 2 * half_ulp * absref more. The tiled GEMM that serves 17 to 64 rows there computes
+  each bf16 weight value d * q + m in bf16 unless exact=True (two roundings of |d q| + |m|,
+  tests/test_qgemm.py): conftest.half_weight_rounding bounds both, with the weights' offsets m
+  from conftest.offset_oracle.
 """
 
 from __future__ import annotations
@@ -41,11 +42,13 @@ from conftest import (
     QUANTIZABLE_QTYPES,
     SHAPE_MATRIX_QTYPES,
     WEIGHT_QTYPES,
+    cached_offsets,
     cached_weight,
     dequant_oracle,
     exact_activations,
     gaussian_activations,
     half_ulp,
+    half_weight_rounding,
     q8_1_fields,
     q8_1_reference,
     q8_1_row_bytes,
@@ -118,18 +121,27 @@ def oracle(x, W):
     return ref, absref, xabs
 
 
+def offsets_term(x, M):
+    """|x| @ M.T with x's leading shape (0 without offsets M)."""
+    if M is None:
+        return 0.0
+    x64 = np.abs(x.detach().double().cpu().numpy().reshape(-1, M.shape[1]))
+    return (x64 @ M.T).reshape(tuple(x.shape[:-1]) + (M.shape[0],))
+
+
 def rows_of(x) -> int:
     return math.prod(x.shape[:-1])
 
 
-def output_rounding(y, ref, absref, xabs, rel_abs):
+def output_rounding(y, ref, absref, xabs, rel_abs, offabs=0.0):
     """Tolerance terms that do not depend on the activations: the op's own error bound
-    rel_abs * absref carried through one rounding to y's dtype, and on CUDA's f16/bf16 dense
-    path the rounding of the weights to that dtype and a reduction in it."""
+    rel_abs * absref carried through one rounding to y's dtype, and beyond the GEMVs on CUDA in
+    f16/bf16 the weights computed in that dtype (conftest.half_weight_rounding; offabs = |x| @
+    |m|.T, needed for the formats with offsets)."""
     u = half_ulp(y.dtype) if y.dtype != torch.float32 else 0.0
     tol = rel_abs * absref * (1 + u) + u * np.abs(ref) + (tiny(y.dtype) if u else 0.0)
     if y.device.type == "cuda" and y.dtype != torch.float32 and rows_of(y) > MAX_GEMV_ROWS:
-        tol = tol + 2 * u * absref + tiny(y.dtype) * xabs
+        tol = tol + half_weight_rounding(y.dtype, absref, offabs, xabs)
     return tol
 
 
@@ -138,12 +150,13 @@ def report(err, tol, absref):
     return f"worst output {tuple(int(j) for j in i)}: |err| {err[i]:.3e} > tol {tol[i]:.3e} (absref {absref[i]:.3e})"
 
 
-def assert_exact_close(y, x, W):
-    """The tight check for exact activations: |y - ref| <= 1e-5 * absref (+ output rounding)."""
+def assert_exact_close(y, x, W, M=None):
+    """The tight check for exact activations: |y - ref| <= 1e-5 * absref (+ output rounding; M:
+    the weights' offsets, conftest.offset_oracle)."""
     ref, absref, xabs = oracle(x, W)
     y64 = y.detach().double().cpu().numpy()
     err = np.abs(y64 - ref)
-    tol = output_rounding(y, ref, absref, xabs, 1e-5)
+    tol = output_rounding(y, ref, absref, xabs, 1e-5, offsets_term(x, M))
     assert np.isfinite(y64).all()
     assert (err <= tol).all(), report(err, tol, absref)
 
@@ -181,7 +194,7 @@ def test_exact_activations(case, rows, dtype, device):
     w, W = cached_weight(qtype, n, k)
     x = exact_activations((rows, k), seed=k + n + rows).to(dtype)
     y = run_matmul(w.to(device), int(qtype), x.to(device), n, k)
-    assert_exact_close(y, x, W)
+    assert_exact_close(y, x, W, cached_offsets(qtype, n, k))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -193,8 +206,8 @@ def test_gaussian_activations(case, rows, dtype, device):
     w, W = cached_weight(qtype, n, k)
     x = gaussian_activations((rows, k), seed=k + n + rows).to(dtype)
     y = run_matmul(w.to(device), int(qtype), x.to(device), n, k)
-    if rows > MAX_GEMV_ROWS:  # dense: exact weights, no activation rounding
-        assert_exact_close(y, x, W)
+    if rows > MAX_GEMV_ROWS:  # unrounded activations
+        assert_exact_close(y, x, W, cached_offsets(qtype, n, k))
     else:
         assert_gaussian_close(y, x, W)
 
@@ -330,7 +343,8 @@ def test_any_finite_magnitude(dtype, qtype, rows, device):
         bound = q8_1_bound(x, W) if rows <= MAX_GEMV_ROWS else 0.0
         u = half_ulp(dtype) if dtype != torch.float32 else 0.0
         # fp32 products below its normal range round to multiples of 2^-149: one per term
-        tol = output_rounding(y, ref, absref, xabs, 1e-5) + bound * (1 + 1e-5) * (1 + u) + 2 * k * 2.0**-149
+        offabs = offsets_term(x, cached_offsets(qtype, n, k))
+        tol = output_rounding(y, ref, absref, xabs, 1e-5, offabs) + bound * (1 + 1e-5) * (1 + u) + 2 * k * 2.0**-149
         err = np.abs(y64 - ref)
         assert (err <= tol).all(), f"1e{e}: " + report(err, tol, absref)
 

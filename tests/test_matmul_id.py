@@ -4,8 +4,8 @@ slot (t, j) is its activation row @ dequant_oracle(w[ids[t, j]]).T.
 Tolerances are test_matmul's, applied to each expert's slots: up to 16 tokens (the GEMV path) the
 Q8_1 bound q8_1_bound of the rows' activations plus fp32 accumulation; from 17 tokens, and with
 exact=True, activations are unrounded: fp32 accumulation (1e-5 * absref), and on CUDA in fp16/bf16
-the weights' rounding to that dtype in the grouped tiled GEMM (2 half-ulps of absref, as test_matmul's
-dense term). Each output in a dtype adds one rounding of the fp32 result.
+the weights computed in that dtype by the grouped tiled GEMM (conftest.half_weight_rounding, as
+test_matmul's term for the same path). Each output in a dtype adds one rounding of the fp32 result.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import torchext
-from conftest import (DEVICES, Q, capture_graph, dequant_oracle, gaussian_activations, half_ulp, qtype_name,
-                      random_weight, requires_cuda, tiny)
+from conftest import (DEVICES, Q, capture_graph, dequant_oracle, gaussian_activations, half_ulp, half_weight_rounding,
+                      offset_oracle, qtype_name, random_weight, requires_cuda, tiny)
 from test_matmul import oracle, q8_1_bound, report
 
 ops = torch.ops.torchext
@@ -30,9 +30,10 @@ SHAPES = {q: (40, 96) for q in FORMATS} | {Q.Q4_K: (40, 512), Q.IQ4_XS: (40, 512
 
 
 def expert_weights(qtype, experts: int, n: int, k: int, device="cpu", seed: int = 0):
-    """(w [E, n, row bytes] on device, [E] float64 oracles [n, k])."""
+    """(w [E, n, row bytes] on device, [E] float64 oracles [n, k], [E] their offsets)."""
     ws = [random_weight(qtype, n, k, "cpu", seed=seed + e) for e in range(experts)]
-    return torch.stack(ws).to(device), [dequant_oracle(w, qtype, n, k) for w in ws]
+    return (torch.stack(ws).to(device), [dequant_oracle(w, qtype, n, k) for w in ws],
+            [offset_oracle(w, qtype, n, k) for w in ws])
 
 
 def routed_ids(tokens: int, top_k: int, experts: int, seed: int = 0, dtype=torch.int64) -> torch.Tensor:
@@ -48,30 +49,31 @@ def slot_rows(x: torch.Tensor, top_k: int) -> torch.Tensor:
     return x.repeat_interleave(top_k, dim=0)
 
 
-def assert_rows_close(y, x, W, rounded: bool, what: str = ""):
-    """Rows y [m, n] of one expert W (float64 [n, k]) on activation rows x [m, k]: within the Q8_1
-    bound when the activations were rounded (the GEMV path), else within unrounded-activation error."""
+def assert_rows_close(y, x, W, M, rounded: bool, what: str = ""):
+    """Rows y [m, n] of one expert W (float64 [n, k], offsets M) on activation rows x [m, k]: within
+    the Q8_1 bound when the activations were rounded (the GEMV path), else within unrounded-activation
+    error."""
     ref, absref, xabs = oracle(x, W)
     u = half_ulp(y.dtype) if y.dtype != torch.float32 else 0.0
     tol = 1e-5 * absref * (1 + u) + u * np.abs(ref) + (tiny(y.dtype) if u else 0.0)
     if rounded:
         tol = tol + q8_1_bound(x, W) * (1 + 1e-5) * (1 + u)
     elif y.device.type == "cuda" and u:
-        tol = tol + 2 * u * absref + tiny(y.dtype) * xabs
+        tol = tol + half_weight_rounding(y.dtype, absref, oracle(x, M)[1], xabs)
     y64 = y.detach().double().cpu().numpy()
     err = np.abs(y64 - ref)
     assert np.isfinite(y64).all(), f"{what}: non-finite outputs"
     assert (err <= tol).all(), f"{what}: " + report(err, tol, absref)
 
 
-def assert_slots_close(y, x, ids, Ws, rounded: bool):
+def assert_slots_close(y, x, ids, Ws, Ms, rounded: bool):
     """y [T, top_k, n] against the oracle, expert by expert (assert_rows_close)."""
     T, top_k, n = y.shape
     assert ids.shape == (T, top_k) and y.dtype == x.dtype
     xs, flat_ids, ys = slot_rows(x, top_k), ids.reshape(-1).cpu(), y.reshape(-1, n)
     for e in flat_ids.unique().tolist():
         sel = flat_ids == e
-        assert_rows_close(ys[sel.to(ys.device)], xs[sel.to(xs.device)], Ws[e], rounded, f"expert {e}")
+        assert_rows_close(ys[sel.to(ys.device)], xs[sel.to(xs.device)], Ws[e], Ms[e], rounded, f"expert {e}")
 
 
 # ---- parity with the oracle -------------------------------------------------------------------------
@@ -87,13 +89,13 @@ def test_matches_oracle(qtype, tokens, top_k, per_slot, dtype, device):
     slot); 1 to 16 tokens take the GEMV path (one token: DP4A; more: tensor cores for Q4_K), 17 and
     64 the grouped GEMM on CUDA (64 x 8 slots over 10 experts: several tiles per expert)."""
     experts, (n, k) = 10, SHAPES[qtype]
-    w, Ws = expert_weights(qtype, experts, n, k, device, seed=tokens)
+    w, Ws, Ms = expert_weights(qtype, experts, n, k, device, seed=tokens)
     ids = routed_ids(tokens, top_k, experts, seed=tokens + top_k)
     shape = (tokens, top_k, k) if per_slot else (tokens, k)
     x = gaussian_activations(shape, seed=tokens * 3 + top_k).to(dtype)
     y = torchext.qmatmul_id(w, qtype, x.to(device), ids.to(device), n, k)
     assert y.shape == (tokens, top_k, n) and y.device.type == device
-    assert_slots_close(y, x, ids, Ws, rounded=tokens <= MAX_GEMV_ROWS)
+    assert_slots_close(y, x, ids, Ws, Ms, rounded=tokens <= MAX_GEMV_ROWS)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -101,11 +103,11 @@ def test_matches_oracle(qtype, tokens, top_k, per_slot, dtype, device):
 @pytest.mark.parametrize("tokens", [1, 5, 16])
 def test_exact_never_rounds_activations(tokens, dtype, device):
     experts, n, k, qtype = 6, 24, 512, Q.Q6_K
-    w, Ws = expert_weights(qtype, experts, n, k, device)
+    w, Ws, Ms = expert_weights(qtype, experts, n, k, device)
     ids = routed_ids(tokens, 2, experts, seed=tokens)
     x = gaussian_activations((tokens, k), seed=tokens).to(dtype)
     y = torchext.qmatmul_id(w, qtype, x.to(device), ids.to(device), n, k, exact=True)
-    assert_slots_close(y, x, ids, Ws, rounded=False)
+    assert_slots_close(y, x, ids, Ws, Ms, rounded=False)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -115,12 +117,12 @@ def test_repeated_ids(tokens, ids_dtype, device):
     """Ids may repeat within a token (each slot is its own product): every slot of every token on
     one expert gives an expert 8 x T rows, which the GEMV takes in several groups."""
     experts, n, k, qtype = 4, 32, 256, Q.Q4_K
-    w, Ws = expert_weights(qtype, experts, n, k, device)
+    w, Ws, Ms = expert_weights(qtype, experts, n, k, device)
     ids = torch.full((tokens, 8), 2, dtype=ids_dtype)
     ids[0, :3] = torch.tensor([0, 0, 3], dtype=ids_dtype)
     x = gaussian_activations((tokens, k), seed=7).to(torch.bfloat16)
     y = torchext.qmatmul_id(w, qtype, x.to(device), ids.to(device), n, k)
-    assert_slots_close(y, x, ids, Ws, rounded=tokens <= MAX_GEMV_ROWS)
+    assert_slots_close(y, x, ids, Ws, Ms, rounded=tokens <= MAX_GEMV_ROWS)
     assert torch.equal(y[:, 3], y[:, 7]) and torch.equal(y[0, 0], y[0, 1])
 
 
@@ -130,7 +132,7 @@ def test_gemv_path_up_to_16_tokens(qtype, device):
     """At 16 tokens the outputs carry Q8_1 rounding, at 17 they are unrounded (the policy of
     kernels/batch_policy.h, choose_matmul_id_path: the tokens decide, as rows decide for qmatmul)."""
     experts, n, k = 4, 64, 1024
-    w, Ws = expert_weights(qtype, experts, n, k, device)
+    w, Ws, _ = expert_weights(qtype, experts, n, k, device)
     x = gaussian_activations((MAX_GEMV_ROWS + 1, k), seed=3)
     ids = routed_ids(MAX_GEMV_ROWS + 1, 2, experts)
     for tokens in (MAX_GEMV_ROWS, MAX_GEMV_ROWS + 1):
@@ -152,7 +154,7 @@ def test_equals_qmatmul_per_expert_on_cpu():
     qmatmul of the expert's weight on those rows, bit for bit (the Q8_1 GEMV up to 16 tokens, the
     dense path after)."""
     experts, n, k, qtype = 5, 24, 300, Q.Q5_K
-    w, _ = expert_weights(qtype, experts, n, k)
+    w, *_ = expert_weights(qtype, experts, n, k)
     for tokens in (3, 20):
         ids = routed_ids(tokens, 3, experts, seed=tokens)
         x = gaussian_activations((tokens, k), seed=tokens)
@@ -167,7 +169,7 @@ def test_equals_qmatmul_per_expert_on_cpu():
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty(device):
     experts, n, k, qtype = 3, 8, 256, Q.Q4_K
-    w, _ = expert_weights(qtype, experts, n, k, device)
+    w, *_ = expert_weights(qtype, experts, n, k, device)
     for tokens, top_k in [(0, 2), (3, 0), (0, 0)]:
         x = torch.zeros(tokens, k, dtype=torch.bfloat16, device=device)
         ids = torch.zeros(tokens, top_k, dtype=torch.int64, device=device)
@@ -180,7 +182,7 @@ def test_empty(device):
 @pytest.mark.parametrize("tokens", [2, 20])
 def test_id_out_of_range_raises_on_cpu(tokens):
     experts, n, k, qtype = 3, 8, 64, Q.Q8_0
-    w, _ = expert_weights(qtype, experts, n, k)
+    w, *_ = expert_weights(qtype, experts, n, k)
     x = gaussian_activations((tokens, k))
     for bad in (3, -1):
         ids = torch.zeros(tokens, 2, dtype=torch.int64)
@@ -197,7 +199,7 @@ def test_id_out_of_range_gives_a_nan_row_on_cuda(case):
     experts, n, k, qtype = 3, 40, 256, Q.Q4_K
     tokens, dtype = {"gemv": (1, torch.bfloat16), "gemv_mma": (4, torch.bfloat16), "grouped": (20, torch.bfloat16),
                      "dense_fp32": (20, torch.float32)}[case]
-    w, Ws = expert_weights(qtype, experts, n, k, "cuda")
+    w, Ws, _ = expert_weights(qtype, experts, n, k, "cuda")
     x = gaussian_activations((tokens, k)).to(dtype)
     ids = routed_ids(tokens, 2, experts)
     clean = torchext.qmatmul_id(w, qtype, x.cuda(), ids.cuda(), n, k).cpu()
@@ -220,12 +222,12 @@ def test_cuda_matches_cpu(qtype, tokens, dtype):
     """The same slots on both devices: the GEMV path's integer dot products agree up to fp32
     summation order, the unrounded paths within the oracle's tolerance (assert_slots_close)."""
     experts, n, k = 16, 72, 768
-    w, Ws = expert_weights(qtype, experts, n, k)
+    w, Ws, Ms = expert_weights(qtype, experts, n, k)
     ids = routed_ids(tokens, 4, experts, seed=tokens, dtype=torch.int32)
     x = gaussian_activations((tokens, k), seed=tokens).to(dtype)
     y_cpu = torchext.qmatmul_id(w, qtype, x, ids, n, k)
     y_cuda = torchext.qmatmul_id(w.cuda(), qtype, x.cuda(), ids.cuda(), n, k)
-    assert_slots_close(y_cuda, x, ids, Ws, rounded=tokens <= MAX_GEMV_ROWS)
+    assert_slots_close(y_cuda, x, ids, Ws, Ms, rounded=tokens <= MAX_GEMV_ROWS)
     if tokens <= MAX_GEMV_ROWS:
         absref = np.abs(slot_rows(x, 4).double().numpy()) @ np.abs(np.stack(Ws)).max(0).T  # [slots, n]
         u = half_ulp(dtype) if dtype != torch.float32 else 0.0
@@ -253,8 +255,9 @@ def test_real_shapes(shape, tokens):
     y = torchext.qmatmul_id(w, qtype, x, ids, n, k)  # on CUDA: the tolerance of CUDA's unrounded paths
     for s in torch.randperm(tokens * top_k, generator=torch.Generator().manual_seed(0))[:12].tolist():
         t, j = divmod(s, top_k)
-        W = dequant_oracle(w[int(ids[t, j])].cpu(), qtype, n, k)
-        assert_rows_close(y[t, j:j + 1], x[t:t + 1].cpu(), W, tokens <= MAX_GEMV_ROWS, f"slot {s}")
+        we = w[int(ids[t, j])].cpu()
+        W, M = dequant_oracle(we, qtype, n, k), offset_oracle(we, qtype, n, k)
+        assert_rows_close(y[t, j:j + 1], x[t:t + 1].cpu(), W, M, tokens <= MAX_GEMV_ROWS, f"slot {s}")
 
 
 @requires_cuda
@@ -263,7 +266,7 @@ def test_cuda_graph_with_new_ids(tokens):
     """One captured graph, replayed with new activations and new ids (other experts selected):
     each replay equals the eager call on the same inputs."""
     experts, n, k, qtype = 12, 64, 512, Q.Q4_K
-    w, _ = expert_weights(qtype, experts, n, k, "cuda")
+    w, *_ = expert_weights(qtype, experts, n, k, "cuda")
     static_x = torch.zeros(tokens, k, dtype=torch.bfloat16, device="cuda")
     static_ids = torch.zeros(tokens, 4, dtype=torch.int64, device="cuda")
     graph, out = capture_graph(lambda: torchext.qmatmul_id(w, qtype, static_x, static_ids, n, k))
@@ -280,7 +283,7 @@ def test_cuda_graph_with_new_ids(tokens):
 @requires_cuda
 def test_no_host_sync():
     experts, n, k, qtype = 8, 64, 512, Q.Q4_K
-    w, _ = expert_weights(qtype, experts, n, k, "cuda")
+    w, *_ = expert_weights(qtype, experts, n, k, "cuda")
     xs = [gaussian_activations((t, k), seed=t).to(dt).cuda() for t, dt in
           [(1, torch.bfloat16), (8, torch.bfloat16), (30, torch.bfloat16), (30, torch.float32)]]
     idss = [routed_ids(x.shape[0], 2, experts).cuda() for x in xs]
@@ -304,13 +307,13 @@ def test_misaligned_activations_take_the_dense_path():
     """bf16 activations 2 bytes off a 16-byte boundary: the grouped GEMM does not run them, the
     masked dense path does (same oracle tolerance)."""
     experts, n, k, qtype, tokens = 5, 40, 256, Q.Q8_0, 20
-    w, Ws = expert_weights(qtype, experts, n, k, "cuda")
+    w, Ws, Ms = expert_weights(qtype, experts, n, k, "cuda")
     x = gaussian_activations((tokens, k)).bfloat16()
     buf = torch.zeros(tokens * k + 1, dtype=torch.bfloat16, device="cuda")
     buf[1:] = x.reshape(-1).cuda()
     ids = routed_ids(tokens, 3, experts)
     y = torchext.qmatmul_id(w, qtype, buf[1:].view(tokens, k), ids.cuda(), n, k)
-    assert_slots_close(y, x, ids, Ws, rounded=False)
+    assert_slots_close(y, x, ids, Ws, Ms, rounded=False)
 
 
 # ---- autograd ------------------------------------------------------------------------------------
@@ -319,7 +322,7 @@ def test_misaligned_activations_take_the_dense_path():
 def test_gradient_of_x(per_slot):
     """The gradient reaches x through each slot's dequantized expert weight."""
     experts, n, k, qtype, tokens, top_k = 4, 16, 64, Q.Q8_0, 5, 2
-    w, Ws = expert_weights(qtype, experts, n, k)
+    w, Ws, _ = expert_weights(qtype, experts, n, k)
     ids = routed_ids(tokens, top_k, experts)
     shape = (tokens, top_k, k) if per_slot else (tokens, k)
     x = gaussian_activations(shape).requires_grad_()

@@ -1,8 +1,8 @@
 """The tiled GEMM (kernels/qgemm.cu): qmatmul's path for 17 to 64 activation rows on CUDA for fp16
 and bf16 activations (kernels/batch_policy.h).
 
-What it computes, and so the bounds used here: every weight value exactly as `dequantize` gives
-it, rounded to x's dtype (half an ulp, conftest.half_ulp: relative 2^-11 for fp16, 2^-8 for bf16,
+What it computes with exact=True, and so the bounds used here: every weight value exactly as
+`dequantize` gives it, rounded to x's dtype (half an ulp, conftest.half_ulp: relative 2^-11 for fp16, 2^-8 for bf16,
 plus fp16's absolute 2^-25 below its normal range), times the activations as given (no rounding);
 the products are exact in fp32 and summed in fp32, then the sum is rounded once to x's dtype. So
 for every output
@@ -11,6 +11,12 @@ with W the float64 oracle (gguf's dequantization), absref = |x| @ |W|.T, and 1e-
 generous allowance for fp32 summation (measured well below 1e-6). Half the tolerance of the dense
 path (dequantize + cuBLAS in that dtype, test_matmul.output_rounding), which may also reduce in
 the half type.
+
+With exact=False (the default) bf16 weight values d * q + m are computed in bf16 instead: d and m
+rounded to it, q exact, one fma (two roundings of |d q| + |m|, u^2 between them):
+conftest.half_weight_rounding, with |d q| + |m| <= |W| + 2|m| and m from conftest.offset_oracle.
+Q8_0, IQ4_NL and IQ4_XS stay exact (their quants need 8 bits), and so does fp16 (whose range would
+cut the scales of small weights).
 
 Bit-exact checks: identity rows return the dequantized weights themselves, and the K-split plan
 (partial sums in an fp32 workspace, added in split order) is deterministic.
@@ -26,9 +32,12 @@ import torchext
 from conftest import (
     K_QUANTS,
     WEIGHT_QTYPES,
+    Q,
     dequant_oracle,
     gaussian_activations,
     half_ulp,
+    half_weight_rounding,
+    offset_oracle,
     qtype_name,
     random_weight,
     requires_cuda,
@@ -51,40 +60,61 @@ SHAPES = {q: [(200, 512), (77, 1000), (1100, 2304)] if q in K_QUANTS else
 ROWS = [17, 32, 33, 64]
 
 
-def assert_within_bound(y, x, W):
+def assert_within_bound(y, x, W, M=None):
+    """The exact path's bound, or with offsets M (exact=False) the computed weights' one."""
     x64 = x.double().cpu().numpy()
     ref = x64 @ W.T
     absref = np.abs(x64) @ np.abs(W).T
+    xabs = np.abs(x64).sum(1, keepdims=True)
     u = half_ulp(y.dtype)
-    tol = (u + 1e-5) * absref + u * np.abs(ref) + tiny(y.dtype) * (np.abs(x64).sum(1, keepdims=True) + 1)
+    if M is None:
+        tol = (u + 1e-5) * absref + u * np.abs(ref) + tiny(y.dtype) * (xabs + 1)
+    else:
+        offabs = np.abs(x64) @ M.T
+        tol = (half_weight_rounding(y.dtype, absref, offabs, xabs) + 1e-5 * (absref + 2 * offabs) + u * np.abs(ref)
+               + tiny(y.dtype))
     err = np.abs(y.double().cpu().numpy() - ref)
     assert np.isfinite(err).all()
     worst = np.unravel_index(np.argmax(err / tol), err.shape)
     assert (err <= tol).all(), f"output {worst}: |err| {err[worst]:.3e} > tol {tol[worst]:.3e}"
 
 
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "computed"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=qtype_name)
-def test_within_the_bound(qtype, rows, dtype):
+def test_within_the_bound(qtype, rows, dtype, exact):
     for n, k in SHAPES[qtype]:
         w = random_weight(qtype, n, k, seed=n + k)
         W = dequant_oracle(w, qtype, n, k)
         x = gaussian_activations((rows, k), seed=rows + k).to(dtype)
-        assert_within_bound(torchext.qmatmul(w.cuda(), int(qtype), x.cuda(), n, k), x, W)
+        y = torchext.qmatmul(w.cuda(), int(qtype), x.cuda(), n, k, exact=exact)
+        assert_within_bound(y, x, W, None if exact else offset_oracle(w, qtype, n, k))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_default_computes_bf16_weights_in_bf16(dtype):
+    """exact=False takes the computed-weight kernel in bf16 (Q4_K: its results differ from the
+    exact path's somewhere on random data) and the exact one in fp16 (the same bits)."""
+    qtype, n, k = Q.Q4_K, 256, 1024
+    w = random_weight(qtype, n, k, "cuda", seed=4)
+    x = gaussian_activations((40, k), seed=6).to(dtype).cuda()
+    same = torch.equal(torchext.qmatmul(w, int(qtype), x, n, k), torchext.qmatmul(w, int(qtype), x, n, k, exact=True))
+    assert same == (dtype == torch.float16)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=qtype_name)
 def test_identity_rows_give_the_dequantized_weights(qtype, dtype):
     """Row i of the identity picks column i of W: each output is one product w * 1.0 summed with
-    zeros, so it must equal dequantize's value rounded to dtype exactly, for every weight value."""
+    zeros, so with exact=True it must equal dequantize's value rounded to dtype exactly, for every
+    weight value."""
     n, k = 150, 1024
     w = random_weight(qtype, n, k, "cuda", seed=7)
     wd = torchext.dequantize(w, int(qtype), n, k, dtype=dtype)
     for rows in (17, 40, 64):
         eye = torch.eye(k, dtype=dtype, device="cuda")[:rows]
-        y = torchext.qmatmul(w, int(qtype), eye, n, k)
+        y = torchext.qmatmul(w, int(qtype), eye, n, k, exact=True)
         assert torch.equal(y, wd[:, :rows].T), f"{rows} rows"
 
 
@@ -98,7 +128,7 @@ def test_split_k_is_deterministic():
         x = gaussian_activations((17, k), seed=5).to(torch.bfloat16)
         wc, xc = w.cuda(), x.cuda()
         y = torchext.qmatmul(wc, int(fmt), xc, n, k)
-        assert_within_bound(y, x, W)
+        assert_within_bound(y, x, W, offset_oracle(w, fmt, n, k))
         for _ in range(3):
             assert torch.equal(torchext.qmatmul(wc, int(fmt), xc, n, k), y)
 

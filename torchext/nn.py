@@ -38,7 +38,8 @@ class QuantLinear(nn.Module):
     x is [..., in_features] in float32, float16 or bfloat16, any strides; the output is in x's
     dtype (the bias is cast to it). The 32-value formats need in_features % 32 == 0 (NVFP4 % 64);
     the 256-value formats take any in_features (the last super-block is padding). exact=True: activations are never
-    rounded to 8 bits (torchext.qmatmul's exact), at any number of rows.
+    rounded to 8 bits and weights are exactly dequantize()'s (torchext.qmatmul's exact), at any number
+    of rows.
     """
 
     weight: torch.Tensor

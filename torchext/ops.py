@@ -253,11 +253,13 @@ def qmatmul(w: torch.Tensor, qtype, x: torch.Tensor, n: int, k: int, exact: bool
     """x [..., k] @ dequantize(w).T -> [..., n] in x's dtype, for any weight format.
     Up to GEMV_MAX_ROWS (16) rows: Q8_1 activations and integer dot products (DP4A, or int8 tensor
     cores from 2 rows on sm_80+). 17 to 64 rows of fp16/bf16 on CUDA (sm_80+): a tiled GEMM over
-    the quantized weight, which multiplies each weight exactly as dequantize() gives it, rounded to
-    x's dtype, with the activations unrounded (fp32 products and sums). Otherwise: a dense GEMM on
-    the dequantized weight (same weights, same activations).
-    exact=True never rounds the activations: up to 16 rows too, it takes the tiled GEMM (fp16/bf16
-    on CUDA) or the dense GEMM."""
+    the quantized weight with the activations unrounded (fp32 products and sums); in bf16 it computes
+    each weight d * q + m in bf16 from d and m rounded to it (not for Q8_0, IQ4_NL and IQ4_XS), in
+    fp16 it multiplies each weight exactly as dequantize() gives it, rounded to fp16. Otherwise: a
+    dense GEMM on the dequantized weight (each weight exactly as dequantize() gives it, rounded to
+    x's dtype; the same activations).
+    exact=True takes exact weights and unrounded activations at any row count: the tiled GEMM
+    multiplying each weight exactly as dequantize() gives it (fp16/bf16 on CUDA), or the dense GEMM."""
     return _ops.qmatmul(w, int(QType.of(qtype)), x, n, k, bool(exact))
 
 
@@ -320,7 +322,8 @@ def qmatmul_id(w: torch.Tensor, qtype, x: torch.Tensor, ids: torch.Tensor, n: in
     tokens T, never the ids (no host sync: capturable in a CUDA graph, traceable with data-dependent
     ids): up to GEMV_MAX_ROWS tokens the Q8_1 GEMV, which reads each selected expert's weight once for
     all the rows routed to it; more tokens (or exact=True) leave the activations unrounded, through a
-    grouped tiled GEMM over the routed rows on CUDA (fp16/bf16, sm_80+) or a dense GEMM per expert.
+    grouped tiled GEMM over the routed rows on CUDA (fp16/bf16, sm_80+; bf16 weights computed in
+    bf16 as qmatmul's unless exact=True) or a dense GEMM per expert.
     An id outside [0, E) raises on the CPU and gives a NaN output row on CUDA."""
     return _ops.qmatmul_id(w, int(QType.of(qtype)), x, ids, n, k, bool(exact))
 

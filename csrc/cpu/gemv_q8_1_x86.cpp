@@ -82,6 +82,12 @@ TORCHEXT_AVX2_INLINE __m256i bits_to_bit4(uint32_t bits) {
   return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 
+// The 8 bytes of a word as 8 floats. A function, not a lambda: a lambda returning __m256 in a file
+// built without -mavx draws GCC's ABI warning (-Wpsabi) even when it is always inlined.
+TORCHEXT_AVX2_INLINE __m256 bytes_to_floats(uint64_t bytes) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(bytes))));
+}
+
 // Keyed by the format's traits (QuantTraits<T>), which visit_weight_format hands out.
 template <class Traits>
 struct Avx2Chunk;
@@ -102,11 +108,8 @@ struct KQuantChunk {
     const uint32_t six = 0x3f3f3f3fu, nib = 0x0f0f0f0fu, top = 0x30303030u;
     const uint64_t sc = uint64_t(w[0] & six) | uint64_t((w[2] & nib) | ((w[0] >> 2) & top)) << 32;
     const uint64_t m = uint64_t(w[1] & six) | uint64_t(((w[2] >> 4) & nib) | ((w[1] >> 2) & top)) << 32;
-    const auto widen = [](uint64_t bytes) __attribute__((target(TORCHEXT_AVX2_TARGET), always_inline)) {
-      return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(bytes))));
-    };
-    const __m256 d = _mm256_mul_ps(_mm256_set1_ps(half(b.d)), widen(sc));
-    const __m256 dm = _mm256_mul_ps(_mm256_set1_ps(half(b.dmin)), widen(m));
+    const __m256 d = _mm256_mul_ps(_mm256_set1_ps(half(b.d)), bytes_to_floats(sc));
+    const __m256 dm = _mm256_mul_ps(_mm256_set1_ps(half(b.dmin)), bytes_to_floats(m));
     return BlockScales{d, d, _mm256_xor_ps(dm, _mm256_set1_ps(-0.0f))};  // -dm, exactly
   }
   TORCHEXT_AVX2_INLINE static Chunk load(const uint8_t* p, int c) {
