@@ -2,10 +2,10 @@
 and bf16 activations (kernels/batch_policy.h).
 
 What it computes with exact=True, and so the bounds used here: every weight value exactly as
-`dequantize` gives it, rounded to x's dtype (half an ulp, conftest.half_ulp: relative 2^-11 for fp16, 2^-8 for bf16,
-plus fp16's absolute 2^-25 below its normal range), times the activations as given (no rounding);
-the products are exact in fp32 and summed in fp32, then the sum is rounded once to x's dtype. So
-for every output
+`dequantize` gives it, rounded to x's dtype (half an ulp, conftest.half_ulp: relative 2^-11 for
+fp16, 2^-8 for bf16, plus fp16's absolute 2^-25 below its normal range), times the activations as
+given (no rounding); the products are exact in fp32 and summed in fp32, then the sum is rounded
+once to x's dtype. So for every output
     |y - x @ W.T| <= u * absref + 1e-5 * absref + u * |ref| + tiny * sum|x|
 with W the float64 oracle (gguf's dequantization), absref = |x| @ |W|.T, and 1e-5 * absref a
 generous allowance for fp32 summation (measured well below 1e-6). Half the tolerance of the dense
