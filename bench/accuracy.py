@@ -110,11 +110,14 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1, help="activation rows (<= 16: the GEMV path)")
     p.add_argument("--limit-n", type=int, default=8192, help="use at most this many rows of each weight")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--synthetic", metavar="NxK", help="a Gaussian weight instead of a file")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="the activations' dtype (with --synthetic; a file's matrices take float32)")
     a = p.parse_args()
     if a.synthetic:
         return synthetic(a)
+    if a.dtype != "float32":
+        p.error("--dtype needs --synthetic")
 
     from gguf import GGUFReader
     from torchext.gguf_file import ggml_k_n
