@@ -1,0 +1,4 @@
+// The tiled GEMM's kernels for bf16 activations, exact weights (qgemm_variants.cuh).
+#include "kernels/qgemm_kernel.cuh"
+
+template struct torchext::qgemm::TiledGemm<__nv_bfloat16, true>;
