@@ -1,6 +1,6 @@
 // Which kernel serves a matmul of `rows` activation rows: the one batch policy that every op,
 // QuantLinear and WeightCache.matmul go through (csrc/ops.h asks choose_matmul_path, the CUDA GEMV
-// launcher asks choose_gemv_kernel). torchext.ops.GEMV_MAX_ROWS mirrors kMaxGemvRows for
+// launcher asks choose_gemv_kernel). torchext.ops.gemv_max_rows mirrors max_gemv_rows for
 // nn.shared_input, and tests/test_matmul.py::test_gemv_max_rows_is_the_policy pins the two together.
 #pragma once
 
@@ -30,23 +30,36 @@ constexpr int64_t kMaxMmaRows = kMaxGemvRows;  // one launch of the MMA kernel t
 constexpr int64_t kMaxDp4aRows = 8;            // the DP4A kernel stages up to 8 rows
 
 // What computes a matmul of float activations against a quantized weight: the GEMVs on Q8_1
-// activations (up to kMaxGemvRows), the tiled GEMM (qgemm.cu: weights dequantized in registers
-// exactly as dequantize() gives them, activations unrounded) up to kMaxTiledGemmRows, and from there
-// a dense GEMM on the dequantized weight; the dense GEMM also wherever the tiled GEMM does not run
-// (the CPU, fp32 activations, misaligned operands, GPUs before compute capability 8.0).
-// Measured on an H200 with bench/gemv.py, 2026-12-02, L2 cold, bf16, Q4_K, us (tiled / dense):
-//   4096x14336: 17 rows 36.5 / 106.1, 64 rows 62.8 / 108.6, 128 rows 82.7 / 107.5
-//   14336x4096: 17 rows 49.2 / 118.0, 64 rows 83.5 / 105.9, 128 rows 128.8 / 104.8
-// and from 256 rows the dense GEMM wins everywhere (512 rows: 294 / 146 us).
+// activations, the tiled GEMM (qgemm.cu: weights dequantized in registers, activations unrounded) up
+// to kMaxTiledGemmRows, and from there a dense GEMM on the dequantized weight (each weight exactly as
+// dequantize() gives it). The tiled GEMM runs on CUDA for fp16/bf16 activations on sm_80+ with K a
+// multiple of 8 and 16-byte aligned operands; where it does not (the CPU, fp32 activations) the GEMVs
+// serve up to kMaxGemvRows rows and the dense GEMM beyond.
+// Where it runs, it takes over from the GEMVs at kMinTiledGemmRows rows for weights of at most twice
+// as many rows as columns (n <= 2k). Measured on an H200 with bench/paths.py, 2026-12-03, L2 cold,
+// bf16, µs, GEMV / tiled GEMM with exact weights (the default, bf16 weights computed in bf16 where the
+// format allows, is faster still):
+//   4096x14336 Q4_K  8 rows 28.0 / 31.6, 10 rows 34.8 / 31.7, 16 rows 41.2 / 32.0;
+//              Q8_0  8 rows 62.7 / 38.8, 16 rows 76.0 / 38.9; IQ2_XS 16 rows 78.9 / 45.6
+//   3072x12288 Q4_K 10 rows 30.1 / 24.4; 4096x4096 Q6_K 10 rows 20.7 / 15.4, IQ4_XS 10 rows 16.8 / 16.3
+// Wider weights keep the GEMVs to kMaxGemvRows: there the int8-MMA GEMV of the k-quants and IQ4_XS
+// wins (14336x4096 Q4_K 10 rows 37.4 / 48.5, 16 rows 45.6 / 50.1; IQ4_XS 16 rows 49.6 / 59.4; 2048x640
+// Q5_0 10 rows 8.3 / 9.3) though the tiled GEMM wins for the other formats there (Q8_0 16 rows 82.6 /
+// 63.3). From 17 rows the tiled GEMM wins everywhere; the dense GEMM takes over at 65 rows
+// (bench/NOTES.md, "past 64 rows").
 enum class MatmulPath : int { Gemv = 0, TiledGemm = 1, Dense = 2 };
 
+constexpr int64_t kMinTiledGemmRows = 9;
 constexpr int64_t kMaxTiledGemmRows = 64;
 
-inline bool gemv_serves(int64_t rows) { return rows <= kMaxGemvRows; }
+// The most rows of an n x k product that qmatmul sends to the GEMVs.
+inline int64_t max_gemv_rows(bool tiled_gemm_runs, int64_t n, int64_t k) {
+  return tiled_gemm_runs && n <= 2 * k ? kMinTiledGemmRows - 1 : kMaxGemvRows;
+}
 
 // exact: the caller asked for unrounded activations (qmatmul's `exact`), so never the GEMVs.
-inline MatmulPath choose_matmul_path(int64_t rows, bool tiled_gemm_runs, bool exact) {
-  if (!exact && gemv_serves(rows)) return MatmulPath::Gemv;
+inline MatmulPath choose_matmul_path(int64_t rows, int64_t n, int64_t k, bool tiled_gemm_runs, bool exact) {
+  if (!exact && rows <= max_gemv_rows(tiled_gemm_runs, n, k)) return MatmulPath::Gemv;
   return tiled_gemm_runs && rows <= kMaxTiledGemmRows ? MatmulPath::TiledGemm : MatmulPath::Dense;
 }
 
@@ -58,7 +71,7 @@ inline MatmulPath choose_matmul_path(int64_t rows, bool tiled_gemm_runs, bool ex
 // as qmatmul from 17 rows), or the dense path where that does not run. Repeated ids in a token are
 // allowed: the kernels then take an expert's rows in several groups.
 inline MatmulPath choose_matmul_id_path(int64_t tokens, bool grouped_gemm_runs, bool exact) {
-  if (!exact && gemv_serves(tokens)) return MatmulPath::Gemv;
+  if (!exact && tokens <= kMaxGemvRows) return MatmulPath::Gemv;
   return grouped_gemm_runs ? MatmulPath::TiledGemm : MatmulPath::Dense;
 }
 

@@ -2,15 +2,17 @@
 and no host synchronisation. The whole module is skipped without CUDA.
 
 CUDA vs CPU tolerances (per output, |y_cuda - y_cpu| <= tol):
-  * Q8_1 GEMV path (<= 16 rows, DP4A or int8 tensor cores): both backends produce identical Q8_1 bytes (tested below) and
+  * Q8_1 GEMV path (torchext.ops.gemv_max_rows: up to 8 or 16 rows, DP4A or int8 tensor cores; the
+    CPU reference then takes its GEMV too): both backends produce identical Q8_1 bytes (tested below) and
     exact integer dot products per block; only the fp32 sum of the per-block terms runs in a
     different order. Each term is bounded by its share of sum |x||w|, so the difference is a
     few fp32 ulp of absdot = (|x| @ |W|.T): 1e-5 * absdot is generous (measured against a
     float64 reference: <= 4e-8 * absdot). Plus one ulp of the output dtype: two fp32 values
     that differ slightly can round to neighbouring outputs.
-  * dense path (> 16 rows): the CPU dequantizes to fp32 and multiplies in fp32; CUDA
-    dequantizes to x's dtype and multiplies in x's dtype with cuBLAS (fp32 accumulate), or from
-    17 to 64 rows of fp16/bf16 runs the tiled GEMM on the same rounded weights (fp32 sums). Each
+  * beyond the GEMVs (the CPU reference with exact=True, unrounded): the CPU dequantizes to fp32
+    and multiplies in fp32; CUDA dequantizes to x's dtype and multiplies in x's dtype with cuBLAS
+    (fp32 accumulate), or up to 64 rows of fp16/bf16 runs the tiled GEMM on the same rounded weights
+    (bf16 weights computed in bf16 by default: 2 half-ulps and the offsets'; fp32 sums). Each
     weight is rounded once to the dtype (relative 2^-24 / 2^-11 / 2^-8) and cuBLAS may reduce
     split-K partials in the dtype, so tol = c * absdot with c = 3e-5 (fp32, no TF32), 2e-3
     (fp16), 1.6e-2 (bf16), about 4x the rounding bound, plus one ulp of the output. Since a
@@ -55,14 +57,19 @@ def check_matmul_vs_cpu(y: torch.Tensor, w: torch.Tensor, qtype: int, x: torch.T
     """y (a CUDA result of qmatmul(w, qtype, x, n, k)) against the CPU op on the same bytes,
     with the tolerances of the module docstring."""
     w_cpu, x_cpu = w.cpu(), x.cpu()
-    ref = ops.qmatmul(w_cpu, qtype, x_cpu, n, k)
+    rows = x_cpu.numel() // k if k else 0
+    # the CPU's GEMV where CUDA took the GEMV, else its unrounded dense path; the tiled GEMM (which
+    # shortens the GEMVs' reach) reads 16-byte aligned operands only (x: CUDA's, or its CPU copy)
+    x_cuda = x if x.device == y.device else torch.empty(0, k, dtype=x.dtype, device=y.device)
+    aligned = w.data_ptr() % 16 == 0 and x_cuda.data_ptr() % 16 == 0
+    gemv = rows <= (torchext.ops.gemv_max_rows(x_cuda, n) if aligned else GEMV_MAX_ROWS)
+    ref = ops.qmatmul(w_cpu, qtype, x_cpu, n, k, not gemv)
     assert y.shape == ref.shape and y.dtype == ref.dtype
-    rows = x_cpu.numel() // k
     if rows == 0:
         return
     wd = ops.dequantize(w_cpu, qtype, n, k, None).double()
     absdot = (x_cpu.double().abs().reshape(rows, k) @ wd.abs().t()).reshape(ref.shape)
-    c = GEMV_TOL if rows <= GEMV_MAX_ROWS else DENSE_TOL[x.dtype]
+    c = GEMV_TOL if gemv else DENSE_TOL[x.dtype]
     y64, r64 = y.detach().cpu().double(), ref.double()
     assert torch.isfinite(r64).all()
     tol = c * absdot + _ulp(torch.maximum(y64.abs(), r64.abs()), y.dtype)
@@ -71,7 +78,7 @@ def check_matmul_vs_cpu(y: torch.Tensor, w: torch.Tensor, qtype: int, x: torch.T
     assert not bad.any(), (
         f"{int(bad.sum())}/{err.numel()} outputs out of tolerance (rows={rows}, {x.dtype}); worst err/absdot "
         f"{(err / absdot).max().item():.3g}, got {y64[bad][:4].tolist()} vs cpu {r64[bad][:4].tolist()}")
-    if rows > GEMV_MAX_ROWS:
+    if not gemv:
         rel = (torch.linalg.vector_norm(y64 - r64) / torch.linalg.vector_norm(r64)).item()
         assert rel <= c, f"relative norm error {rel:.3g} > {c}"
 
@@ -94,7 +101,7 @@ def test_cuda_graph_qmatmul(rows, qtype, dtype):
         torch.cuda.synchronize()
         got = out.clone()
         check_matmul_vs_cpu(got, w, qtype, x, n, k)
-        if rows <= GEMV_MAX_ROWS:  # the GEMV kernels are deterministic: replay == eager, bit for bit
+        if rows <= torchext.ops.gemv_max_rows(x, n):  # the GEMVs are deterministic: replay == eager, bit for bit
             assert torch.equal(got, ops.qmatmul(w, qtype, x, n, k))
         if previous is not None:
             assert not torch.equal(got, previous), "the replay did not see the new input"

@@ -60,7 +60,17 @@ from conftest import (
 )
 from torchext.formats import QType, block_values
 
-MAX_GEMV_ROWS = 16  # kernels/batch_policy.h: up to 16 rows a Q8_1 GEMV (DP4A or int8 MMA), then unrounded activations
+# kernels/batch_policy.h: the Q8_1 GEMVs (DP4A or int8 MMA) serve up to 16 rows, or up to 8 where the
+# tiled GEMM runs (CUDA, fp16/bf16, K a multiple of 8, aligned operands: every GPU these tests run on
+# is sm_80 or newer) on a weight of n <= 2K; more rows are unrounded.
+MAX_GEMV_ROWS = 16
+TILED_GEMM_MIN_ROWS = 9
+
+
+def takes_gemv(rows, device, dtype, n, k) -> bool:
+    """Whether qmatmul sends `rows` aligned rows of dtype on device through the Q8_1 GEMV (n x k weight)."""
+    tiled = torch.device(device).type == "cuda" and dtype != torch.float32 and k % 8 == 0 and n <= 2 * k
+    return rows <= (TILED_GEMM_MIN_ROWS - 1 if tiled else MAX_GEMV_ROWS)
 
 NAMED_OPS = {Q.Q4_K: torchext.q4k_gemv, Q.Q5_K: torchext.q5k_gemv, Q.Q6_K: torchext.q6k_gemv}
 
@@ -133,14 +143,14 @@ def rows_of(x) -> int:
     return math.prod(x.shape[:-1])
 
 
-def output_rounding(y, ref, absref, xabs, rel_abs, offabs=0.0):
+def output_rounding(y, ref, absref, xabs, rel_abs, offabs=0.0, *, gemv):
     """Tolerance terms that do not depend on the activations: the op's own error bound
-    rel_abs * absref carried through one rounding to y's dtype, and beyond the GEMVs on CUDA in
-    f16/bf16 the weights computed in that dtype (conftest.half_weight_rounding; offabs = |x| @
-    |m|.T, needed for the formats with offsets)."""
+    rel_abs * absref carried through one rounding to y's dtype, and where y is not a GEMV's result
+    (gemv false) on CUDA in f16/bf16 the weights computed in that dtype
+    (conftest.half_weight_rounding; offabs = |x| @ |m|.T, needed for the formats with offsets)."""
     u = half_ulp(y.dtype) if y.dtype != torch.float32 else 0.0
     tol = rel_abs * absref * (1 + u) + u * np.abs(ref) + (tiny(y.dtype) if u else 0.0)
-    if y.device.type == "cuda" and y.dtype != torch.float32 and rows_of(y) > MAX_GEMV_ROWS:
+    if y.device.type == "cuda" and y.dtype != torch.float32 and not gemv:
         tol = tol + half_weight_rounding(y.dtype, absref, offabs, xabs)
     return tol
 
@@ -150,13 +160,14 @@ def report(err, tol, absref):
     return f"worst output {tuple(int(j) for j in i)}: |err| {err[i]:.3e} > tol {tol[i]:.3e} (absref {absref[i]:.3e})"
 
 
-def assert_exact_close(y, x, W, M=None):
+def assert_exact_close(y, x, W, M=None, exact=False):
     """The tight check for exact activations: |y - ref| <= 1e-5 * absref (+ output rounding; M:
-    the weights' offsets, conftest.offset_oracle)."""
+    the weights' offsets, conftest.offset_oracle; exact: y is from qmatmul(exact=True))."""
     ref, absref, xabs = oracle(x, W)
     y64 = y.detach().double().cpu().numpy()
     err = np.abs(y64 - ref)
-    tol = output_rounding(y, ref, absref, xabs, 1e-5, offsets_term(x, M))
+    gemv = not exact and takes_gemv(rows_of(y), y.device, y.dtype, *W.shape)
+    tol = output_rounding(y, ref, absref, xabs, 1e-5, offsets_term(x, M), gemv=gemv)
     assert np.isfinite(y64).all()
     assert (err <= tol).all(), report(err, tol, absref)
 
@@ -178,7 +189,7 @@ def assert_gaussian_close(y, x, W):
     y64 = y.detach().double().cpu().numpy()
     err = np.abs(y64 - ref)
     u = half_ulp(y.dtype) if y.dtype != torch.float32 else 0.0
-    tol = output_rounding(y, ref, absref, xabs, 1e-5) + bound * (1 + 1e-5) * (1 + u)
+    tol = output_rounding(y, ref, absref, xabs, 1e-5, gemv=True) + bound * (1 + 1e-5) * (1 + u)
     assert np.isfinite(y64).all()
     assert (err <= tol).all(), report(err, tol, absref)
 
@@ -187,7 +198,7 @@ def assert_gaussian_close(y, x, W):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows", [3, 12, 17], ids=["gemv3", "gemv12", "dense"])
+@pytest.mark.parametrize("rows", [3, 12, 17])
 @pytest.mark.parametrize("case", SHAPE_CASES, ids=case_id)
 def test_exact_activations(case, rows, dtype, device):
     qtype, k, n = case
@@ -199,14 +210,14 @@ def test_exact_activations(case, rows, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows", [1, 6, 16, 24], ids=["gemv1", "gemv6", "gemv16", "dense"])
+@pytest.mark.parametrize("rows", [1, 6, 16, 24])
 @pytest.mark.parametrize("case", SHAPE_CASES, ids=case_id)
 def test_gaussian_activations(case, rows, dtype, device):
     qtype, k, n = case
     w, W = cached_weight(qtype, n, k)
     x = gaussian_activations((rows, k), seed=k + n + rows).to(dtype)
     y = run_matmul(w.to(device), int(qtype), x.to(device), n, k)
-    if rows > MAX_GEMV_ROWS:  # unrounded activations
+    if not takes_gemv(rows, device, dtype, n, k):  # unrounded activations
         assert_exact_close(y, x, W, cached_offsets(qtype, n, k))
     else:
         assert_gaussian_close(y, x, W)
@@ -238,17 +249,14 @@ def test_exact_argument_never_rounds_activations(qtype, rows, dtype, device):
     """exact=True at GEMV-sized batches: Gaussian activations (which Q8_1 would round by far more
     than fp32 error) meet the exact bound: the dense path's fp32 error on the CPU; on CUDA for
     f16/bf16 the weights' rounding to that dtype (the tiled GEMM or the dense path, 2 half-ulps:
-    output_rounding's dense term, applied here at any row count)."""
+    output_rounding's term for the paths other than the GEMVs, at any row count)."""
     k, n = (512, 40) if qtype in K_QUANTS else (3 * block_values(qtype), 40)
     w, W = cached_weight(qtype, n, k)
     x = gaussian_activations((rows, k), seed=rows + 3).to(dtype)
     y = torchext.qmatmul(w.to(device), int(qtype), x.to(device), n, k, exact=True)
     assert y.shape == (rows, n) and y.dtype == dtype
     ref, absref, xabs = oracle(x, W)
-    u = half_ulp(dtype) if dtype != torch.float32 else 0.0
-    tol = output_rounding(y, ref, absref, xabs, 1e-5)
-    if device == "cuda" and u:
-        tol = tol + 2 * u * absref + tiny(dtype) * xabs
+    tol = output_rounding(y, ref, absref, xabs, 1e-5, gemv=False)
     err = np.abs(y.double().cpu().numpy() - ref)
     assert (err <= tol).all(), report(err, tol, absref)
     layer = torchext.nn.QuantLinear(w.to(device), qtype, k, n, exact=True)
@@ -323,7 +331,7 @@ MAGNITUDES = {torch.float32: [-30, -20, -10, -3, 0, 4, 10, 20, 30],
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("rows", [1, 4, 16, 17], ids=["gemv1", "gemv4", "gemv16", "dense"])
+@pytest.mark.parametrize("rows", [1, 4, 16, 17])
 @pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=qtype_name)
 @pytest.mark.parametrize("dtype", list(MAGNITUDES), ids=str)
 def test_any_finite_magnitude(dtype, qtype, rows, device):
@@ -340,11 +348,13 @@ def test_any_finite_magnitude(dtype, qtype, rows, device):
         ref, absref, xabs = oracle(x, W)
         y64 = y.double().cpu().numpy()
         assert np.isfinite(y64).all(), f"1e{e}: non-finite outputs"
-        bound = q8_1_bound(x, W) if rows <= MAX_GEMV_ROWS else 0.0
+        gemv = takes_gemv(rows, device, dtype, n, k)
+        bound = q8_1_bound(x, W) if gemv else 0.0
         u = half_ulp(dtype) if dtype != torch.float32 else 0.0
         # fp32 products below its normal range round to multiples of 2^-149: one per term
         offabs = offsets_term(x, cached_offsets(qtype, n, k))
-        tol = output_rounding(y, ref, absref, xabs, 1e-5, offabs) + bound * (1 + 1e-5) * (1 + u) + 2 * k * 2.0**-149
+        tol = (output_rounding(y, ref, absref, xabs, 1e-5, offabs, gemv=gemv) + bound * (1 + 1e-5) * (1 + u)
+               + 2 * k * 2.0**-149)
         err = np.abs(y64 - ref)
         assert (err <= tol).all(), f"1e{e}: " + report(err, tol, absref)
 
@@ -354,9 +364,9 @@ def test_any_finite_magnitude(dtype, qtype, rows, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=qtype_name)
 def test_batch_policy_boundary(qtype, device):
-    """At 16 rows the result carries Q8_1 activation rounding (differs from the dense result by
-    far more than fp32 error on Gaussian data); at 17 rows it is the dense fp32 GEMM on the
-    exact weights, within fp32 error of float64."""
+    """float32 activations (no tiled GEMM): at 16 rows the result carries Q8_1 activation rounding
+    (differs from the dense result by far more than fp32 error on Gaussian data); at 17 rows it is
+    the dense fp32 GEMM on the exact weights, within fp32 error of float64."""
     k, n, m = 1024, 64, MAX_GEMV_ROWS
     w, W = cached_weight(qtype, n, k)
     x = gaussian_activations((m + 1, k), seed=3)
@@ -455,12 +465,15 @@ def test_q4k_q8_gemv_gaussian_equals_fused(dtype, device):
 @pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=qtype_name)
 def test_qmatmul_q8_1_is_qmatmuls_gemv_path(qtype, dtype, device):
     """quantize_q8_1 + qmatmul_q8_1 in x's dtype is bit for bit qmatmul's GEMV path, for every
-    format, 1 to 16 rows with batch dims; float32 (the default dtype) is that result before its
-    one rounding; and the result is close to the oracle (Gaussian tolerance)."""
+    format, 1 to 8 or 16 rows (as far as the GEMV path goes) with batch dims; float32 (the default
+    dtype) is that result before its one rounding; and the result is close to the oracle (Gaussian
+    tolerance)."""
     n, k = 5, 512
     w, W = cached_weight(qtype, n, k)
     w = w.to(device)
     for lead in [(1,), (3,), (2, 4), (4, 4)]:
+        if not takes_gemv(math.prod(lead), device, dtype, n, k):
+            continue
         x = gaussian_activations(lead + (k,), seed=len(lead) + lead[0]).to(dtype).to(device)
         xq = torchext.quantize_q8_1(x)
         y = torchext.qmatmul_q8_1(w, qtype, xq, n, k, dtype)
@@ -472,19 +485,25 @@ def test_qmatmul_q8_1_is_qmatmuls_gemv_path(qtype, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_gemv_max_rows_is_the_policy(device):
-    """torchext.ops.GEMV_MAX_ROWS (what nn.shared_input uses) is where qmatmul switches paths:
-    at that many rows qmatmul equals the Q8_1 GEMV bit for bit; one more row takes the dense path,
-    which is exact on activations that Q8_1 would round."""
-    assert torchext.ops.GEMV_MAX_ROWS == MAX_GEMV_ROWS
-    n, k = 6, 256
-    w, W = cached_weight(Q.Q8_0, n, k)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n, k", [(6, 256), (600, 256), (40, 300)], ids=["narrow", "wide", "k300"])
+def test_gemv_max_rows_is_the_policy(n, k, dtype, device):
+    """torchext.ops.gemv_max_rows (what nn.shared_input uses) is where qmatmul switches paths: at
+    that many rows qmatmul equals the Q8_1 GEMV bit for bit; one more row leaves the activations
+    unrounded (the tiled GEMM or the dense path). This module's takes_gemv says the same: 8 rows
+    for f16/bf16 on CUDA against a weight of n <= 2K with K a multiple of 8, else 16."""
+    assert (torchext.ops.GEMV_MAX_ROWS, torchext.ops.TILED_GEMM_MIN_ROWS) == (MAX_GEMV_ROWS, TILED_GEMM_MIN_ROWS)
+    w, W = cached_weight(Q.Q4_K, n, k)
     w = w.to(device)
-    for rows in (MAX_GEMV_ROWS, MAX_GEMV_ROWS + 1):
-        x = gaussian_activations((rows, k), seed=rows).to(device)
-        gemv = torchext.qmatmul_q8_1(w, Q.Q8_0, torchext.quantize_q8_1(x), n, k)
-        y = torchext.qmatmul(w, Q.Q8_0, x, n, k)
-        assert torch.equal(y, gemv) == (rows <= MAX_GEMV_ROWS)
+    last = torchext.ops.gemv_max_rows(torch.empty(0, k, dtype=dtype, device=device), n)
+    assert takes_gemv(last, device, dtype, n, k) and not takes_gemv(last + 1, device, dtype, n, k)
+    for rows in (last, last + 1):
+        x = gaussian_activations((rows, k), seed=rows).to(dtype).to(device)
+        gemv = torchext.qmatmul_q8_1(w, Q.Q4_K, torchext.quantize_q8_1(x), n, k, dtype)
+        y = torchext.qmatmul(w, Q.Q4_K, x, n, k)
+        assert torch.equal(y, gemv) == (rows == last), rows
+        if rows > last:
+            assert_exact_close(y, x.cpu(), W, cached_offsets(Q.Q4_K, n, k))
 
 
 # ---- weights from torchext.quantize (once it exists) --------------------------------------------

@@ -56,7 +56,7 @@ def test_forward_is_qmatmul_plus_bias(device, dtype, qtype, n, k):
     with_bias = QuantLinear(w, qtype, k, n, bias)
     without = QuantLinear(w.flatten(), int(qtype), k, n)  # flat bytes and an int id are fine too
     assert without.weight.shape == with_bias.weight.shape == (n, w.shape[1]) and without.bias is None
-    for shape in [(k,), (1, k), (2, 3, k), (17, k)]:  # GEMV path up to 16 rows, dense path beyond
+    for shape in [(k,), (1, k), (2, 3, k), (17, k)]:  # GEMV path to 8 or 16 rows, unrounded beyond
         x = gaussian_activations(shape, seed=len(shape)).to(dtype).to(device)
         y = torchext.qmatmul(w, qtype, x, n, k)
         assert torch.equal(without(x), y)
@@ -262,7 +262,7 @@ class Net(nn.Module):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_shared_input_equals_each_layer(device, dtype):
     """shared_input quantizes x once for layers of any formats (and biases): the same bits as
-    calling each layer, on the GEMV path (1-16 rows, batch dims) and the dense path (17+ rows)."""
+    calling each layer, on the GEMV path (up to ops.gemv_max_rows rows, batch dims) and beyond."""
     k = 512
     layers = [QuantLinear(random_weight(q, n, k, device, seed=i), q, k, n,
                           bias=torch.randn(n, device=device) if i == 1 else None)

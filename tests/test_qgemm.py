@@ -1,5 +1,5 @@
-"""The tiled GEMM (kernels/qgemm.cu): qmatmul's path for 17 to 64 activation rows on CUDA for fp16
-and bf16 activations (kernels/batch_policy.h).
+"""The tiled GEMM (kernels/qgemm.cu): qmatmul's path for 9 to 64 activation rows (17 to 64 for a
+weight of more than 2K rows) on CUDA for fp16 and bf16 activations (kernels/batch_policy.h).
 
 What it computes with exact=True, and so the bounds used here: every weight value exactly as
 `dequantize` gives it, rounded to x's dtype (half an ulp, conftest.half_ulp: relative 2^-11 for
@@ -56,8 +56,9 @@ HALF_DTYPES = [torch.float16, torch.bfloat16]
 SHAPES = {q: [(200, 512), (77, 1000), (1100, 2304)] if q in K_QUANTS else
           [(200, 512), (77, 640), (1100, 2304), (9, block_values(q)), (33, 19 * block_values(q))]
           for q in WEIGHT_QTYPES}
-# the 32-row tile (17: partial, 32: full) and the 64-row tile (33: partial, 64: full)
-ROWS = [17, 32, 33, 64]
+# the 32-row tile (9, the default path's first tiled row count, and 17: partial; 32: full) and the
+# 64-row tile (33: partial, 64: full)
+ROWS = [9, 17, 32, 33, 64]
 
 
 def assert_within_bound(y, x, W, M=None):

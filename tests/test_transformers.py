@@ -217,12 +217,13 @@ def q8_1_round(x: torch.Tensor) -> torch.Tensor:
 
 
 def with_q8_1_inputs(model: torch.nn.Module):
-    """Hooks rounding the input of every nn.Linear with q8_1_round when it has at most 16 rows, as
-    torchext.qmatmul's GEMV does (more rows take its dense path, unrounded), and every experts
-    module's matmul inputs (q8_1_experts); the returned function removes them."""
-    def round_gemv_rows(_module, args):
+    """Hooks rounding the input of every nn.Linear with q8_1_round when it has at most
+    torchext.ops.gemv_max_rows rows, as torchext.qmatmul's GEMV does (more rows take an unrounded
+    path), and every experts module's matmul inputs (q8_1_experts); the returned function removes them."""
+    def round_gemv_rows(module, args):
         x = args[0]
-        return (q8_1_round(x),) if x.numel() // x.shape[-1] <= torchext.ops.GEMV_MAX_ROWS else None
+        gemv = x.numel() // x.shape[-1] <= torchext.ops.gemv_max_rows(x, module.out_features)
+        return (q8_1_round(x),) if gemv else None
 
     # Qwen2-MoE's shared_expert_gate is an F32 tensor in the file: a dense nn.Linear in torchext's model too
     hooks = [m.register_forward_pre_hook(round_gemv_rows) for name, m in model.named_modules()

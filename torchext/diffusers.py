@@ -14,8 +14,8 @@ GGUFParameter (the tensor's raw GGUF bytes, uint8 [out_features, row_bytes], and
 on a GGUFLinear, whose forward dequantizes the whole weight on every call and then runs F.linear
 in the quantizer's compute_dtype. convert_gguf_linears replaces every GGUFLinear whose format
 torchext runs (torchext.formats.WEIGHT_TYPES) with a GGUFQuantLinear over the same bytes (no copy:
-the buffer is the parameter's storage) that calls torchext.qmatmul instead: up to 16 rows a Q8_1
-GEMV over the packed weight, 17 to 64 rows on CUDA a tiled GEMM over it, more rows (Flux's 4096
+the buffer is the parameter's storage) that calls torchext.qmatmul instead: up to 8 or 16 rows a
+Q8_1 GEMV over the packed weight, up to 64 rows on CUDA a tiled GEMM over it, more rows (Flux's 4096
 image tokens) a dense GEMM on the dequantized weight: on CUDA one dequantization kernel into a
 temporary, then cuBLAS (diffusers' dequantization is a chain of fp16 torch ops), on the CPU in
 cache-sized row chunks. Layers in other formats (BF16, F16,
@@ -25,7 +25,7 @@ What stays the same: the output dtype is the compute_dtype (activations are cast
 as diffusers' CUDA path does), the bias is the same tensor, cast to compute_dtype when added,
 and requires_grad is kept. What differs, numerically: diffusers dequantizes in fp16 arithmetic
 (fp16 scales times quants, rounded to fp16) before casting to compute_dtype; torchext uses the
-exact dequantized values (fp32), and on the GEMV path (<= 16 rows, e.g. Flux's timestep and
+exact dequantized values (fp32), and on the GEMV path (torchext.ops.gemv_max_rows: Flux's timestep and
 modulation linears at batch 1) rounds activations to Q8_1: tests/test_diffusers.py bounds both.
 
 save_gguf writes a diffusers model's weights as a GGUF file with diffusers' own parameter names,
@@ -97,7 +97,7 @@ def convert_gguf_linears(model: nn.Module, exact: bool = False) -> GGUFLinearCon
     """Replace, in place, every diffusers GGUFLinear of `model` whose format torchext runs with a
     GGUFQuantLinear over the same bytes; returns which layers were converted and which were kept
     (module docstring). exact=True: activations are never rounded to Q8_1 (torchext.qmatmul's
-    exact), giving up the Q8_1 GEMV on layers of 16 rows or fewer. Works on the model's device
+    exact), giving up the Q8_1 GEMV on layers of few rows. Works on the model's device
     (CPU or CUDA); convert before attaching accelerate hooks (enable_sequential_cpu_offload), since
     the hooks hold the modules they wrap.
 

@@ -251,13 +251,13 @@ _register_fake("torchext::q4k_q8_gemv_packed")(_fake_q4k_q8_gemv)
 
 def qmatmul(w: torch.Tensor, qtype, x: torch.Tensor, n: int, k: int, exact: bool = False) -> torch.Tensor:
     """x [..., k] @ dequantize(w).T -> [..., n] in x's dtype, for any weight format.
-    Up to GEMV_MAX_ROWS (16) rows: Q8_1 activations and integer dot products (DP4A, or int8 tensor
-    cores from 2 rows on sm_80+). 17 to 64 rows of fp16/bf16 on CUDA (sm_80+): a tiled GEMM over
-    the quantized weight with the activations unrounded (fp32 products and sums); in bf16 it computes
-    each weight d * q + m in bf16 from d and m rounded to it (not for Q8_0, IQ4_NL and IQ4_XS), in
-    fp16 it multiplies each weight exactly as dequantize() gives it, rounded to fp16. Otherwise: a
-    dense GEMM on the dequantized weight (each weight exactly as dequantize() gives it, rounded to
-    x's dtype; the same activations).
+    Up to gemv_max_rows(x, n) rows (8 or 16): Q8_1 activations and integer dot products (DP4A, or
+    int8 tensor cores from 2 rows on sm_80+). From there to 64 rows of fp16/bf16 on CUDA (sm_80+): a
+    tiled GEMM over the quantized weight with the activations unrounded (fp32 products and sums); in
+    bf16 it computes each weight d * q + m in bf16 from d and m rounded to it (not for Q8_0, IQ4_NL
+    and IQ4_XS), in fp16 it multiplies each weight exactly as dequantize() gives it, rounded to fp16.
+    Otherwise: a dense GEMM on the dequantized weight (each weight exactly as dequantize() gives it,
+    rounded to x's dtype; the same activations).
     exact=True takes exact weights and unrounded activations at any row count: the tiled GEMM
     multiplying each weight exactly as dequantize() gives it (fp16/bf16 on CUDA), or the dense GEMM."""
     return _ops.qmatmul(w, int(QType.of(qtype)), x, n, k, bool(exact))
@@ -302,7 +302,7 @@ def qmatmul_q8_1(w: torch.Tensor, qtype, xq: torch.Tensor, n: int, k: int,
     in dtype: qmatmul's GEMV path with the quantization done by the caller, so that several
     weights reading the same input share one quantize_q8_1. With dtype = x's dtype,
     qmatmul_q8_1(w, qtype, quantize_q8_1(x), n, k, x.dtype) equals qmatmul(w, qtype, x, n, k)
-    bit for bit whenever qmatmul takes the GEMV path (up to GEMV_MAX_ROWS rows)."""
+    bit for bit whenever qmatmul takes the GEMV path (up to gemv_max_rows(x, n) rows)."""
     return _ops.qmatmul_q8_1(w, int(QType.of(qtype)), xq, n, k, dtype)
 
 
@@ -354,9 +354,32 @@ def _(w, qtype, x, ids, n, k, exact=False):
     return x.new_empty((ids.shape[0], ids.shape[1], n))
 
 
-#: The most activation rows qmatmul sends through the Q8_1 GEMV; more rows take the tiled GEMM or
-#: the dense path, which leave activations unrounded (kernels/batch_policy.h, kMaxGemvRows: tests/test_matmul.py checks that the two agree).
+#: The most activation rows qmatmul sends through the Q8_1 GEMV (and qmatmul_id's most tokens) where
+#: the tiled GEMM does not serve them (kernels/batch_policy.h, kMaxGemvRows); more rows leave the
+#: activations unrounded. tests/test_matmul.py checks these against the kernels' behaviour.
 GEMV_MAX_ROWS = 16
+
+#: The rows from which the tiled GEMM serves what it runs (kMinTiledGemmRows; gemv_max_rows says where).
+TILED_GEMM_MIN_ROWS = 9
+
+
+def gemv_max_rows(x: torch.Tensor, n: int) -> int:
+    """The most rows of activations like x (its device, dtype and last dimension K) that qmatmul
+    sends through the Q8_1 GEMV against an n x K weight (kernels/batch_policy.h, max_gemv_rows):
+    TILED_GEMM_MIN_ROWS - 1 where the tiled GEMM runs (CUDA, fp16 or bf16, compute capability 8.0
+    or newer, K a multiple of 8) and n <= 2K, else GEMV_MAX_ROWS. The tiled GEMM also needs 16-byte
+    aligned operands, which this does not look at (so that it holds for traced tensors too): an x
+    that is not aligned takes the GEMV up to GEMV_MAX_ROWS rows."""
+    k = x.shape[-1]
+    if (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and k % 8 == 0 and n <= 2 * k
+            and _has_tiled_gemm(x.device.index)):
+        return TILED_GEMM_MIN_ROWS - 1
+    return GEMV_MAX_ROWS
+
+
+@torch.compiler.assume_constant_result  # a fact of the device: torch.compile takes it as a constant
+def _has_tiled_gemm(device: int) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 # ---- weights ---------------------------------------------------------------------------------
