@@ -41,7 +41,7 @@ GEMMA_SHAPES = [(262144, 640, "Q8_0"), (2048, 640, "Q5_0"), (1024, 640, "Q5_0"),
                 (640, 2048, "Q6_K"), (640, 1024, "Q4_K")]
 GEMV_BATCHES = [1, 2, 4, 8]        # the small batches of decoding (b8/b1 is a target)
 LARGE_BATCHES = [16, 64, 512]      # its large-batch ones (x bf16 at 512 is a target)
-MAX_GEMV_ROWS = 16                 # kernels/batch_policy.h: up to 16 rows the Q8_1 GEMV, then dense
+MAX_GEMV_ROWS = 16                 # kernels/batch_policy.h: the most rows a Q8_1 GEMV serves
 
 # Column order of the printed tables (labels): baselines, then torchext per weight format.
 # Every format of torchext's catalog has a column (--shapes NxK:FMT measures any of them).

@@ -3,9 +3,10 @@
     python bench/paths.py [--shapes 4096x14336 14336x4096] [--formats Q4_K Q8_0] [--rows 8 12 16 17 32 64 96 128 256]
 
 Columns, µs per call (CUDA graph replays, L2 cold: weight copies rotated past 4x the L2, bf16
-activations): `policy` qmatmul as shipped (the Q8_1 GEMVs up to 16 rows, kernels/batch_policy.h),
-`exact` qmatmul(exact=True) (the tiled GEMM up to 64 rows, dense beyond), `dense` dequantize +
-F.linear, `bf16` F.linear on a dense bf16 weight. bench/NOTES.md ("Where the paths cross") has a run.
+activations): `policy` qmatmul as shipped (the Q8_1 GEMVs up to 8 or 16 rows, then the tiled GEMM:
+kernels/batch_policy.h), `exact` qmatmul(exact=True) (the tiled GEMM up to 64 rows, dense beyond),
+`dense` dequantize + F.linear, `bf16` F.linear on a dense bf16 weight. bench/NOTES.md ("Where the
+paths cross") has a run.
 """
 
 from __future__ import annotations
