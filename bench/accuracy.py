@@ -13,9 +13,9 @@ of d * sum(q), computed in numpy from the same bytes.
 
 The weight is the file's (or its requantization): the error is the activations' rounding alone.
 --synthetic takes a Gaussian weight (std 0.02) quantized into every format `quantize` writes
-instead of a file, and prints the error with exact=False and exact=True: with more than 16 rows
-(no activation rounding) on CUDA in bf16 the tiled GEMM computes the weights in bf16 unless
-exact=True (the same float64 reference: x as rounded to the dtype).
+instead of a file, and prints the error with exact=False and exact=True: beyond the GEMVs' rows
+(torchext.ops.gemv_max_rows; no activation rounding) on CUDA in bf16 the tiled GEMM computes the
+weights in bf16 unless exact=True (the same float64 reference: x as rounded to the dtype).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gguf", type=Path, help="a GGUF file (default: the gemma extra's Gemma 3 270M Q4_K_M)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--rows", type=int, default=1, help="activation rows (<= 16: the GEMV path)")
+    p.add_argument("--rows", type=int, default=1, help="activation rows (a file's matrices take float32: <= 16 is the GEMV path)")
     p.add_argument("--limit-n", type=int, default=8192, help="use at most this many rows of each weight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--synthetic", metavar="NxK", help="a Gaussian weight instead of a file")

@@ -2,7 +2,7 @@
 and no host synchronisation. The whole module is skipped without CUDA.
 
 CUDA vs CPU tolerances (per output, |y_cuda - y_cpu| <= tol):
-  * Q8_1 GEMV path (torchext.ops.gemv_max_rows: up to 8 or 16 rows, DP4A or int8 tensor cores; the
+  * Q8_1 GEMV path (test_matmul.takes_gemv: up to 8 or 16 rows, DP4A or int8 tensor cores; the
     CPU reference then takes its GEMV too): both backends produce identical Q8_1 bytes (tested below) and
     exact integer dot products per block; only the fp32 sum of the per-block terms runs in a
     different order. Each term is bounded by its share of sum |x||w|, so the difference is a
@@ -30,12 +30,12 @@ import torch
 
 import torchext  # noqa: F401
 from conftest import DTYPES, WEIGHT_QTYPES, capture_graph, dequant_oracle, q8_1_fields, random_weight
+from test_matmul import takes_gemv
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
 ops = torch.ops.torchext
 Q4_K, Q5_K, Q6_K, Q8_0, Q4_0, Q5_0 = 12, 13, 14, 8, 2, 6
-GEMV_MAX_ROWS = torchext.ops.GEMV_MAX_ROWS
 DENSE_TOL = {torch.float32: 3e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 GEMV_TOL = 1e-5
 
@@ -58,11 +58,10 @@ def check_matmul_vs_cpu(y: torch.Tensor, w: torch.Tensor, qtype: int, x: torch.T
     with the tolerances of the module docstring."""
     w_cpu, x_cpu = w.cpu(), x.cpu()
     rows = x_cpu.numel() // k if k else 0
-    # the CPU's GEMV where CUDA took the GEMV, else its unrounded dense path; the tiled GEMM (which
-    # shortens the GEMVs' reach) reads 16-byte aligned operands only (x: CUDA's, or its CPU copy)
-    x_cuda = x if x.device == y.device else torch.empty(0, k, dtype=x.dtype, device=y.device)
-    aligned = w.data_ptr() % 16 == 0 and x_cuda.data_ptr() % 16 == 0
-    gemv = rows <= (torchext.ops.gemv_max_rows(x_cuda, n) if aligned else GEMV_MAX_ROWS)
+    # the CPU's GEMV where CUDA took the GEMV, else its unrounded dense path (x: CUDA's, or its CPU
+    # copy, whose alignment says nothing of CUDA's)
+    aligned = w.data_ptr() % 16 == 0 and (x.device != y.device or x.data_ptr() % 16 == 0)
+    gemv = takes_gemv(rows, y.device, x.dtype, n, k, aligned)
     ref = ops.qmatmul(w_cpu, qtype, x_cpu, n, k, not gemv)
     assert y.shape == ref.shape and y.dtype == ref.dtype
     if rows == 0:
@@ -101,7 +100,7 @@ def test_cuda_graph_qmatmul(rows, qtype, dtype):
         torch.cuda.synchronize()
         got = out.clone()
         check_matmul_vs_cpu(got, w, qtype, x, n, k)
-        if rows <= torchext.ops.gemv_max_rows(x, n):  # the GEMVs are deterministic: replay == eager, bit for bit
+        if takes_gemv(rows, x.device, dtype, n, k):  # the GEMVs are deterministic: replay == eager, bit for bit
             assert torch.equal(got, ops.qmatmul(w, qtype, x, n, k))
         if previous is not None:
             assert not torch.equal(got, previous), "the replay did not see the new input"

@@ -359,19 +359,15 @@ class MatmulCase(NamedTuple):
 
     def took_gemv(self) -> bool:
         """Whether call() computes through the Q8_1 GEMV (kernels/batch_policy.h): the Q8_1 entry
-        points always; the others as test_matmul.takes_gemv says, but up to MAX_GEMV_ROWS rows where
-        x or w is not 16-byte aligned (the tiled GEMM copies both in 16-byte pieces). QuantLinear
-        keeps its own aligned copy of w and passes x.contiguous()."""
+        points always, the others as test_matmul.takes_gemv says for the operands the op receives.
+        QuantLinear keeps its own aligned copy of w and passes x.contiguous() (a strided x: a new,
+        aligned copy)."""
         if self.entry in Q8_1_ENTRIES:
             return True
-        x, rows = self.x, math.prod(self.x.shape[:-1])
-        if self.entry == "QuantLinear":
-            x, w_aligned = x.contiguous(), True
-        else:
-            w_aligned = self.w.data_ptr() % 16 == 0
-        if x.is_meta or x.data_ptr() % 16 or not w_aligned:
-            return rows <= MAX_GEMV_ROWS
-        return takes_gemv(rows, x.device, x.dtype, self.n, self.k)
+        x, layer = self.x, self.entry == "QuantLinear"
+        copied = layer and not x.is_contiguous()
+        aligned = (copied or x.data_ptr() % 16 == 0) and (layer or self.w.data_ptr() % 16 == 0)
+        return takes_gemv(math.prod(x.shape[:-1]), x.device, x.dtype, self.n, self.k, aligned)
 
     def call(self):
         entry, qtype, w, x, n, k = self.entry, self.qtype, self.w, self.x, self.n, self.k

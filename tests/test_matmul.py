@@ -67,9 +67,10 @@ MAX_GEMV_ROWS = 16
 TILED_GEMM_MIN_ROWS = 9
 
 
-def takes_gemv(rows, device, dtype, n, k) -> bool:
-    """Whether qmatmul sends `rows` aligned rows of dtype on device through the Q8_1 GEMV (n x k weight)."""
-    tiled = torch.device(device).type == "cuda" and dtype != torch.float32 and k % 8 == 0 and n <= 2 * k
+def takes_gemv(rows, device, dtype, n, k, aligned=True) -> bool:
+    """Whether qmatmul sends `rows` rows of dtype on device through the Q8_1 GEMV (n x k weight);
+    aligned: x and w start on 16-byte boundaries (the tiled GEMM copies both in 16-byte pieces)."""
+    tiled = aligned and torch.device(device).type == "cuda" and dtype != torch.float32 and k % 8 == 0 and n <= 2 * k
     return rows <= (TILED_GEMM_MIN_ROWS - 1 if tiled else MAX_GEMV_ROWS)
 
 NAMED_OPS = {Q.Q4_K: torchext.q4k_gemv, Q.Q5_K: torchext.q5k_gemv, Q.Q6_K: torchext.q6k_gemv}
