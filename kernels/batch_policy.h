@@ -42,11 +42,11 @@ constexpr int64_t kMaxDp4aRows = 8;            // the DP4A kernel stages up to 8
 //   4096x14336 Q4_K  8 rows 28.0 / 31.6, 10 rows 34.8 / 31.7, 16 rows 41.2 / 32.0;
 //              Q8_0  8 rows 62.7 / 38.8, 16 rows 76.0 / 38.9; IQ2_XS 16 rows 78.9 / 45.6
 //   3072x12288 Q4_K 10 rows 30.1 / 24.4; 4096x4096 Q6_K 10 rows 20.7 / 15.4, IQ4_XS 10 rows 16.8 / 16.3
-// Wider weights keep the GEMVs to kMaxGemvRows: there the int8-MMA GEMV of the k-quants and IQ4_XS
+// Wider weights keep the GEMVs to kMaxGemvRows: there the int8-MMA GEMV of Q4_K, Q5_K and IQ4_XS
 // wins (14336x4096 Q4_K 10 rows 37.4 / 48.5, 16 rows 45.6 / 50.1; IQ4_XS 16 rows 49.6 / 59.4; 2048x640
-// Q5_0 10 rows 8.3 / 9.3) though the tiled GEMM wins for the other formats there (Q8_0 16 rows 82.6 /
-// 63.3). From 17 rows the tiled GEMM wins everywhere; the dense GEMM takes over at 65 rows
-// (bench/NOTES.md, "past 64 rows").
+// Q5_0 10 rows 8.3 / 9.3) though the tiled GEMM wins for others there (Q6_K 16 rows 67.2 / 58.6, Q8_0
+// 82.6 / 63.3). The GEMVs take at most kMaxGemvRows rows; the tiled GEMM serves to kMaxTiledGemmRows
+// and the dense GEMM from there (bench/NOTES.md, "past 64 rows").
 enum class MatmulPath : int { Gemv = 0, TiledGemm = 1, Dense = 2 };
 
 constexpr int64_t kMinTiledGemmRows = 9;
