@@ -119,7 +119,8 @@ struct Ops {
     check_same_device(w, "w", x, "x");
     const int64_t rows = leading_rows(x);
     if (rows == 0) return torch::stable::new_empty(x, with_last_dim(x, n));
-    const MatmulPath path = choose_matmul_path(rows, n, k, Backend::tiled_gemm_runs(xt, w, x, k), exact);
+    const MatmulPath path =
+        choose_matmul_path(rows, n, k, int(f.values), Backend::tiled_gemm_runs(xt, w, x, k), exact);
     if (path == MatmulPath::TiledGemm) {
       if constexpr (Backend::kHasTiledGemm) {
         Tensor out = torch::stable::new_empty(x, with_last_dim(x, n));

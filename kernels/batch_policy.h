@@ -35,31 +35,43 @@ constexpr int64_t kMaxDp4aRows = 8;            // the DP4A kernel stages up to 8
 // dequantize() gives it). The tiled GEMM runs on CUDA for fp16/bf16 activations on sm_80+ with K a
 // multiple of 8 and 16-byte aligned operands; where it does not (the CPU, fp32 activations) the GEMVs
 // serve up to kMaxGemvRows rows and the dense GEMM beyond.
-// Where it runs, it takes over from the GEMVs at kMinTiledGemmRows rows for weights of at most twice
-// as many rows as columns (n <= 2k). Measured on an H200 with bench/paths.py, 2026-12-03, L2 cold,
-// bf16, µs, GEMV / tiled GEMM with exact weights (the default, bf16 weights computed in bf16 where the
-// format allows, is faster still):
-//   4096x14336 Q4_K  8 rows 28.0 / 31.6, 10 rows 34.8 / 31.7, 16 rows 41.2 / 32.0;
-//              Q8_0  8 rows 62.7 / 38.8, 16 rows 76.0 / 38.9; IQ2_XS 16 rows 78.9 / 45.6
-//   3072x12288 Q4_K 10 rows 30.1 / 24.4; 4096x4096 Q6_K 10 rows 20.7 / 15.4, IQ4_XS 10 rows 16.8 / 16.3
-// Wider weights keep the GEMVs to kMaxGemvRows: there the int8-MMA GEMV of Q4_K, Q5_K and IQ4_XS
-// wins (14336x4096 Q4_K 10 rows 37.4 / 48.5, 16 rows 45.6 / 50.1; IQ4_XS 16 rows 49.6 / 59.4; 2048x640
-// Q5_0 10 rows 8.3 / 9.3) though the tiled GEMM wins for others there (Q6_K 16 rows 67.2 / 58.6, Q8_0
-// 82.6 / 63.3). The GEMVs take at most kMaxGemvRows rows; the tiled GEMM serves to kMaxTiledGemmRows
-// and the dense GEMM from there (bench/NOTES.md, "past 64 rows").
+// Where it runs, it takes over from the GEMVs at kMinTiledGemmRows rows, and for formats of 32 or 64
+// values a block from kMinTiledGemmRowsSmallBlocks rows on weights of kLargeWeightValues or more.
+// Measured on an H200 with bench/paths.py, 2026-12-03, L2 cold, bf16, µs, GEMV / tiled GEMM with
+// exact weights (the default, bf16 weights computed in bf16 where the format allows, is as fast or
+// faster):
+//   4096x14336 Q4_K  8 rows 28.0 / 31.6, 10 rows 34.8 / 31.7, 16 rows 41.2 / 32.0; IQ2_XS 16 rows
+//              78.9 / 45.6; 14336x4096 Q4_K 9 rows 36.3 / 35.2, 16 rows 45.9 / 35.6; Q5_K 9 rows
+//              40.8 / 37.6; 3072x12288 Q4_K 10 rows 30.1 / 24.4; 4096x4096 Q6_K 10 rows 20.7 / 15.4.
+//   32-value formats: the DP4A GEMV's time steps up from 5 rows (4096x4096 Q8_0 4 / 5 / 8 rows 16.1 /
+//              21.3 / 22.6, tiled 15.9; Q4_0 13.5 / 18.6 / 19.8, tiled 13.5; 3072x3072 Q4_0 11.0 /
+//              15.4 / 16.3, tiled 13.2; 262144x640 Q8_0 125.9 / 202.6 / 207.2, tiled 125.4), while
+//              the tiled GEMM takes 8-9 µs at least, so on small weights the GEMV keeps 8 rows
+//              (2048x640 Q8_0 8 rows 6.4 / 8.8; 640x2048 Q5_0 7.9 / 9.9).
+// Formats slower tiled than by their GEMV at 9-12 rows, not singled out: IQ4_XS (14336x4096 9 rows
+// 42.8 / 48.8, 12288x3072 31.9 / 37.8; bf16 cannot hold its +-127 values computed) and the GEMVs of
+// small weights (2048x640 Q5_0 10 rows 8.3 / 9.3). The GEMVs take at most kMaxGemvRows rows; the
+// tiled GEMM serves to kMaxTiledGemmRows and the dense GEMM from there (bench/NOTES.md, "past 64
+// rows": from 65 rows the tiled GEMM wins only for some formats and shapes).
 enum class MatmulPath : int { Gemv = 0, TiledGemm = 1, Dense = 2 };
 
 constexpr int64_t kMinTiledGemmRows = 9;
+constexpr int64_t kMinTiledGemmRowsSmallBlocks = 5;
+constexpr int64_t kLargeWeightValues = int64_t(1) << 23;  // 2896 x 2896
 constexpr int64_t kMaxTiledGemmRows = 64;
 
-// The most rows of an n x k product that qmatmul sends to the GEMVs.
-inline int64_t max_gemv_rows(bool tiled_gemm_runs, int64_t n, int64_t k) {
-  return tiled_gemm_runs && n <= 2 * k ? kMinTiledGemmRows - 1 : kMaxGemvRows;
+// The most rows of an n x k product that qmatmul sends to the GEMVs; block_values: the weight
+// format's values per block (256, or 32 and NVFP4's 64).
+inline int64_t max_gemv_rows(bool tiled_gemm_runs, int64_t n, int64_t k, int block_values) {
+  if (!tiled_gemm_runs) return kMaxGemvRows;
+  const bool small_blocks_large_weight = block_values < 256 && n * k >= kLargeWeightValues;
+  return (small_blocks_large_weight ? kMinTiledGemmRowsSmallBlocks : kMinTiledGemmRows) - 1;
 }
 
 // exact: the caller asked for unrounded activations (qmatmul's `exact`), so never the GEMVs.
-inline MatmulPath choose_matmul_path(int64_t rows, int64_t n, int64_t k, bool tiled_gemm_runs, bool exact) {
-  if (!exact && rows <= max_gemv_rows(tiled_gemm_runs, n, k)) return MatmulPath::Gemv;
+inline MatmulPath choose_matmul_path(int64_t rows, int64_t n, int64_t k, int block_values, bool tiled_gemm_runs,
+                                     bool exact) {
+  if (!exact && rows <= max_gemv_rows(tiled_gemm_runs, n, k, block_values)) return MatmulPath::Gemv;
   return tiled_gemm_runs && rows <= kMaxTiledGemmRows ? MatmulPath::TiledGemm : MatmulPath::Dense;
 }
 

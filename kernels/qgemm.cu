@@ -69,7 +69,35 @@ void visit_kernel_set(FloatType xt, bool exact, F&& f) {
   f(qgemm::TiledGemm<__nv_bfloat16, false>{});
 }
 
+constexpr int kMaxSplits = 16;
+constexpr int64_t kMaxWorkspaceFloats = int64_t(1) << 26;  // 256 MiB of partial sums at most
+
 }  // namespace
+
+// The K split count that minimises waves x (chunks per split + 1), so that the tiles of a short,
+// wide product still fill the GPU. The + 1 is a CTA's fixed cost, about a chunk: its first stage's
+// copy, which no computation overlaps, and its partial sums. Without it the plan cut 14336x4096 into
+// 16 splits of one chunk (7 waves of 896 CTAs), where this plan's 2 splits of 8 chunks (one wave of
+// 112) take a third less time or more (H200, bench/paths.py, L2 cold, bf16, Q4_K at 17 / 32 / 64
+// rows: 47.1 / 52.4 / 76.0 us before, 31.6 / 32.6 / 43.2 with it). Every count up to kMaxSplits is
+// a candidate, not only powers of two: a split that leaves two chunks to each CTA where three splits
+// would leave one costs a chunk's time when the grid is a fraction of the GPU (4096x640 Q8_0, 3
+// chunks, 2 splits: 14.6 us; 3 splits 9.8).
+qgemm::Plan qgemm::make_plan(int64_t n, int64_t k, int64_t rows, int bm, int tile_n, int ctas_per_sm, int device) {
+  Plan p{1, 0};
+  const int64_t chunks = (k + kChunk - 1) / kChunk;
+  const int64_t tiles = (n + tile_n - 1) / tile_n * ((rows + bm - 1) / bm);
+  const int64_t slots = int64_t(sm_count(device)) * std::max(ctas_per_sm, 1);
+  int64_t best = -1;
+  for (int s = 1; s <= kMaxSplits && s <= chunks; ++s) {
+    if (s > 1 && int64_t(s) * rows * n > kMaxWorkspaceFloats) break;
+    const int64_t cost = (tiles * s + slots - 1) / slots * ((chunks + s - 1) / s + 1);
+    if (best < 0 || cost < best) best = cost, p.splits = s;
+  }
+  p.chunks_per_split = (chunks + p.splits - 1) / p.splits;
+  p.splits = int((chunks + p.chunks_per_split - 1) / p.chunks_per_split);  // no empty split
+  return p;
+}
 
 bool qgemm_supports(FloatType xt, const void* w, const void* x, int64_t k, int device) {
   int major = 0;

@@ -19,8 +19,6 @@ namespace {
 
 
 constexpr int kXStride = kChunk + 16;      // halves per staged activation row (see ChunkCopier)
-constexpr int kMaxSplits = 16;
-constexpr int64_t kMaxWorkspaceFloats = int64_t(1) << 26;  // 256 MiB of partial sums at most
 constexpr int kCachedDevices = 64;  // devices whose occupancy answers are kept (opt_in)
 
 // A chunk's weight bytes in one row, staged in shared memory. A row's chunk starts at any offset
@@ -478,28 +476,6 @@ void visit_tile(int64_t rows, int device, F&& f) {
   cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (rows <= 32) visit_width<T, 32>(smem_optin, f);
   else visit_width<T, 64>(smem_optin, f);
-}
-
-// How a product is cut: the number of K splits that minimises waves x chunks per split, so that
-// the tiles of a short, wide product still fill the GPU. Every count up to kMaxSplits is a
-// candidate, not only powers of two: a CTA's chunks run one after another at a few microseconds
-// each when the grid is a fraction of the GPU, so a split that leaves two chunks to each CTA where
-// three splits would leave one costs that much (H200, bench/paths.py, L2 cold, bf16, 17 rows:
-// 4096x640 Q8_0, 3 chunks, 2 splits: 14.6 us; 2048x1024, 4 chunks, 4 splits: 9.1 us).
-Plan make_plan(int64_t n, int64_t k, int64_t rows, int bm, int tile_n, int ctas_per_sm, int device) {
-  Plan p{1, 0};
-  const int64_t chunks = (k + kChunk - 1) / kChunk;
-  const int64_t tiles = (n + tile_n - 1) / tile_n * ((rows + bm - 1) / bm);
-  const int64_t slots = int64_t(sm_count(device)) * std::max(ctas_per_sm, 1);
-  int64_t best = -1;
-  for (int s = 1; s <= kMaxSplits && s <= chunks; ++s) {
-    if (s > 1 && int64_t(s) * rows * n > kMaxWorkspaceFloats) break;
-    const int64_t cost = (tiles * s + slots - 1) / slots * ((chunks + s - 1) / s);
-    if (best < 0 || cost < best) best = cost, p.splits = s;
-  }
-  p.chunks_per_split = (chunks + p.splits - 1) / p.splits;
-  p.splits = int((chunks + p.chunks_per_split - 1) / p.chunks_per_split);  // no empty split
-  return p;
 }
 
 // Opts kernel F in to kSmem bytes of dynamic shared memory on `device` (the current one) and returns

@@ -29,11 +29,15 @@ struct GemmArgs {
   void* out;
 };
 
-// How a product is cut (make_plan): K in `splits` parts of chunks_per_split chunks each.
+// How a product is cut: K in `splits` parts of chunks_per_split chunks each.
 struct Plan {
   int splits;
   int64_t chunks_per_split;
 };
+
+// The plan for an n x k weight and `rows` activation rows in tiles of tile_n x bm, ctas_per_sm of
+// them resident per SM (qgemm.cu).
+Plan make_plan(int64_t n, int64_t k, int64_t rows, int bm, int tile_n, int ctas_per_sm, int device);
 
 // Whether bf16 weight values of format T are computed in bf16 (packed_pair): where its quants fit in
 // 7 bits (Q8_0, IQ4_NL and IQ4_XS bytes reach +-127). Never in fp16: a slice's d is often below

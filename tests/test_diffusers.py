@@ -136,7 +136,7 @@ def test_each_layer_within_the_documented_bound(flux_gguf, rows, device):
         assert (w_diffusers - w_exact).abs().max() <= 2**-8 * w_exact.abs().max(), name
         x64 = x.double()
         bound = x64.abs() @ (w_diffusers - w_exact).abs().T + 2e-5 * (x64.abs() @ w_exact.abs().T + new.bias.abs())
-        if rows <= gemv_max_rows(x, new.out_features):
+        if rows <= gemv_max_rows(x, new.out_features, new.qtype):
             bound = bound + gemv_rounding_bound(x64, w_exact)
         excess = (got - want).abs() - bound
         assert excess.max() <= 0, f"{name} ({new.qtype.name}): {excess.max().item():.3g} over the bound"

@@ -367,7 +367,7 @@ class MatmulCase(NamedTuple):
         x, layer = self.x, self.entry == "QuantLinear"
         copied = layer and not x.is_contiguous()
         aligned = (copied or x.data_ptr() % 16 == 0) and (layer or self.w.data_ptr() % 16 == 0)
-        return takes_gemv(math.prod(x.shape[:-1]), x.device, x.dtype, self.n, self.k, aligned)
+        return takes_gemv(math.prod(x.shape[:-1]), x.device, x.dtype, self.n, self.k, self.fmt, aligned)
 
     def call(self):
         entry, qtype, w, x, n, k = self.entry, self.qtype, self.w, self.x, self.n, self.k

@@ -216,7 +216,7 @@ def test_every_weight_format_in_a_file_pooled(tmp_path, device):
         W = dequant_oracle(torch.from_numpy(written[name]), q, n, k)
         for rows in (1, 5, 20):
             x = exact_activations((rows, k), seed=10 * i + rows)
-            assert_exact_close(cache.matmul(name, x.to(device)), x, W)
+            assert_exact_close(cache.matmul(name, x.to(device)), x, W, q)
 
 
 def test_version_2_and_nested_arrays_load(valid, tmp_path):

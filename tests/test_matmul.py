@@ -62,16 +62,23 @@ from torchext.formats import QType, block_values
 
 # kernels/batch_policy.h: the Q8_1 GEMVs (DP4A or int8 MMA) serve up to 16 rows, or up to 8 where the
 # tiled GEMM runs (CUDA, fp16/bf16, K a multiple of 8, aligned operands: every GPU these tests run on
-# is sm_80 or newer) on a weight of n <= 2K; more rows are unrounded.
+# is sm_80 or newer), and up to 4 there for the 32- and 64-value formats on weights of 2^23 values or
+# more; more rows are unrounded.
 MAX_GEMV_ROWS = 16
 TILED_GEMM_MIN_ROWS = 9
+TILED_GEMM_MIN_ROWS_SMALL_BLOCKS = 5
+LARGE_WEIGHT_VALUES = 1 << 23
 
 
-def takes_gemv(rows, device, dtype, n, k, aligned=True) -> bool:
-    """Whether qmatmul sends `rows` rows of dtype on device through the Q8_1 GEMV (n x k weight);
-    aligned: x and w start on 16-byte boundaries (the tiled GEMM copies both in 16-byte pieces)."""
-    tiled = aligned and torch.device(device).type == "cuda" and dtype != torch.float32 and k % 8 == 0 and n <= 2 * k
-    return rows <= (TILED_GEMM_MIN_ROWS - 1 if tiled else MAX_GEMV_ROWS)
+def takes_gemv(rows, device, dtype, n, k, qtype, aligned=True) -> bool:
+    """Whether qmatmul sends `rows` rows of dtype on device through the Q8_1 GEMV (n x k weight of
+    format qtype); aligned: x and w start on 16-byte boundaries (the tiled GEMM copies both in 16-byte
+    pieces)."""
+    if not (aligned and torch.device(device).type == "cuda" and dtype != torch.float32 and k % 8 == 0):
+        return rows <= MAX_GEMV_ROWS
+    if block_values(qtype) < 256 and n * k >= LARGE_WEIGHT_VALUES:
+        return rows < TILED_GEMM_MIN_ROWS_SMALL_BLOCKS
+    return rows < TILED_GEMM_MIN_ROWS
 
 NAMED_OPS = {Q.Q4_K: torchext.q4k_gemv, Q.Q5_K: torchext.q5k_gemv, Q.Q6_K: torchext.q6k_gemv}
 
@@ -161,13 +168,14 @@ def report(err, tol, absref):
     return f"worst output {tuple(int(j) for j in i)}: |err| {err[i]:.3e} > tol {tol[i]:.3e} (absref {absref[i]:.3e})"
 
 
-def assert_exact_close(y, x, W, M=None, exact=False):
-    """The tight check for exact activations: |y - ref| <= 1e-5 * absref (+ output rounding; M:
-    the weights' offsets, conftest.offset_oracle; exact: y is from qmatmul(exact=True))."""
+def assert_exact_close(y, x, W, qtype, M=None, exact=False):
+    """The tight check for exact activations: |y - ref| <= 1e-5 * absref (+ output rounding; W: the
+    dense weight of format qtype; M: the weights' offsets, conftest.offset_oracle; exact: y is from
+    qmatmul(exact=True))."""
     ref, absref, xabs = oracle(x, W)
     y64 = y.detach().double().cpu().numpy()
     err = np.abs(y64 - ref)
-    gemv = not exact and takes_gemv(rows_of(y), y.device, y.dtype, *W.shape)
+    gemv = not exact and takes_gemv(rows_of(y), y.device, y.dtype, *W.shape, qtype)
     tol = output_rounding(y, ref, absref, xabs, 1e-5, offsets_term(x, M), gemv=gemv)
     assert np.isfinite(y64).all()
     assert (err <= tol).all(), report(err, tol, absref)
@@ -206,7 +214,7 @@ def test_exact_activations(case, rows, dtype, device):
     w, W = cached_weight(qtype, n, k)
     x = exact_activations((rows, k), seed=k + n + rows).to(dtype)
     y = run_matmul(w.to(device), int(qtype), x.to(device), n, k)
-    assert_exact_close(y, x, W, cached_offsets(qtype, n, k))
+    assert_exact_close(y, x, W, qtype, cached_offsets(qtype, n, k))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -218,8 +226,8 @@ def test_gaussian_activations(case, rows, dtype, device):
     w, W = cached_weight(qtype, n, k)
     x = gaussian_activations((rows, k), seed=k + n + rows).to(dtype)
     y = run_matmul(w.to(device), int(qtype), x.to(device), n, k)
-    if not takes_gemv(rows, device, dtype, n, k):  # unrounded activations
-        assert_exact_close(y, x, W, cached_offsets(qtype, n, k))
+    if not takes_gemv(rows, device, dtype, n, k, qtype):  # unrounded activations
+        assert_exact_close(y, x, W, qtype, cached_offsets(qtype, n, k))
     else:
         assert_gaussian_close(y, x, W)
 
@@ -237,7 +245,7 @@ def test_dense_path_in_several_passes(qtype):
     try:
         for t in (1, 2):
             torch.set_num_threads(t)
-            assert_exact_close(run_matmul(w, int(qtype), x, n, k), x, W)
+            assert_exact_close(run_matmul(w, int(qtype), x, n, k), x, W, qtype)
     finally:
         torch.set_num_threads(threads)
 
@@ -285,7 +293,7 @@ def test_rows_and_batch_dims(qtype, lead, device):
     x = exact_activations(lead + (k,), seed=len(lead) * 31 + sum(lead))
     y = run_matmul(w.to(device), int(qtype), x.to(device), n, k)
     assert y.shape == lead + (n,)
-    assert_exact_close(y, x, W)
+    assert_exact_close(y, x, W, qtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -321,8 +329,8 @@ def test_q6_k_2_byte_aligned_rows(k, rows, device):
     buf = torch.zeros(w.numel() + 2, dtype=torch.uint8, device=device)
     buf[2:] = w.reshape(-1).to(device)
     x = exact_activations((rows, k), seed=rows).to(device)
-    assert_exact_close(torchext.q6k_gemv(buf[2:], x, n, k), x, W)
-    assert_exact_close(torchext.qmatmul(buf[2:], int(Q.Q6_K), x, n, k), x, W)
+    assert_exact_close(torchext.q6k_gemv(buf[2:], x, n, k), x, W, Q.Q6_K)
+    assert_exact_close(torchext.qmatmul(buf[2:], int(Q.Q6_K), x, n, k), x, W, Q.Q6_K)
 
 
 # ---- activations of any finite magnitude ------------------------------------------------------
@@ -349,7 +357,7 @@ def test_any_finite_magnitude(dtype, qtype, rows, device):
         ref, absref, xabs = oracle(x, W)
         y64 = y.double().cpu().numpy()
         assert np.isfinite(y64).all(), f"1e{e}: non-finite outputs"
-        gemv = takes_gemv(rows, device, dtype, n, k)
+        gemv = takes_gemv(rows, device, dtype, n, k, qtype)
         bound = q8_1_bound(x, W) if gemv else 0.0
         u = half_ulp(dtype) if dtype != torch.float32 else 0.0
         # fp32 products below its normal range round to multiples of 2^-149: one per term
@@ -419,7 +427,7 @@ def test_non_finite_activations_dense(qtype, device):
     assert torch.isnan(y[1]).all()
     assert not torch.isfinite(y[3]).any()
     keep = [r for r in range(rows) if r not in (1, 3)]
-    assert_exact_close(y[keep], x[keep], W)
+    assert_exact_close(y[keep], x[keep], W, qtype)
 
 
 # ---- q4k_q8_gemv: the pre-quantized entry points ----------------------------------------------
@@ -439,7 +447,7 @@ def test_q4k_q8_gemv(lead, k, device):
     y = torchext.q4k_q8_gemv(w, xq, n, k)
     assert y.shape == lead + (n,) and y.dtype == torch.float32
     assert torch.equal(torchext.q4k_q8_gemv_packed(w, xq, n, k), y)
-    assert_exact_close(y, x, W)
+    assert_exact_close(y, x, W, Q.Q4_K)
     if math.prod(lead) <= MAX_GEMV_ROWS:
         assert torch.equal(torchext.q4k_gemv(w, x, n, k), y)
 
@@ -473,7 +481,7 @@ def test_qmatmul_q8_1_is_qmatmuls_gemv_path(qtype, dtype, device):
     w, W = cached_weight(qtype, n, k)
     w = w.to(device)
     for lead in [(1,), (3,), (2, 4), (4, 4)]:
-        if not takes_gemv(math.prod(lead), device, dtype, n, k):
+        if not takes_gemv(math.prod(lead), device, dtype, n, k, qtype):
             continue
         x = gaussian_activations(lead + (k,), seed=len(lead) + lead[0]).to(dtype).to(device)
         xq = torchext.quantize_q8_1(x)
@@ -487,24 +495,29 @@ def test_qmatmul_q8_1_is_qmatmuls_gemv_path(qtype, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n, k", [(6, 256), (600, 256), (40, 300)], ids=["narrow", "wide", "k300"])
-def test_gemv_max_rows_is_the_policy(n, k, dtype, device):
+@pytest.mark.parametrize("qtype, n, k", [(Q.Q4_K, 6, 256), (Q.Q4_K, 600, 256), (Q.Q4_K, 40, 300), (Q.Q8_0, 40, 256),
+                                         (Q.Q8_0, 1024, 8192), (Q.NVFP4, 2047, 4096)],
+                         ids=["Q4_K-narrow", "Q4_K-wide", "Q4_K-k300", "Q8_0-small", "Q8_0-2^23", "NVFP4-under-2^23"])
+def test_gemv_max_rows_is_the_policy(qtype, n, k, dtype, device):
     """torchext.ops.gemv_max_rows (what nn.shared_input uses) is where qmatmul switches paths: at
     that many rows qmatmul equals the Q8_1 GEMV bit for bit; one more row leaves the activations
-    unrounded (the tiled GEMM or the dense path). This module's takes_gemv says the same: 8 rows
-    for f16/bf16 on CUDA against a weight of n <= 2K with K a multiple of 8, else 16."""
-    assert (torchext.ops.GEMV_MAX_ROWS, torchext.ops.TILED_GEMM_MIN_ROWS) == (MAX_GEMV_ROWS, TILED_GEMM_MIN_ROWS)
-    w, W = cached_weight(Q.Q4_K, n, k)
+    unrounded (the tiled GEMM or the dense path). This module's takes_gemv says the same: for f16/bf16
+    on CUDA with K a multiple of 8, 4 rows for a 32- or 64-value format on a weight of 2^23 values or
+    more (1024 x 8192; 2047 x 4096 is one row short of it), else 8; otherwise 16."""
+    assert (torchext.ops.GEMV_MAX_ROWS, torchext.ops.TILED_GEMM_MIN_ROWS, torchext.ops.TILED_GEMM_MIN_ROWS_SMALL_BLOCKS,
+            torchext.ops.LARGE_WEIGHT_VALUES) == (MAX_GEMV_ROWS, TILED_GEMM_MIN_ROWS, TILED_GEMM_MIN_ROWS_SMALL_BLOCKS,
+                                                  LARGE_WEIGHT_VALUES)
+    w, W = cached_weight(qtype, n, k)
     w = w.to(device)
-    last = torchext.ops.gemv_max_rows(torch.empty(0, k, dtype=dtype, device=device), n)
-    assert takes_gemv(last, device, dtype, n, k) and not takes_gemv(last + 1, device, dtype, n, k)
+    last = torchext.ops.gemv_max_rows(torch.empty(0, k, dtype=dtype, device=device), n, qtype)
+    assert takes_gemv(last, device, dtype, n, k, qtype) and not takes_gemv(last + 1, device, dtype, n, k, qtype)
     for rows in (last, last + 1):
         x = gaussian_activations((rows, k), seed=rows).to(dtype).to(device)
-        gemv = torchext.qmatmul_q8_1(w, Q.Q4_K, torchext.quantize_q8_1(x), n, k, dtype)
-        y = torchext.qmatmul(w, Q.Q4_K, x, n, k)
+        gemv = torchext.qmatmul_q8_1(w, qtype, torchext.quantize_q8_1(x), n, k, dtype)
+        y = torchext.qmatmul(w, qtype, x, n, k)
         assert torch.equal(y, gemv) == (rows == last), rows
         if rows > last:
-            assert_exact_close(y, x.cpu(), W, cached_offsets(Q.Q4_K, n, k))
+            assert_exact_close(y, x.cpu(), W, qtype, cached_offsets(qtype, n, k))
 
 
 # ---- weights from torchext.quantize (once it exists) --------------------------------------------
@@ -523,7 +536,7 @@ def test_quantizer_weights(qtype, device):
     W = dequant_oracle(w, qtype, n, k)
     for rows in (2, 17):
         x = exact_activations((rows, k), seed=rows)
-        assert_exact_close(run_matmul(w.to(device), int(qtype), x.to(device), n, k), x, W)
+        assert_exact_close(run_matmul(w.to(device), int(qtype), x.to(device), n, k), x, W, qtype)
 
 
 # ---- property test --------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The tiled GEMM (kernels/qgemm.cu): qmatmul's path for 9 to 64 activation rows (17 to 64 for a
-weight of more than 2K rows) on CUDA for fp16 and bf16 activations (kernels/batch_policy.h).
+"""The tiled GEMM (kernels/qgemm.cu): qmatmul's path for 9 to 64 activation rows (from 5 rows for
+the 32- and 64-value formats on weights of 2^23 values or more) on CUDA for fp16 and bf16
+activations (kernels/batch_policy.h).
 
 What it computes with exact=True, and so the bounds used here: every weight value exactly as
 `dequantize` gives it, rounded to x's dtype (half an ulp, conftest.half_ulp: relative 2^-11 for

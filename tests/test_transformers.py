@@ -216,17 +216,22 @@ def q8_1_round(x: torch.Tensor) -> torch.Tensor:
     return (q * d.double()).float().reshape(x.shape).to(x.dtype)
 
 
-def with_q8_1_inputs(model: torch.nn.Module):
+def with_q8_1_inputs(model: torch.nn.Module, ours: torch.nn.Module):
     """Hooks rounding the input of every nn.Linear with q8_1_round when it has at most
-    torchext.ops.gemv_max_rows rows, as torchext.qmatmul's GEMV does (more rows take an unrounded
-    path), and every experts module's matmul inputs (q8_1_experts); the returned function removes them."""
-    def round_gemv_rows(module, args):
-        x = args[0]
-        gemv = x.numel() // x.shape[-1] <= torchext.ops.gemv_max_rows(x, module.out_features)
-        return (q8_1_round(x),) if gemv else None
+    torchext.ops.gemv_max_rows rows for the format of ours' layer of that name, as torchext.qmatmul's
+    GEMV does (more rows take an unrounded path), and every experts module's matmul inputs
+    (q8_1_experts); the returned function removes them."""
+    formats = {name: m.qtype for name, m in ours.named_modules() if isinstance(m, torchext.nn.QuantLinear)}
+
+    def round_gemv_rows(qtype):
+        def hook(module, args):
+            x = args[0]
+            gemv = x.numel() // x.shape[-1] <= torchext.ops.gemv_max_rows(x, module.out_features, qtype)
+            return (q8_1_round(x),) if gemv else None
+        return hook
 
     # Qwen2-MoE's shared_expert_gate is an F32 tensor in the file: a dense nn.Linear in torchext's model too
-    hooks = [m.register_forward_pre_hook(round_gemv_rows) for name, m in model.named_modules()
+    hooks = [m.register_forward_pre_hook(round_gemv_rows(formats[name])) for name, m in model.named_modules()
              if isinstance(m, torch.nn.Linear) and not name.endswith("shared_expert_gate")]
     experts = [m for m in model.modules() if type(m).__name__.endswith("Experts")]
     for m in experts:
@@ -338,7 +343,7 @@ def test_gemv_path_logits_match_transformers_with_q8_1_inputs(models):
     with torch.no_grad():
         got = ours(ids).logits
         plain = ref(ids).logits
-        remove = with_q8_1_inputs(ref)
+        remove = with_q8_1_inputs(ref, ours)
         try:
             rounded = ref(ids).logits
         finally:
@@ -369,7 +374,7 @@ def test_moe_layers_match_transformers_with_q8_1_inputs_layer_by_layer(models):
         for h in hooks:
             h.remove()
     assert len(seen) == len(ref.model.layers)
-    remove = with_q8_1_inputs(ref)
+    remove = with_q8_1_inputs(ref, ours)
     try:
         for i, (layer_ref, (args, kwargs, out)) in enumerate(zip(ref.model.layers, seen)):
             with torch.no_grad():
@@ -416,7 +421,7 @@ def test_greedy_generation_matches_transformers(models):
     ids = prompt(20, seed=1)
     settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
     with torch.no_grad():
-        remove = with_q8_1_inputs(ref)
+        remove = with_q8_1_inputs(ref, ours)
         try:
             want = ref.generate(ids, **settings)
         finally:

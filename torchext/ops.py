@@ -251,7 +251,7 @@ _register_fake("torchext::q4k_q8_gemv_packed")(_fake_q4k_q8_gemv)
 
 def qmatmul(w: torch.Tensor, qtype, x: torch.Tensor, n: int, k: int, exact: bool = False) -> torch.Tensor:
     """x [..., k] @ dequantize(w).T -> [..., n] in x's dtype, for any weight format.
-    Up to gemv_max_rows(x, n) rows (8 or 16): Q8_1 activations and integer dot products (DP4A, or
+    Up to gemv_max_rows(x, n, qtype) rows (4, 8 or 16): Q8_1 activations and integer dot products (DP4A, or
     int8 tensor cores from 2 rows on sm_80+). From there to 64 rows of fp16/bf16 on CUDA (sm_80+): a
     tiled GEMM over the quantized weight with the activations unrounded (fp32 products and sums); in
     bf16 it computes each weight d * q + m in bf16 from d and m rounded to it (not for Q8_0, IQ4_NL
@@ -302,7 +302,7 @@ def qmatmul_q8_1(w: torch.Tensor, qtype, xq: torch.Tensor, n: int, k: int,
     in dtype: qmatmul's GEMV path with the quantization done by the caller, so that several
     weights reading the same input share one quantize_q8_1. With dtype = x's dtype,
     qmatmul_q8_1(w, qtype, quantize_q8_1(x), n, k, x.dtype) equals qmatmul(w, qtype, x, n, k)
-    bit for bit whenever qmatmul takes the GEMV path (up to gemv_max_rows(x, n) rows)."""
+    bit for bit whenever qmatmul takes the GEMV path (up to gemv_max_rows(x, n, qtype) rows)."""
     return _ops.qmatmul_q8_1(w, int(QType.of(qtype)), xq, n, k, dtype)
 
 
@@ -359,22 +359,30 @@ def _(w, qtype, x, ids, n, k, exact=False):
 #: activations unrounded. tests/test_matmul.py checks these against the kernels' behaviour.
 GEMV_MAX_ROWS = 16
 
-#: The rows from which the tiled GEMM serves what it runs (kMinTiledGemmRows; gemv_max_rows says where).
+#: The rows from which the tiled GEMM serves what it runs (kMinTiledGemmRows), and for formats of 32
+#: or 64 values a block on weights of at least LARGE_WEIGHT_VALUES values (kMinTiledGemmRowsSmallBlocks,
+#: kLargeWeightValues); gemv_max_rows says where.
 TILED_GEMM_MIN_ROWS = 9
+TILED_GEMM_MIN_ROWS_SMALL_BLOCKS = 5
+LARGE_WEIGHT_VALUES = 1 << 23
 
 
-def gemv_max_rows(x: torch.Tensor, n: int) -> int:
+def gemv_max_rows(x: torch.Tensor, n: int, qtype) -> int:
     """The most rows of activations like x (its device, dtype and last dimension K) that qmatmul
-    sends through the Q8_1 GEMV against an n x K weight (kernels/batch_policy.h, max_gemv_rows):
-    TILED_GEMM_MIN_ROWS - 1 where the tiled GEMM runs (CUDA, fp16 or bf16, compute capability 8.0
-    or newer, K a multiple of 8) and n <= 2K, else GEMV_MAX_ROWS. The tiled GEMM also needs 16-byte
-    aligned operands, which this does not look at (so that it holds for traced tensors too): an x
-    that is not aligned takes the GEMV up to GEMV_MAX_ROWS rows."""
+    sends through the Q8_1 GEMV against an n x K weight of format qtype (kernels/batch_policy.h,
+    max_gemv_rows). Where the tiled GEMM runs (CUDA, fp16 or bf16, compute capability 8.0 or newer,
+    K a multiple of 8): TILED_GEMM_MIN_ROWS_SMALL_BLOCKS - 1 for a format of 32 or 64 values a block
+    on a weight of at least LARGE_WEIGHT_VALUES values, else TILED_GEMM_MIN_ROWS - 1; elsewhere
+    GEMV_MAX_ROWS. The tiled GEMM also needs 16-byte aligned operands, which this does not look at
+    (so that it holds for traced tensors too): an x that is not aligned takes the GEMV up to
+    GEMV_MAX_ROWS rows."""
     k = x.shape[-1]
-    if (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and k % 8 == 0 and n <= 2 * k
+    if not (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and k % 8 == 0
             and _has_tiled_gemm(x.device.index)):
-        return TILED_GEMM_MIN_ROWS - 1
-    return GEMV_MAX_ROWS
+        return GEMV_MAX_ROWS
+    if block_values(qtype) < 256 and n * k >= LARGE_WEIGHT_VALUES:
+        return TILED_GEMM_MIN_ROWS_SMALL_BLOCKS - 1
+    return TILED_GEMM_MIN_ROWS - 1
 
 
 @torch.compiler.assume_constant_result  # a fact of the device: torch.compile takes it as a constant
