@@ -1,8 +1,8 @@
-// The tiled GEMM for 9 to 64 activation rows (batch_policy.h): out = x @ W^T with W quantized, one
-// body for every weight format (QuantTraits' mma_load / mma_slice, the tensor-core GEMV's fragments)
-// and for fp16 and bf16 activations, on fp16/bf16 mma.sync with fp32 accumulation. The body is
-// qgemm_kernel.cuh, compiled as three sets of kernels (qgemm_variants.cuh); this file picks the set
-// and adds K splits up.
+// The tiled GEMM for up to 64 activation rows (from 9, or 5: batch_policy.h): out = x @ W^T with W
+// quantized, one body for every weight format (QuantTraits' mma_load / mma_slice, the tensor-core
+// GEMV's fragments) and for fp16 and bf16 activations, on fp16/bf16 mma.sync with fp32 accumulation.
+// The body is qgemm_kernel.cuh, compiled as three sets of kernels (qgemm_variants.cuh); this file
+// picks the set, plans the K split and adds the splits up.
 //
 // - A CTA owns kTileN = 256 or 128 weight rows x BM (32 or 64) activation rows (visit_tile). Each of
 //   its 8 or 4 warps owns 32 weight rows (two 16-row MMA tiles) against all BM rows: every weight
