@@ -39,8 +39,8 @@ DECODER_FORMATS = ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q5_0"]
 # o_proj (Q4_K), as in its Q4_K_M GGUF.
 GEMMA_SHAPES = [(262144, 640, "Q8_0"), (2048, 640, "Q5_0"), (1024, 640, "Q5_0"),
                 (640, 2048, "Q6_K"), (640, 1024, "Q4_K")]
-GEMV_BATCHES = [1, 2, 4, 8]        # the small batches of decoding (b8/b1 is a target)
-LARGE_BATCHES = [16, 64, 512]      # its large-batch ones (x bf16 at 512 is a target)
+GEMV_BATCHES = [1, 2, 4, 8]           # the small batches of decoding (b8/b1 is a target)
+LARGE_BATCHES = [16, 32, 64, 128, 512]  # the tiled GEMM's and the dense path's (x bf16 targets below)
 MAX_GEMV_ROWS = 16                 # kernels/batch_policy.h: the most rows a Q8_1 GEMV serves
 
 # Column order of the printed tables (labels): baselines, then torchext per weight format.
@@ -51,9 +51,13 @@ GEMV_LABELS += [f for f in CATALOG_FORMATS if f not in GEMV_LABELS]
 PLOT_LABELS = [lb for lb in GEMV_LABELS if lb != "q8_1"]  # the plot shows matmuls; q8_1 has no weight
 ELEMENTWISE_LABELS = ["copy", "q8_1", "gelu", "gelu tanh", "gelu_", "bias_gelu", "F.gelu",
                       "F.gelu tanh", "F.gelu(x+b)"]
-# The batch-1 target is >= 90% of bf16 F.linear's GB/s; with these formats' sizes
-# (4.5, 5.5, 6.56 bits a value against bf16's 16) that is 0.9 * 16 / bits times bf16's speed.
-SPEEDUP_TARGET = {"Q4_K": 3.2, "Q5_K": 2.6, "Q6_K": 2.2}
+# The targets the summary checks (the project's, same run as bf16 F.linear): batch 1 at >= 90% of
+# bf16's achieved GB/s (Q6_K 85%, the grid-based IQ formats 80%), batch 8 <= 1.5x batch 1's time,
+# and from 32 rows a speed against bf16 of at least X_BF16_TARGET (the exact path's 0.9x at 512+
+# rows is bench/paths.py's column).
+GRID_FORMATS = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M")
+B1_PCT_BF16_TARGET = {"Q6_K": 85, **{f: 80 for f in GRID_FORMATS}}  # else 90
+X_BF16_TARGET = {32: 1.5, 64: 1.5, 128: 1.0, 512: 1.0, 2048: 1.0, 4096: 1.0}
 NAMED_OP = {"Q4_K": "q4k_gemv", "Q5_K": "q5k_gemv", "Q6_K": "q6k_gemv"}
 
 
@@ -354,33 +358,36 @@ def summary_text(ctx: Ctx, header: str) -> str:
             out.append(common.render(["NxK", "fmt", "B", "bf16", "int4", "torchext", "x bf16"], body))
 
         body = []
+        checked = [b for b in X_BF16_TARGET if any(r["batch"] == b for r in sel)]
         for n, k in shapes:
             bf1 = idx.get((n, k, 1, "bf16"))
-            for fmt in ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q5_0", "int4"):
+            for fmt in CATALOG_FORMATS + ["int4"]:
                 r1 = idx.get((n, k, 1, fmt))
                 if r1 is None:
                     continue
                 r8 = idx.get((n, k, 8, fmt))
-                big = [idx.get((n, k, b, fmt)) for b in LARGE_BATCHES]
+                big = {b: idx.get((n, k, b, fmt)) for b in checked}
                 pct_bf16 = (r1["gbps"] / bf1["gbps"] * 100 if r1["gbps"] != "" and bf1 and bf1["gbps"] != ""
                             else "")
+                target = "" if fmt == "int4" else B1_PCT_BF16_TARGET.get(fmt, 90)
                 misses = []
-                if fmt in SPEEDUP_TARGET and pct_bf16 != "" and pct_bf16 < 90:
-                    misses.append("b1<90%bf16")
+                if target != "" and pct_bf16 != "" and pct_bf16 < target:
+                    misses.append(f"b1<{target}%bf16")
                 if fmt != "int4" and r8 and r8["b8_over_b1"] != "" and r8["b8_over_b1"] > 1.5:
                     misses.append("b8/b1>1.5")
-                if fmt != "int4" and big[-1] and big[-1]["x_bf16"] != "" and big[-1]["x_bf16"] < 0.8:
-                    misses.append("b512<0.8x")
+                for b, r in big.items():
+                    if fmt != "int4" and r and r["x_bf16"] != "" and r["x_bf16"] < X_BF16_TARGET[b]:
+                        misses.append(f"b{b}<{X_BF16_TARGET[b]:g}x")
                 body.append([f"{n}x{k}", fmt, common.cell(r1), common.fmt_f(r1["gbps"], ".0f"),
                              common.fmt_f(r1["pct_copy"], ".0f"), common.fmt_f(r1["x_bf16"], ".2f"),
-                             str(SPEEDUP_TARGET.get(fmt, "")), common.fmt_f(pct_bf16, ".0f"),
-                             common.fmt_f(r8 and r8["b8_over_b1"], ".2f")]
-                            + [common.fmt_f(r and r["x_bf16"], ".2f") for r in big] + [",".join(misses)])
+                             common.fmt_f(pct_bf16, ".0f"), str(target), common.fmt_f(r8 and r8["b8_over_b1"], ".2f")]
+                            + [common.fmt_f(r and r["x_bf16"], ".2f") for r in big.values()] + [",".join(misses)])
         if body:
-            out += ["", f"== targets, L2 {mode}: batch 1 GB/s, %copy-BW, x = speed-up over bf16 F.linear "
-                    "(target), %bf16 GB/s (>=90), b8/b1 time (<=1.5), x bf16 at 16/64/512 (>=0.8 at 512)",
-                    common.render(["NxK", "fmt", "b1 us", "GB/s", "%copy", "x bf16", "tgt", "%bf16",
-                                   "b8/b1", "x@16", "x@64", "x@512", "misses"], body)]
+            goals = ", ".join(f"{b}: {X_BF16_TARGET[b]:g}" for b in checked)
+            out += ["", f"== targets, L2 {mode}: batch 1 GB/s, %copy-BW, x = speed-up over bf16 F.linear, "
+                    f"%bf16 GB/s (target tgt%), b8/b1 time (<=1.5), x bf16 by batch (targets {goals or 'none measured'})",
+                    common.render(["NxK", "fmt", "b1 us", "GB/s", "%copy", "x bf16", "%bf16", "tgt%", "b8/b1"]
+                                  + [f"x@{b}" for b in checked] + ["misses"], body)]
 
     ew = [r for r in rows if r["section"] == "elementwise"]
     if ew:
