@@ -55,8 +55,7 @@ ELEMENTWISE_LABELS = ["copy", "q8_1", "gelu", "gelu tanh", "gelu_", "bias_gelu",
 # bf16's achieved GB/s (Q6_K 85%, the grid-based IQ formats 80%), batch 8 <= 1.5x batch 1's time,
 # and from 32 rows a speed against bf16 of at least X_BF16_TARGET (the exact path's 0.9x at 512+
 # rows is bench/paths.py's column).
-GRID_FORMATS = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M")
-B1_PCT_BF16_TARGET = {"Q6_K": 85, **{f: 80 for f in GRID_FORMATS}}  # else 90
+B1_PCT_BF16_TARGET = {"Q6_K": 85, **{q.name: 80 for q in common.formats.GRID_TYPES}}  # else 90
 X_BF16_TARGET = {32: 1.5, 64: 1.5, 128: 1.0, 512: 1.0, 2048: 1.0, 4096: 1.0}
 NAMED_OP = {"Q4_K": "q4k_gemv", "Q5_K": "q5k_gemv", "Q6_K": "q6k_gemv"}
 

@@ -153,6 +153,10 @@ ALIGNMENT = {
 #: weights do (gguf has no NVFP4 quantizer to match).
 QUANTIZABLE_TYPES = tuple(q for q in WEIGHT_TYPES if not q.name.startswith("IQ") and q != QType.NVFP4)
 
+#: The grid-based imatrix formats (kernels/quant_traits_iq_grid.h): the IQ formats but the non-linear
+#: IQ4_NL and IQ4_XS, whose values are a 16-entry table.
+GRID_TYPES = tuple(q for q in WEIGHT_TYPES if q.name.startswith("IQ") and q not in (QType.IQ4_NL, QType.IQ4_XS))
+
 
 def block_values(qtype) -> int:
     """Values per block: 256 for the k-quants, TQ1_0, TQ2_0 and the IQ grid formats, 64 for NVFP4, 32

@@ -154,9 +154,9 @@ class QuantLinear(nn.Module):
 def takes_q8_1(x: torch.Tensor, *layers: QuantLinear) -> bool:
     """Whether the layers, all reading x, take qmatmul's GEMV path on one Q8_1 copy of x: all
     QuantLinear (other modules, such as torchext.parallel's sharded layers, have no forward_q8_1),
-    at most ops.gemv_max_rows(x, out_features, qtype) rows for each (and some), one in_features, and no layer
-    exact (exact ones never round x). Then a caller may quantize x itself (quantize_q8_1, or an op that
-    computes and quantizes x in one kernel) and call each layer's forward_q8_1."""
+    at most ops.gemv_max_rows(x, out_features, qtype) rows for each (and some), one in_features, and
+    no layer exact (exact ones never round x). Then a caller may quantize x itself (quantize_q8_1, or
+    an op that computes and quantizes x in one kernel) and call each layer's forward_q8_1."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return (rows > 0 and all(isinstance(m, QuantLinear) for m in layers)
             and all(rows <= gemv_max_rows(x, m.out_features, m.qtype) for m in layers)
