@@ -1,6 +1,7 @@
 // The body of every op, written once and instantiated per backend. A Backend supplies
 //   struct Context { explicit Context(const Tensor& on); };   device guard + stream (CUDA) or nothing (CPU)
-//   quantize_q8_1, rms_norm_quantize_q8_1, gated_gelu_quantize_q8_1, gemv_q8_1, dequantize, gelu
+//   quantize_q8_1, rms_norm_quantize_q8_1, add_rms_norm_quantize_q8_1, gated_gelu_quantize_q8_1,
+//   gemv_q8_1, dequantize, gelu
 //                                                            the kernels, on raw pointers
 //   check_ids(rows, count, n, bound)                         ids in [0, n), where it costs no sync
 //   kIdsOnHost                                               qmatmul_id groups slots by expert on the host (CPU);
@@ -13,6 +14,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 #include "csrc/checks.h"
@@ -53,38 +56,73 @@ struct Ops {
     return out;
   }
 
+  // t, a second input of ref's dtype and shape (no broadcasting), contiguous, on ref's device.
+  static void check_like(const Tensor& t, const char* arg, const Tensor& ref, const char* ref_arg) {
+    check_defined_contiguous(t, arg);
+    TORCHEXT_CHECK(t.scalar_type() == ref.scalar_type(), arg, ": expected the dtype of ", ref_arg, " (",
+                    dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
+    TORCHEXT_CHECK(t.sizes().equals(ref.sizes()), arg, ": expected the shape of ", ref_arg, " ", shape_string(ref),
+                    ", got ", shape_string(t));
+    check_same_device(ref, ref_arg, t, arg);
+  }
+
+  // A norm's weight for x [..., k]: [k], float32 or x's dtype, on x's device.
+  static FloatType check_norm_weight(const Tensor& weight, const char* arg, const Tensor& x, int64_t k) {
+    check_defined_contiguous(weight, arg);
+    TORCHEXT_CHECK(weight.scalar_type() == ScalarType::Float || weight.scalar_type() == x.scalar_type(), arg,
+                    ": expected float32 or the dtype of x (", dtype_name(x.scalar_type()), "), got ",
+                    dtype_name(weight.scalar_type()));
+    TORCHEXT_CHECK(weight.dim() == 1 && weight.size(0) == k, arg, ": expected shape [", k,
+                    "] (x's last dimension), got ", shape_string(weight));
+    check_same_device(x, "x", weight, arg);
+    return float_type(weight, arg);
+  }
+
+  static void check_eps(double eps) {
+    // fp32 holds it (the kernels add it in fp32), and a NaN fails both comparisons
+    TORCHEXT_CHECK(eps >= 0.0 && eps <= 3.4028234663852886e38, "eps: expected a number >= 0 that float32 holds");
+  }
+
   // quantize_q8_1 of x / rms(x) * weight over the last dimension, rounded to x's dtype first.
   static Tensor rms_norm_quantize_q8_1(Tensor x, Tensor weight, double eps) {
     const FloatType xt = check_q8_1_source(x, "x");
     const int64_t k = x.size(x.dim() - 1);
-    check_defined_contiguous(weight, "weight");
-    TORCHEXT_CHECK(weight.scalar_type() == ScalarType::Float || weight.scalar_type() == x.scalar_type(),
-                    "weight: expected float32 or the dtype of x (", dtype_name(x.scalar_type()), "), got ",
-                    dtype_name(weight.scalar_type()));
-    TORCHEXT_CHECK(weight.dim() == 1 && weight.size(0) == k, "weight: expected shape [", k,
-                    "] (x's last dimension), got ", shape_string(weight));
-    check_same_device(x, "x", weight, "weight");
-    // fp32 holds it (the kernels add it in fp32), and a NaN fails both comparisons
-    TORCHEXT_CHECK(eps >= 0.0 && eps <= 3.4028234663852886e38, "eps: expected a number >= 0 that float32 holds");
+    const FloatType wt = check_norm_weight(weight, "weight", x, k);
+    check_eps(eps);
     Tensor out = new_q8_1(x, k);
     const int64_t rows = leading_rows(x);
     if (rows == 0) return out;
     Ctx ctx(x);
-    Backend::rms_norm_quantize_q8_1(ctx, x.data_ptr(), xt, weight.data_ptr(), float_type(weight, "weight"), rows, k,
-                                    float(eps), static_cast<block_q8_1*>(out.data_ptr()));
+    Backend::rms_norm_quantize_q8_1(ctx, x.data_ptr(), xt, weight.data_ptr(), wt, rows, k, float(eps),
+                                    static_cast<block_q8_1*>(out.data_ptr()));
     return out;
+  }
+
+  // (sum, xq): sum = residual + x (or + rms_norm(x) by x_weight) in x's dtype, xq = the Q8_1 of rms_norm(sum).
+  static std::tuple<Tensor, Tensor> add_rms_norm_quantize_q8_1(Tensor x, Tensor residual, Tensor weight, double eps,
+                                                               std::optional<Tensor> x_weight) {
+    const FloatType xt = check_q8_1_source(x, "x");
+    const int64_t k = x.size(x.dim() - 1);
+    check_like(residual, "residual", x, "x");
+    const FloatType wt = check_norm_weight(weight, "weight", x, k);
+    const FloatType xwt = x_weight ? check_norm_weight(*x_weight, "x_weight", x, k) : FloatType::F32;
+    check_eps(eps);
+    Tensor sum = torch::stable::empty_like(x);
+    Tensor out = new_q8_1(x, k);
+    const int64_t rows = leading_rows(x);
+    if (rows == 0) return {sum, out};
+    Ctx ctx(x);
+    Backend::add_rms_norm_quantize_q8_1(ctx, x.data_ptr(), residual.data_ptr(), xt,
+                                        x_weight ? x_weight->data_ptr() : nullptr, xwt, weight.data_ptr(), wt, rows, k,
+                                        float(eps), sum.data_ptr(), static_cast<block_q8_1*>(out.data_ptr()));
+    return {sum, out};
   }
 
   // quantize_q8_1 of gelu(gate) * up, each rounded to the inputs' dtype as the unfused ops round it.
   static Tensor gated_gelu_quantize_q8_1(Tensor gate, Tensor up, std::string approximate) {
     const FloatType t = check_q8_1_source(gate, "gate");
     const int64_t k = gate.size(gate.dim() - 1);
-    check_defined_contiguous(up, "up");
-    TORCHEXT_CHECK(up.scalar_type() == gate.scalar_type(), "up: expected the dtype of gate (",
-                    dtype_name(gate.scalar_type()), "), got ", dtype_name(up.scalar_type()));
-    TORCHEXT_CHECK(up.sizes().equals(gate.sizes()), "up: expected the shape of gate ", shape_string(gate), ", got ",
-                    shape_string(up));
-    check_same_device(gate, "gate", up, "up");
+    check_like(up, "up", gate, "gate");
     const bool tanh_form = parse_approximate(approximate);
     Tensor out = new_q8_1(gate, k);
     const int64_t rows = leading_rows(gate);
@@ -374,6 +412,7 @@ struct Ops {
     using O = ::torchext::Ops<Backend>;                                        \
     m.impl("quantize_q8_1", TORCH_BOX(&O::quantize_q8_1));                     \
     m.impl("rms_norm_quantize_q8_1", TORCH_BOX(&O::rms_norm_quantize_q8_1));   \
+    m.impl("add_rms_norm_quantize_q8_1", TORCH_BOX(&O::add_rms_norm_quantize_q8_1)); \
     m.impl("gated_gelu_quantize_q8_1", TORCH_BOX(&O::gated_gelu_quantize_q8_1)); \
     m.impl("q4k_q8_gemv", TORCH_BOX(&O::q4k_q8_gemv));                         \
     m.impl("q4k_q8_gemv_packed", TORCH_BOX(&O::q4k_q8_gemv));                  \

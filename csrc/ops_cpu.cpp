@@ -38,6 +38,11 @@ struct CpuBackend {
                                      int64_t k, float eps, block_q8_1* out) {
     cpu::rms_norm_quantize_q8_1(x, xt, w, wt, rows, k, eps, out);
   }
+  static void add_rms_norm_quantize_q8_1(Context&, const void* x, const void* residual, FloatType xt,
+                                         const void* x_weight, FloatType xwt, const void* w, FloatType wt, int64_t rows,
+                                         int64_t k, float eps, void* sum, block_q8_1* out) {
+    cpu::add_rms_norm_quantize_q8_1(x, residual, xt, x_weight, xwt, w, wt, rows, k, eps, sum, out);
+  }
   static void gated_gelu_quantize_q8_1(Context&, const void* gate, const void* up, FloatType t, int64_t rows,
                                        int64_t k, bool tanh_form, block_q8_1* out) {
     cpu::gated_gelu_quantize_q8_1(gate, up, t, rows, k, tanh_form, out);

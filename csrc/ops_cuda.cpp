@@ -53,6 +53,13 @@ struct CudaBackend {
                                      int64_t rows, int64_t k, float eps, block_q8_1* out) {
     check_launch(launch_rms_norm_quantize_q8_1(x, xt, w, wt, rows, k, eps, out, c.stream), "rms_norm_quantize_q8_1");
   }
+  static void add_rms_norm_quantize_q8_1(Context& c, const void* x, const void* residual, FloatType xt,
+                                         const void* x_weight, FloatType xwt, const void* w, FloatType wt, int64_t rows,
+                                         int64_t k, float eps, void* sum, block_q8_1* out) {
+    check_launch(launch_add_rms_norm_quantize_q8_1(x, residual, xt, x_weight, xwt, w, wt, rows, k, eps, sum, out,
+                                                   c.stream),
+                 "add_rms_norm_quantize_q8_1");
+  }
   static void gated_gelu_quantize_q8_1(Context& c, const void* gate, const void* up, FloatType t, int64_t rows,
                                        int64_t k, bool tanh_form, block_q8_1* out) {
     check_launch(launch_gated_gelu_quantize_q8_1(gate, up, t, rows, k, tanh_form, out, c.stream),

@@ -11,6 +11,11 @@ STABLE_TORCH_LIBRARY(torchext, m) {
   // rounded to x's dtype, weight [K] float32 or x's dtype; the sum of squares in the fixed order of
   // kernels/fused_q8_1_math.h, so CPU and CUDA give the same bytes
   m.def("rms_norm_quantize_q8_1(Tensor x, Tensor weight, float eps) -> Tensor");
+  // a residual add and the next norm's input in one kernel: sum = residual + t rounded to x's dtype
+  // (torch's add), t = x, or rms_norm(x) by x_weight (a post-norm on a sublayer's output, Gemma 2/3);
+  // -> (sum, rms_norm_quantize_q8_1(sum, weight, eps)); x, residual [..., K] of one dtype and shape
+  m.def("add_rms_norm_quantize_q8_1(Tensor x, Tensor residual, Tensor weight, float eps, Tensor? x_weight=None) -> "
+        "(Tensor, Tensor)");
   // quantize_q8_1(gelu(gate, approximate) * up) in one kernel, gelu(gate) and the product each rounded to
   // the inputs' dtype as torchext.gelu and torch's multiplication round them; gate and up [..., K]
   m.def("gated_gelu_quantize_q8_1(Tensor gate, Tensor up, str approximate=\"tanh\") -> Tensor");

@@ -1,7 +1,7 @@
-// The arithmetic of rms_norm_quantize_q8_1 and gated_gelu_quantize_q8_1, shared by the CPU and the
-// CUDA kernels so that both give the same bits. Every product and sum is rounded to fp32 on its own:
-// the device code names the rounding (nvcc would otherwise contract a*b + c into one fma), the host
-// code is built with -ffp-contract=off.
+// The arithmetic of rms_norm_quantize_q8_1, add_rms_norm_quantize_q8_1 and gated_gelu_quantize_q8_1,
+// shared by the CPU and the CUDA kernels so that both give the same bits. Every product and sum is
+// rounded to fp32 on its own: the device code names the rounding (nvcc would otherwise contract
+// a*b + c into one fma), the host code is built with -ffp-contract=off.
 #pragma once
 
 #include <cmath>
@@ -52,6 +52,11 @@ TORCHEXT_HD float rms_inverse(float sum_squares, int64_t k, float eps) {
 // One normalised value, (x * inverse) * w, rounded to the activations' type t.
 TORCHEXT_HD float rms_norm_value(float x, float inverse, float w, FloatType t) {
   return round_to(mul_rn(mul_rn(x, inverse), w), t);
+}
+
+// residual + value rounded to t, as torch's addition of two tensors of type t gives it.
+TORCHEXT_HD float residual_sum_value(float residual, float value, FloatType t) {
+  return round_to(add_rn(residual, value), t);
 }
 
 // act(gate) * up as the unfused ops give it: the activation rounded to t (torchext.gelu's output),

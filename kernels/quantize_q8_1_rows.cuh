@@ -33,7 +33,31 @@ __device__ __forceinline__ void load_group8(const void* x, FloatType t, int64_t 
   }
 }
 
-// Whether float rows [rows, k] at x can be read 16 bytes at a time (every row start aligned).
+// x[row_base + col .. col+8) = v rounded to t, the columns below k: load_group8's layout, written.
+__device__ __forceinline__ void store_group8(void* x, FloatType t, int64_t row_base, int64_t col, int64_t k,
+                                             bool vector_ok, const float (&v)[8]) {
+  if (vector_ok && col + 8 <= k) {
+    if (t == FloatType::F32) {
+      float4* p = reinterpret_cast<float4*>(static_cast<float*>(x) + row_base + col);
+      p[0] = make_float4(v[0], v[1], v[2], v[3]);
+      p[1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+      union {
+        uint4 raw;
+        uint16_t h[8];
+      } u;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) u.h[i] = t == FloatType::F16 ? float_to_fp16(v[i]) : float_to_bf16(v[i]);
+      *reinterpret_cast<uint4*>(static_cast<uint16_t*>(x) + row_base + col) = u.raw;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (col + i < k) store_float(x, row_base + col + i, t, v[i]);
+  }
+}
+
+// Whether float rows [rows, k] at x can be read (or written) 16 bytes at a time (every row start aligned).
 inline bool rows_allow_vector_loads(const void* x, FloatType t, int64_t k) {
   return reinterpret_cast<uintptr_t>(x) % 16 == 0 && k % (t == FloatType::F32 ? 4 : 8) == 0;
 }

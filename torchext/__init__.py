@@ -9,6 +9,7 @@ from . import _C  # noqa: F401  (loads the library: its static initialisers regi
 from . import ops
 from .formats import QType, block_bytes, block_values, row_bytes
 from .ops import (
+    add_rms_norm_quantize_q8_1,
     bias_gelu,
     dequantize,
     embedding,
@@ -39,7 +40,8 @@ logging.getLogger("torch.utils.cpp_extension").addFilter(
 
 __all__ = [
     "QType", "block_bytes", "block_values", "row_bytes", "ops",
-    "quantize_q8_1", "rms_norm_quantize_q8_1", "gated_gelu_quantize_q8_1", "q4k_q8_gemv", "q4k_q8_gemv_packed", "q4k_gemv", "q5k_gemv", "q6k_gemv",
+    "quantize_q8_1", "rms_norm_quantize_q8_1", "add_rms_norm_quantize_q8_1", "gated_gelu_quantize_q8_1",
+    "q4k_q8_gemv", "q4k_q8_gemv_packed", "q4k_gemv", "q5k_gemv", "q6k_gemv",
     "qmatmul", "qmatmul_id", "qmatmul_q8_1", "gelu", "gelu_", "bias_gelu", "dequantize", "embedding", "quantize",
     "WeightCache", "nn",
 ]

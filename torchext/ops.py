@@ -183,19 +183,65 @@ def rms_norm_quantize_q8_1(x: torch.Tensor, weight: torch.Tensor, eps: float) ->
     return _ops.rms_norm_quantize_q8_1(x, weight, float(eps))
 
 
-@_register_fake("torchext::rms_norm_quantize_q8_1")
-def _(x, weight, eps):
-    _check_q8_1_source(x, "x")
-    _check_contiguous(weight, "weight")
+def _check_like(t: torch.Tensor, arg: str, ref: torch.Tensor, ref_arg: str) -> None:
+    """t, a second input of ref's dtype and shape (no broadcasting), contiguous, on ref's device."""
+    _check_contiguous(t, arg)
+    torch._check(t.dtype == ref.dtype,
+                 lambda: f"{arg}: expected the dtype of {ref_arg} ({_dtype_name(ref.dtype)}), got {_dtype_name(t.dtype)}")
+    torch._check(t.shape == ref.shape,
+                 lambda: f"{arg}: expected the shape of {ref_arg} {list(ref.shape)}, got {list(t.shape)}")
+    _check_same_device(ref, ref_arg, t, arg)
+
+
+def _check_norm_weight(weight: torch.Tensor, arg: str, x: torch.Tensor) -> None:
+    _check_contiguous(weight, arg)
     torch._check(weight.dtype in (torch.float32, x.dtype),
-                 lambda: f"weight: expected float32 or the dtype of x ({_dtype_name(x.dtype)}), got "
+                 lambda: f"{arg}: expected float32 or the dtype of x ({_dtype_name(x.dtype)}), got "
                          f"{_dtype_name(weight.dtype)}")
     k = x.shape[-1]
     torch._check(weight.dim() == 1 and weight.shape[0] == k,
-                 lambda: f"weight: expected shape [{k}] (x's last dimension), got {list(weight.shape)}")
-    _check_same_device(x, "x", weight, "weight")
+                 lambda: f"{arg}: expected shape [{k}] (x's last dimension), got {list(weight.shape)}")
+    _check_same_device(x, "x", weight, arg)
+
+
+def _check_eps(eps: float) -> None:
     torch._check(0.0 <= eps <= _FLOAT32_MAX, lambda: "eps: expected a number >= 0 that float32 holds")
-    return x.new_empty(_with_last(x, q8_1_row_bytes(k)), dtype=torch.uint8)
+
+
+@_register_fake("torchext::rms_norm_quantize_q8_1")
+def _(x, weight, eps):
+    _check_q8_1_source(x, "x")
+    _check_norm_weight(weight, "weight", x)
+    _check_eps(eps)
+    return x.new_empty(_with_last(x, q8_1_row_bytes(x.shape[-1])), dtype=torch.uint8)
+
+
+def add_rms_norm_quantize_q8_1(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                               x_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual add and the next layer's normalised Q8_1 input in one kernel:
+
+        t = x if x_weight is None else rms_norm(x, x_weight, eps)
+        s = residual + t                                  # in x's dtype, as torch adds
+        return s, rms_norm_quantize_q8_1(s, weight, eps)
+
+    with rms_norm the arithmetic rms_norm_quantize_q8_1 documents (both norms), so the bytes and
+    values are those of the unfused ops. x_weight is a post-norm on a sublayer's output before it
+    joins the residual stream (Gemma 2 and 3); without it this is a pre-norm decoder's
+    `h = h + attn(...)` followed by the MLP's input norm. x and residual: [..., K] of one float dtype
+    and shape; weight and x_weight: [K], float32 or x's dtype. Returns s (a new tensor like x) and
+    uint8 [..., ceil(K/256)*8*36], the layout of quantize_q8_1."""
+    return _ops.add_rms_norm_quantize_q8_1(x, residual, weight, float(eps), x_weight)
+
+
+@_register_fake("torchext::add_rms_norm_quantize_q8_1")
+def _(x, residual, weight, eps, x_weight=None):
+    _check_q8_1_source(x, "x")
+    _check_like(residual, "residual", x, "x")
+    _check_norm_weight(weight, "weight", x)
+    if x_weight is not None:
+        _check_norm_weight(x_weight, "x_weight", x)
+    _check_eps(eps)
+    return torch.empty_like(x), x.new_empty(_with_last(x, q8_1_row_bytes(x.shape[-1])), dtype=torch.uint8)
 
 
 def gated_gelu_quantize_q8_1(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
@@ -210,12 +256,7 @@ def gated_gelu_quantize_q8_1(gate: torch.Tensor, up: torch.Tensor, approximate: 
 @_register_fake("torchext::gated_gelu_quantize_q8_1")
 def _(gate, up, approximate="tanh"):
     _check_q8_1_source(gate, "gate")
-    _check_contiguous(up, "up")
-    torch._check(up.dtype == gate.dtype,
-                 lambda: f"up: expected the dtype of gate ({_dtype_name(gate.dtype)}), got {_dtype_name(up.dtype)}")
-    torch._check(up.shape == gate.shape,
-                 lambda: f"up: expected the shape of gate {list(gate.shape)}, got {list(up.shape)}")
-    _check_same_device(gate, "gate", up, "up")
+    _check_like(up, "up", gate, "gate")
     _check_approximate(approximate)
     return gate.new_empty(_with_last(gate, q8_1_row_bytes(gate.shape[-1])), dtype=torch.uint8)
 

@@ -44,6 +44,22 @@ void rms_norm_quantize_q8_1(const void* x, FloatType xt, const void* w, FloatTyp
   quantize_q8_1(y, xt, rows, k, out);
 }
 
+void add_rms_norm_quantize_q8_1(const void* x, const void* residual, FloatType xt, const void* x_weight, FloatType xwt,
+                                const void* w, FloatType wt, int64_t rows, int64_t k, float eps, void* sum,
+                                block_q8_1* out) {
+  torch::stable::parallel_for(0, rows, std::max<int64_t>(1, (int64_t(1) << 14) / k), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float inverse = x_weight ? rms_inverse(row_sum_squares(x, xt, r * k, k), k, eps) : 0.0f;
+      for (int64_t j = r * k; j < (r + 1) * k; ++j) {
+        const float v = load_float(x, j, xt);
+        const float t = x_weight ? rms_norm_value(v, inverse, load_float(x_weight, j - r * k, xwt), xt) : v;
+        store_float(sum, j, xt, residual_sum_value(load_float(residual, j, xt), t, xt));
+      }
+    }
+  });
+  rms_norm_quantize_q8_1(sum, xt, w, wt, rows, k, eps, out);
+}
+
 void gated_gelu_quantize_q8_1(const void* gate, const void* up, FloatType t, int64_t rows, int64_t k, bool tanh_form,
                               block_q8_1* out) {
   const int64_t numel = rows * k;

