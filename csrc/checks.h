@@ -229,6 +229,33 @@ inline std::string shape_string(const Tensor& t) {
   return s + "]";
 }
 
+// t, a second input of ref's dtype and shape (no broadcasting), contiguous, on ref's device.
+inline void check_like(const Tensor& t, const char* arg, const Tensor& ref, const char* ref_arg) {
+  check_defined_contiguous(t, arg);
+  TORCHEXT_CHECK(t.scalar_type() == ref.scalar_type(), arg, ": expected the dtype of ", ref_arg, " (",
+                  dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
+  TORCHEXT_CHECK(t.sizes().equals(ref.sizes()), arg, ": expected the shape of ", ref_arg, " ", shape_string(ref),
+                  ", got ", shape_string(t));
+  check_same_device(ref, ref_arg, t, arg);
+}
+
+// A norm's weight for x [..., k]: [k], float32 or x's dtype, on x's device.
+inline FloatType check_norm_weight(const Tensor& weight, const char* arg, const Tensor& x, int64_t k) {
+  check_defined_contiguous(weight, arg);
+  TORCHEXT_CHECK(weight.scalar_type() == ScalarType::Float || weight.scalar_type() == x.scalar_type(), arg,
+                  ": expected float32 or the dtype of x (", dtype_name(x.scalar_type()), "), got ",
+                  dtype_name(weight.scalar_type()));
+  TORCHEXT_CHECK(weight.dim() == 1 && weight.size(0) == k, arg, ": expected shape [", k,
+                  "] (x's last dimension), got ", shape_string(weight));
+  check_same_device(x, "x", weight, arg);
+  return float_type(weight, arg);
+}
+
+inline void check_eps(double eps) {
+  // fp32 holds it (the kernels add it in fp32), and a NaN fails both comparisons
+  TORCHEXT_CHECK(eps >= 0.0 && eps <= 3.4028234663852886e38, "eps: expected a number >= 0 that float32 holds");
+}
+
 // Q8_1 activations [..., q8_1_blocks_per_row(k) * 36], as quantize_q8_1 makes them.
 inline void check_q8_1(const Tensor& xq, int64_t k, const char* arg = "xq") {
   check_defined_contiguous(xq, arg);

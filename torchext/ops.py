@@ -144,6 +144,31 @@ def _check_gelu_input(x: torch.Tensor) -> None:
     _check_float(x, "x")
 
 
+def _check_like(t: torch.Tensor, arg: str, ref: torch.Tensor, ref_arg: str) -> None:
+    """t, a second input of ref's dtype and shape (no broadcasting), contiguous, on ref's device."""
+    _check_contiguous(t, arg)
+    torch._check(t.dtype == ref.dtype,
+                 lambda: f"{arg}: expected the dtype of {ref_arg} ({_dtype_name(ref.dtype)}), got {_dtype_name(t.dtype)}")
+    torch._check(t.shape == ref.shape,
+                 lambda: f"{arg}: expected the shape of {ref_arg} {list(ref.shape)}, got {list(t.shape)}")
+    _check_same_device(ref, ref_arg, t, arg)
+
+
+def _check_norm_weight(weight: torch.Tensor, arg: str, x: torch.Tensor) -> None:
+    _check_contiguous(weight, arg)
+    torch._check(weight.dtype in (torch.float32, x.dtype),
+                 lambda: f"{arg}: expected float32 or the dtype of x ({_dtype_name(x.dtype)}), got "
+                         f"{_dtype_name(weight.dtype)}")
+    k = x.shape[-1]
+    torch._check(weight.dim() == 1 and weight.shape[0] == k,
+                 lambda: f"{arg}: expected shape [{k}] (x's last dimension), got {list(weight.shape)}")
+    _check_same_device(x, "x", weight, arg)
+
+
+def _check_eps(eps: float) -> None:
+    torch._check(0.0 <= eps <= _FLOAT32_MAX, lambda: "eps: expected a number >= 0 that float32 holds")
+
+
 # ---- activations -------------------------------------------------------------------------
 
 def quantize_q8_1(x: torch.Tensor) -> torch.Tensor:
@@ -181,31 +206,6 @@ def rms_norm_quantize_q8_1(x: torch.Tensor, weight: torch.Tensor, eps: float) ->
     rounding. Where xf**2 overflows float32 (|x| above ~1.8e19) the row normalises to zeros, as
     that formula gives it. Returns uint8 [..., ceil(K/256)*8*36], the layout of quantize_q8_1."""
     return _ops.rms_norm_quantize_q8_1(x, weight, float(eps))
-
-
-def _check_like(t: torch.Tensor, arg: str, ref: torch.Tensor, ref_arg: str) -> None:
-    """t, a second input of ref's dtype and shape (no broadcasting), contiguous, on ref's device."""
-    _check_contiguous(t, arg)
-    torch._check(t.dtype == ref.dtype,
-                 lambda: f"{arg}: expected the dtype of {ref_arg} ({_dtype_name(ref.dtype)}), got {_dtype_name(t.dtype)}")
-    torch._check(t.shape == ref.shape,
-                 lambda: f"{arg}: expected the shape of {ref_arg} {list(ref.shape)}, got {list(t.shape)}")
-    _check_same_device(ref, ref_arg, t, arg)
-
-
-def _check_norm_weight(weight: torch.Tensor, arg: str, x: torch.Tensor) -> None:
-    _check_contiguous(weight, arg)
-    torch._check(weight.dtype in (torch.float32, x.dtype),
-                 lambda: f"{arg}: expected float32 or the dtype of x ({_dtype_name(x.dtype)}), got "
-                         f"{_dtype_name(weight.dtype)}")
-    k = x.shape[-1]
-    torch._check(weight.dim() == 1 and weight.shape[0] == k,
-                 lambda: f"{arg}: expected shape [{k}] (x's last dimension), got {list(weight.shape)}")
-    _check_same_device(x, "x", weight, arg)
-
-
-def _check_eps(eps: float) -> None:
-    torch._check(0.0 <= eps <= _FLOAT32_MAX, lambda: "eps: expected a number >= 0 that float32 holds")
 
 
 @_register_fake("torchext::rms_norm_quantize_q8_1")
