@@ -9,116 +9,151 @@
 namespace torchext {
 namespace {
 
-// Rows are read whole by each of their warps, with x's type a template argument: read at run time, it
-// put a branch beside each of the batched loads below, and bf16 rows took twice fp32's time (H200,
-// [1, 640]: 6.5 against 4.0 us; [1, 5120]: 33.3 against 12.8).
-//
-// kBatch loads in flight before their squares are added in order, so a row of up to 32 x kBatch values
-// costs one memory round trip. Measured on the H200 (CUDA graph, [1, k], us at k = 640 / 2048 / 5120):
-// fp32 8 in flight 3.05 / 4.80 / 8.64, 32 in flight 5.12 / 9.78 / 21.1; bf16 8 in flight 3.22 / 4.99 /
-// 9.02, 32 in flight 3.01 / 4.32 / 7.36; quantize_q8_1 alone 2.0.
-template <FloatType XT>
-constexpr int kRowBatch = XT == FloatType::F32 ? 8 : 32;
+// ---- the norms: a CTA a row --------------------------------------------------------------------------
+// The sums of squares run in the order fused_q8_1_math.h fixes: partial l adds the squares of columns
+// l, l + 32, ... in turn, then the 32 partials fold in halves. The threads of the row's CTA compute the
+// values and their squares, 8 consecutive columns a thread, and stage the squares in shared memory,
+// where one warp adds them up in that order: the same bits as one thread walking the row. Before, each
+// warp of a row walked the whole row itself, one warp a scheduler with nothing to hide its latency,
+// and the cost grew with k although the row sat in L1 (H200, bf16 [1, 640] / [1, 4096], us, CUDA graph:
+// rms_norm_quantize_q8_1 3.41 / 6.98 then, 2.81 / 4.82 now; with a residual add and post-norm 5.45 /
+// 15.15, now 4.86 / 8.19; bench/norms.py, bench/NOTES.md).
+constexpr int kNormThreads = 256;
+constexpr int kNormChunk = kNormThreads * 8;  // columns staged at once
 
-// Asks for the 128-byte lines of p[base .. base + k) (elements of type t) in L1, a line a lane, without
-// waiting. A norm's steps read x, then the sum, then the weights, each depending on the last: with
-// every line requested at the start, they wait for one memory round trip between them, not one each.
+// What a row's values are, before the norm and quantize_q8_1 that every kind ends with.
+enum class RowSum {
+  kNone,         // v = x
+  kAdd,          // v = s = residual + x, and s is stored
+  kPostNormAdd,  // v = s = residual + x / rms(x) * x_weight, and s is stored
+};
+
+struct NormArgs {
+  const void* x;
+  const void* residual;  // kAdd, kPostNormAdd
+  const void* x_weight;  // kPostNormAdd
+  const void* w;
+  FloatType wt;
+  float eps;
+  void* sum;       // kAdd, kPostNormAdd
+  bool vector_ok;  // every row and weight can be read and written 16 bytes at a time
+};
+
+// Asks for the 128-byte lines of p[base .. base + k) (elements of type t) in L1, a line a thread,
+// without waiting: the passes below read x, then the residual and weights, each after the last
+// pass's sum; with every line requested at the start they wait for one memory round trip in all.
 __device__ __forceinline__ void prefetch_row(const void* p, FloatType t, int64_t base, int64_t k) {
   const int64_t size = t == FloatType::F32 ? 4 : 2;
   const uintptr_t start = reinterpret_cast<uintptr_t>(p) + uintptr_t(base * size);
   const uintptr_t end = start + uintptr_t(k * size);
-  for (uintptr_t line = (start & ~uintptr_t(127)) + 128 * (threadIdx.x % kWarp); line < end; line += 128 * kWarp)
+  for (uintptr_t line = (start & ~uintptr_t(127)) + 128 * threadIdx.x; line < end; line += 128 * kNormThreads)
     asm volatile("prefetch.global.L1 [%0];" ::"l"(line));
 }
 
-// The sum over j < k of value(j)^2, by a whole warp, in the order fused_q8_1_math.h fixes: lane l is
-// partial sum l (j = l, l + 32, ...), then the xor shuffles fold the partials in halves.
-template <int kBatch, class Value>
-__device__ float warp_sum_squares(int64_t k, const Value& value) {
-  float sum = 0.0f;
-  for (int64_t j0 = threadIdx.x % kWarp; j0 < k; j0 += kBatch * kWarp) {
-    float v[kBatch];
+// 1 / rms of the k values that group(col, v) gives, 8 columns from col a call (the whole CTA calls it).
+template <class Group>
+__device__ float row_rms_inverse(int64_t k, float eps, const Group& group) {
+  __shared__ float squares[kNormChunk];
+  __shared__ float inverse;
+  float partial = 0.0f;  // warp 0's lane l: partial sum l
+  for (int64_t c0 = 0; c0 < k; c0 += kNormChunk) {
+    const int64_t col = c0 + 8 * int64_t(threadIdx.x);
+    if (col < k) {
+      float v[8];
+      group(col, v);
 #pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      const int64_t j = j0 + b * kWarp;
-      v[b] = j < k ? value(j) : 0.0f;
+      for (int i = 0; i < 8; ++i)
+        if (col + i < k) squares[8 * threadIdx.x + i] = mul_rn(v[i], v[i]);
     }
-#pragma unroll
-    for (int b = 0; b < kBatch; ++b)
-      if (j0 + b * kWarp < k) sum = add_rn(sum, mul_rn(v[b], v[b]));
+    __syncthreads();
+    if (threadIdx.x < kWarp) {
+      const int n = int(k - c0 < kNormChunk ? k - c0 : kNormChunk);
+      for (int j = threadIdx.x; j < n; j += kWarp) partial = add_rn(partial, squares[j]);  // kNormChunk % 32 == 0
+    }
+    __syncthreads();  // squares is written again by the next chunk
   }
-  static_assert(kRmsLanes == kWarp, "one partial sum per lane");
+  static_assert(kRmsLanes == kWarp, "one partial sum per lane of warp 0");
+  if (threadIdx.x < kWarp) {
 #pragma unroll
-  for (int h = kWarp / 2; h > 0; h /= 2) sum = add_rn(sum, __shfl_xor_sync(0xffffffffu, sum, h));
-  return sum;
+    for (int h = kWarp / 2; h > 0; h /= 2) partial = add_rn(partial, __shfl_xor_sync(0xffffffffu, partial, h));
+    if (threadIdx.x == 0) inverse = rms_inverse(partial, k, eps);
+  }
+  __syncthreads();
+  // Read before any thread can write it again: that takes the next call's first __syncthreads.
+  return inverse;
 }
 
-// x / rms(x) * w.
-template <FloatType XT>
-struct RmsNormValues {
-  const void* x;
-  const void* w;
-  FloatType wt;
-  float eps;
-  bool vector_ok;  // x's rows and w can both be read 16 bytes at a time
-  __device__ void load(int64_t row, int64_t col, int64_t k, float (&v)[8]) const {
+// x's type (and x_weight's) is a template argument: read at run time, it put a branch beside each
+// load, and bf16 rows took twice fp32's time.
+template <FloatType XT, RowSum kSum, FloatType XWT>
+__global__ void __launch_bounds__(kNormThreads)
+    norm_quantize_q8_1_kernel(NormArgs a, int64_t rows, int64_t k, block_q8_1* __restrict__ out) {
+  const int64_t blocks = q8_1_blocks_per_row(k);
+  allow_dependent_grids();
+  wait_for_prior_grids();  // before any prefetch into L1: lines fetched earlier could be stale
+  if constexpr (kSum == RowSum::kPostNormAdd) prefetch_row(a.x_weight, XWT, 0, k);
+  prefetch_row(a.w, a.wt, 0, k);
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t base = row * k;
-    prefetch_row(w, wt, 0, k);
-    const float inverse =
-        rms_inverse(warp_sum_squares<kRowBatch<XT>>(k, [&](int64_t j) { return load_float(x, base + j, XT); }), k, eps);
-    float wv[8];
-    load_group8(x, XT, base, col, k, vector_ok, v);
-    load_group8(w, wt, 0, col, k, vector_ok, wv);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = col + i < k ? rms_norm_value(v[i], inverse, wv[i], XT) : 0.0f;  // zero padding
-  }
-};
-
-// s = residual + t (t = x, or with kPostNorm x / rms(x) * x_weight, x_weight of type XWT), stored to
-// `sum`, then s / rms(s) * w. Each warp computes its row's s twice over (for rms(s), then its own
-// columns) rather than staging it: the re-reads hit L1, and the rows are short.
-template <FloatType XT, bool kPostNorm, FloatType XWT>
-struct AddRmsNormValues {
-  const void* x;
-  const void* residual;
-  const void* x_weight;
-  const void* w;
-  FloatType wt;
-  float eps;
-  void* sum;
-  bool vector_ok;  // every row and weight can be read and written 16 bytes at a time
-  __device__ void load(int64_t row, int64_t col, int64_t k, float (&v)[8]) const {
-    const int64_t base = row * k;
-    prefetch_row(residual, XT, base, k);
-    if constexpr (kPostNorm) prefetch_row(x_weight, XWT, 0, k);
-    prefetch_row(w, wt, 0, k);
+    if constexpr (kSum != RowSum::kNone) prefetch_row(a.residual, XT, base, k);
+    const auto x_group = [&](int64_t col, float (&v)[8]) { load_group8(a.x, XT, base, col, k, a.vector_ok, v); };
     float x_inverse = 0.0f;
-    if constexpr (kPostNorm)
-      x_inverse = rms_inverse(
-          warp_sum_squares<kRowBatch<XT>>(k, [&](int64_t j) { return load_float(x, base + j, XT); }), k, eps);
-    const auto added = [&](float xj, float rj, float xwj) {
-      return residual_sum_value(rj, kPostNorm ? rms_norm_value(xj, x_inverse, xwj, XT) : xj, XT);
+    if constexpr (kSum == RowSum::kPostNormAdd) x_inverse = row_rms_inverse(k, a.eps, x_group);
+    // the row's values at col .. col + 7 (zeros past k)
+    const auto value_group = [&](int64_t col, float (&v)[8]) {
+      x_group(col, v);
+      if constexpr (kSum != RowSum::kNone) {
+        float r[8], xw[8];
+        load_group8(a.residual, XT, base, col, k, a.vector_ok, r);
+        if constexpr (kSum == RowSum::kPostNormAdd) load_group8(a.x_weight, XWT, 0, col, k, a.vector_ok, xw);
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          v[i] = residual_sum_value(
+              r[i], kSum == RowSum::kPostNormAdd ? rms_norm_value(v[i], x_inverse, xw[i], XT) : v[i], XT);
+      }
     };
-    const float inverse = rms_inverse(warp_sum_squares<kRowBatch<XT>>(k,
-                                                                      [&](int64_t j) {
-                                                                        return added(load_float(x, base + j, XT),
-                                                                                     load_float(residual, base + j, XT),
-                                                                                     kPostNorm ? load_float(x_weight, j, XWT)
-                                                                                               : 0.0f);
-                                                                      }),
-                                      k, eps);
-    float xv[8], rv[8], xwv[8] = {}, wv[8];
-    load_group8(x, XT, base, col, k, vector_ok, xv);
-    load_group8(residual, XT, base, col, k, vector_ok, rv);
-    if constexpr (kPostNorm) load_group8(x_weight, XWT, 0, col, k, vector_ok, xwv);
-    load_group8(w, wt, 0, col, k, vector_ok, wv);
+    const float inverse = row_rms_inverse(k, a.eps, value_group);
+    // A quad of lanes a Q8_1 block: a row's 4 x blocks groups are a whole number of warps (32 a
+    // super-block of 256 columns), so every lane of a warp takes the same turns of this loop.
+    for (int64_t g = threadIdx.x; g < 4 * blocks; g += kNormThreads) {
+      const int64_t col = 8 * g;
+      float v[8], w[8];
+      value_group(col, v);
+      if constexpr (kSum != RowSum::kNone) store_group8(a.sum, XT, base, col, k, a.vector_ok, v);
+      load_group8(a.w, a.wt, 0, col, k, a.vector_ok, w);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = added(xv[i], rv[i], xwv[i]);
-    store_group8(sum, XT, base, col, k, vector_ok, v);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = col + i < k ? rms_norm_value(v[i], inverse, wv[i], XT) : 0.0f;
+      for (int i = 0; i < 8; ++i) v[i] = col + i < k ? rms_norm_value(v[i], inverse, w[i], XT) : 0.0f;  // padding
+      store_q8_1_quad(out, row * blocks + g / 4, int(g % 4), quantize_q8_1_quad(v));
+    }
   }
-};
+}
+
+template <FloatType XT, RowSum kSum, FloatType XWT>
+cudaError_t launch_norm(const NormArgs& a, int64_t rows, int64_t k, block_q8_1* out, cudaStream_t stream) {
+  const unsigned grid = unsigned(rows < (int64_t(1) << 20) ? rows : int64_t(1) << 20);  // rows in turn beyond
+  return launch_dependent(norm_quantize_q8_1_kernel<XT, kSum, XWT>, grid, kNormThreads, 0, stream, a, rows, k, out);
+}
+
+template <FloatType XT>
+cudaError_t launch_norm_typed(const NormArgs& a, FloatType xwt, int64_t rows, int64_t k, block_q8_1* out,
+                              cudaStream_t stream) {
+  if (!a.residual) return launch_norm<XT, RowSum::kNone, XT>(a, rows, k, out, stream);
+  if (!a.x_weight) return launch_norm<XT, RowSum::kAdd, XT>(a, rows, k, out, stream);
+  if (xwt == FloatType::F32) return launch_norm<XT, RowSum::kPostNormAdd, FloatType::F32>(a, rows, k, out, stream);
+  return launch_norm<XT, RowSum::kPostNormAdd, XT>(a, rows, k, out, stream);
+}
+
+cudaError_t launch_norm_quantize_q8_1(const NormArgs& a, FloatType xt, FloatType xwt, int64_t rows, int64_t k,
+                                      block_q8_1* out, cudaStream_t stream) {
+  switch (xt) {
+    case FloatType::F32: return launch_norm_typed<FloatType::F32>(a, xwt, rows, k, out, stream);
+    case FloatType::F16: return launch_norm_typed<FloatType::F16>(a, xwt, rows, k, out, stream);
+    case FloatType::BF16: return launch_norm_typed<FloatType::BF16>(a, xwt, rows, k, out, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+// ---- the gated GELU: quantize_q8_1's kernel over computed values --------------------------------------
 
 // gelu(gate) * up.
 struct GatedGeluValues {
@@ -142,35 +177,9 @@ struct GatedGeluValues {
 cudaError_t launch_rms_norm_quantize_q8_1(const void* x, FloatType xt, const void* w, FloatType wt, int64_t rows,
                                           int64_t k, float eps, block_q8_1* out, cudaStream_t stream) {
   const bool vector_ok = rows_allow_vector_loads(x, xt, k) && rows_allow_vector_loads(w, wt, k);
-  switch (xt) {
-    case FloatType::F32:
-      return launch_quantize_q8_1_rows(RmsNormValues<FloatType::F32>{x, w, wt, eps, vector_ok}, rows, k, out, stream);
-    case FloatType::F16:
-      return launch_quantize_q8_1_rows(RmsNormValues<FloatType::F16>{x, w, wt, eps, vector_ok}, rows, k, out, stream);
-    case FloatType::BF16:
-      return launch_quantize_q8_1_rows(RmsNormValues<FloatType::BF16>{x, w, wt, eps, vector_ok}, rows, k, out, stream);
-  }
-  return cudaErrorInvalidValue;
+  return launch_norm_quantize_q8_1(NormArgs{x, nullptr, nullptr, w, wt, eps, nullptr, vector_ok}, xt, xt, rows, k,
+                                   out, stream);
 }
-
-namespace {
-
-template <FloatType XT>
-cudaError_t launch_add_rms_norm_typed(const void* x, const void* residual, const void* x_weight, FloatType xwt,
-                                      const void* w, FloatType wt, int64_t rows, int64_t k, float eps, void* sum,
-                                      bool vector_ok, block_q8_1* out, cudaStream_t stream) {
-  if (!x_weight)
-    return launch_quantize_q8_1_rows(
-        AddRmsNormValues<XT, false, XT>{x, residual, x_weight, w, wt, eps, sum, vector_ok}, rows, k, out, stream);
-  if (xwt == FloatType::F32)
-    return launch_quantize_q8_1_rows(
-        AddRmsNormValues<XT, true, FloatType::F32>{x, residual, x_weight, w, wt, eps, sum, vector_ok}, rows, k, out,
-        stream);
-  return launch_quantize_q8_1_rows(AddRmsNormValues<XT, true, XT>{x, residual, x_weight, w, wt, eps, sum, vector_ok},
-                                   rows, k, out, stream);
-}
-
-}  // namespace
 
 cudaError_t launch_add_rms_norm_quantize_q8_1(const void* x, const void* residual, FloatType xt, const void* x_weight,
                                               FloatType xwt, const void* w, FloatType wt, int64_t rows, int64_t k,
@@ -178,18 +187,8 @@ cudaError_t launch_add_rms_norm_quantize_q8_1(const void* x, const void* residua
   const bool vector_ok = rows_allow_vector_loads(x, xt, k) && rows_allow_vector_loads(residual, xt, k) &&
                          rows_allow_vector_loads(sum, xt, k) && rows_allow_vector_loads(w, wt, k) &&
                          (!x_weight || rows_allow_vector_loads(x_weight, xwt, k));
-  switch (xt) {
-    case FloatType::F32:
-      return launch_add_rms_norm_typed<FloatType::F32>(x, residual, x_weight, xwt, w, wt, rows, k, eps, sum, vector_ok,
-                                                       out, stream);
-    case FloatType::F16:
-      return launch_add_rms_norm_typed<FloatType::F16>(x, residual, x_weight, xwt, w, wt, rows, k, eps, sum, vector_ok,
-                                                       out, stream);
-    case FloatType::BF16:
-      return launch_add_rms_norm_typed<FloatType::BF16>(x, residual, x_weight, xwt, w, wt, rows, k, eps, sum,
-                                                        vector_ok, out, stream);
-  }
-  return cudaErrorInvalidValue;
+  return launch_norm_quantize_q8_1(NormArgs{x, residual, x_weight, w, wt, eps, sum, vector_ok}, xt, xwt, rows, k,
+                                   out, stream);
 }
 
 cudaError_t launch_gated_gelu_quantize_q8_1(const void* gate, const void* up, FloatType t, int64_t rows, int64_t k,

@@ -131,6 +131,13 @@ template <class T, int B, bool kStaged>
 __global__ void __launch_bounds__(kThreads)
     gemv_q8_1_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, const block_q8_1* __restrict__ x, int rows,
                      int split, void* __restrict__ out, FloatType ot) {
+  allow_dependent_grids();
+  // The weight rows of this CTA's first step stream into L2 while the kernel before (the one that
+  // made x) finishes.
+  const int64_t rows_per_step = kWarps / split, first = int64_t(blockIdx.x) * rows_per_step;
+  const int64_t row_bytes = (k + T::kValues - 1) / T::kValues * T::kBytes;
+  prefetch_l2(w + first * row_bytes, (first + rows_per_step < n ? rows_per_step : n - first) * row_bytes);
+  wait_for_prior_grids();
   gemv_rows<T, B, kStaged>(w, n, k, ContiguousRows{x, q8_1_blocks_per_row(k), rows}, split, out, ot);
 }
 
@@ -199,8 +206,7 @@ cudaError_t launch_rows(const uint8_t* w, int64_t n, int64_t k, const block_q8_1
   const cudaError_t err = plan_gemv<T>(kernel, n, k, n, kStaged ? staged_bytes(k, rows) : 0, device, p);
   if (err != cudaSuccess) return err;
   const unsigned grid = unsigned(std::min(p.steps, p.resident_ctas));
-  kernel<<<grid, kThreads, p.smem, stream>>>(w, n, k, x, rows, p.split, out, ot);
-  return cudaGetLastError();
+  return launch_dependent(kernel, grid, kThreads, p.smem, stream, w, n, k, x, rows, p.split, out, ot);
 }
 
 // A row of CTAs (one per step of rows) for each expert that can be routed to, at most one per slot,

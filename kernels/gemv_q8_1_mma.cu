@@ -170,6 +170,12 @@ template <class T, int NT>
 __global__ void __launch_bounds__(kThreads, 2)
     gemv_q8_1_mma_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, const block_q8_1* __restrict__ x,
                          int rows, int split, void* __restrict__ out, FloatType ot) {
+  allow_dependent_grids();
+  // This CTA's weight tiles stream into L2 while the kernel before (the one that made x) finishes.
+  const int64_t tile_rows = (kWarps / split) * kTileRows, first = int64_t(blockIdx.x) * tile_rows;
+  const int64_t row_bytes = (k + T::kValues - 1) / T::kValues * T::kBytes;
+  prefetch_l2(w + first * row_bytes, (first + tile_rows < n ? tile_rows : n - first) * row_bytes);
+  wait_for_prior_grids();
   gemv_mma_rows<T, NT>(w, n, k, ContiguousRows{x, q8_1_blocks_per_row(k), rows}, split, out, ot);
 }
 
@@ -217,8 +223,7 @@ cudaError_t launch_tiles(const uint8_t* w, int64_t n, int64_t k, const block_q8_
   int64_t ctas = 0;
   const cudaError_t err = plan_tiles<T>(kernel, n, k, (n + kTileRows - 1) / kTileRows, device, split, ctas);
   if (err != cudaSuccess) return err;
-  kernel<<<unsigned(ctas), kThreads, 0, stream>>>(w, n, k, x, rows, split, out, ot);
-  return cudaGetLastError();
+  return launch_dependent(kernel, unsigned(ctas), kThreads, 0, stream, w, n, k, x, rows, split, out, ot);
 }
 
 // A row of CTAs (one per group of tiles) for each expert that can be routed to, at most one per

@@ -1,15 +1,80 @@
-// Launch geometry helpers shared by the CUDA kernels.
+// Launch geometry and launch helpers shared by the CUDA kernels.
 #pragma once
 
-#include <cuda_runtime_api.h>
+#include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
+#include <utility>
 
 namespace torchext {
 
 constexpr int kWarp = 32;
 
 inline unsigned grid_for(int64_t items, int per_cta) { return unsigned((items + per_cta - 1) / per_cta); }
+
+// ---- programmatic dependent launch (sm_90+) -----------------------------------------------------------
+// A kernel launched by launch_dependent may start while the kernel before it in the stream is still
+// running, once every CTA of that one has called allow_dependent_grids(): its launch, its CTAs' start
+// and whatever it reads that no kernel writes (weights) overlap the tail of the one before. Until it
+// has called wait_for_prior_grids() it must not read what an earlier kernel wrote, nor write at all
+// (its output may be memory an earlier kernel still reads). Before sm_90 both are no-ops and the
+// launch is an ordinary one. In a CUDA graph the capture keeps the dependency as a programmatic edge.
+
+// Lets the next kernel in the stream, if it was launched by launch_dependent, start now.
+__device__ __forceinline__ void allow_dependent_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Waits until the kernels before this one in the stream have finished and their writes are visible.
+__device__ __forceinline__ void wait_for_prior_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Asks L2 for the bytes [p, p + bytes), a 128-byte line a thread of the CTA, without waiting: for
+// weights, before wait_for_prior_grids().
+__device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
+  const uintptr_t start = reinterpret_cast<uintptr_t>(p), end = start + uintptr_t(bytes);
+  for (uintptr_t line = (start & ~uintptr_t(127)) + 128 * threadIdx.x; line < end; line += 128 * blockDim.x)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+}
+
+// Whether the current device takes programmatic dependent launches (compute capability 9.0 or later),
+// asked once a device.
+inline bool current_device_launches_dependents() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> major[kMaxDevices] = {};  // 0: not asked yet
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return false;
+  int m = major[device].load(std::memory_order_relaxed);
+  if (m == 0) {
+    if (cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+    major[device].store(m, std::memory_order_relaxed);
+  }
+  return m >= 9;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch where the device
+// takes one. The kernel must call wait_for_prior_grids() before it reads activations or writes.
+template <class... Params, class... Args>
+cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                             Args&&... args) {
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attribute;
+  config.numAttrs = current_device_launches_dependents() ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
 
 inline int sm_count(int device) {
   int count = 0;

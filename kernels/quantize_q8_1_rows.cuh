@@ -90,6 +90,14 @@ __device__ __forceinline__ Q8_1Quad quantize_q8_1_quad(const float (&v)[8]) {
   return out;
 }
 
+// Lane j (0..3) of a quad writes its share q of Q8_1 block i.
+__device__ __forceinline__ void store_q8_1_quad(block_q8_1* out, int64_t i, int j, const Q8_1Quad& q) {
+  uint32_t* qs = reinterpret_cast<uint32_t*>(out[i].qs);  // qs sits at byte 4: 4-byte aligned
+  qs[2 * j] = q.qs[0];
+  qs[2 * j + 1] = q.qs[1];
+  if (j == 0) out[i].scale = q.scale;
+}
+
 constexpr int kQuantizeThreads = 256;
 
 // Thread g quantizes values 8g .. 8g+7 of the padded rows. A warp covers 8 blocks, and a row is a
@@ -99,18 +107,15 @@ constexpr int kQuantizeThreads = 256;
 template <class Source>
 __global__ void __launch_bounds__(kQuantizeThreads)
     quantize_q8_1_rows_kernel(Source source, int64_t rows, int64_t k, block_q8_1* __restrict__ out) {
+  allow_dependent_grids();
+  wait_for_prior_grids();
   const int64_t blocks = q8_1_blocks_per_row(k);
   const int64_t g = int64_t(blockIdx.x) * kQuantizeThreads + threadIdx.x;  // group of 8 values
   const int64_t i = g / 4;                                                  // Q8_1 block
   if (i >= rows * blocks) return;  // whole warps: the shuffles below keep all 32 lanes
   float v[8];
   source.load(i / blocks, (i % blocks) * kQ8Block + 8 * (g % 4), k, v);
-  const Q8_1Quad q = quantize_q8_1_quad(v);
-  const int j = g % 4;
-  uint32_t* qs = reinterpret_cast<uint32_t*>(out[i].qs);  // qs sits at byte 4: 4-byte aligned
-  qs[2 * j] = q.qs[0];
-  qs[2 * j + 1] = q.qs[1];
-  if (j == 0) out[i].scale = q.scale;
+  store_q8_1_quad(out, i, int(g % 4), quantize_q8_1_quad(v));
 }
 
 // rows x k values of `source` -> rows x q8_1_blocks_per_row(k) Q8_1 blocks on `stream`.
@@ -118,9 +123,8 @@ template <class Source>
 cudaError_t launch_quantize_q8_1_rows(const Source& source, int64_t rows, int64_t k, block_q8_1* out,
                                       cudaStream_t stream) {
   const int64_t groups = rows * q8_1_blocks_per_row(k) * 4;
-  quantize_q8_1_rows_kernel<<<grid_for(groups, kQuantizeThreads), kQuantizeThreads, 0, stream>>>(source, rows, k,
-                                                                                                 out);
-  return cudaGetLastError();
+  return launch_dependent(quantize_q8_1_rows_kernel<Source>, grid_for(groups, kQuantizeThreads), kQuantizeThreads, 0,
+                          stream, source, rows, k, out);
 }
 
 }  // namespace torchext
