@@ -30,6 +30,7 @@ def read_sources(kind):
 
 CPU_SOURCES = read_sources("cpu")
 CUDA_SOURCES = read_sources("cuda")
+SM90A_SOURCES = read_sources("cuda_sm90a")
 
 TORCH_TARGET_VERSION = "0x020b000000000000"  # 2.11: the oldest torch this build must load on
 
@@ -70,6 +71,18 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 USE_CUDA = os.environ.get("TORCHEXT_CUDA", "1") != "0" and torch.version.cuda is not None and CUDA_HOME is not None
 if USE_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
     os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"  # no GPU to ask: Hopper, plus PTX for newer GPUs
+
+
+def builds_sm90a():
+    """Whether the build targets compute capability 9.0, and so builds the cuda_sm90a sources (Hopper's
+    wgmma and setmaxnreg exist only in sm_90a code, which no other GPU loads). They are compiled by
+    their own nvcc command (sm90a_objects), not by BuildExtension's: its flags are the same for every
+    source, and adding sm_90a to them would compile every kernel twice."""
+    if not USE_CUDA or not SM90A_SOURCES:
+        return False
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    return any(re.search(r"code=(sm|compute)_90\b", flag) for flag in _get_cuda_arch_flags())
 
 
 def extra_include_dirs():
@@ -125,6 +138,8 @@ def make_extension():
     if not USE_CUDA:
         return CppExtension(sources=CPU_SOURCES, extra_compile_args={"cxx": cxx}, **kwargs)
     nvcc = ["-O3", "-std=c++17", "-DUSE_CUDA", "--expt-relaxed-constexpr", "-lineinfo", *defines]
+    if builds_sm90a():
+        nvcc.append("-DTORCHEXT_WGMMA")
     return CUDAExtension(
         sources=CPU_SOURCES + CUDA_SOURCES,
         extra_compile_args={"cxx": cxx + ["-DUSE_CUDA"], "nvcc": nvcc},
@@ -147,8 +162,36 @@ def cuda_summary() -> tuple[str, list[str]]:
     return f"CUDA kernels: yes, for {', '.join(targets)} (CUDA {torch.version.cuda}, toolkit {CUDA_HOME})", targets
 
 
+def sm90a_objects(build_temp):
+    """The cuda_sm90a sources compiled for sm_90a into build_temp (each rebuilt when it or a header
+    under kernels/ is newer than its object), for the extension's link."""
+    headers = [os.path.join(ROOT, "kernels", f) for f in os.listdir(os.path.join(ROOT, "kernels"))
+               if f.endswith((".h", ".cuh"))]
+    newest_header = max(os.path.getmtime(h) for h in headers)
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
+    defines = [f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}", "-DUSE_CUDA", "-DTORCHEXT_WGMMA"]
+    objects = []
+    for source in SM90A_SOURCES:
+        obj = os.path.join(build_temp, "sm90a", os.path.splitext(source)[0] + ".o")
+        src = os.path.join(ROOT, source)
+        if not os.path.exists(obj) or os.path.getmtime(obj) < max(os.path.getmtime(src), newest_header):
+            os.makedirs(os.path.dirname(obj), exist_ok=True)
+            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+                   "-Xcompiler", "-fPIC", "-gencode", "arch=compute_90a,code=sm_90a", *defines,
+                   *[f"-I{d}" for d in extra_include_dirs()]]
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+        objects.append(obj)
+    return objects
+
+
 class TimedBuild(BuildExtension):
     """build_ext that writes torchext/_build_info.py beside the library and prints its line."""
+
+    def build_extension(self, ext):
+        if builds_sm90a():
+            ext.extra_objects = list(ext.extra_objects or []) + sm90a_objects(self.build_temp)
+        super().build_extension(ext)
 
     def run(self):
         start = time.time()

@@ -131,7 +131,7 @@ struct Ops {
     const int64_t rows = leading_rows(x);
     if (rows == 0) return torch::stable::new_empty(x, with_last_dim(x, n));
     const MatmulPath path =
-        choose_matmul_path(rows, n, k, int(f.values), Backend::tiled_gemm_runs(xt, w, x, k), exact);
+        choose_matmul_path(rows, n, k, int(f.values), Backend::tiled_gemm_rows(f.type, xt, w, x, k), exact);
     if (path == MatmulPath::TiledGemm) {
       if constexpr (Backend::kHasTiledGemm) {
         Tensor out = torch::stable::new_empty(x, with_last_dim(x, n));
@@ -197,7 +197,7 @@ struct Ops {
     Tensor out = torch::stable::new_empty(x, {a.tokens, s.top_k, n});
     if (s.count == 0) return out;
     Backend::check_ids(s.ids, s.count, s.experts, "E");
-    const MatmulPath path = choose_matmul_id_path(a.tokens, Backend::tiled_gemm_runs(a.xt, w, x, k), exact);
+    const MatmulPath path = choose_matmul_id_path(a.tokens, Backend::tiled_gemm_rows(QType(qtype), a.xt, w, x, k) > 0, exact);
     Ctx ctx(w);
     if constexpr (Backend::kIdsOnHost) {
       matmul_id_by_expert(ctx, w, qtype, a, x, n, k, path, out);

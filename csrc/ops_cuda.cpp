@@ -70,8 +70,8 @@ struct CudaBackend {
     check_launch(launch_gemv_q8_1(wt, w, n, k, xq, rows, out, ot, c.device, c.stream), "gemv_q8_1", wt);
   }
   static constexpr bool kHasTiledGemm = true;
-  static bool tiled_gemm_runs(FloatType xt, const Tensor& w, const Tensor& x, int64_t k) {
-    return qgemm_supports(xt, w.data_ptr(), x.data_ptr(), k, w.get_device_index());
+  static int64_t tiled_gemm_rows(QType wt, FloatType xt, const Tensor& w, const Tensor& x, int64_t k) {
+    return qgemm_max_rows(wt, xt, w.data_ptr(), x.data_ptr(), k, w.get_device_index());
   }
   // out [rows, n] in x's type; a K-split plan's fp32 partial sums go to a workspace from torch's allocator.
   static void tiled_gemm(Context& c, QType wt, const Tensor& w, int64_t n, int64_t k, const Tensor& x, FloatType xt,

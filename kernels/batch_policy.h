@@ -59,20 +59,30 @@ constexpr int64_t kMinTiledGemmRows = 9;
 constexpr int64_t kMinTiledGemmRowsSmallBlocks = 5;
 constexpr int64_t kLargeWeightValues = int64_t(1) << 23;  // 2896 x 2896
 constexpr int64_t kMaxTiledGemmRows = 64;
+// On compute capability 9.0, where the build has the wgmma GEMM (qgemm_wgmma.cu), the tiled GEMM
+// reaches further: warp-specialized CTAs that dequantize each weight stage once for 128 or 256
+// activation rows. Against the dense path on the H200 (bench/paths.py, L2 cold, bf16, µs, 14336x4096
+// / 4096x14336): Q4_K 128 rows 55.3 / 48.2 against 91.4 / 95.8, 256 rows 60.2 / 61.2 against 102.5 /
+// 106.1; Q6_K 256 rows 92.7 against 103.7; but at 512 rows Q6_K 184.1 and IQ4_XS 171.6 against the
+// dense path's 143.1 and 133.4 (their dequantization, 6-bit and exact 8-bit, costs more per stage),
+// so it stops at 256.
+constexpr int64_t kMaxWgmmaRows = 256;
 
 // The most rows of an n x k product that qmatmul sends to the GEMVs; block_values: the weight
 // format's values per block (256, or 32 and NVFP4's 64).
-inline int64_t max_gemv_rows(bool tiled_gemm_runs, int64_t n, int64_t k, int block_values) {
-  if (!tiled_gemm_runs) return kMaxGemvRows;
+// tiled_gemm_rows: the most rows the tiled GEMM takes for these operands (0: it does not run;
+// kMaxTiledGemmRows, or kMaxWgmmaRows where the wgmma GEMM runs).
+inline int64_t max_gemv_rows(int64_t tiled_gemm_rows, int64_t n, int64_t k, int block_values) {
+  if (tiled_gemm_rows == 0) return kMaxGemvRows;
   const bool small_blocks_large_weight = block_values < 256 && n * k >= kLargeWeightValues;
   return (small_blocks_large_weight ? kMinTiledGemmRowsSmallBlocks : kMinTiledGemmRows) - 1;
 }
 
 // exact: the caller asked for unrounded activations (qmatmul's `exact`), so never the GEMVs.
-inline MatmulPath choose_matmul_path(int64_t rows, int64_t n, int64_t k, int block_values, bool tiled_gemm_runs,
+inline MatmulPath choose_matmul_path(int64_t rows, int64_t n, int64_t k, int block_values, int64_t tiled_gemm_rows,
                                      bool exact) {
-  if (!exact && rows <= max_gemv_rows(tiled_gemm_runs, n, k, block_values)) return MatmulPath::Gemv;
-  return tiled_gemm_runs && rows <= kMaxTiledGemmRows ? MatmulPath::TiledGemm : MatmulPath::Dense;
+  if (!exact && rows <= max_gemv_rows(tiled_gemm_rows, n, k, block_values)) return MatmulPath::Gemv;
+  return rows <= tiled_gemm_rows ? MatmulPath::TiledGemm : MatmulPath::Dense;
 }
 
 // The expert-indexed matmul (qmatmul_id: T tokens, each routed to top_k of E experts) decides on T

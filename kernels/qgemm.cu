@@ -1,4 +1,5 @@
-// The tiled GEMM for up to 64 activation rows (from 9, or 5: batch_policy.h): out = x @ W^T with W
+// The tiled GEMM for up to 64 activation rows (from 9, or 5: batch_policy.h; beyond 64 on compute
+// capability 9.0 its Hopper kernel, qgemm_wgmma.cu, where the build has it): out = x @ W^T with W
 // quantized, one body for every weight format (QuantTraits' mma_load / mma_slice, the tensor-core
 // GEMV's fragments) and for fp16 and bf16 activations, on fp16/bf16 mma.sync with fp32 accumulation.
 // The body is qgemm_kernel.cuh, compiled as three sets of kernels (qgemm_variants.cuh); this file
@@ -36,13 +37,14 @@
 // per scheduler and cycle, the tensor pipe a third busy; stalls on fixed-latency dependencies and on
 // the stage's data cost about a cycle per issued instruction each. Computing bf16 weights in bf16
 // issues 18% fewer and takes 8% less time. More pipeline stages, two warps per tile splitting each
-// chunk, 128-row tiles, per-row chunk copies and Hopper's wgmma (the MMAs off the warps) were each
-// measured no faster.
+// chunk, 128-row tiles, per-row chunk copies and Hopper's wgmma in this design (the MMAs off the
+// warps, every warp still dequantizing its own fragments) were each measured no faster.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 
+#include "kernels/batch_policy.h"
 #include "kernels/launch.cuh"
 #include "kernels/qgemm.cuh"
 #include "kernels/qgemm_variants.cuh"
@@ -106,20 +108,43 @@ bool qgemm_supports(FloatType xt, const void* w, const void* x, int64_t k, int d
          reinterpret_cast<uintptr_t>(x) % 16 == 0;
 }
 
-int64_t qgemm_workspace_floats(QType wt, FloatType xt, bool exact, int64_t n, int64_t k, int64_t rows, int device) {
+int64_t qgemm_max_rows(QType wt, FloatType xt, const void* w, const void* x, int64_t k, int device) {
+  if (!qgemm_supports(xt, w, x, k, device)) return 0;
+#ifdef TORCHEXT_WGMMA
+  if (qgemm::qgemm_wgmma_supports(wt, xt, w, x, k, device)) return kMaxWgmmaRows;
+#endif
+  return kMaxTiledGemmRows;
+}
+
+namespace {
+
+// More rows than the mma.sync kernels take go to the wgmma GEMM (the policy sends them only where
+// qgemm_max_rows said it runs).
+qgemm::Plan plan_for(QType wt, FloatType xt, bool exact, int64_t n, int64_t k, int64_t rows, int device) {
+#ifdef TORCHEXT_WGMMA
+  if (rows > kMaxTiledGemmRows) return qgemm::qgemm_wgmma_plan(n, k, rows, device);
+#endif
   qgemm::Plan p{1, 0};
   visit_kernel_set(xt, exact, [&](auto set) { p = set.plan(wt, n, k, rows, device); });
+  return p;
+}
+
+}  // namespace
+
+int64_t qgemm_workspace_floats(QType wt, FloatType xt, bool exact, int64_t n, int64_t k, int64_t rows, int device) {
+  const qgemm::Plan p = plan_for(wt, xt, exact, n, k, rows, device);
   return p.splits > 1 ? int64_t(p.splits) * rows * n : 0;
 }
 
 cudaError_t launch_qgemm(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* x, FloatType xt, bool exact,
                          int64_t rows, float* workspace, void* out, int device, cudaStream_t stream) {
   cudaError_t err = cudaErrorInvalidValue;
-  qgemm::Plan p{1, 0};
-  visit_kernel_set(xt, exact, [&](auto set) {
-    p = set.plan(wt, n, k, rows, device);
-    err = set.launch(wt, w, n, k, x, rows, p, workspace, out, device, stream);
-  });
+  const qgemm::Plan p = plan_for(wt, xt, exact, n, k, rows, device);
+#ifdef TORCHEXT_WGMMA
+  if (rows > kMaxTiledGemmRows) err = qgemm::launch_qgemm_wgmma(wt, w, n, k, x, xt, exact, rows, p, workspace, out, stream);
+  else
+#endif
+    visit_kernel_set(xt, exact, [&](auto set) { err = set.launch(wt, w, n, k, x, rows, p, workspace, out, device, stream); });
   if (err != cudaSuccess || p.splits == 1) return err;
   const int64_t count = rows * n;
   const unsigned grid = unsigned(std::min<int64_t>((count + 255) / 256, int64_t(sm_count(device)) * 8));

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "kernels/expert_slots.h"
+#include "kernels/float_types.h"
 #include "kernels/quant_traits.h"
 
 namespace torchext::qgemm {
@@ -62,6 +63,16 @@ struct TiledGemm {
                                const ExpertSlots& slots, int tile_rows, int64_t max_tiles, const int32_t* sorted_slots,
                                const int32_t* tile_experts, void* out, int device, cudaStream_t stream);
 };
+
+// The wgmma GEMM (qgemm_wgmma.cu; built only where the build targets compute capability 9.0, which
+// defines TORCHEXT_WGMMA): operands as launch_qgemm's, on a 9.0 device (its code is sm_90a), copied
+// by the tensor memory accelerator, so both operands' rows a multiple of 16 bytes (k a multiple of 8)
+// and a weight chunk (256 values) at most 256 bytes (not Q8_0).
+bool qgemm_wgmma_supports(QType wt, FloatType xt, const void* w, const void* x, int64_t k, int device);
+Plan qgemm_wgmma_plan(int64_t n, int64_t k, int64_t rows, int device);
+cudaError_t launch_qgemm_wgmma(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* x, FloatType xt,
+                               bool exact, int64_t rows, const Plan& p, float* workspace, void* out,
+                               cudaStream_t stream);
 
 // Each set is compiled in its own file only.
 extern template struct TiledGemm<__nv_bfloat16, false>;

@@ -1,6 +1,9 @@
 """The tiled GEMM (kernels/qgemm.cu): qmatmul's path for 9 to 64 activation rows (from 5 rows for
 the 32- and 64-value formats on weights of 2^23 values or more) on CUDA for fp16 and bf16
-activations (kernels/batch_policy.h).
+activations, and on compute capability 9.0 from 65 to 256 rows by its wgmma kernel
+(kernels/qgemm_wgmma.cu: the same values with the same bounds, every weight dequantized once into x's
+type and the products summed in fp32; for weights whose rows are a multiple of 16 bytes and whose
+256-value chunk is at most 256 bytes, so not Q8_0) (kernels/batch_policy.h).
 
 What it computes with exact=True, and so the bounds used here: every weight value exactly as
 `dequantize` gives it, rounded to x's dtype (half an ulp, conftest.half_ulp: relative 2^-11 for
@@ -44,7 +47,7 @@ from conftest import (
     requires_cuda,
     tiny,
 )
-from torchext.formats import block_values
+from torchext.formats import block_bytes, block_values, row_bytes
 
 pytestmark = requires_cuda
 HALF_DTYPES = [torch.float16, torch.bfloat16]
@@ -54,12 +57,38 @@ HALF_DTYPES = [torch.float16, torch.bfloat16]
 # lengths for MXFP4's 17-byte blocks: rows and chunks at odd offsets, a weight whose last bytes are an
 # odd count, copied without the 16-byte cp.async); for the k-quants a k that is not a multiple of 256
 # (a padded last super-block, 1000 = 3 blocks + 232 values).
-SHAPES = {q: [(200, 512), (77, 1000), (1100, 2304)] if q in K_QUANTS else
+# (300, 2048): a K-quant shape whose rows are a multiple of 16 bytes for every K-quant (Q6_K's 210-byte
+# blocks: 8 of them), so that the wgmma kernel takes it
+SHAPES = {q: [(200, 512), (77, 1000), (1100, 2304), (300, 2048)] if q in K_QUANTS else
           [(200, 512), (77, 640), (1100, 2304), (9, block_values(q)), (33, 19 * block_values(q))]
           for q in WEIGHT_QTYPES}
-# the 32-row tile (9, the default path's first tiled row count, and 17: partial; 32: full) and the
-# 64-row tile (33: partial, 64: full)
-ROWS = [9, 17, 32, 33, 64]
+# the 32-row tile (9, the default path's first tiled row count, and 17: partial; 32: full), the
+# 64-row tile (33: partial, 64: full), and on compute capability 9.0 the wgmma kernel's 128-row tile
+# (65: its first row count, partial; 128: full) and 256-row tile (129: partial; 256: full); elsewhere
+# these take the dense path
+ROWS = [9, 17, 32, 33, 64, 65, 128, 129, 256]
+
+
+def takes_tiled_gemm(qtype, n, k, rows):
+    """Whether qmatmul sends these rows to the tiled GEMM (kernels/batch_policy.h) rather than the
+    dense path: up to 64 rows, and on compute capability 9.0 up to 256 where the wgmma kernel copies
+    the weight by TMA (rows a multiple of 16 bytes, a 256-value chunk at most 256 bytes)."""
+    if rows <= 64:
+        return True
+    chunk = block_bytes(qtype) * (256 // block_values(qtype))
+    return (torch.cuda.get_device_capability() == (9, 0) and rows <= 256 and row_bytes(qtype, k) % 16 == 0
+            and chunk <= 256)
+
+
+def assert_within_dense_bound(y, x, W):
+    """The dense path's bound: dequantize + cuBLAS in x's dtype, which may also reduce in it (2
+    half-ulps: test_matmul.output_rounding)."""
+    u = half_ulp(y.dtype)
+    x64 = x.double().numpy()
+    ref, absref = x64 @ W.T, np.abs(x64) @ np.abs(W).T
+    xabs = np.abs(x64).sum(1, keepdims=True)
+    err = np.abs(y.double().cpu().numpy() - ref)
+    assert (err <= (2 * u + 1e-5) * absref + u * np.abs(ref) + tiny(y.dtype) * (xabs + 1)).all()
 
 
 def assert_within_bound(y, x, W, M=None):
@@ -91,7 +120,10 @@ def test_within_the_bound(qtype, rows, dtype, exact):
         W = dequant_oracle(w, qtype, n, k)
         x = gaussian_activations((rows, k), seed=rows + k).to(dtype)
         y = torchext.qmatmul(w.cuda(), int(qtype), x.cuda(), n, k, exact=exact)
-        assert_within_bound(y, x, W, None if exact else offset_oracle(w, qtype, n, k))
+        if takes_tiled_gemm(qtype, n, k, rows):
+            assert_within_bound(y, x, W, None if exact else offset_oracle(w, qtype, n, k))
+        else:
+            assert_within_dense_bound(y, x, W)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -114,25 +146,30 @@ def test_identity_rows_give_the_dequantized_weights(qtype, dtype):
     n, k = 150, 1024
     w = random_weight(qtype, n, k, "cuda", seed=7)
     wd = torchext.dequantize(w, int(qtype), n, k, dtype=dtype)
-    for rows in (17, 40, 64):
+    for rows in (17, 40, 64, 100, 200):
         eye = torch.eye(k, dtype=dtype, device="cuda")[:rows]
         y = torchext.qmatmul(w, int(qtype), eye, n, k, exact=True)
         assert torch.equal(y, wd[:, :rows].T), f"{rows} rows"
 
 
 def test_split_k_is_deterministic():
-    """17 rows of a 256 x 8192 weight: 2 tiles, so K is split (up to 16 ways) and the partial sums
-    meet in a workspace; repeated calls give the same bits and stay within the bound."""
+    """17 rows (and 100 and 200, the wgmma kernel's on compute capability 9.0) of a 256 x 8192 weight:
+    one or two tiles, so K is split (up to 16 ways) and the partial sums meet in a workspace; repeated
+    calls give the same bits and stay within the bound."""
     n, k = 256, 8192
     for fmt in (WEIGHT_QTYPES[0], K_QUANTS[0]):
         w = random_weight(fmt, n, k, seed=3)
         W = dequant_oracle(w, fmt, n, k)
-        x = gaussian_activations((17, k), seed=5).to(torch.bfloat16)
-        wc, xc = w.cuda(), x.cuda()
-        y = torchext.qmatmul(wc, int(fmt), xc, n, k)
-        assert_within_bound(y, x, W, offset_oracle(w, fmt, n, k))
-        for _ in range(3):
-            assert torch.equal(torchext.qmatmul(wc, int(fmt), xc, n, k), y)
+        for rows in (17, 100, 200):
+            x = gaussian_activations((rows, k), seed=5).to(torch.bfloat16)
+            wc, xc = w.cuda(), x.cuda()
+            y = torchext.qmatmul(wc, int(fmt), xc, n, k)
+            if takes_tiled_gemm(fmt, n, k, rows):
+                assert_within_bound(y, x, W, offset_oracle(w, fmt, n, k))
+            else:
+                assert_within_dense_bound(y, x, W)
+            for _ in range(3):
+                assert torch.equal(torchext.qmatmul(wc, int(fmt), xc, n, k), y)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -144,7 +181,7 @@ def test_misaligned_activations_take_the_dense_path(dtype):
     w = random_weight(qtype, n, k, seed=1)
     W = dequant_oracle(w, qtype, n, k)
     x = gaussian_activations((rows, k), seed=2).to(dtype)
-    y = torchext.qmatmul(w.cuda(), int(qtype), x.cuda(), n, k).double().cpu().numpy()
+    y = torchext.qmatmul(w.cuda(), int(qtype), x.cuda(), n, k)
     k2 = 512
     w2 = random_weight(qtype, n, k2, seed=1)
     x2 = gaussian_activations((rows, k2), seed=2).to(dtype)
@@ -153,12 +190,8 @@ def test_misaligned_activations_take_the_dense_path(dtype):
     shifted.copy_(x2)
     assert shifted.data_ptr() % 16 != 0
     y2 = torchext.qmatmul(w2.cuda(), int(qtype), shifted, n, k2)
-    u = half_ulp(dtype)
-    for yy, xx, WW in ((y, x, W), (y2.double().cpu().numpy(), x2, dequant_oracle(w2, qtype, n, k2))):
-        x64 = xx.double().numpy()
-        ref, absref = x64 @ WW.T, np.abs(x64) @ np.abs(WW).T
-        xabs = np.abs(x64).sum(1, keepdims=True)
-        assert (np.abs(yy - ref) <= (2 * u + 1e-5) * absref + u * np.abs(ref) + tiny(dtype) * (xabs + 1)).all()
+    assert_within_dense_bound(y, x, W)
+    assert_within_dense_bound(y2, x2, dequant_oracle(w2, qtype, n, k2))
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -167,7 +200,7 @@ def test_cuda_graph_replay(dtype):
     eager result, for a K-split plan (17 rows) and a 64-row tile."""
     qtype, n, k = K_QUANTS[0], 256, 4096
     w = random_weight(qtype, n, k, "cuda", seed=11)
-    for rows in (17, 64):
+    for rows in (17, 64, 128, 256):
         static_x = torch.zeros(rows, k, dtype=dtype, device="cuda")
         torchext.qmatmul(w, int(qtype), static_x, n, k)  # warm-up outside the capture
         torch.cuda.synchronize()

@@ -1,0 +1,149 @@
+// The tiled GEMM on Hopper's warpgroup MMA for qmatmul's 65 to kMaxWgmmaRows activation rows
+// (kernels/qgemm_wgmma.cuh says how the kernel works). Compiled for sm_90a alone (wgmma and
+// setmaxnreg exist only there), by setup.py's own rule, when the build targets compute capability
+// 9.0; the other CUDA sources then see TORCHEXT_WGMMA. The sm_90a code loads only on a 9.0 device,
+// which qgemm_wgmma_supports checks.
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <atomic>
+
+#include "kernels/qgemm.cuh"
+#include "kernels/qgemm_wgmma.cuh"
+
+namespace torchext {
+namespace {
+
+using qgemm::GemmArgs;
+using qgemm::kWgStageK;
+using qgemm::kWgThreads;
+using qgemm::Plan;
+using qgemm::WgLayout;
+using qgemm::WgTileTall;
+using qgemm::WgTileWide;
+
+// cuTensorMapEncodeTiled from the driver, through the runtime (no link against libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static std::atomic<PFN_cuTensorMapEncodeTiled_v12000> encode{nullptr};
+  PFN_cuTensorMapEncodeTiled_v12000 f = encode.load(std::memory_order_relaxed);
+  if (f == nullptr) {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      return nullptr;
+    f = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+    encode.store(f, std::memory_order_relaxed);
+  }
+  return f;
+}
+
+// A 2-D map over [rows][cols] elements (row stride in bytes, a multiple of 16) in boxes of box_cols x
+// box_rows; zeros past either end.
+bool encode_map(CUtensorMap& map, CUtensorMapDataType type, const void* base, int64_t cols, int64_t rows,
+                int64_t row_bytes, int box_cols, int box_rows, CUtensorMapSwizzle swizzle) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)}, strides[1] = {cuuint64_t(row_bytes)};
+  const cuuint32_t box[2] = {cuuint32_t(box_cols), cuuint32_t(box_rows)}, element_strides[2] = {1, 1};
+  return encode(&map, type, 2, const_cast<void*>(base), dims, strides, box, element_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <class T>
+int64_t row_bytes_of(int64_t k) {
+  return (k + T::kValues - 1) / T::kValues * T::kBytes;
+}
+
+// Calls f(tile) with the tile shape that serves `rows` (WgTileWide up to 128, else WgTileTall).
+template <class F>
+void visit_wgmma_tile(int64_t rows, F&& f) {
+  if (rows <= WgTileWide::kM) return f(WgTileWide{});
+  f(WgTileTall{});
+}
+
+template <class T, class H, bool kExact, class Tile>
+cudaError_t launch_kernel(const GemmArgs& args, const Plan& p, FloatType xt, cudaStream_t stream) {
+  using Lay = WgLayout<T, Tile>;
+  if constexpr (!Lay::kFits) {
+    return cudaErrorNotSupported;  // qgemm_wgmma_supports said no
+  } else {
+    CUtensorMap xmap, wmap;
+    const CUtensorMapDataType x_type =
+        xt == FloatType::BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+    if (!encode_map(xmap, x_type, args.x, args.k, args.rows, args.k * 2, kWgStageK, Tile::kM,
+                    CU_TENSOR_MAP_SWIZZLE_128B) ||
+        !encode_map(wmap, CU_TENSOR_MAP_DATA_TYPE_UINT8, args.w, args.row_bytes, args.n, args.row_bytes,
+                    Lay::kRawStride, Tile::kN, CU_TENSOR_MAP_SWIZZLE_NONE))
+      return cudaErrorNotSupported;
+    constexpr auto kernel = qgemm::qgemm_wgmma_kernel<T, H, kExact, Tile>;
+    // every launch asks again: a few hundred nanoseconds, and no per-device cache to keep
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Lay::kBytes);
+    if (err != cudaSuccess) return err;
+    const dim3 grid(unsigned((args.n + Tile::kN - 1) / Tile::kN), unsigned((args.rows + Tile::kM - 1) / Tile::kM),
+                    unsigned(p.splits));
+    kernel<<<grid, kWgThreads, Lay::kBytes, stream>>>(args, xmap, wmap);
+    return cudaGetLastError();
+  }
+}
+
+}  // namespace
+
+namespace qgemm {
+
+bool qgemm_wgmma_supports(QType wt, FloatType xt, const void* w, const void* x, int64_t k, int device) {
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  bool fits = false;  // TMA: the weight's row stride a multiple of 16 bytes (as x's: k % 8), both bases aligned
+  visit_weight_format(wt, [&](auto traits) {
+    using T = decltype(traits);
+    fits = WgLayout<T, WgTileWide>::kFits && WgLayout<T, WgTileTall>::kFits && row_bytes_of<T>(k) % 16 == 0;
+  });
+  return fits && major == 9 && minor == 0 && xt != FloatType::F32 && k % 8 == 0 &&
+         reinterpret_cast<uintptr_t>(w) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+         tensor_map_encoder() != nullptr;
+}
+
+// make_plan's K splits, but only while the grid is under one wave: a split's fp32 partial sums cost
+// a write and a read of rows x n floats each, which make_plan's count of chunks does not see
+// (14336x4096 Q4_K at 1024 rows, 448 CTAs of 256 x 128: 433 us in 2 splits, H200, the prototype).
+Plan qgemm_wgmma_plan(int64_t n, int64_t k, int64_t rows, int device) {
+  Plan p{1, (k + kChunk - 1) / kChunk};
+  visit_wgmma_tile(rows, [&](auto tile) {
+    using Tile = decltype(tile);
+    const int64_t tiles = (n + Tile::kN - 1) / Tile::kN * ((rows + Tile::kM - 1) / Tile::kM);
+    if (tiles * 2 > sm_count(device)) return;
+    p = make_plan(n, k, rows, Tile::kM, Tile::kN, 1, device);
+    const int64_t most = std::max<int64_t>(1, sm_count(device) / tiles);
+    if (p.splits > most) {
+      const int64_t chunks = (k + kChunk - 1) / kChunk;
+      p.chunks_per_split = (chunks + most - 1) / most;
+      p.splits = int((chunks + p.chunks_per_split - 1) / p.chunks_per_split);
+    }
+  });
+  return p;
+}
+
+cudaError_t launch_qgemm_wgmma(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* x, FloatType xt,
+                               bool exact, int64_t rows, const Plan& p, float* workspace, void* out,
+                               cudaStream_t stream) {
+  cudaError_t err = cudaErrorInvalidValue;
+  visit_weight_format(wt, [&](auto traits) {
+    using T = decltype(traits);
+    const int64_t row_bytes = row_bytes_of<T>(k);
+    const GemmArgs args{w, n, k, row_bytes, row_bytes * n, x, rows, p.chunks_per_split, workspace, out};
+    visit_wgmma_tile(rows, [&](auto tile) {
+      using Tile = decltype(tile);
+      if (xt != FloatType::BF16) err = launch_kernel<T, __half, true, Tile>(args, p, xt, stream);
+      else if (exact || !kComputesInBf16<T>) err = launch_kernel<T, __nv_bfloat16, true, Tile>(args, p, xt, stream);
+      else err = launch_kernel<T, __nv_bfloat16, false, Tile>(args, p, xt, stream);
+    });
+  });
+  return err;
+}
+
+}  // namespace qgemm
+}  // namespace torchext
