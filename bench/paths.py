@@ -4,7 +4,8 @@
 
 Columns, µs per call (CUDA graph replays, L2 cold: weight copies rotated past 4x the L2, bf16
 activations): `policy` qmatmul as shipped (the Q8_1 GEMVs up to 8 or 16 rows, then the tiled GEMM:
-kernels/batch_policy.h), `exact` qmatmul(exact=True) (the tiled GEMM up to 64 rows, dense beyond),
+kernels/batch_policy.h), `exact` qmatmul(exact=True) (the tiled GEMM up to 64 rows, or 256 on compute capability 9.0 where
+its Hopper kernel takes the weight; dense beyond),
 `dense` dequantize + F.linear, `bf16` F.linear on a dense bf16 weight. bench/NOTES.md ("Where the
 paths cross") has a run.
 """

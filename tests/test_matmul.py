@@ -17,7 +17,8 @@ Tolerances, and why (absref = |x| @ |W|.T, the sum of the magnitudes of an outpu
   (conftest.half_ulp: 2^-11, 2^-8), plus float16's absolute 2^-25 below its normal range.
 - CUDA's dense path in f16/bf16 dequantizes the weight to that dtype (one more rounding of
   every weight: half_ulp * absref) and cuBLAS may reduce in that dtype (another half_ulp *
-  absref): 2 * half_ulp * absref more. The tiled GEMM that serves 17 to 64 rows there computes
+  absref): 2 * half_ulp * absref more. The tiled GEMM that serves 17 to 64 rows there (to 256 on
+  compute capability 9.0, tests/test_qgemm.py says for which weights) computes
   each bf16 weight value d * q + m in bf16 unless exact=True (two roundings of |d q| + |m|,
   tests/test_qgemm.py): conftest.half_weight_rounding bounds both, with the weights' offsets m
   from conftest.offset_oracle.
