@@ -12,10 +12,11 @@ CUDA vs CPU tolerances (per output, |y_cuda - y_cpu| <= tol):
   * beyond the GEMVs (the CPU reference with exact=True, unrounded): the CPU dequantizes to fp32
     and multiplies in fp32; CUDA dequantizes to x's dtype and multiplies in x's dtype with cuBLAS
     (fp32 accumulate), or up to 64 rows of fp16/bf16 (256 on compute capability 9.0, most formats)
-    runs the tiled GEMM on the same rounded weights (bf16 weights computed in bf16 by default: 2 half-ulps and the offsets'; fp32 sums). Each
-    weight is rounded once to the dtype (relative 2^-24 / 2^-11 / 2^-8, and absolute conftest.tiny
-    below its normal range: fp16's 2^-25 times sum |x| matters for the IQ formats' small weights,
-    IQ1_M 20005x256 measured 7e-7 on an output of 2e-5) and cuBLAS may reduce
+    runs the tiled GEMM on the same rounded weights (bf16 weights computed in bf16 by default: 2
+    half-ulps and the offsets'; fp32 sums). Each weight is rounded once to the dtype (relative
+    2^-24 / 2^-11 / 2^-8, and absolute conftest.tiny below its normal range: fp16's 2^-25 times
+    sum |x| matters for the IQ formats' small weights, IQ1_M 20005x256 measured 7e-7 on an output
+    of 2e-5) and cuBLAS may reduce
     split-K partials in the dtype, so tol = c * absdot with c = 3e-5 (fp32, no TF32), 2e-3
     (fp16), 1.6e-2 (bf16), about 4x the rounding bound, plus one ulp of the output and
     tiny(dtype) * sum |x|. Since a
