@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kThreads)
   // of a shared-memory phase (one chunk each, 16 bytes) land in 8 different 16-byte bank groups
   __shared__ uint4 staged[kWarps][32 * kPieces];
   const auto swizzle = [](int chunk) { return (chunk * kPieces / 8) % kPieces; };
-  const int64_t blocks = (k + T::kValues - 1) / T::kValues;
+  const int64_t blocks = weight_row_blocks<T>(k);
   const int64_t chunks_per_row = (k + 31) / 32, total = rows_out * chunks_per_row;
   const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   // k a multiple of 32: chunk i's outputs start at 32 i, so a warp's chunks are one contiguous span.

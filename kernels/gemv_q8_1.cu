@@ -81,7 +81,7 @@ __device__ __forceinline__ void gemv_rows(const uint8_t* __restrict__ w, int64_t
   }
 
   constexpr int kBlocksPerItem = T::kValues / kQ8Block;  // Q8_1 blocks per weight block
-  const int64_t blocks = (k + T::kValues - 1) / T::kValues;
+  const int64_t blocks = weight_row_blocks<T>(k);
   const int64_t row_bytes = blocks * T::kBytes;
   const int64_t items = blocks * T::kItems;
   const int rows_per_step = kWarps / split, part = warp % split;
@@ -131,13 +131,8 @@ template <class T, int B, bool kStaged>
 __global__ void __launch_bounds__(kThreads)
     gemv_q8_1_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, const block_q8_1* __restrict__ x, int rows,
                      int split, void* __restrict__ out, FloatType ot) {
-  allow_dependent_grids();
-  // The weight rows of this CTA's first step stream into L2 while the kernel before (the one that
-  // made x) finishes.
-  const int64_t rows_per_step = kWarps / split, first = int64_t(blockIdx.x) * rows_per_step;
-  const int64_t row_bytes = (k + T::kValues - 1) / T::kValues * T::kBytes;
-  prefetch_l2(w + first * row_bytes, (first + rows_per_step < n ? rows_per_step : n - first) * row_bytes);
-  wait_for_prior_grids();
+  const int64_t rows_per_step = kWarps / split;  // this CTA's first step's weight rows
+  prefetch_rows_then_wait(w, int64_t(blockIdx.x) * rows_per_step, rows_per_step, n, weight_row_bytes<T>(k));
   gemv_rows<T, B, kStaged>(w, n, k, ContiguousRows{x, q8_1_blocks_per_row(k), rows}, split, out, ot);
 }
 
@@ -154,7 +149,7 @@ __global__ void __launch_bounds__(kThreads)
       mark_invalid_slots(slots, c0, std::min(n, c0 + rows_per_step), n, sh.slot, sh.warp_hits, out, ot);
     return;
   }
-  const int64_t expert_bytes = n * ((k + T::kValues - 1) / T::kValues * T::kBytes);
+  const int64_t expert_bytes = n * weight_row_bytes<T>(k);
   gemv_expert_slots<B>(slots, x, k, sh, [&](int64_t expert, const SlotRows& rows) {
     gemv_rows<T, B, kStaged>(w + expert * expert_bytes, n, k, rows, split, out, ot);
   });
@@ -187,7 +182,7 @@ cudaError_t plan_gemv(Kernel kernel, int64_t n, int64_t k, int64_t columns, size
   if (err != cudaSuccess) return err;
   // Split rows over warps while that still fits in one wave of resident warps, keeping >= 32
   // items per warp: few rows then still fill the GPU, and many rows get whole warps each.
-  const int64_t items = (k + T::kValues - 1) / T::kValues * T::kItems;
+  const int64_t items = weight_row_blocks<T>(k) * T::kItems;
   p.smem = smem;
   p.resident_ctas = int64_t(sm_count(device)) * std::max(ctas_per_sm, 1);
   p.split = 1;

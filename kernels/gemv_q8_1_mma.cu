@@ -75,7 +75,7 @@ __device__ __forceinline__ void gemv_mma_rows(const uint8_t* __restrict__ w, int
 
   // This lane's two weight rows (clamped: rows past n compute garbage that is never stored) and
   // activation rows: column g of B, and columns 2t, 2t+1 of C (rows past x.count re-read the last).
-  const int64_t blocks = (k + T::kValues - 1) / T::kValues;
+  const int64_t blocks = weight_row_blocks<T>(k);
   const auto w_row = [&](int64_t r) { return w + (r < n ? r : n - 1) * blocks * T::kBytes; };
   const uint8_t *w_lo = w_row(row0 + g), *w_hi = w_row(row0 + g + 8);
   const int rows = x.count;
@@ -170,12 +170,8 @@ template <class T, int NT>
 __global__ void __launch_bounds__(kThreads, 2)
     gemv_q8_1_mma_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, const block_q8_1* __restrict__ x,
                          int rows, int split, void* __restrict__ out, FloatType ot) {
-  allow_dependent_grids();
-  // This CTA's weight tiles stream into L2 while the kernel before (the one that made x) finishes.
-  const int64_t tile_rows = (kWarps / split) * kTileRows, first = int64_t(blockIdx.x) * tile_rows;
-  const int64_t row_bytes = (k + T::kValues - 1) / T::kValues * T::kBytes;
-  prefetch_l2(w + first * row_bytes, (first + tile_rows < n ? tile_rows : n - first) * row_bytes);
-  wait_for_prior_grids();
+  const int64_t tile_rows = (kWarps / split) * kTileRows;  // this CTA's weight tiles
+  prefetch_rows_then_wait(w, int64_t(blockIdx.x) * tile_rows, tile_rows, n, weight_row_bytes<T>(k));
   gemv_mma_rows<T, NT>(w, n, k, ContiguousRows{x, q8_1_blocks_per_row(k), rows}, split, out, ot);
 }
 
@@ -191,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     mark_invalid_slots(slots, c0, std::min(n, c0 + (kWarps / split) * kTileRows), n, sh.slot, sh.warp_hits, out, ot);
     return;
   }
-  const int64_t expert_bytes = n * ((k + T::kValues - 1) / T::kValues * T::kBytes);
+  const int64_t expert_bytes = n * weight_row_bytes<T>(k);
   gemv_expert_slots<8 * NT>(slots, x, k, sh, [&](int64_t expert, const SlotRows& rows) {
     gemv_mma_rows<T, NT>(w + expert * expert_bytes, n, k, rows, split, out, ot);
   });
@@ -206,7 +202,7 @@ cudaError_t plan_tiles(Kernel kernel, int64_t n, int64_t k, int64_t tiles, int d
   if (err != cudaSuccess) return err;
   // Split a tile's items over 2, 4 or 8 warps while the tiles alone would leave most resident warp
   // slots empty, keeping >= 2 items per warp.
-  const int64_t items = (k + T::kValues - 1) / T::kValues * T::kMmaItems;
+  const int64_t items = weight_row_blocks<T>(k) * T::kMmaItems;
   const int64_t resident_warps = int64_t(sm_count(device)) * std::max(ctas_per_sm, 1) * kWarps;
   split = 1;
   while (split < kWarps && 4 * split <= items && 2 * split * tiles <= resident_warps) split *= 2;

@@ -3,7 +3,6 @@
 
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 #include <utility>
 
@@ -43,19 +42,22 @@ __device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
 }
 
-// Whether the current device takes programmatic dependent launches (compute capability 9.0 or later),
-// asked once a device.
+// The start of a kernel launched by launch_dependent whose CTA reads weight rows [first, first + rows)
+// of n first: lets the next kernel start, asks L2 for those rows (they stream in while the kernel
+// before, the one that made the activations, finishes), then waits for that kernel.
+__device__ __forceinline__ void prefetch_rows_then_wait(const uint8_t* w, int64_t first, int64_t rows, int64_t n,
+                                                        int64_t row_bytes) {
+  allow_dependent_grids();
+  prefetch_l2(w + first * row_bytes, (first + rows < n ? rows : n - first) * row_bytes);
+  wait_for_prior_grids();
+}
+
+// Whether the current device takes programmatic dependent launches (compute capability 9.0 or later);
+// the runtime answers attribute queries from its own cache (sm_count asks the same way).
 inline bool current_device_launches_dependents() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> major[kMaxDevices] = {};  // 0: not asked yet
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return false;
-  int m = major[device].load(std::memory_order_relaxed);
-  if (m == 0) {
-    if (cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-    major[device].store(m, std::memory_order_relaxed);
-  }
-  return m >= 9;
+  int device = 0, major = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch where the device

@@ -399,7 +399,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) qgemm_kernel(GemmArgs a, Til
   typename Tiles::Tile tile;
   if (!tiles.template open<BM, kTileN>(tile_slots, tile)) return;
   const int64_t n0 = tile.n0;
-  const int64_t chunks = (a.k + kChunk - 1) / kChunk, blocks = (a.k + T::kValues - 1) / T::kValues;
+  const int64_t chunks = (a.k + kChunk - 1) / kChunk, blocks = weight_row_blocks<T>(a.k);
   const int64_t c0 = int64_t(blockIdx.z) * a.chunks_per_split, c1 = std::min(chunks, c0 + a.chunks_per_split);
 
   const ChunkCopier<T, H, BM, Cfg::kThreads, kTileN> copier(a, tile);
@@ -554,7 +554,7 @@ cudaError_t TiledGemm<H, kExact>::launch(QType wt, const uint8_t* w, int64_t n, 
     if constexpr (!kExact && !kComputesInBf16<T>) {
       err = TiledGemm<H, true>::launch(wt, w, n, k, x, rows, p, workspace, out, device, stream);
     } else {
-      const int64_t row_bytes = (k + T::kValues - 1) / T::kValues * T::kBytes;
+      const int64_t row_bytes = weight_row_bytes<T>(k);
       const GemmArgs args{w, n, k, row_bytes, row_bytes * n, x, rows, p.chunks_per_split, workspace, out};
       visit_tile<T>(rows, device,
                     [&](auto tile) { err = Kernel<T, H, kExact, decltype(tile)>::launch(args, p, stream); });
@@ -575,7 +575,7 @@ cudaError_t TiledGemm<H, kExact>::launch_id(QType wt, const uint8_t* w, int64_t 
       err = TiledGemm<H, true>::launch_id(wt, w, n, k, x, slots, tile_rows, max_tiles, sorted_slots, tile_experts, out,
                                           device, stream);
     } else {
-      const int64_t row_bytes = (k + T::kValues - 1) / T::kValues * T::kBytes;
+      const int64_t row_bytes = weight_row_bytes<T>(k);
       const int64_t chunks = (k + kChunk - 1) / kChunk;  // one split: all of K
       const GemmArgs args{w, n, k, row_bytes, row_bytes * n * slots.experts, x, slots.count, chunks, nullptr, out};
       const ExpertTiles tiles{sorted_slots, tile_experts, n, slots.x_per_slot ? 1 : slots.top_k};

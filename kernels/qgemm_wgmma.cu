@@ -52,11 +52,6 @@ bool encode_map(CUtensorMap& map, CUtensorMapDataType type, const void* base, in
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <class T>
-int64_t row_bytes_of(int64_t k) {
-  return (k + T::kValues - 1) / T::kValues * T::kBytes;
-}
-
 // Calls f(tile) with the tile shape that serves `rows` (WgTileWide up to 128, else WgTileTall).
 template <class F>
 void visit_wgmma_tile(int64_t rows, F&& f) {
@@ -100,7 +95,7 @@ bool qgemm_wgmma_supports(QType wt, FloatType xt, const void* w, const void* x, 
   bool fits = false;  // TMA: the weight's row stride a multiple of 16 bytes (as x's: k % 8), both bases aligned
   visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
-    fits = WgLayout<T, WgTileWide>::kFits && WgLayout<T, WgTileTall>::kFits && row_bytes_of<T>(k) % 16 == 0;
+    fits = WgLayout<T, WgTileWide>::kFits && WgLayout<T, WgTileTall>::kFits && weight_row_bytes<T>(k) % 16 == 0;
   });
   return fits && major == 9 && minor == 0 && xt != FloatType::F32 && k % 8 == 0 &&
          reinterpret_cast<uintptr_t>(w) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
@@ -133,7 +128,7 @@ cudaError_t launch_qgemm_wgmma(QType wt, const uint8_t* w, int64_t n, int64_t k,
   cudaError_t err = cudaErrorInvalidValue;
   visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
-    const int64_t row_bytes = row_bytes_of<T>(k);
+    const int64_t row_bytes = weight_row_bytes<T>(k);
     const GemmArgs args{w, n, k, row_bytes, row_bytes * n, x, rows, p.chunks_per_split, workspace, out};
     visit_wgmma_tile(rows, [&](auto tile) {
       using Tile = decltype(tile);

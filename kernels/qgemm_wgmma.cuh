@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   const Ring<Lay::kRawSlots> rawring{bars + 2 * (Lay::kASlots + Lay::kBSlots),
                                      bars + 2 * (Lay::kASlots + Lay::kBSlots) + Lay::kRawSlots};
   const int64_t n0 = int64_t(blockIdx.x) * Tile::kN, m0 = int64_t(blockIdx.y) * Tile::kM;
-  const int64_t chunks = (a.k + kChunk - 1) / kChunk, blocks = (a.k + T::kValues - 1) / T::kValues;
+  const int64_t chunks = (a.k + kChunk - 1) / kChunk, blocks = weight_row_blocks<T>(a.k);
   const int64_t c0 = int64_t(blockIdx.z) * a.chunks_per_split, c1 = std::min(chunks, c0 + a.chunks_per_split);
   constexpr int kStagesPerChunk = kChunk / kWgStageK;
   const int64_t stages = (c1 - c0) * kStagesPerChunk;

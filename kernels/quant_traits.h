@@ -144,6 +144,17 @@ struct MmaSlice {
 template <QType T>
 struct QuantTraits;
 
+// Blocks and bytes of a weight row of k values of format traits T: whole blocks, the last one padded
+// past k.
+template <class T>
+TORCHEXT_HD constexpr int64_t weight_row_blocks(int64_t k) {
+  return (k + T::kValues - 1) / T::kValues;
+}
+template <class T>
+TORCHEXT_HD constexpr int64_t weight_row_bytes(int64_t k) {
+  return weight_row_blocks<T>(k) * T::kBytes;
+}
+
 template <QType T, class Family>
 struct FormatTraits : Family {
   static constexpr QType kType = T;

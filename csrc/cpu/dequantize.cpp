@@ -17,7 +17,7 @@ void dequantize(QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows,
 #endif
   const bool known = visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
-    const int64_t blocks = (k + T::kValues - 1) / T::kValues;
+    const int64_t blocks = weight_row_blocks<T>(k);
     const int64_t chunks = blocks * (T::kValues / 32);
     torch::stable::parallel_for(0, rows_out, 1, [&](int64_t begin, int64_t end) {
       float v[32];

@@ -15,7 +15,7 @@ void gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_
   const int64_t xs = q8_1_blocks_per_row(k);
   const bool known = visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
-    const int64_t blocks = (k + T::kValues - 1) / T::kValues;
+    const int64_t blocks = weight_row_blocks<T>(k);
     const int64_t row_bytes = blocks * T::kBytes;
     torch::stable::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {

@@ -14,7 +14,7 @@ __attribute__((target(TORCHEXT_GEMV_TARGET))) void gemv_rows(TORCHEXT_GEMV_ISA, 
   constexpr int kChunks = Traits::kValues / kQ8Block;
   constexpr bool kBlockScales = HasBlockScales<C>::value;
   static_assert(!kBlockScales || kChunks == 8, "block scales are one lane a chunk");
-  const int64_t blocks = (k + Traits::kValues - 1) / Traits::kValues;
+  const int64_t blocks = weight_row_blocks<Traits>(k);
   const int64_t row_bytes = blocks * Traits::kBytes;
   const float* xd = xs.d.data();
   const float* xsum = xs.s.data();

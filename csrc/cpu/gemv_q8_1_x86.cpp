@@ -431,7 +431,7 @@ TORCHEXT_AVX2 void dequantize_columns(const uint8_t* w, int64_t n, int64_t k, Ro
                                       int64_t c_begin, int64_t c_end, void* out) {
   using C = Avx2Chunk<Traits>;
   constexpr int kChunks = Traits::kValues / kQ8Block, kChunkBytes = Traits::kBytes / kChunks;
-  const int64_t row_bytes = (k + Traits::kValues - 1) / Traits::kValues * Traits::kBytes;
+  const int64_t row_bytes = weight_row_bytes<Traits>(k);
   const int64_t whole = k / 32;  // chunks stored with vectors; a last partial one goes the scalar way
   for (int64_t i = 0; i < rows_out; ++i) {
     const int64_t src = rows.source(i, n);

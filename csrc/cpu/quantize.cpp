@@ -644,7 +644,7 @@ void quantize_rows(const float* x, int64_t n, int64_t k, uint8_t* out) {
   using Traits = QuantTraits<T>;
   using Block = typename Traits::block;
   constexpr int kValues = Traits::kValues;
-  const int64_t blocks = (k + kValues - 1) / kValues;
+  const int64_t blocks = weight_row_blocks<Traits>(k);
   std::atomic<int64_t> overflow_row{-1}, non_finite_row{-1};
   torch::stable::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     float padded[kValues];
