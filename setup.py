@@ -130,6 +130,12 @@ def shared_libstdcxx_link_args():
     return [f"-L{os.path.dirname(runtime)}", f"-l:{os.path.basename(runtime)}"]
 
 
+def nvcc_flags():
+    """nvcc's flags for every CUDA source, the sm_90a ones (sm90a_objects) included."""
+    return ["-O3", "-std=c++17", "-DUSE_CUDA", "--expt-relaxed-constexpr", "-lineinfo",
+            f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"]
+
+
 def make_extension():
     defines = [f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"]
     cxx = ["-O3", "-std=c++17", "-ffp-contract=off", *defines]
@@ -137,7 +143,7 @@ def make_extension():
                   extra_link_args=shared_libstdcxx_link_args())
     if not USE_CUDA:
         return CppExtension(sources=CPU_SOURCES, extra_compile_args={"cxx": cxx}, **kwargs)
-    nvcc = ["-O3", "-std=c++17", "-DUSE_CUDA", "--expt-relaxed-constexpr", "-lineinfo", *defines]
+    nvcc = nvcc_flags()
     if builds_sm90a():
         nvcc.append("-DTORCHEXT_WGMMA")
     return CUDAExtension(
@@ -169,16 +175,14 @@ def sm90a_objects(build_temp):
                if f.endswith((".h", ".cuh"))]
     newest_header = max(os.path.getmtime(h) for h in headers)
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
-    defines = [f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}", "-DUSE_CUDA", "-DTORCHEXT_WGMMA"]
     objects = []
     for source in SM90A_SOURCES:
         obj = os.path.join(build_temp, "sm90a", os.path.splitext(source)[0] + ".o")
         src = os.path.join(ROOT, source)
         if not os.path.exists(obj) or os.path.getmtime(obj) < max(os.path.getmtime(src), newest_header):
             os.makedirs(os.path.dirname(obj), exist_ok=True)
-            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
-                   "-Xcompiler", "-fPIC", "-gencode", "arch=compute_90a,code=sm_90a", *defines,
-                   *[f"-I{d}" for d in extra_include_dirs()]]
+            cmd = [nvcc, "-c", src, "-o", obj, *nvcc_flags(), "-DTORCHEXT_WGMMA", "-Xcompiler", "-fPIC",
+                   "-gencode", "arch=compute_90a,code=sm_90a", *[f"-I{d}" for d in extra_include_dirs()]]
             print(" ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
         objects.append(obj)

@@ -11,7 +11,8 @@ once (every sequence at the same position), tokens/s counting every sequence's t
 Prefill: one forward pass over a `--prefill`-token prompt (eager and compiled), as pp512.
 The per-token split (GEMV kernels, attention, the rest) and the kernel launches per token come
 from torch.profiler's CUDA kernel times over the decode loop, each kernel counted from the later of
-its start and the previous kernel's end (kernels overlap under programmatic dependent launch). Weight memory is reported against the file and dense bf16.
+its start and the previous kernel's end (kernels overlap under programmatic dependent launch).
+Weight memory is reported against the file and dense bf16.
 Writes DIR/gemma3.json and prints a summary. Nothing here is asserted.
 """
 

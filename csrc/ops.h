@@ -197,7 +197,8 @@ struct Ops {
     Tensor out = torch::stable::new_empty(x, {a.tokens, s.top_k, n});
     if (s.count == 0) return out;
     Backend::check_ids(s.ids, s.count, s.experts, "E");
-    const MatmulPath path = choose_matmul_id_path(a.tokens, Backend::tiled_gemm_rows(QType(qtype), a.xt, w, x, k) > 0, exact);
+    const bool tiled = Backend::tiled_gemm_rows(QType(qtype), a.xt, w, x, k) > 0;
+    const MatmulPath path = choose_matmul_id_path(a.tokens, tiled, exact);
     Ctx ctx(w);
     if constexpr (Backend::kIdsOnHost) {
       matmul_id_by_expert(ctx, w, qtype, a, x, n, k, path, out);

@@ -141,10 +141,12 @@ cudaError_t launch_qgemm(QType wt, const uint8_t* w, int64_t n, int64_t k, const
   cudaError_t err = cudaErrorInvalidValue;
   const qgemm::Plan p = plan_for(wt, xt, exact, n, k, rows, device);
 #ifdef TORCHEXT_WGMMA
-  if (rows > kMaxTiledGemmRows) err = qgemm::launch_qgemm_wgmma(wt, w, n, k, x, xt, exact, rows, p, workspace, out, stream);
+  if (rows > kMaxTiledGemmRows)
+    err = qgemm::launch_qgemm_wgmma(wt, w, n, k, x, xt, exact, rows, p, workspace, out, stream);
   else
 #endif
-    visit_kernel_set(xt, exact, [&](auto set) { err = set.launch(wt, w, n, k, x, rows, p, workspace, out, device, stream); });
+    visit_kernel_set(xt, exact,
+                     [&](auto set) { err = set.launch(wt, w, n, k, x, rows, p, workspace, out, device, stream); });
   if (err != cudaSuccess || p.splits == 1) return err;
   const int64_t count = rows * n;
   const unsigned grid = unsigned(std::min<int64_t>((count + 255) / 256, int64_t(sm_count(device)) * 8));

@@ -106,15 +106,15 @@ bool qgemm_wgmma_supports(QType wt, FloatType xt, const void* w, const void* x, 
 // a write and a read of rows x n floats each, which make_plan's count of chunks does not see
 // (14336x4096 Q4_K at 1024 rows, 448 CTAs of 256 x 128: 433 us in 2 splits, H200, the prototype).
 Plan qgemm_wgmma_plan(int64_t n, int64_t k, int64_t rows, int device) {
-  Plan p{1, (k + kChunk - 1) / kChunk};
+  const int64_t chunks = (k + kChunk - 1) / kChunk;
+  Plan p{1, chunks};
   visit_wgmma_tile(rows, [&](auto tile) {
     using Tile = decltype(tile);
     const int64_t tiles = (n + Tile::kN - 1) / Tile::kN * ((rows + Tile::kM - 1) / Tile::kM);
-    if (tiles * 2 > sm_count(device)) return;
+    const int64_t most = sm_count(device) / tiles;  // splits whose CTAs all fit one wave
+    if (most < 2) return;
     p = make_plan(n, k, rows, Tile::kM, Tile::kN, 1, device);
-    const int64_t most = std::max<int64_t>(1, sm_count(device) / tiles);
     if (p.splits > most) {
-      const int64_t chunks = (k + kChunk - 1) / kChunk;
       p.chunks_per_split = (chunks + most - 1) / most;
       p.splits = int((chunks + p.chunks_per_split - 1) / p.chunks_per_split);
     }

@@ -370,7 +370,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   }
   wgmma_wait<0>();
 
-  // accumulator i of warp w's thread `lane`: row 16 w + lane / 4 + 8 (i / 2 % 2), column 8 (i / 4) + 2 (lane % 4) + i % 2
+  // accumulator i of warp w's thread `lane`: row 16 w + lane / 4 + 8 (i / 2 % 2),
+  // column 8 (i / 4) + 2 (lane % 4) + i % 2
   constexpr FloatType kOut = std::is_same_v<H, __nv_bfloat16> ? FloatType::BF16 : FloatType::F16;
   const int cwarp = tid / 32;
   const bool pairs = a.n % 2 == 0;  // columns col, col + 1 (col even) as one 4- or 8-byte store
