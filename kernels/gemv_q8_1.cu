@@ -10,6 +10,9 @@
 // Float activations are quantized by quantize_q8_1 first. Quantizing them here instead, in
 // every CTA, saves a launch but was measured slower at every shape and batch (H100, bench/gemv.py,
 // 2026-11-24: 4096x4096 Q4_K batch 1 10.6 us against 9.1 us; 4096x14336 batch 8 102.6 against 77.9).
+// The grid formats' lookups go to shared memory (quant_traits_iq_grid.h): every kernel here stages
+// its format's grid first.
+#define TORCHEXT_IQ_GRIDS_IN_SHARED
 #include <algorithm>
 
 #include "kernels/batch_policy.h"
@@ -131,6 +134,7 @@ template <class T, int B, bool kStaged>
 __global__ void __launch_bounds__(kThreads)
     gemv_q8_1_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, const block_q8_1* __restrict__ x, int rows,
                      int split, void* __restrict__ out, FloatType ot) {
+  stage_iq_grid<T>();
   const int64_t rows_per_step = kWarps / split;  // this CTA's first step's weight rows
   prefetch_rows_then_wait(w, int64_t(blockIdx.x) * rows_per_step, rows_per_step, n, weight_row_bytes<T>(k));
   gemv_rows<T, B, kStaged>(w, n, k, ContiguousRows{x, q8_1_blocks_per_row(k), rows}, split, out, ot);
@@ -143,6 +147,7 @@ __global__ void __launch_bounds__(kThreads)
     gemv_q8_1_id_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, const block_q8_1* __restrict__ x,
                         ExpertSlots slots, int split, void* __restrict__ out, FloatType ot) {
   __shared__ ExpertCtaShared<kThreads> sh;
+  stage_iq_grid<T>();
   const int64_t rows_per_step = kWarps / split;
   if (blockIdx.y + 1 == gridDim.y) {
     for (int64_t c0 = int64_t(blockIdx.x) * rows_per_step; c0 < n; c0 += int64_t(gridDim.x) * rows_per_step)
@@ -156,11 +161,13 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Shared memory a CTA may stage activations in: the device's opt-in limit (227 KB on Hopper,
-// 163 KB on A100, 99 KB on consumer GPUs) less room for the kernel's static arrays.
-size_t max_staged_bytes(int device) {
+// 163 KB on A100, 99 KB on consumer GPUs) less room for the kernel's static arrays and the
+// format's grid (grid_bytes: shared_grid_bytes).
+size_t max_staged_bytes(int device, size_t grid_bytes) {
   int limit = 0;
   cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  return limit > 4096 ? size_t(limit) - 4096 : 0;
+  const size_t reserved = 4096 + grid_bytes;
+  return size_t(limit) > reserved ? size_t(limit) - reserved : 0;
 }
 
 // A launch of a GEMV kernel whose CTAs cover `columns` output columns in all (n, or n per routed
@@ -225,11 +232,11 @@ cudaError_t launch_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, c
                              void* out, FloatType ot, int device, cudaStream_t stream) {
   const size_t out_elem = ot == FloatType::F32 ? 4 : 2;
   const int64_t xb = q8_1_blocks_per_row(k);
-  const size_t max_staged = max_staged_bytes(device);
   const bool int8_mma = has_int8_mma(device);
   cudaError_t err = cudaSuccess;
   const bool known = visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
+    const size_t max_staged = max_staged_bytes(device, shared_grid_bytes<T>());
     // Groups of up to 16 rows for the tensor-core kernel; for DP4A up to 8, as many as shared memory
     // holds, and rows too long to stage at all are read from global memory one at a time.
     for (int64_t r0 = 0; r0 < rows && err == cudaSuccess;) {
@@ -259,10 +266,10 @@ cudaError_t launch_gemv_q8_1_id(QType wt, const uint8_t* w, int64_t n, int64_t k
                                 const ExpertSlots& slots, void* out, FloatType ot, int device, cudaStream_t stream) {
   // an expert receives at most `tokens` rows unless ids repeat in a token (then it takes several groups)
   const int64_t tokens = slots.count / slots.top_k;
-  const size_t max_staged = max_staged_bytes(device);
   cudaError_t err = cudaErrorInvalidValue;
   visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
+    const size_t max_staged = max_staged_bytes(device, shared_grid_bytes<T>());
     if (choose_gemv_kernel(tokens, T::kValues, has_int8_mma(device)) == GemvKernel::Int8Mma) {
       err = launch_gemv_q8_1_mma_id(wt, w, n, k, x, slots, out, ot, device, stream);
       return;
