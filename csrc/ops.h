@@ -1,7 +1,8 @@
 // The body of every op, written once and instantiated per backend. A Backend supplies
 //   struct Context { explicit Context(const Tensor& on); };   device guard + stream (CUDA) or nothing (CPU)
 //   quantize_q8_1, rms_norm_quantize_q8_1, add_rms_norm_quantize_q8_1, gated_gelu_quantize_q8_1,
-//   gemv_q8_1, dequantize, gelu
+//   gemv_q8_1, dequantize, gelu, cached_attention
+//   check_positions(pos, rows, keys)                         positions in [0, keys), where it costs no sync
 //                                                            the kernels, on raw pointers
 //   check_ids(rows, count, n, bound)                         ids in [0, n), where it costs no sync
 //   kIdsOnHost                                               qmatmul_id groups slots by expert on the host (CPU);
@@ -13,6 +14,7 @@
 #include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <optional>
 #include <tuple>
@@ -20,6 +22,7 @@
 
 #include "csrc/checks.h"
 #include "kernels/batch_policy.h"
+#include "kernels/cached_attention.h"
 
 namespace torchext {
 
@@ -354,6 +357,52 @@ struct Ops {
     return out;
   }
 
+  // softmax(scale * q . k_j) . v_j over the cached keys j each query row's position sees (kernels/cached_attention.h).
+  static Tensor cached_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, double scale, int64_t window) {
+    check_defined_contiguous(q, "q");
+    check_defined_contiguous(k_cache, "k_cache");
+    check_defined_contiguous(v_cache, "v_cache");
+    check_defined_contiguous(pos, "pos");
+    const FloatType t = float_type(q, "q");
+    TORCHEXT_CHECK(q.dim() == 4, "q: expected [batch, heads, rows, dim], got ", q.dim(), " dimensions");
+    TORCHEXT_CHECK(k_cache.dim() == 4, "k_cache: expected [batch, kv_heads, keys, dim], got ", k_cache.dim(),
+                    " dimensions");
+    check_like(v_cache, "v_cache", k_cache, "k_cache");
+    for (const auto& [c, name] : {std::pair<const Tensor*, const char*>{&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
+      TORCHEXT_CHECK(c->scalar_type() == q.scalar_type(), name, ": expected the dtype of q (",
+                      dtype_name(q.scalar_type()), "), got ", dtype_name(c->scalar_type()));
+      check_same_device(q, "q", *c, name);
+    }
+    check_same_device(q, "q", pos, "pos");
+    const AttentionShape s{q.size(0), q.size(1), k_cache.size(1), q.size(2), k_cache.size(2), q.size(3)};
+    TORCHEXT_CHECK(k_cache.size(0) == s.batch && k_cache.size(3) == s.dim, "k_cache: expected [", s.batch,
+                    ", kv_heads, keys, ", s.dim, "] (q's batch and dim), got ", shape_string(k_cache));
+    TORCHEXT_CHECK(s.kv_heads > 0 && s.heads % s.kv_heads == 0, "k_cache: expected kv_heads dividing q's ", s.heads,
+                    " heads, got ", s.kv_heads);
+    TORCHEXT_CHECK(s.keys > 0, "k_cache: expected at least one key position");
+    TORCHEXT_CHECK(s.dim % 8 == 0 && s.dim > 0 && s.dim <= 256, "q: expected a head dim that is a multiple of 8 up ",
+                    "to 256, got ", s.dim);
+    TORCHEXT_CHECK(pos.scalar_type() == ScalarType::Long && pos.dim() == 1 && pos.size(0) == s.rows,
+                    "pos: expected an int64 tensor of q's ", s.rows, " rows' positions, got ",
+                    dtype_name(pos.scalar_type()), " ", shape_string(pos));
+    TORCHEXT_CHECK(window >= 0, "window: expected 0 (every earlier key) or a positive number of positions, got ",
+                    window);
+    TORCHEXT_CHECK(std::isfinite(scale), "scale: expected a finite number, got ", scale);
+    // 16-byte loads of 8 values (the CUDA kernels); any tensor torch allocates is aligned.
+    check_alignment(q, 16, "q", "rows are read 16 bytes at a time");
+    check_alignment(k_cache, 16, "k_cache", "rows are read 16 bytes at a time");
+    check_alignment(v_cache, 16, "v_cache", "rows are read 16 bytes at a time");
+    checked_mul(checked_mul(checked_mul(s.batch, s.heads, "q"), s.rows, "q"), s.dim, "q");
+    Tensor out = torch::stable::empty_like(q);
+    if (out.numel() == 0) return out;
+    const int64_t* positions = static_cast<const int64_t*>(pos.data_ptr());
+    Backend::check_positions(positions, s.rows, s.keys);
+    Ctx ctx(q);
+    Backend::cached_attention(ctx, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), positions, window,
+                              float(scale), s, t, out);
+    return out;
+  }
+
   // The k-quant ops kept from the first, pre-torchext version's API, each the generic op at a fixed format.
   static Tensor q4k_q8_gemv(Tensor w, Tensor xq, int64_t n, int64_t k) {
     return gemv_q8_1(w, int64_t(QType::Q4_K), xq, n, k);
@@ -396,6 +445,7 @@ struct Ops {
     m.impl("qmatmul", TORCH_BOX(&O::qmatmul));                                 \
     m.impl("qmatmul_q8_1", TORCH_BOX(&O::qmatmul_q8_1));                       \
     m.impl("qmatmul_id", TORCH_BOX(&O::qmatmul_id));                           \
+    m.impl("cached_attention", TORCH_BOX(&O::cached_attention));               \
     m.impl("gelu", TORCH_BOX(&O::gelu));                                       \
     m.impl("gelu_", TORCH_BOX(&O::gelu_));                                     \
     m.impl("bias_gelu", TORCH_BOX(&O::bias_gelu));                             \

@@ -62,6 +62,15 @@ struct CpuBackend {
       TORCHEXT_CHECK(rows.source(i, n) >= 0, "ids: expected ids in [0, ", bound, "=", n, "), got ", rows.id(i),
                       " at flat position ", i);
   }
+  static void check_positions(const int64_t* pos, int64_t rows, int64_t keys) {
+    for (int64_t r = 0; r < rows; ++r)
+      TORCHEXT_CHECK(pos[r] >= 0 && pos[r] < keys, "pos: expected positions in [0, keys=", keys, "), got ", pos[r],
+                      " at index ", r);
+  }
+  static void cached_attention(Context&, const void* q, const void* k, const void* v, const int64_t* pos,
+                               int64_t window, float scale, const AttentionShape& s, FloatType t, const Tensor& out) {
+    cpu::cached_attention(q, k, v, pos, window, scale, s, t, out.data_ptr());
+  }
   // qmatmul_id reads the ids here and groups each expert's rows (ops.h, matmul_id_by_expert).
   static constexpr bool kIdsOnHost = true;
   static void gelu(Context&, const void* x, const void* bias, void* out, int64_t numel, int64_t channels,

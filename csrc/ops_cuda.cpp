@@ -6,6 +6,7 @@
 #include <torch/csrc/stable/library.h>
 
 #include "csrc/ops.h"
+#include "kernels/cached_attention.cuh"
 #include "kernels/dequantize.cuh"
 #include "kernels/fused_q8_1.cuh"
 #include "kernels/gelu.cuh"
@@ -87,6 +88,19 @@ struct CudaBackend {
   static void dequantize(Context& c, QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows,
                          int64_t rows_out, void* out, FloatType ot) {
     check_launch(launch_dequantize(wt, w, n, k, rows, rows_out, out, ot, c.stream), "dequantize", wt);
+  }
+  // Reading the positions on the host would synchronise; one out of range gives a NaN row instead.
+  static void check_positions(const int64_t*, int64_t, int64_t) {}
+  // The spans' partial sums go to a workspace from torch's allocator.
+  static void cached_attention(Context& c, const void* q, const void* k, const void* v, const int64_t* pos,
+                               int64_t window, float scale, const AttentionShape& s, FloatType t, const Tensor& out) {
+    TORCHEXT_CHECK(cached_attention_fits_grid(s), "cached_attention: ", s.batch, " x ", s.heads, " heads x ", s.rows,
+                    " rows over ", s.keys, " keys need more CUDA thread blocks than one launch holds (2^31 - 1); ",
+                    "split the batch or the rows");
+    Tensor workspace = torch::stable::new_empty(out, {cached_attention_workspace_floats(s)}, ScalarType::Float);
+    check_launch(launch_cached_attention(q, k, v, pos, window, scale, s, t, static_cast<float*>(workspace.data_ptr()),
+                                         out.data_ptr(), c.stream),
+                 "cached_attention");
   }
   // Reading the ids on the host would synchronise; an id out of range gives a NaN row instead.
   static void check_ids(const RowIndex&, int64_t, int64_t, const char*) {}

@@ -42,6 +42,12 @@ STABLE_TORCH_LIBRARY(torchext, m) {
   // mul_mat_id. The path follows the number of tokens T (kernels/batch_policy.h); exact as in qmatmul.
   // An id out of range raises on the CPU and gives a NaN row on CUDA.
   m.def("qmatmul_id(Tensor w, int qtype, Tensor x, Tensor ids, int n, int k, bool exact=False) -> Tensor");
+  // attention of queries q [B, H, T, D] at positions pos [T] (int64) over a static key/value cache k_cache,
+  // v_cache [B, KV, S, D] of q's dtype (query head h reads cache head h / (H / KV)): key j is visible
+  // from position p when j <= p and, with window > 0, p - j < window; out [B, H, T, D] in q's dtype =
+  // softmax(scale * q . k_j) . v_j over the visible j, in fp32. D a multiple of 8 up to 256. The work
+  // follows the positions, not S. A position outside [0, S) raises on the CPU and gives a NaN row on CUDA.
+  m.def("cached_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, float scale, int window=0) -> Tensor");
   // GELU, approximate in {"none", "tanh"} as torch.nn.functional.gelu
   m.def("gelu(Tensor x, str approximate=\"none\") -> Tensor");
   // in-place GELU: overwrites x. It returns nothing, so that functionalization (torch.compile)

@@ -11,6 +11,8 @@ against the real op on every dtype; tests/test_fakes.py checks that both reject 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.autograd.graph import increment_version
 
@@ -537,6 +539,53 @@ def _(x, bias, approximate="none"):
                          f"dimensions of {bias.shape[0] if bias.dim() == 1 else bias.numel()} elements")
     _check_approximate(approximate)
     return torch.empty_like(x)
+
+
+# ---- attention over a static key/value cache ------------------------------------------------------
+
+def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     scale: float, window: int = 0) -> torch.Tensor:
+    """Attention of queries q [B, H, T, D] at positions pos [T] (int64) over a static key/value cache
+    k_cache, v_cache [B, KV, S, D] of q's dtype, query head h reading cache head h // (H // KV): key j
+    is visible from position p when j <= p and, with window > 0, p - j < window (a sliding window).
+    Returns softmax(scale * q . k_j) . v_j over the visible j, [B, H, T, D] in q's dtype, computed in
+    fp32. D is a multiple of 8 up to 256. Only the visible keys are read, so a decode step costs what
+    the cache holds, not its capacity. A position outside [0, S) raises on the CPU and gives a NaN row
+    on CUDA (checking it there would synchronise)."""
+    return _ops.cached_attention(q, k_cache, v_cache, pos, scale, window)
+
+
+@_register_fake("torchext::cached_attention")
+def _(q, k_cache, v_cache, pos, scale, window=0):
+    for t, name in ((q, "q"), (k_cache, "k_cache"), (v_cache, "v_cache"), (pos, "pos")):
+        _check_contiguous(t, name)
+    _check_float(q, "q")
+    torch._check(q.dim() == 4, lambda: f"q: expected [batch, heads, rows, dim], got {q.dim()} dimensions")
+    torch._check(k_cache.dim() == 4,
+                 lambda: f"k_cache: expected [batch, kv_heads, keys, dim], got {k_cache.dim()} dimensions")
+    _check_like(v_cache, "v_cache", k_cache, "k_cache")
+    for c, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        torch._check(c.dtype == q.dtype,
+                     lambda: f"{name}: expected the dtype of q ({_dtype_name(q.dtype)}), got {_dtype_name(c.dtype)}")
+        _check_same_device(q, "q", c, name)
+    _check_same_device(q, "q", pos, "pos")
+    batch, heads, rows, dim = q.shape
+    kv_heads, keys = k_cache.shape[1], k_cache.shape[2]
+    torch._check(k_cache.shape[0] == batch and k_cache.shape[3] == dim,
+                 lambda: f"k_cache: expected [{batch}, kv_heads, keys, {dim}] (q's batch and dim), got "
+                         f"{list(k_cache.shape)}")
+    torch._check(kv_heads > 0 and heads % kv_heads == 0,
+                 lambda: f"k_cache: expected kv_heads dividing q's {heads} heads, got {kv_heads}")
+    torch._check(keys > 0, lambda: "k_cache: expected at least one key position")
+    torch._check(dim % 8 == 0 and 0 < dim <= 256,
+                 lambda: f"q: expected a head dim that is a multiple of 8 up to 256, got {dim}")
+    torch._check(pos.dtype == torch.int64 and pos.dim() == 1 and pos.shape[0] == rows,
+                 lambda: f"pos: expected an int64 tensor of q's {rows} rows' positions, got {_dtype_name(pos.dtype)} "
+                         f"{list(pos.shape)}")
+    torch._check(window >= 0,
+                 lambda: f"window: expected 0 (every earlier key) or a positive number of positions, got {window}")
+    torch._check(math.isfinite(scale), lambda: f"scale: expected a finite number, got {scale}")
+    return torch.empty_like(q)
 
 
 # ---- autograd ------------------------------------------------------------------------------------

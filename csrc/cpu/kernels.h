@@ -3,6 +3,7 @@
 
 #include <cstdint>
 
+#include "kernels/cached_attention.h"
 #include "kernels/float_types.h"
 #include "kernels/row_index.h"
 
@@ -31,6 +32,11 @@ void dequantize_avx2(QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex 
 // weight (NaN for an id out of range); AVX2 where the CPU has it, the same bits either way.
 void dequantize(QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows, int64_t rows_out, void* out,
                 FloatType ot);
+
+// out [batch, heads, rows, dim] = softmax(scale * q . k_j) . v_j over the keys visible from each row's
+// position (kernels/cached_attention.h), in fp32; q, k, v and out of type t; pos already checked.
+void cached_attention(const void* q, const void* k, const void* v, const int64_t* pos, int64_t window, float scale,
+                      const AttentionShape& s, FloatType t, void* out);
 
 // out = gelu(x + bias[i % channels]) (bias may be null), computed in fp32.
 void gelu(const void* x, const void* bias, void* out, int64_t numel, int64_t channels, FloatType t, bool tanh_form);

@@ -1,0 +1,388 @@
+// cached_attention on CUDA, as flash decoding: the cache is cut into spans of 2^span_shift(s) key
+// positions; a CTA takes one span for one query row and the query heads of one head tile that read
+// the same cache head (so each key and value is read once for all of them), and writes the span's
+// softmax max, sum and weighted sum of values in fp32 (attention_span_kernel); merge_spans_kernel
+// then combines each row's spans. A row whose visible keys lie in one span needs no merge: its CTA
+// writes the output itself. The grid covers the whole cache, since a CUDA graph fixes it, but a CTA
+// whose span no query row sees returns before it reads anything, and the merge reads only the spans
+// a row sees: the work follows the positions, not the cache's capacity.
+//
+// Decode attention is latency-bound (a few KB a CTA, from L2): what counts is each warp's chain of
+// dependent instructions and round trips. A warp takes kKeyBatch keys a round and issues the next
+// round's loads before the current round's arithmetic; it keeps an online softmax in registers, and
+// the CTA's warps combine theirs once at the end. Short spans keep a warp's chain short (ncu on the
+// H200, 136 keys: 8 keys a warp took 2,400 instructions a warp at 6.4 cycles each, 13.7 us); both
+// kernels are programmatic dependent launches (the merge is launched while the spans run); the merge
+// spreads a row over its 32-value chunks and its spans over the CTA's threads.
+#include <cfloat>
+
+#include "kernels/cached_attention.cuh"
+#include "kernels/launch.cuh"
+
+namespace torchext {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * kWarp;
+constexpr int kKeyBatch = 2;  // keys a warp takes a round
+constexpr int kMaxDim = 256;  // a lane holds 8 of a row's values (the op checks dim % 8 == 0, dim <= 256)
+constexpr int kMaxHeads = 4;  // query heads a CTA (a larger group takes several CTAs a span)
+// A span is 2^shift keys, from one round a warp (16 keys) to 1024.
+constexpr int kMinSpanShift = 4, kMaxSpanShift = 10;
+static_assert(1 << kMinSpanShift == kWarps * kKeyBatch, "the shortest span is one round of every warp");
+// Spans grow until the span CTAs of the whole cache number at most this, about one a streaming
+// multiprocessor (132 on the H100 and H200; at ~180 registers a thread one CTA fills an SM's
+// registers): a wave of short chains at full fill, and few enough spans for the merge to be short
+// (ncu, H200, 8000 of 8192 keys: 512 spans of 16 keys took 22 us, and their merge 11 us).
+constexpr int64_t kTargetCtas = 128;
+constexpr int kMergeThreads = 128;
+constexpr int kMergeWarps = kMergeThreads / kWarp;
+constexpr int kMergeDims = 32;  // values of a row a merge CTA combines: 4 threads x 8
+constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
+
+// Values i .. i+7 of an array of type kT as fp32 (i a multiple of 8: 16-byte aligned in a row of
+// dim % 8 == 0 values), loaded raw first so that a warp can have several rows in flight.
+template <FloatType kT>
+struct Row8 {
+  static constexpr int kWords = kT == FloatType::F32 ? 8 : 4;
+  uint32_t w[kWords];
+  __device__ __forceinline__ void load(const void* p, int64_t i) {
+    const uint4* src = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(p) + i * (kWords / 2));
+#pragma unroll
+    for (int c = 0; c < kWords / 4; ++c) {
+      const uint4 u = src[c];
+      w[4 * c] = u.x, w[4 * c + 1] = u.y, w[4 * c + 2] = u.z, w[4 * c + 3] = u.w;
+    }
+  }
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int c = 0; c < kWords; ++c) w[c] = 0;
+  }
+  __device__ __forceinline__ float operator[](int e) const {
+    if constexpr (kT == FloatType::F32) return __uint_as_float(w[e]);
+    const uint16_t h = uint16_t(w[e / 2] >> (16 * (e % 2)));
+    return kT == FloatType::F16 ? fp16_to_float(fp16_bits(h)) : bf16_to_float(h);
+  }
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int m = kWarp / 2; m > 0; m /= 2) v += __shfl_xor_sync(0xffffffffu, v, m);
+  return v;
+}
+
+// The visible keys of row r that fall in span `span` of length len, as [lo, hi]; false when there are
+// none (or the row's position is out of range).
+__device__ __forceinline__ bool span_keys(int64_t p, int64_t window, int64_t keys, int64_t span, int64_t len,
+                                          int64_t& lo, int64_t& hi) {
+  if (p < 0 || p >= keys) return false;
+  int64_t first, last;
+  visible_keys(p, window, first, last);
+  lo = first > span * len ? first : span * len;
+  hi = last < span * len + len - 1 ? last : span * len + len - 1;
+  return lo <= hi;
+}
+
+// Whether every key position p sees lies in one span of 2^shift keys (its CTA then writes the output).
+__device__ __forceinline__ bool one_span(int64_t p, int64_t window, int shift) {
+  int64_t first, last;
+  visible_keys(p, window, first, last);
+  return first >> shift == last >> shift;
+}
+
+// Where a row's spans keep their partial results: sums[(row * spans + span) * dim + d], the weighted
+// sums of values, and stats[row * spans + span], the span's max score and sum of exp(score - max);
+// row = (b * heads + h) * rows + r.
+struct Partials {
+  float* sums;
+  float2* stats;
+};
+
+// CTA x = span + spans * (row + rows * (head tile + tiles * (kv head + kv_heads * b))), one grid
+// dimension (up to 2^31 - 1 CTAs, so each index fits 32 bits); kHeads query heads a tile.
+template <FloatType kT, int kHeads>
+__global__ void __launch_bounds__(kThreads)
+    attention_span_kernel(const void* __restrict__ q, const void* __restrict__ k, const void* __restrict__ v,
+                          const int64_t* __restrict__ pos, int64_t window, float scale, AttentionShape s,
+                          int span_shift, int64_t spans, Partials part, void* __restrict__ out) {
+  __shared__ float warp_max_score[kWarps][kHeads], warp_sum_weight[kWarps][kHeads];
+  __shared__ float4 warp_values[kWarps][kHeads][kMaxDim / 4];
+  const unsigned tiles = unsigned((s.group() + kHeads - 1) / kHeads);
+  unsigned cta = blockIdx.x;
+  const unsigned span = cta % unsigned(spans);
+  cta /= unsigned(spans);
+  const unsigned r = cta % unsigned(s.rows);
+  cta /= unsigned(s.rows);
+  const unsigned tile = cta % tiles;
+  cta /= tiles;
+  const int64_t kvh = cta % unsigned(s.kv_heads), b = cta / unsigned(s.kv_heads);
+  const int64_t h0 = kvh * s.group() + tile * kHeads;  // this CTA's first query head
+  const int heads = int(s.group() - tile * kHeads < kHeads ? s.group() - tile * kHeads : kHeads);
+  allow_dependent_grids();  // the merge may launch; it waits for this grid before it reads anything
+  wait_for_prior_grids();   // q, pos and the caches' newest rows come from the kernels before
+  const int64_t p = pos[r];
+  int64_t lo, hi;
+  if (!span_keys(p, window, s.keys, span, int64_t(1) << span_shift, lo, hi)) return;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int64_t cache_row0 = (b * s.kv_heads + kvh) * s.keys;  // row of key 0 in k and v
+  const bool has_values = lane * 8 < s.dim;                     // lane l holds values 8l .. 8l+7 of a row
+
+  float qv[kHeads][8];
+#pragma unroll
+  for (int i = 0; i < kHeads; ++i) {
+    Row8<kT> raw;
+    raw.zero();
+    if (i < heads && has_values) raw.load(q, ((b * s.heads + h0 + i) * s.rows + r) * s.dim + lane * 8);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) qv[i][e] = raw[e];
+  }
+  // This warp's online softmax over its keys: the largest score so far, the sum of exp(score - max)
+  // and this lane's 8 values of the weighted sum, per head.
+  float max_score[kHeads], sum_weight[kHeads], acc[kHeads][8];
+#pragma unroll
+  for (int i = 0; i < kHeads; ++i) {
+    max_score[i] = -INFINITY, sum_weight[i] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[i][e] = 0.0f;
+  }
+  // Warp w takes rounds w, w + kWarps, ... of kKeyBatch consecutive keys from the span's start (the
+  // first visible key's round first); a key outside [lo, hi] weighs 0 and adds zeros, never garbage.
+  struct Round {
+    Row8<kT> k[kKeyBatch], v[kKeyBatch];
+  };
+  const auto load_round = [&](int64_t base, Round& rd) {
+#pragma unroll
+    for (int j = 0; j < kKeyBatch; ++j) {
+      rd.k[j].zero(), rd.v[j].zero();
+      if (has_values && base + j >= lo && base + j <= hi) {
+        rd.k[j].load(k, (cache_row0 + base + j) * s.dim + lane * 8);
+        rd.v[j].load(v, (cache_row0 + base + j) * s.dim + lane * 8);
+      }
+    }
+  };
+  constexpr int64_t kStride = kWarps * kKeyBatch;
+  int64_t base = (int64_t(span) << span_shift) + warp * kKeyBatch;
+  base += (lo - base > 0 ? (lo - base) / kStride : 0) * kStride;  // rounds wholly before lo skipped
+  if (base + kKeyBatch <= lo) base += kStride;
+  Round cur;
+  if (base <= hi) load_round(base, cur);
+  for (; base <= hi; base += kStride) {
+    Round next;
+    if (base + kStride <= hi) load_round(base + kStride, next);
+    const Round& rd = cur;
+#pragma unroll
+    for (int i = 0; i < kHeads; ++i) {
+      float score[kKeyBatch];
+      float batch_max = max_score[i];
+#pragma unroll
+      for (int j = 0; j < kKeyBatch; ++j) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dot = fmaf(qv[i][e], rd.k[j][e], dot);
+        score[j] = base + j >= lo && base + j <= hi ? warp_sum(dot) * scale : -INFINITY;
+        batch_max = nan_max(batch_max, score[j]);
+      }
+      const float rescale = attention_weight(max_score[i], batch_max);
+      max_score[i] = batch_max;
+      sum_weight[i] *= rescale;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[i][e] *= rescale;
+#pragma unroll
+      for (int j = 0; j < kKeyBatch; ++j) {
+        const float wgt = attention_weight(score[j], batch_max);
+        sum_weight[i] += wgt;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[i][e] = fmaf(wgt, rd.v[j][e], acc[i][e]);
+      }
+    }
+    cur = next;
+  }
+
+  // The warps' softmaxes combined: rescaled to the CTA's max and added up; the row's output itself
+  // when the span holds every key the row sees.
+#pragma unroll
+  for (int i = 0; i < kHeads; ++i) {
+    if (lane == 0) warp_max_score[warp][i] = max_score[i], warp_sum_weight[warp][i] = sum_weight[i];
+    if (has_values) {
+      warp_values[warp][i][lane * 2] = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+      warp_values[warp][i][lane * 2 + 1] = make_float4(acc[i][4], acc[i][5], acc[i][6], acc[i][7]);
+    }
+  }
+  __syncthreads();
+  const bool final = one_span(p, window, span_shift);
+  const int quads = int(s.dim / 4);  // float4s of a row
+  for (int item = threadIdx.x; item < heads * quads; item += kThreads) {
+    const int i = item / quads, c = item % quads;
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m = nan_max(m, warp_max_score[w][i]);
+    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = attention_weight(warp_max_score[w][i], m);
+      const float4 x = warp_values[w][i][c];
+      sum.x = fmaf(f, x.x, sum.x), sum.y = fmaf(f, x.y, sum.y), sum.z = fmaf(f, x.z, sum.z),
+      sum.w = fmaf(f, x.w, sum.w);
+      total = fmaf(f, warp_sum_weight[w][i], total);
+    }
+    const int64_t row = (b * s.heads + h0 + i) * s.rows + r;
+    if (final) {
+      store_float(out, row * s.dim + 4 * c, kT, sum.x / total);
+      store_float(out, row * s.dim + 4 * c + 1, kT, sum.y / total);
+      store_float(out, row * s.dim + 4 * c + 2, kT, sum.z / total);
+      store_float(out, row * s.dim + 4 * c + 3, kT, sum.w / total);
+    } else {
+      reinterpret_cast<float4*>(part.sums + (row * spans + span) * s.dim)[c] = sum;
+      if (c == 0) part.stats[row * spans + span] = make_float2(m, total);
+    }
+  }
+}
+
+// Max (NaN kept) and sum of exp(score - max) of two softmax pieces, as (max, sum) pairs.
+__device__ __forceinline__ float2 combine_stats(float2 a, float2 b) {
+  const float m = nan_max(a.x, b.x);
+  return make_float2(m, a.y * attention_weight(a.x, m) + b.y * attention_weight(b.x, m));
+}
+
+// CTA x = chunk + chunks * row: values kMergeDims * chunk .. + kMergeDims - 1 of one (batch, head,
+// row), from the spans the row sees, rescaled to their common max and added up. Thread t takes 8
+// values (t % 4) and the spans t / 4, + 32, ... A row the span kernel finished is left alone.
+template <FloatType kT>
+__global__ void __launch_bounds__(kMergeThreads)
+    merge_spans_kernel(Partials part, const int64_t* __restrict__ pos, int64_t window, AttentionShape s,
+                       int span_shift, int64_t spans, void* __restrict__ out) {
+  __shared__ float2 warp_stats[kMergeWarps];
+  __shared__ float4 warp_values[kMergeWarps][kMergeDims / 4];
+  const unsigned chunks = unsigned((s.dim + kMergeDims - 1) / kMergeDims);
+  const unsigned row = blockIdx.x / chunks, r = row % unsigned(s.rows);
+  const int64_t d0 = blockIdx.x % chunks * kMergeDims + threadIdx.x % 4 * 8;  // this thread's first value
+  allow_dependent_grids();
+  wait_for_prior_grids();
+  const int64_t p = pos[r];
+  if (p < 0 || p >= s.keys) {
+    if (threadIdx.x < 4 && d0 < s.dim)
+      for (int e = 0; e < 8; ++e) store_float(out, row * s.dim + d0 + e, kT, NAN);
+    return;
+  }
+  if (one_span(p, window, span_shift)) return;
+  int64_t first, last;
+  visible_keys(p, window, first, last);
+  const int64_t first_span = first >> span_shift, last_span = last >> span_shift;
+  const float2* stats = part.stats + row * spans;
+  float2 st = make_float2(-INFINITY, 0.0f);
+  for (int64_t sp = first_span + threadIdx.x; sp <= last_span; sp += kMergeThreads) st = combine_stats(st, stats[sp]);
+#pragma unroll
+  for (int m = kWarp / 2; m > 0; m /= 2)
+    st = combine_stats(st, make_float2(__shfl_xor_sync(0xffffffffu, st.x, m), __shfl_xor_sync(0xffffffffu, st.y, m)));
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  if (lane == 0) warp_stats[warp] = st;
+  __syncthreads();
+  st = warp_stats[0];
+#pragma unroll
+  for (int w = 1; w < kMergeWarps; ++w) st = combine_stats(st, warp_stats[w]);
+  const float m = st.x, total = st.y;
+
+  float acc[8] = {};
+  if (d0 < s.dim) {
+    const float* sums = part.sums + row * spans * s.dim + d0;
+#pragma unroll 4
+    for (int64_t sp = first_span + threadIdx.x / 4; sp <= last_span; sp += kMergeThreads / 4) {
+      const float f = attention_weight(stats[sp].x, m);
+      const float4 a = reinterpret_cast<const float4*>(sums + sp * s.dim)[0];
+      const float4 c = reinterpret_cast<const float4*>(sums + sp * s.dim)[1];
+      acc[0] = fmaf(f, a.x, acc[0]), acc[1] = fmaf(f, a.y, acc[1]), acc[2] = fmaf(f, a.z, acc[2]),
+      acc[3] = fmaf(f, a.w, acc[3]), acc[4] = fmaf(f, c.x, acc[4]), acc[5] = fmaf(f, c.y, acc[5]),
+      acc[6] = fmaf(f, c.z, acc[6]), acc[7] = fmaf(f, c.w, acc[7]);
+    }
+  }
+  // Sum over the warp's 8 span lanes of each value quad, then over the warps.
+#pragma unroll
+  for (int e = 0; e < 8; ++e)
+#pragma unroll
+    for (int mask = 4; mask < kWarp; mask *= 2) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], mask);
+  if (lane < 4) {
+    warp_values[warp][lane * 2] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    warp_values[warp][lane * 2 + 1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+  }
+  __syncthreads();
+  const int64_t d = blockIdx.x % chunks * kMergeDims + threadIdx.x;
+  if (threadIdx.x < kMergeDims && d < s.dim) {
+    float x = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kMergeWarps; ++w) x += reinterpret_cast<const float*>(warp_values[w])[threadIdx.x];
+    store_float(out, row * s.dim + d, kT, x / total);
+  }
+}
+
+// Query heads a CTA takes: the group rounded up to a power of two, at most kMaxHeads.
+int head_tile(const AttentionShape& s) {
+  const int64_t g = s.group();
+  return g <= 1 ? 1 : g <= 2 ? 2 : kMaxHeads;
+}
+
+int64_t head_tiles(const AttentionShape& s) { return (s.group() + head_tile(s) - 1) / head_tile(s); }
+
+// The CTAs of attention_span_kernel for one span of every (batch, kv head, head tile, row).
+int64_t ctas_per_span(const AttentionShape& s) { return s.rows * head_tiles(s) * s.kv_heads * s.batch; }
+
+// log2 of the keys a span.
+int span_shift(const AttentionShape& s) {
+  int shift = kMinSpanShift;
+  while (shift < kMaxSpanShift && (((s.keys - 1) >> shift) + 1) * ctas_per_span(s) > kTargetCtas) ++shift;
+  return shift;
+}
+
+int64_t span_count(const AttentionShape& s) { return ((s.keys - 1) >> span_shift(s)) + 1; }
+
+int64_t merge_ctas(const AttentionShape& s) {
+  return s.batch * s.heads * s.rows * ((s.dim + kMergeDims - 1) / kMergeDims);
+}
+
+template <FloatType kT, int kHeads>
+cudaError_t launch(const void* q, const void* k, const void* v, const int64_t* pos, int64_t window, float scale,
+                   const AttentionShape& s, float* workspace, void* out, cudaStream_t stream) {
+  const int shift = span_shift(s);
+  const int64_t spans = span_count(s);
+  const Partials part{workspace, reinterpret_cast<float2*>(workspace + s.batch * s.heads * s.rows * spans * s.dim)};
+  const cudaError_t err = launch_dependent(attention_span_kernel<kT, kHeads>, dim3(unsigned(spans * ctas_per_span(s))),
+                                           dim3(kThreads), 0, stream, q, k, v, pos, window, scale, s, shift, spans,
+                                           part, out);
+  if (err != cudaSuccess) return err;
+  return launch_dependent(merge_spans_kernel<kT>, dim3(unsigned(merge_ctas(s))), dim3(kMergeThreads), 0, stream, part,
+                          pos, window, s, shift, spans, out);
+}
+
+template <FloatType kT>
+cudaError_t launch_for_type(const void* q, const void* k, const void* v, const int64_t* pos, int64_t window,
+                            float scale, const AttentionShape& s, float* workspace, void* out, cudaStream_t stream) {
+  switch (head_tile(s)) {
+    case 1: return launch<kT, 1>(q, k, v, pos, window, scale, s, workspace, out, stream);
+    case 2: return launch<kT, 2>(q, k, v, pos, window, scale, s, workspace, out, stream);
+    default: return launch<kT, kMaxHeads>(q, k, v, pos, window, scale, s, workspace, out, stream);
+  }
+}
+
+}  // namespace
+
+int64_t cached_attention_workspace_floats(const AttentionShape& s) {
+  return s.batch * s.heads * s.rows * span_count(s) * (s.dim + 2);
+}
+
+bool cached_attention_fits_grid(const AttentionShape& s) {
+  return span_count(s) * ctas_per_span(s) <= kMaxGridX && merge_ctas(s) <= kMaxGridX;
+}
+
+cudaError_t launch_cached_attention(const void* q, const void* k, const void* v, const int64_t* pos, int64_t window,
+                                    float scale, const AttentionShape& s, FloatType t, float* workspace, void* out,
+                                    cudaStream_t stream) {
+  if (s.dim % 8 != 0 || s.dim > kMaxDim || !cached_attention_fits_grid(s)) return cudaErrorInvalidValue;
+  switch (t) {
+    case FloatType::F16: return launch_for_type<FloatType::F16>(q, k, v, pos, window, scale, s, workspace, out, stream);
+    case FloatType::BF16:
+      return launch_for_type<FloatType::BF16>(q, k, v, pos, window, scale, s, workspace, out, stream);
+    default: return launch_for_type<FloatType::F32>(q, k, v, pos, window, scale, s, workspace, out, stream);
+  }
+}
+
+}  // namespace torchext
