@@ -16,8 +16,6 @@ Writes DIR/attention.json and prints a table. Nothing here is asserted.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -28,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import GraphTimer  # noqa: E402
+from common import latency_bench, time_calls  # noqa: E402
 
 import torchext  # noqa: E402
 
@@ -81,25 +79,11 @@ def measure(capacity: int, position: int, window: int, dtype: torch.dtype) -> di
     ref = products(q, k, v, pos, scale, window).float()
     row = {"capacity": capacity, "position": position, "window": window,
            "max_abs_diff": (torchext.cached_attention(q, k, v, pos, scale, window).float() - ref).abs().max().item()}
-    timer = GraphTimer()
-    for name, call in calls.items():
-        row[name], row[f"{name}_method"], _ = timer(call, CALLS, row)
-    return row
+    return time_calls(calls, CALLS, row)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("bench/results"))
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/attention.py needs a CUDA device")
-    dtype = getattr(torch, args.dtype)
-    rows = [measure(c, p, w, dtype) for c, p, w in CASES]
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype}
-    (args.out / "attention.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-    print(f"{meta['gpu']}, torch {meta['torch']}, {args.dtype}; us per call (CUDA graph of {CALLS} calls)")
+    rows = latency_bench(__doc__, "attention", lambda dtype: [measure(c, p, w, dtype) for c, p, w in CASES], CALLS)
     names = ["cached_attention", "products", "sdpa"]
     print(f"{'capacity':>8} {'position':>8} {'window':>6} " + " ".join(f"{n:>16}" for n in names) + "  max |diff|")
     for r in rows:

@@ -6,11 +6,15 @@ Everything that does not need a GPU lives here too (derived columns, tables, CSV
 
 from __future__ import annotations
 
+import argparse
 import csv
+import json
 import math
 import signal
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -131,6 +135,32 @@ class FakeTimer:
         call(0)
         call(calls - 1)
         return fake_us(row), "fake", ""
+
+
+def time_calls(calls: dict, repeat: int, row: dict) -> dict:
+    """row with each named call's µs and method ("graph" or "eager"): GraphTimer over `repeat` calls."""
+    timer = GraphTimer()
+    for name, call in calls.items():
+        row[name], row[f"{name}_method"], _ = timer(call, repeat, row)
+    return row
+
+
+def latency_bench(doc: str, stem: str, measure_rows, repeat: int) -> list[dict]:
+    """The command line of the latency benchmarks (bench/norms.py, bench/attention.py): --out DIR and
+    --dtype; exits without a CUDA device; measure_rows(dtype) gives the rows, written with the GPU,
+    torch and dtype to DIR/<stem>.json; prints the heading line of the table and returns the rows."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit(f"bench/{stem}.py needs a CUDA device")
+    rows = measure_rows(getattr(torch, args.dtype))
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype}
+    (args.out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    print(f"{meta['gpu']}, torch {meta['torch']}, {args.dtype}; us per call (CUDA graph of {repeat} calls)")
+    return rows
 
 
 def short_error(e: BaseException, limit: int = 300) -> str:

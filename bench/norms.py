@@ -16,8 +16,6 @@ Writes DIR/norms.json and prints a table. Nothing here is asserted.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import GraphTimer  # noqa: E402
+from common import latency_bench, time_calls  # noqa: E402
 
 import torchext  # noqa: E402
 from torchext.models.gemma3 import RMSNorm  # noqa: E402
@@ -52,26 +50,12 @@ def measure(rows: int, k: int, dtype: torch.dtype) -> dict:
         "rms_norm_quantize_q8_1": lambda i: torchext.rms_norm_quantize_q8_1(h, pre.weight, EPS),
         "quantize_q8_1": lambda i: torchext.quantize_q8_1(h),
     }
-    timer = GraphTimer()
     row = {"rows": rows, "k": k}
-    for name, call in calls.items():
-        row[name], row[f"{name}_method"], _ = timer(call, CALLS, row)
-    return row
+    return time_calls(calls, CALLS, row)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("bench/results"))
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/norms.py needs a CUDA device")
-    dtype = getattr(torch, args.dtype)
-    rows = [measure(r, k, dtype) for r, k in SHAPES]
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype}
-    (args.out / "norms.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-    print(f"{meta['gpu']}, torch {meta['torch']}, {args.dtype}; us per call (CUDA graph of {CALLS} calls)")
+    rows = latency_bench(__doc__, "norms", lambda dtype: [measure(r, k, dtype) for r, k in SHAPES], CALLS)
     names = ["fused_post_norm", "unfused_post_norm", "fused_add", "unfused_add", "rms_norm_quantize_q8_1",
              "quantize_q8_1"]
     print(f"{'rows x k':>10} " + " ".join(f"{n:>22}" for n in names))
