@@ -94,10 +94,11 @@ struct CudaBackend {
   // The spans' partial sums go to a workspace from torch's allocator.
   static void cached_attention(Context& c, const void* q, const void* k, const void* v, const int64_t* pos,
                                int64_t window, float scale, const AttentionShape& s, FloatType t, const Tensor& out) {
-    TORCHEXT_CHECK(cached_attention_fits_grid(s), "cached_attention: ", s.batch, " x ", s.heads, " heads x ", s.rows,
-                    " rows over ", s.keys, " keys need more CUDA thread blocks than one launch holds (2^31 - 1); ",
-                    "split the batch or the rows");
-    Tensor workspace = torch::stable::new_empty(out, {cached_attention_workspace_floats(s)}, ScalarType::Float);
+    TORCHEXT_CHECK(cached_attention_fits_grid(s, window), "cached_attention: ", s.batch, " x ", s.heads,
+                    " heads x ", s.rows, " rows over ", s.keys, " keys need more CUDA thread blocks than one launch ",
+                    "holds (2^31 - 1); split the batch or the rows");
+    Tensor workspace =
+        torch::stable::new_empty(out, {cached_attention_workspace_floats(s, window)}, ScalarType::Float);
     check_launch(launch_cached_attention(q, k, v, pos, window, scale, s, t, static_cast<float*>(workspace.data_ptr()),
                                          out.data_ptr(), c.stream),
                  "cached_attention");

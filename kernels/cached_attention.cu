@@ -1,11 +1,13 @@
-// cached_attention on CUDA, as flash decoding: the cache is cut into spans of 2^span_shift(s) key
+// cached_attention on CUDA, as flash decoding: the cache is cut into spans of 2^shift (plan_spans) key
 // positions; a CTA takes one span for one query row and the query heads of one head tile that read
 // the same cache head (so each key and value is read once for all of them), and writes the span's
 // softmax max, sum and weighted sum of values in fp32 (attention_span_kernel); merge_spans_kernel
 // then combines each row's spans. A row whose visible keys lie in one span needs no merge: its CTA
-// writes the output itself. The grid covers the whole cache, since a CUDA graph fixes it, but a CTA
-// whose span no query row sees returns before it reads anything, and the merge reads only the spans
-// a row sees: the work follows the positions, not the cache's capacity.
+// writes the output itself. A CUDA graph fixes the grid while the positions change, so the grid has
+// a slot for every span a row can see: every span of the cache, or with a window of w keys the
+// (w - 1) / span + 2 that w consecutive keys can touch, counted from the row's first visible span. A
+// CTA whose slot holds no visible key returns before it reads anything, and the merge reads only the
+// slots a row uses: the work follows the positions, not the cache's capacity.
 //
 // Decode attention is latency-bound (a few KB a CTA, from L2): what counts is each warp's chain of
 // dependent instructions and round trips. A warp takes kKeyBatch keys a round and issues the next
@@ -14,8 +16,6 @@
 // H200, 136 keys: 8 keys a warp took 2,400 instructions a warp at 6.4 cycles each, 13.7 us); both
 // kernels are programmatic dependent launches (the merge is launched while the spans run); the merge
 // spreads a row over its 32-value chunks and its spans over the CTA's threads.
-#include <cfloat>
-
 #include "kernels/cached_attention.cuh"
 #include "kernels/launch.cuh"
 
@@ -30,7 +30,7 @@ constexpr int kMaxHeads = 4;  // query heads a CTA (a larger group takes several
 // A span is 2^shift keys, from one round a warp (16 keys) to 1024.
 constexpr int kMinSpanShift = 4, kMaxSpanShift = 10;
 static_assert(1 << kMinSpanShift == kWarps * kKeyBatch, "the shortest span is one round of every warp");
-// Spans grow until the span CTAs of the whole cache number at most this, about one a streaming
+// Spans grow until the span CTAs (slots) number at most this, about one a streaming
 // multiprocessor (132 on the H100 and H200; at ~180 registers a thread one CTA fills an SM's
 // registers): a wave of short chains at full fill, and few enough spans for the merge to be short
 // (ncu, H200, 8000 of 8192 keys: 512 spans of 16 keys took 22 us, and their merge 11 us).
@@ -71,46 +71,28 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// The visible keys of row r that fall in span `span` of length len, as [lo, hi]; false when there are
-// none (or the row's position is out of range).
-__device__ __forceinline__ bool span_keys(int64_t p, int64_t window, int64_t keys, int64_t span, int64_t len,
-                                          int64_t& lo, int64_t& hi) {
-  if (p < 0 || p >= keys) return false;
-  int64_t first, last;
-  visible_keys(p, window, first, last);
-  lo = first > span * len ? first : span * len;
-  hi = last < span * len + len - 1 ? last : span * len + len - 1;
-  return lo <= hi;
-}
-
-// Whether every key position p sees lies in one span of 2^shift keys (its CTA then writes the output).
-__device__ __forceinline__ bool one_span(int64_t p, int64_t window, int shift) {
-  int64_t first, last;
-  visible_keys(p, window, first, last);
-  return first >> shift == last >> shift;
-}
-
-// Where a row's spans keep their partial results: sums[(row * spans + span) * dim + d], the weighted
-// sums of values, and stats[row * spans + span], the span's max score and sum of exp(score - max);
+// Where a row's spans keep their partial results: sums[(row * slots + slot) * dim + d], the weighted
+// sums of values, and stats[row * slots + slot], the span's max score and sum of exp(score - max);
 // row = (b * heads + h) * rows + r.
 struct Partials {
   float* sums;
   float2* stats;
 };
 
-// CTA x = span + spans * (row + rows * (head tile + tiles * (kv head + kv_heads * b))), one grid
-// dimension (up to 2^31 - 1 CTAs, so each index fits 32 bits); kHeads query heads a tile.
+// CTA x = slot + slots * (row + rows * (head tile + tiles * (kv head + kv_heads * b))), one grid
+// dimension (up to 2^31 - 1 CTAs, so each index fits 32 bits); kHeads query heads a tile. Slot i takes
+// the row's i-th span from its first visible one.
 template <FloatType kT, int kHeads>
 __global__ void __launch_bounds__(kThreads)
     attention_span_kernel(const void* __restrict__ q, const void* __restrict__ k, const void* __restrict__ v,
                           const int64_t* __restrict__ pos, int64_t window, float scale, AttentionShape s,
-                          int span_shift, int64_t spans, Partials part, void* __restrict__ out) {
+                          int span_shift, int64_t slots, Partials part, void* __restrict__ out) {
   __shared__ float warp_max_score[kWarps][kHeads], warp_sum_weight[kWarps][kHeads];
   __shared__ float4 warp_values[kWarps][kHeads][kMaxDim / 4];
   const unsigned tiles = unsigned((s.group() + kHeads - 1) / kHeads);
   unsigned cta = blockIdx.x;
-  const unsigned span = cta % unsigned(spans);
-  cta /= unsigned(spans);
+  const unsigned slot = cta % unsigned(slots);
+  cta /= unsigned(slots);
   const unsigned r = cta % unsigned(s.rows);
   cta /= unsigned(s.rows);
   const unsigned tile = cta % tiles;
@@ -121,8 +103,15 @@ __global__ void __launch_bounds__(kThreads)
   allow_dependent_grids();  // the merge may launch; it waits for this grid before it reads anything
   wait_for_prior_grids();   // q, pos and the caches' newest rows come from the kernels before
   const int64_t p = pos[r];
+  if (p < 0 || p >= s.keys) return;  // the merge writes the row's NaNs
   int64_t lo, hi;
-  if (!span_keys(p, window, s.keys, span, int64_t(1) << span_shift, lo, hi)) return;
+  visible_keys(p, window, lo, hi);
+  const int64_t span = (lo >> span_shift) + slot;
+  if (span > hi >> span_shift) return;
+  // every key the row sees in this span: the CTA writes the output itself, and the merge skips the row
+  const bool final = lo >> span_shift == hi >> span_shift;
+  if (span << span_shift > lo) lo = span << span_shift;
+  if (((span + 1) << span_shift) - 1 < hi) hi = ((span + 1) << span_shift) - 1;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t cache_row0 = (b * s.kv_heads + kvh) * s.keys;  // row of key 0 in k and v
   const bool has_values = lane * 8 < s.dim;                     // lane l holds values 8l .. 8l+7 of a row
@@ -161,7 +150,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
   constexpr int64_t kStride = kWarps * kKeyBatch;
-  int64_t base = (int64_t(span) << span_shift) + warp * kKeyBatch;
+  int64_t base = (span << span_shift) + warp * kKeyBatch;
   base += (lo - base > 0 ? (lo - base) / kStride : 0) * kStride;  // rounds wholly before lo skipped
   if (base + kKeyBatch <= lo) base += kStride;
   Round cur;
@@ -209,7 +198,6 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   __syncthreads();
-  const bool final = one_span(p, window, span_shift);
   const int quads = int(s.dim / 4);  // float4s of a row
   for (int item = threadIdx.x; item < heads * quads; item += kThreads) {
     const int i = item / quads, c = item % quads;
@@ -233,8 +221,8 @@ __global__ void __launch_bounds__(kThreads)
       store_float(out, row * s.dim + 4 * c + 2, kT, sum.z / total);
       store_float(out, row * s.dim + 4 * c + 3, kT, sum.w / total);
     } else {
-      reinterpret_cast<float4*>(part.sums + (row * spans + span) * s.dim)[c] = sum;
-      if (c == 0) part.stats[row * spans + span] = make_float2(m, total);
+      reinterpret_cast<float4*>(part.sums + (row * slots + slot) * s.dim)[c] = sum;
+      if (c == 0) part.stats[row * slots + slot] = make_float2(m, total);
     }
   }
 }
@@ -251,7 +239,7 @@ __device__ __forceinline__ float2 combine_stats(float2 a, float2 b) {
 template <FloatType kT>
 __global__ void __launch_bounds__(kMergeThreads)
     merge_spans_kernel(Partials part, const int64_t* __restrict__ pos, int64_t window, AttentionShape s,
-                       int span_shift, int64_t spans, void* __restrict__ out) {
+                       int span_shift, int64_t slots, void* __restrict__ out) {
   __shared__ float2 warp_stats[kMergeWarps];
   __shared__ float4 warp_values[kMergeWarps][kMergeDims / 4];
   const unsigned chunks = unsigned((s.dim + kMergeDims - 1) / kMergeDims);
@@ -265,13 +253,13 @@ __global__ void __launch_bounds__(kMergeThreads)
       for (int e = 0; e < 8; ++e) store_float(out, row * s.dim + d0 + e, kT, NAN);
     return;
   }
-  if (one_span(p, window, span_shift)) return;
   int64_t first, last;
   visible_keys(p, window, first, last);
-  const int64_t first_span = first >> span_shift, last_span = last >> span_shift;
-  const float2* stats = part.stats + row * spans;
+  const int64_t used = (last >> span_shift) - (first >> span_shift) + 1;  // the row's slots
+  if (used == 1) return;  // the span kernel wrote the row
+  const float2* stats = part.stats + row * slots;
   float2 st = make_float2(-INFINITY, 0.0f);
-  for (int64_t sp = first_span + threadIdx.x; sp <= last_span; sp += kMergeThreads) st = combine_stats(st, stats[sp]);
+  for (int64_t sp = threadIdx.x; sp < used; sp += kMergeThreads) st = combine_stats(st, stats[sp]);
 #pragma unroll
   for (int m = kWarp / 2; m > 0; m /= 2)
     st = combine_stats(st, make_float2(__shfl_xor_sync(0xffffffffu, st.x, m), __shfl_xor_sync(0xffffffffu, st.y, m)));
@@ -285,9 +273,9 @@ __global__ void __launch_bounds__(kMergeThreads)
 
   float acc[8] = {};
   if (d0 < s.dim) {
-    const float* sums = part.sums + row * spans * s.dim + d0;
+    const float* sums = part.sums + row * slots * s.dim + d0;
 #pragma unroll 4
-    for (int64_t sp = first_span + threadIdx.x / 4; sp <= last_span; sp += kMergeThreads / 4) {
+    for (int64_t sp = threadIdx.x / 4; sp < used; sp += kMergeThreads / 4) {
       const float f = attention_weight(stats[sp].x, m);
       const float4 a = reinterpret_cast<const float4*>(sums + sp * s.dim)[0];
       const float4 c = reinterpret_cast<const float4*>(sums + sp * s.dim)[1];
@@ -326,14 +314,22 @@ int64_t head_tiles(const AttentionShape& s) { return (s.group() + head_tile(s) -
 // The CTAs of attention_span_kernel for one span of every (batch, kv head, head tile, row).
 int64_t ctas_per_span(const AttentionShape& s) { return s.rows * head_tiles(s) * s.kv_heads * s.batch; }
 
-// log2 of the keys a span.
-int span_shift(const AttentionShape& s) {
-  int shift = kMinSpanShift;
-  while (shift < kMaxSpanShift && (((s.keys - 1) >> shift) + 1) * ctas_per_span(s) > kTargetCtas) ++shift;
-  return shift;
-}
+// The spans' length, 2^shift keys, and the slots of a row: the spans it can see.
+struct SpanPlan {
+  int shift;
+  int64_t slots;
+};
 
-int64_t span_count(const AttentionShape& s) { return ((s.keys - 1) >> span_shift(s)) + 1; }
+SpanPlan plan_spans(const AttentionShape& s, int64_t window) {
+  const auto slots = [&](int shift) {
+    const int64_t spans = ((s.keys - 1) >> shift) + 1;
+    const int64_t in_window = window > 0 ? ((window - 1) >> shift) + 2 : spans;
+    return in_window < spans ? in_window : spans;
+  };
+  int shift = kMinSpanShift;
+  while (shift < kMaxSpanShift && slots(shift) * ctas_per_span(s) > kTargetCtas) ++shift;
+  return {shift, slots(shift)};
+}
 
 int64_t merge_ctas(const AttentionShape& s) {
   return s.batch * s.heads * s.rows * ((s.dim + kMergeDims - 1) / kMergeDims);
@@ -342,15 +338,15 @@ int64_t merge_ctas(const AttentionShape& s) {
 template <FloatType kT, int kHeads>
 cudaError_t launch(const void* q, const void* k, const void* v, const int64_t* pos, int64_t window, float scale,
                    const AttentionShape& s, float* workspace, void* out, cudaStream_t stream) {
-  const int shift = span_shift(s);
-  const int64_t spans = span_count(s);
-  const Partials part{workspace, reinterpret_cast<float2*>(workspace + s.batch * s.heads * s.rows * spans * s.dim)};
-  const cudaError_t err = launch_dependent(attention_span_kernel<kT, kHeads>, dim3(unsigned(spans * ctas_per_span(s))),
-                                           dim3(kThreads), 0, stream, q, k, v, pos, window, scale, s, shift, spans,
-                                           part, out);
+  const SpanPlan plan = plan_spans(s, window);
+  const Partials part{workspace,
+                      reinterpret_cast<float2*>(workspace + s.batch * s.heads * s.rows * plan.slots * s.dim)};
+  const cudaError_t err = launch_dependent(attention_span_kernel<kT, kHeads>,
+                                           dim3(unsigned(plan.slots * ctas_per_span(s))), dim3(kThreads), 0, stream,
+                                           q, k, v, pos, window, scale, s, plan.shift, plan.slots, part, out);
   if (err != cudaSuccess) return err;
   return launch_dependent(merge_spans_kernel<kT>, dim3(unsigned(merge_ctas(s))), dim3(kMergeThreads), 0, stream, part,
-                          pos, window, s, shift, spans, out);
+                          pos, window, s, plan.shift, plan.slots, out);
 }
 
 template <FloatType kT>
@@ -365,18 +361,18 @@ cudaError_t launch_for_type(const void* q, const void* k, const void* v, const i
 
 }  // namespace
 
-int64_t cached_attention_workspace_floats(const AttentionShape& s) {
-  return s.batch * s.heads * s.rows * span_count(s) * (s.dim + 2);
+int64_t cached_attention_workspace_floats(const AttentionShape& s, int64_t window) {
+  return s.batch * s.heads * s.rows * plan_spans(s, window).slots * (s.dim + 2);
 }
 
-bool cached_attention_fits_grid(const AttentionShape& s) {
-  return span_count(s) * ctas_per_span(s) <= kMaxGridX && merge_ctas(s) <= kMaxGridX;
+bool cached_attention_fits_grid(const AttentionShape& s, int64_t window) {
+  return plan_spans(s, window).slots * ctas_per_span(s) <= kMaxGridX && merge_ctas(s) <= kMaxGridX;
 }
 
 cudaError_t launch_cached_attention(const void* q, const void* k, const void* v, const int64_t* pos, int64_t window,
                                     float scale, const AttentionShape& s, FloatType t, float* workspace, void* out,
                                     cudaStream_t stream) {
-  if (s.dim % 8 != 0 || s.dim > kMaxDim || !cached_attention_fits_grid(s)) return cudaErrorInvalidValue;
+  if (s.dim % 8 != 0 || s.dim > kMaxDim || !cached_attention_fits_grid(s, window)) return cudaErrorInvalidValue;
   switch (t) {
     case FloatType::F16: return launch_for_type<FloatType::F16>(q, k, v, pos, window, scale, s, workspace, out, stream);
     case FloatType::BF16:
