@@ -147,13 +147,13 @@ __global__ void __launch_bounds__(kThreads)
     gemv_q8_1_id_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, const block_q8_1* __restrict__ x,
                         ExpertSlots slots, int split, void* __restrict__ out, FloatType ot) {
   __shared__ ExpertCtaShared<kThreads> sh;
-  stage_iq_grid<T>();
   const int64_t rows_per_step = kWarps / split;
   if (blockIdx.y + 1 == gridDim.y) {
     for (int64_t c0 = int64_t(blockIdx.x) * rows_per_step; c0 < n; c0 += int64_t(gridDim.x) * rows_per_step)
       mark_invalid_slots(slots, c0, std::min(n, c0 + rows_per_step), n, sh.slot, sh.warp_hits, out, ot);
     return;
   }
+  stage_iq_grid<T>();  // after the branch above (uniform per CTA): the marking CTAs read no weights
   const int64_t expert_bytes = n * weight_row_bytes<T>(k);
   gemv_expert_slots<B>(slots, x, k, sh, [&](int64_t expert, const SlotRows& rows) {
     gemv_rows<T, B, kStaged>(w + expert * expert_bytes, n, k, rows, split, out, ot);

@@ -60,15 +60,6 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred done;\n"
-      "WAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n}\n" ::"r"(smem_addr(bar)),
-      "r"(parity)
-      : "memory");
-}
 // 16 bytes of shared memory in one load that the compiler may drop (unused) but not split; p must not be
 // read before the data is there, so it should depend on the barrier wait (wait_token).
 __device__ __forceinline__ uint4 lds128(const void* p) {
@@ -76,7 +67,8 @@ __device__ __forceinline__ uint4 lds128(const void* p) {
   asm("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(smem_addr(p)));
   return v;
 }
-// Waits like mbar_wait and returns 0, which the compiler cannot see through.
+// Waits until the barrier's phase of that parity has completed, and returns 0, which the compiler cannot
+// see through (a load that must not move above the wait can depend on it).
 __device__ __forceinline__ uint32_t mbar_wait_token(uint64_t* bar, uint32_t parity) {
   uint32_t token;
   asm volatile(
@@ -90,6 +82,7 @@ __device__ __forceinline__ uint32_t mbar_wait_token(uint64_t* bar, uint32_t pari
       : "memory");
   return token;
 }
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) { (void)mbar_wait_token(bar, parity); }
 // The tensor map's box at (x = k offset, y = row) into dst, completing `bytes` on the barrier.
 __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar, int bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
