@@ -1,7 +1,7 @@
 // The body of every op, written once and instantiated per backend. A Backend supplies
 //   struct Context { explicit Context(const Tensor& on); };   device guard + stream (CUDA) or nothing (CPU)
 //   quantize_q8_1, rms_norm_quantize_q8_1, add_rms_norm_quantize_q8_1, gated_gelu_quantize_q8_1,
-//   gemv_q8_1, dequantize, gelu, cached_attention
+//   gemv_q8_1, dequantize, gelu, cached_attention, rope_cache_write
 //   check_positions(pos, rows, keys)                         positions in [0, keys), where it costs no sync
 //                                                            the kernels, on raw pointers
 //   check_ids(rows, count, n, bound)                         ids in [0, n), where it costs no sync
@@ -23,6 +23,7 @@
 #include "csrc/checks.h"
 #include "kernels/batch_policy.h"
 #include "kernels/cached_attention.h"
+#include "kernels/rope_cache.h"
 
 namespace torchext {
 
@@ -403,6 +404,94 @@ struct Ops {
     return out;
   }
 
+  // q [B, T, H, D], k, v [B, T, KV, D] -> q in cached_attention's layout [B, H, T, D], after an optional
+  // per-head RMSNorm and the rotary embedding; k (normed and rotated) and v written into the caches at
+  // pos (kernels/rope_cache.h). q, k and v may be views of a stacked projection: rows strided, each
+  // row's heads and each head's values contiguous.
+  static Tensor rope_cache_write(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor pos, Tensor k_cache,
+                                 Tensor v_cache, std::optional<Tensor> q_weight, std::optional<Tensor> k_weight,
+                                 double eps) {
+    TORCHEXT_CHECK(q.defined() && q.dim() == 4, "q: expected [batch, rows, heads, dim]");
+    const FloatType t = float_type(q, "q");
+    const RopeShape s{q.size(0), q.size(1), q.size(2), k.defined() && k.dim() == 4 ? k.size(2) : 0, q.size(3),
+                      k_cache.defined() && k_cache.dim() == 4 ? k_cache.size(2) : 0};
+    TORCHEXT_CHECK(s.heads > 0 && s.dim > 0 && s.dim % 2 == 0, "q: expected heads and an even head dim, got ",
+                    shape_string(q));
+    const HeadRows qr = head_rows(q, "q", q, s.heads, s.dim);
+    TORCHEXT_CHECK(k.defined() && k.dim() == 4 && k.size(0) == s.batch && k.size(1) == s.rows && k.size(2) > 0 &&
+                        k.size(3) == s.dim,
+                    "k: expected [", s.batch, ", ", s.rows, ", kv_heads, ", s.dim, "] (q's batch, rows and dim), got ",
+                    k.defined() ? shape_string(k) : std::string("None"));
+    const HeadRows kr = head_rows(k, "k", q, s.kv_heads, s.dim);
+    TORCHEXT_CHECK(v.defined() && v.sizes().equals(k.sizes()), "v: expected the shape of k ", shape_string(k),
+                    ", got ", v.defined() ? shape_string(v) : std::string("None"));
+    const HeadRows vr = head_rows(v, "v", q, s.kv_heads, s.dim);
+    for (const auto& [c, name] : {std::pair<const Tensor*, const char*>{&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
+      check_defined_contiguous(*c, name);
+      TORCHEXT_CHECK(c->scalar_type() == q.scalar_type(), name, ": expected the dtype of q (",
+                      dtype_name(q.scalar_type()), "), got ", dtype_name(c->scalar_type()));
+      TORCHEXT_CHECK(c->dim() == 4 && c->size(0) == s.batch && c->size(1) == s.kv_heads && c->size(2) > 0 &&
+                          c->size(3) == s.dim,
+                      name, ": expected [", s.batch, ", ", s.kv_heads, ", keys, ", s.dim, "] (k's batch, heads and ",
+                      "dim), got ", shape_string(*c));
+      check_same_device(q, "q", *c, name);
+    }
+    TORCHEXT_CHECK(v_cache.size(2) == s.keys, "v_cache: expected the shape of k_cache ", shape_string(k_cache),
+                    ", got ", shape_string(v_cache));
+    for (const auto& [c, name] : {std::pair<const Tensor*, const char*>{&cos, "cos"}, {&sin, "sin"}}) {
+      check_defined_contiguous(*c, name);
+      TORCHEXT_CHECK(c->scalar_type() == ScalarType::Float && c->dim() == 2 && c->size(0) >= s.keys &&
+                          c->size(1) == s.dim,
+                      name, ": expected a float32 table [positions >= ", s.keys, ", ", s.dim,
+                      "] (a row for each cache position, q's dim), got ", dtype_name(c->scalar_type()), " ",
+                      shape_string(*c));
+      check_same_device(q, "q", *c, name);
+    }
+    check_defined_contiguous(pos, "pos");
+    TORCHEXT_CHECK(pos.scalar_type() == ScalarType::Long && pos.dim() == 1 && pos.size(0) == s.rows,
+                    "pos: expected an int64 tensor of q's ", s.rows, " rows' positions, got ",
+                    dtype_name(pos.scalar_type()), " ", shape_string(pos));
+    check_same_device(q, "q", pos, "pos");
+    const HeadNorm qn = head_norm(q_weight, "q_weight", q, s.dim), kn = head_norm(k_weight, "k_weight", q, s.dim);
+    check_eps(eps);
+    checked_mul(checked_mul(checked_mul(s.batch, s.rows, "q"), s.heads + s.kv_heads, "q"), s.dim, "q");
+    Tensor out = torch::stable::new_empty(q, {s.batch, s.heads, s.rows, s.dim}, q.scalar_type());
+    if (out.numel() == 0) return out;
+    const int64_t* positions = static_cast<const int64_t*>(pos.data_ptr());
+    Backend::check_positions(positions, s.rows, s.keys);
+    Ctx ctx(q);
+    Backend::rope_cache_write(ctx, qr, kr, vr, static_cast<const float*>(cos.data_ptr()),
+                              static_cast<const float*>(sin.data_ptr()), positions, qn, kn, float(eps), s, t,
+                              out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr());
+    return out;
+  }
+
+  // x [B, T, heads, dim] of q's dtype and device, each row's heads and each head's values contiguous,
+  // the rows at any non-negative strides.
+  static HeadRows head_rows(const Tensor& x, const char* arg, const Tensor& q, int64_t heads, int64_t dim) {
+    TORCHEXT_CHECK(x.scalar_type() == q.scalar_type(), arg, ": expected the dtype of q (",
+                    dtype_name(q.scalar_type()), "), got ", dtype_name(x.scalar_type()));
+    check_same_device(q, "q", x, arg);
+    TORCHEXT_CHECK((heads == 1 || x.stride(2) == dim) && (dim == 1 || x.stride(3) == 1) && x.stride(0) >= 0 &&
+                        x.stride(1) >= 0,
+                    arg, ": expected each row's heads and each head's values contiguous (strides [.., .., ", dim,
+                    ", 1]), got strides [", x.stride(0), ", ", x.stride(1), ", ", x.stride(2), ", ", x.stride(3), "]");
+    return {x.data_ptr(), x.stride(0), x.stride(1)};
+  }
+
+  // An optional per-head norm weight [dim], float32 or q's dtype, on q's device.
+  static HeadNorm head_norm(const std::optional<Tensor>& w, const char* arg, const Tensor& q, int64_t dim) {
+    if (!w) return {nullptr, FloatType::F32};
+    check_defined_contiguous(*w, arg);
+    TORCHEXT_CHECK(w->scalar_type() == ScalarType::Float || w->scalar_type() == q.scalar_type(), arg,
+                    ": expected float32 or the dtype of q (", dtype_name(q.scalar_type()), "), got ",
+                    dtype_name(w->scalar_type()));
+    TORCHEXT_CHECK(w->dim() == 1 && w->size(0) == dim, arg, ": expected shape [", dim, "] (the head dim), got ",
+                    shape_string(*w));
+    check_same_device(q, "q", *w, arg);
+    return {w->data_ptr(), float_type(*w, arg)};
+  }
+
   // The k-quant ops kept from the first, pre-torchext version's API, each the generic op at a fixed format.
   static Tensor q4k_q8_gemv(Tensor w, Tensor xq, int64_t n, int64_t k) {
     return gemv_q8_1(w, int64_t(QType::Q4_K), xq, n, k);
@@ -446,6 +535,7 @@ struct Ops {
     m.impl("qmatmul_q8_1", TORCH_BOX(&O::qmatmul_q8_1));                       \
     m.impl("qmatmul_id", TORCH_BOX(&O::qmatmul_id));                           \
     m.impl("cached_attention", TORCH_BOX(&O::cached_attention));               \
+    m.impl("rope_cache_write", TORCH_BOX(&O::rope_cache_write));               \
     m.impl("gelu", TORCH_BOX(&O::gelu));                                       \
     m.impl("gelu_", TORCH_BOX(&O::gelu_));                                     \
     m.impl("bias_gelu", TORCH_BOX(&O::bias_gelu));                             \

@@ -71,6 +71,11 @@ struct CpuBackend {
                                int64_t window, float scale, const AttentionShape& s, FloatType t, const Tensor& out) {
     cpu::cached_attention(q, k, v, pos, window, scale, s, t, out.data_ptr());
   }
+  static void rope_cache_write(Context&, const HeadRows& q, const HeadRows& k, const HeadRows& v, const float* cos,
+                               const float* sin, const int64_t* pos, HeadNorm q_norm, HeadNorm k_norm, float eps,
+                               const RopeShape& s, FloatType t, void* q_out, void* k_cache, void* v_cache) {
+    cpu::rope_cache_write(q, k, v, cos, sin, pos, q_norm, k_norm, eps, s, t, q_out, k_cache, v_cache);
+  }
   // qmatmul_id reads the ids here and groups each expert's rows (ops.h, matmul_id_by_expert).
   static constexpr bool kIdsOnHost = true;
   static void gelu(Context&, const void* x, const void* bias, void* out, int64_t numel, int64_t channels,

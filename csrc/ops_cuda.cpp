@@ -13,6 +13,7 @@
 #include "kernels/gemv_q8_1.cuh"
 #include "kernels/qgemm.cuh"
 #include "kernels/quantize_q8_1.cuh"
+#include "kernels/rope_cache.cuh"
 #include "kernels/route_slots.cuh"
 
 namespace torchext {
@@ -102,6 +103,15 @@ struct CudaBackend {
     check_launch(launch_cached_attention(q, k, v, pos, window, scale, s, t, static_cast<float*>(workspace.data_ptr()),
                                          out.data_ptr(), c.stream),
                  "cached_attention");
+  }
+  static void rope_cache_write(Context& c, const HeadRows& q, const HeadRows& k, const HeadRows& v, const float* cos,
+                               const float* sin, const int64_t* pos, HeadNorm q_norm, HeadNorm k_norm, float eps,
+                               const RopeShape& s, FloatType t, void* q_out, void* k_cache, void* v_cache) {
+    TORCHEXT_CHECK(rope_cache_write_fits_grid(s), "rope_cache_write: ", s.batch, " x ", s.rows, " rows of ",
+                    s.heads + s.kv_heads, " heads need more CUDA thread blocks than one launch holds (2^31 - 1)");
+    check_launch(launch_rope_cache_write(q, k, v, cos, sin, pos, q_norm, k_norm, eps, s, t, q_out, k_cache, v_cache,
+                                         c.stream),
+                 "rope_cache_write");
   }
   // Reading the ids on the host would synchronise; an id out of range gives a NaN row instead.
   static void check_ids(const RowIndex&, int64_t, int64_t, const char*) {}

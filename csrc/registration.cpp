@@ -48,6 +48,15 @@ STABLE_TORCH_LIBRARY(torchext, m) {
   // softmax(scale * q . k_j) . v_j over the visible j, in fp32. D a multiple of 8 up to 256. The work
   // follows the positions, not S. A position outside [0, S) raises on the CPU and gives a NaN row on CUDA.
   m.def("cached_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, float scale, int window=0) -> Tensor");
+  // a decoder layer's step from its q/k/v projections to its attention: q [B, T, H, D], k and v [B, T, KV, D]
+  // (views of a stacked projection allowed: rows strided, a row's heads and a head's values contiguous),
+  // each q and k head RMS-normalised over D by q_weight / k_weight when given (x / sqrt(mean(x^2) + eps) *
+  // weight in fp32, rounded to q's dtype), then rotated by cos, sin [T, D] (float32) in rotate_half's order:
+  // x * cos + rotate_half(x) * sin in fp32; k and v are written into k_cache, v_cache [B, KV, S, D] at
+  // position pos[t] (int64), and q comes back as [B, H, T, D], cached_attention's layout. A position outside
+  // [0, S) raises on the CPU; on CUDA that row's k and v are not written (its attention row is NaN).
+  m.def("rope_cache_write(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor pos, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, Tensor? q_weight=None, Tensor? k_weight=None, float eps=1e-6) -> Tensor");
   // GELU, approximate in {"none", "tanh"} as torch.nn.functional.gelu
   m.def("gelu(Tensor x, str approximate=\"none\") -> Tensor");
   // in-place GELU: overwrites x. It returns nothing, so that functionalization (torch.compile)

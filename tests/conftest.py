@@ -74,6 +74,16 @@ SHAPE_MATRIX_QTYPES = [q for i, q in enumerate(WEIGHT_QTYPES)
 SCALE_FIELD_OFFSETS = {Q(int(q)): offsets for q, offsets in SCALE_FIELDS.items()}
 
 
+def raises_on_cpu_and_meta(op, args: dict, message: str, meta: bool) -> None:
+    """op(**args) raises a RuntimeError matching message: the real kernel's checks (meta=False) or the
+    fake's, on meta tensors of the same shapes and strides (meta=True)."""
+    if meta:
+        args = {key: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+                if isinstance(t, torch.Tensor) else t for key, t in args.items()}
+    with pytest.raises(RuntimeError, match=message):
+        op(**args)
+
+
 def block_geometry(qtype) -> tuple[int, int]:
     """(values per block, bytes per block) from gguf."""
     return GGML_QUANT_SIZES[GGMLQuantizationType(int(qtype))]

@@ -15,6 +15,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import torchext
+from conftest import raises_on_cpu_and_meta
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -209,11 +210,7 @@ def _bad_inputs():
 @pytest.mark.parametrize("meta", [False, True], ids=["cpu", "meta"])
 @pytest.mark.parametrize("args, message", _bad_inputs())
 def test_bad_input(args, message, meta):
-    if meta:
-        args = {key: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-                if isinstance(t, torch.Tensor) else t for key, t in args.items()}  # strides kept
-    with pytest.raises(RuntimeError, match=message):
-        torch.ops.torchext.cached_attention(**args)
+    raises_on_cpu_and_meta(torch.ops.torchext.cached_attention, args, message, meta)
 
 
 @pytest.mark.parametrize("name", ["q", "k_cache", "v_cache"])

@@ -26,7 +26,8 @@ ops = torch.ops.torchext
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, TQ1_0, MXFP4, NVFP4 = 2, 3, 6, 7, 8, 12, 13, 14, 34, 39, 40
 
 OPS = ["quantize_q8_1", "q4k_q8_gemv", "q4k_q8_gemv_packed", "q4k_gemv", "q5k_gemv", "q6k_gemv", "qmatmul",
-       "qmatmul_q8_1", "qmatmul_id", "dequantize", "gelu", "gelu_", "bias_gelu", "quantize", "cached_attention"]
+       "qmatmul_q8_1", "qmatmul_id", "dequantize", "gelu", "gelu_", "bias_gelu", "quantize", "cached_attention",
+       "rope_cache_write"]
 
 
 def _randn(shape, dtype, device, seed):
@@ -92,6 +93,20 @@ def op_samples(name: str, device, dtype):
                   _randn((b, kv, s, d), dtype, dev, i + 20), torch.tensor(p, dtype=torch.int64, device=dev),
                   d**-0.5, window), {})
                 for i, ((b, h, kv, s, d), p, window) in enumerate(cases)]
+    if name == "rope_cache_write":
+        # (batch, rows, heads, kv_heads, dim, keys), positions, with the per-head norm
+        cases = [((1, 1, 4, 1, 256, 40), [17], True), ((2, 3, 4, 2, 64, 16), [5, 0, 15], False),
+                 ((1, 0, 2, 1, 8, 4), [], True)]
+        samples = []
+        for i, ((b, t, h, kv, d, s), p, norm) in enumerate(cases):
+            proj = _randn((b, t, (h + 2 * kv) * d), dtype, dev, i)  # q, k, v as views of one projection
+            q, k, v = (x.view(b, t, n, d) for x, n in zip(proj.split([h * d, kv * d, kv * d], dim=-1), (h, kv, kv)))
+            angles = _randn((s, d), torch.float32, dev, i + 10)  # the rotary tables, a row a cache position
+            weights = (_randn((d,), torch.float32, dev, i + 20), _randn((d,), dtype, dev, i + 30)) if norm else ()
+            samples.append(((q, k, v, angles.cos(), angles.sin(), torch.tensor(p, dtype=torch.int64, device=dev),
+                             _randn((b, kv, s, d), dtype, dev, i + 40), _randn((b, kv, s, d), dtype, dev, i + 50),
+                             *weights), {}))
+        return samples
     if name == "quantize":
         if dev.type != "cpu" or dtype != torch.float32:
             pytest.skip("quantize runs on float32 CPU tensors only")

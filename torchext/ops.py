@@ -588,6 +588,90 @@ def _(q, k_cache, v_cache, pos, scale, window=0):
     return torch.empty_like(q)
 
 
+def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """A decoder layer's step from its q/k/v projections to cached_attention, in one kernel on CUDA.
+
+    q [B, T, H, D], k and v [B, T, KV, D] (views of a stacked projection are fine: rows at any stride,
+    each row's heads and each head's values contiguous). Each q and k head is RMS-normalised over D
+    when q_weight / k_weight [D] is given (x / sqrt(mean(x^2) + eps) * weight in fp32, rounded to q's
+    dtype; the weight as the model holds it, e.g. Gemma's 1 + w), then rotated in rotate_half's order,
+    x * cos + rotate_half(x) * sin in fp32, by the rows pos[t] of the rotary tables cos, sin [P, D]
+    (float32, P >= S: a row for each cache position). k and v are written into k_cache, v_cache
+    [B, KV, S, D] at position pos[t] (int64 [T]); returns q as [B, H, T, D] in q's dtype, the layout
+    cached_attention takes. A position outside [0, S) raises on the CPU; on CUDA (checking it would
+    synchronise) that row's k and v are not written and its q is NaN."""
+    return _ops.rope_cache_write(q, k, v, cos, sin, pos, k_cache, v_cache, q_weight, k_weight, eps)
+
+
+def _check_head_rows(x: torch.Tensor, arg: str, q: torch.Tensor, heads: int, dim: int) -> None:
+    torch._check(x.dtype == q.dtype,
+                 lambda: f"{arg}: expected the dtype of q ({_dtype_name(q.dtype)}), got {_dtype_name(x.dtype)}")
+    _check_same_device(q, "q", x, arg)
+    st = x.stride()
+    torch._check((heads == 1 or st[2] == dim) and (dim == 1 or st[3] == 1) and st[0] >= 0 and st[1] >= 0,
+                 lambda: f"{arg}: expected each row's heads and each head's values contiguous (strides [.., .., "
+                         f"{dim}, 1]), got strides [{st[0]}, {st[1]}, {st[2]}, {st[3]}]")
+
+
+def _check_head_norm(w, arg: str, q: torch.Tensor, dim: int) -> None:
+    if w is None:
+        return
+    _check_contiguous(w, arg)
+    torch._check(w.dtype in (torch.float32, q.dtype),
+                 lambda: f"{arg}: expected float32 or the dtype of q ({_dtype_name(q.dtype)}), got "
+                         f"{_dtype_name(w.dtype)}")
+    torch._check(w.dim() == 1 and w.shape[0] == dim,
+                 lambda: f"{arg}: expected shape [{dim}] (the head dim), got {list(w.shape)}")
+    _check_same_device(q, "q", w, arg)
+
+
+@_register_fake("torchext::rope_cache_write")
+def _(q, k, v, cos, sin, pos, k_cache, v_cache, q_weight=None, k_weight=None, eps=1e-6):
+    torch._check(q.dim() == 4, lambda: "q: expected [batch, rows, heads, dim]")
+    _check_float(q, "q")
+    batch, rows, heads, dim = q.shape
+    kv_heads = k.shape[2] if k.dim() == 4 else 0
+    keys = k_cache.shape[2] if k_cache.dim() == 4 else 0
+    torch._check(heads > 0 and dim > 0 and dim % 2 == 0,
+                 lambda: f"q: expected heads and an even head dim, got {list(q.shape)}")
+    _check_head_rows(q, "q", q, heads, dim)
+    torch._check(k.dim() == 4 and k.shape[0] == batch and k.shape[1] == rows and k.shape[2] > 0 and k.shape[3] == dim,
+                 lambda: f"k: expected [{batch}, {rows}, kv_heads, {dim}] (q's batch, rows and dim), got "
+                         f"{list(k.shape)}")
+    _check_head_rows(k, "k", q, kv_heads, dim)
+    torch._check(v.shape == k.shape, lambda: f"v: expected the shape of k {list(k.shape)}, got {list(v.shape)}")
+    _check_head_rows(v, "v", q, kv_heads, dim)
+    for c, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        _check_contiguous(c, name)
+        torch._check(c.dtype == q.dtype,
+                     lambda: f"{name}: expected the dtype of q ({_dtype_name(q.dtype)}), got {_dtype_name(c.dtype)}")
+        torch._check(c.dim() == 4 and c.shape[0] == batch and c.shape[1] == kv_heads and c.shape[2] > 0
+                     and c.shape[3] == dim,
+                     lambda: f"{name}: expected [{batch}, {kv_heads}, keys, {dim}] (k's batch, heads and dim), got "
+                             f"{list(c.shape)}")
+        _check_same_device(q, "q", c, name)
+    torch._check(v_cache.shape[2] == keys,
+                 lambda: f"v_cache: expected the shape of k_cache {list(k_cache.shape)}, got {list(v_cache.shape)}")
+    for c, name in ((cos, "cos"), (sin, "sin")):
+        _check_contiguous(c, name)
+        torch._check(c.dtype == torch.float32 and c.dim() == 2 and c.shape[0] >= keys and c.shape[1] == dim,
+                     lambda: f"{name}: expected a float32 table [positions >= {keys}, {dim}] (a row for each cache "
+                             f"position, q's dim), got {_dtype_name(c.dtype)} {list(c.shape)}")
+        _check_same_device(q, "q", c, name)
+    _check_contiguous(pos, "pos")
+    torch._check(pos.dtype == torch.int64 and pos.dim() == 1 and pos.shape[0] == rows,
+                 lambda: f"pos: expected an int64 tensor of q's {rows} rows' positions, got {_dtype_name(pos.dtype)} "
+                         f"{list(pos.shape)}")
+    _check_same_device(q, "q", pos, "pos")
+    _check_head_norm(q_weight, "q_weight", q, dim)
+    _check_head_norm(k_weight, "k_weight", q, dim)
+    _check_eps(eps)
+    return q.new_empty((batch, heads, rows, dim))
+
+
 # ---- autograd ------------------------------------------------------------------------------------
 # Gradients flow to the activations (and the bias), so layers upstream of a quantized one train;
 # the quantized weights are uint8 bytes and take none. Backward runs dense torch ops.

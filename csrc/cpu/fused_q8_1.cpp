@@ -15,19 +15,6 @@ namespace {
 
 size_t element_bytes(FloatType t) { return t == FloatType::F32 ? sizeof(float) : sizeof(uint16_t); }
 
-// The sum of squares of x[base .. base+k), in the order fused_q8_1_math.h fixes (kRmsLanes partial sums
-// folded in halves), which is the CUDA warp's.
-float row_sum_squares(const void* x, FloatType t, int64_t base, int64_t k) {
-  float partial[kRmsLanes] = {};
-  for (int64_t j = 0; j < k; ++j) {
-    const float v = load_float(x, base + j, t);
-    partial[j % kRmsLanes] = add_rn(partial[j % kRmsLanes], mul_rn(v, v));
-  }
-  for (int h = kRmsLanes / 2; h > 0; h /= 2)
-    for (int l = 0; l < h; ++l) partial[l] = add_rn(partial[l], partial[l + h]);
-  return partial[0];
-}
-
 }  // namespace
 
 void rms_norm_quantize_q8_1(const void* x, FloatType xt, const void* w, FloatType wt, int64_t rows, int64_t k,

@@ -5,6 +5,7 @@
 
 #include "kernels/cached_attention.h"
 #include "kernels/float_types.h"
+#include "kernels/rope_cache.h"
 #include "kernels/row_index.h"
 
 namespace torchext::cpu {
@@ -37,6 +38,12 @@ void dequantize(QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows,
 // position (kernels/cached_attention.h), in fp32; q, k, v and out of type t; pos already checked.
 void cached_attention(const void* q, const void* k, const void* v, const int64_t* pos, int64_t window, float scale,
                       const AttentionShape& s, FloatType t, void* out);
+
+// q_out [batch, heads, rows, dim] = rope(norm(q)); rope(norm(k)) and v into the caches at pos[r]
+// (kernels/rope_cache.h); everything but cos and sin of type t; positions already checked.
+void rope_cache_write(const HeadRows& q, const HeadRows& k, const HeadRows& v, const float* cos, const float* sin,
+                      const int64_t* pos, HeadNorm q_norm, HeadNorm k_norm, float eps, const RopeShape& s,
+                      FloatType t, void* q_out, void* k_cache, void* v_cache);
 
 // out = gelu(x + bias[i % channels]) (bias may be null), computed in fp32.
 void gelu(const void* x, const void* bias, void* out, int64_t numel, int64_t channels, FloatType t, bool tanh_form);
