@@ -178,7 +178,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-DECODE_ROWS = 8  # query positions up to which attention is spelled out rather than SDPA
+DECODE_ROWS = 8  # query positions up to which CUDA runs cached_attention rather than SDPA
 
 
 class Attention(nn.Module):
@@ -203,38 +203,49 @@ class Attention(nn.Module):
 
     def forward(self, norm: RMSNorm, h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
-        """The attention of x = norm(h), h [B, T, hidden] at positions pos [T] (cos, sin: their rotary
-        tables): writes the T keys and values into the cache and returns the output [B, T, hidden]."""
+        """The attention of x = norm(h), h [B, T, hidden] at positions pos [T] (cos, sin: the rotary
+        tables [max_seq_len, head_dim], indexed by position): writes the T keys and values into the cache
+        and returns the output [B, T, hidden]."""
         cfg = self.cfg
         b, t, _ = h.shape
         q, k, v = split_outputs(normed_input(norm, h, *self.qkv_proj), self.qkv_sizes)
-        q = apply_rope(self.q_norm(q.view(b, t, cfg.heads, cfg.head_dim)), cos, sin)
-        k = apply_rope(self.k_norm(k.view(b, t, cfg.kv_heads, cfg.head_dim)), cos, sin)
+        q = q.view(b, t, cfg.heads, cfg.head_dim)
+        k = k.view(b, t, cfg.kv_heads, cfg.head_dim)
+        v = v.view(b, t, cfg.kv_heads, cfg.head_dim)
+        window = 0 if self.is_global else cfg.sliding_window  # key j is visible from p: j <= p, p - j < window
+        if t <= DECODE_ROWS and h.is_cuda:
+            # A decode step: q/k norm, rotary embedding and the cache writes in one kernel
+            # (rope_cache_write, on the projections' views; it indexes the tables itself, where a
+            # cos[pos] here would be a kernel a layer under inductor), then cached_attention, which
+            # reads only the keys each position sees, once for the query heads that share them.
+            # (Before them, decode steps multiplied the whole static cache, masked, in products and
+            # sums that inductor fused: the cost grew with max_seq_len. SDPA's fused kernel runs one
+            # CTA for 4 query rows, 110 us a layer on the H100, and copies the cache for its GQA
+            # expansion.)
+            q = ops.rope_cache_write(q, k, v, cos, sin, pos, self.k_cache, self.v_cache, self.q_norm.weight,
+                                     self.k_norm.weight, cfg.eps)
+            o = ops.cached_attention(q, self.k_cache, self.v_cache, pos, cfg.attn_scale, window)
+            return self.o_proj(o.transpose(1, 2).reshape(b, t, cfg.heads * cfg.head_dim))
+        cos, sin = cos[pos], sin[pos]
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
         self.k_cache.index_copy_(2, pos, k.transpose(1, 2))
-        self.v_cache.index_copy_(2, pos, v.view(b, t, cfg.kv_heads, cfg.head_dim).transpose(1, 2))
-        # key j is visible from query position p when j <= p, and for a local layer p - j < window
+        self.v_cache.index_copy_(2, pos, v.transpose(1, 2))
         kpos = torch.arange(self.k_cache.shape[2], device=h.device)
         visible = kpos[None, :] <= pos[:, None]
-        if not self.is_global:
-            visible = visible & (pos[:, None] - kpos[None, :] < cfg.sliding_window)
-        # Grouped-query attention without repeating the cache: the `group` query heads of each
-        # key/value head become rows of one matrix, [b, kv_heads, group * t, head_dim], over the
-        # whole static cache with the invisible keys masked. Decode steps spell attention out as
-        # products and sums (H100, bench/gemma3.py: SDPA's fused kernel runs one CTA for 4 query
-        # rows, 110 us a layer, its GQA expansion copies the cache, and cuBLAS takes 3 kernels a
-        # matmul); prompts take SDPA (33k against 24k tok/s for 512 tokens), and so does the CPU,
-        # where eager products write [heads, max_seq_len, head_dim] temporaries (2-core Xeon VM,
-        # bench/cpu.py --gemma, 256 positions: 45 -> 53 tok/s with SDPA).
+        if window:
+            visible = visible & (pos[:, None] - kpos[None, :] < window)
+        # A prompt (enough query rows for SDPA's fused kernel to fill the GPU: 33k against 24k tok/s
+        # for 512 tokens on the H100), or the CPU, where eager products write [heads, max_seq_len,
+        # head_dim] temporaries (2-core Xeon VM, bench/cpu.py --gemma, 256 positions: 45 -> 53 tok/s
+        # with SDPA). Grouped-query attention without repeating the cache: the `group` query heads of
+        # each key/value head become rows of one matrix, [b, kv_heads, group * t, head_dim], over the
+        # whole static cache with the invisible keys masked.
         group = cfg.heads // cfg.kv_heads
         qg = q.view(b, t, cfg.kv_heads, group, cfg.head_dim).permute(0, 2, 3, 1, 4)
         qg = qg.reshape(b, cfg.kv_heads, group * t, cfg.head_dim)
         mask = visible.repeat(group, 1)  # row (g, i) sees what position i sees
-        if t <= DECODE_ROWS and h.is_cuda:  # products and sums, which inductor fuses into a few reductions
-            scores = (qg.unsqueeze(-2) * self.k_cache.unsqueeze(-3)).float().sum(-1) * cfg.attn_scale
-            p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-            o = (p.unsqueeze(-1) * self.v_cache.unsqueeze(-3).float()).sum(-2).to(qg.dtype)
-        else:  # a prompt (enough query rows for SDPA's fused kernel to fill the GPU), or the CPU
-            o = F.scaled_dot_product_attention(qg, self.k_cache, self.v_cache, attn_mask=mask, scale=cfg.attn_scale)
+        o = F.scaled_dot_product_attention(qg, self.k_cache, self.v_cache, attn_mask=mask, scale=cfg.attn_scale)
         o = o.view(b, cfg.kv_heads, group, t, cfg.head_dim).permute(0, 3, 1, 2, 4)
         return self.o_proj(o.reshape(b, t, cfg.heads * cfg.head_dim))
 
@@ -325,7 +336,7 @@ class Gemma3(nn.Module):
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Logits of tokens [B, T] at positions pos [T]: see the class docstring."""
         h = self.embed(tokens)
-        rope = {True: (self.cos_global[pos], self.sin_global[pos]), False: (self.cos_local[pos], self.sin_local[pos])}
+        rope = {True: (self.cos_global, self.sin_global), False: (self.cos_local, self.sin_local)}
         for block in self.blocks:
             h = block(h, pos, *rope[block.attn.is_global])
         (logits,) = normed_input(self.norm, h if all_logits else h[:, -1], self.lm_head)
