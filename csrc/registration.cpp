@@ -51,10 +51,11 @@ STABLE_TORCH_LIBRARY(torchext, m) {
   // a decoder layer's step from its q/k/v projections to its attention: q [B, T, H, D], k and v [B, T, KV, D]
   // (views of a stacked projection allowed: rows strided, a row's heads and a head's values contiguous),
   // each q and k head RMS-normalised over D by q_weight / k_weight when given (x / sqrt(mean(x^2) + eps) *
-  // weight in fp32, rounded to q's dtype), then rotated by cos, sin [T, D] (float32) in rotate_half's order:
-  // x * cos + rotate_half(x) * sin in fp32; k and v are written into k_cache, v_cache [B, KV, S, D] at
-  // position pos[t] (int64), and q comes back as [B, H, T, D], cached_attention's layout. A position outside
-  // [0, S) raises on the CPU; on CUDA that row's k and v are not written (its attention row is NaN).
+  // weight in fp32, rounded to q's dtype), then rotated in rotate_half's order by row pos[t] (int64) of the
+  // rotary tables cos, sin [P, D] (float32, P >= S): x * cos + rotate_half(x) * sin in fp32; k and v are
+  // written into k_cache, v_cache [B, KV, S, D] at position pos[t], and q comes back as [B, H, T, D],
+  // cached_attention's layout. A position outside [0, S) raises on the CPU; on CUDA that row's k and v are
+  // not written and its q row is NaN.
   m.def("rope_cache_write(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor pos, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, Tensor? q_weight=None, Tensor? k_weight=None, float eps=1e-6) -> Tensor");
   // GELU, approximate in {"none", "tanh"} as torch.nn.functional.gelu
