@@ -20,7 +20,9 @@ converter adds the one), so the norm multiplies by them directly.
 
 The key/value cache is static ([batch, kv_heads, max_seq_len, head_dim] per layer) and positions
 are a tensor, so a decode step has fixed shapes: it compiles with fullgraph=True and replays as a
-CUDA graph.
+CUDA graph. On CUDA a decode step's q/k norms, rotary embedding and cache writes are one op
+(torchext.rope_cache_write), and its attention reads only the keys each position sees
+(torchext.cached_attention), so its cost follows the cache's fill, not max_seq_len.
 """
 
 from __future__ import annotations
