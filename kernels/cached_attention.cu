@@ -38,7 +38,6 @@ constexpr int64_t kTargetCtas = 128;
 constexpr int kMergeThreads = 128;
 constexpr int kMergeWarps = kMergeThreads / kWarp;
 constexpr int kMergeDims = 32;  // values of a row a merge CTA combines: 4 threads x 8
-constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
 
 // Values i .. i+7 of an array of type kT as fp32 (i a multiple of 8: 16-byte aligned in a row of
 // dim % 8 == 0 values), loaded raw first so that a warp can have several rows in flight.

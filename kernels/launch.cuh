@@ -9,6 +9,7 @@
 namespace torchext {
 
 constexpr int kWarp = 32;
+constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;  // CTAs a grid's x dimension holds
 
 inline unsigned grid_for(int64_t items, int per_cta) { return unsigned((items + per_cta - 1) / per_cta); }
 

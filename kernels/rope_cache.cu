@@ -11,9 +11,8 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * kWarp;
-constexpr int kSumValues = 8;  // values of the sum of squares a lane loads at once (a head of 256)
-constexpr int kPairs = 4;      // pairs (i, i + dim/2) a lane rotates at once (a head of 256)
-constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
+constexpr int kLaneValues = 8;  // values a lane loads at once for the sum of squares and v's copy (a head of 256)
+constexpr int kPairs = 4;        // pairs (i, i + dim/2) a lane rotates at once (a head of 256)
 constexpr float kNaN = __builtin_nanf("");
 
 // The sum of squares of head x (values x0 ..) in fused_q8_1_math.h's order, on every lane: lane l
@@ -23,15 +22,15 @@ __device__ float head_sum_squares(const void* x, int64_t x0, int64_t dim) {
   static_assert(kRmsLanes == kWarp, "lane l keeps partial sum l of fused_q8_1_math.h's order");
   const int lane = threadIdx.x % kWarp;
   float partial = 0.0f;
-  for (int64_t base = lane; base < dim; base += kWarp * kSumValues) {
-    float v[kSumValues];
+  for (int64_t base = lane; base < dim; base += kWarp * kLaneValues) {
+    float v[kLaneValues];
 #pragma unroll
-    for (int j = 0; j < kSumValues; ++j) {
+    for (int j = 0; j < kLaneValues; ++j) {
       const int64_t i = base + j * kWarp;
       v[j] = i < dim ? load_float(x, x0 + i, kT) : 0.0f;  // + 0 * 0 leaves the partial sum (>= +0) as it is
     }
 #pragma unroll
-    for (int j = 0; j < kSumValues; ++j) partial = add_rn(partial, mul_rn(v[j], v[j]));
+    for (int j = 0; j < kLaneValues; ++j) partial = add_rn(partial, mul_rn(v[j], v[j]));
   }
 #pragma unroll
   for (int h = kWarp / 2; h > 0; h /= 2) partial = add_rn(partial, __shfl_xor_sync(0xffffffffu, partial, h));
@@ -95,19 +94,19 @@ __device__ void norm_rotate_head(const void* x, int64_t x0, HeadNorm norm, float
   }
 }
 
-// dim values of type kT from src to dst, their bits as they are; a lane's kSumValues loads at once.
+// dim values of type kT from src to dst, their bits as they are; a lane's kLaneValues loads at once.
 template <FloatType kT>
 __device__ void copy_head(const void* src, int64_t src0, void* dst, int64_t dst0, int64_t dim) {
   using Value = std::conditional_t<kT == FloatType::F32, uint32_t, uint16_t>;
   const Value* from = static_cast<const Value*>(src) + src0;
   Value* to = static_cast<Value*>(dst) + dst0;
-  for (int64_t base = threadIdx.x % kWarp; base < dim; base += kWarp * kSumValues) {
-    Value v[kSumValues];
+  for (int64_t base = threadIdx.x % kWarp; base < dim; base += kWarp * kLaneValues) {
+    Value v[kLaneValues];
 #pragma unroll
-    for (int j = 0; j < kSumValues; ++j)
+    for (int j = 0; j < kLaneValues; ++j)
       if (base + j * kWarp < dim) v[j] = from[base + j * kWarp];
 #pragma unroll
-    for (int j = 0; j < kSumValues; ++j)
+    for (int j = 0; j < kLaneValues; ++j)
       if (base + j * kWarp < dim) to[base + j * kWarp] = v[j];
   }
 }

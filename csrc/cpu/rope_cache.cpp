@@ -47,8 +47,8 @@ void rope_cache_write(const HeadRows& q, const HeadRows& k, const HeadRows& v, c
         rotate_head(k.data, b * k.batch_stride + r * k.row_stride + h * s.dim, k_norm, eps, c, sn, s.dim, t, k_cache,
                     cache0, buf);
         const int64_t v0 = b * v.batch_stride + r * v.row_stride + h * s.dim;
-        std::memcpy(static_cast<char*>(v_cache) + cache0 * value_bytes, static_cast<const char*>(v.data) + v0 * value_bytes,
-                    size_t(s.dim) * value_bytes);
+        std::memcpy(static_cast<char*>(v_cache) + cache0 * value_bytes,
+                    static_cast<const char*>(v.data) + v0 * value_bytes, size_t(s.dim) * value_bytes);
       }
     }
 }
