@@ -2,6 +2,7 @@
 //   struct Context { explicit Context(const Tensor& on); };   device guard + stream (CUDA) or nothing (CPU)
 //   quantize_q8_1, rms_norm_quantize_q8_1, add_rms_norm_quantize_q8_1, gated_gelu_quantize_q8_1,
 //   gemv_q8_1, dequantize, gelu, cached_attention, rope_cache_write
+//   gated_gelu_gemv_q8_1                                     the GEMV of computed rows where it can (false: not run)
 //   check_positions(pos, rows, keys)                         positions in [0, keys), where it costs no sync
 //                                                            the kernels, on raw pointers
 //   check_ids(rows, count, n, bound)                         ids in [0, n), where it costs no sync
@@ -124,6 +125,31 @@ struct Ops {
     Ctx ctx(w);
     Backend::gemv_q8_1(ctx, f.type, static_cast<const uint8_t*>(w.data_ptr()), n, k,
                        static_cast<const block_q8_1*>(xq.data_ptr()), rows, out.data_ptr(), ot);
+    return out;
+  }
+
+  // qmatmul_q8_1(w, gated_gelu_quantize_q8_1(gate, up, approximate)) in gate's dtype: a gated MLP's down
+  // projection from its gate and up outputs. The backend's GEMV computes and quantizes the rows itself
+  // where it can (one launch); otherwise the two ops run in turn. The same bytes either way.
+  static Tensor gated_gelu_qmatmul(Tensor w, int64_t qtype, Tensor gate, Tensor up, int64_t n, int64_t k,
+                                   std::string approximate) {
+    const FormatInfo f = check_weight(w, qtype, n, k);
+    const FloatType t = check_activations(gate, k, "gate");
+    check_like(up, "up", gate, "gate");
+    check_same_device(w, "w", gate, "gate");
+    const bool tanh_form = parse_approximate(approximate);
+    Tensor out = torch::stable::new_empty(gate, with_last_dim(gate, n));
+    const int64_t rows = leading_rows(gate);
+    if (rows == 0) return out;
+    Ctx ctx(w);
+    const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
+    if (Backend::gated_gelu_gemv_q8_1(ctx, f.type, wp, n, k, gate.data_ptr(), up.data_ptr(), t, tanh_form, rows,
+                                      out.data_ptr()))
+      return out;
+    Tensor xq = new_q8_1(gate, k);
+    Backend::gated_gelu_quantize_q8_1(ctx, gate.data_ptr(), up.data_ptr(), t, rows, k, tanh_form,
+                                      static_cast<block_q8_1*>(xq.data_ptr()));
+    Backend::gemv_q8_1(ctx, f.type, wp, n, k, static_cast<const block_q8_1*>(xq.data_ptr()), rows, out.data_ptr(), t);
     return out;
   }
 
@@ -533,6 +559,7 @@ struct Ops {
     m.impl("q6k_gemv", TORCH_BOX(&O::q6k_gemv));                               \
     m.impl("qmatmul", TORCH_BOX(&O::qmatmul));                                 \
     m.impl("qmatmul_q8_1", TORCH_BOX(&O::qmatmul_q8_1));                       \
+    m.impl("gated_gelu_qmatmul", TORCH_BOX(&O::gated_gelu_qmatmul));           \
     m.impl("qmatmul_id", TORCH_BOX(&O::qmatmul_id));                           \
     m.impl("cached_attention", TORCH_BOX(&O::cached_attention));               \
     m.impl("rope_cache_write", TORCH_BOX(&O::rope_cache_write));               \

@@ -51,6 +51,11 @@ struct CpuBackend {
                         int64_t rows, void* out, FloatType ot) {
     cpu::gemv_q8_1(wt, w, n, k, xq, rows, out, ot);
   }
+  // The CPU composes gated_gelu_quantize_q8_1 and gemv_q8_1 (Ops::gated_gelu_qmatmul).
+  static bool gated_gelu_gemv_q8_1(Context&, QType, const uint8_t*, int64_t, int64_t, const void*, const void*,
+                                   FloatType, bool, int64_t, void*) {
+    return false;
+  }
   static void dequantize(Context&, QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows,
                          int64_t rows_out, void* out, FloatType ot) {
     cpu::dequantize(wt, w, n, k, rows, rows_out, out, ot);

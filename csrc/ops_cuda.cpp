@@ -71,6 +71,14 @@ struct CudaBackend {
                         int64_t rows, void* out, FloatType ot) {
     check_launch(launch_gemv_q8_1(wt, w, n, k, xq, rows, out, ot, c.device, c.stream), "gemv_q8_1", wt);
   }
+  // gemv_q8_1 of gated_gelu_quantize_q8_1's rows in one launch, where the GEMV can compute them (false: not launched).
+  static bool gated_gelu_gemv_q8_1(Context& c, QType wt, const uint8_t* w, int64_t n, int64_t k, const void* gate,
+                                   const void* up, FloatType t, bool tanh_form, int64_t rows, void* out) {
+    if (!gemv_q8_1_computes_rows(wt, rows, k, c.device)) return false;
+    check_launch(launch_gated_gelu_gemv_q8_1(wt, w, n, k, gate, up, t, tanh_form, rows, out, c.device, c.stream),
+                 "gated_gelu_qmatmul", wt);
+    return true;
+  }
   static constexpr bool kHasTiledGemm = true;
   static int64_t tiled_gemm_rows(QType wt, FloatType xt, const Tensor& w, const Tensor& x, int64_t k) {
     return qgemm_max_rows(wt, xt, w.data_ptr(), x.data_ptr(), k, w.get_device_index());

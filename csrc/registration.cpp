@@ -36,6 +36,11 @@ STABLE_TORCH_LIBRARY(torchext, m) {
   // any weight format x Q8_1 activations [..., bytes] -> [..., N] in dtype (float32 when None): one
   // quantize_q8_1 shared by several weights that read the same input (q/k/v, gate/up)
   m.def("qmatmul_q8_1(Tensor w, int qtype, Tensor xq, int n, int k, ScalarType? dtype=None) -> Tensor");
+  // a gated MLP's down projection from its gate and up outputs [..., K] (same shape and dtype): qmatmul_q8_1
+  // of gated_gelu_quantize_q8_1(gate, up, approximate) -> [..., N] in gate's dtype, the same bytes; on CUDA
+  // the GEMV computes and quantizes gelu(gate) * up itself for the rows its DP4A kernel takes (one launch)
+  m.def("gated_gelu_qmatmul(Tensor w, int qtype, Tensor gate, Tensor up, int n, int k, str approximate=\"tanh\") -> "
+        "Tensor");
   // the experts' weights [E, n, row bytes] (one GGUF *_exps tensor) x activations x [T, k] (every slot of a
   // token reads its row) or [T, top_k, k] (a row per slot) with expert ids [T, top_k] (int64 or int32)
   // -> [T, top_k, n] in x's dtype: out[t, j] = x[t] (or x[t, j]) @ dequantize(w[ids[t, j]]).T, ggml's

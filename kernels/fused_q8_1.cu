@@ -3,7 +3,7 @@
 // quantize_q8_1; the bytes are those of the unfused ops.
 #include "kernels/fused_q8_1.cuh"
 #include "kernels/fused_q8_1_math.h"
-#include "kernels/gelu_math.h"
+#include "kernels/gated_gelu_values.cuh"
 #include "kernels/quantize_q8_1_rows.cuh"
 
 namespace torchext {
@@ -152,25 +152,6 @@ cudaError_t launch_norm_quantize_q8_1(const NormArgs& a, FloatType xt, FloatType
   }
   return cudaErrorInvalidValue;
 }
-
-// ---- the gated GELU: quantize_q8_1's kernel over computed values --------------------------------------
-
-// gelu(gate) * up.
-struct GatedGeluValues {
-  const void* gate;
-  const void* up;
-  FloatType t;
-  bool tanh_form;
-  bool vector_ok;
-  __device__ void load(int64_t row, int64_t col, int64_t k, float (&v)[8]) const {
-    float u[8];
-    load_group8(gate, t, row * k, col, k, vector_ok, v);
-    load_group8(up, t, row * k, col, k, vector_ok, u);
-#pragma unroll
-    for (int i = 0; i < 8; ++i)  // past k: gelu(0) * 0 = 0, the padding
-      v[i] = gated_value(tanh_form ? gelu_tanh(v[i]) : gelu_erf(v[i]), u[i], t);
-  }
-};
 
 }  // namespace
 

@@ -14,9 +14,11 @@
 // its format's grid first.
 #define TORCHEXT_IQ_GRIDS_IN_SHARED
 #include <algorithm>
+#include <type_traits>
 
 #include "kernels/batch_policy.h"
 #include "kernels/expert_rows.cuh"
+#include "kernels/gated_gelu_values.cuh"
 #include "kernels/gemv_q8_1.cuh"
 #include "kernels/gemv_q8_1_mma.cuh"
 #include "kernels/launch.cuh"
@@ -64,7 +66,38 @@ __device__ void stage_activations(const Rows& x, int64_t k, int8_t* qs, Q8Scales
   }
 }
 
-// The GEMV of weight w [n, k] against the rows x (ContiguousRows or SlotRows, up to B of them):
+// Activation rows that the CTA computes and quantizes itself, from a Source of float rows (the
+// sources of quantize_q8_1_rows.cuh: the same values, the same Q8_1 bytes). One launch fewer than
+// quantizing into memory first, for each CTA's read of the rows' inputs: 2 x 4 KB of gate and up a
+// row of Gemma's 640x2048 down projection, from L2.
+template <class Source>
+struct ComputedRows {
+  Source source;
+  int count;
+  __device__ __forceinline__ int64_t out(int r) const { return r; }
+};
+
+// x.count rows of x.source's values, quantized to Q8_1 into shared memory as stage_activations lays
+// them out. Thread g takes values 8g .. 8g+7 of the padded rows (a quad of lanes a block): a row is a
+// whole number of 8-block super-blocks, so each warp's lanes take the same turns of the loop and
+// quantize_q8_1_quad's shuffles see all 32 of them.
+template <class Source>
+__device__ void stage_activations(const ComputedRows<Source>& x, int64_t k, int8_t* qs, Q8Scales* ds) {
+  uint32_t* qs_words = reinterpret_cast<uint32_t*>(qs);
+  const int64_t blocks = q8_1_blocks_per_row(k), groups = x.count * blocks * 4;
+  for (int64_t g = threadIdx.x; g < groups; g += kThreads) {
+    const int64_t i = g / 4;  // the block
+    const int j = int(g % 4);
+    float v[8];
+    x.source.load(i / blocks, (i % blocks) * kQ8Block + 8 * j, k, v);
+    const Q8_1Quad q = quantize_q8_1_quad(v);
+    qs_words[i * 8 + 2 * j] = q.qs[0];
+    qs_words[i * 8 + 2 * j + 1] = q.qs[1];
+    if (j == 0) ds[i] = Q8Scales::of_word(q.scale);
+  }
+}
+
+// The GEMV of weight w [n, k] against the rows x (ContiguousRows, SlotRows or ComputedRows, up to B):
 // a CTA's share of the n output columns, called by every thread of the CTA. kStaged: activations in
 // shared memory (any B); otherwise Q8_1 blocks read from global memory (B = 1, for rows too long to
 // stage).
@@ -130,14 +163,28 @@ __device__ __forceinline__ void gemv_rows(const uint8_t* __restrict__ w, int64_t
   }
 }
 
+template <class T, int B, bool kStaged, class Rows>
+__device__ __forceinline__ void gemv_kernel_body(const uint8_t* __restrict__ w, int64_t n, int64_t k, const Rows& x,
+                                                 int split, void* __restrict__ out, FloatType ot) {
+  stage_iq_grid<T>();
+  const int64_t rows_per_step = kWarps / split;  // this CTA's first step's weight rows
+  prefetch_rows_then_wait(w, int64_t(blockIdx.x) * rows_per_step, rows_per_step, n, weight_row_bytes<T>(k));
+  gemv_rows<T, B, kStaged>(w, n, k, x, split, out, ot);
+}
+
 template <class T, int B, bool kStaged>
 __global__ void __launch_bounds__(kThreads)
     gemv_q8_1_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, const block_q8_1* __restrict__ x, int rows,
                      int split, void* __restrict__ out, FloatType ot) {
-  stage_iq_grid<T>();
-  const int64_t rows_per_step = kWarps / split;  // this CTA's first step's weight rows
-  prefetch_rows_then_wait(w, int64_t(blockIdx.x) * rows_per_step, rows_per_step, n, weight_row_bytes<T>(k));
-  gemv_rows<T, B, kStaged>(w, n, k, ContiguousRows{x, q8_1_blocks_per_row(k), rows}, split, out, ot);
+  gemv_kernel_body<T, B, kStaged>(w, n, k, ContiguousRows{x, q8_1_blocks_per_row(k), rows}, split, out, ot);
+}
+
+// The GEMV of `rows` rows of source's values, which each CTA quantizes into shared memory itself.
+template <class T, int B, class Source>
+__global__ void __launch_bounds__(kThreads)
+    gemv_q8_1_computed_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, Source source, int rows, int split,
+                              void* __restrict__ out, FloatType ot) {
+  gemv_kernel_body<T, B, true>(w, n, k, ComputedRows<Source>{source, rows}, split, out, ot);
 }
 
 // qmatmul_id: row y of the grid serves the y-th expert routed to (gemv_expert_slots), the last row of
@@ -200,15 +247,25 @@ cudaError_t plan_gemv(Kernel kernel, int64_t n, int64_t k, int64_t columns, size
   return cudaSuccess;
 }
 
-template <class T, int B, bool kStaged>
-cudaError_t launch_rows(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* x, int rows, void* out,
-                        FloatType ot, int device, cudaStream_t stream) {
-  auto kernel = gemv_q8_1_kernel<T, B, kStaged>;
+// A launch of `kernel` (gemv_q8_1_kernel, gemv_q8_1_computed_kernel) over `rows` activation rows, which it
+// takes as the argument x (staged: in shared memory).
+template <class T, class... Params, class X>
+cudaError_t launch_rows(void (*kernel)(Params...), const uint8_t* w, int64_t n, int64_t k, const X& x, int rows,
+                        bool staged, void* out, FloatType ot, int device, cudaStream_t stream) {
   GemvPlan p;
-  const cudaError_t err = plan_gemv<T>(kernel, n, k, n, kStaged ? staged_bytes(k, rows) : 0, device, p);
+  const cudaError_t err = plan_gemv<T>(kernel, n, k, n, staged ? staged_bytes(k, rows) : 0, device, p);
   if (err != cudaSuccess) return err;
   const unsigned grid = unsigned(std::min(p.steps, p.resident_ctas));
   return launch_dependent(kernel, grid, kThreads, p.smem, stream, w, n, k, x, rows, p.split, out, ot);
+}
+
+// launch(std::integral_constant<int, B>) for the staged kernels' B: rows rounded up to a power of two.
+template <class Launch>
+cudaError_t with_staged_tile(int rows, Launch&& launch) {
+  if (rows == 1) return launch(std::integral_constant<int, 1>{});
+  if (rows == 2) return launch(std::integral_constant<int, 2>{});
+  if (rows <= 4) return launch(std::integral_constant<int, 4>{});
+  return launch(std::integral_constant<int, 8>{});
 }
 
 // A row of CTAs (one per step of rows) for each expert that can be routed to, at most one per slot,
@@ -250,17 +307,48 @@ cudaError_t launch_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, c
       }
       int g = int(std::min<int64_t>(rows - r0, kMaxDp4aRows));
       while (g > 1 && staged_bytes(k, g) > max_staged) g /= 2;
-      if (staged_bytes(k, g) > max_staged) err = launch_rows<T, 1, false>(w, n, k, xg, 1, o, ot, device, stream);
-      else if (g == 1) err = launch_rows<T, 1, true>(w, n, k, xg, g, o, ot, device, stream);
-      else if (g == 2) err = launch_rows<T, 2, true>(w, n, k, xg, g, o, ot, device, stream);
-      else if (g <= 4) err = launch_rows<T, 4, true>(w, n, k, xg, g, o, ot, device, stream);
-      else err = launch_rows<T, 8, true>(w, n, k, xg, g, o, ot, device, stream);
+      if (staged_bytes(k, g) > max_staged) {
+        err = launch_rows<T>(gemv_q8_1_kernel<T, 1, false>, w, n, k, xg, 1, false, o, ot, device, stream);
+      } else {
+        err = with_staged_tile(g, [&](auto b) {
+          constexpr int B = decltype(b)::value;
+          return launch_rows<T>(gemv_q8_1_kernel<T, B, true>, w, n, k, xg, g, true, o, ot, device, stream);
+        });
+      }
       r0 += g;
     }
   });
   return known ? err : cudaErrorInvalidValue;
 }
 
+bool gemv_q8_1_computes_rows(QType wt, int64_t rows, int64_t k, int device) {
+  if (rows < 1 || rows > kMaxDp4aRows) return false;
+  bool fits = false;
+  visit_weight_format(wt, [&](auto traits) {
+    using T = decltype(traits);
+    fits = choose_gemv_kernel(rows, T::kValues, has_int8_mma(device)) == GemvKernel::Dp4a &&
+           staged_bytes(k, rows) <= max_staged_bytes(device, shared_grid_bytes<T>());
+  });
+  return fits;
+}
+
+cudaError_t launch_gated_gelu_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* gate,
+                                        const void* up, FloatType t, bool tanh_form, int64_t rows, void* out,
+                                        int device, cudaStream_t stream) {
+  if (!gemv_q8_1_computes_rows(wt, rows, k, device)) return cudaErrorInvalidValue;
+  const bool vector_ok = rows_allow_vector_loads(gate, t, k) && rows_allow_vector_loads(up, t, k);
+  const GatedGeluValues source{gate, up, t, tanh_form, vector_ok};
+  cudaError_t err = cudaSuccess;
+  visit_weight_format(wt, [&](auto traits) {
+    using T = decltype(traits);
+    err = with_staged_tile(int(rows), [&](auto b) {
+      constexpr int B = decltype(b)::value;
+      return launch_rows<T>(gemv_q8_1_computed_kernel<T, B, GatedGeluValues>, w, n, k, source, int(rows), true, out, t,
+                            device, stream);
+    });
+  });
+  return err;
+}
 
 cudaError_t launch_gemv_q8_1_id(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* x,
                                 const ExpertSlots& slots, void* out, FloatType ot, int device, cudaStream_t stream) {

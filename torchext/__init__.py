@@ -16,6 +16,7 @@ from .ops import (
     embedding,
     gelu,
     gelu_,
+    gated_gelu_qmatmul,
     gated_gelu_quantize_q8_1,
     q4k_gemv,
     q4k_q8_gemv,
@@ -44,7 +45,8 @@ __all__ = [
     "QType", "block_bytes", "block_values", "row_bytes", "ops",
     "quantize_q8_1", "rms_norm_quantize_q8_1", "add_rms_norm_quantize_q8_1", "gated_gelu_quantize_q8_1",
     "q4k_q8_gemv", "q4k_q8_gemv_packed", "q4k_gemv", "q5k_gemv", "q6k_gemv",
-    "qmatmul", "qmatmul_id", "qmatmul_q8_1", "gelu", "gelu_", "bias_gelu", "dequantize", "embedding", "quantize",
+    "qmatmul", "qmatmul_id", "qmatmul_q8_1", "gated_gelu_qmatmul", "gelu", "gelu_", "bias_gelu", "dequantize",
+    "embedding", "quantize",
     "cached_attention", "rope_cache_write",
     "WeightCache", "nn",
 ]

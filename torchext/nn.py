@@ -24,7 +24,7 @@ from torch import nn
 from .cache import WeightCache
 from .weights import as_weight_rows, check_weight_bytes, weight_format
 from .formats import WEIGHT_TYPES, block_values, row_bytes, whole_blocks_error
-from .ops import gemv_max_rows, qmatmul, qmatmul_id, qmatmul_q8_1, quantize, quantize_q8_1
+from .ops import gated_gelu_qmatmul, gemv_max_rows, qmatmul, qmatmul_id, qmatmul_q8_1, quantize, quantize_q8_1
 
 _EXTRA_STATE = "_extra_state"  # the state_dict key of what get_extra_state returns
 
@@ -71,6 +71,13 @@ class QuantLinear(nn.Module):
     def forward_q8_1(self, xq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The layer on activations already quantized by quantize_q8_1 (GEMV path), output in dtype."""
         return self._add_bias(qmatmul_q8_1(self.weight, self.qtype, xq, self.out_features, self.in_features, dtype))
+
+    def forward_gated_gelu(self, gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+        """The layer on gelu(gate) * up quantized to Q8_1 (gated_gelu_qmatmul: on CUDA one kernel computes,
+        quantizes and multiplies), for rows that takes_q8_1 sends to the GEMV path; output in gate's dtype.
+        The same bits as forward_q8_1(gated_gelu_quantize_q8_1(gate, up, approximate), gate.dtype)."""
+        return self._add_bias(gated_gelu_qmatmul(self.weight, self.qtype, gate, up, self.out_features,
+                                                 self.in_features, approximate))
 
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias.to(y.dtype)

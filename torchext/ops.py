@@ -353,6 +353,27 @@ def qmatmul_q8_1(w: torch.Tensor, qtype, xq: torch.Tensor, n: int, k: int,
 _register_fake("torchext::qmatmul_q8_1")(_fake_gemv_q8_1)
 
 
+def gated_gelu_qmatmul(w: torch.Tensor, qtype, gate: torch.Tensor, up: torch.Tensor, n: int, k: int,
+                       approximate: str = "tanh") -> torch.Tensor:
+    """A gated MLP's down projection from its gate and up outputs [..., k] (one float dtype and shape):
+    qmatmul_q8_1(w, qtype, gated_gelu_quantize_q8_1(gate, up, approximate), n, k, gate.dtype) -> [..., n]
+    in gate's dtype, the same bits. On CUDA, when the GEMV's DP4A kernel takes the rows (up to 8; one
+    row of the 256-value formats where the int8 tensor-core GEMV takes 2 or more), each of its CTAs
+    computes and quantizes gelu(gate) * up itself: one launch instead of two. Otherwise, and on the
+    CPU, the two ops run in turn."""
+    return _ops.gated_gelu_qmatmul(w, int(QType.of(qtype)), gate, up, n, k, approximate)
+
+
+@_register_fake("torchext::gated_gelu_qmatmul")
+def _(w, qtype, gate, up, n, k, approximate="tanh"):
+    _check_weight(w, qtype, n, k)
+    _check_activations(gate, k, "gate")
+    _check_like(up, "up", gate, "gate")
+    _check_same_device(w, "w", gate, "gate")
+    _check_approximate(approximate)
+    return gate.new_empty(_with_last(gate, n))
+
+
 def qmatmul_id(w: torch.Tensor, qtype, x: torch.Tensor, ids: torch.Tensor, n: int, k: int,
                exact: bool = False) -> torch.Tensor:
     """The expert-indexed matmul of a mixture of experts (ggml's mul_mat_id): E experts' quantized

@@ -3,8 +3,9 @@
 Every matrix is a QuantLinear over the file's bytes (Q4_K/Q6_K/Q5_0/Q8_0 in the Q4_K_M file),
 the token embedding is a quantized row gather (torchext.embedding) and the tied output head a
 QuantLinear over the same bytes; the MLP's GELU is torchext.gelu. On decode steps (few rows, the
-Q8_1 GEMV path) each norm in front of a matrix and the MLP's gelu(gate) * up are computed in the
-kernel that quantizes the GEMV input (torchext.rms_norm_quantize_q8_1, gated_gelu_quantize_q8_1).
+Q8_1 GEMV path) each norm in front of a matrix is computed in the kernel that quantizes the GEMV
+input (torchext.rms_norm_quantize_q8_1), and the MLP's gelu(gate) * up in the down projection's GEMV
+itself (torchext.gated_gelu_qmatmul).
 The architecture, as Hugging Face's Gemma3ForCausalLM and llama.cpp's gemma3 graph define it:
 
     h = embed(ids) * sqrt(hidden)
@@ -262,13 +263,13 @@ class MLP(nn.Module):
         self.down_proj = QuantLinear.from_cache(cache, p + "ffn_down.weight")
 
     def forward(self, norm: RMSNorm, h: torch.Tensor) -> torch.Tensor:
-        """The MLP of x = norm(h), h [..., hidden] -> [..., hidden]. On the GEMV path (few rows) two
-        kernels make its Q8_1 inputs: norm(h) for gate and up, gelu(gate) * up for down (the same
-        bytes as torchext.gelu, the product and quantize_q8_1)."""
+        """The MLP of x = norm(h), h [..., hidden] -> [..., hidden]. On the GEMV path (few rows) one
+        kernel makes gate and up's Q8_1 input, norm(h), and the down projection quantizes gelu(gate) *
+        up itself (gated_gelu_qmatmul: the same bytes as torchext.gelu, the product and quantize_q8_1)."""
         gate, up = split_outputs(normed_input(norm, h, *self.gate_up_proj), self.gate_up_sizes)
         gate, up = gate.contiguous(), up.contiguous()  # the ops take contiguous rows: copies from 2 rows
         if takes_q8_1(gate, self.down_proj):
-            return self.down_proj.forward_q8_1(ops.gated_gelu_quantize_q8_1(gate, up, "tanh"), gate.dtype)
+            return self.down_proj.forward_gated_gelu(gate, up, "tanh")
         return self.down_proj(ops.gelu(gate, "tanh") * up)
 
 
