@@ -165,6 +165,19 @@ def test_compile_fullgraph():
                                                                                                 window))
 
 
+def test_cpu_threads_give_the_same_bits():
+    """The CPU kernel spreads its rows over torch's threads; each row's arithmetic is the same on any."""
+    args = inputs((2, 8, 2, 129, 64, [128, 3], 0), torch.bfloat16, "cpu")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torchext.cached_attention(*args)
+        torch.set_num_threads(max(2, threads))
+        torch.testing.assert_close(torchext.cached_attention(*args), one, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_empty_rows():
     q, k, v, _, scale, window = inputs((1, 4, 1, 10, 64, [], 0), torch.float32, "cpu")
     assert torchext.cached_attention(q, k, v, torch.zeros(0, dtype=torch.int64), scale, window).shape == (1, 4, 0, 64)
