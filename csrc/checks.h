@@ -146,6 +146,15 @@ inline std::optional<FloatType> float_type_of(ScalarType t) {
   }
 }
 
+// The torch dtype of an element type (float_type_of's inverse).
+inline ScalarType scalar_type_of(FloatType t) {
+  switch (t) {
+    case FloatType::F16: return ScalarType::Half;
+    case FloatType::BF16: return ScalarType::BFloat16;
+    default: return ScalarType::Float;
+  }
+}
+
 // The element type of an op's output `dtype` argument (callers map None to float32 first).
 inline FloatType output_float_type(ScalarType dtype) {
   const std::optional<FloatType> f = float_type_of(dtype);

@@ -1,7 +1,7 @@
 // The body of every op, written once and instantiated per backend. A Backend supplies
 //   struct Context { explicit Context(const Tensor& on); };   device guard + stream (CUDA) or nothing (CPU)
 //   quantize_q8_1, rms_norm_quantize_q8_1, add_rms_norm_quantize_q8_1, gated_gelu_quantize_q8_1,
-//   gemv_q8_1, dequantize, gelu, cached_attention, rope_cache_write
+//   gemv_q8_1, dequantize, gelu, cached_attention, cached_attention_quantize_q8_1, rope_cache_write
 //   gated_gelu_gemv_q8_1                                     the GEMV of computed rows where it can (false: not run)
 //   check_positions(pos, rows, keys)                         positions in [0, keys), where it costs no sync
 //                                                            the kernels, on raw pointers
@@ -384,8 +384,10 @@ struct Ops {
     return out;
   }
 
-  // softmax(scale * q . k_j) . v_j over the cached keys j each query row's position sees (kernels/cached_attention.h).
-  static Tensor cached_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, double scale, int64_t window) {
+  // The checks of cached_attention and cached_attention_quantize_q8_1: (q's shape as the kernels take it, q's type).
+  static std::pair<AttentionShape, FloatType> check_attention(const Tensor& q, const Tensor& k_cache,
+                                                              const Tensor& v_cache, const Tensor& pos, double scale,
+                                                              int64_t window) {
     check_defined_contiguous(q, "q");
     check_defined_contiguous(k_cache, "k_cache");
     check_defined_contiguous(v_cache, "v_cache");
@@ -420,6 +422,12 @@ struct Ops {
     check_alignment(k_cache, 16, "k_cache", "rows are read 16 bytes at a time");
     check_alignment(v_cache, 16, "v_cache", "rows are read 16 bytes at a time");
     checked_mul(checked_mul(checked_mul(s.batch, s.heads, "q"), s.rows, "q"), s.dim, "q");
+    return {s, t};
+  }
+
+  // softmax(scale * q . k_j) . v_j over the cached keys j each query row's position sees (kernels/cached_attention.h).
+  static Tensor cached_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, double scale, int64_t window) {
+    const auto [s, t] = check_attention(q, k_cache, v_cache, pos, scale, window);
     Tensor out = torch::stable::empty_like(q);
     if (out.numel() == 0) return out;
     const int64_t* positions = static_cast<const int64_t*>(pos.data_ptr());
@@ -427,6 +435,29 @@ struct Ops {
     Ctx ctx(q);
     Backend::cached_attention(ctx, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), positions, window,
                               float(scale), s, t, out);
+    return out;
+  }
+
+  // quantize_q8_1(cached_attention(...).transpose(1, 2).reshape(B, T, H * D)), the same bytes: the attention's
+  // output as the Q8_1 input of the projection after it, uint8 [B, T, q8_1 bytes of H * D values].
+  static Tensor cached_attention_quantize_q8_1(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, double scale,
+                                               int64_t window) {
+    const auto [s, t] = check_attention(q, k_cache, v_cache, pos, scale, window);
+    TORCHEXT_CHECK(s.dim % kQ8Block == 0, "cached_attention_quantize_q8_1: q: expected a head dim that is a ",
+                    "multiple of 32 (each Q8_1 block of 32 values inside one head), got ", s.dim);
+    const int64_t k = checked_mul(s.heads, s.dim, "q");
+    const int64_t blocks = q8_1_blocks_per_row(k);
+    const std::vector<int64_t> shape{s.batch, s.rows, checked_mul(blocks, int64_t(sizeof(block_q8_1)), "q")};
+    checked_mul(checked_mul(s.batch, s.rows, "q"), shape.back(), "q");
+    // The kernels write the blocks of values; the padding blocks past H * D are zeros, as quantize_q8_1's.
+    Tensor out = blocks * kQ8Block == k ? torch::stable::new_empty(q, shape, ScalarType::Byte)
+                                        : torch::stable::new_zeros(q, shape, ScalarType::Byte);
+    if (out.numel() == 0) return out;
+    const int64_t* positions = static_cast<const int64_t*>(pos.data_ptr());
+    Backend::check_positions(positions, s.rows, s.keys);
+    Ctx ctx(q);
+    Backend::cached_attention_quantize_q8_1(ctx, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), positions,
+                                            window, float(scale), s, t, out);
     return out;
   }
 
@@ -562,6 +593,7 @@ struct Ops {
     m.impl("gated_gelu_qmatmul", TORCH_BOX(&O::gated_gelu_qmatmul));           \
     m.impl("qmatmul_id", TORCH_BOX(&O::qmatmul_id));                           \
     m.impl("cached_attention", TORCH_BOX(&O::cached_attention));               \
+    m.impl("cached_attention_quantize_q8_1", TORCH_BOX(&O::cached_attention_quantize_q8_1)); \
     m.impl("rope_cache_write", TORCH_BOX(&O::rope_cache_write));               \
     m.impl("gelu", TORCH_BOX(&O::gelu));                                       \
     m.impl("gelu_", TORCH_BOX(&O::gelu_));                                     \

@@ -76,6 +76,15 @@ struct CpuBackend {
                                int64_t window, float scale, const AttentionShape& s, FloatType t, const Tensor& out) {
     cpu::cached_attention(q, k, v, pos, window, scale, s, t, out.data_ptr());
   }
+  // The composition itself, so that the CPU's bytes are those of the two ops.
+  static void cached_attention_quantize_q8_1(Context&, const void* q, const void* k, const void* v,
+                                             const int64_t* pos, int64_t window, float scale, const AttentionShape& s,
+                                             FloatType t, const Tensor& out) {
+    Tensor o = torch::stable::new_empty(out, {s.batch, s.heads, s.rows, s.dim}, scalar_type_of(t));
+    cpu::cached_attention(q, k, v, pos, window, scale, s, t, o.data_ptr());
+    const Tensor x = torch::stable::contiguous(torch::stable::transpose(o, 1, 2));  // [B, T, H, D]
+    cpu::quantize_q8_1(x.data_ptr(), t, s.batch * s.rows, s.heads * s.dim, static_cast<block_q8_1*>(out.data_ptr()));
+  }
   static void rope_cache_write(Context&, const HeadRows& q, const HeadRows& k, const HeadRows& v, const float* cos,
                                const float* sin, const int64_t* pos, HeadNorm q_norm, HeadNorm k_norm, float eps,
                                const RopeShape& s, FloatType t, void* q_out, void* k_cache, void* v_cache) {

@@ -101,16 +101,27 @@ struct CudaBackend {
   // Reading the positions on the host would synchronise; one out of range gives a NaN row instead.
   static void check_positions(const int64_t*, int64_t, int64_t) {}
   // The spans' partial sums go to a workspace from torch's allocator.
+  static Tensor attention_workspace(const Tensor& out, const AttentionShape& s, int64_t window, const char* op) {
+    TORCHEXT_CHECK(cached_attention_fits_grid(s, window), op, ": ", s.batch, " x ", s.heads, " heads x ", s.rows,
+                    " rows over ", s.keys, " keys need more CUDA thread blocks than one launch holds (2^31 - 1); ",
+                    "split the batch or the rows");
+    return torch::stable::new_empty(out, {cached_attention_workspace_floats(s, window)}, ScalarType::Float);
+  }
   static void cached_attention(Context& c, const void* q, const void* k, const void* v, const int64_t* pos,
                                int64_t window, float scale, const AttentionShape& s, FloatType t, const Tensor& out) {
-    TORCHEXT_CHECK(cached_attention_fits_grid(s, window), "cached_attention: ", s.batch, " x ", s.heads,
-                    " heads x ", s.rows, " rows over ", s.keys, " keys need more CUDA thread blocks than one launch ",
-                    "holds (2^31 - 1); split the batch or the rows");
-    Tensor workspace =
-        torch::stable::new_empty(out, {cached_attention_workspace_floats(s, window)}, ScalarType::Float);
+    Tensor workspace = attention_workspace(out, s, window, "cached_attention");
     check_launch(launch_cached_attention(q, k, v, pos, window, scale, s, t, static_cast<float*>(workspace.data_ptr()),
                                          out.data_ptr(), c.stream),
                  "cached_attention");
+  }
+  static void cached_attention_quantize_q8_1(Context& c, const void* q, const void* k, const void* v,
+                                             const int64_t* pos, int64_t window, float scale, const AttentionShape& s,
+                                             FloatType t, const Tensor& out) {
+    Tensor workspace = attention_workspace(out, s, window, "cached_attention_quantize_q8_1");
+    check_launch(launch_cached_attention_quantize_q8_1(q, k, v, pos, window, scale, s, t,
+                                                       static_cast<float*>(workspace.data_ptr()),
+                                                       static_cast<block_q8_1*>(out.data_ptr()), c.stream),
+                 "cached_attention_quantize_q8_1");
   }
   static void rope_cache_write(Context& c, const HeadRows& q, const HeadRows& k, const HeadRows& v, const float* cos,
                                const float* sin, const int64_t* pos, HeadNorm q_norm, HeadNorm k_norm, float eps,

@@ -53,6 +53,11 @@ STABLE_TORCH_LIBRARY(torchext, m) {
   // softmax(scale * q . k_j) . v_j over the visible j, in fp32. D a multiple of 8 up to 256. The work
   // follows the positions, not S. A position outside [0, S) raises on the CPU and gives a NaN row on CUDA.
   m.def("cached_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, float scale, int window=0) -> Tensor");
+  // quantize_q8_1(cached_attention(q, k_cache, v_cache, pos, scale, window).transpose(1, 2).reshape(B, T, H * D)),
+  // the same bytes, uint8 [B, T, q8_1 bytes of H * D values]: the attention's output as the Q8_1 input of the
+  // projection after it (on CUDA written by the attention kernels, no quantize_q8_1 launch). D a multiple of 32.
+  m.def("cached_attention_quantize_q8_1(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, float scale, "
+        "int window=0) -> Tensor");
   // a decoder layer's step from its q/k/v projections to its attention: q [B, T, H, D], k and v [B, T, KV, D]
   // (views of a stacked projection allowed: rows strided, a row's heads and a head's values contiguous),
   // each q and k head RMS-normalised over D by q_weight / k_weight when given (x / sqrt(mean(x^2) + eps) *

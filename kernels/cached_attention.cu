@@ -7,7 +7,9 @@
 // a slot for every span a row can see: every span of the cache, or with a window of w keys the
 // (w - 1) / span + 2 that w consecutive keys can touch, counted from the row's first visible span. A
 // CTA whose slot holds no visible key returns before it reads anything, and the merge reads only the
-// slots a row uses: the work follows the positions, not the cache's capacity.
+// slots a row uses: the work follows the positions, not the cache's capacity. Both kernels write a row's
+// output through an output policy (AttentionOut): the values in q's type, or the Q8_1 blocks that
+// quantize_q8_1 makes of them (cached_attention_quantize_q8_1).
 //
 // Decode attention is latency-bound (a few KB a CTA, from L2): what counts is each warp's chain of
 // dependent instructions and round trips. A warp takes kKeyBatch keys a round and issues the next
@@ -17,7 +19,9 @@
 // kernels are programmatic dependent launches (the merge is launched while the spans run); the merge
 // spreads a row over its 32-value chunks and its spans over the CTA's threads.
 #include "kernels/cached_attention.cuh"
+#include "kernels/fused_q8_1_math.h"
 #include "kernels/launch.cuh"
+#include "kernels/quantize_q8_1_rows.cuh"
 
 namespace torchext {
 namespace {
@@ -78,14 +82,41 @@ struct Partials {
   float2* stats;
 };
 
+// Where a row's output goes. Row = (b * heads + h) * rows + r as in q; a thread holds its values col ..
+// col+7 (col a multiple of 8). Every lane of a warp calls store, those with `active` false storing nothing
+// (the Q8_1 store shuffles within quads of lanes).
+template <FloatType kT, bool kQ8_1>
+struct AttentionOut {
+  static constexpr FloatType kType = kT;
+  static __device__ __forceinline__ void store(void* out, const AttentionShape& s, int64_t row, int64_t col,
+                                               const float (&v)[8], bool active) {
+    if constexpr (!kQ8_1) {
+      if (active) store_group8(out, kT, row * s.dim, col, s.dim, true, v);  // 16-byte aligned: col % 8 == 0
+    } else {
+      // quantize_q8_1 of out [B, H, T, D] read as [B, T, H * D]: the values rounded to kT, as the stored
+      // output holds them; a quad's lanes hold the 32 values of one block, which lies inside one head
+      // (dim % 32 == 0), block h * dim / 32 + col / 32 of row (b, r).
+      float x[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] = active ? round_to(v[e], kT) : 0.0f;
+      const Q8_1Quad quad = quantize_q8_1_quad(x);
+      if (!active) return;
+      const int64_t r = row % s.rows, bh = row / s.rows, h = bh % s.heads, b = bh / s.heads;
+      const int64_t block = (b * s.rows + r) * q8_1_blocks_per_row(s.heads * s.dim) + (h * s.dim + col) / kQ8Block;
+      store_q8_1_quad(static_cast<block_q8_1*>(out), block, int(col / 8 % 4), quad);
+    }
+  }
+};
+
 // CTA x = slot + slots * (row + rows * (head tile + tiles * (kv head + kv_heads * b))), one grid
 // dimension (up to 2^31 - 1 CTAs, so each index fits 32 bits); kHeads query heads a tile. Slot i takes
 // the row's i-th span from its first visible one.
-template <FloatType kT, int kHeads>
+template <class Out, int kHeads>
 __global__ void __launch_bounds__(kThreads)
     attention_span_kernel(const void* __restrict__ q, const void* __restrict__ k, const void* __restrict__ v,
                           const int64_t* __restrict__ pos, int64_t window, float scale, AttentionShape s,
                           int span_shift, int64_t slots, Partials part, void* __restrict__ out) {
+  constexpr FloatType kT = Out::kType;
   __shared__ float warp_max_score[kWarps][kHeads], warp_sum_weight[kWarps][kHeads];
   __shared__ float4 warp_values[kWarps][kHeads][kMaxDim / 4];
   const unsigned tiles = unsigned((s.group() + kHeads - 1) / kHeads);
@@ -197,32 +228,37 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   __syncthreads();
-  const int quads = int(s.dim / 4);  // float4s of a row
-  for (int item = threadIdx.x; item < heads * quads; item += kThreads) {
-    const int i = item / quads, c = item % quads;
-    float m = -INFINITY;
+  // Thread t = i * groups + g takes values 8g .. 8g+7 of head i's row: a quad of lanes holds a 32-value
+  // chunk. Warps past the last item leave whole (Out::store is warp-collective).
+  static_assert(kMaxHeads * kMaxDim / 8 <= kThreads, "a thread for each 8 values of the tile's rows");
+  const int groups = int(s.dim / 8), item = threadIdx.x;
+  if (warp * kWarp >= heads * groups) return;
+  const bool active = item < heads * groups;
+  const int i = active ? item / groups : 0, g = item % groups;
+  float m = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) m = nan_max(m, warp_max_score[w][i]);
-    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    float total = 0.0f;
+  for (int w = 0; w < kWarps; ++w) m = nan_max(m, warp_max_score[w][i]);
+  float sum[8] = {};
+  float total = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float f = attention_weight(warp_max_score[w][i], m);
-      const float4 x = warp_values[w][i][c];
-      sum.x = fmaf(f, x.x, sum.x), sum.y = fmaf(f, x.y, sum.y), sum.z = fmaf(f, x.z, sum.z),
-      sum.w = fmaf(f, x.w, sum.w);
-      total = fmaf(f, warp_sum_weight[w][i], total);
-    }
-    const int64_t row = (b * s.heads + h0 + i) * s.rows + r;
-    if (final) {
-      store_float(out, row * s.dim + 4 * c, kT, sum.x / total);
-      store_float(out, row * s.dim + 4 * c + 1, kT, sum.y / total);
-      store_float(out, row * s.dim + 4 * c + 2, kT, sum.z / total);
-      store_float(out, row * s.dim + 4 * c + 3, kT, sum.w / total);
-    } else {
-      reinterpret_cast<float4*>(part.sums + (row * slots + slot) * s.dim)[c] = sum;
-      if (c == 0) part.stats[row * slots + slot] = make_float2(m, total);
-    }
+  for (int w = 0; w < kWarps; ++w) {
+    const float f = attention_weight(warp_max_score[w][i], m);
+    const float4 x0 = warp_values[w][i][2 * g], x1 = warp_values[w][i][2 * g + 1];
+    sum[0] = fmaf(f, x0.x, sum[0]), sum[1] = fmaf(f, x0.y, sum[1]), sum[2] = fmaf(f, x0.z, sum[2]),
+    sum[3] = fmaf(f, x0.w, sum[3]), sum[4] = fmaf(f, x1.x, sum[4]), sum[5] = fmaf(f, x1.y, sum[5]),
+    sum[6] = fmaf(f, x1.z, sum[6]), sum[7] = fmaf(f, x1.w, sum[7]);
+    total = fmaf(f, warp_sum_weight[w][i], total);
+  }
+  const int64_t row = (b * s.heads + h0 + i) * s.rows + r;
+  if (final) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sum[e] /= total;
+    Out::store(out, s, row, 8 * g, sum, active);
+  } else if (active) {
+    float4* dst = reinterpret_cast<float4*>(part.sums + (row * slots + slot) * s.dim + 8 * g);
+    dst[0] = make_float4(sum[0], sum[1], sum[2], sum[3]);
+    dst[1] = make_float4(sum[4], sum[5], sum[6], sum[7]);
+    if (g == 0) part.stats[row * slots + slot] = make_float2(m, total);
   }
 }
 
@@ -234,8 +270,9 @@ __device__ __forceinline__ float2 combine_stats(float2 a, float2 b) {
 
 // CTA x = chunk + chunks * row: values kMergeDims * chunk .. + kMergeDims - 1 of one (batch, head,
 // row), from the spans the row sees, rescaled to their common max and added up. Thread t takes 8
-// values (t % 4) and the spans t / 4, + 32, ... A row the span kernel finished is left alone.
-template <FloatType kT>
+// values (t % 4) and the spans t / 4, + 32, ...; warp 0's first quad stores the chunk. A row the span
+// kernel finished is left alone.
+template <class Out>
 __global__ void __launch_bounds__(kMergeThreads)
     merge_spans_kernel(Partials part, const int64_t* __restrict__ pos, int64_t window, AttentionShape s,
                        int span_shift, int64_t slots, void* __restrict__ out) {
@@ -243,13 +280,19 @@ __global__ void __launch_bounds__(kMergeThreads)
   __shared__ float4 warp_values[kMergeWarps][kMergeDims / 4];
   const unsigned chunks = unsigned((s.dim + kMergeDims - 1) / kMergeDims);
   const unsigned row = blockIdx.x / chunks, r = row % unsigned(s.rows);
-  const int64_t d0 = blockIdx.x % chunks * kMergeDims + threadIdx.x % 4 * 8;  // this thread's first value
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t d0 = blockIdx.x % chunks * kMergeDims + lane % 4 * 8;  // this thread's first value
+  const bool stores = warp == 0 && lane < 4 && d0 < s.dim;             // Out::store's active lanes
   allow_dependent_grids();
   wait_for_prior_grids();
   const int64_t p = pos[r];
   if (p < 0 || p >= s.keys) {
-    if (threadIdx.x < 4 && d0 < s.dim)
-      for (int e = 0; e < 8; ++e) store_float(out, row * s.dim + d0 + e, kT, NAN);
+    if (warp == 0) {  // the whole warp: Out::store may shuffle
+      float nan[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) nan[e] = NAN;
+      Out::store(out, s, row, d0, nan, stores);
+    }
     return;
   }
   int64_t first, last;
@@ -262,7 +305,6 @@ __global__ void __launch_bounds__(kMergeThreads)
 #pragma unroll
   for (int m = kWarp / 2; m > 0; m /= 2)
     st = combine_stats(st, make_float2(__shfl_xor_sync(0xffffffffu, st.x, m), __shfl_xor_sync(0xffffffffu, st.y, m)));
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   if (lane == 0) warp_stats[warp] = st;
   __syncthreads();
   st = warp_stats[0];
@@ -293,12 +335,16 @@ __global__ void __launch_bounds__(kMergeThreads)
     warp_values[warp][lane * 2 + 1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
   }
   __syncthreads();
-  const int64_t d = blockIdx.x % chunks * kMergeDims + threadIdx.x;
-  if (threadIdx.x < kMergeDims && d < s.dim) {
-    float x = 0.0f;
+  if (warp == 0) {  // the whole warp calls Out::store; lane j < 4 stores values 8j .. 8j+7 of the chunk
+    float x[8];
 #pragma unroll
-    for (int w = 0; w < kMergeWarps; ++w) x += reinterpret_cast<const float*>(warp_values[w])[threadIdx.x];
-    store_float(out, row * s.dim + d, kT, x / total);
+    for (int e = 0; e < 8; ++e) {
+      x[e] = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kMergeWarps; ++w) x[e] += reinterpret_cast<const float*>(warp_values[w])[lane % 4 * 8 + e];
+      x[e] /= total;
+    }
+    Out::store(out, s, row, d0, x, stores);
   }
 }
 
@@ -334,27 +380,47 @@ int64_t merge_ctas(const AttentionShape& s) {
   return s.batch * s.heads * s.rows * ((s.dim + kMergeDims - 1) / kMergeDims);
 }
 
-template <FloatType kT, int kHeads>
+template <class Out, int kHeads>
 cudaError_t launch(const void* q, const void* k, const void* v, const int64_t* pos, int64_t window, float scale,
                    const AttentionShape& s, float* workspace, void* out, cudaStream_t stream) {
   const SpanPlan plan = plan_spans(s, window);
   const Partials part{workspace,
                       reinterpret_cast<float2*>(workspace + s.batch * s.heads * s.rows * plan.slots * s.dim)};
-  const cudaError_t err = launch_dependent(attention_span_kernel<kT, kHeads>,
+  const cudaError_t err = launch_dependent(attention_span_kernel<Out, kHeads>,
                                            dim3(unsigned(plan.slots * ctas_per_span(s))), dim3(kThreads), 0, stream,
                                            q, k, v, pos, window, scale, s, plan.shift, plan.slots, part, out);
   if (err != cudaSuccess) return err;
-  return launch_dependent(merge_spans_kernel<kT>, dim3(unsigned(merge_ctas(s))), dim3(kMergeThreads), 0, stream, part,
+  return launch_dependent(merge_spans_kernel<Out>, dim3(unsigned(merge_ctas(s))), dim3(kMergeThreads), 0, stream, part,
                           pos, window, s, plan.shift, plan.slots, out);
 }
 
-template <FloatType kT>
-cudaError_t launch_for_type(const void* q, const void* k, const void* v, const int64_t* pos, int64_t window,
+template <class Out>
+cudaError_t launch_for_tile(const void* q, const void* k, const void* v, const int64_t* pos, int64_t window,
                             float scale, const AttentionShape& s, float* workspace, void* out, cudaStream_t stream) {
   switch (head_tile(s)) {
-    case 1: return launch<kT, 1>(q, k, v, pos, window, scale, s, workspace, out, stream);
-    case 2: return launch<kT, 2>(q, k, v, pos, window, scale, s, workspace, out, stream);
-    default: return launch<kT, kMaxHeads>(q, k, v, pos, window, scale, s, workspace, out, stream);
+    case 1: return launch<Out, 1>(q, k, v, pos, window, scale, s, workspace, out, stream);
+    case 2: return launch<Out, 2>(q, k, v, pos, window, scale, s, workspace, out, stream);
+    default: return launch<Out, kMaxHeads>(q, k, v, pos, window, scale, s, workspace, out, stream);
+  }
+}
+
+// Both ops' launcher: the output values of type t, or (kQ8_1) their Q8_1 blocks.
+template <bool kQ8_1>
+cudaError_t launch_attention(const void* q, const void* k, const void* v, const int64_t* pos, int64_t window,
+                             float scale, const AttentionShape& s, FloatType t, float* workspace, void* out,
+                             cudaStream_t stream) {
+  if (s.dim % (kQ8_1 ? kQ8Block : 8) != 0 || s.dim > kMaxDim || !cached_attention_fits_grid(s, window))
+    return cudaErrorInvalidValue;
+  switch (t) {
+    case FloatType::F16:
+      return launch_for_tile<AttentionOut<FloatType::F16, kQ8_1>>(q, k, v, pos, window, scale, s, workspace, out,
+                                                                  stream);
+    case FloatType::BF16:
+      return launch_for_tile<AttentionOut<FloatType::BF16, kQ8_1>>(q, k, v, pos, window, scale, s, workspace, out,
+                                                                   stream);
+    default:
+      return launch_for_tile<AttentionOut<FloatType::F32, kQ8_1>>(q, k, v, pos, window, scale, s, workspace, out,
+                                                                  stream);
   }
 }
 
@@ -371,13 +437,13 @@ bool cached_attention_fits_grid(const AttentionShape& s, int64_t window) {
 cudaError_t launch_cached_attention(const void* q, const void* k, const void* v, const int64_t* pos, int64_t window,
                                     float scale, const AttentionShape& s, FloatType t, float* workspace, void* out,
                                     cudaStream_t stream) {
-  if (s.dim % 8 != 0 || s.dim > kMaxDim || !cached_attention_fits_grid(s, window)) return cudaErrorInvalidValue;
-  switch (t) {
-    case FloatType::F16: return launch_for_type<FloatType::F16>(q, k, v, pos, window, scale, s, workspace, out, stream);
-    case FloatType::BF16:
-      return launch_for_type<FloatType::BF16>(q, k, v, pos, window, scale, s, workspace, out, stream);
-    default: return launch_for_type<FloatType::F32>(q, k, v, pos, window, scale, s, workspace, out, stream);
-  }
+  return launch_attention<false>(q, k, v, pos, window, scale, s, t, workspace, out, stream);
+}
+
+cudaError_t launch_cached_attention_quantize_q8_1(const void* q, const void* k, const void* v, const int64_t* pos,
+                                                  int64_t window, float scale, const AttentionShape& s, FloatType t,
+                                                  float* workspace, block_q8_1* out, cudaStream_t stream) {
+  return launch_attention<true>(q, k, v, pos, window, scale, s, t, workspace, out, stream);
 }
 
 }  // namespace torchext

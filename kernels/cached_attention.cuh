@@ -19,4 +19,12 @@ cudaError_t launch_cached_attention(const void* q, const void* k, const void* v,
                                     float scale, const AttentionShape& s, FloatType t, float* workspace, void* out,
                                     cudaStream_t stream);
 
+// The same attention, written as quantize_q8_1 writes out.transpose(1, 2).reshape(batch, rows, heads * dim):
+// out [batch, rows, q8_1_blocks_per_row(heads * dim)] Q8_1 blocks of the values rounded to t, the same bytes.
+// dim % 32 == 0 (a block inside one head); the blocks past heads * dim (padding) are not written, the caller
+// zeroes them. A NaN row (a position outside [0, keys)) gives the blocks quantize_q8_1 makes of NaNs.
+cudaError_t launch_cached_attention_quantize_q8_1(const void* q, const void* k, const void* v, const int64_t* pos,
+                                                  int64_t window, float scale, const AttentionShape& s, FloatType t,
+                                                  float* workspace, block_q8_1* out, cudaStream_t stream);
+
 }  // namespace torchext

@@ -6,6 +6,9 @@ is a dot product of D fp32 products, off by at most D * 2^-24 * scale * sum_d |q
 running sum's rounding); the softmax weights move by that much relatively, and the weighted sum of
 at most S values adds S * 2^-24 * max|v|; the output is then rounded to its dtype (half an ulp:
 2^-24, 2^-11, 2^-8 relative for float32, float16, bfloat16).
+
+torchext.cached_attention_quantize_q8_1 is checked byte for byte against the two ops it replaces,
+quantize_q8_1 of cached_attention's output as [B, T, H * D], on each device.
 """
 
 import math
@@ -18,6 +21,8 @@ import torchext
 from conftest import raises_on_cpu_and_meta
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+OPS = [torchext.cached_attention, torchext.cached_attention_quantize_q8_1]
+OP_IDS = ["cached_attention", "quantize_q8_1"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HALF_ULP = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
@@ -76,6 +81,47 @@ def test_matches_oracle(case, dtype, device):
     assert (err <= bound(q, k, v, scale, ref, dtype)).all(), f"largest error {err.max().item():.3g}"
 
 
+def composition(q, k, v, pos, scale, window):
+    """What cached_attention_quantize_q8_1 replaces: the attention's output as [B, T, H * D], quantized."""
+    b, h, t, d = q.shape
+    o = torchext.cached_attention(q, k, v, pos, scale, window)
+    return torchext.quantize_q8_1(o.transpose(1, 2).reshape(b, t, h * d))
+
+
+# CASES with D % 32 == 0, and H * D that leave padding blocks (192, 288 and 480 values of 256-value
+# super-blocks), windows, GQA groups, several rows and sequences
+Q8_1_CASES = [c for c in CASES if c[4] % 32 == 0] + [
+    (2, 6, 2, 50, 32, [49, 20, 0], 0),
+    (1, 3, 1, 40, 96, [39, 17], 8),
+    (3, 5, 5, 300, 96, [299, 100], 64),
+    (2, 15, 3, 90, 32, [89, 45, 31, 16], 20),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", Q8_1_CASES)
+def test_quantize_q8_1_equals_the_two_ops(case, dtype, device):
+    q, k, v, pos, scale, window = inputs(case, dtype, device)
+    out = torchext.cached_attention_quantize_q8_1(q, k, v, pos, scale, window)
+    expected = composition(q, k, v, pos, scale, window)
+    assert out.dtype == torch.uint8 and out.device == q.device and out.shape == expected.shape
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_q8_1_out_of_range_position_gives_nan_blocks_on_cuda(dtype):
+    """A row at a position outside the cache: quantize_q8_1's bytes for a row of NaNs (padding blocks zero)."""
+    q, k, v, _, scale, window = inputs((2, 6, 2, 10, 32, [3, 4], 0), dtype, "cuda")
+    pos = torch.tensor([3, 10], device="cuda")
+    out = torchext.cached_attention_quantize_q8_1(q, k, v, pos, scale, window)
+    assert torch.equal(out, composition(q, k, v, pos, scale, window))
+    nan_row = torchext.quantize_q8_1(torch.full((6 * 32,), float("nan"), dtype=dtype, device="cuda"))
+    assert torch.equal(out[:, 1], nan_row.expand(2, -1))
+    assert not torch.equal(out[:, 0], nan_row.expand(2, -1))
+
+
 # the largest power of ten a Gaussian may be scaled by in each dtype with its scores (products of
 # D such values) and outputs still finite
 MAX_EXPONENT = {torch.float32: 8, torch.float16: 2, torch.bfloat16: 8}
@@ -130,11 +176,12 @@ def test_nan_query_gives_nan_row_only(device):
     assert out.isfinite().all()
 
 
-def test_position_out_of_range_raises_on_cpu():
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_position_out_of_range_raises_on_cpu(op):
     q, k, v, pos, scale, window = inputs((1, 4, 1, 10, 64, [3], 0), torch.float32, "cpu")
     for bad in (10, -1):
         with pytest.raises(RuntimeError, match=rf"pos: expected positions in \[0, keys=10\), got {bad} at index 0"):
-            torchext.cached_attention(q, k, v, torch.tensor([bad]), scale, window)
+            op(q, k, v, torch.tensor([bad]), scale, window)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -145,29 +192,46 @@ def test_position_out_of_range_gives_nan_row_on_cuda():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_graph_replays_with_new_positions():
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_cuda_graph_replays_with_new_positions(op):
     """One capture serves every position: the positions are read on the device."""
     q, k, v, pos, scale, window = inputs((1, 4, 1, 300, 256, [10], 0), torch.bfloat16, "cuda")
-    torchext.cached_attention(q, k, v, pos, scale, window)  # warm up outside the capture
+    op(q, k, v, pos, scale, window)  # warm up outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = torchext.cached_attention(q, k, v, pos, scale, window)
+        out = op(q, k, v, pos, scale, window)
     for p in (10, 64, 299, 0):
         pos.fill_(p)
         graph.replay()
-        torch.testing.assert_close(out, torchext.cached_attention(q, k, v, pos, scale, window), rtol=0, atol=0)
+        torch.testing.assert_close(out, op(q, k, v, pos, scale, window), rtol=0, atol=0)
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_compile_fullgraph(op):
     q, k, v, pos, scale, window = inputs((1, 4, 1, 37, 256, [20], 0), torch.float32, "cpu")
-    fn = torch.compile(lambda *a: torchext.cached_attention(*a) * 2, fullgraph=True, backend="eager")
-    torch.testing.assert_close(fn(q, k, v, pos, scale, window), 2 * torchext.cached_attention(q, k, v, pos, scale,
-                                                                                                window))
+    fn = torch.compile(lambda *a: op(*a).flip(-1), fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(q, k, v, pos, scale, window), op(q, k, v, pos, scale, window).flip(-1), rtol=0,
+                               atol=0)
+
+
+def test_cpu_threads_give_the_same_bits():
+    """The CPU kernel spreads its rows over torch's threads; each row's arithmetic is the same on any."""
+    args = inputs((2, 8, 2, 129, 64, [128, 3], 0), torch.bfloat16, "cpu")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torchext.cached_attention(*args)
+        torch.set_num_threads(max(2, threads))
+        torch.testing.assert_close(torchext.cached_attention(*args), one, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_empty_rows():
     q, k, v, _, scale, window = inputs((1, 4, 1, 10, 64, [], 0), torch.float32, "cpu")
-    assert torchext.cached_attention(q, k, v, torch.zeros(0, dtype=torch.int64), scale, window).shape == (1, 4, 0, 64)
+    pos = torch.zeros(0, dtype=torch.int64)
+    assert torchext.cached_attention(q, k, v, pos, scale, window).shape == (1, 4, 0, 64)
+    assert torchext.cached_attention_quantize_q8_1(q, k, v, pos, scale, window).shape == (1, 0, 288)
 
 
 # (what to change, the message): every check, on the real op and on meta tensors (the fake)
@@ -209,12 +273,24 @@ def _bad_inputs():
 
 @pytest.mark.parametrize("meta", [False, True], ids=["cpu", "meta"])
 @pytest.mark.parametrize("args, message", _bad_inputs())
-def test_bad_input(args, message, meta):
-    raises_on_cpu_and_meta(torch.ops.torchext.cached_attention, args, message, meta)
+@pytest.mark.parametrize("name", ["cached_attention", "cached_attention_quantize_q8_1"])
+def test_bad_input(name, args, message, meta):
+    raises_on_cpu_and_meta(getattr(torch.ops.torchext, name), args, message, meta)
 
 
+@pytest.mark.parametrize("meta", [False, True], ids=["cpu", "meta"])
+@pytest.mark.parametrize("dim", [8, 40, 200])
+def test_quantize_q8_1_needs_head_dim_multiple_of_32(dim, meta):
+    q, k, v, pos, scale, window = inputs((1, 4, 2, 16, dim, [3], 0), torch.float32, "cpu")
+    raises_on_cpu_and_meta(torch.ops.torchext.cached_attention_quantize_q8_1,
+                           dict(q=q, k_cache=k, v_cache=v, pos=pos, scale=scale, window=window),
+                           f"cached_attention_quantize_q8_1: q: expected a head dim that is a multiple of 32 "
+                           rf"\(each Q8_1 block of 32 values inside one head\), got {dim}", meta)
+
+
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
 @pytest.mark.parametrize("name", ["q", "k_cache", "v_cache"])
-def test_misaligned_storage_raises(name):
+def test_misaligned_storage_raises(name, op):
     """The CUDA kernels read rows 16 bytes at a time; a view 4 bytes into an allocation is refused
     (on every device, so that code moving to the GPU fails the same way)."""
     q, k, v, pos, scale, window = inputs((1, 4, 2, 16, 64, [3], 0), torch.float32, "cpu")
@@ -222,30 +298,32 @@ def test_misaligned_storage_raises(name):
     t = args[name]
     args[name] = torch.empty(t.numel() + 1)[1:].view(t.shape).copy_(t)
     with pytest.raises(RuntimeError, match=f"{name}: storage must be 16-byte aligned"):
-        torch.ops.torchext.cached_attention(args["q"], args["k_cache"], args["v_cache"], pos, scale, window)
+        op(args["q"], args["k_cache"], args["v_cache"], pos, scale, window)
 
 
-def test_devices_differ():
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_devices_differ(op):
     q, k, v, pos, scale, window = inputs((1, 4, 2, 16, 64, [3], 0), torch.float32, "cpu")
     with pytest.raises(RuntimeError, match="q and pos: expected tensors on the same device"):
-        torch.ops.torchext.cached_attention(q, k, v, pos.to("meta"), scale, window)
+        op(q, k, v, pos.to("meta"), scale, window)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_no_host_sync_and_current_stream():
+@pytest.mark.parametrize("op", OPS, ids=OP_IDS)
+def test_cuda_no_host_sync_and_current_stream(op):
     """No synchronising call (the positions stay on the device), and the kernels run on the current
     stream: a side stream's result is right while the default stream is still busy."""
     q, k, v, pos, scale, window = inputs((2, 8, 2, 300, 128, [299, 17], 64), torch.float16, "cuda")
-    expected = torchext.cached_attention(q, k, v, pos, scale, window)
+    expected = op(q, k, v, pos, scale, window)
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
-        torchext.cached_attention(q, k, v, pos, scale, window)  # the allocator's blocks for s
+        op(q, k, v, pos, scale, window)  # the allocator's blocks for s
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         torch.cuda._sleep(100_000_000)  # keeps the default stream busy
         with torch.cuda.stream(s):
-            out = torchext.cached_attention(q, k, v, pos, scale, window)
+            out = op(q, k, v, pos, scale, window)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     with torch.cuda.stream(s):

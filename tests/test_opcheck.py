@@ -27,7 +27,7 @@ Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, TQ1_0, MXFP4, NVFP4 = 2, 3, 6, 7
 
 OPS = ["quantize_q8_1", "q4k_q8_gemv", "q4k_q8_gemv_packed", "q4k_gemv", "q5k_gemv", "q6k_gemv", "qmatmul",
        "qmatmul_q8_1", "qmatmul_id", "dequantize", "gelu", "gelu_", "bias_gelu", "quantize", "cached_attention",
-       "rope_cache_write"]
+       "cached_attention_quantize_q8_1", "rope_cache_write"]
 
 
 def _randn(shape, dtype, device, seed):
@@ -86,9 +86,12 @@ def op_samples(name: str, device, dtype):
     if name == "bias_gelu":
         return [((_randn(s, dtype, dev, i), _randn(s[-1:], dtype, dev, i + 10), a), {})
                 for i, s in enumerate([(3, 37), (2, 3, 8), (0, 4), (16,)]) for a in ("none", "tanh")]
-    if name == "cached_attention":
-        # ((batch, heads, kv_heads, keys, dim), positions, window)
-        cases = [((1, 4, 1, 37, 256), [20], 0), ((2, 8, 2, 70, 64), [69, 5], 32), ((1, 2, 2, 4, 8), [], 0)]
+    if name in ("cached_attention", "cached_attention_quantize_q8_1"):
+        # ((batch, heads, kv_heads, keys, dim), positions, window); the Q8_1 output needs dim % 32 == 0, and
+        # 6 x 32 values leave padding blocks
+        cases = [((1, 4, 1, 37, 256), [20], 0), ((2, 8, 2, 70, 64), [69, 5], 32),
+                 ((1, 2, 2, 4, 8) if name == "cached_attention" else (2, 6, 3, 9, 32), [], 0),
+                 ((2, 6, 3, 9, 32), [8, 0, 4], 3)]
         return [((_randn((b, h, len(p), d), dtype, dev, i), _randn((b, kv, s, d), dtype, dev, i + 10),
                   _randn((b, kv, s, d), dtype, dev, i + 20), torch.tensor(p, dtype=torch.int64, device=dev),
                   d**-0.5, window), {})

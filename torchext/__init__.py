@@ -12,6 +12,7 @@ from .ops import (
     add_rms_norm_quantize_q8_1,
     bias_gelu,
     cached_attention,
+    cached_attention_quantize_q8_1,
     dequantize,
     embedding,
     gelu,
@@ -47,6 +48,6 @@ __all__ = [
     "q4k_q8_gemv", "q4k_q8_gemv_packed", "q4k_gemv", "q5k_gemv", "q6k_gemv",
     "qmatmul", "qmatmul_id", "qmatmul_q8_1", "gated_gelu_qmatmul", "gelu", "gelu_", "bias_gelu", "dequantize",
     "embedding", "quantize",
-    "cached_attention", "rope_cache_write",
+    "cached_attention", "cached_attention_quantize_q8_1", "rope_cache_write",
     "WeightCache", "nn",
 ]

@@ -576,8 +576,8 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return _ops.cached_attention(q, k_cache, v_cache, pos, scale, window)
 
 
-@_register_fake("torchext::cached_attention")
-def _(q, k_cache, v_cache, pos, scale, window=0):
+def _check_attention(q, k_cache, v_cache, pos, scale, window) -> None:
+    """The checks of cached_attention and cached_attention_quantize_q8_1 (ops.h, check_attention)."""
     for t, name in ((q, "q"), (k_cache, "k_cache"), (v_cache, "v_cache"), (pos, "pos")):
         _check_contiguous(t, name)
     _check_float(q, "q")
@@ -606,7 +606,33 @@ def _(q, k_cache, v_cache, pos, scale, window=0):
     torch._check(window >= 0,
                  lambda: f"window: expected 0 (every earlier key) or a positive number of positions, got {window}")
     torch._check(math.isfinite(scale), lambda: f"scale: expected a finite number, got {scale}")
+
+
+@_register_fake("torchext::cached_attention")
+def _(q, k_cache, v_cache, pos, scale, window=0):
+    _check_attention(q, k_cache, v_cache, pos, scale, window)
     return torch.empty_like(q)
+
+
+def cached_attention_quantize_q8_1(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                   pos: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
+    """quantize_q8_1(cached_attention(q, k_cache, v_cache, pos, scale, window).transpose(1, 2).reshape(B, T,
+    H * D)), the same bytes: the attention's output as the Q8_1 input of the projection after it
+    (QuantLinear.forward_q8_1), uint8 [B, T, q8_1 bytes of H * D values]. On CUDA the attention kernels
+    write the blocks themselves (no quantize_q8_1 launch); on the CPU it is the two ops. D is a multiple
+    of 32 (each 32-value block inside one head). A position outside [0, S) raises on the CPU and, on
+    CUDA, gives the blocks that quantize_q8_1 makes of a NaN row."""
+    return _ops.cached_attention_quantize_q8_1(q, k_cache, v_cache, pos, scale, window)
+
+
+@_register_fake("torchext::cached_attention_quantize_q8_1")
+def _(q, k_cache, v_cache, pos, scale, window=0):
+    _check_attention(q, k_cache, v_cache, pos, scale, window)
+    batch, heads, rows, dim = q.shape
+    torch._check(dim % 32 == 0,
+                 lambda: f"cached_attention_quantize_q8_1: q: expected a head dim that is a multiple of 32 (each Q8_1 "
+                         f"block of 32 values inside one head), got {dim}")
+    return q.new_empty((batch, rows, q8_1_row_bytes(heads * dim)), dtype=torch.uint8)
 
 
 def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -23,7 +23,8 @@ The key/value cache is static ([batch, kv_heads, max_seq_len, head_dim] per laye
 are a tensor, so a decode step has fixed shapes: it compiles with fullgraph=True and replays as a
 CUDA graph. On CUDA a decode step's q/k norms, rotary embedding and cache writes are one op
 (torchext.rope_cache_write), and its attention reads only the keys each position sees
-(torchext.cached_attention), so its cost follows the cache's fill, not max_seq_len.
+(torchext.cached_attention), so its cost follows the cache's fill, not max_seq_len; it writes
+the output projection's Q8_1 input itself (torchext.cached_attention_quantize_q8_1).
 """
 
 from __future__ import annotations
@@ -225,8 +226,14 @@ class Attention(nn.Module):
             # sums that inductor fused: the cost grew with max_seq_len. SDPA's fused kernel runs one
             # CTA for 4 query rows, 110 us a layer on the H100, and copies the cache for its GQA
             # expansion.)
+            o_like = q.flatten(2)  # [b, t, heads * head_dim]: the output projection's input shape and dtype
             q = ops.rope_cache_write(q, k, v, cos, sin, pos, self.k_cache, self.v_cache, self.q_norm.weight,
                                      self.k_norm.weight, cfg.eps)
+            if cfg.head_dim % 32 == 0 and takes_q8_1(o_like, self.o_proj):
+                # The attention kernels write the projection's Q8_1 input themselves: the bytes quantize_q8_1
+                # would make of the output, one kernel launch a layer fewer.
+                xq = ops.cached_attention_quantize_q8_1(q, self.k_cache, self.v_cache, pos, cfg.attn_scale, window)
+                return self.o_proj.forward_q8_1(xq, h.dtype)
             o = ops.cached_attention(q, self.k_cache, self.v_cache, pos, cfg.attn_scale, window)
             return self.o_proj(o.transpose(1, 2).reshape(b, t, cfg.heads * cfg.head_dim))
         cos, sin = cos[pos], sin[pos]
