@@ -126,8 +126,9 @@ struct CudaBackend {
   static void rope_cache_write(Context& c, const HeadRows& q, const HeadRows& k, const HeadRows& v, const float* cos,
                                const float* sin, const int64_t* pos, HeadNorm q_norm, HeadNorm k_norm, float eps,
                                const RopeShape& s, FloatType t, void* q_out, void* k_cache, void* v_cache) {
-    TORCHEXT_CHECK(rope_cache_write_fits_grid(s), "rope_cache_write: ", s.batch, " x ", s.rows, " rows of ",
-                    s.heads + s.kv_heads, " heads need more CUDA thread blocks than one launch holds (2^31 - 1)");
+    TORCHEXT_CHECK(rope_cache_write_fits_grid(s), "rope_cache_write: ", s.batch, " x ", s.rows, " rows of ", s.heads,
+                    " q heads and ", s.kv_heads, " k and v heads (a warp each) need more CUDA thread blocks than one "
+                    "launch holds (2^31 - 1)");
     check_launch(launch_rope_cache_write(q, k, v, cos, sin, pos, q_norm, k_norm, eps, s, t, q_out, k_cache, v_cache,
                                          c.stream),
                  "rope_cache_write");
