@@ -110,8 +110,13 @@ def _kernel_launches(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-@pytest.mark.parametrize("rows,qtype,launches", [(1, Q6_K, 1), (1, Q5_0, 1), (8, Q5_0, 1), (17, Q5_0, 2)])
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+# One kernel where the DP4A GEMV takes the rows; else gated_gelu_quantize_q8_1, then the GEMV: 16 rows of
+# Q5_0 are one int8 tensor-core launch (kernels/batch_policy.h: from 9 rows of the 32-value formats on
+# compute capability 8.0 and later), 2 rows of Q6_K too (from 2 rows of the 256-value formats).
+@pytest.mark.parametrize("rows,qtype,launches", [(1, Q6_K, 1), (1, Q5_0, 1), (8, Q5_0, 1), (16, Q5_0, 2),
+                                                 (2, Q6_K, 2)])
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="needs a CUDA GPU with int8 tensor cores (compute capability 8.0 or later)")
 def test_one_launch_where_the_gemv_computes_the_rows(rows, qtype, launches):
     n, k = 640, 2048
     w = random_weight(qtype, n, k, "cuda")
