@@ -56,12 +56,19 @@ def decode_loop(step, n: int, start_pos: int, batch: int = 1):
     return run
 
 
+# torchext's kernels by the family their name starts with, in this order (the norms' kernel also holds
+# "quantize_q8_1").
+TORCHEXT_KINDS = (("gemv", "gemv"), ("norm_quantize_q8_1", "norm_q8_1"), ("quantize_q8_1", "quantize_q8_1"),
+                  ("rope_cache_write", "rope"), ("attention_span", "attention"), ("merge_spans", "attention"))
+KINDS = ("gemv", "norm_q8_1", "quantize_q8_1", "rope", "attention", "torchext_other", "other")
+
+
 def kernel_kind(key: str) -> str:
-    """torchext's kernels by name; every cuBLAS/cutlass kernel in a decode step is attention's (all
-    weight matmuls are torchext's); inductor's fused kernels are "other"."""
+    """A kernel's family: torchext's by TORCHEXT_KINDS; cuBLAS/cutlass/flash kernels are attention's (a
+    prompt's SDPA: all weight matmuls are torchext's); inductor's fused kernels are "other"."""
     k = key.lower()
     if "torchext" in k:
-        return "gemv" if "gemv" in k else "quantize_q8_1" if "quantize_q8_1" in k else "torchext_other"
+        return next((kind for part, kind in TORCHEXT_KINDS if part in k), "torchext_other")
     if "triton" not in k and any(s in k for s in ("gemv", "gemm", "xmma", "cutlass", "fmha", "flash", "sdpa")):
         return "attention"
     return "other"
@@ -92,7 +99,7 @@ def kernel_split(step, n: int, start_pos: int) -> dict:
     kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
                and not e.name.startswith(("ProfilerStep", "cudaGraph"))]
-    split = {"gemv": 0.0, "quantize_q8_1": 0.0, "torchext_other": 0.0, "attention": 0.0, "other": 0.0}
+    split = {kind: 0.0 for kind in KINDS}
     names: dict[str, list[float]] = {}  # kernel -> [us, launches] per token
     for name, us in attribute_stream_time(kernels):
         split[kernel_kind(name)] += us / n
