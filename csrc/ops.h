@@ -443,8 +443,8 @@ struct Ops {
   static Tensor cached_attention_quantize_q8_1(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, double scale,
                                                int64_t window) {
     const auto [s, t] = check_attention(q, k_cache, v_cache, pos, scale, window);
-    TORCHEXT_CHECK(s.dim % kQ8Block == 0, "cached_attention_quantize_q8_1: q: expected a head dim that is a ",
-                    "multiple of 32 (each Q8_1 block of 32 values inside one head), got ", s.dim);
+    TORCHEXT_CHECK(s.dim % kQ8Block == 0, "q: expected a head dim that is a multiple of 32 for ",
+                    "cached_attention_quantize_q8_1 (each Q8_1 block of 32 values inside one head), got ", s.dim);
     const int64_t k = checked_mul(s.heads, s.dim, "q");
     const int64_t blocks = q8_1_blocks_per_row(k);
     const std::vector<int64_t> shape{s.batch, s.rows, checked_mul(blocks, int64_t(sizeof(block_q8_1)), "q")};

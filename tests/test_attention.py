@@ -284,7 +284,7 @@ def test_quantize_q8_1_needs_head_dim_multiple_of_32(dim, meta):
     q, k, v, pos, scale, window = inputs((1, 4, 2, 16, dim, [3], 0), torch.float32, "cpu")
     raises_on_cpu_and_meta(torch.ops.torchext.cached_attention_quantize_q8_1,
                            dict(q=q, k_cache=k, v_cache=v, pos=pos, scale=scale, window=window),
-                           f"cached_attention_quantize_q8_1: q: expected a head dim that is a multiple of 32 "
+                           "q: expected a head dim that is a multiple of 32 for cached_attention_quantize_q8_1 "
                            rf"\(each Q8_1 block of 32 values inside one head\), got {dim}", meta)
 
 

@@ -44,6 +44,18 @@ Oracles and tolerances, and where they come from:
   and one ulp of an f16/bf16 output; gelu(+inf) = +inf, gelu(-inf) = gelu(NaN) = NaN. z is x, or
   for bias_gelu x + bias rounded once to fp32 (the op keeps the sum in fp32). A refused call
   leaves x as it was.
+- gated_gelu_quantize_q8_1, gated_gelu_qmatmul: the bytes of quantize_q8_1(torchext.gelu(gate, a) * up)
+  and qmatmul_q8_1's bits on them in gate's dtype, on the same device (the ops' documented
+  equalities; the parts are checked against their oracles above).
+- rms_norm_quantize_q8_1, add_rms_norm_quantize_q8_1: exactly tests/test_fused.py's reference (the
+  norm's arithmetic in torch ops on the CPU, every step a float32 rounding, the sum of squares in the
+  op's order), bytes and the residual sum, on either device, for any values (NaN and inf included).
+- cached_attention: tests/test_attention.py's float64 oracle within its bound (activations Gaussian
+  times 10^-2 .. 10^2); a position outside the cache raises on the CPU and gives a NaN row on CUDA.
+  cached_attention_quantize_q8_1: the bytes of quantize_q8_1 of cached_attention's output.
+- rope_cache_write: tests/test_rope_cache.py's float64 oracle and bounds for q and the written k
+  rows, v copied bit for bit, the other cache rows unchanged (distinct positions within a call); a
+  refused call writes nothing.
 - quantize: gguf's dequantization of the bytes is finite for finite input (magnitudes 10^-30 to
   10^4, where the formats' fp16 scales hold) and NaN over every block holding a NaN or inf; the
   32-value formats' bytes equal gguf.quants.quantize's for finite input (tests/test_quantize.py).
@@ -96,7 +108,11 @@ from conftest import (
     row_bytes,
 )
 from test_errors import ALIGN
+from test_attention import bound as attention_bound
+from test_attention import oracle as attention_oracle
+from test_fused import rms_norm_reference
 from test_gelu import _units as gelu_units
+from test_rope_cache import oracle_heads as rope_oracle
 from test_gelu import assert_gelu_close
 from test_matmul import MAX_GEMV_ROWS, offsets_term, oracle, output_rounding, q8_1_bound, report, takes_gemv
 
@@ -689,6 +705,428 @@ def test_gelu_family(device, fault, data):
     finally:
         if problems:
             assert unchanged(x.detach(), x0), f"{op} modified x before refusing it"
+
+
+# ---- rms_norm_quantize_q8_1, add_rms_norm_quantize_q8_1 ----------------------------------------------
+
+NORM_FAULTS = {"rms_norm_quantize_q8_1": ("x-dtype", "x-strided", "scalar", "k-zero", "weight-dtype", "weight-shape",
+                                          "weight-strided", "eps", "devices")}
+NORM_FAULTS["add_rms_norm_quantize_q8_1"] = (*NORM_FAULTS["rms_norm_quantize_q8_1"], "residual-dtype",
+                                             "residual-shape", "residual-strided", "x_weight-dtype", "x_weight-shape")
+BAD_EPS = [-1.0, -1e-30, math.nan, math.inf, 1e39]
+
+
+@pytest.mark.parametrize("fault", sorted(set(NORM_FAULTS["add_rms_norm_quantize_q8_1"])))
+@pytest.mark.parametrize("device", DEVICES)
+@fuzz_settings(40)
+@given(data=st.data())
+def test_norm_family(device, fault, data):
+    """rms_norm_quantize_q8_1 must give the bytes of quantize_q8_1 of test_fused.rms_norm_reference (the
+    norm's arithmetic spelled out in torch ops on the CPU, every step a float32 rounding, the sum of
+    squares in the op's order), and add_rms_norm_quantize_q8_1 the sum s = residual + t (t = x, or x's
+    norm by x_weight) value for value and that norm's bytes of s, on either device."""
+    draw = data.draw
+    op = draw(st.sampled_from([op for op, faults in NORM_FAULTS.items() if fault in faults]))
+    faults = draw_faults(draw, fault, NORM_FAULTS[op])
+    add = op == "add_rms_norm_quantize_q8_1"
+    dtype = draw(st.sampled_from(BAD_FLOAT_DTYPES if "x-dtype" in faults else DTYPES))
+    k = 0 if "k-zero" in faults else draw(st.integers(1, 700))
+    shape = () if "scalar" in faults else draw_lead(draw) + (k,)
+
+    def other_dtype(fault_name, allowed):
+        return draw(st.sampled_from([d for d in DTYPES + BAD_FLOAT_DTYPES if d not in allowed])) \
+            if fault_name in faults else draw(st.sampled_from(allowed))
+
+    def vector(fault_shape, fault_strided, fault_dtype, dev):
+        """A norm weight [k] (or, with the shape fault, another shape) on dev."""
+        w_shape = draw(st.sampled_from([(k + 1,), (1, k), ()])) if fault_shape in faults else (k,)
+        w = draw_activations(draw, w_shape, torch.float32).to(other_dtype(fault_dtype, [torch.float32, dtype]))
+        w = w.to(dev)
+        return strided(draw, w) if fault_strided in faults else at_offset(draw, w), w_shape
+
+    x_dev, w_dev, r_dev = draw_devices(draw, device, 3, "devices" in faults)
+    if draw(st.booleans()):
+        x_dev, w_dev = w_dev, x_dev
+    x = draw_activations(draw, shape, dtype).to(x_dev)
+    x = strided(draw, x) if "x-strided" in faults else at_offset(draw, x)
+    weight, w_shape = vector("weight-shape", "weight-strided", "weight-dtype", w_dev)
+    eps = draw(st.sampled_from(BAD_EPS)) if "eps" in faults else draw(st.sampled_from([0.0, 1e-6, 1e-5, 1.0]))
+    problems = []
+    if dtype not in DTYPES or not x.is_contiguous() or x.dim() == 0 or k == 0:
+        problems.append("x:")
+    if (weight.dtype not in (torch.float32, dtype) or w_shape != (k,) or not weight.is_contiguous()):
+        problems.append("weight:")
+    if w_dev != x_dev:
+        problems.append("x and weight:")
+    if "eps" in faults:
+        problems.append("eps:")
+    residual = x_weight = None
+    if add:
+        r_dtype = other_dtype("residual-dtype", [dtype])
+        r_shape = draw(st.sampled_from([shape + (1,), (2,) + shape, shape[:-1] + (k + 1,)])) \
+            if "residual-shape" in faults else shape
+        residual = draw_activations(draw, r_shape, r_dtype).to(r_dev)
+        residual = strided(draw, residual) if "residual-strided" in faults else at_offset(draw, residual)
+        if r_dtype != dtype or r_shape != shape or not residual.is_contiguous():
+            problems.append("residual:")
+        if r_dev != x_dev:
+            problems.append("x and residual:")
+        if draw(st.booleans()) or "x_weight-dtype" in faults or "x_weight-shape" in faults:
+            x_weight, xw_shape = vector("x_weight-shape", "x_weight-strided", "x_weight-dtype", x_dev)
+            if x_weight.dtype not in (torch.float32, dtype) or xw_shape != (k,) or not x_weight.is_contiguous():
+                problems.append("x_weight:")
+
+    def call():
+        if add:
+            return torchext.add_rms_norm_quantize_q8_1(x, residual, weight, eps, x_weight)
+        return torchext.rms_norm_quantize_q8_1(x, weight, eps)
+
+    def check(result):
+        xq_shape = tuple(shape[:-1]) + (q8_1_row_bytes(k),)
+        if x.is_meta:
+            if add:
+                check_meta(result[0], shape, dtype)
+                result = result[1]
+            return check_meta(result, xq_shape, torch.uint8)
+        if x.numel() == 0:  # no rows (the reference reshapes by rows)
+            outputs = result if add else (result,)
+            assert [tuple(o.shape) for o in outputs] == ([shape] if add else []) + [xq_shape], describe(outputs[-1])
+            return
+        if add:
+            s, xq = result
+            t = x.cpu() if x_weight is None else rms_norm_reference(x, x_weight, eps)
+            ref_s = residual.cpu() + t
+            assert s.device == x.device and same_bits(s.cpu(), ref_s), "s is not residual + t"
+            normed = ref_s
+        else:
+            xq, normed = result, x
+        assert tuple(xq.shape) == xq_shape and xq.dtype == torch.uint8 and xq.device == x.device, describe(xq)
+        ref = torchext.quantize_q8_1(rms_norm_reference(normed, weight, eps))
+        assert torch.equal(xq.cpu(), ref), "not the bytes of quantize_q8_1(rms_norm_reference(...))"
+
+    check_call(call, problems, check)
+
+
+# ---- gated_gelu_quantize_q8_1, gated_gelu_qmatmul -------------------------------------------------
+
+GATED_FAULTS = {"gated_gelu_quantize_q8_1": ("gate-dtype", "gate-strided", "up-dtype", "up-shape", "up-strided",
+                                             "approximate", "devices", "k-zero", "scalar")}
+GATED_FAULTS["gated_gelu_qmatmul"] = (*GATED_FAULTS["gated_gelu_quantize_q8_1"], *SHAPE_FAULTS, *WEIGHT_FAULTS,
+                                      "qtype", "gate-length")
+
+
+@pytest.mark.parametrize("fault", sorted(set(GATED_FAULTS["gated_gelu_qmatmul"])))
+@pytest.mark.parametrize("device", DEVICES)
+@fuzz_settings(40)
+@given(data=st.data())
+def test_gated_gelu_family(device, fault, data):
+    """gated_gelu_quantize_q8_1(gate, up, a) must give the bytes of quantize_q8_1(gelu(gate, a) * up),
+    and gated_gelu_qmatmul the bits of qmatmul_q8_1 on those bytes in gate's dtype, on the same
+    device (each op's documented equality; test_quantize_q8_1 and test_matmul_family check the parts
+    against their oracles). On CUDA the GEMV computes the bytes itself for up to 8 rows, so this also
+    compares its rows with the standalone kernel's."""
+    draw = data.draw
+    op = draw(st.sampled_from([op for op, faults in GATED_FAULTS.items() if fault in faults]))
+    faults = draw_faults(draw, fault, GATED_FAULTS[op])
+    problems = []
+    qmatmul = op == "gated_gelu_qmatmul"
+    if qmatmul:
+        qtype, fmt = draw_qtype(draw, "qtype" in faults, int(Q.Q4_K))
+        problems += [QTYPE] if "qtype" in faults else []
+        n0, k0 = draw(st.integers(1, 12)), draw_k(draw, fmt)
+        n, k, shape_problems = shape_fault(draw, faults, fmt, n0, k0)
+        problems += shape_problems
+    else:
+        k0 = k = draw(st.integers(1, 700))
+    kx = 0 if "k-zero" in faults else k0 + (draw(st.sampled_from([1, 32, 256])) if "gate-length" in faults else 0)
+    dtype = draw(st.sampled_from(BAD_FLOAT_DTYPES if "gate-dtype" in faults else DTYPES))
+    up_dtype = draw(st.sampled_from([d for d in DTYPES + BAD_FLOAT_DTYPES if d != dtype])) if "up-dtype" in faults \
+        else dtype
+    shape = () if "scalar" in faults else draw_lead(draw) + (kx,)
+    up_shape = draw(st.sampled_from([shape + (1,), (2,) + shape, shape[:-1] + (kx + 1,)])) if "up-shape" in faults \
+        else shape
+    devices = draw_devices(draw, device, 3, "devices" in faults)  # gate, up, w; two of them differ when mixed
+    gate_dev, up_dev, w_dev = draw(st.permutations(devices)) if qmatmul else devices
+    gate = draw_activations(draw, shape, dtype).to(gate_dev)
+    gate = strided(draw, gate) if "gate-strided" in faults else at_offset(draw, gate)
+    up = draw_activations(draw, up_shape, up_dtype).to(up_dev)
+    up = strided(draw, up) if "up-strided" in faults else at_offset(draw, up)
+    approximate = draw(st.sampled_from(["exact", "", "Tanh", "erf"] if "approximate" in faults else ["none", "tanh"]))
+    if dtype not in DTYPES or not gate.is_contiguous() or gate.dim() == 0 or (not qmatmul and kx == 0):
+        problems.append("gate:")
+    if qmatmul and gate.dim() and kx != k:
+        problems.append("gate:")
+    if up_dtype != dtype or up_shape != shape or not up.is_contiguous():
+        problems.append("up:")
+    if gate_dev != up_dev:
+        problems.append("gate and up:")
+    if "approximate" in faults:
+        problems.append("approximate:")
+    if qmatmul:
+        w = weight_bytes(draw, faults, random_weight(fmt, n0, k0, seed=draw(st.integers(0, 2**16))).to(w_dev), fmt)
+        problems += weight_problems(w, fmt, n0, k0)
+        if w_dev != gate_dev:
+            problems.append("w and gate:")
+
+    def call():
+        if qmatmul:
+            return torchext.gated_gelu_qmatmul(w, qtype, gate, up, n, k, approximate)
+        return torchext.gated_gelu_quantize_q8_1(gate, up, approximate)
+
+    def check(y):
+        expected = tuple(shape[:-1]) + ((n,) if qmatmul else (q8_1_row_bytes(k),))
+        out_dtype = dtype if qmatmul else torch.uint8
+        if gate.is_meta:
+            return check_meta(y, expected, out_dtype)
+        assert tuple(y.shape) == expected and y.dtype == out_dtype and y.device == gate.device, describe(y)
+        xq = torchext.quantize_q8_1(torchext.gelu(gate, approximate) * up)
+        if not qmatmul:
+            assert torch.equal(y, xq), "not the bytes of quantize_q8_1(gelu(gate) * up)"
+            return
+        assert same_bits(y, torchext.qmatmul_q8_1(w, qtype, xq, n, k, dtype)), "not qmatmul_q8_1's bits"
+
+    check_call(call, problems, check)
+
+
+# ---- cached_attention, cached_attention_quantize_q8_1 ------------------------------------------------
+
+ATTENTION_FAULTS = ("q-dtype", "q-strided", "q-dims", "cache-dtype", "cache-strided", "cache-shape", "kv-heads",
+                    "dim", "keys-zero", "pos-dtype", "pos-length", "pos-range", "window", "scale", "devices")
+
+
+@pytest.mark.parametrize("fault", ATTENTION_FAULTS)
+@pytest.mark.parametrize("device", DEVICES)
+@fuzz_settings(40)
+@given(data=st.data())
+def test_attention_family(device, fault, data):
+    """cached_attention within test_attention's bound of its float64 oracle (a position outside the
+    cache: the CPU raises, CUDA gives that row NaN), and cached_attention_quantize_q8_1 the bytes of
+    quantize_q8_1 of cached_attention's output as [B, T, H * D] on the same device."""
+    draw = data.draw
+    op = draw(st.sampled_from(["cached_attention", "cached_attention_quantize_q8_1"]))
+    q8_1 = op == "cached_attention_quantize_q8_1"
+    faults = draw_faults(draw, fault, ATTENTION_FAULTS)
+    problems = []
+    batch, kv_heads, group = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 4))
+    heads = kv_heads * group
+    if "kv-heads" in faults:
+        kv_heads, heads = 2, 2 * group + 1
+        problems.append("k_cache:")
+    rows = draw(st.integers(1 if "pos-range" in faults else 0, 3))
+    keys = 0 if "keys-zero" in faults else draw(st.integers(1, 40))
+    problems += ["k_cache:"] if keys == 0 else []
+    dim = draw(st.sampled_from(range(32 if q8_1 else 8, 257, 32 if q8_1 else 8)))
+    if "dim" in faults:
+        dim = draw(st.sampled_from([0, 12, 264] + ([8, 40, 200] if q8_1 else [])))
+        problems.append("q:")
+    dtype = draw(st.sampled_from(BAD_FLOAT_DTYPES if "q-dtype" in faults else DTYPES))
+    c_dtypes = [dtype, dtype]
+    if "cache-dtype" in faults:
+        other = draw(st.sampled_from([d for d in DTYPES if d != dtype]))
+        c_dtypes = draw(st.sampled_from([[other, other], [dtype, other]]))
+        problems += ["k_cache:", "v_cache:"]
+    e = draw(st.integers(-2, 2))
+    q_dev, c_dev, p_dev = draw_devices(draw, device, 3, "devices" in faults)
+    q_dev, c_dev, p_dev = draw(st.permutations([q_dev, c_dev, p_dev]))
+    q = (gaussian((batch, heads, rows, dim), draw(st.integers(0, 2**16))) * 10.0**e).to(dtype).to(q_dev)
+    caches = [(gaussian((batch, kv_heads, keys, dim), draw(st.integers(0, 2**16))) * 10.0**e).to(t).to(c_dev)
+              for t in c_dtypes]
+    if "cache-shape" in faults:
+        which = draw(st.sampled_from([0, 1]))
+        caches[which] = caches[which][:, :, :max(keys - 1, 0)].contiguous() if draw(st.booleans()) else \
+            torch.zeros(batch + 1, kv_heads, keys, dim, dtype=c_dtypes[which], device=c_dev)
+        problems += ["k_cache:", "v_cache:"]
+    if "cache-strided" in faults:
+        which = draw(st.sampled_from([0, 1]))
+        caches[which] = strided(draw, caches[which])
+        if not caches[which].is_contiguous():
+            problems += ["k_cache:", "v_cache:"]
+    if "q-strided" in faults:
+        q = strided(draw, q)
+        problems += [] if q.is_contiguous() else ["q:"]
+    if "q-dims" in faults:
+        q = q[0]
+        problems.append("q:")
+    if dtype not in DTYPES:
+        problems.append("q:")
+    if q_dev != c_dev:
+        problems.append("q and k_cache:")
+    if q_dev != p_dev:
+        problems.append("q and pos:")
+    positions = [draw(st.integers(0, max(keys - 1, 0))) for _ in range(rows)]
+    outside = "pos-range" in faults and rows and keys
+    if outside:
+        positions[draw(st.integers(0, rows - 1))] = draw(st.sampled_from([-1, keys, keys + 5, -(2**40)]))
+        problems += ["pos:"] if p_dev == "cpu" and q_dev == "cpu" else []  # CUDA gives a NaN row; meta can't see
+    pos = torch.tensor(positions, dtype=torch.int64)
+    if "pos-dtype" in faults:
+        pos = pos.to(draw(st.sampled_from([torch.int32, torch.float32])))
+        problems.append("pos:")
+    if "pos-length" in faults:
+        pos = torch.cat([pos, pos[:1] if rows else torch.zeros(1, dtype=torch.int64)])
+        problems.append("pos:")
+    pos = pos.to(p_dev)
+    window = draw(st.integers(-3, -1)) if "window" in faults else draw(st.sampled_from([0, 0, 1, 5, 16]))
+    problems += ["window:"] if window < 0 else []
+    scale = draw(st.sampled_from([math.inf, -math.inf, math.nan])) if "scale" in faults else 1 / math.sqrt(max(dim, 1))
+    problems += ["scale:"] if "scale" in faults else []
+    k_cache, v_cache = caches
+
+    def check(y):
+        shape = (batch, rows, q8_1_row_bytes(heads * dim)) if q8_1 else (batch, heads, rows, dim)
+        if q.is_meta:
+            return check_meta(y, shape, torch.uint8 if q8_1 else dtype)
+        assert tuple(y.shape) == shape and y.device == q.device, describe(y)
+        if q8_1:
+            o = torchext.cached_attention(q, k_cache, v_cache, pos, scale, window)
+            want = torchext.quantize_q8_1(o.transpose(1, 2).reshape(batch, rows, heads * dim))
+            assert torch.equal(y, want), "not the bytes of quantize_q8_1(cached_attention(...))"
+            return
+        if rows == 0:
+            return
+        inside = torch.tensor([0 <= p < keys for p in positions], dtype=torch.bool)
+        got = y.cpu()
+        assert got[:, :, ~inside].isnan().all(), "a position outside the cache must give a NaN row"
+        clamped = pos.cpu().clamp(0, keys - 1)
+        ref = attention_oracle(q, k_cache, v_cache, clamped, scale, window)
+        tol = attention_bound(q, k_cache, v_cache, scale, ref, dtype)
+        err = (got.double() - ref).abs()
+        assert (err <= tol)[:, :, inside].all(), f"off the oracle by {err[:, :, inside].max().item():.3g}"
+
+    call = lambda: getattr(torchext, op)(q, k_cache, v_cache, pos, scale, window)  # noqa: E731
+    check_call(call, problems, check)
+
+
+# ---- rope_cache_write ---------------------------------------------------------------------------------
+
+ROPE_FAULTS = ("q-dtype", "q-layout", "dim-odd", "k-shape", "kv-dtype", "v-shape", "cache-dtype", "cache-strided",
+               "cache-shape", "table", "pos-dtype", "pos-range", "weight", "eps", "devices")
+
+
+@pytest.mark.parametrize("fault", ROPE_FAULTS)
+@pytest.mark.parametrize("device", DEVICES)
+@fuzz_settings(40)
+@given(data=st.data())
+def test_rope_cache_write(device, fault, data):
+    """rope_cache_write on q, k, v as views of one stacked projection (or their own tensors): q's heads
+    and cache rows pos[t] of k within test_rope_cache's float64 oracle bounds, v's rows copied bit for
+    bit, every other cache row unchanged; a position outside the cache raises on the CPU and on CUDA
+    gives q's row NaN and writes nothing. Positions within a call are distinct (which of two rows
+    writing one cache position lands is not specified). A refused call leaves the caches unchanged."""
+    draw = data.draw
+    faults = draw_faults(draw, fault, ROPE_FAULTS)
+    problems = []
+    batch, rows, kv_heads = draw(st.integers(1, 2)), draw(st.integers(1 if "pos-range" in faults else 0, 3)), \
+        draw(st.integers(1, 2))
+    heads = kv_heads * draw(st.integers(1, 3))
+    dim = 2 * draw(st.integers(1, 64)) + (1 if "dim-odd" in faults else 0)
+    keys = draw(st.integers(max(rows, 1), 24))
+    dtype = draw(st.sampled_from(BAD_FLOAT_DTYPES if "q-dtype" in faults else DTYPES))
+    problems += ["q:"] if dtype not in DTYPES or dim % 2 else []
+    q_dev, c_dev, p_dev = draw(st.permutations(draw_devices(draw, device, 3, "devices" in faults)))
+    problems += ["q and k_cache:"] if c_dev != q_dev else []
+    problems += ["q and pos:"] if p_dev != q_dev else []
+    # the projection's q, k and v views (the layout a fused q/k/v GEMV gives), or separate tensors
+    e = draw(st.integers(-2, 2))
+    kv_dtype = draw(st.sampled_from([d for d in DTYPES if d != dtype])) if "kv-dtype" in faults else dtype
+    proj = (gaussian((batch, rows, (heads + 2 * kv_heads) * dim), draw(st.integers(0, 2**16))) * 10.0**e).to(dtype)
+    q, k, v = proj.to(q_dev).split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k, v = (t.view(batch, rows, h, dim) for t, h in ((q, heads), (k, kv_heads), (v, kv_heads)))
+    if draw(st.booleans()):
+        q, k, v = (t.contiguous() for t in (q, k, v))
+    if "kv-dtype" in faults:
+        which = draw(st.sampled_from(["k", "v"]))
+        k, v = (k.to(kv_dtype), v) if which == "k" else (k, v.to(kv_dtype))
+        problems += [f"{which}:"]
+    if "q-layout" in faults:
+        q = q.transpose(2, 3).contiguous().transpose(2, 3)  # each head's values strided
+        if not ((heads == 1 or q.stride(2) == dim) and (dim == 1 or q.stride(3) == 1)):  # the op's rule
+            problems.append("q:")
+    if "k-shape" in faults:
+        k = k[:, :, :0] if draw(st.booleans()) else torch.zeros(batch + 1, rows, kv_heads, dim, dtype=k.dtype,
+                                                                 device=k.device)
+        problems += ["k:", "v:"]
+    if "v-shape" in faults:
+        v = torch.zeros(batch, rows, kv_heads + 1, dim, dtype=v.dtype, device=v.device)
+        problems.append("v:")
+    c_dtype = draw(st.sampled_from([d for d in DTYPES if d != dtype])) if "cache-dtype" in faults else dtype
+    caches = [(gaussian((batch, kv_heads, keys, dim), draw(st.integers(0, 2**16)))).to(c_dtype).to(c_dev)
+              for _ in range(2)]
+    problems += ["k_cache:", "v_cache:"] if c_dtype != dtype else []
+    if "cache-shape" in faults:
+        which = draw(st.sampled_from([0, 1]))
+        caches[which] = caches[which][:, :, :keys - 1].contiguous() if keys > 1 and draw(st.booleans()) else \
+            torch.zeros(batch, kv_heads + 1, keys, dim, dtype=c_dtype, device=c_dev)
+        problems += ["k_cache:", "v_cache:"]
+    if "cache-strided" in faults and keys > 1 and dim > 1:
+        which = draw(st.sampled_from([0, 1]))
+        caches[which] = caches[which].transpose(2, 3).contiguous().transpose(2, 3)
+        problems += ["k_cache:", "v_cache:"]
+    k_cache, v_cache = caches
+    angles = torch.rand(keys + draw(st.integers(0, 3)), max(dim // 2, 1), dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(draw(st.integers(0, 2**16)))) * 2 * math.pi
+    angles = torch.cat([angles, angles], dim=-1)[:, :dim]
+    tables = [angles.cos().float().to(q_dev), angles.sin().float().to(q_dev)]
+    if "table" in faults:
+        which = draw(st.sampled_from([0, 1]))
+        bad = draw(st.sampled_from(["dtype", "short", "dim"]))
+        t = tables[which]
+        tables[which] = (t.double() if bad == "dtype" else t[:keys - 1].contiguous() if bad == "short"
+                         else torch.cat([t, t], dim=-1))
+        problems += ["cos:", "sin:"]
+    cos, sin = tables
+    positions = draw(st.permutations(range(keys)))[:rows]
+    if "pos-range" in faults:
+        positions[draw(st.integers(0, rows - 1))] = draw(st.sampled_from([-1, keys, keys + 7, -(2**40)]))
+        problems += ["pos:"] if p_dev == "cpu" and q_dev == "cpu" else []  # CUDA: a NaN row; meta can't see
+    pos = torch.tensor(positions, dtype=torch.int64)
+    if "pos-dtype" in faults:
+        pos = pos.to(torch.int32)
+        problems.append("pos:")
+    pos = pos.to(p_dev)
+    weights = [None, None]
+    if draw(st.booleans()) or "weight" in faults:
+        weights = [(1.0 + 0.5 * gaussian((dim,), draw(st.integers(0, 2**16)))).float().to(q_dev) for _ in range(2)]
+        if "weight" in faults:
+            which = draw(st.sampled_from([0, 1]))
+            weights[which] = weights[which].double() if draw(st.booleans()) else weights[which][: max(dim - 2, 0)]
+            problems += ["q_weight:", "k_weight:"]
+    eps = draw(st.sampled_from(BAD_EPS)) if "eps" in faults else draw(st.sampled_from([1e-6, 0.0, 1.0]))
+    problems += ["eps:"] if "eps" in faults else []
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+
+    def call():
+        return torchext.rope_cache_write(q, k, v, cos, sin, pos, k_cache, v_cache, weights[0], weights[1], eps)
+
+    def check(out):
+        if q.is_meta:
+            return check_meta(out, (batch, heads, rows, dim), dtype)
+        assert tuple(out.shape) == (batch, heads, rows, dim) and out.dtype == dtype, describe(out)
+        p = pos.cpu()
+        inside = (p >= 0) & (p < keys)
+        written = torch.zeros(keys, dtype=torch.bool)
+        written[p[inside]] = True
+        assert out.cpu()[:, :, ~inside].isnan().all(), "a position outside the cache must give q's row NaN"
+        assert torch.equal(k_cache.cpu()[:, :, ~written], k_before.cpu()[:, :, ~written]), "other k rows changed"
+        assert torch.equal(v_cache.cpu()[:, :, ~written], v_before.cpu()[:, :, ~written]), "other v rows changed"
+        if not inside.any():
+            return
+        t = p[inside]
+        c, s_ = cos.cpu()[t], sin.cpu()[t]
+        q_ref, q_bound = rope_oracle(q[:, inside.to(q.device)], weights[0], c, s_, eps)
+        err = (out.cpu()[:, :, inside].double() - q_ref.permute(0, 2, 1, 3)).abs()
+        assert (err <= q_bound.permute(0, 2, 1, 3)).all(), f"q off the oracle by {err.max().item():.3g}"
+        k_ref, k_bound = rope_oracle(k[:, inside.to(k.device)], weights[1], c, s_, eps)
+        err = (k_cache.cpu()[:, :, t].double() - k_ref.permute(0, 2, 1, 3)).abs()
+        assert (err <= k_bound.permute(0, 2, 1, 3)).all(), f"k off the oracle by {err.max().item():.3g}"
+        v_bits = v.cpu()[:, inside].permute(0, 2, 1, 3).contiguous().view(torch.uint8)
+        assert torch.equal(v_cache.cpu()[:, :, t].contiguous().view(torch.uint8), v_bits), "v not copied"
+
+    try:
+        check_call(call, problems, check)
+    finally:
+        if problems:
+            assert unchanged(k_cache, k_before) and unchanged(v_cache, v_before), "caches written before refusing"
 
 
 # ---- quantize ---------------------------------------------------------------------------------

@@ -630,8 +630,8 @@ def _(q, k_cache, v_cache, pos, scale, window=0):
     _check_attention(q, k_cache, v_cache, pos, scale, window)
     batch, heads, rows, dim = q.shape
     torch._check(dim % 32 == 0,
-                 lambda: f"cached_attention_quantize_q8_1: q: expected a head dim that is a multiple of 32 (each Q8_1 "
-                         f"block of 32 values inside one head), got {dim}")
+                 lambda: f"q: expected a head dim that is a multiple of 32 for cached_attention_quantize_q8_1 (each "
+                         f"Q8_1 block of 32 values inside one head), got {dim}")
     return q.new_empty((batch, rows, q8_1_row_bytes(heads * dim)), dtype=torch.uint8)
 
 
