@@ -33,6 +33,9 @@ Oracles and tolerances, and where they come from:
   output dtype's largest value (above, they may overflow). A row holding a NaN or inf gives
   non-finite outputs only (every output reads every block of its row); the other rows are checked
   as above.
+- qmatmul_id: tests/test_matmul_id.py's oracle, each slot its activation row @ its expert's gguf
+  dequantization (the Q8_1 bound up to 16 tokens unless exact, unrounded beyond); an id outside
+  [0, E) raises on the CPU and gives that slot a NaN row on CUDA.
 - quantize_q8_1: bytes equal to conftest.q8_1_reference(x.float()), torchext's Q8_1 rule in numpy.
 - dequantize, embedding: equal, bit for bit (NaN matching NaN), to gguf's float32 values rounded
   once to the output dtype (the op dequantizes with the same fp32 arithmetic,
@@ -114,6 +117,7 @@ from test_fused import rms_norm_reference
 from test_gelu import _units as gelu_units
 from test_rope_cache import oracle_heads as rope_oracle
 from test_gelu import assert_gelu_close
+from test_matmul_id import assert_rows_close
 from test_matmul import MAX_GEMV_ROWS, offsets_term, oracle, output_rounding, q8_1_bound, report, takes_gemv
 
 
@@ -516,6 +520,94 @@ def test_matmul_family(device, fault, data):
         check_matmul(y, x, W, case.out_dtype, gemv, offset_oracle(case.w, case.fmt, n, case.k))
 
     check_call(case.call, case.problems, check)
+
+
+# ---- qmatmul_id ---------------------------------------------------------------------------------------
+
+ID_FAULTS = (*SHAPE_FAULTS, "w-misaligned", "w-dtype", "w-dims", "qtype", "x-dtype", "x-strided", "x-dims",
+             "ids-dtype", "ids-shape", "ids-strided", "ids-out-of-range", "devices")
+
+
+@pytest.mark.parametrize("fault", ID_FAULTS)
+@pytest.mark.parametrize("device", DEVICES)
+@fuzz_settings(30)
+@given(data=st.data())
+def test_qmatmul_id(device, fault, data):
+    """qmatmul_id against test_matmul_id's oracle (each slot its activation row @ its expert's gguf
+    dequantization, the Q8_1 bound up to 16 tokens unless exact, unrounded beyond), an id outside
+    [0, E) raising on the CPU and giving that slot a NaN row on CUDA."""
+    draw = data.draw
+    faults = draw_faults(draw, fault, ID_FAULTS)
+    problems = []
+    qtype, fmt = draw_qtype(draw, "qtype" in faults, int(Q.Q4_K))
+    problems += [QTYPE] if "qtype" in faults else []
+    experts, n0, k0 = draw(st.integers(1, 4)), draw(st.integers(1, 12)), draw_k(draw, fmt)
+    n, k, shape_problems = shape_fault(draw, faults, fmt, n0, k0)
+    problems += shape_problems
+    w_dev, x_dev, i_dev = draw(st.permutations(draw_devices(draw, device, 3, "devices" in faults)))
+    problems += ["w and x:"] if w_dev != x_dev else []
+    problems += ["w and ids:"] if w_dev != i_dev else []
+    experts_w = [random_weight(fmt, n0, k0, seed=draw(st.integers(0, 2**16))) for _ in range(experts)]
+    w = torch.stack(experts_w).to(w_dev)
+    if "w-dims" in faults:
+        w = w.reshape(experts * n0, -1)
+        problems.append("w:")
+    w = at_byte_offset(w, draw(st.sampled_from([o for o in range(16) if o % ALIGN[fmt]] or [0]))
+                       if "w-misaligned" in faults else 0)
+    if "w-misaligned" in faults and ALIGN[fmt] > 1 and w_dev != "meta":
+        problems.append("w:")
+    if "w-dtype" in faults:
+        w = w.view(torch.int8)
+        problems.append("w:")
+    tokens, top_k = draw(st.integers(0, 20)), draw(st.integers(0, 3))
+    per_slot = draw(st.booleans())
+    dtype = draw(st.sampled_from(BAD_FLOAT_DTYPES if "x-dtype" in faults else DTYPES))
+    x_shape = (tokens, top_k, k0) if per_slot else (tokens, k0)
+    if "x-dims" in faults:
+        x_shape = draw(st.sampled_from([(k0,), (1, 1) + x_shape]))  # 1-D, 4-D or 5-D
+        problems += ["x:", "ids:"]
+    x = (gaussian(x_shape, draw(st.integers(0, 2**16)))).to(dtype).to(x_dev)
+    x = strided(draw, x) if "x-strided" in faults else at_offset(draw, x)
+    if dtype not in DTYPES or not x.is_contiguous() or k != k0:
+        problems.append("x:")
+    ids = torch.randint(0, experts, (tokens, top_k), generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
+    if "ids-out-of-range" in faults and ids.numel():
+        ids.view(-1)[draw(st.integers(0, ids.numel() - 1))] = draw(st.sampled_from([-1, experts, experts + 9]))
+        problems += ["ids:"] if i_dev == "cpu" and w_dev == "cpu" and x_dev == "cpu" else []  # CUDA: a NaN row
+    if "ids-dtype" in faults:
+        ids = ids.to(draw(st.sampled_from([torch.int16, torch.float32, torch.uint8])))
+        problems.append("ids:")
+    elif draw(st.booleans()):
+        ids = ids.int()
+    if "ids-shape" in faults:
+        ids = ids[:max(tokens - 1, 0)] if tokens and draw(st.booleans()) else ids.reshape(-1)
+        if tuple(ids.shape) != (tokens, top_k):
+            problems.append("ids:")
+    ids = ids.to(i_dev)
+    if "ids-strided" in faults:
+        ids = strided(draw, ids)
+        problems += [] if ids.is_contiguous() else ["ids:"]
+    exact = draw(st.booleans())
+
+    def check(y):
+        if w.is_meta or x.is_meta:
+            return check_meta(y, (tokens, top_k, n), dtype)
+        assert tuple(y.shape) == (tokens, top_k, n) and y.dtype == dtype and y.device == x.device, describe(y)
+        if not y.numel():
+            return
+        flat = ids.cpu().long().reshape(-1)
+        inside = (flat >= 0) & (flat < experts)
+        ys = y.reshape(-1, n)
+        assert ys.cpu()[~inside].isnan().all(), "a slot with an id outside [0, E) must give a NaN row"
+        Ws = [weight_oracle(e, fmt, n, k).astype(np.float64) for e in experts_w]
+        Ms = [offset_oracle(e, fmt, n, k) for e in experts_w]
+        xs = x.reshape(-1, k) if per_slot else x.repeat_interleave(top_k, dim=0)
+        for e in flat[inside].unique().tolist():
+            sel = (flat == e).to(ys.device)
+            assert_rows_close(ys[sel], xs[sel.to(xs.device)].cpu(), Ws[e], Ms[e],
+                              rounded=tokens <= MAX_GEMV_ROWS and not exact, what=f"expert {e}")
+
+    check_call(lambda: torchext.qmatmul_id(w, qtype, x, ids, n, k, exact), problems, check)
 
 
 # ---- quantize_q8_1 ------------------------------------------------------------------------------
