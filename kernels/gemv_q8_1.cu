@@ -365,11 +365,13 @@ cudaError_t launch_gemv_q8_1_id(QType wt, const uint8_t* w, int64_t n, int64_t k
     int g = 1;
     while (g < std::min<int64_t>(tokens, kMaxDp4aRows)) g *= 2;
     while (g > 1 && staged_bytes(k, g) > max_staged) g /= 2;
-    if (staged_bytes(k, g) > max_staged) err = launch_id_rows<T, 1, false>(w, n, k, x, slots, out, ot, device, stream);
-    else if (g == 1) err = launch_id_rows<T, 1, true>(w, n, k, x, slots, out, ot, device, stream);
-    else if (g == 2) err = launch_id_rows<T, 2, true>(w, n, k, x, slots, out, ot, device, stream);
-    else if (g == 4) err = launch_id_rows<T, 4, true>(w, n, k, x, slots, out, ot, device, stream);
-    else err = launch_id_rows<T, 8, true>(w, n, k, x, slots, out, ot, device, stream);
+    if (staged_bytes(k, g) > max_staged) {
+      err = launch_id_rows<T, 1, false>(w, n, k, x, slots, out, ot, device, stream);
+    } else {
+      err = with_staged_tile(g, [&](auto b) {
+        return launch_id_rows<T, decltype(b)::value, true>(w, n, k, x, slots, out, ot, device, stream);
+      });
+    }
   });
   return err;
 }

@@ -112,6 +112,7 @@ from conftest import (
 )
 from test_errors import ALIGN
 from test_attention import bound as attention_bound
+from test_attention import composition as attention_composition
 from test_attention import oracle as attention_oracle
 from test_fused import rms_norm_reference
 from test_gelu import _units as gelu_units
@@ -1070,8 +1071,7 @@ def test_attention_family(device, fault, data):
             return check_meta(y, shape, torch.uint8 if q8_1 else dtype)
         assert tuple(y.shape) == shape and y.device == q.device, describe(y)
         if q8_1:
-            o = torchext.cached_attention(q, k_cache, v_cache, pos, scale, window)
-            want = torchext.quantize_q8_1(o.transpose(1, 2).reshape(batch, rows, heads * dim))
+            want = attention_composition(q, k_cache, v_cache, pos, scale, window)
             assert torch.equal(y, want), "not the bytes of quantize_q8_1(cached_attention(...))"
             return
         if rows == 0:

@@ -6,7 +6,7 @@ against the float64 oracle), and it must return that composition's bits on the s
 way it runs: on CUDA each CTA of the DP4A GEMV quantizes the rows itself with the same arithmetic (one
 launch), or, for rows the DP4A kernel does not take, the two ops run in turn; the CPU always composes.
 So every check here is bit equality, no tolerance. Then: the launch count on CUDA, graph replay,
-opcheck and fakes, compile, and the error messages.
+compile, and the error messages (opcheck and fake against real: tests/test_opcheck.py).
 """
 
 from __future__ import annotations
@@ -140,35 +140,7 @@ def test_graph_replay():
         assert _same_bits(out, _composed(w, Q6_K, new_gate, new_up, n, k))
 
 
-# ---- opcheck, fakes, compile ---------------------------------------------------------------------------
-
-def _samples(device, dtype):
-    out = []
-    for i, (qtype, lead, k) in enumerate([(Q4_K, (1,), 256), (Q5_0, (2, 3), 96), (Q8_0, (9,), 64), (Q6_K, (0,), 256)]):
-        w = random_weight(qtype, 24, k, device, seed=i)
-        gate, up = _inputs(lead, k, dtype, device, i)
-        out += [((w, qtype, gate, up, 24, k, a), {}) for a in ("tanh", "none")] + [((w, qtype, gate, up, 24, k), {})]
-    return out
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_opcheck(device, dtype):
-    for args, kwargs in _samples(device, dtype):
-        torch.library.opcheck(ops.gated_gelu_qmatmul, args, kwargs)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fake_matches_real(device, dtype):
-    for args, kwargs in _samples(device, dtype):
-        real = ops.gated_gelu_qmatmul(*args, **kwargs)
-        with FakeTensorMode() as mode:
-            fake = ops.gated_gelu_qmatmul(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args],
-                                          **kwargs)
-        assert (fake.shape, fake.dtype, fake.device, fake.stride()) == (real.shape, real.dtype, real.device,
-                                                                        real.stride())
-
+# ---- compile (opcheck and the fake: tests/test_opcheck.py) -------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiles_fullgraph(device):
