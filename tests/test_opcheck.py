@@ -25,8 +25,8 @@ from conftest import DEVICES, DTYPES, random_weight, sample_inputs
 ops = torch.ops.torchext
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, TQ1_0, MXFP4, NVFP4 = 2, 3, 6, 7, 8, 12, 13, 14, 34, 39, 40
 
-OPS = ["quantize_q8_1", "q4k_q8_gemv", "q4k_q8_gemv_packed", "q4k_gemv", "q5k_gemv", "q6k_gemv", "qmatmul",
-       "qmatmul_q8_1", "gated_gelu_qmatmul", "qmatmul_id", "dequantize", "gelu", "gelu_", "bias_gelu", "quantize",
+OPS = ["quantize_q8_1", "rms_norm_quantize_q8_1", "add_rms_norm_quantize_q8_1", "gated_gelu_quantize_q8_1",
+       "q4k_q8_gemv", "q4k_q8_gemv_packed", "q4k_gemv", "q5k_gemv", "q6k_gemv", "qmatmul", "qmatmul_q8_1", "gated_gelu_qmatmul", "qmatmul_id", "dequantize", "gelu", "gelu_", "bias_gelu", "quantize",
        "cached_attention", "cached_attention_quantize_q8_1", "rope_cache_write"]
 
 
@@ -35,12 +35,40 @@ def _randn(shape, dtype, device, seed):
     return torch.randn(shape, generator=g).to(dtype).to(device)
 
 
+def _norm_weight(k, dtype, dev, seed):
+    # Gemma's stored norm weights hold 1 + w: around 1, some near 0
+    g = torch.Generator().manual_seed(seed)
+    return (1 + 0.5 * torch.randn(k, generator=g)).to(dtype).to(dev)
+
+
 def op_samples(name: str, device, dtype):
     """[(args, kwargs)] for op `name`: small, representative inputs of the given dtype
     (for the Q8_1 ops, the dtype of the activations that were quantized)."""
     dev = torch.device(device)
+    # one row, K neither a multiple of 32 nor of 256 with two leading dims, a 1-d row of 7, no rows
+    row_shapes = [(1, 256), (2, 3, 300), (7,), (0, 64)]
     if name == "quantize_q8_1":
-        return [((_randn(s, dtype, dev, i),), {}) for i, s in enumerate([(1, 256), (2, 3, 300), (7,), (0, 64)])]
+        return [((_randn(s, dtype, dev, i),), {}) for i, s in enumerate(row_shapes)]
+    if name in ("rms_norm_quantize_q8_1", "add_rms_norm_quantize_q8_1"):
+        # norm weights in float32 and in x's dtype; the residual add with and without the post-norm weight
+        out = []
+        for i, shape in enumerate(row_shapes):
+            k, x = shape[-1], _randn(shape, dtype, dev, i)
+            for w_dtype in {torch.float32, dtype}:
+                weight = _norm_weight(k, w_dtype, dev, i)
+                if name == "rms_norm_quantize_q8_1":
+                    out.append(((x, weight, 1e-6), {}))
+                else:
+                    residual = _randn(shape, dtype, dev, i + 10)
+                    out += [((x, residual, weight, 1e-6), {}),
+                            ((x, residual, weight, 1e-6), {"x_weight": _norm_weight(k, w_dtype, dev, i + 20)})]
+        return out
+    if name == "gated_gelu_quantize_q8_1":
+        out = []
+        for i, shape in enumerate(row_shapes):
+            gate, up = _randn(shape, dtype, dev, i), _randn(shape, dtype, dev, i + 10)
+            out += [((gate, up, a), {}) for a in ("tanh", "none")] + [((gate, up), {})]
+        return out
     if name in ("q4k_q8_gemv", "q4k_q8_gemv_packed"):
         out = []
         for i, (n, k, shape) in enumerate([(5, 256, (1, 256)), (3, 300, (2, 3, 300)), (4, 512, (9, 512))]):
@@ -170,8 +198,9 @@ def test_fake_matches_real(device, dtype, name):
         real_args = tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, args)
         real = _as_tensors(op(*real_args, **kwargs))
         with FakeTensorMode() as mode:
-            fake_args = tree_map(lambda a: mode.from_tensor(a) if isinstance(a, torch.Tensor) else a, args)
-            fake = _as_tensors(op(*fake_args, **kwargs))
+            fake_args, fake_kwargs = tree_map(lambda a: mode.from_tensor(a) if isinstance(a, torch.Tensor) else a,
+                                              (args, kwargs))
+            fake = _as_tensors(op(*fake_args, **fake_kwargs))
         if name == "gelu_":  # compare the mutated argument (and the return value, if any)
             real, fake = real + [real_args[0]], fake + [fake_args[0]]
         assert len(fake) == len(real)
