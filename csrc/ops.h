@@ -6,6 +6,8 @@
 //   check_positions(pos, rows, keys)                         positions in [0, keys), where it costs no sync
 //                                                            the kernels, on raw pointers
 //   check_ids(rows, count, n, bound)                         ids in [0, n), where it costs no sync
+//   runs_tiled_gemm(xt, w, x, k), tiled_gemm_rows(wt, ...)   whether the tiled GEMM takes these operands, and the
+//                                                            most rows it takes for qmatmul (0: it does not run)
 //   kIdsOnHost                                               qmatmul_id groups slots by expert on the host (CPU);
 //                                                            otherwise on the device: gemv_q8_1_id, tiled_gemm_id
 //                                                            and copy_expert_rows, no host sync
@@ -227,7 +229,7 @@ struct Ops {
     Tensor out = torch::stable::new_empty(x, {a.tokens, s.top_k, n});
     if (s.count == 0) return out;
     Backend::check_ids(s.ids, s.count, s.experts, "E");
-    const bool tiled = Backend::tiled_gemm_rows(QType(qtype), a.xt, w, x, k) > 0;
+    const bool tiled = Backend::runs_tiled_gemm(a.xt, w, x, k);
     const MatmulPath path = choose_matmul_id_path(a.tokens, tiled, exact);
     Ctx ctx(w);
     if constexpr (Backend::kIdsOnHost) {

@@ -29,6 +29,7 @@ struct CpuBackend {
   static int64_t dense_tile_rows(int64_t k) { return std::max<int64_t>(128, (int64_t(1) << 19) / k); }
   // No tiled GEMM on the CPU: from 17 rows the dense path.
   static constexpr bool kHasTiledGemm = false;
+  static bool runs_tiled_gemm(FloatType, const Tensor&, const Tensor&, int64_t) { return false; }
   static int64_t tiled_gemm_rows(QType, FloatType, const Tensor&, const Tensor&, int64_t) { return 0; }
 
   static void quantize_q8_1(Context&, const void* x, FloatType xt, int64_t rows, int64_t k, block_q8_1* out) {

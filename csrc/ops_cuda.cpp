@@ -80,6 +80,9 @@ struct CudaBackend {
     return true;
   }
   static constexpr bool kHasTiledGemm = true;
+  static bool runs_tiled_gemm(FloatType xt, const Tensor& w, const Tensor& x, int64_t k) {
+    return qgemm_supports(xt, w.data_ptr(), x.data_ptr(), k, w.get_device_index());
+  }
   static int64_t tiled_gemm_rows(QType wt, FloatType xt, const Tensor& w, const Tensor& x, int64_t k) {
     return qgemm_max_rows(wt, xt, w.data_ptr(), x.data_ptr(), k, w.get_device_index());
   }
