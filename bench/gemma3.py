@@ -60,7 +60,7 @@ def decode_loop(step, n: int, start_pos: int, batch: int = 1):
 # "quantize_q8_1").
 TORCHEXT_KINDS = (("gemv", "gemv"), ("norm_quantize_q8_1", "norm_q8_1"), ("quantize_q8_1", "quantize_q8_1"),
                   ("rope_cache_write", "rope"), ("attention_span", "attention"), ("merge_spans", "attention"))
-KINDS = ("gemv", "norm_q8_1", "quantize_q8_1", "rope", "attention", "torchext_other", "other")
+KINDS = tuple(dict.fromkeys(kind for _, kind in TORCHEXT_KINDS)) + ("torchext_other", "other")
 
 
 def kernel_kind(key: str) -> str:

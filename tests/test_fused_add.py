@@ -9,8 +9,8 @@ comparison here is exact, s value for value and xq byte for byte, against refere
 the CPU (tests/test_fused.py's rms_norm_reference, then quantize_q8_1), CUDA's results included:
 every dtype and shape, huge, tiny, infinite and NaN values, misaligned inputs; the unfused ops on
 the same device; torch.compile(fullgraph=True), the error messages of the kernels and of the fake
-(opcheck and the fake against the real op: tests/test_opcheck.py). Only the Gemma 3 test compares with the model's RMSNorm, whose sum of
-squares runs in torch's order, within a stated bound.
+(opcheck and the fake against the real op: tests/test_opcheck.py). Only the Gemma 3 test compares
+with the model's RMSNorm, whose sum of squares runs in torch's order, within a stated bound.
 """
 
 from __future__ import annotations

@@ -21,24 +21,20 @@ from torch.utils._pytree import tree_map
 
 import torchext  # noqa: F401
 from conftest import DEVICES, DTYPES, random_weight, sample_inputs
+from test_fused import EPS, _norm_weight
 
 ops = torch.ops.torchext
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, TQ1_0, MXFP4, NVFP4 = 2, 3, 6, 7, 8, 12, 13, 14, 34, 39, 40
 
 OPS = ["quantize_q8_1", "rms_norm_quantize_q8_1", "add_rms_norm_quantize_q8_1", "gated_gelu_quantize_q8_1",
-       "q4k_q8_gemv", "q4k_q8_gemv_packed", "q4k_gemv", "q5k_gemv", "q6k_gemv", "qmatmul", "qmatmul_q8_1", "gated_gelu_qmatmul", "qmatmul_id", "dequantize", "gelu", "gelu_", "bias_gelu", "quantize",
+       "q4k_q8_gemv", "q4k_q8_gemv_packed", "q4k_gemv", "q5k_gemv", "q6k_gemv", "qmatmul", "qmatmul_q8_1",
+       "gated_gelu_qmatmul", "qmatmul_id", "dequantize", "gelu", "gelu_", "bias_gelu", "quantize",
        "cached_attention", "cached_attention_quantize_q8_1", "rope_cache_write"]
 
 
 def _randn(shape, dtype, device, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g).to(dtype).to(device)
-
-
-def _norm_weight(k, dtype, dev, seed):
-    # Gemma's stored norm weights hold 1 + w: around 1, some near 0
-    g = torch.Generator().manual_seed(seed)
-    return (1 + 0.5 * torch.randn(k, generator=g)).to(dtype).to(dev)
 
 
 def op_samples(name: str, device, dtype):
@@ -55,13 +51,13 @@ def op_samples(name: str, device, dtype):
         for i, shape in enumerate(row_shapes):
             k, x = shape[-1], _randn(shape, dtype, dev, i)
             for w_dtype in {torch.float32, dtype}:
-                weight = _norm_weight(k, w_dtype, dev, i)
+                weight = _norm_weight(k, w_dtype, i).to(dev)
                 if name == "rms_norm_quantize_q8_1":
-                    out.append(((x, weight, 1e-6), {}))
+                    out.append(((x, weight, EPS), {}))
                 else:
                     residual = _randn(shape, dtype, dev, i + 10)
-                    out += [((x, residual, weight, 1e-6), {}),
-                            ((x, residual, weight, 1e-6), {"x_weight": _norm_weight(k, w_dtype, dev, i + 20)})]
+                    out += [((x, residual, weight, EPS), {}),
+                            ((x, residual, weight, EPS), {"x_weight": _norm_weight(k, w_dtype, i + 20).to(dev)})]
         return out
     if name == "gated_gelu_quantize_q8_1":
         out = []
