@@ -435,7 +435,8 @@ struct IQ1MGrid {
   }
   static TORCHEXT_HD float scale(const Raw& r, int h) {
     const uint32_t w0 = r.scales[0], w1 = r.scales[1];  // scale words 0 | 1 << 16, 2 | 3 << 16
-    const fp16_bits d = fp16_bits(((w0 >> 12) & 0xFu) | ((w0 >> 24) & 0xF0u) | ((w1 >> 4) & 0xF00u) | ((w1 >> 16) & 0xF000u));
+    const fp16_bits d =
+        fp16_bits(((w0 >> 12) & 0xFu) | ((w0 >> 24) & 0xF0u) | ((w1 >> 4) & 0xF00u) | ((w1 >> 16) & 0xF000u));
     // ls of values 16h .. of sub-block j: bits 3(2(j % 2) + h) of scale word j / 2
     const int ls = (pick_word(r.scales, r.j >= 4) >> (16 * ((r.j / 2) % 2) + 3 * (2 * (r.j % 2) + h))) & 7;
     return fp16f(d) * float(2 * ls + 1) * 0.125f;
