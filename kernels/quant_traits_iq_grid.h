@@ -23,12 +23,12 @@ namespace torchext {
 // different addresses (as llama.cpp's CUDA backend, global tables). `static __device__`: each CUDA
 // translation unit has its own copy, as whole-program (non-rdc) compilation requires.
 //
-// A translation unit that defines TORCHEXT_IQ_GRIDS_IN_SHARED before including quant_traits.h (the
-// GEMVs) reads the grids from copies in shared memory instead, which each of its kernels fills first
-// (stage_iq_grid<T>, below). A warp's 32 lookups from global memory touch up to 32 cache lines of
-// the 1-16 KB grid: the DP4A GEMV's lookups read 12 sectors a request, and its warps stalled on them
-// (H200, ncu, 4096x14336 IQ2_XS batch 1: 10.3 M sectors for 0.84 M requests, 92.8% L1 hits, 6.5
-// cycles of long-scoreboard stall per issued instruction). The sign masks go with the grids.
+// A translation unit that defines TORCHEXT_IQ_TABLES_IN_SHARED before including quant_traits.h (the
+// GEMVs) reads a format's tables (its grid, its sign masks) from copies in shared memory instead,
+// which each of its kernels fills first (stage_iq_tables<T>, below). A warp's 32 lookups from global
+// memory touch up to 32 cache lines of the 1-32 KB table: the DP4A GEMV's grid lookups read 12 sectors
+// a request, and its warps stalled on them (H200, ncu, 4096x14336 IQ2_XS batch 1: 10.3 M sectors for
+// 0.84 M requests, 92.8% L1 hits, 6.5 cycles of long-scoreboard stall per issued instruction).
 #if defined(__CUDACC__)
 #define TORCHEXT_IQ_TABLE(type, name, values)   \
   inline constexpr type name##_host[] = {values}; \
@@ -41,16 +41,16 @@ namespace torchext {
 #else
 #define TORCHEXT_IQ_READ(name, i) name##_host[i]
 #endif
-#if defined(__CUDACC__) && defined(TORCHEXT_IQ_GRIDS_IN_SHARED)
-#define TORCHEXT_IQ_SHARED_GRID(type, name) \
+#if defined(__CUDACC__) && defined(TORCHEXT_IQ_TABLES_IN_SHARED)
+#define TORCHEXT_IQ_SHARED_TABLE(type, name) \
   static __shared__ type name##_shared[sizeof(name##_host) / sizeof(type)];
 #else
-#define TORCHEXT_IQ_SHARED_GRID(type, name)
+#define TORCHEXT_IQ_SHARED_TABLE(type, name)
 #endif
-#if defined(__CUDA_ARCH__) && defined(TORCHEXT_IQ_GRIDS_IN_SHARED)
-#define TORCHEXT_IQ_GRID_READ(name, i) name##_shared[i]
+#if defined(__CUDA_ARCH__) && defined(TORCHEXT_IQ_TABLES_IN_SHARED)
+#define TORCHEXT_IQ_STAGED_READ(name, i) name##_shared[i]
 #else
-#define TORCHEXT_IQ_GRID_READ(name, i) TORCHEXT_IQ_READ(name, i)
+#define TORCHEXT_IQ_STAGED_READ(name, i) TORCHEXT_IQ_READ(name, i)
 #endif
 
 TORCHEXT_IQ_TABLE(uint64_t, iq2xxs_grid, TORCHEXT_IQ2XXS_GRID)
@@ -61,17 +61,17 @@ TORCHEXT_IQ_TABLE(uint32_t, iq3s_grid, TORCHEXT_IQ3S_GRID)
 TORCHEXT_IQ_TABLE(uint64_t, iq1s_eighths, TORCHEXT_IQ1S_EIGHTHS)
 TORCHEXT_IQ_TABLE(uint64_t, iq2_sign_masks, TORCHEXT_IQ2_SIGN_MASKS)
 TORCHEXT_IQ_TABLE(uint64_t, byte_sign_masks, TORCHEXT_BYTE_SIGN_MASKS)
-TORCHEXT_IQ_SHARED_GRID(uint64_t, iq2xxs_grid)
-TORCHEXT_IQ_SHARED_GRID(uint64_t, iq2xs_grid)
-TORCHEXT_IQ_SHARED_GRID(uint32_t, iq3xxs_grid)
-TORCHEXT_IQ_SHARED_GRID(uint32_t, iq3s_grid)
-TORCHEXT_IQ_SHARED_GRID(uint64_t, iq1s_eighths)
-TORCHEXT_IQ_SHARED_GRID(uint64_t, iq2_sign_masks)
-TORCHEXT_IQ_SHARED_GRID(uint64_t, byte_sign_masks)
-#undef TORCHEXT_IQ_SHARED_GRID
+TORCHEXT_IQ_SHARED_TABLE(uint64_t, iq2xxs_grid)
+TORCHEXT_IQ_SHARED_TABLE(uint64_t, iq2xs_grid)
+TORCHEXT_IQ_SHARED_TABLE(uint32_t, iq3xxs_grid)
+TORCHEXT_IQ_SHARED_TABLE(uint32_t, iq3s_grid)
+TORCHEXT_IQ_SHARED_TABLE(uint64_t, iq1s_eighths)
+TORCHEXT_IQ_SHARED_TABLE(uint64_t, iq2_sign_masks)
+TORCHEXT_IQ_SHARED_TABLE(uint64_t, byte_sign_masks)
+#undef TORCHEXT_IQ_SHARED_TABLE
 #undef TORCHEXT_IQ_TABLE
 
-#if defined(__CUDACC__) && defined(TORCHEXT_IQ_GRIDS_IN_SHARED)
+#if defined(__CUDACC__) && defined(TORCHEXT_IQ_TABLES_IN_SHARED)
 // Every thread of the CTA copies its share of table `src` to `dst`.
 template <class E, size_t N>
 __device__ __forceinline__ void stage_table(E* dst, const E (&src)[N]) {
@@ -80,21 +80,21 @@ __device__ __forceinline__ void stage_table(E* dst, const E (&src)[N]) {
 #endif
 
 // The tables a Grid struct reads from shared memory (one line in each: TORCHEXT_IQ_STAGED_2(its grid,
-// its sign masks), or _1 of one table): their size, and where TORCHEXT_IQ_GRIDS_IN_SHARED is defined,
-// stage_grid(), which copies them there (every thread of the CTA takes part).
-#if defined(__CUDACC__) && defined(TORCHEXT_IQ_GRIDS_IN_SHARED)
-#define TORCHEXT_IQ_STAGED_1(a)                                 \
-  static constexpr size_t kGridBytes = sizeof(a##_host);        \
-  static __device__ __forceinline__ void stage_grid() { stage_table(a##_shared, a##_device); }
-#define TORCHEXT_IQ_STAGED_2(a, b)                                             \
-  static constexpr size_t kGridBytes = sizeof(a##_host) + sizeof(b##_host);   \
-  static __device__ __forceinline__ void stage_grid() {                        \
-    stage_table(a##_shared, a##_device);                                       \
-    stage_table(b##_shared, b##_device);                                       \
+// its sign masks), or _1 of one table): their size, and where TORCHEXT_IQ_TABLES_IN_SHARED is defined,
+// stage_tables(), which copies them there (every thread of the CTA takes part).
+#if defined(__CUDACC__) && defined(TORCHEXT_IQ_TABLES_IN_SHARED)
+#define TORCHEXT_IQ_STAGED_1(a)                            \
+  static constexpr size_t kTableBytes = sizeof(a##_host); \
+  static __device__ __forceinline__ void stage_tables() { stage_table(a##_shared, a##_device); }
+#define TORCHEXT_IQ_STAGED_2(a, b)                                            \
+  static constexpr size_t kTableBytes = sizeof(a##_host) + sizeof(b##_host); \
+  static __device__ __forceinline__ void stage_tables() {                    \
+    stage_table(a##_shared, a##_device);                                     \
+    stage_table(b##_shared, b##_device);                                     \
   }
 #else
-#define TORCHEXT_IQ_STAGED_1(a) static constexpr size_t kGridBytes = sizeof(a##_host);
-#define TORCHEXT_IQ_STAGED_2(a, b) static constexpr size_t kGridBytes = sizeof(a##_host) + sizeof(b##_host);
+#define TORCHEXT_IQ_STAGED_1(a) static constexpr size_t kTableBytes = sizeof(a##_host);
+#define TORCHEXT_IQ_STAGED_2(a, b) static constexpr size_t kTableBytes = sizeof(a##_host) + sizeof(b##_host);
 #endif
 
 // Values (bytes of g, each 1..127) made negative where their byte of `mask` is 0xFF (the others 0):
@@ -121,7 +121,7 @@ TORCHEXT_HD uint32_t point_half(uint64_t point, int i) { return uint32_t(point >
 // (IQ2_XXS, IQ3_XXS). A mask a byte costs one lookup of 8 bytes per 8 values, where sign bits cost five
 // integer operations a quad to spread into bytes (byte_sign_masks does the same for IQ2_S's sign bits).
 TORCHEXT_HD uint64_t pattern_mask(uint32_t patterns, int g) {
-  return TORCHEXT_IQ_GRID_READ(iq2_sign_masks, (patterns >> (7 * g)) & 0x7Fu);
+  return TORCHEXT_IQ_STAGED_READ(iq2_sign_masks, (patterns >> (7 * g)) & 0x7Fu);
 }
 
 // Loads a sub-block and decodes it: the QuantTraits interface from a format's Grid, which supplies
@@ -138,9 +138,9 @@ struct GridTraits : UnpackedChunks<GridTraits<Grid>> {
   static constexpr int kAlign = Grid::kAlign;
   static constexpr int kItems = 8;  // item j: sub-block j, one Q8_1 block
   static constexpr bool kHalfScales = Grid::kScaleValues == 16;
-  static constexpr size_t kGridBytes = Grid::kGridBytes;
-#if defined(__CUDACC__) && defined(TORCHEXT_IQ_GRIDS_IN_SHARED)
-  static __device__ __forceinline__ void stage_grid() { Grid::stage_grid(); }
+  static constexpr size_t kTableBytes = Grid::kTableBytes;
+#if defined(__CUDACC__) && defined(TORCHEXT_IQ_TABLES_IN_SHARED)
+  static __device__ __forceinline__ void stage_tables() { Grid::stage_tables(); }
 #endif
 
   // Sub-block j as words q[i] (values 4i .. 4i+3) and the scales of its halves (UnpackedChunks).
@@ -182,27 +182,27 @@ struct GridTraits : UnpackedChunks<GridTraits<Grid>> {
   }
 };
 
-#if defined(__CUDACC__) && defined(TORCHEXT_IQ_GRIDS_IN_SHARED)
+#if defined(__CUDACC__) && defined(TORCHEXT_IQ_TABLES_IN_SHARED)
 template <class T, class = void>
-struct HasGrid : std::false_type {};
+struct HasTables : std::false_type {};
 template <class T>
-struct HasGrid<T, std::void_t<decltype(T::kGridBytes)>> : std::true_type {};
+struct HasTables<T, std::void_t<decltype(T::kTableBytes)>> : std::true_type {};
 
-// The static shared memory that stage_iq_grid<T> fills: the grid of format T, none for the others
-// (and IQ2_S, whose grid stays global).
+// The static shared memory that stage_iq_tables<T> fills: the tables of format T (IQ2_S: its sign masks
+// only, its grid stays global), none for the formats without.
 template <class T>
-constexpr size_t shared_grid_bytes() {
-  if constexpr (HasGrid<T>::value) return T::kGridBytes;
+constexpr size_t shared_table_bytes() {
+  if constexpr (HasTables<T>::value) return T::kTableBytes;
   return 0;
 }
 
-// Called by every thread of the CTA before any decoding: format T's grid (if it has one) copied
+// Called by every thread of the CTA before any decoding: format T's tables (if it has any) copied
 // into shared memory. It reads only the tables, so a kernel may call it before waiting for the
 // kernels it depends on.
 template <class T>
-__device__ __forceinline__ void stage_iq_grid() {
-  if constexpr (shared_grid_bytes<T>() > 0) {
-    T::stage_grid();
+__device__ __forceinline__ void stage_iq_tables() {
+  if constexpr (shared_table_bytes<T>() > 0) {
+    T::stage_tables();
     __syncthreads();
   }
 }
@@ -229,7 +229,7 @@ struct IQ2XXSGrid {
     r.d = b.d;
   }
   static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
-    const uint64_t point = TORCHEXT_IQ_GRID_READ(iq2xxs_grid, (r.points >> (8 * (i / 2))) & 0xFFu);
+    const uint64_t point = TORCHEXT_IQ_STAGED_READ(iq2xxs_grid, (r.points >> (8 * (i / 2))) & 0xFFu);
     return point_half(apply_sign_mask(point, pattern_mask(r.signs_scale, i / 2)), i);
   }
   static TORCHEXT_HD float scale(const Raw& r, int) { return fp16f(r.d) * (0.5f + float(r.signs_scale >> 28)) * 0.25f; }
@@ -263,8 +263,8 @@ struct IQ2XSGrid {
   }
   static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
     const uint32_t code = (pick_word(r.codes, i >= 4) >> (16 * ((i / 2) % 2))) & 0xFFFFu;
-    const uint64_t point = TORCHEXT_IQ_GRID_READ(iq2xs_grid, code & 0x1FFu);
-    return point_half(apply_sign_mask(point, TORCHEXT_IQ_GRID_READ(iq2_sign_masks, code >> 9)), i);
+    const uint64_t point = TORCHEXT_IQ_STAGED_READ(iq2xs_grid, code & 0x1FFu);
+    return point_half(apply_sign_mask(point, TORCHEXT_IQ_STAGED_READ(iq2_sign_masks, code >> 9)), i);
   }
   static TORCHEXT_HD float scale(const Raw& r, int h) { return iq2_half_scale(r.d, r.scales, h); }
 };
@@ -296,7 +296,7 @@ struct IQ2SGrid {
   static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
     const int g = i / 2;
     const uint32_t index = ((r.points >> (8 * g)) & 0xFFu) | (uint32_t(r.qh >> (2 * g)) & 3u) << 8;
-    const uint64_t mask = TORCHEXT_IQ_GRID_READ(byte_sign_masks, (r.signs >> (8 * g)) & 0xFFu);
+    const uint64_t mask = TORCHEXT_IQ_STAGED_READ(byte_sign_masks, (r.signs >> (8 * g)) & 0xFFu);
     return point_half(apply_sign_mask(TORCHEXT_IQ_READ(iq2s_grid, index), mask), i);
   }
   static TORCHEXT_HD float scale(const Raw& r, int h) { return iq2_half_scale(r.d, r.scales, h); }
@@ -324,7 +324,7 @@ struct IQ3XXSGrid {
     r.d = b.d;
   }
   static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
-    const uint32_t point = TORCHEXT_IQ_GRID_READ(iq3xxs_grid, (pick_word(r.qs, i >= 4) >> (8 * (i % 4))) & 0xFFu);
+    const uint32_t point = TORCHEXT_IQ_STAGED_READ(iq3xxs_grid, (pick_word(r.qs, i >= 4) >> (8 * (i % 4))) & 0xFFu);
     // a lookup a quad, as the MMA paths take single quads (a pair of points a lookup of masks took 4%
     // more instructions in the DP4A GEMV and a second grid lookup a quad in the tensor-core ones)
     return apply_sign_mask(point, point_half(pattern_mask(r.signs_scale, i / 2), i));
@@ -359,7 +359,7 @@ struct IQ3SGrid {
   }
   static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
     const uint32_t index = ((pick_word(r.qs, i >= 4) >> (8 * (i % 4))) & 0xFFu) | (uint32_t(r.qh >> i) & 1u) << 8;
-    return apply_signs(TORCHEXT_IQ_GRID_READ(iq3s_grid, index), r.signs >> (4 * i));
+    return apply_signs(TORCHEXT_IQ_STAGED_READ(iq3s_grid, index), r.signs >> (4 * i));
   }
   static TORCHEXT_HD float scale(const Raw& r, int) {
     return fp16f(r.d) * float(1 + 2 * ((r.scales >> r.shift) & 0xF));
@@ -397,7 +397,7 @@ struct IQ1SGrid {
     const int g = i / 2;
     const uint32_t index = ((r.points >> (8 * g)) & 0xFFu) | ((uint32_t(r.qh) >> (3 * g)) & 7u) << 8 |
                            (uint32_t(r.qh) >> 15) * kIQ1NegativeDelta;
-    return point_half(TORCHEXT_IQ_GRID_READ(iq1s_eighths, index), i);
+    return point_half(TORCHEXT_IQ_STAGED_READ(iq1s_eighths, index), i);
   }
   static TORCHEXT_HD float scale(const Raw& r, int) { return fp16f(r.d) * float(2 * ((r.qh >> 12) & 7) + 1) * 0.125f; }
 };
@@ -431,7 +431,7 @@ struct IQ1MGrid {
     const uint32_t nibble = (uint32_t(r.qh) >> (4 * g)) & 0xFu;
     static_assert(kIQ1NegativeDelta == 8u << 8, "the nibble's bit 3 (delta -1/8) is the table's upper half");
     const uint32_t index = ((r.points >> (8 * g)) & 0xFFu) | nibble << 8;
-    return point_half(TORCHEXT_IQ_GRID_READ(iq1s_eighths, index), i);
+    return point_half(TORCHEXT_IQ_STAGED_READ(iq1s_eighths, index), i);
   }
   static TORCHEXT_HD float scale(const Raw& r, int h) {
     const uint32_t w0 = r.scales[0], w1 = r.scales[1];  // scale words 0 | 1 << 16, 2 | 3 << 16
@@ -446,7 +446,7 @@ template <> struct QuantTraits<QType::IQ1_M> : FormatTraits<QType::IQ1_M, GridTr
 
 #undef TORCHEXT_IQ_STAGED_1
 #undef TORCHEXT_IQ_STAGED_2
-#undef TORCHEXT_IQ_GRID_READ
+#undef TORCHEXT_IQ_STAGED_READ
 #undef TORCHEXT_IQ_READ
 
 }  // namespace torchext
