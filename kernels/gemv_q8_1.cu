@@ -11,8 +11,8 @@
 // every CTA, saves a launch but was measured slower at every shape and batch (H100, bench/gemv.py,
 // 2026-11-24: 4096x4096 Q4_K batch 1 10.6 us against 9.1 us; 4096x14336 batch 8 102.6 against 77.9).
 // The grid formats' lookups go to shared memory (quant_traits_iq_grid.h): every kernel here stages
-// its format's tables first.
-#define TORCHEXT_IQ_TABLES_IN_SHARED
+// its format's grid first.
+#define TORCHEXT_IQ_GRIDS_IN_SHARED
 #include <algorithm>
 #include <type_traits>
 
@@ -166,7 +166,7 @@ __device__ __forceinline__ void gemv_rows(const uint8_t* __restrict__ w, int64_t
 template <class T, int B, bool kStaged, class Rows>
 __device__ __forceinline__ void gemv_kernel_body(const uint8_t* __restrict__ w, int64_t n, int64_t k, const Rows& x,
                                                  int split, void* __restrict__ out, FloatType ot) {
-  stage_iq_tables<T>();
+  stage_iq_grid<T>();
   const int64_t rows_per_step = kWarps / split;  // this CTA's first step's weight rows
   prefetch_rows_then_wait(w, int64_t(blockIdx.x) * rows_per_step, rows_per_step, n, weight_row_bytes<T>(k));
   gemv_rows<T, B, kStaged>(w, n, k, x, split, out, ot);
@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(kThreads)
       mark_invalid_slots(slots, c0, std::min(n, c0 + rows_per_step), n, sh.slot, sh.warp_hits, out, ot);
     return;
   }
-  stage_iq_tables<T>();  // after the branch above (uniform per CTA): the marking CTAs read no weights
+  stage_iq_grid<T>();  // after the branch above (uniform per CTA): the marking CTAs read no weights
   const int64_t expert_bytes = n * weight_row_bytes<T>(k);
   gemv_expert_slots<B>(slots, x, k, sh, [&](int64_t expert, const SlotRows& rows) {
     gemv_rows<T, B, kStaged>(w + expert * expert_bytes, n, k, rows, split, out, ot);
@@ -209,11 +209,11 @@ __global__ void __launch_bounds__(kThreads)
 
 // Shared memory a CTA may stage activations in: the device's opt-in limit (227 KB on Hopper,
 // 163 KB on A100, 99 KB on consumer GPUs) less room for the kernel's static arrays and the
-// format's lookup tables (table_bytes: shared_table_bytes).
-size_t max_staged_bytes(int device, size_t table_bytes) {
+// format's grid (grid_bytes: shared_grid_bytes).
+size_t max_staged_bytes(int device, size_t grid_bytes) {
   int limit = 0;
   cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  const size_t reserved = 4096 + table_bytes;
+  const size_t reserved = 4096 + grid_bytes;
   return size_t(limit) > reserved ? size_t(limit) - reserved : 0;
 }
 
@@ -227,12 +227,17 @@ struct GemvPlan {
 
 template <class T, class Kernel>
 cudaError_t plan_gemv(Kernel kernel, int64_t n, int64_t k, int64_t columns, size_t smem, int device, GemvPlan& p) {
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  // Above 48 KB of static and dynamic shared memory together a launch needs the opt-in: the grid
+  // formats' static tables (up to 16 KB) count as well as the staged rows.
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+  if (err != cudaSuccess) return err;
+  if (smem + attr.sharedSizeBytes > 48 * 1024) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return err;
   }
   int ctas_per_sm = 0;
-  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, kThreads, smem);
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, kThreads, smem);
   if (err != cudaSuccess) return err;
   // Split rows over warps while that still fits in one wave of resident warps, keeping >= 32
   // items per warp: few rows then still fill the GPU, and many rows get whole warps each.
@@ -293,7 +298,7 @@ cudaError_t launch_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, c
   cudaError_t err = cudaSuccess;
   const bool known = visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
-    const size_t max_staged = max_staged_bytes(device, shared_table_bytes<T>());
+    const size_t max_staged = max_staged_bytes(device, shared_grid_bytes<T>());
     // Groups of up to 16 rows for the tensor-core kernel; for DP4A up to 8, as many as shared memory
     // holds, and rows too long to stage at all are read from global memory one at a time.
     for (int64_t r0 = 0; r0 < rows && err == cudaSuccess;) {
@@ -327,7 +332,7 @@ bool gemv_q8_1_computes_rows(QType wt, int64_t rows, int64_t k, int device) {
   visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
     fits = choose_gemv_kernel(rows, T::kValues, has_int8_mma(device)) == GemvKernel::Dp4a &&
-           staged_bytes(k, rows) <= max_staged_bytes(device, shared_table_bytes<T>());
+           staged_bytes(k, rows) <= max_staged_bytes(device, shared_grid_bytes<T>());
   });
   return fits;
 }
@@ -357,7 +362,7 @@ cudaError_t launch_gemv_q8_1_id(QType wt, const uint8_t* w, int64_t n, int64_t k
   cudaError_t err = cudaErrorInvalidValue;
   visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
-    const size_t max_staged = max_staged_bytes(device, shared_table_bytes<T>());
+    const size_t max_staged = max_staged_bytes(device, shared_grid_bytes<T>());
     if (choose_gemv_kernel(tokens, T::kValues, has_int8_mma(device)) == GemvKernel::Int8Mma) {
       err = launch_gemv_q8_1_mma_id(wt, w, n, k, x, slots, out, ot, device, stream);
       return;

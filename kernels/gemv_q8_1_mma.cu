@@ -13,8 +13,8 @@
 // per warp the first version streamed at 1.4 TB/s whatever the batch (H100, 2026-11-24:
 // 128256x4096 Q4_K 216 us for 2 rows against 106 us for the 1-row DP4A GEMV).
 // The grid formats' lookups go to shared memory (quant_traits_iq_grid.h): every kernel here stages
-// its format's tables first.
-#define TORCHEXT_IQ_TABLES_IN_SHARED
+// its format's grid first.
+#define TORCHEXT_IQ_GRIDS_IN_SHARED
 #include <algorithm>
 
 #include "kernels/batch_policy.h"
@@ -173,7 +173,7 @@ template <class T, int NT>
 __global__ void __launch_bounds__(kThreads, 2)
     gemv_q8_1_mma_kernel(const uint8_t* __restrict__ w, int64_t n, int64_t k, const block_q8_1* __restrict__ x,
                          int rows, int split, void* __restrict__ out, FloatType ot) {
-  stage_iq_tables<T>();
+  stage_iq_grid<T>();
   const int64_t tile_rows = (kWarps / split) * kTileRows;  // this CTA's weight tiles
   prefetch_rows_then_wait(w, int64_t(blockIdx.x) * tile_rows, tile_rows, n, weight_row_bytes<T>(k));
   gemv_mma_rows<T, NT>(w, n, k, ContiguousRows{x, q8_1_blocks_per_row(k), rows}, split, out, ot);
@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     mark_invalid_slots(slots, c0, std::min(n, c0 + (kWarps / split) * kTileRows), n, sh.slot, sh.warp_hits, out, ot);
     return;
   }
-  stage_iq_tables<T>();  // after the branch above (uniform per CTA): the marking CTAs read no weights
+  stage_iq_grid<T>();  // after the branch above (uniform per CTA): the marking CTAs read no weights
   const int64_t expert_bytes = n * weight_row_bytes<T>(k);
   gemv_expert_slots<8 * NT>(slots, x, k, sh, [&](int64_t expert, const SlotRows& rows) {
     gemv_mma_rows<T, NT>(w + expert * expert_bytes, n, k, rows, split, out, ot);

@@ -23,12 +23,12 @@ namespace torchext {
 // different addresses (as llama.cpp's CUDA backend, global tables). `static __device__`: each CUDA
 // translation unit has its own copy, as whole-program (non-rdc) compilation requires.
 //
-// A translation unit that defines TORCHEXT_IQ_TABLES_IN_SHARED before including quant_traits.h (the
-// GEMVs) reads a format's tables (its grid, its sign masks) from copies in shared memory instead,
-// which each of its kernels fills first (stage_iq_tables<T>, below). A warp's 32 lookups from global
-// memory touch up to 32 cache lines of the 1-32 KB table: the DP4A GEMV's grid lookups read 12 sectors
-// a request, and its warps stalled on them (H200, ncu, 4096x14336 IQ2_XS batch 1: 10.3 M sectors for
-// 0.84 M requests, 92.8% L1 hits, 6.5 cycles of long-scoreboard stall per issued instruction).
+// A translation unit that defines TORCHEXT_IQ_GRIDS_IN_SHARED before including quant_traits.h (the
+// GEMVs) reads the grids from copies in shared memory instead, which each of its kernels fills first
+// (stage_iq_grid<T>, below). A warp's 32 lookups from global memory touch up to 32 cache lines of
+// the 1-16 KB grid: the DP4A GEMV's lookups read 12 sectors a request, and its warps stalled on them
+// (H200, ncu, 4096x14336 IQ2_XS batch 1: 10.3 M sectors for 0.84 M requests, 92.8% L1 hits, 6.5
+// cycles of long-scoreboard stall per issued instruction). The 128-byte sign table stays global.
 #if defined(__CUDACC__)
 #define TORCHEXT_IQ_TABLE(type, name, values)   \
   inline constexpr type name##_host[] = {values}; \
@@ -41,16 +41,16 @@ namespace torchext {
 #else
 #define TORCHEXT_IQ_READ(name, i) name##_host[i]
 #endif
-#if defined(__CUDACC__) && defined(TORCHEXT_IQ_TABLES_IN_SHARED)
-#define TORCHEXT_IQ_SHARED_TABLE(type, name) \
+#if defined(__CUDACC__) && defined(TORCHEXT_IQ_GRIDS_IN_SHARED)
+#define TORCHEXT_IQ_SHARED_GRID(type, name) \
   static __shared__ type name##_shared[sizeof(name##_host) / sizeof(type)];
 #else
-#define TORCHEXT_IQ_SHARED_TABLE(type, name)
+#define TORCHEXT_IQ_SHARED_GRID(type, name)
 #endif
-#if defined(__CUDA_ARCH__) && defined(TORCHEXT_IQ_TABLES_IN_SHARED)
-#define TORCHEXT_IQ_STAGED_READ(name, i) name##_shared[i]
+#if defined(__CUDA_ARCH__) && defined(TORCHEXT_IQ_GRIDS_IN_SHARED)
+#define TORCHEXT_IQ_GRID_READ(name, i) name##_shared[i]
 #else
-#define TORCHEXT_IQ_STAGED_READ(name, i) TORCHEXT_IQ_READ(name, i)
+#define TORCHEXT_IQ_GRID_READ(name, i) TORCHEXT_IQ_READ(name, i)
 #endif
 
 TORCHEXT_IQ_TABLE(uint64_t, iq2xxs_grid, TORCHEXT_IQ2XXS_GRID)
@@ -58,53 +58,31 @@ TORCHEXT_IQ_TABLE(uint64_t, iq2xs_grid, TORCHEXT_IQ2XS_GRID)
 TORCHEXT_IQ_TABLE(uint64_t, iq2s_grid, TORCHEXT_IQ2S_GRID)
 TORCHEXT_IQ_TABLE(uint32_t, iq3xxs_grid, TORCHEXT_IQ3XXS_GRID)
 TORCHEXT_IQ_TABLE(uint32_t, iq3s_grid, TORCHEXT_IQ3S_GRID)
-TORCHEXT_IQ_TABLE(uint64_t, iq1s_eighths, TORCHEXT_IQ1S_EIGHTHS)
-TORCHEXT_IQ_TABLE(uint64_t, iq2_sign_masks, TORCHEXT_IQ2_SIGN_MASKS)
-TORCHEXT_IQ_TABLE(uint64_t, byte_sign_masks, TORCHEXT_BYTE_SIGN_MASKS)
-TORCHEXT_IQ_SHARED_TABLE(uint64_t, iq2xxs_grid)
-TORCHEXT_IQ_SHARED_TABLE(uint64_t, iq2xs_grid)
-TORCHEXT_IQ_SHARED_TABLE(uint32_t, iq3xxs_grid)
-TORCHEXT_IQ_SHARED_TABLE(uint32_t, iq3s_grid)
-TORCHEXT_IQ_SHARED_TABLE(uint64_t, iq1s_eighths)
-TORCHEXT_IQ_SHARED_TABLE(uint64_t, iq2_sign_masks)
-TORCHEXT_IQ_SHARED_TABLE(uint64_t, byte_sign_masks)
-#undef TORCHEXT_IQ_SHARED_TABLE
+TORCHEXT_IQ_TABLE(uint64_t, iq1s_grid, TORCHEXT_IQ1S_GRID)
+TORCHEXT_IQ_TABLE(uint8_t, iq2_signs, TORCHEXT_IQ2_SIGNS)
+TORCHEXT_IQ_SHARED_GRID(uint64_t, iq2xxs_grid)
+TORCHEXT_IQ_SHARED_GRID(uint64_t, iq2xs_grid)
+TORCHEXT_IQ_SHARED_GRID(uint32_t, iq3xxs_grid)
+TORCHEXT_IQ_SHARED_GRID(uint32_t, iq3s_grid)
+TORCHEXT_IQ_SHARED_GRID(uint64_t, iq1s_grid)
+#undef TORCHEXT_IQ_SHARED_GRID
 #undef TORCHEXT_IQ_TABLE
 
-#if defined(__CUDACC__) && defined(TORCHEXT_IQ_TABLES_IN_SHARED)
-// Every thread of the CTA copies its share of table `src` to `dst`.
-template <class E, size_t N>
-__device__ __forceinline__ void stage_table(E* dst, const E (&src)[N]) {
-  for (unsigned i = threadIdx.x; i < N; i += blockDim.x) dst[i] = src[i];
-}
-#endif
-
-// The tables a Grid struct reads from shared memory (one line in each: TORCHEXT_IQ_STAGED_2(its grid,
-// its sign masks), or _1 of one table): their size, and where TORCHEXT_IQ_TABLES_IN_SHARED is defined,
-// stage_tables(), which copies them there (every thread of the CTA takes part).
-#if defined(__CUDACC__) && defined(TORCHEXT_IQ_TABLES_IN_SHARED)
-#define TORCHEXT_IQ_STAGED_1(a)                            \
-  static constexpr size_t kTableBytes = sizeof(a##_host); \
-  static __device__ __forceinline__ void stage_tables() { stage_table(a##_shared, a##_device); }
-#define TORCHEXT_IQ_STAGED_2(a, b)                                            \
-  static constexpr size_t kTableBytes = sizeof(a##_host) + sizeof(b##_host); \
-  static __device__ __forceinline__ void stage_tables() {                    \
-    stage_table(a##_shared, a##_device);                                     \
-    stage_table(b##_shared, b##_device);                                     \
+// A Grid struct's table (one line in each): its size, and where TORCHEXT_IQ_GRIDS_IN_SHARED is
+// defined, stage_grid(), which copies it into shared memory (every thread of the CTA takes part).
+#if defined(__CUDACC__) && defined(TORCHEXT_IQ_GRIDS_IN_SHARED)
+#define TORCHEXT_IQ_GRID_OF(name)                                     \
+  static constexpr size_t kGridBytes = sizeof(name##_host);           \
+  static __device__ __forceinline__ void stage_grid() {               \
+    constexpr unsigned kPoints = sizeof(name##_host) / sizeof(name##_host[0]); \
+    for (unsigned i = threadIdx.x; i < kPoints; i += blockDim.x) name##_shared[i] = name##_device[i]; \
   }
 #else
-#define TORCHEXT_IQ_STAGED_1(a) static constexpr size_t kTableBytes = sizeof(a##_host);
-#define TORCHEXT_IQ_STAGED_2(a, b) static constexpr size_t kTableBytes = sizeof(a##_host) + sizeof(b##_host);
+#define TORCHEXT_IQ_GRID_OF(name) static constexpr size_t kGridBytes = sizeof(name##_host);
 #endif
 
-// Values (bytes of g, each 1..127) made negative where their byte of `mask` is 0xFF (the others 0):
-// (g ^ 0xFF) + 1 = -g per byte, with no carry between bytes since g > 0. 8 values in 64 bits are one
-// operation each on the host, two on the GPU, as two 32-bit ones would be.
-TORCHEXT_HD uint64_t apply_sign_mask(uint64_t g, uint64_t mask) { return (g ^ mask) + (mask & 0x0101010101010101u); }
-TORCHEXT_HD uint32_t apply_sign_mask(uint32_t g, uint32_t mask) { return (g ^ mask) + (mask & 0x01010101u); }
-
-// 4 values (bytes of g, each 1..127) made negative where bit i of `bits` is set, as apply_sign_mask
-// does (IQ3_S: its 4-value points paired to take byte_sign_masks made the CPU's GEMV 7% slower).
+// Signs from bits: 4 values (bytes of g, each 1..127) made negative where bit i of `bits` is set:
+// (g ^ 0xFF) + 1 = -g per byte, with no carry between bytes since g > 0.
 TORCHEXT_HD uint32_t apply_signs(uint32_t g, uint32_t bits) {
   const uint32_t ones = ((bits & 0xFu) * 0x00204081u) & 0x01010101u;  // bit i -> bit 8i
   return (g ^ (ones * 0xFFu)) + ones;
@@ -117,11 +95,10 @@ TORCHEXT_HD uint32_t pick_word(const uint32_t (&w)[2], bool second) { return sec
 // Quad i's half of an 8-value grid point (values 8(i/2) .. of the sub-block): its low word for even i.
 TORCHEXT_HD uint32_t point_half(uint64_t point, int i) { return uint32_t(point >> (32 * (i % 2))); }
 
-// The byte masks of sign pattern g (values 8g .. 8g+7) from a word of four 7-bit pattern indexes
-// (IQ2_XXS, IQ3_XXS). A mask a byte costs one lookup of 8 bytes per 8 values, where sign bits cost five
-// integer operations a quad to spread into bytes (byte_sign_masks does the same for IQ2_S's sign bits).
-TORCHEXT_HD uint64_t pattern_mask(uint32_t patterns, int g) {
-  return TORCHEXT_IQ_STAGED_READ(iq2_sign_masks, (patterns >> (7 * g)) & 0x7Fu);
+// The 4 sign bits of quad i from a word of four 7-bit sign-pattern indexes (IQ2_XXS, IQ3_XXS): pattern
+// i / 2 covers 8 values, the quad its low or high half.
+TORCHEXT_HD uint32_t pattern_signs(uint32_t patterns, int i) {
+  return uint32_t(TORCHEXT_IQ_READ(iq2_signs, (patterns >> (7 * (i / 2))) & 0x7Fu)) >> (4 * (i % 2));
 }
 
 // Loads a sub-block and decodes it: the QuantTraits interface from a format's Grid, which supplies
@@ -138,9 +115,9 @@ struct GridTraits : UnpackedChunks<GridTraits<Grid>> {
   static constexpr int kAlign = Grid::kAlign;
   static constexpr int kItems = 8;  // item j: sub-block j, one Q8_1 block
   static constexpr bool kHalfScales = Grid::kScaleValues == 16;
-  static constexpr size_t kTableBytes = Grid::kTableBytes;
-#if defined(__CUDACC__) && defined(TORCHEXT_IQ_TABLES_IN_SHARED)
-  static __device__ __forceinline__ void stage_tables() { Grid::stage_tables(); }
+  static constexpr size_t kGridBytes = Grid::kGridBytes;
+#if defined(__CUDACC__) && defined(TORCHEXT_IQ_GRIDS_IN_SHARED)
+  static __device__ __forceinline__ void stage_grid() { Grid::stage_grid(); }
 #endif
 
   // Sub-block j as words q[i] (values 4i .. 4i+3) and the scales of its halves (UnpackedChunks).
@@ -182,27 +159,27 @@ struct GridTraits : UnpackedChunks<GridTraits<Grid>> {
   }
 };
 
-#if defined(__CUDACC__) && defined(TORCHEXT_IQ_TABLES_IN_SHARED)
+#if defined(__CUDACC__) && defined(TORCHEXT_IQ_GRIDS_IN_SHARED)
 template <class T, class = void>
-struct HasTables : std::false_type {};
+struct HasGrid : std::false_type {};
 template <class T>
-struct HasTables<T, std::void_t<decltype(T::kTableBytes)>> : std::true_type {};
+struct HasGrid<T, std::void_t<decltype(T::kGridBytes)>> : std::true_type {};
 
-// The static shared memory that stage_iq_tables<T> fills: the tables of format T (IQ2_S: its sign masks
-// only, its grid stays global), none for the formats without.
+// The static shared memory that stage_iq_grid<T> fills: the grid of format T, none for the others
+// (and IQ2_S, whose grid stays global).
 template <class T>
-constexpr size_t shared_table_bytes() {
-  if constexpr (HasTables<T>::value) return T::kTableBytes;
+constexpr size_t shared_grid_bytes() {
+  if constexpr (HasGrid<T>::value) return T::kGridBytes;
   return 0;
 }
 
-// Called by every thread of the CTA before any decoding: format T's tables (if it has any) copied
+// Called by every thread of the CTA before any decoding: format T's grid (if it has one) copied
 // into shared memory. It reads only the tables, so a kernel may call it before waiting for the
 // kernels it depends on.
 template <class T>
-__device__ __forceinline__ void stage_iq_tables() {
-  if constexpr (shared_table_bytes<T>() > 0) {
-    T::stage_tables();
+__device__ __forceinline__ void stage_iq_grid() {
+  if constexpr (shared_grid_bytes<T>() > 0) {
+    T::stage_grid();
     __syncthreads();
   }
 }
@@ -212,7 +189,7 @@ __device__ __forceinline__ void stage_iq_tables() {
 // 8-value grid points of 8, 25, 43. IQ2_XXS: sub-block j is qs[4j .. 4j+3] as two words (4 point
 // indexes; 4 sign-pattern indexes and ls), d = fp16 d * (0.5 + ls) / 4.
 struct IQ2XXSGrid {
-  TORCHEXT_IQ_STAGED_2(iq2xxs_grid, iq2_sign_masks)
+  TORCHEXT_IQ_GRID_OF(iq2xxs_grid)
   using block = block_iq2_xxs;
   static constexpr int kAlign = 2;  // 66-byte blocks
   static constexpr int kScaleValues = 32;
@@ -229,8 +206,8 @@ struct IQ2XXSGrid {
     r.d = b.d;
   }
   static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
-    const uint64_t point = TORCHEXT_IQ_STAGED_READ(iq2xxs_grid, (r.points >> (8 * (i / 2))) & 0xFFu);
-    return point_half(apply_sign_mask(point, pattern_mask(r.signs_scale, i / 2)), i);
+    const uint64_t point = TORCHEXT_IQ_GRID_READ(iq2xxs_grid, (r.points >> (8 * (i / 2))) & 0xFFu);
+    return apply_signs(point_half(point, i), pattern_signs(r.signs_scale, i));
   }
   static TORCHEXT_HD float scale(const Raw& r, int) { return fp16f(r.d) * (0.5f + float(r.signs_scale >> 28)) * 0.25f; }
 };
@@ -243,7 +220,7 @@ TORCHEXT_HD float iq2_half_scale(fp16_bits d, uint8_t scales, int h) {
 
 // IQ2_XS: qs[4j + g] = point index (9 bits) | sign-pattern index << 9 for values 8g .. 8g+7.
 struct IQ2XSGrid {
-  TORCHEXT_IQ_STAGED_2(iq2xs_grid, iq2_sign_masks)
+  TORCHEXT_IQ_GRID_OF(iq2xs_grid)
   using block = block_iq2_xs;
   static constexpr int kAlign = 2;  // 74-byte blocks
   static constexpr int kScaleValues = 16;
@@ -263,8 +240,8 @@ struct IQ2XSGrid {
   }
   static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
     const uint32_t code = (pick_word(r.codes, i >= 4) >> (16 * ((i / 2) % 2))) & 0xFFFFu;
-    const uint64_t point = TORCHEXT_IQ_STAGED_READ(iq2xs_grid, code & 0x1FFu);
-    return point_half(apply_sign_mask(point, TORCHEXT_IQ_STAGED_READ(iq2_sign_masks, code >> 9)), i);
+    const uint32_t signs = uint32_t(TORCHEXT_IQ_READ(iq2_signs, code >> 9)) >> (4 * (i % 2));
+    return apply_signs(point_half(TORCHEXT_IQ_GRID_READ(iq2xs_grid, code & 0x1FFu), i), signs);
   }
   static TORCHEXT_HD float scale(const Raw& r, int h) { return iq2_half_scale(r.d, r.scales, h); }
 };
@@ -273,9 +250,8 @@ template <> struct QuantTraits<QType::IQ2_XS> : FormatTraits<QType::IQ2_XS, Grid
 // IQ2_S: point index qs[4j + g] | bits 2g, 2g+1 of qh[j] << 8 (10 bits), signs[4j + g] its 8 signs.
 struct IQ2SGrid {
   // Its grid stays in global memory: in shared memory the 1-row DP4A GEMV took 40 registers instead
-  // of 32 (3 CTAs an SM instead of 4) and 26.3 us instead of 21.6 (H200, 4096x14336, L2 cold). Its
-  // sign masks (2 KB) are staged.
-  TORCHEXT_IQ_STAGED_1(byte_sign_masks)
+  // of 32 (3 CTAs an SM instead of 4) and 26.3 us instead of 21.6 (H200, 4096x14336, L2 cold).
+  static constexpr size_t kGridBytes = 0;
   using block = block_iq2_s;
   static constexpr int kAlign = 2;  // 82-byte blocks
   static constexpr int kScaleValues = 16;
@@ -296,8 +272,7 @@ struct IQ2SGrid {
   static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
     const int g = i / 2;
     const uint32_t index = ((r.points >> (8 * g)) & 0xFFu) | (uint32_t(r.qh >> (2 * g)) & 3u) << 8;
-    const uint64_t mask = TORCHEXT_IQ_STAGED_READ(byte_sign_masks, (r.signs >> (8 * g)) & 0xFFu);
-    return point_half(apply_sign_mask(TORCHEXT_IQ_READ(iq2s_grid, index), mask), i);
+    return apply_signs(point_half(TORCHEXT_IQ_READ(iq2s_grid, index), i), r.signs >> (4 * i));
   }
   static TORCHEXT_HD float scale(const Raw& r, int h) { return iq2_half_scale(r.d, r.scales, h); }
 };
@@ -307,7 +282,7 @@ template <> struct QuantTraits<QType::IQ2_S> : FormatTraits<QType::IQ2_S, GridTr
 // Quad i of sub-block j: grid point qs[8j + i]; signs and ls from the word signs_scales[4j ..];
 // d = fp16 d * (0.5 + ls) / 2.
 struct IQ3XXSGrid {
-  TORCHEXT_IQ_STAGED_2(iq3xxs_grid, iq2_sign_masks)
+  TORCHEXT_IQ_GRID_OF(iq3xxs_grid)
   using block = block_iq3_xxs;
   static constexpr int kAlign = 2;  // 98-byte blocks
   static constexpr int kScaleValues = 32;
@@ -324,10 +299,8 @@ struct IQ3XXSGrid {
     r.d = b.d;
   }
   static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
-    const uint32_t point = TORCHEXT_IQ_STAGED_READ(iq3xxs_grid, (pick_word(r.qs, i >= 4) >> (8 * (i % 4))) & 0xFFu);
-    // a lookup a quad, as the MMA paths take single quads (a pair of points a lookup of masks took 4%
-    // more instructions in the DP4A GEMV and a second grid lookup a quad in the tensor-core ones)
-    return apply_sign_mask(point, point_half(pattern_mask(r.signs_scale, i / 2), i));
+    const uint32_t grid = TORCHEXT_IQ_GRID_READ(iq3xxs_grid, (pick_word(r.qs, i >= 4) >> (8 * (i % 4))) & 0xFFu);
+    return apply_signs(grid, pattern_signs(r.signs_scale, i));
   }
   static TORCHEXT_HD float scale(const Raw& r, int) { return fp16f(r.d) * (0.5f + float(r.signs_scale >> 28)) * 0.5f; }
 };
@@ -337,7 +310,7 @@ template <> struct QuantTraits<QType::IQ3_XXS> : FormatTraits<QType::IQ3_XXS, Gr
 // Quad i of sub-block j: grid point qs[8j + i] | (bit i of qh[j]) << 8, signs bits 4(i%2) .. of
 // signs[4j + i/2]; d = fp16 d * (1 + 2 ls).
 struct IQ3SGrid {
-  TORCHEXT_IQ_STAGED_1(iq3s_grid)
+  TORCHEXT_IQ_GRID_OF(iq3s_grid)
   using block = block_iq3_s;
   static constexpr int kAlign = 2;  // 110-byte blocks
   static constexpr int kScaleValues = 32;
@@ -359,7 +332,7 @@ struct IQ3SGrid {
   }
   static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
     const uint32_t index = ((pick_word(r.qs, i >= 4) >> (8 * (i % 4))) & 0xFFu) | (uint32_t(r.qh >> i) & 1u) << 8;
-    return apply_signs(TORCHEXT_IQ_STAGED_READ(iq3s_grid, index), r.signs >> (4 * i));
+    return apply_signs(TORCHEXT_IQ_GRID_READ(iq3s_grid, index), r.signs >> (4 * i));
   }
   static TORCHEXT_HD float scale(const Raw& r, int) {
     return fp16f(r.d) * float(1 + 2 * ((r.scales >> r.shift) & 0xF));
@@ -368,16 +341,21 @@ struct IQ3SGrid {
 template <> struct QuantTraits<QType::IQ3_S> : FormatTraits<QType::IQ3_S, GridTraits<IQ3SGrid>> {};
 
 // ---------------------------------------------------------------- IQ1_S
-// x = dl * (grid + delta), grid values -1, 0, 1, delta = +-1/8 per sub-block (IQ1_S) or per 8 values
-// (IQ1_M). Counted in eighths, q = 8 * grid +- 1 is an int8 (|q| <= 9) and d = dl / 8, exact: the slice
-// form d * q with no offset, whatever the delta's granularity. The table iq1s_eighths holds q for both
-// deltas (point j with +1/8 at j, with -1/8 at 2048 + j), so a quad is its lookup and nothing else.
-constexpr uint32_t kIQ1NegativeDelta = 2048;  // where iq1s_eighths' points with delta -1/8 start
+// x = dl * (grid + delta), grid values -1, 0, 1 (stored + 1), delta = +-1/8 per sub-block (IQ1_S) or
+// per 8 values (IQ1_M). Counted in eighths, q = 8 * grid +- 1 is an int8 (|q| <= 9) and d = dl / 8,
+// exact: the slice form d * q with no offset, whatever the delta's granularity.
+
+// Quad i's eighths from its half of an IQ1 grid point (bytes grid + 1): 8 * (grid + 1) + (7 or 9) - 16,
+// the subtraction done on biased bytes (no borrow between bytes).
+TORCHEXT_HD uint32_t iq1_eighths(uint64_t point, int i, bool negative_delta) {
+  const uint32_t biased = (point_half(point, i) << 3) + (negative_delta ? 0x07070707u : 0x09090909u);
+  return ((biased | 0x80808080u) - 0x10101010u) ^ 0x80808080u;
+}
 
 // Sub-block j: point indexes qs[4j + g] | bits 3g .. 3g+2 of qh[j] << 8; qh[j]'s bits 12-14 are ls
 // (dl = fp16 d * (2 ls + 1)), bit 15 the delta's sign.
 struct IQ1SGrid {
-  TORCHEXT_IQ_STAGED_1(iq1s_eighths)
+  TORCHEXT_IQ_GRID_OF(iq1s_grid)
   using block = block_iq1_s;
   static constexpr int kAlign = 2;  // 50-byte blocks
   static constexpr int kScaleValues = 32;
@@ -395,9 +373,8 @@ struct IQ1SGrid {
   }
   static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
     const int g = i / 2;
-    const uint32_t index = ((r.points >> (8 * g)) & 0xFFu) | ((uint32_t(r.qh) >> (3 * g)) & 7u) << 8 |
-                           (uint32_t(r.qh) >> 15) * kIQ1NegativeDelta;
-    return point_half(TORCHEXT_IQ_STAGED_READ(iq1s_eighths, index), i);
+    const uint32_t index = ((r.points >> (8 * g)) & 0xFFu) | ((uint32_t(r.qh) >> (3 * g)) & 7u) << 8;
+    return iq1_eighths(TORCHEXT_IQ_GRID_READ(iq1s_grid, index), i, r.qh & 0x8000u);
   }
   static TORCHEXT_HD float scale(const Raw& r, int) { return fp16f(r.d) * float(2 * ((r.qh >> 12) & 7) + 1) * 0.125f; }
 };
@@ -408,7 +385,7 @@ template <> struct QuantTraits<QType::IQ1_S> : FormatTraits<QType::IQ1_S, GridTr
 // the delta's sign; 3-bit ls per 16 values (dl = d * (2 ls + 1)), fp16 d from the scale words' top
 // nibbles.
 struct IQ1MGrid {
-  TORCHEXT_IQ_STAGED_1(iq1s_eighths)
+  TORCHEXT_IQ_GRID_OF(iq1s_grid)
   using block = block_iq1_m;
   static constexpr int kAlign = 8;  // 56-byte blocks
   static constexpr int kScaleValues = 16;
@@ -429,9 +406,8 @@ struct IQ1MGrid {
   static TORCHEXT_HD uint32_t quad(const Raw& r, int i) {
     const int g = i / 2;
     const uint32_t nibble = (uint32_t(r.qh) >> (4 * g)) & 0xFu;
-    static_assert(kIQ1NegativeDelta == 8u << 8, "the nibble's bit 3 (delta -1/8) is the table's upper half");
-    const uint32_t index = ((r.points >> (8 * g)) & 0xFFu) | nibble << 8;
-    return point_half(TORCHEXT_IQ_STAGED_READ(iq1s_eighths, index), i);
+    const uint32_t index = ((r.points >> (8 * g)) & 0xFFu) | (nibble & 7u) << 8;
+    return iq1_eighths(TORCHEXT_IQ_GRID_READ(iq1s_grid, index), i, nibble & 8u);
   }
   static TORCHEXT_HD float scale(const Raw& r, int h) {
     const uint32_t w0 = r.scales[0], w1 = r.scales[1];  // scale words 0 | 1 << 16, 2 | 3 << 16
@@ -444,9 +420,8 @@ struct IQ1MGrid {
 };
 template <> struct QuantTraits<QType::IQ1_M> : FormatTraits<QType::IQ1_M, GridTraits<IQ1MGrid>> {};
 
-#undef TORCHEXT_IQ_STAGED_1
-#undef TORCHEXT_IQ_STAGED_2
-#undef TORCHEXT_IQ_STAGED_READ
+#undef TORCHEXT_IQ_GRID_OF
+#undef TORCHEXT_IQ_GRID_READ
 #undef TORCHEXT_IQ_READ
 
 }  // namespace torchext

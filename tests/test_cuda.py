@@ -39,7 +39,7 @@ from test_matmul import takes_gemv
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
 ops = torch.ops.torchext
-Q4_K, Q5_K, Q6_K, Q8_0, Q4_0, Q5_0 = 12, 13, 14, 8, 2, 6
+Q4_K, Q5_K, Q6_K, Q8_0, Q4_0, Q5_0, IQ1_S = 12, 13, 14, 8, 2, 6, 19
 DENSE_TOL = {torch.float32: 3e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 GEMV_TOL = 1e-5
 
@@ -342,10 +342,12 @@ def test_qmatmul_cuda_matches_cpu(rows, n, k, qtype, dtype):
 # device's opt-in limit (223 KB usable on an H100): 8 rows of k = 24576 (240 KB) do not fit and go
 # as two groups of 4; a row of k = 183296 (229 KB) does not fit at all and is read from global
 # memory (kernels/gemv_q8_1.cu). The tensor-core GEMV, which takes k-quants from 2 rows on an H100
-# (kernels/batch_policy.h), reads activations from global memory at any K.
+# (kernels/batch_policy.h), reads activations from global memory at any K. One staged IQ1_S row of k = 32768
+# (40 KB) beside the kernel's 16 KB static grid passes the 48 KB that a launch takes without the opt-in.
 @pytest.mark.parametrize("qtype,n,k,rows", [(Q4_K, 5, 24576, 8), (Q5_0, 5, 24576, 8), (Q8_0, 3, 183296, 2),
-                                            (Q6_K, 2, 183296, 1)],
-                         ids=["8rows_long_mma", "8rows_in_2_groups", "unstaged_2rows", "unstaged_q6k"])
+                                            (Q6_K, 2, 183296, 1), (IQ1_S, 3, 32768, 1)],
+                         ids=["8rows_long_mma", "8rows_in_2_groups", "unstaged_2rows", "unstaged_q6k",
+                              "1row_static_grid_over_48k"])
 def test_qmatmul_rows_too_long_to_stage(qtype, n, k, rows):
     qtype = int(qtype)
     w = random_weight(qtype, n, k, "cuda", seed=k)

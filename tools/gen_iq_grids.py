@@ -1,5 +1,5 @@
 """Writes kernels/iq_grids.h: the lookup tables of the grid-based imatrix formats (IQ2_XXS, IQ2_XS,
-IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M) and their sign patterns, taken from the `gguf` package's numpy
+IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M) and their sign table, taken from the `gguf` package's numpy
 dequantizers (gguf.quants), so that the C++ tables are gguf's by construction.
 
     python tools/gen_iq_grids.py            # rewrite the header
@@ -25,45 +25,20 @@ GRIDS = [
     ("IQ2S_GRID", gq.IQ2_S, "values 8, 25, 43"),
     ("IQ3XXS_GRID", gq.IQ3_XXS, "values 4 .. 62"),
     ("IQ3S_GRID", gq.IQ3_S, "odd values 1 .. 15"),
+    # -1, 0, 1 stored as value + 1 (0, 1, 2: gguf's packed codes): unsigned bytes that a shift by 3
+    # scales without a borrow between bytes. IQ1_M shares IQ1_S's grid.
+    ("IQ1S_GRID", gq.IQ1_S, "value + 1 for values -1, 0, 1"),
 ]
 
 
-def byte_words(values: np.ndarray) -> list[int]:
-    """Rows of int8 values as little-endian words, byte i = value i (two's complement)."""
-    assert (values >= -128).all() and (values < 128).all()
-    width = values.shape[1]
-    shifts = 8 * np.arange(width, dtype=np.uint64)
-    words = ((values.astype(np.int64) & 0xFF).astype(np.uint64) << shifts).sum(axis=1, dtype=np.uint64)
-    return [int(w) for w in words]
-
-
-def grid_points(cls) -> np.ndarray:
-    """gguf's grid of `cls`, one row of values per grid point."""
+def grid_words(cls, offset: int) -> tuple[list[int], int]:
+    """gguf's grid of `cls` as integers, one word per grid point, and the word's size in bytes."""
     cls.init_grid()
-    return cls.grid.reshape(cls.grid_shape).astype(np.int64)
-
-
-def iq1_eighths() -> list[int]:
-    """IQ1_S's grid points (values -1, 0, 1) counted in eighths with the block's delta of +-1/8 added:
-    entry j is point j's 8 * value + 1, entry 2048 + j its 8 * value - 1 (IQ1_M shares the grid)."""
-    grid = grid_points(gq.IQ1_S)
-    assert set(np.unique(grid)) <= {-1, 0, 1}
-    return byte_words(8 * grid + 1) + byte_words(8 * grid - 1)
-
-
-def sign_masks() -> list[int]:
-    """The sign patterns of IQ2_XXS, IQ2_XS and IQ3_XXS as byte masks: byte i of entry p is 0xFF where
-    value i of pattern p is negative (bit i of gguf's ksigns[p]), else 0."""
-    signs = np.frombuffer(gq.IQ2_XXS.ksigns, dtype=np.uint8).astype(np.int64)
-    negative = (signs[:, None] >> np.arange(8)) & 1
-    return byte_words(-negative)
-
-
-def byte_sign_masks() -> list[int]:
-    """Sign bits as byte masks (IQ2_S, which stores a sign bit a value): byte i of entry b is 0xFF
-    where bit i of b is set, else 0."""
-    negative = (np.arange(256)[:, None] >> np.arange(8)) & 1
-    return byte_words(-negative)
+    grid = cls.grid.reshape(cls.grid_shape).astype(np.int64) + offset
+    assert (grid >= 0).all() and (grid < 128).all(), cls.__name__
+    width = grid.shape[1]
+    words = (grid.astype(np.uint64) << (8 * np.arange(width, dtype=np.uint64))).sum(axis=1, dtype=np.uint64)
+    return [int(w) for w in words], width
 
 
 def table_macro(name: str, words: list[int], digits: int, per_line: int) -> list[str]:
@@ -85,23 +60,15 @@ def render() -> str:
         "",
     ]
     for name, cls, held in GRIDS:
-        points = grid_points(cls)
-        assert (points > 0).all(), cls.__name__  # apply_sign_mask negates without a borrow between bytes
-        width = points.shape[1]
-        out.append(f"// {cls.__name__}: {len(points)} grid points of {width} values; byte i of entry j is value i "
+        words, width = grid_words(cls, 1 if cls is gq.IQ1_S else 0)
+        out.append(f"// {cls.__name__}: {len(words)} grid points of {width} values; byte i of entry j is value i "
                    f"of point j ({held}).")
-        out += table_macro(name, byte_words(points), 2 * width, 8 if width == 4 else 4)
+        out += table_macro(name, words, 2 * width, 8 if width == 4 else 4)
         out.append("")
-    out.append("// IQ1_S and IQ1_M: 2048 grid points of 8 values -1, 0, 1, in eighths with the delta added; byte i of")
-    out.append("// entry j is 8 * (value i of point j) + 1, of entry 2048 + j the same minus 1 (int8).")
-    out += table_macro("IQ1S_EIGHTHS", iq1_eighths(), 16, 4)
-    out.append("")
-    out.append("// The sign patterns of IQ2_XXS, IQ2_XS and IQ3_XXS (gguf's ksigns: 7 bits and their parity) as masks:")
-    out.append("// byte i of entry p is 0xFF where value i of pattern p is negative, else 0.")
-    out += table_macro("IQ2_SIGN_MASKS", sign_masks(), 16, 4)
-    out.append("")
-    out.append("// Sign bits as masks (IQ2_S): byte i of entry b is 0xFF where bit i of b is set, else 0.")
-    out += table_macro("BYTE_SIGN_MASKS", byte_sign_masks(), 16, 4)
+    signs = list(np.frombuffer(gq.IQ2_XXS.ksigns, dtype=np.uint8))
+    out.append("// The sign patterns of IQ2_XXS, IQ2_XS and IQ3_XXS: a 7-bit index gives 8 sign bits (bit i set:")
+    out.append("// value i is negative), the 8th the parity of the other 7.")
+    out += table_macro("IQ2_SIGNS", [int(s) for s in signs], 2, 16)
     return "\n".join(out) + "\n"
 
 
