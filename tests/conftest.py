@@ -306,6 +306,12 @@ def half_ulp(dtype: torch.dtype) -> float:
     return {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
 
 
+def half_tiny(dtype: torch.dtype) -> float:
+    """Absolute error of one round-to-nearest into dtype below its normal range (half the subnormal
+    spacing), where half_ulp's relative bound no longer holds: 2^-150, 2^-25, 2^-134."""
+    return {torch.float32: 2.0**-150, torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134}[dtype]
+
+
 def half_weight_rounding(dtype: torch.dtype, absref, offabs, xabs):
     """The error CUDA's fp16/bf16 paths beyond the GEMVs add by computing the weights in that dtype,
     for activations x: the dense path rounds each weight once (u * |W|) and may reduce in the dtype;

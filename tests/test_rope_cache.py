@@ -17,13 +17,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import torchext
-from conftest import raises_on_cpu_and_meta
+from conftest import half_tiny, half_ulp, raises_on_cpu_and_meta
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-HALF_ULP = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-# half the spacing of the dtype's subnormals: the rounding's absolute error below the normal range
-HALF_TINY = {torch.float32: 2.0**-150, torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134}
 U = 2.0**-24
 
 # (batch, rows, heads, kv_heads, dim, keys, positions)
@@ -70,14 +67,14 @@ def oracle_heads(x, w, cos, sin, eps):
         factor = 1.0 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
         exact = x64 * factor * w.double().cpu()
         x64 = exact.to(x.dtype).double()  # the normed head is a tensor of x's dtype
-        err = (2 * HALF_ULP[x.dtype] + (dim + 8) * U) * exact.abs() + 2 * HALF_TINY[x.dtype]
+        err = (2 * half_ulp(x.dtype) + (dim + 8) * U) * exact.abs() + 2 * half_tiny(x.dtype)
     half = x.shape[-1] // 2
     c, s = cos.double().cpu()[None, :, None, :], sin.double().cpu()[None, :, None, :]
     rot = torch.cat([-x64[..., half:], x64[..., :half]], dim=-1)
     rot_err = torch.cat([err[..., half:], err[..., :half]], dim=-1)
     out = x64 * c + rot * s
     terms = (x64 * c).abs() + (rot * s).abs()
-    bound = err * c.abs() + rot_err * s.abs() + 3 * U * terms + HALF_ULP[x.dtype] * out.abs() + HALF_TINY[x.dtype]
+    bound = err * c.abs() + rot_err * s.abs() + 3 * U * terms + half_ulp(x.dtype) * out.abs() + half_tiny(x.dtype)
     return out, bound
 
 
