@@ -323,6 +323,16 @@ def half_weight_rounding(dtype: torch.dtype, absref, offabs, xabs):
     return (2 * u + 2 * u * u) * (absref + 2 * offabs) + tiny(dtype) * xabs
 
 
+def fp32_sum_error(abssum, terms: int):
+    """The largest error of an fp32 sum of `terms` terms (products rounded once or fused in an fma, or exact
+    values), added in any order, against the exact sum; abssum is the sum of the terms' magnitudes (|x| @ |W|.T
+    for a matmul). Each term passes through at most `terms` roundings of relative error u = 2^-24, so the error
+    is at most gamma_n * abssum, gamma_n = n u / (1 - n u) (Higham, Accuracy and Stability of Numerical
+    Algorithms, 3.1), plus 2^-149 for each product that falls below fp32's normal range (a sum is exact there)."""
+    u = half_ulp(torch.float32)
+    return terms * u / (1 - terms * u) * abssum + terms * 2.0**-149
+
+
 def tiny(dtype: torch.dtype) -> float:
     """Absolute rounding error near zero (half the smallest subnormal): float16's subnormals
     start at 2^-24, so results below 2^-14 lose relative precision there."""

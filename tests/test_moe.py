@@ -12,6 +12,11 @@ Tolerances:
   1.1-Lipschitz), bounds the gated activations' error dh; the down projection adds |W_down| @ dh and
   the Q8_1 bound of the activations it actually rounded (whose block maxima are within dh of the
   oracle's). The combine weights each slot's bound by its routing score.
+- against transformers' blocks and CUDA against the CPU (exact=True, routed_oracle): each side at the
+  routing its own router gave (transformers' router is the same ops: the same bits), within a worst-case
+  fp32 bound of the float64 oracle at that routing: each projection an fp32 sum of k exact products
+  (conftest.fp32_sum_error), SiLU's and the gating product's roundings, the down projection, the
+  scores' weighted sum (exact_mlp, routed_oracle).
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from gguf import GGUFReader, GGUFWriter
 from gguf.quants import dequantize as gguf_dequantize
 
 import torchext
-from conftest import DEVICES, capture_graph, gaussian_activations, requires_cuda
+from conftest import DEVICES, capture_graph, fp32_sum_error, gaussian_activations, half_ulp, requires_cuda
 from test_matmul import q8_1_bound
 from torchext import WeightCache
 from torchext.nn import QuantExperts, QuantSparseMoeBlock, TopKRouter
 
 E, TOP_K, H, I = 8, 2, 256, 256  # experts, experts per token, hidden size, expert intermediate size
 SILU_LIPSCHITZ = 1.1  # max |silu'| = 1.0998
+U32 = half_ulp(torch.float32)
 
 
 @pytest.fixture(autouse=True)
@@ -114,6 +120,55 @@ def mlp_with_bounds(x, gate, up, down):
     return out, bounds[0], bounds[1]
 
 
+def exact_mlp(x, gate, up, down):
+    """down(silu(gate x) * up x) in float64 for x [T, H] (fp32 values) and its bound for an fp32 evaluation on these
+    exact weights (exact=True, or transformers' dense modules): the gate and up projections fp32 sums of H
+    products (fp32_sum_error); SiLU in fp32 within 7u of its value at the projections' outputs (expf within 2
+    ulp, i.e. 4u, then the add, the division and, where it is x times its sigmoid, that product; u = 2^-24),
+    the product by up another u, so h within 9u of silu(g~) u~ (second-order terms too), which parts from
+    silu(g) u by SILU_LIPSCHITZ dg (|u| + du) + |silu(g)| du; the down projection carries h's error through
+    |W_down| and adds its own sum's."""
+    g, u = x @ gate.T, x @ up.T
+    h = silu(g) * u
+    dg = fp32_sum_error(np.abs(x) @ np.abs(gate).T, gate.shape[1])
+    du = fp32_sum_error(np.abs(x) @ np.abs(up).T, up.shape[1])
+    dh = SILU_LIPSCHITZ * dg * (np.abs(u) + du) + np.abs(silu(g)) * du
+    dh = dh + 9 * U32 * (np.abs(h) + dh)
+    bound = dh @ np.abs(down).T + fp32_sum_error((np.abs(h) + dh) @ np.abs(down).T, down.shape[1])
+    return h @ down.T, bound
+
+
+def routed_oracle(x, ids, scores, gate, up, down, shared=None):
+    """(y, bound) float64 [T, H]: the block's output at the routing its router gave, ids [T, top_k] and their fp32
+    scores, for x [T, H], and the bound of an fp32 evaluation on exact weights. Each slot's exact_mlp bound
+    times its score; the weighted sum an fp32 sum of top_k products score * output (fp32_sum_error of their
+    magnitudes, the outputs' errors included). shared: Qwen2-MoE's shared expert (gate [Is, H], up [Is, H],
+    down [H, Is], gate_inp [H]): its exact_mlp; its scale sigmoid(x . gate_inp) an fp32 sum of H products
+    through the 1/4-Lipschitz sigmoid, which in fp32 is within 6u (expf, the add, the division; 7u with the
+    second-order terms); the product by the scale and the add to the experts' sum u each."""
+    x, ids, scores, gate, up, down = (np.asarray(t, dtype=np.float64) for t in (x, ids, scores, gate, up, down))
+    ids = ids.astype(np.int64)
+    y, err, mag = np.zeros_like(x), np.zeros_like(x), np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e, s in zip(ids[t], scores[t]):
+            out, b = exact_mlp(x[t:t + 1], gate[e], up[e], down[e])
+            y[t] += s * out[0]
+            err[t] += s * b[0]
+            mag[t] += s * (np.abs(out[0]) + b[0])
+    err = err + fp32_sum_error(mag, ids.shape[1])
+    if shared is not None:
+        s_gate, s_up, s_down, s_inp = (np.asarray(t, dtype=np.float64) for t in shared)
+        out, b = exact_mlp(x, s_gate, s_up, s_down)
+        scale = (1 / (1 + np.exp(-(x @ s_inp))))[:, None]
+        ds = fp32_sum_error(np.abs(x) @ np.abs(s_inp), x.shape[1])[:, None] / 4
+        ds = ds + 7 * U32 * (scale + ds)
+        s_err = ds * (np.abs(out) + b) + scale * b
+        s_err = s_err + U32 * (scale * np.abs(out) + s_err)
+        err = (err + s_err) * (1 + U32) + U32 * (np.abs(y) + scale * np.abs(out))
+        y = y + scale * out
+    return y, err
+
+
 def assert_block_close(y, ref, bound, what=""):
     y64 = y.detach().double().cpu().numpy().reshape(ref.shape)
     err = np.abs(y64 - ref)
@@ -193,7 +248,7 @@ def test_gguf_block_matches_float64_oracle(tmp_path, shared, device):
 # ---- transformers' blocks ----------------------------------------------------------------------------
 
 def dequantized(experts: QuantExperts):
-    """The experts' weights as float32 [E, n, k], as torchext.dequantize gives them."""
+    """The experts' weights as float32 [E, n, k], as torchext.dequantize gives them (gguf's values)."""
     out = []
     for w, q, (n, k) in zip((experts.gate_proj, experts.up_proj, experts.down_proj), experts.qtypes,
                             ((experts.intermediate_size, experts.hidden_size),) * 2
@@ -204,9 +259,9 @@ def dequantized(experts: QuantExperts):
 
 @pytest.mark.parametrize("tokens", [3, 40])
 def test_equals_transformers_qwen3_moe_block(tokens):
-    """transformers' Qwen3MoeSparseMoeBlock with the dequantized weights: the same routing, the same
-    outputs up to float32 rounding (exact=True; transformers adds the experts' outputs in float32
-    too here)."""
+    """transformers' Qwen3MoeSparseMoeBlock with the dequantized weights: the same routing (bit for bit),
+    and both outputs within the fp32 bound of the float64 oracle at that routing (exact=True; transformers
+    adds the experts' outputs in float32 too here)."""
     transformers = pytest.importorskip("transformers")
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
@@ -224,8 +279,12 @@ def test_equals_transformers_qwen3_moe_block(tokens):
         x = gaussian_activations((2, tokens, H), seed=tokens)
         expected = theirs(x)
         got = block(x)
+        routing, their_routing = block.gate(x), theirs.gate(x)
     assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(routing, their_routing))
+    ref, bound = routed_oracle(x.reshape(-1, H), routing[2], routing[1], g.double(), u.double(), d.double())
+    assert_block_close(got, ref, bound, "torchext")
+    assert_block_close(expected, ref, bound, "transformers")
 
 
 def test_equals_transformers_qwen2_moe_block_with_shared_expert(tmp_path):
@@ -251,7 +310,15 @@ def test_equals_transformers_qwen2_moe_block_with_shared_expert(tmp_path):
                 torchext.dequantize(m.weight, m.qtype, m.out_features, m.in_features))
         theirs.shared_expert_gate.weight.copy_(shared.gate_weight.unsqueeze(0))
         x = gaussian_activations((1, 7, H), seed=5)
-        torch.testing.assert_close(block(x), theirs(x), rtol=1e-5, atol=1e-5)
+        got, expected = block(x), theirs(x)
+        routing, their_routing = block.gate(x), theirs.gate(x)
+        shared_w = [getattr(theirs.shared_expert, p).weight.double() for p in ("gate_proj", "up_proj", "down_proj")]
+    # the same routing (bit for bit), then both within the fp32 bound of the float64 oracle there
+    assert all(torch.equal(a, b) for a, b in zip(routing, their_routing))
+    ref, bound = routed_oracle(x.reshape(-1, H), routing[2], routing[1], g.double(), u.double(), d.double(),
+                               shared=(*shared_w, shared.gate_weight.double()))
+    assert_block_close(got, ref, bound, "torchext")
+    assert_block_close(expected, ref, bound, "transformers")
 
 
 # ---- compile, CUDA graphs ----------------------------------------------------------------------------
@@ -276,13 +343,37 @@ def test_block_compiles_fullgraph(tokens, device):
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
+def assert_cuda_and_cpu_blocks_close(block, block_cpu, x):
+    """block (on CUDA) and block_cpu (exact=True, the same weights) on x [T, H]: each device's output within the
+    fp32 bound of the float64 oracle at the routing its own router gave (routed_oracle); the two routers pick
+    the same experts, as the data keeps every token's top_k-th and next logits apart by more than both
+    devices' fp32 logit errors (fp32_sum_error) and the softmax's roundings (shift and expf: 8u (1 + |l|))."""
+    g, u, d = (w.double() for w in dequantized(block_cpu.experts))
+    x64 = x.double().numpy()
+    router = block_cpu.gate.proj.weight.detach().double().numpy()
+    logits = np.sort(x64 @ router.T, axis=1)[:, ::-1]
+    k = block_cpu.gate.top_k
+    logit_err = fp32_sum_error(np.abs(x64) @ np.abs(router).T, x.shape[1]).max(1)
+    apart = 2 * logit_err + 8 * U32 * (1 + np.abs(logits).max(1))
+    assert (logits[:, k - 1] - logits[:, k] > apart).all(), "routing too close to a tie for this test's data"
+    ids = []
+    with torch.no_grad():
+        for b in (block, block_cpu):
+            dev = b.gate.proj.weight.device
+            _, scores, idx = b.gate(x.to(dev))
+            ref, bound = routed_oracle(x, idx.cpu(), scores.cpu(), g, u, d)
+            assert_block_close(b(x.to(dev)).cpu(), ref, bound, str(dev))
+            ids.append(idx.sort(1).values.cpu())
+    assert torch.equal(*ids)
+
+
 @requires_cuda
 @pytest.mark.parametrize("tokens", [1, 8, 33])
 def test_block_cuda_matches_cpu_and_captures(tokens):
     block_cpu = small_block("cpu", exact=True)
     block = small_block("cuda", exact=True)
     x = gaussian_activations((tokens, H), seed=tokens)
-    torch.testing.assert_close(block(x.cuda()).cpu(), block_cpu(x), rtol=1e-4, atol=1e-4)
+    assert_cuda_and_cpu_blocks_close(block, block_cpu, x)
     static_x = torch.zeros(tokens, H, device="cuda")
     with torch.no_grad():
         graph, out = capture_graph(lambda: block(static_x))
