@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import torchext
-from conftest import DEVICES, cached_weight, fp32_sum_error, half_ulp
+from conftest import DEVICES, cached_weight, fp32_sum_error, gaussian_activations, gaussian_linear, half_ulp
 from test_gelu import _units, assert_gelu_close
 
 QTYPES = [torchext.QType.Q4_K, torchext.QType.Q6_K, torchext.QType.Q8_0]
@@ -162,4 +162,111 @@ def test_gelu_inplace_bumps_the_version_counter(gelu_):
     assert x._version > before
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+# ---- paths that share a Q8_1 input, fused ops, ops without a gradient ----------------------------------
+# Q8_1 bytes carry no gradient, so while autograd wants x's, takes_q8_1 says no and shared_input calls
+# each layer on x itself: the same gradients as calling the layers, the same values as the shared path.
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [4, 32], ids=["gemv", "dense"])
+def test_shared_input_gradient_is_each_layers(rows, device):
+    from torchext.nn import QuantLinear, shared_input
+    a, b = (QuantLinear.from_linear(gaussian_linear(256, 48, seed=s), "Q8_0").to(device) for s in (1, 2))
+    x = gaussian_activations((rows, 256), seed=rows).to(device).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    ya, yb = shared_input(x, a, b)
+    g = torch.randn(rows, 48, device=device)
+    (ya * g + yb).sum().backward()
+    (a(x_ref) * g + b(x_ref)).sum().backward()
+    assert torch.equal(x.grad, x_ref.grad)
+    with torch.no_grad():
+        shared = shared_input(x, a, b)
+    assert torch.equal(shared[0], ya) and torch.equal(shared[1], yb)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gated_gelu_qmatmul_gradients_are_the_compositions(approximate, device):
+    """gated_gelu_qmatmul's bytes are qmatmul's of torchext.gelu(gate) * up; its backward runs the very ops
+    autograd runs through that composition (qmatmul's, the product's, aten.gelu_backward): the same bits."""
+    qtype, n, k = torchext.QType.Q4_K, 24, 512
+    w, _ = cached_weight(qtype, n, k)
+    w = w.to(device)
+    gate = gaussian_activations((3, k), seed=1).to(device).requires_grad_()
+    up = gaussian_activations((3, k), seed=2).to(device).requires_grad_()
+    g = torch.randn(3, n, device=device)
+    y = torchext.gated_gelu_qmatmul(w, qtype, gate, up, n, k, approximate)
+    y.backward(g)
+    gate_ref, up_ref = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
+    y_ref = torchext.qmatmul(w, qtype, torchext.gelu(gate_ref, approximate) * up_ref, n, k)
+    y_ref.backward(g)
+    assert torch.equal(y, y_ref)
+    assert torch.equal(gate.grad, gate_ref.grad) and torch.equal(up.grad, up_ref.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("post_norm", [False, True], ids=["add", "post_norm_add"])
+def test_add_rms_norm_quantize_q8_1_gradient_of_the_sum(post_norm, device):
+    """s = residual + t, t = x or rms_norm(x) * x_weight. Without the post-norm, both gradients are the
+    incoming one. With it, against float64 autograd of the same formula: each fp32 gradient is a sum of
+    K + 1 terms (the norm's Jacobian applied to grad), within fp32_sum_error of its exact value, plus the
+    rounding of the inputs the fp32 side sees (r = rsqrt(mean(x^2) + eps) within a few ulp: 8 u of each
+    term). The Q8_1 output passes no gradient, so `weight` takes none."""
+    k = 256
+    x = gaussian_activations((3, k), seed=3).to(device).requires_grad_()
+    residual = gaussian_activations((3, k), seed=4).to(device).requires_grad_()
+    weight = torch.rand(k, device=device) + 0.5
+    x_weight = (torch.rand(k, device=device) + 0.5).requires_grad_() if post_norm else None
+    s, xq = torchext.add_rms_norm_quantize_q8_1(x, residual, weight, 1e-6, x_weight)
+    assert not xq.requires_grad
+    g = torch.randn(3, k, device=device)
+    s.backward(g)
+    assert torch.equal(residual.grad, g)
+    if not post_norm:
+        assert torch.equal(x.grad, g)
+        return
+    x64, w64 = x.detach().double().requires_grad_(), x_weight.detach().double().requires_grad_()
+    r64 = torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+    (x64 * r64 * w64).backward(g.double())
+    # magnitudes of the terms: grad_x_i = g_i w_i r - x_i r^3 / K * sum_j g_j w_j x_j, grad_w_i = sum_rows g x r
+    r, gw, xd = r64.detach(), (g.double() * w64.detach()), x64.detach()
+    terms_x = gw.abs() * r + xd.abs() * r ** 3 / k * (gw * xd).abs().sum(-1, keepdim=True)
+    terms_w = (g.double() * xd * r).abs().sum(0)
+    u = 2.0**-24
+    for got, want, terms, n in ((x.grad, x64.grad, terms_x, k + 1), (x_weight.grad, w64.grad, terms_w, 3)):
+        err = (got.cpu().double() - want.cpu()).abs()
+        tol = fp32_sum_error(terms.cpu(), n) + 8 * u * terms.cpu()
+        assert (err <= tol).all(), (err / terms.cpu()).max()
+
+
+def decode_inputs(device, requires_grad: bool):
+    """A one-row decode step's rope_cache_write and cached_attention inputs: 2 query heads over 1 cache head."""
+    B, T, H, KV, D, S = 1, 1, 2, 1, 64, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, T, h, D, generator=g).to(device).requires_grad_(requires_grad) for h in (H, KV, KV))
+    cos, sin = torch.randn(2, S, D, generator=g).to(device).unbind(0)
+    caches = [torch.zeros(B, KV, S, D, device=device) for _ in range(2)]
+    return q, k, v, cos, sin, torch.tensor([3], device=device), caches
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_attention_ops_raise_in_backward(device):
+    """cached_attention and rope_cache_write have no gradient formula: with inputs that require grad they
+    compute the values they compute without, and a backward that reaches them raises, naming the op
+    (torch's fallback would warn and pass no gradient on). rope_cache_write moves the caches' versions."""
+    q, k, v, cos, sin, pos, (kc, vc) = decode_inputs(device, requires_grad=True)
+    before = kc._version, vc._version
+    qr = torchext.rope_cache_write(q, k, v, cos, sin, pos, kc, vc)
+    assert kc._version > before[0] and vc._version > before[1]
+    o = torchext.cached_attention(qr, kc, vc, pos, 0.125)
+    with torch.no_grad():
+        q2, k2, v2, cos, sin, pos, (kc2, vc2) = decode_inputs(device, requires_grad=False)
+        assert torch.equal(torchext.rope_cache_write(q2, k2, v2, cos, sin, pos, kc2, vc2), qr)
+        assert torch.equal(kc2, kc) and torch.equal(vc2, vc)
+        assert torch.equal(torchext.cached_attention(qr, kc, vc, pos, 0.125), o)
+    with pytest.raises(RuntimeError, match="cached_attention has no gradient"):
+        o.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="rope_cache_write has no gradient"):
+        qr.sum().backward()
 

@@ -75,7 +75,8 @@ class QuantLinear(nn.Module):
     def forward_gated_gelu(self, gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
         """The layer on gelu(gate) * up quantized to Q8_1 (gated_gelu_qmatmul: on CUDA one kernel computes,
         quantizes and multiplies), for rows that takes_q8_1 sends to the GEMV path; output in gate's dtype.
-        The same bits as forward_q8_1(gated_gelu_quantize_q8_1(gate, up, approximate), gate.dtype)."""
+        The same bits as forward_q8_1(gated_gelu_quantize_q8_1(gate, up, approximate), gate.dtype), and
+        the gradients of gelu(gate) * up through the dequantized weight (as qmatmul's)."""
         return self._add_bias(gated_gelu_qmatmul(self.weight, self.qtype, gate, up, self.out_features,
                                                  self.in_features, approximate))
 
@@ -163,9 +164,12 @@ def takes_q8_1(x: torch.Tensor, *layers: QuantLinear) -> bool:
     QuantLinear (other modules, such as torchext.parallel's sharded layers, have no forward_q8_1),
     at most ops.gemv_max_rows(x, out_features, qtype) rows for each (and some), one in_features, and
     no layer exact (exact ones never round x). Then a caller may quantize x itself (quantize_q8_1, or
-    an op that computes and quantizes x in one kernel) and call each layer's forward_q8_1."""
+    an op that computes and quantizes x in one kernel) and call each layer's forward_q8_1.
+    Never while autograd wants x's gradient: Q8_1 bytes carry none, so the layers then take x
+    itself, whose GEMV rounds it the same way and passes the gradient on (qmatmul's backward)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (rows > 0 and all(isinstance(m, QuantLinear) for m in layers)
+    return (rows > 0 and not (x.requires_grad and torch.is_grad_enabled())
+            and all(isinstance(m, QuantLinear) for m in layers)
             and all(rows <= gemv_max_rows(x, m.out_features, m.qtype) for m in layers)
             and len({m.in_features for m in layers}) == 1 and not any(m.exact for m in layers))
 

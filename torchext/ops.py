@@ -804,6 +804,94 @@ def _gelu_inplace_autograd(keyset, x, approximate="none"):
     increment_version(x)  # the dispatcher does not know that the kernel wrote x
 
 
-# register_autograd does not take mutating ops, so gelu_'s Autograd kernel is registered directly
+def _setup_gated_gelu_qmatmul(ctx, inputs, output):
+    w, qtype, gate, up, n, k, approximate = inputs
+    ctx.w, ctx.qtype, ctx.n, ctx.k, ctx.approximate = w, qtype, n, k, approximate
+    ctx.save_for_backward(gate, up)
+
+
+def _backward_gated_gelu_qmatmul(ctx, grad):
+    # the gradients of torchext.gelu(gate) * up, then qmatmul's: the composition the op's bytes equal
+    gate, up = ctx.saved_tensors
+    grad_h = grad @ dequantize(ctx.w, ctx.qtype, ctx.n, ctx.k, grad.dtype)
+    grad_gate = torch.ops.aten.gelu_backward(grad_h * up, gate, approximate=ctx.approximate)
+    return None, None, grad_gate, grad_h * gelu(gate, ctx.approximate), None, None, None
+
+
+torch.library.register_autograd("torchext::gated_gelu_qmatmul", _backward_gated_gelu_qmatmul,
+                                setup_context=_setup_gated_gelu_qmatmul)
+
+
+def _setup_add_rms_norm(ctx, inputs, output):
+    x, residual, weight, eps, x_weight = inputs
+    ctx.eps = eps
+    ctx.save_for_backward(x, x_weight)
+
+
+def _backward_add_rms_norm(ctx, grad_s, grad_q):
+    # s = residual + t, t = x or rms_norm(x, x_weight): the norm's gradient from its fp32 formula. The Q8_1
+    # output is bytes and passes none back (weight, the norm of that output alone, takes none).
+    x, x_weight = ctx.saved_tensors
+    if x_weight is None:
+        return grad_s, grad_s, None, None, None
+    with torch.enable_grad():
+        xd, wd = x.detach().requires_grad_(), x_weight.detach().requires_grad_()
+        xf = xd.float()
+        t = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps) * wd.float()).to(x.dtype)
+        grad_x, grad_xw = torch.autograd.grad(t, (xd, wd), grad_s)
+    return grad_x, grad_s, None, None, grad_xw
+
+
+torch.library.register_autograd("torchext::add_rms_norm_quantize_q8_1", _backward_add_rms_norm,
+                                setup_context=_setup_add_rms_norm)
+
+# Decode-time attention over a static cache, and the cache writes before it, have no gradient formula:
+# a backward that reaches their outputs raises (torch's fallback for an op without one would warn and
+# pass no gradient on).
+_NO_GRADIENT = {
+    "cached_attention": "cached_attention has no gradient: it is decode-time attention over a static key/value "
+                        "cache; for training use torch.nn.functional.scaled_dot_product_attention",
+    "rope_cache_write": "rope_cache_write has no gradient: it writes a decode step into a static key/value cache; "
+                        "for training apply the norms and the rotary embedding with torch ops",
+}
+
+
+def _backward_cached_attention(ctx, grad):
+    raise RuntimeError(_NO_GRADIENT["cached_attention"])
+
+
+torch.library.register_autograd("torchext::cached_attention", _backward_cached_attention)
+
+
+class _NoGradient(torch.autograd.Function):
+    """compute()'s output, whose backward raises `message`: for an op with no gradient formula whose
+    inputs (passed on, to join the graph) require grad."""
+
+    @staticmethod
+    def forward(ctx, message, compute, *inputs):
+        ctx.message = message
+        return compute()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def _rope_cache_write_autograd(keyset, q, k, v, cos, sin, pos, k_cache, v_cache, q_weight=None, k_weight=None,
+                               eps=1e-6):
+    def compute():
+        return _ops.rope_cache_write.default.redispatch(keyset & torch._C._after_autograd_keyset, q, k, v, cos, sin,
+                                                        pos, k_cache, v_cache, q_weight, k_weight, eps)
+
+    inputs = [t for t in (q, k, v, cos, sin, q_weight, k_weight) if t is not None and t.requires_grad]
+    out = _NoGradient.apply(_NO_GRADIENT["rope_cache_write"], compute, *inputs) if (
+        inputs and torch.is_grad_enabled()) else compute()
+    increment_version(k_cache)  # the dispatcher does not know that the kernel wrote the caches
+    increment_version(v_cache)
+    return out
+
+
+# register_autograd does not take mutating ops, so their Autograd kernels are registered directly
 _autograd_lib = torch.library.Library("torchext", "IMPL")
 _autograd_lib.impl("gelu_", _gelu_inplace_autograd, "Autograd", with_keyset=True)
+_autograd_lib.impl("rope_cache_write", _rope_cache_write_autograd, "Autograd", with_keyset=True)
