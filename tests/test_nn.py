@@ -275,6 +275,22 @@ def test_shared_input_equals_each_layer(device, dtype):
             assert torch.equal(y, m(x)), (m, lead)
 
 
+def test_quantize_linears_leaves_the_encoder_layers_fast_path_its_weights():
+    """nn.TransformerEncoderLayer's inference fast path (eval, no grad) hands linear1.weight and
+    linear2.weight to one fused op: quantize_linears leaves them float, so that path still runs, and
+    quantizes the rest of the model."""
+    model = nn.Sequential(gaussian_linear(64, 256, seed=1),
+                          nn.TransformerEncoderLayer(256, 4, dim_feedforward=512, batch_first=True)).eval()
+    quantize_linears(model, "Q8_0")
+    enc = model[1]
+    assert isinstance(model[0], QuantLinear)
+    assert type(enc.linear1) is nn.Linear and type(enc.linear2) is nn.Linear
+    assert type(enc.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    with torch.no_grad():  # the fast path: it raised on QuantLinear's uint8 weights
+        y = model(gaussian_activations((2, 5, 64), seed=2))
+    assert y.shape == (2, 5, 256) and torch.isfinite(y).all()
+
+
 def test_quantize_linears_with_filter():
     net = Net()
     x = gaussian_activations((4, 256), seed=15)

@@ -190,14 +190,17 @@ def quantize_linears(module: nn.Module, qtype,
     layer) is true, when a filter is given) with QuantLinear.from_linear(layer, qtype), and
     return the module (the new layer itself when `module` is an nn.Linear).
 
-    nn.MultiheadAttention's out_proj is skipped: that module reads its weight directly.
+    Skipped, as their owners read the weights directly: nn.MultiheadAttention's out_proj, and
+    nn.TransformerEncoderLayer's linear1 and linear2 (its inference fast path passes them to one fused op).
     """
     q = weight_format(qtype)
     if _replaceable(module) and (filter is None or filter("", module)):
         return QuantLinear.from_linear(module, q)
+    read_directly = {id(m) for layer in module.modules() if isinstance(layer, nn.TransformerEncoderLayer)
+                     for m in (layer.linear1, layer.linear2)}
     # every (parent, attribute) holding a chosen layer; a layer held twice (tied) is quantized once
     targets = [(name, m) for name, m in module.named_modules(remove_duplicate=False)
-               if _replaceable(m) and (filter is None or filter(name, m))]
+               if _replaceable(m) and id(m) not in read_directly and (filter is None or filter(name, m))]
     for name, m in targets:  # check them all before replacing any, so an error leaves the module as it was
         if whole_blocks_error(q, m.in_features) is not None:
             raise ValueError(f"{name}: in_features={m.in_features} is not a multiple of {block_values(q)}, which "
