@@ -476,6 +476,25 @@ def test_pool_to_device(gguf_file, device):
     assert cache.pool_bytes == pool_bytes and cache.total_bytes() == total
 
 
+def test_pool_pickles_once(gguf_file):
+    """pickle (and copy.deepcopy, torch.save) keep the pool one tensor: its entries travel as their
+    places in it, not as views, each of which pickle would write with the whole pool behind it."""
+    import copy
+    import pickle
+
+    path, written = gguf_file
+    cache = WeightCache.from_gguf(path, pool=True)
+    cache.put("mine", torch.ones(3, 8))
+    data = pickle.dumps(cache)
+    assert len(data) < cache.pool_bytes + 64 * 1024
+    for other in (pickle.loads(data), copy.deepcopy(cache)):
+        assert other.names() == cache.names() and other.pool_bytes == cache.pool_bytes
+        for name, e in cache.items():
+            o = other[name]
+            assert torch.equal(o.tensor, e.tensor) and (o.qtype, o.n, o.k) == (e.qtype, e.n, e.k), name
+            assert shares_pool(o.tensor, other) == shares_pool(e.tensor, cache), name
+
+
 def test_load_gguf_pool_errors(gguf_file, tmp_path):
     path, _ = gguf_file
     cache = WeightCache()

@@ -219,6 +219,26 @@ def test_every_weight_format_in_a_file_pooled(tmp_path, device):
             assert_exact_close(cache.matmul(name, x.to(device)), x, W, q)
 
 
+def test_dense_tensors_off_their_element_alignment_load_pooled(tmp_path):
+    """A file may set general.alignment below a dense type's element size (1 here): the pool cannot view
+    such a tensor as its dtype, so it gets a copy of its own, and the other tensors stay views."""
+    path = tmp_path / "align1.gguf"
+    writer = GGUFWriter(str(path), "torchext-test")
+    writer.add_custom_alignment(1)
+    values = {"a.i8": np.array([1, 2, 3], dtype=np.int8), "b.f32": np.arange(4, dtype=np.float32),
+              "c.f16": np.arange(5, dtype=np.float16), "d.i64": np.arange(2, dtype=np.int64)}
+    for name, v in values.items():
+        writer.add_tensor(name, v)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    pooled, alone = WeightCache.from_gguf(path, pool=True), WeightCache.from_gguf(path)
+    for name, v in values.items():
+        assert np.array_equal(pooled[name].tensor.numpy(), v) and torch.equal(pooled[name].tensor, alone[name].tensor)
+    assert pooled.pool_bytes > 0 and pooled["a.i8"].tensor.untyped_storage().nbytes() == pooled.pool_bytes  # a view
+
+
 def test_version_2_and_nested_arrays_load(valid, tmp_path):
     _, layout, _ = valid
     v2 = patched(tmp_path, layout.data, (4, struct.pack("<I", 2)))

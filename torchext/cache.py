@@ -284,6 +284,19 @@ class WeightCache:
         are still allocated) plus every individual entry's tensor."""
         return self.pool_bytes + sum(e.tensor.numel() * e.tensor.element_size() for e in self._entries.values())
 
+    def __getstate__(self) -> dict:
+        """pickle's (and copy.deepcopy's) state: the pool once, and each of its entries as its place in
+        it. Pickled as tensors, the views would each write the whole pool (a model's, hundreds of times)."""
+        state = self.__dict__.copy()
+        state["_pooled"] = {name: (e._replace(tensor=None), _place_in_pool(e.tensor))
+                            for name, e in self._pooled.items()}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._pooled = {name: e._replace(tensor=_pool_view(self._pool, *place))
+                        for name, (e, place) in state["_pooled"].items()}
+
     def to(self, device) -> WeightCache:
         """Move every entry to `device` (in place) and return self; the pool moves in one copy and
         its entries stay views into it."""
@@ -291,9 +304,7 @@ class WeightCache:
         if self._pool is not None and self._pool.device != device:
             self._pool = self._pool.to(device)
             for name, e in self._pooled.items():
-                t = e.tensor
-                offset = t.storage_offset() * t.element_size()  # the views' base is the pool itself
-                self._pooled[name] = e._replace(tensor=_pool_view(self._pool, offset, t.dtype, t.shape))
+                self._pooled[name] = e._replace(tensor=_pool_view(self._pool, *_place_in_pool(e.tensor)))
         for name, e in self._entries.items():
             t = e.tensor.to(device)
             if e.qtype is not None:
@@ -400,7 +411,7 @@ class WeightCache:
                                      f"{WEIGHT_ALIGN}-byte boundary (file alignment {g.alignment}); "
                                      "load it with pool=False")
                 views[t.name] = (offset, torch.uint8, (t.n, row_bytes(QType(t.tensor_type.value), t.k)))
-            elif t.tensor_type.name in VIEW_DTYPES:
+            elif t.tensor_type.name in VIEW_DTYPES and offset % VIEW_DTYPES[t.tensor_type.name].itemsize == 0:
                 views[t.name] = (offset, VIEW_DTYPES[t.tensor_type.name], t.numpy_shape)
         # pinned host memory lets the GPU copy run asynchronously
         host = g.read_data_section(pin_memory=device.type == "cuda")
@@ -419,8 +430,9 @@ class WeightCache:
                     pooled[t.name] = CacheEntry(view, q, t.n, t.k)
                 else:
                     pooled[t.name] = self._dense_entry(view, None, None)
-            else:  # a quantized type torchext does not run: dequantized into its own tensor
-                raw = host[t.data_offset - g.data_offset:][:t.n_bytes]
+            else:  # a quantized type torchext does not run (dequantized), or a dense tensor the pool cannot view
+                # (a file alignment below its element size): into a tensor of its own
+                raw = host[t.data_offset - g.data_offset:][:t.n_bytes].clone()
                 others[t.name] = self._dense_entry(tensor_from_bytes(raw, t, g.name, device), None, None)
             if progress is not None:
                 progress(i + 1, len(g.tensors), t.name)
@@ -437,6 +449,11 @@ class WeightCache:
 
 def _view_bytes(dtype: torch.dtype, shape) -> int:
     return math.prod(shape) * dtype.itemsize
+
+
+def _place_in_pool(view: torch.Tensor) -> tuple[int, torch.dtype, tuple[int, ...]]:
+    """_pool_view's (offset, dtype, shape) of one of its views (their base is the pool itself)."""
+    return view.storage_offset() * view.element_size(), view.dtype, tuple(view.shape)
 
 
 def _pool_view(pool: torch.Tensor, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
