@@ -46,3 +46,16 @@ def test_example_runs(script, args, expected, tmp_path):
 
 def test_every_example_is_run():
     assert {p.name for p in EXAMPLES.glob("*.py")} == {script for script, _, _ in CASES}
+
+
+@pytest.mark.parametrize("tokens", ["1", "0", "-3"])
+def test_demo_refuses_too_few_tokens_to_time_decoding(tokens, capsys):
+    """torchext.demo times decoding over tokens 2..n (the first comes from the prompt pass): fewer than
+    2 once divided by a zero speed (--tokens 1) or printed a negative one (--tokens 0). argparse
+    refuses them before anything loads, so no model file is needed."""
+    from torchext import demo
+
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--tokens", tokens])
+    assert exit_info.value.code == 2
+    assert f"argument --tokens: {tokens}: at least 2 tokens are needed to time decoding" in capsys.readouterr().err

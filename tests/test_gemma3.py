@@ -155,15 +155,34 @@ def test_stacked_projections_give_the_unstacked_logits(loaded, path, reader):
         assert torch.equal(stacked, plain(ids, pos, all_logits=True))
 
 
-def test_tokenizer_matches_transformers(loaded, hf, path):
+@pytest.fixture(scope="module")
+def hf_tokenizer(hf, path):
+    return hf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def test_tokenizer_matches_transformers(loaded, hf_tokenizer):
     _, tok, _ = loaded
-    ref = hf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    ref = hf_tokenizer
     texts = [PROMPT, "Hello  world!\n\nNew   paragraph\twith tabs", "naïve café — 東京 🙂 x²",
              "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n",
              "   spaces around   ", "def f(x):\n    return x**2  # comment\n\n\n\nprint(f(3))"]
     for text in texts:
         ids = tok.encode(text)
         assert ids == ref(text).input_ids, text
+        assert tok.decode(ids, skip_control=False).replace("<bos>", "", 1) == text
+
+
+def test_unused_control_pieces_are_matched_whole_as_transformers_does(loaded, hf_tokenizer):
+    """Gemma's 6,242 "<unusedN>" pieces are CONTROL pieces like "<start_of_turn>": transformers
+    matches them whole in the raw text (the tokenizer once left them out and split "<unused0>" into
+    five ordinary pieces); "<unused6242>" and "<unused00>" are no pieces and stay text."""
+    _, tok, _ = loaded
+    assert tok.encode("<unused0>") == [tok.bos_id, 6] and tok.encode("<unused6241>") == [tok.bos_id, 262143]
+    texts = ["<unused0>", "hi <unused42> there", "x<unused6241>y", "<<unused0>>", "<unused1>0", "<unused6242>",
+             "<unused00>", "<unused5>\n\n<unused6><start_of_turn>user", "The Moon <unused12>always"]
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == hf_tokenizer(text).input_ids, text
         assert tok.decode(ids, skip_control=False).replace("<bos>", "", 1) == text
 
 

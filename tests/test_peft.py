@@ -204,6 +204,43 @@ def test_merging_is_refused(gguf_file):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
+def test_all_linear_picks_the_layers_peft_picks_on_the_dense_model(gguf_file):
+    """target_modules="all-linear": peft expands it to nn.Linear layers alone (none in a from_gguf
+    model: it found nothing); register_lora(config, model) expands it to the QuantLinear layers by
+    peft's rule, so the adapters sit where peft puts them on transformers' dequantized model of the
+    same file: every projection of the decoder layers, not the output head."""
+    dense = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                                              dtype=torch.float32)
+    want = set(linear_layers(peft.get_peft_model(dense, peft.LoraConfig(r=4, target_modules="all-linear"))))
+    model = hf.from_gguf(gguf_file)
+    peft_model = peft.get_peft_model(model, hf.register_lora(peft.LoraConfig(r=4, target_modules="all-linear"), model))
+    got = linear_layers(peft_model)
+    assert got.keys() == want and len(got) == 2 * len(TARGETS) + 1  # and the unwrapped head
+    assert all(isinstance(m, hf.quant_lora_linear_class()) for n, m in got.items() if not n.endswith("lm_head"))
+    assert isinstance(peft_model.get_base_model().lm_head, torchext.nn.QuantLinear)
+    with torch.no_grad():
+        assert torch.isfinite(peft_model(sequence()).logits).all()
+    with pytest.raises(ValueError, match=r"target_modules='all-linear': pass the model, register_lora\(config, "
+                                         r"model\)"):
+        hf.register_lora(peft.LoraConfig(r=4, target_modules="all-linear"))
+
+
+def test_dora_is_refused_naming_the_option(gguf_file):
+    """DoRA rescales by the norm of the dense weight plus the update; a QuantLinear's weight is uint8
+    bytes (it once failed with a bare shape mismatch). Refused by register_lora, and at the layer when
+    use_dora is set after the registration, before any layer is wrapped."""
+    why = r"use_dora=True: DoRA is not supported on a torchext QuantLinear.*packed GGUF bytes"
+    with pytest.raises(ValueError, match=why):
+        hf.register_lora(peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    config = lora_config()
+    config.use_dora = True
+    model = hf.from_gguf(gguf_file)
+    with pytest.raises(ValueError, match=r"use_dora=True: DoRA is not supported on a torchext QuantLinear "
+                                         r"\(\w+, 256x256\).*packed GGUF bytes"):
+        peft.get_peft_model(model, config)
+    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_training_on_cuda_in_bfloat16(trained, gguf_file):
     """The same training on the GPU with bf16 activations: 48 rows per matmul take the tiled GEMM

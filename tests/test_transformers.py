@@ -560,6 +560,50 @@ def test_file_without_a_tensor_the_model_needs(llama_file, tmp_path):
         hf.from_gguf(path)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float64, "bfloat16"])
+def test_dtype_other_than_the_three_is_refused(llama_file, dtype):
+    """Refused before the file is read: int32 was reported as an architecture without a model (from_gguf
+    wraps from_config's ValueError), float64 loaded and failed only in the first forward's op."""
+    with pytest.raises(ValueError, match=r"dtype: expected one of torch.float32, torch.bfloat16, torch.float16 "
+                                         r"\(.*\), got "):
+        hf.from_gguf(llama_file, dtype=dtype)
+
+
+def test_save_pretrained_is_refused_saying_what_works(llama_file, tmp_path):
+    """save_pretrained failed inside huggingface_hub ('dict' object has no attribute 'device': the
+    QuantLinear layers' format records in the state_dict); it says what to do instead, and the
+    state_dict round trip it points to works."""
+    model = hf.from_gguf(llama_file)
+    with pytest.raises(NotImplementedError, match=r"save_pretrained of a torchext.hf.from_gguf LlamaForCausalLM: .*"
+                                                  r"load it again with from_gguf.*torch.save\(model.state_dict\(\)\)"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    again = hf.from_gguf(llama_file)
+    again.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    ids = prompt(6)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_quant_embedding_follows_dtype_conversions(llama_file):
+    """Like nn.Embedding, the output dtype follows .to(dtype), .half(), .float(): it was a plain
+    attribute, so from_gguf(...).to(torch.bfloat16) ran its residual stream in float32. The state_dict
+    keeps the table's bytes alone."""
+    emb = hf.QuantEmbedding(torchext.quantize(torch.randn(16, 64), QType.Q8_0), QType.Q8_0, 16, 64)
+    ids = torch.tensor([[1, 2, 3]])
+    want = emb(ids)
+    for convert, dtype in [(lambda m: m.to(torch.bfloat16), torch.bfloat16), (lambda m: m.half(), torch.float16),
+                           (lambda m: m.float(), torch.float32)]:
+        assert convert(emb) is emb and emb.dtype == dtype
+        assert emb(ids).dtype == dtype and torch.allclose(emb(ids).float(), want, rtol=1e-2)
+    assert list(emb.state_dict()) == ["weight"]
+    model = hf.from_gguf(llama_file).to(torch.bfloat16)
+    with torch.no_grad():
+        assert model.get_input_embeddings()(ids).dtype == torch.bfloat16
+        assert model(prompt(6)).logits.dtype == torch.bfloat16
+
+
 # ---- the real file ----------------------------------------------------------------------------------
 
 def test_gemma3_270m_loads_within_the_file_size_plus_20_percent():

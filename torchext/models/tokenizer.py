@@ -5,8 +5,9 @@ score and a type. Encoding is SentencePiece's BPE rule, as llama.cpp applies it:
 "▁", the text starts as single characters, and the adjacent pair whose concatenation is a piece
 with the highest score is merged, leftmost first on ties, until no pair is a piece; a character
 that is no piece falls back to its UTF-8 bytes ("<0xE2>" ...). Control and user-defined pieces
-("<start_of_turn>", "\\n\\n") are matched whole in the raw text first, as Hugging Face's
-tokenizer treats them. tests/test_gemma3.py checks the ids against `transformers`' tokenizer.
+("<start_of_turn>", Gemma's "<unused0>" ... "<unused6241>", "\\n\\n") are matched whole in the raw
+text first, the longest at a position, as Hugging Face's tokenizer treats them. tests/test_gemma3.py
+checks the ids against `transformers`' tokenizer.
 """
 
 from __future__ import annotations
@@ -41,6 +42,37 @@ def checked_token_ids(ids: Sequence[int], vocab_size: int, arg: str) -> list[int
     return checked
 
 
+def _trie_pattern(words) -> str:
+    """A regular expression matching any of `words`, the longest at a position, shaped as their prefix
+    tree, so that a character is compared with one branch per level: the plain alternation of
+    Gemma's 6,414 pieces compares each of them at every character (0.34 s to split the 57k-character
+    README against 0.6 ms; compiling this one takes 0.2 s)."""
+    trie: dict = {}
+    for w in words:
+        node = trie
+        for ch in w:
+            node = node.setdefault(ch, {})
+        node[""] = {}  # a word ends here
+
+    def pattern(node: dict) -> str:
+        branches = []
+        for ch, child in node.items():
+            if not ch:
+                continue
+            literal = re.escape(ch)
+            while len(child) == 1 and "" not in child:  # a chain of single children: one literal
+                (ch, child), = child.items()
+                literal += re.escape(ch)
+            branches.append(literal + pattern(child))
+        if not branches:
+            return ""
+        body = "(?:" + "|".join(branches) + ")"
+        # greedy: the longer word first, this node's own word when no longer one matches
+        return body + "?" if "" in node else body
+
+    return pattern(trie)
+
+
 class GGUFTokenizer:
     """encode(text) -> ids and decode(ids) -> text over a GGUF vocabulary."""
 
@@ -53,12 +85,10 @@ class GGUFTokenizer:
         self.add_bos, self.add_space_prefix = add_bos, add_space_prefix
         self.ids = {p: i for i, p in enumerate(self.pieces) if self.types[i] in (NORMAL, USER_DEFINED, UNUSED)}
         self.byte_ids = {int(self.pieces[i][3:5], 16): i for i, t in enumerate(self.types) if t == BYTE}
-        # pieces matched whole in the raw text; the pattern tries the longest first, so "\n\n" wins
-        # over "\n"
-        self._whole = {p: i for i, p in enumerate(self.pieces)
-                       if self.types[i] in (CONTROL, USER_DEFINED) and p and not p.startswith("<unused")}
-        whole = sorted(self._whole, key=len, reverse=True)
-        self._split = re.compile("(" + "|".join(re.escape(p) for p in whole) + ")") if whole else None
+        # pieces matched whole in the raw text, Gemma's 6,242 "<unusedN>" control pieces included (transformers
+        # matches them whole too); the longest at a position wins, so "\n\n" over "\n"
+        self._whole = {p: i for i, p in enumerate(self.pieces) if self.types[i] in (CONTROL, USER_DEFINED) and p}
+        self._split = re.compile("(" + _trie_pattern(self._whole) + ")") if self._whole else None
 
     @classmethod
     def from_gguf(cls, reader) -> "GGUFTokenizer":
