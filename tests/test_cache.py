@@ -622,6 +622,21 @@ def test_stack_rows_in_a_pool(stack_file, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_stack_rows_group_by_group_in_a_pool(stack_file, device):
+    """Groups stacked one call at a time: a later call's new pool keeps each earlier group's members
+    views of it (its bytes copied once), the same layout as stacking all at once."""
+    cache = WeightCache.from_gguf(stack_file, device=device, pool=True)
+    before = {name: e.tensor.cpu().clone() for name, e in cache.items()}
+    at_once = WeightCache.from_gguf(stack_file, device=device, pool=True).stack_rows(STACK_GROUPS)
+    for group, members in STACK_GROUPS.items():
+        cache.stack_rows({group: members})
+    assert cache.names() == at_once.names() and cache.pool_bytes == at_once.pool_bytes
+    check_stacked(cache, before, device)
+    ptrs = [e.tensor.data_ptr() for _, e in cache.items()]
+    assert cache.stack_rows(STACK_GROUPS) is cache and [e.tensor.data_ptr() for _, e in cache.items()] == ptrs
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_stack_rows_of_individual_entries(stack_file, device):
     pooled = WeightCache.from_gguf(stack_file, device=device, pool=True)
     cache = WeightCache()
@@ -633,6 +648,7 @@ def test_stack_rows_of_individual_entries(stack_file, device):
     check_stacked(cache, before, device)
     assert cache.stackable_runs(["a.weight", "b.weight", "f.weight", "c.weight", "d.weight", "a.weight"]) == [
         ["a.weight", "b.weight", "f.weight"], ["c.weight"], ["d.weight"], ["a.weight"]]
+    assert cache.stackable_runs(["a.weight", "a.weight", "b.weight"]) == [["a.weight"], ["a.weight", "b.weight"]]
 
 
 @pytest.mark.parametrize("groups, error, match", [

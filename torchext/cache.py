@@ -184,12 +184,13 @@ class WeightCache:
 
     def stackable_runs(self, names: Sequence[str]) -> list[list[str]]:
         """`names` cut into runs that stack_rows can stack, in order: consecutive quantized weights of
-        one format and k, each starting on a 16-byte boundary of its run (a run of one stays alone)."""
+        one format and k, each starting on a 16-byte boundary of its run, none twice in a run (a run of
+        one stays alone)."""
         runs: list[list[str]] = []
         for name in names:
             e, run = self.get(name), runs[-1] if runs else None
             lead = self.get(run[0]) if run else None
-            if (run and e.qtype is not None and (e.qtype, e.k) == (lead.qtype, lead.k)
+            if (run and name not in run and e.qtype is not None and (e.qtype, e.k) == (lead.qtype, lead.k)
                     and sum(self.get(m).tensor.numel() for m in run) % WEIGHT_ALIGN == 0):
                 run.append(name)
             else:
@@ -211,9 +212,11 @@ class WeightCache:
 
     def _relayout_pool(self, groups: dict[str, list[str]]) -> None:
         """A new pool holding the pooled entries in their order, each group's members moved together
-        to where its first member was, and the group's entry just before them."""
+        to where its first member was, and the group's entry just before them. An entry that views
+        part of another's bytes (a member of a group stacked before) stays a view of that one's copy."""
         lead = {ms[0]: g for g, ms in groups.items()}
         grouped = {m for ms in groups.values() for m in ms}
+        inside = self._pooled_inside(grouped)
         order = []  # (name, entry) of the new pool, groups as (group, None)
         for name, e in self._pooled.items():
             if name in lead:
@@ -223,11 +226,15 @@ class WeightCache:
                 order.append((name, e))
         offsets, size = {}, 0
         for name, e in order:
+            if name in inside:
+                continue
             if e is None or name not in grouped:  # a group's members follow it unpadded (stack_rows checked)
                 size += -size % WEIGHT_ALIGN
             offsets[name] = size
             if e is not None:
                 size += e.tensor.numel() * e.tensor.element_size()
+        for name, (outer, delta) in inside.items():
+            offsets[name] = offsets[outer] + delta
         pool = torch.empty(size, dtype=torch.uint8, device=self._pool.device)
         new = {}
         for name, e in order:
@@ -240,9 +247,25 @@ class WeightCache:
             else:
                 t = e.tensor
                 view = _pool_view(pool, offsets[name], t.dtype, t.shape)
-                view.copy_(t)
+                if name not in inside:
+                    view.copy_(t)
                 new[name] = e._replace(tensor=view)
         self._pool, self._pooled = pool, new
+
+    def _pooled_inside(self, moving: set[str]) -> dict[str, tuple[str, int]]:
+        """{name: (outer, offset in outer's bytes)} for the pooled entries, none of `moving`, whose bytes
+        lie within an outer entry's (the first of the widest that holds them)."""
+        spans = []
+        for name, e in self._pooled.items():
+            offset = _place_in_pool(e.tensor)[0]
+            spans.append((offset, -(offset + e.tensor.numel() * e.tensor.element_size()), name))
+        inside, outer = {}, None
+        for start, neg_end, name in sorted(spans):
+            if outer is None or -neg_end > outer[1]:
+                outer = (start, -neg_end, name)
+            elif name not in moving:
+                inside[name] = (outer[2], start - outer[0])
+        return inside
 
     def _unpool(self, name: str) -> None:
         del self._pooled[name]
