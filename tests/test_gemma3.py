@@ -153,6 +153,33 @@ def test_stacked_projections_give_the_unstacked_logits(loaded, path, reader):
         stacked = model(ids, pos, all_logits=True)
         model.reset()
         assert torch.equal(stacked, plain(ids, pos, all_logits=True))
+    # another cache length over the same weights keeps the layout it was built with: no restacking (which
+    # would copy the pool while this model still views the old one)
+    pool = plain.weights.pool_bytes
+    longer = plain.with_max_seq_len(256)
+    assert not any("+" in name for name in plain.weights.names()) and plain.weights.pool_bytes == pool
+    assert longer.blocks[0].attn.o_proj.weight.data_ptr() == plain.blocks[0].attn.o_proj.weight.data_ptr()
+    assert len(longer.blocks[0].attn.qkv_proj) == 3
+
+
+def test_shapes_the_model_cannot_take_are_refused(path, reader):
+    """The caches hold the batch the model was built for: other token batches, an empty step, pos of
+    another length and generate on a batch-2 model are ValueErrors naming the argument, not torch's
+    index errors; batch and max_seq_len must be positive."""
+    from torchext.models.gemma3 import Gemma3, generate, load_gemma3
+    model, tok, _ = load_gemma3(path, device="cpu", max_seq_len=32, batch=2, reader=reader)
+    ids = tok.encode("The three primary colors are")
+    with pytest.raises(ValueError, match=r"tokens: expected \[batch=2, T >= 1\].* got \[1, 6\]"):
+        model(torch.tensor([ids]), torch.arange(len(ids)))
+    with pytest.raises(ValueError, match=r"tokens: expected \[batch=2, T >= 1\].* got \[2, 0\]"):
+        model(torch.zeros(2, 0, dtype=torch.long), torch.arange(0))
+    with pytest.raises(ValueError, match=r"pos: expected \[T=6\].* got \[5\]"):
+        model(torch.tensor([ids, ids]), torch.arange(5))
+    with pytest.raises(ValueError, match="model: generate continues one sequence.* batch=2"):
+        generate(model, ids, 2)
+    for kwargs in ({"batch": 0}, {"max_seq_len": -1}, {"max_seq_len": 2.5}):
+        with pytest.raises(ValueError, match=f"{next(iter(kwargs))}: expected a positive whole number"):
+            Gemma3(model.weights, model.cfg, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -316,9 +316,12 @@ class Gemma3(nn.Module):
                  dtype: torch.dtype = torch.float32, device=None, stack: bool = True) -> None:
         check_dtype(dtype)
         super().__init__()
+        for name, value in (("batch", batch), ("max_seq_len", max_seq_len)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name}: expected a positive whole number, got {value!r}")
         if max_seq_len > cfg.context_length:
             raise ValueError(f"max_seq_len: {max_seq_len} exceeds the model's context length {cfg.context_length}")
-        self.cfg, self.dtype, self.max_seq_len, self.batch = cfg, dtype, max_seq_len, batch
+        self.cfg, self.dtype, self.max_seq_len, self.batch, self.stack = cfg, dtype, max_seq_len, batch, stack
         self.weights = cache  # the WeightCache every layer views (see with_max_seq_len)
         if stack:  # first: it may move the pool, which every view below then sees
             stack_projections(cache, cfg.layers)
@@ -345,6 +348,13 @@ class Gemma3(nn.Module):
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Logits of tokens [B, T] at positions pos [T]: see the class docstring."""
+        # shapes only (values would need a host sync): the caches hold `batch` sequences
+        if tokens.dim() != 2 or tokens.shape[0] != self.batch or tokens.shape[1] < 1:
+            raise ValueError(f"tokens: expected [batch={self.batch}, T >= 1] (the batch the model was built for), "
+                             f"got {list(tokens.shape)}")
+        if pos.shape != tokens.shape[1:]:
+            raise ValueError(f"pos: expected [T={tokens.shape[1]}] (a position for each of tokens' columns), got "
+                             f"{list(pos.shape)}")
         h = self.embed(tokens)
         rope = {True: (self.cos_global, self.sin_global), False: (self.cos_local, self.sin_local)}
         for block in self.blocks:
@@ -355,7 +365,7 @@ class Gemma3(nn.Module):
     def with_max_seq_len(self, max_seq_len: int) -> "Gemma3":
         """A model over the same weights (no copy) with a key/value cache of another length."""
         return Gemma3(self.weights, self.cfg, batch=self.batch, max_seq_len=max_seq_len, dtype=self.dtype,
-                      device=self.embed_bytes.device)
+                      device=self.embed_bytes.device, stack=self.stack)
 
     def reset(self) -> None:
         """Forget the cached keys and values (a new sequence)."""
@@ -422,6 +432,9 @@ def generate(model: Gemma3, prompt: list[int], max_new_tokens: int,
     (default decode_step(model); pass a compiled one to decode with CUDA graphs). The tokens stay
     on the device until the end (one host sync)."""
     device = model.embed_bytes.device
+    if model.batch != 1:
+        raise ValueError(f"model: generate continues one sequence, and this model's caches hold batch={model.batch}; "
+                         "build it with batch=1, or call it on [batch, T] tokens (with decode_step) yourself")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: expected a whole number >= 0, got {max_new_tokens!r}")
     # checked here: on CUDA the embedding gives an id outside the vocabulary a NaN row, not an error
