@@ -27,8 +27,13 @@ def main(argv=None) -> None:
     ap.add_argument("--k", type=int, default=2048, help="input features (row length)")
     ap.add_argument("--format", default="Q4_K")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=20, help="timed calls per figure (at least 1)")
     args = ap.parse_args(argv)
+    for name in ("n", "k", "reps"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name}: expected at least 1, got {getattr(args, name)}")
+    if min(args.batches) < 1:
+        ap.error(f"--batches: expected sizes of at least 1, got {args.batches}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 

@@ -48,6 +48,14 @@ def test_every_example_is_run():
     assert {p.name for p in EXAMPLES.glob("*.py")} == {script for script, _, _ in CASES}
 
 
+@pytest.mark.parametrize("args, message", [(["--reps", "0"], "--reps: expected at least 1, got 0"),
+                                           (["--batches", "1", "0"], "--batches: expected sizes of at least 1"),
+                                           (["--n", "-4"], "--n: expected at least 1, got -4")])
+def test_bench_layer_refuses_sizes_it_cannot_time(args, message, tmp_path):
+    result = run_script("bench_layer.py", args, tmp_path)  # --reps 0 once died taking the median of nothing
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("tokens", ["1", "0", "-3"])
 def test_demo_refuses_too_few_tokens_to_time_decoding(tokens, capsys):
     """torchext.demo times decoding over tokens 2..n (the first comes from the prompt pass): fewer than

@@ -401,8 +401,9 @@ def test_from_cache_errors():
     cache.put("blk.0.ffn_down_exps.weight", torch.from_numpy(quantized(down[:, :128], "Q8_0")), "Q8_0", E * 128, I)
     with pytest.raises(ValueError, match=r"need \[\(2048, 256\), \(2048, 256\), \(2048, 256\)\]"):
         QuantSparseMoeBlock.from_cache(cache, "blk.0", top_k=2)
-    with pytest.raises(ValueError, match="top_k: expected 1 to num_experts=8, got 9"):
-        TopKRouter(router, 9)
+    for top_k in (9, 0, 2.9, None, True):  # a fraction or None is no count of experts (2.9 once became 2)
+        with pytest.raises(ValueError, match=f"top_k: expected a whole number from 1 to num_experts=8, got {top_k}"):
+            TopKRouter(router, top_k)
 
 
 def test_router_is_transformers_router():

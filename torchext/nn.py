@@ -15,6 +15,7 @@ is not trained.
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Optional
 
 import torch
@@ -304,8 +305,8 @@ class TopKRouter(nn.Module):
             proj = linear
         self.proj = proj
         self.num_experts, self.hidden_size = proj.out_features, proj.in_features
-        if not 0 < top_k <= self.num_experts:
-            raise ValueError(f"top_k: expected 1 to num_experts={self.num_experts}, got {top_k}")
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 0 < top_k <= self.num_experts:
+            raise ValueError(f"top_k: expected a whole number from 1 to num_experts={self.num_experts}, got {top_k!r}")
         self.top_k, self.norm_topk_prob = int(top_k), bool(norm_topk_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
