@@ -10,12 +10,17 @@ Tolerances, and why:
   which rounds once whatever the order). Against the unsharded layer only the order of the fp32 sums
   differs: each within conftest.fp32_sum_error of the exact sum (sum_order_tol).
 - Gemma 3 with its MLPs sharded: the same greedy tokens as the unsharded model.
+- exact=True layers (never rounding x): the column shards and a world of one are the exact layer's
+  bits; row shards differ from it only in the order of the fp32 sums of its dense path.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -66,18 +71,19 @@ def _nccl_env(monkeypatch):
     monkeypatch.setenv("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
 
-def sum_order_tol(layer: QuantLinear, x: torch.Tensor, got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+def sum_order_tol(layer: QuantLinear, x: torch.Tensor, got: torch.Tensor, want: torch.Tensor,
+                  exact: bool = False) -> torch.Tensor:
     """How far a row-parallel layer's output `got` may be from the unsharded layer's `want` on x [rows, k]: the
     same terms summed in other orders (a rank's, then the all_reduce's add), each side within fp32_sum_error
     of the exact sum, then the same bias add (one rounding each: 2u of each result covers it). Up to 16 rows
     the Q8_1 GEMV, whose terms are exact integer dot products scaled in fp32 (two roundings, one more for the
     dequantized W's own), k/4 + k/32 of them on the CPU (eight int32 lanes a 32-value block, then the
     offsets), their magnitudes summing to |x^| @ (|W| + 2|m|).T (x^ the Q8_1 values, m the weights' offsets:
-    the dot products meet d * q = W + m); beyond, the dense path, k exact products, |x| @ |W|.T."""
+    the dot products meet d * q = W + m); beyond, or exact, the dense path, k exact products, |x| @ |W|.T."""
     rows, k = x.shape
     n, q = layer.out_features, layer.qtype
     W = np.abs(dequant_oracle(layer.weight, q, n, k))
-    if rows <= 16:
+    if rows <= 16 and not exact:
         f = q8_1_fields(q8_1_reference(x.detach().cpu().float().numpy()))
         xq = (f.d.astype(np.float64)[..., None] * f.qs).reshape(rows, -1)[:, :k]
         terms = fp32_sum_error(np.abs(xq) @ (W + 2 * offset_oracle(layer.weight, q, n, k)).T, k // 4 + k // 32 + 4)
@@ -87,9 +93,9 @@ def sum_order_tol(layer: QuantLinear, x: torch.Tensor, got: torch.Tensor, want: 
     return 2 * torch.from_numpy(terms) + 2 * half_ulp(torch.float32) * (got.abs() + want.abs())
 
 
-def assert_sum_order_close(layer, x, got, want):
+def assert_sum_order_close(layer, x, got, want, exact=False):
     err = (got.detach().cpu().double() - want.detach().cpu().double()).abs()
-    assert (err <= sum_order_tol(layer, x, got, want)).all()
+    assert (err <= sum_order_tol(layer, x, got, want, exact)).all()
 
 
 def mlp(gate, up, down, x):
@@ -248,3 +254,81 @@ def test_other_errors():
     cache.put("w", layer.weight, "Q8_0", 8, 64)
     shard = ColumnParallelQuantLinear.from_cache(cache, "w", bias=layer.bias, rank=1, world_size=2)
     assert torch.equal(shard.local.weight, layer.weight[4:]) and torch.equal(shard.local.bias, layer.bias[4:])
+
+
+# ---- (f) exact layers, the reader, the bias of from_gguf: in one process ------------------------
+
+def write_gguf(path, name: str, layer: QuantLinear) -> None:
+    """A GGUF file holding `layer`'s bytes as tensor `name`."""
+    raw = layer.weight.numpy()
+    writer = gguf.GGUFWriter(str(path), "torchext-test")
+    writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType(int(layer.qtype)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_exact_layers_shard_exact(tmp_path):
+    """exact=True carries over from every constructor: a world of one is the exact layer bit for bit, the
+    column shards are its rows, the row shards' sum is its dense path's up to the order of the fp32 sums (at 3
+    rows, where a shard that rounded x to Q8_1 would be far off both)."""
+    layer = QuantLinear.from_linear(gaussian_linear(512, 24), QType.Q4_K)
+    layer.exact = True
+    cache = WeightCache()
+    cache.put("w", layer.weight, "Q4_K", 24, 512)
+    write_gguf(tmp_path / "w.gguf", "w", layer)
+    x = gaussian_activations((3, 512))
+    whole = {"rank": 0, "world_size": 1}
+    ones = [cls.from_quant_linear(layer, **whole) for cls in (ColumnParallelQuantLinear, RowParallelQuantLinear)]
+    ones += [m for cls in (ColumnParallelQuantLinear, RowParallelQuantLinear)
+             for m in (cls.from_cache(cache, "w", layer.bias, exact=True, **whole),
+                       cls.from_gguf(tmp_path / "w.gguf", "w", layer.bias, exact=True, **whole))]
+    cols = [ColumnParallelQuantLinear.from_quant_linear(layer, r, WORLD) for r in range(WORLD)]
+    rows = [RowParallelQuantLinear.from_quant_linear(layer, r, WORLD) for r in range(WORLD)]  # a super-block each
+    assert all(m.local.exact for m in ones + cols + rows)
+    assert not ColumnParallelQuantLinear.from_cache(cache, "w", **whole).local.exact  # the default, as QuantLinear's
+    with torch.no_grad():
+        want = layer(x)
+        assert not torch.equal(QuantLinear(layer.weight, QType.Q4_K, 512, 24, layer.bias)(x), want)  # Q8_1 shows
+        for m in ones:
+            assert torch.equal(m(x), want), m
+        assert torch.equal(torch.cat([m(x) for m in cols], -1), want)
+        got = sum(m.local(x[:, m.start:m.stop]) for m in rows) + layer.bias
+        assert_sum_order_close(layer, x, got, want, exact=True)
+
+
+def test_reader_of_another_file_raises(tmp_path):
+    """from_gguf reads a tensor at its reader's offset in its reader's format, so a reader of another file, or
+    of this one before it was rewritten, is refused as WeightCache.load_gguf refuses it (either way round:
+    Q4_K over Q8_0 bytes gave NaNs, Q8_0's larger rows over Q4_K's a numpy memory-map error)."""
+    linear = gaussian_linear(256, 8)
+    files = {q: tmp_path / f"{q.name}.gguf" for q in (QType.Q4_K, QType.Q8_0)}
+    for q, path in files.items():
+        write_gguf(path, "w", QuantLinear.from_linear(linear, q))
+    readers = {q: gguf.GGUFReader(str(path)) for q, path in files.items()}
+    for (q, path), other in zip(files.items(), (QType.Q8_0, QType.Q4_K)):
+        for cls in (ColumnParallelQuantLinear, RowParallelQuantLinear):
+            with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: reader: its tensor table is not the "
+                                                 r"file's as read now \(was the file rewritten after the reader"):
+                cls.from_gguf(path, "w", rank=0, world_size=1, reader=readers[other])
+            assert cls.from_gguf(path, "w", rank=0, world_size=1, reader=readers[q]).qtype == q
+    os.replace(files[QType.Q8_0], files[QType.Q4_K])  # the Q4_K file rewritten in Q8_0 after its reader opened it
+    with pytest.raises(ValueError, match=r"reader: its tensor table is not the file's as read now"):
+        ColumnParallelQuantLinear.from_gguf(files[QType.Q4_K], "w", rank=0, world_size=1, reader=readers[QType.Q4_K])
+
+
+def test_gguf_bias_of_another_shape_raises(tmp_path):
+    """The whole bias is checked before a rank takes its slice (a longer one was cut silently), with
+    QuantLinear's message."""
+    layer = QuantLinear.from_linear(gaussian_linear(256, 64), QType.Q8_0)
+    write_gguf(tmp_path / "w.gguf", "w", layer)
+    for bias, got in ((torch.zeros(100), r"torch.float32 \[100\]"), (torch.zeros(64, dtype=torch.int64),
+                                                                      r"torch.int64 \[64\]")):
+        match = rf"^bias: expected a float tensor of shape \[64\], got {got}$"
+        with pytest.raises(ValueError, match=match):
+            QuantLinear(layer.weight, QType.Q8_0, 256, 64, bias)
+        for rank in range(WORLD):
+            for cls in (ColumnParallelQuantLinear, RowParallelQuantLinear):
+                with pytest.raises(ValueError, match=match):
+                    cls.from_gguf(tmp_path / "w.gguf", "w", bias, rank=rank, world_size=WORLD)

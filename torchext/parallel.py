@@ -10,10 +10,14 @@ output with gather_output=True (an all_gather). Rows are independent, so the res
 unsharded layer's, bit for bit.
 
 Row parallel: the input features are split over the ranks at block boundaries (256 values for
-the k-quants and the other 256-value formats, 64 for NVFP4, 32 for the others), equally; each rank keeps, of every row, the bytes of its blocks,
-computes the partial product of its slice of x and the partial results are summed with an
-all_reduce; the bias is added once, after it. The Q8_1 activation blocks are the unsharded
-layer's (the slices start on block boundaries), so only the order of the float sums differs.
+the k-quants and the other 256-value formats, 64 for NVFP4, 32 for the others), equally; each
+rank keeps, of every row, the bytes of its blocks, computes the partial product of its slice of x
+and the partial results are summed with an all_reduce; the bias is added once, after it. The Q8_1
+activation blocks are the unsharded layer's (the slices start on block boundaries), so only the
+order of the float sums differs.
+
+exact=True (QuantLinear's: activations never rounded to Q8_1) carries over: from_quant_linear takes
+the layer's, from_cache and from_gguf take it as an argument.
 
 Rank and world size default to torch.distributed's (of `group`); passing them explicitly builds a
 shard without a process group (world_size=1 needs none to run either). The collectives are
@@ -75,10 +79,13 @@ def column_split(qtype, in_features: int, rank: int, world_size: int) -> tuple[i
 
 
 def _gguf_tensor(path, name: str, reader):
-    """(tensor info, qtype, n, k) of a quantized tensor of a GGUF file."""
+    """(tensor info, qtype, n, k) of a quantized tensor of a GGUF file; a given reader must be
+    path's, as it is now (ValueError otherwise, as WeightCache.load_gguf's)."""
     import gguf
 
-    GGUFFile(path)  # torchext's checks of the header, tables and offsets first: errors name file and tensor
+    with GGUFFile(path) as g:  # torchext's checks of the header, tables and offsets first: errors name file and tensor
+        if reader is not None:
+            g.check_reader(reader)  # its offsets and formats are what the bytes are read by
     reader = reader if reader is not None else gguf.GGUFReader(os.fspath(path))
     found = [t for t in reader.tensors if t.name == name]
     if not found:
@@ -95,12 +102,20 @@ def _file_rows(path, t, q: QType, n: int, k: int) -> np.memmap:
     return np.memmap(os.fspath(path), dtype=np.uint8, mode="r", offset=int(t.data_offset), shape=(n, row_bytes(q, k)))
 
 
-def _cached_layer(cache: WeightCache, name: str, bias) -> QuantLinear:
+def _cached_layer(cache: WeightCache, name: str, bias, exact: bool) -> QuantLinear:
     w, q, n, k = cache.get(name)
     if q is None:
         raise ValueError(f"{name}: a dense weight ({w.dtype}, shape {list(w.shape)}); the parallel layers need a "
                          "quantized one")
-    return QuantLinear(w, q, k, n, bias)
+    return QuantLinear(w, q, k, n, bias, exact)
+
+
+def _check_bias(bias, out_features: int) -> None:
+    # QuantLinear's check and message, on the whole bias before a rank slices it
+    if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()
+                             or bias.shape != (out_features,)):
+        got = f"{bias.dtype} {list(bias.shape)}" if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"bias: expected a float tensor of shape [{out_features}], got {got}")
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
@@ -114,12 +129,12 @@ class ColumnParallelQuantLinear(nn.Module):
     weight: this rank's rows' bytes (row_split(out_features, rank, world_size) rows), bias: their
     bias slice. forward(x [..., in_features]) -> [..., local_out], or [..., out_features] with
     gather_output=True. forward_q8_1 and in_features let torchext.nn.shared_input quantize an
-    input once for several layers, as for QuantLinear.
+    input once for several layers, as for QuantLinear. exact: QuantLinear's, of the local layer.
     """
 
     def __init__(self, weight: torch.Tensor, qtype, in_features: int, out_features: int,
                  bias: Optional[torch.Tensor] = None, *, rank: int, world_size: int, group=None,
-                 gather_output: bool = False) -> None:
+                 gather_output: bool = False, exact: bool = False) -> None:
         super().__init__()
         self.rank, self.world_size = _rank_world(rank, world_size, group)
         if out_features < self.world_size:
@@ -128,7 +143,7 @@ class ColumnParallelQuantLinear(nn.Module):
         self.group, self.gather_output = group, gather_output
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.start, self.stop = row_split(self.out_features, self.rank, self.world_size)
-        self.local = QuantLinear(weight, qtype, in_features, self.stop - self.start, bias)
+        self.local = QuantLinear(weight, qtype, in_features, self.stop - self.start, bias, exact)
         self.qtype = self.local.qtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,32 +168,35 @@ class ColumnParallelQuantLinear(nn.Module):
     @classmethod
     def from_quant_linear(cls, layer: QuantLinear, rank: Optional[int] = None, world_size: Optional[int] = None,
                           group=None, gather_output: bool = False) -> "ColumnParallelQuantLinear":
-        """This rank's rows of `layer` (copied; the layer is not changed)."""
+        """This rank's rows of `layer` (copied; the layer is not changed), exact as it is."""
         rank, world_size = _rank_world(rank, world_size, group)
         a, b = row_split(layer.out_features, rank, world_size)
         bias = None if layer.bias is None else layer.bias.detach()[a:b].clone()
         return cls(_own(layer.weight[a:b]), layer.qtype, layer.in_features, layer.out_features, bias,
-                   rank=rank, world_size=world_size, group=group, gather_output=gather_output)
+                   rank=rank, world_size=world_size, group=group, gather_output=gather_output, exact=layer.exact)
 
     @classmethod
-    def from_cache(cls, cache: WeightCache, name: str, bias: Optional[torch.Tensor] = None, **kwargs
-                   ) -> "ColumnParallelQuantLinear":
+    def from_cache(cls, cache: WeightCache, name: str, bias: Optional[torch.Tensor] = None, exact: bool = False,
+                   **kwargs) -> "ColumnParallelQuantLinear":
         """This rank's rows of a WeightCache entry; bias is the full [out_features] one."""
-        return cls.from_quant_linear(_cached_layer(cache, name, bias), **kwargs)
+        return cls.from_quant_linear(_cached_layer(cache, name, bias, exact), **kwargs)
 
     @classmethod
     def from_gguf(cls, path, name: str, bias: Optional[torch.Tensor] = None, rank: Optional[int] = None,
                   world_size: Optional[int] = None, group=None, gather_output: bool = False, reader=None,
-                  device=None) -> "ColumnParallelQuantLinear":
+                  device=None, exact: bool = False) -> "ColumnParallelQuantLinear":
         """This rank's rows of tensor `name` of a GGUF file, reading only their bytes (one
-        contiguous range). reader: a gguf.GGUFReader already open on path (parsing takes seconds).
-        bias is the full [out_features] one."""
+        contiguous range). reader: a gguf.GGUFReader already open on path (parsing takes seconds;
+        ValueError if its tensor table is not the file's as it is now). bias is the full
+        [out_features] one."""
         rank, world_size = _rank_world(rank, world_size, group)
         t, q, n, k = _gguf_tensor(path, name, reader)
+        _check_bias(bias, n)
         a, b = row_split(n, rank, world_size)
         weight = torch.from_numpy(np.array(_file_rows(path, t, q, n, k)[a:b])).to(device)
         bias = None if bias is None else bias.detach()[a:b].clone()
-        return cls(weight, q, k, n, bias, rank=rank, world_size=world_size, group=group, gather_output=gather_output)
+        return cls(weight, q, k, n, bias, rank=rank, world_size=world_size, group=group, gather_output=gather_output,
+                   exact=exact)
 
     def extra_repr(self) -> str:
         """Format, shape and this rank's rows, for print(module)."""
@@ -194,22 +212,22 @@ class RowParallelQuantLinear(nn.Module):
     values), bias: the full [out_features] bias (added once, after the all_reduce).
     forward(x) -> [..., out_features] on every rank: x is this rank's slice [..., local_in]
     (input_is_parallel=True, what a ColumnParallelQuantLinear without gather gives), or the whole
-    [..., in_features] input with input_is_parallel=False.
+    [..., in_features] input with input_is_parallel=False. exact: QuantLinear's, of the local layer.
     """
 
     def __init__(self, weight: torch.Tensor, qtype, in_features: int, out_features: int,
                  bias: Optional[torch.Tensor] = None, *, rank: int, world_size: int, group=None,
-                 input_is_parallel: bool = True) -> None:
+                 input_is_parallel: bool = True, exact: bool = False) -> None:
         super().__init__()
         self.rank, self.world_size = _rank_world(rank, world_size, group)
         q = weight_format(qtype)
         self.group, self.input_is_parallel = group, input_is_parallel
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.start, self.stop = column_split(q, self.in_features, self.rank, self.world_size)
-        self.local = QuantLinear(weight, q, self.stop - self.start, out_features)  # the bias is not per shard
+        # the bias is not per shard: added once, after the all_reduce
+        self.local = QuantLinear(weight, q, self.stop - self.start, out_features, exact=exact)
         self.qtype = q
-        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (self.out_features,)):
-            raise ValueError(f"bias: expected a float tensor of shape [{self.out_features}]")
+        _check_bias(bias, self.out_features)
         self.bias = None if bias is None else nn.Parameter(bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,31 +246,33 @@ class RowParallelQuantLinear(nn.Module):
     @classmethod
     def from_quant_linear(cls, layer: QuantLinear, rank: Optional[int] = None, world_size: Optional[int] = None,
                           group=None, input_is_parallel: bool = True) -> "RowParallelQuantLinear":
-        """This rank's columns of `layer` (copied; the layer is not changed)."""
+        """This rank's columns of `layer` (copied; the layer is not changed), exact as it is."""
         rank, world_size = _rank_world(rank, world_size, group)
         lo, hi = _byte_range(layer.qtype, layer.in_features, rank, world_size)
         bias = None if layer.bias is None else layer.bias.detach().clone()
         return cls(_own(layer.weight[:, lo:hi]), layer.qtype, layer.in_features, layer.out_features, bias,
-                   rank=rank, world_size=world_size, group=group, input_is_parallel=input_is_parallel)
+                   rank=rank, world_size=world_size, group=group, input_is_parallel=input_is_parallel,
+                   exact=layer.exact)
 
     @classmethod
-    def from_cache(cls, cache: WeightCache, name: str, bias: Optional[torch.Tensor] = None, **kwargs
-                   ) -> "RowParallelQuantLinear":
+    def from_cache(cls, cache: WeightCache, name: str, bias: Optional[torch.Tensor] = None, exact: bool = False,
+                   **kwargs) -> "RowParallelQuantLinear":
         """This rank's columns of a WeightCache entry."""
-        return cls.from_quant_linear(_cached_layer(cache, name, bias), **kwargs)
+        return cls.from_quant_linear(_cached_layer(cache, name, bias, exact), **kwargs)
 
     @classmethod
     def from_gguf(cls, path, name: str, bias: Optional[torch.Tensor] = None, rank: Optional[int] = None,
                   world_size: Optional[int] = None, group=None, input_is_parallel: bool = True, reader=None,
-                  device=None) -> "RowParallelQuantLinear":
+                  device=None, exact: bool = False) -> "RowParallelQuantLinear":
         """This rank's columns of tensor `name` of a GGUF file, reading only their bytes of each row.
-        reader: a gguf.GGUFReader already open on path (parsing takes seconds)."""
+        reader: a gguf.GGUFReader already open on path (parsing takes seconds; ValueError if its
+        tensor table is not the file's as it is now)."""
         rank, world_size = _rank_world(rank, world_size, group)
         t, q, n, k = _gguf_tensor(path, name, reader)
         lo, hi = _byte_range(q, k, rank, world_size)
         weight = torch.from_numpy(np.array(_file_rows(path, t, q, n, k)[:, lo:hi])).to(device)
         return cls(weight, q, k, n, bias, rank=rank, world_size=world_size, group=group,
-                   input_is_parallel=input_is_parallel)
+                   input_is_parallel=input_is_parallel, exact=exact)
 
     def extra_repr(self) -> str:
         """Format, shape and this rank's input features, for print(module)."""
