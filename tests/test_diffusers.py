@@ -21,17 +21,22 @@ that bound at every output of every converted layer.
 
 from __future__ import annotations
 
+import re
+import sys
+
+import gguf
 import pytest
 import torch
 from conftest import DEVICES
 
 import torchext
+from torchext import QType
 from torchext.ops import gemv_max_rows
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("accelerate", reason="diffusers needs accelerate to load GGUF files")
 from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig  # noqa: E402
-from diffusers.quantizers.gguf.utils import GGUFLinear, dequantize_gguf_tensor  # noqa: E402
+from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES, GGUFLinear, dequantize_gguf_tensor  # noqa: E402
 
 from torchext.diffusers import GGUFQuantLinear, convert_gguf_linears, save_gguf  # noqa: E402
 
@@ -201,5 +206,47 @@ def test_errors_name_the_problem(flux_gguf, tmp_path):
     with pytest.raises(ValueError, match=r"x_embedder.weight: Q8_0 rows are whole 32-value blocks, and this weight's "
                                          r"rows have 16 values"):
         save_gguf(tiny_flux(), tmp_path / "x.gguf", "Q8_0")
-    with pytest.raises(ValueError, match=r"neither torchext nor gguf can quantize to IQ2_XXS"):
-        save_gguf(tiny_flux(), tmp_path / "x.gguf", lambda name, layer: "IQ2_XXS" if name == "proj_out" else None)
+    with pytest.raises(ValueError, match=r"neither torchext nor gguf can quantize to IQ4_NL"):  # diffusers loads it
+        save_gguf(tiny_flux(), tmp_path / "x.gguf", lambda name, layer: "IQ4_NL" if name == "proj_out" else None)
+
+
+def file_types(path) -> dict[str, str]:
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def test_save_gguf_reads_formats_as_torchext_does(tmp_path):
+    """A format is a name, QType, gguf type or integer id, as QType.of reads one: a float such as 12.7 is no id
+    (int() made it 12, Q4_K), and an unknown name is a ValueError (was a KeyError), before anything is written."""
+    model = torch.nn.Sequential(torch.nn.Linear(256, 64))
+    for fmt in ("q4_k", QType.Q4_K, gguf.GGMLQuantizationType.Q4_K, 12):
+        save_gguf(model, tmp_path / "x.gguf", fmt)
+        assert file_types(tmp_path / "x.gguf") == {"0.weight": "Q4_K", "0.bias": "F32"}, fmt
+    path = tmp_path / "y.gguf"
+    with pytest.raises(ValueError, match=r"^0.weight: unsupported quantization format 12.7: expected a QType, a gguf "
+                                         r"GGMLQuantizationType, its integer id or its name, got a float$"):
+        save_gguf(model, path, 12.7)
+    with pytest.raises(ValueError, match=r"^0.weight: unknown format 'Q4K'; expected one of \['BF16', 'F16', 'F32', "
+                                         r"'IQ4_NL', .*'Q4_K', .*\] \(or None for float32\)$"):
+        save_gguf(model, path, "Q4K")
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("fmt", ["TQ1_0", "TQ2_0", "MXFP4", "NVFP4"])
+def test_save_gguf_refuses_formats_diffusers_cannot_load(tmp_path, fmt):
+    """torchext's formats that diffusers' from_single_file refuses (not in its SUPPORTED_GGUF_QUANT_TYPES) are a
+    ValueError naming the format and those it loads, read from diffusers, before anything is written."""
+    loads = sorted([t.name for t in SUPPORTED_GGUF_QUANT_TYPES] + ["F16", "F32"])
+    assert fmt not in loads
+    path = tmp_path / "flux.gguf"
+    with pytest.raises(ValueError, match=rf"^[\w.]+\.weight: diffusers' from_single_file cannot load {fmt} weights; "
+                                         rf"give this layer one of the formats it loads, {re.escape(str(loads))} "
+                                         r"\(or None for float32\)$"):
+        save_gguf(tiny_flux(), path, lambda name, layer: fmt if layer.in_features % 256 == 0 else None)
+    assert not path.exists()
+
+
+def test_save_gguf_without_diffusers_writes_any_format(tmp_path, monkeypatch):
+    """Without diffusers' GGUF loader to ask, the formats are not checked against it."""
+    monkeypatch.setitem(sys.modules, "diffusers.quantizers.gguf.utils", None)  # its import raises ImportError
+    save_gguf(torch.nn.Sequential(torch.nn.Linear(256, 64)), tmp_path / "x.gguf", "TQ2_0")
+    assert file_types(tmp_path / "x.gguf") == {"0.weight": "TQ2_0", "0.bias": "F32"}

@@ -30,7 +30,8 @@ modulation linears at batch 1) rounds activations to Q8_1: tests/test_diffusers.
 
 save_gguf writes a diffusers model's weights as a GGUF file with diffusers' own parameter names,
 which from_single_file loads without a key conversion (given config=, the model's saved config):
-a way to try this on any diffusers transformer, and what the tests and the README use.
+a way to try this on any diffusers transformer, and what the tests and the README use. It writes
+only the formats the installed diffusers loads (0.42: not torchext's TQ1_0, TQ2_0, MXFP4 or NVFP4).
 """
 
 from __future__ import annotations
@@ -149,33 +150,74 @@ WeightFormat = Union[str, QType, gguf.GGMLQuantizationType, None]
 def save_gguf(model: nn.Module, path: Union[str, os.PathLike],
               weight_format: Union[WeightFormat, Callable[[str, nn.Linear], WeightFormat]] = "Q8_0") -> None:
     """Write `model`'s state_dict to a GGUF file under diffusers' parameter names, the weight of
-    every nn.Linear in `weight_format` (a format name such as "Q4_K" or "BF16", or a function of
-    (qualified module name, layer) giving one, None for float32); everything else as float32.
-    diffusers' from_single_file(path, config=DIR, quantization_config=GGUFQuantizationConfig(...))
-    loads it, DIR holding the model's saved config (model.save_config(DIR)).
+    every nn.Linear in `weight_format` (a GGUF type name such as "Q4_K" or "BF16", a QType or
+    gguf.GGMLQuantizationType, a torchext format's integer id, or a function of (qualified module
+    name, layer) giving one; None for float32); everything else as float32. A float such as 12.7 is
+    not a format id. diffusers' from_single_file(path, config=DIR,
+    quantization_config=GGUFQuantizationConfig(...)) loads it, DIR holding the model's saved config
+    (model.save_config(DIR)).
 
     Quantized with torchext.quantize (llama.cpp's reference quantizers) for torchext's formats and
-    with gguf's numpy quantizers for the others gguf can make (BF16). ValueError for a format
-    neither makes, or for a layer whose in_features is not a whole number of the format's blocks.
+    with gguf's numpy quantizers for the others gguf can make (BF16, F16). ValueError for an unknown
+    format, for one diffusers' loader does not read (its SUPPORTED_GGUF_QUANT_TYPES, and F32, F16;
+    not checked where diffusers is not installed), for one neither quantizer makes, or for a layer
+    whose in_features is not a whole number of the format's blocks. Every layer's format is read and
+    checked against diffusers' list before anything is quantized; nothing is written on an error.
     """
     linears = {f"{name}.weight": (name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    writer = gguf.GGUFWriter(os.fspath(path), type(model).__name__)
-    for key, tensor in model.state_dict().items():
-        values = tensor.detach().to("cpu", torch.float32).contiguous()
+    state = model.state_dict()
+    loadable = _diffusers_types()
+    formats = {}
+    for key in state:
         fmt = None
         if key in linears:
             fmt = weight_format(*linears[key]) if callable(weight_format) else weight_format
-        if fmt is None:
+        if fmt is not None:
+            formats[key] = _file_type(key, fmt, loadable)
+    writer = gguf.GGUFWriter(os.fspath(path), type(model).__name__)
+    for key, tensor in state.items():
+        values = tensor.detach().to("cpu", torch.float32).contiguous()
+        if key not in formats:
             writer.add_tensor(key, values.numpy())
             continue
-        quant_type = gguf.GGMLQuantizationType[fmt.upper()] if isinstance(fmt, str) else \
-            gguf.GGMLQuantizationType(int(fmt))
-        raw = _quantized_bytes(key, values, quant_type)
-        writer.add_tensor(key, raw, raw_shape=raw.shape, raw_dtype=quant_type)
+        raw = _quantized_bytes(key, values, formats[key])
+        writer.add_tensor(key, raw, raw_shape=raw.shape, raw_dtype=formats[key])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _diffusers_types() -> Optional[frozenset]:
+    """The GGUF types diffusers' from_single_file loads (None without diffusers: nothing to check against)."""
+    try:
+        from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
+    except ImportError:
+        return None
+    # its loader takes F32 and F16 tensors as they are, every other type through its dequantizers
+    return frozenset([gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, *SUPPORTED_GGUF_QUANT_TYPES])
+
+
+def _file_type(key: str, fmt, loadable: Optional[frozenset]) -> gguf.GGMLQuantizationType:
+    """The GGUF type of save_gguf's format for weight `key`: a GGUF type name or gguf type as it is, anything
+    else as QType.of reads a torchext format (so 12.7 is no id, as for QuantLinear)."""
+    if isinstance(fmt, gguf.GGMLQuantizationType):
+        quant_type = fmt
+    elif isinstance(fmt, str):
+        if fmt.upper() not in gguf.GGMLQuantizationType.__members__:
+            known = (sorted(t.name for t in loadable) if loadable is not None
+                     else [q.name for q in QUANTIZABLE_TYPES] + ["BF16", "F16", "F32"])
+            raise ValueError(f"{key}: unknown format {fmt!r}; expected one of {known} (or None for float32)")
+        quant_type = gguf.GGMLQuantizationType[fmt.upper()]
+    else:
+        try:
+            quant_type = gguf.GGMLQuantizationType(QType.of(fmt).value)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+    if loadable is not None and quant_type not in loadable:
+        raise ValueError(f"{key}: diffusers' from_single_file cannot load {quant_type.name} weights; give this layer "
+                         f"one of the formats it loads, {sorted(t.name for t in loadable)} (or None for float32)")
+    return quant_type
 
 
 def _quantized_bytes(key: str, values: torch.Tensor, quant_type: gguf.GGMLQuantizationType) -> np.ndarray:
