@@ -618,3 +618,26 @@ def test_cpu_and_cuda_agree_q4k_q8_gemv(k):
     assert torch.equal(torchext.quantize_q8_1(x.cuda()).cpu(), xq)
     for op in (torchext.q4k_q8_gemv, torchext.q4k_q8_gemv_packed):
         assert_cpu_cuda_close(op(w, xq, n, k), op(w.cuda(), xq.cuda(), n, k), oracle(x, W)[1])
+
+
+# ---- torch.autocast ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows, exact", [(1, False), (1, True), (40, False)], ids=["gemv", "exact", "dense"])
+def test_autocast_does_not_reach_into_the_ops(rows, exact, device):
+    """The ops compute in their inputs' dtypes inside torch.autocast too: the same bits and gradients as
+    outside it. (The dense path's inner matmul once ran in autocast's bfloat16 on the calling thread and
+    float32 on parallel_for's others: one float32 output of mixed precision, exact=True included.)"""
+    q, n, k = QType.Q4_K, 4096, 256  # n large enough that the CPU's dense path splits it over threads
+    w = random_weight(q, n, k, device, seed=rows)
+    x = gaussian_activations((rows, k), seed=rows).to(device)
+    results = []
+    for autocast in (False, True):
+        xg = x.clone().requires_grad_()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            y = torchext.qmatmul(w, q, xg, n, k, exact)
+            z = torchext.gelu(xg)
+        (y.sum() + z.sum()).backward()
+        results.append((y, z, xg.grad))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)

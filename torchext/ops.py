@@ -895,3 +895,22 @@ def _rope_cache_write_autograd(keyset, q, k, v, cos, sin, pos, k_cache, v_cache,
 _autograd_lib = torch.library.Library("torchext", "IMPL")
 _autograd_lib.impl("gelu_", _gelu_inplace_autograd, "Autograd", with_keyset=True)
 _autograd_lib.impl("rope_cache_write", _rope_cache_write_autograd, "Autograd", with_keyset=True)
+
+
+# ---- autocast ------------------------------------------------------------------------------------
+# Every op computes in its inputs' dtypes, as documented, inside torch.autocast too: autocast does not
+# reach into it. Without this, the dense path's inner matmul (a dispatcher call) ran in autocast's
+# bfloat16 on the calling thread and in float32 on parallel_for's other threads, whose autocast state
+# is their own: one float32 output of mixed precision, exact=True included. Autocast dispatches before
+# autograd, so the op called again with autocast off runs its autograd and kernels as usual.
+
+def _without_autocast(op, device_type: str):
+    def kernel(*args, **kwargs):
+        with torch.autocast(device_type, enabled=False):
+            return op(*args, **kwargs)
+    return kernel
+
+
+for _name in sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("torchext::")):
+    for _device, _key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+        _autograd_lib.impl(_name, _without_autocast(getattr(_ops, _name).default, _device), _key)
