@@ -596,12 +596,25 @@ def test_quant_embedding_follows_dtype_conversions(llama_file):
     for convert, dtype in [(lambda m: m.to(torch.bfloat16), torch.bfloat16), (lambda m: m.half(), torch.float16),
                            (lambda m: m.float(), torch.float32)]:
         assert convert(emb) is emb and emb.dtype == dtype
-        assert emb(ids).dtype == dtype and torch.allclose(emb(ids).float(), want, rtol=1e-2)
+        assert torch.equal(emb(ids), want.to(dtype))  # the float32 rows, rounded once to dtype
     assert list(emb.state_dict()) == ["weight"]
     model = hf.from_gguf(llama_file).to(torch.bfloat16)
     with torch.no_grad():
         assert model.get_input_embeddings()(ids).dtype == torch.bfloat16
         assert model(prompt(6)).logits.dtype == torch.bfloat16
+
+
+def test_quant_embedding_checks_dtype_and_padding_idx():
+    """As nn.Embedding: a padding_idx within the table, a negative one counted from its end; the output
+    dtype one of the three the kernels compute in (float64 once failed only at the first forward)."""
+    data = torchext.quantize(torch.randn(16, 64), QType.Q8_0)
+    assert hf.QuantEmbedding(data, QType.Q8_0, 16, 64, padding_idx=-1).padding_idx == 15
+    for bad in (16, -17, 1.5, True):
+        with pytest.raises(ValueError, match=f"padding_idx: expected a row of the 16-row table, got {bad!r}"):
+            hf.QuantEmbedding(data, QType.Q8_0, 16, 64, padding_idx=bad)
+    with pytest.raises(ValueError, match="dtype: expected one of torch.float32, torch.bfloat16, torch.float16, got "
+                                         "torch.float64"):
+        hf.QuantEmbedding(data, QType.Q8_0, 16, 64, dtype=torch.float64)
 
 
 # ---- the real file ----------------------------------------------------------------------------------

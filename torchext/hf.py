@@ -110,6 +110,13 @@ class QuantEmbedding(nn.Module):
         q = weight_format(qtype)
         check_weight_bytes(weight, q, num_embeddings, embedding_dim,
                            names=("weight", "num_embeddings", "embedding_dim"))
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype: expected one of {', '.join(map(str, _DTYPES))}, got {dtype!r}")
+        if padding_idx is not None:  # as nn.Embedding: within the table, a negative one counted from its end
+            if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) or not (
+                    -num_embeddings <= padding_idx < num_embeddings):
+                raise ValueError(f"padding_idx: expected a row of the {num_embeddings}-row table, got {padding_idx!r}")
+            padding_idx %= num_embeddings
         self.qtype = q
         self.num_embeddings, self.embedding_dim, self.padding_idx = int(num_embeddings), int(embedding_dim), padding_idx
         self.register_buffer("weight", as_weight_rows(weight, q, self.num_embeddings, self.embedding_dim))
