@@ -211,8 +211,11 @@ def test_add_rms_norm_quantize_q8_1_gradient_of_the_sum(post_norm, device):
     """s = residual + t, t = x or rms_norm(x) * x_weight. Without the post-norm, both gradients are the
     incoming one. With it, against float64 autograd of the same formula: each fp32 gradient is a sum of
     K + 1 terms (the norm's Jacobian applied to grad), within fp32_sum_error of its exact value, plus the
-    rounding of the inputs the fp32 side sees (r = rsqrt(mean(x^2) + eps) within a few ulp: 8 u of each
-    term). The Q8_1 output passes no gradient, so `weight` takes none."""
+    error of the factors the fp32 side computes them from: r = rsqrt(mean(x^2) + eps) from a K-term sum of
+    squares (relative gamma_K, its terms all positive), the eps add and rsqrt's own roundings (2 u each),
+    halved by the square root, is within gamma_K / 2 + 3 u of r; a term carries r up to cubed (x r^3 / K),
+    so 3 (gamma_K / 2 + 3 u), and its own product's roundings, 4 u more. The Q8_1 output passes no
+    gradient, so `weight` takes none."""
     k = 256
     x = gaussian_activations((3, k), seed=3).to(device).requires_grad_()
     residual = gaussian_activations((3, k), seed=4).to(device).requires_grad_()
@@ -236,7 +239,7 @@ def test_add_rms_norm_quantize_q8_1_gradient_of_the_sum(post_norm, device):
     u = 2.0**-24
     for got, want, terms, n in ((x.grad, x64.grad, terms_x, k + 1), (x_weight.grad, w64.grad, terms_w, 3)):
         err = (got.cpu().double() - want.cpu()).abs()
-        tol = fp32_sum_error(terms.cpu(), n) + 8 * u * terms.cpu()
+        tol = fp32_sum_error(terms.cpu(), n) + (1.5 * fp32_sum_error(1.0, k) + 13 * u) * terms.cpu()
         assert (err <= tol).all(), (err / terms.cpu()).max()
 
 
@@ -270,3 +273,17 @@ def test_decode_attention_ops_raise_in_backward(device):
     with pytest.raises(RuntimeError, match="rope_cache_write has no gradient"):
         qr.sum().backward()
 
+
+
+def test_decode_attention_ops_compile_with_inputs_that_require_grad():
+    """AOTAutograd traces the backward of a compiled graph whose inputs require grad: the raise happens
+    when that backward runs, not while compiling, and the forward is eager's."""
+    def step(q, k, v, cos, sin, pos, kc, vc):
+        return torchext.cached_attention(torchext.rope_cache_write(q, k, v, cos, sin, pos, kc, vc), kc, vc, pos, 0.125)
+
+    q, k, v, cos, sin, pos, caches = decode_inputs("cpu", requires_grad=True)
+    out = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v, cos, sin, pos, *caches)
+    q2, k2, v2, cos, sin, pos, caches2 = decode_inputs("cpu", requires_grad=True)
+    assert torch.equal(out, step(q2, k2, v2, cos, sin, pos, *caches2))
+    with pytest.raises(RuntimeError, match="cached_attention has no gradient"):
+        out.sum().backward()

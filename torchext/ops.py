@@ -847,7 +847,20 @@ torch.library.register_autograd("torchext::add_rms_norm_quantize_q8_1", _backwar
 
 # Decode-time attention over a static cache, and the cache writes before it, have no gradient formula:
 # a backward that reaches their outputs raises (torch's fallback for an op without one would warn and
-# pass no gradient on).
+# pass no gradient on). It raises when it runs, not when torch.compile traces it (AOTAutograd traces the
+# backward of any graph whose inputs require grad): through no_gradient, whose fake is a tensor like the
+# input's gradient and whose kernel raises. It reads the output's gradient, so that it stays in the
+# backward graph (AOTAutograd's partitioner moves what needs only forward values into the forward).
+@torch.library.custom_op("torchext::no_gradient", mutates_args=())
+def _no_gradient(grad: torch.Tensor, like: torch.Tensor, message: str) -> torch.Tensor:
+    raise RuntimeError(message)
+
+
+@_no_gradient.register_fake
+def _(grad, like, message):
+    return torch.empty_like(like)
+
+
 _NO_GRADIENT = {
     "cached_attention": "cached_attention has no gradient: it is decode-time attention over a static key/value "
                         "cache; for training use torch.nn.functional.scaled_dot_product_attention",
@@ -856,25 +869,32 @@ _NO_GRADIENT = {
 }
 
 
+def _setup_cached_attention(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
 def _backward_cached_attention(ctx, grad):
-    raise RuntimeError(_NO_GRADIENT["cached_attention"])
+    (q,) = ctx.saved_tensors
+    return _no_gradient(grad, q, _NO_GRADIENT["cached_attention"]), None, None, None, None, None
 
 
-torch.library.register_autograd("torchext::cached_attention", _backward_cached_attention)
+torch.library.register_autograd("torchext::cached_attention", _backward_cached_attention,
+                                setup_context=_setup_cached_attention)
 
 
 class _NoGradient(torch.autograd.Function):
-    """compute()'s output, whose backward raises `message`: for an op with no gradient formula whose
-    inputs (passed on, to join the graph) require grad."""
+    """compute()'s output, whose backward raises `message` (no_gradient): for an op with no gradient
+    formula whose inputs (passed on, to join the graph) require grad."""
 
     @staticmethod
     def forward(ctx, message, compute, *inputs):
         ctx.message = message
+        ctx.save_for_backward(*inputs)
         return compute()
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError(ctx.message)
+        return None, None, *(_no_gradient(grads[0], t, ctx.message) for t in ctx.saved_tensors)
 
 
 def _rope_cache_write_autograd(keyset, q, k, v, cos, sin, pos, k_cache, v_cache, q_weight=None, k_weight=None,
@@ -891,10 +911,11 @@ def _rope_cache_write_autograd(keyset, q, k, v, cos, sin, pos, k_cache, v_cache,
     return out
 
 
-# register_autograd does not take mutating ops, so their Autograd kernels are registered directly
-_autograd_lib = torch.library.Library("torchext", "IMPL")
-_autograd_lib.impl("gelu_", _gelu_inplace_autograd, "Autograd", with_keyset=True)
-_autograd_lib.impl("rope_cache_write", _rope_cache_write_autograd, "Autograd", with_keyset=True)
+# register_autograd does not take mutating ops, so their Autograd kernels are registered directly (and the
+# Autocast kernels below)
+_impl_lib = torch.library.Library("torchext", "IMPL")
+_impl_lib.impl("gelu_", _gelu_inplace_autograd, "Autograd", with_keyset=True)
+_impl_lib.impl("rope_cache_write", _rope_cache_write_autograd, "Autograd", with_keyset=True)
 
 
 # ---- autocast ------------------------------------------------------------------------------------
@@ -913,4 +934,4 @@ def _without_autocast(op, device_type: str):
 
 for _name in sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("torchext::")):
     for _device, _key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
-        _autograd_lib.impl(_name, _without_autocast(getattr(_ops, _name).default, _device), _key)
+        _impl_lib.impl(_name, _without_autocast(getattr(_ops, _name).default, _device), _key)
