@@ -564,7 +564,7 @@ def test_file_without_a_tensor_the_model_needs(llama_file, tmp_path):
 def test_dtype_other_than_the_three_is_refused(llama_file, dtype):
     """Refused before the file is read: int32 was reported as an architecture without a model (from_gguf
     wraps from_config's ValueError), float64 loaded and failed only in the first forward's op."""
-    with pytest.raises(ValueError, match=r"dtype: expected one of torch.float32, torch.bfloat16, torch.float16 "
+    with pytest.raises(ValueError, match=r"dtype: expected one of torch.float32, torch.float16, torch.bfloat16 "
                                          r"\(.*\), got "):
         hf.from_gguf(llama_file, dtype=dtype)
 
@@ -578,6 +578,8 @@ def test_save_pretrained_is_refused_saying_what_works(llama_file, tmp_path):
                                                   r"load it again with from_gguf.*torch.save\(model.state_dict\(\)\)"):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    with pytest.raises(NotImplementedError, match="push_to_hub of a torchext.hf.from_gguf"):  # before any Hub call
+        model.push_to_hub("someone/model")
     torch.save(model.state_dict(), tmp_path / "state.pt")
     again = hf.from_gguf(llama_file)
     again.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
@@ -598,6 +600,13 @@ def test_quant_embedding_follows_dtype_conversions(llama_file):
         assert convert(emb) is emb and emb.dtype == dtype
         assert torch.equal(emb(ids), want.to(dtype))  # the float32 rows, rounded once to dtype
     assert list(emb.state_dict()) == ["weight"]
+    # a module pickled when the dtype was a plain attribute (its __dict__ then) loads as one of today's
+    old = hf.QuantEmbedding.__new__(hf.QuantEmbedding)
+    state = {k: v for k, v in emb.__dict__.items()}
+    state["_buffers"] = {k: v for k, v in state["_buffers"].items() if k != "_out_dtype"}
+    state["dtype"] = torch.bfloat16
+    old.__setstate__(state)
+    assert old.dtype == torch.bfloat16 and torch.equal(old(ids), want.to(torch.bfloat16))
     model = hf.from_gguf(llama_file).to(torch.bfloat16)
     with torch.no_grad():
         assert model.get_input_embeddings()(ids).dtype == torch.bfloat16
@@ -612,7 +621,7 @@ def test_quant_embedding_checks_dtype_and_padding_idx():
     for bad in (16, -17, 1.5, True):
         with pytest.raises(ValueError, match=f"padding_idx: expected a row of the 16-row table, got {bad!r}"):
             hf.QuantEmbedding(data, QType.Q8_0, 16, 64, padding_idx=bad)
-    with pytest.raises(ValueError, match="dtype: expected one of torch.float32, torch.bfloat16, torch.float16, got "
+    with pytest.raises(ValueError, match="dtype: expected one of torch.float32, torch.float16, torch.bfloat16, got "
                                          "torch.float64"):
         hf.QuantEmbedding(data, QType.Q8_0, 16, 64, dtype=torch.float64)
 

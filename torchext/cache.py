@@ -317,8 +317,9 @@ class WeightCache:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._pooled = {name: e._replace(tensor=_pool_view(self._pool, *place))
-                        for name, (e, place) in state["_pooled"].items()}
+        # a cache pickled before __getstate__ existed holds its entries themselves
+        self._pooled = {name: v if isinstance(v, CacheEntry) else v[0]._replace(tensor=_pool_view(self._pool, *v[1]))
+                        for name, v in state["_pooled"].items()}
 
     def to(self, device) -> WeightCache:
         """Move every entry to `device` (in place) and return self; the pool moves in one copy and

@@ -68,6 +68,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import numbers
 import os
 import re
 import tempfile
@@ -113,7 +114,7 @@ class QuantEmbedding(nn.Module):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: expected one of {', '.join(map(str, _DTYPES))}, got {dtype!r}")
         if padding_idx is not None:  # as nn.Embedding: within the table, a negative one counted from its end
-            if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) or not (
+            if isinstance(padding_idx, bool) or not isinstance(padding_idx, numbers.Integral) or not (
                     -num_embeddings <= padding_idx < num_embeddings):
                 raise ValueError(f"padding_idx: expected a row of the {num_embeddings}-row table, got {padding_idx!r}")
             padding_idx %= num_embeddings
@@ -121,11 +122,18 @@ class QuantEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim, self.padding_idx = int(num_embeddings), int(embedding_dim), padding_idx
         self.register_buffer("weight", as_weight_rows(weight, q, self.num_embeddings, self.embedding_dim))
         # a plain attribute would keep its dtype through model.to(torch.bfloat16)
-        self.register_buffer("_out_dtype", torch.empty(0, dtype=dtype), persistent=False)
+        self.register_buffer("_out_dtype", torch.empty(0, dtype=dtype, device=weight.device), persistent=False)
         if embed_scale is not None:
             self.register_buffer("embed_scale", embed_scale, persistent=False)
         else:
             self.embed_scale = None
+
+    def __setstate__(self, state: dict) -> None:
+        dtype = state.pop("dtype", None)  # a module pickled when the dtype was a plain attribute
+        super().__setstate__(state)
+        if dtype is not None:
+            self.register_buffer("_out_dtype", torch.empty(0, dtype=dtype, device=self.weight.device),
+                                 persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -183,24 +191,25 @@ def from_gguf(path_or_dir: str | os.PathLike, gguf_file: Optional[str] = None, *
                 raise ValueError(f"{path}: {getattr(model_class, '__name__', model_class)} has no model for this "
                                  f"file's architecture {architecture!r} (model_type {config.model_type!r}): {e}") from e
         _load_tensors(model, g, architecture, dtype)
-    model.save_pretrained = _SavePretrainedRefused(type(model).__name__)  # this instance's, not the class's
+    for method in ("save_pretrained", "push_to_hub"):  # this instance's, not the class's
+        setattr(model, method, _SavePretrainedRefused(type(model).__name__, method))
     return model.to(device if device is not None else "cpu").eval()
 
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPES = ops._FLOAT_DTYPES  # the kernels' activation dtypes
 
 
 class _SavePretrainedRefused:
-    """A from_gguf model's save_pretrained: NotImplementedError saying what to do instead (from_gguf's
-    docstring). A picklable object holding no reference to the model, so that torch.save(model) and
-    copy.deepcopy(model) keep working."""
+    """A from_gguf model's save_pretrained (and push_to_hub, which would create the Hub repository before
+    it saves): NotImplementedError saying what to do instead (from_gguf's docstring). A picklable object
+    holding no reference to the model, so that torch.save(model) and copy.deepcopy(model) keep working."""
 
-    def __init__(self, model_name: str) -> None:
-        self.model_name = model_name
+    def __init__(self, model_name: str, method: str = "save_pretrained") -> None:
+        self.model_name, self.method = model_name, method
 
     def __call__(self, *args, **kwargs):
         raise NotImplementedError(
-            f"save_pretrained of a torchext.hf.from_gguf {self.model_name}: its QuantLinear layers hold the GGUF "
+            f"{self.method} of a torchext.hf.from_gguf {self.model_name}: its QuantLinear layers hold the GGUF "
             "file's packed bytes, which safetensors cannot store with their formats and which from_pretrained "
             "could not load into dense nn.Linear layers. Keep the GGUF file and load it again with from_gguf; "
             "save LoRA adapters with the peft model's save_pretrained (adapters only); or save the state with "
@@ -539,7 +548,7 @@ def register_lora(config, model: Optional[nn.Module] = None):
     head; none inside an adapter layer). use_dora=True is refused (ValueError): DoRA rescales by
     the norm of the dense weight plus the update, and a QuantLinear's weight is packed bytes.
     """
-    _check_no_dora(config, None)
+    _check_no_dora(getattr(config, "use_dora", False), None)
     if isinstance(getattr(config, "target_modules", None), str) and config.target_modules.lower() == "all-linear":
         if model is None:
             raise ValueError("target_modules='all-linear': pass the model, register_lora(config, model), so that it "
@@ -550,8 +559,8 @@ def register_lora(config, model: Optional[nn.Module] = None):
     return config
 
 
-def _check_no_dora(config, base: Optional[QuantLinear]) -> None:
-    if not getattr(config, "use_dora", False):
+def _check_no_dora(use_dora: bool, base: Optional[QuantLinear]) -> None:
+    if not use_dora:
         return
     layer = f" ({base.qtype.name}, {base.out_features}x{base.in_features})" if base is not None else ""
     raise ValueError(f"use_dora=True: DoRA is not supported on a torchext QuantLinear{layer}. DoRA rescales each "
@@ -600,10 +609,13 @@ def quant_lora_linear_class() -> type:
         def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
             return module.in_features, module.out_features
 
-        def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs) -> None:
+        def update_layer(self, adapter_name, r, lora_alpha, *args, **kwargs) -> None:
             """peft's, but DoRA is refused (ValueError): it would read the uint8 bytes as a dense weight."""
-            _check_no_dora(config, self.get_base_layer())  # also for a config changed after register_lora
-            super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
+            # peft 0.21 passes the LoraConfig next; earlier releases passed its fields, use_dora by keyword
+            config = args[0] if args else kwargs.get("config")
+            use_dora = getattr(config, "use_dora", False) or kwargs.get("use_dora", False)
+            _check_no_dora(use_dora, self.get_base_layer())  # also for a config changed after register_lora
+            super().update_layer(adapter_name, r, lora_alpha, *args, **kwargs)
 
         def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
             """Refused: ValueError."""

@@ -365,7 +365,7 @@ class Gemma3(nn.Module):
     def with_max_seq_len(self, max_seq_len: int) -> "Gemma3":
         """A model over the same weights (no copy) with a key/value cache of another length."""
         return Gemma3(self.weights, self.cfg, batch=self.batch, max_seq_len=max_seq_len, dtype=self.dtype,
-                      device=self.embed_bytes.device, stack=self.stack)
+                      device=self.embed_bytes.device, stack=getattr(self, "stack", True))  # older pickles: True
 
     def reset(self) -> None:
         """Forget the cached keys and values (a new sequence)."""
