@@ -55,10 +55,8 @@ class QuantLinear(nn.Module):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.register_buffer("weight", as_weight_rows(weight, q, self.out_features, self.in_features))
+        check_bias(bias, self.out_features)
         if bias is not None:
-            if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or bias.shape != (self.out_features,):
-                got = f"{bias.dtype} {list(bias.shape)}" if isinstance(bias, torch.Tensor) else type(bias).__name__
-                raise ValueError(f"bias: expected a float tensor of shape [{self.out_features}], got {got}")
             self.bias = nn.Parameter(bias.detach())  # trainable, as in nn.Linear
         else:
             self.register_parameter("bias", None)
@@ -158,6 +156,14 @@ class QuantLinear(nn.Module):
         """Shape, bias, format and byte count, for print(module)."""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={self.qtype.name}, bytes={self.weight.numel()}" + (", exact=True" if self.exact else ""))
+
+
+def check_bias(bias, out_features: int) -> None:
+    """ValueError unless bias is None or a float tensor [out_features] (a layer's bias)."""
+    if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()
+                             or bias.shape != (out_features,)):
+        got = f"{bias.dtype} {list(bias.shape)}" if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"bias: expected a float tensor of shape [{out_features}], got {got}")
 
 
 def takes_q8_1(x: torch.Tensor, *layers: QuantLinear) -> bool:

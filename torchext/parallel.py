@@ -40,7 +40,7 @@ from .gguf_file import ggml_k_n
 from .weights import WEIGHT_IDS, weight_format
 from .formats import WEIGHT_TYPES, QType, block_bytes, block_values, row_bytes
 from .gguf_file import GGUFFile
-from .nn import QuantLinear
+from .nn import QuantLinear, check_bias
 
 
 def _rank_world(rank: Optional[int], world_size: Optional[int], group) -> tuple[int, int]:
@@ -108,14 +108,6 @@ def _cached_layer(cache: WeightCache, name: str, bias, exact: bool) -> QuantLine
         raise ValueError(f"{name}: a dense weight ({w.dtype}, shape {list(w.shape)}); the parallel layers need a "
                          "quantized one")
     return QuantLinear(w, q, k, n, bias, exact)
-
-
-def _check_bias(bias, out_features: int) -> None:
-    # QuantLinear's check and message, on the whole bias before a rank slices it
-    if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()
-                             or bias.shape != (out_features,)):
-        got = f"{bias.dtype} {list(bias.shape)}" if isinstance(bias, torch.Tensor) else type(bias).__name__
-        raise ValueError(f"bias: expected a float tensor of shape [{out_features}], got {got}")
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
@@ -191,7 +183,7 @@ class ColumnParallelQuantLinear(nn.Module):
         [out_features] one."""
         rank, world_size = _rank_world(rank, world_size, group)
         t, q, n, k = _gguf_tensor(path, name, reader)
-        _check_bias(bias, n)
+        check_bias(bias, n)
         a, b = row_split(n, rank, world_size)
         weight = torch.from_numpy(np.array(_file_rows(path, t, q, n, k)[a:b])).to(device)
         bias = None if bias is None else bias.detach()[a:b].clone()
@@ -227,7 +219,7 @@ class RowParallelQuantLinear(nn.Module):
         # the bias is not per shard: added once, after the all_reduce
         self.local = QuantLinear(weight, q, self.stop - self.start, out_features, exact=exact)
         self.qtype = q
-        _check_bias(bias, self.out_features)
+        check_bias(bias, self.out_features)
         self.bias = None if bias is None else nn.Parameter(bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
