@@ -257,8 +257,8 @@ class WeightCache:
         lie within an outer entry's (the first of the widest that holds them)."""
         spans = []
         for name, e in self._pooled.items():
-            offset = _place_in_pool(e.tensor)[0]
-            spans.append((offset, -(offset + e.tensor.numel() * e.tensor.element_size()), name))
+            offset, dtype, shape = _place_in_pool(e.tensor)
+            spans.append((offset, -(offset + _view_bytes(dtype, shape)), name))
         inside, outer = {}, None
         for start, neg_end, name in sorted(spans):
             if outer is None or -neg_end > outer[1]:

@@ -121,8 +121,7 @@ class QuantEmbedding(nn.Module):
         self.qtype = q
         self.num_embeddings, self.embedding_dim, self.padding_idx = int(num_embeddings), int(embedding_dim), padding_idx
         self.register_buffer("weight", as_weight_rows(weight, q, self.num_embeddings, self.embedding_dim))
-        # a plain attribute would keep its dtype through model.to(torch.bfloat16)
-        self.register_buffer("_out_dtype", torch.empty(0, dtype=dtype, device=weight.device), persistent=False)
+        self._hold_out_dtype(dtype)
         if embed_scale is not None:
             self.register_buffer("embed_scale", embed_scale, persistent=False)
         else:
@@ -132,8 +131,12 @@ class QuantEmbedding(nn.Module):
         dtype = state.pop("dtype", None)  # a module pickled when the dtype was a plain attribute
         super().__setstate__(state)
         if dtype is not None:
-            self.register_buffer("_out_dtype", torch.empty(0, dtype=dtype, device=self.weight.device),
-                                 persistent=False)
+            self._hold_out_dtype(dtype)
+
+    def _hold_out_dtype(self, dtype: torch.dtype) -> None:
+        # in an empty buffer, which nn.Module converts: a plain attribute would keep its dtype through
+        # model.to(torch.bfloat16)
+        self.register_buffer("_out_dtype", torch.empty(0, dtype=dtype, device=self.weight.device), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:

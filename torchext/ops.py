@@ -723,13 +723,18 @@ def _(q, k, v, cos, sin, pos, k_cache, v_cache, q_weight=None, k_weight=None, ep
 # Gradients flow to the activations (and the bias), so layers upstream of a quantized one train;
 # the quantized weights are uint8 bytes and take none. Backward runs dense torch ops.
 
+def _grad_through_weight(ctx, grad: torch.Tensor) -> torch.Tensor:
+    """grad @ W, W the weight ctx.w (ctx.qtype, ctx.n x ctx.k) dequantized: the gradient of x @ W.T."""
+    return grad @ dequantize(ctx.w, ctx.qtype, ctx.n, ctx.k, grad.dtype)
+
+
 def _setup_matmul_qtype(ctx, inputs, output):
     w, qtype, x, n, k, exact = inputs
     ctx.w, ctx.qtype, ctx.n, ctx.k = w, qtype, n, k
 
 
 def _backward_matmul_qtype(ctx, grad):
-    return None, None, grad @ dequantize(ctx.w, ctx.qtype, ctx.n, ctx.k, grad.dtype), None, None, None
+    return None, None, _grad_through_weight(ctx, grad), None, None, None
 
 
 torch.library.register_autograd("torchext::qmatmul", _backward_matmul_qtype, setup_context=_setup_matmul_qtype)
@@ -739,7 +744,7 @@ for _name, _qtype in (("q4k_gemv", QType.Q4_K), ("q5k_gemv", QType.Q5_K), ("q6k_
         ctx.w, ctx.qtype, ctx.n, ctx.k = w, int(_qtype), n, k
 
     def _backward(ctx, grad):
-        return None, grad @ dequantize(ctx.w, ctx.qtype, ctx.n, ctx.k, grad.dtype), None, None
+        return None, _grad_through_weight(ctx, grad), None, None
 
     torch.library.register_autograd(f"torchext::{_name}", _backward, setup_context=_setup)
 
@@ -813,7 +818,7 @@ def _setup_gated_gelu_qmatmul(ctx, inputs, output):
 def _backward_gated_gelu_qmatmul(ctx, grad):
     # the gradients of torchext.gelu(gate) * up, then qmatmul's: the composition the op's bytes equal
     gate, up = ctx.saved_tensors
-    grad_h = grad @ dequantize(ctx.w, ctx.qtype, ctx.n, ctx.k, grad.dtype)
+    grad_h = _grad_through_weight(ctx, grad)
     grad_gate = torch.ops.aten.gelu_backward(grad_h * up, gate, approximate=ctx.approximate)
     return None, None, grad_gate, grad_h * gelu(gate, ctx.approximate), None, None, None
 
