@@ -207,16 +207,6 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
-// Shared memory a CTA may stage activations in: the device's opt-in limit (227 KB on Hopper,
-// 163 KB on A100, 99 KB on consumer GPUs) less room for the kernel's static arrays and the
-// format's grid (grid_bytes: shared_grid_bytes).
-size_t max_staged_bytes(int device, size_t grid_bytes) {
-  int limit = 0;
-  cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  const size_t reserved = 4096 + grid_bytes;
-  return size_t(limit) > reserved ? size_t(limit) - reserved : 0;
-}
-
 // A launch of a GEMV kernel whose CTAs cover `columns` output columns in all (n, or n per routed
 // expert): its dynamic shared memory (opted in), resident CTAs, and how many warps share a row.
 struct GemvPlan {
@@ -225,20 +215,16 @@ struct GemvPlan {
   int64_t rows_per_step, steps, resident_ctas;
 };
 
-template <class T, class Kernel>
-cudaError_t plan_gemv(Kernel kernel, int64_t n, int64_t k, int64_t columns, size_t smem, int device, GemvPlan& p) {
-  // Above 48 KB of static and dynamic shared memory together a launch needs the opt-in: the grid
-  // formats' static tables (up to 16 KB) count as well as the staged rows.
-  cudaFuncAttributes attr;
-  cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
-  if (err != cudaSuccess) return err;
-  if (smem + attr.sharedSizeBytes > 48 * 1024) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+template <class T, auto kKernel>
+cudaError_t plan_gemv(int64_t n, int64_t k, int64_t columns, size_t smem, int device, GemvPlan& p) {
+  const KernelFacts facts = kernel_facts<kKernel, kThreads>(device);  // opted in to all the shared memory it may take
+  if (facts.err != cudaSuccess) return facts.err;
+  if (smem > facts.max_dynamic_smem) return cudaErrorInvalidValue;  // the launchers stage no more (staged_group)
+  int ctas_per_sm = facts.ctas_per_sm;
+  if (smem > 0) {  // the staged rows' size follows k and the rows: asked each launch
+    const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kKernel, kThreads, smem);
     if (err != cudaSuccess) return err;
   }
-  int ctas_per_sm = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, kThreads, smem);
-  if (err != cudaSuccess) return err;
   // Split rows over warps while that still fits in one wave of resident warps, keeping >= 32
   // items per warp: few rows then still fill the GPU, and many rows get whole warps each.
   const int64_t items = weight_row_blocks<T>(k) * T::kItems;
@@ -252,25 +238,38 @@ cudaError_t plan_gemv(Kernel kernel, int64_t n, int64_t k, int64_t columns, size
   return cudaSuccess;
 }
 
-// A launch of `kernel` (gemv_q8_1_kernel, gemv_q8_1_computed_kernel) over `rows` activation rows, which it
+// A launch of kKernel (gemv_q8_1_kernel, gemv_q8_1_computed_kernel) over `rows` activation rows, which it
 // takes as the argument x (staged: in shared memory).
-template <class T, class... Params, class X>
-cudaError_t launch_rows(void (*kernel)(Params...), const uint8_t* w, int64_t n, int64_t k, const X& x, int rows,
-                        bool staged, void* out, FloatType ot, int device, cudaStream_t stream) {
+template <class T, auto kKernel, class X>
+cudaError_t launch_rows(const uint8_t* w, int64_t n, int64_t k, const X& x, int rows, bool staged, void* out,
+                        FloatType ot, int device, cudaStream_t stream) {
   GemvPlan p;
-  const cudaError_t err = plan_gemv<T>(kernel, n, k, n, staged ? staged_bytes(k, rows) : 0, device, p);
+  const cudaError_t err = plan_gemv<T, kKernel>(n, k, n, staged ? staged_bytes(k, rows) : 0, device, p);
   if (err != cudaSuccess) return err;
   const unsigned grid = unsigned(std::min(p.steps, p.resident_ctas));
-  return launch_dependent(kernel, grid, kThreads, p.smem, stream, w, n, k, x, rows, p.split, out, ot);
+  return launch_dependent(kKernel, grid, kThreads, p.smem, stream, w, n, k, x, rows, p.split, out, ot);
 }
 
-// launch(std::integral_constant<int, B>) for the staged kernels' B: rows rounded up to a power of two.
-template <class Launch>
-cudaError_t with_staged_tile(int rows, Launch&& launch) {
-  if (rows == 1) return launch(std::integral_constant<int, 1>{});
-  if (rows == 2) return launch(std::integral_constant<int, 2>{});
-  if (rows <= 4) return launch(std::integral_constant<int, 4>{});
-  return launch(std::integral_constant<int, 8>{});
+// f(std::integral_constant<int, B>) for the staged kernels' B: rows rounded up to a power of two.
+template <class F>
+decltype(auto) with_staged_tile(int rows, F&& f) {
+  if (rows == 1) return f(std::integral_constant<int, 1>{});
+  if (rows == 2) return f(std::integral_constant<int, 2>{});
+  if (rows <= 4) return f(std::integral_constant<int, 4>{});
+  return f(std::integral_constant<int, 8>{});
+}
+
+// The most of `rows` activation rows, kMaxDp4aRows at most and halved until they fit, whose copy fits
+// the shared memory of the staged kernel of their tile B (facts_of(B): that kernel's kernel_facts, so its
+// static arrays, a grid format's table among them, are counted as they were compiled); 0 when not even
+// one row of k values fits (the kernel that reads activations from global memory takes them then).
+template <class FactsOf>
+int staged_group(int64_t rows, int64_t k, FactsOf&& facts_of) {
+  for (int g = int(std::min<int64_t>(rows, kMaxDp4aRows)); g >= 1; g /= 2) {
+    const KernelFacts f = with_staged_tile(g, facts_of);
+    if (f.err == cudaSuccess && staged_bytes(k, g) <= f.max_dynamic_smem) return g;
+  }
+  return 0;
 }
 
 // A row of CTAs (one per step of rows) for each expert that can be routed to, at most one per slot,
@@ -278,10 +277,10 @@ cudaError_t with_staged_tile(int rows, Launch&& launch) {
 template <class T, int B, bool kStaged>
 cudaError_t launch_id_rows(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* x, const ExpertSlots& slots,
                            void* out, FloatType ot, int device, cudaStream_t stream) {
-  auto kernel = gemv_q8_1_id_kernel<T, B, kStaged>;
+  constexpr auto kernel = gemv_q8_1_id_kernel<T, B, kStaged>;
   GemvPlan p;
   const int64_t routed = std::min(slots.experts, slots.count);
-  const cudaError_t err = plan_gemv<T>(kernel, n, k, n * routed, kStaged ? staged_bytes(k, B) : 0, device, p);
+  const cudaError_t err = plan_gemv<T, kernel>(n, k, n * routed, kStaged ? staged_bytes(k, B) : 0, device, p);
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned(p.steps), unsigned(routed + 1));
   kernel<<<grid, kThreads, p.smem, stream>>>(w, n, k, x, slots, p.split, out, ot);
@@ -298,7 +297,9 @@ cudaError_t launch_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, c
   cudaError_t err = cudaSuccess;
   const bool known = visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
-    const size_t max_staged = max_staged_bytes(device, shared_grid_bytes<T>());
+    const auto staged_facts = [device](auto b) {
+      return kernel_facts<gemv_q8_1_kernel<T, decltype(b)::value, true>, kThreads>(device);
+    };
     // Groups of up to 16 rows for the tensor-core kernel; for DP4A up to 8, as many as shared memory
     // holds, and rows too long to stage at all are read from global memory one at a time.
     for (int64_t r0 = 0; r0 < rows && err == cudaSuccess;) {
@@ -310,17 +311,16 @@ cudaError_t launch_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, c
         r0 += g;
         continue;
       }
-      int g = int(std::min<int64_t>(rows - r0, kMaxDp4aRows));
-      while (g > 1 && staged_bytes(k, g) > max_staged) g /= 2;
-      if (staged_bytes(k, g) > max_staged) {
-        err = launch_rows<T>(gemv_q8_1_kernel<T, 1, false>, w, n, k, xg, 1, false, o, ot, device, stream);
+      const int g = staged_group(rows - r0, k, staged_facts);
+      if (g == 0) {
+        err = launch_rows<T, gemv_q8_1_kernel<T, 1, false>>(w, n, k, xg, 1, false, o, ot, device, stream);
       } else {
         err = with_staged_tile(g, [&](auto b) {
           constexpr int B = decltype(b)::value;
-          return launch_rows<T>(gemv_q8_1_kernel<T, B, true>, w, n, k, xg, g, true, o, ot, device, stream);
+          return launch_rows<T, gemv_q8_1_kernel<T, B, true>>(w, n, k, xg, g, true, o, ot, device, stream);
         });
       }
-      r0 += g;
+      r0 += std::max(g, 1);
     }
   });
   return known ? err : cudaErrorInvalidValue;
@@ -331,8 +331,11 @@ bool gemv_q8_1_computes_rows(QType wt, int64_t rows, int64_t k, int device) {
   bool fits = false;
   visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
+    const auto computed_facts = [device](auto b) {
+      return kernel_facts<gemv_q8_1_computed_kernel<T, decltype(b)::value, GatedGeluValues>, kThreads>(device);
+    };
     fits = choose_gemv_kernel(rows, T::kValues, has_int8_mma(device)) == GemvKernel::Dp4a &&
-           staged_bytes(k, rows) <= max_staged_bytes(device, shared_grid_bytes<T>());
+           staged_group(rows, k, computed_facts) == rows;
   });
   return fits;
 }
@@ -348,8 +351,8 @@ cudaError_t launch_gated_gelu_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, i
     using T = decltype(traits);
     err = with_staged_tile(int(rows), [&](auto b) {
       constexpr int B = decltype(b)::value;
-      return launch_rows<T>(gemv_q8_1_computed_kernel<T, B, GatedGeluValues>, w, n, k, source, int(rows), true, out, t,
-                            device, stream);
+      return launch_rows<T, gemv_q8_1_computed_kernel<T, B, GatedGeluValues>>(w, n, k, source, int(rows), true, out,
+                                                                              t, device, stream);
     });
   });
   return err;
@@ -362,15 +365,17 @@ cudaError_t launch_gemv_q8_1_id(QType wt, const uint8_t* w, int64_t n, int64_t k
   cudaError_t err = cudaErrorInvalidValue;
   visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
-    const size_t max_staged = max_staged_bytes(device, shared_grid_bytes<T>());
     if (choose_gemv_kernel(tokens, T::kValues, has_int8_mma(device)) == GemvKernel::Int8Mma) {
       err = launch_gemv_q8_1_mma_id(wt, w, n, k, x, slots, out, ot, device, stream);
       return;
     }
-    int g = 1;
-    while (g < std::min<int64_t>(tokens, kMaxDp4aRows)) g *= 2;
-    while (g > 1 && staged_bytes(k, g) > max_staged) g /= 2;
-    if (staged_bytes(k, g) > max_staged) {
+    // a tile stages all of its B rows, whatever an expert receives
+    int tile = 1;
+    while (tile < std::min<int64_t>(tokens, kMaxDp4aRows)) tile *= 2;
+    const int g = staged_group(tile, k, [device](auto b) {
+      return kernel_facts<gemv_q8_1_id_kernel<T, decltype(b)::value, true>, kThreads>(device);
+    });
+    if (g == 0) {
       err = launch_id_rows<T, 1, false>(w, n, k, x, slots, out, ot, device, stream);
     } else {
       err = with_staged_tile(g, [&](auto b) {

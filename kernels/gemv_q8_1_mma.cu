@@ -85,7 +85,10 @@ __device__ __forceinline__ void gemv_mma_rows(const uint8_t* __restrict__ w, int
   const auto x_row = [&](int r) { return x.in(r < rows ? r : rows - 1); };
   const block_q8_1 *xq[NT], *xs[NT][2];
 #pragma unroll
-  for (int j = 0; j < NT; ++j) xq[j] = x_row(8 * j + g), xs[j][0] = x_row(8 * j + 2 * t), xs[j][1] = x_row(8 * j + 2 * t + 1);
+  for (int j = 0; j < NT; ++j) {
+    xq[j] = x_row(8 * j + g);
+    xs[j][0] = x_row(8 * j + 2 * t), xs[j][1] = x_row(8 * j + 2 * t + 1);
+  }
 
   float acc[NT][4] = {};
   const int64_t items = blocks * T::kMmaItems;
@@ -198,13 +201,13 @@ __global__ void __launch_bounds__(kThreads, 2)
   });
 }
 
-// How many warps share a tile's items, and the CTAs that cover n rows, for a launch of `kernel` whose
+// How many warps share a tile's items, and the CTAs that cover n rows, for a launch of kKernel whose
 // CTAs cover `tiles` 16-row tiles in all (n's, or n's per routed expert).
-template <class T, class Kernel>
-cudaError_t plan_tiles(Kernel kernel, int64_t n, int64_t k, int64_t tiles, int device, int& split, int64_t& ctas) {
-  int ctas_per_sm = 0;
-  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, kThreads, 0);
-  if (err != cudaSuccess) return err;
+template <class T, auto kKernel>
+cudaError_t plan_tiles(int64_t n, int64_t k, int64_t tiles, int device, int& split, int64_t& ctas) {
+  const KernelFacts facts = kernel_facts<kKernel, kThreads>(device);
+  if (facts.err != cudaSuccess) return facts.err;
+  const int ctas_per_sm = facts.ctas_per_sm;
   // Split a tile's items over 2, 4 or 8 warps while the tiles alone would leave most resident warp
   // slots empty, keeping >= 2 items per warp.
   const int64_t items = weight_row_blocks<T>(k) * T::kMmaItems;
@@ -219,10 +222,10 @@ cudaError_t plan_tiles(Kernel kernel, int64_t n, int64_t k, int64_t tiles, int d
 template <class T, int NT>
 cudaError_t launch_tiles(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* x, int rows, void* out,
                          FloatType ot, int device, cudaStream_t stream) {
-  auto kernel = gemv_q8_1_mma_kernel<T, NT>;
+  constexpr auto kernel = gemv_q8_1_mma_kernel<T, NT>;
   int split = 1;
   int64_t ctas = 0;
-  const cudaError_t err = plan_tiles<T>(kernel, n, k, (n + kTileRows - 1) / kTileRows, device, split, ctas);
+  const cudaError_t err = plan_tiles<T, kernel>(n, k, (n + kTileRows - 1) / kTileRows, device, split, ctas);
   if (err != cudaSuccess) return err;
   return launch_dependent(kernel, unsigned(ctas), kThreads, 0, stream, w, n, k, x, rows, split, out, ot);
 }
@@ -232,12 +235,12 @@ cudaError_t launch_tiles(const uint8_t* w, int64_t n, int64_t k, const block_q8_
 template <class T, int NT>
 cudaError_t launch_id_tiles(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* x, const ExpertSlots& slots,
                             void* out, FloatType ot, int device, cudaStream_t stream) {
-  auto kernel = gemv_q8_1_mma_id_kernel<T, NT>;
+  constexpr auto kernel = gemv_q8_1_mma_id_kernel<T, NT>;
   const int64_t routed = std::min(slots.experts, slots.count);
   const int64_t tiles = (n + kTileRows - 1) / kTileRows * routed;
   int split = 1;
   int64_t ctas = 0;
-  const cudaError_t err = plan_tiles<T>(kernel, n, k, tiles, device, split, ctas);
+  const cudaError_t err = plan_tiles<T, kernel>(n, k, tiles, device, split, ctas);
   if (err != cudaSuccess) return err;
   kernel<<<dim3(unsigned(ctas), unsigned(routed + 1)), kThreads, 0, stream>>>(w, n, k, x, slots, split, out, ot);
   return cudaGetLastError();

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
 #include <utility>
 
 namespace torchext {
@@ -77,6 +78,51 @@ cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, s
   config.attrs = attribute;
   config.numAttrs = current_device_launches_dependents() ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+// ---- what a kernel's launches need from the runtime, asked once per device ---------------------------
+// A launch needs the kernel's resident CTAs an SM (to size a grid of one wave) and, above 48 KB of
+// shared memory, the kernel's opt-in to more. Both depend only on the kernel and the device, while
+// asking costs microseconds of host time a launch (cudaFuncGetAttributes is a driver call for each of
+// its fields), and an eager decode step launches hundreds of kernels: so the answers are kept for the
+// process, one per device (devices past kCachedDevices are asked each time).
+constexpr int kCachedDevices = 64;
+
+struct KernelFacts {
+  cudaError_t err = cudaSuccess;  // the runtime's refusal, if any; the fields below hold only on success
+  size_t max_dynamic_smem = 0;    // what a launch may ask for: all the device allows beside the static arrays
+  int ctas_per_sm = 0;            // resident CTAs an SM at kSmem bytes of dynamic shared memory (0: none fit)
+};
+
+template <auto F, int kThreads, size_t kSmem>
+KernelFacts ask_kernel_facts(int device) {
+  KernelFacts f;
+  cudaFuncAttributes attr;
+  int optin = 0;
+  if ((f.err = cudaFuncGetAttributes(&attr, F)) != cudaSuccess ||
+      (f.err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)) != cudaSuccess)
+    return f;
+  f.max_dynamic_smem = size_t(optin) > attr.sharedSizeBytes ? size_t(optin) - attr.sharedSizeBytes : 0;
+  // opted in once to the most it may take: a launch asking for less needs nothing more
+  f.err = cudaFuncSetAttribute(F, cudaFuncAttributeMaxDynamicSharedMemorySize, int(f.max_dynamic_smem));
+  if (f.err != cudaSuccess) return f;
+  if constexpr (kSmem > 0) {
+    if (f.max_dynamic_smem < kSmem) return f;  // ctas_per_sm 0: it cannot run with kSmem bytes
+  }
+  f.err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&f.ctas_per_sm, F, kThreads, kSmem);
+  return f;
+}
+
+// Kernel F's facts on `device`, the current device, for CTAs of kThreads threads (and kSmem bytes of
+// dynamic shared memory for ctas_per_sm). The first call for a device asks the runtime and opts F in;
+// later calls read the answer (a refusal is kept too: it does not change while the process runs).
+template <auto F, int kThreads, size_t kSmem = 0>
+KernelFacts kernel_facts(int device) {
+  if (device < 0 || device >= kCachedDevices) return ask_kernel_facts<F, kThreads, kSmem>(device);
+  static KernelFacts known[kCachedDevices];
+  static std::once_flag asked[kCachedDevices];
+  std::call_once(asked[device], [device] { known[device] = ask_kernel_facts<F, kThreads, kSmem>(device); });
+  return known[device];
 }
 
 inline int sm_count(int device) {

@@ -7,7 +7,6 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
-#include <atomic>
 #include <type_traits>
 
 #include "kernels/launch.cuh"
@@ -19,7 +18,6 @@ namespace {
 
 
 constexpr int kXStride = kChunk + 16;      // halves per staged activation row (see ChunkCopier)
-constexpr int kCachedDevices = 64;  // devices whose occupancy answers are kept (opt_in)
 
 // A chunk's weight bytes in one row, staged in shared memory. A row's chunk starts at any offset
 // (210-byte Q6_K blocks, 18-byte Q4_0 blocks, 17-byte MXFP4 blocks at odd ones ...), so the copy is of
@@ -478,22 +476,12 @@ void visit_tile(int64_t rows, int device, F&& f) {
   else visit_width<T, 64>(smem_optin, f);
 }
 
-// Opts kernel F in to kSmem bytes of dynamic shared memory on `device` (the current one) and returns
-// its resident CTAs per SM (0: it cannot run). The opt-in and the occupancy query cost microseconds of
-// host time and depend only on the kernel and the device, so each device's answer is kept for the
-// process (as answer + 1; 0: not asked yet); threads that race here store the same value.
+// Kernel F's resident CTAs an SM on `device` (the current one) with its kSmem bytes of dynamic shared
+// memory, opted in (kernel_facts: asked once per device); 0 when it cannot run there.
 template <auto F, int kThreads, int kSmem>
 int opt_in(int device) {
-  static std::atomic<int> known[kCachedDevices];
-  const bool cached = device >= 0 && device < kCachedDevices;
-  if (cached) {
-    if (const int v = known[device].load(std::memory_order_relaxed)) return v - 1;
-  }
-  int ctas = 0;
-  if (cudaFuncSetAttribute(F, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) == cudaSuccess)
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, F, kThreads, kSmem);
-  if (cached) known[device].store(ctas + 1, std::memory_order_relaxed);
-  return ctas;
+  const KernelFacts facts = kernel_facts<F, kThreads, kSmem>(device);
+  return facts.err == cudaSuccess ? facts.ctas_per_sm : 0;
 }
 
 // One instantiation of the kernel: its shared memory, occupancy, plan and launch.

@@ -74,9 +74,12 @@ cudaError_t launch_kernel(const GemmArgs& args, const Plan& p, FloatType xt, cud
                     Lay::kRawStride, Tile::kN, CU_TENSOR_MAP_SWIZZLE_NONE))
       return cudaErrorNotSupported;
     constexpr auto kernel = qgemm::qgemm_wgmma_kernel<T, H, kExact, Tile>;
-    // every launch asks again: a few hundred nanoseconds, and no per-device cache to keep
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Lay::kBytes);
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess) return err;
+    const KernelFacts facts = kernel_facts<kernel, kWgThreads, Lay::kBytes>(device);  // the opt-in, once per device
+    if (facts.err != cudaSuccess) return facts.err;
+    if (facts.ctas_per_sm == 0) return cudaErrorInvalidConfiguration;
     const dim3 grid(unsigned((args.n + Tile::kN - 1) / Tile::kN), unsigned((args.rows + Tile::kM - 1) / Tile::kM),
                     unsigned(p.splits));
     kernel<<<grid, kWgThreads, Lay::kBytes, stream>>>(args, xmap, wmap);

@@ -530,7 +530,8 @@ struct QuantTraits<QType::TQ2_0> : CrumbKQuantGeometry<QType::TQ2_0, block_tq2_0
   static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int c, float* out) {
     const block& b = *reinterpret_cast<const block*>(p);
     const float d = fp16f(b.d);
-    for (int l = 0; l < 32; ++l) out[l] = mul_sub(d, float(int((b.qs[32 * (c / 4) + l] >> (2 * (c % 4))) & 3) - 1), 0.0f);
+    for (int l = 0; l < 32; ++l)
+      out[l] = mul_sub(d, float(int((b.qs[32 * (c / 4) + l] >> (2 * (c % 4))) & 3) - 1), 0.0f);
   }
 
   template <int B, class X>
@@ -554,7 +555,9 @@ struct QuantTraits<QType::TQ2_0> : CrumbKQuantGeometry<QType::TQ2_0, block_tq2_0
     for (int j = 0; j < 2; ++j) r.qs[j] = load_u32<kAlign>(b.qs + 32 * h + 16 * j + 4 * t);
     r.d = b.d;
   }
-  static TORCHEXT_HD MmaSlice<1> mma_slice(const MmaRaw& r, int s) { return {{trits(r.qs[s % 2], s / 2)}, fp16f(r.d), 0.0f}; }
+  static TORCHEXT_HD MmaSlice<1> mma_slice(const MmaRaw& r, int s) {
+    return {{trits(r.qs[s % 2], s / 2)}, fp16f(r.d), 0.0f};
+  }
 };
 
 // ---------------------------------------------------------------- 32-value formats
@@ -866,7 +869,8 @@ struct QuantTraits<QType::IQ4_XS> {
     return int(((w1 >> (4 * j)) & 0xFu) | (((w0 >> (16 + 2 * j)) & 3u) << 4)) - 32;
   }
   static TORCHEXT_HD float sub_d(const uint8_t* p, int j) {
-    return fp16f(fp16_bits(load_u32<kAlign>(p) & 0xFFFFu)) * float(sub_scale(load_u32<kAlign>(p), load_u32<kAlign>(p + 4), j));
+    const uint32_t lo = load_u32<kAlign>(p), hi = load_u32<kAlign>(p + 4);
+    return fp16f(fp16_bits(lo & 0xFFFFu)) * float(sub_scale(lo, hi, j));
   }
 
   static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int c, float* out) {

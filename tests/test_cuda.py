@@ -379,6 +379,36 @@ def test_qmatmul_rows_too_long_to_stage(qtype, n, k, rows):
     check_matmul_vs_cpu(ops.qmatmul(w, qtype, x, n, k), w, qtype, x, n, k)
 
 
+# Where the staged rows meet the shared memory's edge: the launcher stages a group of rows only if they fit
+# beside the kernel's own static arrays, as the runtime reports them for each kernel, and halves the group
+# otherwise. 8 rows of Q5_0 (DP4A up to 8 rows) and 8 tokens of qmatmul_id, at every K within a few
+# blocks of the device's opt-in limit, 40 bytes a row per 32 values: whichever side of the edge a K
+# falls, the result is right and no launch fails.
+def edge_ks(rows: int) -> list[int]:
+    optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    blocks = optin // (rows * 40)
+    return [32 * b for b in range(blocks - 8 * 1024 // (rows * 40), blocks + 2)]
+
+
+def test_qmatmul_rows_at_the_shared_memory_edge():
+    n, rows = 3, 8
+    for k in edge_ks(rows):
+        w = random_weight(Q5_0, n, k, "cuda", seed=k)
+        x = _randn((rows, k), torch.float32, seed=k)
+        check_matmul_vs_cpu(ops.qmatmul(w, Q5_0, x, n, k), w, Q5_0, x, n, k)
+
+
+def test_qmatmul_id_tokens_at_the_shared_memory_edge():
+    from test_matmul_id import assert_slots_close, expert_weights
+    experts, n, tokens, top_k = 4, 3, 8, 2
+    ids = torch.arange(tokens * top_k).reshape(tokens, top_k) % experts  # 4 tokens an expert
+    for k in edge_ks(tokens):
+        w, Ws, Ms = expert_weights(Q8_0, experts, n, k, seed=k)
+        x = _randn((tokens, k), torch.float32, "cpu", seed=k)
+        y = ops.qmatmul_id(w.cuda(), Q8_0, x.cuda(), ids.cuda(), n, k)
+        assert_slots_close(y, x, ids, Ws, Ms, rounded=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op,qtype", [("q4k_gemv", Q4_K), ("q5k_gemv", Q5_K), ("q6k_gemv", Q6_K)])
 @pytest.mark.parametrize("rows", [1, 3, 12])
