@@ -1,7 +1,7 @@
 """Accuracy of the Q8_1 GEMV on real weights: Gemma 3 270M Q4_K_M's matrices.
 
 For every 2-D weight of the file, in its own format (Q4_K, Q6_K, Q5_0, Q8_0 there) and requantized
-by torchext.quantize into each other weight format, y = qmatmul(w, x) for one row of Gaussian
+by torchext.quantize into each other format it writes (not IQ*, NVFP4), y = qmatmul(w, x) for one row of Gaussian
 activations (the GEMV path: x rounded to Q8_1) against x @ W.T in float64 on the same dequantized
 weight W; the error is norm-relative, ||y - ref|| / ||ref||, per tensor. Prints one row per format:
 tensors, median and largest error, and the median of the same error had the GEMV met each block's
@@ -32,7 +32,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torchext  # noqa: E402
-from torchext.formats import WEIGHT_TYPES, QType  # noqa: E402
+from torchext.cli import gguf_file_arg, int_at_least  # noqa: E402
+from torchext.formats import QUANTIZABLE_TYPES, WEIGHT_TYPES, QType  # noqa: E402
+from torchext.gguf_file import GGUFFile  # noqa: E402
+from torchext.cli import device_arg  # noqa: E402
+
+# The formats whose offset unrounded_offset_error splits from the scaled part (the old rule's column).
+OFFSET_FORMATS = (QType.Q4_K, QType.Q5_K, QType.Q4_0, QType.Q5_0, QType.Q4_1, QType.Q5_1)
 
 
 def q8_1_dequantized(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -53,10 +59,11 @@ def q8_1_dequantized(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def unrounded_offset_error(W: np.ndarray, w_bytes: np.ndarray, qtype: QType, x: np.ndarray, ref: np.ndarray):
     """Norm-relative error of the old rule, for formats with a per-block offset (Q4_K/Q5_K mins,
     Q4_0/Q5_0 zero points, Q4_1/Q5_1 mins): the scaled term meets x^, the offset term meets the sum
-    of the unrounded x. None for formats without an offset (Q6_K, Q8_0)."""
+    of the unrounded x. None for the other formats: Q6_K and Q8_0 have no offset, and the byte layouts of
+    the rest (Q2_K, Q3_K, TQ*, MXFP4, IQ*) are not split here."""
     from gguf.quants import dequantize as gguf_dequantize
     from gguf import GGMLQuantizationType as G
-    if qtype in (QType.Q6_K, QType.Q8_0):
+    if qtype not in OFFSET_FORMATS:
         return None
     n, k = W.shape
     xhat, s = q8_1_dequantized(x)
@@ -85,7 +92,6 @@ def unrounded_offset_error(W: np.ndarray, w_bytes: np.ndarray, qtype: QType, x: 
 
 
 def synthetic(a) -> None:
-    from torchext.formats import QUANTIZABLE_TYPES
     n, k = map(int, a.synthetic.split("x"))
     g = torch.Generator().manual_seed(a.seed)
     dense = torch.randn(n, k, generator=g) * 0.02
@@ -103,17 +109,28 @@ def synthetic(a) -> None:
         print(f"{fmt.name:7} {errs[0]:10.2e} {errs[1]:10.2e}")
 
 
-def main() -> None:
+def shape_arg(text: str) -> str:
+    """--synthetic: NxK with positive integers (a usage error, where the split raised a traceback)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected NxK with positive integers (4096x4096), got {text!r}")
+    return text.lower()
+
+
+def main(argv=None) -> None:
+    """Run the measurement with command-line arguments argv (default sys.argv[1:])."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gguf", type=Path, help="a GGUF file (default: the gemma extra's Gemma 3 270M Q4_K_M)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--rows", type=int, default=1, help="activation rows (a file's matrices take float32: <= 16 is the GEMV path)")
-    p.add_argument("--limit-n", type=int, default=8192, help="use at most this many rows of each weight")
+    # bad values were tracebacks (a missing file, no GPU, --limit-n 0) or NaN errors (--rows 0)
+    p.add_argument("--gguf", type=gguf_file_arg, help="a GGUF file (default: the gemma extra's Gemma 3 270M Q4_K_M)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda[:INDEX] (default cpu)")
+    p.add_argument("--rows", type=int_at_least(1), default=1,
+                   help="activation rows (a file's matrices take float32: <= 16 is the GEMV path)")
+    p.add_argument("--limit-n", type=int_at_least(1), default=8192, help="use at most this many rows of each weight")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--synthetic", metavar="NxK", help="a Gaussian weight instead of a file")
+    p.add_argument("--synthetic", metavar="NxK", type=shape_arg, help="a Gaussian weight instead of a file")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="the activations' dtype (with --synthetic; a file's matrices take float32)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.synthetic:
         return synthetic(a)
     if a.dtype != "float32":
@@ -124,7 +141,14 @@ def main() -> None:
     path = a.gguf
     if path is None:
         from torchext.models.gemma3 import gguf_path
-        path = gguf_path()
+        try:
+            path = gguf_path()
+        except RuntimeError as e:  # the gemma extra is not installed: say how to get the file
+            p.error(f"no --gguf given, and {e}")
+    try:
+        GGUFFile(path)  # torchext's header checks: gguf's reader says only "GGUF magic invalid"
+    except ValueError as e:
+        p.error(f"argument --gguf: {e}")
     reader = GGUFReader(str(path))
     rng = np.random.default_rng(a.seed)
     errs = defaultdict(list)
@@ -142,6 +166,8 @@ def main() -> None:
         native[qt.name] += 1
         x = rng.standard_normal((a.rows, k)).astype(np.float32)
         for fmt in WEIGHT_TYPES:
+            if fmt != qt and fmt not in QUANTIZABLE_TYPES:  # no quantizer (IQ*, NVFP4): the file's own format only
+                continue
             if fmt != qt and fmt not in (QType.Q4_K, QType.Q5_K, QType.Q6_K) and k % 32:
                 continue
             w = w_file if fmt == qt else torchext.quantize(torch.from_numpy(W).float(), fmt)

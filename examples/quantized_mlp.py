@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchext.formats import QUANTIZABLE_TYPES
 from torchext.nn import QuantLinear, quantize_linears
+from torchext.cli import default_device
 
 
 def build_model() -> nn.Sequential:
@@ -38,10 +40,13 @@ def weight_bytes(model: nn.Module) -> int:
 def main(argv=None) -> None:
     """Run the example with command-line arguments argv (default sys.argv[1:])."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--format", default="Q4_K", help="Q4_K, Q5_K, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1")
+    # the formats torchext.quantize makes (IQ* and NVFP4 come from files only): any other name was a traceback
+    formats = [q.name for q in QUANTIZABLE_TYPES]
+    ap.add_argument("--format", default="Q4_K", type=str.upper, choices=formats, metavar="FORMAT",
+                    help=f"one of {', '.join(formats)} (default Q4_K)")
     ap.add_argument("--compile", action="store_true", help="also run the quantized model under torch.compile")
     args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()  # the CPU also where the library was built without CUDA kernels
 
     model = build_model().to(device)
     # the output layer (qualified name "4") is small and sensitive: it stays in float

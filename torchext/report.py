@@ -19,7 +19,13 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 import torchext
+from torchext.cli import default_device, device_arg
 from torchext.formats import SCALE_FIELDS, WEIGHT_TYPES, QType, put_scale_field, row_bytes
+
+
+
+
+
 
 def random_weight(qtype: QType, n: int, k: int, gen: np.random.Generator) -> torch.Tensor:
     """Random quantized bytes with small finite scales: every code path, no zeros."""
@@ -63,9 +69,11 @@ def time_us(fn, device: torch.device, reps: int = 20) -> float:
 def main(argv=None) -> None:
     """Print the report for command-line arguments argv (default sys.argv[1:])."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default=default_device(),
+                        help="cpu or cuda[:INDEX] (default: cuda where a GPU is visible and the library has CUDA "
+                             "kernels)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     gen = np.random.default_rng(0)
     n, k = (4096, 4096) if device.type == "cuda" else (512, 1024)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -133,7 +141,8 @@ def main(argv=None) -> None:
         wq = torchext.quantize(wf, qtype)
         back = torchext.dequantize(wq, qtype, 256, 4096)
         err = ((back - wf).norm() / wf.norm()).item()
-        row(f"quantize {qtype.name} (CPU)", 256, err, time_us(lambda: torchext.quantize(wf, qtype), torch.device("cpu"), 3),
+        t = time_us(lambda: torchext.quantize(wf, qtype), torch.device("cpu"), 3)
+        row(f"quantize {qtype.name} (CPU)", 256, err, t,
             wf.numel() * 4 + wq.numel())
 
 
