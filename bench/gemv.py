@@ -610,7 +610,9 @@ def main(argv=None) -> int:
             print(f"[{ctx.watch.elapsed():6.1f}s] elementwise done", flush=True)
             write_outputs(ctx, args.out, final=False)
         for n, k, fmts in shapes:
-            groups = ["bf16"] + ([] if args.no_int4 else ["int4"]) + fmts + (["act"] if "Q4_K" in fmts else [])
+            # the baseline's int4pack layout is CUDA's (a --dry-run on the CPU would time an ERR row)
+            int4 = [] if args.no_int4 or ctx.device.type != "cuda" else ["int4"]
+            groups = ["bf16"] + int4 + fmts + (["act"] if "Q4_K" in fmts else [])
             for g in groups:
                 run_group(ctx, g, n, k, batches, modes)
             errs = sum(1 for r in ctx.rows if r["section"] == "gemv" and r["N"] == n and r["K"] == k

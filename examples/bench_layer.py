@@ -2,8 +2,9 @@
 
     python examples/bench_layer.py [--n 2048] [--k 2048] [--format Q4_K] [--batches 1 8 64] [--reps 20]
 
-For each batch size: microseconds per call of torchext.qmatmul on the quantized bytes (the Q8_1
-GEMV up to 16 rows, the dense path beyond) and of torch.nn.functional.linear on the dense weight
+For each batch size: microseconds per call of torchext.qmatmul on the quantized bytes (whichever path
+its batch policy picks: the Q8_1 GEMVs for few rows, then the tiled GEMM on a GPU, then the dense path;
+torchext.ops.gemv_max_rows says where the GEMVs stop) and of torch.nn.functional.linear on the dense weight
 (float32 on the CPU, bfloat16 on a GPU), and the weight bytes each reads. Times are medians of
 --reps calls after a warm-up call, with CUDA events on a GPU; a quick look, not bench/gemv.py's
 careful L2-cold, graph-timed measurement.

