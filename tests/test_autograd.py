@@ -287,3 +287,37 @@ def test_decode_attention_ops_compile_with_inputs_that_require_grad():
     assert torch.equal(out, step(q2, k2, v2, cos, sin, pos, *caches2))
     with pytest.raises(RuntimeError, match="cached_attention has no gradient"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_gradient_wanted_skips_the_autograd_kernels_with_the_same_results(device):
+    """Where no gradient can be wanted (no_grad, or no input that requires grad) the Python wrappers call the
+    ops below their Autograd kernels (ops._call: those kernels are Python and cost an eager call a few µs to
+    pass through): the same bits as through them, no output that requires grad, and a gradient as before
+    where one is wanted."""
+    n, k = 24, 512
+    qtype = torchext.QType.Q4_K
+    w, _ = cached_weight(qtype, n, k)
+    w = w.to(device)
+    x = gaussian_activations((3, k), seed=1).to(device)
+    bias = torch.randn(k, device=device)
+    calls = {
+        "qmatmul": lambda x: torchext.qmatmul(w, qtype, x, n, k),
+        "qmatmul exact": lambda x: torchext.qmatmul(w, qtype, x, n, k, exact=True),
+        "q4k_gemv": lambda x: torchext.q4k_gemv(w, x, n, k),
+        "gelu": lambda x: torchext.gelu(x, "tanh"),
+        "bias_gelu": lambda x: torchext.bias_gelu(x, bias),
+        "gated_gelu_qmatmul": lambda x: torchext.gated_gelu_qmatmul(w, qtype, x, x * 0.5, n, k),
+        "add_rms_norm_quantize_q8_1": lambda x: torchext.add_rms_norm_quantize_q8_1(x, x * 2, bias, 1e-6)[0],
+    }
+    for name, call in calls.items():
+        through = call(x)  # grad mode on, no input that requires grad: below the Autograd kernel
+        with torch.no_grad():
+            assert torch.equal(call(x.clone().requires_grad_()), through), name
+        with torch.inference_mode():
+            assert torch.equal(call(x), through), name
+        wanted = x.clone().requires_grad_()
+        y = call(wanted)
+        assert y.requires_grad and torch.equal(y.detach(), through), name
+        y.sum().backward()
+        assert wanted.grad is not None and wanted.grad.abs().sum() > 0, name

@@ -67,10 +67,13 @@ class QType(enum.IntEnum):
         if value is None:
             raise ValueError(f"unsupported quantization format {fmt!r}: expected a QType, a gguf "
                              f"GGMLQuantizationType, its integer id or its name, got a {type(fmt).__name__}")
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unsupported quantization format {fmt!r}; expected one of {[q.name for q in cls]}") from None
+        member = _QTYPE_OF_ID.get(value)  # a dict: cls(value) costs an eager op call about 1 µs
+        if member is None:
+            raise ValueError(f"unsupported quantization format {fmt!r}; expected one of {[q.name for q in cls]}")
+        return member
+
+
+_QTYPE_OF_ID = {q.value: q for q in QType}
 
 
 WEIGHT_TYPES = tuple(q for q in QType if q != QType.Q8_1)
