@@ -16,6 +16,8 @@ same peft ops on the same operands) bit for bit.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -255,3 +257,156 @@ def test_training_on_cuda_in_bfloat16(trained, gguf_file):
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert all(torch.isfinite(g.float()).all() for g in grads.values())
     assert abs(losses[0] - cpu_losses[0]) <= 0.02 * cpu_losses[0], (losses[0], cpu_losses[0])
+
+
+# ---- init_lora_weights ------------------------------------------------------------------------------
+
+FLOAT_WEIGHT_INITS = {"pissa": "PiSSA", "pissa_niter_4": "PiSSA", "olora": "OLoRA", "corda": "CorDA",
+                      "lora_ga": "LoRA-GA", "loftq": "LoftQ", "mica": "MiCA"}
+
+
+@pytest.mark.parametrize("init", FLOAT_WEIGHT_INITS)
+def test_inits_that_read_the_base_weight_are_refused_naming_the_option(gguf_file, init):
+    """These inits read the base weight as a float matrix (all but MiCA also rewrite it to a residual). They
+    once failed with peft's TypeErrors naming no option or layer ("Unsupported data type for the base layer.
+    Got torch.uint8"), or bitsandbytes' absence (LoftQ, which would have written its dequantization back into
+    the bytes), or passed register_lora so that preprocess_corda read the bytes as floats. Refused by
+    register_lora, and at the layer when set after the registration, before any layer is wrapped."""
+    name = re.escape(f"init_lora_weights={init!r}: {FLOAT_WEIGHT_INITS[init]} initialization is not supported on "
+                     "a torchext QuantLinear")
+    extra = {"loftq_config": peft.LoftQConfig(loftq_bits=4)} if init == "loftq" else {}
+    with pytest.raises(ValueError, match=name + r"\..*packed GGUF bytes \(uint8\).*init_lora_weights=True"):
+        hf.register_lora(peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=init, **extra))
+    config = lora_config()
+    config.init_lora_weights = init
+    model = hf.from_gguf(gguf_file)
+    before = packed_bytes(model)
+    with pytest.raises(ValueError, match=name + r" \(\w+, 256x256\)\."):
+        peft.get_peft_model(model, config)
+    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules())
+    after = packed_bytes(model)
+    assert all(torch.equal(before[n], after[n]) and after[n].dtype == torch.uint8 for n in before)
+
+
+def test_pissa_adapter_converted_on_the_dense_model_loads_here(gguf_file, tmp_path):
+    """The way the refusal names: PiSSA on transformers' dequantized model of the file, saved converted to plain
+    LoRA, loads onto the packed model and gives the dense PiSSA model's logits (residual + adapter there,
+    dequantized weight + converted adapter here: fp32 rounding apart, 1e-5 of the logits' scale). The adapter
+    saved unconverted (relative to the residual) is refused at the registration."""
+    dense = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                                              dtype=torch.float32)
+    torch.manual_seed(0)
+    pissa = peft.get_peft_model(dense, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                       init_lora_weights="pissa_niter_2"))
+    pissa.peft_config["default"].init_lora_weights = True  # the initial adapter, as peft's PiSSA example saves it
+    pissa.save_pretrained(tmp_path / "init")
+    pissa.peft_config["default"].init_lora_weights = "pissa_niter_2"
+    with torch.no_grad():
+        for n, p in pissa.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))  # in place of training
+    pissa.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    pissa.save_pretrained(tmp_path / "residual")
+    ids = sequence(seed=4)
+    with torch.no_grad():
+        want = pissa(ids).logits
+        config = hf.register_lora(peft.LoraConfig.from_pretrained(tmp_path / "converted"))
+        got = peft.PeftModel.from_pretrained(hf.from_gguf(gguf_file), tmp_path / "converted", config=config)(ids).logits
+    assert ((got - want).abs() <= 1e-5 * want.abs().max()).all()
+    with pytest.raises(ValueError, match=r"init_lora_weights='pissa_niter_2': PiSSA initialization is not supported.*"
+                                         r"path_initial_model_for_weight_conversion"):
+        hf.register_lora(peft.LoraConfig.from_pretrained(tmp_path / "residual"))
+
+
+def adapter_weights(peft_model) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in peft_model.named_parameters() if ".lora_" in n}
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "orthogonal"])
+def test_adapter_only_inits_match_the_dense_model(gguf_file, init):
+    """Inits that touch the adapters alone give, from one seed, the adapters peft gives on transformers'
+    dequantized model of the file, bit for bit, in float32 ('orthogonal' once raised "Only Tensors of floating
+    point ... can require gradients": peft casts its adapters to the base weight's dtype, uint8 here). True and
+    'gaussian' zero lora_B, so the model's logits are those without the adapter, bit for bit; False does not
+    (peft's "not a no-op"). The bytes stay."""
+    dense = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                                              dtype=torch.float32)
+    torch.manual_seed(5)
+    want = adapter_weights(peft.get_peft_model(dense, peft.LoraConfig(r=4, target_modules=TARGETS,
+                                                                      init_lora_weights=init)))
+    model = hf.from_gguf(gguf_file)
+    before = packed_bytes(model)
+    torch.manual_seed(5)
+    peft_model = peft.get_peft_model(model, hf.register_lora(peft.LoraConfig(r=4, target_modules=TARGETS,
+                                                                               init_lora_weights=init)))
+    got = adapter_weights(peft_model)
+    assert got.keys() == want.keys() and len(got) == 4 * len(TARGETS)
+    assert all(g.dtype == torch.float32 and torch.equal(g, want[n]) for n, g in got.items())
+    ids = sequence(seed=5)
+    with torch.no_grad():
+        logits = peft_model(ids).logits
+        with peft_model.disable_adapter():
+            base = peft_model(ids).logits
+    assert torch.equal(logits, base) == (init in (True, "gaussian"))
+    after = packed_bytes(peft_model.get_base_model())
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    if init == "orthogonal":  # peft's rule, kept by the override
+        with pytest.raises(ValueError, match=r"init_lora_weights='orthogonal': needs an even r, got r=3"):
+            peft.get_peft_model(hf.from_gguf(gguf_file), hf.register_lora(peft.LoraConfig(
+                r=3, target_modules=TARGETS, init_lora_weights="orthogonal")))
+
+
+def test_eva_initializes_as_on_the_dense_model(gguf_file):
+    """EVA sets lora_A from the SVD of the layers' inputs, not from the weight, so it runs on the packed model
+    (peft.initialize_lora_eva_weights). Its rows are those it finds on the dense model to fp32 rounding of the
+    inputs, up to each singular vector's sign (|cosine| within 1e-4 of 1); lora_B stays zero. rho=1 keeps
+    every layer's rank, which a near tie could otherwise move between the two models; one batch, which EVA
+    cycles through until its components settle, takes it 4 passes (two batches took 18 in 9 s)."""
+    batches = [{"input_ids": sequence(seed=10)}]
+
+    def eva(model, register):
+        config = peft.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights="eva",
+                                 eva_config=peft.EvaConfig(rho=1.0))
+        peft_model = peft.get_peft_model(model, hf.register_lora(config) if register else config)
+        peft.initialize_lora_eva_weights(peft_model, batches, show_progress_bar=False)
+        return adapter_weights(peft_model)
+
+    dense = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                                              dtype=torch.float32)
+    want = eva(dense, register=False)
+    model = hf.from_gguf(gguf_file)
+    before = packed_bytes(model)
+    got = eva(model, register=True)
+    assert got.keys() == want.keys() and len(got) == 4 * len(TARGETS)
+    for n, g in got.items():
+        if ".lora_B." in n:
+            assert not g.any(), n
+        else:
+            cos = (g * want[n]).sum(1) / (g.norm(dim=1) * want[n].norm(dim=1))
+            assert g.shape == want[n].shape and (cos.abs() - 1).abs().max() <= 1e-4, n
+    after = packed_bytes(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_merge_adapter_is_refused_and_unload_gives_the_packed_model_back(gguf_file):
+    """merge_adapter refuses as merge_and_unload does (no layer marked merged); unmerge_adapter has nothing
+    to undo; unload() returns the from_gguf model, its QuantLinear layers and their logits."""
+    model = hf.from_gguf(gguf_file)
+    ids = sequence(seed=6)
+    with torch.no_grad():
+        plain = model(ids).logits
+    config = lora_config()
+    config.init_lora_weights = False  # an adapter that acts
+    peft_model = peft.get_peft_model(model, config)
+    with pytest.raises(ValueError, match=r"merging a LoRA adapter into a torchext QuantLinear"):
+        peft_model.merge_adapter()
+    lora_layers = [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert lora_layers and not any(m.merged for m in lora_layers)
+    peft_model.unmerge_adapter()
+    with torch.no_grad():
+        assert not torch.equal(peft_model(ids).logits, plain)
+    unloaded = peft_model.unload()
+    assert unloaded is model and not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules())
+    assert isinstance(model.model.layers[0].self_attn.q_proj, torchext.nn.QuantLinear)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain)

@@ -57,7 +57,9 @@ the shared expert load like any other tensor.
 
 peft: register_lora(LoraConfig(...)) registers QuantLoraLinear for QuantLinear through peft's
 custom-module mechanism (LoraConfig._register_custom_module); the adapters train around the
-packed weights (QuantLinear's gradient reaches its input), and merging is refused, as is DoRA.
+packed weights (QuantLinear's gradient reaches its input), and merging is refused, as is DoRA and
+every init_lora_weights that reads the base weight as a float matrix (PiSSA, OLoRA, CorDA, LoRA-GA,
+LoftQ, MiCA); True, "gaussian", "orthogonal", "eva" and False work as on nn.Linear.
 target_modules="all-linear" needs register_lora(config, model), which expands it by peft's rule.
 
 Saving: the GGUF file is the checkpoint; save_pretrained is refused (from_gguf's docstring).
@@ -550,8 +552,17 @@ def register_lora(config, model: Optional[nn.Module] = None):
     head: transformers' get_output_embeddings, or for a SEQ_CLS task without one its classifier
     head; none inside an adapter layer). use_dora=True is refused (ValueError): DoRA rescales by
     the norm of the dense weight plus the update, and a QuantLinear's weight is packed bytes.
+
+    init_lora_weights: True (default), "gaussian", "orthogonal" and False set the adapters alone, and
+    "eva" (then peft.initialize_lora_eva_weights) the SVD of the layers' inputs; these work as on
+    nn.Linear. Those that read the base weight as a float matrix are refused (ValueError naming the
+    option), here and at each layer: "pissa" ("pissa_niter_N"), "olora", "corda" and "lora_ga", which
+    also rewrite it to a residual, "loftq" and "mica". Initialize those on transformers' dequantized
+    model of the file instead; a PiSSA, OLoRA, CorDA or LoRA-GA adapter saved there converted to plain
+    LoRA (save_pretrained(..., path_initial_model_for_weight_conversion=...)) loads here.
     """
     _check_no_dora(getattr(config, "use_dora", False), None)
+    _check_init(getattr(config, "init_lora_weights", True), None)  # before preprocess_corda reads the bytes as floats
     if isinstance(getattr(config, "target_modules", None), str) and config.target_modules.lower() == "all-linear":
         if model is None:
             raise ValueError("target_modules='all-linear': pass the model, register_lora(config, model), so that it "
@@ -569,6 +580,46 @@ def _check_no_dora(use_dora: bool, base: Optional[QuantLinear]) -> None:
     raise ValueError(f"use_dora=True: DoRA is not supported on a torchext QuantLinear{layer}. DoRA rescales each "
                      "output by the norm of the dense weight plus the LoRA update, and a QuantLinear's weight is "
                      "packed GGUF bytes (uint8), not that dense weight; use plain LoRA (use_dora=False)")
+
+
+# init_lora_weights values whose initialization reads the base weight as a float matrix, by peft's prefix
+# for them: peft would take a QuantLinear's uint8 bytes for that matrix (its TypeError names no layer, LoftQ
+# would write its NF4 dequantization back as uint8). All but MiCA also rewrite the weight to the residual
+# W - scaling * B @ A, which the adapter is then relative to.
+_FLOAT_WEIGHT_INITS = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA", "lora_ga": "LoRA-GA", "loftq": "LoftQ",
+                       "mica": "MiCA"}
+
+
+def _check_init(init, base: Optional[QuantLinear]) -> None:
+    """ValueError naming `init` (init_lora_weights) when it is one of _FLOAT_WEIGHT_INITS, saying what works instead."""
+    key = init.lower() if isinstance(init, str) else ""
+    prefix = next((p for p in _FLOAT_WEIGHT_INITS if key.startswith(p)), None)
+    if prefix is None:
+        return
+    name = _FLOAT_WEIGHT_INITS[prefix]
+    layer = f" ({base.qtype.name}, {base.out_features}x{base.in_features})" if base is not None else ""
+    start = f"init_lora_weights={init!r}: {name} initialization is not supported on a torchext QuantLinear{layer}"
+    plain = "init_lora_weights=True (the default), 'gaussian', 'orthogonal', 'eva' or False"
+    if prefix == "loftq":
+        raise ValueError(f"{start}. LoftQ quantizes a float base weight with bitsandbytes (NF4 or int8) and fits the "
+                         "adapters to that quantization's error; a QuantLinear's weight is already packed GGUF bytes "
+                         f"(uint8), and the file holds no float original to quantize. Use {plain} here, or LoftQ on "
+                         "the float model the GGUF file was made from")
+    if prefix == "mica":
+        raise ValueError(f"{start}. MiCA sets lora_B from the base weight's singular vectors, and a QuantLinear's "
+                         "weight is packed GGUF bytes (uint8), no float matrix. Initialize the adapter on the dense "
+                         "model (transformers' from_pretrained(..., gguf_file=...)) and save it: MiCA leaves the base "
+                         "weight as it is, so the adapter loads here with init_lora_weights=True in its config. Or "
+                         f"use {plain} here")
+    source = {"pissa": "the base weight's singular vectors", "olora": "the base weight's QR decomposition",
+              "corda": "the base weight's decomposition by its inputs' covariance",
+              "lora_ga": "the base weight's gradient"}[prefix]
+    raise ValueError(f"{start}. {name} sets the adapters from {source} and rewrites that weight to the residual "
+                     "W - scaling * B @ A; a QuantLinear's weight is packed GGUF bytes (uint8), a buffer that is no "
+                     "float matrix, has no gradient and cannot be rewritten. Initialize the adapter on the dense "
+                     "model (transformers' from_pretrained(..., gguf_file=...)), train it there, save it converted "
+                     "to plain LoRA (save_pretrained(..., path_initial_model_for_weight_conversion=...)) and load "
+                     f"that here; or use {plain} here")
 
 
 def _all_linear_modules(config, model: nn.Module) -> set[str]:
@@ -613,12 +664,29 @@ def quant_lora_linear_class() -> type:
             return module.in_features, module.out_features
 
         def update_layer(self, adapter_name, r, lora_alpha, *args, **kwargs) -> None:
-            """peft's, but DoRA is refused (ValueError): it would read the uint8 bytes as a dense weight."""
+            """peft's, but DoRA and the inits that read the base weight (_check_init) are refused (ValueError):
+            they would read the uint8 bytes as a dense weight."""
             # peft 0.21 passes the LoraConfig next; earlier releases passed its fields, use_dora by keyword
             config = args[0] if args else kwargs.get("config")
             use_dora = getattr(config, "use_dora", False) or kwargs.get("use_dora", False)
             _check_no_dora(use_dora, self.get_base_layer())  # also for a config changed after register_lora
+            init = getattr(config, "init_lora_weights", kwargs.get("init_lora_weights", True))
+            _check_init(init, self.get_base_layer())
             super().update_layer(adapter_name, r, lora_alpha, *args, **kwargs)
+
+        @torch.no_grad()
+        def orthogonal_init(self, adapter_name) -> None:
+            """peft's orthogonal init (LoraLayer.orthogonal_init, peft 0.21), in the adapters' own dtype: peft's
+            casts them to the base weight's, uint8 here, which a Parameter cannot hold."""
+            rank = self.r[adapter_name]
+            if rank % 2 != 0:
+                raise ValueError(f"init_lora_weights='orthogonal': needs an even r, got r={rank}")
+            dtype = self.lora_A[adapter_name].weight.dtype
+            q, _ = torch.linalg.qr(torch.randn(rank, rank))
+            lora_a = torch.randn(self.in_features, rank // 2).mm(q[0::2, :]).T / 10.0
+            lora_b = torch.randn(rank // 2, self.out_features).T.mm(q[1::2, :]) / 10.0
+            self.lora_A[adapter_name].weight = nn.Parameter(lora_a.contiguous().to(dtype))
+            self.lora_B[adapter_name].weight = nn.Parameter(lora_b.contiguous().to(dtype))
 
         def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
             """Refused: ValueError."""
