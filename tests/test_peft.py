@@ -274,6 +274,8 @@ def test_inits_that_read_the_base_weight_are_refused_naming_the_option(gguf_file
     register_lora, and at the layer when set after the registration, before any layer is wrapped."""
     name = re.escape(f"init_lora_weights={init!r}: {FLOAT_WEIGHT_INITS[init]} initialization is not supported on "
                      "a torchext QuantLinear")
+    if init == "loftq":
+        pytest.importorskip("scipy", reason="peft's LoftQ config needs scipy")
     extra = {"loftq_config": peft.LoftQConfig(loftq_bits=4)} if init == "loftq" else {}
     with pytest.raises(ValueError, match=name + r"\..*packed GGUF bytes \(uint8\).*init_lora_weights=True"):
         hf.register_lora(peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=init, **extra))
