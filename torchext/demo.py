@@ -22,7 +22,6 @@ import gguf
 import numpy as np
 import torch
 
-from .gguf_file import GGUFFile
 from .models.gemma3 import decode_step, generate, gguf_path, load_gemma3
 from .cli import default_device, device_arg, gguf_file_arg, int_at_least
 
@@ -115,10 +114,6 @@ def logit_parity(model, path, ids) -> dict | None:
 MIN_TOKENS = 2  # decode_speed times tokens 2..n: below 2 there is no decode step to time
 
 
-
-
-
-
 def main(argv=None) -> int:
     """Run the demo with command-line arguments argv (default sys.argv[1:]); 0 as the exit status."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,10 +143,9 @@ def main(argv=None) -> int:
         ap.error(f"no --gguf given, and {e}, or pass --gguf PATH")
     print(f"  file: {path}\n  reading its metadata and vocabulary (gguf.GGUFReader) ...", flush=True)
     try:
-        GGUFFile(path)  # torchext's header checks first: gguf's reader says only "GGUF magic invalid"
         reader = gguf.GGUFReader(str(path))  # parsed once: the model, its tokenizer and the parity check read it
         model, tok, stats = load_gemma3(path, device=device, max_seq_len=256, progress=_progress, reader=reader)
-    except ValueError as e:  # not a GGUF file, or not a gemma3 one
+    except ValueError as e:  # not a gemma3 file (gguf_file_arg checked that --gguf is a GGUF one)
         ap.error(f"argument --gguf: {e}" if str(path) in str(e) else f"argument --gguf: {path}: {e}")
     mib = 2**20
     print(f"  weights on {device}: one pool of {stats['pool_bytes'] / mib:.1f} MiB "

@@ -23,10 +23,6 @@ from torchext.cli import default_device, device_arg
 from torchext.formats import SCALE_FIELDS, WEIGHT_TYPES, QType, put_scale_field, row_bytes
 
 
-
-
-
-
 def random_weight(qtype: QType, n: int, k: int, gen: np.random.Generator) -> torch.Tensor:
     """Random quantized bytes with small finite scales: every code path, no zeros."""
     bb = torchext.block_bytes(qtype)
@@ -142,8 +138,7 @@ def main(argv=None) -> None:
         back = torchext.dequantize(wq, qtype, 256, 4096)
         err = ((back - wf).norm() / wf.norm()).item()
         t = time_us(lambda: torchext.quantize(wf, qtype), torch.device("cpu"), 3)
-        row(f"quantize {qtype.name} (CPU)", 256, err, t,
-            wf.numel() * 4 + wq.numel())
+        row(f"quantize {qtype.name} (CPU)", 256, err, t, wf.numel() * 4 + wq.numel())
 
 
 if __name__ == "__main__":
