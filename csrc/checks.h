@@ -13,6 +13,7 @@
 #include <string>
 #include <type_traits>
 
+#include "kernels/activation_math.h"
 #include "kernels/expert_slots.h"
 #include "kernels/float_types.h"
 #include "kernels/quant_traits.h"
@@ -317,6 +318,10 @@ inline bool parse_approximate(const std::string& approximate) {
   TORCHEXT_CHECK(approximate == "none" || approximate == "tanh",
                   "approximate: expected 'none' or 'tanh' (as torch.nn.functional.gelu), got '", approximate, "'");
   return approximate == "tanh";
+}
+
+inline GateActivation gelu_activation(const std::string& approximate) {
+  return parse_approximate(approximate) ? GateActivation::GeluTanh : GateActivation::GeluErf;
 }
 
 }  // namespace torchext

@@ -1,8 +1,8 @@
 // The body of every op, written once and instantiated per backend. A Backend supplies
 //   struct Context { explicit Context(const Tensor& on); };   device guard + stream (CUDA) or nothing (CPU)
-//   quantize_q8_1, rms_norm_quantize_q8_1, add_rms_norm_quantize_q8_1, gated_gelu_quantize_q8_1,
+//   quantize_q8_1, rms_norm_quantize_q8_1, add_rms_norm_quantize_q8_1, gated_quantize_q8_1,
 //   gemv_q8_1, dequantize, gelu, cached_attention, cached_attention_quantize_q8_1, rope_cache_write
-//   gated_gelu_gemv_q8_1                                     the GEMV of computed rows where it can (false: not run)
+//   gated_gemv_q8_1                                          the GEMV of computed rows where it can (false: not run)
 //   check_positions(pos, rows, keys)                         positions in [0, keys), where it costs no sync
 //                                                            the kernels, on raw pointers
 //   check_ids(rows, count, n, bound)                         ids in [0, n), where it costs no sync
@@ -98,19 +98,28 @@ struct Ops {
     return {sum, out};
   }
 
-  // quantize_q8_1 of gelu(gate) * up, each rounded to the inputs' dtype as the unfused ops round it.
-  static Tensor gated_gelu_quantize_q8_1(Tensor gate, Tensor up, std::string approximate) {
+  // quantize_q8_1 of act(gate) * up, each rounded to the inputs' dtype as the unfused ops round it.
+  static Tensor gated_quantize_q8_1(const Tensor& gate, const Tensor& up, GateActivation act) {
     const FloatType t = check_q8_1_source(gate, "gate");
     const int64_t k = gate.size(gate.dim() - 1);
     check_like(up, "up", gate, "gate");
-    const bool tanh_form = parse_approximate(approximate);
     Tensor out = new_q8_1(gate, k);
     const int64_t rows = leading_rows(gate);
     if (rows == 0) return out;
     Ctx ctx(gate);
-    Backend::gated_gelu_quantize_q8_1(ctx, gate.data_ptr(), up.data_ptr(), t, rows, k, tanh_form,
-                                      static_cast<block_q8_1*>(out.data_ptr()));
+    Backend::gated_quantize_q8_1(ctx, gate.data_ptr(), up.data_ptr(), t, act, rows, k,
+                                 static_cast<block_q8_1*>(out.data_ptr()));
     return out;
+  }
+
+  static Tensor gated_gelu_quantize_q8_1(Tensor gate, Tensor up, std::string approximate) {
+    check_q8_1_source(gate, "gate");  // the arguments in their order: gate, up, then approximate
+    check_like(up, "up", gate, "gate");
+    return gated_quantize_q8_1(gate, up, gelu_activation(approximate));
+  }
+
+  static Tensor gated_silu_quantize_q8_1(Tensor gate, Tensor up) {
+    return gated_quantize_q8_1(gate, up, GateActivation::Silu);
   }
 
   // Weights x pre-quantized Q8_1 activations -> [..., n] in dtype (float32 when None).
@@ -130,29 +139,40 @@ struct Ops {
     return out;
   }
 
-  // qmatmul_q8_1(w, gated_gelu_quantize_q8_1(gate, up, approximate)) in gate's dtype: a gated MLP's down
-  // projection from its gate and up outputs. The backend's GEMV computes and quantizes the rows itself
-  // where it can (one launch); otherwise the two ops run in turn. The same bytes either way.
-  static Tensor gated_gelu_qmatmul(Tensor w, int64_t qtype, Tensor gate, Tensor up, int64_t n, int64_t k,
-                                   std::string approximate) {
+  // qmatmul_q8_1(w, gated_quantize_q8_1(gate, up, act)) in gate's dtype: a gated MLP's down projection from
+  // its gate and up outputs. The backend's GEMV computes and quantizes the rows itself where it can (one
+  // launch); otherwise the two ops run in turn. The same bytes either way.
+  static Tensor gated_qmatmul(const Tensor& w, int64_t qtype, const Tensor& gate, const Tensor& up, int64_t n,
+                              int64_t k, GateActivation act) {
     const FormatInfo f = check_weight(w, qtype, n, k);
     const FloatType t = check_activations(gate, k, "gate");
     check_like(up, "up", gate, "gate");
     check_same_device(w, "w", gate, "gate");
-    const bool tanh_form = parse_approximate(approximate);
     Tensor out = torch::stable::new_empty(gate, with_last_dim(gate, n));
     const int64_t rows = leading_rows(gate);
     if (rows == 0) return out;
     Ctx ctx(w);
     const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
-    if (Backend::gated_gelu_gemv_q8_1(ctx, f.type, wp, n, k, gate.data_ptr(), up.data_ptr(), t, tanh_form, rows,
-                                      out.data_ptr()))
+    if (Backend::gated_gemv_q8_1(ctx, f.type, wp, n, k, gate.data_ptr(), up.data_ptr(), t, act, rows, out.data_ptr()))
       return out;
     Tensor xq = new_q8_1(gate, k);
-    Backend::gated_gelu_quantize_q8_1(ctx, gate.data_ptr(), up.data_ptr(), t, rows, k, tanh_form,
-                                      static_cast<block_q8_1*>(xq.data_ptr()));
+    Backend::gated_quantize_q8_1(ctx, gate.data_ptr(), up.data_ptr(), t, act, rows, k,
+                                 static_cast<block_q8_1*>(xq.data_ptr()));
     Backend::gemv_q8_1(ctx, f.type, wp, n, k, static_cast<const block_q8_1*>(xq.data_ptr()), rows, out.data_ptr(), t);
     return out;
+  }
+
+  static Tensor gated_gelu_qmatmul(Tensor w, int64_t qtype, Tensor gate, Tensor up, int64_t n, int64_t k,
+                                   std::string approximate) {
+    check_weight(w, qtype, n, k);  // the arguments in their order, approximate last
+    check_activations(gate, k, "gate");
+    check_like(up, "up", gate, "gate");
+    check_same_device(w, "w", gate, "gate");
+    return gated_qmatmul(w, qtype, gate, up, n, k, gelu_activation(approximate));
+  }
+
+  static Tensor gated_silu_qmatmul(Tensor w, int64_t qtype, Tensor gate, Tensor up, int64_t n, int64_t k) {
+    return gated_qmatmul(w, qtype, gate, up, n, k, GateActivation::Silu);
   }
 
   // Weights x float activations -> [..., n] in x's dtype, through the path batch_policy picks.
@@ -585,6 +605,7 @@ struct Ops {
     m.impl("rms_norm_quantize_q8_1", TORCH_BOX(&O::rms_norm_quantize_q8_1));   \
     m.impl("add_rms_norm_quantize_q8_1", TORCH_BOX(&O::add_rms_norm_quantize_q8_1)); \
     m.impl("gated_gelu_quantize_q8_1", TORCH_BOX(&O::gated_gelu_quantize_q8_1)); \
+    m.impl("gated_silu_quantize_q8_1", TORCH_BOX(&O::gated_silu_quantize_q8_1)); \
     m.impl("q4k_q8_gemv", TORCH_BOX(&O::q4k_q8_gemv));                         \
     m.impl("q4k_q8_gemv_packed", TORCH_BOX(&O::q4k_q8_gemv));                  \
     m.impl("q4k_gemv", TORCH_BOX(&O::q4k_gemv));                               \
@@ -593,6 +614,7 @@ struct Ops {
     m.impl("qmatmul", TORCH_BOX(&O::qmatmul));                                 \
     m.impl("qmatmul_q8_1", TORCH_BOX(&O::qmatmul_q8_1));                       \
     m.impl("gated_gelu_qmatmul", TORCH_BOX(&O::gated_gelu_qmatmul));           \
+    m.impl("gated_silu_qmatmul", TORCH_BOX(&O::gated_silu_qmatmul));           \
     m.impl("qmatmul_id", TORCH_BOX(&O::qmatmul_id));                           \
     m.impl("cached_attention", TORCH_BOX(&O::cached_attention));               \
     m.impl("cached_attention_quantize_q8_1", TORCH_BOX(&O::cached_attention_quantize_q8_1)); \

@@ -44,17 +44,17 @@ struct CpuBackend {
                                          int64_t k, float eps, void* sum, block_q8_1* out) {
     cpu::add_rms_norm_quantize_q8_1(x, residual, xt, x_weight, xwt, w, wt, rows, k, eps, sum, out);
   }
-  static void gated_gelu_quantize_q8_1(Context&, const void* gate, const void* up, FloatType t, int64_t rows,
-                                       int64_t k, bool tanh_form, block_q8_1* out) {
-    cpu::gated_gelu_quantize_q8_1(gate, up, t, rows, k, tanh_form, out);
+  static void gated_quantize_q8_1(Context&, const void* gate, const void* up, FloatType t, GateActivation act,
+                                  int64_t rows, int64_t k, block_q8_1* out) {
+    cpu::gated_quantize_q8_1(gate, up, t, act, rows, k, out);
   }
   static void gemv_q8_1(Context&, QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq,
                         int64_t rows, void* out, FloatType ot) {
     cpu::gemv_q8_1(wt, w, n, k, xq, rows, out, ot);
   }
-  // The CPU composes gated_gelu_quantize_q8_1 and gemv_q8_1 (Ops::gated_gelu_qmatmul).
-  static bool gated_gelu_gemv_q8_1(Context&, QType, const uint8_t*, int64_t, int64_t, const void*, const void*,
-                                   FloatType, bool, int64_t, void*) {
+  // The CPU composes gated_quantize_q8_1 and gemv_q8_1 (Ops::gated_qmatmul).
+  static bool gated_gemv_q8_1(Context&, QType, const uint8_t*, int64_t, int64_t, const void*, const void*, FloatType,
+                              GateActivation, int64_t, void*) {
     return false;
   }
   static void dequantize(Context&, QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows,

@@ -31,6 +31,12 @@ void check_launch(cudaError_t err, const char* kernel, QType wt) {
                  " weights failed: ", cudaGetErrorString(err));
 }
 
+// The op a gated launch serves, for its error message.
+const char* gated_op_name(GateActivation act, bool matmul) {
+  if (act == GateActivation::Silu) return matmul ? "gated_silu_qmatmul" : "gated_silu_quantize_q8_1";
+  return matmul ? "gated_gelu_qmatmul" : "gated_gelu_quantize_q8_1";
+}
+
 struct CudaBackend {
   struct Context {
     torch::stable::accelerator::DeviceGuard guard;
@@ -62,21 +68,20 @@ struct CudaBackend {
                                                    c.stream),
                  "add_rms_norm_quantize_q8_1");
   }
-  static void gated_gelu_quantize_q8_1(Context& c, const void* gate, const void* up, FloatType t, int64_t rows,
-                                       int64_t k, bool tanh_form, block_q8_1* out) {
-    check_launch(launch_gated_gelu_quantize_q8_1(gate, up, t, rows, k, tanh_form, out, c.stream),
-                 "gated_gelu_quantize_q8_1");
+  static void gated_quantize_q8_1(Context& c, const void* gate, const void* up, FloatType t, GateActivation act,
+                                  int64_t rows, int64_t k, block_q8_1* out) {
+    check_launch(launch_gated_quantize_q8_1(gate, up, t, act, rows, k, out, c.stream), gated_op_name(act, false));
   }
   static void gemv_q8_1(Context& c, QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq,
                         int64_t rows, void* out, FloatType ot) {
     check_launch(launch_gemv_q8_1(wt, w, n, k, xq, rows, out, ot, c.device, c.stream), "gemv_q8_1", wt);
   }
-  // gemv_q8_1 of gated_gelu_quantize_q8_1's rows in one launch, where the GEMV can compute them (false: not launched).
-  static bool gated_gelu_gemv_q8_1(Context& c, QType wt, const uint8_t* w, int64_t n, int64_t k, const void* gate,
-                                   const void* up, FloatType t, bool tanh_form, int64_t rows, void* out) {
+  // gemv_q8_1 of gated_quantize_q8_1's rows in one launch, where the GEMV can compute them (false: not launched).
+  static bool gated_gemv_q8_1(Context& c, QType wt, const uint8_t* w, int64_t n, int64_t k, const void* gate,
+                              const void* up, FloatType t, GateActivation act, int64_t rows, void* out) {
     if (!gemv_q8_1_computes_rows(wt, rows, k, c.device)) return false;
-    check_launch(launch_gated_gelu_gemv_q8_1(wt, w, n, k, gate, up, t, tanh_form, rows, out, c.device, c.stream),
-                 "gated_gelu_qmatmul", wt);
+    check_launch(launch_gated_gemv_q8_1(wt, w, n, k, gate, up, t, act, rows, out, c.device, c.stream),
+                 gated_op_name(act, true), wt);
     return true;
   }
   static constexpr bool kHasTiledGemm = true;

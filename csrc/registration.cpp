@@ -19,6 +19,9 @@ STABLE_TORCH_LIBRARY(torchext, m) {
   // quantize_q8_1(gelu(gate, approximate) * up) in one kernel, gelu(gate) and the product each rounded to
   // the inputs' dtype as torchext.gelu and torch's multiplication round them; gate and up [..., K]
   m.def("gated_gelu_quantize_q8_1(Tensor gate, Tensor up, str approximate=\"tanh\") -> Tensor");
+  // the same with SiLU, quantize_q8_1(silu(gate) * up) (a SwiGLU MLP's down projection input): silu in fp32,
+  // on CUDA torch's formula (F.silu's bits), on the CPU correctly rounded (kernels/activation_math.h)
+  m.def("gated_silu_quantize_q8_1(Tensor gate, Tensor up) -> Tensor");
   // Q4_K weights [N, ceil(K/256)*144] x Q8_1 activations -> float32 [..., N], integer DP4A dot products
   m.def("q4k_q8_gemv(Tensor w, Tensor xq, int n, int k) -> Tensor");
   // the same computation under the name the first, pre-torchext version of this code gave its
@@ -41,6 +44,8 @@ STABLE_TORCH_LIBRARY(torchext, m) {
   // the GEMV computes and quantizes gelu(gate) * up itself for the rows its DP4A kernel takes (one launch)
   m.def("gated_gelu_qmatmul(Tensor w, int qtype, Tensor gate, Tensor up, int n, int k, str approximate=\"tanh\") -> "
         "Tensor");
+  // the same of gated_silu_quantize_q8_1(gate, up): a SwiGLU MLP's down projection
+  m.def("gated_silu_qmatmul(Tensor w, int qtype, Tensor gate, Tensor up, int n, int k) -> Tensor");
   // the experts' weights [E, n, row bytes] (one GGUF *_exps tensor) x activations x [T, k] (every slot of a
   // token reads its row) or [T, top_k, k] (a row per slot) with expert ids [T, top_k] (int64 or int32)
   // -> [T, top_k, n] in x's dtype: out[t, j] = x[t] (or x[t, j]) @ dequantize(w[ids[t, j]]).T, ggml's

@@ -3,7 +3,7 @@
 // quantize_q8_1; the bytes are those of the unfused ops.
 #include "kernels/fused_q8_1.cuh"
 #include "kernels/fused_q8_1_math.h"
-#include "kernels/gated_gelu_values.cuh"
+#include "kernels/gated_values.cuh"
 #include "kernels/quantize_q8_1_rows.cuh"
 
 namespace torchext {
@@ -172,10 +172,10 @@ cudaError_t launch_add_rms_norm_quantize_q8_1(const void* x, const void* residua
                                    out, stream);
 }
 
-cudaError_t launch_gated_gelu_quantize_q8_1(const void* gate, const void* up, FloatType t, int64_t rows, int64_t k,
-                                            bool tanh_form, block_q8_1* out, cudaStream_t stream) {
+cudaError_t launch_gated_quantize_q8_1(const void* gate, const void* up, FloatType t, GateActivation act, int64_t rows,
+                                       int64_t k, block_q8_1* out, cudaStream_t stream) {
   const bool vector_ok = rows_allow_vector_loads(gate, t, k) && rows_allow_vector_loads(up, t, k);
-  return launch_quantize_q8_1_rows(GatedGeluValues{gate, up, t, tanh_form, vector_ok}, rows, k, out, stream);
+  return launch_quantize_q8_1_rows(GatedValues{gate, up, t, act, vector_ok}, rows, k, out, stream);
 }
 
 }  // namespace torchext

@@ -2,6 +2,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "kernels/activation_math.h"
 #include "kernels/float_types.h"
 
 namespace torchext {
@@ -17,9 +18,9 @@ cudaError_t launch_add_rms_norm_quantize_q8_1(const void* x, const void* residua
                                               FloatType xwt, const void* w, FloatType wt, int64_t rows, int64_t k,
                                               float eps, void* sum, block_q8_1* out, cudaStream_t stream);
 
-// gelu(gate) * up (rows x k, both of type t; tanh_form: GELU's tanh approximation), rounded as the
-// unfused ops round it -> rows x q8_1_blocks_per_row(k) Q8_1 blocks.
-cudaError_t launch_gated_gelu_quantize_q8_1(const void* gate, const void* up, FloatType t, int64_t rows, int64_t k,
-                                            bool tanh_form, block_q8_1* out, cudaStream_t stream);
+// act(gate) * up (rows x k, both of type t), rounded as the unfused ops round it -> rows x
+// q8_1_blocks_per_row(k) Q8_1 blocks.
+cudaError_t launch_gated_quantize_q8_1(const void* gate, const void* up, FloatType t, GateActivation act, int64_t rows,
+                                       int64_t k, block_q8_1* out, cudaStream_t stream);
 
 }  // namespace torchext

@@ -1,6 +1,6 @@
 // GELU and bias + GELU: 16-byte loads and stores, math in fp32.
 #include "kernels/gelu.cuh"
-#include "kernels/gelu_math.h"
+#include "kernels/activation_math.h"
 #include "kernels/launch.cuh"
 
 namespace torchext {

@@ -18,7 +18,7 @@
 
 #include "kernels/batch_policy.h"
 #include "kernels/expert_rows.cuh"
-#include "kernels/gated_gelu_values.cuh"
+#include "kernels/gated_values.cuh"
 #include "kernels/gemv_q8_1.cuh"
 #include "kernels/gemv_q8_1_mma.cuh"
 #include "kernels/launch.cuh"
@@ -332,7 +332,7 @@ bool gemv_q8_1_computes_rows(QType wt, int64_t rows, int64_t k, int device) {
   visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
     const auto computed_facts = [device](auto b) {
-      return kernel_facts<gemv_q8_1_computed_kernel<T, decltype(b)::value, GatedGeluValues>, kThreads>(device);
+      return kernel_facts<gemv_q8_1_computed_kernel<T, decltype(b)::value, GatedValues>, kThreads>(device);
     };
     fits = choose_gemv_kernel(rows, T::kValues, has_int8_mma(device)) == GemvKernel::Dp4a &&
            staged_group(rows, k, computed_facts) == rows;
@@ -340,19 +340,19 @@ bool gemv_q8_1_computes_rows(QType wt, int64_t rows, int64_t k, int device) {
   return fits;
 }
 
-cudaError_t launch_gated_gelu_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* gate,
-                                        const void* up, FloatType t, bool tanh_form, int64_t rows, void* out,
-                                        int device, cudaStream_t stream) {
+cudaError_t launch_gated_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* gate, const void* up,
+                                   FloatType t, GateActivation act, int64_t rows, void* out, int device,
+                                   cudaStream_t stream) {
   if (!gemv_q8_1_computes_rows(wt, rows, k, device)) return cudaErrorInvalidValue;
   const bool vector_ok = rows_allow_vector_loads(gate, t, k) && rows_allow_vector_loads(up, t, k);
-  const GatedGeluValues source{gate, up, t, tanh_form, vector_ok};
+  const GatedValues source{gate, up, t, act, vector_ok};
   cudaError_t err = cudaSuccess;
   visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
     err = with_staged_tile(int(rows), [&](auto b) {
       constexpr int B = decltype(b)::value;
-      return launch_rows<T, gemv_q8_1_computed_kernel<T, B, GatedGeluValues>>(w, n, k, source, int(rows), true, out,
-                                                                              t, device, stream);
+      return launch_rows<T, gemv_q8_1_computed_kernel<T, B, GatedValues>>(w, n, k, source, int(rows), true, out, t,
+                                                                          device, stream);
     });
   });
   return err;

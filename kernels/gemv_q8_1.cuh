@@ -2,6 +2,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "kernels/activation_math.h"
 #include "kernels/expert_slots.h"
 #include "kernels/float_types.h"
 
@@ -13,16 +14,16 @@ namespace torchext {
 cudaError_t launch_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows,
                              void* out, FloatType ot, int device, cudaStream_t stream);
 
-// Whether launch_gated_gelu_gemv_q8_1 takes `rows` activation rows of k values for a weight of format wt:
+// Whether launch_gated_gemv_q8_1 takes `rows` activation rows of k values for a weight of format wt:
 // the rows the DP4A kernel takes (batch_policy.h), few enough to quantize into a CTA's shared memory.
 bool gemv_q8_1_computes_rows(QType wt, int64_t rows, int64_t k, int device);
 
-// launch_gemv_q8_1 of gated_gelu_quantize_q8_1's rows (gelu(gate) * up, gate and up [rows, k] of type t,
-// tanh_form: GELU's tanh approximation), which each CTA computes and quantizes itself: the same
-// bytes, one launch; output of type t. For the rows gemv_q8_1_computes_rows accepts.
-cudaError_t launch_gated_gelu_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* gate,
-                                        const void* up, FloatType t, bool tanh_form, int64_t rows, void* out,
-                                        int device, cudaStream_t stream);
+// launch_gemv_q8_1 of launch_gated_quantize_q8_1's rows (act(gate) * up, gate and up [rows, k] of type t),
+// which each CTA computes and quantizes itself: the same bytes, one launch; output of type t. For the
+// rows gemv_q8_1_computes_rows accepts.
+cudaError_t launch_gated_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* gate, const void* up,
+                                   FloatType t, GateActivation act, int64_t rows, void* out, int device,
+                                   cudaStream_t stream);
 
 // qmatmul_id's GEMV: out[s, i] = sum_j w[e, i, j] * xq[x_row(s), j] for every slot s routed to expert e
 // (ExpertSlots), w holding the experts' [n, k] weights back to back; a NaN row for a slot whose id is

@@ -7,7 +7,11 @@ exact sum: the two within twice that. GELU's gradient is aten.gelu_backward at x
 fp32), the very op and operands of autograd through F.gelu: the same bits. bias_gelu's bias gradient
 sums those over the leading dimensions, in an order of its own (fp32_sum_error again). gelu_
 behaves as torch's in-place ops: it refuses a leaf that requires grad, gives any other tensor
-F.gelu's gradient, and moves the version counter of what it overwrites.
+F.gelu's gradient, and moves the version counter of what it overwrites. gated_gelu_qmatmul's and
+gated_silu_qmatmul's gradients are those of autograd through qmatmul(w, torchext.gelu(gate) * up) and
+qmatmul(w, F.silu(gate) * up), the same bits (the same ops on the same operands: aten.gelu_backward or
+aten.silu_backward); their values those of the ops' documented compositions (for SiLU on the CPU,
+test_fused.silu_oracle's, the correctly rounded SiLU that the CPU kernel computes).
 """
 
 import math
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 
 import torchext
 from conftest import DEVICES, cached_weight, fp32_sum_error, gaussian_activations, gaussian_linear, half_ulp
+from test_fused import gated_activation
 from test_gelu import _units, assert_gelu_close
 
 QTYPES = [torchext.QType.Q4_K, torchext.QType.Q6_K, torchext.QType.Q8_0]
@@ -186,22 +191,32 @@ def test_shared_input_gradient_is_each_layers(rows, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_gated_gelu_qmatmul_gradients_are_the_compositions(approximate, device):
+@pytest.mark.parametrize("activation", ["gelu-none", "gelu-tanh", "silu"])
+def test_gated_qmatmul_gradients_are_the_compositions(activation, device):
     """gated_gelu_qmatmul's bytes are qmatmul's of torchext.gelu(gate) * up; its backward runs the very ops
-    autograd runs through that composition (qmatmul's, the product's, aten.gelu_backward): the same bits."""
+    autograd runs through that composition (qmatmul's, the product's, aten.gelu_backward): the same bits.
+    gated_silu_qmatmul's backward those through qmatmul(w, F.silu(gate) * up) (aten.silu_backward): the same
+    bits; its bytes are qmatmul's of silu(gate) * up, silu being F.silu on CUDA and the float64 oracle on
+    the CPU (torch's CPU F.silu can differ from the kernel's correctly rounded value in the last bit)."""
     qtype, n, k = torchext.QType.Q4_K, 24, 512
     w, _ = cached_weight(qtype, n, k)
     w = w.to(device)
     gate = gaussian_activations((3, k), seed=1).to(device).requires_grad_()
     up = gaussian_activations((3, k), seed=2).to(device).requires_grad_()
     g = torch.randn(3, n, device=device)
-    y = torchext.gated_gelu_qmatmul(w, qtype, gate, up, n, k, approximate)
+    approximate = activation.removeprefix("gelu-")
+
+    def differentiated(x):  # the activation of the composition that autograd runs through
+        return F.silu(x) if activation == "silu" else torchext.gelu(x, approximate)
+
+    y = (torchext.gated_silu_qmatmul(w, qtype, gate, up, n, k) if activation == "silu" else
+         torchext.gated_gelu_qmatmul(w, qtype, gate, up, n, k, approximate))
     y.backward(g)
     gate_ref, up_ref = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
-    y_ref = torchext.qmatmul(w, qtype, torchext.gelu(gate_ref, approximate) * up_ref, n, k)
+    y_ref = torchext.qmatmul(w, qtype, differentiated(gate_ref) * up_ref, n, k)
     y_ref.backward(g)
-    assert torch.equal(y, y_ref)
+    with torch.no_grad():
+        assert torch.equal(y, torchext.qmatmul(w, qtype, gated_activation(activation, gate) * up, n, k))
     assert torch.equal(gate.grad, gate_ref.grad) and torch.equal(up.grad, up_ref.grad)
 
 
@@ -308,6 +323,7 @@ def test_no_gradient_wanted_skips_the_autograd_kernels_with_the_same_results(dev
         "gelu": lambda x: torchext.gelu(x, "tanh"),
         "bias_gelu": lambda x: torchext.bias_gelu(x, bias),
         "gated_gelu_qmatmul": lambda x: torchext.gated_gelu_qmatmul(w, qtype, x, x * 0.5, n, k),
+        "gated_silu_qmatmul": lambda x: torchext.gated_silu_qmatmul(w, qtype, x, x * 0.5, n, k),
         "add_rms_norm_quantize_q8_1": lambda x: torchext.add_rms_norm_quantize_q8_1(x, x * 2, bias, 1e-6)[0],
     }
     for name, call in calls.items():

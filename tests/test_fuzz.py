@@ -49,7 +49,9 @@ Oracles and tolerances, and where they come from:
   leaves x as it was.
 - gated_gelu_quantize_q8_1, gated_gelu_qmatmul: the bytes of quantize_q8_1(torchext.gelu(gate, a) * up)
   and qmatmul_q8_1's bits on them in gate's dtype, on the same device (the ops' documented
-  equalities; the parts are checked against their oracles above).
+  equalities; the parts are checked against their oracles above). gated_silu_quantize_q8_1,
+  gated_silu_qmatmul: the same with silu(gate), F.silu on CUDA and on the CPU test_fused.silu_oracle
+  (SiLU in float64 rounded to float32: the CPU kernel's correctly rounded value, which F.silu's is not).
 - rms_norm_quantize_q8_1, add_rms_norm_quantize_q8_1: exactly tests/test_fused.py's reference (the
   norm's arithmetic in torch ops on the CPU, every step a float32 rounding, the sum of squares in the
   op's order), bytes and the residual sum, on either device, for any values (NaN and inf included).
@@ -114,7 +116,7 @@ from test_errors import ALIGN
 from test_attention import bound as attention_bound
 from test_attention import composition as attention_composition
 from test_attention import oracle as attention_oracle
-from test_fused import rms_norm_reference
+from test_fused import gated_activation, rms_norm_reference
 from test_gelu import _units as gelu_units
 from test_rope_cache import oracle_heads as rope_oracle
 from test_gelu import assert_gelu_close
@@ -900,29 +902,35 @@ def test_norm_family(device, fault, data):
     check_call(call, problems, check)
 
 
-# ---- gated_gelu_quantize_q8_1, gated_gelu_qmatmul -------------------------------------------------
+# ---- gated_gelu_quantize_q8_1, gated_gelu_qmatmul, gated_silu_quantize_q8_1, gated_silu_qmatmul ------------
 
 GATED_FAULTS = {"gated_gelu_quantize_q8_1": ("gate-dtype", "gate-strided", "up-dtype", "up-shape", "up-strided",
                                              "approximate", "devices", "k-zero", "scalar")}
 GATED_FAULTS["gated_gelu_qmatmul"] = (*GATED_FAULTS["gated_gelu_quantize_q8_1"], *SHAPE_FAULTS, *WEIGHT_FAULTS,
                                       "qtype", "gate-length")
+# the SiLU twins: the same checks, and no approximate argument
+GATED_FAULTS.update({op.replace("gelu", "silu"): tuple(f for f in faults if f != "approximate")
+                     for op, faults in GATED_FAULTS.items()})
 
 
-@pytest.mark.parametrize("fault", sorted(set(GATED_FAULTS["gated_gelu_qmatmul"])))
+@pytest.mark.parametrize("activation,fault", [(a, f) for a in ("gelu", "silu")
+                                              for f in sorted(set(GATED_FAULTS[f"gated_{a}_qmatmul"]))])
 @pytest.mark.parametrize("device", DEVICES)
 @fuzz_settings(40)
 @given(data=st.data())
-def test_gated_gelu_family(device, fault, data):
+def test_gated_family(device, activation, fault, data):
     """gated_gelu_quantize_q8_1(gate, up, a) must give the bytes of quantize_q8_1(gelu(gate, a) * up),
-    and gated_gelu_qmatmul the bits of qmatmul_q8_1 on those bytes in gate's dtype, on the same
-    device (each op's documented equality; test_quantize_q8_1 and test_matmul_family check the parts
-    against their oracles). On CUDA the GEMV computes the bytes itself for up to 8 rows, so this also
-    compares its rows with the standalone kernel's."""
+    gated_silu_quantize_q8_1(gate, up) those of quantize_q8_1(silu(gate) * up) (F.silu on CUDA,
+    test_fused.silu_oracle on the CPU), and gated_gelu_qmatmul and gated_silu_qmatmul the bits of
+    qmatmul_q8_1 on those bytes in gate's dtype, on the same device (each op's documented equality;
+    test_quantize_q8_1 and test_matmul_family check the parts against their oracles). On CUDA the GEMV
+    computes the bytes itself for up to 8 rows, so this also compares its rows with the standalone kernel's."""
     draw = data.draw
-    op = draw(st.sampled_from([op for op, faults in GATED_FAULTS.items() if fault in faults]))
+    op = draw(st.sampled_from([op for op, faults in GATED_FAULTS.items()
+                               if op.startswith(f"gated_{activation}_") and fault in faults]))
     faults = draw_faults(draw, fault, GATED_FAULTS[op])
     problems = []
-    qmatmul = op == "gated_gelu_qmatmul"
+    qmatmul = op.endswith("_qmatmul")
     if qmatmul:
         qtype, fmt = draw_qtype(draw, "qtype" in faults, int(Q.Q4_K))
         problems += [QTYPE] if "qtype" in faults else []
@@ -944,7 +952,9 @@ def test_gated_gelu_family(device, fault, data):
     gate = strided(draw, gate) if "gate-strided" in faults else at_offset(draw, gate)
     up = draw_activations(draw, up_shape, up_dtype).to(up_dev)
     up = strided(draw, up) if "up-strided" in faults else at_offset(draw, up)
-    approximate = draw(st.sampled_from(["exact", "", "Tanh", "erf"] if "approximate" in faults else ["none", "tanh"]))
+    if activation == "gelu":  # SiLU has no approximate
+        forms = ["exact", "", "Tanh", "erf"] if "approximate" in faults else ["none", "tanh"]
+        approximate = draw(st.sampled_from(forms))
     if dtype not in DTYPES or not gate.is_contiguous() or gate.dim() == 0 or (not qmatmul and kx == 0):
         problems.append("gate:")
     if qmatmul and gate.dim() and kx != k:
@@ -962,6 +972,10 @@ def test_gated_gelu_family(device, fault, data):
             problems.append("w and gate:")
 
     def call():
+        if activation == "silu":
+            if qmatmul:
+                return torchext.gated_silu_qmatmul(w, qtype, gate, up, n, k)
+            return torchext.gated_silu_quantize_q8_1(gate, up)
         if qmatmul:
             return torchext.gated_gelu_qmatmul(w, qtype, gate, up, n, k, approximate)
         return torchext.gated_gelu_quantize_q8_1(gate, up, approximate)
@@ -972,9 +986,10 @@ def test_gated_gelu_family(device, fault, data):
         if gate.is_meta:
             return check_meta(y, expected, out_dtype)
         assert tuple(y.shape) == expected and y.dtype == out_dtype and y.device == gate.device, describe(y)
-        xq = torchext.quantize_q8_1(torchext.gelu(gate, approximate) * up)
+        act = gated_activation("silu" if activation == "silu" else f"gelu-{approximate}", gate)
+        xq = torchext.quantize_q8_1(act * up)
         if not qmatmul:
-            assert torch.equal(y, xq), "not the bytes of quantize_q8_1(gelu(gate) * up)"
+            assert torch.equal(y, xq), f"not the bytes of quantize_q8_1({activation}(gate) * up)"
             return
         assert same_bits(y, torchext.qmatmul_q8_1(w, qtype, xq, n, k, dtype)), "not qmatmul_q8_1's bits"
 

@@ -32,7 +32,7 @@ from torch import nn
 import torchext
 from conftest import DEVICES, DTYPES, gaussian_activations, gaussian_linear, random_weight, requires_cuda
 from torchext import QType, WeightCache
-from torchext.nn import QuantLinear, quantize_linears, shared_input
+from torchext.nn import QuantGatedMLP, QuantLinear, gated_mlp, quantize_linears, shared_input
 
 
 @pytest.fixture(autouse=True)
@@ -273,6 +273,74 @@ def test_shared_input_equals_each_layer(device, dtype):
         assert len(outs) == 3
         for m, y in zip(layers, outs):
             assert torch.equal(y, m(x)), (m, lead)
+
+
+def _gated_layers(device, k=512, inter=384, bias=False):
+    """gate, up [inter, k] and down [k, inter] QuantLinear layers of three formats."""
+    return [QuantLinear(random_weight(q, n, kk, device, seed=i), q, kk, n,
+                        bias=torch.randn(n, device=device) if bias and i == 2 else None)
+            for i, (q, n, kk) in enumerate([(QType.Q4_K, inter, k), (QType.Q8_0, inter, k), (QType.Q6_K, k, inter)])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
+def test_gated_mlp_equals_its_composition(device, dtype, activation):
+    """gated_mlp is bit for bit, on the GEMV path (up to gemv_max_rows rows, batch dims), shared_input's
+    gate and up, then the gated op's down projection (gated_silu_qmatmul / gated_gelu_qmatmul), and
+    beyond it (33 rows) each layer in turn with F.silu / F.gelu."""
+    gate_proj, up_proj, down_proj = _gated_layers(device, bias=True)
+    for lead in [(1,), (2, 4), (33,)]:
+        x = gaussian_activations(lead + (512,), seed=lead[0]).to(dtype).to(device)
+        gate, up = shared_input(x, gate_proj, up_proj)
+        if torchext.nn.takes_q8_1(gate, down_proj):
+            if activation == "silu":
+                want = down_proj.forward_gated_silu(gate, up)
+            else:
+                want = down_proj.forward_gated_gelu(gate, up, "tanh" if activation == "gelu_tanh" else "none")
+        else:
+            act = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh" if activation == "gelu_tanh"
+                                                                   else "none")
+            want = down_proj(act * up)
+        got = gated_mlp(x, gate_proj, up_proj, down_proj, activation)
+        assert got.dtype == dtype and torch.equal(got, want), lead
+        assert torch.equal(QuantGatedMLP(gate_proj, up_proj, down_proj, activation)(x), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_gated_is_the_gated_op_plus_bias(device, dtype):
+    """QuantLinear.forward_gated_silu / forward_gated_gelu: forward_q8_1 of the gated Q8_1 producer (the
+    gated qmatmuls' bits) plus the bias, for 1 and 3 rows."""
+    *_, down = _gated_layers(device, bias=True)
+    for rows in (1, 3):
+        gate, up = (gaussian_activations((rows, 384), seed=s).to(dtype).to(device) for s in (rows, rows + 1))
+        assert torch.equal(down.forward_gated_silu(gate, up),
+                           down.forward_q8_1(torchext.gated_silu_quantize_q8_1(gate, up), dtype))
+        for a in ("tanh", "none"):
+            assert torch.equal(down.forward_gated_gelu(gate, up, a),
+                               down.forward_q8_1(torchext.gated_gelu_quantize_q8_1(gate, up, a), dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gated_mlp_of_float_layers_is_the_plain_formula(device):
+    """Layers that are not QuantLinear (a float down projection, as a peft-wrapped one looks) never fuse."""
+    gate_proj, up_proj, _ = _gated_layers(device)
+    down = gaussian_linear(384, 512, seed=3).to(device)
+    x = gaussian_activations((2, 512), seed=1).to(device)
+    want = down(F.silu(gate_proj(x)) * up_proj(x))
+    assert torch.equal(gated_mlp(x, gate_proj, up_proj, down), want)
+
+
+def test_gated_mlp_activation_is_checked_and_the_module_keeps_the_layer_names():
+    layers = _gated_layers("cpu")
+    for call in (lambda: gated_mlp(torch.zeros(1, 512), *layers, "relu"), lambda: QuantGatedMLP(*layers, "swish")):
+        with pytest.raises(ValueError, match="activation: expected one of 'silu', 'gelu_tanh', 'gelu', got"):
+            call()
+    mlp = QuantGatedMLP(*layers, "gelu_tanh")
+    assert [k for k in mlp.state_dict() if k.endswith("weight")] == ["gate_proj.weight", "up_proj.weight",
+                                                                     "down_proj.weight"]
+    assert "activation='gelu_tanh'" in repr(mlp)
 
 
 def test_quantize_linears_leaves_the_encoder_layers_fast_path_its_weights():

@@ -27,9 +27,9 @@ ops = torch.ops.torchext
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, TQ1_0, MXFP4, NVFP4 = 2, 3, 6, 7, 8, 12, 13, 14, 34, 39, 40
 
 OPS = ["quantize_q8_1", "rms_norm_quantize_q8_1", "add_rms_norm_quantize_q8_1", "gated_gelu_quantize_q8_1",
-       "q4k_q8_gemv", "q4k_q8_gemv_packed", "q4k_gemv", "q5k_gemv", "q6k_gemv", "qmatmul", "qmatmul_q8_1",
-       "gated_gelu_qmatmul", "qmatmul_id", "dequantize", "gelu", "gelu_", "bias_gelu", "quantize",
-       "cached_attention", "cached_attention_quantize_q8_1", "rope_cache_write"]
+       "gated_silu_quantize_q8_1", "q4k_q8_gemv", "q4k_q8_gemv_packed", "q4k_gemv", "q5k_gemv", "q6k_gemv", "qmatmul",
+       "qmatmul_q8_1", "gated_gelu_qmatmul", "gated_silu_qmatmul", "qmatmul_id", "dequantize", "gelu", "gelu_",
+       "bias_gelu", "quantize", "cached_attention", "cached_attention_quantize_q8_1", "rope_cache_write"]
 
 
 def _randn(shape, dtype, device, seed):
@@ -59,11 +59,13 @@ def op_samples(name: str, device, dtype):
                     out += [((x, residual, weight, EPS), {}),
                             ((x, residual, weight, EPS), {"x_weight": _norm_weight(k, w_dtype, i + 20).to(dev)})]
         return out
-    if name == "gated_gelu_quantize_q8_1":
+    if name in ("gated_gelu_quantize_q8_1", "gated_silu_quantize_q8_1"):
+        # GELU: both forms and the default; SiLU takes no activation argument
+        forms = [("tanh",), ("none",), ()] if name == "gated_gelu_quantize_q8_1" else [()]
         out = []
         for i, shape in enumerate(row_shapes):
             gate, up = _randn(shape, dtype, dev, i), _randn(shape, dtype, dev, i + 10)
-            out += [((gate, up, a), {}) for a in ("tanh", "none")] + [((gate, up), {})]
+            out += [((gate, up, *a), {}) for a in forms]
         return out
     if name in ("q4k_q8_gemv", "q4k_q8_gemv_packed"):
         out = []
@@ -75,15 +77,16 @@ def op_samples(name: str, device, dtype):
         cases = [(Q8_0, 5, 256, (1, 256), dtype), (Q6_K, 3, 300, (2, 3, 300), None), (Q5_0, 4, 64, (8, 64), dtype)]
         return [((random_weight(q, n, k, dev, seed=i), q, ops.quantize_q8_1(_randn(shape, dtype, dev, i)), n, k),
                  {} if out is None else {"dtype": out}) for i, (q, n, k, shape, out) in enumerate(cases)]
-    if name == "gated_gelu_qmatmul":
+    if name in ("gated_gelu_qmatmul", "gated_silu_qmatmul"):
         # 1 row (on CUDA the GEMV computes the Q8_1 rows itself), 6 rows in 2 x 3, 9 rows (the two ops in
-        # turn), no rows; both GELU forms and the default
+        # turn), no rows; both GELU forms and the default, SiLU
+        forms = [("tanh",), ("none",), ()] if name == "gated_gelu_qmatmul" else [()]
         cases = [(Q4_K, (1,), 256), (Q5_0, (2, 3), 96), (Q8_0, (9,), 64), (Q6_K, (0,), 256)]
         out = []
         for i, (q, lead, k) in enumerate(cases):
             w, gate, up = random_weight(q, 24, k, dev, seed=i), _randn((*lead, k), dtype, dev, i), _randn(
                 (*lead, k), dtype, dev, i + 10)
-            out += [((w, q, gate, up, 24, k, a), {}) for a in ("tanh", "none")] + [((w, q, gate, up, 24, k), {})]
+            out += [((w, q, gate, up, 24, k, *a), {}) for a in forms]
         return out
     if name in ("q4k_gemv", "q5k_gemv", "q6k_gemv"):
         qtype = {"q4k_gemv": Q4_K, "q5k_gemv": Q5_K, "q6k_gemv": Q6_K}[name]
@@ -230,7 +233,8 @@ def test_fake_output_dtypes_are_not_hardcoded(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["qmatmul", "qmatmul_id", "q6k_gemv", "gelu", "gelu_", "bias_gelu"])
+@pytest.mark.parametrize("name", ["qmatmul", "qmatmul_id", "q6k_gemv", "gelu", "gelu_", "bias_gelu",
+                                  "gated_gelu_qmatmul", "gated_silu_qmatmul"])
 def test_opcheck_with_inputs_that_require_grad(device, name):
     # the autograd kernels (register_autograd, and gelu_'s own) under opcheck: the activations
     # (and the bias) require grad, and are non-leaves so that gelu_ may overwrite them

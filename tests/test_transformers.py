@@ -300,6 +300,57 @@ def test_every_packed_tensor_is_on_a_torchext_layer(models):
     assert all(p.dtype == torch.float32 for p in ours.parameters())
 
 
+# the activation of each architecture's gated MLPs (Qwen2-MoE: its shared expert); Phi-3 stacks gate and up
+# in one gate_up_proj, a forward other than transformers' gated formula, and Qwen3-MoE has no dense MLP
+GATED_MLPS = {"llama": "silu", "mistral": "silu", "qwen2": "silu", "qwen3": "silu", "gemma2": "gelu_tanh",
+              "gemma3": "gelu_tanh", "qwen2_moe": "silu"}
+
+
+def test_gated_mlps_become_quant_gated_mlps(models):
+    """Every MLP whose forward is transformers' down_proj(act_fn(gate_proj(x)) * up_proj(x)) is a
+    torchext.nn.QuantGatedMLP over the same layers (state_dict keys unchanged), with its activation."""
+    arch, _, ref, ours = models
+    fused = {name: m for name, m in ours.named_modules() if isinstance(m, torchext.nn.QuantGatedMLP)}
+    assert len(fused) == (LAYERS if arch.name in GATED_MLPS else 0)
+    assert {m.activation for m in fused.values()} <= {GATED_MLPS.get(arch.name)}
+    keys = set(ref.state_dict())
+    assert all(f"{name}.{p}.weight" in keys for name in fused for p in ("gate_proj", "up_proj", "down_proj"))
+
+
+def test_only_the_gated_formula_with_a_known_activation_fuses():
+    """hf._fuse_gated_mlps replaces an MLP only when its forward's bytecode is the formula's (a subclass that
+    changes it keeps its own) and its act_fn is F.silu's or F.gelu's."""
+    def layer(n, k, seed):
+        return torchext.nn.QuantLinear(torchext.quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)),
+                                                         QType.Q8_0), QType.Q8_0, k, n)
+
+    class MLP(torch.nn.Module):
+        def __init__(self, act):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj, self.act_fn = layer(64, 32, 0), layer(64, 32, 1), \
+                layer(32, 64, 2), act
+
+        def forward(self, x):
+            down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+            return down_proj
+
+    class Scaled(MLP):
+        def forward(self, x):
+            return 2 * self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    acts = transformers.activations.ACT2FN
+    model = torch.nn.ModuleDict({"silu": MLP(acts["silu"]), "tanh": MLP(acts["gelu_pytorch_tanh"]),
+                                 "erf": MLP(torch.nn.GELU()), "relu": MLP(torch.nn.ReLU()),
+                                 "new_gelu": MLP(acts["gelu_new"]), "scaled": Scaled(acts["silu"])})
+    x = torch.randn(2, 32)
+    want = {name: m(x) for name, m in model.items()}
+    hf._fuse_gated_mlps(model)
+    assert {name: getattr(m, "activation", None) for name, m in model.items()} == {
+        "silu": "silu", "tanh": "gelu_tanh", "erf": "gelu", "relu": None, "new_gelu": None, "scaled": None}
+    for name, m in model.items():  # 2 rows: the GEMV path, whose activation is the gated op's
+        assert torch.allclose(m(x), want[name], rtol=1e-5, atol=1e-5), name
+
+
 def test_dense_path_logits_match_transformers(models):
     """24 rows: every QuantLinear takes the dense path (the weights dequantized exactly, as gguf's
     numpy dequantization gives them; activations unrounded), so the two models compute the same

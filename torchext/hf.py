@@ -85,7 +85,7 @@ from . import ops
 from .formats import QType
 from .gguf_file import GGUFFile, GGUFTensor, tensor_from_bytes
 from .weights import WEIGHT_IDS, as_weight_rows, check_weight_bytes, weight_format
-from .nn import QuantLinear
+from .nn import QuantGatedMLP, QuantLinear
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +196,7 @@ def from_gguf(path_or_dir: str | os.PathLike, gguf_file: Optional[str] = None, *
                 raise ValueError(f"{path}: {getattr(model_class, '__name__', model_class)} has no model for this "
                                  f"file's architecture {architecture!r} (model_type {config.model_type!r}): {e}") from e
         _load_tensors(model, g, architecture, dtype)
+    _fuse_gated_mlps(model)
     for method in ("save_pretrained", "push_to_hub"):  # this instance's, not the class's
         setattr(model, method, _SavePretrainedRefused(type(model).__name__, method))
     return model.to(device if device is not None else "cpu").eval()
@@ -485,6 +486,41 @@ def _load_experts(model: nn.Module, g: GGUFFile, module_name: str, tensors: dict
     data = [g.read(t).view(t.n, -1) for t in (gate, up, down)]
     _set_module(model, module_name, QuantExperts(*data, [QType(t.tensor_type.value) for t in (gate, up, down)], e,
                                                  hidden, inter))
+
+
+def _gated_mlp_formula(self, x):  # transformers' gated MLPs' forward (Llama, Mistral, Qwen2/3, Gemma 2/3, ...)
+    down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return down_proj
+
+
+def _gate_activation(act) -> Optional[str]:
+    """gated_mlp's name for an MLP's act_fn when it is exactly F.silu or F.gelu (transformers' SiLUActivation,
+    GELUTanh, GELUActivation hold or call those; torch's nn.SiLU, nn.GELU), else None."""
+    if isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation":
+        return "silu"
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    f = getattr(act, "act", None)
+    if f is torch.nn.functional.gelu:
+        return "gelu"
+    if (isinstance(f, functools.partial) and f.func is torch.nn.functional.gelu and not f.args
+            and f.keywords == {"approximate": "tanh"}):
+        return "gelu_tanh"
+    return None
+
+
+def _fuse_gated_mlps(model: nn.Module) -> None:
+    """Each MLP whose forward is _gated_mlp_formula (the same bytecode: a subclass that changes it keeps its
+    own), whose act_fn gated_mlp has and whose down_proj is a QuantLinear becomes a QuantGatedMLP over the
+    same layers: on the GEMV path gate and up then share one quantize_q8_1, and the activation, the product
+    and the down projection's input quantization run inside its GEMV."""
+    formula = _gated_mlp_formula.__code__
+    for name, module in list(model.named_modules()):
+        code = getattr(type(module).forward, "__code__", None)
+        activation = _gate_activation(getattr(module, "act_fn", None))
+        if (code is not None and (code.co_code, code.co_names) == (formula.co_code, formula.co_names)
+                and activation is not None and isinstance(getattr(module, "down_proj", None), QuantLinear)):
+            _set_module(model, name, QuantGatedMLP(module.gate_proj, module.up_proj, module.down_proj, activation))
 
 
 def _is_plain(module: nn.Module, cls: type) -> bool:

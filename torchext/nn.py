@@ -25,7 +25,8 @@ from torch import nn
 from .cache import WeightCache
 from .weights import as_weight_rows, check_weight_bytes, weight_format
 from .formats import WEIGHT_TYPES, block_values, row_bytes, whole_blocks_error
-from .ops import gated_gelu_qmatmul, gemv_max_rows, qmatmul, qmatmul_id, qmatmul_q8_1, quantize, quantize_q8_1
+from .ops import (gated_gelu_qmatmul, gated_silu_qmatmul, gemv_max_rows, qmatmul, qmatmul_id, qmatmul_q8_1, quantize,
+                  quantize_q8_1)
 
 _EXTRA_STATE = "_extra_state"  # the state_dict key of what get_extra_state returns
 
@@ -78,6 +79,12 @@ class QuantLinear(nn.Module):
         the gradients of gelu(gate) * up through the dequantized weight (as qmatmul's)."""
         return self._add_bias(gated_gelu_qmatmul(self.weight, self.qtype, gate, up, self.out_features,
                                                  self.in_features, approximate))
+
+    def forward_gated_silu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The layer on silu(gate) * up (a SwiGLU MLP's down projection) by gated_silu_qmatmul, for rows that
+        takes_q8_1 sends to the GEMV path: forward_gated_gelu with SiLU."""
+        return self._add_bias(gated_silu_qmatmul(self.weight, self.qtype, gate, up, self.out_features,
+                                                 self.in_features))
 
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -189,6 +196,31 @@ def shared_input(x: torch.Tensor, *layers: QuantLinear) -> tuple[torch.Tensor, .
         return tuple(m(x) for m in layers)
     xq = quantize_q8_1(x.contiguous())
     return tuple(m.forward_q8_1(xq, x.dtype) for m in layers)
+
+
+#: gated_mlp's activations: SwiGLU's SiLU and GEGLU's two GELU forms (F.gelu's approximate)
+GATE_ACTIVATIONS = {"silu": None, "gelu_tanh": "tanh", "gelu": "none"}
+
+
+def gated_mlp(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
+              activation: str = "silu") -> torch.Tensor:
+    """down_proj(act(gate_proj(x)) * up_proj(x)), a gated MLP: SwiGLU (activation "silu", Llama's, Qwen's,
+    Mistral's) or GEGLU ("gelu_tanh", Gemma's, or "gelu"). Where the rows take the GEMV path
+    (takes_q8_1), gate_proj and up_proj read one Q8_1 copy of x (shared_input) and down_proj computes
+    and quantizes act(gate) * up itself (gated_silu_qmatmul, gated_gelu_qmatmul: one launch on CUDA
+    for up to 8 rows), the activation then being those ops' (SiLU: F.silu's bits on CUDA, correctly
+    rounded on the CPU; GELU: torchext.gelu's). Otherwise each layer runs in turn, the activation
+    F.silu or F.gelu. Any modules work; only QuantLinear layers fuse."""
+    if activation not in GATE_ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {', '.join(map(repr, GATE_ACTIVATIONS))}, got {activation!r}")
+    gate, up = shared_input(x, gate_proj, up_proj)
+    approximate = GATE_ACTIVATIONS[activation]
+    if takes_q8_1(gate, down_proj):
+        gate, up = gate.contiguous(), up.contiguous()  # views of a stacked projection
+        if approximate is None:
+            return down_proj.forward_gated_silu(gate, up)
+        return down_proj.forward_gated_gelu(gate, up, approximate)
+    return down_proj((F.silu(gate) if approximate is None else F.gelu(gate, approximate=approximate)) * up)
 
 
 def quantize_linears(module: nn.Module, qtype,
@@ -331,6 +363,26 @@ class TopKRouter(nn.Module):
         return f"top_k={self.top_k}, norm_topk_prob={self.norm_topk_prob}"
 
 
+class QuantGatedMLP(nn.Module):
+    """A gated MLP, down_proj(act(gate_proj(x)) * up_proj(x)), through gated_mlp (SwiGLU or GEGLU; on the
+    GEMV path one Q8_1 input for gate and up, and the down projection's activation fused into its
+    GEMV). The layers keep their names, so state_dict keys and peft's target_modules are those of the
+    transformers MLP it replaces (torchext.hf.from_gguf)."""
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, activation: str = "silu"):
+        super().__init__()
+        if activation not in GATE_ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {', '.join(map(repr, GATE_ACTIVATIONS))}, "
+                             f"got {activation!r}")
+        self.gate_proj, self.up_proj, self.down_proj, self.activation = gate_proj, up_proj, down_proj, activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.activation)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
 class QuantSharedExpert(nn.Module):
     """Qwen2-MoE's shared expert: a SwiGLU MLP of QuantLinear layers that every token goes through,
     scaled by sigmoid(gate_weight . x) (gate_weight [H], GGUF's ffn_gate_inp_shexp)."""
@@ -342,9 +394,8 @@ class QuantSharedExpert(nn.Module):
         self.register_buffer("gate_weight", gate_weight.reshape(-1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = shared_input(x, self.gate_proj, self.up_proj)
         scale = torch.sigmoid(F.linear(x, self.gate_weight.to(x.dtype).unsqueeze(0)))
-        return scale * self.down_proj(F.silu(gate) * up)
+        return scale * gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, "silu")
 
 
 class QuantSparseMoeBlock(nn.Module):
@@ -427,5 +478,5 @@ class QuantSparseMoeBlock(nn.Module):
         return cls.from_cache(cache, prefix.rstrip("."), top_k, norm_topk_prob, exact)
 
 
-__all__ = ["QuantExperts", "QuantLinear", "QuantSharedExpert", "QuantSparseMoeBlock", "TopKRouter",
-           "quantize_linears", "shared_input", "takes_q8_1"]
+__all__ = ["QuantExperts", "QuantGatedMLP", "QuantLinear", "QuantSharedExpert", "QuantSparseMoeBlock", "TopKRouter",
+           "gated_mlp", "quantize_linears", "shared_input", "takes_q8_1"]

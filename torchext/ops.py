@@ -280,6 +280,24 @@ def _(gate, up, approximate="tanh"):
     return gate.new_empty(_with_last(gate, q8_1_row_bytes(gate.shape[-1])), dtype=torch.uint8)
 
 
+def gated_silu_quantize_q8_1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """quantize_q8_1(silu(gate) * up) in one kernel, for a SwiGLU MLP's down projection (qmatmul_q8_1):
+    SiLU's output and the product each rounded to the inputs' dtype, as silu(gate) * up rounds them.
+    SiLU is x / (1 + exp(-x)) in fp32: on CUDA torch's formula, so the bytes are those of
+    quantize_q8_1(F.silu(gate) * up) there; on the CPU the correctly rounded value (torch's own CPU SiLU
+    mixes two exp implementations, which differ in the last bit). Below x of about -88.7, where exp(-x)
+    overflows fp32, the formula gives -0 and the CPU the tiny true value (silu(-80) = -1.4e-33). gate and up: [..., K] of one float
+    dtype and shape. Returns uint8 [..., ceil(K/256)*8*36], the layout of quantize_q8_1."""
+    return _ops.gated_silu_quantize_q8_1(gate, up)
+
+
+@_register_fake("torchext::gated_silu_quantize_q8_1")
+def _(gate, up):
+    _check_q8_1_source(gate, "gate")
+    _check_like(up, "up", gate, "gate")
+    return gate.new_empty(_with_last(gate, q8_1_row_bytes(gate.shape[-1])), dtype=torch.uint8)
+
+
 # ---- quantized matmul ----------------------------------------------------------------------
 
 def q4k_q8_gemv(w: torch.Tensor, xq: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -388,6 +406,22 @@ def _(w, qtype, gate, up, n, k, approximate="tanh"):
     _check_like(up, "up", gate, "gate")
     _check_same_device(w, "w", gate, "gate")
     _check_approximate(approximate)
+    return gate.new_empty(_with_last(gate, n))
+
+
+def gated_silu_qmatmul(w: torch.Tensor, qtype, gate: torch.Tensor, up: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """A SwiGLU MLP's down projection from its gate and up outputs [..., k] (one float dtype and shape):
+    qmatmul_q8_1(w, qtype, gated_silu_quantize_q8_1(gate, up), n, k, gate.dtype) -> [..., n] in gate's
+    dtype, the same bits; on CUDA one launch for the rows gated_gelu_qmatmul fuses, as it does."""
+    return _call(_ops.gated_silu_qmatmul, w, int(QType.of(qtype)), gate, up, n, k)
+
+
+@_register_fake("torchext::gated_silu_qmatmul")
+def _(w, qtype, gate, up, n, k):
+    _check_weight(w, qtype, n, k)
+    _check_activations(gate, k, "gate")
+    _check_like(up, "up", gate, "gate")
+    _check_same_device(w, "w", gate, "gate")
     return gate.new_empty(_with_last(gate, n))
 
 
@@ -842,6 +876,24 @@ def _backward_gated_gelu_qmatmul(ctx, grad):
 
 torch.library.register_autograd("torchext::gated_gelu_qmatmul", _backward_gated_gelu_qmatmul,
                                 setup_context=_setup_gated_gelu_qmatmul)
+
+
+def _setup_gated_silu_qmatmul(ctx, inputs, output):
+    w, qtype, gate, up, n, k = inputs
+    ctx.w, ctx.qtype, ctx.n, ctx.k = w, qtype, n, k
+    ctx.save_for_backward(gate, up)
+
+
+def _backward_gated_silu_qmatmul(ctx, grad):
+    # the gradients of silu(gate) * up, then qmatmul's
+    gate, up = ctx.saved_tensors
+    grad_h = _grad_through_weight(ctx, grad)
+    grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate)
+    return None, None, grad_gate, grad_h * torch.nn.functional.silu(gate), None, None
+
+
+torch.library.register_autograd("torchext::gated_silu_qmatmul", _backward_gated_silu_qmatmul,
+                                setup_context=_setup_gated_silu_qmatmul)
 
 
 def _setup_add_rms_norm(ctx, inputs, output):

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "csrc/cpu/kernels.h"
+#include "kernels/activation_math.h"
 #include "kernels/fused_q8_1_math.h"
 
 namespace torchext::cpu {
@@ -47,14 +48,19 @@ void add_rms_norm_quantize_q8_1(const void* x, const void* residual, FloatType x
   rms_norm_quantize_q8_1(sum, xt, w, wt, rows, k, eps, out);
 }
 
-void gated_gelu_quantize_q8_1(const void* gate, const void* up, FloatType t, int64_t rows, int64_t k, bool tanh_form,
-                              block_q8_1* out) {
+void gated_quantize_q8_1(const void* gate, const void* up, FloatType t, GateActivation act, int64_t rows, int64_t k,
+                         block_q8_1* out) {
   const int64_t numel = rows * k;
   std::vector<uint8_t> product(size_t(numel) * element_bytes(t));
   void* p = product.data();
-  gelu(gate, nullptr, p, numel, 1, t, tanh_form);
+  // GELU through torchext.gelu's kernel (vectorized), SiLU here; each activation value rounded to t
+  const bool gelu_done = act != GateActivation::Silu;
+  if (gelu_done) gelu(gate, nullptr, p, numel, 1, t, act == GateActivation::GeluTanh);
   torch::stable::parallel_for(0, numel, 1 << 14, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) store_float(p, i, t, gated_value(load_float(p, i, t), load_float(up, i, t), t));
+    for (int64_t i = begin; i < end; ++i) {
+      const float a = gelu_done ? load_float(p, i, t) : silu(load_float(gate, i, t));
+      store_float(p, i, t, gated_value(a, load_float(up, i, t), t));
+    }
   });
   quantize_q8_1(p, t, rows, k, out);
 }

@@ -4,7 +4,7 @@
 
 #include "csrc/cpu/avx2.h"
 #include "csrc/cpu/kernels.h"
-#include "kernels/gelu_math.h"
+#include "kernels/activation_math.h"
 
 namespace torchext::cpu {
 namespace {

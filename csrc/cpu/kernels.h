@@ -3,6 +3,7 @@
 
 #include <cstdint>
 
+#include "kernels/activation_math.h"
 #include "kernels/cached_attention.h"
 #include "kernels/float_types.h"
 #include "kernels/rope_cache.h"
@@ -60,8 +61,8 @@ void add_rms_norm_quantize_q8_1(const void* x, const void* residual, FloatType x
                                 block_q8_1* out);
 
 // quantize_q8_1 of gelu(gate) * up (rows x k, both of type t), each rounded to t as the unfused ops round.
-void gated_gelu_quantize_q8_1(const void* gate, const void* up, FloatType t, int64_t rows, int64_t k, bool tanh_form,
-                              block_q8_1* out);
+void gated_quantize_q8_1(const void* gate, const void* up, FloatType t, GateActivation act, int64_t rows, int64_t k,
+                         block_q8_1* out);
 
 // n x k float32 rows -> n rows of quantized bytes (llama.cpp's reference quantizers).
 void quantize(QType wt, const float* x, int64_t n, int64_t k, uint8_t* out);

@@ -1,0 +1,28 @@
+// act(gate) * up as a source of rows for a Q8_1 quantization (quantize_q8_1_rows.cuh's Source):
+// gated_quantize_q8_1 quantizes it into memory, the gated GEMV into each CTA's shared memory.
+#pragma once
+
+#include "kernels/activation_math.h"
+#include "kernels/fused_q8_1_math.h"
+#include "kernels/quantize_q8_1_rows.cuh"
+
+namespace torchext {
+
+// Rows of act(gate) * up, gate and up [rows, k] of type t, rounded as the unfused ops round them.
+struct GatedValues {
+  const void* gate;
+  const void* up;
+  FloatType t;
+  GateActivation act;
+  bool vector_ok;  // rows_allow_vector_loads for gate and up
+  __device__ void load(int64_t row, int64_t col, int64_t k, float (&v)[8]) const {
+    float u[8];
+    load_group8(gate, t, row * k, col, k, vector_ok, v);
+    load_group8(up, t, row * k, col, k, vector_ok, u);
+#pragma unroll
+    for (int i = 0; i < 8; ++i)  // past k: act(0) * 0 = 0, the padding
+      v[i] = gated_value(gate_activation(act, v[i]), u[i], t);
+  }
+};
+
+}  // namespace torchext
