@@ -221,6 +221,27 @@ def test_gated_qmatmul_gradients_are_the_compositions(activation, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_gated_silu_qmatmul_second_derivatives_are_the_compositions(device):
+    """With create_graph, gated_silu_qmatmul's backward takes SiLU's derivative in differentiable ops, as
+    torch's autograd of F.silu does then (aten.silu_backward has no derivative): the second derivatives
+    (gate's gradient differentiated again) are those of qmatmul(w, F.silu(gate) * up), bit for bit."""
+    qtype, n, k = torchext.QType.Q8_0, 16, 256
+    w, _ = cached_weight(qtype, n, k)
+    w = w.to(device)
+    g = torch.randn(2, n, device=device)
+    grads = []
+    for fused in (True, False):
+        gate = gaussian_activations((2, k), seed=4).to(device).requires_grad_()
+        up = gaussian_activations((2, k), seed=5).to(device).requires_grad_()
+        y = (torchext.gated_silu_qmatmul(w, qtype, gate, up, n, k) if fused
+             else torchext.qmatmul(w, qtype, F.silu(gate) * up, n, k))
+        (grad_gate,) = torch.autograd.grad(y, gate, g, create_graph=True)
+        grads.append((grad_gate, *torch.autograd.grad(grad_gate.square().sum(), (gate, up))))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("post_norm", [False, True], ids=["add", "post_norm_add"])
 def test_add_rms_norm_quantize_q8_1_gradient_of_the_sum(post_norm, device):
     """s = residual + t, t = x or rms_norm(x) * x_weight. Without the post-norm, both gradients are the

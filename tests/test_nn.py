@@ -286,14 +286,14 @@ def _gated_layers(device, k=512, inter=384, bias=False):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
 def test_gated_mlp_equals_its_composition(device, dtype, activation):
-    """gated_mlp is bit for bit, on the GEMV path (up to gemv_max_rows rows, batch dims), shared_input's
-    gate and up, then the gated op's down projection (gated_silu_qmatmul / gated_gelu_qmatmul), and
-    beyond it (33 rows) each layer in turn with F.silu / F.gelu."""
+    """gated_mlp is bit for bit shared_input's gate and up, then, on the GEMV path (up to gemv_max_rows rows,
+    batch dims) on CUDA, the gated op's down projection (gated_silu_qmatmul / gated_gelu_qmatmul), and
+    otherwise (33 rows; the CPU) the down projection of F.silu(gate) * up or F.gelu(gate) * up."""
     gate_proj, up_proj, down_proj = _gated_layers(device, bias=True)
     for lead in [(1,), (2, 4), (33,)]:
         x = gaussian_activations(lead + (512,), seed=lead[0]).to(dtype).to(device)
         gate, up = shared_input(x, gate_proj, up_proj)
-        if torchext.nn.takes_q8_1(gate, down_proj):
+        if device == "cuda" and torchext.nn.takes_q8_1(gate, down_proj):
             if activation == "silu":
                 want = down_proj.forward_gated_silu(gate, up)
             else:
@@ -334,13 +334,43 @@ def test_gated_mlp_of_float_layers_is_the_plain_formula(device):
 
 def test_gated_mlp_activation_is_checked_and_the_module_keeps_the_layer_names():
     layers = _gated_layers("cpu")
-    for call in (lambda: gated_mlp(torch.zeros(1, 512), *layers, "relu"), lambda: QuantGatedMLP(*layers, "swish")):
+    for call in (lambda: gated_mlp(torch.zeros(1, 512), *layers, "relu"), lambda: QuantGatedMLP(*layers, "swish"),
+                 lambda: gated_mlp(torch.zeros(1, 512), *layers, ["silu"])):
         with pytest.raises(ValueError, match="activation: expected one of 'silu', 'gelu_tanh', 'gelu', got"):
             call()
+    with pytest.raises(ValueError, match=r"gate_proj, up_proj, down_proj: expected gate_proj and up_proj \[in -> I\] "
+                                         r"and down_proj \[I -> out\], got gate_proj \[512 -> 384\], up_proj "
+                                         r"\[512 -> 384\], down_proj \[512 -> 512\]"):
+        QuantGatedMLP(layers[0], layers[1], QuantLinear(random_weight(QType.Q8_0, 512, 512, "cpu"), QType.Q8_0, 512,
+                                                        512))
     mlp = QuantGatedMLP(*layers, "gelu_tanh")
     assert [k for k in mlp.state_dict() if k.endswith("weight")] == ["gate_proj.weight", "up_proj.weight",
                                                                      "down_proj.weight"]
     assert "activation='gelu_tanh'" in repr(mlp)
+
+
+@pytest.mark.parametrize("rows", [2, 40], ids=["gemv", "tiled"])
+def test_gated_mlp_errors_name_x(rows):
+    """An input of the wrong width, or a 0-d one, is refused as QuantLinear refuses it, whichever path the
+    rows would take (the shared Q8_1 input would have named its own bytes, xq)."""
+    mlp = QuantGatedMLP(*_gated_layers("cpu"))
+    with pytest.raises(RuntimeError, match="x: expected the last dimension to be k=512, got 384"):
+        mlp(torch.zeros(rows, 384))
+    with pytest.raises(RuntimeError, match="x: expected at least one dimension"):
+        mlp(torch.tensor(1.0))
+
+
+def test_gated_mlp_exports_with_a_dynamic_row_count():
+    """torch.export with a dynamic row dimension: takes_q8_1 leaves a symbolic row count to each layer's
+    qmatmul (which chooses its path inside the op), so no guard on the rows is added, and the exported
+    program gives eager's bits on both sides of the GEMV's row limit."""
+    mlp = QuantGatedMLP(*_gated_layers("cpu"))
+    rows = torch.export.Dim("rows", min=1, max=64)
+    ep = torch.export.export(mlp, (torch.randn(4, 512),), dynamic_shapes=({0: rows},))
+    for n in (1, 3, 40):
+        x = gaussian_activations((n, 512), seed=n)
+        with torch.no_grad():
+            assert torch.equal(ep.module()(x), mlp(x)), n
 
 
 def test_quantize_linears_leaves_the_encoder_layers_fast_path_its_weights():

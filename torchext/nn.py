@@ -180,12 +180,16 @@ def takes_q8_1(x: torch.Tensor, *layers: QuantLinear) -> bool:
     no layer exact (exact ones never round x). Then a caller may quantize x itself (quantize_q8_1, or
     an op that computes and quantizes x in one kernel) and call each layer's forward_q8_1.
     Never while autograd wants x's gradient: Q8_1 bytes carry none, so the layers then take x
-    itself, whose GEMV rounds it the same way and passes the gradient on (qmatmul's backward)."""
+    itself, whose GEMV rounds it the same way and passes the gradient on (qmatmul's backward).
+    Never for a symbolic row count either (torch.export's dynamic dimensions, dynamic compiles): the
+    choice would be a guard on it, where each layer's qmatmul makes the same choice inside the op; nor
+    for an x that is not the layers' input (whose own errors then name x)."""
+    if x.dim() == 0 or not all(isinstance(m, QuantLinear) for m in layers):
+        return False
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (rows > 0 and not (x.requires_grad and torch.is_grad_enabled())
-            and all(isinstance(m, QuantLinear) for m in layers)
+    return (not isinstance(rows, torch.SymInt) and rows > 0 and not (x.requires_grad and torch.is_grad_enabled())
             and all(rows <= gemv_max_rows(x, m.out_features, m.qtype) for m in layers)
-            and len({m.in_features for m in layers}) == 1 and not any(m.exact for m in layers))
+            and {m.in_features for m in layers} == {x.shape[-1]} and not any(m.exact for m in layers))
 
 
 def shared_input(x: torch.Tensor, *layers: QuantLinear) -> tuple[torch.Tensor, ...]:
@@ -202,20 +206,25 @@ def shared_input(x: torch.Tensor, *layers: QuantLinear) -> tuple[torch.Tensor, .
 GATE_ACTIVATIONS = {"silu": None, "gelu_tanh": "tanh", "gelu": "none"}
 
 
+def _check_activation(activation) -> None:
+    if not isinstance(activation, str) or activation not in GATE_ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {', '.join(map(repr, GATE_ACTIVATIONS))}, got {activation!r}")
+
+
 def gated_mlp(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
               activation: str = "silu") -> torch.Tensor:
     """down_proj(act(gate_proj(x)) * up_proj(x)), a gated MLP: SwiGLU (activation "silu", Llama's, Qwen's,
     Mistral's) or GEGLU ("gelu_tanh", Gemma's, or "gelu"). Where the rows take the GEMV path
-    (takes_q8_1), gate_proj and up_proj read one Q8_1 copy of x (shared_input) and down_proj computes
-    and quantizes act(gate) * up itself (gated_silu_qmatmul, gated_gelu_qmatmul: one launch on CUDA
-    for up to 8 rows), the activation then being those ops' (SiLU: F.silu's bits on CUDA, correctly
-    rounded on the CPU; GELU: torchext.gelu's). Otherwise each layer runs in turn, the activation
-    F.silu or F.gelu. Any modules work; only QuantLinear layers fuse."""
-    if activation not in GATE_ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {', '.join(map(repr, GATE_ACTIVATIONS))}, got {activation!r}")
+    (takes_q8_1), gate_proj and up_proj read one Q8_1 copy of x (shared_input), and on CUDA down_proj
+    computes and quantizes act(gate) * up itself (gated_silu_qmatmul, gated_gelu_qmatmul: one launch for
+    up to 8 rows), the activation then being those ops' (SiLU: F.silu's bits; GELU: torchext.gelu's).
+    Otherwise, and on the CPU (where those ops compose the same steps, their SiLU correctly rounded in
+    float64 and slower than F.silu's vectorized one), the down projection runs on F.silu(gate) * up or
+    F.gelu(gate) * up. Any modules work; only QuantLinear layers fuse."""
+    _check_activation(activation)
     gate, up = shared_input(x, gate_proj, up_proj)
     approximate = GATE_ACTIVATIONS[activation]
-    if takes_q8_1(gate, down_proj):
+    if gate.is_cuda and takes_q8_1(gate, down_proj):
         gate, up = gate.contiguous(), up.contiguous()  # views of a stacked projection
         if approximate is None:
             return down_proj.forward_gated_silu(gate, up)
@@ -371,9 +380,15 @@ class QuantGatedMLP(nn.Module):
 
     def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, activation: str = "silu"):
         super().__init__()
-        if activation not in GATE_ACTIVATIONS:
-            raise ValueError(f"activation: expected one of {', '.join(map(repr, GATE_ACTIVATIONS))}, "
-                             f"got {activation!r}")
+        _check_activation(activation)
+        # layers that say their widths (nn.Linear, QuantLinear) must chain: x -> gate, up [I] -> down
+        widths = [(name, getattr(m, "in_features", None), getattr(m, "out_features", None))
+                  for name, m in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj))]
+        if all(i is not None and o is not None for _, i, o in widths):
+            (_, gi, go), (_, ui, uo), (_, di, _) = widths
+            if not gi == ui or not go == uo == di:
+                raise ValueError("gate_proj, up_proj, down_proj: expected gate_proj and up_proj [in -> I] and "
+                                 "down_proj [I -> out], got " + ", ".join(f"{n} [{i} -> {o}]" for n, i, o in widths))
         self.gate_proj, self.up_proj, self.down_proj, self.activation = gate_proj, up_proj, down_proj, activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -885,10 +885,15 @@ def _setup_gated_silu_qmatmul(ctx, inputs, output):
 
 
 def _backward_gated_silu_qmatmul(ctx, grad):
-    # the gradients of silu(gate) * up, then qmatmul's
+    # the gradients of silu(gate) * up, then qmatmul's. SiLU's as torch's autograd takes it: aten's kernel,
+    # or, when this backward is itself differentiated (create_graph), its formula in differentiable ops
     gate, up = ctx.saved_tensors
     grad_h = _grad_through_weight(ctx, grad)
-    grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate)
+    if torch.is_grad_enabled():
+        s = torch.sigmoid(gate)
+        grad_gate = grad_h * up * s * (1.0 + gate * (1.0 - s))
+    else:
+        grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate)
     return None, None, grad_gate, grad_h * torch.nn.functional.silu(gate), None, None
 
 
