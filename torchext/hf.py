@@ -55,6 +55,12 @@ become one torchext.nn.QuantExperts over their bytes (torchext.qmatmul_id) in pl
 transformers' experts module (gate_up_proj, down_proj; built on the meta device); the router and
 the shared expert load like any other tensor.
 
+Gated MLPs: every module whose forward is transformers' down_proj(act_fn(gate_proj(x)) * up_proj(x))
+(the same bytecode: Llama's, Mistral's, Qwen2/3's, Gemma 2/3's MLPs, Qwen2-MoE's shared expert) with
+an act_fn that is F.silu or F.gelu becomes a torchext.nn.QuantGatedMLP over the same layers (the same
+parameter names): on decode steps gate and up share one Q8_1 input and, on CUDA, the down projection's
+GEMV computes act(gate) * up itself (torchext.gated_silu_qmatmul / gated_gelu_qmatmul).
+
 peft: register_lora(LoraConfig(...)) registers QuantLoraLinear for QuantLinear through peft's
 custom-module mechanism (LoraConfig._register_custom_module); the adapters train around the
 packed weights (QuantLinear's gradient reaches its input), and merging is refused, as is DoRA and
