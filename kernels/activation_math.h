@@ -33,12 +33,4 @@ TORCHEXT_HD float silu(float x) {
 // The activation of a gated MLP, act(gate) * up: GEGLU's two GELUs and SwiGLU's SiLU.
 enum class GateActivation : uint8_t { GeluErf, GeluTanh, Silu };
 
-TORCHEXT_HD float gate_activation(GateActivation a, float x) {
-  switch (a) {
-    case GateActivation::GeluErf: return gelu_erf(x);
-    case GateActivation::GeluTanh: return gelu_tanh(x);
-    default: return silu(x);
-  }
-}
-
 }  // namespace torchext

@@ -175,7 +175,8 @@ cudaError_t launch_add_rms_norm_quantize_q8_1(const void* x, const void* residua
 cudaError_t launch_gated_quantize_q8_1(const void* gate, const void* up, FloatType t, GateActivation act, int64_t rows,
                                        int64_t k, block_q8_1* out, cudaStream_t stream) {
   const bool vector_ok = rows_allow_vector_loads(gate, t, k) && rows_allow_vector_loads(up, t, k);
-  return launch_quantize_q8_1_rows(GatedValues{gate, up, t, act, vector_ok}, rows, k, out, stream);
+  return with_gated_values(act, gate, up, t, vector_ok,
+                           [&](const auto& source) { return launch_quantize_q8_1_rows(source, rows, k, out, stream); });
 }
 
 }  // namespace torchext

@@ -331,8 +331,9 @@ bool gemv_q8_1_computes_rows(QType wt, int64_t rows, int64_t k, int device) {
   bool fits = false;
   visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
+    // the activations' kernels differ in registers only: either one's shared memory answers
     const auto computed_facts = [device](auto b) {
-      return kernel_facts<gemv_q8_1_computed_kernel<T, decltype(b)::value, GatedValues>, kThreads>(device);
+      return kernel_facts<gemv_q8_1_computed_kernel<T, decltype(b)::value, GatedValues<false>>, kThreads>(device);
     };
     fits = choose_gemv_kernel(rows, T::kValues, has_int8_mma(device)) == GemvKernel::Dp4a &&
            staged_group(rows, k, computed_facts) == rows;
@@ -345,14 +346,16 @@ cudaError_t launch_gated_gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_
                                    cudaStream_t stream) {
   if (!gemv_q8_1_computes_rows(wt, rows, k, device)) return cudaErrorInvalidValue;
   const bool vector_ok = rows_allow_vector_loads(gate, t, k) && rows_allow_vector_loads(up, t, k);
-  const GatedValues source{gate, up, t, act, vector_ok};
   cudaError_t err = cudaSuccess;
   visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
-    err = with_staged_tile(int(rows), [&](auto b) {
-      constexpr int B = decltype(b)::value;
-      return launch_rows<T, gemv_q8_1_computed_kernel<T, B, GatedValues>>(w, n, k, source, int(rows), true, out, t,
-                                                                          device, stream);
+    err = with_gated_values(act, gate, up, t, vector_ok, [&](const auto& source) {
+      using Source = std::decay_t<decltype(source)>;
+      return with_staged_tile(int(rows), [&](auto b) {
+        constexpr int B = decltype(b)::value;
+        return launch_rows<T, gemv_q8_1_computed_kernel<T, B, Source>>(w, n, k, source, int(rows), true, out, t,
+                                                                       device, stream);
+      });
     });
   });
   return err;
