@@ -32,7 +32,7 @@ from torch import nn
 import torchext
 from conftest import DEVICES, DTYPES, gaussian_activations, gaussian_linear, random_weight, requires_cuda
 from torchext import QType, WeightCache
-from torchext.nn import QuantGatedMLP, QuantLinear, gated_mlp, quantize_linears, shared_input
+from torchext.nn import QuantGatedMLP, QuantLinear, QuantStackedGatedMLP, gated_mlp, quantize_linears, shared_input
 
 
 @pytest.fixture(autouse=True)
@@ -347,6 +347,27 @@ def test_gated_mlp_activation_is_checked_and_the_module_keeps_the_layer_names():
     assert [k for k in mlp.state_dict() if k.endswith("weight")] == ["gate_proj.weight", "up_proj.weight",
                                                                      "down_proj.weight"]
     assert "activation='gelu_tanh'" in repr(mlp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_stacked_gated_mlp_is_the_chunked_formula(device, activation):
+    """QuantStackedGatedMLP (Phi-3's gate_up_proj): gate and up are the two halves of one layer's output,
+    then gated_down, the same bits as QuantGatedMLP over the two halves' weights taken apart."""
+    k, inter = 512, 384
+    q = QType.Q4_K
+    w = random_weight(q, 2 * inter, k, device, seed=7)
+    gate_up = QuantLinear(w, q, k, 2 * inter)
+    halves = [QuantLinear(w[:inter].contiguous(), q, k, inter), QuantLinear(w[inter:].contiguous(), q, k, inter)]
+    down = _gated_layers(device)[2]
+    stacked, plain = QuantStackedGatedMLP(gate_up, down, activation), QuantGatedMLP(*halves, down, activation)
+    for rows in (1, 3, 33):
+        x = gaussian_activations((rows, k), seed=rows).to(device)
+        assert torch.equal(stacked(x), plain(x)), rows
+    with pytest.raises(ValueError, match="gate_up_proj, down_proj: expected gate_up_proj \\[in -> 2 I\\] and "
+                                         "down_proj \\[I -> out\\], got gate_up_proj out_features 768 and "
+                                         "down_proj in_features 512"):
+        QuantStackedGatedMLP(gate_up, QuantLinear(random_weight(QType.Q8_0, 512, 512, device), QType.Q8_0, 512, 512))
 
 
 @pytest.mark.parametrize("rows", [2, 40], ids=["gemv", "tiled"])

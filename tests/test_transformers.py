@@ -300,29 +300,32 @@ def test_every_packed_tensor_is_on_a_torchext_layer(models):
     assert all(p.dtype == torch.float32 for p in ours.parameters())
 
 
-# the activation of each architecture's gated MLPs (Qwen2-MoE: its shared expert); Phi-3 stacks gate and up
-# in one gate_up_proj, a forward other than transformers' gated formula, and Qwen3-MoE has no dense MLP
+# the activation of each architecture's gated MLPs (Qwen2-MoE: its shared expert; Phi-3: gate and up stacked
+# in one gate_up_proj); Qwen3-MoE has no dense MLP
 GATED_MLPS = {"llama": "silu", "mistral": "silu", "qwen2": "silu", "qwen3": "silu", "gemma2": "gelu_tanh",
-              "gemma3": "gelu_tanh", "qwen2_moe": "silu"}
+              "gemma3": "gelu_tanh", "qwen2_moe": "silu", "phi3": "silu"}
 
 
 def test_gated_mlps_become_quant_gated_mlps(models):
     """Every MLP whose forward is transformers' down_proj(act_fn(gate_proj(x)) * up_proj(x)) is a
-    torchext.nn.QuantGatedMLP over the same layers (state_dict keys unchanged), with its activation."""
+    torchext.nn.QuantGatedMLP over the same layers (state_dict keys unchanged), with its activation;
+    Phi-3's (gate_up_proj, chunked) a QuantStackedGatedMLP."""
     arch, _, ref, ours = models
-    fused = {name: m for name, m in ours.named_modules() if isinstance(m, torchext.nn.QuantGatedMLP)}
+    cls, projections = ((torchext.nn.QuantStackedGatedMLP, ("gate_up_proj", "down_proj")) if arch.name == "phi3"
+                        else (torchext.nn.QuantGatedMLP, ("gate_proj", "up_proj", "down_proj")))
+    fused = {name: m for name, m in ours.named_modules() if isinstance(m, cls)}
     assert len(fused) == (LAYERS if arch.name in GATED_MLPS else 0)
     assert {m.activation for m in fused.values()} <= {GATED_MLPS.get(arch.name)}
     keys = set(ref.state_dict())
-    assert all(f"{name}.{p}.weight" in keys for name in fused for p in ("gate_proj", "up_proj", "down_proj"))
+    assert all(f"{name}.{p}.weight" in keys for name in fused for p in projections)
 
 
 def test_only_the_gated_formula_with_a_known_activation_fuses():
     """hf._fuse_gated_mlps replaces an MLP only when its forward's bytecode is the formula's (a subclass that
     changes it keeps its own) and its act_fn is F.silu's or F.gelu's."""
     def layer(n, k, seed):
-        return torchext.nn.QuantLinear(torchext.quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)),
-                                                         QType.Q8_0), QType.Q8_0, k, n)
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+        return torchext.nn.QuantLinear(torchext.quantize(w, QType.Q8_0), QType.Q8_0, k, n)
 
     class MLP(torch.nn.Module):
         def __init__(self, act):

@@ -55,11 +55,12 @@ become one torchext.nn.QuantExperts over their bytes (torchext.qmatmul_id) in pl
 transformers' experts module (gate_up_proj, down_proj; built on the meta device); the router and
 the shared expert load like any other tensor.
 
-Gated MLPs: every module whose forward is transformers' down_proj(act_fn(gate_proj(x)) * up_proj(x))
-(the same bytecode: Llama's, Mistral's, Qwen2/3's, Gemma 2/3's MLPs, Qwen2-MoE's shared expert) with
-an act_fn that is F.silu or F.gelu becomes a torchext.nn.QuantGatedMLP over the same layers (the same
-parameter names): on decode steps gate and up share one Q8_1 input and, on CUDA, the down projection's
-GEMV computes act(gate) * up itself (torchext.gated_silu_qmatmul / gated_gelu_qmatmul).
+Gated MLPs: every module whose forward is transformers' down_proj(act_fn(gate_proj(x)) * up_proj(x)) (the same
+bytecode: Llama's, Mistral's, Qwen2/3's, Gemma 2/3's MLPs, Qwen2-MoE's shared expert) with an act_fn that is
+F.silu or F.gelu becomes a torchext.nn.QuantGatedMLP over the same layers (the same parameter names; Phi-3's,
+with gate and up stacked in gate_up_proj, a QuantStackedGatedMLP): on decode steps gate and up share one Q8_1
+input and, on CUDA, the down projection's GEMV computes act(gate) * up itself (torchext.gated_silu_qmatmul /
+gated_gelu_qmatmul).
 
 peft: register_lora(LoraConfig(...)) registers QuantLoraLinear for QuantLinear through peft's
 custom-module mechanism (LoraConfig._register_custom_module); the adapters train around the
@@ -91,7 +92,7 @@ from . import ops
 from .formats import QType
 from .gguf_file import GGUFFile, GGUFTensor, tensor_from_bytes
 from .weights import WEIGHT_IDS, as_weight_rows, check_weight_bytes, weight_format
-from .nn import QuantGatedMLP, QuantLinear
+from .nn import QuantGatedMLP, QuantLinear, QuantStackedGatedMLP
 
 logger = logging.getLogger(__name__)
 
@@ -499,6 +500,15 @@ def _gated_mlp_formula(self, x):  # transformers' gated MLPs' forward (Llama, Mi
     return down_proj
 
 
+def _stacked_gated_mlp_formula(self, hidden_states):  # Phi-3's: gate and up stacked in one gate_up_proj
+    up_states = self.gate_up_proj(hidden_states)
+
+    gate, up_states = up_states.chunk(2, dim=-1)
+    up_states = up_states * self.activation_fn(gate)
+
+    return self.down_proj(up_states)
+
+
 def _gate_activation(act) -> Optional[str]:
     """gated_mlp's name for an MLP's act_fn when it is exactly F.silu or F.gelu (transformers' SiLUActivation,
     GELUTanh, GELUActivation hold or call those; torch's nn.SiLU, nn.GELU), else None."""
@@ -518,15 +528,24 @@ def _gate_activation(act) -> Optional[str]:
 def _fuse_gated_mlps(model: nn.Module) -> None:
     """Each MLP whose forward is _gated_mlp_formula (the same bytecode: a subclass that changes it keeps its
     own), whose act_fn gated_mlp has and whose down_proj is a QuantLinear becomes a QuantGatedMLP over the
-    same layers: on the GEMV path gate and up then share one quantize_q8_1, and the activation, the product
-    and the down projection's input quantization run inside its GEMV."""
-    formula = _gated_mlp_formula.__code__
+    same layers: on the GEMV path gate and up then share one quantize_q8_1, and, on CUDA, the activation,
+    the product and the down projection's input quantization run inside its GEMV. One whose forward is
+    _stacked_gated_mlp_formula (Phi-3's gate_up_proj) becomes a QuantStackedGatedMLP."""
+    def same_code(f, g) -> bool:
+        return f is not None and (f.co_code, f.co_names) == (g.co_code, g.co_names)
+
     for name, module in list(model.named_modules()):
         code = getattr(type(module).forward, "__code__", None)
-        activation = _gate_activation(getattr(module, "act_fn", None))
-        if (code is not None and (code.co_code, code.co_names) == (formula.co_code, formula.co_names)
-                and activation is not None and isinstance(getattr(module, "down_proj", None), QuantLinear)):
-            _set_module(model, name, QuantGatedMLP(module.gate_proj, module.up_proj, module.down_proj, activation))
+        if not isinstance(getattr(module, "down_proj", None), QuantLinear):
+            continue
+        if same_code(code, _gated_mlp_formula.__code__):
+            activation = _gate_activation(getattr(module, "act_fn", None))
+            if activation is not None:
+                _set_module(model, name, QuantGatedMLP(module.gate_proj, module.up_proj, module.down_proj, activation))
+        elif same_code(code, _stacked_gated_mlp_formula.__code__):
+            activation = _gate_activation(getattr(module, "activation_fn", None))
+            if activation is not None:
+                _set_module(model, name, QuantStackedGatedMLP(module.gate_up_proj, module.down_proj, activation))
 
 
 def _is_plain(module: nn.Module, cls: type) -> bool:

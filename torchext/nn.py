@@ -215,14 +215,21 @@ def gated_mlp(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module, down_pr
               activation: str = "silu") -> torch.Tensor:
     """down_proj(act(gate_proj(x)) * up_proj(x)), a gated MLP: SwiGLU (activation "silu", Llama's, Qwen's,
     Mistral's) or GEGLU ("gelu_tanh", Gemma's, or "gelu"). Where the rows take the GEMV path
-    (takes_q8_1), gate_proj and up_proj read one Q8_1 copy of x (shared_input), and on CUDA down_proj
-    computes and quantizes act(gate) * up itself (gated_silu_qmatmul, gated_gelu_qmatmul: one launch for
-    up to 8 rows), the activation then being those ops' (SiLU: F.silu's bits; GELU: torchext.gelu's).
-    Otherwise, and on the CPU (where those ops compose the same steps, their SiLU correctly rounded in
-    float64 and slower than F.silu's vectorized one), the down projection runs on F.silu(gate) * up or
-    F.gelu(gate) * up. Any modules work; only QuantLinear layers fuse."""
+    (takes_q8_1), gate_proj and up_proj read one Q8_1 copy of x (shared_input); the down projection is
+    gated_down's. Any modules work; only QuantLinear layers fuse."""
     _check_activation(activation)
     gate, up = shared_input(x, gate_proj, up_proj)
+    return gated_down(gate, up, down_proj, activation)
+
+
+def gated_down(gate: torch.Tensor, up: torch.Tensor, down_proj: nn.Module, activation: str = "silu") -> torch.Tensor:
+    """down_proj(act(gate) * up), a gated MLP's down projection from its gate and up outputs (views of one
+    stacked projection allowed). On CUDA, for rows that take the GEMV path (takes_q8_1), down_proj computes
+    and quantizes act(gate) * up itself (gated_silu_qmatmul, gated_gelu_qmatmul: one launch for up to 8
+    rows), the activation then being those ops' (SiLU: F.silu's bits; GELU: torchext.gelu's). Otherwise,
+    and on the CPU (where those ops compose the same steps, their SiLU correctly rounded in float64 and
+    slower than F.silu's vectorized one), down_proj runs on F.silu(gate) * up or F.gelu(gate) * up."""
+    _check_activation(activation)
     approximate = GATE_ACTIVATIONS[activation]
     if gate.is_cuda and takes_q8_1(gate, down_proj):
         gate, up = gate.contiguous(), up.contiguous()  # views of a stacked projection
@@ -398,6 +405,28 @@ class QuantGatedMLP(nn.Module):
         return f"activation={self.activation!r}"
 
 
+class QuantStackedGatedMLP(nn.Module):
+    """A gated MLP whose gate and up projections are one layer, gate_up_proj [in -> 2 I] (gate the first
+    I outputs, up the rest: Phi-3's): down_proj(act(gate) * up) through gated_down. The layers keep their
+    names, as QuantGatedMLP's do."""
+
+    def __init__(self, gate_up_proj: nn.Module, down_proj: nn.Module, activation: str = "silu"):
+        super().__init__()
+        _check_activation(activation)
+        gu, di = getattr(gate_up_proj, "out_features", None), getattr(down_proj, "in_features", None)
+        if gu is not None and di is not None and gu != 2 * di:
+            raise ValueError(f"gate_up_proj, down_proj: expected gate_up_proj [in -> 2 I] and down_proj [I -> out], "
+                             f"got gate_up_proj out_features {gu} and down_proj in_features {di}")
+        self.gate_up_proj, self.down_proj, self.activation = gate_up_proj, down_proj, activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return gated_down(gate, up, self.down_proj, self.activation)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
 class QuantSharedExpert(nn.Module):
     """Qwen2-MoE's shared expert: a SwiGLU MLP of QuantLinear layers that every token goes through,
     scaled by sigmoid(gate_weight . x) (gate_weight [H], GGUF's ffn_gate_inp_shexp)."""
@@ -493,5 +522,6 @@ class QuantSparseMoeBlock(nn.Module):
         return cls.from_cache(cache, prefix.rstrip("."), top_k, norm_topk_prob, exact)
 
 
-__all__ = ["QuantExperts", "QuantGatedMLP", "QuantLinear", "QuantSharedExpert", "QuantSparseMoeBlock", "TopKRouter",
-           "gated_mlp", "quantize_linears", "shared_input", "takes_q8_1"]
+__all__ = ["QuantExperts", "QuantGatedMLP", "QuantLinear", "QuantSharedExpert", "QuantSparseMoeBlock",
+           "QuantStackedGatedMLP", "TopKRouter", "gated_down", "gated_mlp", "quantize_linears", "shared_input",
+           "takes_q8_1"]
