@@ -393,7 +393,7 @@ class QuantGatedMLP(nn.Module):
                   for name, m in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj))]
         if all(i is not None and o is not None for _, i, o in widths):
             (_, gi, go), (_, ui, uo), (_, di, _) = widths
-            if not gi == ui or not go == uo == di:
+            if gi != ui or not go == uo == di:
                 raise ValueError("gate_proj, up_proj, down_proj: expected gate_proj and up_proj [in -> I] and "
                                  "down_proj [I -> out], got " + ", ".join(f"{n} [{i} -> {o}]" for n, i, o in widths))
         self.gate_proj, self.up_proj, self.down_proj, self.activation = gate_proj, up_proj, down_proj, activation
