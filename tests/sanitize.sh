@@ -9,6 +9,8 @@
 # failure. Memcheck slows kernels 10-100x: the subset below (~1200 tests) is meant to take a few
 # minutes on an H100 (not yet measured); SANITIZE_TIMEOUT caps it.
 # Knobs: SANITIZE_K (pytest -k expression), SANITIZE_TIMEOUT (seconds, default 300), PYTHON.
+# A SANITIZE_K of your own replaces the selection below: leave out the launch-count tests ("not
+# one_launch"), whose torch.profiler cannot attach CUPTI beside compute-sanitizer and counts no launch.
 #
 # What runs: the CUDA cases (and the CUDA-only test_qgemm.py) of every test module except
 # test_compile.py and test_opcheck.py
