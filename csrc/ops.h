@@ -98,11 +98,14 @@ struct Ops {
     return {sum, out};
   }
 
-  // quantize_q8_1 of act(gate) * up, each rounded to the inputs' dtype as the unfused ops round it.
-  static Tensor gated_quantize_q8_1(const Tensor& gate, const Tensor& up, GateActivation act) {
+  // quantize_q8_1 of act(gate) * up, each rounded to the inputs' dtype as the unfused ops round it. The
+  // activation, act(), is asked for after the tensors' checks: GELU's approximate is the last argument.
+  template <class Activation>
+  static Tensor gated_quantize_q8_1(const Tensor& gate, const Tensor& up, Activation activation) {
     const FloatType t = check_q8_1_source(gate, "gate");
     const int64_t k = gate.size(gate.dim() - 1);
     check_like(up, "up", gate, "gate");
+    const GateActivation act = activation();
     Tensor out = new_q8_1(gate, k);
     const int64_t rows = leading_rows(gate);
     if (rows == 0) return out;
@@ -113,13 +116,11 @@ struct Ops {
   }
 
   static Tensor gated_gelu_quantize_q8_1(Tensor gate, Tensor up, std::string approximate) {
-    check_q8_1_source(gate, "gate");  // the arguments in their order: gate, up, then approximate
-    check_like(up, "up", gate, "gate");
-    return gated_quantize_q8_1(gate, up, gelu_activation(approximate));
+    return gated_quantize_q8_1(gate, up, [&] { return gelu_activation(approximate); });
   }
 
   static Tensor gated_silu_quantize_q8_1(Tensor gate, Tensor up) {
-    return gated_quantize_q8_1(gate, up, GateActivation::Silu);
+    return gated_quantize_q8_1(gate, up, [] { return GateActivation::Silu; });
   }
 
   // Weights x pre-quantized Q8_1 activations -> [..., n] in dtype (float32 when None).
@@ -141,13 +142,15 @@ struct Ops {
 
   // qmatmul_q8_1(w, gated_quantize_q8_1(gate, up, act)) in gate's dtype: a gated MLP's down projection from
   // its gate and up outputs. The backend's GEMV computes and quantizes the rows itself where it can (one
-  // launch); otherwise the two ops run in turn. The same bytes either way.
+  // launch); otherwise the two ops run in turn. The same bytes either way. act() as in gated_quantize_q8_1.
+  template <class Activation>
   static Tensor gated_qmatmul(const Tensor& w, int64_t qtype, const Tensor& gate, const Tensor& up, int64_t n,
-                              int64_t k, GateActivation act) {
+                              int64_t k, Activation activation) {
     const FormatInfo f = check_weight(w, qtype, n, k);
     const FloatType t = check_activations(gate, k, "gate");
     check_like(up, "up", gate, "gate");
     check_same_device(w, "w", gate, "gate");
+    const GateActivation act = activation();
     Tensor out = torch::stable::new_empty(gate, with_last_dim(gate, n));
     const int64_t rows = leading_rows(gate);
     if (rows == 0) return out;
@@ -164,15 +167,11 @@ struct Ops {
 
   static Tensor gated_gelu_qmatmul(Tensor w, int64_t qtype, Tensor gate, Tensor up, int64_t n, int64_t k,
                                    std::string approximate) {
-    check_weight(w, qtype, n, k);  // the arguments in their order, approximate last
-    check_activations(gate, k, "gate");
-    check_like(up, "up", gate, "gate");
-    check_same_device(w, "w", gate, "gate");
-    return gated_qmatmul(w, qtype, gate, up, n, k, gelu_activation(approximate));
+    return gated_qmatmul(w, qtype, gate, up, n, k, [&] { return gelu_activation(approximate); });
   }
 
   static Tensor gated_silu_qmatmul(Tensor w, int64_t qtype, Tensor gate, Tensor up, int64_t n, int64_t k) {
-    return gated_qmatmul(w, qtype, gate, up, n, k, GateActivation::Silu);
+    return gated_qmatmul(w, qtype, gate, up, n, k, [] { return GateActivation::Silu; });
   }
 
   // Weights x float activations -> [..., n] in x's dtype, through the path batch_policy picks.
