@@ -216,8 +216,7 @@ def gated_mlp(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module, down_pr
     """down_proj(act(gate_proj(x)) * up_proj(x)), a gated MLP: SwiGLU (activation "silu", Llama's, Qwen's,
     Mistral's) or GEGLU ("gelu_tanh", Gemma's, or "gelu"). Where the rows take the GEMV path
     (takes_q8_1), gate_proj and up_proj read one Q8_1 copy of x (shared_input); the down projection is
-    gated_down's. Any modules work; only QuantLinear layers fuse."""
-    _check_activation(activation)
+    gated_down's (which checks the activation). Any modules work; only QuantLinear layers fuse."""
     gate, up = shared_input(x, gate_proj, up_proj)
     return gated_down(gate, up, down_proj, activation)
 

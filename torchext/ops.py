@@ -286,8 +286,9 @@ def gated_silu_quantize_q8_1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tens
     SiLU is x / (1 + exp(-x)) in fp32: on CUDA torch's formula, so the bytes are those of
     quantize_q8_1(F.silu(gate) * up) there; on the CPU the correctly rounded value (torch's own CPU SiLU
     mixes two exp implementations, which differ in the last bit). Below x of about -88.7, where exp(-x)
-    overflows fp32, the formula gives -0 and the CPU the tiny true value (silu(-80) = -1.4e-33). gate and up: [..., K] of one float
-    dtype and shape. Returns uint8 [..., ceil(K/256)*8*36], the layout of quantize_q8_1."""
+    overflows fp32, the formula gives -0 and the CPU the tiny true value (silu(-80) = -1.4e-33). gate
+    and up: [..., K] of one float dtype and shape. Returns uint8 [..., ceil(K/256)*8*36], the layout of
+    quantize_q8_1."""
     return _ops.gated_silu_quantize_q8_1(gate, up)
 
 
