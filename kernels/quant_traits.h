@@ -11,6 +11,8 @@
 //                                   (MmaSlice below; the tensor-core GEMV, CUDA only)
 #pragma once
 
+#include <cstddef>
+
 #include "kernels/blocks.h"
 #include "kernels/q8_1_rows.h"
 
@@ -54,6 +56,68 @@ TORCHEXT_HD void load_16_bytes(const uint8_t* p, uint32_t (&w)[4]) {
   std::memcpy(w, p, 16);
 #endif
 }
+
+// Bits s .. s+31 of the 64-bit value hi:lo, 0 <= s <= 32: one funnel shift on the GPU.
+TORCHEXT_HD uint32_t funnel_right(uint32_t lo, uint32_t hi, uint32_t s) {
+#if defined(__CUDA_ARCH__)
+  return __funnelshift_rc(lo, hi, s);
+#else
+  return uint32_t(((uint64_t(hi) << 32) | lo) >> s);
+#endif
+}
+
+// The GPU reads the blocks of 2-byte alignment as whole words and a half (BlockWords below); the CPU
+// does not: x86's and Arm's loads take any alignment, and there the compiler already makes one load
+// of load_u32's two halves (its portable GEMV was 10-100% slower reading words and a half:
+// bench/NOTES.md, thirteenth session). tests/cpp/test_block_words.cpp checks that arithmetic on the host.
+#if defined(__CUDA_ARCH__)
+constexpr bool kReadWordsAndHalf = true;
+#else
+constexpr bool kReadWordsAndHalf = false;
+#endif
+
+// The S bytes of one weight block at p, kept `Align`-byte aligned, read as 32-bit words: word(j) is
+// bytes j .. j+3 (j even where Align is 2; a constant once the caller's loop unrolls), half0() bytes 0
+// and 1. Here each word is loaded when asked for, by load_u32; ...
+template <int S, int Align, bool kTwoAligned = (kReadWordsAndHalf && Align == 2 && S % 4 == 2)>
+struct BlockWords {
+  const uint8_t* p;
+  TORCHEXT_HD explicit BlockWords(const uint8_t* block) : p(block) {}
+  TORCHEXT_HD uint32_t word(int j) const { return load_u32<Align>(p + j); }
+  TORCHEXT_HD uint32_t half0() const {
+    if constexpr (Align >= 2) return *reinterpret_cast<const uint16_t*>(p);
+    return uint32_t(p[0]) | uint32_t(p[1]) << 8;
+  }
+};
+
+// ... except for blocks of S % 4 == 2 bytes at 2-byte alignment (Q8_0's 34, Q5_0's 22, Q4_0's and
+// IQ4_NL's 18), which alternate between starting on a word and 2 bytes past one. Such a block is read
+// at once as its (S - 2) / 4 aligned words and one 2-byte half, at whichever end of the block is off a
+// word; a word is then one funnel shift of two of them by the block's own amount. On the GPU that is
+// half the load instructions of reading 2 bytes at a time (Q8_0: 9 against 17), and no byte outside
+// the block is read (the weight's last block may end where its memory does).
+template <int S, int Align>
+struct BlockWords<S, Align, true> {
+  static constexpr int kWords = (S - 2) / 4;
+  uint32_t w[kWords + 1];  // the aligned words in address order, then the half
+  uint32_t shift;          // 16 where the block starts 2 bytes past a word (its half is bytes 0, 1), else 0
+  TORCHEXT_HD explicit BlockWords(const uint8_t* p) : shift(uint32_t(reinterpret_cast<uintptr_t>(p) & 2u) * 8u) {
+    const uint8_t* words = p + shift / 8;
+    TORCHEXT_UNROLL
+    for (int i = 0; i < kWords; ++i) w[i] = load_u32<4>(words + 4 * i);
+    w[kWords] = *reinterpret_cast<const uint16_t*>(shift ? p : p + S - 2);
+  }
+  TORCHEXT_HD uint32_t word(int j) const {
+    if (j == 0) return shift ? w[kWords] | w[0] << 16 : w[0];
+    // Where the block starts 2 bytes past a word, bytes 4i + 2 .. 4i + 5 are aligned word i and bytes
+    // 4i .. 4i + 3 the upper half of word i - 1 and the lower of word i; where it starts on a word, the
+    // former are the upper half of word i and the lower of word i + 1 (the half, past the last word),
+    // the latter word i.
+    if (j % 4 == 2) return funnel_right(w[j / 4], w[j / 4 + 1], 16 - shift);
+    return funnel_right(w[j / 4 - 1], w[j / 4], 32 - shift);
+  }
+  TORCHEXT_HD uint32_t half0() const { return shift ? w[kWords] : w[0] & 0xFFFFu; }
+};
 
 // Bytes q in 0..127 become q - z (z in 0..127) as signed bytes, with no borrow between bytes.
 TORCHEXT_HD int bytes_minus(uint32_t q, uint32_t z) {
@@ -580,11 +644,11 @@ struct QuantTraits<QType::Q8_0> {
 
   template <int B, class X>
   static TORCHEXT_HD void dot_item(const uint8_t* p, int, const X& x, float (&acc)[B]) {
-    const block& b = *reinterpret_cast<const block*>(p);
+    const BlockWords<kBytes, kAlign> b(p);  // d in bytes 0, 1, the quants from byte 2
     int q[8];
     TORCHEXT_UNROLL
-    for (int w = 0; w < 8; ++w) q[w] = int(load_u32<kAlign>(reinterpret_cast<const uint8_t*>(b.qs) + 4 * w));
-    const float d = fp16f(b.d);
+    for (int w = 0; w < 8; ++w) q[w] = int(b.word(2 + 4 * w));
+    const float d = fp16f(fp16_bits(b.half0()));
     TORCHEXT_UNROLL
     for (int r = 0; r < B; ++r) {
       int lo[4], hi[4];
@@ -631,6 +695,8 @@ struct NibbleTraits {
   static TORCHEXT_HD uint32_t high_bits(const block& b) {
     if constexpr (kHasHigh) return load_u32<kAlign>(b.qh); else return 0u;
   }
+  static constexpr int kQsOffset = int(offsetof(block, qs));
+  static_assert(offsetof(block, d) == 0, "d is bytes 0, 1 of the block");
 
   static TORCHEXT_HD void dequantize_chunk(const uint8_t* p, int, float* out) {
     const block& b = *reinterpret_cast<const block*>(p);
@@ -652,15 +718,17 @@ struct NibbleTraits {
   template <int B, class X>
   static TORCHEXT_HD void dot_item(const uint8_t* p, int, const X& x, float (&acc)[B]) {
     const block& b = *reinterpret_cast<const block*>(p);
-    const uint32_t qh = high_bits(b);
+    const BlockWords<kBytes, kAlign> words(p);
+    uint32_t qh = 0;
+    if constexpr (kHasHigh) qh = words.word(int(offsetof(block, qh)));
     int lo[4], hi[4];
     TORCHEXT_UNROLL
     for (int w = 0; w < 4; ++w) {
-      const uint32_t q = load_u32<kAlign>(b.qs + 4 * w);
+      const uint32_t q = words.word(kQsOffset + 4 * w);
       lo[w] = int((q & 0x0F0F0F0Fu) | spread_bits_to_bit4((qh >> (4 * w)) & 0xF));
       hi[w] = int(((q >> 4) & 0x0F0F0F0Fu) | spread_bits_to_bit4((qh >> (16 + 4 * w)) & 0xF));
     }
-    const float d = fp16f(b.d), m = min_of(b);
+    const float d = fp16f(fp16_bits(words.half0())), m = min_of(b);
     TORCHEXT_UNROLL
     for (int r = 0; r < B; ++r) {
       int xl[4], xh[4];
@@ -764,14 +832,14 @@ struct NibbleLevels {
     }
   }
 
-  // The dot products of 32 values from 16 bytes of nibbles (read as 4 words at Align) with B rows of
-  // Q8_1 block j, scaled by the weights' d: acc[r] += d * d_x * isum.
-  template <int Align, int B, class X>
-  static TORCHEXT_HD void dot_32(const uint8_t* qs, float d, int j, const X& x, float (&acc)[B]) {
+  // The dot products of 32 values from 16 bytes of nibbles, bytes j0 .. j0+15 of the block `words`,
+  // with B rows of Q8_1 block j, scaled by the weights' d: acc[r] += d * d_x * isum.
+  template <int B, class Words, class X>
+  static TORCHEXT_HD void dot_32(const Words& words, int j0, float d, int j, const X& x, float (&acc)[B]) {
     int lo[4], hi[4];
     TORCHEXT_UNROLL
     for (int w = 0; w < 4; ++w) {
-      const uint32_t q = load_u32<Align>(qs + 4 * w);
+      const uint32_t q = words.word(j0 + 4 * w);
       lo[w] = int(of(q & 0x0F0F0F0Fu));
       hi[w] = int(of((q >> 4) & 0x0F0F0F0Fu));
     }
@@ -808,8 +876,8 @@ struct LevelNibbleTraits {
   }
   template <int B, class X>
   static TORCHEXT_HD void dot_item(const uint8_t* p, int, const X& x, float (&acc)[B]) {
-    const block& b = *reinterpret_cast<const block*>(p);
-    Levels::template dot_32<kAlign>(b.qs, F::scale(F::field(b)), 0, x, acc);
+    const BlockWords<kBytes, kAlign> words(p);
+    Levels::template dot_32<B>(words, int(offsetof(block, qs)), F::scale(F::field(words)), 0, x, acc);
   }
 
   // Byte 4t..4t+3's low nibbles are values 4t..4t+3, its high nibbles 16+4t..16+4t+3.
@@ -836,8 +904,11 @@ struct IQ4NLFormat {
   using Field = fp16_bits;
   static constexpr int kAlign = 2;  // 18-byte blocks
   static TORCHEXT_HD Field field(const block& b) { return b.d; }
+  template <class Words>
+  static TORCHEXT_HD Field field(const Words& words) { return Field(words.half0()); }  // d: bytes 0, 1
   static TORCHEXT_HD float scale(Field d) { return fp16f(d); }
 };
+static_assert(offsetof(block_iq4_nl, d) == 0, "IQ4NLFormat::field");
 template <> struct QuantTraits<QType::IQ4_NL> : FormatTraits<QType::IQ4_NL, LevelNibbleTraits<IQ4NLFormat>> {};
 
 // MXFP4's E8M0 exponent e as its scale halved, 2^(e - 128) (gguf's e8m0_to_fp32_half, llama.cpp's
@@ -851,6 +922,8 @@ struct MXFP4Format {
   using Field = uint8_t;
   static constexpr int kAlign = 1;  // 17-byte blocks: a row or a block may start at any byte
   static TORCHEXT_HD Field field(const block& b) { return b.e; }
+  template <class Words>
+  static TORCHEXT_HD Field field(const Words& words) { return words.p[offsetof(block, e)]; }
   static TORCHEXT_HD float scale(Field e) { return e8m0_half(e); }
 };
 template <> struct QuantTraits<QType::MXFP4> : FormatTraits<QType::MXFP4, LevelNibbleTraits<MXFP4Format>> {};
@@ -878,7 +951,7 @@ struct QuantTraits<QType::IQ4_XS> {
   }
   template <int B, class X>
   static TORCHEXT_HD void dot_item(const uint8_t* p, int j, const X& x, float (&acc)[B]) {
-    IQ4Levels::dot_32<kAlign>(reinterpret_cast<const block*>(p)->qs + 16 * j, sub_d(p, j), j, x, acc);
+    IQ4Levels::dot_32<B>(BlockWords<kBytes, kAlign>(p), int(offsetof(block, qs)) + 16 * j, sub_d(p, j), j, x, acc);
   }
 
   // One MMA item per block, 8 slices: slice j is sub-block j (its 16 bytes at 16j; lane t's word at
