@@ -8,9 +8,10 @@
 # "ERROR SUMMARY" line and exits non-zero on any memcheck error (--error-exitcode 1) or test
 # failure. Memcheck slows kernels 10-100x: the subset below (~1200 tests) is meant to take a few
 # minutes on an H100 (not yet measured); SANITIZE_TIMEOUT caps it.
-# Knobs: SANITIZE_K (pytest -k expression), SANITIZE_TIMEOUT (seconds, default 300), PYTHON.
-# A SANITIZE_K of your own replaces the selection below: leave out the launch-count tests ("not
-# one_launch"), whose torch.profiler cannot attach CUPTI beside compute-sanitizer and counts no launch.
+# Knobs: SANITIZE_K (pytest -k expression), SANITIZE_ALSO (a -k expression that narrows the selection
+# below, e.g. "Q8_0 or Q4_0"), SANITIZE_TIMEOUT (seconds, default 300), PYTHON.
+# A SANITIZE_K of your own replaces the selection below: leave out graph capture ("not graph") and the
+# launch-count tests ("not one_launch"), whose torch.profiler cannot attach CUPTI beside compute-sanitizer.
 #
 # What runs: the CUDA cases (and the CUDA-only test_qgemm.py) of every test module except
 # test_compile.py and test_opcheck.py
@@ -47,6 +48,7 @@ export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 
 K_EXPR=${SANITIZE_K:-"(cuda or test_qgemm) and not graph and not side_stream and not huge and not 2_31 and not cuda1 and not no_host_sync and not real_shapes \
 and (not test_matmul or test_matmul_id or exact_activations or aligned or non_finite or empty) and (not test_errors or works)"}
+[ -n "${SANITIZE_ALSO:-}" ] && K_EXPR="($K_EXPR) and ($SANITIZE_ALSO)"
 mapfile -t FILES < <(ls tests/test_*.py | grep -v -e test_compile.py -e test_opcheck.py)
 
 start=$(date +%s)
