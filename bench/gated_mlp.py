@@ -1,19 +1,21 @@
-"""A gated MLP on a decode step: torchext.nn.QuantGatedMLP (gate and up on one Q8_1 input, the down
-projection's GEMV computing and quantizing act(gate) * up itself) against the same layers unfused and
-against the dense bf16 MLP, in the same run.
+"""A gated MLP on a decode step: torchext.nn.QuantGatedMLP (gate and up on one Q8_1 input) against the
+down projection's fused alternatives, the same layers unfused and the dense bf16 MLP, in the same run.
 
     python bench/gated_mlp.py [--out DIR] [--dtype bfloat16]
 
 For rows 1-8 of three real MLP shapes (hidden -> intermediate -> hidden: Gemma 3 270M's 640 -> 2048 with
 GELU-tanh, Qwen3 0.6B's 1024 -> 3072 and Llama 3 8B's 4096 -> 14336 with SiLU; gate and up Q4_K, down
 Q6_K as in Q4_K_M files), µs per MLP call, each timed as 100 back-to-back calls captured in one CUDA
-graph (bench/common.GraphTimer):
-- fused: QuantGatedMLP (torchext.nn.gated_mlp): 4 kernels (quantize_q8_1, gate GEMV, up GEMV, the gated
-  down GEMV);
-- shared: shared_input's gate and up, then down_proj(act(gate) * up): 7 kernels (the activation, the
-  product and the down layer's quantize_q8_1 on their own);
-- unfused: each QuantLinear on its own input, as a model that only swapped nn.Linear for QuantLinear
-  runs: 8 kernels;
+graph (bench/common.GraphTimer). Each variant starts from shared_input's gate and up (quantize_q8_1 and
+two GEMVs), but unfused and bf16:
+- gated_gemv: the down layer's forward_gated_silu / forward_gated_gelu (gated_*_qmatmul: for up to 8 rows
+  where the DP4A GEMV runs, its CTAs compute and quantize act(gate) * up themselves, one launch; else
+  gated_*_quantize_q8_1 and the GEMV);
+- split: gated_*_quantize_q8_1 (act(gate) * up computed and quantized once, in one kernel), then the down
+  layer's forward_q8_1: gated_gemv's bits;
+- gated_mlp: QuantGatedMLP (torchext.nn.gated_mlp), the down layer on act(gate) * up: the activation, the
+  product, quantize_q8_1 and the GEMV;
+- unfused: each QuantLinear on its own input, as a model that only swapped nn.Linear for QuantLinear runs;
 - bf16: the dense MLP, three nn.Linear in the activations' dtype and the same activation.
 The Gemma and Qwen weights stay in L2 between calls; Llama's (115 MB packed, 352 MB in bf16) do not.
 Writes DIR/gated_mlp.json and prints a table. Nothing here is asserted.
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import latency_bench, random_quant_weight, time_calls  # noqa: E402
 
-from torchext import QType  # noqa: E402
+from torchext import QType, gated_gelu_quantize_q8_1, gated_silu_quantize_q8_1  # noqa: E402
 from torchext.nn import GATE_ACTIVATIONS, QuantGatedMLP, QuantLinear, shared_input  # noqa: E402
 
 CALLS = 100
@@ -57,16 +59,30 @@ def measure(name: str, hidden: int, inter: int, activation: str, dtype: torch.dt
     act = activation_fn(activation)
     gate_proj, up_proj, down_proj = quant
 
-    def shared(x):
+    approximate = GATE_ACTIVATIONS[activation]
+
+    def gated_quantize(gate, up):
+        if approximate is None:
+            return gated_silu_quantize_q8_1(gate, up)
+        return gated_gelu_quantize_q8_1(gate, up, approximate)
+
+    def split(x):
         gate, up = shared_input(x, gate_proj, up_proj)
-        return down_proj(act(gate) * up)
+        return down_proj.forward_q8_1(gated_quantize(gate, up), x.dtype)
+
+    def gated_gemv(x):
+        gate, up = shared_input(x, gate_proj, up_proj)
+        if approximate is None:
+            return down_proj.forward_gated_silu(gate, up)
+        return down_proj.forward_gated_gelu(gate, up, approximate)
 
     out = []
     for rows in ROWS:
         x = torch.randn(rows, hidden, device="cuda", generator=gen).to(dtype)
         calls = {
-            "fused": lambda i: mlp(x),
-            "shared": lambda i: shared(x),
+            "gated_gemv": lambda i: gated_gemv(x),
+            "split": lambda i: split(x),
+            "gated_mlp": lambda i: mlp(x),
             "unfused": lambda i: down_proj(act(gate_proj(x)) * up_proj(x)),
             "bf16": lambda i: dense[2](act(dense[0](x)) * dense[1](x)),
         }
@@ -78,11 +94,11 @@ def measure(name: str, hidden: int, inter: int, activation: str, dtype: torch.dt
 
 def main() -> None:
     rows = latency_bench(__doc__, "gated_mlp", lambda dtype: [r for s in SHAPES for r in measure(*s, dtype)], CALLS)
-    names = ["fused", "shared", "unfused", "bf16"]
-    print(f"{'mlp':>12} {'rows':>4} " + " ".join(f"{n:>9}" for n in names) + "  fused/bf16  fused/unfused")
+    names = ["gated_gemv", "split", "gated_mlp", "unfused", "bf16"]
+    print(f"{'mlp':>12} {'rows':>4} " + " ".join(f"{n:>10}" for n in names) + "  gated_mlp/bf16  gated_mlp/unfused")
     for r in rows:
-        print(f"{r['mlp']:>12} {r['rows']:>4} " + " ".join(f"{r[n]:9.2f}" for n in names)
-              + f"  {r['fused'] / r['bf16']:10.2f}  {r['fused'] / r['unfused']:13.2f}")
+        print(f"{r['mlp']:>12} {r['rows']:>4} " + " ".join(f"{r[n]:10.2f}" for n in names)
+              + f"  {r['gated_mlp'] / r['bf16']:14.2f}  {r['gated_mlp'] / r['unfused']:17.2f}")
 
 
 if __name__ == "__main__":

@@ -286,22 +286,15 @@ def _gated_layers(device, k=512, inter=384, bias=False):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
 def test_gated_mlp_equals_its_composition(device, dtype, activation):
-    """gated_mlp is bit for bit shared_input's gate and up, then, on the GEMV path (up to gemv_max_rows rows,
-    batch dims) on CUDA, the gated op's down projection (gated_silu_qmatmul / gated_gelu_qmatmul), and
-    otherwise (33 rows; the CPU) the down projection of F.silu(gate) * up or F.gelu(gate) * up."""
+    """gated_mlp is bit for bit shared_input's gate and up (one Q8_1 input on the GEMV path: up to
+    gemv_max_rows rows, batch dims), then the down projection of F.silu(gate) * up or F.gelu(gate) * up."""
     gate_proj, up_proj, down_proj = _gated_layers(device, bias=True)
     for lead in [(1,), (2, 4), (33,)]:
         x = gaussian_activations(lead + (512,), seed=lead[0]).to(dtype).to(device)
         gate, up = shared_input(x, gate_proj, up_proj)
-        if device == "cuda" and torchext.nn.takes_q8_1(gate, down_proj):
-            if activation == "silu":
-                want = down_proj.forward_gated_silu(gate, up)
-            else:
-                want = down_proj.forward_gated_gelu(gate, up, "tanh" if activation == "gelu_tanh" else "none")
-        else:
-            act = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh" if activation == "gelu_tanh"
-                                                                   else "none")
-            want = down_proj(act * up)
+        act = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh" if activation == "gelu_tanh"
+                                                               else "none")
+        want = down_proj(act * up)
         got = gated_mlp(x, gate_proj, up_proj, down_proj, activation)
         assert got.dtype == dtype and torch.equal(got, want), lead
         assert torch.equal(QuantGatedMLP(gate_proj, up_proj, down_proj, activation)(x), want)

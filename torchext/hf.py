@@ -59,8 +59,7 @@ Gated MLPs: every module whose forward is transformers' down_proj(act_fn(gate_pr
 bytecode: Llama's, Mistral's, Qwen2/3's, Gemma 2/3's MLPs, Qwen2-MoE's shared expert) with an act_fn that is
 F.silu or F.gelu becomes a torchext.nn.QuantGatedMLP over the same layers (the same parameter names; Phi-3's,
 with gate and up stacked in gate_up_proj, a QuantStackedGatedMLP): on decode steps gate and up share one Q8_1
-input and, on CUDA, the down projection's GEMV computes act(gate) * up itself (torchext.gated_silu_qmatmul /
-gated_gelu_qmatmul).
+input (torchext.nn.gated_mlp).
 
 peft: register_lora(LoraConfig(...)) registers QuantLoraLinear for QuantLinear through peft's
 custom-module mechanism (LoraConfig._register_custom_module); the adapters train around the

@@ -216,25 +216,21 @@ def gated_mlp(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module, down_pr
     """down_proj(act(gate_proj(x)) * up_proj(x)), a gated MLP: SwiGLU (activation "silu", Llama's, Qwen's,
     Mistral's) or GEGLU ("gelu_tanh", Gemma's, or "gelu"). Where the rows take the GEMV path
     (takes_q8_1), gate_proj and up_proj read one Q8_1 copy of x (shared_input); the down projection is
-    gated_down's (which checks the activation). Any modules work; only QuantLinear layers fuse."""
+    gated_down's (which checks the activation). Any modules work."""
     gate, up = shared_input(x, gate_proj, up_proj)
     return gated_down(gate, up, down_proj, activation)
 
 
 def gated_down(gate: torch.Tensor, up: torch.Tensor, down_proj: nn.Module, activation: str = "silu") -> torch.Tensor:
     """down_proj(act(gate) * up), a gated MLP's down projection from its gate and up outputs (views of one
-    stacked projection allowed). On CUDA, for rows that take the GEMV path (takes_q8_1), down_proj computes
-    and quantizes act(gate) * up itself (gated_silu_qmatmul, gated_gelu_qmatmul: one launch for up to 8
-    rows), the activation then being those ops' (SiLU: F.silu's bits; GELU: torchext.gelu's). Otherwise,
-    and on the CPU (where those ops compose the same steps, their SiLU correctly rounded in float64 and
-    slower than F.silu's vectorized one), down_proj runs on F.silu(gate) * up or F.gelu(gate) * up."""
+    stacked projection allowed), act being F.silu or F.gelu.
+    Not the down GEMV that computes act(gate) * up itself (QuantLinear.forward_gated_silu / _gelu), nor
+    gated_*_quantize_q8_1 then forward_q8_1: measured on an H100 (bench/gated_mlp.py, bf16, Q4_K gate and
+    up, Q6_K down, CUDA graphs), neither was faster than this composition at 1-8 rows, and both were
+    slower in places: Llama 3 8B's MLP at 1 row 94 / 79 us against 78, Qwen3 0.6B's at 8 rows 33 / 33
+    against 28.5 (bench/NOTES.md, nineteenth session)."""
     _check_activation(activation)
     approximate = GATE_ACTIVATIONS[activation]
-    if gate.is_cuda and takes_q8_1(gate, down_proj):
-        gate, up = gate.contiguous(), up.contiguous()  # views of a stacked projection
-        if approximate is None:
-            return down_proj.forward_gated_silu(gate, up)
-        return down_proj.forward_gated_gelu(gate, up, approximate)
     return down_proj((F.silu(gate) if approximate is None else F.gelu(gate, approximate=approximate)) * up)
 
 
@@ -380,9 +376,8 @@ class TopKRouter(nn.Module):
 
 class QuantGatedMLP(nn.Module):
     """A gated MLP, down_proj(act(gate_proj(x)) * up_proj(x)), through gated_mlp (SwiGLU or GEGLU; on the
-    GEMV path one Q8_1 input for gate and up, and the down projection's activation fused into its
-    GEMV). The layers keep their names, so state_dict keys and peft's target_modules are those of the
-    transformers MLP it replaces (torchext.hf.from_gguf)."""
+    GEMV path one Q8_1 input for gate and up). The layers keep their names, so state_dict keys and peft's
+    target_modules are those of the transformers MLP it replaces (torchext.hf.from_gguf)."""
 
     def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, activation: str = "silu"):
         super().__init__()
