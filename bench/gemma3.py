@@ -86,13 +86,14 @@ def attribute_stream_time(kernels: list[tuple[float, float, str]]) -> list[tuple
     return out
 
 
-def kernel_split(step, n: int, start_pos: int) -> dict:
-    """Per-token CUDA kernel time (us) by kind, from torch.profiler over n decode steps: each kernel's
-    time on the stream's critical path (attribute_stream_time), and the launches per token."""
+def kernel_split(step, n: int, start_pos: int, batch: int = 1) -> dict:
+    """Per-token CUDA kernel time (us) by kind, from torch.profiler over n decode steps of `batch`
+    sequences: each kernel's time on the stream's critical path (attribute_stream_time), and the
+    launches per step ("per token": a step's)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    run = decode_loop(step, n, start_pos)
+    run = decode_loop(step, n, start_pos, batch)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()

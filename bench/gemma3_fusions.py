@@ -1,15 +1,18 @@
-"""Gemma 3 270M decode with each fused decode op against the two ops it replaces, in one process.
+"""Gemma 3 270M decode with each fused decode op against the ops it replaces, in one process.
 
-    python bench/gemma3_fusions.py [--tokens 128] [--start 0 512] [--rounds 1]
+    python bench/gemma3_fusions.py [--tokens 128] [--start 0 512] [--rounds 1] [--batch 1]
 
 The model's decode step calls cached_attention_quantize_q8_1 (the attention writes the output
-projection's Q8_1 input) and QuantLinear.forward_gated_gelu (gated_gelu_qmatmul: the down projection's
-GEMV quantizes gelu(gate) * up itself). Each variant puts one or both back to the unfused pair of ops
-(the same bytes, one launch more a layer each), compiles the decode step as bench/gemma3.py does
-(torch.compile, reduce-overhead: a CUDA graph) and times --tokens tokens from each start position,
-twice, and counts its kernels a token (36 more with both unfused). Variants run in turn in one
-process, --rounds times, so that they share the GPU's state; the printed spread is what separates them
-from noise. bf16 activations. Never asserts on a timing.
+projection's Q8_1 input) and QuantLinear.forward_gated_gelu (gated_gelu_qmatmul: at one row the down
+projection's GEMV quantizes gelu(gate) * up itself; from two rows, where the k-quants take the MMA
+GEMV, gated_gelu_quantize_q8_1 and the GEMV). Each variant puts one or both back to the unfused pair of
+ops (the same bytes, one launch more a layer each), or the MLP to its composition (torchext.gelu, the
+product, then the down layer: qmatmul's quantize_q8_1 and GEMV; the same bytes again), compiles the
+decode step as bench/gemma3.py does (torch.compile, reduce-overhead: a CUDA graph) and times --tokens
+steps of --batch sequences from each start position, twice, and counts its kernels a step (36 more
+with both unfused). Variants run in turn in one process, --rounds times, so that they share the GPU's
+state; the printed spread is what separates them from noise. bf16 activations. Never asserts on a
+timing.
 """
 
 from __future__ import annotations
@@ -45,8 +48,14 @@ def unfused_mlp(self, gate, up, approximate="tanh"):
     return self.forward_q8_1(ops.gated_gelu_quantize_q8_1(gate, up, approximate), gate.dtype)
 
 
+def composed_mlp(self, gate, up, approximate="tanh"):
+    """The down layer on torchext.gelu(gate) * up, as a model without the gated ops computes it."""
+    return self(ops.gelu(gate, approximate) * up)
+
+
 VARIANTS = {"fused": (FUSED_ATTENTION, FUSED_MLP), "attention unfused": (unfused_attention, FUSED_MLP),
-            "MLP unfused": (FUSED_ATTENTION, unfused_mlp), "both unfused": (unfused_attention, unfused_mlp)}
+            "MLP unfused": (FUSED_ATTENTION, unfused_mlp), "both unfused": (unfused_attention, unfused_mlp),
+            "MLP composed": (FUSED_ATTENTION, composed_mlp)}
 
 
 def use(variant: str) -> None:
@@ -59,14 +68,16 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=128, help="tokens a timed decode loop")
     ap.add_argument("--start", type=int, nargs="+", default=[0, 512], help="start positions of the loops")
     ap.add_argument("--rounds", type=int, default=1, help="passes over the variants")
+    ap.add_argument("--batch", type=int, default=1, help="sequences a decode step")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gemma3_fusions.py needs a CUDA GPU", file=sys.stderr)
         return 2
     max_len = max(args.start) + args.tokens + 8
-    model, _, _ = load_gemma3(gguf_path(), device="cuda", dtype=torch.bfloat16, max_seq_len=max_len)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; tok/s over {args.tokens} tokens, "
-          f"two loops from each start position {args.start}")
+    model, _, _ = load_gemma3(gguf_path(), device="cuda", dtype=torch.bfloat16, batch=args.batch,
+                              max_seq_len=max_len)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; tok/s (all {args.batch} sequences) over "
+          f"{args.tokens} steps, two loops from each start position {args.start}")
     results: dict[str, list[float]] = {}
     try:
         with torch.no_grad():
@@ -77,13 +88,14 @@ def main(argv=None) -> int:
                     step = torch.compile(decode_step(model), mode="reduce-overhead", fullgraph=True)
                     line = []
                     for start in args.start:
-                        run = decode_loop(step, args.tokens, start)
+                        run = decode_loop(step, args.tokens, start, args.batch)
                         run()
-                        tok_s = [args.tokens / timed(run) for _ in range(2)]
+                        tok_s = [args.batch * args.tokens / timed(run) for _ in range(2)]
                         results.setdefault(f"{variant} @{start}", []).extend(tok_s)
                         line.append(f"@{start}: " + " ".join(f"{t:.0f}" for t in tok_s))
-                    kernels = kernel_split(step, 8, args.start[0])["kernels_per_token"]  # the variant took effect
-                    print(f"{variant:18s} {kernels:5.0f} kernels/token   " + "   ".join(line), flush=True)
+                    # the kernels a step: that the variant took effect
+                    kernels = kernel_split(step, 8, args.start[0], args.batch)["kernels_per_token"]
+                    print(f"{variant:18s} {kernels:5.0f} kernels/step   " + "   ".join(line), flush=True)
                     del step, run
     finally:
         use("fused")
