@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import torchext
-from torchext.formats import QUANTIZABLE_TYPES
+from torchext.formats import QUANTIZABLE_TYPES, whole_blocks_error
 from torchext.cli import default_device
 from torchext.report import time_us
 
@@ -40,6 +40,8 @@ def main(argv=None) -> None:
             ap.error(f"--{name}: expected at least 1, got {getattr(args, name)}")
     if min(args.batches) < 1:
         ap.error(f"--batches: expected sizes of at least 1, got {args.batches}")
+    if (problem := whole_blocks_error(torchext.QType.of(args.format), args.k, "--k")) is not None:
+        ap.error(f"{problem}, got {args.k}")
     device = torch.device(default_device())  # the CPU also where the library was built without CUDA kernels
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 

@@ -330,6 +330,9 @@ def test_load_gguf_errors(gguf_file, tmp_path):
     with pytest.raises(KeyError, match=r"names: \['nope', 'blk.99'\] not in .*weights.gguf', which holds "
                                        rf"{len(written)} tensors: 'blk.0.q4_0.weight'"):
         WeightCache().load_gguf(path, names=["output.weight", "nope", "blk.99"])
+    with pytest.raises(TypeError, match=r"names: expected a list of tensor names, got the string 'output.weight' "
+                                        r"\(write \['output.weight'\]\)"):
+        WeightCache().load_gguf(path, names="output.weight")  # its characters were taken for names
     # a type gguf cannot dequantize (Q8_K, llama.cpp's intermediate format) is a clear error; names= skips it
     bad = tmp_path / "q8k.gguf"
     writer = GGUFWriter(str(bad), "torchext-test")
@@ -667,6 +670,7 @@ def test_stack_rows_of_individual_entries(stack_file, device):
                                                   r"not on a 16-byte boundary"),
     ({"norm": ["a.weight", "b.weight"]}, ValueError, r"norm: the name is taken by another weight"),
     ({"x": []}, ValueError, r"x: a group needs at least one member"),
+    ({"x": "a.weight"}, TypeError, r"x: expected a list of tensor names, got the string 'a.weight'"),
 ])
 def test_stack_rows_errors(stack_file, groups, error, match):
     cache = WeightCache.from_gguf(stack_file, pool=True)

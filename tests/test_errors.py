@@ -560,6 +560,26 @@ def test_wrappers_reject_unknown_format_names():
         torchext.qmatmul(w, "Q8_1", x, N, K)
 
 
+@pytest.mark.parametrize("bad", ["False", 1, None], ids=repr)
+def test_wrappers_take_exact_as_a_bool_and_eps_as_a_number(bad):
+    """bool("False") is True: a flag that is not a bool is a TypeError naming it (QuantLinear's, QuantExperts'
+    and TopKRouter's flags too), and eps must be a number (a string was float()'s message, naming nothing)."""
+    from torchext.nn import QuantLinear
+
+    w, x = weight(), acts()
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    name = type(bad).__name__
+    for call in (lambda: torchext.qmatmul(w, Q4_K, x, N, K, exact=bad),
+                 lambda: torchext.qmatmul_id(w.unsqueeze(0), Q4_K, x[:1], ids, N, K, exact=bad),
+                 lambda: QuantLinear(w, Q4_K, K, N, exact=bad)):
+        with pytest.raises(TypeError, match=f"^exact: expected a bool, got {name}$"):
+            call()
+    with pytest.raises(TypeError, match="^eps: expected a number, got str$"):
+        torchext.rms_norm_quantize_q8_1(x, torch.ones(K), "1e-6")
+    with pytest.raises(TypeError, match="^eps: expected a number, got NoneType$"):
+        torchext.add_rms_norm_quantize_q8_1(x, x, torch.ones(K), None)
+
+
 # ---- qmatmul_q8_1 -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)

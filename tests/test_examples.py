@@ -50,7 +50,10 @@ def test_every_example_is_run():
 
 @pytest.mark.parametrize("args, message", [(["--reps", "0"], "--reps: expected at least 1, got 0"),
                                            (["--batches", "1", "0"], "--batches: expected sizes of at least 1"),
-                                           (["--n", "-4"], "--n: expected at least 1, got -4")])
+                                           (["--n", "-4"], "--n: expected at least 1, got -4"),
+                                           (["--k", "100", "--format", "Q8_0"],
+                                            "--k: Q8_0 rows are whole 32-value blocks, so --k must be a multiple "
+                                            "of 32, got 100")])
 def test_bench_layer_refuses_sizes_it_cannot_time(args, message, tmp_path):
     result = run_script("bench_layer.py", args, tmp_path)  # --reps 0 once died taking the median of nothing
     assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]

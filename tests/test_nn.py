@@ -224,6 +224,42 @@ def test_extra_repr():
         "QuantLinear(in_features=96, out_features=8, bias=False, format=Q8_0, bytes=816)")
 
 
+def test_state_dict_assigned_weight_is_made_runnable():
+    """load_state_dict(assign=True) installs the state_dict's tensor as the buffer: one that is not
+    contiguous becomes contiguous, aligned rows (the kernels need them), with the same bytes."""
+    layer = QuantLinear(random_weight(QType.Q4_K, 64, 256, seed=3), "Q4_K", 256, 64)
+    sd = layer.state_dict()
+    sd["weight"] = sd["weight"].t().contiguous().t()  # the same bytes, column-major
+    fresh = QuantLinear(random_weight(QType.Q4_K, 64, 256, seed=4), "Q4_K", 256, 64)
+    fresh.load_state_dict(sd, assign=True)
+    assert fresh.weight.is_contiguous() and torch.equal(fresh.weight, layer.weight)
+    x = gaussian_activations((2, 256), seed=5)
+    assert torch.equal(fresh(x), layer(x))
+
+
+def test_a_view_into_a_pool_pickles_its_own_bytes():
+    """A layer over a view into a larger storage (WeightCache's pool: QuantLinear.from_cache) pickles,
+    saves and deep-copies its own bytes, not the whole pool behind the view."""
+    import copy
+    import pickle
+
+    q, n, k = QType.Q4_K, 8, 256
+    rb = torchext.row_bytes(q, k)
+    pool = torch.zeros(1 << 20, dtype=torch.uint8)
+    pool[: n * rb] = random_weight(q, n, k, seed=6).reshape(-1)
+    layer = QuantLinear(pool[: n * rb], q, k, n)
+    assert layer.weight.untyped_storage().nbytes() == pool.numel()  # a view, as from_cache's
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    copies = [pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer), torch.load(io.BytesIO(buf.getvalue()),
+                                                                                  weights_only=False)]
+    assert len(pickle.dumps(layer)) < 4 * n * rb and buf.tell() < 4 * n * rb + 4096
+    x = gaussian_activations((2, k), seed=7)
+    for other in copies:
+        assert other.weight.untyped_storage().nbytes() == n * rb and torch.equal(other(x), layer(x))
+    assert layer.weight.untyped_storage().nbytes() == pool.numel()  # the layer itself still views the pool
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_from_cache_shares_the_cached_bytes(device):
     cache = WeightCache()
@@ -450,6 +486,47 @@ def test_quantize_linears_tied_root_and_errors():
     assert isinstance(net.mlp[0], QuantLinear) and isinstance(net.mlp[2], nn.Linear)
     with pytest.raises(ValueError, match="qtype: unsupported weight format 'Q8_K'"):
         quantize_linears(net, "Q8_K")
+
+
+@pytest.mark.parametrize("fmt, bad, message", [
+    ("MXFP4", float("nan"), "w: row 3 holds NaN or infinite values"),
+    ("Q4_K", 3e38, "w: row 3 holds finite values up to .* beyond what Q4_K can represent"),
+])
+def test_quantize_linears_is_all_or_nothing(fmt, bad, message):
+    """A layer the quantizer refuses (a weight MXFP4 or a k-quant's fp16 scales cannot hold) is named in a
+    ValueError, and no layer before it has been replaced: all are quantized before any is swapped in."""
+    model = nn.Sequential(gaussian_linear(64, 64, seed=1), nn.ReLU(), gaussian_linear(64, 64, seed=2))
+    with torch.no_grad():
+        model[2].weight[3, 5] = bad
+    with pytest.raises(ValueError, match="^2: " + message):
+        quantize_linears(model, fmt)
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+    with pytest.raises(ValueError, match=message):  # from_linear's refusal is a ValueError too
+        QuantLinear.from_linear(model[2], fmt)
+
+
+def test_quantize_linears_refuses_linears_it_would_change():
+    """A subclass of nn.Linear with its own forward would lose it (a silently different output), and a
+    LazyLinear before its first forward has no weight: both are refused, naming the layer and the filter
+    that leaves them out. A subclass that keeps nn.Linear's forward is replaced."""
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class Initialised(nn.Linear):  # its own init, nn.Linear's forward
+        def reset_parameters(self):
+            nn.init.normal_(self.weight, std=0.02)
+            nn.init.zeros_(self.bias)
+
+    model = nn.Sequential(Initialised(64, 64), Doubled(64, 8))
+    with pytest.raises(ValueError, match="^1: Doubled has its own forward, which QuantLinear would not run; exclude "
+                                         "this layer with filter=..."):
+        quantize_linears(model, "Q8_0")
+    assert type(model[0]) is Initialised
+    quantize_linears(model, "Q8_0", filter=lambda name, m: not isinstance(m, Doubled))
+    assert type(model[0]) is QuantLinear and type(model[1]) is Doubled
+    with pytest.raises(ValueError, match="^LazyLinear: LazyLinear has no weight yet; run a forward first"):
+        quantize_linears(nn.LazyLinear(8), "Q8_0")
 
 
 # ---- torch.compile -------------------------------------------------------------------------------

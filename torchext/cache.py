@@ -44,6 +44,13 @@ class CacheEntry(NamedTuple):
         return self.qtype is not None
 
 
+def _name_list(names, arg: str) -> list[str]:
+    """names as a list; a single str is refused (its characters would be taken for names)."""
+    if isinstance(names, (str, bytes)):
+        raise TypeError(f"{arg}: expected a list of tensor names, got the string {names!r} (write [{names!r}])")
+    return list(names)
+
+
 class WeightCache:
     """Named weights: name -> CacheEntry(tensor, qtype, n, k).
 
@@ -147,7 +154,7 @@ class WeightCache:
         """
         todo = {}
         for group, members in groups.items():
-            members = list(members)
+            members = _name_list(members, group)
             if group in self and self._members_view(group, members):
                 continue
             if group in self or not members:
@@ -187,7 +194,7 @@ class WeightCache:
         one format and k, each starting on a 16-byte boundary of its run, none twice in a run (a run of
         one stays alone)."""
         runs: list[list[str]] = []
-        for name in names:
+        for name in _name_list(names, "names"):
             e, run = self.get(name), runs[-1] if runs else None
             lead = self.get(run[0]) if run else None
             if (run and name not in run and e.qtype is not None and (e.qtype, e.k) == (lead.qtype, lead.k)
@@ -400,7 +407,7 @@ class WeightCache:
             if names is None:
                 wanted = list(tensors)
             else:
-                wanted = list(dict.fromkeys(names))
+                wanted = list(dict.fromkeys(_name_list(names, "names")))
                 missing = [s for s in wanted if s not in tensors]
                 if missing:
                     known = ", ".join(repr(s) for s in list(tensors)[:5])

@@ -25,6 +25,7 @@ from torch import nn
 from .cache import WeightCache
 from .weights import as_weight_rows, check_weight_bytes, weight_format
 from .formats import WEIGHT_TYPES, block_values, row_bytes, whole_blocks_error
+from .ops import _flag
 from .ops import (gated_gelu_qmatmul, gated_silu_qmatmul, gemv_max_rows, qmatmul, qmatmul_id, qmatmul_q8_1, quantize,
                   quantize_q8_1)
 
@@ -50,7 +51,7 @@ class QuantLinear(nn.Module):
                  bias: Optional[torch.Tensor] = None, exact: bool = False) -> None:
         super().__init__()
         q = weight_format(qtype)
-        self.exact = bool(exact)
+        self.exact = _flag(exact, "exact")
         check_weight_bytes(weight, q, out_features, in_features, names=("weight", "out_features", "in_features"))
         self.qtype = q
         self.in_features = int(in_features)
@@ -99,7 +100,10 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{whole}, got {in_features}; use a k-quant (Q4_K, Q5_K, Q6_K) or leave this layer "
                              "in float")
         w = linear.weight.detach()
-        data = quantize(w.to("cpu", torch.float32).contiguous(), q).to(w.device)
+        try:
+            data = quantize(w.to("cpu", torch.float32).contiguous(), q).to(w.device)
+        except RuntimeError as e:  # the op's refusals (non-finite or too large weights, formats it cannot make)
+            raise ValueError(str(e)) from None
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(data, q, in_features, out_features, bias)
 
@@ -141,6 +145,12 @@ class QuantLinear(nn.Module):
         if problems:  # load_state_dict raises with these; nothing of this layer is overwritten
             error_msgs.extend(problems)
             return
+        if (local_metadata.get("assign_to_params_buffers", False) and isinstance(weight, torch.Tensor)
+                and weight.shape == self.weight.shape):
+            # assign=True installs the tensor itself: the kernels need its rows contiguous and aligned
+            rows = as_weight_rows(weight, self.qtype, self.out_features, self.in_features)
+            if rows is not weight:
+                state_dict = {**state_dict, prefix + "weight": rows}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -158,6 +168,15 @@ class QuantLinear(nn.Module):
                     f"(out_features={self.out_features}, in_features={self.in_features}); load it into a "
                     "QuantLinear of that format and shape")
         return None
+
+    def __getstate__(self) -> dict:
+        """pickle, torch.save of the module and copy.deepcopy: a weight that is a view into a larger
+        storage (WeightCache's pool) goes as a copy of its own bytes, not with the whole pool."""
+        state = dict(super().__getstate__())  # object's is the instance's own __dict__
+        w = self.weight
+        if w.device.type != "meta" and w.untyped_storage().nbytes() > w.numel():
+            state["_buffers"] = {**state["_buffers"], "weight": w.clone()}
+        return state
 
     def extra_repr(self) -> str:
         """Shape, bias, format and byte count, for print(module)."""
@@ -242,23 +261,37 @@ def quantize_linears(module: nn.Module, qtype,
 
     Skipped, as their owners read the weights directly: nn.MultiheadAttention's out_proj, and
     nn.TransformerEncoderLayer's linear1 and linear2 (its inference fast path passes them to one fused op).
+    A subclass of nn.Linear whose forward is its own is refused (QuantLinear would drop what it adds):
+    exclude it with filter=... . Hooks registered on a replaced layer do not carry over. Any error
+    (ValueError, naming the layer) leaves the module as it was.
     """
     q = weight_format(qtype)
-    if _replaceable(module) and (filter is None or filter("", module)):
-        return QuantLinear.from_linear(module, q)
     read_directly = {id(m) for layer in module.modules() if isinstance(layer, nn.TransformerEncoderLayer)
                      for m in (layer.linear1, layer.linear2)}
     # every (parent, attribute) holding a chosen layer; a layer held twice (tied) is quantized once
     targets = [(name, m) for name, m in module.named_modules(remove_duplicate=False)
                if _replaceable(m) and id(m) not in read_directly and (filter is None or filter(name, m))]
-    for name, m in targets:  # check them all before replacing any, so an error leaves the module as it was
+    for name, m in targets:  # check them all before replacing any
+        label = name or type(m).__name__
+        if isinstance(m.weight, nn.parameter.UninitializedParameter):
+            raise ValueError(f"{label}: {type(m).__name__} has no weight yet; run a forward first (or exclude it "
+                             "with filter=...)")
+        if type(m).forward is not nn.Linear.forward:
+            raise ValueError(f"{label}: {type(m).__name__} has its own forward, which QuantLinear would not run; "
+                             "exclude this layer with filter=...")
         if whole_blocks_error(q, m.in_features) is not None:
-            raise ValueError(f"{name}: in_features={m.in_features} is not a multiple of {block_values(q)}, which "
+            raise ValueError(f"{label}: in_features={m.in_features} is not a multiple of {block_values(q)}, which "
                              f"{q.name} needs; exclude this layer with filter=... or use a k-quant")
     done: dict[int, QuantLinear] = {}
-    for name, m in targets:
+    for name, m in targets:  # quantize them all before replacing any
         if id(m) not in done:
-            done[id(m)] = QuantLinear.from_linear(m, q)
+            try:
+                done[id(m)] = QuantLinear.from_linear(m, q)
+            except ValueError as e:
+                raise ValueError(f"{name or type(m).__name__}: {e}") from None
+    if targets and targets[0][0] == "":  # module is itself the layer
+        return done[id(module)]
+    for name, m in targets:
         parent_name, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent_name), child, done[id(m)])
     return module
@@ -300,7 +333,7 @@ class QuantExperts(nn.Module):
         super().__init__()
         self.qtypes = tuple(weight_format(q) for q in _expert_formats(qtypes))
         self.num_experts, self.hidden_size = int(num_experts), int(hidden_size)
-        self.intermediate_size, self.exact = int(intermediate_size), bool(exact)
+        self.intermediate_size, self.exact = int(intermediate_size), _flag(exact, "exact")
         shapes = {"gate_proj": (self.intermediate_size, self.hidden_size),
                   "up_proj": (self.intermediate_size, self.hidden_size),
                   "down_proj": (self.hidden_size, self.intermediate_size)}
@@ -356,7 +389,7 @@ class TopKRouter(nn.Module):
         self.num_experts, self.hidden_size = proj.out_features, proj.in_features
         if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 0 < top_k <= self.num_experts:
             raise ValueError(f"top_k: expected a whole number from 1 to num_experts={self.num_experts}, got {top_k!r}")
-        self.top_k, self.norm_topk_prob = int(top_k), bool(norm_topk_prob)
+        self.top_k, self.norm_topk_prob = int(top_k), _flag(norm_topk_prob, "norm_topk_prob")
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = hidden_states.reshape(-1, self.hidden_size)

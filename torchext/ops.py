@@ -12,6 +12,7 @@ against the real op on every dtype; tests/test_fakes.py checks that both reject 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch.autograd.graph import increment_version
@@ -184,6 +185,20 @@ def _check_norm_weight(weight: torch.Tensor, arg: str, x: torch.Tensor) -> None:
     _check_same_device(x, "x", weight, arg)
 
 
+def _flag(value, arg: str) -> bool:
+    """A bool argument as it is (TypeError for anything else: bool("False") would be True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{arg}: expected a bool, got {type(value).__name__}")
+    return value
+
+
+def _number(value, arg: str) -> float:
+    """A float argument: a real number (TypeError for anything else, such as a string)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{arg}: expected a number, got {type(value).__name__}")
+    return float(value)
+
+
 def _check_eps(eps: float) -> None:
     torch._check(0.0 <= eps <= _FLOAT32_MAX, lambda: "eps: expected a number >= 0 that float32 holds")
 
@@ -224,7 +239,7 @@ def rms_norm_quantize_q8_1(x: torch.Tensor, weight: torch.Tensor, eps: float) ->
     A model's RMSNorm that sums in another order (torch's mean) agrees up to that sum's float32
     rounding. Where xf**2 overflows float32 (|x| above ~1.8e19) the row normalises to zeros, as
     that formula gives it. Returns uint8 [..., ceil(K/256)*8*36], the layout of quantize_q8_1."""
-    return _ops.rms_norm_quantize_q8_1(x, weight, float(eps))
+    return _ops.rms_norm_quantize_q8_1(x, weight, _number(eps, "eps"))
 
 
 @_register_fake("torchext::rms_norm_quantize_q8_1")
@@ -249,7 +264,7 @@ def add_rms_norm_quantize_q8_1(x: torch.Tensor, residual: torch.Tensor, weight: 
     `h = h + attn(...)` followed by the MLP's input norm. x and residual: [..., K] of one float dtype
     and shape; weight and x_weight: [K], float32 or x's dtype. Returns s (a new tensor like x) and
     uint8 [..., ceil(K/256)*8*36], the layout of quantize_q8_1."""
-    return _call(_ops.add_rms_norm_quantize_q8_1, x, residual, weight, float(eps), x_weight)
+    return _call(_ops.add_rms_norm_quantize_q8_1, x, residual, weight, _number(eps, "eps"), x_weight)
 
 
 @_register_fake("torchext::add_rms_norm_quantize_q8_1")
@@ -340,7 +355,7 @@ def qmatmul(w: torch.Tensor, qtype, x: torch.Tensor, n: int, k: int, exact: bool
     rounded to x's dtype; the same activations).
     exact=True takes exact weights and unrounded activations at any row count: the tiled GEMM
     multiplying each weight exactly as dequantize() gives it (fp16/bf16 on CUDA), or the dense GEMM."""
-    return _call(_ops.qmatmul, w, int(QType.of(qtype)), x, n, k, bool(exact))
+    return _call(_ops.qmatmul, w, int(QType.of(qtype)), x, n, k, _flag(exact, "exact"))
 
 
 def q4k_gemv(w: torch.Tensor, x: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -442,7 +457,7 @@ def qmatmul_id(w: torch.Tensor, qtype, x: torch.Tensor, ids: torch.Tensor, n: in
     grouped tiled GEMM over the routed rows on CUDA (fp16/bf16, sm_80+; bf16 weights computed in
     bf16 as qmatmul's unless exact=True) or a dense GEMM per expert.
     An id outside [0, E) raises on the CPU and gives a NaN output row on CUDA."""
-    return _call(_ops.qmatmul_id, w, int(QType.of(qtype)), x, ids, n, k, bool(exact))
+    return _call(_ops.qmatmul_id, w, int(QType.of(qtype)), x, ids, n, k, _flag(exact, "exact"))
 
 
 #: The most experts one qmatmul_id weight may hold (kernels/expert_slots.h, kMaxExperts).
