@@ -25,9 +25,8 @@ from torch import nn
 from .cache import WeightCache
 from .weights import as_weight_rows, check_weight_bytes, weight_format
 from .formats import WEIGHT_TYPES, block_values, row_bytes, whole_blocks_error
-from .ops import _flag
-from .ops import (gated_gelu_qmatmul, gated_silu_qmatmul, gemv_max_rows, qmatmul, qmatmul_id, qmatmul_q8_1, quantize,
-                  quantize_q8_1)
+from .ops import (_flag, gated_gelu_qmatmul, gated_silu_qmatmul, gemv_max_rows, qmatmul, qmatmul_id, qmatmul_q8_1,
+                  quantize, quantize_q8_1)
 
 _EXTRA_STATE = "_extra_state"  # the state_dict key of what get_extra_state returns
 
