@@ -210,6 +210,25 @@ def test_errors_name_the_problem(flux_gguf, tmp_path):
         save_gguf(tiny_flux(), tmp_path / "x.gguf", lambda name, layer: "IQ4_NL" if name == "proj_out" else None)
 
 
+def test_a_layer_held_under_two_names_is_converted_under_both():
+    """One GGUFLinear held twice (a shared projection): both names were diffusers' layer after the first
+    was converted, the second left on diffusers' path and out of the report. Both now hold one
+    GGUFQuantLinear, as quantize_linears keeps a tied layer tied."""
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    data, bias = torchext.quantize(torch.randn(8, 64), QType.Q8_0), torch.randn(8)
+    layer = GGUFLinear(64, 8, bias=True, compute_dtype=torch.float32, device="meta")
+    layer.weight = GGUFParameter(data, quant_type=gguf.GGMLQuantizationType.Q8_0)
+    layer.bias = torch.nn.Parameter(bias, requires_grad=False)
+    model = torch.nn.Module()
+    model.a = model.b = layer
+    report = convert_gguf_linears(model)
+    assert report.converted == {"a": "Q8_0", "b": "Q8_0"} and report.kept == {}
+    assert isinstance(model.a, GGUFQuantLinear) and model.a is model.b
+    x = torch.randn(3, 64)
+    assert torch.equal(model.a(x), GGUFQuantLinear(data, QType.Q8_0, 64, 8, bias, torch.float32)(x))  # the same bytes
+
+
 def file_types(path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
 

@@ -242,6 +242,12 @@ def test_other_errors():
             ColumnParallelQuantLinear.from_quant_linear(layer)
     with pytest.raises(ValueError, match="expected 0 <= rank < world_size, got rank=2, world_size=2"):
         RowParallelQuantLinear.from_quant_linear(layer, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="^rank: expected a whole number, got True$"):  # was taken as rank 1
+        RowParallelQuantLinear.from_quant_linear(layer, rank=True, world_size=2)
+    with pytest.raises(ValueError, match="^world_size: expected a whole number, got 2.0$"):
+        RowParallelQuantLinear.from_quant_linear(layer, rank=0, world_size=2.0)
+    shard = RowParallelQuantLinear.from_quant_linear(layer, rank=np.int64(1), world_size=np.int64(2))  # was refused
+    assert (shard.rank, shard.world_size) == (1, 2) and type(shard.rank) is int
     with pytest.raises(ValueError, match="out_features=8 is fewer than world_size=9"):
         ColumnParallelQuantLinear.from_quant_linear(layer, rank=0, world_size=9)
     row = RowParallelQuantLinear.from_quant_linear(layer, rank=0, world_size=2)

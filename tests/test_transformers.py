@@ -568,6 +568,23 @@ def test_unsupported_architecture(tmp_path):
         hf.from_gguf(path)
 
 
+def test_model_class_may_be_a_model_class(llama_file):
+    """model_class= takes a model class as the docstring says (it has _from_config, not from_config: it was an
+    AttributeError), giving the Auto class's model; one of another architecture is a ValueError naming both."""
+    ids = prompt(6)
+    auto = hf.from_gguf(llama_file)
+    for cls in (transformers.LlamaForCausalLM, transformers.AutoModelForCausalLM):
+        model = hf.from_gguf(llama_file, model_class=cls)
+        assert type(model) is transformers.LlamaForCausalLM
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, auto(ids).logits)
+    base = hf.from_gguf(llama_file, model_class=transformers.LlamaModel)
+    assert type(base) is transformers.LlamaModel
+    with pytest.raises(ValueError, match=r"llama.gguf: Qwen2ForCausalLM takes a Qwen2Config; this file's architecture "
+                                         r"'llama' gives a LlamaConfig"):
+        hf.from_gguf(llama_file, model_class=transformers.Qwen2ForCausalLM)
+
+
 def rewrite_llama_file(src, dst, tensor) -> None:
     """A copy of the llama GGUF file src at dst, its name and llama.* metadata kept, each tensor t
     as tensor(t) gives it: (array, raw gguf type), or None to leave it out."""
@@ -642,10 +659,38 @@ def test_save_pretrained_is_refused_saying_what_works(llama_file, tmp_path):
         assert torch.equal(again(ids).logits, model(ids).logits)
 
 
+def test_quant_embedding_state_dict_is_checked_as_quant_linears():
+    """The table's bytes mean nothing without their format: Q4_0 and Q4_K rows of 256 values are both 144
+    bytes, and a Q4_0 table loaded into a Q4_K embedding gave values near 2e6 without an error; a float
+    table was cast to bytes. Both are refused, naming the layer's format and shape, and nothing of the
+    module is overwritten; assign=True makes a non-contiguous table contiguous rows."""
+    table = torch.randn(8, 256)
+    q4_k = hf.QuantEmbedding(torchext.quantize(table, QType.Q4_K), QType.Q4_K, 8, 256)
+    q4_0 = hf.QuantEmbedding(torchext.quantize(table, QType.Q4_0), QType.Q4_0, 8, 256)
+    assert q4_k.weight.shape == q4_0.weight.shape
+    before = q4_k.weight.clone()
+    with pytest.raises(RuntimeError, match=r"weight: the state_dict holds Q4_0 bytes \(num_embeddings=8, "
+                                           r"embedding_dim=256\), this layer is Q4_K .* load it into a "
+                                           r"QuantEmbedding of that format and shape"):
+        q4_k.load_state_dict(q4_0.state_dict())
+    sd = q4_k.state_dict()
+    sd["weight"] = sd["weight"].float()
+    with pytest.raises(RuntimeError, match=r"weight: expected raw Q4_K bytes as a uint8 tensor, got torch.float32; "
+                                           r"quantize float weights first \(torchext.quantize\)"):
+        q4_k.load_state_dict(sd)
+    assert torch.equal(q4_k.weight, before)
+    sd = q4_k.state_dict()
+    sd["weight"] = sd["weight"].t().contiguous().t()
+    fresh = hf.QuantEmbedding(torch.zeros_like(before), QType.Q4_K, 8, 256)
+    fresh.load_state_dict(sd, assign=True)
+    ids = torch.tensor([[0, 5, 7]])
+    assert fresh.weight.is_contiguous() and torch.equal(fresh(ids), q4_k(ids))
+
+
 def test_quant_embedding_follows_dtype_conversions(llama_file):
     """Like nn.Embedding, the output dtype follows .to(dtype), .half(), .float(): it was a plain
     attribute, so from_gguf(...).to(torch.bfloat16) ran its residual stream in float32. The state_dict
-    keeps the table's bytes alone."""
+    keeps the table's bytes and their format and shape, not the dtype."""
     emb = hf.QuantEmbedding(torchext.quantize(torch.randn(16, 64), QType.Q8_0), QType.Q8_0, 16, 64)
     ids = torch.tensor([[1, 2, 3]])
     want = emb(ids)
@@ -653,7 +698,7 @@ def test_quant_embedding_follows_dtype_conversions(llama_file):
                            (lambda m: m.float(), torch.float32)]:
         assert convert(emb) is emb and emb.dtype == dtype
         assert torch.equal(emb(ids), want.to(dtype))  # the float32 rows, rounded once to dtype
-    assert list(emb.state_dict()) == ["weight"]
+    assert list(emb.state_dict()) == ["weight", "_extra_state"]
     # a module pickled when the dtype was a plain attribute (its __dict__ then) loads as one of today's
     old = hf.QuantEmbedding.__new__(hf.QuantEmbedding)
     state = {k: v for k, v in emb.__dict__.items()}

@@ -111,7 +111,8 @@ def convert_gguf_linears(model: nn.Module, exact: bool = False) -> GGUFLinearCon
     if isinstance(model, GGUFLinear):
         raise ValueError("model is a single GGUFLinear: pass the module that holds it, which the layer is replaced in")
 
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, GGUFLinear)]
+    # every name a layer is held under (one module may be held twice): all of them are replaced, by one layer
+    layers = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, GGUFLinear)]
     if not layers:
         already = sum(isinstance(m, GGUFQuantLinear) for m in model.modules())
         raise ValueError(
@@ -125,16 +126,20 @@ def convert_gguf_linears(model: nn.Module, exact: bool = False) -> GGUFLinearCon
                          "model before enable_sequential_cpu_offload or device_map dispatch")
     supported = {int(q) for q in WEIGHT_TYPES}
     report = GGUFLinearConversion(converted={}, kept={})
+    done: dict[int, GGUFQuantLinear] = {}
     for name, layer in layers:
         quant_type = gguf.GGMLQuantizationType(int(layer.weight.quant_type))
         if quant_type.value not in supported:
             report.kept[name] = quant_type.name
             continue
-        bias = layer.bias
-        new = GGUFQuantLinear(layer.weight.as_tensor().detach(), QType(quant_type.value), layer.in_features,
-                              layer.out_features, None if bias is None else bias.detach(), layer.compute_dtype, exact)
-        if bias is not None:
-            new.bias.requires_grad_(bias.requires_grad)
+        if id(layer) not in done:
+            bias = layer.bias
+            done[id(layer)] = GGUFQuantLinear(layer.weight.as_tensor().detach(), QType(quant_type.value),
+                                              layer.in_features, layer.out_features,
+                                              None if bias is None else bias.detach(), layer.compute_dtype, exact)
+            if bias is not None:
+                done[id(layer)].bias.requires_grad_(bias.requires_grad)
+        new = done[id(layer)]
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
         report.converted[name] = quant_type.name

@@ -91,12 +91,12 @@ from . import ops
 from .formats import QType
 from .gguf_file import GGUFFile, GGUFTensor, tensor_from_bytes
 from .weights import WEIGHT_IDS, as_weight_rows, check_weight_bytes, weight_format
-from .nn import QuantGatedMLP, QuantLinear, QuantStackedGatedMLP
+from .nn import PackedWeightState, QuantGatedMLP, QuantLinear, QuantStackedGatedMLP
 
 logger = logging.getLogger(__name__)
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(PackedWeightState, nn.Module):
     """A token embedding whose table stays in a torchext weight format: forward(ids) gathers the
     rows with torchext.embedding, dense in `dtype`, times `embed_scale` when given (Gemma 3's
     scaled embedding, rounded to `dtype` as transformers rounds it).
@@ -111,6 +111,8 @@ class QuantEmbedding(nn.Module):
     """
 
     weight: torch.Tensor
+    _SHAPE = ("num_embeddings", "embedding_dim")  # its state_dict: PackedWeightState's, as QuantLinear's
+    _QUANTIZE_HINT = "torchext.quantize"
 
     def __init__(self, weight: torch.Tensor, qtype, num_embeddings: int, embedding_dim: int,
                  padding_idx: Optional[int] = None, embed_scale: Optional[torch.Tensor] = None,
@@ -195,9 +197,17 @@ def from_gguf(path_or_dir: str | os.PathLike, gguf_file: Optional[str] = None, *
         architecture = _architecture(path, g)
         config = _config(path, g, architecture, config_kwargs)
         model_class = transformers.AutoModelForCausalLM if model_class is None else model_class
+        if hasattr(model_class, "from_config"):  # an Auto class
+            build = model_class.from_config
+        else:  # a model class: _from_config, which an Auto class's from_config calls
+            config_class = getattr(model_class, "config_class", None)
+            if config_class is not None and not isinstance(config, config_class):
+                raise ValueError(f"{path}: {model_class.__name__} takes a {config_class.__name__}; this file's "
+                                 f"architecture {architecture!r} gives a {type(config).__name__}")
+            build = model_class._from_config
         with _linear_and_embedding_weights_on_meta(config.model_type):
             try:
-                model = model_class.from_config(config, dtype=dtype)
+                model = build(config, dtype=dtype)
             except ValueError as e:
                 raise ValueError(f"{path}: {getattr(model_class, '__name__', model_class)} has no model for this "
                                  f"file's architecture {architecture!r} (model_type {config.model_type!r}): {e}") from e

@@ -31,7 +31,80 @@ from .ops import (_flag, gated_gelu_qmatmul, gated_silu_qmatmul, gemv_max_rows, 
 _EXTRA_STATE = "_extra_state"  # the state_dict key of what get_extra_state returns
 
 
-class QuantLinear(nn.Module):
+class PackedWeightState:
+    """The state_dict, pickling and copying of a module whose `weight` buffer holds a weight format's
+    raw bytes (QuantLinear, torchext.hf.QuantEmbedding): `qtype`, and the rows and row length under the
+    names in _SHAPE.
+
+    The bytes mean nothing without their format and shape: Q4_0 and Q4_K rows of 256 values are both
+    144 bytes, and a k-quant row of 255 values is one of 256. So the state_dict carries the format and
+    shape beside the weight, and loading refuses a state_dict of another layout (or non-uint8 weights,
+    which copy_ would cast), leaving the module as it was. A module over a view into a larger storage
+    (WeightCache's pool) pickles and deep-copies its own bytes, not the whole pool behind the view.
+    """
+
+    _SHAPE: tuple[str, str]  # the attributes holding the rows and the row length
+    _QUANTIZE_HINT: str      # what makes the bytes from float weights, for the error on float weights
+
+    def get_extra_state(self) -> dict:
+        """The format and shape, saved in the state_dict beside the weight's bytes."""
+        rows, length = self._SHAPE
+        return {"format": self.qtype.name, rows: getattr(self, rows), length: getattr(self, length)}
+
+    def set_extra_state(self, state) -> None:
+        """Check a loaded state's format and shape against this module's (ValueError if they differ)."""
+        problem = self._layout_problem(state, prefix="")
+        if problem is not None:
+            raise ValueError(problem)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        problems = []
+        if prefix + _EXTRA_STATE in state_dict:
+            layout = self._layout_problem(state_dict[prefix + _EXTRA_STATE], prefix)
+            if layout is not None:
+                problems.append(layout)
+        weight = state_dict.get(prefix + "weight")
+        if isinstance(weight, torch.Tensor) and weight.dtype != torch.uint8:
+            problems.append(f"{prefix}weight: expected raw {self.qtype.name} bytes as a uint8 tensor, got "
+                            f"{weight.dtype}; quantize float weights first ({self._QUANTIZE_HINT})")
+        if problems:  # load_state_dict raises with these; nothing of this module is overwritten
+            error_msgs.extend(problems)
+            return
+        if (local_metadata.get("assign_to_params_buffers", False) and isinstance(weight, torch.Tensor)
+                and weight.shape == self.weight.shape):
+            # assign=True installs the tensor itself: the kernels need its rows contiguous and aligned
+            rows = as_weight_rows(weight, self.qtype, *(getattr(self, a) for a in self._SHAPE))
+            if rows is not weight:
+                state_dict = {**state_dict, prefix + "weight": rows}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _layout_problem(self, state, prefix: str) -> Optional[str]:
+        """Why `state` (a get_extra_state result) does not describe this module, or None."""
+        rows, length = self._SHAPE
+        readable = (isinstance(state, dict) and set(state) == {"format", rows, length}
+                    and state["format"] in {q.name for q in WEIGHT_TYPES}
+                    and all(type(state[key]) is int for key in (rows, length)))
+        name = type(self).__name__
+        if not readable:
+            return f"{prefix}{_EXTRA_STATE}: expected {{'format', '{rows}', '{length}'}} of a {name}, got {state!r}"
+        if state != self.get_extra_state():
+            return (f"{prefix}weight: the state_dict holds {state['format']} bytes ({rows}={state[rows]}, "
+                    f"{length}={state[length]}), this layer is {self.qtype.name} ({rows}={getattr(self, rows)}, "
+                    f"{length}={getattr(self, length)}); load it into a {name} of that format and shape")
+        return None
+
+    def __getstate__(self) -> dict:
+        """pickle, torch.save of the module, copy.deepcopy: a pool view's own bytes."""
+        state = dict(super().__getstate__())  # object's is the instance's own __dict__
+        w = self.weight
+        if w.device.type != "meta" and w.untyped_storage().nbytes() > w.numel():
+            state["_buffers"] = {**state["_buffers"], "weight": w.clone()}
+        return state
+
+
+class QuantLinear(PackedWeightState, nn.Module):
     """y = x @ W.T + bias with W kept as raw bytes of a torchext weight format.
 
     Args: weight (uint8 bytes of out_features rows of in_features values, any shape with
@@ -45,6 +118,8 @@ class QuantLinear(nn.Module):
     """
 
     weight: torch.Tensor
+    _SHAPE = ("out_features", "in_features")
+    _QUANTIZE_HINT = "QuantLinear.from_linear"
 
     def __init__(self, weight: torch.Tensor, qtype, in_features: int, out_features: int,
                  bias: Optional[torch.Tensor] = None, exact: bool = False) -> None:
@@ -114,68 +189,6 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{name}: a dense weight ({w.dtype}, shape {list(w.shape)}); QuantLinear needs a "
                              "quantized one, use nn.Linear for this layer")
         return cls(w, q, k, n, bias)
-
-    # ---- state_dict: the bytes mean nothing without their format and shape ---------------------
-    # Q4_0 and Q4_K rows of 256 values are both 144 bytes, and a k-quant row of 255 values is one of
-    # 256: the state_dict carries format, out_features and in_features beside the weight, and
-    # loading refuses a state_dict of another layout (or non-uint8 weights, which copy_ would cast).
-
-    def get_extra_state(self) -> dict:
-        """The format and shape, saved in the state_dict beside the weight's bytes."""
-        return {"format": self.qtype.name, "out_features": self.out_features, "in_features": self.in_features}
-
-    def set_extra_state(self, state) -> None:
-        """Check a loaded state's format and shape against this layer's (ValueError if they differ)."""
-        problem = self._layout_problem(state, prefix="")
-        if problem is not None:
-            raise ValueError(problem)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        problems = []
-        if prefix + _EXTRA_STATE in state_dict:
-            layout = self._layout_problem(state_dict[prefix + _EXTRA_STATE], prefix)
-            if layout is not None:
-                problems.append(layout)
-        weight = state_dict.get(prefix + "weight")
-        if isinstance(weight, torch.Tensor) and weight.dtype != torch.uint8:
-            problems.append(f"{prefix}weight: expected raw {self.qtype.name} bytes as a uint8 tensor, got "
-                            f"{weight.dtype}; quantize float weights first (QuantLinear.from_linear)")
-        if problems:  # load_state_dict raises with these; nothing of this layer is overwritten
-            error_msgs.extend(problems)
-            return
-        if (local_metadata.get("assign_to_params_buffers", False) and isinstance(weight, torch.Tensor)
-                and weight.shape == self.weight.shape):
-            # assign=True installs the tensor itself: the kernels need its rows contiguous and aligned
-            rows = as_weight_rows(weight, self.qtype, self.out_features, self.in_features)
-            if rows is not weight:
-                state_dict = {**state_dict, prefix + "weight": rows}
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
-    def _layout_problem(self, state, prefix: str) -> Optional[str]:
-        """Why `state` (a get_extra_state result) does not describe this layer, or None."""
-        readable = (isinstance(state, dict) and set(state) == {"format", "out_features", "in_features"}
-                    and state["format"] in {q.name for q in WEIGHT_TYPES}
-                    and all(type(state[key]) is int for key in ("out_features", "in_features")))
-        if not readable:
-            return (f"{prefix}{_EXTRA_STATE}: expected {{'format', 'out_features', 'in_features'}} of a "
-                    f"QuantLinear, got {state!r}")
-        if state != self.get_extra_state():
-            return (f"{prefix}weight: the state_dict holds {state['format']} bytes (out_features="
-                    f"{state['out_features']}, in_features={state['in_features']}), this layer is {self.qtype.name} "
-                    f"(out_features={self.out_features}, in_features={self.in_features}); load it into a "
-                    "QuantLinear of that format and shape")
-        return None
-
-    def __getstate__(self) -> dict:
-        """pickle, torch.save of the module and copy.deepcopy: a weight that is a view into a larger
-        storage (WeightCache's pool) goes as a copy of its own bytes, not with the whole pool."""
-        state = dict(super().__getstate__())  # object's is the instance's own __dict__
-        w = self.weight
-        if w.device.type != "meta" and w.untyped_storage().nbytes() > w.numel():
-            state["_buffers"] = {**state["_buffers"], "weight": w.clone()}
-        return state
 
     def extra_repr(self) -> str:
         """Shape, bias, format and byte count, for print(module)."""

@@ -26,6 +26,7 @@ torch.distributed's in-place ones: inference only, no gradient flows through the
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Optional
 
@@ -50,9 +51,13 @@ def _rank_world(rank: Optional[int], world_size: Optional[int], group) -> tuple[
                              "init_process_group first or pass rank= and world_size=")
         rank = dist.get_rank(group) if rank is None else rank
         world_size = dist.get_world_size(group) if world_size is None else world_size
-    if not (isinstance(world_size, int) and world_size > 0 and isinstance(rank, int) and 0 <= rank < world_size):
-        raise ValueError(f"rank and world_size: expected 0 <= rank < world_size, got rank={rank!r}, "
-                         f"world_size={world_size!r}")
+    for name, value in (("rank", rank), ("world_size", world_size)):  # numpy's integers too; not bools
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name}: expected a whole number, got {value!r}")
+    rank, world_size = int(rank), int(world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank and world_size: expected 0 <= rank < world_size, got rank={rank}, "
+                         f"world_size={world_size}")
     return rank, world_size
 
 
