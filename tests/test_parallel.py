@@ -262,6 +262,26 @@ def test_other_errors():
     assert torch.equal(shard.local.weight, layer.weight[4:]) and torch.equal(shard.local.bias, layer.bias[4:])
 
 
+def test_a_shard_for_another_world_size_is_refused_at_its_collective(tmp_path):
+    """Rank and world size passed explicitly build a shard without a process group; run under a group of
+    another size, its all_reduce / all_gather would sum or gather the wrong parts (or wait for ranks
+    that do not exist): a ValueError naming both sizes instead."""
+    layer = QuantLinear.from_linear(gaussian_linear(64, 8), QType.Q8_0)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        row = RowParallelQuantLinear.from_quant_linear(layer, rank=0, world_size=2)
+        col = ColumnParallelQuantLinear.from_quant_linear(layer, rank=0, world_size=2, gather_output=True)
+        for call in (lambda: row(torch.zeros(1, 32)), lambda: col(torch.zeros(1, 64))):
+            with pytest.raises(ValueError, match="^world_size: this shard was built for world_size=2, but its "
+                                                 "process group has 1 ranks$"):
+                call()
+        whole = ColumnParallelQuantLinear.from_quant_linear(layer, gather_output=True)  # the group's own size
+        x = gaussian_activations((2, 64), seed=1)
+        assert torch.equal(whole(x), layer(x))
+    finally:
+        dist.destroy_process_group()
+
+
 # ---- (f) exact layers, the reader, the bias of from_gguf: in one process ------------------------
 
 def write_gguf(path, name: str, layer: QuantLinear) -> None:

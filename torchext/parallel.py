@@ -61,6 +61,14 @@ def _rank_world(rank: Optional[int], world_size: Optional[int], group) -> tuple[
     return rank, world_size
 
 
+def _check_group(world_size: int, group) -> None:
+    """Before a collective: a shard built for another world size than its process group's would gather or
+    sum the wrong parts (or wait for ranks that do not exist)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) != world_size:
+        raise ValueError(f"world_size: this shard was built for world_size={world_size}, but its process group has "
+                         f"{dist.get_world_size(group)} ranks")
+
+
 def row_split(out_features: int, rank: int, world_size: int) -> tuple[int, int]:
     """(start, stop) of rank's output rows: as even as possible, the first out % world ranks
     taking one more."""
@@ -158,6 +166,7 @@ class ColumnParallelQuantLinear(nn.Module):
         width = -(-self.out_features // self.world_size)
         y = F.pad(y, (0, width - y.shape[-1])).contiguous()
         parts = [torch.empty_like(y) for _ in range(self.world_size)]
+        _check_group(self.world_size, self.group)
         dist.all_gather(parts, y, group=self.group)
         sizes = [b - a for a, b in (row_split(self.out_features, r, self.world_size) for r in range(self.world_size))]
         return torch.cat([p[..., :s] for p, s in zip(parts, sizes)], dim=-1)
@@ -237,6 +246,7 @@ class RowParallelQuantLinear(nn.Module):
             x = x[..., self.start:self.stop]
         y = self.local(x)
         if self.world_size > 1:
+            _check_group(self.world_size, self.group)
             dist.all_reduce(y, group=self.group)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
