@@ -537,8 +537,7 @@ def _gate_activation(act) -> Optional[str]:
 def _fuse_gated_mlps(model: nn.Module) -> None:
     """Each MLP whose forward is _gated_mlp_formula (the same bytecode: a subclass that changes it keeps its
     own), whose act_fn gated_mlp has and whose down_proj is a QuantLinear becomes a QuantGatedMLP over the
-    same layers: on the GEMV path gate and up then share one quantize_q8_1, and, on CUDA, the activation,
-    the product and the down projection's input quantization run inside its GEMV. One whose forward is
+    same layers: on the GEMV path gate and up then share one quantize_q8_1 (gated_mlp). One whose forward is
     _stacked_gated_mlp_formula (Phi-3's gate_up_proj) becomes a QuantStackedGatedMLP."""
     def same_code(f, g) -> bool:
         return f is not None and (f.co_code, f.co_names) == (g.co_code, g.co_names)
