@@ -8,6 +8,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <cstdio>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -24,14 +25,21 @@ namespace torchext {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-// One part of an error message. Numbers go through std::to_string (printf), not iostreams: an
-// ostream needs libstdc++'s locale, which a copy of libstdc++ linked statically into this library
-// (seen with GCC 13 on Ubuntu 24.04) never initialises, so `stream << n` segfaulted there.
+// One part of an error message. Numbers go through printf (std::to_string, snprintf), not iostreams:
+// an ostream needs libstdc++'s locale, which a copy of libstdc++ linked statically into this library
+// (seen with GCC 13 on Ubuntu 24.04) never initialises, so `stream << n` segfaulted there. Floating
+// point as %g, as Python writes them (-1e+39, not to_string's 40 digits).
 inline void append_part(std::string& s, const char* part) { s += part; }
 inline void append_part(std::string& s, const std::string& part) { s += part; }
 template <class T, std::enable_if_t<std::is_arithmetic_v<T>, int> = 0>
 void append_part(std::string& s, T part) {
-  s += std::to_string(part);
+  if constexpr (std::is_floating_point_v<T>) {
+    char text[32];
+    std::snprintf(text, sizeof text, "%g", double(part));
+    s += text;
+  } else {
+    s += std::to_string(part);
+  }
 }
 
 // Raises RuntimeError with exactly the message given: it starts with the argument's name

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -437,7 +438,9 @@ struct Ops {
                     dtype_name(pos.scalar_type()), " ", shape_string(pos));
     TORCHEXT_CHECK(window >= 0, "window: expected 0 (every earlier key) or a positive number of positions, got ",
                     window);
-    TORCHEXT_CHECK(std::isfinite(scale), "scale: expected a finite number, got ", scale);
+    // the kernels compute in float: a larger double would become inf there, and the scores NaN
+    TORCHEXT_CHECK(std::isfinite(scale) && std::abs(scale) <= std::numeric_limits<float>::max(),
+                   "scale: expected a finite number within float32's range, got ", scale);
     // 16-byte loads of 8 values (the CUDA kernels); any tensor torch allocates is aligned.
     check_alignment(q, 16, "q", "rows are read 16 bytes at a time");
     check_alignment(k_cache, 16, "k_cache", "rows are read 16 bytes at a time");

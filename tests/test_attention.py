@@ -270,7 +270,8 @@ def _bad_inputs():
     case("pos: expected an int64 tensor of q's 1 rows' positions, got int32 \\[1\\]", pos=lambda a: a["pos"].int())
     case("pos: expected an int64 tensor of q's 1 rows' positions, got int64 \\[2\\]", pos=torch.tensor([1, 2]))
     case("window: expected 0 \\(every earlier key\\) or a positive number of positions, got -1", window=-1)
-    case("scale: expected a finite number, got inf", scale=float("inf"))
+    case("scale: expected a finite number within float32's range, got inf", scale=float("inf"))
+    case("scale: expected a finite number within float32's range, got -1e\\+39", scale=-1e39)  # inf as a float
     return cases
 
 

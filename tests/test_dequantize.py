@@ -63,6 +63,26 @@ def test_float32_bit_identical_to_gguf(case, device):
     np.testing.assert_array_equal(got.cpu().numpy().view(np.uint32), ref.view(np.uint32))
 
 
+@pytest.mark.parametrize("case", [(QType.Q4_K, 1, 65536), (QType.Q4_K, 2, 40004), (QType.Q4_K, 700, 256),
+                                  (QType.Q5_0, 1, 65536), (QType.Q5_0, 2, 40000), (QType.Q5_0, 700, 256)], ids=case_id)
+def test_cpu_threads_split_rows_and_chunks(case):
+    """The CPU threads split the output's 32-value chunks in row order, 512 chunks (2^14 values) a task
+    at least (csrc/cpu/kernels.h): one row of 2048 chunks across the threads, two rows split inside
+    a row (Q4_K's k = 40004: a partial last chunk), and runs of whole rows (700 x 256: 5600 chunks).
+    Bit-identical to gguf at 1, 2 and 3 threads."""
+    qtype, n, k = case
+    w, _ = cached_weight(qtype, n, k)
+    ref = gguf_f32(w, qtype, n, k)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            got = torchext.dequantize(w, qtype, n, k).numpy()
+            np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32), err_msg=f"{t} threads")
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=case_id)

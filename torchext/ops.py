@@ -672,7 +672,8 @@ def _check_attention(q, k_cache, v_cache, pos, scale, window) -> None:
                          f"{list(pos.shape)}")
     torch._check(window >= 0,
                  lambda: f"window: expected 0 (every earlier key) or a positive number of positions, got {window}")
-    torch._check(math.isfinite(scale), lambda: f"scale: expected a finite number, got {scale}")
+    torch._check(math.isfinite(scale) and abs(scale) <= _FLOAT32_MAX,  # the kernels compute in float
+                 lambda: f"scale: expected a finite number within float32's range, got {scale}")
 
 
 @_register_fake("torchext::cached_attention")

@@ -14,9 +14,8 @@ namespace torchext::cpu {
 
 void cached_attention(const void* q, const void* k, const void* v, const int64_t* pos, int64_t window, float scale,
                       const AttentionShape& s, FloatType t, void* out) {
-  // A task of at least ~2^14 multiply-adds (a row reads up to keys x dim of k and of v), as the other
-  // CPU kernels size theirs, so that a decode step's few short rows do not pay for a fork.
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / (s.keys * s.dim));
+  // a row reads up to keys x dim of k and of v: a decode step's few short rows do not pay for a fork
+  const int64_t grain = parallel_grain(s.keys * s.dim);
   torch::stable::parallel_for(0, s.batch * s.heads * s.rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> qrow(s.dim), acc(s.dim), score;
     for (int64_t row = begin; row < end; ++row) {  // row = (b * heads + h) * rows + r

@@ -19,7 +19,7 @@ void dequantize(QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows,
     using T = decltype(traits);
     const int64_t blocks = weight_row_blocks<T>(k);
     const int64_t chunks = blocks * (T::kValues / 32);
-    torch::stable::parallel_for(0, rows_out, 1, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, rows_out, parallel_grain(k), [&](int64_t begin, int64_t end) {
       float v[32];
       for (int64_t i = begin; i < end; ++i) {
         const int64_t src = rows.source(i, n);

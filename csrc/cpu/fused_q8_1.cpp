@@ -22,7 +22,7 @@ void rms_norm_quantize_q8_1(const void* x, FloatType xt, const void* w, FloatTyp
                             float eps, block_q8_1* out) {
   std::vector<uint8_t> normed(size_t(rows) * size_t(k) * element_bytes(xt));
   void* y = normed.data();
-  torch::stable::parallel_for(0, rows, std::max<int64_t>(1, (int64_t(1) << 14) / k), [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, rows, parallel_grain(k), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float inverse = rms_inverse(row_sum_squares(x, xt, r * k, k), k, eps);
       for (int64_t j = 0; j < k; ++j)
@@ -35,7 +35,7 @@ void rms_norm_quantize_q8_1(const void* x, FloatType xt, const void* w, FloatTyp
 void add_rms_norm_quantize_q8_1(const void* x, const void* residual, FloatType xt, const void* x_weight, FloatType xwt,
                                 const void* w, FloatType wt, int64_t rows, int64_t k, float eps, void* sum,
                                 block_q8_1* out) {
-  torch::stable::parallel_for(0, rows, std::max<int64_t>(1, (int64_t(1) << 14) / k), [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, rows, parallel_grain(k), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float inverse = x_weight ? rms_inverse(row_sum_squares(x, xt, r * k, k), k, eps) : 0.0f;
       for (int64_t j = r * k; j < (r + 1) * k; ++j) {

@@ -388,7 +388,8 @@ void gemv_format(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, i
     for (int l = 0; l < 16; ++l) lo += xq[j].qs[l], hi += xq[j].qs[16 + l];
     xs.halves[j] = HalfSums{xs.d[j] * float(lo), xs.d[j] * float(hi)};
   }
-  torch::stable::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(16, parallel_grain(k * rows));  // 16 rows: a 64-byte line of fp32 out
+  torch::stable::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     // Up to four activation rows share each unpacked chunk.
     const auto rows_from = [&](auto tile, int64_t r0) {
       gemv_rows<T, decltype(tile)::value>(Isa{}, w, k, xq, xs, x_stride, r0, n, begin, end, out, ot);
@@ -419,23 +420,24 @@ TORCHEXT_AVX2_INLINE void dequantize_chunk_to(const Chunk& ch, void* out, int64_
   }
 }
 
-// Rows a dequantizing thread prefetches ahead, in its own columns: it walks a slice of every row
-// (dequantize_avx2), which the hardware's streamer (within a 4 KiB page) does not follow from one
-// row to the next.
+// Rows a dequantizing thread prefetches ahead, in the columns it walks: gathered rows (an embedding's
+// ids) come in no order that the hardware's streamer (within a 4 KiB page) could follow.
 constexpr int kPrefetchRows = 4;
 
-// Chunks [c_begin, c_end) (32 values each) of every output row, stored as kOut (a template argument:
-// the stores then carry no branch on the type).
+// Chunks [begin, end) of the rows_out x k output, counted row by row in chunks of 32 values (the last
+// of a row may be partial), stored as kOut (a template argument: the stores then carry no branch on the
+// type). A span is a run of whole rows, or part of one row where there are fewer rows than threads.
 template <class Traits, FloatType kOut>
-TORCHEXT_AVX2 void dequantize_columns(const uint8_t* w, int64_t n, int64_t k, RowIndex rows, int64_t rows_out,
-                                      int64_t c_begin, int64_t c_end, void* out) {
+TORCHEXT_AVX2 void dequantize_span(const uint8_t* w, int64_t n, int64_t k, RowIndex rows, int64_t rows_out,
+                                   int64_t begin, int64_t end, void* out) {
   using C = Avx2Chunk<Traits>;
   constexpr int kChunks = Traits::kValues / kQ8Block, kChunkBytes = Traits::kBytes / kChunks;
   const int64_t row_bytes = weight_row_bytes<Traits>(k);
-  const int64_t whole = k / 32;  // chunks stored with vectors; a last partial one goes the scalar way
-  for (int64_t i = 0; i < rows_out; ++i) {
+  const int64_t chunks = (k + 31) / 32, whole = k / 32;  // a last partial chunk goes the scalar way
+  for (int64_t i = begin / chunks; i < rows_out && i * chunks < end; ++i) {
     const int64_t src = rows.source(i, n);
     const int64_t ahead = i + kPrefetchRows < rows_out ? rows.source(i + kPrefetchRows, n) : -1;
+    const int64_t c_begin = std::max<int64_t>(begin - i * chunks, 0), c_end = std::min(end - i * chunks, chunks);
     for (int64_t c = c_begin; c < c_end; ++c) {
       const int64_t at = c / kChunks * Traits::kBytes + c % kChunks * kChunkBytes;  // the chunk's bytes in a row
       if (ahead >= 0) _mm_prefetch(reinterpret_cast<const char*>(w + ahead * row_bytes + at), _MM_HINT_T0);
@@ -498,15 +500,16 @@ void gemv_q8_1_x86(X86Kernels isa, QType wt, const uint8_t* w, int64_t n, int64_
 
 void dequantize_avx2(QType wt, const uint8_t* w, int64_t n, int64_t k, RowIndex rows, int64_t rows_out, void* out,
                      FloatType ot) {
-  // The threads split the columns, not the rows: each dequantizes the same slice of every row, so
-  // one row (an embedding lookup) takes every thread. (The dense qmatmul path calls this inside its
-  // own parallel region, where it runs on the calling thread alone.)
+  // The threads split the output's 32-value chunks in row order: runs of whole rows, and one row (an
+  // embedding lookup) across every thread. (The dense qmatmul path calls this inside its own parallel
+  // region, where it runs on the calling thread alone.)
+  const int64_t chunks = (k + 31) / 32;
   const bool known = visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
-    torch::stable::parallel_for(0, (k + 31) / 32, 1, [&](int64_t begin, int64_t end) {
-      if (ot == FloatType::F32) dequantize_columns<T, FloatType::F32>(w, n, k, rows, rows_out, begin, end, out);
-      else if (ot == FloatType::F16) dequantize_columns<T, FloatType::F16>(w, n, k, rows, rows_out, begin, end, out);
-      else dequantize_columns<T, FloatType::BF16>(w, n, k, rows, rows_out, begin, end, out);
+    torch::stable::parallel_for(0, rows_out * chunks, parallel_grain(32), [&](int64_t begin, int64_t end) {
+      if (ot == FloatType::F32) dequantize_span<T, FloatType::F32>(w, n, k, rows, rows_out, begin, end, out);
+      else if (ot == FloatType::F16) dequantize_span<T, FloatType::F16>(w, n, k, rows, rows_out, begin, end, out);
+      else dequantize_span<T, FloatType::BF16>(w, n, k, rows, rows_out, begin, end, out);
     });
   });
   if (!known) fail_unknown_format(wt, "dequantize");
