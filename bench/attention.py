@@ -2,7 +2,7 @@
 torchext.rope_cache_write against what the Gemma 3 model's decode steps compiled before them
 (torchext/models/gemma3.py), in the same run.
 
-    python bench/attention.py [--out DIR] [--dtype bfloat16]
+    python bench/attention.py [--out DIR] [--dtype bfloat16] [--kernels]
 
 Gemma 3 270M's attention (4 query heads, 1 key/value head, head dim 256), one decode row, at several
 cache fills (the position) and capacities (max_seq_len), µs per call, each timed as 100 back-to-back

@@ -137,29 +137,69 @@ class FakeTimer:
         return fake_us(row), "fake", ""
 
 
+def kernel_profile(call, calls: int) -> list[list]:
+    """[kernel name, µs, launches] per call, most time first: torch.profiler over `calls` eager calls
+    (one stream: the kernels do not overlap, and their sum is the call's busy time without the gaps)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    call(0)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(calls):
+            call(i)
+        torch.cuda.synchronize()
+    kernels: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start:
+            entry = kernels.setdefault(e.name[:100], [e.name[:100], 0.0, 0.0])
+            entry[1] += (e.time_range.end - e.time_range.start) / calls
+            entry[2] += 1 / calls
+    return sorted(kernels.values(), key=lambda entry: -entry[1])
+
+
+# Set by latency_bench's --kernels: time_calls then also profiles each call's kernels.
+PROFILE_KERNELS = False
+
+
 def time_calls(calls: dict, repeat: int, row: dict) -> dict:
-    """row with each named call's µs and method ("graph" or "eager"): GraphTimer over `repeat` calls."""
+    """row with each named call's µs and method ("graph" or "eager"): GraphTimer over `repeat` calls;
+    with PROFILE_KERNELS, also "<name>_kernels": kernel_profile's list."""
     timer = GraphTimer()
     for name, call in calls.items():
         row[name], row[f"{name}_method"], _ = timer(call, repeat, row)
+        if PROFILE_KERNELS:
+            row[f"{name}_kernels"] = kernel_profile(call, repeat)
     return row
 
 
 def latency_bench(doc: str, stem: str, measure_rows, repeat: int) -> list[dict]:
-    """The command line of the latency benchmarks (bench/norms.py, bench/attention.py): --out DIR and
-    --dtype; exits without a CUDA device; measure_rows(dtype) gives the rows, written with the GPU,
-    torch and dtype to DIR/<stem>.json; prints the heading line of the table and returns the rows."""
+    """The command line of the latency benchmarks (bench/norms.py, bench/attention.py, bench/gated_mlp.py):
+    --out DIR, --dtype and --kernels (each call's kernels too, printed per row); exits without a CUDA
+    device; measure_rows(dtype) gives the rows, written with the GPU, torch and dtype to
+    DIR/<stem>.json; prints the heading line of the table and returns the rows."""
+    global PROFILE_KERNELS
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--kernels", action="store_true",
+                    help="profile each call's kernels (torch.profiler, eager) and print them, µs and launches a call")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit(f"bench/{stem}.py needs a CUDA device")
+    PROFILE_KERNELS = args.kernels
     rows = measure_rows(getattr(torch, args.dtype))
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype}
     (args.out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     print(f"{meta['gpu']}, torch {meta['torch']}, {args.dtype}; us per call (CUDA graph of {repeat} calls)")
+    for row in rows if args.kernels else []:
+        described = ", ".join(f"{k}={v}" for k, v in row.items() if not isinstance(v, (float, list)) and
+                              not k.endswith("_method"))
+        for name in (k[:-len("_kernels")] for k in row if k.endswith("_kernels")):
+            print(f"{described}, {name}: {row[name]:.2f} us by graph; eager kernels:")
+            for kernel, us, launches in row[f"{name}_kernels"]:
+                print(f"    {us:8.2f} us {launches:5.2f}x  {kernel}")
     return rows
 
 

@@ -1,7 +1,7 @@
 """A gated MLP on a decode step: torchext.nn.QuantGatedMLP (gate and up on one Q8_1 input) against the
 down projection's fused alternatives, the same layers unfused and the dense bf16 MLP, in the same run.
 
-    python bench/gated_mlp.py [--out DIR] [--dtype bfloat16]
+    python bench/gated_mlp.py [--out DIR] [--dtype bfloat16] [--kernels]
 
 For rows 1-8 of three real MLP shapes (hidden -> intermediate -> hidden: Gemma 3 270M's 640 -> 2048 with
 GELU-tanh, Qwen3 0.6B's 1024 -> 3072 and Llama 3 8B's 4096 -> 14336 with SiLU; gate and up Q4_K, down

@@ -1,7 +1,7 @@
 """A decoder's residual add and the next norm's Q8_1 input: add_rms_norm_quantize_q8_1 against the
 unfused ops it replaces, in the same run.
 
-    python bench/norms.py [--out DIR] [--dtype bfloat16]
+    python bench/norms.py [--out DIR] [--dtype bfloat16] [--kernels]
 
 For rows x k activations (k: Gemma 3 270M's 640, 1B's 1152, 4B's 2560, and 4096), µs per call,
 each timed as 100 back-to-back calls captured in one CUDA graph (bench/common.GraphTimer):

@@ -262,6 +262,25 @@ def test_other_errors():
     assert torch.equal(shard.local.weight, layer.weight[4:]) and torch.equal(shard.local.bias, layer.bias[4:])
 
 
+@pytest.mark.parametrize("kind", [ColumnParallelQuantLinear, RowParallelQuantLinear], ids=["column", "row"])
+def test_state_dict_of_another_shard_is_refused(kind):
+    """Rank 0's and rank 1's shards of a 64 x 64 layer are one size; each state_dict loads into its
+    own rank's module only (it once loaded into the other's and computed that rank's part)."""
+    layer = QuantLinear.from_linear(gaussian_linear(64, 64), QType.Q8_0)
+    shards = [kind.from_quant_linear(layer, rank=r, world_size=2) for r in range(2)]
+    other = kind.from_quant_linear(layer, rank=0, world_size=4) if kind is ColumnParallelQuantLinear else None
+    before = {k: v.clone() for k, v in shards[1].state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match=r"^_extra_state: the state_dict is of the shard \{'rank': 0, 'world_size': 2, "
+                                         r".*this \w+ParallelQuantLinear is \{'rank': 1, .*own shard's$"):
+        shards[1].load_state_dict(shards[0].state_dict())
+    after = shards[1].state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # nothing was overwritten
+    shards[1].load_state_dict(kind.from_quant_linear(layer, rank=1, world_size=2).state_dict())
+    if other is not None:
+        with pytest.raises(ValueError, match="'world_size': 4"):
+            other.load_state_dict({**shards[0].state_dict()})
+
+
 def test_a_shard_for_another_world_size_is_refused_at_its_collective(tmp_path):
     """Rank and world size passed explicitly build a shard without a process group; run under a group of
     another size, its all_reduce / all_gather would sum or gather the wrong parts (or wait for ranks

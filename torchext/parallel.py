@@ -43,6 +43,8 @@ from .formats import WEIGHT_TYPES, QType, block_bytes, block_values, row_bytes
 from .gguf_file import GGUFFile
 from .nn import QuantLinear, check_bias
 
+_EXTRA_STATE = "_extra_state"  # the state_dict key of what get_extra_state returns
+
 
 def _rank_world(rank: Optional[int], world_size: Optional[int], group) -> tuple[int, int]:
     if rank is None or world_size is None:
@@ -128,7 +130,30 @@ def _own(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-class ColumnParallelQuantLinear(nn.Module):
+class _ShardState:
+    """A shard's place in its state_dict: rank, world_size and the whole layer's shape. The shards of
+    one split are often one size, so another rank's state_dict (or a shard of another split) would
+    load without complaint and compute another rank's part of the layer: loading refuses it with a
+    ValueError, before anything of the module is overwritten."""
+
+    def get_extra_state(self) -> dict:
+        return {"rank": self.rank, "world_size": self.world_size, "in_features": self.in_features,
+                "out_features": self.out_features}
+
+    def set_extra_state(self, state) -> None:
+        """Checked by _load_from_state_dict, before any tensor of the module loads."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        key = prefix + _EXTRA_STATE
+        if key in state_dict and state_dict[key] != self.get_extra_state():
+            raise ValueError(f"{key}: the state_dict is of the shard {state_dict[key]!r}, this "
+                             f"{type(self).__name__} is {self.get_extra_state()!r}; each rank loads its own shard's")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+class ColumnParallelQuantLinear(_ShardState, nn.Module):
     """The rows [start, stop) of an [out_features, in_features] QuantLinear on this rank.
 
     weight: this rank's rows' bytes (row_split(out_features, rank, world_size) rows), bias: their
@@ -211,7 +236,7 @@ class ColumnParallelQuantLinear(nn.Module):
                 f"{self.world_size}, gather_output={self.gather_output}")
 
 
-class RowParallelQuantLinear(nn.Module):
+class RowParallelQuantLinear(_ShardState, nn.Module):
     """The input features [start, stop) of an [out_features, in_features] QuantLinear on this rank.
 
     weight: this rank's bytes of every row (column_split(qtype, in_features, rank, world_size)
