@@ -211,16 +211,26 @@ struct Ops {
         const FloatType dt = output_float_type(ct);
         const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
         const int64_t rb = row_bytes(f, k);
+        const size_t elem = x2.element_size();
+        char* yp = static_cast<char*>(y.data_ptr());
+        // A worker thread carries none of the caller's inference mode, grad mode or autocast state, so
+        // its GEMM sees only tensors made here from raw pointers (no autograd history, not inference
+        // tensors), and its result reaches y as memory: an op on x2 or y there failed under
+        // inference_mode ("Inplace update to inference tensor") and gave y requires_grad under no_grad.
         torch::stable::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
           Ctx ctx(w);
+          const Tensor xs = torch::stable::from_blob(x2.data_ptr(), {rows, k}, {x2.stride(0), x2.stride(1)},
+                                                     x2.device(), ct);
           for (int64_t t = begin; t < end; ++t) {
-            Tensor buf = torch::stable::select(wd, 0, t);
+            char* buf = static_cast<char*>(wd.data_ptr()) + t * tile * k * elem;
             for (int64_t i = t; i < tiles; i += workers) {
               const int64_t r0 = i * tile, m = std::min(tile, n - r0);
-              Tensor block = m == tile ? buf : torch::stable::narrow(buf, 0, 0, m);
-              Backend::dequantize(ctx, f.type, wp + r0 * rb, m, k, RowIndex{}, m, block.data_ptr(), dt);
-              Tensor columns = torch::stable::narrow(y, 1, r0, m);
-              torch::stable::copy_(columns, torch::stable::matmul(x2, torch::stable::transpose(block, 0, 1)));
+              Backend::dequantize(ctx, f.type, wp + r0 * rb, m, k, RowIndex{}, m, buf, dt);
+              const Tensor block = torch::stable::from_blob(buf, {m, k}, {k, 1}, wd.device(), ct);
+              const Tensor part = torch::stable::contiguous(
+                  torch::stable::matmul(xs, torch::stable::transpose(block, 0, 1)));  // [rows, m]
+              const char* pp = static_cast<const char*>(part.data_ptr());
+              for (int64_t r = 0; r < rows; ++r) std::memcpy(yp + (r * n + r0) * elem, pp + r * m * elem, m * elem);
             }
           }
         });

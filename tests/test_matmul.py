@@ -251,6 +251,29 @@ def test_dense_path_in_several_passes(qtype):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_dense_path_threads_keep_the_callers_modes(mode):
+    """The dense path's worker threads carry none of the caller's inference or grad mode: ops on the
+    caller's tensors there once failed under inference_mode ("Inplace update to inference tensor
+    outside InferenceMode") and, under no_grad, gave an output that requires grad when x did (a later
+    in-place op on it then failed). Two threads, three tiles of 2048 rows at k = 256; the same bits
+    as in grad mode."""
+    k, n = 256, 2 * 2048 + 77
+    w, _ = cached_weight(QType.Q8_0, n, k)
+    x = exact_activations((17, k), seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        want = run_matmul(w, int(QType.Q8_0), x, n, k)
+        with getattr(torch, mode)():
+            got = run_matmul(w, int(QType.Q8_0), x.detach().requires_grad_(mode == "no_grad"), n, k)
+            assert not got.requires_grad
+            got.add_(0.0)  # an in-place op on the output works in the mode it was made in
+        assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows", [1, 5, 16])
