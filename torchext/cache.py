@@ -309,17 +309,45 @@ class WeightCache:
         """Bytes of the pool tensor (0 when there is none)."""
         return 0 if self._pool is None else self._pool.numel()
 
+    def _views_inside(self) -> dict[str, tuple[str, int]]:
+        """{name: (outer, offset in outer's bytes)} for the individual entries whose bytes lie within
+        another individual entry's (the first of the widest that holds them; both contiguous, on one
+        storage): the members of a group that stack_rows made, which views of the group keep."""
+        spans: dict[int, list] = {}
+        for name, e in self._entries.items():
+            t = e.tensor
+            if t.is_contiguous():
+                start = t.storage_offset() * t.element_size()
+                spans.setdefault(t.untyped_storage()._cdata, []).append(
+                    (start, -(start + t.numel() * t.element_size()), name))
+        inside = {}
+        for storage_spans in spans.values():
+            outer = None
+            for start, neg_end, name in sorted(storage_spans):
+                if outer is None or -neg_end > outer[1]:
+                    outer = (start, -neg_end, name)
+                else:
+                    inside[name] = (outer[2], start - outer[0])
+        return inside
+
     def total_bytes(self) -> int:
         """Bytes held: the pool once (its entries are views, and bytes that no entry uses any more
-        are still allocated) plus every individual entry's tensor."""
-        return self.pool_bytes + sum(e.tensor.numel() * e.tensor.element_size() for e in self._entries.values())
+        are still allocated) plus every individual entry's tensor, once where entries share bytes."""
+        inside = self._views_inside()
+        return self.pool_bytes + sum(e.tensor.numel() * e.tensor.element_size()
+                                     for name, e in self._entries.items() if name not in inside)
 
     def __getstate__(self) -> dict:
         """pickle's (and copy.deepcopy's) state: the pool once, and each of its entries as its place in
-        it. Pickled as tensors, the views would each write the whole pool (a model's, hundreds of times)."""
+        it; an individual entry inside another's bytes as its place in that one. Pickled as tensors, the
+        views would each write the whole pool (a model's, hundreds of times), and a stacked group's
+        members would come back as copies beside the group."""
         state = self.__dict__.copy()
         state["_pooled"] = {name: (e._replace(tensor=None), _place_in_pool(e.tensor))
                             for name, e in self._pooled.items()}
+        inside = self._views_inside()
+        state["_entries"] = {name: (e._replace(tensor=None), (*inside[name], *_place_in_pool(e.tensor)[1:]))
+                             if name in inside else e for name, e in self._entries.items()}
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -327,20 +355,31 @@ class WeightCache:
         # a cache pickled before __getstate__ existed holds its entries themselves
         self._pooled = {name: v if isinstance(v, CacheEntry) else v[0]._replace(tensor=_pool_view(self._pool, *v[1]))
                         for name, v in state["_pooled"].items()}
+        entries = state["_entries"]  # (entry, (outer, offset, dtype, shape)) for a view of another entry
+        self._entries = {name: v if isinstance(v, CacheEntry) else
+                         v[0]._replace(tensor=_bytes_view(entries[v[1][0]].tensor, *v[1][1:]))
+                         for name, v in entries.items()}
 
     def to(self, device) -> WeightCache:
         """Move every entry to `device` (in place) and return self; the pool moves in one copy and
-        its entries stay views into it."""
+        its entries stay views into it, as do individual entries inside another's bytes (a stacked
+        group's members)."""
         device = torch.device(device)
         if self._pool is not None and self._pool.device != device:
             self._pool = self._pool.to(device)
             for name, e in self._pooled.items():
                 self._pooled[name] = e._replace(tensor=_pool_view(self._pool, *_place_in_pool(e.tensor)))
+        inside = self._views_inside()
         for name, e in self._entries.items():
-            t = e.tensor.to(device)
-            if e.qtype is not None:
-                t = as_weight_rows(t, e.qtype, e.n, e.k)
-            self._entries[name] = e._replace(tensor=t)
+            if name not in inside:
+                t = e.tensor.to(device)
+                if e.qtype is not None:
+                    t = as_weight_rows(t, e.qtype, e.n, e.k)
+                self._entries[name] = e._replace(tensor=t)
+        for name, (outer, offset) in inside.items():
+            e = self._entries[name]
+            self._entries[name] = e._replace(tensor=_bytes_view(self._entries[outer].tensor, offset, e.tensor.dtype,
+                                                                tuple(e.tensor.shape)))
         return self
 
     def __repr__(self) -> str:
@@ -386,9 +425,12 @@ class WeightCache:
 
         pool=True (names must be None) reads the file's data section into one uint8 tensor, the
         pool, in one read (into pinned memory for CUDA) and moves it in one copy; every weight-format
-        and F32/F16/BF16/F64/integer tensor is then a view into it. Other quantized types are
+        and F32/F16/BF16/F64/integer tensor is then a view into it (but a weight that a file alignment
+        below 16 puts off the kernels' 16-byte boundary, or a dense tensor off its element size, is
+        copied into an individual entry). Other quantized types are
         dequantized into individual entries as above (their bytes stay in the pool, unused). The
-        file's tensors replace same-named individual entries. One pool per cache.
+        file's tensors replace same-named individual entries. One pool per cache. An error while
+        reading the tensors (a raising `progress` too) leaves the cache as it was, either way.
         `self.load_seconds` records the call's wall time (a non-blocking GPU copy may still run).
         `reader`: a gguf.GGUFReader a caller opened on `path` for the metadata; its tensor table
         must be the file's as read now (ValueError otherwise). Nothing is read through it.
@@ -416,12 +458,16 @@ class WeightCache:
             device = torch.device(device) if device is not None else torch.device("cpu")
             if pool:
                 self._load_pool(g, device, progress)
-            else:
+            else:  # into a cache of their own first: an error midway leaves this one as it was
+                staged, read = WeightCache(), []
                 for i, name in enumerate(wanted):
                     t = tensors[name]
-                    self._add(t, tensor_from_bytes(g.read(t), t, g.name, device))
+                    read.append((t, tensor_from_bytes(g.read(t), t, g.name, device)))
+                    staged._add(*read[-1])  # put's checks
                     if progress is not None:
                         progress(i + 1, len(wanted), name)
+                for t, tensor in read:
+                    self._add(t, tensor)
         self.load_seconds = time.perf_counter() - start
         return self
 
@@ -437,11 +483,8 @@ class WeightCache:
         for t in g.tensors:
             offset = t.data_offset - g.data_offset
             if t.tensor_type.value in WEIGHT_IDS:
-                if offset % WEIGHT_ALIGN:  # GGUF's default alignment is 32; a file may set less
-                    raise ValueError(f"pool: {t.name} starts {offset} bytes into the data section, not on a "
-                                     f"{WEIGHT_ALIGN}-byte boundary (file alignment {g.alignment}); "
-                                     "load it with pool=False")
-                views[t.name] = (offset, torch.uint8, (t.n, row_bytes(QType(t.tensor_type.value), t.k)))
+                if offset % WEIGHT_ALIGN == 0:  # GGUF's default alignment is 32; a file may set less
+                    views[t.name] = (offset, torch.uint8, (t.n, row_bytes(QType(t.tensor_type.value), t.k)))
             elif t.tensor_type.name in VIEW_DTYPES and offset % VIEW_DTYPES[t.tensor_type.name].itemsize == 0:
                 views[t.name] = (offset, VIEW_DTYPES[t.tensor_type.name], t.numpy_shape)
         # pinned host memory lets the GPU copy run asynchronously
@@ -461,10 +504,15 @@ class WeightCache:
                     pooled[t.name] = CacheEntry(view, q, t.n, t.k)
                 else:
                     pooled[t.name] = self._dense_entry(view, None, None)
-            else:  # a quantized type torchext does not run (dequantized), or a dense tensor the pool cannot view
-                # (a file alignment below its element size): into a tensor of its own
+            else:  # a quantized type torchext does not run (dequantized), or a tensor the pool cannot view
+                # (a file alignment below a weight's 16 bytes or a dense element's size): into a tensor of its own
                 raw = host[t.data_offset - g.data_offset:][:t.n_bytes].clone()
-                others[t.name] = self._dense_entry(tensor_from_bytes(raw, t, g.name, device), None, None)
+                tensor = tensor_from_bytes(raw, t, g.name, device)
+                if t.tensor_type.value in WEIGHT_IDS:
+                    q = QType(t.tensor_type.value)
+                    others[t.name] = CacheEntry(as_weight_rows(tensor, q, t.n, t.k), q, t.n, t.k)
+                else:
+                    others[t.name] = self._dense_entry(tensor, None, None)
             if progress is not None:
                 progress(i + 1, len(g.tensors), t.name)
         for name in pooled:
@@ -490,3 +538,8 @@ def _place_in_pool(view: torch.Tensor) -> tuple[int, torch.dtype, tuple[int, ...
 def _pool_view(pool: torch.Tensor, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
     """The bytes pool[offset:] as a `dtype` tensor of `shape`, a view (no copy)."""
     return pool[offset:offset + _view_bytes(dtype, shape)].view(dtype).view(shape)
+
+
+def _bytes_view(outer: torch.Tensor, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
+    """The bytes of a contiguous tensor from `offset` as a `dtype` tensor of `shape`, a view (no copy)."""
+    return _pool_view(outer.reshape(-1).view(torch.uint8), offset, dtype, shape)
