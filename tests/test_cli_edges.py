@@ -117,6 +117,45 @@ def test_demo_gguf_that_is_not_gemma(llama_gguf, capsys):
     assert f"argument --gguf: {llama_gguf}: general.architecture: expected 'gemma3', got 'llama'" in err
 
 
+def test_demo_gguf_that_cannot_be_read(llama_gguf, monkeypatch, capsys):
+    """An unreadable file (permissions; root reads any, so the open is made to fail) was a PermissionError
+    traceback in the demo and both generate examples: gguf_file_arg took only ValueError."""
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(cli, "GGUFFile", unreadable)
+    err = usage_error(demo.main, ["--gguf", str(llama_gguf)], capsys)
+    assert f"argument --gguf: {llama_gguf}: cannot read it (Permission denied)" in err
+
+
+def test_demo_gemma_file_without_its_metadata(tmp_path, capsys):
+    """A file that says it is gemma3 but lacks the tokenizer's and gemma3's keys was a KeyError traceback."""
+    path = tmp_path / "gemma3_empty.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_tensor("x", np.ones(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    err = usage_error(demo.main, ["--gguf", str(path)], capsys)
+    assert f"argument --gguf: {path}: tokenizer.ggml.tokens: a gemma3 file's metadata holds it; this file has none" \
+        in err
+
+
+def test_hf_memory_refuses_bad_files(tmp_path, not_gguf):
+    """python -m torchext.hf --memory FILE: a missing file, a directory and a file that is not GGUF were
+    tracebacks (FileNotFoundError, IsADirectoryError, the reader's ValueError)."""
+    import subprocess
+
+    cases = [(tmp_path / "missing.gguf", "no such file"), (tmp_path, "expected a GGUF file, got a directory"),
+             (not_gguf, "the header: not a GGUF file")]
+    for path, message in cases:
+        result = subprocess.run([sys.executable, "-m", "torchext.hf", "--memory", str(path)], capture_output=True,
+                                text=True, cwd=ROOT)
+        assert result.returncode == 2 and f"argument --memory: {path}: {message}" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_demo_without_the_gemma_extra_says_how_to_get_the_file(no_gemma_extra, capsys):
     """Was gguf_path()'s RuntimeError as a traceback."""
     err = usage_error(demo.main, [], capsys)

@@ -41,6 +41,8 @@ def gguf_file_arg(text: str) -> Path:
             pass
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    except OSError as e:  # unreadable (permissions), or a read that failed
+        raise argparse.ArgumentTypeError(f"{text}: cannot read it ({e.strerror or e})") from None
     return path
 
 

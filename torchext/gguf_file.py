@@ -20,8 +20,10 @@ The layout (GGUF versions 2 and 3, little-endian):
 
 What the checks cannot catch: a tensor whose type or shape was changed to one of the same padded
 byte size (Q4_0 <-> IQ4_NL, F16 <-> BF16 <-> I16, F32 <-> I32, swapped dims, or sizes that differ by
-less than the padding absorbs), and corrupted bytes inside a tensor's data: its scales and codes
-are all valid bit patterns, so they load and compute whatever they encode.
+less than the padding absorbs), the last tensor's changed to a smaller one (bytes may follow the
+last tensor: llama.cpp's loader never looks past the data it computes), and corrupted bytes inside a
+tensor's data: its scales and codes are all valid bit patterns, so they load and compute whatever
+they encode.
 """
 
 from __future__ import annotations
@@ -219,11 +221,11 @@ class GGUFFile:
                 span = nxt.data_offset - t.data_offset
                 fits = span == padded
                 holds = f"the next tensor, {nxt.name!r}, starts {span} bytes after its start"
-            else:  # a writer may leave out the last tensor's padding
+            else:  # a writer may leave out the last tensor's padding, or add bytes after it
+                # (llama.cpp's loader reads the data section's computed size and never looks past it)
                 span = self.size - t.data_offset
-                fits = t.n_bytes <= span <= padded
-                holds = (f"the file holds {span} bytes from its start to the end (a file ends with its last "
-                         "tensor's data and padding)")
+                fits = t.n_bytes <= span
+                holds = f"the file holds {span} bytes from its start to the end"
             if not fits:
                 raise ValueError(f"{self.name}: tensor {t.name!r}: {t.tensor_type.name} of shape {list(t.shape)} "
                                  f"takes {t.n_bytes} bytes ({padded} padded to the alignment {self.alignment}), "
@@ -427,5 +429,5 @@ def tensor_from_bytes(raw: torch.Tensor, t: GGUFTensor, file: str, device: torch
         values = gguf_dequantize(raw.numpy().reshape(t.byte_shape), t.tensor_type)  # float32
     except NotImplementedError:
         raise ValueError(f"{file}: tensor {t.name!r}: gguf cannot dequantize tensor type {t.tensor_type.name}; "
-                         "leave it out with names=...") from None
+                         "WeightCache.load_gguf(names=..., pool=False) can leave it out") from None
     return torch.from_numpy(values).to(device)

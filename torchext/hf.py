@@ -795,6 +795,8 @@ def _measure_load_memory(path: str) -> None:
 if __name__ == "__main__":
     import argparse
 
+    from torchext.cli import gguf_file_arg
+
     parser = argparse.ArgumentParser(description="torchext.hf: measure from_gguf's peak memory on a GGUF file")
-    parser.add_argument("--memory", required=True, metavar="FILE", help="a GGUF file")
+    parser.add_argument("--memory", required=True, metavar="FILE", type=gguf_file_arg, help="a GGUF file")
     _measure_load_memory(parser.parse_args().memory)

@@ -72,14 +72,19 @@ class Gemma3Config:
     def from_gguf(cls, reader) -> "Gemma3Config":
         """The config of the file a gguf.GGUFReader has open (ValueError unless it is a gemma3 file)."""
         f = reader.fields
-        arch = f["general.architecture"].contents()
+        arch = f["general.architecture"].contents() if "general.architecture" in f else None
         if arch != "gemma3":
             raise ValueError(f"general.architecture: expected 'gemma3', got {arch!r}")
 
-        def get(key):
-            return f[f"gemma3.{key}"].contents()
+        def field(key):
+            if key not in f:
+                raise ValueError(f"{key}: a gemma3 file's metadata holds it; this file has none")
+            return f[key]
 
-        vocab = len(f["tokenizer.ggml.tokens"].data)
+        def get(key):
+            return field(f"gemma3.{key}").contents()
+
+        vocab = len(field("tokenizer.ggml.tokens").data)
         return cls(vocab_size=vocab, hidden=get("embedding_length"), layers=get("block_count"),
                    heads=get("attention.head_count"), kv_heads=get("attention.head_count_kv"),
                    head_dim=get("attention.key_length"), ffn=get("feed_forward_length"),
