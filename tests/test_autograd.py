@@ -47,6 +47,31 @@ def test_qmatmul_gradient(qtype, rows, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["qmatmul", "qmatmul_id"])
+def test_float16_gradient_of_weights_past_its_range(op, device):
+    """Q8_0 holds weights to about 8e6; float16 only to 65504. The backward takes float16 gradients through
+    the weight in float32 (it dequantized in float16: inf weights, an inf gradient, while the forward and
+    the true gradient, about 3e3 here, are finite). Within fp32_sum_error of the float64 product, then
+    float16's rounding."""
+    n, k = 16, 256
+    W = torch.randn(n, k, generator=torch.Generator().manual_seed(3)) * 2e5
+    w = torchext.quantize(W, "Q8_0").to(device)
+    Wd = torchext.dequantize(w, "Q8_0", n, k).double().cpu()
+    x = (torch.randn(20, k, device=device) * 1e-4).half().requires_grad_()
+    if op == "qmatmul":
+        y = torchext.qmatmul(w, "Q8_0", x, n, k)
+    else:
+        ids = torch.zeros(20, 1, dtype=torch.int64, device=device)
+        y = torchext.qmatmul_id(w.unsqueeze(0), "Q8_0", x, ids, n, k)
+    g = torch.full_like(y, 1e-3)
+    (gx,) = torch.autograd.grad(y, x, g)
+    want = g.double().cpu().reshape(20, n) @ Wd
+    u16 = half_ulp(torch.float16)
+    tol = (1 + u16) * fp32_sum_error(g.double().cpu().reshape(20, n).abs() @ Wd.abs(), n) + u16 * want.abs()
+    assert torch.isfinite(gx).all() and ((gx.double().cpu() - want).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fixed_format_op_gradient(device):
     n, k = 16, 256
     w, _ = cached_weight(torchext.QType.Q5_K, n, k)

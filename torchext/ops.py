@@ -791,9 +791,17 @@ def _(q, k, v, cos, sin, pos, k_cache, v_cache, q_weight=None, k_weight=None, ep
 # Gradients flow to the activations (and the bias), so layers upstream of a quantized one train;
 # the quantized weights are uint8 bytes and take none. Backward runs dense torch ops.
 
+def _backward_dtype(grad: torch.Tensor) -> torch.dtype:
+    """What the backward's dense matmuls compute in: the gradient's dtype, but float32 for float16, whose
+    range the weights can exceed (Q8_0 holds values to about 8e6; above 65504 they were inf, and so the
+    gradient, though the forward and the true gradient are finite)."""
+    return torch.float32 if grad.dtype == torch.float16 else grad.dtype
+
+
 def _grad_through_weight(ctx, grad: torch.Tensor) -> torch.Tensor:
     """grad @ W, W the weight ctx.w (ctx.qtype, ctx.n x ctx.k) dequantized: the gradient of x @ W.T."""
-    return grad @ dequantize(ctx.w, ctx.qtype, ctx.n, ctx.k, grad.dtype)
+    dtype = _backward_dtype(grad)
+    return (grad.to(dtype) @ dequantize(ctx.w, ctx.qtype, ctx.n, ctx.k, dtype)).to(grad.dtype)
 
 
 def _setup_matmul_qtype(ctx, inputs, output):
@@ -827,11 +835,13 @@ def _backward_matmul_id(ctx, grad):
     # slot (t, j)'s gradient goes through expert ids[t, j]'s dequantized weight, taken expert by expert
     # (which experts are used is known on the device only)
     (ids,) = ctx.saved_tensors
-    grad_x = grad.new_zeros((*grad.shape[:2], ctx.k))
+    dtype = _backward_dtype(grad)
+    g = grad.to(dtype)
+    grad_x = g.new_zeros((*grad.shape[:2], ctx.k))
     for e in range(ctx.w.shape[0]):
-        w_e = dequantize(ctx.w[e], ctx.qtype, ctx.n, ctx.k, grad.dtype)
-        grad_x += torch.where((ids == e).unsqueeze(-1), grad @ w_e, 0)
-    return None, None, grad_x if ctx.x_per_slot else grad_x.sum(1), None, None, None, None
+        w_e = dequantize(ctx.w[e], ctx.qtype, ctx.n, ctx.k, dtype)
+        grad_x += torch.where((ids == e).unsqueeze(-1), g @ w_e, 0)
+    return None, None, (grad_x if ctx.x_per_slot else grad_x.sum(1)).to(grad.dtype), None, None, None, None
 
 
 torch.library.register_autograd("torchext::qmatmul_id", _backward_matmul_id, setup_context=_setup_matmul_id)
