@@ -105,6 +105,12 @@ def test_demo_gguf_that_is_a_directory(tmp_path, capsys):
     assert f"argument --gguf: {tmp_path}: expected a GGUF file, got a directory" in err
 
 
+def test_demo_gguf_empty_string(capsys):
+    """Path("") is the current folder: it said "got a directory"."""
+    err = usage_error(demo.main, ["--gguf", ""], capsys)
+    assert "argument --gguf: expected the path of a GGUF file, got an empty string" in err
+
+
 def test_demo_gguf_that_is_not_gguf(not_gguf, capsys):
     """Was gguf's ValueError('GGUF magic invalid') traceback."""
     err = usage_error(demo.main, ["--gguf", str(not_gguf)], capsys)

@@ -194,14 +194,17 @@ class WeightCache:
         one format and k, each starting on a 16-byte boundary of its run, none twice in a run (a run of
         one stays alone)."""
         runs: list[list[str]] = []
+        run_bytes = 0  # the last run's (kept, not summed again for each name: 4000 names took 2.3 s)
         for name in _name_list(names, "names"):
             e, run = self.get(name), runs[-1] if runs else None
             lead = self.get(run[0]) if run else None
             if (run and name not in run and e.qtype is not None and (e.qtype, e.k) == (lead.qtype, lead.k)
-                    and sum(self.get(m).tensor.numel() for m in run) % WEIGHT_ALIGN == 0):
+                    and run_bytes % WEIGHT_ALIGN == 0):
                 run.append(name)
             else:
                 runs.append([name])
+                run_bytes = 0
+            run_bytes += e.tensor.numel()
         return runs
 
     def _members_view(self, group: str, members: list[str]) -> bool:

@@ -30,6 +30,8 @@ def gguf_file_arg(text: str) -> Path:
     """--gguf: the path of an existing file whose GGUF tables read (argparse reports the ArgumentTypeError as a
     usage error; a missing path or a directory raised a traceback from deep in the reader, and gguf's own
     reader says only "GGUF magic invalid" of a file that is not GGUF)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected the path of a GGUF file, got an empty string")
     path = Path(text)
     if not path.exists():
         raise argparse.ArgumentTypeError(f"{text}: no such file")
