@@ -135,6 +135,21 @@ def gelu_derivative(xs):
 INPLACE_GELU = [torchext.gelu_, torch.ops.torchext.gelu_]  # the wrapper and the op itself
 
 
+def test_gelu_inplace_refuses_what_torch_refuses():
+    """gelu_ wrote an inference tensor outside inference mode (torch's in-place ops refuse it), and took a
+    non-contiguous tensor when it required grad (the copy path) while refusing it otherwise."""
+    with torch.inference_mode():
+        x = torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match="x: an in-place update of an inference tensor outside InferenceMode"):
+        torchext.gelu_(x)
+    with torch.inference_mode():
+        torchext.gelu_(x)  # inside it, as relu_
+    for requires_grad in (False, True):
+        y = (torch.randn(4, 8, requires_grad=requires_grad) * 1)[:, 2:4]
+        with pytest.raises(RuntimeError, match=r"x: expected a contiguous tensor"):
+            torchext.gelu_(y)
+
+
 @pytest.mark.parametrize("gelu_", INPLACE_GELU, ids=["wrapper", "op"])
 def test_gelu_inplace_on_a_leaf_that_requires_grad_raises(gelu_):
     x = torch.tensor([-1.0, 0.5, 2.0], requires_grad=True)

@@ -465,6 +465,22 @@ def test_data_not_back_to_back(valid, tmp_path):
         assert all(np.array_equal(cache[name].tensor.numpy(), arrays[name]) for name in arrays)
 
 
+def test_a_scalar_tensor_is_one_value(tmp_path):
+    """GGUFWriter writes a numpy scalar with n_dims = 0, and llama.cpp reads it as one value (a missing
+    dimension is 1); torchext refused the whole file."""
+    path = tmp_path / "scalar.gguf"
+    writer = GGUFWriter(str(path), "torchext-test")
+    writer.add_tensor("scale", np.array(2.5, dtype=np.float32))
+    writer.add_tensor("v", np.arange(3, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for pool in (False, True):
+        cache = WeightCache.from_gguf(path, pool=pool)
+        assert cache["scale"].tensor.tolist() == [2.5] and cache["v"].tensor.tolist() == [0.0, 1.0, 2.0]
+
+
 @pytest.mark.parametrize("name", list(TENSORS))
 def test_bad_dims(valid, tmp_path, name):
     _, layout, _ = valid
@@ -472,9 +488,9 @@ def test_bad_dims(valid, tmp_path, name):
     at = layout.dims_at[name]
     n_dims = 1 if qtype == G.F32 else 2
     prefix = f"tensor '{name}': "
-    for bad_n_dims in (0, 5, 2**32 - 1):
+    for bad_n_dims in (5, 2**32 - 1):
         assert load_error(patched(tmp_path, layout.data, (at, struct.pack("<I", bad_n_dims)))) == (
-            f"{prefix}{bad_n_dims} dimensions; a GGUF tensor has 1 to 4")
+            f"{prefix}{bad_n_dims} dimensions; a GGUF tensor has at most 4")
     last = at + 4 + 8 * (n_dims - 1)  # the last dim: k for a vector, n for a matrix
     assert load_error(patched(tmp_path, layout.data, (last, struct.pack("<Q", 0)))) == (
         f"{prefix}shape {[k, 0] if n_dims == 2 else [0]} holds no values (an empty tensor)")

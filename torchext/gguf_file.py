@@ -374,9 +374,10 @@ class _TableReader:
                 self.fail("appears twice in the tensor table")
             names.add(name)
             n_dims = self.u32("n_dims")
-            if not 1 <= n_dims <= MAX_DIMS:
-                self.fail(f"{n_dims} dimensions; a GGUF tensor has 1 to {MAX_DIMS}")
-            shape = tuple(self.u64(f"dimension {j}") for j in range(n_dims))
+            if n_dims > MAX_DIMS:
+                self.fail(f"{n_dims} dimensions; a GGUF tensor has at most {MAX_DIMS}")
+            # a 0-dimensional tensor (GGUFWriter writes a numpy scalar so) is one value: ggml's missing dims are 1
+            shape = tuple(self.u64(f"dimension {j}") for j in range(n_dims)) or (1,)
             tensor_type = self._tensor_type(self.u32("type"))
             n_bytes = self._tensor_bytes(tensor_type, shape)
             infos.append((name, tensor_type, shape, n_bytes, self.u64("data offset")))

@@ -590,7 +590,12 @@ def gelu_(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     custom ops must for torch.compile's functionalization). Under autograd it behaves as torch's
     in-place ops: a leaf that requires grad (or a view of one) is refused, any other tensor that
     requires grad gets F.gelu's gradient, and x's version counter moves, so a backward that saved
-    x before it was overwritten fails instead of using the new values."""
+    x before it was overwritten fails instead of using the new values. An inference tensor is refused
+    outside inference mode, as torch's in-place ops refuse it (it has no autograd key: the op alone would
+    write it; not checked while torch.compile traces, which cannot trace the check)."""
+    if not torch.compiler.is_compiling() and x.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError("x: an in-place update of an inference tensor outside InferenceMode is not allowed, as "
+                           "for torch's in-place ops")
     _ops.gelu_(x, approximate)
     return x
 
@@ -877,6 +882,8 @@ torch.library.register_autograd("torchext::bias_gelu", _backward_bias_gelu, setu
 
 
 def _gelu_inplace_autograd(keyset, x, approximate="none"):
+    # what the kernel refuses, refused on the copy path too
+    torch._check(x.is_contiguous(), lambda: "x: expected a contiguous tensor (call .contiguous() first)")
     if torch.is_grad_enabled() and x.requires_grad:
         # GELU's backward needs the input that the kernel overwrites: take the gradient through
         # the functional op on a copy, then copy_ records the overwrite (and refuses a leaf, as
