@@ -1,4 +1,6 @@
-"""Parity and speed of every op on the device present: `python -m torchext.report`.
+"""Parity and speed of the basic ops on the device present, every weight format: `python -m torchext.report`
+(qmatmul, dequantize, embedding, q4k_q8_gemv, the GELUs, quantize_q8_1 and quantize; the fused decoder ops,
+the expert-indexed matmul and attention have their own benchmarks in bench/).
 
 Parity is against independent references (gguf's numpy dequantization with a float64 matmul,
 torch.nn.functional.gelu, the activations themselves for quantize_q8_1); times are medians of
@@ -76,7 +78,7 @@ def main(argv=None) -> None:
     print(f"torchext report on {name} (torch {torch.__version__}); weights {n}x{k}")
     print("rel. error: norm-relative against gguf's numpy dequantization and a float64 matmul (GEMV:")
     print("Q8_1 activation rounding), F.gelu in float64, the activations (quantize_q8_1: the 8-bit")
-    print("rounding, d * qs against x) or the float weights (quantize: its RMSE).")
+    print("rounding, d * qs against x) or the float weights (quantize: its error's norm over theirs).")
     print(f"{'op':<28}{'rows':>5}{'rel. error':>12}{'us/call':>11}{'GB/s':>9}")
 
     def row(op, rows, err, us, nbytes):
@@ -126,6 +128,7 @@ def main(argv=None) -> None:
     z = torchext.gelu_(x.clone())
     ref = F.gelu(x.double())
     err = ((z.double() - ref).norm() / ref.norm()).item()
+    # timed on z over and over: GELU of GELU of ..., the same work whatever the values
     row("gelu_ bf16 (in place)", 1, err, time_us(lambda: torchext.gelu_(z), device), x.numel() * 4)
     xf = torch.randn(64, 4096, device=device)
     back = q8_1_values(torchext.quantize_q8_1(xf), 4096).double()
