@@ -96,10 +96,14 @@ class WeightCache:
             check_weight_bytes(tensor, q, n, k)
             n, k = int(n), int(k)
             entry = CacheEntry(as_weight_rows(tensor, q, n, k), q, n, k)
+        self._store(name, entry)
+        return entry
+
+    def _store(self, name: str, entry: CacheEntry) -> None:
+        """Hold entry as an individual one; a name held by the pool leaves the pool's map."""
         if name in self._pooled:
             self._unpool(name)
         self._entries[name] = entry
-        return entry
 
     @staticmethod
     def _dense_entry(tensor, n, k) -> CacheEntry:
@@ -461,25 +465,25 @@ class WeightCache:
             device = torch.device(device) if device is not None else torch.device("cpu")
             if pool:
                 self._load_pool(g, device, progress)
-            else:  # into a cache of their own first: an error midway leaves this one as it was
-                staged, read = WeightCache(), []
+            else:  # every entry made before any is stored: an error midway leaves the cache as it was
+                entries = {}
                 for i, name in enumerate(wanted):
                     t = tensors[name]
-                    read.append((t, tensor_from_bytes(g.read(t), t, g.name, device)))
-                    staged._add(*read[-1])  # put's checks
+                    entries[name] = self._gguf_entry(t, tensor_from_bytes(g.read(t), t, g.name, device))
                     if progress is not None:
                         progress(i + 1, len(wanted), name)
-                for t, tensor in read:
-                    self._add(t, tensor)
+                for name, entry in entries.items():
+                    self._store(name, entry)
         self.load_seconds = time.perf_counter() - start
         return self
 
-    def _add(self, t: GGUFTensor, tensor: torch.Tensor) -> None:
-        """Put a GGUF tensor's torch tensor: raw bytes for a weight format, else dense."""
+    def _gguf_entry(self, t: GGUFTensor, tensor: torch.Tensor) -> CacheEntry:
+        """The entry of a GGUF tensor's torch tensor: raw bytes [n, row_bytes] for a weight format, else dense."""
         if t.tensor_type.value in WEIGHT_IDS:
-            self.put(t.name, tensor, QType(t.tensor_type.value), t.n, t.k)
-        else:
-            self.put(t.name, tensor)
+            q = QType(t.tensor_type.value)
+            check_weight_bytes(tensor, q, t.n, t.k)
+            return CacheEntry(as_weight_rows(tensor, q, t.n, t.k), q, t.n, t.k)
+        return self._dense_entry(tensor, None, None)
 
     def _load_pool(self, g: GGUFFile, device: torch.device, progress) -> None:
         views = {}  # name -> (offset in the pool, view dtype, view shape), for the tensors the pool serves
@@ -510,12 +514,7 @@ class WeightCache:
             else:  # a quantized type torchext does not run (dequantized), or a tensor the pool cannot view
                 # (a file alignment below a weight's 16 bytes or a dense element's size): into a tensor of its own
                 raw = host[t.data_offset - g.data_offset:][:t.n_bytes].clone()
-                tensor = tensor_from_bytes(raw, t, g.name, device)
-                if t.tensor_type.value in WEIGHT_IDS:
-                    q = QType(t.tensor_type.value)
-                    others[t.name] = CacheEntry(as_weight_rows(tensor, q, t.n, t.k), q, t.n, t.k)
-                else:
-                    others[t.name] = self._dense_entry(tensor, None, None)
+                others[t.name] = self._gguf_entry(t, tensor_from_bytes(raw, t, g.name, device))
             if progress is not None:
                 progress(i + 1, len(g.tensors), t.name)
         for name in pooled:

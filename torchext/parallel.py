@@ -41,9 +41,7 @@ from .gguf_file import ggml_k_n
 from .weights import WEIGHT_IDS, weight_format
 from .formats import WEIGHT_TYPES, QType, block_bytes, block_values, row_bytes
 from .gguf_file import GGUFFile
-from .nn import QuantLinear, check_bias
-
-_EXTRA_STATE = "_extra_state"  # the state_dict key of what get_extra_state returns
+from .nn import _EXTRA_STATE, QuantLinear, check_bias
 
 
 def _rank_world(rank: Optional[int], world_size: Optional[int], group) -> tuple[int, int]:

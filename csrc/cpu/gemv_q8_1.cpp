@@ -17,8 +17,7 @@ void gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_
     using T = decltype(traits);
     const int64_t blocks = weight_row_blocks<T>(k);
     const int64_t row_bytes = blocks * T::kBytes;
-    const int64_t grain = std::max<int64_t>(16, parallel_grain(k * rows));  // 16 rows: a 64-byte line of fp32 out
-    torch::stable::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, n, gemv_grain(k, rows), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const uint8_t* wrow = w + i * row_bytes;
         for (int64_t r = 0; r < rows; ++r) {

@@ -388,8 +388,7 @@ void gemv_format(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, i
     for (int l = 0; l < 16; ++l) lo += xq[j].qs[l], hi += xq[j].qs[16 + l];
     xs.halves[j] = HalfSums{xs.d[j] * float(lo), xs.d[j] * float(hi)};
   }
-  const int64_t grain = std::max<int64_t>(16, parallel_grain(k * rows));  // 16 rows: a 64-byte line of fp32 out
-  torch::stable::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, n, gemv_grain(k, rows), [&](int64_t begin, int64_t end) {
     // Up to four activation rows share each unpacked chunk.
     const auto rows_from = [&](auto tile, int64_t r0) {
       gemv_rows<T, decltype(tile)::value>(Isa{}, w, k, xq, xs, x_stride, r0, n, begin, end, out, ot);

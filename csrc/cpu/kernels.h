@@ -21,6 +21,9 @@ inline int64_t parallel_grain(int64_t work_per_item) {
   return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, work_per_item));
 }
 
+// The GEMVs' grain in output rows (k * rows multiply-adds each), 16 at least: a 64-byte line of fp32 outputs.
+inline int64_t gemv_grain(int64_t k, int64_t rows) { return std::max<int64_t>(16, parallel_grain(k * rows)); }
+
 // rows x k activations -> rows x q8_1_blocks_per_row(k) Q8_1 blocks, bytes identical to CUDA's.
 void quantize_q8_1(const void* x, FloatType xt, int64_t rows, int64_t k, block_q8_1* out);
 
