@@ -111,10 +111,40 @@ def test_vnni_gemv_gives_the_avx2_bits(kernels, avx2_outputs, tmp_path):
         assert torch.equal(v, avx2[key]), key
 
 
+def best_kernels(flags: set[str]) -> str:
+    """The kernels TORCHEXT_CPU_KERNELS=auto picks on a CPU of these flags."""
+    if not {"avx2", "fma", "f16c"} <= flags:
+        return "portable"
+    return next((name for name in ("avx512vnni", "avxvnni") if VNNI[name] <= flags), "avx2")
+
+
+@pytest.mark.parametrize("choice", ["", "auto", "portable", "avx2"])
+def test_info_names_the_kernels_the_gemvs_run(choice):
+    """torchext.info printed torch's CPU capability, not the kernels torchext's GEMVs pick (_C.cpu_kernels)."""
+    flags = cpu_flags()
+    if choice == "avx2" and not {"avx2", "fma", "f16c"} <= flags:
+        pytest.skip("this CPU lacks AVX2, FMA or F16C")
+    code = "import torchext.info; torchext.info.main([])"
+    env = dict(os.environ, TORCHEXT_CPU_KERNELS=choice, CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    expected = choice if choice not in ("", "auto") else best_kernels(flags) if sys.platform == "linux" else None
+    if expected is not None:
+        assert f"torchext's GEMVs run its {expected} kernels" in r.stdout
+
+
+def test_info_reports_an_unknown_choice():
+    code = "import torchext.info; torchext.info.main([])"
+    env = dict(os.environ, TORCHEXT_CPU_KERNELS="avx9000", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert "torchext's kernels: TORCHEXT_CPU_KERNELS: expected one of" in r.stdout
+
+
 def test_unknown_choice_is_an_error():
     code = "import torch, torchext; torchext.quantize_q8_1(torch.ones(1, 32))"
     env = dict(os.environ, TORCHEXT_CPU_KERNELS="avx9000", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and ("TORCHEXT_CPU_KERNELS: expected 'auto', 'portable', 'avx2', 'avxvnni' or 'avx512vnni', "
-                                 "got 'avx9000'") in r.stderr
+    assert r.returncode != 0 and ("TORCHEXT_CPU_KERNELS: expected one of 'auto', 'portable', 'avx2', 'avxvnni', "
+                                 "'avx512vnni', got 'avx9000'") in r.stderr

@@ -63,8 +63,12 @@ def main(argv=None) -> int:
     op = torch.ops.torchext.qmatmul.default
     keys = [key for key in ("CPU", "CUDA") if op.has_kernel_for_dispatch_key(key)]
     print(f"  kernels registered for: {', '.join(keys)}")
-    print(f"CPU: {torch.backends.cpu.get_cpu_capability()} vector instructions, {torch.get_num_threads()} threads "
-          "(torch.get_num_threads)")
+    try:
+        kernels = f"torchext's GEMVs run its {_C.cpu_kernels()} kernels"
+    except RuntimeError as e:  # TORCHEXT_CPU_KERNELS names no set, or one this CPU lacks: the ops will raise this
+        kernels = f"torchext's kernels: {e}"
+    print(f"CPU: {torch.get_num_threads()} threads (torch.get_num_threads); {kernels}; torch's own ops run its "
+          f"{torch.backends.cpu.get_cpu_capability()} kernels")
     if not torch.cuda.is_available():
         print("GPU: none visible, so the ops run on the CPU")
     for i in range(torch.cuda.device_count()):

@@ -6,10 +6,23 @@
 
 namespace torchext::cpu {
 
+#if defined(__x86_64__) || defined(_M_X64)
+namespace {
+X86Kernels gemv_kernels() {
+  static const X86Kernels isa = cpu_kernels();  // TORCHEXT_CPU_KERNELS as the process's first GEMV found it
+  return isa;
+}
+}  // namespace
+
+const char* gemv_kernels_name() { return kernel_set_name(gemv_kernels()); }
+#else
+const char* gemv_kernels_name() { return "portable"; }
+#endif
+
 void gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows, void* out,
                FloatType ot) {
 #if defined(__x86_64__) || defined(_M_X64)
-  static const X86Kernels isa = cpu_kernels();
+  const X86Kernels isa = gemv_kernels();
   if (isa != X86Kernels::kPortable) return gemv_q8_1_x86(isa, wt, w, n, k, xq, rows, out, ot);
 #endif
   const int64_t xs = q8_1_blocks_per_row(k);

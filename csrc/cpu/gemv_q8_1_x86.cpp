@@ -455,35 +455,49 @@ TORCHEXT_AVX2 void dequantize_span(const uint8_t* w, int64_t n, int64_t k, RowIn
 
 }  // namespace
 
+namespace {
+// The kernel sets by the names TORCHEXT_CPU_KERNELS and torchext.info give them, lesser first.
+constexpr struct {
+  const char* name;
+  X86Kernels kernels;
+} kKernelSets[] = {{"portable", X86Kernels::kPortable},
+                   {"avx2", X86Kernels::kAvx2},
+                   {"avxvnni", X86Kernels::kAvxVnni},
+                   {"avx512vnni", X86Kernels::kAvx512Vnni}};
+}  // namespace
+
 X86Kernels cpu_kernels() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   const bool avxvnni = avx2 && __builtin_cpu_supports("avxvnni");
   const bool avx512vnni = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+  const auto runs = [&](X86Kernels set) {
+    return set == X86Kernels::kPortable || (set == X86Kernels::kAvx2 && avx2) ||
+           (set == X86Kernels::kAvxVnni && avxvnni) || (set == X86Kernels::kAvx512Vnni && avx512vnni);
+  };
   const char* env = std::getenv("TORCHEXT_CPU_KERNELS");
   const std::string choice = env ? env : "";
-  if (choice.empty() || choice == "auto") {
-    return avx512vnni ? X86Kernels::kAvx512Vnni
-           : avxvnni  ? X86Kernels::kAvxVnni
-           : avx2     ? X86Kernels::kAvx2
-                      : X86Kernels::kPortable;
+  if (choice.empty() || choice == "auto") {  // the best set the CPU runs
+    for (int i = std::size(kKernelSets) - 1; i > 0; --i)
+      if (runs(kKernelSets[i].kernels)) return kKernelSets[i].kernels;
+    return X86Kernels::kPortable;
   }
   // TORCHEXT_CPU_KERNELS names lesser kernels (portable: what a CPU without AVX2 runs), so that each
   // can be tested and compared on one CPU.
-  const struct {
-    const char* name;
-    X86Kernels kernels;
-    bool runs;
-  } named[] = {{"portable", X86Kernels::kPortable, true},
-               {"avx2", X86Kernels::kAvx2, avx2},
-               {"avxvnni", X86Kernels::kAvxVnni, avxvnni},
-               {"avx512vnni", X86Kernels::kAvx512Vnni, avx512vnni}};
-  for (const auto& n : named) {
-    if (choice != n.name) continue;
-    TORCHEXT_CHECK(n.runs, "TORCHEXT_CPU_KERNELS=", choice, ": this CPU lacks its instructions");
-    return n.kernels;
+  for (const auto& set : kKernelSets) {
+    if (choice != set.name) continue;
+    TORCHEXT_CHECK(runs(set.kernels), "TORCHEXT_CPU_KERNELS=", choice, ": this CPU lacks its instructions");
+    return set.kernels;
   }
-  fail("TORCHEXT_CPU_KERNELS: expected 'auto', 'portable', 'avx2', 'avxvnni' or 'avx512vnni', got '", choice, "'");
+  std::string names = "'auto'";
+  for (const auto& set : kKernelSets) names += std::string(", '") + set.name + "'";
+  fail("TORCHEXT_CPU_KERNELS: expected one of ", names, ", got '", choice, "'");
+}
+
+const char* kernel_set_name(X86Kernels set) {
+  for (const auto& s : kKernelSets)
+    if (s.kernels == set) return s.name;
+  return "?";
 }
 
 void gemv_q8_1_x86(X86Kernels isa, QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq,

@@ -32,10 +32,15 @@ void quantize_q8_1(const void* x, FloatType xt, int64_t rows, int64_t k, block_q
 void gemv_q8_1(QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, int64_t rows, void* out,
                FloatType ot);
 
+// The kernels the GEMVs run, by the name TORCHEXT_CPU_KERNELS gives them ("portable" off x86-64), for
+// torchext.info.
+const char* gemv_kernels_name();
+
 #if defined(__x86_64__) || defined(_M_X64)
 // The x86-64 kernels the CPU runs, best first; TORCHEXT_CPU_KERNELS may ask for a lesser one.
 enum class X86Kernels { kAvx512Vnni, kAvxVnni, kAvx2, kPortable };
 X86Kernels cpu_kernels();  // read at each call: callers keep the answer of their first
+const char* kernel_set_name(X86Kernels set);  // as TORCHEXT_CPU_KERNELS names it
 inline bool has_avx2() { return cpu_kernels() != X86Kernels::kPortable; }  // AVX2, FMA and F16C at least
 void gemv_q8_1_x86(X86Kernels isa, QType wt, const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq,
                    int64_t rows, void* out, FloatType ot);
