@@ -342,15 +342,16 @@ def test_generate_examples_refuse_options_tiny_ignores(script, args, message, mo
 def test_accuracy_runs_on_a_file(llama_gguf, monkeypatch, capsys):
     """bench/accuracy.py requantizes each matrix into every weight format: once there were more than the
     eight of its first version it died with a KeyError (Q2_K, in its old-rule column) or quantize's
-    RuntimeError (IQ formats, NVFP4). Formats without a quantizer are left out, and the old-rule column
-    holds '-' for the formats whose offsets it does not split."""
+    RuntimeError (IQ formats, NVFP4). Formats without a quantizer (the grid IQ formats, NVFP4) are left out,
+    and the old-rule column holds '-' for the formats whose offsets it does not split."""
     load_script("bench/accuracy.py", monkeypatch).main(["--gguf", str(llama_gguf), "--limit-n", "4"])
     out = capsys.readouterr().out
     rows = {tuple(line.split()[:2]): line.split() for line in out.splitlines()[2:]}
     assert rows[("Q4_K", "file")][2] == "1" and ("Q2_K", "requantized") in rows and ("MXFP4", "requantized") in rows
     assert rows[("Q2_K", "requantized")][-2:] == ["-", "-"]
     assert rows[("Q4_0", "requantized")][-1].endswith("%")
-    assert not any(name.startswith("IQ") or name == "NVFP4" for name, _ in rows)
+    assert ("IQ4_XS", "requantized") in rows
+    assert not any(name in ("IQ2_XS", "IQ1_S", "NVFP4") for name, _ in rows)
 
 
 @pytest.mark.parametrize("args, message", [

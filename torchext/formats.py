@@ -151,14 +151,14 @@ ALIGNMENT = {
     QType.IQ1_S: 2, QType.IQ1_M: 8,
 }
 
-#: The formats torchext.quantize makes (llama.cpp's reference quantizers, or gguf's numpy ones where
-#: llama.cpp has none); the IQ formats need an importance matrix, and come from GGUF files, as NVFP4
-#: weights do (gguf has no NVFP4 quantizer to match).
-QUANTIZABLE_TYPES = tuple(q for q in WEIGHT_TYPES if not q.name.startswith("IQ") and q != QType.NVFP4)
-
 #: The grid-based imatrix formats (kernels/quant_traits_iq_grid.h): the IQ formats but the non-linear
 #: IQ4_NL and IQ4_XS, whose values are a 16-entry table.
 GRID_TYPES = tuple(q for q in WEIGHT_TYPES if q.name.startswith("IQ") and q not in (QType.IQ4_NL, QType.IQ4_XS))
+
+#: The formats torchext.quantize makes (llama.cpp's reference quantizers, or gguf's numpy ones where
+#: llama.cpp has none); the grid formats need an importance matrix, and come from GGUF files, as NVFP4
+#: weights do (gguf has no NVFP4 quantizer to match).
+QUANTIZABLE_TYPES = tuple(q for q in WEIGHT_TYPES if q not in GRID_TYPES and q != QType.NVFP4)
 
 
 def block_values(qtype) -> int:

@@ -1,10 +1,11 @@
 // Dense float32 rows -> GGUF weight blocks: llama.cpp's reference quantizers, written anew.
 //
 // Rules and constants per llama.cpp ggml/src/ggml-quants.c (as of 0.3.36's vendored copy):
-// quantize_row_{q8_0,q4_0,q4_1,q5_0,q5_1}_ref, quantize_row_{q4_K,q5_K,q6_K}_ref, make_qkx2_quants,
-// make_qx_quants and nearest_int. Every intermediate is fp32 and evaluated in the reference's order
-// (this file builds with -ffp-contract=off), so the bytes match llama.cpp's; the 32-value formats
-// also match the `gguf` package's numpy quantizers bit for bit (tests/test_quantize.py).
+// quantize_row_{q8_0,q4_0,q4_1,q5_0,q5_1}_ref, quantize_row_{q2_K,q3_K,q4_K,q5_K,q6_K}_ref,
+// quantize_row_{iq4_nl,iq4_xs}_ref, make_qkx2_quants, make_qx_quants and nearest_int. Every intermediate
+// is fp32 and evaluated in the reference's order (this file builds with -ffp-contract=off), so the bytes
+// match llama.cpp's; the 32-value formats also match the `gguf` package's numpy quantizers bit for bit
+// (tests/test_quantize.py).
 // What the bytes mean is defined by dequantize_chunk in kernels/quant_traits.h.
 #include <torch/csrc/stable/ops.h>
 
@@ -608,6 +609,90 @@ void quantize_block(const float* x, block_q6_K& b) {
   }
 }
 
+// ---------------------------------------------------------------- IQ4_NL, IQ4_XS
+// quantize_row_iq4_nl_ref and quantize_row_iq4_xs_ref: llama.cpp's quantize_row_iq4_nl_impl without an
+// importance matrix (which these two formats do not need: llama-quantize makes them without one), on
+// the 16 non-linear levels kIQ4Levels.
+
+constexpr int kIQ4Trials = 7;  // the scale search's trials on each side of the largest level
+
+// Index of the level nearest to v (best_index_int8's answer); halfway between two levels, the upper one.
+// Below level 0 or above level 15 the comparison below picks that level. The levels are counted rather
+// than searched (best_index_int8 bisects): the search's branches cost a misprediction a step, and the
+// quantizers look up 16 levels a value.
+int nearest_iq4_level(float v) {
+  const int8_t* level = kIQ4Levels;
+  int hi = 1;  // level[hi - 1] <= v < level[hi] for v between level 0 and level 15
+  for (int i = 1; i < 15; ++i) hi += v >= float(level[i]);
+  return v - float(level[hi - 1]) < float(level[hi]) - v ? hi - 1 : hi;
+}
+
+// The scale of 32 values x ~ d * level[q] (weights x^2): q the nearest levels of x * id for the trial
+// inverse scales id, d = sum(w level x) / sum(w level^2) of the trial with the largest sumqx^2 / sumq2,
+// starting from the one that maps the value of largest magnitude to the top level (+113). 0 for a
+// group below kGroupMaxEps.
+float fit_iq4_scale(const float* x) {
+  float amax = 0.0f, max = 0.0f;
+  for (int j = 0; j < 32; ++j) {
+    if (std::fabs(x[j]) > amax) amax = std::fabs(x[j]), max = x[j];
+  }
+  if (amax < kGroupMaxEps) return 0.0f;
+  float sumqx, sumq2;
+  const auto fit = [&](float id) {
+    sumqx = sumq2 = 0.0f;
+    for (int j = 0; j < 32; ++j) {
+      const float q = kIQ4Levels[nearest_iq4_level(id * x[j])], w = x[j] * x[j];
+      sumqx += w * q * x[j];
+      sumq2 += w * q * q;
+    }
+  };
+  fit(1 / (-max / float(kIQ4Levels[0])));
+  float d = sumqx / sumq2, best = d * sumqx;
+  for (int t = -kIQ4Trials; t <= kIQ4Trials; ++t) {
+    fit(float(t + kIQ4Levels[0]) / max);  // the value of largest magnitude near level 0 (-127)
+    if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+      d = sumqx / sumq2;
+      best = d * sumqx;
+    }
+  }
+  return d;
+}
+
+// 32 values' level indices against inverse scale id, packed as nibbles (byte l: value l, value l + 16).
+void pack_iq4_levels(const float* x, float id, uint8_t* qs) {
+  int q[32];
+  for (int j = 0; j < 32; ++j) q[j] = nearest_iq4_level(id * x[j]);
+  pack_nibbles(q, qs);
+}
+
+// IQ4_NL: one fp16 d per 32 values; the levels against the fitted d before its rounding.
+void quantize_block(const float* x, block_iq4_nl& b) {
+  const float d = fit_iq4_scale(x);
+  b.d = float_to_fp16(d);
+  pack_iq4_levels(x, d != 0.0f ? 1 / d : 0.0f, b.qs);
+}
+
+// IQ4_XS: eight sub-blocks' fitted scales as 6-bit multiples ls - 32 of d = -max_scale / 32 (the scale
+// of largest magnitude maps to -32), then each sub-block's levels against d * (ls - 32).
+void quantize_block(const float* x, block_iq4_xs& b) {
+  std::memset(&b, 0, sizeof b);
+  float scales[8], max_scale = 0.0f, amax_scale = 0.0f;
+  for (int j = 0; j < 8; ++j) {
+    scales[j] = fit_iq4_scale(x + 32 * j);
+    if (std::fabs(scales[j]) > amax_scale) amax_scale = std::fabs(scales[j]), max_scale = scales[j];
+  }
+  const float d = -max_scale / 32;
+  b.d = float_to_fp16(d);
+  const float id = d != 0.0f ? 1 / d : 0.0f;
+  for (int j = 0; j < 8; ++j) {
+    const int l = clamp_int(nearest_even(id * scales[j]), -32, 31);
+    const float dl = d * float(l);
+    pack_iq4_levels(x + 32 * j, dl != 0.0f ? 1 / dl : 0.0f, b.qs + 16 * j);
+    b.scales_l[j / 2] |= uint8_t(((l + 32) & 0xF) << (4 * (j % 2)));
+    b.scales_h |= uint16_t(((l + 32) >> 4) << (2 * j));
+  }
+}
+
 // ---------------------------------------------------------------- rows
 
 constexpr fp16_bits kNaNBlockScale = 0x7e00;  // a quiet fp16 NaN
@@ -700,9 +785,9 @@ void quantize(QType wt, const float* x, int64_t n, int64_t k, uint8_t* out) {
            "has none; load such weights from a GGUF file, or quantize to MXFP4 or a k-quant (Q4_K, Q5_K, Q6_K) ",
            "instead");
     } else {
-      fail("qtype: torchext has no quantizer for ", qtype_name(wt), ": llama.cpp makes the IQ formats with an ",
-           "importance matrix (llama-quantize --imatrix); load such weights from a GGUF file, or quantize to a ",
-           "k-quant (Q4_K, Q5_K, Q6_K) instead");
+      fail("qtype: torchext has no quantizer for ", qtype_name(wt), ": llama.cpp makes the grid-based IQ formats ",
+           "with an importance matrix (llama-quantize --imatrix); load such weights from a GGUF file, or quantize ",
+           "to IQ4_XS, IQ4_NL or a k-quant (Q4_K, Q5_K, Q6_K) instead");
     }
   });
   if (!known) fail_unknown_format(wt, "quantize");
