@@ -512,14 +512,21 @@ FP16_SCALED = [q for q in QUANTIZABLE_QTYPES if q != G.MXFP4]
 
 
 @pytest.mark.parametrize("qtype", FP16_SCALED, ids=lambda q: q.name)
-def test_weights_beyond_the_format_raise(qtype):
+@pytest.mark.parametrize("big", [1e10, 5e18, 1e19, 1e30, 3.4e38])
+def test_weights_beyond_the_format_raise(qtype, big):
     """Finite weights whose block scales overflow fp16 (e.g. Q8_0's d = amax/127 from ~8.3e6) once
-    quantized silently to blocks that dequantize to inf/NaN; now an error names w and the row."""
+    quantized silently to blocks that dequantize to inf/NaN; now an error names w and the row. From
+    ~5e18 the searches' sums of x^2-weighted terms overflow, and Q6_K and Q3_K then quantized such a
+    block silently to zeros (a zero scale)."""
     x = gaussian(3, 256, seed=5)
-    x[2, 40] = 1e10
+    x[2, 40] = big
     with pytest.raises(RuntimeError, match=r"^w: row 2 holds finite values up to .* beyond what "
                                            f"{qtype.name} can represent"):
         quantize(x, qtype)
+    x[2] = (np.linspace(-1, 1, 256) * big).astype(np.float32)  # a whole row of huge values
+    with pytest.raises(RuntimeError, match=r"^w: row 2 holds finite values up to "):
+        quantize(x, qtype)
+    x[2] = gaussian(1, 256, seed=5)[0]
     x[2, 40] = 1e3  # within every format's range
     assert np.isfinite(decode(quantize(x, qtype), qtype, 256)).all()
 

@@ -717,7 +717,9 @@ def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     q [B, T, H, D], k and v [B, T, KV, D] (views of a stacked projection are fine: rows at any stride,
     each row's heads and each head's values contiguous). Each q and k head is RMS-normalised over D
     when q_weight / k_weight [D] is given (x / sqrt(mean(x^2) + eps) * weight in fp32, rounded to q's
-    dtype; the weight as the model holds it, e.g. Gemma's 1 + w), then rotated in rotate_half's order,
+    dtype; the weight as the model holds it, e.g. Gemma's 1 + w; a head with values beyond ~1.8e19,
+    whose squares overflow fp32, normalises to zeros, as that formula gives it), then rotated in
+    rotate_half's order,
     x * cos + rotate_half(x) * sin in fp32, by the rows pos[t] of the rotary tables cos, sin [P, D]
     (float32, P >= S: a row for each cache position). k and v are written into k_cache, v_cache
     [B, KV, S, D] at position pos[t] (int64 [T]); returns q as [B, H, T, D] in q's dtype, the layout

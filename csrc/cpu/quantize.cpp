@@ -720,6 +720,16 @@ bool store_nan_block(Block& b) {
 }
 bool store_nan_block(block_mxfp4&) { return false; }
 
+// Past this magnitude a block is out of every format's range whose scales are fp16 (the widest, Q6_K
+// and IQ4_XS, end at 65504 * 128 * 32 ~ 2.7e8) and refused before its fit: the searches weigh values
+// by x^2 and multiply such sums (make_qx_quants, make_q3_quants, the IQ4 fit), which overflow float32
+// for huge values, and a fit can then end in a zero scale (Q6_K from ~5e18, Q3_K from ~1e19), whose
+// block of zeros would pass block_is_finite. MXFP4's power-of-two scales reach FLT_MAX, and its
+// quantizer squares nothing.
+constexpr float kLargestFitted = 4294967296.0f;  // 2^32
+template <class Block>
+constexpr bool kFp16Scales = !std::is_same_v<Block, block_mxfp4>;
+
 // n rows of k values -> n rows of ceil(k / kValues) blocks. A last block that runs past k is
 // quantized from a copy padded with zeros (the k-quants' zero padding); a block holding NaN or
 // +-inf is stored as NaN (store_nan_block); rows run in parallel. A finite block the format cannot
@@ -745,6 +755,11 @@ void quantize_rows(const float* x, int64_t n, int64_t k, uint8_t* out) {
           src = padded;
         }
         if (std::all_of(src, src + kValues, [](float v) { return std::isfinite(v); })) {
+          const auto in_range = [](float v) { return std::fabs(v) <= kLargestFitted; };
+          if (kFp16Scales<Block> && !std::all_of(src, src + kValues, in_range)) {
+            overflow_row.store(r);
+            continue;
+          }
           quantize_block(src, dst[b]);
           if (!block_is_finite<Traits>(reinterpret_cast<const uint8_t*>(&dst[b]))) overflow_row.store(r);
         } else if (!store_nan_block(dst[b])) {  // a non-finite weight keeps its block non-finite, as
