@@ -420,3 +420,40 @@ def test_router_is_transformers_router():
     ours = TopKRouter(router, TOP_K, True)  # a GGUF's F32 router, cast to the input's dtype
     for a, b in zip(ours(x), theirs(x)):
         assert torch.equal(a, b)
+
+
+def test_state_dict_of_another_format_or_float_bytes_is_refused():
+    """QuantExperts kept no format beside its bytes: Q4_0 and Q4_K rows of 256 values are both 144 bytes,
+    so another quantization's state_dict loaded silently (NaN or garbage outputs), and a float tensor was
+    cast to uint8. Now its state_dict carries the formats and sizes (PackedWeightState)."""
+    _, gate, up, down = float_experts()
+    a, b = QuantExperts.from_float(gate, up, down, "Q4_K"), QuantExperts.from_float(gate, up, down, "Q4_0")
+    assert all(getattr(a, p).shape == getattr(b, p).shape for p in ("gate_proj", "up_proj", "down_proj"))
+    before = a.gate_proj.clone()
+    with pytest.raises(RuntimeError, match=r"weights: the state_dict holds Q4_0/Q4_0/Q4_0 bytes \(num_experts="
+                                           r".*this layer is Q4_K/Q4_K/Q4_K \(num_experts="):
+        a.load_state_dict(b.state_dict())
+    floats = {**a.state_dict(), "up_proj": a.up_proj.float()}
+    with pytest.raises(RuntimeError, match=r"up_proj: expected raw Q4_K/Q4_K/Q4_K bytes as a uint8 tensor, got "
+                                           r"torch.float32; quantize float weights first \(QuantExperts.from_float\)"):
+        a.load_state_dict(floats)
+    assert torch.equal(a.gate_proj, before)
+    c = QuantExperts.from_float(gate, up, down, "Q4_K")
+    c.load_state_dict(a.state_dict())  # the same layout loads
+    assert torch.equal(c.down_proj, a.down_proj)
+
+
+def test_experts_over_a_pool_pickle_their_own_bytes():
+    _, gate, up, down = float_experts()
+    e = QuantExperts.from_float(gate, up, down, "Q8_0")
+    pool = torch.zeros(1 << 22, dtype=torch.uint8)
+    views, at = [], 0
+    for t in (e.gate_proj, e.up_proj, e.down_proj):
+        pool[at:at + t.numel()] = t.reshape(-1)
+        views.append(pool[at:at + t.numel()])
+        at += t.numel() + (-t.numel() % 16)
+    over = QuantExperts(*views, "Q8_0", e.num_experts, e.hidden_size, e.intermediate_size)
+    import pickle
+    assert len(pickle.dumps(over)) < 2 * at < pool.numel()  # the experts' bytes, not the 4 MiB pool
+    x, ids, w = torch.randn(3, e.hidden_size), torch.tensor([[0, 1], [2, 3], [1, 0]]), torch.full((3, 2), 0.5)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(over))(x, ids, w), e(x, ids, w), rtol=0, atol=0)

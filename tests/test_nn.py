@@ -647,3 +647,62 @@ def test_gradients_reach_input_and_bias(device):
     w = torchext.dequantize(layer.weight, "Q6_K", 32, 256)
     assert torch.equal(x.grad, g @ w)
     assert torch.equal(layer.bias.grad, g.sum(0))
+
+
+# ---- what a user's hooks, subclasses and lifecycle calls see --------------------------------------
+
+def _q8_0_linear(i, o, seed):
+    torch.manual_seed(seed)
+    return QuantLinear.from_linear(nn.Linear(i, o, bias=False), "Q8_0")
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+def test_hooks_of_shared_input_layers_run_on_the_gemv_path(rows):
+    """gated_mlp and shared_input called forward_q8_1 on a few rows (every decode step), skipping the
+    layers' forward hooks and a subclass's forward, which ran from 17 rows: now the layers are called
+    whenever one has hooks (its own or global) or its own forward."""
+    mlp = QuantGatedMLP(_q8_0_linear(256, 512, 1), _q8_0_linear(256, 512, 2), _q8_0_linear(512, 256, 3), "silu")
+    x = torch.randn(rows, 256)
+    handle = mlp.up_proj.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    with torch.no_grad():
+        assert mlp(x).abs().max() == 0  # silu(gate) * 0 through the down projection
+    handle.remove()
+    pre = mlp.gate_proj.register_forward_pre_hook(lambda m, args: (args[0] * 0,))
+    with torch.no_grad():
+        assert mlp(x).abs().max() == 0  # silu(0) = 0
+    pre.remove()
+    calls = []
+    with torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append(type(m).__name__)):
+        with torch.no_grad():
+            shared_input(x, mlp.gate_proj, mlp.up_proj)
+    assert calls == ["QuantLinear", "QuantLinear"]
+
+    class Doubled(QuantLinear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    doubled = Doubled(mlp.up_proj.weight, "Q8_0", 256, 512)
+    with torch.no_grad():
+        gate, up = shared_input(x, mlp.gate_proj, doubled)
+        torch.testing.assert_close(up, 2 * mlp.up_proj(x), rtol=0, atol=0)
+
+
+def test_from_linear_on_meta_gives_a_meta_layer_to_assign_into():
+    """accelerate's init_empty_weights builds nn.Linear on meta: quantize_linears failed with "Cannot copy
+    out of meta tensor"; now the layer is a meta one of the format's byte shape, filled by
+    load_state_dict(assign=True)."""
+    torch.manual_seed(0)
+    real = quantize_linears(nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 32)), "Q4_K")
+    with torch.device("meta"):
+        empty = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 32))
+    quantize_linears(empty, "Q4_K")
+    assert empty[0].weight.device.type == "meta" and empty[0].weight.shape == real[0].weight.shape
+    empty.load_state_dict(real.state_dict(), assign=True)
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(empty(x), real(x), rtol=0, atol=0)
+
+
+def test_jit_script_says_what_works_instead():
+    with pytest.raises(RuntimeError, match=r"QuantLinear: torch.jit.script cannot compile torchext's modules .* "
+                                           r"torch.compile or torch.export, or torch.jit.trace"):
+        torch.jit.script(_q8_0_linear(256, 64, 0))

@@ -111,7 +111,7 @@ class QuantEmbedding(PackedWeightState, nn.Module):
     """
 
     weight: torch.Tensor
-    _SHAPE = ("num_embeddings", "embedding_dim")  # its state_dict: PackedWeightState's, as QuantLinear's
+    _LAYOUT = ("num_embeddings", "embedding_dim")  # its state_dict: PackedWeightState's, as QuantLinear's
     _QUANTIZE_HINT = "torchext.quantize"
 
     def __init__(self, weight: torch.Tensor, qtype, num_embeddings: int, embedding_dim: int,

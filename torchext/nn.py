@@ -24,7 +24,7 @@ from torch import nn
 
 from .cache import WeightCache
 from .weights import as_weight_rows, check_weight_bytes, weight_format
-from .formats import WEIGHT_TYPES, block_values, row_bytes, whole_blocks_error
+from .formats import WEIGHT_TYPES, QType, block_values, row_bytes, whole_blocks_error
 from .ops import (_flag, gated_gelu_qmatmul, gated_silu_qmatmul, gemv_max_rows, qmatmul, qmatmul_id, qmatmul_q8_1,
                   quantize, quantize_q8_1)
 
@@ -32,27 +32,32 @@ _EXTRA_STATE = "_extra_state"  # the state_dict key of what get_extra_state retu
 
 
 class PackedWeightState:
-    """The state_dict, pickling and copying of a module whose `weight` buffer holds a weight format's
-    raw bytes (QuantLinear, torchext.hf.QuantEmbedding): `qtype`, and the rows and row length under the
-    names in _SHAPE.
+    """The state_dict, pickling and copying of a module whose buffers named in _PACKED hold a weight
+    format's raw bytes (QuantLinear and torchext.hf.QuantEmbedding: `weight`; QuantExperts: its three
+    projections). get_extra_state gives the layout: the format (`format`, or `formats` for several
+    buffers) and the sizes, in _LAYOUT's attributes.
 
     The bytes mean nothing without their format and shape: Q4_0 and Q4_K rows of 256 values are both
-    144 bytes, and a k-quant row of 255 values is one of 256. So the state_dict carries the format and
-    shape beside the weight, and loading refuses a state_dict of another layout (or non-uint8 weights,
-    which copy_ would cast), leaving the module as it was. A module over a view into a larger storage
-    (WeightCache's pool) pickles and deep-copies its own bytes, not the whole pool behind the view.
+    144 bytes, and a k-quant row of 255 values is one of 256. So the state_dict carries the layout
+    beside the bytes, and loading refuses a state_dict of another layout (or non-uint8 bytes, which
+    copy_ would cast), leaving the module as it was. A module over views into a larger storage
+    (WeightCache's pool) pickles and deep-copies its own bytes, not the whole pool behind the views.
     """
 
-    _SHAPE: tuple[str, str]  # the attributes holding the rows and the row length
-    _QUANTIZE_HINT: str      # what makes the bytes from float weights, for the error on float weights
+    _PACKED: tuple[str, ...] = ("weight",)  # the buffers that hold raw bytes
+    _LAYOUT: tuple[str, ...]                # the size attributes saved beside the format
+    _QUANTIZE_HINT: str                     # what makes the bytes from float weights, for the error on float weights
+
+    def _formats(self) -> dict:
+        """The format part of the layout: {"format": name} for one packed buffer."""
+        return {"format": self.qtype.name}
 
     def get_extra_state(self) -> dict:
-        """The format and shape, saved in the state_dict beside the weight's bytes."""
-        rows, length = self._SHAPE
-        return {"format": self.qtype.name, rows: getattr(self, rows), length: getattr(self, length)}
+        """The format and sizes, saved in the state_dict beside the bytes."""
+        return {**self._formats(), **{a: getattr(self, a) for a in self._LAYOUT}}
 
     def set_extra_state(self, state) -> None:
-        """Check a loaded state's format and shape against this module's (ValueError if they differ)."""
+        """Check a loaded state's layout against this module's (ValueError if they differ)."""
         problem = self._layout_problem(state, prefix="")
         if problem is not None:
             raise ValueError(problem)
@@ -64,44 +69,72 @@ class PackedWeightState:
             layout = self._layout_problem(state_dict[prefix + _EXTRA_STATE], prefix)
             if layout is not None:
                 problems.append(layout)
-        weight = state_dict.get(prefix + "weight")
-        if isinstance(weight, torch.Tensor) and weight.dtype != torch.uint8:
-            problems.append(f"{prefix}weight: expected raw {self.qtype.name} bytes as a uint8 tensor, got "
-                            f"{weight.dtype}; quantize float weights first ({self._QUANTIZE_HINT})")
+        formats = "/".join(self._formats().get("formats", [self._formats().get("format")]))
+        for name in self._PACKED:
+            packed = state_dict.get(prefix + name)
+            if isinstance(packed, torch.Tensor) and packed.dtype != torch.uint8:
+                problems.append(f"{prefix}{name}: expected raw {formats} bytes as a uint8 tensor, got "
+                                f"{packed.dtype}; quantize float weights first ({self._QUANTIZE_HINT})")
         if problems:  # load_state_dict raises with these; nothing of this module is overwritten
             error_msgs.extend(problems)
             return
-        if (local_metadata.get("assign_to_params_buffers", False) and isinstance(weight, torch.Tensor)
-                and weight.shape == self.weight.shape):
-            # assign=True installs the tensor itself: the kernels need its rows contiguous and aligned
-            rows = as_weight_rows(weight, self.qtype, *(getattr(self, a) for a in self._SHAPE))
-            if rows is not weight:
-                state_dict = {**state_dict, prefix + "weight": rows}
+        if local_metadata.get("assign_to_params_buffers", False):
+            # assign=True installs the tensors themselves: the kernels need their rows contiguous and aligned
+            replaced = {prefix + name: self._assignable(name, state_dict[prefix + name]) for name in self._PACKED
+                        if isinstance(state_dict.get(prefix + name), torch.Tensor)
+                        and state_dict[prefix + name].shape == getattr(self, name).shape}
+            state_dict = {**state_dict, **replaced}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def _assignable(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """tensor as buffer `name` can hold it (contiguous, aligned rows; a copy where it is not)."""
+        rows, length = self._LAYOUT
+        return as_weight_rows(tensor, self.qtype, getattr(self, rows), getattr(self, length))
+
     def _layout_problem(self, state, prefix: str) -> Optional[str]:
         """Why `state` (a get_extra_state result) does not describe this module, or None."""
-        rows, length = self._SHAPE
-        readable = (isinstance(state, dict) and set(state) == {"format", rows, length}
-                    and state["format"] in {q.name for q in WEIGHT_TYPES}
-                    and all(type(state[key]) is int for key in (rows, length)))
+        own = self.get_extra_state()
+        names = {q.name for q in WEIGHT_TYPES}
+        readable = (isinstance(state, dict) and list(state) == list(own)
+                    and all(type(state[key]) is int for key in self._LAYOUT)
+                    and ("format" not in own or state["format"] in names)
+                    and ("formats" not in own or (type(state["formats"]) is list
+                                                  and len(state["formats"]) == len(own["formats"])
+                                                  and all(f in names for f in state["formats"]))))
         name = type(self).__name__
         if not readable:
-            return f"{prefix}{_EXTRA_STATE}: expected {{'format', '{rows}', '{length}'}} of a {name}, got {state!r}"
-        if state != self.get_extra_state():
-            return (f"{prefix}weight: the state_dict holds {state['format']} bytes ({rows}={state[rows]}, "
-                    f"{length}={state[length]}), this layer is {self.qtype.name} ({rows}={getattr(self, rows)}, "
-                    f"{length}={getattr(self, length)}); load it into a {name} of that format and shape")
+            keys = "{" + ", ".join(repr(key) for key in own) + "}"
+            return f"{prefix}{_EXTRA_STATE}: expected {keys} of a {name}, got {state!r}"
+        if state != own:
+            return (f"{prefix}{self._PACKED[0] if len(self._PACKED) == 1 else 'weights'}: the state_dict holds "
+                    f"{_describe_layout(state)}, this layer is {_describe_layout(own).replace(' bytes', '', 1)}; "
+                    f"load it into a {name} of that format and shape")
         return None
 
     def __getstate__(self) -> dict:
         """pickle, torch.save of the module, copy.deepcopy: a pool view's own bytes."""
         state = dict(super().__getstate__())  # object's is the instance's own __dict__
-        w = self.weight
-        if w.device.type != "meta" and w.untyped_storage().nbytes() > w.numel():
-            state["_buffers"] = {**state["_buffers"], "weight": w.clone()}
+        buffers = dict(state["_buffers"])
+        for name in self._PACKED:
+            w = buffers[name]
+            if w.device.type != "meta" and w.untyped_storage().nbytes() > w.numel():
+                buffers[name] = w.clone()
+        state["_buffers"] = buffers
         return state
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script's hook: scripting fails on the custom ops' Python wrappers with a message
+        about type annotations; say what works instead."""
+        raise RuntimeError(f"{type(self).__name__}: torch.jit.script cannot compile torchext's modules (their "
+                           "ops are called through Python); use torch.compile or torch.export, or torch.jit.trace")
+
+
+def _describe_layout(state: dict) -> str:
+    """'Q4_K bytes (out_features=64, in_features=256)' of a get_extra_state result."""
+    formats = state["format"] if "format" in state else "/".join(state["formats"])
+    sizes = ", ".join(f"{key}={value}" for key, value in state.items() if key not in ("format", "formats"))
+    return f"{formats} bytes ({sizes})"
 
 
 class QuantLinear(PackedWeightState, nn.Module):
@@ -118,7 +151,7 @@ class QuantLinear(PackedWeightState, nn.Module):
     """
 
     weight: torch.Tensor
-    _SHAPE = ("out_features", "in_features")
+    _LAYOUT = ("out_features", "in_features")
     _QUANTIZE_HINT = "QuantLinear.from_linear"
 
     def __init__(self, weight: torch.Tensor, qtype, in_features: int, out_features: int,
@@ -167,13 +200,19 @@ class QuantLinear(PackedWeightState, nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, qtype) -> "QuantLinear":
         """Quantize a float nn.Linear (torchext.quantize, llama.cpp's reference quantizers, on the
-        CPU). The bytes go to the linear's device; the bias keeps its dtype."""
+        CPU). The bytes go to the linear's device; the bias keeps its dtype. A linear on the meta
+        device (accelerate's init_empty_weights) gives a meta layer of the format's byte shape, whose
+        bytes a load_state_dict(..., assign=True) then supplies."""
         q = weight_format(qtype)
         out_features, in_features = linear.weight.shape
         if (whole := whole_blocks_error(q, in_features, "in_features")) is not None:
             raise ValueError(f"{whole}, got {in_features}; use a k-quant (Q4_K, Q5_K, Q6_K) or leave this layer "
                              "in float")
         w = linear.weight.detach()
+        if w.device.type == "meta":  # no values to quantize: bytes of the right shape, for load_state_dict(assign=True)
+            data = torch.empty(out_features, row_bytes(q, in_features), dtype=torch.uint8, device="meta")
+            bias = None if linear.bias is None else linear.bias.detach()
+            return cls(data, q, in_features, out_features, bias)
         try:
             data = quantize(w.to("cpu", torch.float32).contiguous(), q).to(w.device)
         except RuntimeError as e:  # the op's refusals (non-finite or too large weights, formats it cannot make)
@@ -204,10 +243,19 @@ def check_bias(bias, out_features: int) -> None:
         raise ValueError(f"bias: expected a float tensor of shape [{out_features}], got {got}")
 
 
+def _calls_forward_alone(m: QuantLinear) -> bool:
+    """Whether calling m runs QuantLinear.forward and nothing else: no forward hooks (its own or global,
+    which m(x) runs and forward_q8_1 would skip), no subclass forward."""
+    from torch.nn.modules import module as torch_module
+    return (type(m).forward is QuantLinear.forward and not (m._forward_hooks or m._forward_pre_hooks)
+            and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks))
+
+
 def takes_q8_1(x: torch.Tensor, *layers: QuantLinear) -> bool:
     """Whether the layers, all reading x, take qmatmul's GEMV path on one Q8_1 copy of x: all
-    QuantLinear (other modules, such as torchext.parallel's sharded layers, have no forward_q8_1),
-    at most ops.gemv_max_rows(x, out_features, qtype) rows for each (and some), one in_features, and
+    QuantLinear (other modules, such as torchext.parallel's sharded layers, have no forward_q8_1)
+    whose call is its forward alone (no forward hooks, no subclass forward: calling forward_q8_1
+    would skip them), at most ops.gemv_max_rows(x, out_features, qtype) rows for each (and some), one in_features, and
     no layer exact (exact ones never round x). Then a caller may quantize x itself (quantize_q8_1, or
     an op that computes and quantizes x in one kernel) and call each layer's forward_q8_1.
     Never while autograd wants x's gradient: Q8_1 bytes carry none, so the layers then take x
@@ -215,7 +263,7 @@ def takes_q8_1(x: torch.Tensor, *layers: QuantLinear) -> bool:
     Never for a symbolic row count either (torch.export's dynamic dimensions, dynamic compiles): the
     choice would be a guard on it, where each layer's qmatmul makes the same choice inside the op; nor
     for an x that is not the layers' input (whose own errors then name x)."""
-    if x.dim() == 0 or not all(isinstance(m, QuantLinear) for m in layers):
+    if x.dim() == 0 or not all(isinstance(m, QuantLinear) and _calls_forward_alone(m) for m in layers):
         return False
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return (not isinstance(rows, torch.SymInt) and rows > 0 and not (x.requires_grad and torch.is_grad_enabled())
@@ -329,16 +377,22 @@ def _expert_formats(qtypes) -> tuple:
     return formats
 
 
-class QuantExperts(nn.Module):
+class QuantExperts(PackedWeightState, nn.Module):
     """E SwiGLU experts, down(silu(gate(x)) * up(x)), as three quantized weights [E, n, row_bytes]:
     gate and up [E, intermediate_size, hidden_size], down [E, hidden_size, intermediate_size] (GGUF's
     ffn_gate_exps, ffn_up_exps, ffn_down_exps). qtypes: one format for all three, or (gate, up, down).
+    Its state_dict carries the formats and sizes beside the bytes (PackedWeightState: loading another
+    format's or size's bytes raises).
 
     forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H], as transformers'
     Qwen3MoeExperts: sum_j top_k_weights[t, j] * expert_{top_k_index[t, j]}(hidden_states[t]). The
     weighted sum runs in float32 and is rounded once to the hidden states' dtype (transformers adds
     the experts' outputs in that dtype). exact=True: activations never rounded (qmatmul_id's exact).
     """
+
+    _PACKED = ("gate_proj", "up_proj", "down_proj")
+    _LAYOUT = ("num_experts", "hidden_size", "intermediate_size")
+    _QUANTIZE_HINT = "QuantExperts.from_float"
 
     def __init__(self, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor, qtypes,
                  num_experts: int, hidden_size: int, intermediate_size: int, exact: bool = False) -> None:
@@ -351,8 +405,19 @@ class QuantExperts(nn.Module):
                   "down_proj": (self.hidden_size, self.intermediate_size)}
         for (name, (n, k)), tensor, q in zip(shapes.items(), (gate_proj, up_proj, down_proj), self.qtypes):
             check_weight_bytes(tensor, q, self.num_experts * n, k, names=(name, "num_experts x rows", "row length"))
-            rows = as_weight_rows(tensor, q, self.num_experts * n, k)
-            self.register_buffer(name, rows.view(self.num_experts, n, row_bytes(q, k)))
+            self.register_buffer(name, self._expert_rows(tensor, q, n, k))
+
+    def _expert_rows(self, tensor: torch.Tensor, q: QType, n: int, k: int) -> torch.Tensor:
+        """tensor's bytes as [E, n, row_bytes]: contiguous, aligned rows (a copy where they are not)."""
+        return as_weight_rows(tensor, q, self.num_experts * n, k).view(self.num_experts, n, row_bytes(q, k))
+
+    def _formats(self) -> dict:
+        return {"formats": [q.name for q in self.qtypes]}
+
+    def _assignable(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        h, i = self.hidden_size, self.intermediate_size
+        n, k = (h, i) if name == "down_proj" else (i, h)
+        return self._expert_rows(tensor, self.qtypes[self._PACKED.index(name)], n, k)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
