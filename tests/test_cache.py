@@ -12,6 +12,7 @@ accumulation of exact weights beyond. A dense F32 weight: F.linear's fp32 sums (
 from __future__ import annotations
 
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -658,6 +659,35 @@ def test_stack_rows_of_individual_entries(stack_file, device):
     assert cache.stackable_runs(["a.weight", "b.weight", "f.weight", "c.weight", "d.weight", "a.weight"]) == [
         ["a.weight", "b.weight", "f.weight"], ["c.weight"], ["d.weight"], ["a.weight"]]
     assert cache.stackable_runs(["a.weight", "a.weight", "b.weight"]) == [["a.weight"], ["a.weight", "b.weight"]]
+
+
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("change", ["put", "remove", "load"])
+def test_replacing_a_member_drops_its_group(stack_file, pool, change):
+    """After stack_rows, replacing a member (put, or load_gguf of a file holding its name) left the
+    group's entry with the old bytes: a model built on the group (Gemma3(cache, stack=False)) ran them
+    silently, and stacking again said the group's name was taken. Now the group's entry goes with the
+    change, and stacking again builds it from the members as they are."""
+    cache = WeightCache.from_gguf(stack_file, pool=pool).stack_rows(STACK_GROUPS)
+    a = cache["a.weight"]
+    new_a = torch.flip(a.tensor, [0]).clone()
+    if change == "put":
+        cache.put("a.weight", new_a, a.qtype, a.n, a.k)
+    elif change == "remove":
+        cache.remove("a.weight")
+    else:
+        cache.load_gguf(stack_file, names=["a.weight"])
+    assert "ab" not in cache and "ce" in cache  # only the changed member's group
+    if change == "remove":
+        return
+    cache.stack_rows(STACK_GROUPS)
+    expected = new_a if change == "put" else a.tensor
+    assert torch.equal(cache["ab"].tensor[:a.n], expected) and torch.equal(cache["a.weight"].tensor, expected)
+    x = gaussian_activations((2, a.k), seed=1)
+    torch.testing.assert_close(cache.matmul("ab", x)[:, :a.n], cache.matmul("a.weight", x), rtol=0, atol=0)
+    again = pickle.loads(pickle.dumps(cache))  # the record of the groups survives pickling
+    again.put("b.weight", again["b.weight"].tensor.clone(), a.qtype, again["b.weight"].n, a.k)
+    assert "ab" not in again
 
 
 @pytest.mark.parametrize("pool", [False, True])

@@ -69,6 +69,7 @@ class WeightCache:
         self._entries: dict[str, CacheEntry] = {}  # individually added (put, load_gguf without pool)
         self._pooled: dict[str, CacheEntry] = {}  # views into self._pool, in file order
         self._pool: torch.Tensor | None = None  # a GGUF data section as one uint8 tensor
+        self._groups: dict[str, tuple[str, ...]] = {}  # stack_rows' groups: name -> its members
         self.load_seconds: float | None = None  # wall time of the last load_gguf (host side)
 
     # ---- entries -----------------------------------------------------------------------------
@@ -101,9 +102,20 @@ class WeightCache:
 
     def _store(self, name: str, entry: CacheEntry) -> None:
         """Hold entry as an individual one; a name held by the pool leaves the pool's map."""
+        self._drop_groups_of(name)
         if name in self._pooled:
             self._unpool(name)
         self._entries[name] = entry
+
+    def _drop_groups_of(self, name: str) -> None:
+        """Forget the stacked groups that `name` is (or is a member of), removing each group's entry:
+        once a member is replaced or removed, the group's bytes are no longer its members' (a model
+        built on the group would silently run the old weights)."""
+        for group, members in list(self._groups.items()):
+            if name == group or name in members:
+                del self._groups[group]
+                if group != name and group in self:
+                    self.remove(group)
 
     @staticmethod
     def _dense_entry(tensor, n, k) -> CacheEntry:
@@ -136,6 +148,7 @@ class WeightCache:
     def remove(self, name: str) -> CacheEntry:
         """Drop `name` and return its entry (KeyError when there is none)."""
         entry = self.get(name)
+        self._drop_groups_of(name)
         if name in self._pooled:
             self._unpool(name)
         else:
@@ -154,12 +167,14 @@ class WeightCache:
         Pooled entries move into a new pool laid out with each all-pooled group's members together
         (one device copy of the pool; the old one is freed once nothing else views it); a group with
         an individual member becomes one new tensor. A group whose name is already cached with its
-        members as views of its rows is left as it is, so calling this again is a no-op.
+        members as views of its rows is left as it is, so calling this again is a no-op. Replacing or
+        removing a member (put, remove, load_gguf) later removes the group's entry.
         """
         todo = {}
         for group, members in groups.items():
             members = _name_list(members, group)
             if group in self and self._members_view(group, members):
+                self._groups[group] = tuple(members)
                 continue
             if group in self or not members:
                 raise ValueError(f"{group}: " + ("the name is taken by another weight" if members else
@@ -191,6 +206,7 @@ class WeightCache:
                              sum(e.n for e in entries), entries[0].k)
                 for m, e, row in zip(members, entries, itertools.accumulate([e.n for e in entries], initial=0)):
                     self.put(m, g.tensor[row:row + e.n], e.qtype, e.n, e.k)
+        self._groups.update((group, tuple(members)) for group, members in todo.items())
         return self
 
     def stackable_runs(self, names: Sequence[str]) -> list[list[str]]:
@@ -359,6 +375,7 @@ class WeightCache:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self._groups = state.get("_groups", {})  # older pickles kept no record of their groups
         # a cache pickled before __getstate__ existed holds its entries themselves
         self._pooled = {name: v if isinstance(v, CacheEntry) else v[0]._replace(tensor=_pool_view(self._pool, *v[1]))
                         for name, v in state["_pooled"].items()}
@@ -518,7 +535,11 @@ class WeightCache:
             if progress is not None:
                 progress(i + 1, len(g.tensors), t.name)
         for name in pooled:
-            self._entries.pop(name, None)  # the file's tensor replaces an individual one of that name
+            if name in self._entries:  # the file's tensor replaces an individual one of that name
+                self._drop_groups_of(name)
+                del self._entries[name]
+        for name in others:
+            self._drop_groups_of(name)
         self._entries.update(others)
         self._pool, self._pooled = (pool if pooled else None), pooled  # a pool lives while an entry views it
 
