@@ -484,7 +484,6 @@ def test_pool_pickles_once(gguf_file, tmp_path):
     """pickle (and copy.deepcopy, torch.save) keep the pool one tensor: its entries travel as their
     places in it, not as views, each of which pickle would write with the whole pool behind it."""
     import copy
-    import pickle
 
     path, written = gguf_file
     cache = WeightCache.from_gguf(path, pool=True)
@@ -715,7 +714,6 @@ def test_stacked_individual_entries_stay_views(stack_file, tmp_path):
     and .to() once gave each member a copy: 2-4x the memory, and stack_rows again then refused the
     group's name)."""
     import copy
-    import pickle
 
     pooled = WeightCache.from_gguf(stack_file, pool=True)
     cache = WeightCache()

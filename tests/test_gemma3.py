@@ -292,3 +292,23 @@ def test_greedy_token_is_argmax():
     for vocab in (262144, 1000):  # chunked, and a vocabulary that does not split into chunks
         x = torch.randint(0, 4, (3, vocab), generator=gen).float()  # many ties
         assert torch.equal(greedy_token(x), x.argmax(-1, keepdim=True))
+
+
+def test_state_dict_saves_and_dtype_conversions_say_what_to_do(loaded):
+    """The norms were float32 views of the pool's uint8 bytes beside the QuantLinears' uint8 views, and
+    torch.save refuses views of one storage as two dtypes: saving the model or its state_dict raised.
+    .bfloat16() / .half() converted the caches and tables but not the model's dtype, and forward then
+    failed in an op on mismatched dtypes; the dtype is fixed when the model is built, and says so."""
+    import io
+    model, _, stats = loaded
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    assert buf.tell() < 1.1 * stats["pool_bytes"]  # the pool once: every packed weight views it
+    state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert torch.equal(state["blocks.3.ffn_norm.weight"], model.blocks[3].ffn_norm.weight)
+    torch.save(model, io.BytesIO())
+    for convert in (lambda m: m.bfloat16(), lambda m: m.half(), lambda m: m.to(torch.float64)):
+        with pytest.raises(ValueError, match=r"dtype: this Gemma3 computes in torch.float32, the dtype it was built "
+                                             r"with; build one in torch.\w+ over the same weights instead"):
+            convert(model)
+    assert model.to("cpu").float() is model and model.blocks[0].attn.k_cache.dtype == torch.float32

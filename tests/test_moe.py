@@ -457,3 +457,21 @@ def test_experts_over_a_pool_pickle_their_own_bytes():
     assert len(pickle.dumps(over)) < 2 * at < pool.numel()  # the experts' bytes, not the 4 MiB pool
     x, ids, w = torch.randn(3, e.hidden_size), torch.tensor([[0, 1], [2, 3], [1, 0]]), torch.full((3, 2), 0.5)
     torch.testing.assert_close(pickle.loads(pickle.dumps(over))(x, ids, w), e(x, ids, w), rtol=0, atol=0)
+
+
+def test_block_over_a_pool_saves(tmp_path):
+    """The shared expert's gate weight was a float32 view of a pooled cache's uint8 bytes, beside the
+    experts' uint8 views: torch.save refused the block and its state_dict."""
+    import io
+    path = tmp_path / "moe.gguf"
+    write_moe_gguf(path, shared=True)
+    cache = WeightCache.from_gguf(path, pool=True)
+    block = QuantSparseMoeBlock.from_cache(cache, "blk.0", top_k=TOP_K, norm_topk_prob=False)
+    buf = io.BytesIO()
+    torch.save(block.state_dict(), buf)
+    assert buf.tell() < 1.1 * cache.pool_bytes
+    again = QuantSparseMoeBlock.from_cache(WeightCache.from_gguf(path), "blk.0", top_k=TOP_K, norm_topk_prob=False)
+    again.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    x = gaussian_activations((3, H), seed=4)
+    torch.testing.assert_close(again(x), block(x), rtol=0, atol=0)
+    torch.save(block, io.BytesIO())

@@ -600,7 +600,9 @@ class QuantSparseMoeBlock(nn.Module):
             layers = [QuantLinear.from_cache(cache, f"{prefix}.ffn_{p}_shexp.weight") for p in ("gate", "up", "down")]
             for layer in layers:
                 layer.exact = exact
-            shared = QuantSharedExpert(*layers, entry("ffn_gate_inp_shexp").tensor)
+            # its own copy: a pooled cache's dense tensors are float views of the pool's uint8 bytes, and
+            # torch.save refuses a state_dict with views of one storage as two dtypes
+            shared = QuantSharedExpert(*layers, entry("ffn_gate_inp_shexp").tensor.clone())
         return cls(TopKRouter(proj, top_k, norm_topk_prob), experts, shared)
 
     @classmethod

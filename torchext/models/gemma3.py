@@ -115,7 +115,9 @@ class RMSNorm(nn.Module):
 
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
         super().__init__()
-        self.register_buffer("weight", weight)
+        # its own copy: a pooled cache's dense tensors are float views of the pool's uint8 bytes, and
+        # torch.save refuses a state_dict with views of one storage as two dtypes (the QuantLinears' bytes)
+        self.register_buffer("weight", weight.clone())
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -377,6 +379,17 @@ class Gemma3(nn.Module):
         for block in self.blocks:
             block.attn.k_cache.zero_()
             block.attn.v_cache.zero_()
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module's conversions (.to, .cuda, .half, .bfloat16, ...): the device may change, the dtype
+        may not. The caches, the rotary tables (float32 whatever the dtype) and the kernels' inputs follow
+        the dtype the model was built with; converted, forward failed in an op on mismatched dtypes."""
+        probe = fn(torch.empty(0, dtype=self.dtype))  # what the conversion makes of the model's activations
+        if probe.dtype != self.dtype:
+            raise ValueError(f"dtype: this Gemma3 computes in {self.dtype}, the dtype it was built with; build one in "
+                             f"{probe.dtype} over the same weights instead (Gemma3(model.weights, model.cfg, "
+                             f"dtype=...), or load_gemma3(path, dtype=...))")
+        return super()._apply(fn, recurse)
 
 
 def load_gemma3(path: str | os.PathLike, device=None, dtype: torch.dtype = torch.float32, batch: int = 1,
