@@ -91,6 +91,22 @@ def test_lora_layers_wrap_the_packed_layers(trained):
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
 
 
+def test_a_peft_model_pickles(trained):
+    """QuantLoraLinear was a class made inside a function: pickle, torch.save(model) and spawned workers
+    could not find it ("Can't pickle local object"). It is torchext.hf.QuantLoraLinear now."""
+    import io
+    import pickle
+    peft_model = trained[0]
+    assert hf.QuantLoraLinear is hf.quant_lora_linear_class()
+    again = pickle.loads(pickle.dumps(peft_model))
+    ids = torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, peft_model(ids).logits, rtol=0, atol=0)
+    buf = io.BytesIO()
+    torch.save(peft_model, buf)
+    assert type(torch.load(io.BytesIO(buf.getvalue()), weights_only=False)) is type(peft_model)
+
+
 def test_training_reduces_the_loss_and_leaves_the_bytes(trained):
     peft_model, losses, grads, before = trained
     assert losses[-1] < 0.8 * losses[0], losses

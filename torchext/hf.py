@@ -765,7 +765,17 @@ def quant_lora_linear_class() -> type:
                              "bytes, which a dense update cannot be added to. Keep the adapter unmerged (it runs "
                              "beside the packed weight), or merge into a dense copy of the model")
 
+    # pickle finds a class by module and name: torchext.hf.QuantLoraLinear (the module's __getattr__)
+    QuantLoraLinear.__module__, QuantLoraLinear.__qualname__ = __name__, "QuantLoraLinear"
     return QuantLoraLinear
+
+
+def __getattr__(name: str):
+    """torchext.hf.QuantLoraLinear, made on first use (quant_lora_linear_class): pickle and torch.load of
+    a peft model over torchext layers look the class up here."""
+    if name == "QuantLoraLinear":
+        return quant_lora_linear_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _measure_load_memory(path: str) -> None:
