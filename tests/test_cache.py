@@ -758,3 +758,16 @@ def test_stack_rows_errors(stack_file, groups, error, match):
     with pytest.raises(error, match=match):
         cache.stack_rows(groups)
     assert cache.names() == names and [e.tensor.data_ptr() for _, e in cache.items()] == ptrs  # untouched
+
+
+def test_total_bytes_counts_the_storage_an_entry_keeps():
+    """An entry put as a view of a larger tensor keeps all of it allocated: total_bytes counted the view's
+    bytes (4,352 of 1,114,112); it counts each storage behind the individual entries once."""
+    q, n, k = QType.Q8_0, 256, 4096
+    big = random_weight(q, n, k, seed=3)
+    cache = WeightCache()
+    cache.put("small", big[:1], q, 1, k)
+    cache.put("other", big[1:2], q, 1, k)
+    assert cache.total_bytes() == big.numel()
+    cache.put("dense", torch.ones(3, 8))
+    assert cache.total_bytes() == big.numel() + 3 * 8 * 4

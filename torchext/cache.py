@@ -355,10 +355,13 @@ class WeightCache:
 
     def total_bytes(self) -> int:
         """Bytes held: the pool once (its entries are views, and bytes that no entry uses any more
-        are still allocated) plus every individual entry's tensor, once where entries share bytes."""
-        inside = self._views_inside()
-        return self.pool_bytes + sum(e.tensor.numel() * e.tensor.element_size()
-                                     for name, e in self._entries.items() if name not in inside)
+        are still allocated) plus the storage behind the individual entries, each storage once (entries
+        that share bytes, and an entry put as a view of a larger tensor, which keeps all of it)."""
+        storages = {}
+        for e in self._entries.values():
+            storage = e.tensor.untyped_storage()
+            storages[storage._cdata] = storage.nbytes()  # _cdata: the storage itself (meta ones have no address)
+        return self.pool_bytes + sum(storages.values())
 
     def __getstate__(self) -> dict:
         """pickle's (and copy.deepcopy's) state: the pool once, and each of its entries as its place in
