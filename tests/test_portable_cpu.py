@@ -6,7 +6,9 @@ dequantize, quantize_q8_1 and embedding compute one formula per value and must g
 The GEMV (1 to 16 rows) sums the same exact per-block terms in a different order: within fp32
 summation error, 1e-5 * (|x^| @ |W|.T) with x^ the Q8_1-rounded activations (test_matmul's bound for
 fp32 accumulation; |x^| <= 2|x| elementwise up to blocks' rounding, so 2e-5 * (|x| @ |W|.T) is used). GELU's vector exp/erf differ from libm's in the last bits:
-within 4 fp32 ulps (measured <= 1). The dense path (17+ rows) is torch's GEMM either way. The VNNI
+within 4 fp32 ulps (measured <= 1). cached_attention (the AVX2 path's vector exp and summation order, and
+a decode row cut into spans) is checked on both sides against test_attention's float64 oracle within its
+bound. The dense path (17+ rows) is torch's GEMM either way. The VNNI
 and AVX2 GEMVs differ only in the instructions of their exact integer dot products: every output
 is the same bits.
 """
@@ -23,9 +25,15 @@ import torch
 
 import torchext
 from conftest import WEIGHT_QTYPES, random_weight
+from test_attention import bound as attention_bound
+from test_attention import inputs as attention_inputs
+from test_attention import oracle as attention_oracle
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = {q: (48, 512) for q in WEIGHT_QTYPES}
+# (batch, heads, kv_heads, keys, dim, positions, window): a decode row of several spans, and rows of one
+ATTENTION_CASES = {"decode": (1, 4, 1, 600, 256, [599], 0), "rows": (2, 8, 2, 129, 40, [128, 3], 0)}
+ATTENTION_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 
 
 def outputs() -> dict:
@@ -46,6 +54,9 @@ def outputs() -> dict:
     out["quantize_q8_1"] = torchext.quantize_q8_1(x)
     out["gelu"] = torchext.gelu(x)
     out["gelu-tanh"] = torchext.gelu(x, approximate="tanh")
+    for case, shape in ATTENTION_CASES.items():
+        for name, dtype in ATTENTION_DTYPES.items():
+            out[f"attention-{case}-{name}"] = torchext.cached_attention(*attention_inputs(shape, dtype, "cpu"))
     return out
 
 
@@ -78,6 +89,13 @@ def test_portable_kernels_agree_with_the_default_ones(tmp_path):
             assert torch.equal(p, d), key
         elif key.startswith("gelu"):
             assert ((p - d).abs() <= 2.0**-20 * default["x-gelu"].abs() + 1e-37).all(), key
+        elif key.startswith("attention"):
+            _, case, name = key.split("-")
+            dtype = ATTENTION_DTYPES[name]
+            q, k, v, pos, scale, window = attention_inputs(ATTENTION_CASES[case], dtype, "cpu")
+            ref = attention_oracle(q, k, v, pos, scale, window)
+            tol = attention_bound(q, k, v, scale, ref, dtype)
+            assert ((p.double() - ref).abs() <= tol).all() and ((d.double() - ref).abs() <= tol).all(), key
         elif key.startswith("qmatmul"):
             _, name, rows = key.split("-")
             q = torchext.QType[name]

@@ -349,12 +349,6 @@ struct Avx512Vnni {
   }
 };
 
-TORCHEXT_AVX2_INLINE float sum_lanes(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
-
 // d_x times the sums of a Q8_1 block's quants 0..15 and 16..31: what mins of 16 values meet.
 struct HalfSums {
   float lo, hi;
