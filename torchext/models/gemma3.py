@@ -21,7 +21,7 @@ converter adds the one), so the norm multiplies by them directly.
 
 The key/value cache is static ([batch, kv_heads, max_seq_len, head_dim] per layer) and positions
 are a tensor, so a decode step has fixed shapes: it compiles with fullgraph=True and replays as a
-CUDA graph. On CUDA a decode step's q/k norms, rotary embedding and cache writes are one op
+CUDA graph. A decode step's q/k norms, rotary embedding and cache writes are one op
 (torchext.rope_cache_write), and its attention reads only the keys each position sees
 (torchext.cached_attention), so its cost follows the cache's fill, not max_seq_len; it writes
 the output projection's Q8_1 input itself (torchext.cached_attention_quantize_q8_1).
@@ -224,7 +224,7 @@ class Attention(nn.Module):
         k = k.view(b, t, cfg.kv_heads, cfg.head_dim)
         v = v.view(b, t, cfg.kv_heads, cfg.head_dim)
         window = 0 if self.is_global else cfg.sliding_window  # key j is visible from p: j <= p, p - j < window
-        if t <= DECODE_ROWS and h.is_cuda:
+        if t <= DECODE_ROWS:
             # A decode step: q/k norm, rotary embedding and the cache writes in one kernel
             # (rope_cache_write, on the projections' views; it indexes the tables itself, where a
             # cos[pos] here would be a kernel a layer under inductor), then cached_attention, which
@@ -252,12 +252,14 @@ class Attention(nn.Module):
         visible = kpos[None, :] <= pos[:, None]
         if window:
             visible = visible & (pos[:, None] - kpos[None, :] < window)
-        # A prompt (enough query rows for SDPA's fused kernel to fill the GPU: 33k against 24k tok/s
-        # for 512 tokens on the H100), or the CPU, where eager products write [heads, max_seq_len,
-        # head_dim] temporaries (2-core Xeon VM, bench/cpu.py --gemma, 256 positions: 45 -> 53 tok/s
-        # with SDPA). Grouped-query attention without repeating the cache: the `group` query heads of
-        # each key/value head become rows of one matrix, [b, kv_heads, group * t, head_dim], over the
-        # whole static cache with the invisible keys masked.
+        # A prompt: enough query rows for SDPA's fused kernel to fill the GPU (33k against 24k tok/s
+        # for 512 tokens on the H100) and its GEMMs the CPU's (the CPU's cached_attention took 1.4x
+        # SDPA's time on 256 fp32 rows, 5x on bf16 ones). Decode steps took this path on the CPU too
+        # until its cached_attention was vectorized: 1 thread of the 2-core Xeon VM, fp32, 32 tokens
+        # after a 16-token prompt, 27 against 31 tok/s at max_seq_len 256, 24 against 29 at 1024 (the
+        # masked products grow with the cache's capacity). Grouped-query attention without repeating
+        # the cache: the `group` query heads of each key/value head become rows of one matrix,
+        # [b, kv_heads, group * t, head_dim], over the whole static cache with the invisible keys masked.
         group = cfg.heads // cfg.kv_heads
         qg = q.view(b, t, cfg.kv_heads, group, cfg.head_dim).permute(0, 2, 3, 1, 4)
         qg = qg.reshape(b, cfg.kv_heads, group * t, cfg.head_dim)
