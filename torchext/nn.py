@@ -69,7 +69,7 @@ class PackedWeightState:
             layout = self._layout_problem(state_dict[prefix + _EXTRA_STATE], prefix)
             if layout is not None:
                 problems.append(layout)
-        formats = "/".join(self._formats().get("formats", [self._formats().get("format")]))
+        formats = _describe_layout(self.get_extra_state()).split(" ")[0]  # "Q4_K", or "Q4_K/Q4_K/Q6_K"
         for name in self._PACKED:
             packed = state_dict.get(prefix + name)
             if isinstance(packed, torch.Tensor) and packed.dtype != torch.uint8:
@@ -96,7 +96,7 @@ class PackedWeightState:
         """Why `state` (a get_extra_state result) does not describe this module, or None."""
         own = self.get_extra_state()
         names = {q.name for q in WEIGHT_TYPES}
-        readable = (isinstance(state, dict) and list(state) == list(own)
+        readable = (isinstance(state, dict) and set(state) == set(own)
                     and all(type(state[key]) is int for key in self._LAYOUT)
                     and ("format" not in own or state["format"] in names)
                     and ("formats" not in own or (type(state["formats"]) is list
