@@ -69,7 +69,7 @@ class PackedWeightState:
             layout = self._layout_problem(state_dict[prefix + _EXTRA_STATE], prefix)
             if layout is not None:
                 problems.append(layout)
-        formats = _describe_layout(self.get_extra_state()).split(" ")[0]  # "Q4_K", or "Q4_K/Q4_K/Q6_K"
+        formats = _format_names(self.get_extra_state())
         for name in self._PACKED:
             packed = state_dict.get(prefix + name)
             if isinstance(packed, torch.Tensor) and packed.dtype != torch.uint8:
@@ -130,11 +130,15 @@ class PackedWeightState:
                            "ops are called through Python); use torch.compile or torch.export, or torch.jit.trace")
 
 
+def _format_names(state: dict) -> str:
+    """'Q4_K', or 'Q4_K/Q4_K/Q6_K' for several packed buffers, of a get_extra_state result."""
+    return state["format"] if "format" in state else "/".join(state["formats"])
+
+
 def _describe_layout(state: dict) -> str:
     """'Q4_K bytes (out_features=64, in_features=256)' of a get_extra_state result."""
-    formats = state["format"] if "format" in state else "/".join(state["formats"])
     sizes = ", ".join(f"{key}={value}" for key, value in state.items() if key not in ("format", "formats"))
-    return f"{formats} bytes ({sizes})"
+    return f"{_format_names(state)} bytes ({sizes})"
 
 
 class QuantLinear(PackedWeightState, nn.Module):

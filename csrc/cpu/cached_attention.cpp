@@ -68,6 +68,13 @@ int64_t cache_row(const AttentionShape& s, const Span& sp) {
   return ((sp.b * s.kv_heads + sp.kv) * s.keys + sp.first) * s.dim;
 }
 
+// A span's max score and sum of weights for head g, which the merge reads beside its weighted sums.
+void store_stats(const Attention& a, const Span& sp, int64_t g, float max, float total) {
+  const int64_t i = sp.slot * a.s.group() + g;
+  a.stats[2 * i] = max;
+  a.stats[2 * i + 1] = total;
+}
+
 // Head g's weighted sums acc[dim] and sum of weights: the output (acc / total) of a whole row, else the
 // partial results of a span.
 template <FloatType kT>
@@ -78,8 +85,7 @@ void finish_portable(const Attention& a, const Span& sp, int64_t g, const float*
     return;
   }
   std::copy(acc, acc + dim, a.sums + (sp.slot * group + g) * dim);
-  a.stats[2 * (sp.slot * group + g)] = max;
-  a.stats[2 * (sp.slot * group + g) + 1] = total;
+  store_stats(a, sp, g, max, total);
 }
 
 template <FloatType kT>
@@ -237,10 +243,7 @@ TORCHEXT_AVX2 void span_avx2(const Attention& a, const Span& sp, Scratch& sc) {
     }
   }
   if (sp.slot >= 0)
-    for (int64_t g = 0; g < group; ++g) {
-      a.stats[2 * (sp.slot * group + g)] = sc.max[g];
-      a.stats[2 * (sp.slot * group + g) + 1] = sc.total[g];
-    }
+    for (int64_t g = 0; g < group; ++g) store_stats(a, sp, g, sc.max[g], sc.total[g]);
 }
 #endif
 

@@ -709,26 +709,30 @@ bool block_is_finite(const uint8_t* blk) {
   return true;
 }
 
+// Whether a format's block scale is an fp16 d: every format quantize makes but MXFP4, whose scale is a
+// power of two (an E8M0 exponent), finite for every code and reaching FLT_MAX.
+template <class Block>
+constexpr bool kFp16Scales = !std::is_same_v<Block, block_mxfp4>;
+
 // A block holding NaN or +-inf: stored with d = NaN, so that every value of the block (d * (...) +- ...)
-// dequantizes to NaN; true. MXFP4 has no such code (its scale is a power of two, finite for every e, and
-// d * 0 is 0): false, and the row is an error.
+// dequantizes to NaN; true. MXFP4 has no such code (and d * 0 is 0): false, and the row is an error.
 template <class Block>
 bool store_nan_block(Block& b) {
-  std::memset(&b, 0, sizeof(Block));
-  b.d = kNaNBlockScale;
-  return true;
+  if constexpr (!kFp16Scales<Block>) {
+    return false;
+  } else {
+    std::memset(&b, 0, sizeof(Block));
+    b.d = kNaNBlockScale;
+    return true;
+  }
 }
-bool store_nan_block(block_mxfp4&) { return false; }
 
 // Past this magnitude a block is out of every format's range whose scales are fp16 (the widest, Q6_K
 // and IQ4_XS, end at 65504 * 128 * 32 ~ 2.7e8) and refused before its fit: the searches weigh values
 // by x^2 and multiply such sums (make_qx_quants, make_q3_quants, the IQ4 fit), which overflow float32
 // for huge values, and a fit can then end in a zero scale (Q6_K from ~5e18, Q3_K from ~1e19), whose
-// block of zeros would pass block_is_finite. MXFP4's power-of-two scales reach FLT_MAX, and its
-// quantizer squares nothing.
+// block of zeros would pass block_is_finite. MXFP4's quantizer squares nothing.
 constexpr float kLargestFitted = 4294967296.0f;  // 2^32
-template <class Block>
-constexpr bool kFp16Scales = !std::is_same_v<Block, block_mxfp4>;
 
 // n rows of k values -> n rows of ceil(k / kValues) blocks. A last block that runs past k is
 // quantized from a copy padded with zeros (the k-quants' zero padding); a block holding NaN or
