@@ -69,12 +69,13 @@ def main(argv=None) -> int:
     ap.add_argument("--start", type=int, nargs="+", default=[0, 512], help="start positions of the loops")
     ap.add_argument("--rounds", type=int, default=1, help="passes over the variants")
     ap.add_argument("--batch", type=int, default=1, help="sequences a decode step")
+    ap.add_argument("--gguf", type=Path, default=None, help="the GGUF file (default: the gemma3 package's)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gemma3_fusions.py needs a CUDA GPU", file=sys.stderr)
         return 2
     max_len = max(args.start) + args.tokens + 8
-    model, _, _ = load_gemma3(gguf_path(), device="cuda", dtype=torch.bfloat16, batch=args.batch,
+    model, _, _ = load_gemma3(args.gguf or gguf_path(), device="cuda", dtype=torch.bfloat16, batch=args.batch,
                               max_seq_len=max_len)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; tok/s (all {args.batch} sequences) over "
           f"{args.tokens} steps, two loops from each start position {args.start}")
