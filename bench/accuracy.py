@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torchext  # noqa: E402
-from torchext.cli import gguf_file_arg, int_at_least  # noqa: E402
+from torchext.cli import gguf_file_arg, int_at_least, shape_arg  # noqa: E402
 from torchext.formats import QUANTIZABLE_TYPES, WEIGHT_TYPES, QType  # noqa: E402
 from torchext.cli import device_arg  # noqa: E402
 
@@ -91,7 +91,7 @@ def unrounded_offset_error(W: np.ndarray, w_bytes: np.ndarray, qtype: QType, x: 
 
 
 def synthetic(a) -> None:
-    n, k = map(int, a.synthetic.split("x"))
+    n, k = a.synthetic
     g = torch.Generator().manual_seed(a.seed)
     dense = torch.randn(n, k, generator=g) * 0.02
     x = torch.randn(a.rows, k, generator=g).to(getattr(torch, a.dtype))
@@ -106,14 +106,6 @@ def synthetic(a) -> None:
             y = torchext.qmatmul(w.to(a.device), fmt, x.to(a.device), n, k, exact=exact).double().cpu().numpy()
             errs.append(np.linalg.norm(y - ref) / np.linalg.norm(ref))
         print(f"{fmt.name:7} {errs[0]:10.2e} {errs[1]:10.2e}")
-
-
-def shape_arg(text: str) -> str:
-    """--synthetic: NxK with positive integers (a usage error, where the split raised a traceback)."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
-        raise argparse.ArgumentTypeError(f"expected NxK with positive integers (4096x4096), got {text!r}")
-    return text.lower()
 
 
 def main(argv=None) -> None:

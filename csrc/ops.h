@@ -6,6 +6,7 @@
 //   check_positions(pos, rows, keys)                         positions in [0, keys), where it costs no sync
 //                                                            the kernels, on raw pointers
 //   check_ids(rows, count, n, bound)                         ids in [0, n), where it costs no sync
+//   gemv_rows(wt)                                            the most rows its GEMV takes where no tiled GEMM runs
 //   runs_tiled_gemm(xt, w, x, k), tiled_gemm_rows(wt, ...)   whether the tiled GEMM takes these operands, and the
 //                                                            most rows it takes for qmatmul (0: it does not run)
 //   kIdsOnHost                                               qmatmul_id groups slots by expert on the host (CPU);
@@ -182,8 +183,8 @@ struct Ops {
     check_same_device(w, "w", x, "x");
     const int64_t rows = leading_rows(x);
     if (rows == 0) return torch::stable::new_empty(x, with_last_dim(x, n));
-    const MatmulPath path =
-        choose_matmul_path(rows, n, k, int(f.values), Backend::tiled_gemm_rows(f.type, xt, w, x, k), exact);
+    const MatmulPath path = choose_matmul_path(rows, n, k, int(f.values), Backend::gemv_rows(f.type),
+                                               Backend::tiled_gemm_rows(f.type, xt, w, x, k), exact);
     if (path == MatmulPath::TiledGemm) {
       if constexpr (Backend::kHasTiledGemm) {
         Tensor out = torch::stable::new_empty(x, with_last_dim(x, n));
@@ -260,7 +261,7 @@ struct Ops {
     if (s.count == 0) return out;
     Backend::check_ids(s.ids, s.count, s.experts, "E");
     const bool tiled = Backend::runs_tiled_gemm(a.xt, w, x, k);
-    const MatmulPath path = choose_matmul_id_path(a.tokens, tiled, exact);
+    const MatmulPath path = choose_matmul_id_path(a.tokens, Backend::gemv_rows(a.format.type), tiled, exact);
     Ctx ctx(w);
     if constexpr (Backend::kIdsOnHost) {
       matmul_id_by_expert(ctx, w, qtype, a, x, n, k, path, out);

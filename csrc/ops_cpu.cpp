@@ -27,7 +27,8 @@ struct CpuBackend {
   // lost at 256 rows (0.72-0.81), 4 MiB ones were level (17 rows 0.77-0.86, 256 rows 0.85-0.96).
   static constexpr bool kDenseTilesPerThread = true;
   static int64_t dense_tile_rows(int64_t k) { return std::max<int64_t>(128, (int64_t(1) << 19) / k); }
-  // No tiled GEMM on the CPU: from 17 rows the dense path.
+  // The GEMV up to the format's rows (batch_policy.h, cpu_max_gemv_rows), the dense path beyond: no tiled GEMM.
+  static int64_t gemv_rows(QType wt) { return cpu_max_gemv_rows(wt); }
   static constexpr bool kHasTiledGemm = false;
   static bool runs_tiled_gemm(FloatType, const Tensor&, const Tensor&, int64_t) { return false; }
   static int64_t tiled_gemm_rows(QType, FloatType, const Tensor&, const Tensor&, int64_t) { return 0; }

@@ -84,6 +84,7 @@ struct CudaBackend {
                  gated_op_name(act, true), wt);
     return true;
   }
+  static int64_t gemv_rows(QType) { return kMaxGemvRows; }  // the GEMV kernels' launch limit
   static constexpr bool kHasTiledGemm = true;
   static bool runs_tiled_gemm(FloatType xt, const Tensor& w, const Tensor& x, int64_t k) {
     return qgemm_supports(xt, w.data_ptr(), x.data_ptr(), k, w.get_device_index());

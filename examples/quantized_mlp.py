@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     print(f"layer weights: {weight_bytes(model) / 2**20:.2f} MiB in float32, "
           f"{weight_bytes(quantized) / 2**20:.2f} MiB with {args.format}")
 
-    x = torch.randn(4, 512, device=device)  # 4 rows: the Q8_1 GEMV path (up to 16 rows)
+    x = torch.randn(4, 512, device=device)  # 4 rows: the Q8_1 GEMV path (torchext.ops.gemv_max_rows: 4 or more)
     with torch.no_grad():
         ref, y = model(x), quantized(x)
     print(f"logits differ from the float model's by {((y - ref).norm() / ref.norm()).item():.2%} (norm-relative); "

@@ -6,14 +6,17 @@
 
 #include <cstdint>
 
+#include "kernels/blocks.h"
+
 namespace torchext {
 
 enum class GemvKernel : int { Dp4a = 0, Int8Mma = 1 };
 
-// Up to 16 rows a GEMV on Q8_1 activations reads each weight byte once for all rows. Measured on an
-// H100 with bench/gemv.py, 2026-11-24, L2 cold: 16 rows by the tensor-core GEMV take 17.7 us on
-// 4096x4096 Q4_K and 307 us on 128256x4096 (dense: 36.7 and 1015 us); on the H200 (2026-12-02)
-// 4096x14336 takes 41.5 us at 16 rows and the tiled GEMM 36.5 at 17.
+// Up to 16 rows a CUDA GEMV on Q8_1 activations reads each weight byte once for all rows (the CPU's
+// limit is the format's: cpu_max_gemv_rows below). Measured on an H100 with bench/gemv.py,
+// 2026-11-24, L2 cold: 16 rows by the tensor-core GEMV take 17.7 us on 4096x4096 Q4_K and 307 us on
+// 128256x4096 (dense: 36.7 and 1015 us); on the H200 (2026-12-02) 4096x14336 takes 41.5 us at 16
+// rows and the tiled GEMM 36.5 at 17.
 constexpr int64_t kMaxGemvRows = 16;
 
 // The DP4A kernel does 4 multiply-adds per instruction and row, so it becomes instruction-bound as
@@ -33,8 +36,8 @@ constexpr int64_t kMaxDp4aRows = 8;            // the DP4A kernel stages up to 8
 // activations, the tiled GEMM (qgemm.cu: weights dequantized in registers, activations unrounded) up
 // to kMaxTiledGemmRows, and from there a dense GEMM on the dequantized weight (each weight exactly as
 // dequantize() gives it). The tiled GEMM runs on CUDA for fp16/bf16 activations on sm_80+ with K a
-// multiple of 8 and 16-byte aligned operands; where it does not (the CPU, fp32 activations) the GEMVs
-// serve up to kMaxGemvRows rows and the dense GEMM beyond.
+// multiple of 8 and 16-byte aligned operands; where it does not (fp32 activations on CUDA) the GEMVs
+// serve up to kMaxGemvRows rows and the dense GEMM beyond; on the CPU, up to cpu_max_gemv_rows.
 // Where it runs, it takes over from the GEMVs at kMinTiledGemmRows rows, and for formats of 32 or 64
 // values a block from kMinTiledGemmRowsSmallBlocks rows on weights of kLargeWeightValues or more.
 // Measured on an H200 with bench/paths.py, 2026-12-03, L2 cold, bf16, µs, GEMV / tiled GEMM with
@@ -68,32 +71,58 @@ constexpr int64_t kMaxTiledGemmRows = 64;
 // so it stops at 256.
 constexpr int64_t kMaxWgmmaRows = 256;
 
+// The CPU's GEMV takes any number of rows, but re-reads and re-unpacks its share of the weight for every 4
+// of them (csrc/cpu/gemv_q8_1_x86.cpp), so its time grows with the rows, while the dense path's (tiles of
+// weight rows dequantized to fp32 by each thread, then MKL) grows slowly: where they cross is the format's
+// unpacking cost, so the limit is the catalog's CPU GEMV rows (blocks.h). Measured on the 2-core Xeon VM
+// (README, "On the CPU"; AVX512-VNNI), 2026-12-05, bench/cpu.py --crossover (qmatmul_q8_1 on
+// quantize_q8_1's bytes against qmatmul exact, best of 3 with the paths alternating; bench/NOTES.md,
+// twenty-second session), 2 threads: the largest of 1, 2, 4, 8, 12, 16, 24, 32, 48, 64 rows at which the
+// GEMV is no slower came out the same in three runs on 4096x4096 (fp32 twice, bf16) and one on 14336x4096
+// fp32, but for a step either way at ties. A small weight (2048x640) crosses about a step lower (16 rows of
+// Q4_0: 1.22x the dense path), NVFP4 higher (level to 12). One thread crosses 0-2 steps higher: from 16
+// rows MKL's kernel makes the dense path 2.9x slower there than on two threads (4096x4096 Q4_K 16.0 against
+// 5.3-5.5 ms; 12 rows 9.1 against 5.2), so the formats whose GEMV is within 12% of it at 16 rows on two
+// threads and 0.57-0.74x on one keep 16.
+inline int64_t cpu_max_gemv_rows(QType t) {
+  switch (t) {
+#define TORCHEXT_CPU_GEMV_ROWS(name, id, cpu_gemv_rows) \
+  case QType::name:                                     \
+    return cpu_gemv_rows;
+    TORCHEXT_WEIGHT_FORMATS(TORCHEXT_CPU_GEMV_ROWS)
+#undef TORCHEXT_CPU_GEMV_ROWS
+    default: return kMaxGemvRows;  // not a weight format: the op checks have refused it already
+  }
+}
+
 // The most rows of an n x k product that qmatmul sends to the GEMVs; block_values: the weight
 // format's values per block (256, or 32 and NVFP4's 64).
-// tiled_gemm_rows: the most rows the tiled GEMM takes for these operands (0: it does not run;
-// kMaxTiledGemmRows, or kMaxWgmmaRows where the wgmma GEMM runs).
-inline int64_t max_gemv_rows(int64_t tiled_gemm_rows, int64_t n, int64_t k, int block_values) {
-  if (tiled_gemm_rows == 0) return kMaxGemvRows;
+// gemv_rows: the most rows the backend's GEMV takes where the tiled GEMM does not run (kMaxGemvRows
+// on CUDA, cpu_max_gemv_rows on the CPU); tiled_gemm_rows: the most rows the tiled GEMM takes for
+// these operands (0: it does not run; kMaxTiledGemmRows, or kMaxWgmmaRows where the wgmma GEMM runs).
+inline int64_t max_gemv_rows(int64_t gemv_rows, int64_t tiled_gemm_rows, int64_t n, int64_t k, int block_values) {
+  if (tiled_gemm_rows == 0) return gemv_rows;
   const bool small_blocks_large_weight = block_values < 256 && n * k >= kLargeWeightValues;
   return (small_blocks_large_weight ? kMinTiledGemmRowsSmallBlocks : kMinTiledGemmRows) - 1;
 }
 
 // exact: the caller asked for unrounded activations (qmatmul's `exact`), so never the GEMVs.
-inline MatmulPath choose_matmul_path(int64_t rows, int64_t n, int64_t k, int block_values, int64_t tiled_gemm_rows,
-                                     bool exact) {
-  if (!exact && rows <= max_gemv_rows(tiled_gemm_rows, n, k, block_values)) return MatmulPath::Gemv;
+inline MatmulPath choose_matmul_path(int64_t rows, int64_t n, int64_t k, int block_values, int64_t gemv_rows,
+                                     int64_t tiled_gemm_rows, bool exact) {
+  if (!exact && rows <= max_gemv_rows(gemv_rows, tiled_gemm_rows, n, k, block_values)) return MatmulPath::Gemv;
   return rows <= tiled_gemm_rows ? MatmulPath::TiledGemm : MatmulPath::Dense;
 }
 
 // The expert-indexed matmul (qmatmul_id: T tokens, each routed to top_k of E experts) decides on T
 // alone, a static shape, never on the ids (reading them would need a host sync): an expert receives
-// at most T activation rows when a token's top_k ids are distinct, so up to kMaxGemvRows tokens one
-// GEMV pass per selected expert serves all of its rows, each expert's weight read once whatever
-// the number of tokens routed to it; more tokens take the grouped tiled GEMM (unrounded activations,
-// as qmatmul from 17 rows), or the dense path where that does not run. Repeated ids in a token are
-// allowed: the kernels then take an expert's rows in several groups.
-inline MatmulPath choose_matmul_id_path(int64_t tokens, bool grouped_gemm_runs, bool exact) {
-  if (!exact && tokens <= kMaxGemvRows) return MatmulPath::Gemv;
+// at most T activation rows when a token's top_k ids are distinct, so up to gemv_rows tokens
+// (kMaxGemvRows on CUDA, the format's cpu_max_gemv_rows on the CPU) one GEMV pass per selected expert
+// serves all of its rows, each expert's weight read once whatever the number of tokens routed to it;
+// more tokens take the grouped tiled GEMM (unrounded activations, as qmatmul beyond its GEMV rows),
+// or the dense path where that does not run. Repeated ids in a token are allowed: the kernels then
+// take an expert's rows in several groups.
+inline MatmulPath choose_matmul_id_path(int64_t tokens, int64_t gemv_rows, bool grouped_gemm_runs, bool exact) {
+  if (!exact && tokens <= gemv_rows) return MatmulPath::Gemv;
   return grouped_gemm_runs ? MatmulPath::TiledGemm : MatmulPath::Dense;
 }
 

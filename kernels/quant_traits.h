@@ -1144,9 +1144,9 @@ namespace torchext {
 template <class F>
 bool visit_weight_format(QType t, F&& f) {
   switch (t) {
-#define TORCHEXT_VISIT_FORMAT(name, id) \
-  case QType::name:                     \
-    f(QuantTraits<QType::name>{});      \
+#define TORCHEXT_VISIT_FORMAT(name, id, cpu_gemv_rows) \
+  case QType::name:                                    \
+    f(QuantTraits<QType::name>{});                     \
     return true;
     TORCHEXT_WEIGHT_FORMATS(TORCHEXT_VISIT_FORMAT)
 #undef TORCHEXT_VISIT_FORMAT

@@ -110,6 +110,13 @@ def qtype_name(qtype) -> str:
     return GGMLQuantizationType(int(qtype)).name
 
 
+def gemv_rows(qtype, device="cpu") -> int:
+    """The most rows (tokens for qmatmul_id) the Q8_1 GEMV takes where no tiled GEMM runs: 16 on CUDA,
+    the format's on the CPU (torchext.ops.gemv_max_tokens, kernels/batch_policy.h). One more row takes
+    qmatmul's dense path on the CPU and for fp32 on CUDA."""
+    return torchext.ops.gemv_max_tokens(torch.empty(0, device=device), qtype)
+
+
 # ---- weights ---------------------------------------------------------------------------------
 
 def random_weight(qtype, n: int, k: int, device="cpu", seed: int = 0, scale: float = 0.01) -> torch.Tensor:

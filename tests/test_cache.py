@@ -26,6 +26,7 @@ from conftest import (
     dequant_oracle,
     fp32_sum_error,
     gaussian_activations,
+    gemv_rows,
     offset_oracle,
     qtype_name,
     random_weight,
@@ -175,7 +176,8 @@ def test_to_device_moves_every_entry(device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matmul_forwards_to_the_ops(device, dtype):
     cache = small_cache(device)
-    for rows in (1, 3, 17):  # 17 rows takes the op's dense path, <= 16 the Q8_1 GEMV
+    past = max(gemv_rows(cache[name][1], device) for name in ("q4k", "q8_0")) + 1
+    for rows in (1, 3, past):  # past both formats' Q8_1 GEMV rows: the op's dense path
         for name in ("q4k", "q8_0"):
             w, q, n, k = cache[name]
             x = gaussian_activations((rows, k), seed=rows).to(dtype).to(device)

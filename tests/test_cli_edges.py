@@ -399,7 +399,8 @@ def test_paths_without_a_gpu_says_so(no_cuda, monkeypatch):
     (["--gemv-threads", "-1"], "argument --gemv-threads: expected at least 1, got -1"),
     (["--rows", "0"], "argument --rows: expected at least 1, got 0"),  # timed an empty product
     (["--formats", "Q9_K"], "argument --formats: invalid choice: 'Q9_K'"),
-    (["--formats", "IQ2_XXS"], "argument --formats: invalid choice: 'IQ2_XXS'"),
+    (["--formats", "IQ2_XXS"], "--formats: torchext.quantize does not make IQ2_XXS (--crossover times them)"),
+    (["--crossover", "--shape", "4096"], "argument --shape: expected NxK with positive integers"),
 ])
 def test_cpu_bench_refuses_bad_arguments(args, message, monkeypatch, capsys):
     main = load_script("bench/cpu.py", monkeypatch).main

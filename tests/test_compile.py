@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import torchext
-from conftest import DEVICES, random_weight
+from conftest import DEVICES, gemv_rows, random_weight
 from torchext import QType
 
 ops = torch.ops.torchext
@@ -53,8 +53,8 @@ def test_block_compiles_fullgraph(device, dtype):
     w = random_weight(QType.Q4_K, N, K, device, seed=1)
     bias = _randn((N,), dtype, device, 2)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    # rows 1 (Q8_1 GEMV path) and 17 (dense path): one graph, the policy runs inside the op
-    for rows, seed in [(1, 3), (17, 4)]:
+    # rows 1 (Q8_1 GEMV path) and one past the GEMV's (dense path): one graph, the policy runs inside the op
+    for rows, seed in [(1, 3), (gemv_rows(QType.Q4_K, device) + 1, 4)]:
         x = _randn((rows, K), dtype, device, seed)
         expected = block(w, x, bias)
         got = compiled(w, x, bias)

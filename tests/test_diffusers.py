@@ -8,9 +8,10 @@ diffusers loads it with from_single_file(..., quantization_config=GGUFQuantizati
 its GGUFLinear dequantizes with fp16 arithmetic (fp16 scales times quants, rounded to fp16), then
 runs F.linear in compute_dtype. The converted layers run torchext.qmatmul on the same bytes:
 
-- from 17 rows (the 64 image tokens): exact dequantized weights, unrounded activations;
-- up to 16 rows (the 8 text tokens, and the timestep / modulation linears' one row): the Q8_1
-  GEMV, activations rounded per 32-value block, d = amax/127 (README "Accuracy").
+- past torchext.ops.gemv_max_rows (the 64 image tokens; on the CPU 16 to 48 rows for these formats):
+  exact dequantized weights, unrounded activations;
+- up to it (the 8 text tokens, and the timestep / modulation linears' one row): the Q8_1 GEMV,
+  activations rounded per 32-value block, d = amax/127 (README "Accuracy").
 
 So per layer, every output differs from diffusers' by at most
 |x| @ |W_diffusers - W_exact|.T (diffusers' fp16 rounding of the weights, itself checked to be

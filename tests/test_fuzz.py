@@ -20,11 +20,12 @@ Oracles and tolerances, and where they come from:
 - qmatmul, q4k/q5k/q6k_gemv, QuantLinear, qmatmul_q8_1, q4k_q8_gemv(_packed), WeightCache.matmul:
   ref = x @ W.T in float64, W = gguf.quants.dequantize of the bytes, absref = |x| @ |W|.T
   (test_matmul.oracle). Per output |y - ref| <= tol, tol as in tests/test_matmul.py: on the Q8_1
-  GEMV path (up to 16 rows for qmatmul, any number for the ops that take Q8_1 bytes) the largest
-  error Q8_1 rounding of x can cause, sum_b (d_b / 2) * sum_{i in b} |W_i| (d_b from
-  conftest.q8_1_reference), plus 1e-5 * absref for fp32 accumulation; on the dense path (17 rows
-  on) 1e-5 * absref; plus one rounding to an f16/bf16 output (half_ulp * |ref| + tiny) and, on
-  CUDA's f16/bf16 paths beyond 16 rows, the weights computed in that dtype
+  GEMV path (for qmatmul up to 16 rows on CUDA and the format's conftest.gemv_rows on the CPU, any
+  number for the ops that take Q8_1 bytes) the largest error Q8_1 rounding of x can cause,
+  sum_b (d_b / 2) * sum_{i in b} |W_i| (d_b from conftest.q8_1_reference), plus 1e-5 * absref for
+  fp32 accumulation; on the dense path (beyond) 1e-5 * absref; plus one rounding to an f16/bf16
+  output (half_ulp * |ref| + tiny) and, on CUDA's f16/bf16 paths beyond 16 rows, the weights
+  computed in that dtype
   (conftest.half_weight_rounding, through test_matmul.output_rounding); plus one fp32
   subnormal step per term (2k * 2^-149, for products below fp32's normal range, as test_matmul's
   magnitude test). Activations are Gaussian times 10^e, e drawn per call from float32's [-30, 30],
@@ -34,8 +35,8 @@ Oracles and tolerances, and where they come from:
   non-finite outputs only (every output reads every block of its row); the other rows are checked
   as above.
 - qmatmul_id: tests/test_matmul_id.py's oracle, each slot its activation row @ its expert's gguf
-  dequantization (the Q8_1 bound up to 16 tokens unless exact, unrounded beyond); an id outside
-  [0, E) raises on the CPU and gives that slot a NaN row on CUDA.
+  dequantization (the Q8_1 bound up to conftest.gemv_rows tokens unless exact, unrounded beyond); an
+  id outside [0, E) raises on the CPU and gives that slot a NaN row on CUDA.
 - quantize_q8_1: bytes equal to conftest.q8_1_reference(x.float()), torchext's Q8_1 rule in numpy.
 - dequantize, embedding: equal, bit for bit (NaN matching NaN), to gguf's float32 values rounded
   once to the output dtype (the op dequantizes with the same fp32 arithmetic,
@@ -105,6 +106,7 @@ from conftest import (
     WEIGHT_QTYPES,
     Q,
     block_geometry,
+    gemv_rows,
     half_ulp,
     offset_oracle,
     q8_1_reference,
@@ -121,7 +123,7 @@ from test_gelu import _units as gelu_units
 from test_rope_cache import oracle_heads as rope_oracle
 from test_gelu import assert_gelu_close
 from test_matmul_id import assert_rows_close
-from test_matmul import MAX_GEMV_ROWS, offsets_term, oracle, output_rounding, q8_1_bound, report, takes_gemv
+from test_matmul import PAST_GEMV, offsets_term, oracle, output_rounding, q8_1_bound, report, rows_of_case, takes_gemv
 from test_quantize import IQ4_PORTS
 
 
@@ -233,14 +235,15 @@ def shape_fault(draw, faults: set[str], fmt: int, n: int, k: int) -> tuple[int, 
 
 
 def draw_lead(draw) -> tuple[int, ...]:
-    """Leading dims holding 1 to 24 rows, at times none (a 1-D tensor) or 0."""
+    """Leading dims holding 1 to 64 rows, at times none (a 1-D tensor) or 0."""
     form = draw(st.sampled_from(["1 dim"] * 6 + ["2 dims", "2 dims", "3 dims", "1-D", "empty"]))
     if form == "1-D":
         return ()
     if form == "empty":
         return draw(st.sampled_from([(0,), (2, 0), (0, 3)]))
-    # as often 17..24 rows (qmatmul's dense path) as 1..16 (the Q8_1 GEMV)
-    rows = draw(st.one_of(st.sampled_from(range(1, 17)), st.sampled_from(range(17, 25))))
+    # as often 1..16 rows (the Q8_1 GEMV on CUDA) as 17..24 (qmatmul's dense path there) and as 25..64
+    # (past every format's GEMV on the CPU, 4 to 48 rows)
+    rows = draw(st.sampled_from(range(1, 17)) | st.sampled_from(range(17, 25)) | st.sampled_from(range(25, 65)))
     a = draw(st.sampled_from([d for d in range(1, rows + 1) if rows % d == 0]))
     return {"2 dims": (a, rows // a), "3 dims": (1, a, rows // a)}.get(form, (rows,))
 
@@ -538,7 +541,7 @@ ID_FAULTS = (*SHAPE_FAULTS, "w-misaligned", "w-dtype", "w-dims", "qtype", "x-dty
 @given(data=st.data())
 def test_qmatmul_id(device, fault, data):
     """qmatmul_id against test_matmul_id's oracle (each slot its activation row @ its expert's gguf
-    dequantization, the Q8_1 bound up to 16 tokens unless exact, unrounded beyond), an id outside
+    dequantization, the Q8_1 bound up to gemv_rows tokens unless exact, unrounded beyond), an id outside
     [0, E) raising on the CPU and giving that slot a NaN row on CUDA."""
     draw = data.draw
     faults = draw_faults(draw, fault, ID_FAULTS)
@@ -563,7 +566,9 @@ def test_qmatmul_id(device, fault, data):
     if "w-dtype" in faults:
         w = w.view(torch.int8)
         problems.append("w:")
-    tokens, top_k = draw(st.integers(0, 20)), draw(st.integers(0, 3))
+    # up to 20 tokens, or just past the GEMV's (the format's limit on the CPU)
+    tokens = draw(st.integers(0, 20) | st.integers(1, 4).map(lambda more: gemv_rows(fmt, w_dev) + more))
+    top_k = draw(st.integers(0, 3))
     per_slot = draw(st.booleans())
     dtype = draw(st.sampled_from(BAD_FLOAT_DTYPES if "x-dtype" in faults else DTYPES))
     x_shape = (tokens, top_k, k0) if per_slot else (tokens, k0)
@@ -609,7 +614,7 @@ def test_qmatmul_id(device, fault, data):
         for e in flat[inside].unique().tolist():
             sel = (flat == e).to(ys.device)
             assert_rows_close(ys[sel], xs[sel.to(xs.device)].cpu(), Ws[e], Ms[e],
-                              rounded=tokens <= MAX_GEMV_ROWS and not exact, what=f"expert {e}")
+                              rounded=tokens <= gemv_rows(fmt, y.device) and not exact, what=f"expert {e}")
 
     check_call(lambda: torchext.qmatmul_id(w, qtype, x, ids, n, k, exact), problems, check)
 
@@ -1385,10 +1390,10 @@ def damaged(data: bytes, edits) -> bytes:
     return bytes(buf)
 
 
-def assert_holds_what_gguf_reads(path, cache, device, rows: int) -> None:
+def assert_holds_what_gguf_reads(path, cache, device, rows) -> None:
     """The cache holds the tensors gguf.GGUFReader reads from the file, byte for byte (on meta: of
     their sizes); every quantized one dequantizes (torchext.dequantize, on its device) as gguf does,
-    and multiplies `rows` activation rows (cache.matmul) as the oracle says."""
+    and multiplies `rows` activation rows (cache.matmul; test_matmul.rows_of_case) as the oracle says."""
     tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
     assert list(cache) == list(tensors)
     for name, e in cache.items():
@@ -1397,10 +1402,11 @@ def assert_holds_what_gguf_reads(path, cache, device, rows: int) -> None:
         assert e.tensor.device.type == device
         if e.quantized:
             assert (int(e.qtype), e.k, e.n) == (int(t.tensor_type), int(t.shape[0]), math.prod(map(int, t.shape[1:])))
+            m = rows_of_case(rows, e.qtype, device)
         if device == "meta":
             assert e.tensor.numel() * e.tensor.element_size() == raw.nbytes, name
             if e.quantized:
-                check_meta(cache.matmul(name, torch.empty(rows, e.k, device="meta")), (rows, e.n), torch.float32)
+                check_meta(cache.matmul(name, torch.empty(m, e.k, device="meta")), (m, e.n), torch.float32)
             continue
         got = e.tensor.cpu()
         if e.quantized:
@@ -1408,8 +1414,8 @@ def assert_holds_what_gguf_reads(path, cache, device, rows: int) -> None:
             W = weight_oracle(got, e.qtype, e.n, e.k)
             y = torchext.dequantize(e.tensor, e.qtype, e.n, e.k)
             assert same_bits(y.cpu(), torch.from_numpy(W)), name
-            x = gaussian((rows, e.k), rows).float().to(device)
-            check_matmul(cache.matmul(name, x), x, W.astype(np.float64), torch.float32, rows <= MAX_GEMV_ROWS)
+            x = gaussian((m, e.k), m).float().to(device)
+            check_matmul(cache.matmul(name, x), x, W.astype(np.float64), torch.float32, m <= gemv_rows(e.qtype, device))
         else:
             assert got.numpy().tobytes() == raw.tobytes(), name
 
@@ -1441,5 +1447,5 @@ def test_damaged_gguf(device, data, valid_gguf):
         event("raised")
     else:
         event("loaded")
-        assert_holds_what_gguf_reads(path, cache, device, draw(st.sampled_from([1, 3, MAX_GEMV_ROWS + 1])))
+        assert_holds_what_gguf_reads(path, cache, device, draw(st.sampled_from([1, 3, PAST_GEMV])))
     path.unlink()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES, HAS_CUDA, skip_without_gemma_gguf
+from conftest import DEVICES, HAS_CUDA, gemv_rows, skip_without_gemma_gguf
 from gguf.quants import dequantize as gguf_dequantize
 
 import torchext
@@ -24,6 +24,10 @@ skip_without_gemma_gguf()
 
 PROMPT = ("The Moon is Earth's only natural satellite. It orbits at an average distance of about 384,000 "
           "kilometres and always shows the same face to Earth, because")
+# the formats of the file's matrices, and a prompt of more tokens than any of their GEMVs takes on either
+# device (on the CPU Q4_K's takes 48): every matmul of its prompt pass takes the dense path
+FILE_FORMATS = (QType.Q5_0, QType.Q8_0, QType.Q4_K, QType.Q6_K)
+PROMPT_PAST_GEMV = PROMPT + " " + PROMPT
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +94,7 @@ GEMV_RTOL = 3e-2
 @pytest.mark.parametrize("device", DEVICES)
 def test_every_quantized_weight_against_gguf_dequantize(reader, device):
     """(a) each of the file's 127 quantized weights through torchext.qmatmul (the GEMV path for
-    one row, the dense path for 17 rows) against float64 x @ dequantize(w).T."""
+    one row, the dense path one row past the GEMV's) against float64 x @ dequantize(w).T."""
     gen = torch.Generator().manual_seed(0)
     seen = set()
     for t in reader.tensors:
@@ -101,16 +105,17 @@ def test_every_quantized_weight_against_gguf_dequantize(reader, device):
         w_np = np.array(t.data)
         dense = torch.from_numpy(gguf_dequantize(w_np, t.tensor_type).astype(np.float64).reshape(n, k))
         w = torch.from_numpy(w_np).to(device)
-        rows = 1 if n > 100_000 else 17  # the 262144-row embedding: the GEMV path only (memory)
+        # the 262144-row embedding: the GEMV path only (memory)
+        rows = 1 if n > 100_000 else gemv_rows(q, device) + 1
         for b in sorted({1, rows}):
             x = torch.randn(b, k, generator=gen)
             y = torchext.qmatmul(w, q, x.to(device), n, k).double().cpu()
             ref = x.double() @ dense.T
             err = float((y - ref).norm() / ref.norm())
-            # 17 rows take the dense path: exact weights, float32 accumulation only
+            # past the GEMV's rows the dense path: exact weights, float32 accumulation only
             assert err < (GEMV_RTOL if b == 1 else 1e-5), f"{t.name} ({q.name}, {n}x{k}, {b} rows): {err:.3g}"
         seen.add(q.name)
-    assert seen == {"Q5_0", "Q8_0", "Q4_K", "Q6_K"}
+    assert seen == {q.name for q in FILE_FORMATS}
 
 
 # ---- the model ---------------------------------------------------------------------------------
@@ -221,14 +226,15 @@ def reference_logits(hf_model, loaded):
         return ids, hf_model(torch.tensor([ids])).logits[0].double()
 
 
-def test_prompt_pass_logits_match_transformers(loaded, reference_logits):
-    """The prompt pass runs more than 8 rows, so every matmul takes the dense path (exact weights,
-    float32 accumulation): logits agree with transformers' float32 run up to float32 rounding.
-    Measured: every position's top-1 agrees, largest difference 7e-5 (logits up to ~40)."""
-    model, _, _ = loaded
-    ids, ref = reference_logits
-    assert len(ids) >= 32
+def test_prompt_pass_logits_match_transformers(loaded, hf_model):
+    """A prompt pass of more rows than any matmul's GEMV takes runs the dense path everywhere (exact
+    weights, float32 accumulation): logits agree with transformers' float32 run up to float32
+    rounding. Measured: every position's top-1 agrees, largest difference 7e-5 (logits up to ~40)."""
+    model, tok, _ = loaded
+    ids = tok.encode(PROMPT_PAST_GEMV)
+    assert len(ids) > max(gemv_rows(q) for q in FILE_FORMATS)
     with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits[0].double()
         model.reset()
         ours = model(torch.tensor([ids]), torch.arange(len(ids)), all_logits=True)[0].double()
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
@@ -267,7 +273,7 @@ def test_cuda_model_matches_cpu(loaded, path):
     cpu_model, tok, _ = loaded
     model, _, stats = load_gemma3(path, device="cuda", max_seq_len=128)
     assert model.embed_bytes.is_cuda and stats["pool_bytes"] > 0
-    ids = tok.encode(PROMPT)
+    ids = tok.encode(PROMPT_PAST_GEMV)
     with torch.no_grad():
         cpu_model.reset()
         model.reset()

@@ -1,11 +1,12 @@
 """qmatmul_id, the expert-indexed matmul of a mixture of experts, against the float64 oracle: each
 slot (t, j) is its activation row @ dequant_oracle(w[ids[t, j]]).T.
 
-Tolerances are test_matmul's, applied to each expert's slots: up to 16 tokens (the GEMV path) the
-Q8_1 bound q8_1_bound of the rows' activations plus fp32 accumulation; from 17 tokens, and with
-exact=True, activations are unrounded: fp32 accumulation (1e-5 * absref), and on CUDA in fp16/bf16
-the weights computed in that dtype by the grouped tiled GEMM (conftest.half_weight_rounding, as
-test_matmul's term for the same path). Each output in a dtype adds one rounding of the fp32 result.
+Tolerances are test_matmul's, applied to each expert's slots: up to conftest.gemv_rows tokens (the
+GEMV path: 16 on CUDA, the format's on the CPU) the Q8_1 bound q8_1_bound of the rows' activations
+plus fp32 accumulation; beyond, and with exact=True, activations are unrounded: fp32 accumulation
+(1e-5 * absref), and on CUDA in fp16/bf16 the weights computed in that dtype by the grouped tiled
+GEMM (conftest.half_weight_rounding, as test_matmul's term for the same path). Each output in a
+dtype adds one rounding of the fp32 result.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ import pytest
 import torch
 
 import torchext
-from conftest import (DEVICES, Q, capture_graph, dequant_oracle, fp32_sum_error, gaussian_activations, half_ulp,
-                      half_weight_rounding, offset_oracle, qtype_name, random_weight, requires_cuda, tiny)
-from test_matmul import offsets_term, oracle, q8_1_bound, report
+from conftest import (DEVICES, Q, capture_graph, dequant_oracle, fp32_sum_error, gaussian_activations, gemv_rows,
+                      half_ulp, half_weight_rounding, offset_oracle, qtype_name, random_weight, requires_cuda, tiny)
+from test_matmul import PAST_GEMV, offsets_term, oracle, q8_1_bound, report, rows_of_case
 
 ops = torch.ops.torchext
-MAX_GEMV_ROWS = torchext.ops.GEMV_MAX_ROWS
 
 # a k-quant, the 32-value formats of 18 and 34 bytes, an IQ format, gpt-oss's MXFP4 (17-byte blocks; with an
 # odd row count every other expert, and every other row, starts at an odd address) and NVFP4 (64-value blocks)
@@ -86,8 +86,9 @@ def assert_slots_close(y, x, ids, Ws, Ms, rounded: bool):
 @pytest.mark.parametrize("qtype", FORMATS, ids=qtype_name)
 def test_matches_oracle(qtype, tokens, top_k, per_slot, dtype, device):
     """x [T, k] (gate/up: every slot of a token reads its row) or [T, top_k, k] (down: a row per
-    slot); 1 to 16 tokens take the GEMV path (one token: DP4A; more: tensor cores for Q4_K), 17 and
-    64 the grouped GEMM on CUDA (64 x 8 slots over 10 experts: several tiles per expert)."""
+    slot); 1 to 16 tokens take the GEMV path on CUDA (one token: DP4A; more: tensor cores for Q4_K),
+    17 and 64 the grouped GEMM (64 x 8 slots over 10 experts: several tiles per expert); on the CPU
+    the GEMV to the format's limit (4 to 48 tokens), then the dense path."""
     experts, (n, k) = 10, SHAPES[qtype]
     w, Ws, Ms = expert_weights(qtype, experts, n, k, device, seed=tokens)
     ids = routed_ids(tokens, top_k, experts, seed=tokens + top_k)
@@ -95,7 +96,7 @@ def test_matches_oracle(qtype, tokens, top_k, per_slot, dtype, device):
     x = gaussian_activations(shape, seed=tokens * 3 + top_k).to(dtype)
     y = torchext.qmatmul_id(w, qtype, x.to(device), ids.to(device), n, k)
     assert y.shape == (tokens, top_k, n) and y.device.type == device
-    assert_slots_close(y, x, ids, Ws, Ms, rounded=tokens <= MAX_GEMV_ROWS)
+    assert_slots_close(y, x, ids, Ws, Ms, rounded=tokens <= gemv_rows(qtype, device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -112,30 +113,33 @@ def test_exact_never_rounds_activations(tokens, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64], ids=str)
-@pytest.mark.parametrize("tokens", [2, 16, 24])
+@pytest.mark.parametrize("tokens", [2, 16, 24, PAST_GEMV], ids=str)
 def test_repeated_ids(tokens, ids_dtype, device):
     """Ids may repeat within a token (each slot is its own product): every slot of every token on
     one expert gives an expert 8 x T rows, which the GEMV takes in several groups."""
     experts, n, k, qtype = 4, 32, 256, Q.Q4_K
+    tokens = rows_of_case(tokens, qtype, device)
     w, Ws, Ms = expert_weights(qtype, experts, n, k, device)
     ids = torch.full((tokens, 8), 2, dtype=ids_dtype)
     ids[0, :3] = torch.tensor([0, 0, 3], dtype=ids_dtype)
     x = gaussian_activations((tokens, k), seed=7).to(torch.bfloat16)
     y = torchext.qmatmul_id(w, qtype, x.to(device), ids.to(device), n, k)
-    assert_slots_close(y, x, ids, Ws, Ms, rounded=tokens <= MAX_GEMV_ROWS)
+    assert_slots_close(y, x, ids, Ws, Ms, rounded=tokens <= gemv_rows(qtype, device))
     assert torch.equal(y[:, 3], y[:, 7]) and torch.equal(y[0, 0], y[0, 1])
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_0], ids=qtype_name)
-def test_gemv_path_up_to_16_tokens(qtype, device):
-    """At 16 tokens the outputs carry Q8_1 rounding, at 17 they are unrounded (the policy of
-    kernels/batch_policy.h, choose_matmul_id_path: the tokens decide, as rows decide for qmatmul)."""
+def test_gemv_path_up_to_the_policys_tokens(qtype, device):
+    """At gemv_max_tokens tokens (16 on CUDA, the format's on the CPU) the outputs carry Q8_1
+    rounding, one more and they are unrounded (the policy of kernels/batch_policy.h,
+    choose_matmul_id_path: the tokens decide, as rows decide for qmatmul)."""
     experts, n, k = 4, 64, 1024
+    last = gemv_rows(qtype, device)
     w, Ws, _ = expert_weights(qtype, experts, n, k, device)
-    x = gaussian_activations((MAX_GEMV_ROWS + 1, k), seed=3)
-    ids = routed_ids(MAX_GEMV_ROWS + 1, 2, experts)
-    for tokens in (MAX_GEMV_ROWS, MAX_GEMV_ROWS + 1):
+    x = gaussian_activations((last + 1, k), seed=3)
+    ids = routed_ids(last + 1, 2, experts)
+    for tokens in (last, last + 1):
         y = torchext.qmatmul_id(w, qtype, x[:tokens].to(device), ids[:tokens].to(device), n, k)
         xs, flat = slot_rows(x[:tokens], 2), ids[:tokens].reshape(-1)
         rel = []
@@ -143,7 +147,7 @@ def test_gemv_path_up_to_16_tokens(qtype, device):
             ref, absref, _ = oracle(xs[flat == e], Ws[e])
             rel.append(np.abs(y.reshape(-1, n)[(flat == e).to(device)].double().cpu().numpy() - ref) / absref)
         rel = np.concatenate(rel)
-        if tokens <= MAX_GEMV_ROWS:
+        if tokens <= last:
             assert np.median(rel) > 1e-4, f"{tokens} tokens: no Q8_1 rounding"
         else:
             assert rel.max() <= 1e-5, f"{tokens} tokens: {rel.max():.2e} is not fp32 error"
@@ -151,18 +155,19 @@ def test_gemv_path_up_to_16_tokens(qtype, device):
 
 def test_equals_qmatmul_per_expert_on_cpu():
     """On the CPU each expert's rows, in slot order, go through qmatmul's own kernels: the result is
-    qmatmul of the expert's weight on those rows, bit for bit (the Q8_1 GEMV up to 16 tokens, the
-    dense path after)."""
+    qmatmul of the expert's weight on those rows, bit for bit (the Q8_1 GEMV up to the format's
+    tokens, the dense path after)."""
     experts, n, k, qtype = 5, 24, 300, Q.Q5_K
     w, *_ = expert_weights(qtype, experts, n, k)
-    for tokens in (3, 20):
+    last = gemv_rows(qtype)
+    for tokens in (3, last, last + 1):
         ids = routed_ids(tokens, 3, experts, seed=tokens)
         x = gaussian_activations((tokens, k), seed=tokens)
         y = torchext.qmatmul_id(w, qtype, x, ids, n, k).reshape(-1, n)
         flat = ids.reshape(-1)
         for e in flat.unique().tolist():
             rows = slot_rows(x, 3)[flat == e]
-            expected = torchext.qmatmul(w[e], qtype, rows, n, k, exact=tokens > MAX_GEMV_ROWS)
+            expected = torchext.qmatmul(w[e], qtype, rows, n, k, exact=tokens > last)
             assert torch.equal(y[flat == e], expected), (tokens, e)
 
 
@@ -219,16 +224,18 @@ def test_id_out_of_range_gives_a_nan_row_on_cuda(case):
 @pytest.mark.parametrize("tokens", [1, 8, 16, 17, 100])
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.Q5_1, Q.IQ3_S, Q.MXFP4], ids=qtype_name)
 def test_cuda_matches_cpu(qtype, tokens, dtype):
-    """The same slots on both devices: the GEMV path's integer dot products agree up to fp32
-    summation order, the unrounded paths within the oracle's tolerance (assert_slots_close)."""
+    """The same slots on both devices: where both take the GEMV path (up to 16 tokens on CUDA, the
+    format's limit on the CPU) its integer dot products agree up to fp32 summation order, the
+    unrounded paths within the oracle's tolerance (assert_slots_close)."""
     experts, n, k = 16, 72, 768
     w, Ws, Ms = expert_weights(qtype, experts, n, k)
     ids = routed_ids(tokens, 4, experts, seed=tokens, dtype=torch.int32)
     x = gaussian_activations((tokens, k), seed=tokens).to(dtype)
     y_cpu = torchext.qmatmul_id(w, qtype, x, ids, n, k)
     y_cuda = torchext.qmatmul_id(w.cuda(), qtype, x.cuda(), ids.cuda(), n, k)
-    assert_slots_close(y_cuda, x, ids, Ws, Ms, rounded=tokens <= MAX_GEMV_ROWS)
-    if tokens <= MAX_GEMV_ROWS:
+    assert_slots_close(y_cuda, x, ids, Ws, Ms, rounded=tokens <= gemv_rows(qtype, "cuda"))
+    assert_slots_close(y_cpu, x, ids, Ws, Ms, rounded=tokens <= gemv_rows(qtype))
+    if tokens <= min(gemv_rows(qtype, "cuda"), gemv_rows(qtype)):
         absref = np.abs(slot_rows(x, 4).double().numpy()) @ np.abs(np.stack(Ws)).max(0).T  # [slots, n]
         u = half_ulp(dtype) if dtype != torch.float32 else 0.0
         a, b = y_cpu.reshape(-1, n).double().numpy(), y_cuda.reshape(-1, n).cpu().double().numpy()
@@ -257,7 +264,7 @@ def test_real_shapes(shape, tokens):
         t, j = divmod(s, top_k)
         we = w[int(ids[t, j])].cpu()
         W, M = dequant_oracle(we, qtype, n, k), offset_oracle(we, qtype, n, k)
-        assert_rows_close(y[t, j:j + 1], x[t:t + 1].cpu(), W, M, tokens <= MAX_GEMV_ROWS, f"slot {s}")
+        assert_rows_close(y[t, j:j + 1], x[t:t + 1].cpu(), W, M, tokens <= gemv_rows(qtype, "cuda"), f"slot {s}")
 
 
 @requires_cuda

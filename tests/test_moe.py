@@ -7,7 +7,8 @@ Tolerances:
   weights (1e-5 of |x| @ |W|.T, as test_matmul); carried through SiLU gating and the down projection
   the block's error stays within 1e-5 of the magnitudes of its terms (assert_block_close with no
   Q8_1 term).
-- the default (up to 16 tokens: Q8_1 activations in all three projections): the gate and up outputs
+- the default (up to the formats' GEMV tokens, torchext.ops.gemv_max_tokens, 16 for Q5_0 and Q6_K
+  on the CPU: Q8_1 activations in all three projections): the gate and up outputs
   are within the Q8_1 bound of x (test_matmul.q8_1_bound); that error, through silu(g) * u (SiLU is
   1.1-Lipschitz), bounds the gated activations' error dh; the down projection adds |W_down| @ dh and
   the Q8_1 bound of the activations it actually rounded (whose block maxima are within dh of the

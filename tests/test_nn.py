@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchext
-from conftest import DEVICES, DTYPES, gaussian_activations, gaussian_linear, random_weight, requires_cuda
+from conftest import DEVICES, DTYPES, gaussian_activations, gaussian_linear, gemv_rows, random_weight, requires_cuda
 from torchext import QType, WeightCache
 from torchext.nn import QuantGatedMLP, QuantLinear, QuantStackedGatedMLP, gated_mlp, quantize_linears, shared_input
 
@@ -56,7 +56,7 @@ def test_forward_is_qmatmul_plus_bias(device, dtype, qtype, n, k):
     with_bias = QuantLinear(w, qtype, k, n, bias)
     without = QuantLinear(w.flatten(), int(qtype), k, n)  # flat bytes and an int id are fine too
     assert without.weight.shape == with_bias.weight.shape == (n, w.shape[1]) and without.bias is None
-    for shape in [(k,), (1, k), (2, 3, k), (17, k)]:  # GEMV path to 8 or 16 rows, unrounded beyond
+    for shape in [(k,), (1, k), (2, 3, k), (gemv_rows(qtype, device) + 1, k)]:  # the GEMV path, unrounded beyond
         x = gaussian_activations(shape, seed=len(shape)).to(dtype).to(device)
         y = torchext.qmatmul(w, qtype, x, n, k)
         assert torch.equal(without(x), y)
@@ -303,7 +303,8 @@ def test_shared_input_equals_each_layer(device, dtype):
     layers = [QuantLinear(random_weight(q, n, k, device, seed=i), q, k, n,
                           bias=torch.randn(n, device=device) if i == 1 else None)
               for i, (q, n) in enumerate([(QType.Q5_0, 8), (QType.Q4_K, 3), (QType.Q8_0, 5)])]
-    for lead in [(1,), (2, 4), (3, 5), (17,)]:
+    # 17 rows: on the CPU past Q5_0's and Q8_0's GEMV, not Q4_K's (which then quantizes x itself)
+    for lead in [(1,), (2, 4), (3, 5), (17,), (max(gemv_rows(m.qtype, device) for m in layers) + 1,)]:
         x = gaussian_activations(lead + (k,), seed=lead[0]).to(dtype).to(device)
         outs = shared_input(x, *layers)
         assert len(outs) == 3
@@ -325,7 +326,8 @@ def test_gated_mlp_equals_its_composition(device, dtype, activation):
     """gated_mlp is bit for bit shared_input's gate and up (one Q8_1 input on the GEMV path: up to
     gemv_max_rows rows, batch dims), then the down projection of F.silu(gate) * up or F.gelu(gate) * up."""
     gate_proj, up_proj, down_proj = _gated_layers(device, bias=True)
-    for lead in [(1,), (2, 4), (33,)]:
+    past = max(gemv_rows(m.qtype, device) for m in (gate_proj, up_proj, down_proj)) + 1
+    for lead in [(1,), (2, 4), (33,), (past,)]:
         x = gaussian_activations(lead + (512,), seed=lead[0]).to(dtype).to(device)
         gate, up = shared_input(x, gate_proj, up_proj)
         act = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh" if activation == "gelu_tanh"

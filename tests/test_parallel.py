@@ -28,8 +28,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import torchext
-from conftest import (dequant_oracle, fp32_sum_error, gaussian_activations, gaussian_linear, half_ulp, offset_oracle,
-                      q8_1_fields, q8_1_reference, skip_without_gemma_gguf)
+from conftest import (dequant_oracle, fp32_sum_error, gaussian_activations, gaussian_linear, gemv_rows, half_ulp,
+                      offset_oracle, q8_1_fields, q8_1_reference, skip_without_gemma_gguf)
 from torchext import QType, WeightCache
 from torchext.nn import QuantLinear, shared_input
 from torchext.parallel import ColumnParallelQuantLinear, RowParallelQuantLinear, column_split, row_split
@@ -123,7 +123,7 @@ def _sharded_mlps(rank, device):
                    ColumnParallelQuantLinear.from_quant_linear(up, r, WORLD),
                    RowParallelQuantLinear.from_quant_linear(down, r, WORLD)) for r in range(WORLD)]
         with torch.no_grad():
-            for rows in (1, 4, 17):  # the Q8_1 GEMV path up to 16 rows, the dense path beyond
+            for rows in (1, 4, gemv_rows(qtype, device) + 1):  # the Q8_1 GEMV path, then the dense path
                 x = gaussian_activations((rows, hidden), seed=rows).to(device)
                 got = mlp(pg, pu, pd, x)
                 summed = sum(d.local(torchext.gelu(g(x), "tanh") * u(x)) for g, u, d in shards) + down.bias

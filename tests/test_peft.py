@@ -1,17 +1,18 @@
 """peft LoRA around torchext's packed GGUF weights (torchext.hf.register_lora), on a tiny llama
 file written as in tests/test_transformers.py.
 
-The oracle for the numbers is transformers' own reading of the same file (every weight
-dequantized by gguf's numpy code into nn.Linear) with the same adapter: peft needs no custom
-layer there. A 24-token batch takes torchext's dense path, whose forward multiplies the exactly
-dequantized weights and whose backward multiplies the gradient by them (torchext.ops' autograd):
-the two models differ only in the fp32 summation order of their linear layers' matmuls. That gives
-no worst-case bound on the loss or the embeddings' gradient (the differences would have to be carried
-through attention, the norms and the loss, forward and backward), and every op between the linear
-layers is transformers' own in both models, so the layers are compared where they differ, one by
-one, on the inputs and output gradients the dense model's layer saw: outputs and input gradients
-within a worst-case bound of fp32 summation (conftest.fp32_sum_error), the adapters' gradients (the
-same peft ops on the same operands) bit for bit.
+The oracle for the numbers is transformers' own reading of the same file (every weight dequantized
+by gguf's numpy code into nn.Linear) with the same adapter: peft needs no custom layer there. A
+batch of two SEQUENCE_TOKENS-token sequences (more rows than any of the file's formats' GEMV takes)
+takes torchext's dense path, whose forward multiplies the exactly dequantized weights and whose
+backward multiplies the gradient by them (torchext.ops' autograd): the two models differ only in the
+fp32 summation order of their linear layers' matmuls. That gives no worst-case bound on the loss or
+the embeddings' gradient (the differences would have to be carried through attention, the norms and
+the loss, forward and backward), and every op between the linear layers is transformers' own in both
+models, so the layers are compared where they differ, one by one, on the inputs and output gradients
+the dense model's layer saw: outputs and input gradients within a worst-case bound of fp32 summation
+(conftest.fp32_sum_error), the adapters' gradients (the same peft ops on the same operands) bit for
+bit.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from conftest import fp32_sum_error, half_ulp
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("torchext.hf")
-from test_transformers import ARCHS, VOCAB, write_gguf  # noqa: E402  (after the skips)
+from test_transformers import ARCHS, PAST_GEMV_ROWS, VOCAB, write_gguf  # noqa: E402  (after the skips)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SEQUENCE_TOKENS = PAST_GEMV_ROWS // 2 + 1  # two sequences: past every format's GEMV rows (25 tokens, 50 rows)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def packed_bytes(model) -> dict[str, torch.Tensor]:
 
 
 def sequence(seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(3, VOCAB, (2, SEQUENCE_TOKENS), generator=torch.Generator().manual_seed(seed))
 
 
 def train_lora(path, device="cpu", dtype=torch.float32):
@@ -132,12 +134,12 @@ def linear_layers(model) -> dict[str, torch.nn.Module]:
 
 
 def test_layers_match_transformers_dense_model(trained, gguf_file, tmp_path):
-    """The trained adapter on transformers' dequantized model, layer by layer (module docstring): each
-    linear layer of the packed model on the input and output gradient of its dense twin in a 24-token
-    forward and backward. Each base layer's output is an fp32 sum of k products of the same values on
-    both sides (k = in_features), its input gradient one of n (out_features), each within fp32_sum_error
-    of the exact sum; the adapters' terms are the same bits, and adding them rounds once (2u relative of
-    each side's result, u = 2^-24, covers it). Embeddings: both models' values are gguf's, the same bits."""
+    """The trained adapter on transformers' dequantized model, layer by layer (module docstring): each linear layer of
+    the packed model on the input and output gradient of its dense twin in a SEQUENCE_TOKENS-token forward and
+    backward. Each base layer's output is an fp32 sum of k products of the same values on both sides (k =
+    in_features), its input gradient one of n (out_features), each within fp32_sum_error of the exact sum; the
+    adapters' terms are the same bits, and adding them rounds once (2u relative of each side's result, u = 2^-24,
+    covers it). Embeddings: both models' values are gguf's, the same bits."""
     peft_model, _, _, _ = trained
     peft_model.save_pretrained(tmp_path, save_embedding_layers=False)
     dense = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
@@ -171,7 +173,8 @@ def test_layers_match_transformers_dense_model(trained, gguf_file, tmp_path):
             base = theirs[name].get_base_layer() if isinstance(theirs[name], lora) else theirs[name]
             W = base.weight.detach().double()
             n, k = W.shape
-            assert t["x"].shape[:-1].numel() > 16  # the dense path: exact weights, unrounded activations
+            # the dense path: exact weights, unrounded activations
+            assert t["x"].shape[:-1].numel() >= PAST_GEMV_ROWS
             x = t["x"].clone().requires_grad_()
             y = m(x)
             y.backward(t["gy"])
@@ -261,7 +264,7 @@ def test_dora_is_refused_naming_the_option(gguf_file):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_training_on_cuda_in_bfloat16(trained, gguf_file):
-    """The same training on the GPU with bf16 activations: 48 rows per matmul take the tiled GEMM
+    """The same training on the GPU with bf16 activations: 50 rows per matmul take the tiled GEMM
     (weights exact, activations unrounded) forward and the dense path backward. The loss falls as
     on the CPU, the bytes stay, and the first loss is the CPU's fp32 one to bf16's precision: each
     matmul's inputs round to 8 mantissa bits (relative 2^-9 each), ~5 chained matmuls and a

@@ -8,7 +8,8 @@ summation error, 1e-5 * (|x^| @ |W|.T) with x^ the Q8_1-rounded activations (tes
 fp32 accumulation; |x^| <= 2|x| elementwise up to blocks' rounding, so 2e-5 * (|x| @ |W|.T) is used). GELU's vector exp/erf differ from libm's in the last bits:
 within 4 fp32 ulps (measured <= 1). cached_attention (the AVX2 path's vector exp and summation order, and
 a decode row cut into spans) is checked on both sides against test_attention's float64 oracle within its
-bound. The dense path (17+ rows) is torch's GEMM either way. The VNNI
+bound. The GEMV runs as qmatmul_q8_1 (qmatmul's GEMV path, bit for bit, at any row count); the dense
+path is torch's GEMM either way. The VNNI
 and AVX2 GEMVs differ only in the instructions of their exact integer dot products: every output
 is the same bits.
 """
@@ -45,9 +46,9 @@ def outputs() -> dict:
         w = random_weight(q, n, k, seed=int(q))
         out[f"dequantize-{q.name}"] = torchext.dequantize(w, int(q), n, k)
         out[f"embedding-{q.name}"] = torchext.embedding(w, int(q), torch.tensor([3, 0, 47]), n, k, dtype=torch.bfloat16)
-        for rows in (1, 6, 7, 16):  # the GEMV's tiles of 1, 2, 3 and 4 rows
+        for rows in (1, 6, 7, 16):  # the GEMV's tiles of 1, 2, 3 and 4 rows, past some formats' qmatmul limit
             x = torch.randn(rows, k)
-            out[f"qmatmul-{q.name}-{rows}"] = torchext.qmatmul(w, int(q), x, n, k)
+            out[f"qmatmul-{q.name}-{rows}"] = torchext.qmatmul_q8_1(w, int(q), torchext.quantize_q8_1(x), n, k)
             out[f"x-{q.name}-{rows}"] = x
     x = torch.randn(7, 300) * 3
     out["x-gelu"] = x

@@ -10,9 +10,10 @@ The oracle is transformers reading the same file: AutoModelForCausalLM.from_pret
 gguf_file=...) dequantizes every tensor with gguf's numpy code and runs float32 dense layers.
 torchext's model holds the file's bytes and runs them through torchext.qmatmul:
 
-- more than 16 rows (a 24-token prompt): the dense path, which multiplies the exactly dequantized
-  weights with unrounded activations; only fp32 summation order differs from the oracle;
-- up to 16 rows (a 6-token prompt, and every decode step): the Q8_1 GEMV, which rounds each
+- more rows than the format's GEMV takes (torchext.ops.gemv_max_rows: on the CPU 16 to 48 for these
+  formats; a prompt of PAST_GEMV_ROWS tokens): the dense path, which multiplies the exactly
+  dequantized weights with unrounded activations; only fp32 summation order differs from the oracle;
+- up to that (a 6-token prompt, and every decode step): the Q8_1 GEMV, which rounds each
   32-value block of a layer's input to 8 bits (d = amax/127, README "Q8_1 activations") and is then
   exact up to fp32 accumulation. Its oracle is the same transformers model with every nn.Linear's
   input rounded that way first (q8_1_round below, a transcription of the rule).
@@ -29,6 +30,7 @@ import pytest
 import torch
 
 import torchext
+from conftest import gemv_rows
 from torchext.formats import QType
 
 transformers = pytest.importorskip("transformers")
@@ -39,6 +41,8 @@ hf = pytest.importorskip("torchext.hf")
 HIDDEN, FFN, LAYERS, VOCAB = 256, 512, 2, 384
 # the formats the files mix, written out (not read from torchext.formats): those torchext.quantize makes
 FORMATS = [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K]
+# a prompt past every format's GEMV rows on the CPU: every layer takes the dense path
+PAST_GEMV_ROWS = max(gemv_rows(q) for q in FORMATS) + 1
 
 
 @dataclass(frozen=True)
@@ -220,8 +224,9 @@ def with_q8_1_inputs(model: torch.nn.Module, ours: torch.nn.Module):
     """Hooks rounding the input of every nn.Linear with q8_1_round when it has at most
     torchext.ops.gemv_max_rows rows for the format of ours' layer of that name, as torchext.qmatmul's
     GEMV does (more rows take an unrounded path), and every experts module's matmul inputs
-    (q8_1_experts); the returned function removes them."""
+    (q8_1_experts, by the formats of ours' experts of that name); the returned function removes them."""
     formats = {name: m.qtype for name, m in ours.named_modules() if isinstance(m, torchext.nn.QuantLinear)}
+    expert_formats = {name: m.qtypes for name, m in ours.named_modules() if isinstance(m, torchext.nn.QuantExperts)}
 
     def round_gemv_rows(qtype):
         def hook(module, args):
@@ -233,25 +238,28 @@ def with_q8_1_inputs(model: torch.nn.Module, ours: torch.nn.Module):
     # Qwen2-MoE's shared_expert_gate is an F32 tensor in the file: a dense nn.Linear in torchext's model too
     hooks = [m.register_forward_pre_hook(round_gemv_rows(formats[name])) for name, m in model.named_modules()
              if isinstance(m, torch.nn.Linear) and not name.endswith("shared_expert_gate")]
-    experts = [m for m in model.modules() if type(m).__name__.endswith("Experts")]
-    for m in experts:
-        m.forward = q8_1_experts(m)
-    return lambda: [h.remove() for h in hooks] + [delattr(m, "forward") for m in experts]
+    experts = {name: m for name, m in model.named_modules() if type(m).__name__.endswith("Experts")}
+    for name, m in experts.items():
+        m.forward = q8_1_experts(m, expert_formats[name])
+    return lambda: [h.remove() for h in hooks] + [delattr(m, "forward") for m in experts.values()]
 
 
-def q8_1_experts(experts: torch.nn.Module):
+def q8_1_experts(experts: torch.nn.Module, qtypes):
     """The forward of transformers' experts module (gate_up_proj [E, 2I, H], down_proj [E, H, I]) with
-    each expert matmul's input rounded by q8_1_round when the block has at most 16 tokens, as
+    each expert matmul's input rounded by q8_1_round when the block has at most
+    torchext.ops.gemv_max_tokens tokens for that matmul's format (qtypes: gate, up, down), as
     qmatmul_id's GEMV rounds them (its path depends on the token count alone), token by token."""
     def forward(hidden_states, top_k_index, top_k_weights):
-        gemv = hidden_states.shape[0] <= torchext.ops.GEMV_MAX_ROWS
-        rounded = q8_1_round if gemv else (lambda v: v)
-        x, out = rounded(hidden_states), torch.zeros_like(hidden_states)
+        gemv = [hidden_states.shape[0] <= torchext.ops.gemv_max_tokens(hidden_states, q) for q in qtypes]
+        round_gate, round_up, round_down = (q8_1_round if g else (lambda v: v) for g in gemv)
+        x, out = hidden_states, torch.zeros_like(hidden_states)
         for t in range(x.shape[0]):
             for j in range(top_k_index.shape[1]):
                 e = int(top_k_index[t, j])
-                gate, up = torch.nn.functional.linear(x[t], experts.gate_up_proj[e]).chunk(2, dim=-1)
-                h = rounded(experts.act_fn(gate) * up)
+                w_gate, w_up = experts.gate_up_proj[e].chunk(2, dim=0)
+                gate = torch.nn.functional.linear(round_gate(x[t]), w_gate)
+                up = torch.nn.functional.linear(round_up(x[t]), w_up)
+                h = round_down(experts.act_fn(gate) * up)
                 out[t] += top_k_weights[t, j] * torch.nn.functional.linear(h, experts.down_proj[e])
         return out
     return forward
@@ -355,14 +363,14 @@ def test_only_the_gated_formula_with_a_known_activation_fuses():
 
 
 def test_dense_path_logits_match_transformers(models):
-    """24 rows: every QuantLinear takes the dense path (the weights dequantized exactly, as gguf's
+    """PAST_GEMV_ROWS rows: every QuantLinear takes the dense path (the weights dequantized exactly, as gguf's
     numpy dequantization gives them; activations unrounded), so the two models compute the same
     function and differ by fp32 summation order only. Each matmul's rounding is at most
     ~k * 2^-24 * |x| @ |W| (k <= 512: 3e-5 of |x| @ |W|), in practice ~sqrt(k) * 2^-24 (1e-6);
     through two layers, softcaps and norms that stays below 1e-4 of the largest logit
     (measured: bit-identical for six of the seven, 9e-7 for qwen2)."""
     _, _, ref, ours = models
-    ids = prompt(24)
+    ids = prompt(PAST_GEMV_ROWS)
     with torch.no_grad():
         want, got = ref(ids).logits, ours(ids).logits
     scale = want.abs().max()
@@ -440,11 +448,12 @@ def test_moe_layers_match_transformers_with_q8_1_inputs_layer_by_layer(models):
         remove()
 
 
-@pytest.mark.parametrize("tokens", [6, 24])
+@pytest.mark.parametrize("tokens", [6, PAST_GEMV_ROWS])
 def test_experts_match_transformers_with_q8_1_inputs(models, tokens):
     """Each MoE layer's QuantExperts against transformers' experts module on the same hidden states,
     expert ids and routing weights: 6 tokens take qmatmul_id's GEMV, whose oracle rounds each expert
-    matmul's input to Q8_1 (q8_1_experts); 24 take its exact path, whose oracle is the plain module.
+    matmul's input to Q8_1 (q8_1_experts); PAST_GEMV_ROWS take its exact path, whose oracle is the
+    plain module.
     Either way the two compute the same products and differ by fp32 summation order (~sqrt(k) *
     2^-24 relative, k <= 1408), except where that moves a down projection's input (computed from the
     gate and up outputs) across a Q8_1 rounding boundary: one step d = amax/127 of one value, about
@@ -460,14 +469,15 @@ def test_experts_match_transformers_with_q8_1_inputs(models, tokens):
         ids = torch.stack([torch.randperm(num_experts, generator=gen)[:2] for _ in range(tokens)])
         weights = torch.rand(tokens, 2, generator=gen)
         with torch.no_grad():
-            want = q8_1_experts(layer_ref.mlp.experts)(x, ids, weights)
+            want = q8_1_experts(layer_ref.mlp.experts, layer_ours.mlp.experts.qtypes)(x, ids, weights)
             got = layer_ours.mlp.experts(x, ids, weights)
         assert (got - want).abs().max() <= 2e-3 * want.abs().max(), float((got - want).abs().max() / want.abs().max())
 
 
 def test_greedy_generation_matches_transformers(models):
-    """A 20-token prompt (dense path), then 6 greedy decode steps (one row each: the GEMV path),
-    with transformers' dynamic cache and with its static cache. The tokens are those of the oracle
+    """A 20-token prompt (the dense path, but for the Q4_K and Q5_K layers, whose CPU GEMV takes up to 48
+    and 32 rows: the oracle rounds their inputs too), then 6 greedy decode steps (one row each: the GEMV
+    path), with transformers' dynamic cache and with its static cache. The tokens are those of the oracle
     that rounds its GEMV-sized inputs to Q8_1 (the GEMV's only rounding). Plain transformers may
     part from them only on a near tie: each of our tokens is, by plain transformers' logits of the
     same sequence, within 2 * GEMV_VS_PLAIN * (largest logit) of its best."""
@@ -516,13 +526,14 @@ def test_cpu_generation_compiled_with_static_cache(tmp_path):
 def test_cuda_generation_compiled_with_static_cache(arch, tmp_path):
     """The same file on the GPU: generate() with transformers' static cache, which on CUDA compiles
     the forward pass (torch.compile, mode "reduce-overhead": CUDA graphs) on its own. The prompt
-    takes the dense path, each decode step the Q8_1 GEMV: the same rounding rule as on the CPU, so
+    (past every format's GEMV rows on either device) takes the dense path, each decode step the Q8_1
+    GEMV: the same rounding rule as on the CPU, so
     the tokens are the CPU model's (fp32 accumulation order differs; a flip would need a near-tie,
     which these seeds do not have). Two architectures keep the compile time down (llama: plain
     linears and a separate head; gemma3: tied head, norms with offsets, sliding windows)."""
     path = tmp_path / f"{arch.name}.gguf"
     write_gguf(arch, path, seed=ARCHS.index(arch))
-    ids = prompt(20, seed=1)
+    ids = prompt(PAST_GEMV_ROWS, seed=1)
     settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
     with torch.no_grad():
         want = hf.from_gguf(path).generate(ids, **settings)
@@ -754,7 +765,7 @@ def test_gemma3_270m_logits_match_torchext_gemma3():
     same bytes in a WeightCache pool; its config from transformers' reading of the metadata, checked
     against the file's known sizes, which saves re-parsing the 262,144-token vocabulary).
 
-    A 20-token prompt takes the dense path in both: the same function up to fp32 summation order
+    A prompt of PAST_GEMV_ROWS tokens takes the dense path in both: the same function up to fp32 summation order
     (and transformers' norms subtracting then re-adding the stored 1): bound 1e-3 on logits up to
     ~30 (measured ~1e-4), as tests/test_gemma3.py bounds its prompt pass. Prompts of 1 to 5 tokens
     take the Q8_1 GEMV in both, the same rounding rule; but an ulp-level upstream difference that
@@ -775,15 +786,16 @@ def test_gemma3_270m_logits_match_torchext_gemma3():
                        sliding_window=c.sliding_window, context_length=c.max_position_embeddings)
     assert (cfg.vocab_size, cfg.hidden, cfg.layers, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.ffn,
             cfg.rope_base_global) == (262144, 640, 18, 4, 1, 256, 2048, 1e6)
-    ref = Gemma3(torchext.WeightCache.from_gguf(path, pool=True), cfg, max_seq_len=32)
+    ref = Gemma3(torchext.WeightCache.from_gguf(path, pool=True), cfg, max_seq_len=64)
     # "<bos>The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is",
     # as Gemma's tokenizer encodes it
     ids = [2, 818, 5279, 529, 7001, 563, 9079, 236761, 669, 5279, 529, 9405, 563, 15687, 236761, 669, 5279, 529,
            11702, 563]
+    prompt_ids = (ids * 3)[:PAST_GEMV_ROWS]  # the file's formats are among FORMATS
     with torch.no_grad():
         ref.reset()
-        want = ref(torch.tensor([ids]), torch.arange(len(ids)), all_logits=True)[0]
-        got = ours(torch.tensor([ids])).logits[0]
+        want = ref(torch.tensor([prompt_ids]), torch.arange(len(prompt_ids)), all_logits=True)[0]
+        got = ours(torch.tensor([prompt_ids])).logits[0]
         assert (got - want).abs().max() < 1e-3
         ref.reset()
         for i, token in enumerate(ids[:5]):

@@ -26,6 +26,14 @@ def int_at_least(minimum: int, why: str = ""):
     return parse
 
 
+def shape_arg(text: str) -> tuple[int, int]:
+    """An argparse type: a weight shape NxK of positive integers, as (n, k)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected NxK with positive integers (4096x4096), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def gguf_file_arg(text: str) -> Path:
     """--gguf: the path of an existing file whose GGUF tables read (argparse reports the ArgumentTypeError as a
     usage error; a missing path or a directory raised a traceback from deep in the reader, and gguf's own

@@ -14,9 +14,10 @@ GGUFParameter (the tensor's raw GGUF bytes, uint8 [out_features, row_bytes], and
 on a GGUFLinear, whose forward dequantizes the whole weight on every call and then runs F.linear
 in the quantizer's compute_dtype. convert_gguf_linears replaces every GGUFLinear whose format
 torchext runs (torchext.formats.WEIGHT_TYPES) with a GGUFQuantLinear over the same bytes (no copy:
-the buffer is the parameter's storage) that calls torchext.qmatmul instead: up to 4, 8 or 16 rows
-(torchext.ops.gemv_max_rows) a Q8_1 GEMV over the packed weight, up to 64 rows on CUDA a tiled GEMM
-over it (up to 256 on compute capability 9.0 for weights whose rows are 16-byte multiples), more rows (Flux's 4096 image tokens) a dense GEMM on the dequantized weight: on CUDA one
+the buffer is the parameter's storage) that calls torchext.qmatmul instead: up to 4, 8 or 16 rows on
+CUDA, 4 to 48 by format on the CPU (torchext.ops.gemv_max_rows) a Q8_1 GEMV over the packed weight,
+up to 64 rows on CUDA a tiled GEMM over it (up to 256 on compute capability 9.0 for weights whose rows
+are 16-byte multiples), more rows (Flux's 4096 image tokens) a dense GEMM on the dequantized weight: on CUDA one
 dequantization kernel into a temporary, then cuBLAS (diffusers' dequantization is a chain of fp16
 torch ops), on the CPU in cache-sized row chunks. Layers in other formats (BF16, F16,
 formats torchext does not run) stay on diffusers' path and are listed in the returned report.

@@ -345,12 +345,13 @@ _register_fake("torchext::q4k_q8_gemv_packed")(_fake_q4k_q8_gemv)
 
 def qmatmul(w: torch.Tensor, qtype, x: torch.Tensor, n: int, k: int, exact: bool = False) -> torch.Tensor:
     """x [..., k] @ dequantize(w).T -> [..., n] in x's dtype, for any weight format.
-    Up to gemv_max_rows(x, n, qtype) rows (4, 8 or 16): Q8_1 activations and integer dot products (DP4A, or
-    int8 tensor cores from 2 rows on sm_80+). From there to 64 rows of fp16/bf16 on CUDA (sm_80+), and
-    to 256 on compute capability 9.0 for weights whose rows are a multiple of 16 bytes (not Q8_0): a
-    tiled GEMM over the quantized weight with the activations unrounded (fp32 products and sums); in
-    bf16 it computes each weight d * q + m in bf16 from d and m rounded to it (not for Q8_0, IQ4_NL
-    and IQ4_XS), in fp16 it multiplies each weight exactly as dequantize() gives it, rounded to fp16.
+    Up to gemv_max_rows(x, n, qtype) rows (4, 8 or 16 on CUDA, 4 to 48 by format on the CPU): Q8_1
+    activations and integer dot products (DP4A, or int8 tensor cores from 2 rows on sm_80+). From there
+    to 64 rows of fp16/bf16 on CUDA (sm_80+), and to 256 on compute capability 9.0 for weights whose
+    rows are a multiple of 16 bytes (not Q8_0): a tiled GEMM over the quantized weight with the
+    activations unrounded (fp32 products and sums); in bf16 it computes each weight d * q + m in bf16
+    from d and m rounded to it (not for Q8_0, IQ4_NL and IQ4_XS), in fp16 it multiplies each weight
+    exactly as dequantize() gives it, rounded to fp16.
     Otherwise: a dense GEMM on the dequantized weight (each weight exactly as dequantize() gives it,
     rounded to x's dtype; the same activations).
     exact=True takes exact weights and unrounded activations at any row count: the tiled GEMM
@@ -452,10 +453,11 @@ def qmatmul_id(w: torch.Tensor, qtype, x: torch.Tensor, ids: torch.Tensor, n: in
 
     Ids may repeat within a token (each slot is computed on its own). The path follows the number of
     tokens T, never the ids (no host sync: capturable in a CUDA graph, traceable with data-dependent
-    ids): up to GEMV_MAX_ROWS tokens the Q8_1 GEMV, which reads each selected expert's weight once for
-    all the rows routed to it; more tokens (or exact=True) leave the activations unrounded, through a
-    grouped tiled GEMM over the routed rows on CUDA (fp16/bf16, sm_80+; bf16 weights computed in
-    bf16 as qmatmul's unless exact=True) or a dense GEMM per expert.
+    ids): up to gemv_max_tokens(x, qtype) tokens (16 on CUDA, the format's CPU_GEMV_MAX_ROWS on the
+    CPU) the Q8_1 GEMV, which reads each selected expert's weight once for all the rows routed to it;
+    more tokens (or exact=True) leave the activations unrounded, through a grouped tiled GEMM over the
+    routed rows on CUDA (fp16/bf16, sm_80+; bf16 weights computed in bf16 as qmatmul's unless
+    exact=True) or a dense GEMM per expert.
     An id outside [0, E) raises on the CPU and gives a NaN output row on CUDA."""
     return _call(_ops.qmatmul_id, w, int(QType.of(qtype)), x, ids, n, k, _flag(exact, "exact"))
 
@@ -486,10 +488,21 @@ def _(w, qtype, x, ids, n, k, exact=False):
     return x.new_empty((ids.shape[0], ids.shape[1], n))
 
 
-#: The most activation rows qmatmul sends through the Q8_1 GEMV (and qmatmul_id's most tokens) where
-#: the tiled GEMM does not serve them (kernels/batch_policy.h, kMaxGemvRows); more rows leave the
+#: The most activation rows qmatmul sends through the Q8_1 GEMV (and qmatmul_id's most tokens) on CUDA
+#: where the tiled GEMM does not serve them (kernels/batch_policy.h, kMaxGemvRows); more rows leave the
 #: activations unrounded. tests/test_matmul.py checks these against the kernels' behaviour.
 GEMV_MAX_ROWS = 16
+
+#: The same on the CPU, by weight format: the catalog's CPU GEMV rows (kernels/blocks.h, where each
+#: has its measurement; batch_policy.h, cpu_max_gemv_rows), where the CPU's GEMV stops being faster
+#: than the dense path (bench/NOTES.md, twenty-second session).
+CPU_GEMV_MAX_ROWS = {
+    QType.Q4_0: 16, QType.Q4_1: 16, QType.Q5_0: 16, QType.Q5_1: 16, QType.Q8_0: 16, QType.Q2_K: 8, QType.Q3_K: 16,
+    QType.Q4_K: 48, QType.Q5_K: 32, QType.Q6_K: 16, QType.IQ4_NL: 16, QType.IQ4_XS: 24, QType.TQ2_0: 16,
+    QType.TQ1_0: 16, QType.MXFP4: 16, QType.NVFP4: 4,
+    QType.IQ2_XXS: 4, QType.IQ2_XS: 4, QType.IQ3_XXS: 8, QType.IQ1_S: 4, QType.IQ3_S: 8, QType.IQ2_S: 4,
+    QType.IQ1_M: 4,
+}
 
 #: The rows from which the tiled GEMM serves what it runs (kMinTiledGemmRows), and for formats of 32
 #: or 64 values a block on weights of at least LARGE_WEIGHT_VALUES values (kMinTiledGemmRowsSmallBlocks,
@@ -499,19 +512,26 @@ TILED_GEMM_MIN_ROWS_SMALL_BLOCKS = 5
 LARGE_WEIGHT_VALUES = 1 << 23
 
 
+def gemv_max_tokens(x: torch.Tensor, qtype) -> int:
+    """The most tokens of activations like x (its device) that qmatmul_id sends through the Q8_1 GEMV
+    against experts of format qtype (kernels/batch_policy.h, choose_matmul_id_path): on the CPU
+    CPU_GEMV_MAX_ROWS[qtype], elsewhere GEMV_MAX_ROWS."""
+    return CPU_GEMV_MAX_ROWS[QType.of(qtype)] if x.device.type == "cpu" else GEMV_MAX_ROWS
+
+
 def gemv_max_rows(x: torch.Tensor, n: int, qtype) -> int:
     """The most rows of activations like x (its device, dtype and last dimension K) that qmatmul
     sends through the Q8_1 GEMV against an n x K weight of format qtype (kernels/batch_policy.h,
     max_gemv_rows). Where the tiled GEMM runs (CUDA, fp16 or bf16, compute capability 8.0 or newer,
     K a multiple of 8): TILED_GEMM_MIN_ROWS_SMALL_BLOCKS - 1 for a format of 32 or 64 values a block
     on a weight of at least LARGE_WEIGHT_VALUES values, else TILED_GEMM_MIN_ROWS - 1; elsewhere
-    GEMV_MAX_ROWS. The tiled GEMM also needs 16-byte aligned operands, which this does not look at
-    (so that it holds for traced tensors too): an x that is not aligned takes the GEMV up to
-    GEMV_MAX_ROWS rows."""
+    gemv_max_tokens: the format's CPU_GEMV_MAX_ROWS on the CPU, GEMV_MAX_ROWS on CUDA. The tiled GEMM
+    also needs 16-byte aligned operands, which this does not look at (so that it holds for traced
+    tensors too): an x that is not aligned takes the GEMV up to GEMV_MAX_ROWS rows."""
     k = x.shape[-1]
     if not (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and k % 8 == 0
             and _has_tiled_gemm(x.device.index)):
-        return GEMV_MAX_ROWS
+        return gemv_max_tokens(x, qtype)
     if block_values(qtype) < 256 and n * k >= LARGE_WEIGHT_VALUES:
         return TILED_GEMM_MIN_ROWS_SMALL_BLOCKS - 1
     return TILED_GEMM_MIN_ROWS - 1
