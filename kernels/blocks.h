@@ -23,7 +23,7 @@ namespace torchext {
 // names (qtype_name), the format visit every kernel dispatches through (quant_traits.h), the error
 // messages that list the formats and the CPU's batch policy. Adding a format means: its block struct
 // here, its QuantTraits (quant_traits.h), its row in this table and in torchext/formats.py's FORMATS,
-// its CPU GEMV rows in torchext/ops.py's CPU_GEMV_MAX_ROWS, and tests. torchext/formats.py takes the
+// its CPU GEMV rows in torchext/formats.py's CPU_GEMV_MAX_ROWS, and tests. torchext/formats.py takes the
 // ids from the `gguf` package; tests/test_formats.py checks that the two tables agree.
 // CPU GEMV rows: the most activation rows qmatmul sends to the CPU's Q8_1 GEMV (batch_policy.h,
 // cpu_max_gemv_rows, says how they were measured); beside each, ms GEMV / dense path, 2 threads,

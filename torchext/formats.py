@@ -80,6 +80,19 @@ WEIGHT_TYPES = tuple(q for q in QType if q != QType.Q8_1)
 K_QUANTS = tuple(q for q in WEIGHT_TYPES if GGML_QUANT_SIZES[GGMLQuantizationType(q.value)][0] == 256)
 SMALL_BLOCK_TYPES = tuple(q for q in WEIGHT_TYPES if q not in K_QUANTS)  # 32 values a block, NVFP4 64
 
+#: The most activation rows the CPU's qmatmul sends through its Q8_1 GEMV (and qmatmul_id's most tokens),
+#: by format: the catalog's CPU GEMV rows (kernels/blocks.h, where each has its measurement;
+#: batch_policy.h, cpu_max_gemv_rows), where the CPU's GEMV stops being faster than the dense path
+#: (bench/NOTES.md, twenty-second session). torchext.ops.gemv_max_rows reads it; CUDA's limit is
+#: torchext.ops.GEMV_MAX_ROWS.
+CPU_GEMV_MAX_ROWS = {
+    QType.Q4_0: 16, QType.Q4_1: 16, QType.Q5_0: 16, QType.Q5_1: 16, QType.Q8_0: 16, QType.Q2_K: 8, QType.Q3_K: 16,
+    QType.Q4_K: 48, QType.Q5_K: 32, QType.Q6_K: 16, QType.IQ4_NL: 16, QType.IQ4_XS: 24, QType.TQ2_0: 16,
+    QType.TQ1_0: 16, QType.MXFP4: 16, QType.NVFP4: 4,
+    QType.IQ2_XXS: 4, QType.IQ2_XS: 4, QType.IQ3_XXS: 8, QType.IQ1_S: 4, QType.IQ3_S: 8, QType.IQ2_S: 4,
+    QType.IQ1_M: 4,
+}
+
 #: Byte offsets of each weight format's scale fields in one block: d, then dmin (k-quants) or m
 #: (Q4_1, Q5_1); Q2_K's d and dmin follow scales[16] and qs[64], Q3_K's d hmask[32], qs[64] and
 #: scales[12], Q6_K's d ql[128], qh[64] and scales[16], TQ2_0's d qs[64], TQ1_0's qs[48] and qh[4]

@@ -17,7 +17,7 @@ import numbers
 import torch
 from torch.autograd.graph import increment_version
 
-from .formats import WEIGHT_TYPES, QType, block_bytes, block_values, q8_1_row_bytes, row_bytes
+from .formats import CPU_GEMV_MAX_ROWS, WEIGHT_TYPES, QType, block_bytes, block_values, q8_1_row_bytes, row_bytes
 
 _ops = torch.ops.torchext
 _register_fake = torch.library.register_fake
@@ -492,17 +492,6 @@ def _(w, qtype, x, ids, n, k, exact=False):
 #: where the tiled GEMM does not serve them (kernels/batch_policy.h, kMaxGemvRows); more rows leave the
 #: activations unrounded. tests/test_matmul.py checks these against the kernels' behaviour.
 GEMV_MAX_ROWS = 16
-
-#: The same on the CPU, by weight format: the catalog's CPU GEMV rows (kernels/blocks.h, where each
-#: has its measurement; batch_policy.h, cpu_max_gemv_rows), where the CPU's GEMV stops being faster
-#: than the dense path (bench/NOTES.md, twenty-second session).
-CPU_GEMV_MAX_ROWS = {
-    QType.Q4_0: 16, QType.Q4_1: 16, QType.Q5_0: 16, QType.Q5_1: 16, QType.Q8_0: 16, QType.Q2_K: 8, QType.Q3_K: 16,
-    QType.Q4_K: 48, QType.Q5_K: 32, QType.Q6_K: 16, QType.IQ4_NL: 16, QType.IQ4_XS: 24, QType.TQ2_0: 16,
-    QType.TQ1_0: 16, QType.MXFP4: 16, QType.NVFP4: 4,
-    QType.IQ2_XXS: 4, QType.IQ2_XS: 4, QType.IQ3_XXS: 8, QType.IQ1_S: 4, QType.IQ3_S: 8, QType.IQ2_S: 4,
-    QType.IQ1_M: 4,
-}
 
 #: The rows from which the tiled GEMM serves what it runs (kMinTiledGemmRows), and for formats of 32
 #: or 64 values a block on weights of at least LARGE_WEIGHT_VALUES values (kMinTiledGemmRowsSmallBlocks,
