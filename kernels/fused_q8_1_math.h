@@ -41,16 +41,22 @@ TORCHEXT_HD float round_to(float v, FloatType t) {
 constexpr int kRmsLanes = 32;
 
 // The sum of squares of x[base .. base+k) in that order, one thread doing the lanes' work in turn
-// (the CPU kernels).
-inline float row_sum_squares(const void* x, FloatType t, int64_t base, int64_t k) {
-  float partial[kRmsLanes] = {};
-  for (int64_t j = 0; j < k; ++j) {
+// (the CPU kernels), from the partial sums of its first `done` values (a multiple of kRmsLanes: the
+// AVX2 kernel's vectors).
+inline float finish_row_sum_squares(float (&partial)[kRmsLanes], const void* x, FloatType t, int64_t base,
+                                    int64_t done, int64_t k) {
+  for (int64_t j = done; j < k; ++j) {
     const float v = load_float(x, base + j, t);
     partial[j % kRmsLanes] = add_rn(partial[j % kRmsLanes], mul_rn(v, v));
   }
   for (int h = kRmsLanes / 2; h > 0; h /= 2)
     for (int l = 0; l < h; ++l) partial[l] = add_rn(partial[l], partial[l + h]);
   return partial[0];
+}
+
+inline float row_sum_squares(const void* x, FloatType t, int64_t base, int64_t k) {
+  float partial[kRmsLanes] = {};
+  return finish_row_sum_squares(partial, x, t, base, 0, k);
 }
 
 // 1 / sqrt(sum_squares / k + eps), each step rounded to fp32 (IEEE division and square root).

@@ -2,7 +2,8 @@
 CPU without AVX2, FMA and F16C runs) against the default ones in this process, and the VNNI GEMV
 against the AVX2 one where the CPU has VNNI.
 
-dequantize, quantize_q8_1 and embedding compute one formula per value and must give the same bits.
+dequantize, quantize_q8_1, embedding and the fused norms (rms_norm_quantize_q8_1,
+add_rms_norm_quantize_q8_1) compute one formula per value, in one order, and must give the same bits.
 The GEMV (1 to 16 rows) sums the same exact per-block terms in a different order: within fp32
 summation error, 1e-5 * (|x^| @ |W|.T) with x^ the Q8_1-rounded activations (test_matmul's bound for
 fp32 accumulation; |x^| <= 2|x| elementwise up to blocks' rounding, so 2e-5 * (|x| @ |W|.T) is used). GELU's vector exp/erf differ from libm's in the last bits:
@@ -53,6 +54,19 @@ def outputs() -> dict:
     x = torch.randn(7, 300) * 3
     out["x-gelu"] = x
     out["quantize_q8_1"] = torchext.quantize_q8_1(x)
+    # the fused norms (their sums of squares in vectors on x86-64, the same order): rows of 300 values end
+    # in a partial vector, fp16 rows hold a NaN and an inf; both outputs of the residual form compared
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        h, y = (x * 7).to(dtype), torch.randn(7, 300).to(dtype)
+        if dtype == torch.float16:
+            h[1, 5], h[2, 290] = float("nan"), float("inf")
+        w, post = 1 + 0.3 * torch.randn(300), (1 + 0.3 * torch.randn(300)).to(dtype)
+        name = str(dtype).removeprefix("torch.")
+        out[f"quantize-rms_norm-{name}"] = torchext.rms_norm_quantize_q8_1(h, w, 1e-6)
+        for form, x_weight in (("add", None), ("post", post)):
+            s, q = torchext.add_rms_norm_quantize_q8_1(y, h, w, 1e-6, x_weight=x_weight)
+            ints = torch.int32 if dtype == torch.float32 else torch.int16  # bits: NaN == NaN
+            out[f"quantize-{form}_rms_norm-{name}"], out[f"quantize-{form}_rms_norm-sum-{name}"] = q, s.view(ints)
     out["gelu"] = torchext.gelu(x)
     out["gelu-tanh"] = torchext.gelu(x, approximate="tanh")
     for case, shape in ATTENTION_CASES.items():

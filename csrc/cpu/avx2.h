@@ -48,6 +48,14 @@ TORCHEXT_AVX2_INLINE void store_eight(void* out, int64_t i, FloatType ot, __m256
   }
 }
 
+// Eight floats rounded to `t` and widened back, as round_to gives them (fused_q8_1_math.h).
+TORCHEXT_AVX2_INLINE __m256 round_eight(__m256 v, FloatType t) {
+  if (t == FloatType::F32) return v;
+  uint16_t h[8];
+  store_eight(h, 0, t, v);
+  return load_eight(h, 0, t);
+}
+
 // The sum of eight floats.
 TORCHEXT_AVX2_INLINE float sum_lanes(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
