@@ -2,8 +2,9 @@
 CPU without AVX2, FMA and F16C runs) against the default ones in this process, and the VNNI GEMV
 against the AVX2 one where the CPU has VNNI.
 
-dequantize, quantize_q8_1, embedding and the fused norms (rms_norm_quantize_q8_1,
-add_rms_norm_quantize_q8_1) compute one formula per value, in one order, and must give the same bits.
+dequantize, quantize_q8_1, embedding, the fused norms (rms_norm_quantize_q8_1,
+add_rms_norm_quantize_q8_1) and rope_cache_write compute one formula per value, in one order, and must give
+the same bits (but for which NaN a NaN is).
 The GEMV (1 to 16 rows) sums the same exact per-block terms in a different order: within fp32
 summation error, 1e-5 * (|x^| @ |W|.T) with x^ the Q8_1-rounded activations (test_matmul's bound for
 fp32 accumulation; |x^| <= 2|x| elementwise up to blocks' rounding, so 2e-5 * (|x| @ |W|.T) is used). GELU's vector exp/erf differ from libm's in the last bits:
@@ -30,6 +31,7 @@ from conftest import WEIGHT_QTYPES, random_weight
 from test_attention import bound as attention_bound
 from test_attention import inputs as attention_inputs
 from test_attention import oracle as attention_oracle
+from test_rope_cache import inputs as rope_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = {q: (48, 512) for q in WEIGHT_QTYPES}
@@ -65,14 +67,33 @@ def outputs() -> dict:
         out[f"quantize-rms_norm-{name}"] = torchext.rms_norm_quantize_q8_1(h, w, 1e-6)
         for form, x_weight in (("add", None), ("post", post)):
             s, q = torchext.add_rms_norm_quantize_q8_1(y, h, w, 1e-6, x_weight=x_weight)
-            ints = torch.int32 if dtype == torch.float32 else torch.int16  # bits: NaN == NaN
-            out[f"quantize-{form}_rms_norm-{name}"], out[f"quantize-{form}_rms_norm-sum-{name}"] = q, s.view(ints)
+            out[f"quantize-{form}_rms_norm-{name}"], out[f"same-{form}_rms_norm-sum-{name}"] = q, s
     out["gelu"] = torchext.gelu(x)
     out["gelu-tanh"] = torchext.gelu(x, approximate="tanh")
+    # rope_cache_write (pairs in vectors on x86-64): a dim of 72 leaves pairs past the last vector; with and
+    # without the per-head norm; q's bits and the written cache rows
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for norm in (False, True):
+            q, k, v, cos, sin, pos, kc, vc, qw, kw = rope_inputs((2, 3, 4, 2, 72, 16, [5, 0, 15]), dtype, "cpu", norm)
+            if dtype == torch.float16:
+                q[0, 1, 2, 7] = float("nan")
+            key = f"same-rope-{str(dtype).removeprefix('torch.')}-{'norm' if norm else 'plain'}"
+            out[key] = torchext.rope_cache_write(q, k, v, cos, sin, pos, kc, vc, qw, kw)
+            out[key + "-k_cache"] = kc
     for case, shape in ATTENTION_CASES.items():
         for name, dtype in ATTENTION_DTYPES.items():
             out[f"attention-{case}-{name}"] = torchext.cached_attention(*attention_inputs(shape, dtype, "cpu"))
     return out
+
+
+def assert_same(key: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    """The same bits; for the "same-" outputs the same values and a NaN where the other has one (which
+    NaN, its sign and payload, follows the order in which the compiler's scalar code takes an operation's
+    two NaN operands)."""
+    if key.startswith("same"):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=key)
+    else:
+        assert torch.equal(a, b), key
 
 
 def outputs_with(kernels: str, tmp_path: Path) -> dict:
@@ -102,6 +123,8 @@ def test_portable_kernels_agree_with_the_default_ones(tmp_path):
         d = default[key]
         if key.startswith(("dequantize", "embedding", "quantize", "x-")):
             assert torch.equal(p, d), key
+        elif key.startswith("same"):
+            assert_same(key, p, d)
         elif key.startswith("gelu"):
             assert ((p - d).abs() <= 2.0**-20 * default["x-gelu"].abs() + 1e-37).all(), key
         elif key.startswith("attention"):
@@ -141,7 +164,7 @@ def test_vnni_gemv_gives_the_avx2_bits(kernels, avx2_outputs, tmp_path):
     vnni, avx2 = outputs_with(kernels, tmp_path), avx2_outputs
     assert vnni.keys() == avx2.keys()
     for key, v in vnni.items():
-        assert torch.equal(v, avx2[key]), key
+        assert_same(key, v, avx2[key])
 
 
 def best_kernels(flags: set[str]) -> str:

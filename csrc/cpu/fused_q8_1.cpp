@@ -105,6 +105,10 @@ bool x86_vectors() {
 
 }  // namespace
 
+float sum_squares(const void* x, FloatType t, int64_t base, int64_t k) {
+  return RowNorm{x, t, base, k}.sum_squares(x86_vectors());
+}
+
 void rms_norm_quantize_q8_1(const void* x, FloatType xt, const void* w, FloatType wt, int64_t rows, int64_t k,
                             float eps, block_q8_1* out) {
   std::vector<uint8_t> normed(size_t(rows) * size_t(k) * element_bytes(xt));
