@@ -56,6 +56,12 @@ TORCHEXT_AVX2_INLINE __m256 round_eight(__m256 v, FloatType t) {
   return load_eight(h, 0, t);
 }
 
+// rms_norm_value (fused_q8_1_math.h) of eight floats: (x * inverse) * w, each product rounded on its own,
+// then rounded to t.
+TORCHEXT_AVX2_INLINE __m256 rms_norm_eight(__m256 x, __m256 inverse, __m256 w, FloatType t) {
+  return round_eight(_mm256_mul_ps(_mm256_mul_ps(x, inverse), w), t);
+}
+
 // The sum of eight floats.
 TORCHEXT_AVX2_INLINE float sum_lanes(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -27,27 +27,30 @@ struct RowNorm {
   FloatType xt;
   int64_t base, k;
 
-  float sum_squares(bool avx2) const {
+  float sum_squares() const {
     float partial[kRmsLanes] = {};
     int64_t done = 0;
 #if defined(__x86_64__) || defined(_M_X64)
+    static const bool avx2 = has_avx2();
     if (avx2) done = sum_squares_avx2(partial);
 #endif
     return finish_row_sum_squares(partial, x, xt, base, done, k);
   }
 
-  void normalise(float inverse, const void* w, FloatType wt, void* y, bool avx2) const {
+  void normalise(float inverse, const void* w, FloatType wt, void* y) const {
     int64_t j = 0;
 #if defined(__x86_64__) || defined(_M_X64)
+    static const bool avx2 = has_avx2();
     if (avx2) j = normalise_avx2(inverse, w, wt, y);
 #endif
     for (; j < k; ++j)
       store_float(y, base + j, xt, rms_norm_value(load_float(x, base + j, xt), inverse, load_float(w, j, wt), xt));
   }
 
-  void add_to(const void* residual, float inverse, const void* x_weight, FloatType xwt, void* sum, bool avx2) const {
+  void add_to(const void* residual, float inverse, const void* x_weight, FloatType xwt, void* sum) const {
     int64_t j = 0;
 #if defined(__x86_64__) || defined(_M_X64)
+    static const bool avx2 = has_avx2();
     if (avx2) j = add_to_avx2(residual, inverse, x_weight, xwt, sum);
 #endif
     for (; j < k; ++j) {
@@ -86,7 +89,7 @@ struct RowNorm {
     int64_t j = 0;
     for (; j + 8 <= k; j += 8) {
       __m256 t = load_eight(x, base + j, xt);
-      if (x_weight) t = round_eight(_mm256_mul_ps(_mm256_mul_ps(t, inv), load_eight(x_weight, j, xwt)), xt);
+      if (x_weight) t = rms_norm_eight(t, inv, load_eight(x_weight, j, xwt), xt);
       store_eight(sum, base + j, xt, _mm256_add_ps(load_eight(residual, base + j, xt), t));
     }
     return j;
@@ -94,30 +97,20 @@ struct RowNorm {
 #endif
 };
 
-bool x86_vectors() {
-#if defined(__x86_64__) || defined(_M_X64)
-  static const bool avx2 = has_avx2();
-  return avx2;
-#else
-  return false;
-#endif
-}
-
 }  // namespace
 
 float sum_squares(const void* x, FloatType t, int64_t base, int64_t k) {
-  return RowNorm{x, t, base, k}.sum_squares(x86_vectors());
+  return RowNorm{x, t, base, k}.sum_squares();
 }
 
 void rms_norm_quantize_q8_1(const void* x, FloatType xt, const void* w, FloatType wt, int64_t rows, int64_t k,
                             float eps, block_q8_1* out) {
   std::vector<uint8_t> normed(size_t(rows) * size_t(k) * element_bytes(xt));
   void* y = normed.data();
-  const bool avx2 = x86_vectors();
   torch::stable::parallel_for(0, rows, parallel_grain(k), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const RowNorm row{x, xt, r * k, k};
-      row.normalise(rms_inverse(row.sum_squares(avx2), k, eps), w, wt, y, avx2);
+      row.normalise(rms_inverse(row.sum_squares(), k, eps), w, wt, y);
     }
   });
   quantize_q8_1(y, xt, rows, k, out);
@@ -126,11 +119,10 @@ void rms_norm_quantize_q8_1(const void* x, FloatType xt, const void* w, FloatTyp
 void add_rms_norm_quantize_q8_1(const void* x, const void* residual, FloatType xt, const void* x_weight, FloatType xwt,
                                 const void* w, FloatType wt, int64_t rows, int64_t k, float eps, void* sum,
                                 block_q8_1* out) {
-  const bool avx2 = x86_vectors();
   torch::stable::parallel_for(0, rows, parallel_grain(k), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const RowNorm row{x, xt, r * k, k};
-      row.add_to(residual, x_weight ? rms_inverse(row.sum_squares(avx2), k, eps) : 0.0f, x_weight, xwt, sum, avx2);
+      row.add_to(residual, x_weight ? rms_inverse(row.sum_squares(), k, eps) : 0.0f, x_weight, xwt, sum);
     }
   });
   rms_norm_quantize_q8_1(sum, xt, w, wt, rows, k, eps, out);

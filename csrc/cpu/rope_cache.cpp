@@ -35,8 +35,8 @@ TORCHEXT_AVX2 int64_t rotate_pairs_avx2(const void* x, int64_t x0, HeadNorm norm
   for (; i + 8 <= half; i += 8) {
     __m256 lo = load_eight(x, x0 + i, t), hi = load_eight(x, x0 + i + half, t);
     if (norm.weight) {
-      lo = round_eight(_mm256_mul_ps(_mm256_mul_ps(lo, inv), load_eight(norm.weight, i, norm.type)), t);
-      hi = round_eight(_mm256_mul_ps(_mm256_mul_ps(hi, inv), load_eight(norm.weight, i + half, norm.type)), t);
+      lo = rms_norm_eight(lo, inv, load_eight(norm.weight, i, norm.type), t);
+      hi = rms_norm_eight(hi, inv, load_eight(norm.weight, i + half, norm.type), t);
     }
     const __m256 lo_out = _mm256_add_ps(_mm256_mul_ps(lo, _mm256_loadu_ps(cos + i)),
                                         _mm256_mul_ps(_mm256_xor_ps(hi, sign), _mm256_loadu_ps(sin + i)));
