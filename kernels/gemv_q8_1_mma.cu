@@ -128,11 +128,11 @@ __device__ __forceinline__ void gemv_mma_rows(const uint8_t* __restrict__ w, int
           acc[j][1] += sl.d * s1.d * float(c[1]);
           acc[j][2] += sh.d * s0.d * float(c[2]);
           acc[j][3] += sh.d * s1.d * float(c[3]);
-          if constexpr (kW == 2) {  // a 32-value slice's min meets its Q8_1 block's input sum
-            acc[j][0] += sl.m * s0.s;
-            acc[j][1] += sl.m * s1.s;
-            acc[j][2] += sh.m * s0.s;
-            acc[j][3] += sh.m * s1.s;
+          if constexpr (kW == 2) {  // a 32-value slice's min meets its Q8_1 block's input sum (scaled: Q8Scales)
+            acc[j][0] += sl.m * kQ8SumScale * s0.s;
+            acc[j][1] += sl.m * kQ8SumScale * s1.s;
+            acc[j][2] += sh.m * kQ8SumScale * s0.s;
+            acc[j][3] += sh.m * kQ8SumScale * s1.s;
           } else if constexpr (T::kMmaMins) {
             // a 16-value slice's min meets the sum of its 16 activations: ones times B gives it for
             // columns 2t, 2t+1 in every row of C

@@ -9,15 +9,24 @@
 
 namespace torchext {
 
+// s below is the block's sum scaled down by kQ8SumScale, and a weight's offset meets it scaled up by as
+// much: d * sum(qs) reaches 32x fp32's largest value (a block of activations near 3.4e38, or same-signed
+// ones from ~1.06e37), which would make every output it meets inf or NaN (0 * inf where a format has no
+// offset), while d * sum(qs) / 2^7 stays below 8.6e37 and the largest offset times 2^7 (fp16's 65504
+// times a 6-bit min) below 5.4e8. Both scalings are exact, so each product is the bits of
+// offset * (d * sum(qs)) wherever that was finite (but for block sums below ~1.5e-36, where the scaled
+// sum is an fp32 subnormal: an error under 2^-150 * 2^7 a block, far inside the GEMVs' bound).
+constexpr float kQ8SumScale = 128.0f;
+
 struct alignas(8) Q8Scales {
   float d, s;
 
-  // From a Q8_1 block's scale word (blocks.h): d, and s = d * sum(qs), the sum of the rounded
-  // inputs that a weight block's offset (min, zero point) meets.
+  // From a Q8_1 block's scale word (blocks.h): d, and s = d * sum(qs) / kQ8SumScale, the sum of the
+  // rounded inputs that a weight block's offset (min, zero point) times kQ8SumScale meets.
   static TORCHEXT_HD Q8Scales of_word(uint32_t v) {
     const float d = bits_float(v & ~kQ8SumMask);
     const int sum_qs = int(v << (32 - kQ8SumBits)) >> (32 - kQ8SumBits);  // sign-extend 13 bits
-    return Q8Scales{d, d * float(sum_qs)};
+    return Q8Scales{d, d * (float(sum_qs) * (1.0f / kQ8SumScale))};
   }
 };
 

@@ -290,10 +290,10 @@ struct KQuantTraits {
       }
       // The min term goes through the Q8_1 sums: sum((d*sc*q - dmin*m) * x) = d*sc*d8*isum - dmin*m*s.
       // Weight scales multiply first, then the activation scale, then the integer sum: every
-      // partial product stays near the size of its contribution (|x| up to 1e34 stays finite).
+      // partial product stays near the size of its contribution. s is scaled (Q8Scales).
       const Q8Scales lo = x.scales(r, 2 * g), hi = x.scales(r, 2 * g + 1);
       acc[r] += hd.d * float(hd.sc_lo) * lo.d * float(sum_lo) + hd.d * float(hd.sc_hi) * hi.d * float(sum_hi) -
-                hd.dmin * float(hd.m_lo) * lo.s - hd.dmin * float(hd.m_hi) * hi.s;
+                hd.dmin * float(hd.m_lo) * kQ8SumScale * lo.s - hd.dmin * float(hd.m_hi) * kQ8SumScale * hi.s;
     }
   }
 
@@ -728,7 +728,8 @@ struct NibbleTraits {
       lo[w] = int((q & 0x0F0F0F0Fu) | spread_bits_to_bit4((qh >> (4 * w)) & 0xF));
       hi[w] = int(((q >> 4) & 0x0F0F0F0Fu) | spread_bits_to_bit4((qh >> (16 + 4 * w)) & 0xF));
     }
-    const float d = fp16f(fp16_bits(words.half0())), m = min_of(b);
+    const float d = fp16f(fp16_bits(words.half0()));
+    const float scaled_offset = (kHasMin ? min_of(b) : -d * float(kZero)) * kQ8SumScale;  // meets s (Q8Scales)
     TORCHEXT_UNROLL
     for (int r = 0; r < B; ++r) {
       int xl[4], xh[4];
@@ -739,8 +740,7 @@ struct NibbleTraits {
       for (int w = 0; w < 4; ++w) sum = dp4a(hi[w], xh[w], dp4a(lo[w], xl[w], sum));
       const Q8Scales xs = x.scales(r, 0);
       // d * d8 before the integer sum, as every format: partial products stay near the result's size
-      if constexpr (kHasMin) acc[r] += d * xs.d * float(sum) + m * xs.s;
-      else acc[r] += d * xs.d * float(sum) - d * float(kZero) * xs.s;
+      acc[r] += d * xs.d * float(sum) + scaled_offset * xs.s;
     }
   }
 

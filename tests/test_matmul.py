@@ -52,6 +52,7 @@ from conftest import (
     gemv_rows,
     half_ulp,
     half_weight_rounding,
+    offset_oracle,
     q8_1_fields,
     q8_1_reference,
     q8_1_row_bytes,
@@ -409,6 +410,43 @@ def test_any_finite_magnitude(dtype, qtype, rows, device):
                + 2 * k * 2.0**-149)
         err = np.abs(y64 - ref)
         assert (err <= tol).all(), f"1e{e}: " + report(err, tol, absref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [1, 4, LAST_GEMV, PAST_GEMV], ids=str)
+@pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=qtype_name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_block_sums_past_fp32(dtype, qtype, rows, device):
+    """One 32-value block of each row holds same-signed values of 1.1e37 to 1.5e37 (the rest Gaussian):
+    the block's sum, 32 of them, passes fp32's largest value, while the outputs stay finite (weights of
+    small scales: under 16 in |W| summed over any 32 values). The GEMVs met a weight's offset with d *
+    sum(qs) itself and gave inf or NaN there (NaN also for formats without an offset on the CPU's AVX
+    kernels, 0 * inf); kernels/q8_1_rows.h scales that sum down by 2^7. Within the bound of
+    test_any_finite_magnitude, every row on the GEMVs (1 to the last GEMV row, by DP4A or, on CUDA in
+    float32, the int8 MMA kernel) and beyond."""
+    k, n = ROW_SHAPES[qtype], 7
+    rows = rows_of_case(rows, qtype, device)
+    w = random_weight(qtype, n, k, scale=1e-4)
+    W = dequant_oracle(w, qtype, n, k)
+    blocks = k // 32
+    assert np.abs(W[:, :32 * blocks]).reshape(n, blocks, 32).sum(-1).max() < 16  # outputs below 2.4e38
+    x = gaussian_activations((rows, k), seed=rows)
+    rng = np.random.default_rng(rows)
+    for r in range(rows):
+        b, sign = r % blocks, (-1.0) ** r
+        x[r, 32 * b:32 * b + 32] = torch.from_numpy(sign * rng.uniform(1.1e37, 1.5e37, 32))
+    x = x.to(dtype)
+    y = run_matmul(w.to(device), int(qtype), x.to(device), n, k)
+    ref, absref, xabs = oracle(x, W)
+    y64 = y.double().cpu().numpy()
+    assert np.isfinite(y64).all(), "non-finite outputs"
+    gemv = takes_gemv(rows, device, dtype, n, k, qtype)
+    bound = q8_1_bound(x, W) if gemv else 0.0
+    u = half_ulp(dtype) if dtype != torch.float32 else 0.0
+    offabs = offsets_term(x, offset_oracle(w, qtype, n, k))
+    tol = output_rounding(y, ref, absref, xabs, 1e-5, offabs, gemv=gemv) + bound * (1 + 1e-5) * (1 + u)
+    err = np.abs(y64 - ref)
+    assert (err <= tol).all(), report(err, tol, absref)
 
 
 # ---- the batch policy, pinned by behaviour ------------------------------------------------------

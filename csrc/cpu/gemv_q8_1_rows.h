@@ -30,12 +30,13 @@ __attribute__((target(TORCHEXT_GEMV_TARGET))) void gemv_rows(TORCHEXT_GEMV_ISA, 
       __m256 lo[R], hi[R];  // kBlockScales: lane c is chunk c's scale, weight times activation
       if constexpr (kBlockScales) {
         const BlockScales bs = C::block_scales(blk);
+        const __m256 scaled_offset = _mm256_mul_ps(bs.offset, _mm256_set1_ps(kQ8SumScale));  // meets xsum (Q8Scales)
         for (int r = 0; r < R; ++r) {
           const int64_t x = (r0 + r) * x_stride + b * kChunks;
           const __m256 d = _mm256_loadu_ps(xd + x);
           lo[r] = _mm256_mul_ps(bs.d_lo, d);
           hi[r] = C::kHalfScales ? _mm256_mul_ps(bs.d_hi, d) : lo[r];
-          offsets[r] = _mm256_fmadd_ps(bs.offset, _mm256_loadu_ps(xsum + x), offsets[r]);
+          offsets[r] = _mm256_fmadd_ps(scaled_offset, _mm256_loadu_ps(xsum + x), offsets[r]);
         }
       }
 #pragma GCC unroll 8  // a constant c: each chunk's scale unpacking and shifts resolve at compile time
@@ -52,8 +53,10 @@ __attribute__((target(TORCHEXT_GEMV_TARGET))) void gemv_rows(TORCHEXT_GEMV_ISA, 
           } else {
             scale = C::kHalfScales ? _mm256_setr_m128(_mm_set1_ps(ch.d_lo * xd[x]), _mm_set1_ps(ch.d_hi * xd[x]))
                                    : _mm256_set1_ps(ch.d_lo * xd[x]);
-            if constexpr (C::kHalfMins) offset[r] += ch.offset_lo() * xs.halves[x].lo + ch.offset_hi() * xs.halves[x].hi;
-            else offset[r] += ch.offset_lo() * xsum[x];
+            // the offsets times kQ8SumScale meet the scaled sums (Q8Scales)
+            if constexpr (C::kHalfMins)
+              offset[r] += ch.offset_lo() * kQ8SumScale * xs.halves[x].lo + ch.offset_hi() * kQ8SumScale * xs.halves[x].hi;
+            else offset[r] += ch.offset_lo() * kQ8SumScale * xsum[x];
           }
           const __m256i sums = TORCHEXT_GEMV_ISA::dot_lanes(dot_operands<C::kSigned>(ch.q, xq[x].qs));
           acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r]);

@@ -349,12 +349,13 @@ struct Avx512Vnni {
   }
 };
 
-// d_x times the sums of a Q8_1 block's quants 0..15 and 16..31: what mins of 16 values meet.
+// d_x times the sums of a Q8_1 block's quants 0..15 and 16..31, scaled as Q8Scales::s: what mins of 16
+// values times kQ8SumScale meet.
 struct HalfSums {
   float lo, hi;
 };
 
-// Every activation block's scales, decoded once per call: d, s = d * sum(qs) (Q8Scales) as two
+// Every activation block's scales, decoded once per call: d, s = d * sum(qs) / kQ8SumScale (Q8Scales) as two
 // arrays, so that a 256-value weight block's eight are one load each; halves only for kHalfMins.
 struct XScales {
   std::vector<float> d, s;
@@ -398,7 +399,8 @@ void gemv_format(const uint8_t* w, int64_t n, int64_t k, const block_q8_1* xq, i
   for (size_t j = 0; j < xs.halves.size(); ++j) {
     int lo = 0, hi = 0;
     for (int l = 0; l < 16; ++l) lo += xq[j].qs[l], hi += xq[j].qs[16 + l];
-    xs.halves[j] = HalfSums{xs.d[j] * float(lo), xs.d[j] * float(hi)};
+    const float scale = 1.0f / kQ8SumScale;
+    xs.halves[j] = HalfSums{xs.d[j] * (float(lo) * scale), xs.d[j] * (float(hi) * scale)};
   }
   torch::stable::parallel_for(0, n, gemv_grain(k, rows), [&](int64_t begin, int64_t end) {
     // Up to four activation rows share each unpacked chunk.
