@@ -66,11 +66,15 @@ def check_matmul_vs_cpu(y: torch.Tensor, w: torch.Tensor, qtype: int, x: torch.T
     with the tolerances of the module docstring."""
     w_cpu, x_cpu = w.cpu(), x.cpu()
     rows = x_cpu.numel() // k if k else 0
-    # the CPU's GEMV where CUDA took the GEMV, else its unrounded dense path (x: CUDA's, or its CPU
-    # copy, whose alignment says nothing of CUDA's)
+    # the CPU's GEMV where CUDA took the GEMV (called as such: the CPU's own GEMV limit is the format's,
+    # often below CUDA's 8 or 16 rows), else its unrounded dense path (x: CUDA's, or its CPU copy, whose
+    # alignment says nothing of CUDA's)
     aligned = w.data_ptr() % 16 == 0 and (x.device != y.device or x.data_ptr() % 16 == 0)
     gemv = takes_gemv(rows, y.device, x.dtype, n, k, qtype, aligned)
-    ref = ops.qmatmul(w_cpu, qtype, x_cpu, n, k, not gemv)
+    if gemv:
+        ref = ops.qmatmul_q8_1(w_cpu, qtype, ops.quantize_q8_1(x_cpu), n, k, x.dtype)
+    else:
+        ref = ops.qmatmul(w_cpu, qtype, x_cpu, n, k, True)
     assert y.shape == ref.shape and y.dtype == ref.dtype
     if rows == 0:
         return

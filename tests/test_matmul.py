@@ -679,23 +679,29 @@ def assert_cpu_cuda_close(y_cpu, y_cuda, absref):
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("case", SHAPE_CASES, ids=case_id)
 def test_cpu_and_cuda_agree_dp4a(case, rows, dtype):
+    """The GEMVs on both devices, called as such (the CPU's GEMV limit is the format's, as low as 4
+    rows); qmatmul on CUDA gives the same bits, as it takes its GEMV at these rows."""
     qtype, k, n = case
     w, W = cached_weight(qtype, n, k)
     x = gaussian_activations((rows, k), seed=k + rows).to(dtype)
-    y_cpu = run_matmul(w, int(qtype), x, n, k)
-    y_cuda = run_matmul(w.cuda(), int(qtype), x.cuda(), n, k)
+    xq = torchext.quantize_q8_1(x)
+    y_cpu = torchext.ops.qmatmul_q8_1(w, int(qtype), xq, n, k, dtype)
+    y_cuda = torchext.ops.qmatmul_q8_1(w.cuda(), int(qtype), xq.cuda(), n, k, dtype)
+    assert takes_gemv(rows, "cuda", dtype, n, k, qtype)
+    assert same_bits(run_matmul(w.cuda(), int(qtype), x.cuda(), n, k), y_cuda)
     assert_cpu_cuda_close(y_cpu, y_cuda, oracle(x, W)[1])
 
 
 @requires_cuda
 @pytest.mark.parametrize("case", SHAPE_CASES, ids=case_id)
 def test_cpu_and_cuda_agree_dense_float32(case):
-    """The dense path in float32: both are fp32 GEMMs of the same exact weights."""
+    """The dense path in float32 (exact=True: float32 has no tiled GEMM, and at 16 rows the GEMVs would
+    serve): both are fp32 GEMMs of the same exact weights."""
     qtype, k, n = case
     w, W = cached_weight(qtype, n, k)
     x = gaussian_activations((16, k), seed=k)
-    y_cpu = run_matmul(w, int(qtype), x, n, k)
-    y_cuda = run_matmul(w.cuda(), int(qtype), x.cuda(), n, k)
+    y_cpu = torchext.qmatmul(w, int(qtype), x, n, k, exact=True)
+    y_cuda = torchext.qmatmul(w.cuda(), int(qtype), x.cuda(), n, k, exact=True)
     assert_cpu_cuda_close(y_cpu, y_cuda, oracle(x, W)[1])
 
 
