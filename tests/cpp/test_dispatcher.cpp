@@ -49,8 +49,9 @@ void test_quantize_q8_1() {
   const torchext::Q8Scales s = torchext::Q8Scales::of_word(b[0].scale);
   int sum_qs = 0;
   for (int l = 0; l < 32; ++l) sum_qs += b[0].qs[l];
-  expect(s.d == torchext::q8_1_scale(amax) && s.s == s.d * float(sum_qs) && qs_ok,
-         "quantize_q8_1 block 0: d = amax/127 (rounded up to 10 mantissa bits), qs = round(x/d), d * sum(qs)");
+  expect(s.d == torchext::q8_1_scale(amax) && s.s * torchext::kQ8SumScale == s.d * float(sum_qs) && qs_ok,
+         "quantize_q8_1 block 0: d = amax/127 (rounded up to 10 mantissa bits), qs = round(x/d), d * sum(qs) "
+         "(scaled by 1 / kQ8SumScale)");
   bool pad_zero = true;
   for (int l = 0; l < 32; ++l) pad_zero &= b[15].qs[l] == 0;  // values 480..511 of row 0 are all padding
   expect(pad_zero && b[15].scale == 0, "quantize_q8_1 zero-pads past K");
