@@ -55,7 +55,8 @@ __attribute__((target(TORCHEXT_GEMV_TARGET))) void gemv_rows(TORCHEXT_GEMV_ISA, 
                                    : _mm256_set1_ps(ch.d_lo * xd[x]);
             // the offsets times kQ8SumScale meet the scaled sums (Q8Scales)
             if constexpr (C::kHalfMins)
-              offset[r] += ch.offset_lo() * kQ8SumScale * xs.halves[x].lo + ch.offset_hi() * kQ8SumScale * xs.halves[x].hi;
+              offset[r] += ch.offset_lo() * kQ8SumScale * xs.halves[x].lo +
+                           ch.offset_hi() * kQ8SumScale * xs.halves[x].hi;
             else offset[r] += ch.offset_lo() * kQ8SumScale * xsum[x];
           }
           const __m256i sums = TORCHEXT_GEMV_ISA::dot_lanes(dot_operands<C::kSigned>(ch.q, xq[x].qs));
