@@ -398,18 +398,27 @@ def test_any_finite_magnitude(dtype, qtype, rows, device):
     for e in MAGNITUDES[dtype]:
         x = (gaussian_activations((rows, k), seed=e + 50) * 10.0**e).to(dtype)
         y = run_matmul(w.to(device), int(qtype), x.to(device), n, k)
-        ref, absref, xabs = oracle(x, W)
-        y64 = y.double().cpu().numpy()
-        assert np.isfinite(y64).all(), f"1e{e}: non-finite outputs"
-        gemv = takes_gemv(rows, device, dtype, n, k, qtype)
-        bound = q8_1_bound(x, W) if gemv else 0.0
-        u = half_ulp(dtype) if dtype != torch.float32 else 0.0
         # fp32 products below its normal range round to multiples of 2^-149: one per term
-        offabs = offsets_term(x, cached_offsets(qtype, n, k))
-        tol = (output_rounding(y, ref, absref, xabs, 1e-5, offabs, gemv=gemv) + bound * (1 + 1e-5) * (1 + u)
-               + 2 * k * 2.0**-149)
-        err = np.abs(y64 - ref)
-        assert (err <= tol).all(), f"1e{e}: " + report(err, tol, absref)
+        assert_finite_within_bound(y, x, W, cached_offsets(qtype, n, k), qtype, device, f"1e{e}: ",
+                                   subnormal_terms=2 * k)
+
+
+def assert_finite_within_bound(y, x, W, M, qtype, device, what="", subnormal_terms=0):
+    """y = qmatmul(x) finite and within the Q8_1 bound where the GEMVs served x's rows (fp32 error on
+    the unrounded paths), plus subnormal_terms multiples of 2^-149; M: the weights' offsets."""
+    rows, k = x.reshape(-1, x.shape[-1]).shape
+    n = W.shape[0]
+    ref, absref, xabs = oracle(x, W)
+    y64 = y.double().cpu().numpy()
+    assert np.isfinite(y64).all(), f"{what}non-finite outputs"
+    gemv = takes_gemv(rows, device, x.dtype, n, k, qtype)
+    bound = q8_1_bound(x, W) if gemv else 0.0
+    u = half_ulp(x.dtype) if x.dtype != torch.float32 else 0.0
+    offabs = offsets_term(x, M)
+    tol = (output_rounding(y, ref, absref, xabs, 1e-5, offabs, gemv=gemv) + bound * (1 + 1e-5) * (1 + u)
+           + subnormal_terms * 2.0**-149)
+    err = np.abs(y64 - ref)
+    assert (err <= tol).all(), what + report(err, tol, absref)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -437,16 +446,7 @@ def test_block_sums_past_fp32(dtype, qtype, rows, device):
         x[r, 32 * b:32 * b + 32] = torch.from_numpy(sign * rng.uniform(1.1e37, 1.5e37, 32))
     x = x.to(dtype)
     y = run_matmul(w.to(device), int(qtype), x.to(device), n, k)
-    ref, absref, xabs = oracle(x, W)
-    y64 = y.double().cpu().numpy()
-    assert np.isfinite(y64).all(), "non-finite outputs"
-    gemv = takes_gemv(rows, device, dtype, n, k, qtype)
-    bound = q8_1_bound(x, W) if gemv else 0.0
-    u = half_ulp(dtype) if dtype != torch.float32 else 0.0
-    offabs = offsets_term(x, offset_oracle(w, qtype, n, k))
-    tol = output_rounding(y, ref, absref, xabs, 1e-5, offabs, gemv=gemv) + bound * (1 + 1e-5) * (1 + u)
-    err = np.abs(y64 - ref)
-    assert (err <= tol).all(), report(err, tol, absref)
+    assert_finite_within_bound(y, x, W, offset_oracle(w, qtype, n, k), qtype, device)
 
 
 # ---- the batch policy, pinned by behaviour ------------------------------------------------------
