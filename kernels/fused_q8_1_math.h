@@ -54,11 +54,6 @@ inline float finish_row_sum_squares(float (&partial)[kRmsLanes], const void* x, 
   return partial[0];
 }
 
-inline float row_sum_squares(const void* x, FloatType t, int64_t base, int64_t k) {
-  float partial[kRmsLanes] = {};
-  return finish_row_sum_squares(partial, x, t, base, 0, k);
-}
-
 // 1 / sqrt(sum_squares / k + eps), each step rounded to fp32 (IEEE division and square root).
 TORCHEXT_HD float rms_inverse(float sum_squares, int64_t k, float eps) {
 #if defined(__CUDA_ARCH__)

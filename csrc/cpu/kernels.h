@@ -67,8 +67,8 @@ void rope_cache_write(const HeadRows& q, const HeadRows& k, const HeadRows& v, c
 // out = gelu(x + bias[i % channels]) (bias may be null), computed in fp32.
 void gelu(const void* x, const void* bias, void* out, int64_t numel, int64_t channels, FloatType t, bool tanh_form);
 
-// The sum of squares of x[base .. base+k) (type t) in kernels/fused_q8_1_math.h's order (row_sum_squares's
-// bits), in AVX2 vectors where the CPU has them.
+// The sum of squares of x[base .. base+k) (type t) in kernels/fused_q8_1_math.h's order (the bits of
+// finish_row_sum_squares walking the whole row), in AVX2 vectors where the CPU has them.
 float sum_squares(const void* x, FloatType t, int64_t base, int64_t k);
 
 // x (rows x k, type xt) normalised per row, x / rms(x) * w with w [k] of type wt, rounded to xt, then
