@@ -141,13 +141,17 @@ __device__ __forceinline__ void wgmma_64x128x16(float (&d)[64], uint64_t a, uint
 // A raw chunk's box starts at the 16-byte boundary at or before the chunk (the tensor memory
 // accelerator reads from 16-byte aligned addresses: Q2_K's and Q6_K's chunks at unaligned offsets came
 // back wrong or faulted, H200), so a row's chunk starts (chunk offset % 16) bytes into its box row,
-// and the box row is the chunk plus up to 15 bytes, rounded up to 16. kFits: whether that is one box
-// row (at most 256 bytes) and two raw chunks fit beside at least two activation tiles (Q8_0's 272-byte
-// chunk does not; Q6_K's 210 bytes take 240 and leave two).
+// and the box row is the chunk plus up to 15 bytes, rounded up to an odd number of 16-byte pieces: the
+// dequantizing threads read the same byte of consecutive rows at once, so rows a multiple of 128 bytes
+// apart would put a warp's 32 loads in one bank (Q3_K's 110-byte, IQ3_XXS's 98 and IQ3_S's 110-byte
+// chunks took 128-byte rows and ran 1.5-3x slower than the dense path; an odd count of pieces leaves 4
+// loads a bank, as the mma.sync kernel's WeightChunk::kStride). kFits: whether that is one box row (at
+// most 256 bytes) and two raw chunks fit beside at least two activation tiles (Q8_0's 272-byte chunk
+// does not; Q6_K's 210 bytes take 240 and leave two).
 template <class T, class Tile>
 struct WgLayout {
   static constexpr int kChunkBytes = WeightChunk<T>::kBytes;
-  static constexpr int kRawStride = (kChunkBytes + (kChunkBytes % 16 == 0 ? 0 : 15) + 15) / 16 * 16;
+  static constexpr int kRawStride = ((kChunkBytes + (kChunkBytes % 16 == 0 ? 0 : 15) + 15) / 16 | 1) * 16;
   static constexpr int kATileBytes = Tile::kM * kWgStageK * 2, kBTileBytes = Tile::kN * kWgStageK * 2;
   static constexpr int kRawBytes = Tile::kN * kRawStride;
   static constexpr int kBSlots = Tile::kN == 128 ? 3 : 2, kRawSlots = 2;
