@@ -210,8 +210,9 @@ cudaError_t plan_tiles(int64_t n, int64_t k, int64_t tiles, int device, int& spl
   const int ctas_per_sm = facts.ctas_per_sm;
   // Split a tile's items over 2, 4 or 8 warps while the tiles alone would leave most resident warp
   // slots empty, down to one item a warp: a short row is latency-bound, and more warps on it beat fewer
-  // CTAs (H200, 2-8 rows, L2 cold: Q4_K 3072x1024 8.0-9.3 -> 5.4-6.0 us and 640x1024 6.3-7.4 -> 4.8-5.7
-  // against a floor of four items a warp).
+  // CTAs (2-8 rows, L2 cold, against a floor of four items a warp: H100 Q4_K 3072x1024 8.0-9.3 -> 6.2-7.1
+  // us, 1024x3072 9.7-11.2 -> 6.8-8.8, 640x1024 6.3-7.0 -> 5.4-5.8, Q6_K 3072x1024 7.8-8.7 -> 6.4-7.1;
+  // long rows, whose items outnumber the warps, unchanged).
   const int64_t items = weight_row_blocks<T>(k) * T::kMmaItems;
   const int64_t resident_warps = int64_t(sm_count(device)) * std::max(ctas_per_sm, 1) * kWarps;
   split = 1;
