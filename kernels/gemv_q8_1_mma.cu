@@ -212,7 +212,7 @@ cudaError_t plan_tiles(int64_t n, int64_t k, int64_t tiles, int device, int& spl
   // slots empty, down to one item a warp: a short row is latency-bound, and more warps on it beat fewer
   // CTAs (2-8 rows, L2 cold, against a floor of four items a warp: H100 Q4_K 3072x1024 8.0-9.3 -> 6.2-7.1
   // us, 1024x3072 9.7-11.2 -> 6.8-8.8, 640x1024 6.3-7.0 -> 5.4-5.8, Q6_K 3072x1024 7.8-8.7 -> 6.4-7.1;
-  // long rows, whose items outnumber the warps, unchanged).
+  // rows of 16 items or more, 4096x4096 Q4_K's and 640x2048 Q6_K's among them, split as before).
   const int64_t items = weight_row_blocks<T>(k) * T::kMmaItems;
   const int64_t resident_warps = int64_t(sm_count(device)) * std::max(ctas_per_sm, 1) * kWarps;
   split = 1;
