@@ -76,7 +76,7 @@ inline const char* dtype_name(ScalarType t) {
 
 inline const char* qtype_name(QType t) {
   switch (t) {
-#define TORCHEXT_QTYPE_NAME(name, id, cpu_gemv_rows) \
+#define TORCHEXT_QTYPE_NAME(name, id, cpu_gemv_rows, wgmma_rows) \
   case QType::name:                                  \
     return #name;
     TORCHEXT_WEIGHT_FORMATS(TORCHEXT_QTYPE_NAME)
@@ -90,7 +90,7 @@ inline const char* qtype_name(QType t) {
 inline std::string weight_format_list() {
   std::string list;
   const char* names[] = {
-#define TORCHEXT_QTYPE_STRING(name, id, cpu_gemv_rows) #name,
+#define TORCHEXT_QTYPE_STRING(name, id, cpu_gemv_rows, wgmma_rows) #name,
       TORCHEXT_WEIGHT_FORMATS(TORCHEXT_QTYPE_STRING)
 #undef TORCHEXT_QTYPE_STRING
   };

@@ -4,6 +4,7 @@
 // nn.shared_input, and tests/test_matmul.py::test_gemv_max_rows_is_the_policy pins the two together.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels/blocks.h"
@@ -71,6 +72,38 @@ constexpr int64_t kMaxTiledGemmRows = 64;
 // so it stops at 256.
 constexpr int64_t kMaxWgmmaRows = 256;
 
+// Past that, launch_qgemm runs the wgmma GEMM on chunks of kMaxWgmmaRows rows, the last one what is
+// left (through the mma.sync kernels up to 64 rows), up to the catalog's wgmma rows (blocks.h), on
+// weights of kMinWgmmaChunkedValues values or more (choose_matmul_path). Each chunk reads the weight
+// again, so that pays only where the kernel's 256 rows take well under the dense path's time: on large
+// weights it takes the step at 257 rows away for Q2_K, Q4_K and Q5_K, whose chunks stay level with or
+// ahead of the dense path to 512 rows. Measured on an H100 with the chunks (not kept for the other
+// formats), L2 cold, bf16, µs, 256 rows by the wgmma GEMM, then chunks / dense path at 257, 384 and
+// 512 rows:
+//   4096x14336 Q4_K 72.3, 98.6 / 131.0, 125.3 / 146.3, 139.4 / 144.2; Q5_K 75.6, 102.6 / 141.2, 127.6 /
+//     156.3, 143.8 / 155.8; Q2_K 68.9, 103.1 / 118.4, 115.0 / 133.3, 132.0 / 132.3;
+//   14336x4096 Q4_K 67.6, 97.1 / 118.4, 125.3 / 129.5, 131.9 / 156.1; Q5_K 81.1, 111.6 / 128.4, 140.3 /
+//     140.6, 153.8 / 166.2; Q2_K 70.3, 107.6 / 105.8, 120.8 / 116.8, 132.4 / 146.5.
+// Chunks lost where the kernel's 256 rows cost more (Q6_K 4096x14336 99.9, 135.2 / 133.0, 175.7 /
+// 148.8; Q3_K, IQ4_XS), where its few-row chunk costs more (the grid formats, MXFP4 and NVFP4: 257 rows
+// 47-48 µs over 256, Q4_K 26), and for the 32-value formats past 257-384 rows (Q4_0 14336x4096: 384
+// rows 133.8 / 118.4). Small weights lose even at 256 rows (Q4_K 2048x640 11.9 against the dense
+// path's 7.4, 257 rows in chunks 19.4; 640x2048 11.4 / 8.7; 3072x3072 23.3 / 22.1; 4096x4096 28.2 /
+// 36.7, where a 1-row chunk's ~14 µs would cost more than the dense path gains), so the chunks start
+// at 2^25 values, between 4096x4096 and the 4096x14336 measured above (Flux's 3072x12288, 2^25.2, not
+// measured).
+constexpr int64_t kMinWgmmaChunkedValues = int64_t(1) << 25;
+inline int64_t wgmma_max_rows(QType t) {
+  switch (t) {
+#define TORCHEXT_WGMMA_ROWS(name, id, cpu_gemv_rows, wgmma_rows) \
+  case QType::name:                                             \
+    return wgmma_rows;
+    TORCHEXT_WEIGHT_FORMATS(TORCHEXT_WGMMA_ROWS)
+#undef TORCHEXT_WGMMA_ROWS
+    default: return kMaxWgmmaRows;  // not a weight format: the op checks have refused it already
+  }
+}
+
 // The CPU's GEMV takes any number of rows, but re-reads and re-unpacks its share of the weight for every 4
 // of them (csrc/cpu/gemv_q8_1_x86.cpp), so its time grows with the rows, while the dense path's (tiles of
 // weight rows dequantized to fp32 by each thread, then MKL) grows slowly: where they cross is the format's
@@ -86,8 +119,8 @@ constexpr int64_t kMaxWgmmaRows = 256;
 // threads and 0.57-0.74x on one keep 16.
 inline int64_t cpu_max_gemv_rows(QType t) {
   switch (t) {
-#define TORCHEXT_CPU_GEMV_ROWS(name, id, cpu_gemv_rows) \
-  case QType::name:                                     \
+#define TORCHEXT_CPU_GEMV_ROWS(name, id, cpu_gemv_rows, wgmma_rows) \
+  case QType::name:                                                 \
     return cpu_gemv_rows;
     TORCHEXT_WEIGHT_FORMATS(TORCHEXT_CPU_GEMV_ROWS)
 #undef TORCHEXT_CPU_GEMV_ROWS
@@ -99,18 +132,21 @@ inline int64_t cpu_max_gemv_rows(QType t) {
 // format's values per block (256, or 32 and NVFP4's 64).
 // gemv_rows: the most rows the backend's GEMV takes where the tiled GEMM does not run (kMaxGemvRows
 // on CUDA, cpu_max_gemv_rows on the CPU); tiled_gemm_rows: the most rows the tiled GEMM takes for
-// these operands (0: it does not run; kMaxTiledGemmRows, or kMaxWgmmaRows where the wgmma GEMM runs).
+// these operands (0: it does not run; kMaxTiledGemmRows, or wgmma_max_rows where the wgmma GEMM runs).
 inline int64_t max_gemv_rows(int64_t gemv_rows, int64_t tiled_gemm_rows, int64_t n, int64_t k, int block_values) {
   if (tiled_gemm_rows == 0) return gemv_rows;
   const bool small_blocks_large_weight = block_values < 256 && n * k >= kLargeWeightValues;
   return (small_blocks_large_weight ? kMinTiledGemmRowsSmallBlocks : kMinTiledGemmRows) - 1;
 }
 
-// exact: the caller asked for unrounded activations (qmatmul's `exact`), so never the GEMVs.
+// exact: the caller asked for unrounded activations (qmatmul's `exact`), so never the GEMVs. The wgmma
+// GEMM's chunks past kMaxWgmmaRows rows serve weights of kMinWgmmaChunkedValues or more only.
 inline MatmulPath choose_matmul_path(int64_t rows, int64_t n, int64_t k, int block_values, int64_t gemv_rows,
                                      int64_t tiled_gemm_rows, bool exact) {
   if (!exact && rows <= max_gemv_rows(gemv_rows, tiled_gemm_rows, n, k, block_values)) return MatmulPath::Gemv;
-  return rows <= tiled_gemm_rows ? MatmulPath::TiledGemm : MatmulPath::Dense;
+  const int64_t tiled_rows =
+      n * k >= kMinWgmmaChunkedValues ? tiled_gemm_rows : std::min(tiled_gemm_rows, kMaxWgmmaRows);
+  return rows <= tiled_rows ? MatmulPath::TiledGemm : MatmulPath::Dense;
 }
 
 // The expert-indexed matmul (qmatmul_id: T tokens, each routed to top_k of E experts) decides on T

@@ -19,47 +19,50 @@
 namespace torchext {
 
 // The format catalog: every weight format torchext runs, as X(name, gguf GGMLQuantizationType id,
-// CPU GEMV rows). Everything that lists or dispatches on formats expands it: the QType ids below, their
-// names (qtype_name), the format visit every kernel dispatches through (quant_traits.h), the error
-// messages that list the formats and the CPU's batch policy. Adding a format means: its block struct
-// here, its QuantTraits (quant_traits.h), its row in this table and in torchext/formats.py's FORMATS,
-// its CPU GEMV rows in torchext/formats.py's CPU_GEMV_MAX_ROWS, and tests. torchext/formats.py takes the
-// ids from the `gguf` package; tests/test_formats.py checks that the two tables agree.
+// CPU GEMV rows, wgmma rows). Everything that lists or dispatches on formats expands it: the QType
+// ids below, their names (qtype_name), the format visit every kernel dispatches through
+// (quant_traits.h), the error messages that list the formats and the batch policy. Adding a format
+// means: its block struct here, its QuantTraits (quant_traits.h), its row in this table and in
+// torchext/formats.py's FORMATS, its CPU GEMV rows in torchext/formats.py's CPU_GEMV_MAX_ROWS, and
+// tests. torchext/formats.py takes the ids from the `gguf` package; tests/test_formats.py checks
+// that the two tables agree.
 // CPU GEMV rows: the most activation rows qmatmul sends to the CPU's Q8_1 GEMV (batch_policy.h,
 // cpu_max_gemv_rows, says how they were measured); beside each, ms GEMV / dense path, 2 threads,
-// 4096x4096 fp32, at that many rows and at the next step measured (1T: one thread).
-#define TORCHEXT_WEIGHT_FORMATS(X)                                                    \
-  X(Q4_0, 2, 16)    /* 4.4 / 4.7, 24 rows 7.1 / 5.7 */                                \
-  X(Q4_1, 3, 16)    /* 4.9 / 4.7, 24 rows 6.9 / 5.4; 1T 10.1 / 17.6 */                \
-  X(Q5_0, 6, 16)    /* 5.0 / 4.9, 24 rows 7.6 / 6.1; 1T 9.4 / 15.9 */                 \
-  X(Q5_1, 7, 16)    /* 5.3 / 5.0, 24 rows 7.7 / 5.6; 1T 11.1 / 17.1 */                \
-  X(Q8_0, 8, 16)    /* 4.6 / 5.2, 24 rows 7.0 / 5.8 */                                \
-  X(Q2_K, 10, 8)    /* 4.3 / 4.9, 12 rows 6.2 / 5.8 (1T 12.2 / 11.6) */               \
-  X(Q3_K, 11, 16)   /* 7.2 / 6.8, 24 rows 10.9 / 7.6; 1T 15.9 / 21.5 */               \
-  X(Q4_K, 12, 48)   /* 8.2 / 8.6, 64 rows 12.0 / 12.3; 1T 64 rows 23.6 / 28.8 */      \
-  X(Q5_K, 13, 32)   /* 6.2 / 7.1, 48 rows 9.1 / 8.8 */                                \
-  X(Q6_K, 14, 16)   /* 4.9 / 5.7, 24 rows 7.3 / 6.7 */                                \
-  X(IQ4_NL, 20, 16) /* 5.7 / 5.1, 24 rows 8.4 / 5.8; 1T 9.4 / 14.8 */                 \
-  X(IQ4_XS, 23, 24) /* 6.0 / 6.5, 32 rows 8.3 / 7.7 */                                \
-  X(TQ2_0, 35, 16)  /* 5.0 / 5.3, 24 rows 7.3 / 6.1 */                                \
-  X(TQ1_0, 34, 16)  /* 7.8 / 7.0, 24 rows 11.6 / 7.8; 1T 12.5 / 17.9 */               \
-  X(MXFP4, 39, 16)  /* 5.4 / 4.9, 24 rows 7.9 / 5.6; 1T 9.4 / 15.4 */                 \
-  X(NVFP4, 40, 4)   /* 3.5 / 5.6, 8 rows 6.7 / 6.4 */                                 \
+// 4096x4096 fp32, at that many rows and at the next step measured (1T: one thread). wgmma rows: the
+// most rows qmatmul sends to the Hopper tiled GEMM where it runs (kMaxWgmmaRows, or past it in
+// chunks of that many; batch_policy.h, wgmma_max_rows, has the measurements).
+#define TORCHEXT_WEIGHT_FORMATS(X)                                                       \
+  X(Q4_0, 2, 16, 256)    /* 4.4 / 4.7, 24 rows 7.1 / 5.7 */                              \
+  X(Q4_1, 3, 16, 256)    /* 4.9 / 4.7, 24 rows 6.9 / 5.4; 1T 10.1 / 17.6 */              \
+  X(Q5_0, 6, 16, 256)    /* 5.0 / 4.9, 24 rows 7.6 / 6.1; 1T 9.4 / 15.9 */               \
+  X(Q5_1, 7, 16, 256)    /* 5.3 / 5.0, 24 rows 7.7 / 5.6; 1T 11.1 / 17.1 */              \
+  X(Q8_0, 8, 16, 256)    /* 4.6 / 5.2, 24 rows 7.0 / 5.8 */                              \
+  X(Q2_K, 10, 8, 512)    /* 4.3 / 4.9, 12 rows 6.2 / 5.8 (1T 12.2 / 11.6) */             \
+  X(Q3_K, 11, 16, 256)   /* 7.2 / 6.8, 24 rows 10.9 / 7.6; 1T 15.9 / 21.5 */             \
+  X(Q4_K, 12, 48, 512)   /* 8.2 / 8.6, 64 rows 12.0 / 12.3; 1T 64 rows 23.6 / 28.8 */    \
+  X(Q5_K, 13, 32, 512)   /* 6.2 / 7.1, 48 rows 9.1 / 8.8 */                              \
+  X(Q6_K, 14, 16, 256)   /* 4.9 / 5.7, 24 rows 7.3 / 6.7 */                              \
+  X(IQ4_NL, 20, 16, 256) /* 5.7 / 5.1, 24 rows 8.4 / 5.8; 1T 9.4 / 14.8 */               \
+  X(IQ4_XS, 23, 24, 256) /* 6.0 / 6.5, 32 rows 8.3 / 7.7 */                              \
+  X(TQ2_0, 35, 16, 256)  /* 5.0 / 5.3, 24 rows 7.3 / 6.1 */                              \
+  X(TQ1_0, 34, 16, 256)  /* 7.8 / 7.0, 24 rows 11.6 / 7.8; 1T 12.5 / 17.9 */             \
+  X(MXFP4, 39, 16, 256)  /* 5.4 / 4.9, 24 rows 7.9 / 5.6; 1T 9.4 / 15.4 */               \
+  X(NVFP4, 40, 4, 256)   /* 3.5 / 5.6, 8 rows 6.7 / 6.4 */                               \
   TORCHEXT_IQ_GRID_FORMATS(X)
 
 // The grid-based imatrix formats, the catalog's last rows (blocks below, traits in
 // quant_traits_iq_grid.h).
-#define TORCHEXT_IQ_GRID_FORMATS(X)                                                   \
-  X(IQ2_XXS, 16, 4) /* 3.5 / 5.7, 8 rows 6.9 / 6.4 */                                 \
-  X(IQ2_XS, 17, 4)  /* 5.8 / 5.9, 8 rows 11.6 / 6.9 */                                \
-  X(IQ3_XXS, 18, 8) /* 5.5 / 5.8, 12 rows 8.0 / 6.7 */                                \
-  X(IQ1_S, 19, 4)   /* 3.0 / 4.7, 8 rows 6.1 / 5.5 */                                 \
-  X(IQ3_S, 21, 8)   /* 6.4 / 7.9, 12 rows 9.5 / 8.5 */                                \
-  X(IQ2_S, 22, 4)   /* 4.8 / 5.8, 8 rows 9.4 / 6.7 */                                 \
-  X(IQ1_M, 29, 4)   /* 4.1 / 6.6, 8 rows 8.2 / 7.4 */
+#define TORCHEXT_IQ_GRID_FORMATS(X)                                                      \
+  X(IQ2_XXS, 16, 4, 256) /* 3.5 / 5.7, 8 rows 6.9 / 6.4 */                               \
+  X(IQ2_XS, 17, 4, 256)  /* 5.8 / 5.9, 8 rows 11.6 / 6.9 */                              \
+  X(IQ3_XXS, 18, 8, 256) /* 5.5 / 5.8, 12 rows 8.0 / 6.7 */                              \
+  X(IQ1_S, 19, 4, 256)   /* 3.0 / 4.7, 8 rows 6.1 / 5.5 */                               \
+  X(IQ3_S, 21, 8, 256)   /* 6.4 / 7.9, 12 rows 9.5 / 8.5 */                              \
+  X(IQ2_S, 22, 4, 256)   /* 4.8 / 5.8, 8 rows 9.4 / 6.7 */                               \
+  X(IQ1_M, 29, 4, 256)   /* 4.1 / 6.6, 8 rows 8.2 / 7.4 */
 
 enum class QType : int64_t {
-#define TORCHEXT_QTYPE_ID(name, id, cpu_gemv_rows) name = id,
+#define TORCHEXT_QTYPE_ID(name, id, cpu_gemv_rows, wgmma_rows) name = id,
   TORCHEXT_WEIGHT_FORMATS(TORCHEXT_QTYPE_ID)
 #undef TORCHEXT_QTYPE_ID
   Q8_1 = 9,  // the activation format (block_q8_1 below), not a weight format

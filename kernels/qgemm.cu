@@ -111,7 +111,7 @@ bool qgemm_supports(FloatType xt, const void* w, const void* x, int64_t k, int d
 int64_t qgemm_max_rows(QType wt, FloatType xt, const void* w, const void* x, int64_t k, int device) {
   if (!qgemm_supports(xt, w, x, k, device)) return 0;
 #ifdef TORCHEXT_WGMMA
-  if (qgemm::qgemm_wgmma_supports(wt, xt, w, x, k, device)) return kMaxWgmmaRows;
+  if (qgemm::qgemm_wgmma_supports(wt, xt, w, x, k, device)) return wgmma_max_rows(wt);
 #endif
   return kMaxTiledGemmRows;
 }
@@ -132,12 +132,26 @@ qgemm::Plan plan_for(QType wt, FloatType xt, bool exact, int64_t n, int64_t k, i
 }  // namespace
 
 int64_t qgemm_workspace_floats(QType wt, FloatType xt, bool exact, int64_t n, int64_t k, int64_t rows, int device) {
+  if (rows > kMaxWgmmaRows) {  // the chunks of launch_qgemm, one after another, share it
+    const int64_t last = rows % kMaxWgmmaRows;
+    return std::max(qgemm_workspace_floats(wt, xt, exact, n, k, kMaxWgmmaRows, device),
+                    last > 0 ? qgemm_workspace_floats(wt, xt, exact, n, k, last, device) : 0);
+  }
   const qgemm::Plan p = plan_for(wt, xt, exact, n, k, rows, device);
   return p.splits > 1 ? int64_t(p.splits) * rows * n : 0;
 }
 
 cudaError_t launch_qgemm(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* x, FloatType xt, bool exact,
                          int64_t rows, float* workspace, void* out, int device, cudaStream_t stream) {
+  if (rows > kMaxWgmmaRows) {  // chunks of kMaxWgmmaRows rows, the last what is left; x and out hold 2 bytes a value
+    for (int64_t r0 = 0; r0 < rows; r0 += kMaxWgmmaRows) {
+      const cudaError_t err = launch_qgemm(wt, w, n, k, static_cast<const char*>(x) + r0 * k * 2, xt, exact,
+                                           std::min(kMaxWgmmaRows, rows - r0), workspace,
+                                           static_cast<char*>(out) + r0 * n * 2, device, stream);
+      if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
+  }
   cudaError_t err = cudaErrorInvalidValue;
   const qgemm::Plan p = plan_for(wt, xt, exact, n, k, rows, device);
 #ifdef TORCHEXT_WGMMA

@@ -19,8 +19,8 @@ namespace torchext {
 bool qgemm_supports(FloatType xt, const void* w, const void* x, int64_t k, int device);
 
 // The most activation rows launch_qgemm takes for these operands: 0 where qgemm_supports says no,
-// kMaxWgmmaRows where the build has the wgmma GEMM (TORCHEXT_WGMMA) and qgemm_wgmma_supports says
-// yes, else kMaxTiledGemmRows (batch_policy.h).
+// wgmma_max_rows(wt) where the build has the wgmma GEMM (TORCHEXT_WGMMA) and qgemm_wgmma_supports
+// says yes (past kMaxWgmmaRows in chunks of that many rows), else kMaxTiledGemmRows (batch_policy.h).
 int64_t qgemm_max_rows(QType wt, FloatType xt, const void* w, const void* x, int64_t k, int device);
 
 // fp32 values of scratch memory launch_qgemm needs for these sizes (0: none).

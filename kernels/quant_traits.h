@@ -1144,7 +1144,7 @@ namespace torchext {
 template <class F>
 bool visit_weight_format(QType t, F&& f) {
   switch (t) {
-#define TORCHEXT_VISIT_FORMAT(name, id, cpu_gemv_rows) \
+#define TORCHEXT_VISIT_FORMAT(name, id, cpu_gemv_rows, wgmma_rows) \
   case QType::name:                                    \
     f(QuantTraits<QType::name>{});                     \
     return true;

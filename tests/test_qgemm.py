@@ -1,9 +1,10 @@
 """The tiled GEMM (kernels/qgemm.cu): qmatmul's path for 9 to 64 activation rows (from 5 rows for
 the 32- and 64-value formats on weights of 2^23 values or more) on CUDA for fp16 and bf16
-activations, and on compute capability 9.0 from 65 to 256 rows by its wgmma kernel
-(kernels/qgemm_wgmma.cu: the same values with the same bounds, every weight dequantized once into x's
-type and the products summed in fp32; for weights whose rows are a multiple of 16 bytes and whose
-256-value chunk is at most 256 bytes, so not Q8_0) (kernels/batch_policy.h).
+activations, and on compute capability 9.0 from 65 to 256 rows by its wgmma kernel, for Q2_K, Q4_K
+and Q5_K to 512 in 256-row chunks (kernels/qgemm_wgmma.cu: the same values with the same bounds,
+every weight dequantized once into x's type and the products summed in fp32; for weights whose rows
+are a multiple of 16 bytes and whose 256-value chunk is at most 256 bytes, so not Q8_0)
+(kernels/batch_policy.h).
 
 What it computes with exact=True, and so the bounds used here: every weight value exactly as
 `dequantize` gives it, rounded to x's dtype (half an ulp, conftest.half_ulp: relative 2^-11 for
@@ -65,19 +66,29 @@ SHAPES = {q: [(200, 512), (77, 1000), (1100, 2304), (300, 2048)] if q in K_QUANT
 # the 32-row tile (9, the default path's first tiled row count, and 17: partial; 32: full), the
 # 64-row tile (33: partial, 64: full), and on compute capability 9.0 the wgmma kernel's 128-row tile
 # (65: its first row count, partial; 128: full) and 256-row tile (129: partial; 256: full); elsewhere
-# these take the dense path
+# these take the dense path (its chunks past 256 rows: test_chunks_are_their_rows_multiplied_alone)
 ROWS = [9, 17, 32, 33, 64, 65, 128, 129, 256]
+
+
+# The catalog's wgmma rows (kernels/blocks.h): past 256 rows, in 256-row chunks, on weights of 2^25
+# values or more (batch_policy.h, kMinWgmmaChunkedValues); 256 for the others.
+WGMMA_MAX_ROWS = {Q.Q2_K: 512, Q.Q4_K: 512, Q.Q5_K: 512}
+WGMMA_CHUNKED_VALUES = 1 << 25
+
+
+def takes_wgmma_gemm(qtype, k):
+    """Whether the wgmma kernel (compute capability 9.0) takes this weight: it copies it by TMA (rows
+    a multiple of 16 bytes, a 256-value chunk at most 256 bytes)."""
+    chunk = block_bytes(qtype) * (256 // block_values(qtype))
+    return torch.cuda.get_device_capability() == (9, 0) and row_bytes(qtype, k) % 16 == 0 and chunk <= 256
 
 
 def takes_tiled_gemm(qtype, n, k, rows):
     """Whether qmatmul sends these rows to the tiled GEMM (kernels/batch_policy.h) rather than the
-    dense path: up to 64 rows, and on compute capability 9.0 up to 256 where the wgmma kernel copies
-    the weight by TMA (rows a multiple of 16 bytes, a 256-value chunk at most 256 bytes)."""
-    if rows <= 64:
-        return True
-    chunk = block_bytes(qtype) * (256 // block_values(qtype))
-    return (torch.cuda.get_device_capability() == (9, 0) and rows <= 256 and row_bytes(qtype, k) % 16 == 0
-            and chunk <= 256)
+    dense path: up to 64 rows, and where the wgmma kernel takes the weight up to 256, on large weights
+    up to the format's wgmma rows."""
+    most = WGMMA_MAX_ROWS.get(qtype, 256) if n * k >= WGMMA_CHUNKED_VALUES else 256
+    return rows <= 64 or (takes_wgmma_gemm(qtype, k) and rows <= most)
 
 
 def assert_within_dense_bound(y, x, W):
@@ -172,6 +183,36 @@ def test_split_k_is_deterministic():
                 assert torch.equal(torchext.qmatmul(wc, int(fmt), xc, n, k), y)
 
 
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "computed"])
+@pytest.mark.parametrize("qtype", list(WGMMA_MAX_ROWS), ids=qtype_name)
+def test_chunks_are_their_rows_multiplied_alone(qtype, exact):
+    """Past 256 rows, on a weight of 2^25 values or more, the wgmma kernel runs on 256-row chunks,
+    the last one what is left (through the mma.sync kernels up to 64 rows), one after another sharing
+    the K-split workspace: every chunk's output rows are bit for bit those of its rows multiplied
+    alone (by the tiled GEMM: with exact=False from 9 rows, fewer go to the GEMV), eagerly and
+    replayed from a CUDA graph. The rows alone are within the bound (test_within_the_bound)."""
+    n, k = 4100, 8192  # 2^25 values and 8 x 4100 more
+    if not takes_wgmma_gemm(qtype, k):
+        pytest.skip("the wgmma kernel runs on compute capability 9.0")
+    w = random_weight(qtype, n, k, "cuda", seed=7)
+    for rows in (257, 300, 400, 512):
+        x = gaussian_activations((rows, k), seed=rows).to(torch.bfloat16).cuda()
+        y = torchext.qmatmul(w, int(qtype), x, n, k, exact=exact)
+        for r0 in range(0, rows, 256):
+            part = x[r0:r0 + 256]
+            if exact or part.shape[0] >= 9:
+                alone = torchext.qmatmul(w, int(qtype), part, n, k, exact=exact)
+                assert torch.equal(y[r0:r0 + 256], alone), f"{rows} rows, chunk at {r0}"
+        if rows == 400:
+            static_x = x.clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_y = torchext.qmatmul(w, int(qtype), static_x, n, k, exact=exact)
+            static_x.copy_(x.flip(0))
+            graph.replay()
+            assert torch.equal(static_y, torchext.qmatmul(w, int(qtype), x.flip(0), n, k, exact=exact))
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 def test_misaligned_activations_take_the_dense_path(dtype):
     """The tiled GEMM copies activation rows in 16-byte pieces; a view 2 bytes into its storage
@@ -197,7 +238,7 @@ def test_misaligned_activations_take_the_dense_path(dtype):
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 def test_cuda_graph_replay(dtype):
     """Captured in a CUDA graph (workspace and all) and replayed on new inputs, bit for bit the
-    eager result, for a K-split plan (17 rows) and a 64-row tile."""
+    eager result, for a K-split plan (17 rows), a 64-row tile and the wgmma kernel's tiles."""
     qtype, n, k = K_QUANTS[0], 256, 4096
     w = random_weight(qtype, n, k, "cuda", seed=11)
     for rows in (17, 64, 128, 256):

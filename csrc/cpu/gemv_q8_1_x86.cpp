@@ -301,7 +301,7 @@ struct UnpackedChunk {
     return Chunk{_mm256_load_si256(reinterpret_cast<const __m256i*>(q)), d[0], d[1], 0, 0.0f};
   }
 };
-#define TORCHEXT_GRID_CHUNK(name, id, cpu_gemv_rows) \
+#define TORCHEXT_GRID_CHUNK(name, id, cpu_gemv_rows, wgmma_rows) \
   template <>                                        \
   struct Avx2Chunk<QuantTraits<QType::name>> : UnpackedChunk<QuantTraits<QType::name>> {};
 TORCHEXT_IQ_GRID_FORMATS(TORCHEXT_GRID_CHUNK)
