@@ -74,6 +74,7 @@ ROWS = [9, 17, 32, 33, 64, 65, 128, 129, 256]
 # values or more (batch_policy.h, kMinWgmmaChunkedValues); 256 for the others.
 WGMMA_MAX_ROWS = {Q.Q2_K: 512, Q.Q4_K: 512, Q.Q5_K: 512}
 WGMMA_CHUNKED_VALUES = 1 << 25
+CHUNKED_SHAPE = (4100, 8192)  # 2^25 values and 4 x 8192 more
 
 
 def takes_wgmma_gemm(qtype, k):
@@ -189,9 +190,9 @@ def test_chunks_are_their_rows_multiplied_alone(qtype, exact):
     """Past 256 rows, on a weight of 2^25 values or more, the wgmma kernel runs on 256-row chunks,
     the last one what is left (through the mma.sync kernels up to 64 rows), one after another sharing
     the K-split workspace: every chunk's output rows are bit for bit those of its rows multiplied
-    alone (by the tiled GEMM: with exact=False from 9 rows, fewer go to the GEMV), eagerly and
-    replayed from a CUDA graph. The rows alone are within the bound (test_within_the_bound)."""
-    n, k = 4100, 8192  # 2^25 values and 8 x 4100 more
+    alone (by the tiled GEMM: with exact=False from 9 rows, fewer go to the GEMV). The rows alone are
+    within the bound (test_within_the_bound)."""
+    n, k = CHUNKED_SHAPE
     if not takes_wgmma_gemm(qtype, k):
         pytest.skip("the wgmma kernel runs on compute capability 9.0")
     w = random_weight(qtype, n, k, "cuda", seed=7)
@@ -203,14 +204,25 @@ def test_chunks_are_their_rows_multiplied_alone(qtype, exact):
             if exact or part.shape[0] >= 9:
                 alone = torchext.qmatmul(w, int(qtype), part, n, k, exact=exact)
                 assert torch.equal(y[r0:r0 + 256], alone), f"{rows} rows, chunk at {r0}"
-        if rows == 400:
-            static_x = x.clone()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_y = torchext.qmatmul(w, int(qtype), static_x, n, k, exact=exact)
-            static_x.copy_(x.flip(0))
-            graph.replay()
-            assert torch.equal(static_y, torchext.qmatmul(w, int(qtype), x.flip(0), n, k, exact=exact))
+
+
+def test_chunks_replay_from_a_cuda_graph():
+    """400 rows of a chunked weight (two launches sharing the workspace) captured in a CUDA graph and
+    replayed on new inputs: bit for bit the eager result."""
+    qtype, (n, k) = Q.Q4_K, CHUNKED_SHAPE
+    if not takes_wgmma_gemm(qtype, k):
+        pytest.skip("the wgmma kernel runs on compute capability 9.0")
+    w = random_weight(qtype, n, k, "cuda", seed=7)
+    x = gaussian_activations((400, k), seed=400).to(torch.bfloat16).cuda()
+    static_x = x.clone()
+    torchext.qmatmul(w, int(qtype), static_x, n, k)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = torchext.qmatmul(w, int(qtype), static_x, n, k)
+    static_x.copy_(x.flip(0))
+    graph.replay()
+    assert torch.equal(static_y, torchext.qmatmul(w, int(qtype), x.flip(0), n, k))
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
