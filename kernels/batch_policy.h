@@ -63,6 +63,15 @@ constexpr int64_t kMinTiledGemmRows = 9;
 constexpr int64_t kMinTiledGemmRowsSmallBlocks = 5;
 constexpr int64_t kLargeWeightValues = int64_t(1) << 23;  // 2896 x 2896
 constexpr int64_t kMaxTiledGemmRows = 64;
+// On weights under kLargeWeightValues the tiled GEMM's fixed costs (its pipeline's fill and drain,
+// a grid too small to fill the GPU) outweigh the weight bytes it saves from 33 rows on: there the
+// dense path (one dequantization into a temporary and cuBLAS) serves instead. H100, L2 cold, bf16,
+// Q4_K, µs, tiled GEMM (to 64 rows, the wgmma kernel from 65) / dense path: 2048x640 32 rows 7.4 /
+// 6.9, 64 rows 10.0 / 7.0, 128 rows 11.4 / 7.1, 256 rows 11.9 / 7.4; 640x2048 32 rows 7.8 / 8.4, 64
+// rows 10.2 / 8.4, 256 rows 11.4 / 8.7; while 3072x3072 (just over 2^23) is level with it at 65-128
+// rows (17.9 / 18.3, 20.1 / 20.7) and 4096x4096 ahead (64 rows 18.4 / 30.2, 256 rows 28.2 / 36.7).
+// Only Q4_K was measured.
+constexpr int64_t kMaxTiledGemmRowsSmallWeight = 32;
 // On compute capability 9.0, where the build has the wgmma GEMM (qgemm_wgmma.cu), the tiled GEMM
 // reaches further: warp-specialized CTAs that dequantize each weight stage once for 128 or 256
 // activation rows. Against the dense path on the H200 (bench/paths.py, L2 cold, bf16, µs, 14336x4096
@@ -139,14 +148,20 @@ inline int64_t max_gemv_rows(int64_t gemv_rows, int64_t tiled_gemm_rows, int64_t
   return (small_blocks_large_weight ? kMinTiledGemmRowsSmallBlocks : kMinTiledGemmRows) - 1;
 }
 
-// exact: the caller asked for unrounded activations (qmatmul's `exact`), so never the GEMVs. The wgmma
-// GEMM's chunks past kMaxWgmmaRows rows serve weights of kMinWgmmaChunkedValues or more only.
+// The most rows the tiled GEMM takes on an n x k weight, of the backend's tiled_gemm_rows: to
+// kMaxTiledGemmRowsSmallWeight on weights under kLargeWeightValues, the wgmma GEMM's chunks past
+// kMaxWgmmaRows on weights of kMinWgmmaChunkedValues or more only.
+inline int64_t tiled_gemm_rows_for(int64_t tiled_gemm_rows, int64_t n, int64_t k) {
+  const int64_t values = n * k;
+  if (values < kLargeWeightValues) return std::min(tiled_gemm_rows, kMaxTiledGemmRowsSmallWeight);
+  return values < kMinWgmmaChunkedValues ? std::min(tiled_gemm_rows, kMaxWgmmaRows) : tiled_gemm_rows;
+}
+
+// exact: the caller asked for unrounded activations (qmatmul's `exact`), so never the GEMVs.
 inline MatmulPath choose_matmul_path(int64_t rows, int64_t n, int64_t k, int block_values, int64_t gemv_rows,
                                      int64_t tiled_gemm_rows, bool exact) {
   if (!exact && rows <= max_gemv_rows(gemv_rows, tiled_gemm_rows, n, k, block_values)) return MatmulPath::Gemv;
-  const int64_t tiled_rows =
-      n * k >= kMinWgmmaChunkedValues ? tiled_gemm_rows : std::min(tiled_gemm_rows, kMaxWgmmaRows);
-  return rows <= tiled_rows ? MatmulPath::TiledGemm : MatmulPath::Dense;
+  return rows <= tiled_gemm_rows_for(tiled_gemm_rows, n, k) ? MatmulPath::TiledGemm : MatmulPath::Dense;
 }
 
 // The expert-indexed matmul (qmatmul_id: T tokens, each routed to top_k of E experts) decides on T
