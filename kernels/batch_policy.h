@@ -64,14 +64,15 @@ constexpr int64_t kMinTiledGemmRowsSmallBlocks = 5;
 constexpr int64_t kLargeWeightValues = int64_t(1) << 23;  // 2896 x 2896
 constexpr int64_t kMaxTiledGemmRows = 64;
 // On weights under kLargeWeightValues the tiled GEMM's fixed costs (its pipeline's fill and drain,
-// a grid too small to fill the GPU) outweigh the weight bytes it saves from 33 rows on: there the
-// dense path (one dequantization into a temporary and cuBLAS) serves instead. H100, L2 cold, bf16,
-// Q4_K, µs, tiled GEMM (to 64 rows, the wgmma kernel from 65) / dense path: 2048x640 32 rows 7.4 /
-// 6.9, 64 rows 10.0 / 7.0, 128 rows 11.4 / 7.1, 256 rows 11.9 / 7.4; 640x2048 32 rows 7.8 / 8.4, 64
-// rows 10.2 / 8.4, 256 rows 11.4 / 8.7; while 3072x3072 (just over 2^23) is level with it at 65-128
-// rows (17.9 / 18.3, 20.1 / 20.7) and 4096x4096 ahead (64 rows 18.4 / 30.2, 256 rows 28.2 / 36.7).
-// Only Q4_K was measured.
-constexpr int64_t kMaxTiledGemmRowsSmallWeight = 32;
+// a grid too small to fill the GPU) outweigh the weight bytes it saves past 16 rows: there the dense
+// path (one dequantization into a temporary and cuBLAS) serves instead. H100, L2 cold, bf16, µs,
+// tiled GEMM / dense path at 17 and 32 rows (bench/paths.py, 2026-12-06): 2048x640 Q4_K 7.4 / 7.0,
+// 7.8 / 6.9; Q5_0 8.7 / 6.3, 8.9 / 6.2; Q6_K 8.5 / 7.1, 8.7 / 7.0; Q8_0 8.8 / 6.5, 9.0 / 6.4;
+// 1024x640 Q4_K 7.4 / 6.1; 640x2048 Q5_0 9.1 / 7.9, Q8_0 9.7 / 8.1, Q6_K 8.5 / 8.4, but Q4_K 7.7 /
+// 8.3 (the one loss, 8%); from 33 rows the dense path wins on all of them (Q4_K 2048x640 64 rows
+// 10.0 / 7.0, 256 rows by the wgmma kernel 11.9 / 7.4). On 3072x3072, just over 2^23, the tiled GEMM
+// stays ahead for Q4_K (64 rows 15.8 / 17.5) and the dense path leads Q5_0 by 12-16% at 33-64 rows.
+constexpr int64_t kMaxTiledGemmRowsSmallWeight = 16;
 // On compute capability 9.0, where the build has the wgmma GEMM (qgemm_wgmma.cu), the tiled GEMM
 // reaches further: warp-specialized CTAs that dequantize each weight stage once for 128 or 256
 // activation rows. Against the dense path on the H200 (bench/paths.py, L2 cold, bf16, µs, 14336x4096
@@ -83,25 +84,28 @@ constexpr int64_t kMaxWgmmaRows = 256;
 
 // Past that, launch_qgemm runs the wgmma GEMM on chunks of kMaxWgmmaRows rows, the last one what is
 // left (through the mma.sync kernels up to 64 rows), up to the catalog's wgmma rows (blocks.h), on
-// weights of kMinWgmmaChunkedValues values or more (choose_matmul_path). Each chunk reads the weight
-// again, so that pays only where the kernel's 256 rows take well under the dense path's time: on large
-// weights it takes the step at 257 rows away for Q2_K, Q4_K and Q5_K, whose chunks stay level with or
-// ahead of the dense path to 512 rows. Measured on an H100 with the chunks (not kept for the other
-// formats), L2 cold, bf16, µs, 256 rows by the wgmma GEMM, then chunks / dense path at 257, 384 and
-// 512 rows:
+// weights of kMinWgmmaChunkedValues values or more whose rows hold kMinWgmmaChunkedK values or more
+// (tiled_gemm_rows_for). Each chunk reads the weight again, so that pays only where the kernel's 256
+// rows take well under the dense path's time: on large weights it takes the step at 257 rows away
+// for Q4_K and Q5_K, whose chunks stay level with or ahead of the dense path to 512 rows. Measured on
+// an H100 with the chunks, L2 cold, bf16, µs, 256 rows by the wgmma GEMM, then chunks / dense path at
+// 257, 384 and 512 rows (qmatmul against dequantize + F.linear, 2026-12-05 and 06):
 //   4096x14336 Q4_K 72.3, 98.6 / 131.0, 125.3 / 146.3, 139.4 / 144.2; Q5_K 75.6, 102.6 / 141.2, 127.6 /
-//     156.3, 143.8 / 155.8; Q2_K 68.9, 103.1 / 118.4, 115.0 / 133.3, 132.0 / 132.3;
-//   14336x4096 Q4_K 67.6, 97.1 / 118.4, 125.3 / 129.5, 131.9 / 156.1; Q5_K 81.1, 111.6 / 128.4, 140.3 /
-//     140.6, 153.8 / 166.2; Q2_K 70.3, 107.6 / 105.8, 120.8 / 116.8, 132.4 / 146.5.
-// Chunks lost where the kernel's 256 rows cost more (Q6_K 4096x14336 99.9, 135.2 / 133.0, 175.7 /
-// 148.8; Q3_K, IQ4_XS), where its few-row chunk costs more (the grid formats, MXFP4 and NVFP4: 257 rows
-// 47-48 µs over 256, Q4_K 26), and for the 32-value formats past 257-384 rows (Q4_0 14336x4096: 384
-// rows 133.8 / 118.4). Small weights lose even at 256 rows (Q4_K 2048x640 11.9 against the dense
-// path's 7.4, 257 rows in chunks 19.4; 640x2048 11.4 / 8.7; 3072x3072 23.3 / 22.1; 4096x4096 28.2 /
-// 36.7, where a 1-row chunk's ~14 µs would cost more than the dense path gains), so the chunks start
-// at 2^25 values, between 4096x4096 and the 4096x14336 measured above (Flux's 3072x12288, 2^25.2, not
-// measured).
+//     156.3, 143.8 / 155.8; 14336x4096 Q4_K 67.6, 97.1 / 118.4, 125.3 / 129.5, 131.9 / 156.1; Q5_K
+//     81.1, 111.6 / 128.4, 140.3 / 140.6, 153.8 / 166.2; 3072x12288 Q4_K 50.1, 73.3 / 97.7, 88.7 /
+//     89.9, 98.5 / 95.5; Q5_K 53.3, 77.8 / 104.2, 97.3 / 97.3, 107.3 / 104.0.
+// Short rows lose: 12288x3072 Q4_K 46.5, 75.4 / 76.8, 92.2 / 82.5, 97.6 / 95.9; Q5_K 52.6, 83.8 / 83.3,
+// 101.0 / 89.6 (12 chunks of K a CTA and no K split at 96 CTAs: the pipeline's fill and drain weigh
+// more), hence kMinWgmmaChunkedK. Q2_K lost from 384 rows on 3072x12288 (87.1 / 81.0, 97.8 / 87.7) and
+// at 257 on 14336x4096 (107.6 / 105.8), though it won on 4096x14336 (103.1 / 118.4). Chunks lost where
+// the kernel's 256 rows cost more (Q6_K 4096x14336 99.9, 135.2 / 133.0, 175.7 / 148.8; Q3_K, IQ4_XS),
+// where its few-row chunk costs more (the grid formats, MXFP4 and NVFP4: 257 rows 47-48 µs over 256,
+// Q4_K 26), and for the 32-value formats past 257-384 rows (Q4_0 14336x4096: 384 rows 133.8 / 118.4).
+// Small weights lose even at 256 rows (Q4_K 3072x3072 23.3 / 22.1; 4096x4096 28.2 / 36.7, where a
+// 1-row chunk's ~14 µs would cost more than the dense path gains), so the chunks start at 2^25 values,
+// between 4096x4096 and the shapes above.
 constexpr int64_t kMinWgmmaChunkedValues = int64_t(1) << 25;
+constexpr int64_t kMinWgmmaChunkedK = 4096;
 inline int64_t wgmma_max_rows(QType t) {
   switch (t) {
 #define TORCHEXT_WGMMA_ROWS(name, id, cpu_gemv_rows, wgmma_rows) \
@@ -150,11 +154,12 @@ inline int64_t max_gemv_rows(int64_t gemv_rows, int64_t tiled_gemm_rows, int64_t
 
 // The most rows the tiled GEMM takes on an n x k weight, of the backend's tiled_gemm_rows: to
 // kMaxTiledGemmRowsSmallWeight on weights under kLargeWeightValues, the wgmma GEMM's chunks past
-// kMaxWgmmaRows on weights of kMinWgmmaChunkedValues or more only.
+// kMaxWgmmaRows on weights of kMinWgmmaChunkedValues or more with rows of kMinWgmmaChunkedK only.
 inline int64_t tiled_gemm_rows_for(int64_t tiled_gemm_rows, int64_t n, int64_t k) {
   const int64_t values = n * k;
   if (values < kLargeWeightValues) return std::min(tiled_gemm_rows, kMaxTiledGemmRowsSmallWeight);
-  return values < kMinWgmmaChunkedValues ? std::min(tiled_gemm_rows, kMaxWgmmaRows) : tiled_gemm_rows;
+  const bool chunks = values >= kMinWgmmaChunkedValues && k >= kMinWgmmaChunkedK;
+  return chunks ? tiled_gemm_rows : std::min(tiled_gemm_rows, kMaxWgmmaRows);
 }
 
 // exact: the caller asked for unrounded activations (qmatmul's `exact`), so never the GEMVs.

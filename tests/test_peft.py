@@ -265,7 +265,7 @@ def test_dora_is_refused_naming_the_option(gguf_file):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_training_on_cuda_in_bfloat16(trained, gguf_file):
     """The same training on the GPU with bf16 activations: 50 rows per matmul take the dense path
-    (weights exact, activations unrounded; the tiled GEMM serves small weights to 32 rows) forward and
+    (weights exact, activations unrounded; the tiled GEMM serves small weights to 16 rows) forward and
     backward. The loss falls as on the CPU, the bytes stay, and the first loss is the CPU's fp32 one to
     bf16's precision: each matmul's inputs round to 8 mantissa bits (relative 2^-9 each), ~5 chained
     matmuls and a log-softmax over 384 logits; bound 2% of the loss (a wrong weight moves it by its

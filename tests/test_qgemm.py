@@ -1,7 +1,8 @@
 """The tiled GEMM (kernels/qgemm.cu): qmatmul's path for 9 to 64 activation rows (from 5 rows for
-the 32- and 64-value formats on weights of 2^23 values or more; to 32 on weights under 2^23 values)
+the 32- and 64-value formats on weights of 2^23 values or more; to 16 on weights under 2^23 values)
 on CUDA for fp16 and bf16 activations, and on compute capability 9.0 from 65 to 256 rows by its
-wgmma kernel, for Q2_K, Q4_K and Q5_K on weights of 2^25 values or more to 512 in 256-row chunks
+wgmma kernel, for Q4_K and Q5_K on weights of 2^25 values or more and rows of 4096 values or more
+to 512 in 256-row chunks
 (kernels/qgemm_wgmma.cu: the same values with the same bounds, every weight dequantized once into
 x's type and the products summed in fp32; for weights whose rows are a multiple of 16 bytes and
 whose 256-value chunk is at most 256 bytes, so not Q8_0) (kernels/batch_policy.h).
@@ -63,7 +64,7 @@ HALF_DTYPES = [torch.float16, torch.bfloat16]
 SHAPES = {q: [(200, 512), (77, 1000), (1100, 2304), (300, 2048)] if q in K_QUANTS else
           [(200, 512), (77, 640), (1100, 2304), (9, block_values(q)), (33, 19 * block_values(q))]
           for q in WEIGHT_QTYPES}
-# These are all small weights, which the tiled GEMM serves to 32 rows only; past that also a weight of
+# These are all small weights, which the tiled GEMM serves to 16 rows only; past that also a weight of
 # 2^23 values and 4 x 2048 more (n not a multiple of the tiles) whose rows are a multiple of 16 bytes in
 # every format, so that the wgmma kernel takes it where it takes the format
 LARGE_WEIGHT_VALUES = 1 << 23
@@ -76,9 +77,10 @@ ROWS = [9, 17, 32, 33, 64, 65, 128, 129, 256]
 
 
 # The catalog's wgmma rows (kernels/blocks.h): past 256 rows, in 256-row chunks, on weights of 2^25
-# values or more (batch_policy.h, kMinWgmmaChunkedValues); 256 for the others.
-WGMMA_MAX_ROWS = {Q.Q2_K: 512, Q.Q4_K: 512, Q.Q5_K: 512}
-WGMMA_CHUNKED_VALUES = 1 << 25
+# values or more whose rows hold 4096 values or more (batch_policy.h, tiled_gemm_rows_for); 256 for
+# the others.
+WGMMA_MAX_ROWS = {Q.Q4_K: 512, Q.Q5_K: 512}
+WGMMA_CHUNKED_VALUES, WGMMA_CHUNKED_K = 1 << 25, 4096
 CHUNKED_SHAPE = (4100, 8192)  # 2^25 values and 4 x 8192 more
 
 
@@ -91,12 +93,13 @@ def takes_wgmma_gemm(qtype, k):
 
 def takes_tiled_gemm(qtype, n, k, rows):
     """Whether qmatmul sends these rows to the tiled GEMM (kernels/batch_policy.h,
-    tiled_gemm_rows_for) rather than the dense path: on weights under 2^23 values up to 32 rows; on
+    tiled_gemm_rows_for) rather than the dense path: on weights under 2^23 values up to 16 rows; on
     larger ones up to 64, and where the wgmma kernel takes the weight up to 256, on weights of 2^25
-    values or more up to the format's wgmma rows."""
+    values or more and rows of 4096 values or more up to the format's wgmma rows."""
     if n * k < LARGE_WEIGHT_VALUES:
-        return rows <= 32
-    most = WGMMA_MAX_ROWS.get(qtype, 256) if n * k >= WGMMA_CHUNKED_VALUES else 256
+        return rows <= 16
+    chunks = n * k >= WGMMA_CHUNKED_VALUES and k >= WGMMA_CHUNKED_K
+    most = WGMMA_MAX_ROWS.get(qtype, 256) if chunks else 256
     return rows <= 64 or (takes_wgmma_gemm(qtype, k) and rows <= most)
 
 
@@ -135,7 +138,7 @@ def assert_within_bound(y, x, W, M=None):
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("qtype", WEIGHT_QTYPES, ids=qtype_name)
 def test_within_the_bound(qtype, rows, dtype, exact):
-    for n, k in SHAPES[qtype] + ([LARGE_SHAPE] if rows > 32 else []):
+    for n, k in SHAPES[qtype] + ([LARGE_SHAPE] if rows > 16 else []):
         w = random_weight(qtype, n, k, seed=n + k)
         W = dequant_oracle(w, qtype, n, k)
         x = gaussian_activations((rows, k), seed=rows + k).to(dtype)
@@ -152,7 +155,7 @@ def test_default_computes_bf16_weights_in_bf16(dtype):
     exact path's somewhere on random data) and the exact one in fp16 (the same bits)."""
     qtype, n, k = Q.Q4_K, 256, 1024
     w = random_weight(qtype, n, k, "cuda", seed=4)
-    x = gaussian_activations((24, k), seed=6).to(dtype).cuda()  # the tiled GEMM's rows on a small weight
+    x = gaussian_activations((12, k), seed=6).to(dtype).cuda()  # the tiled GEMM's rows on a small weight
     same = torch.equal(torchext.qmatmul(w, int(qtype), x, n, k), torchext.qmatmul(w, int(qtype), x, n, k, exact=True))
     assert same == (dtype == torch.float16)
 
@@ -162,7 +165,7 @@ def test_default_computes_bf16_weights_in_bf16(dtype):
 def test_identity_rows_give_the_dequantized_weights(qtype, dtype):
     """Row i of the identity picks column i of W: each output is one product w * 1.0 summed with
     zeros, so with exact=True it must equal dequantize's value rounded to dtype exactly, for every
-    weight value. A weight of 2^23 values and more, which the tiled GEMM serves past 32 rows."""
+    weight value. A weight of 2^23 values and more, which the tiled GEMM serves past 16 rows."""
     n, k = 8200, 1024
     w = random_weight(qtype, n, k, "cuda", seed=7)
     wd = torchext.dequantize(w, int(qtype), n, k, dtype=dtype)
@@ -176,7 +179,7 @@ def test_split_k_is_deterministic():
     """17 rows (and 100 and 200, the wgmma kernel's on compute capability 9.0) of a 1024 x 8192 weight:
     four to eight tiles, so K is split (up to 16 ways) and the partial sums meet in a workspace; repeated
     calls give the same bits and stay within the bound."""
-    n, k = 1024, 8192  # 2^23 values: the tiled GEMM serves it past 32 rows
+    n, k = 1024, 8192  # 2^23 values: the tiled GEMM serves it past 16 rows
     for fmt in (WEIGHT_QTYPES[0], K_QUANTS[0]):
         w = random_weight(fmt, n, k, seed=3)
         W = dequant_oracle(w, fmt, n, k)
@@ -195,9 +198,9 @@ def test_split_k_is_deterministic():
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "computed"])
 @pytest.mark.parametrize("qtype", list(WGMMA_MAX_ROWS), ids=qtype_name)
 def test_chunks_are_their_rows_multiplied_alone(qtype, exact):
-    """Past 256 rows, on a weight of 2^25 values or more, the wgmma kernel runs on 256-row chunks,
-    the last one what is left (through the mma.sync kernels up to 64 rows), one after another sharing
-    the K-split workspace: every chunk's output rows are bit for bit those of its rows multiplied
+    """Past 256 rows, on a weight of 2^25 values or more (rows of 4096 or more), the wgmma kernel runs
+    on 256-row chunks, the last one what is left (through the mma.sync kernels up to 64 rows), one
+    after another sharing the K-split workspace: every chunk's output rows are bit for bit those of its rows multiplied
     alone (by the tiled GEMM: with exact=False from 9 rows, fewer go to the GEMV). The rows alone are
     within the bound (test_within_the_bound)."""
     n, k = CHUNKED_SHAPE
@@ -259,7 +262,7 @@ def test_misaligned_activations_take_the_dense_path(dtype):
 def test_cuda_graph_replay(dtype):
     """Captured in a CUDA graph (workspace and all) and replayed on new inputs, bit for bit the
     eager result, for a K-split plan (17 rows), a 64-row tile and the wgmma kernel's tiles."""
-    qtype, n, k = K_QUANTS[0], 2048, 4096  # 2^23 values: the tiled GEMM serves it past 32 rows
+    qtype, n, k = K_QUANTS[0], 2048, 4096  # 2^23 values: the tiled GEMM serves it past 16 rows
     w = random_weight(qtype, n, k, "cuda", seed=11)
     for rows in (17, 64, 128, 256):
         static_x = torch.zeros(rows, k, dtype=dtype, device="cuda")

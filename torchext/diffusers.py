@@ -16,9 +16,9 @@ in the quantizer's compute_dtype. convert_gguf_linears replaces every GGUFLinear
 torchext runs (torchext.formats.WEIGHT_TYPES) with a GGUFQuantLinear over the same bytes (no copy:
 the buffer is the parameter's storage) that calls torchext.qmatmul instead: up to 4, 8 or 16 rows on
 CUDA, 4 to 48 by format on the CPU (torchext.ops.gemv_max_rows) a Q8_1 GEMV over the packed weight,
-up to 64 rows on CUDA a tiled GEMM over it (32 on weights under 2^23 values, up to 256 on compute
-capability 9.0 for weights whose rows are 16-byte multiples, 512 for Q2_K, Q4_K and Q5_K on weights
-of 2^25 values or more), more rows (Flux's 4096 image tokens) a dense GEMM on the dequantized
+up to 64 rows on CUDA a tiled GEMM over it (16 on weights under 2^23 values, up to 256 on compute
+capability 9.0 for weights whose rows are 16-byte multiples, 512 for Q4_K and Q5_K on weights of
+2^25 values or more with rows of 4096 or more), more rows (Flux's 4096 image tokens) a dense GEMM on the dequantized
 weight: on CUDA one dequantization kernel into a temporary, then cuBLAS (diffusers' dequantization
 is a chain of fp16 torch ops), on the CPU in cache-sized row chunks. Layers in other formats (BF16,
 F16, formats torchext does not run) stay on diffusers' path and are listed in the returned report.

@@ -347,10 +347,10 @@ def qmatmul(w: torch.Tensor, qtype, x: torch.Tensor, n: int, k: int, exact: bool
     """x [..., k] @ dequantize(w).T -> [..., n] in x's dtype, for any weight format.
     Up to gemv_max_rows(x, n, qtype) rows (4, 8 or 16 on CUDA, 4 to 48 by format on the CPU): Q8_1
     activations and integer dot products (DP4A, or int8 tensor cores from 2 rows on sm_80+). From there
-    to 64 rows of fp16/bf16 on CUDA (sm_80+) (to 32 on weights under 2^23 values, where it loses to
+    to 64 rows of fp16/bf16 on CUDA (sm_80+) (to 16 on weights under 2^23 values, where it loses to
     the dense path beyond), and to 256 on compute capability 9.0 for weights whose rows are a
-    multiple of 16 bytes (not Q8_0; Q2_K, Q4_K and Q5_K on weights of 2^25 values or more to 512, in
-    256-row chunks): a tiled GEMM over the quantized weight with the activations unrounded
+    multiple of 16 bytes (not Q8_0; Q4_K and Q5_K on weights of 2^25 values or more, with rows of 4096
+    values or more, to 512 in 256-row chunks): a tiled GEMM over the quantized weight with the activations unrounded
     (fp32 products and sums); in bf16 it computes each weight d * q + m in bf16 from d and m rounded
     to it (not for Q8_0, IQ4_NL and IQ4_XS), in fp16 it multiplies each weight exactly as dequantize()
     gives it, rounded to fp16.
