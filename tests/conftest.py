@@ -15,24 +15,28 @@ import math
 import os
 from typing import Iterator, NamedTuple
 
-import numpy as np
-import pytest
-import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize as gguf_dequantize
-
-import torchext  # noqa: F401  (loads the op library)
-
-# pytest-xdist (-n auto) runs a worker per core, and torch gives every process an intra-op thread per
-# core: workers x cores threads on the cores, whose OpenMP barriers then spin waiting for threads that
-# are not running. On the 2-core CI machine one Gemma 3 decode step took 480 ms in each of two
-# concurrent 2-thread processes and 61 ms in each of two 1-thread ones. So each worker, and the
-# processes it starts (examples, README blocks), gets its share of the cores.
+# pytest-xdist (-n auto) runs a worker per core, and torch and numpy's OpenBLAS give every process a thread
+# per core: workers x cores threads on the cores, whose OpenMP barriers and BLAS workers then spin waiting
+# for threads that are not running. On the 2-core CI machine one Gemma 3 decode step took 480 ms in each
+# of two concurrent 2-thread processes and 61 ms in each of two 1-thread ones. So each worker, and the
+# processes it starts (examples, README blocks), gets its share of the cores. OpenBLAS reads its count
+# once, when numpy is first imported (torch imports numpy), so the variables are set before either is.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
 if _WORKERS > 1:
-    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = str(_THREADS)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
+from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
+
+import torchext  # noqa: E402, F401  (loads the op library)
+
+if _WORKERS > 1:
     torch.set_num_threads(_THREADS)
-    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
     # Inductor compiles in a pool of cpu_count subprocesses that each worker's first compile starts:
     # 17 s for the first test_gated_gemv compile here, 262-284 s with 15 workers on the GPU machine's
     # 16 cores, against 1.9 s compiling in the worker itself.
