@@ -106,16 +106,23 @@ constexpr int64_t kMaxWgmmaRows = 256;
 // between 4096x4096 and the shapes above.
 constexpr int64_t kMinWgmmaChunkedValues = int64_t(1) << 25;
 constexpr int64_t kMinWgmmaChunkedK = 4096;
-inline int64_t wgmma_max_rows(QType t) {
+
+// The catalog's batch-policy columns for format t (blocks.h): its CPU GEMV rows and wgmma rows.
+struct CatalogRows {
+  int64_t cpu_gemv_rows, wgmma_rows;
+};
+inline CatalogRows catalog_rows(QType t) {
   switch (t) {
-#define TORCHEXT_WGMMA_ROWS(name, id, cpu_gemv_rows, wgmma_rows) \
-  case QType::name:                                             \
-    return wgmma_rows;
-    TORCHEXT_WEIGHT_FORMATS(TORCHEXT_WGMMA_ROWS)
-#undef TORCHEXT_WGMMA_ROWS
-    default: return kMaxWgmmaRows;  // not a weight format: the op checks have refused it already
+#define TORCHEXT_CATALOG_ROWS(name, id, cpu_gemv_rows, wgmma_rows) \
+  case QType::name:                                               \
+    return {cpu_gemv_rows, wgmma_rows};
+    TORCHEXT_WEIGHT_FORMATS(TORCHEXT_CATALOG_ROWS)
+#undef TORCHEXT_CATALOG_ROWS
+    default: return {kMaxGemvRows, kMaxWgmmaRows};  // not a weight format: the op checks have refused it already
   }
 }
+
+inline int64_t wgmma_max_rows(QType t) { return catalog_rows(t).wgmma_rows; }
 
 // The CPU's GEMV takes any number of rows, but re-reads and re-unpacks its share of the weight for every 4
 // of them (csrc/cpu/gemv_q8_1_x86.cpp), so its time grows with the rows, while the dense path's (tiles of
@@ -130,16 +137,7 @@ inline int64_t wgmma_max_rows(QType t) {
 // rows MKL's kernel makes the dense path 2.9x slower there than on two threads (4096x4096 Q4_K 16.0 against
 // 5.3-5.5 ms; 12 rows 9.1 against 5.2), so the formats whose GEMV is within 12% of it at 16 rows on two
 // threads and 0.57-0.74x on one keep 16.
-inline int64_t cpu_max_gemv_rows(QType t) {
-  switch (t) {
-#define TORCHEXT_CPU_GEMV_ROWS(name, id, cpu_gemv_rows, wgmma_rows) \
-  case QType::name:                                                 \
-    return cpu_gemv_rows;
-    TORCHEXT_WEIGHT_FORMATS(TORCHEXT_CPU_GEMV_ROWS)
-#undef TORCHEXT_CPU_GEMV_ROWS
-    default: return kMaxGemvRows;  // not a weight format: the op checks have refused it already
-  }
-}
+inline int64_t cpu_max_gemv_rows(QType t) { return catalog_rows(t).cpu_gemv_rows; }
 
 // The most rows of an n x k product that qmatmul sends to the GEMVs; block_values: the weight
 // format's values per block (256, or 32 and NVFP4's 64).
