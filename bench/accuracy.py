@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torchext  # noqa: E402
 from torchext.cli import gguf_file_arg, int_at_least, shape_arg  # noqa: E402
-from torchext.formats import QUANTIZABLE_TYPES, WEIGHT_TYPES, QType  # noqa: E402
+from torchext.formats import QUANTIZABLE_TYPES, WEIGHT_TYPES, QType, whole_blocks_error  # noqa: E402
 from torchext.cli import device_arg  # noqa: E402
 
 # The formats whose offset unrounded_offset_error splits from the scaled part (the old rule's column).
@@ -153,9 +153,9 @@ def main(argv=None) -> None:
         native[qt.name] += 1
         x = rng.standard_normal((a.rows, k)).astype(np.float32)
         for fmt in WEIGHT_TYPES:
-            if fmt != qt and fmt not in QUANTIZABLE_TYPES:  # no quantizer (grid IQ formats, NVFP4): the file's own format only
+            if fmt != qt and fmt not in QUANTIZABLE_TYPES:  # no quantizer (grid IQ formats): the file's own format only
                 continue
-            if fmt != qt and fmt not in (QType.Q4_K, QType.Q5_K, QType.Q6_K) and k % 32:
+            if fmt != qt and whole_blocks_error(fmt, k):  # rows this format cannot take
                 continue
             w = w_file if fmt == qt else torchext.quantize(torch.from_numpy(W).float(), fmt)
             Wf = W if fmt == qt else torchext.dequantize(w, fmt, n, k).double().numpy()

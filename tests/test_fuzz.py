@@ -124,7 +124,7 @@ from test_rope_cache import oracle_heads as rope_oracle
 from test_gelu import assert_gelu_close
 from test_matmul_id import assert_rows_close
 from test_matmul import PAST_GEMV, offsets_term, oracle, output_rounding, q8_1_bound, report, rows_of_case, takes_gemv
-from test_quantize import IQ4_PORTS
+from test_quantize import IQ4_PORTS, NVFP4_LARGEST, nvfp4_port
 
 
 def fuzz_settings(examples: int):
@@ -1276,6 +1276,9 @@ def test_quantize(device, fault, data):
         if fmt in {int(q) for q in NO_NAN_QTYPES}:  # no NaN block to store them in: an error naming w
             problems.append("w:")
     w = w.to(dtype).to(draw_devices(draw, device, 1, False)[0])
+    finite = w.float().nan_to_num(0.0, 0.0, 0.0) if not w.is_meta and w.numel() else None
+    if fmt == int(Q.NVFP4) and finite is not None and finite.abs().amax() > NVFP4_LARGEST:
+        problems.append("w:")  # beyond NVFP4's largest value (6 x 448): an error naming w
     w = strided(draw, w) if "w-strided" in faults else at_offset(draw, w)
     # on CUDA, the wrapper quantizes a contiguous float32 CPU copy
     if w.device.type in ("cpu", "meta") and (dtype != torch.float32 or not w.is_contiguous()):
@@ -1296,9 +1299,9 @@ def test_quantize(device, fault, data):
         assert np.isnan(got[bad]).all(), "a block holding a NaN or inf dequantizes to values that are not NaN"
         assert np.isfinite(got[~bad]).all(), "finite input gave non-finite values"
         if not bad_block.any() and fmt in {int(t) for t in SMALL_BLOCK_QTYPES}:
-            # gguf's numpy quantizers; for IQ4_NL, which gguf does not make, tests/test_quantize.py's port
-            # of llama.cpp's quantizer
-            port = {int(t): f for t, f in IQ4_PORTS.items()}.get(fmt)
+            # gguf's numpy quantizers; for IQ4_NL and NVFP4, which gguf does not make, tests/test_quantize.py's
+            # ports of llama.cpp's quantizers
+            port = {int(t): f for t, f in {**IQ4_PORTS, Q.NVFP4: nvfp4_port}.items()}.get(fmt)
             ref = port(dense) if port else gguf_quantize(dense, Q(fmt))
             assert np.array_equal(q.cpu().numpy(), ref), "bytes differ from the reference quantizer's"
 

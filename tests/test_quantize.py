@@ -9,13 +9,17 @@ Oracles, all independent of torchext:
   Q2_K and Q3_K must reproduce Gaussian data as well as float64 numpy ports of llama.cpp's reference
   quantizers (below: their search is what makes those formats usable at 2-3 bits, not RTN);
 - IQ4_NL and IQ4_XS, which gguf cannot quantize either, must be bit-identical to a float32 numpy port
-  of llama.cpp's quantize_row_iq4_nl_impl without an importance matrix (below).
+  of llama.cpp's quantize_row_iq4_nl_impl without an importance matrix (below), and NVFP4 to one of its
+  quantize_row_nvfp4_ref.
 (The k-quant bytes were also compared with llama.cpp's own quantize_row_q{4,5,6}_K_ref, built from
 llama-cpp-python 0.3.36's vendored ggml-quants.c, when the quantizer was written: identical on
 Gaussian, heavy-tailed, sparse, tiny, huge, one-signed, zero and constant rows. So were the IQ4_NL
 and IQ4_XS bytes with its quantize_iq4_nl and quantize_iq4_xs (built without FMA, 2026-12-05): no
-block of 39,936 IQ4_NL and 4,992 IQ4_XS blocks over the same kinds of rows (and ties) differed. That library is
-not a test dependency, so the comparisons are not repeated here.)
+block of 39,936 IQ4_NL and 4,992 IQ4_XS blocks over the same kinds of rows (and ties) differed. So were
+the NVFP4 bytes with its quantize_row_nvfp4_ref (2026-12-06, built without FMA and with -O3 -march=native:
+61,440 blocks of Gaussian, spread, heavy-tailed, tiny, near-subnormal-scale, tie, near-2688, sparse, zero,
+-0.0, constant and one-signed rows, and a sweep of scales over 2^-14 .. 2^11.4; none differed). That
+library is not a test dependency, so the comparisons are not repeated here.)
 """
 
 import numpy as np
@@ -36,10 +40,10 @@ def gguf_quantizes(qtype) -> bool:
     return True
 
 
-# The formats torchext quantizes (the catalog), split by the oracle: gguf's quantizer or none.
+# The formats torchext quantizes (the catalog), split by the oracle: gguf's quantizer or a port below.
 SMALL = [q for q in QUANTIZABLE_QTYPES if gguf_quantizes(q)]
 IQ4 = [G.IQ4_NL, G.IQ4_XS]
-K_QUANTS = [q for q in QUANTIZABLE_QTYPES if not gguf_quantizes(q) and q not in IQ4]
+K_QUANTS = [q for q in QUANTIZABLE_QTYPES if not gguf_quantizes(q) and q not in IQ4 and q != G.NVFP4]
 
 
 def quantize(w, qtype) -> np.ndarray:
@@ -300,7 +304,7 @@ PORT_BOUND = 1.002
 
 
 def test_every_quantizer_has_an_oracle():
-    assert set(QUANTIZABLE_QTYPES) == set(SMALL) | set(RTN) | set(PORTS) | set(IQ4_PORTS)
+    assert set(QUANTIZABLE_QTYPES) == set(SMALL) | set(RTN) | set(PORTS) | set(IQ4_PORTS) | {G.NVFP4}
 
 
 @pytest.mark.parametrize("qtype", list(PORTS), ids=lambda q: q.name)
@@ -407,6 +411,74 @@ def iq4_xs_port(x):
 IQ4_PORTS = {G.IQ4_NL: iq4_nl_port, G.IQ4_XS: iq4_xs_port}
 
 
+# ---- NVFP4 against a float32 numpy port of llama.cpp's quantize_row_nvfp4_ref (gguf has no NVFP4 quantizer)
+# Per 16 values: the unsigned E4M3 code of max|x| / 6 (ggml_fp32_to_ue4m3: the scale capped at 448; below
+# 2^-6 the subnormal code (int)(s * 512 + 0.5), at most 7; else s's top 3 mantissa bits rounded half up by
+# the 4th, the carry into the exponent, exponents from 15 saturating to 0x7E), then every value the first
+# of the FP4 levels nearest to it at that code's value (halved: the levels are doubled E2M1 values). Every
+# step in float32, so the bytes must be equal, not close.
+FP4_LEVELS = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.float32)
+NVFP4_LARGEST = 6 * 448  # the largest E2M1 value at the largest scale code: quantize refuses beyond
+
+
+def ue4m3_codes(s):
+    s = np.minimum(s.astype(np.float32), np.float32(448))
+    bits = s.view(np.uint32).astype(np.int64)
+    exponent = ((bits >> 23) & 0xFF) - 127 + 7
+    subnormal = np.minimum((s * np.float32(512) + np.float32(0.5)).astype(np.int64), 7)
+    mantissa = ((bits >> 20) & 7) + ((bits >> 19) & 1)
+    carried = exponent + (mantissa > 7)
+    normal = np.where(carried >= 15, 0x7E, (carried << 3) | np.where(mantissa > 7, 0, mantissa))
+    return np.where(s > 0, np.where(exponent <= 0, subnormal, normal), 0).astype(np.uint8)
+
+
+def ue4m3_halves(codes):
+    """A code's value halved, as gguf decodes it (its own arithmetic here: bias 7, 0 and 0x7F give 0)."""
+    e, m = (codes.astype(np.int64) >> 3) & 0xF, (codes & 7).astype(np.float32)
+    value = np.where(e == 0, m * np.float32(2.0**-9), (1 + m / 8) * np.float32(2.0) ** (e - 7).astype(np.float32))
+    return np.where((codes == 0) | (codes == 0x7F), 0, value * np.float32(0.5)).astype(np.float32)
+
+
+def nvfp4_port(x):
+    n, k = x.shape
+    sub = x.reshape(n, k // 16, 16)
+    codes = ue4m3_codes(np.abs(sub).max(axis=-1) / np.float32(6))
+    d = ue4m3_halves(codes)[..., None, None]
+    q = np.argmin(np.abs(d * FP4_LEVELS - sub[..., None]), axis=-1).astype(np.uint8)  # the first of equal errors
+    qs = (q[..., :8] | (q[..., 8:] << 4)).reshape(n, k // 64, 32)
+    return np.concatenate([codes.reshape(n, k // 64, 4), qs], axis=-1).reshape(n, -1)
+
+
+def nvfp4_rows():
+    """Rows of every kind the rules meet: Gaussian, sub-block scales over 2^-14 .. 2^11 (subnormal codes,
+    every binade, saturation), values at and near the largest, ties between levels, the edge rows."""
+    rng = np.random.default_rng(13)
+    k = 256
+    sweep = rng.standard_normal((8, k)) * np.repeat(np.exp2(rng.uniform(-14, 11.4, (8, k // 16))), 16, axis=1)
+    rows = [gaussian(8, k, seed=13), np.clip(sweep, -NVFP4_LARGEST, NVFP4_LARGEST),
+            rng.uniform(1400, NVFP4_LARGEST, (2, k)) * rng.choice([-1, 1], (2, k)),
+            rng.integers(-24, 25, (4, k)) * 0.25, np.clip(edge_rows(k), -NVFP4_LARGEST, NVFP4_LARGEST)]
+    return np.concatenate(rows).astype(np.float32)
+
+
+def test_nvfp4_matches_the_reference_algorithm():
+    x = nvfp4_rows()
+    assert_same_bytes(quantize(x, G.NVFP4), nvfp4_port(x), G.NVFP4)
+
+
+def test_nvfp4_refuses_values_beyond_its_largest():
+    """llama.cpp saturates the scale code past 448 and clips every value to 2688: quantize refuses such a
+    row instead, naming it; 2688 itself is held exactly."""
+    x = gaussian(3, 128, seed=2)
+    x[1, 5] = NVFP4_LARGEST
+    y = decode(quantize(x, G.NVFP4), G.NVFP4, 128)
+    assert y[1, 5] == NVFP4_LARGEST
+    x[1, 5] = np.nextafter(np.float32(NVFP4_LARGEST), np.float32(np.inf))
+    with pytest.raises(RuntimeError, match=r"^w: row 1 holds finite values up to 2688 in magnitude, beyond what "
+                                           r"NVFP4 can represent \(its values end at 6 x 448 = 2688; scale"):
+        quantize(x, G.NVFP4)
+
+
 @pytest.mark.parametrize("qtype", IQ4, ids=lambda q: q.name)
 @pytest.mark.parametrize("rows", ["gaussian", "spread", "edge"])
 def test_iq4_formats_match_the_reference_algorithm(qtype, rows):
@@ -458,8 +530,10 @@ def test_k_quants_pad_rows_with_zeros(qtype, k):
 # rounding is at most 2^-11 (4.9e-4) relative, and the 6-bit / int8 sub-block scales of a constant row
 # sit at their maximum (63 or -128), so they add no further error. MXFP4 holds a block's largest value
 # x as the nearest of 8 d and 12 d (x / d in [8, 16) by its choice of d): within 25% (x = 16 d - 0).
+# NVFP4 holds it at its 6.0 level times x / 6 rounded to 3 mantissa bits, half up by the 4th: within
+# 2^-4 relative (x / 6 = (1 + 1/16) 2^e rounds to (1 + 1/8) 2^e: 5.9%).
 REL = 1e-3
-REL_OF = {G.MXFP4: 0.25}
+REL_OF = {G.MXFP4: 0.25, G.NVFP4: 0.0625}
 
 
 def test_mxfp4_largest_finite_weights_quantize():
@@ -507,8 +581,9 @@ def test_non_finite_weight_without_a_nan_block_raises(qtype, bad):
         quantize(x, qtype)
 
 
-# MXFP4's power-of-two scales reach 2^124 for finite inputs: no finite float32 overflows them
-FP16_SCALED = [q for q in QUANTIZABLE_QTYPES if q != G.MXFP4]
+# MXFP4's power-of-two scales reach 2^124 for finite inputs: no finite float32 overflows them; NVFP4's
+# range ends at 2688 (test_nvfp4_refuses_values_beyond_its_largest)
+FP16_SCALED = [q for q in QUANTIZABLE_QTYPES if q not in (G.MXFP4, G.NVFP4)]
 
 
 @pytest.mark.parametrize("qtype", FP16_SCALED, ids=lambda q: q.name)
@@ -554,7 +629,7 @@ def test_single_nonzero(qtype, v):
         np.testing.assert_allclose(np.delete(y[0, group], pos % 32), v / 113, rtol=REL, atol=0)
         y_out = np.delete(y, np.arange(group.start, group.stop), axis=1)
         np.testing.assert_array_equal(y_out, 0.0)
-    elif v > 0 or len(SCALE_FIELD_OFFSETS[qtype]) == 1:  # one scale field: d, no min
+    elif v > 0 or len(SCALE_FIELD_OFFSETS[qtype]) == 1 or qtype == G.NVFP4:  # d alone (NVFP4's 4): no min
         # Exactly 0: symmetric formats map 0 to their zero point, and the formats with a min get min 0
         # when the block's minimum is 0 (the min is capped at 0).
         np.testing.assert_array_equal(zeros, 0.0)
@@ -589,9 +664,7 @@ def test_errors_name_the_argument(make, arg):
 
 @pytest.mark.parametrize("qtype", [q for q in WEIGHT_QTYPES if q not in QUANTIZABLE_QTYPES], ids=lambda q: q.name)
 def test_formats_without_a_quantizer_are_refused_with_the_reason(qtype):
-    """The catalog's grid-based IQ formats need llama.cpp's importance matrix, and gguf has no NVFP4
-    quantizer for torchext's to match: quantize says so by name."""
-    assert qtype.name.startswith("IQ") or not gguf_quantizes(qtype)
-    reason = "importance matrix" if qtype.name.startswith("IQ") else "the gguf package.* has none"
-    with pytest.raises(RuntimeError, match=rf"qtype: torchext has no quantizer for {qtype.name}: .*{reason}"):
+    """The catalog's grid-based IQ formats need llama.cpp's importance matrix: quantize says so by name."""
+    assert qtype.name.startswith("IQ")
+    with pytest.raises(RuntimeError, match=rf"qtype: torchext has no quantizer for {qtype.name}: .*importance matrix"):
         _q(torch.randn(4, 256), int(qtype))

@@ -169,9 +169,8 @@ ALIGNMENT = {
 GRID_TYPES = tuple(q for q in WEIGHT_TYPES if q.name.startswith("IQ") and q not in (QType.IQ4_NL, QType.IQ4_XS))
 
 #: The formats torchext.quantize makes (llama.cpp's reference quantizers, or gguf's numpy ones where
-#: llama.cpp has none); the grid formats need an importance matrix, and come from GGUF files, as NVFP4
-#: weights do (gguf has no NVFP4 quantizer to match).
-QUANTIZABLE_TYPES = tuple(q for q in WEIGHT_TYPES if q not in GRID_TYPES and q != QType.NVFP4)
+#: llama.cpp has none); the grid formats need an importance matrix, and come from GGUF files.
+QUANTIZABLE_TYPES = tuple(q for q in WEIGHT_TYPES if q not in GRID_TYPES)
 
 
 def block_values(qtype) -> int:

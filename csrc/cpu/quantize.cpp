@@ -2,10 +2,10 @@
 //
 // Rules and constants per llama.cpp ggml/src/ggml-quants.c (as of 0.3.36's vendored copy):
 // quantize_row_{q8_0,q4_0,q4_1,q5_0,q5_1}_ref, quantize_row_{q2_K,q3_K,q4_K,q5_K,q6_K}_ref,
-// quantize_row_{iq4_nl,iq4_xs}_ref, make_qkx2_quants, make_qx_quants and nearest_int. Every intermediate
-// is fp32 and evaluated in the reference's order (this file builds with -ffp-contract=off), so the bytes
-// match llama.cpp's; the 32-value formats also match the `gguf` package's numpy quantizers bit for bit
-// (tests/test_quantize.py).
+// quantize_row_{iq4_nl,iq4_xs,nvfp4}_ref, make_qkx2_quants, make_qx_quants and nearest_int (and
+// ggml-impl.h's ggml_fp32_to_ue4m3). Every intermediate is fp32 and evaluated in the reference's order
+// (this file builds with -ffp-contract=off), so the bytes match llama.cpp's; the 32-value formats also
+// match the `gguf` package's numpy quantizers bit for bit (tests/test_quantize.py).
 // What the bytes mean is defined by dequantize_chunk in kernels/quant_traits.h.
 #include <torch/csrc/stable/ops.h>
 
@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
@@ -496,6 +497,19 @@ void quantize_block(const float* x, block_tq1_0& b) {
 
 // ---------------------------------------------------------------- MXFP4
 
+// The index of the FP4 level (kFP4Levels, doubled E2M1 values) nearest to v at scale d: |d * level - v| in
+// fp32, the first of equal errors (the smaller magnitude), as llama.cpp's best_index_mxfp4 and gguf's
+// numpy quantizer search.
+int nearest_fp4_level(float v, float d) {
+  int q = 0;
+  float best = std::fabs(d * float(kFP4Levels[0]) - v);
+  for (int l = 1; l < 16; ++l) {
+    const float err = std::fabs(d * float(kFP4Levels[l]) - v);
+    if (err < best) best = err, q = l;
+  }
+  return q;
+}
+
 // gguf's numpy MXFP4 quantizer (MXFP4.quantize_blocks): e = floor(log2(max|x|)) - 2 + 127, the scale
 // 2^(e - 128) that puts max|x| at a level of 4 to 8 (of 12), and 0 for an all-zero block; every value
 // takes the first of the 16 levels whose scaled value is nearest (|d * level - x| in fp32, ties to
@@ -513,15 +527,45 @@ void quantize_block(const float* x, block_mxfp4& b) {
   b.e = uint8_t(e & 0xFF);
   const float d = e8m0_half(b.e);
   int q[32];
-  for (int i = 0; i < 32; ++i) {
-    q[i] = 0;
-    float best = std::fabs(d * float(kFP4Levels[0]) - x[i]);
-    for (int l = 1; l < 16; ++l) {
-      const float err = std::fabs(d * float(kFP4Levels[l]) - x[i]);
-      if (err < best) best = err, q[i] = l;
-    }
-  }
+  for (int i = 0; i < 32; ++i) q[i] = nearest_fp4_level(x[i], d);
   pack_nibbles(q, b.qs);
+}
+
+// ---------------------------------------------------------------- NVFP4
+
+// The unsigned E4M3 code of a scale s (llama.cpp's ggml_fp32_to_ue4m3): 0 for s <= 0; s capped at 448;
+// below 2^-6 the subnormal code (int)(s * 512 + 0.5), at most 7; else s's top 3 mantissa bits rounded
+// half up by the 4th, the carry going into the exponent; exponents from 15 saturate to 0x7E (448), as
+// the encoder never writes 0x7F (E4M3's NaN).
+uint8_t ue4m3_code(float s) {
+  if (!(s > 0.0f)) return 0;
+  s = std::min(s, 448.0f);
+  uint32_t bits;
+  std::memcpy(&bits, &s, sizeof bits);
+  int exponent = int((bits >> 23) & 0xFF) - 127 + 7;
+  if (exponent <= 0) return uint8_t(std::min(7, int(s * 512.0f + 0.5f)));
+  if (exponent >= 15) return 0x7E;
+  int mantissa = int((bits >> 20) & 7) + int((bits >> 19) & 1);
+  if (mantissa > 7) {
+    mantissa = 0;
+    if (++exponent >= 15) return 0x7E;
+  }
+  return uint8_t((exponent << 3) | mantissa);
+}
+
+// llama.cpp's quantize_row_nvfp4_ref (gguf has no NVFP4 quantizer): each 16-value sub-block takes the
+// scale code of max|x| / 6 (so that 6, the largest E2M1 value, lands on max|x|), and every value the FP4
+// level nearest to it at that code's value (ue4m3_half: halved, as the levels are doubled E2M1 values).
+void quantize_block(const float* x, block_nvfp4& b) {
+  for (int s = 0; s < 4; ++s) {
+    const float* xs = x + 16 * s;
+    float amax = 0.0f;
+    for (int i = 0; i < 16; ++i) amax = std::max(amax, std::fabs(xs[i]));
+    b.d[s] = ue4m3_code(amax / 6.0f);
+    const float d = ue4m3_half(b.d[s]);
+    for (int l = 0; l < 8; ++l)
+      b.qs[8 * s + l] = uint8_t(nearest_fp4_level(xs[l], d) | (nearest_fp4_level(xs[l + 8], d) << 4));
+  }
 }
 
 // ---------------------------------------------------------------- Q6_K
@@ -709,13 +753,15 @@ bool block_is_finite(const uint8_t* blk) {
   return true;
 }
 
-// Whether a format's block scale is an fp16 d: every format quantize makes but MXFP4, whose scale is a
-// power of two (an E8M0 exponent), finite for every code and reaching FLT_MAX.
+// Whether a format's block scale is an fp16 d: every format quantize makes but the FP4 ones, whose scales
+// are byte codes: MXFP4's a power of two (an E8M0 exponent), finite for every code and reaching FLT_MAX,
+// NVFP4's an unsigned E4M3 value of at most 448.
 template <class Block>
-constexpr bool kFp16Scales = !std::is_same_v<Block, block_mxfp4>;
+constexpr bool kFp16Scales = !std::is_same_v<Block, block_mxfp4> && !std::is_same_v<Block, block_nvfp4>;
 
 // A block holding NaN or +-inf: stored with d = NaN, so that every value of the block (d * (...) +- ...)
-// dequantizes to NaN; true. MXFP4 has no such code (and d * 0 is 0): false, and the row is an error.
+// dequantizes to NaN; true. The FP4 formats have no such code (MXFP4's d * 0 is 0, and gguf decodes NVFP4's
+// 0x7F, E4M3's NaN, to 0): false, and the row is an error.
 template <class Block>
 bool store_nan_block(Block& b) {
   if constexpr (!kFp16Scales<Block>) {
@@ -731,8 +777,13 @@ bool store_nan_block(Block& b) {
 // and IQ4_XS, end at 65504 * 128 * 32 ~ 2.7e8) and refused before its fit: the searches weigh values
 // by x^2 and multiply such sums (make_qx_quants, make_q3_quants, the IQ4 fit), which overflow float32
 // for huge values, and a fit can then end in a zero scale (Q6_K from ~5e18, Q3_K from ~1e19), whose
-// block of zeros would pass block_is_finite. MXFP4's quantizer squares nothing.
-constexpr float kLargestFitted = 4294967296.0f;  // 2^32
+// block of zeros would pass block_is_finite. MXFP4's quantizer squares nothing, and its scales reach
+// every finite value. NVFP4's largest value is 6 x 448 (its largest scale code at the largest E2M1
+// value); llama.cpp's quantizer saturates the scale beyond, and clips the values to it.
+template <class Block>
+constexpr float kLargestQuantized = std::is_same_v<Block, block_mxfp4>   ? std::numeric_limits<float>::max()
+                                    : std::is_same_v<Block, block_nvfp4> ? 6.0f * 448.0f
+                                                                         : 4294967296.0f;  // 2^32
 
 // n rows of k values -> n rows of ceil(k / kValues) blocks. A last block that runs past k is
 // quantized from a copy padded with zeros (the k-quants' zero padding); a block holding NaN or
@@ -759,8 +810,8 @@ void quantize_rows(const float* x, int64_t n, int64_t k, uint8_t* out) {
           src = padded;
         }
         if (std::all_of(src, src + kValues, [](float v) { return std::isfinite(v); })) {
-          const auto in_range = [](float v) { return std::fabs(v) <= kLargestFitted; };
-          if (kFp16Scales<Block> && !std::all_of(src, src + kValues, in_range)) {
+          const auto in_range = [](float v) { return std::fabs(v) <= kLargestQuantized<Block>; };
+          if (!std::all_of(src, src + kValues, in_range)) {
             overflow_row.store(r);
             continue;
           }
@@ -780,7 +831,8 @@ void quantize_rows(const float* x, int64_t n, int64_t k, uint8_t* out) {
     float amax = 0.0f;
     for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(x[r * k + i]));
     fail("w: row ", r, " holds finite values up to ", amax, " in magnitude, beyond what ", qtype_name(T),
-         " can represent (its fp16 block scales overflow; scale the weight down first)");
+         kFp16Scales<Block> ? " can represent (its fp16 block scales overflow; scale the weight down first)"
+                            : " can represent (its values end at 6 x 448 = 2688; scale the weight down first)");
   }
 }
 
@@ -799,10 +851,6 @@ void quantize(QType wt, const float* x, int64_t n, int64_t k, uint8_t* out) {
     using T = decltype(traits);
     if constexpr (HasQuantizer<typename T::block>::value) {
       quantize_rows<T::kType>(x, n, k, out);
-    } else if (wt == QType::NVFP4) {
-      fail("qtype: torchext has no quantizer for NVFP4: the gguf package, whose quantizers torchext's match, ",
-           "has none; load such weights from a GGUF file, or quantize to MXFP4 or a k-quant (Q4_K, Q5_K, Q6_K) ",
-           "instead");
     } else {
       fail("qtype: torchext has no quantizer for ", qtype_name(wt), ": llama.cpp makes the grid-based IQ formats ",
            "with an importance matrix (llama-quantize --imatrix); load such weights from a GGUF file, or quantize ",
