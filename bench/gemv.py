@@ -6,8 +6,9 @@ effective GB/s next to bf16 F.linear and PyTorch's int4 path in the same run.
     python bench/gemv.py --out DIR --dry-run    # no GPU: fake timings, checks the reporting code
 
 Writes DIR/gemv.csv (every row, errors included), DIR/gemv.png and, over 3 or more batches,
-DIR/batches.png (GB/s and TFLOP/s against the batch; both when matplotlib is importable) and
-DIR/summary.txt (the tables printed at the end of stdout). Never asserts on a timing.
+DIR/batches.png (GB/s and TFLOP/s against the batch; both when matplotlib is importable),
+DIR/summary.txt (the tables printed at the end of stdout) and DIR/summary.md (the timings as markdown
+tables, a line per batch, for the README). Never asserts on a timing.
 """
 
 from __future__ import annotations
@@ -417,6 +418,26 @@ def summary_text(ctx: Ctx, header: str) -> str:
     return "\n".join(out)
 
 
+def markdown_tables(rows: list[dict], header: str) -> str:
+    """The GEMV timings as markdown for the README, a table per shape and L2 mode: a line per batch,
+    µs per call of bf16 F.linear, the int4 path and each weight format, each format's speed over bf16."""
+    gemv = [r for r in rows if r["section"] == "gemv"]
+    out = [f"<!-- {header.strip()} -->"] if header.strip() else []
+    for mode in ("cold", "warm"):
+        sel = [r for r in gemv if r["l2"] == mode]
+        for n, k in dict.fromkeys((r["N"], r["K"]) for r in sel):
+            here = {(r["batch"], r["label"]): r for r in sel if (r["N"], r["K"]) == (n, k)}
+            labels = [lb for lb in ["bf16", "int4"] + CATALOG_FORMATS if any(lb == key[1] for key in here)]
+            fmts = [lb for lb in labels if lb in CATALOG_FORMATS]
+            head = ["rows"] + [f"{lb} µs" for lb in labels] + [f"{f} ×bf16" for f in fmts]
+            out += ["", f"{n}×{k}, L2 {mode}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for b in sorted({key[0] for key in here}):
+                cells = [str(b)] + [common.cell(here.get((b, lb))) for lb in labels]
+                cells += [common.fmt_f((here.get((b, f)) or {}).get("x_bf16"), ".2f") for f in fmts]
+                out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def write_outputs(ctx: Ctx, outdir: Path, final: bool, header: str = "") -> str:
     common.derive(ctx.rows, ctx.copy_gbps)
     common.write_csv(outdir / "gemv.csv", ctx.rows)
@@ -424,6 +445,7 @@ def write_outputs(ctx: Ctx, outdir: Path, final: bool, header: str = "") -> str:
         return ""
     text = summary_text(ctx, header)
     (outdir / "summary.txt").write_text(text + "\n")
+    (outdir / "summary.md").write_text(markdown_tables(ctx.rows, header))
     msg = common.plot(outdir / "gemv.png", ctx.rows, ctx.copy_gbps, PLOT_LABELS, ELEMENTWISE_LABELS)
     msg += "\n" + common.plot_batches(outdir / "batches.png", ctx.rows, PLOT_LABELS)
     return text + "\n" + msg + f"\nCSV written: {outdir / 'gemv.csv'}"
@@ -507,6 +529,17 @@ def self_check(ctx: Ctx, outdir: Path, text: str) -> list[str]:
         if r["gbps"] != "":
             check(math.isclose(float(b["gbps"]), r["gbps"], rel_tol=1e-5), "CSV gbps")
     check(len(text) < 10_000, f"summary is {len(text)} chars (keep < 10k)")
+    # the markdown: a line per shape, L2 mode and batch measured, each as wide as its header
+    md = (outdir / "summary.md").read_text().splitlines()
+    gemv = {(r["N"], r["K"], r["batch"], r["l2"]) for r in rows if r["section"] == "gemv"}
+    lines = [ln for ln in md if ln.startswith("| ") and not ln.startswith("| rows")]
+    check(len(lines) == len(gemv), f"summary.md: {len(lines)} batch lines for {len(gemv)} measured")
+    width = 0
+    for ln in md:
+        if ln.startswith("| rows"):
+            width = ln.count("|")
+        elif ln.startswith("|"):
+            check(ln.count("|") == width, f"summary.md: {ln!r} is not as wide as its header")
     return bad
 
 
