@@ -169,7 +169,8 @@ ALIGNMENT = {
 GRID_TYPES = tuple(q for q in WEIGHT_TYPES if q.name.startswith("IQ") and q not in (QType.IQ4_NL, QType.IQ4_XS))
 
 #: The formats torchext.quantize makes (llama.cpp's reference quantizers, or gguf's numpy ones where
-#: llama.cpp has none); the grid formats need an importance matrix, and come from GGUF files.
+#: llama.cpp has none); the grid formats come from GGUF files (llama.cpp makes them with an importance
+#: matrix, but for IQ3_S, whose quantizer is not ported).
 QUANTIZABLE_TYPES = tuple(q for q in WEIGHT_TYPES if q not in GRID_TYPES)
 
 

@@ -852,9 +852,11 @@ void quantize(QType wt, const float* x, int64_t n, int64_t k, uint8_t* out) {
     if constexpr (HasQuantizer<typename T::block>::value) {
       quantize_rows<T::kType>(x, n, k, out);
     } else {
-      fail("qtype: torchext has no quantizer for ", qtype_name(wt), ": llama.cpp makes the grid-based IQ formats ",
-           "with an importance matrix (llama-quantize --imatrix); load such weights from a GGUF file, or quantize ",
-           "to IQ4_XS, IQ4_NL or a k-quant (Q4_K, Q5_K, Q6_K) instead");
+      const char* why = wt == QType::IQ3_S ? " (llama.cpp's quantizer of it, which needs no importance matrix, is "
+                                             "not ported)"
+                                           : ": llama.cpp makes it with an importance matrix (llama-quantize --imatrix)";
+      fail("qtype: torchext has no quantizer for ", qtype_name(wt), why, "; load such weights from a GGUF file, or ",
+           "quantize to IQ4_XS, IQ4_NL or a k-quant (Q3_K, Q4_K, Q5_K, Q6_K) instead");
     }
   });
   if (!known) fail_unknown_format(wt, "quantize");
