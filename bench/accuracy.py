@@ -1,12 +1,12 @@
 """Accuracy of the Q8_1 GEMV on real weights: Gemma 3 270M Q4_K_M's matrices.
 
 For every 2-D weight of the file, in its own format (Q4_K, Q6_K, Q5_0, Q8_0 there) and requantized
-by torchext.quantize into each other format it writes (not the grid IQ formats, NVFP4), y = qmatmul(w, x) for one row of Gaussian
-activations (the GEMV path: x rounded to Q8_1) against x @ W.T in float64 on the same dequantized
-weight W; the error is norm-relative, ||y - ref|| / ||ref||, per tensor. Prints one row per format:
-tensors, median and largest error, and the median of the same error had the GEMV met each block's
-offset with the sum of the unrounded inputs (ggml's fp16 `s`, the rule torchext used before) instead
-of d * sum(q), computed in numpy from the same bytes.
+by torchext.quantize into each other format it writes (not the grid IQ formats but IQ3_S), y =
+qmatmul(w, x) for one row of Gaussian activations (the GEMV path: x rounded to Q8_1) against x @ W.T
+in float64 on the same dequantized weight W; the error is norm-relative, ||y - ref|| / ||ref||, per
+tensor. Prints one row per format: tensors, median and largest error, and the median of the same
+error had the GEMV met each block's offset with the sum of the unrounded inputs (ggml's fp16 `s`,
+the rule torchext used before) instead of d * sum(q), computed in numpy from the same bytes.
 
     python bench/accuracy.py [--gguf PATH] [--device cpu|cuda] [--rows 1] [--limit-n 8192]
     python bench/accuracy.py --synthetic 4096x4096 --device cuda --rows 32 --dtype bfloat16
@@ -153,7 +153,7 @@ def main(argv=None) -> None:
         native[qt.name] += 1
         x = rng.standard_normal((a.rows, k)).astype(np.float32)
         for fmt in WEIGHT_TYPES:
-            if fmt != qt and fmt not in QUANTIZABLE_TYPES:  # no quantizer (grid IQ formats): the file's own format only
+            if fmt != qt and fmt not in QUANTIZABLE_TYPES:  # no quantizer: the file's own format only
                 continue
             if fmt != qt and whole_blocks_error(fmt, k):  # rows this format cannot take
                 continue

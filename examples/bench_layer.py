@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2048, help="output features (weight rows)")
     ap.add_argument("--k", type=int, default=2048, help="input features (row length)")
-    # torchext.quantize makes these (the grid IQ formats come from files only): any other name was a traceback
+    # torchext.quantize makes these (the grid IQ formats but IQ3_S come from files only): any other name was a traceback
     formats = [q.name for q in QUANTIZABLE_TYPES]
     ap.add_argument("--format", default="Q4_K", type=str.upper, choices=formats, metavar="FORMAT",
                     help=f"one of {', '.join(formats)} (default Q4_K)")

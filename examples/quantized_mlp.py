@@ -40,7 +40,8 @@ def weight_bytes(model: nn.Module) -> int:
 def main(argv=None) -> None:
     """Run the example with command-line arguments argv (default sys.argv[1:])."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # the formats torchext.quantize makes (the grid IQ formats come from files only): any other name was a traceback
+    # the formats torchext.quantize makes (the grid IQ formats but IQ3_S come from files only): any other name
+    # was a traceback
     formats = [q.name for q in QUANTIZABLE_TYPES]
     ap.add_argument("--format", default="Q4_K", type=str.upper, choices=formats, metavar="FORMAT",
                     help=f"one of {', '.join(formats)} (default Q4_K)")

@@ -299,7 +299,7 @@ def test_info_report_runs(capsys):
 # ---- examples/ --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("script", ["examples/bench_layer.py", "examples/quantized_mlp.py"])
-@pytest.mark.parametrize("fmt", ["Q9_K", "IQ2_XXS", "IQ3_S", "Q8_1"])
+@pytest.mark.parametrize("fmt", ["Q9_K", "IQ2_XXS", "IQ1_S", "Q8_1"])
 def test_examples_refuse_formats_quantize_cannot_make(script, fmt, monkeypatch, capsys):
     """An unknown name was QType's ValueError traceback, a grid IQ format quantize's RuntimeError."""
     err = usage_error(load_script(script, monkeypatch).main, ["--format", fmt], capsys)
@@ -355,7 +355,7 @@ def test_generate_examples_refuse_options_tiny_ignores(script, args, message, mo
 def test_accuracy_runs_on_a_file(llama_gguf, monkeypatch, capsys):
     """bench/accuracy.py requantizes each matrix into every weight format: once there were more than the
     eight of its first version it died with a KeyError (Q2_K, in its old-rule column) or quantize's
-    RuntimeError (IQ formats, NVFP4). Formats without a quantizer (the grid IQ formats) are left out,
+    RuntimeError (IQ formats, NVFP4). Formats without a quantizer (the grid IQ formats but IQ3_S) are left out,
     and the old-rule column holds '-' for the formats whose offsets it does not split."""
     load_script("bench/accuracy.py", monkeypatch).main(["--gguf", str(llama_gguf), "--limit-n", "4"])
     out = capsys.readouterr().out
@@ -364,7 +364,8 @@ def test_accuracy_runs_on_a_file(llama_gguf, monkeypatch, capsys):
     assert rows[("Q2_K", "requantized")][-2:] == ["-", "-"]
     assert rows[("Q4_0", "requantized")][-1].endswith("%")
     assert ("IQ4_XS", "requantized") in rows
-    assert ("NVFP4", "requantized") in rows and not any(name in ("IQ2_XS", "IQ1_S") for name, _ in rows)
+    assert ("NVFP4", "requantized") in rows and ("IQ3_S", "requantized") in rows
+    assert not any(name in ("IQ2_XS", "IQ1_S") for name, _ in rows)
 
 
 @pytest.mark.parametrize("args, message", [

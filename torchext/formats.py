@@ -169,9 +169,9 @@ ALIGNMENT = {
 GRID_TYPES = tuple(q for q in WEIGHT_TYPES if q.name.startswith("IQ") and q not in (QType.IQ4_NL, QType.IQ4_XS))
 
 #: The formats torchext.quantize makes (llama.cpp's reference quantizers, or gguf's numpy ones where
-#: llama.cpp has none); the grid formats come from GGUF files (llama.cpp makes them with an importance
-#: matrix, but for IQ3_S, whose quantizer is not ported).
-QUANTIZABLE_TYPES = tuple(q for q in WEIGHT_TYPES if q not in GRID_TYPES)
+#: llama.cpp has none): all but the grid formats llama.cpp makes with an importance matrix (every one but
+#: IQ3_S), which come from GGUF files.
+QUANTIZABLE_TYPES = tuple(q for q in WEIGHT_TYPES if q not in GRID_TYPES or q == QType.IQ3_S)
 
 
 def block_values(qtype) -> int:

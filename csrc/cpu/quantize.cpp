@@ -16,6 +16,7 @@
 #include <limits>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "csrc/checks.h"
 #include "csrc/cpu/kernels.h"
@@ -737,6 +738,158 @@ void quantize_block(const float* x, block_iq4_xs& b) {
   }
 }
 
+// ---------------------------------------------------------------- IQ3_S
+
+// IQ3_S's 512 grid points as llama.cpp's quantizer searches them (iq3xs_init_impl(512)): a point's byte i
+// is 2 l_i + 1 for a level l_i in 0..7, so a vector of four levels is a 12-bit code u = sum l_i << 3i;
+// map[u] is the point of code u, or -1. A code off the grid has as neighbours the points at its three
+// smallest squared distances (over the bytes), ordered by distance, then index.
+struct IQ3SSearch {
+  int16_t map[4096];
+  int32_t first[4097];  // code u's neighbours: neighbours[first[u] .. first[u + 1])
+  std::vector<uint16_t> neighbours;
+
+  static int byte(int point, int i) { return int((iq3s_grid_host[point] >> (8 * i)) & 0xFF); }
+
+  IQ3SSearch() {
+    std::fill(map, map + 4096, int16_t(-1));
+    for (int j = 0; j < 512; ++j) {
+      int u = 0;
+      for (int i = 0; i < 4; ++i) u |= ((byte(j, i) - 1) / 2) << (3 * i);
+      map[u] = int16_t(j);
+    }
+    std::vector<std::pair<int, int>> by_distance(512);
+    for (int u = 0; u < 4096; ++u) {
+      first[u] = int32_t(neighbours.size());
+      if (map[u] >= 0) continue;
+      for (int j = 0; j < 512; ++j) {
+        int d2 = 0;
+        for (int i = 0; i < 4; ++i) {
+          const int diff = byte(j, i) - (2 * ((u >> (3 * i)) & 7) + 1);
+          d2 += diff * diff;
+        }
+        by_distance[j] = {d2, j};
+      }
+      std::sort(by_distance.begin(), by_distance.end());
+      int distinct = 1;
+      for (int j = 0; j < 512; ++j) {
+        if (j > 0 && by_distance[j].first > by_distance[j - 1].first && ++distinct > 3) break;
+        neighbours.push_back(uint16_t(by_distance[j].second));
+      }
+    }
+    first[4096] = int32_t(neighbours.size());
+  }
+};
+
+const IQ3SSearch& iq3s_search() {
+  static const IQ3SSearch search;  // built once, on first use (thread-safe)
+  return search;
+}
+
+// llama.cpp's iq3_find_best_neighbour: of code u's neighbours, the first with the least weighted squared
+// error sum w_i (scale * byte_i - x_i)^2; its levels into l. Returns the point.
+int iq3s_best_neighbour(const IQ3SSearch& g, int u, const float* x, const float* w, float scale, int8_t* l) {
+  float best = std::numeric_limits<float>::max();
+  int point = -1;
+  for (int n = g.first[u]; n < g.first[u + 1]; ++n) {
+    const int j = g.neighbours[n];
+    float d2 = 0.0f;
+    for (int i = 0; i < 4; ++i) {
+      const float diff = scale * float(IQ3SSearch::byte(j, i)) - x[i];
+      d2 += w[i] * diff * diff;
+    }
+    if (d2 < best) best = d2, point = j;
+  }
+  for (int i = 0; i < 4; ++i) l[i] = int8_t((IQ3SSearch::byte(point, i) - 1) / 2);
+  return point;
+}
+
+// The 12-bit code of four levels, each 0..7.
+inline int iq3s_code(const int8_t* l) { return l[0] | l[1] << 3 | l[2] << 6 | l[3] << 9; }
+
+// Four values' levels at inverse scale id: round(0.5 (id x - 1)) in 0..7, so that 2 l + 1 ~ id x.
+inline void iq3s_levels(const float* x, float id, int8_t* l) {
+  for (int i = 0; i < 4; ++i) l[i] = int8_t(clamp_int(nearest_even(0.5f * (id * x[i] - 1)), 0, 7));
+}
+
+// llama.cpp's quantize_row_iq3_s_impl without an importance matrix (the one IQ format llama-quantize makes
+// without one): per 32 values, the magnitudes' levels on the grid (weights x^2) for 19 trial scales,
+// keeping the least-squares scale of the trial that explains the most; a code off the grid takes its best
+// neighbour; then, if any did, the levels once more at the kept scale. The 8 scales become 4-bit odd
+// multiples 2 ls + 1 of d = max_scale / 31, stored as d * 1.033. llama.cpp skips an all-zero 32 values
+// without advancing its qs and signs pointers, which moves the sub-blocks after it one place down (so they
+// decode wrongly); here every sub-block keeps its place. An all-zero one keeps zero bytes, which decode to
+// d (the grid has no 0) unless the whole block is zeros.
+void quantize_block(const float* x, block_iq3_s& b) {
+  const IQ3SSearch& g = iq3s_search();
+  std::memset(&b, 0, sizeof b);
+  float scales[8], max_scale = 0.0f;
+  for (int ib = 0; ib < 8; ++ib) {
+    const float* xb = x + 32 * ib;
+    float weight[32], waux[32], xval[32], max = 0.0f;
+    for (int i = 0; i < 32; ++i) {
+      weight[i] = xb[i] * xb[i];
+      waux[i] = std::sqrt(weight[i]);
+      xval[i] = std::fabs(xb[i]);
+      if (xb[i] < 0) b.signs[4 * ib + i / 8] |= uint8_t(1 << (i % 8));
+      max = std::max(max, xval[i]);
+    }
+    scales[ib] = 0.0f;
+    if (max == 0.0f) continue;
+    const auto fit = [&](const int8_t* l, float& sumqx, float& sumq2) {
+      sumqx = 0.0f, sumq2 = 0.0f;
+      for (int i = 0; i < 32; ++i) {
+        const float q = float(2 * l[i] + 1);
+        sumqx += weight[i] * xval[i] * q;
+        sumq2 += weight[i] * q * q;
+      }
+    };
+    int8_t L[32] = {}, trial[32];
+    bool on_grid[8] = {}, trial_on_grid[8];
+    float best = 0.0f, scale = max / 15;
+    for (int step = -9; step <= 9; ++step) {
+      const float id = (15 + float(step) * 0.2f) / max, trial_scale = 1 / id;
+      for (int k = 0; k < 8; ++k) {
+        iq3s_levels(xval + 4 * k, id, trial + 4 * k);
+        const int u = iq3s_code(trial + 4 * k);
+        trial_on_grid[k] = g.map[u] >= 0;
+        if (!trial_on_grid[k]) iq3s_best_neighbour(g, u, xval + 4 * k, waux + 4 * k, trial_scale, trial + 4 * k);
+      }
+      float sumqx, sumq2;
+      fit(trial, sumqx, sumq2);
+      if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+        scale = sumqx / sumq2, best = scale * sumqx;
+        std::copy(trial, trial + 32, L);
+        std::copy(trial_on_grid, trial_on_grid + 8, on_grid);
+      }
+    }
+    if (!std::all_of(on_grid, on_grid + 8, [](bool on) { return on; }) && scale > 0) {
+      const float id = 1 / scale;
+      for (int k = 0; k < 8; ++k) {
+        iq3s_levels(xval + 4 * k, id, L + 4 * k);
+        const int u = iq3s_code(L + 4 * k);
+        if (g.map[u] < 0) iq3s_best_neighbour(g, u, xval + 4 * k, waux + 4 * k, scale, L + 4 * k);
+      }
+      float sumqx, sumq2;
+      fit(L, sumqx, sumq2);
+      if (sumq2 > 0) scale = sumqx / sumq2;
+    }
+    for (int k = 0; k < 8; ++k) {
+      const int point = g.map[iq3s_code(L + 4 * k)];  // every kept code is on the grid
+      b.qs[8 * ib + k] = uint8_t(point & 0xFF);
+      b.qh[ib] |= uint8_t((point >> 8) << k);
+    }
+    scales[ib] = scale;
+    max_scale = std::max(max_scale, scale);
+  }
+  if (max_scale == 0.0f) return;
+  const float d = max_scale / 31;
+  b.d = float_to_fp16(d * 1.033f);
+  const float id = 1 / d;
+  for (int ib = 0; ib < 8; ++ib)
+    b.scales[ib / 2] |= uint8_t(clamp_int(nearest_even(0.5f * (id * scales[ib] - 1)), 0, 15) << (4 * (ib % 2)));
+}
+
 // ---------------------------------------------------------------- rows
 
 constexpr fp16_bits kNaNBlockScale = 0x7e00;  // a quiet fp16 NaN
@@ -852,11 +1005,9 @@ void quantize(QType wt, const float* x, int64_t n, int64_t k, uint8_t* out) {
     if constexpr (HasQuantizer<typename T::block>::value) {
       quantize_rows<T::kType>(x, n, k, out);
     } else {
-      const char* why = wt == QType::IQ3_S ? " (llama.cpp's quantizer of it, which needs no importance matrix, is "
-                                             "not ported)"
-                                           : ": llama.cpp makes it with an importance matrix (llama-quantize --imatrix)";
-      fail("qtype: torchext has no quantizer for ", qtype_name(wt), why, "; load such weights from a GGUF file, or ",
-           "quantize to IQ4_XS, IQ4_NL or a k-quant (Q3_K, Q4_K, Q5_K, Q6_K) instead");
+      fail("qtype: torchext has no quantizer for ", qtype_name(wt), ": llama.cpp makes it with an importance matrix ",
+           "(llama-quantize --imatrix); load such weights from a GGUF file, or quantize to IQ3_S, IQ4_XS, IQ4_NL or a ",
+           "k-quant (Q3_K, Q4_K, Q5_K, Q6_K) instead");
     }
   });
   if (!known) fail_unknown_format(wt, "quantize");
