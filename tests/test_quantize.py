@@ -9,17 +9,21 @@ Oracles, all independent of torchext:
   Q2_K and Q3_K must reproduce Gaussian data as well as float64 numpy ports of llama.cpp's reference
   quantizers (below: their search is what makes those formats usable at 2-3 bits, not RTN);
 - IQ4_NL and IQ4_XS, which gguf cannot quantize either, must be bit-identical to a float32 numpy port
-  of llama.cpp's quantize_row_iq4_nl_impl without an importance matrix (below), and NVFP4 to one of its
+  of llama.cpp's quantize_row_iq4_nl_impl without an importance matrix (below), IQ3_S to one of its
+  quantize_row_iq3_s_impl (the grid format llama.cpp makes without one), and NVFP4 to one of its
   quantize_row_nvfp4_ref.
 (The k-quant bytes were also compared with llama.cpp's own quantize_row_q{4,5,6}_K_ref, built from
-llama-cpp-python 0.3.36's vendored ggml-quants.c, when the quantizer was written: identical on
-Gaussian, heavy-tailed, sparse, tiny, huge, one-signed, zero and constant rows. So were the IQ4_NL
-and IQ4_XS bytes with its quantize_iq4_nl and quantize_iq4_xs (built without FMA, 2026-12-05): no
-block of 39,936 IQ4_NL and 4,992 IQ4_XS blocks over the same kinds of rows (and ties) differed. So were
-the NVFP4 bytes with its quantize_row_nvfp4_ref (2026-12-06, built without FMA and with -O3 -march=native:
-61,440 blocks of Gaussian, spread, heavy-tailed, tiny, near-subnormal-scale, tie, near-2688, sparse, zero,
--0.0, constant and one-signed rows, and a sweep of scales over 2^-14 .. 2^11.4; none differed). That
-library is not a test dependency, so the comparisons are not repeated here.)
+llama-cpp-python 0.3.36's vendored ggml-quants.c, when the quantizer was written: identical on Gaussian,
+heavy-tailed, sparse, tiny, huge, one-signed, zero and constant rows. So were the IQ4_NL and IQ4_XS bytes
+with its quantize_iq4_nl and quantize_iq4_xs (built without FMA, 2026-12-05): no block of 39,936 IQ4_NL
+and 4,992 IQ4_XS blocks over the same kinds of rows (and ties) differed. So were the NVFP4 bytes with its
+quantize_row_nvfp4_ref (2026-12-06, built without FMA and with -O3 -march=native: 61,440 blocks of
+Gaussian, spread, heavy-tailed, tiny, near-subnormal-scale, tie, near-2688, sparse, zero, -0.0, constant
+and one-signed rows, and a sweep of scales over 2^-14 .. 2^11.4; none differed), and the IQ3_S bytes with
+its quantize_iq3_s (built without FMA: 1,056 blocks of the same kinds of rows, none differed but the
+blocks its all-zero-run bug moves, below; built with -O3 -march=native, which contracts its sums into
+FMAs, 68 of 640 blocks differed: near-ties of its trial scales). That library is not a test dependency,
+so the comparisons are not repeated here.)
 """
 
 import numpy as np
