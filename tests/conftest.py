@@ -66,7 +66,7 @@ Q = GGMLQuantizationType
 WEIGHT_QTYPES = [Q(int(q)) for q in WEIGHT_TYPES]
 K_QUANTS = [Q(int(q)) for q in CATALOG_K_QUANTS]
 SMALL_BLOCK_QTYPES = [Q(int(q)) for q in SMALL_BLOCK_TYPES]
-QUANTIZABLE_QTYPES = [Q(int(q)) for q in QUANTIZABLE_TYPES]  # torchext.quantize makes these (grid IQ formats: IQ3_S)
+QUANTIZABLE_QTYPES = [Q(int(q)) for q in QUANTIZABLE_TYPES]  # torchext.quantize makes these (IQ3_S of the grid ones)
 #: Quantizable formats with no block that decodes to NaN (MXFP4: every E8M0 scale is finite, so a block
 #: of level-0 codes decodes to 0; NVFP4: gguf decodes E4M3's NaN code 0x7F to 0): torchext.quantize
 #: refuses a NaN or infinite weight for them, where the other formats store its block as NaN.
