@@ -427,7 +427,8 @@ def markdown_tables(rows: list[dict], header: str) -> str:
         sel = [r for r in gemv if r["l2"] == mode]
         for n, k in dict.fromkeys((r["N"], r["K"]) for r in sel):
             here = {(r["batch"], r["label"]): r for r in sel if (r["N"], r["K"]) == (n, k)}
-            labels = [lb for lb in ["bf16", "int4"] + CATALOG_FORMATS if any(lb == key[1] for key in here)]
+            present = {label for _, label in here}
+            labels = [lb for lb in ["bf16", "int4"] + CATALOG_FORMATS if lb in present]
             fmts = [lb for lb in labels if lb in CATALOG_FORMATS]
             head = ["rows"] + [f"{lb} µs" for lb in labels] + [f"{f} ×bf16" for f in fmts]
             out += ["", f"{n}×{k}, L2 {mode}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -124,7 +124,7 @@ from test_rope_cache import oracle_heads as rope_oracle
 from test_gelu import assert_gelu_close
 from test_matmul_id import assert_rows_close
 from test_matmul import PAST_GEMV, offsets_term, oracle, output_rounding, q8_1_bound, report, rows_of_case, takes_gemv
-from test_quantize import IQ4_PORTS, NVFP4_LARGEST, nvfp4_port
+from test_quantize import EXACT_PORTS, NVFP4_LARGEST
 
 
 def fuzz_settings(examples: int):
@@ -1301,7 +1301,7 @@ def test_quantize(device, fault, data):
         if not bad_block.any() and fmt in {int(t) for t in SMALL_BLOCK_QTYPES}:
             # gguf's numpy quantizers; for IQ4_NL and NVFP4, which gguf does not make, tests/test_quantize.py's
             # ports of llama.cpp's quantizers
-            port = {int(t): f for t, f in {**IQ4_PORTS, Q.NVFP4: nvfp4_port}.items()}.get(fmt)
+            port = {int(t): f for t, f in EXACT_PORTS.items()}.get(fmt)
             ref = port(dense) if port else gguf_quantize(dense, Q(fmt))
             assert np.array_equal(q.cpu().numpy(), ref), "bytes differ from the reference quantizer's"
 
