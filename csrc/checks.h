@@ -77,7 +77,7 @@ inline const char* dtype_name(ScalarType t) {
 inline const char* qtype_name(QType t) {
   switch (t) {
 #define TORCHEXT_QTYPE_NAME(name, id, cpu_gemv_rows, wgmma_rows) \
-  case QType::name:                                  \
+  case QType::name:                                              \
     return #name;
     TORCHEXT_WEIGHT_FORMATS(TORCHEXT_QTYPE_NAME)
 #undef TORCHEXT_QTYPE_NAME

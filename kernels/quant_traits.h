@@ -1145,8 +1145,8 @@ template <class F>
 bool visit_weight_format(QType t, F&& f) {
   switch (t) {
 #define TORCHEXT_VISIT_FORMAT(name, id, cpu_gemv_rows, wgmma_rows) \
-  case QType::name:                                    \
-    f(QuantTraits<QType::name>{});                     \
+  case QType::name:                                                \
+    f(QuantTraits<QType::name>{});                                 \
     return true;
     TORCHEXT_WEIGHT_FORMATS(TORCHEXT_VISIT_FORMAT)
 #undef TORCHEXT_VISIT_FORMAT

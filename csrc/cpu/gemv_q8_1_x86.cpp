@@ -302,7 +302,7 @@ struct UnpackedChunk {
   }
 };
 #define TORCHEXT_GRID_CHUNK(name, id, cpu_gemv_rows, wgmma_rows) \
-  template <>                                        \
+  template <>                                                    \
   struct Avx2Chunk<QuantTraits<QType::name>> : UnpackedChunk<QuantTraits<QType::name>> {};
 TORCHEXT_IQ_GRID_FORMATS(TORCHEXT_GRID_CHUNK)
 #undef TORCHEXT_GRID_CHUNK
