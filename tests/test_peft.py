@@ -432,3 +432,34 @@ def test_merge_adapter_is_refused_and_unload_gives_the_packed_model_back(gguf_fi
     assert isinstance(model.model.layers[0].self_attn.q_proj, torchext.nn.QuantLinear)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, plain)
+
+
+def test_modules_to_save_on_packed_layers_is_refused_naming_the_layer(gguf_file, tmp_path):
+    """modules_to_save copies a layer to train it in full: on a packed one the copy trained nothing (its bytes are a
+    buffer; lm_head and embed_tokens have no bias), without a word, and the adapter's save_pretrained failed in
+    safetensors on the layer's format record ('dict' object has no attribute 'is_contiguous'). Refused naming the
+    layer, the heads a classification task adds included; it needs the model to tell packed layers apart. A float
+    layer in modules_to_save trains and saves as on any model."""
+    model = hf.from_gguf(gguf_file)
+    for named in (["lm_head"], ["embed_tokens"], ["layers.1.mlp"]):  # a module around packed layers too
+        config = peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=named)
+        with pytest.raises(ValueError, match=rf"modules_to_save: \S*{re.escape(named[0])} \(\w+\) holds packed GGUF "
+                                             r"bytes \((QuantLinear|QuantEmbedding)\), which peft would copy"):
+            hf.register_lora(config, model)
+        with pytest.raises(ValueError, match=r"modules_to_save=\[.*\]: pass the model, register_lora\(config, model\)"):
+            hf.register_lora(config)
+    classifier = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU())
+    classifier.add_module("score", torchext.nn.QuantLinear.from_linear(torch.nn.Linear(256, 4), "Q8_0"))
+    with pytest.raises(ValueError, match=r"modules_to_save: score \(QuantLinear\)"):
+        hf.register_lora(peft.LoraConfig(r=4, target_modules=["0"], task_type="SEQ_CLS"), classifier)
+    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules())
+
+    mixed = torchext.nn.quantize_linears(torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.ReLU(),
+                                                             torch.nn.Linear(128, 64)), "Q4_K",
+                                         filter=lambda name, m: name != "2")
+    peft_model = peft.get_peft_model(mixed, hf.register_lora(
+        peft.LoraConfig(r=4, target_modules=["0"], modules_to_save=["2"]), mixed))
+    trained = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert {"base_model.model.2.modules_to_save.default.weight", "base_model.model.0.lora_A.default.weight"} <= trained
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

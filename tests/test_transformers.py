@@ -642,13 +642,81 @@ def test_file_without_a_tensor_the_model_needs(llama_file, tmp_path):
         hf.from_gguf(path)
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.float64, "bfloat16"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float64, "float64", "auto", "cuda"])
 def test_dtype_other_than_the_three_is_refused(llama_file, dtype):
     """Refused before the file is read: int32 was reported as an architecture without a model (from_gguf
     wraps from_config's ValueError), float64 loaded and failed only in the first forward's op."""
     with pytest.raises(ValueError, match=r"dtype: expected one of torch.float32, torch.float16, torch.bfloat16 "
-                                         r"\(.*\), got "):
+                                         r"or its name \(.*\), got "):
         hf.from_gguf(llama_file, dtype=dtype)
+
+
+def test_from_pretrained_names_for_dtype_and_device_are_taken(llama_file):
+    """torch_dtype and device_map, which from_pretrained takes, went to AutoConfig unused: the model stayed float32 on
+    the CPU without a word. They are taken for dtype and device (a dtype's name too); a device_map spreading the
+    model over devices, both names of one argument, or a keyword nothing uses are ValueErrors naming it."""
+    ids = prompt(6)
+    want = hf.from_gguf(llama_file, dtype=torch.bfloat16)
+    for kwargs in (dict(torch_dtype=torch.bfloat16), dict(dtype="bfloat16"), dict(torch_dtype="bfloat16"),
+                   dict(torch_dtype=torch.bfloat16, device_map="cpu"),
+                   dict(torch_dtype=torch.bfloat16, device_map=torch.device("cpu"))):
+        model = hf.from_gguf(llama_file, **kwargs)
+        assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, want(ids).logits)
+    for kwargs, message in [(dict(device_map="auto"), r"device_map='auto': from_gguf puts the whole model on one "
+                                                      r"device; pass device="),
+                            (dict(device_map={"": 0, "lm_head": "cpu"}), r"device_map=\{.*\}: from_gguf puts"),
+                            (dict(device="cpu", device_map="cpu"), r"device and device_map both given"),
+                            (dict(dtype=torch.float16, torch_dtype=torch.float16), r"dtype and torch_dtype .*both"),
+                            (dict(frobnicate=3, low_cpu_mem_usage=True),
+                             r"from_gguf: 'frobnicate', 'low_cpu_mem_usage': neither from_gguf \(device, dtype, "
+                             r"model_class\) nor transformers' AutoConfig.from_pretrained.*uses it")]:
+        with pytest.raises(ValueError, match=message):
+            hf.from_gguf(llama_file, **kwargs)
+    assert hf.from_gguf(llama_file, attn_implementation="eager").config._attn_implementation == "eager"
+
+
+def with_value(src: bytes, key: bytes, value: int) -> bytes:
+    """src, a GGUF file's bytes, with the value of UINT32 metadata `key` replaced by `value`."""
+    at = src.index(key) + len(key) + 4  # past the key and its value type
+    return src[:at] + value.to_bytes(4, "little") + src[at + 4:]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    # transformers built a billion layers on the meta device (and gguf's tensor name map as many), never returning
+    (b"llama.block_count", 10**9, r"llama.block_count is 1000000000, but the file's tensors are of 2 layers "
+                                  r"\(blk.0 to blk.1\)"),
+    (b"llama.embedding_length", 10**9, r"llama.embedding_length is 1000000000, but token_embd.weight has rows of "
+                                       r"256 values"),
+    # transformers 5.2x's config validation raises a StrictDataclassClassValidationError (no ValueError), which
+    # names the heads; its earlier versions build the config, and the attention's shapes do not fit the tensors
+    (b"llama.attention.head_count", 7, r""),
+    # an AssertionError from nn.Embedding, under the model's construction
+    (b"tokenizer.ggml.padding_token_id", 10**5, r"transformers cannot build AutoModelForCausalLM for this file's "
+                                                r"architecture 'llama' \(model_type 'llama'\) and metadata: "
+                                                r"AssertionError: Padding_idx"),
+])
+def test_metadata_that_contradicts_the_file_is_a_value_error(llama_file, tmp_path, key, value, message):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(with_value(llama_file.read_bytes(), key, value))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": " + message) as error:
+        hf.from_gguf(path)
+    if key == b"llama.attention.head_count" and "StrictDataclass" in str(error.value):
+        assert "transformers cannot build a config from this 'llama' file's metadata" in str(error.value)
+        assert "attention heads (7)" in str(error.value)
+
+
+def test_a_string_that_is_not_utf8_is_named(llama_file, tmp_path):
+    """transformers' reader failed on it with an OSError naming from_gguf's metadata copy, a temporary file:
+    'It looks like the config file at ... is not a valid JSON file'."""
+    path = tmp_path / "bad.gguf"
+    src = llama_file.read_bytes()
+    assert src.count(b"tiny") == 1  # general.name's value
+    path.write_bytes(src.replace(b"tiny", b"\x80iny"))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r": key 'general.name': its string value is not "
+                                         r"UTF-8 \(invalid start byte at its byte 0\)"):
+        hf.from_gguf(path)
 
 
 def test_save_pretrained_is_refused_saying_what_works(llama_file, tmp_path):

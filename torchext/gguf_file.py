@@ -156,11 +156,16 @@ class GGUFFile:
         return raw
 
     def string_value(self, key: str) -> str | None:
-        """The value of a STRING metadata entry (None when there is no such entry)."""
+        """The value of a STRING metadata entry (None when there is no such entry); a value that is not UTF-8
+        is a ValueError naming the file and key (reading the tables skips the values undecoded)."""
         for kv in self.key_values:
             if kv.key == key and kv.value_type == GGUFValueType.STRING:
                 raw = self.entry_bytes(kv)[8 + len(key.encode("utf-8")) + 4 + 8:]  # past key, type, length
-                return raw.decode("utf-8")
+                try:
+                    return raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{self.name}: key {key!r}: its string value is not UTF-8 ({e.reason} at its byte "
+                                     f"{e.start})") from None
         return None
 
     def int_value(self, key: str) -> int | None:

@@ -166,20 +166,25 @@ class QuantEmbedding(PackedWeightState, nn.Module):
 
 
 def from_gguf(path_or_dir: str | os.PathLike, gguf_file: Optional[str] = None, *, device=None,
-              dtype: torch.dtype = torch.float32, model_class=None, **config_kwargs):
+              dtype: torch.dtype | str | None = None, model_class=None, **config_kwargs):
     """The transformers model of a GGUF file, its packed weights on torchext layers (module
     docstring). Arguments follow from_pretrained's: `path_or_dir` is a local folder and
     `gguf_file` a file name in it (or a path), or `path_or_dir` is the file itself.
-    device: where the model goes (default CPU); dtype: of activations, norms and dense weights
-    (float32 default, bfloat16, float16); model_class: a transformers Auto class or model class
-    (default AutoModelForCausalLM); config_kwargs go to AutoConfig.from_pretrained (for example
-    attn_implementation="eager").
+    device: where the model goes (default CPU; from_pretrained's device_map is taken for it where it
+    names one device); dtype: of activations, norms and dense weights (float32 default, bfloat16,
+    float16, or their names; torch_dtype is taken for it as from_pretrained takes it); model_class: a
+    transformers Auto class or model class (default AutoModelForCausalLM); the other keyword arguments
+    go to AutoConfig.from_pretrained (for example attn_implementation="eager"), and one it does not use
+    is a ValueError, where from_pretrained would pass it over.
 
     Errors (ValueError, FileNotFoundError) name the file and, where there is one, the tensor: a
-    missing file, a malformed GGUF (torchext.gguf_file's checks), an architecture transformers
-    cannot read, a packed tensor that transformers would transform other than by permuting its
-    rows or that lands elsewhere than an nn.Linear or nn.Embedding of its shape, and a model
-    parameter the file does not hold. A dtype other than the three is a ValueError naming dtype.
+    missing file, a malformed GGUF (torchext.gguf_file's checks), metadata that contradicts the
+    tensors (more layers than blk.N tensors, a width other than token_embd's) or from which
+    transformers cannot build the config or the model, an architecture transformers cannot read, a
+    packed tensor that transformers would transform other than by permuting its rows or that lands
+    elsewhere than an nn.Linear or nn.Embedding of its shape, and a model parameter the file does not
+    hold. A dtype other than the three, or a device_map spreading the model over devices ("auto", a
+    dict), is a ValueError naming the argument.
 
     Saving: the GGUF file is the model's checkpoint. model.save_pretrained (and push_to_hub) raise
     NotImplementedError: safetensors cannot hold the packed layers' format records (QuantLinear's
@@ -189,12 +194,11 @@ def from_gguf(path_or_dir: str | os.PathLike, gguf_file: Optional[str] = None, *
     """
     import transformers
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype: expected one of {', '.join(map(str, _DTYPES))} (the activations, norms and dense "
-                         f"weights; torchext's kernels compute in these), got {dtype!r}")
+    dtype, device = _dtype_and_device(dtype, device, config_kwargs)
     path = _gguf_path(path_or_dir, gguf_file)
     with GGUFFile(path) as g:  # checks header, tables and offsets before transformers reads anything
         architecture = _architecture(path, g)
+        _check_sizes(path, g, architecture)
         config = _config(path, g, architecture, config_kwargs)
         model_class = transformers.AutoModelForCausalLM if model_class is None else model_class
         if hasattr(model_class, "from_config"):  # an Auto class
@@ -208,9 +212,10 @@ def from_gguf(path_or_dir: str | os.PathLike, gguf_file: Optional[str] = None, *
         with _linear_and_embedding_weights_on_meta(config.model_type):
             try:
                 model = build(config, dtype=dtype)
-            except ValueError as e:
-                raise ValueError(f"{path}: {getattr(model_class, '__name__', model_class)} has no model for this "
-                                 f"file's architecture {architecture!r} (model_type {config.model_type!r}): {e}") from e
+            except (ValueError, AssertionError) as e:  # no model for the config, or one its sizes do not fit
+                raise ValueError(f"{path}: transformers cannot build {getattr(model_class, '__name__', model_class)} "
+                                 f"for this file's architecture {architecture!r} (model_type {config.model_type!r}) "
+                                 f"and metadata: {type(e).__name__}: {e}") from e
         _load_tensors(model, g, architecture, dtype)
     _fuse_gated_mlps(model)
     for method in ("save_pretrained", "push_to_hub"):  # this instance's, not the class's
@@ -283,6 +288,9 @@ def _metadata_file(path: Path, g: GGUFFile, architecture: str):
 
     vocab_key = f"{architecture}.vocab_size"
     entries = {kv.key: kv for kv in g.key_values}
+    for kv in g.key_values:  # a value that is not UTF-8: ValueError naming the key (transformers' names the copy)
+        if kv.value_type == GGUFValueType.STRING:
+            g.string_value(kv.key)
     kept = [g.entry_bytes(kv) for kv in g.key_values if kv.value_type != GGUFValueType.ARRAY or kv.length <= 1024]
     tokens = entries.get("tokenizer.ggml.tokens")
     if tokens is not None and vocab_key not in entries:
@@ -300,15 +308,70 @@ def _metadata_file(path: Path, g: GGUFFile, architecture: str):
         yield meta
 
 
+def _dtype_and_device(dtype, device, config_kwargs: dict) -> tuple[torch.dtype, object]:
+    """from_gguf's dtype and device, from its own arguments or from_pretrained's names for them, which
+    config_kwargs would otherwise carry to AutoConfig unused (the model stayed float32 on the CPU)."""
+    if "torch_dtype" in config_kwargs:  # from_pretrained's older name for dtype, which it still takes
+        if dtype is not None:
+            raise ValueError("dtype and torch_dtype (its older name) both given: pass dtype alone")
+        dtype = config_kwargs.pop("torch_dtype")
+    if dtype is None:
+        dtype = torch.float32
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        dtype = getattr(torch, dtype)  # "bfloat16", as from_pretrained takes it
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(map(str, _DTYPES))} or its name (the activations, norms "
+                         f"and dense weights; torchext's kernels compute in these), got {dtype!r}")
+    if "device_map" in config_kwargs:
+        device_map = config_kwargs.pop("device_map")
+        if device is not None:
+            raise ValueError("device and device_map both given: pass device alone")
+        try:  # one device: "cuda:0", 0, torch.device("cpu")
+            device = torch.device(device_map)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device_map={device_map!r}: from_gguf puts the whole model on one device; pass "
+                             "device=... (for example 'cuda:0')") from None
+    return dtype, device
+
+
+_BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.")
+
+
+def _check_sizes(path: Path, g: GGUFFile, architecture: str) -> None:
+    """The metadata's layer count and width against the tensors, before transformers reads either:
+    a block_count of 10**9 in a corrupted file had it build a billion layers, never returning, and a
+    width of 10**9 would allocate every norm at that size."""
+    layers = 1 + max((int(m[1]) for t in g.tensors if (m := _BLOCK_TENSOR.match(t.name))), default=-1)
+    blocks = g.int_value(f"{architecture}.block_count")
+    if blocks is not None and blocks > layers:
+        held = f"{layers} layers (blk.0 to blk.{layers - 1})" if layers else "no layer (no blk.N tensor)"
+        raise ValueError(f"{path}: {architecture}.block_count is {blocks}, but the file's tensors are of {held}")
+    width = g.int_value(f"{architecture}.embedding_length")
+    embedding = next((t for t in g.tensors if t.name == "token_embd.weight"), None)
+    if width is not None and embedding is not None and width != embedding.k:
+        raise ValueError(f"{path}: {architecture}.embedding_length is {width}, but token_embd.weight has rows of "
+                         f"{embedding.k} values")
+
+
 def _config(path: Path, g: GGUFFile, architecture: str, config_kwargs: dict):
     from transformers import AutoConfig
 
     try:
-        with _metadata_file(path, g, architecture) as meta:
-            return AutoConfig.from_pretrained(str(meta.parent), gguf_file=meta.name, **config_kwargs)
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{path}: transformers cannot build a config from this {architecture!r} file's "
-                         f"metadata: {e!r}") from e
+        from huggingface_hub.errors import StrictDataclassError  # transformers 5's config validation
+    except ImportError:
+        StrictDataclassError = ValueError
+    with _metadata_file(path, g, architecture) as meta:
+        try:
+            config, unused = AutoConfig.from_pretrained(str(meta.parent), gguf_file=meta.name,
+                                                        return_unused_kwargs=True, **config_kwargs)
+        except (ValueError, KeyError, OSError, StrictDataclassError) as e:  # the message names the copy: say path
+            raise ValueError(f"{path}: transformers cannot build a config from this {architecture!r} file's "
+                             f"metadata: {type(e).__name__}: {str(e).replace(str(meta), str(path))}") from e
+    unused.pop("gguf_file", None)
+    if unused:
+        raise ValueError(f"from_gguf: {', '.join(map(repr, unused))}: neither from_gguf (device, dtype, model_class) "
+                         "nor transformers' AutoConfig.from_pretrained, which takes the other keyword arguments, uses it")
+    return config
 
 
 @contextlib.contextmanager
@@ -629,9 +692,16 @@ def register_lora(config, model: Optional[nn.Module] = None):
     also rewrite it to a residual, "loftq" and "mica". Initialize those on transformers' dequantized
     model of the file instead; a PiSSA, OLoRA, CorDA or LoRA-GA adapter saved there converted to plain
     LoRA (save_pretrained(..., path_initial_model_for_weight_conversion=...)) loads here.
+
+    modules_to_save naming a layer that holds packed bytes (a QuantLinear, QuantEmbedding or
+    QuantExperts, or a module around one) is refused (ValueError naming it): peft trains and saves a
+    full copy of such a layer, whose bytes are a buffer that cannot train, and safetensors cannot save
+    its format record. Telling those layers apart takes the model: register_lora(config, model)
+    whenever modules_to_save is set (it also checks the heads peft adds for classification tasks).
     """
     _check_no_dora(getattr(config, "use_dora", False), None)
     _check_init(getattr(config, "init_lora_weights", True), None)  # before preprocess_corda reads the bytes as floats
+    _check_modules_to_save(config, model)
     if isinstance(getattr(config, "target_modules", None), str) and config.target_modules.lower() == "all-linear":
         if model is None:
             raise ValueError("target_modules='all-linear': pass the model, register_lora(config, model), so that it "
@@ -640,6 +710,34 @@ def register_lora(config, model: Optional[nn.Module] = None):
         config.target_modules = _all_linear_modules(config, model)
     config._register_custom_module({QuantLinear: quant_lora_linear_class()})
     return config
+
+
+# the heads peft's task models add to modules_to_save (PeftModelForSequenceClassification, ...ForTokenClassification,
+# ...ForQuestionAnswering)
+_TASK_MODULES_TO_SAVE = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                         "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _check_modules_to_save(config, model: Optional[nn.Module]) -> None:
+    """ValueError naming a layer that modules_to_save would copy and train whose weights are packed bytes: peft's
+    copy trained nothing but a bias, without a word, and the adapter's save_pretrained failed in safetensors on
+    the layer's format record (a dict)."""
+    named = list(getattr(config, "modules_to_save", None) or ())
+    if named and model is None:
+        raise ValueError(f"modules_to_save={named!r}: pass the model, register_lora(config, model), so that layers "
+                         "holding packed GGUF bytes among them are refused (peft would copy them to train, and their "
+                         "bytes cannot train)")
+    if model is None:
+        return
+    task = getattr(config, "task_type", None)
+    named += _TASK_MODULES_TO_SAVE.get(getattr(task, "value", task), ())
+    for name, module in model.named_modules():
+        packed = next((m for m in module.modules() if isinstance(m, PackedWeightState)), None)
+        if packed is not None and any(name.endswith(n) for n in named):  # peft's match: the name's end
+            raise ValueError(f"modules_to_save: {name} ({type(module).__name__}) holds packed GGUF bytes "
+                             f"({type(packed).__name__}), which peft would copy to train in full; "
+                             "they are a buffer that cannot train, and safetensors cannot save the layer. Leave it out "
+                             "of modules_to_save, or target its QuantLinear layers with LoRA (target_modules)")
 
 
 def _check_no_dora(use_dora: bool, base: Optional[QuantLinear]) -> None:
