@@ -231,6 +231,18 @@ def capture_graph(fn):
     return g, out
 
 
+def write_one_tensor_gguf(path, architecture: str):
+    """A GGUF file at path of `architecture` holding one 4x32 F32 tensor, token_embd.weight, and no other metadata."""
+    import gguf
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def skip_without_gemma_gguf():
     """Skip unless the gemma extra is installed whole: the package that assembles the Gemma 3
     270M GGUF and its four data parts (a GPU machine without network may carry only the first)."""

@@ -9,6 +9,8 @@ file, no GPU): the scripts' main functions are called with argument lists.
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -268,6 +270,18 @@ def test_demo_tokens_beyond_the_context_length(fake_gemma, capsys):
 def test_report_device_it_cannot_run_on(device, message, no_cuda, capsys):
     """--device cuda without a GPU was torch's traceback, --device meta numpy's "Cannot copy out of meta tensor"."""
     assert message in usage_error(report.main, ["--device", device], capsys)
+
+
+@pytest.mark.parametrize("module", ["torchext.report", "torchext.demo"])
+def test_a_cpu_kernels_variable_naming_no_kernel_set_is_a_usage_error(module):
+    """TORCHEXT_CPU_KERNELS=bogus: the report's first op raised a traceback, the demo's too, after it had loaded the
+    model. The library reads the variable once, at its first use: a process of its own."""
+    env = dict(os.environ, TORCHEXT_CPU_KERNELS="bogus")
+    result = subprocess.run([sys.executable, "-m", module, "--device", "cpu"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "argument --device: cpu: TORCHEXT_CPU_KERNELS: expected one of 'auto', " in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.skipif(cli.library_has_cuda_kernels(), reason="the op library has CUDA kernels")

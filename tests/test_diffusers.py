@@ -272,3 +272,29 @@ def test_save_gguf_without_diffusers_writes_any_format(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers.quantizers.gguf.utils", None)  # its import raises ImportError
     save_gguf(torch.nn.Sequential(torch.nn.Linear(256, 64)), tmp_path / "x.gguf", "TQ2_0")
     assert file_types(tmp_path / "x.gguf") == {"0.weight": "TQ2_0", "0.bias": "F32"}
+
+
+def test_save_gguf_writes_a_shared_layer_in_its_format_under_every_name(tmp_path):
+    """named_modules gives a layer held twice under its first name alone: the second name's weight went out float32."""
+    model = torch.nn.Module()
+    model.a = model.b = torch.nn.Linear(64, 8)
+    save_gguf(model, tmp_path / "x.gguf", "Q8_0")
+    assert file_types(tmp_path / "x.gguf") == {"a.weight": "Q8_0", "a.bias": "F32", "b.weight": "Q8_0",
+                                               "b.bias": "F32"}
+
+
+def test_save_gguf_refuses_a_model_that_holds_gguf_weights(flux_gguf, tmp_path):
+    """A model loaded from a GGUF file holds its packed bytes: save_gguf wrote them as float32 values (a file
+    diffusers then refused: 'expected shape [256, 256], got [256, 144]'), or quantized bytes as values, and after
+    convert_gguf_linears failed on the layers' format record ('dict' object has no attribute 'detach'). A ValueError
+    names the first such entry, before anything is written."""
+    folder, _ = flux_gguf
+    path = tmp_path / "again.gguf"
+    model = load(folder)
+    with pytest.raises(ValueError, match=r"^[\w.]+\.weight: packed \w+ bytes; save_gguf writes a model of float "
+                                         r"weights, and this one holds weights that are GGUF already"):
+        save_gguf(model, path, None)
+    convert_gguf_linears(model)
+    with pytest.raises(ValueError, match=r"^[\w.]+: (packed GGUF bytes|a dict, no tensor); save_gguf writes"):
+        save_gguf(model, path, "Q8_0")
+    assert not path.exists()

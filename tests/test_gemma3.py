@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES, HAS_CUDA, gemv_rows, skip_without_gemma_gguf
+from conftest import DEVICES, HAS_CUDA, gemv_rows, skip_without_gemma_gguf, write_one_tensor_gguf
 from gguf.quants import dequantize as gguf_dequantize
 
 import torchext
@@ -185,6 +185,42 @@ def test_shapes_the_model_cannot_take_are_refused(path, reader):
     for kwargs in ({"batch": 0}, {"max_seq_len": -1}, {"max_seq_len": 2.5}):
         with pytest.raises(ValueError, match=f"{next(iter(kwargs))}: expected a positive whole number"):
             Gemma3(model.weights, model.cfg, **kwargs)
+
+
+def test_weights_that_contradict_the_metadata_are_refused_naming_the_tensor(loaded):
+    """A file without a tensor the model reads gave a bare KeyError, a head count its weights do not have a view
+    error in the first forward pass (the demo printed both as tracebacks): ValueErrors naming the tensor, before any
+    layer is built."""
+    import dataclasses
+
+    from torchext.models.gemma3 import Gemma3
+    model = loaded[0]
+    with pytest.raises(ValueError, match=r"^blk.18.attn_q.weight: a gemma3 model of 19 layers reads it, and the file "
+                                         r"holds no such tensor$"):
+        Gemma3(model.weights, dataclasses.replace(model.cfg, layers=19))
+    with pytest.raises(ValueError, match=r"^blk.0.attn_q.weight: the metadata's sizes give it 2048 rows of 640 "
+                                         r"values, and the file's tensor has 1024 rows of 640$"):
+        Gemma3(model.weights, dataclasses.replace(model.cfg, heads=8))
+
+
+def test_load_arguments_are_checked_before_the_file_is_read(path, tmp_path):
+    """batch and max_seq_len were refused only after the whole file was read into the pool, stack="no" was taken as
+    true, progress=5 raised "'int' object is not callable" after the first tensor, and a reader of another file
+    was read for the config first ("general.architecture: expected 'gemma3', got ..."): each a ValueError naming
+    the argument."""
+    import gguf
+
+    from torchext.models.gemma3 import load_gemma3
+    for kwargs, message in [({"batch": 0}, r"^batch: expected a positive whole number, got 0$"),
+                            ({"max_seq_len": 0}, r"^max_seq_len: expected a positive whole number, got 0$"),
+                            ({"stack": "no"}, r"^stack: expected True or False, got 'no'$"),
+                            ({"progress": 5}, r"^progress: expected a function of \(done, total, name\) or None, "
+                                              r"got 5$")]:
+        with pytest.raises(ValueError, match=message):
+            load_gemma3(path, **kwargs)
+    other = write_one_tensor_gguf(tmp_path / "other.gguf", "gemma3")
+    with pytest.raises(ValueError, match=r"reader: its tensor table is not the file's"):
+        load_gemma3(path, reader=gguf.GGUFReader(str(other)))
 
 
 @pytest.fixture(scope="module")

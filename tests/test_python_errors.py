@@ -7,12 +7,11 @@ generate runs a one-layer Gemma 3 of random Q8_0 weights (the real model's code,
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 import torchext
-from conftest import DEVICES
+from conftest import DEVICES, write_one_tensor_gguf
 from torchext.models.gemma3 import Gemma3, Gemma3Config, generate, load_gemma3
 from torchext.models.tokenizer import BYTE, CONTROL, NORMAL, GGUFTokenizer
 
@@ -139,14 +138,7 @@ def test_generate_rejects_bad_arguments(prompt, max_new_tokens, match):
 def test_load_gemma3_checks_the_file_first(tmp_path):
     """A corrupted file meets torchext's GGUF checks (a ValueError naming it) before gguf's reader,
     whose own errors (IndexError, reshape errors) name neither file nor tensor."""
-    import gguf
-    path = tmp_path / "cut.gguf"
-    writer = gguf.GGUFWriter(str(path), "gemma3")
-    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_one_tensor_gguf(tmp_path / "cut.gguf", "gemma3")
     path.write_bytes(path.read_bytes()[:-64])  # the data cut short
     with pytest.raises(ValueError, match="cut.gguf"):
         load_gemma3(path)

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import torchext
-from conftest import gemv_rows
+from conftest import gemv_rows, write_one_tensor_gguf
 from torchext.formats import QType
 
 transformers = pytest.importorskip("transformers")
@@ -567,13 +567,7 @@ def test_cut_file_is_refused(llama_file, tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    path = tmp_path / "rwkv.gguf"
-    w = gguf.GGUFWriter(str(path), "rwkv6")
-    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_one_tensor_gguf(tmp_path / "rwkv.gguf", "rwkv6")
     with pytest.raises(ValueError, match="architecture 'rwkv6' is not one transformers .* reads from GGUF; it reads "
                                          ".*llama"):
         hf.from_gguf(path)

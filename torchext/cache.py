@@ -469,6 +469,8 @@ class WeightCache:
         if pool and self._pool is not None:
             raise ValueError("pool: this cache already holds a pool; load another file into a new WeightCache "
                              "(or with pool=False)")
+        if progress is not None and not callable(progress):  # before the file is read, not after its first tensor
+            raise ValueError(f"progress: expected a function of (done, total, name) or None, got {progress!r}")
         with GGUFFile(path) as g:
             if reader is not None:
                 g.check_reader(reader)

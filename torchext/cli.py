@@ -76,6 +76,13 @@ def device_arg(text: str) -> torch.device:
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:INDEX, got {text!r}") from None
     if device.type not in ("cpu", "cuda"):  # the op library has kernels for these two alone
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:INDEX, got {text!r}")
+    if device.type == "cpu":
+        from . import _C
+
+        try:  # TORCHEXT_CPU_KERNELS naming no kernel set, or one this CPU lacks: every op raises it (a traceback)
+            _C.cpu_kernels()
+        except RuntimeError as e:
+            raise argparse.ArgumentTypeError(f"{text}: {e}") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

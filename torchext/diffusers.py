@@ -169,13 +169,18 @@ def save_gguf(model: nn.Module, path: Union[str, os.PathLike],
     format, for one diffusers' loader does not read (its SUPPORTED_GGUF_QUANT_TYPES, and F32, F16;
     not checked where diffusers is not installed), for one neither quantizer makes, or for a layer
     whose in_features is not a whole number of the format's blocks. Every layer's format is read and
-    checked against diffusers' list before anything is quantized; nothing is written on an error.
+    checked against diffusers' list before anything is quantized; nothing is written on an error. A model
+    that holds GGUF weights already (diffusers' GGUFParameter, torchext's layers) is a ValueError naming the
+    first such entry. A layer shared under several names takes its format under each.
     """
-    linears = {f"{name}.weight": (name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    # every name of a layer shared under several (named_modules gives the first alone: the others went out float32)
+    linears = {f"{name}.weight": (name, m) for name, m in model.named_modules(remove_duplicate=False)
+               if isinstance(m, nn.Linear)}
     state = model.state_dict()
     loadable = _diffusers_types()
     formats = {}
-    for key in state:
+    for key, tensor in state.items():
+        _check_float_state(key, tensor)
         fmt = None
         if key in linears:
             fmt = weight_format(*linears[key]) if callable(weight_format) else weight_format
@@ -193,6 +198,20 @@ def save_gguf(model: nn.Module, path: Union[str, os.PathLike],
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _check_float_state(key: str, value) -> None:
+    """ValueError for a state_dict entry save_gguf cannot write as float values: packed GGUF bytes (diffusers'
+    GGUFParameter, a torchext layer's uint8 buffer) and the format record of a torchext layer. Written as floats,
+    a loaded model's packed bytes made a file diffusers refused ("expected shape [256, 256], got [256, 144]")."""
+    if isinstance(value, torch.Tensor) and value.dtype != torch.uint8 and getattr(value, "quant_type", None) is None:
+        return
+    quant_type = getattr(value, "quant_type", None)
+    what = (f"packed {gguf.GGMLQuantizationType(int(quant_type)).name} bytes" if quant_type is not None else
+            "packed GGUF bytes" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}, no tensor")
+    raise ValueError(f"{key}: {what}; save_gguf writes a model of float weights, and this one holds weights that are "
+                     "GGUF already (loaded from a GGUF file, or converted by convert_gguf_linears): keep the file it "
+                     "came from, or save the float model it was made from")
 
 
 def _diffusers_types() -> Optional[frozenset]:

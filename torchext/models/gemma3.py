@@ -269,6 +269,46 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(b, t, cfg.heads * cfg.head_dim))
 
 
+def check_model_arguments(batch: int, max_seq_len: int, stack: bool) -> None:
+    """ValueError naming a Gemma3 argument of the wrong kind (load_gemma3 asks before it reads the file)."""
+    for name, value in (("batch", batch), ("max_seq_len", max_seq_len)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name}: expected a positive whole number, got {value!r}")
+    if not isinstance(stack, bool):  # "no" was taken as true
+        raise ValueError(f"stack: expected True or False, got {stack!r}")
+
+
+def weight_shapes(cfg: Gemma3Config) -> dict[str, tuple[int, int]]:
+    """Every tensor Gemma3 reads, by its GGUF name, and its (n, k) for cfg's sizes: rows, and values a row (a
+    norm is one row)."""
+    q, kv, hidden = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.hidden
+    shapes = {"token_embd.weight": (cfg.vocab_size, hidden), "output_norm.weight": (1, hidden)}
+    for i in range(cfg.layers):
+        p = f"blk.{i}."
+        shapes.update({p + "attn_q.weight": (q, hidden), p + "attn_k.weight": (kv, hidden),
+                       p + "attn_v.weight": (kv, hidden), p + "attn_output.weight": (hidden, q),
+                       p + "attn_q_norm.weight": (1, cfg.head_dim), p + "attn_k_norm.weight": (1, cfg.head_dim),
+                       p + "ffn_gate.weight": (cfg.ffn, hidden), p + "ffn_up.weight": (cfg.ffn, hidden),
+                       p + "ffn_down.weight": (hidden, cfg.ffn)})
+        shapes.update({p + f"{norm}.weight": (1, hidden)
+                       for norm in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")})
+    return shapes
+
+
+def check_weights(cache: WeightCache, cfg: Gemma3Config) -> None:
+    """ValueError naming the first tensor the model needs that the cache lacks or holds in another shape than the
+    metadata's sizes give: a missing tensor was a bare KeyError, a head count the weights do not have a view error in
+    the first forward pass."""
+    for name, (n, k) in weight_shapes(cfg).items():
+        if name not in cache:
+            raise ValueError(f"{name}: a gemma3 model of {cfg.layers} layers reads it, and the file holds no such "
+                             "tensor")
+        entry = cache[name]
+        if (entry.n, entry.k) != (n, k):
+            raise ValueError(f"{name}: the metadata's sizes give it {n} rows of {k} values, and the file's tensor has "
+                             f"{entry.n} rows of {entry.k}")
+
+
 class MLP(nn.Module):
     """One layer's gated MLP: down(gelu_tanh(gate(x)) * up(x)), its three matrices quantized."""
 
@@ -324,12 +364,11 @@ class Gemma3(nn.Module):
     def __init__(self, cache: WeightCache, cfg: Gemma3Config, batch: int = 1, max_seq_len: int = 1024,
                  dtype: torch.dtype = torch.float32, device=None, stack: bool = True) -> None:
         check_dtype(dtype)
+        check_model_arguments(batch, max_seq_len, stack)
         super().__init__()
-        for name, value in (("batch", batch), ("max_seq_len", max_seq_len)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name}: expected a positive whole number, got {value!r}")
         if max_seq_len > cfg.context_length:
             raise ValueError(f"max_seq_len: {max_seq_len} exceeds the model's context length {cfg.context_length}")
+        check_weights(cache, cfg)
         self.cfg, self.dtype, self.max_seq_len, self.batch, self.stack = cfg, dtype, max_seq_len, batch, stack
         self.weights = cache  # the WeightCache every layer views (see with_max_seq_len)
         if stack:  # first: it may move the pool, which every view below then sees
@@ -405,8 +444,11 @@ def load_gemma3(path: str | os.PathLike, device=None, dtype: torch.dtype = torch
     import gguf
 
     check_dtype(dtype)  # before seconds of reading the file
+    check_model_arguments(batch, max_seq_len, stack)
     t0 = time.perf_counter()
-    GGUFFile(path)  # torchext's checks of the header, tables and offsets first: errors name file and tensor
+    with GGUFFile(path) as g:  # torchext's checks of the header, tables and offsets first: errors name file and tensor
+        if reader is not None:
+            g.check_reader(reader)  # before the metadata is read through it
     reader = reader if reader is not None else gguf.GGUFReader(os.fspath(path))
     cfg = Gemma3Config.from_gguf(reader)
     tokenizer = GGUFTokenizer.from_gguf(reader)
