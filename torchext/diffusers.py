@@ -204,9 +204,9 @@ def _check_float_state(key: str, value) -> None:
     """ValueError for a state_dict entry save_gguf cannot write as float values: packed GGUF bytes (diffusers'
     GGUFParameter, a torchext layer's uint8 buffer) and the format record of a torchext layer. Written as floats,
     a loaded model's packed bytes made a file diffusers refused ("expected shape [256, 256], got [256, 144]")."""
-    if isinstance(value, torch.Tensor) and value.dtype != torch.uint8 and getattr(value, "quant_type", None) is None:
-        return
     quant_type = getattr(value, "quant_type", None)
+    if isinstance(value, torch.Tensor) and value.dtype != torch.uint8 and quant_type is None:
+        return
     what = (f"packed {gguf.GGMLQuantizationType(int(quant_type)).name} bytes" if quant_type is not None else
             "packed GGUF bytes" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}, no tensor")
     raise ValueError(f"{key}: {what}; save_gguf writes a model of float weights, and this one holds weights that are "

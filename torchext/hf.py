@@ -731,9 +731,13 @@ def _check_modules_to_save(config, model: Optional[nn.Module]) -> None:
         return
     task = getattr(config, "task_type", None)
     named += _TASK_MODULES_TO_SAVE.get(getattr(task, "value", task), ())
+    if not named:
+        return
     for name, module in model.named_modules():
+        if not any(name.endswith(n) for n in named):  # peft's match: the name's end
+            continue
         packed = next((m for m in module.modules() if isinstance(m, PackedWeightState)), None)
-        if packed is not None and any(name.endswith(n) for n in named):  # peft's match: the name's end
+        if packed is not None:
             raise ValueError(f"modules_to_save: {name} ({type(module).__name__}) holds packed GGUF bytes "
                              f"({type(packed).__name__}), which peft would copy to train in full; "
                              "they are a buffer that cannot train, and safetensors cannot save the layer. Leave it out "
