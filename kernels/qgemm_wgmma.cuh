@@ -31,7 +31,7 @@ namespace torchext::qgemm {
 namespace {
 
 constexpr int kWgStageK = 64;  // K values per operand stage: one 128-byte swizzle row of 16-bit values
-constexpr int kWgThreads = 20 * 32;  // warps 0-7 dequantize, 8-15 consume, 16 copies, 17-19 idle
+constexpr int kWgThreads = 20 * 32;  // warps 0-7 dequantize, 8-15 consume, 16 and 17 copy, 18-19 idle
 // setmaxnreg moves registers within the CTA's own allocation (kWgThreads x 96 at launch, the most that
 // 640 threads get): what the consumers ask for must not exceed what the other warpgroups give back, or
 // their setmaxnreg.inc waits forever (a first build asked 152 x 256 against 13,312 given back, and
@@ -280,18 +280,16 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  if (warp >= 16) {  // copies
+  if (warp >= 16) {  // copies: one thread a ring, so that neither waits for the other's ring to free a slot
     regs_dec<kCopyRegs>();
     if (warp == 16 && lane == 0) {
-      const auto load_raw = [&](int64_t u) {
+      for (int64_t u = 0; u < c1 - c0; ++u) {
         rawring.wait_empty(u);
         tma_load_2d(smem + Lay::kRaw + rawring.slot(u) * Lay::kRawBytes, &wmap, int((c0 + u) * L::kBytes) & ~15,
                     int(n0), &rawring.full[rawring.slot(u)], Lay::kRawBytes);
-      };
-      load_raw(0);
+      }
+    } else if (warp == 17 && lane == 0) {
       for (int64_t j = 0; j < stages; ++j) {
-        // the next raw chunk a chunk ahead of the stages that need it
-        if (j % kStagesPerChunk == 0 && j / kStagesPerChunk + 1 < c1 - c0) load_raw(j / kStagesPerChunk + 1);
         xring.wait_empty(j);
         tma_load_2d(smem + Lay::kA + xring.slot(j) * Lay::kATileBytes, &xmap,
                     int((c0 * kStagesPerChunk + j) * kWgStageK), int(m0), &xring.full[xring.slot(j)], Lay::kATileBytes);
