@@ -5,9 +5,10 @@
 // A CTA owns Tile::kN weight rows x Tile::kM activation rows (256 x 128 for up to 128 rows, 128 x 256
 // beyond), and its warps specialise, each role running ahead of the next as far as its ring of
 // shared-memory stages allows (mbarriers say when a stage is full and when it is free again):
-// - one thread of warp 16 issues the tensor memory accelerator's copies: each 256-value chunk of the
-//   tile's weight bytes (one box of rows x chunk bytes) and each 64-value stage of the activations
-//   (one box in the 128-byte swizzle); past the weight's or the activations' end it fills zeros;
+// - one thread of warp 16 issues the tensor memory accelerator's copies of each 256-value chunk of the
+//   tile's weight bytes (one box of rows x chunk bytes), one thread of warp 17 those of each 64-value
+//   stage of the activations (one box in the 128-byte swizzle); past the weight's or the activations'
+//   end the copies fill zeros;
 // - two dequantizing warpgroups turn each stage of the raw chunk into x's type, written in the
 //   128-byte swizzled K-major layout wgmma reads (thread t: weight row t % kN, half stages as kN says);
 // - two consumer warpgroups each multiply half the activation rows by all kN weight rows: two
