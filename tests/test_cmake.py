@@ -24,3 +24,7 @@ def test_cmake_build_and_ctest(tmp_path):
         result = subprocess.run(cmd, capture_output=True, text=True)
         assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert "100% tests passed" in result.stdout
+    if use_cuda and shutil.which("nm") is not None:  # the wheel's Hopper GEMM is in this build too (sm_90a code)
+        symbols = subprocess.run(["nm", "-C", "--defined-only", str(build / "libtorchext_ops.so")],
+                                 capture_output=True, text=True, check=True).stdout
+        assert "launch_qgemm_wgmma" in symbols
