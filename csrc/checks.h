@@ -275,13 +275,19 @@ inline void check_eps(double eps) {
 }
 
 // Q8_1 activations [..., q8_1_blocks_per_row(k) * 36], as quantize_q8_1 makes them.
+// Bytes of a Q8_1 row of k > 0 values: k padded to whole 256-value super-blocks, 36 bytes per 32 values
+// (an error naming `what` where they overflow int64).
+inline int64_t q8_1_row_bytes(int64_t k, const char* what) {
+  return checked_mul(k / kSuperBlock + (k % kSuperBlock != 0), kSuperBlock / kQ8Block * int64_t(sizeof(block_q8_1)),
+                     what);
+}
+
 inline void check_q8_1(const Tensor& xq, int64_t k, const char* arg = "xq") {
   check_defined_contiguous(xq, arg);
   TORCHEXT_CHECK(xq.scalar_type() == ScalarType::Byte, arg, ": expected Q8_1 bytes as a uint8 tensor, got ",
                   dtype_name(xq.scalar_type()));
   TORCHEXT_CHECK(xq.dim() >= 1, arg, ": expected at least one dimension [..., bytes], got a scalar");
-  const int64_t expected =
-      checked_mul(k / kSuperBlock + (k % kSuperBlock != 0), kSuperBlock / kQ8Block * int64_t(sizeof(block_q8_1)), "k");
+  const int64_t expected = q8_1_row_bytes(k, "k");
   TORCHEXT_CHECK(xq.size(xq.dim() - 1) == expected, arg, ": expected the last dimension to be ", expected,
                   " bytes (k=", k, " padded to whole 256-value super-blocks, 36 bytes per 32 values), got ",
                   xq.size(xq.dim() - 1));

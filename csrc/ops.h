@@ -44,10 +44,10 @@ inline int64_t leading_rows(const Tensor& x) {
   return last == 0 ? 0 : x.numel() / last;
 }
 
-// Uninitialised Q8_1 activations for x [..., k]: [..., q8_1_blocks_per_row(k) * 36] bytes on x's device.
-inline Tensor new_q8_1(const Tensor& x, int64_t k) {
-  return torch::stable::new_empty(x, with_last_dim(x, q8_1_blocks_per_row(k) * int64_t(sizeof(block_q8_1))),
-                                  ScalarType::Byte);
+// Uninitialised Q8_1 activations for x [..., k]: [..., q8_1_row_bytes(k)] bytes on x's device; `arg` names x
+// in the error where that size overflows int64.
+inline Tensor new_q8_1(const Tensor& x, int64_t k, const char* arg) {
+  return torch::stable::new_empty(x, with_last_dim(x, q8_1_row_bytes(k, arg)), ScalarType::Byte);
 }
 
 template <class Backend>
@@ -57,7 +57,7 @@ struct Ops {
   static Tensor quantize_q8_1(Tensor x) {
     const FloatType xt = check_q8_1_source(x, "x");
     const int64_t k = x.size(x.dim() - 1);
-    Tensor out = new_q8_1(x, k);
+    Tensor out = new_q8_1(x, k, "x");
     const int64_t rows = leading_rows(x);
     if (rows == 0) return out;
     Ctx ctx(x);
@@ -71,7 +71,7 @@ struct Ops {
     const int64_t k = x.size(x.dim() - 1);
     const FloatType wt = check_norm_weight(weight, "weight", x, k);
     check_eps(eps);
-    Tensor out = new_q8_1(x, k);
+    Tensor out = new_q8_1(x, k, "x");
     const int64_t rows = leading_rows(x);
     if (rows == 0) return out;
     Ctx ctx(x);
@@ -90,7 +90,7 @@ struct Ops {
     const FloatType xwt = x_weight ? check_norm_weight(*x_weight, "x_weight", x, k) : FloatType::F32;
     check_eps(eps);
     Tensor sum = torch::stable::empty_like(x);
-    Tensor out = new_q8_1(x, k);
+    Tensor out = new_q8_1(x, k, "x");
     const int64_t rows = leading_rows(x);
     if (rows == 0) return {sum, out};
     Ctx ctx(x);
@@ -108,7 +108,7 @@ struct Ops {
     const int64_t k = gate.size(gate.dim() - 1);
     check_like(up, "up", gate, "gate");
     const GateActivation act = activation();
-    Tensor out = new_q8_1(gate, k);
+    Tensor out = new_q8_1(gate, k, "gate");
     const int64_t rows = leading_rows(gate);
     if (rows == 0) return out;
     Ctx ctx(gate);
@@ -160,7 +160,7 @@ struct Ops {
     const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
     if (Backend::gated_gemv_q8_1(ctx, f.type, wp, n, k, gate.data_ptr(), up.data_ptr(), t, act, rows, out.data_ptr()))
       return out;
-    Tensor xq = new_q8_1(gate, k);
+    Tensor xq = new_q8_1(gate, k, "gate");
     Backend::gated_quantize_q8_1(ctx, gate.data_ptr(), up.data_ptr(), t, act, rows, k,
                                  static_cast<block_q8_1*>(xq.data_ptr()));
     Backend::gemv_q8_1(ctx, f.type, wp, n, k, static_cast<const block_q8_1*>(xq.data_ptr()), rows, out.data_ptr(), t);
@@ -242,7 +242,7 @@ struct Ops {
       return torch::stable::reshape(y, with_last_dim(x, n));
     }
     Tensor out = torch::stable::new_empty(x, with_last_dim(x, n));
-    Tensor xq = new_q8_1(x, k);
+    Tensor xq = new_q8_1(x, k, "x");
     Ctx ctx(w);
     Backend::quantize_q8_1(ctx, x.data_ptr(), xt, rows, k, static_cast<block_q8_1*>(xq.data_ptr()));
     Backend::gemv_q8_1(ctx, f.type, static_cast<const uint8_t*>(w.data_ptr()), n, k,
@@ -266,7 +266,7 @@ struct Ops {
     if constexpr (Backend::kIdsOnHost) {
       matmul_id_by_expert(ctx, w, qtype, a, x, n, k, path, out);
     } else if (path == MatmulPath::Gemv) {
-      Tensor xq = new_q8_1(x, k);
+      Tensor xq = new_q8_1(x, k, "x");
       Backend::quantize_q8_1(ctx, x.data_ptr(), a.xt, leading_rows(x), k, static_cast<block_q8_1*>(xq.data_ptr()));
       Backend::gemv_q8_1_id(ctx, a.format.type, static_cast<const uint8_t*>(w.data_ptr()), n, k,
                             static_cast<const block_q8_1*>(xq.data_ptr()), s, out.data_ptr(), a.xt);
@@ -293,7 +293,7 @@ struct Ops {
     const bool gemv = path == MatmulPath::Gemv;
     Tensor src = torch::stable::reshape(x, {leading_rows(x), k});
     if (gemv) {
-      Tensor xq = new_q8_1(src, k);
+      Tensor xq = new_q8_1(src, k, "x");
       Backend::quantize_q8_1(ctx, src.data_ptr(), a.xt, src.size(0), k, static_cast<block_q8_1*>(xq.data_ptr()));
       src = xq;
     }
@@ -530,6 +530,12 @@ struct Ops {
     }
     TORCHEXT_CHECK(v_cache.size(2) == s.keys, "v_cache: expected the shape of k_cache ", shape_string(k_cache),
                     ", got ", shape_string(v_cache));
+    // one kernel writes both: overlapping caches would hold v where k was written (the fake sees no addresses)
+    const uintptr_t kc = reinterpret_cast<uintptr_t>(k_cache.data_ptr());
+    const uintptr_t vc = reinterpret_cast<uintptr_t>(v_cache.data_ptr());
+    const uintptr_t cache_bytes = uintptr_t(k_cache.numel()) * k_cache.element_size();
+    TORCHEXT_CHECK(cache_bytes == 0 || kc + cache_bytes <= vc || vc + cache_bytes <= kc,
+                    "v_cache: overlaps k_cache in memory; expected two separate caches");
     for (const auto& [c, name] : {std::pair<const Tensor*, const char*>{&cos, "cos"}, {&sin, "sin"}}) {
       check_defined_contiguous(*c, name);
       TORCHEXT_CHECK(c->scalar_type() == ScalarType::Float && c->dim() == 2 && c->size(0) >= s.keys &&

@@ -12,6 +12,7 @@ launched on a bad input: a crash or an illegal address there would take the proc
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -560,15 +561,16 @@ def test_wrappers_reject_unknown_format_names():
         torchext.qmatmul(w, "Q8_1", x, N, K)
 
 
-@pytest.mark.parametrize("bad", ["False", 1, None], ids=repr)
+@pytest.mark.parametrize("bad", ["False", 1, None, np.bool_(True)], ids=repr)
 def test_wrappers_take_exact_as_a_bool_and_eps_as_a_number(bad):
     """bool("False") is True: a flag that is not a bool is a TypeError naming it (QuantLinear's, QuantExperts'
-    and TopKRouter's flags too), and eps must be a number (a string was float()'s message, naming nothing)."""
+    and TopKRouter's flags too), and eps must be a number (a string was float()'s message, naming nothing).
+    numpy's bool, also named "bool", is named with its module ("expected a bool, got bool" was the message)."""
     from torchext.nn import QuantLinear
 
     w, x = weight(), acts()
     ids = torch.zeros(1, 1, dtype=torch.long)
-    name = type(bad).__name__
+    name = f"numpy.{np.bool_.__qualname__}" if isinstance(bad, np.bool_) else type(bad).__name__
     for call in (lambda: torchext.qmatmul(w, Q4_K, x, N, K, exact=bad),
                  lambda: torchext.qmatmul_id(w.unsqueeze(0), Q4_K, x[:1], ids, N, K, exact=bad),
                  lambda: QuantLinear(w, Q4_K, K, N, exact=bad)):

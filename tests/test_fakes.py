@@ -122,6 +122,10 @@ BAD_CALLS = [
     ("q8_1-scalar", "quantize_q8_1", lambda: (torch.tensor(1.0),)),
     ("q8_1-zero-k", "quantize_q8_1", lambda: (torch.ones(3, 0),)),
     ("q8_1-non-contiguous", "quantize_q8_1", lambda: (_transposed(_x((4, K))),)),
+    # a K whose Q8_1 bytes overflow int64: the fake gave a wrapped shape, the kernel an error naming no argument
+    ("q8_1-bytes-overflow", "quantize_q8_1", lambda: (torch.empty(0, 2**63 - 1),)),
+    ("gated-q8_1-bytes-overflow", "gated_silu_quantize_q8_1",
+     lambda: (torch.empty(0, 2**63 - 1), torch.empty(0, 2**63 - 1))),
     # GELU
     ("gelu-int", "gelu", lambda: (torch.ones(3, dtype=torch.int64), "none")),
     ("gelu-approximate", "gelu", lambda: (_x(), "exact")),
@@ -141,6 +145,7 @@ BAD_CALLS = [
     ("quantize-k-not-multiple-of-32", "quantize", lambda: (_x((2, 40)), Q8_0)),
     ("quantize-no-rows", "quantize", lambda: (_x((0, K)), Q4_K)),
     ("quantize-non-contiguous", "quantize", lambda: (_transposed(_x((K, 2))), Q4_K)),
+    ("quantize-no-quantizer", "quantize", lambda: (_x((2, K)), int(torchext.QType.IQ2_XXS))),  # an imatrix format
 ]
 
 

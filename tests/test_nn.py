@@ -689,6 +689,38 @@ def test_hooks_of_shared_input_layers_run_on_the_gemv_path(rows):
         torch.testing.assert_close(up, 2 * mlp.up_proj(x), rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # torch notes no input wants a gradient
+def test_backward_hooks_of_shared_input_layers_run():
+    """With a bias that wants its gradient, backward runs through the layers even where x's is not wanted, and
+    m(x) would run their full backward hooks: gated_mlp called forward_q8_1 and skipped them. Now a layer with
+    backward hooks (its own or global) is called as a module."""
+    mlp = QuantGatedMLP(*(QuantLinear.from_linear(nn.Linear(i, o), "Q8_0") for i, o in ((256, 128), (256, 128),
+                                                                                     (128, 256))), "silu")
+    x = torch.randn(1, 256)
+    calls = []
+    handle = mlp.gate_proj.register_full_backward_hook(lambda m, gi, go: calls.append("gate"))
+    mlp(x).sum().backward()
+    assert calls == ["gate"]
+    handle.remove()
+    with torch.nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: calls.append(type(m).__name__)):
+        mlp(x).sum().backward()
+    assert calls.count("QuantLinear") == 3
+
+
+def test_from_linear_keeps_what_the_linear_was():
+    """quantize_linears gave every layer a trainable bias in training mode: a frozen model's biases came back
+    trainable (an optimizer over the trainable parameters would train them), an eval model's layers in
+    training mode. Now each layer keeps its linear's bias requires_grad and its mode, on meta too."""
+    for device in ("cpu", "meta"):
+        with torch.device(device):
+            model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 32))
+        model.requires_grad_(False).eval()
+        model[2].bias.requires_grad_(True)
+        quantize_linears(model, "Q4_K")
+        assert [p.requires_grad for p in model.parameters()] == [False, True]
+        assert not any(m.training for m in model.modules())
+
+
 def test_from_linear_on_meta_gives_a_meta_layer_to_assign_into():
     """accelerate's init_empty_weights builds nn.Linear on meta: quantize_linears failed with "Cannot copy
     out of meta tensor"; now the layer is a meta one of the format's byte shape, filled by

@@ -276,3 +276,32 @@ def test_cuda_gives_the_cpus_bits(case, dtype):
     gpu = inputs(case, dtype, "cuda", True)
     out_cpu, out_gpu = torchext.rope_cache_write(*cpu), torchext.rope_cache_write(*gpu)
     assert torch.equal(out_cpu, out_gpu.cpu()) and torch.equal(cpu[6], gpu[6].cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_overlapping_caches_raise(device):
+    """One tensor passed as both caches (or two views that overlap): the kernel wrote v over k without a word.
+    The check reads addresses, which the fake does not have: the real op raises, eagerly and when a compiled
+    graph runs."""
+    q, k, v, cos, sin, pos, kc, vc, qw, kw = inputs(CASES[1], torch.float32, device, True)
+    with pytest.raises(RuntimeError, match="v_cache: overlaps k_cache in memory"):
+        torchext.rope_cache_write(q, k, v, cos, sin, pos, kc, kc, qw, kw)
+    both = torch.zeros((2 * kc.numel() - 64,), dtype=kc.dtype, device=device)  # v_cache starts inside k_cache
+    with pytest.raises(RuntimeError, match="v_cache: overlaps k_cache in memory"):
+        torchext.rope_cache_write(q, k, v, cos, sin, pos, both[:kc.numel()].view(kc.shape),
+                                  both[kc.numel() - 64:].view(kc.shape), qw, kw)
+    both = torch.zeros((2 * kc.numel(),), dtype=kc.dtype, device=device)  # adjacent, not overlapping: fine
+    torchext.rope_cache_write(q, k, v, cos, sin, pos, both[:kc.numel()].view(kc.shape),
+                              both[kc.numel():].view(kc.shape), qw, kw)
+
+
+def test_inference_caches_refused_outside_inference_mode():
+    """Caches made under inference_mode were written by a later call outside it, where gelu_ and torch's in-place
+    ops refuse an inference tensor; now rope_cache_write refuses it too, and takes it inside inference mode."""
+    with torch.inference_mode():
+        q, k, v, cos, sin, pos, kc, vc, qw, kw = inputs(CASES[1], torch.float32, "cpu", True)
+    q, k, v, cos, sin, pos = (t.clone() for t in (q, k, v, cos, sin, pos))
+    with pytest.raises(RuntimeError, match="k_cache: an in-place update of an inference tensor outside InferenceMode"):
+        torchext.rope_cache_write(q, k, v, cos, sin, pos, kc, vc)
+    with torch.inference_mode():
+        torchext.rope_cache_write(q, k, v, cos, sin, pos, kc, vc)

@@ -216,13 +216,18 @@ class QuantLinear(PackedWeightState, nn.Module):
         if w.device.type == "meta":  # no values to quantize: bytes of the right shape, for load_state_dict(assign=True)
             data = torch.empty(out_features, row_bytes(q, in_features), dtype=torch.uint8, device="meta")
             bias = None if linear.bias is None else linear.bias.detach()
-            return cls(data, q, in_features, out_features, bias)
-        try:
-            data = quantize(w.to("cpu", torch.float32).contiguous(), q).to(w.device)
-        except RuntimeError as e:  # the op's refusals (non-finite or too large weights, formats it cannot make)
-            raise ValueError(str(e)) from None
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(data, q, in_features, out_features, bias)
+        else:
+            try:
+                data = quantize(w.to("cpu", torch.float32).contiguous(), q).to(w.device)
+            except RuntimeError as e:  # the op's refusals (non-finite or too large weights, formats it cannot make)
+                raise ValueError(str(e)) from None
+            bias = None if linear.bias is None else linear.bias.detach().clone()
+        layer = cls(data, q, in_features, out_features, bias)
+        # what the linear was: a frozen bias stays frozen (an optimizer over the trainable parameters would
+        # otherwise train it), and eval mode stays eval
+        if layer.bias is not None:
+            layer.bias.requires_grad_(linear.bias.requires_grad)
+        return layer.train(linear.training)
 
     @classmethod
     def from_cache(cls, cache: WeightCache, name: str, bias: Optional[torch.Tensor] = None) -> "QuantLinear":
@@ -248,18 +253,21 @@ def check_bias(bias, out_features: int) -> None:
 
 
 def _calls_forward_alone(m: QuantLinear) -> bool:
-    """Whether calling m runs QuantLinear.forward and nothing else: no forward hooks (its own or global,
-    which m(x) runs and forward_q8_1 would skip), no subclass forward."""
+    """Whether calling m runs QuantLinear.forward and nothing else: no forward or backward hooks (its own or
+    global, which m(x) sets up and forward_q8_1 would skip; a bias's gradient takes the backward through m
+    even where x's is not wanted), no subclass forward."""
     from torch.nn.modules import module as torch_module
-    return (type(m).forward is QuantLinear.forward and not (m._forward_hooks or m._forward_pre_hooks)
-            and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks))
+    return (type(m).forward is QuantLinear.forward
+            and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+            and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                     or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks))
 
 
 def takes_q8_1(x: torch.Tensor, *layers: QuantLinear) -> bool:
     """Whether the layers, all reading x, take qmatmul's GEMV path on one Q8_1 copy of x: all
     QuantLinear (other modules, such as torchext.parallel's sharded layers, have no forward_q8_1)
-    whose call is its forward alone (no forward hooks, no subclass forward: calling forward_q8_1
-    would skip them), at most ops.gemv_max_rows(x, out_features, qtype) rows for each (and some), one in_features, and
+    whose call is its forward alone (no forward or backward hooks, no subclass forward: calling
+    forward_q8_1 would skip them), at most ops.gemv_max_rows(x, out_features, qtype) rows for each (and some), one in_features, and
     no layer exact (exact ones never round x). Then a caller may quantize x itself (quantize_q8_1, or
     an op that computes and quantizes x in one kernel) and call each layer's forward_q8_1.
     Never while autograd wants x's gradient: Q8_1 bytes carry none, so the layers then take x

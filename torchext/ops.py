@@ -17,7 +17,8 @@ import numbers
 import torch
 from torch.autograd.graph import increment_version
 
-from .formats import CPU_GEMV_MAX_ROWS, WEIGHT_TYPES, QType, block_bytes, block_values, q8_1_row_bytes, row_bytes
+from .formats import (CPU_GEMV_MAX_ROWS, QUANTIZABLE_TYPES, WEIGHT_TYPES, QType, block_bytes, block_values,
+                      q8_1_row_bytes, row_bytes)
 
 _ops = torch.ops.torchext
 _register_fake = torch.library.register_fake
@@ -114,6 +115,13 @@ def _checked_mul(a: int, b: int, what: str) -> int:
     return a * b
 
 
+def _q8_1_shape(x: torch.Tensor, arg: str) -> list[int]:
+    """x's shape with its last dimension K replaced by the bytes of a Q8_1 row of K values (an error naming
+    arg where they overflow int64, as the kernels' check)."""
+    k = x.shape[-1]
+    return _with_last(x, _checked_mul(-(-k // 256), q8_1_row_bytes(256), arg))
+
+
 def _check_weight_bytes(w: torch.Tensor, qtype: int, n: int, k: int) -> tuple[QType, int]:
     """(format, bytes per row) of a quantized weight's format, n and k, and its bytes: uint8, contiguous."""
     q = _weight_format(qtype)
@@ -188,7 +196,9 @@ def _check_norm_weight(weight: torch.Tensor, arg: str, x: torch.Tensor) -> None:
 def _flag(value, arg: str) -> bool:
     """A bool argument as it is (TypeError for anything else: bool("False") would be True)."""
     if not isinstance(value, bool):
-        raise TypeError(f"{arg}: expected a bool, got {type(value).__name__}")
+        kind = type(value)  # numpy's bool is also named "bool": say whose
+        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        raise TypeError(f"{arg}: expected a bool, got {name}")
     return value
 
 
@@ -223,7 +233,7 @@ def _check_q8_1_source(x: torch.Tensor, arg: str) -> None:
 @_register_fake("torchext::quantize_q8_1")
 def _(x):
     _check_q8_1_source(x, "x")
-    return x.new_empty(_with_last(x, q8_1_row_bytes(x.shape[-1])), dtype=torch.uint8)
+    return x.new_empty(_q8_1_shape(x, "x"), dtype=torch.uint8)
 
 
 def rms_norm_quantize_q8_1(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -247,7 +257,7 @@ def _(x, weight, eps):
     _check_q8_1_source(x, "x")
     _check_norm_weight(weight, "weight", x)
     _check_eps(eps)
-    return x.new_empty(_with_last(x, q8_1_row_bytes(x.shape[-1])), dtype=torch.uint8)
+    return x.new_empty(_q8_1_shape(x, "x"), dtype=torch.uint8)
 
 
 def add_rms_norm_quantize_q8_1(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -275,7 +285,7 @@ def _(x, residual, weight, eps, x_weight=None):
     if x_weight is not None:
         _check_norm_weight(x_weight, "x_weight", x)
     _check_eps(eps)
-    return torch.empty_like(x), x.new_empty(_with_last(x, q8_1_row_bytes(x.shape[-1])), dtype=torch.uint8)
+    return torch.empty_like(x), x.new_empty(_q8_1_shape(x, "x"), dtype=torch.uint8)
 
 
 def gated_gelu_quantize_q8_1(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
@@ -292,7 +302,7 @@ def _(gate, up, approximate="tanh"):
     _check_q8_1_source(gate, "gate")
     _check_like(up, "up", gate, "gate")
     _check_approximate(approximate)
-    return gate.new_empty(_with_last(gate, q8_1_row_bytes(gate.shape[-1])), dtype=torch.uint8)
+    return gate.new_empty(_q8_1_shape(gate, "gate"), dtype=torch.uint8)
 
 
 def gated_silu_quantize_q8_1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -311,7 +321,7 @@ def gated_silu_quantize_q8_1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tens
 def _(gate, up):
     _check_q8_1_source(gate, "gate")
     _check_like(up, "up", gate, "gate")
-    return gate.new_empty(_with_last(gate, q8_1_row_bytes(gate.shape[-1])), dtype=torch.uint8)
+    return gate.new_empty(_q8_1_shape(gate, "gate"), dtype=torch.uint8)
 
 
 # ---- quantized matmul ----------------------------------------------------------------------
@@ -586,6 +596,10 @@ def _(w, qtype):
     n, k = w.shape
     _check_shape_nk(n, k)
     _check_whole_blocks(q, k, "w")
+    torch._check(q in QUANTIZABLE_TYPES, lambda: (
+        f"qtype: torchext has no quantizer for {q.name}: llama.cpp makes it with an importance matrix (llama-quantize "
+        "--imatrix); load such weights from a GGUF file, or quantize to IQ3_S, IQ4_XS, IQ4_NL or a k-quant (Q3_K, "
+        "Q4_K, Q5_K, Q6_K) instead"))
     return w.new_empty((n, row_bytes(q, k)), dtype=torch.uint8)
 
 
@@ -735,7 +749,14 @@ def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     (float32, P >= S: a row for each cache position). k and v are written into k_cache, v_cache
     [B, KV, S, D] at position pos[t] (int64 [T]); returns q as [B, H, T, D] in q's dtype, the layout
     cached_attention takes. A position outside [0, S) raises on the CPU; on CUDA (checking it would
-    synchronise) that row's k and v are not written and its q is NaN."""
+    synchronise) that row's k and v are not written and its q is NaN. The caches must not overlap, and
+    inference tensors are refused outside inference mode, as gelu_ refuses them (not checked while
+    torch.compile traces)."""
+    if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled():
+        for c, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+            if isinstance(c, torch.Tensor) and c.is_inference():
+                raise RuntimeError(f"{name}: an in-place update of an inference tensor outside InferenceMode is not "
+                                   "allowed, as for torch's in-place ops")
     return _ops.rope_cache_write(q, k, v, cos, sin, pos, k_cache, v_cache, q_weight, k_weight, eps)
 
 
