@@ -476,3 +476,12 @@ def test_block_over_a_pool_saves(tmp_path):
     x = gaussian_activations((3, H), seed=4)
     torch.testing.assert_close(again(x), block(x), rtol=0, atol=0)
     torch.save(block, io.BytesIO())
+
+
+def test_block_names_a_wrong_hidden_size():
+    """Activations of another width were reshape's "shape '[-1, 256]' is invalid for input of size 384"."""
+    router, gate, up, down = float_experts(1)
+    block = QuantSparseMoeBlock(TopKRouter(router, TOP_K, True), QuantExperts.from_float(gate, up, down, "Q4_K"))
+    for bad in (torch.randn(2, H + 8), torch.randn(2, 1, H * 2), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match=rf"hidden_states: expected \[\.\.\., {H}\] \(the experts' hidden size\)"):
+            block(bad)

@@ -573,7 +573,11 @@ class QuantSparseMoeBlock(nn.Module):
         self.gate, self.experts, self.shared_expert = gate, experts, shared_expert
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = hidden_states.reshape(-1, self.experts.hidden_size)
+        hidden = self.experts.hidden_size
+        if hidden_states.dim() == 0 or hidden_states.shape[-1] != hidden:  # else reshape's error, naming nothing
+            raise ValueError(f"hidden_states: expected [..., {hidden}] (the experts' hidden size), got "
+                             f"{list(hidden_states.shape)}")
+        x = hidden_states.reshape(-1, hidden)
         _, scores, indices = self.gate(x)
         y = self.experts(x, indices, scores)
         if self.shared_expert is not None:
