@@ -274,7 +274,6 @@ inline void check_eps(double eps) {
   TORCHEXT_CHECK(eps >= 0.0 && eps <= 3.4028234663852886e38, "eps: expected a number >= 0 that float32 holds");
 }
 
-// Q8_1 activations [..., q8_1_blocks_per_row(k) * 36], as quantize_q8_1 makes them.
 // Bytes of a Q8_1 row of k > 0 values: k padded to whole 256-value super-blocks, 36 bytes per 32 values
 // (an error naming `what` where they overflow int64).
 inline int64_t q8_1_row_bytes(int64_t k, const char* what) {
@@ -282,6 +281,7 @@ inline int64_t q8_1_row_bytes(int64_t k, const char* what) {
                      what);
 }
 
+// Q8_1 activations [..., q8_1_row_bytes(k)], as quantize_q8_1 makes them.
 inline void check_q8_1(const Tensor& xq, int64_t k, const char* arg = "xq") {
   check_defined_contiguous(xq, arg);
   TORCHEXT_CHECK(xq.scalar_type() == ScalarType::Byte, arg, ": expected Q8_1 bytes as a uint8 tensor, got ",
