@@ -12,7 +12,7 @@ import torch
 
 import torchext
 from conftest import DEVICES, write_one_tensor_gguf
-from torchext.models.gemma3 import Gemma3, Gemma3Config, generate, load_gemma3
+from torchext.models.gemma3 import STOP_CHECK_TOKENS, Gemma3, Gemma3Config, decode_step, generate, load_gemma3
 from torchext.models.tokenizer import BYTE, CONTROL, NORMAL, GGUFTokenizer
 
 # ---- tokenizer -------------------------------------------------------------------------------------
@@ -110,10 +110,21 @@ def test_generate_returns_max_new_tokens_tokens(device):
 
 
 def test_generate_stops_after_a_stop_token():
-    model = tiny_gemma3("cpu")
+    """The result ends at the first stop token, and decoding stops within STOP_CHECK_TOKENS steps of it (it ran
+    all max_new_tokens, then cut)."""
+    model = tiny_gemma3("cpu", max_seq_len=64)
     tokens = generate(model, [2, 5, 7], 6, stop=set())
     first = tokens[1]
     assert generate(model, [2, 5, 7], 6, stop={first}) == tokens[: tokens.index(first) + 1]
+    steps = []
+    decode = decode_step(model)
+
+    def counted(token, pos):
+        steps.append(int(pos))
+        return decode(token, pos)
+
+    assert generate(model, [2, 5, 7], 60, step=counted, stop={first}) == tokens[: tokens.index(first) + 1]
+    assert len(steps) == STOP_CHECK_TOKENS - 1  # the first look, after the prompt's token and 15 steps
 
 
 @pytest.mark.parametrize(
