@@ -335,3 +335,18 @@ def test_cuda_no_host_sync_and_current_stream(op):
     assert not torch.cuda.default_stream().query(), "the default stream finished early"
     torch.cuda.synchronize()
     torch.testing.assert_close(host, expected.cpu(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("wrapper", [torchext.cached_attention, torchext.cached_attention_quantize_q8_1],
+                         ids=["attention", "quantize_q8_1"])
+def test_wrappers_take_scale_as_a_number_and_window_as_a_whole_number(wrapper):
+    """scale=True ran as 1.0 and window=True as a window of one key (the dispatcher takes a bool as a number),
+    a tensor scale as its value: each is a TypeError naming the argument, as eps's is."""
+    q, k, v, pos, scale, window = inputs((1, 4, 2, 16, 64, [3], 0), torch.float32, "cpu")
+    for bad, name in ((True, "bool"), (torch.tensor(0.125), "Tensor"), ("0.125", "str")):
+        with pytest.raises(TypeError, match=f"^scale: expected a number, got {name}$"):
+            wrapper(q, k, v, pos, bad, window)
+    for bad, name in ((True, "bool"), (2.0, "float")):
+        with pytest.raises(TypeError, match=f"^window: expected a whole number, got {name}$"):
+            wrapper(q, k, v, pos, scale, bad)
+    wrapper(q, k, v, pos, 1, 8)  # an int scale is a number

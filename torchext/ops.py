@@ -204,9 +204,20 @@ def _flag(value, arg: str) -> bool:
 
 def _number(value, arg: str) -> float:
     """A float argument: a real number (TypeError for anything else, such as a string)."""
+    _check_real(value, arg)
+    return float(value)
+
+
+def _check_real(value, arg: str) -> None:
+    """TypeError unless value is a real number (not a bool, which the dispatcher would take as 1.0 or 0.0)."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{arg}: expected a number, got {type(value).__name__}")
-    return float(value)
+
+
+def _check_whole(value, arg: str) -> None:
+    """TypeError unless value is a whole number (not a bool, which the dispatcher would take as 1 or 0)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{arg}: expected a whole number, got {type(value).__name__}")
 
 
 def _check_eps(eps: float) -> None:
@@ -670,6 +681,8 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     fp32. D is a multiple of 8 up to 256. Only the visible keys are read, so a decode step costs what
     the cache holds, not its capacity. A position outside [0, S) raises on the CPU and gives a NaN row
     on CUDA (checking it there would synchronise)."""
+    _check_real(scale, "scale")
+    _check_whole(window, "window")
     return _call(_ops.cached_attention, q, k_cache, v_cache, pos, scale, window)
 
 
@@ -720,6 +733,8 @@ def cached_attention_quantize_q8_1(q: torch.Tensor, k_cache: torch.Tensor, v_cac
     write the blocks themselves (no quantize_q8_1 launch); on the CPU it is the two ops. D is a multiple
     of 32 (each 32-value block inside one head). A position outside [0, S) raises on the CPU and, on
     CUDA, gives the blocks that quantize_q8_1 makes of a NaN row."""
+    _check_real(scale, "scale")
+    _check_whole(window, "window")
     return _ops.cached_attention_quantize_q8_1(q, k_cache, v_cache, pos, scale, window)
 
 
