@@ -627,13 +627,20 @@ def gelu_(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     in-place ops: a leaf that requires grad (or a view of one) is refused, any other tensor that
     requires grad gets F.gelu's gradient, and x's version counter moves, so a backward that saved
     x before it was overwritten fails instead of using the new values. An inference tensor is refused
-    outside inference mode, as torch's in-place ops refuse it (it has no autograd key: the op alone would
-    write it; not checked while torch.compile traces, which cannot trace the check)."""
-    if not torch.compiler.is_compiling() and x.is_inference() and not torch.is_inference_mode_enabled():
-        raise RuntimeError("x: an in-place update of an inference tensor outside InferenceMode is not allowed, as "
-                           "for torch's in-place ops")
+    outside inference mode, as torch's in-place ops refuse it (_check_not_inference)."""
+    _check_not_inference(x, "x")
     _ops.gelu_(x, approximate)
     return x
+
+
+def _check_not_inference(t, arg: str) -> None:
+    """RuntimeError for an inference tensor that an op would update in place outside inference mode, as torch's
+    in-place ops refuse it (it has no autograd key: the op alone would write it; not checked while torch.compile
+    traces, which cannot trace the check)."""
+    if (not torch.compiler.is_compiling() and isinstance(t, torch.Tensor) and t.is_inference()
+            and not torch.is_inference_mode_enabled()):
+        raise RuntimeError(f"{arg}: an in-place update of an inference tensor outside InferenceMode is not allowed, "
+                           "as for torch's in-place ops")
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -767,11 +774,8 @@ def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     synchronise) that row's k and v are not written and its q is NaN. The caches must not overlap, and
     inference tensors are refused outside inference mode, as gelu_ refuses them (not checked while
     torch.compile traces)."""
-    if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled():
-        for c, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
-            if isinstance(c, torch.Tensor) and c.is_inference():
-                raise RuntimeError(f"{name}: an in-place update of an inference tensor outside InferenceMode is not "
-                                   "allowed, as for torch's in-place ops")
+    _check_not_inference(k_cache, "k_cache")
+    _check_not_inference(v_cache, "v_cache")
     return _ops.rope_cache_write(q, k, v, cos, sin, pos, k_cache, v_cache, q_weight, k_weight, eps)
 
 
