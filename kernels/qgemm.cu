@@ -122,7 +122,7 @@ namespace {
 // qgemm_max_rows said it runs).
 qgemm::Plan plan_for(QType wt, FloatType xt, bool exact, int64_t n, int64_t k, int64_t rows, int device) {
 #ifdef TORCHEXT_WGMMA
-  if (rows > kMaxTiledGemmRows) return qgemm::qgemm_wgmma_plan(n, k, rows, device);
+  if (rows > kMaxTiledGemmRows) return qgemm::qgemm_wgmma_plan(wt, n, k, rows, device);
 #endif
   qgemm::Plan p{1, 0};
   visit_kernel_set(xt, exact, [&](auto set) { p = set.plan(wt, n, k, rows, device); });

@@ -69,7 +69,7 @@ struct TiledGemm {
 // by the tensor memory accelerator, so both operands' rows a multiple of 16 bytes (k a multiple of 8)
 // and a weight chunk (256 values) at most 256 bytes (not Q8_0).
 bool qgemm_wgmma_supports(QType wt, FloatType xt, const void* w, const void* x, int64_t k, int device);
-Plan qgemm_wgmma_plan(int64_t n, int64_t k, int64_t rows, int device);
+Plan qgemm_wgmma_plan(QType wt, int64_t n, int64_t k, int64_t rows, int device);
 cudaError_t launch_qgemm_wgmma(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* x, FloatType xt,
                                bool exact, int64_t rows, const Plan& p, float* workspace, void* out,
                                cudaStream_t stream);

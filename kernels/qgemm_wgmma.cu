@@ -1,5 +1,6 @@
-// The tiled GEMM on Hopper's warpgroup MMA for qmatmul's 65 to kMaxWgmmaRows activation rows
-// (kernels/qgemm_wgmma.cuh says how the kernel works). Compiled for sm_90a alone (wgmma and
+// The tiled GEMM on Hopper's warpgroup MMA for qmatmul's 65 to kMaxWgmmaRows activation rows: the
+// formats with register fragments (Q4_K) by kernels/qgemm_wgmma_regs.cuh's kernel, the others by
+// kernels/qgemm_wgmma.cuh's (each file says how its kernel works). Compiled for sm_90a alone (wgmma and
 // setmaxnreg exist only there), by setup.py's own rule, when the build targets compute capability
 // 9.0; the other CUDA sources then see TORCHEXT_WGMMA. The sm_90a code loads only on a 9.0 device,
 // which qgemm_wgmma_supports checks.
@@ -10,14 +11,19 @@
 
 #include "kernels/qgemm.cuh"
 #include "kernels/qgemm_wgmma.cuh"
+#include "kernels/qgemm_wgmma_regs.cuh"
 
 namespace torchext {
 namespace {
 
 using qgemm::GemmArgs;
+using qgemm::kHasRegFragments;
 using qgemm::kWgStageK;
 using qgemm::kWgThreads;
 using qgemm::Plan;
+using qgemm::RegsLayout;
+using qgemm::RegsTileTall;
+using qgemm::RegsTileWide;
 using qgemm::WgLayout;
 using qgemm::WgTileTall;
 using qgemm::WgTileWide;
@@ -52,19 +58,41 @@ bool encode_map(CUtensorMap& map, CUtensorMapDataType type, const void* base, in
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Calls f(tile) with the tile shape that serves `rows` (WgTileWide up to 128, else WgTileTall).
-template <class F>
+// Calls f(tile) with the tile shape that serves `rows` of format T: the register-fragment kernel's
+// (qgemm_wgmma_regs.cuh) where T has its fragments, else the shared-memory one's; the wide tile up to
+// 128 rows, the tall one beyond.
+template <class T, class F>
 void visit_wgmma_tile(int64_t rows, F&& f) {
-  if (rows <= WgTileWide::kM) return f(WgTileWide{});
-  f(WgTileTall{});
+  if constexpr (kHasRegFragments<T>) {
+    if (rows <= RegsTileWide::kM) return f(RegsTileWide{});
+    f(RegsTileTall{});
+  } else {
+    if (rows <= WgTileWide::kM) return f(WgTileWide{});
+    f(WgTileTall{});
+  }
 }
+
+// The kernel, its threads and its layout for format T and the tile.
+template <class T, class H, bool kExact, class Tile>
+struct WgmmaKernel {
+  static constexpr auto kernel = qgemm::qgemm_wgmma_kernel<T, H, kExact, Tile>;
+  static constexpr int kThreads = kWgThreads;
+  using Layout = WgLayout<T, Tile>;
+};
+template <class T, class H, bool kExact, int M>
+struct WgmmaKernel<T, H, kExact, qgemm::RegsTile<M>> {
+  static constexpr auto kernel = qgemm::qgemm_wgmma_regs_kernel<T, H, kExact, qgemm::RegsTile<M>>;
+  static constexpr int kThreads = qgemm::kRegsThreads;
+  using Layout = RegsLayout<T, qgemm::RegsTile<M>>;
+};
 
 template <class T, class H, bool kExact, class Tile>
 cudaError_t launch_kernel(const GemmArgs& args, const Plan& p, FloatType xt, cudaStream_t stream) {
-  using Lay = WgLayout<T, Tile>;
-  if constexpr (!Lay::kFits) {
+  if constexpr (!WgLayout<T, WgTileWide>::kFits || !WgLayout<T, WgTileTall>::kFits) {
     return cudaErrorNotSupported;  // qgemm_wgmma_supports said no
   } else {
+    using K = WgmmaKernel<T, H, kExact, Tile>;
+    using Lay = typename K::Layout;
     CUtensorMap xmap, wmap;
     const CUtensorMapDataType x_type =
         xt == FloatType::BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
@@ -73,16 +101,15 @@ cudaError_t launch_kernel(const GemmArgs& args, const Plan& p, FloatType xt, cud
         !encode_map(wmap, CU_TENSOR_MAP_DATA_TYPE_UINT8, args.w, args.row_bytes, args.n, args.row_bytes,
                     Lay::kRawStride, Tile::kN, CU_TENSOR_MAP_SWIZZLE_NONE))
       return cudaErrorNotSupported;
-    constexpr auto kernel = qgemm::qgemm_wgmma_kernel<T, H, kExact, Tile>;
     int device = 0;
     cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess) return err;
-    const KernelFacts facts = kernel_facts<kernel, kWgThreads, Lay::kBytes>(device);  // the opt-in, once per device
+    const KernelFacts facts = kernel_facts<K::kernel, K::kThreads, Lay::kBytes>(device);  // the opt-in, once per device
     if (facts.err != cudaSuccess) return facts.err;
     if (facts.ctas_per_sm == 0) return cudaErrorInvalidConfiguration;
     const dim3 grid(unsigned((args.n + Tile::kN - 1) / Tile::kN), unsigned((args.rows + Tile::kM - 1) / Tile::kM),
                     unsigned(p.splits));
-    kernel<<<grid, kWgThreads, Lay::kBytes, stream>>>(args, xmap, wmap);
+    K::kernel<<<grid, K::kThreads, Lay::kBytes, stream>>>(args, xmap, wmap);
     return cudaGetLastError();
   }
 }
@@ -108,19 +135,22 @@ bool qgemm_wgmma_supports(QType wt, FloatType xt, const void* w, const void* x, 
 // make_plan's K splits, but only while the grid is under one wave: a split's fp32 partial sums cost
 // a write and a read of rows x n floats each, which make_plan's count of chunks does not see
 // (14336x4096 Q4_K at 1024 rows, 448 CTAs of 256 x 128: 433 us in 2 splits, H200, the prototype).
-Plan qgemm_wgmma_plan(int64_t n, int64_t k, int64_t rows, int device) {
+Plan qgemm_wgmma_plan(QType wt, int64_t n, int64_t k, int64_t rows, int device) {
   const int64_t chunks = (k + kChunk - 1) / kChunk;
   Plan p{1, chunks};
-  visit_wgmma_tile(rows, [&](auto tile) {
-    using Tile = decltype(tile);
-    const int64_t tiles = (n + Tile::kN - 1) / Tile::kN * ((rows + Tile::kM - 1) / Tile::kM);
-    const int64_t most = sm_count(device) / tiles;  // splits whose CTAs all fit one wave
-    if (most < 2) return;
-    p = make_plan(n, k, rows, Tile::kM, Tile::kN, 1, device);
-    if (p.splits > most) {
-      p.chunks_per_split = (chunks + most - 1) / most;
-      p.splits = int((chunks + p.chunks_per_split - 1) / p.chunks_per_split);
-    }
+  visit_weight_format(wt, [&](auto traits) {
+    using T = decltype(traits);
+    visit_wgmma_tile<T>(rows, [&](auto tile) {
+      using Tile = decltype(tile);
+      const int64_t tiles = (n + Tile::kN - 1) / Tile::kN * ((rows + Tile::kM - 1) / Tile::kM);
+      const int64_t most = sm_count(device) / tiles;  // splits whose CTAs all fit one wave
+      if (most < 2) return;
+      p = make_plan(n, k, rows, Tile::kM, Tile::kN, 1, device);
+      if (p.splits > most) {
+        p.chunks_per_split = (chunks + most - 1) / most;
+        p.splits = int((chunks + p.chunks_per_split - 1) / p.chunks_per_split);
+      }
+    });
   });
   return p;
 }
@@ -133,7 +163,7 @@ cudaError_t launch_qgemm_wgmma(QType wt, const uint8_t* w, int64_t n, int64_t k,
     using T = decltype(traits);
     const int64_t row_bytes = weight_row_bytes<T>(k);
     const GemmArgs args{w, n, k, row_bytes, row_bytes * n, x, rows, p.chunks_per_split, workspace, out};
-    visit_wgmma_tile(rows, [&](auto tile) {
+    visit_wgmma_tile<T>(rows, [&](auto tile) {
       using Tile = decltype(tile);
       if (xt != FloatType::BF16) err = launch_kernel<T, __half, true, Tile>(args, p, xt, stream);
       else if (exact || !kComputesInBf16<T>) err = launch_kernel<T, __nv_bfloat16, true, Tile>(args, p, xt, stream);

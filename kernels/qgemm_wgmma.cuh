@@ -1,6 +1,8 @@
 // The tiled GEMM for many activation rows on Hopper's warpgroup MMA (sm_90a; qgemm_wgmma.cu launches
 // it): out = x @ W^T with W quantized, for every weight format through QuantTraits' mma_load /
-// mma_slice, fp16 or bf16 activations, fp32 sums.
+// mma_slice, fp16 or bf16 activations, fp32 sums. The formats whose threads can build wgmma's A
+// fragments themselves (Q4_K) take qgemm_wgmma_regs.cuh's kernel instead, which shares this file's
+// copies, barriers and descriptors.
 //
 // A CTA owns Tile::kN weight rows x Tile::kM activation rows (256 x 128 for up to 128 rows, 128 x 256
 // beyond), and its warps specialise, each role running ahead of the next as far as its ring of
@@ -150,10 +152,13 @@ __device__ __forceinline__ void wgmma_64x128x16(float (&d)[64], uint64_t a, uint
 // Q3_K 344 -> 83 us, IQ3_XXS 122 -> 69, IQ3_S 138 -> 72, Q5_1 85 -> 70, TQ2_0 83 -> 68; Q4_K 62 both).
 // kFits: whether that is one box row (at most 256 bytes) and two raw chunks fit beside at least two
 // activation tiles (Q8_0's 272-byte chunk does not; Q6_K's 210 bytes take 240 and leave two).
+constexpr int raw_stride(int chunk_bytes) {
+  return ((chunk_bytes + (chunk_bytes % 16 == 0 ? 0 : 15) + 15) / 16 | 1) * 16;
+}
 template <class T, class Tile>
 struct WgLayout {
   static constexpr int kChunkBytes = WeightChunk<T>::kBytes;
-  static constexpr int kRawStride = ((kChunkBytes + (kChunkBytes % 16 == 0 ? 0 : 15) + 15) / 16 | 1) * 16;
+  static constexpr int kRawStride = raw_stride(kChunkBytes);
   static constexpr int kATileBytes = Tile::kM * kWgStageK * 2, kBTileBytes = Tile::kN * kWgStageK * 2;
   static constexpr int kRawBytes = Tile::kN * kRawStride;
   static constexpr int kBSlots = Tile::kN == 128 ? 3 : 2, kRawSlots = 2;

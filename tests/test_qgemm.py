@@ -3,9 +3,9 @@ the 32- and 64-value formats on weights of 2^23 values or more; to 16 on weights
 on CUDA for fp16 and bf16 activations, and on compute capability 9.0 from 65 to 256 rows by its
 wgmma kernel, for Q4_K and Q5_K on weights of 2^25 values or more and rows of 4096 values or more
 to 512 in 256-row chunks (kernels/qgemm_wgmma.cu: the same values with the same bounds, every weight
-dequantized once into x's type and the products summed in fp32; for weights whose rows are a
-multiple of 16 bytes and whose 256-value chunk is at most 256 bytes, so not Q8_0)
-(kernels/batch_policy.h).
+dequantized once into x's type, in registers for Q4_K and through shared memory for the others, and
+the products summed in fp32; for weights whose rows are a multiple of 16 bytes and whose 256-value
+chunk is at most 256 bytes, so not Q8_0) (kernels/batch_policy.h).
 
 What it computes with exact=True, and so the bounds used here: every weight value exactly as
 `dequantize` gives it, rounded to x's dtype (half an ulp, conftest.half_ulp: relative 2^-11 for
@@ -176,11 +176,12 @@ def test_identity_rows_give_the_dequantized_weights(qtype, dtype):
 
 
 def test_split_k_is_deterministic():
-    """17 rows (and 100 and 200, the wgmma kernel's on compute capability 9.0) of a 1024 x 8192 weight:
-    four to eight tiles, so K is split (up to 16 ways) and the partial sums meet in a workspace; repeated
-    calls give the same bits and stay within the bound."""
+    """17 rows (and 100 and 200, the wgmma kernels' on compute capability 9.0: Q4_K's register-fragment
+    one, the shared-memory one for the others) of a 1024 x 8192 weight: four to eight tiles, so K is
+    split (up to 16 ways) and the partial sums meet in a workspace; repeated calls give the same bits
+    and stay within the bound."""
     n, k = 1024, 8192  # 2^23 values: the tiled GEMM serves it past 16 rows
-    for fmt in (WEIGHT_QTYPES[0], K_QUANTS[0]):
+    for fmt in (WEIGHT_QTYPES[0], K_QUANTS[0], Q.Q4_K):
         w = random_weight(fmt, n, k, seed=3)
         W = dequant_oracle(w, fmt, n, k)
         for rows in (17, 100, 200):
@@ -261,18 +262,20 @@ def test_misaligned_activations_take_the_dense_path(dtype):
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 def test_cuda_graph_replay(dtype):
     """Captured in a CUDA graph (workspace and all) and replayed on new inputs, bit for bit the
-    eager result, for a K-split plan (17 rows), a 64-row tile and the wgmma kernel's tiles."""
-    qtype, n, k = K_QUANTS[0], 2048, 4096  # 2^23 values: the tiled GEMM serves it past 16 rows
-    w = random_weight(qtype, n, k, "cuda", seed=11)
-    for rows in (17, 64, 128, 256):
-        static_x = torch.zeros(rows, k, dtype=dtype, device="cuda")
-        torchext.qmatmul(w, int(qtype), static_x, n, k)  # warm-up outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = torchext.qmatmul(w, int(qtype), static_x, n, k)
-        for seed in range(2):
-            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed)).to(dtype).cuda()
-            static_x.copy_(x)
-            graph.replay()
-            assert torch.equal(static_y, torchext.qmatmul(w, int(qtype), x, n, k))
+    eager result, for a K-split plan (17 rows), a 64-row tile and the wgmma kernels' tiles (Q4_K's
+    register-fragment kernel, the shared-memory one for the other format)."""
+    n, k = 2048, 4096  # 2^23 values: the tiled GEMM serves it past 16 rows
+    for qtype in (K_QUANTS[0], Q.Q4_K):
+        w = random_weight(qtype, n, k, "cuda", seed=11)
+        for rows in (17, 64, 128, 256):
+            static_x = torch.zeros(rows, k, dtype=dtype, device="cuda")
+            torchext.qmatmul(w, int(qtype), static_x, n, k)  # warm-up outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_y = torchext.qmatmul(w, int(qtype), static_x, n, k)
+            for seed in range(2):
+                x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed)).to(dtype).cuda()
+                static_x.copy_(x)
+                graph.replay()
+                assert torch.equal(static_y, torchext.qmatmul(w, int(qtype), x, n, k))

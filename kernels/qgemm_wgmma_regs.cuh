@@ -1,0 +1,294 @@
+// The Hopper GEMM with the dequantized weights as wgmma's A operand in registers, for the formats that
+// say how a thread builds its fragments (RegFragments below: Q4_K); qgemm_wgmma.cu launches it, and the
+// other formats take qgemm_wgmma.cuh's kernel, which stages them in shared memory.
+//
+// A CTA owns 128 weight rows x Tile::kM activation rows (128, or 256 past 128 rows). Warpgroups 0 and 1
+// each take 64 of the weight rows: thread (warp w, lane 4g + t) dequantizes rows 16w + g and + 8 of its
+// warpgroup's, values 2t, 2t + 1, 2t + 8, 2t + 9 of every 16, straight into the A fragment of
+// m64n128k16, and issues the MMAs against the activation stage (B, in shared memory). The fragments
+// of stage j + 1 are computed while the MMAs of stage j run. Warpgroup 2 copies: one thread the raw
+// weight chunks, one the activation stages, both by the tensor memory accelerator (zeros past the
+// weight's rows and K).
+// Against the shared-memory kernel this drops the dequantized tile's stores, proxy fences and
+// barriers, and the dequantizing warps' share of the register file: Q4_K 9-28% faster at 65-512
+// rows (bench/NOTES.md, twenty-ninth session).
+#pragma once
+
+#include "kernels/qgemm_wgmma.cuh"
+
+namespace torchext::qgemm {
+namespace {
+
+constexpr int kRegsThreads = 3 * 128;
+// 168 a thread at launch (384 threads); the copy warpgroup gives back what the MMA warpgroups take.
+constexpr int kRegsLaunchRegs = 168, kRegsCopyRegs = 40, kRegsMathRegs = 232;
+static_assert((kRegsMathRegs - kRegsLaunchRegs) * 256 <= (kRegsLaunchRegs - kRegsCopyRegs) * 128,
+              "the MMA warpgroups take no more registers than the copy warpgroup gives back");
+
+template <int M>
+struct RegsTile {
+  static constexpr int kM = M, kN = 128, kSubs = M / 128;  // m64n128 MMAs a 16-value step
+};
+using RegsTileWide = RegsTile<128>;
+using RegsTileTall = RegsTile<256>;
+
+// One thread's sub-block scale: exact, d and m as fp32 bits; else each rounded to bf16, in both halves.
+struct RegScale {
+  uint32_t d, m;
+};
+template <class H, bool kExact>
+__device__ __forceinline__ RegScale reg_scale(float d, float m) {
+  if constexpr (kExact) return {__float_as_uint(d), __float_as_uint(m)};
+  else return {pack_pair<H>(d, d), pack_pair<H>(m, m)};
+}
+
+// Quants q0, q1 (below 2^7) in the halves of p as d * q + m in H: exact, each an fp32 fma rounded to H
+// (q through its bits under 2^23), as dequantize computes it; else in bf16, as packed_pair: 0x43 over
+// q is bf16 2^7 + q, taking 2^7 away is exact, and one fma rounds d * q + m.
+template <class H, bool kExact>
+__device__ __forceinline__ uint32_t reg_pair(uint32_t p, RegScale s) {
+  if constexpr (kExact) {
+    const float q0 = __uint_as_float(__byte_perm(p, 0x4B000000u, 0x7410)) - 8388608.0f;
+    const float q1 = __uint_as_float(__byte_perm(p, 0x4B000000u, 0x7432)) - 8388608.0f;
+    return pack_pair<H>(fmaf(__uint_as_float(s.d), q0, __uint_as_float(s.m)),
+                        fmaf(__uint_as_float(s.d), q1, __uint_as_float(s.m)));
+  } else {
+    constexpr uint32_t kOne = 0x3F803F80u, kMinusBias = 0xC300C300u;  // 1, -2^7
+    return fma_bf16x2(fma_bf16x2(p | 0x43004300u, kOne, kMinusBias), s.d, s.m);
+  }
+}
+
+__device__ __forceinline__ uint32_t lds32(const void* p) {
+  uint32_t v;
+  asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(smem_addr(p)));
+  return v;
+}
+
+// How a thread builds its A fragments from a raw chunk: kHas, and for the formats that have it, Rows
+// (what the thread reads once a chunk for its two weight rows: open) and stage<Q>(rows, f), the
+// fragments f[kk] of the chunk's 64-value stage Q, f[kk][i]: A register i of 16-value step kk.
+template <class T>
+struct RegFragments {
+  static constexpr bool kHas = false;
+};
+
+// Q4_K: stage Q is sub-blocks 2Q (low nibbles of qs bytes 32Q .. 32Q + 31) and 2Q + 1 (their high
+// nibbles); steps 0 and 1 are the low nibbles of bytes 32Q .. + 15 and + 16 .. + 31, steps 2 and 3
+// the high ones. Lane t needs bytes 2t, 2t + 1, 2t + 8, 2t + 9 of each 16: two words and one byte_perm.
+template <>
+struct RegFragments<QuantTraits<QType::Q4_K>> {
+  static constexpr bool kHas = true;
+  struct Rows {
+    const uint8_t* block[2];  // the chunk's block of rows g and g + 8
+    uint32_t head[2][4];      // their first 16 bytes: d, dmin, the packed scales
+    float d[2], dmin[2];
+    uint32_t sel;  // bytes 2t, 2t + 8, 2t + 1, 2t + 9 of the words at 4 (t / 2) and + 8
+  };
+  __device__ __forceinline__ static void open(const uint8_t* row0, const uint8_t* row1, int t, Rows& r) {
+    r.block[0] = row0, r.block[1] = row1;
+    r.sel = t % 2 ? 0x7362u : 0x5140u;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint4 h = lds128(r.block[i]);
+      r.head[i][0] = h.x, r.head[i][1] = h.y, r.head[i][2] = h.z, r.head[i][3] = h.w;
+      r.d[i] = fp16_to_float(fp16_bits(h.x & 0xFFFFu));
+      r.dmin[i] = fp16_to_float(fp16_bits(h.x >> 16));
+    }
+  }
+  template <class H, bool kExact, int Q>
+  __device__ __forceinline__ static void stage(const Rows& r, int t, uint32_t (&f)[4][4]) {
+    RegScale lo[2], hi[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      int sc, m;
+      kquant_scale_min(r.head[i][1], r.head[i][2], r.head[i][3], 2 * Q, sc, m);
+      lo[i] = reg_scale<H, kExact>(r.d[i] * float(sc), -r.dmin[i] * float(m));
+      kquant_scale_min(r.head[i][1], r.head[i][2], r.head[i][3], 2 * Q + 1, sc, m);
+      hi[i] = reg_scale<H, kExact>(r.d[i] * float(sc), -r.dmin[i] * float(m));
+    }
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const uint8_t* q = r.block[i] + 16 + 32 * Q + 16 * e + 4 * (t / 2);
+        const uint32_t x = __byte_perm(lds32(q), lds32(q + 8), r.sel);
+        f[e][i] = reg_pair<H, kExact>(x & 0x000F000Fu, lo[i]);  // values 2t, 2t + 1 of row i
+        f[e][2 + i] = reg_pair<H, kExact>((x >> 8) & 0x000F000Fu, lo[i]);  // 2t + 8, 2t + 9
+        f[2 + e][i] = reg_pair<H, kExact>((x >> 4) & 0x000F000Fu, hi[i]);
+        f[2 + e][2 + i] = reg_pair<H, kExact>((x >> 12) & 0x000F000Fu, hi[i]);
+      }
+  }
+};
+
+template <class T>
+constexpr bool kHasRegFragments = RegFragments<T>::kHas;
+
+template <class T, class Tile>
+struct RegsLayout {
+  static constexpr int kRawStride = raw_stride(WeightChunk<T>::kBytes);
+  static constexpr int kATileBytes = Tile::kM * kWgStageK * 2, kRawBytes = Tile::kN * kRawStride;
+  static constexpr int kRawSlots = 3, kBarrierBytes = 256, kAlignBytes = 1024;  // 2 x 11 barriers at most
+  static constexpr int kASlots =
+      std::min(8, (kSmemLimit - kAlignBytes - kBarrierBytes - kRawSlots * kRawBytes) / kATileBytes);
+  static constexpr int kA = 0;
+  static constexpr int kRaw = kA + kASlots * kATileBytes;
+  static constexpr int kBarriers = kRaw + kRawSlots * kRawBytes;
+  static constexpr int kBytes = kBarriers + kBarrierBytes + kAlignBytes;
+  static_assert(kASlots >= 4 && kBytes <= kSmemLimit, "a chunk's activation stages and the raw ring fit a Hopper CTA");
+};
+
+// d[64] += a (registers: this thread's part of 64 rows x 16 values) * b[128 x 16]^T (descriptor).
+#define TORCHEXT_WGMMA_REGS_64x128x16(TYPE)                                                                       \
+  asm volatile(                                                                                                   \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                                \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE                                                \
+      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+      "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, " \
+      "%45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "              \
+      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                                               \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),  \
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),        \
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),       \
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),       \
+        "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),       \
+        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),       \
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),       \
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])                     \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
+
+template <class H>
+__device__ __forceinline__ void wgmma_regs_64x128x16(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+  if constexpr (std::is_same_v<H, __nv_bfloat16>) TORCHEXT_WGMMA_REGS_64x128x16("bf16");
+  else TORCHEXT_WGMMA_REGS_64x128x16("f16");
+}
+#undef TORCHEXT_WGMMA_REGS_64x128x16
+
+// Keeps fragments' registers as they are up to here: an MMA issued earlier may still read them.
+__device__ __forceinline__ void keep_fragments(uint32_t (&f)[4][4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(f[i][j])::"memory");
+}
+
+// xmap: x [rows, k] in boxes of kWgStageK values x Tile::kM rows, 128-byte swizzle; wmap: the weight's
+// bytes [n, row_bytes] in boxes of RegsLayout::kRawStride bytes x 128 rows (qgemm_wgmma.cu). Rows are
+// whole chunks (RegFragments' formats are 256-value blocks): past the row's end the box holds zeros,
+// which decode to zero.
+template <class T, class H, bool kExact, class Tile>
+__global__ void __launch_bounds__(kRegsThreads, 1)
+    qgemm_wgmma_regs_kernel(GemmArgs a, const __grid_constant__ CUtensorMap xmap,
+                            const __grid_constant__ CUtensorMap wmap) {
+  using Lay = RegsLayout<T, Tile>;
+  using F = RegFragments<T>;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // the swizzle's alignment
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Lay::kBarriers);
+  const Ring<Lay::kASlots> xring{bars, bars + Lay::kASlots};
+  const Ring<Lay::kRawSlots> rawring{bars + 2 * Lay::kASlots, bars + 2 * Lay::kASlots + Lay::kRawSlots};
+  const int64_t n0 = int64_t(blockIdx.x) * Tile::kN, m0 = int64_t(blockIdx.y) * Tile::kM;
+  const int64_t chunks = (a.k + kChunk - 1) / kChunk;
+  const int64_t c0 = int64_t(blockIdx.z) * a.chunks_per_split, c1 = std::min(chunks, c0 + a.chunks_per_split);
+  constexpr int kStagesPerChunk = kChunk / kWgStageK;
+  static_assert(kStagesPerChunk == 4, "the MMA loop below takes a chunk's stages one by one");
+  const int64_t stages = (c1 - c0) * kStagesPerChunk;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < Lay::kASlots; ++i) mbar_init(&xring.full[i], 1), mbar_init(&xring.empty[i], 2);
+    for (int i = 0; i < Lay::kRawSlots; ++i) mbar_init(&rawring.full[i], 1), mbar_init(&rawring.empty[i], 256);
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  if (warp >= 8) {  // copies: one thread a ring
+    regs_dec<kRegsCopyRegs>();
+    if (warp == 8 && lane == 0) {
+      for (int64_t u = 0; u < c1 - c0; ++u) {
+        rawring.wait_empty(u);
+        tma_load_2d(smem + Lay::kRaw + rawring.slot(u) * Lay::kRawBytes, &wmap,
+                    int((c0 + u) * WeightChunk<T>::kBytes), int(n0), &rawring.full[rawring.slot(u)], Lay::kRawBytes);
+      }
+    } else if (warp == 9 && lane == 0) {
+      for (int64_t j = 0; j < stages; ++j) {
+        xring.wait_empty(j);
+        tma_load_2d(smem + Lay::kA + xring.slot(j) * Lay::kATileBytes, &xmap,
+                    int((c0 * kStagesPerChunk + j) * kWgStageK), int(m0), &xring.full[xring.slot(j)], Lay::kATileBytes);
+      }
+    }
+    return;
+  }
+
+  regs_inc<kRegsMathRegs>();
+  const int cw = warp / 4, g = lane / 4, t = lane % 4, tid = threadIdx.x % 128;
+  const int row0 = 64 * cw + 16 * (warp % 4) + g;  // the thread's weight rows: row0, row0 + 8
+  float acc[Tile::kSubs][64];
+#pragma unroll
+  for (int s = 0; s < Tile::kSubs; ++s)
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[s][i] = 0.0f;
+  typename F::Rows rows;
+  const auto open_chunk = [&](int64_t u) {
+    const uint8_t* base = smem + Lay::kRaw + rawring.slot(u) * Lay::kRawBytes + rawring.wait_full_token(u);
+    F::open(base + row0 * Lay::kRawStride, base + (row0 + 8) * Lay::kRawStride, t, rows);
+  };
+  // stage j's MMAs on fragments f, committed as one group
+  const auto issue = [&](int64_t j, uint32_t (&f)[4][4]) {
+    xring.wait_full(j);
+    const uint32_t xa = smem_addr(smem + Lay::kA + xring.slot(j) * Lay::kATileBytes);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kWgStageK / 16; ++kk)
+#pragma unroll
+      for (int s = 0; s < Tile::kSubs; ++s)  // activation rows 128 s .. + 127: 16 KiB into the stage
+        wgmma_regs_64x128x16<H>(acc[s], f[kk], tile_descriptor(xa + s * 16384 + 32 * kk));
+    wgmma_commit();
+  };
+  // stage j - 1's MMAs are done: its activations are free, and so are the fragments it read
+  const auto retire = [&](int64_t j, uint32_t (&f)[4][4]) {
+    wgmma_wait<1>();
+    if (j > 0 && tid == 0) mbar_arrive(&xring.empty[xring.slot(j - 1)]);
+    keep_fragments(f);
+  };
+  // Two sets of fragments: the next stage's are computed into one while the MMAs read the other.
+  uint32_t f0[4][4] = {}, f1[4][4] = {};
+  if (stages > 0) {
+    open_chunk(0);
+    F::template stage<H, kExact, 0>(rows, t, f0);
+  }
+  for (int64_t u = 0; u < c1 - c0; ++u) {
+    const int64_t j = u * kStagesPerChunk;
+    issue(j, f0);
+    retire(j, f1);
+    F::template stage<H, kExact, 1>(rows, t, f1);
+    issue(j + 1, f1);
+    retire(j + 1, f0);
+    F::template stage<H, kExact, 2>(rows, t, f0);
+    issue(j + 2, f0);
+    retire(j + 2, f1);
+    F::template stage<H, kExact, 3>(rows, t, f1);
+    issue(j + 3, f1);  // the chunk's last reads went into these MMAs' operands
+    mbar_arrive(&rawring.empty[rawring.slot(u)]);
+    retire(j + 3, f0);
+    if (u + 1 < c1 - c0) {
+      open_chunk(u + 1);
+      F::template stage<H, kExact, 0>(rows, t, f0);
+    }
+  }
+  wgmma_wait<0>();
+  keep_fragments(f1);
+
+  // accumulator i of sub-tile s: weight row row0 + 8 (i / 2 % 2), activation row 128 s + 8 (i / 4) + 2t + i % 2
+  constexpr FloatType kOut = std::is_same_v<H, __nv_bfloat16> ? FloatType::BF16 : FloatType::F16;
+#pragma unroll
+  for (int s = 0; s < Tile::kSubs; ++s)
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+      const int64_t col = n0 + row0 + 8 * (i / 2 % 2);
+      const int64_t row = m0 + 128 * s + 8 * (i / 4) + 2 * t + i % 2;
+      if (row >= a.rows || col >= a.n) continue;
+      if (gridDim.z > 1) a.partial[(int64_t(blockIdx.z) * a.rows + row) * a.n + col] = acc[s][i];
+      else store_float(a.out, row * a.n + col, kOut, acc[s][i]);
+    }
+}
+
+}  // namespace
+}  // namespace torchext::qgemm
