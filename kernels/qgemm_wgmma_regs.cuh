@@ -181,6 +181,7 @@ __global__ void __launch_bounds__(kRegsThreads, 1)
                             const __grid_constant__ CUtensorMap wmap) {
   using Lay = RegsLayout<T, Tile>;
   using F = RegFragments<T>;
+  static_assert(WeightChunk<T>::kBytes % 16 == 0, "every chunk starts its box row: F reads blocks from there");
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // the swizzle's alignment
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Lay::kBarriers);
