@@ -32,29 +32,19 @@ struct RegsTile {
 using RegsTileWide = RegsTile<128>;
 using RegsTileTall = RegsTile<256>;
 
-// One thread's sub-block scale: exact, d and m as fp32 bits; else each rounded to bf16, in both halves.
-struct RegScale {
-  uint32_t d, m;
-};
+// Quants q0, q1 (below 2^7) in the halves of p as d * q + m in H, (d, m) = s from scale_entry: exact,
+// each an fp32 fma rounded to H (q through its bits under 2^23), as dequantize computes it; else in
+// bf16, as packed_pair: 0x43 over q is bf16 2^7 + q, taking 2^7 away is exact, and one fma rounds.
 template <class H, bool kExact>
-__device__ __forceinline__ RegScale reg_scale(float d, float m) {
-  if constexpr (kExact) return {__float_as_uint(d), __float_as_uint(m)};
-  else return {pack_pair<H>(d, d), pack_pair<H>(m, m)};
-}
-
-// Quants q0, q1 (below 2^7) in the halves of p as d * q + m in H: exact, each an fp32 fma rounded to H
-// (q through its bits under 2^23), as dequantize computes it; else in bf16, as packed_pair: 0x43 over
-// q is bf16 2^7 + q, taking 2^7 away is exact, and one fma rounds d * q + m.
-template <class H, bool kExact>
-__device__ __forceinline__ uint32_t reg_pair(uint32_t p, RegScale s) {
+__device__ __forceinline__ uint32_t reg_pair(uint32_t p, float2 s) {
   if constexpr (kExact) {
     const float q0 = __uint_as_float(__byte_perm(p, 0x4B000000u, 0x7410)) - 8388608.0f;
     const float q1 = __uint_as_float(__byte_perm(p, 0x4B000000u, 0x7432)) - 8388608.0f;
-    return pack_pair<H>(fmaf(__uint_as_float(s.d), q0, __uint_as_float(s.m)),
-                        fmaf(__uint_as_float(s.d), q1, __uint_as_float(s.m)));
+    return pack_pair<H>(fmaf(s.x, q0, s.y), fmaf(s.x, q1, s.y));
   } else {
     constexpr uint32_t kOne = 0x3F803F80u, kMinusBias = 0xC300C300u;  // 1, -2^7
-    return fma_bf16x2(fma_bf16x2(p | 0x43004300u, kOne, kMinusBias), s.d, s.m);
+    return fma_bf16x2(fma_bf16x2(p | 0x43004300u, kOne, kMinusBias), __float_as_uint(s.x),
+                      __float_as_uint(s.y));
   }
 }
 
@@ -97,14 +87,14 @@ struct RegFragments<QuantTraits<QType::Q4_K>> {
   }
   template <class H, bool kExact, int Q>
   __device__ __forceinline__ static void stage(const Rows& r, int t, uint32_t (&f)[4][4]) {
-    RegScale lo[2], hi[2];
+    float2 lo[2], hi[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       int sc, m;
       kquant_scale_min(r.head[i][1], r.head[i][2], r.head[i][3], 2 * Q, sc, m);
-      lo[i] = reg_scale<H, kExact>(r.d[i] * float(sc), -r.dmin[i] * float(m));
+      lo[i] = scale_entry<H, kExact>(r.d[i] * float(sc), -r.dmin[i] * float(m));
       kquant_scale_min(r.head[i][1], r.head[i][2], r.head[i][3], 2 * Q + 1, sc, m);
-      hi[i] = reg_scale<H, kExact>(r.d[i] * float(sc), -r.dmin[i] * float(m));
+      hi[i] = scale_entry<H, kExact>(r.d[i] * float(sc), -r.dmin[i] * float(m));
     }
 #pragma unroll
     for (int e = 0; e < 2; ++e)
@@ -139,22 +129,11 @@ struct RegsLayout {
 
 // d[64] += a (registers: this thread's part of 64 rows x 16 values) * b[128 x 16]^T (descriptor).
 #define TORCHEXT_WGMMA_REGS_64x128x16(TYPE)                                                                       \
-  asm volatile(                                                                                                   \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                                \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE                                                \
-      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
-      "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, " \
-      "%45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "              \
-      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                                               \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),  \
-        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),        \
-        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),       \
-        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),       \
-        "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),       \
-        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),       \
-        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),       \
-        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])                     \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                       \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " TORCHEXT_WGMMA_D64               \
+               ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                                   \
+               : TORCHEXT_WGMMA_D64_OPERANDS(d)                                                                  \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
 
 template <class H>
 __device__ __forceinline__ void wgmma_regs_64x128x16(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
