@@ -81,6 +81,14 @@ constexpr int64_t kMaxTiledGemmRowsSmallWeight = 16;
 // dense path's 143.1 and 133.4 (their dequantization, 6-bit and exact 8-bit, costs more per stage),
 // so it stops at 256.
 constexpr int64_t kMaxWgmmaRows = 256;
+// The formats whose threads build the wgmma GEMM's register fragments (Q4_K and Q5_K:
+// qgemm_wgmma_regs.cuh) take its 64-row tile from here, where the mma.sync kernels' 64-row tile would.
+// H200, L2 cold, bf16, µs, mma.sync -> register tile at 33 / 48 / 64 rows (bench/paths.py, 2026-12-06):
+// Q4_K 4096x14336 35.6 / 37.7 / 38.9 -> 28.0 / 28.9 / 29.8, 14336x4096 40.8 / 41.8 / 43.2 -> 29.4 / 29.6 /
+// 30.0; Q5_K 4096x14336 38.5 / 39.5 / 41.0 -> 33.1 / 33.3 / 34.0, 14336x4096 43.3 / 44.0 / 45.5 -> 34.2 /
+// 34.5 / 34.9. Not yet measured below 33 rows (the same run had the register tile at 64 rows of
+// 128256x4096 in 232 µs, the mma.sync 32-row tile at 32 rows in 269).
+constexpr int64_t kMinWgmmaRegsRows = 33;
 
 // Past that, launch_qgemm runs the wgmma GEMM on chunks of kMaxWgmmaRows rows, the last one what is
 // left (through the mma.sync kernels up to 64 rows), up to the catalog's wgmma rows (blocks.h), on

@@ -119,10 +119,18 @@ int64_t qgemm_max_rows(QType wt, FloatType xt, const void* w, const void* x, int
 namespace {
 
 // More rows than the mma.sync kernels take go to the wgmma GEMM (the policy sends them only where
-// qgemm_max_rows said it runs).
+// qgemm_max_rows said it runs), and from kMinWgmmaRegsRows rows those of its register-fragment kernel.
+bool takes_wgmma(QType wt, int64_t k, int64_t rows, int device) {
+#ifdef TORCHEXT_WGMMA
+  return rows > kMaxTiledGemmRows || (rows >= kMinWgmmaRegsRows && qgemm::qgemm_wgmma_regs_supports(wt, k, device));
+#else
+  return false;
+#endif
+}
+
 qgemm::Plan plan_for(QType wt, FloatType xt, bool exact, int64_t n, int64_t k, int64_t rows, int device) {
 #ifdef TORCHEXT_WGMMA
-  if (rows > kMaxTiledGemmRows) return qgemm::qgemm_wgmma_plan(wt, n, k, rows, device);
+  if (takes_wgmma(wt, k, rows, device)) return qgemm::qgemm_wgmma_plan(wt, n, k, rows, device);
 #endif
   qgemm::Plan p{1, 0};
   visit_kernel_set(xt, exact, [&](auto set) { p = set.plan(wt, n, k, rows, device); });
@@ -155,7 +163,7 @@ cudaError_t launch_qgemm(QType wt, const uint8_t* w, int64_t n, int64_t k, const
   cudaError_t err = cudaErrorInvalidValue;
   const qgemm::Plan p = plan_for(wt, xt, exact, n, k, rows, device);
 #ifdef TORCHEXT_WGMMA
-  if (rows > kMaxTiledGemmRows)
+  if (takes_wgmma(wt, k, rows, device))
     err = qgemm::launch_qgemm_wgmma(wt, w, n, k, x, xt, exact, rows, p, workspace, out, stream);
   else
 #endif

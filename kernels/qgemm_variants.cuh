@@ -69,6 +69,9 @@ struct TiledGemm {
 // by the tensor memory accelerator, so both operands' rows a multiple of 16 bytes (k a multiple of 8)
 // and a weight chunk (256 values) at most 256 bytes (not Q8_0).
 bool qgemm_wgmma_supports(QType wt, FloatType xt, const void* w, const void* x, int64_t k, int device);
+// Whether the wgmma GEMM's register-fragment kernel takes format wt's rows of k values on the device,
+// for operands that qgemm_supports (which checks the rest): it serves those from kMinWgmmaRegsRows rows.
+bool qgemm_wgmma_regs_supports(QType wt, int64_t k, int device);
 Plan qgemm_wgmma_plan(QType wt, int64_t n, int64_t k, int64_t rows, int device);
 cudaError_t launch_qgemm_wgmma(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* x, FloatType xt,
                                bool exact, int64_t rows, const Plan& p, float* workspace, void* out,

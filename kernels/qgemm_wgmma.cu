@@ -22,6 +22,7 @@ using qgemm::kWgStageK;
 using qgemm::kWgThreads;
 using qgemm::Plan;
 using qgemm::RegsLayout;
+using qgemm::RegsTileNarrow;
 using qgemm::RegsTileTall;
 using qgemm::RegsTileWide;
 using qgemm::WgLayout;
@@ -59,11 +60,12 @@ bool encode_map(CUtensorMap& map, CUtensorMapDataType type, const void* base, in
 }
 
 // Calls f(tile) with the tile shape that serves `rows` of format T: the register-fragment kernel's
-// (qgemm_wgmma_regs.cuh) where T has its fragments, else the shared-memory one's; the wide tile up to
-// 128 rows, the tall one beyond.
+// (qgemm_wgmma_regs.cuh) where T has its fragments (the narrow tile up to 64 rows), else the
+// shared-memory one's; the wide tile up to 128 rows, the tall one beyond.
 template <class T, class F>
 void visit_wgmma_tile(int64_t rows, F&& f) {
   if constexpr (kHasRegFragments<T>) {
+    if (rows <= RegsTileNarrow::kM) return f(RegsTileNarrow{});
     if (rows <= RegsTileWide::kM) return f(RegsTileWide{});
     f(RegsTileTall{});
   } else {
@@ -130,6 +132,18 @@ bool qgemm_wgmma_supports(QType wt, FloatType xt, const void* w, const void* x, 
   return fits && major == 9 && minor == 0 && xt != FloatType::F32 && k % 8 == 0 &&
          reinterpret_cast<uintptr_t>(w) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
          tensor_map_encoder() != nullptr;
+}
+
+bool qgemm_wgmma_regs_supports(QType wt, int64_t k, int device) {
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  bool has = false;
+  visit_weight_format(wt, [&](auto traits) {
+    using T = decltype(traits);
+    has = kHasRegFragments<T> && weight_row_bytes<T>(k) % 16 == 0;
+  });
+  return has && major == 9 && minor == 0 && tensor_map_encoder() != nullptr;
 }
 
 // make_plan's K splits, but only while the grid is under one wave: a split's fp32 partial sums cost

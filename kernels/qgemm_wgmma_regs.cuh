@@ -1,11 +1,11 @@
 // The Hopper GEMM with the dequantized weights as wgmma's A operand in registers, for the formats that
-// say how a thread builds its fragments (RegFragments below: Q4_K); qgemm_wgmma.cu launches it, and the
+// say how a thread builds its fragments (RegFragments below: Q4_K, Q5_K); qgemm_wgmma.cu launches it, and the
 // other formats take qgemm_wgmma.cuh's kernel, which stages them in shared memory.
 //
-// A CTA owns 128 weight rows x Tile::kM activation rows (128, or 256 past 128 rows). Warpgroups 0 and 1
+// A CTA owns 128 weight rows x Tile::kM activation rows (64, 128, or 256 past 128 rows). Warpgroups 0 and 1
 // each take 64 of the weight rows: thread (warp w, lane 4g + t) dequantizes rows 16w + g and + 8 of its
 // warpgroup's, values 2t, 2t + 1, 2t + 8, 2t + 9 of every 16, straight into the A fragment of
-// m64n128k16, and issues the MMAs against the activation stage (B, in shared memory). The fragments
+// m64n64k16 or m64n128k16, and issues the MMAs against the activation stage (B, in shared memory). The fragments
 // of stage j + 1 are computed while the MMAs of stage j run. Warpgroup 2 copies: one thread the raw
 // weight chunks, one the activation stages, both by the tensor memory accelerator (zeros past the
 // weight's rows and K).
@@ -25,10 +25,12 @@ constexpr int kRegsLaunchRegs = 168, kRegsCopyRegs = 40, kRegsMathRegs = 232;
 static_assert((kRegsMathRegs - kRegsLaunchRegs) * 256 <= (kRegsLaunchRegs - kRegsCopyRegs) * 128,
               "the MMA warpgroups take no more registers than the copy warpgroup gives back");
 
+// kSubs m64n(kMmaN) MMAs a 16-value step
 template <int M>
 struct RegsTile {
-  static constexpr int kM = M, kN = 128, kSubs = M / 128;  // m64n128 MMAs a 16-value step
+  static constexpr int kM = M, kN = 128, kMmaN = M < 128 ? M : 128, kSubs = M / kMmaN;
 };
+using RegsTileNarrow = RegsTile<64>;
 using RegsTileWide = RegsTile<128>;
 using RegsTileTall = RegsTile<256>;
 
@@ -62,12 +64,14 @@ struct RegFragments {
   static constexpr bool kHas = false;
 };
 
-// Q4_K: stage Q is sub-blocks 2Q (low nibbles of qs bytes 32Q .. 32Q + 31) and 2Q + 1 (their high
-// nibbles); steps 0 and 1 are the low nibbles of bytes 32Q .. + 15 and + 16 .. + 31, steps 2 and 3
-// the high ones. Lane t needs bytes 2t, 2t + 1, 2t + 8, 2t + 9 of each 16: two words and one byte_perm.
-template <>
-struct RegFragments<QuantTraits<QType::Q4_K>> {
+// Q4_K and Q5_K: stage Q is sub-blocks 2Q (low nibbles of qs bytes 32Q .. 32Q + 31) and 2Q + 1 (their
+// high nibbles); steps 0 and 1 are the low nibbles of bytes 32Q .. + 15 and + 16 .. + 31, steps 2 and 3
+// the high ones. Lane t needs bytes 2t, 2t + 1, 2t + 8, 2t + 9 of each 16: two words and one byte_perm
+// (Q5_K: the same of qh, whose bit j is the 5th bit of sub-block j's value).
+template <bool kHasHigh>
+struct KQuantRegFragments {
   static constexpr bool kHas = true;
+  static constexpr int kQs = kHasHigh ? 48 : 16;  // the quants' offset in the block (Q5_K: qh[32] first)
   struct Rows {
     const uint8_t* block[2];  // the chunk's block of rows g and g + 8
     uint32_t head[2][4];      // their first 16 bytes: d, dmin, the packed scales
@@ -85,6 +89,13 @@ struct RegFragments<QuantTraits<QType::Q4_K>> {
       r.dmin[i] = fp16_to_float(fp16_bits(h.x >> 16));
     }
   }
+  // the quants of bytes b and b + 2 of x (b = 0, 1), nibble n, sub-block j, in the halves of a word
+  template <int b, int n, int j>
+  __device__ __forceinline__ static uint32_t quants(uint32_t x, uint32_t xh) {
+    uint32_t q = (x >> (8 * b + 4 * n)) & 0x000F000Fu;
+    if constexpr (kHasHigh) q |= ((xh >> (8 * b + j)) & 0x00010001u) << 4;
+    return q;
+  }
   template <class H, bool kExact, int Q>
   __device__ __forceinline__ static void stage(const Rows& r, int t, uint32_t (&f)[4][4]) {
     float2 lo[2], hi[2];
@@ -100,15 +111,22 @@ struct RegFragments<QuantTraits<QType::Q4_K>> {
     for (int e = 0; e < 2; ++e)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const uint8_t* q = r.block[i] + 16 + 32 * Q + 16 * e + 4 * (t / 2);
+        const int word = 16 * e + 4 * (t / 2);
+        const uint8_t* q = r.block[i] + kQs + 32 * Q + word;
         const uint32_t x = __byte_perm(lds32(q), lds32(q + 8), r.sel);
-        f[e][i] = reg_pair<H, kExact>(x & 0x000F000Fu, lo[i]);  // values 2t, 2t + 1 of row i
-        f[e][2 + i] = reg_pair<H, kExact>((x >> 8) & 0x000F000Fu, lo[i]);  // 2t + 8, 2t + 9
-        f[2 + e][i] = reg_pair<H, kExact>((x >> 4) & 0x000F000Fu, hi[i]);
-        f[2 + e][2 + i] = reg_pair<H, kExact>((x >> 12) & 0x000F000Fu, hi[i]);
+        uint32_t xh = 0;
+        if constexpr (kHasHigh) xh = __byte_perm(lds32(r.block[i] + 16 + word), lds32(r.block[i] + 24 + word), r.sel);
+        f[e][i] = reg_pair<H, kExact>(quants<0, 0, 2 * Q>(x, xh), lo[i]);  // values 2t, 2t + 1 of row i
+        f[e][2 + i] = reg_pair<H, kExact>(quants<1, 0, 2 * Q>(x, xh), lo[i]);  // 2t + 8, 2t + 9
+        f[2 + e][i] = reg_pair<H, kExact>(quants<0, 1, 2 * Q + 1>(x, xh), hi[i]);
+        f[2 + e][2 + i] = reg_pair<H, kExact>(quants<1, 1, 2 * Q + 1>(x, xh), hi[i]);
       }
   }
 };
+template <>
+struct RegFragments<QuantTraits<QType::Q4_K>> : KQuantRegFragments<false> {};
+template <>
+struct RegFragments<QuantTraits<QType::Q5_K>> : KQuantRegFragments<true> {};
 
 template <class T>
 constexpr bool kHasRegFragments = RegFragments<T>::kHas;
@@ -127,7 +145,18 @@ struct RegsLayout {
   static_assert(kASlots >= 4 && kBytes <= kSmemLimit, "a chunk's activation stages and the raw ring fit a Hopper CTA");
 };
 
-// d[64] += a (registers: this thread's part of 64 rows x 16 values) * b[128 x 16]^T (descriptor).
+// d[N / 2] += a (registers: this thread's part of 64 rows x 16 values) * b[N x 16]^T (descriptor).
+#define TORCHEXT_WGMMA_REGS_64x64x16(TYPE)                                                                        \
+  asm volatile(                                                                                                   \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                                \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE                                                 \
+      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+      "%23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                  \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),  \
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),        \
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),       \
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                     \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
 #define TORCHEXT_WGMMA_REGS_64x128x16(TYPE)                                                                       \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                       \
                "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " TORCHEXT_WGMMA_D64               \
@@ -135,11 +164,18 @@ struct RegsLayout {
                : TORCHEXT_WGMMA_D64_OPERANDS(d)                                                                  \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
 
-template <class H>
-__device__ __forceinline__ void wgmma_regs_64x128x16(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
-  if constexpr (std::is_same_v<H, __nv_bfloat16>) TORCHEXT_WGMMA_REGS_64x128x16("bf16");
-  else TORCHEXT_WGMMA_REGS_64x128x16("f16");
+template <class H, int N>
+__device__ __forceinline__ void wgmma_regs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) {
+  static_assert(N == 64 || N == 128, "the tiles' MMA widths");
+  if constexpr (N == 64) {
+    if constexpr (std::is_same_v<H, __nv_bfloat16>) TORCHEXT_WGMMA_REGS_64x64x16("bf16");
+    else TORCHEXT_WGMMA_REGS_64x64x16("f16");
+  } else {
+    if constexpr (std::is_same_v<H, __nv_bfloat16>) TORCHEXT_WGMMA_REGS_64x128x16("bf16");
+    else TORCHEXT_WGMMA_REGS_64x128x16("f16");
+  }
 }
+#undef TORCHEXT_WGMMA_REGS_64x64x16
 #undef TORCHEXT_WGMMA_REGS_64x128x16
 
 // Keeps fragments' registers as they are up to here: an MMA issued earlier may still read them.
@@ -200,11 +236,12 @@ __global__ void __launch_bounds__(kRegsThreads, 1)
   regs_inc<kRegsMathRegs>();
   const int cw = warp / 4, g = lane / 4, t = lane % 4, tid = threadIdx.x % 128;
   const int row0 = 64 * cw + 16 * (warp % 4) + g;  // the thread's weight rows: row0, row0 + 8
-  float acc[Tile::kSubs][64];
+  constexpr int kMmaN = Tile::kMmaN;
+  float acc[Tile::kSubs][kMmaN / 2];
 #pragma unroll
   for (int s = 0; s < Tile::kSubs; ++s)
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[s][i] = 0.0f;
+    for (int i = 0; i < kMmaN / 2; ++i) acc[s][i] = 0.0f;
   typename F::Rows rows;
   const auto open_chunk = [&](int64_t u) {
     const uint8_t* base = smem + Lay::kRaw + rawring.slot(u) * Lay::kRawBytes + rawring.wait_full_token(u);
@@ -218,8 +255,8 @@ __global__ void __launch_bounds__(kRegsThreads, 1)
 #pragma unroll
     for (int kk = 0; kk < kWgStageK / 16; ++kk)
 #pragma unroll
-      for (int s = 0; s < Tile::kSubs; ++s)  // activation rows 128 s .. + 127: 16 KiB into the stage
-        wgmma_regs_64x128x16<H>(acc[s], f[kk], tile_descriptor(xa + s * 16384 + 32 * kk));
+      for (int s = 0; s < Tile::kSubs; ++s)  // activation rows kMmaN s .. + kMmaN - 1, 128 bytes a row
+        wgmma_regs<H, kMmaN>(acc[s], f[kk], tile_descriptor(xa + s * kMmaN * 128 + 32 * kk));
     wgmma_commit();
   };
   // stage j - 1's MMAs are done: its activations are free, and so are the fragments it read
@@ -256,14 +293,14 @@ __global__ void __launch_bounds__(kRegsThreads, 1)
   wgmma_wait<0>();
   keep_fragments(f1);
 
-  // accumulator i of sub-tile s: weight row row0 + 8 (i / 2 % 2), activation row 128 s + 8 (i / 4) + 2t + i % 2
+  // accumulator i of sub-tile s: weight row row0 + 8 (i / 2 % 2), activation row kMmaN s + 8 (i / 4) + 2t + i % 2
   constexpr FloatType kOut = std::is_same_v<H, __nv_bfloat16> ? FloatType::BF16 : FloatType::F16;
 #pragma unroll
   for (int s = 0; s < Tile::kSubs; ++s)
 #pragma unroll
-    for (int i = 0; i < 64; ++i) {
+    for (int i = 0; i < kMmaN / 2; ++i) {
       const int64_t col = n0 + row0 + 8 * (i / 2 % 2);
-      const int64_t row = m0 + 128 * s + 8 * (i / 4) + 2 * t + i % 2;
+      const int64_t row = m0 + kMmaN * s + 8 * (i / 4) + 2 * t + i % 2;
       if (row >= a.rows || col >= a.n) continue;
       if (gridDim.z > 1) a.partial[(int64_t(blockIdx.z) * a.rows + row) * a.n + col] = acc[s][i];
       else store_float(a.out, row * a.n + col, kOut, acc[s][i]);
