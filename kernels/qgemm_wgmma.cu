@@ -116,34 +116,35 @@ cudaError_t launch_kernel(const GemmArgs& args, const Plan& p, FloatType xt, cud
   }
 }
 
+// Whether the device runs this file's sm_90a code (compute capability 9.0) and the driver encodes tensor maps.
+bool runs_wgmma(int device) {
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  return major == 9 && minor == 0 && tensor_map_encoder() != nullptr;
+}
+
 }  // namespace
 
 namespace qgemm {
 
 bool qgemm_wgmma_supports(QType wt, FloatType xt, const void* w, const void* x, int64_t k, int device) {
-  int major = 0, minor = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   bool fits = false;  // TMA: the weight's row stride a multiple of 16 bytes (as x's: k % 8), both bases aligned
   visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
     fits = WgLayout<T, WgTileWide>::kFits && WgLayout<T, WgTileTall>::kFits && weight_row_bytes<T>(k) % 16 == 0;
   });
-  return fits && major == 9 && minor == 0 && xt != FloatType::F32 && k % 8 == 0 &&
-         reinterpret_cast<uintptr_t>(w) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
-         tensor_map_encoder() != nullptr;
+  return fits && xt != FloatType::F32 && k % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(x) % 16 == 0 && runs_wgmma(device);
 }
 
 bool qgemm_wgmma_regs_supports(QType wt, int64_t k, int device) {
-  int major = 0, minor = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   bool has = false;
   visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
     has = kHasRegFragments<T> && weight_row_bytes<T>(k) % 16 == 0;
   });
-  return has && major == 9 && minor == 0 && tensor_map_encoder() != nullptr;
+  return has && runs_wgmma(device);
 }
 
 // make_plan's K splits, but only while the grid is under one wave: a split's fp32 partial sums cost

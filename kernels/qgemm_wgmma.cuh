@@ -207,6 +207,32 @@ struct Ring {
   }
 };
 
+// The copy warps of both Hopper kernels (this file's and qgemm_wgmma_regs.cuh's), one thread a ring so
+// that neither waits for the other's ring to free a slot: copier 0 brings the CTA's raw weight chunks
+// c0 .. c1 - 1 (n0's kN rows, each copy from the 16-byte boundary below the chunk: raw_stride),
+// copier 1 their activation stages (m0's kM rows). Lay: the kernel's layout.
+template <class T, class Lay>
+__device__ __forceinline__ void copy_operands(int copier, uint8_t* smem, const Ring<Lay::kRawSlots>& rawring,
+                                              const Ring<Lay::kASlots>& xring, const CUtensorMap* wmap,
+                                              const CUtensorMap* xmap, int64_t c0, int64_t c1, int64_t n0,
+                                              int64_t m0) {
+  constexpr int kStagesPerChunk = kChunk / kWgStageK;
+  if (copier == 0) {
+    for (int64_t u = 0; u < c1 - c0; ++u) {
+      rawring.wait_empty(u);
+      tma_load_2d(smem + Lay::kRaw + rawring.slot(u) * Lay::kRawBytes, wmap,
+                  int((c0 + u) * WeightChunk<T>::kBytes) & ~15, int(n0), &rawring.full[rawring.slot(u)],
+                  Lay::kRawBytes);
+    }
+  } else {
+    for (int64_t j = 0; j < (c1 - c0) * kStagesPerChunk; ++j) {
+      xring.wait_empty(j);
+      tma_load_2d(smem + Lay::kA + xring.slot(j) * Lay::kATileBytes, xmap, int((c0 * kStagesPerChunk + j) * kWgStageK),
+                  int(m0), &xring.full[xring.slot(j)], Lay::kATileBytes);
+    }
+  }
+}
+
 // Values 64Q + 32h .. +31 of a row of a staged chunk (raw: the row's first byte of the chunk), as x's
 // type: v[i] holds values 8i .. 8i+7 of the 32, the stage's 16-byte piece 4h + i. Every format's
 // slices are 16 or 32 values and start at multiples of their size, so a half stage is whole slices.
@@ -291,21 +317,9 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  if (warp >= 16) {  // copies: one thread a ring, so that neither waits for the other's ring to free a slot
+  if (warp >= 16) {  // copies: warps 16 and 17, one thread each
     regs_dec<kCopyRegs>();
-    if (warp == 16 && lane == 0) {
-      for (int64_t u = 0; u < c1 - c0; ++u) {
-        rawring.wait_empty(u);
-        tma_load_2d(smem + Lay::kRaw + rawring.slot(u) * Lay::kRawBytes, &wmap, int((c0 + u) * L::kBytes) & ~15,
-                    int(n0), &rawring.full[rawring.slot(u)], Lay::kRawBytes);
-      }
-    } else if (warp == 17 && lane == 0) {
-      for (int64_t j = 0; j < stages; ++j) {
-        xring.wait_empty(j);
-        tma_load_2d(smem + Lay::kA + xring.slot(j) * Lay::kATileBytes, &xmap,
-                    int((c0 * kStagesPerChunk + j) * kWgStageK), int(m0), &xring.full[xring.slot(j)], Lay::kATileBytes);
-      }
-    }
+    if (warp < 18 && lane == 0) copy_operands<T, Lay>(warp - 16, smem, rawring, xring, &wmap, &xmap, c0, c1, n0, m0);
     return;
   }
   if (warp < 8) {  // dequantize: thread t takes weight row t % kN, half stages t / kN .. + kHalves - 1

@@ -215,21 +215,9 @@ __global__ void __launch_bounds__(kRegsThreads, 1)
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  if (warp >= 8) {  // copies: one thread a ring
+  if (warp >= 8) {  // copies: warps 8 and 9, one thread each
     regs_dec<kRegsCopyRegs>();
-    if (warp == 8 && lane == 0) {
-      for (int64_t u = 0; u < c1 - c0; ++u) {
-        rawring.wait_empty(u);
-        tma_load_2d(smem + Lay::kRaw + rawring.slot(u) * Lay::kRawBytes, &wmap,
-                    int((c0 + u) * WeightChunk<T>::kBytes), int(n0), &rawring.full[rawring.slot(u)], Lay::kRawBytes);
-      }
-    } else if (warp == 9 && lane == 0) {
-      for (int64_t j = 0; j < stages; ++j) {
-        xring.wait_empty(j);
-        tma_load_2d(smem + Lay::kA + xring.slot(j) * Lay::kATileBytes, &xmap,
-                    int((c0 * kStagesPerChunk + j) * kWgStageK), int(m0), &xring.full[xring.slot(j)], Lay::kATileBytes);
-      }
-    }
+    if (warp < 10 && lane == 0) copy_operands<T, Lay>(warp - 8, smem, rawring, xring, &wmap, &xmap, c0, c1, n0, m0);
     return;
   }
 
