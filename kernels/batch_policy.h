@@ -79,15 +79,17 @@ constexpr int64_t kMaxTiledGemmRowsSmallWeight = 16;
 // / 4096x14336): Q4_K 128 rows 55.3 / 48.2 against 91.4 / 95.8, 256 rows 60.2 / 61.2 against 102.5 /
 // 106.1; Q6_K 256 rows 92.7 against 103.7; but at 512 rows Q6_K 184.1 and IQ4_XS 171.6 against the
 // dense path's 143.1 and 133.4 (their dequantization, 6-bit and exact 8-bit, costs more per stage),
-// so it stops at 256.
+// so it stops at 256. (Those are the shared-memory kernel's; Q6_K's register kernel, since, took 57.3 µs
+// at 256 rows on both shapes on an H100, where that kernel took 87.0 / 93.1: its chunks are not yet timed.)
 constexpr int64_t kMaxWgmmaRows = 256;
-// The formats whose threads build the wgmma GEMM's register fragments (Q4_K and Q5_K:
+// The formats whose threads build the wgmma GEMM's register fragments (Q4_K, Q5_K and Q6_K:
 // qgemm_wgmma_regs.cuh) take its 64-row tile from here, where the mma.sync kernels' 64-row tile would.
 // H200, L2 cold, bf16, µs, mma.sync -> register tile at 33 / 48 / 64 rows (bench/paths.py, 2026-12-06):
 // Q4_K 4096x14336 35.6 / 37.7 / 38.9 -> 28.0 / 28.9 / 29.8, 14336x4096 40.8 / 41.8 / 43.2 -> 29.4 / 29.6 /
 // 30.0; Q5_K 4096x14336 38.5 / 39.5 / 41.0 -> 33.1 / 33.3 / 34.0, 14336x4096 43.3 / 44.0 / 45.5 -> 34.2 /
-// 34.5 / 34.9. Not yet measured below 33 rows (the same run had the register tile at 64 rows of
-// 128256x4096 in 232 µs, the mma.sync 32-row tile at 32 rows in 269).
+// 34.5 / 34.9. Q6_K on an H100 (2026-12-07; bf16 46.1-47.0 / 43.7-44.2): 4096x14336 47.7 / 50.6 -> 35.6 /
+// 36.4 at 33 / 64 rows, 14336x4096 56.9 / 56.9 -> 41.3 / 38.4. Not yet measured below 33 rows (the same H200
+// run had the register tile at 64 rows of 128256x4096 in 232 µs, the mma.sync 32-row tile at 32 rows in 269).
 constexpr int64_t kMinWgmmaRegsRows = 33;
 
 // Past that, launch_qgemm runs the wgmma GEMM on chunks of kMaxWgmmaRows rows, the last one what is

@@ -1,5 +1,5 @@
 // The tiled GEMM on Hopper's warpgroup MMA for qmatmul's 65 (33: kMinWgmmaRegsRows) to kMaxWgmmaRows rows: the
-// formats with register fragments (Q4_K, Q5_K) by kernels/qgemm_wgmma_regs.cuh's kernel, the others by
+// formats with register fragments (Q4_K, Q5_K, Q6_K) by kernels/qgemm_wgmma_regs.cuh's kernel, the others by
 // kernels/qgemm_wgmma.cuh's (each file says how its kernel works). Compiled for sm_90a alone (wgmma and
 // setmaxnreg exist only there), by setup.py's own rule, when the build targets compute capability
 // 9.0; the other CUDA sources then see TORCHEXT_WGMMA. The sm_90a code loads only on a 9.0 device,

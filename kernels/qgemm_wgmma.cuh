@@ -1,7 +1,7 @@
 // The tiled GEMM for many activation rows on Hopper's warpgroup MMA (sm_90a; qgemm_wgmma.cu launches
 // it): out = x @ W^T with W quantized, for every weight format through QuantTraits' mma_load /
 // mma_slice, fp16 or bf16 activations, fp32 sums. The formats whose threads can build wgmma's A
-// fragments themselves (Q4_K, Q5_K) take qgemm_wgmma_regs.cuh's kernel instead, which shares this file's
+// fragments themselves (Q4_K, Q5_K, Q6_K) take qgemm_wgmma_regs.cuh's kernel instead, which shares this file's
 // copies, barriers and descriptors.
 //
 // A CTA owns Tile::kN weight rows x Tile::kM activation rows (256 x 128 for up to 128 rows, 128 x 256

@@ -1,5 +1,5 @@
 // The Hopper GEMM with the dequantized weights as wgmma's A operand in registers, for the formats that
-// say how a thread builds its fragments (RegFragments below: Q4_K, Q5_K); qgemm_wgmma.cu launches it, and the
+// say how a thread builds its fragments (RegFragments below: Q4_K, Q5_K, Q6_K); qgemm_wgmma.cu launches it, and the
 // other formats take qgemm_wgmma.cuh's kernel, which stages them in shared memory.
 //
 // A CTA owns 128 weight rows x Tile::kM activation rows (64, 128, or 256 past 128 rows). Warpgroups 0 and 1
@@ -11,8 +11,10 @@
 // weight's rows and K).
 // Against the shared-memory kernel this drops the dequantized tile's stores, proxy fences and
 // barriers, and the dequantizing warps' share of the register file: Q4_K 9-28% faster at 65-512
-// rows (bench/NOTES.md, twenty-ninth session).
+// rows, Q6_K 25-39% at 33-256 (bench/NOTES.md, twenty-ninth and thirty-first sessions).
 #pragma once
+
+#include <cstddef>
 
 #include "kernels/qgemm_wgmma.cuh"
 
@@ -55,6 +57,11 @@ __device__ __forceinline__ uint32_t lds32(const void* p) {
   asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(smem_addr(p)));
   return v;
 }
+__device__ __forceinline__ uint32_t lds16(const void* p) {  // zero-extended into 32 bits
+  uint32_t v;
+  asm("ld.shared.u16 %0, [%1];" : "=r"(v) : "r"(smem_addr(p)));
+  return v;
+}
 
 // How a thread builds its A fragments from a raw chunk: kHas, and for the formats that have it, Rows
 // (what the thread reads once a chunk for its two weight rows: open) and stage<Q>(rows, f), the
@@ -71,6 +78,8 @@ struct RegFragments {
 template <bool kHasHigh>
 struct KQuantRegFragments {
   static constexpr bool kHas = true;
+  static_assert(WeightChunk<QuantTraits<kHasHigh ? QType::Q5_K : QType::Q4_K>>::kBytes % 16 == 0,
+                "open's 16-byte load: every chunk starts its box row");
   static constexpr int kQs = kHasHigh ? 48 : 16;  // the quants' offset in the block (Q5_K: qh[32] first)
   struct Rows {
     const uint8_t* block[2];  // the chunk's block of rows g and g + 8
@@ -127,6 +136,67 @@ template <>
 struct RegFragments<QuantTraits<QType::Q4_K>> : KQuantRegFragments<false> {};
 template <>
 struct RegFragments<QuantTraits<QType::Q5_K>> : KQuantRegFragments<true> {};
+
+// Q6_K (quant_traits.h): stage Q is half h = Q / 2's quarters i = 2 (Q % 2) and + 1, whose low 4 bits are
+// nibble Q % 2 of ql[64h + l] and ql[64h + 32 + l] and whose high 2 bits are bits 2i, 2i + 1 of
+// qh[32h + l]; step kk takes quarter 2 (Q % 2) + kk / 2, l = 16 (kk % 2) .. + 15, scale scales[4Q + kk].
+// Blocks are 210 bytes, so a chunk starts 2 bytes past a word in every other chunk: lane t's bytes 2t, 2t + 1
+// (and 2t + 8, 2t + 9) of each 16 then sit in either half of a word, so open() sets the lane's word offset
+// (-2 .. 6 from the 16: the copy starts at the 16-byte boundary below the chunk, so 2 bytes before a block
+// are in the slot) and byte_perm selector once a chunk; stage() reads two words and permutes, as Q4_K.
+// Values are q - 32 for q = 0 .. 63: d (q - 32) = d q - 32 d, one fma as for the formats with a min (and
+// exact: the same fp32 value as dequantize's d (q - 32)).
+template <>
+struct RegFragments<QuantTraits<QType::Q6_K>> {
+  static constexpr bool kHas = true;
+  static constexpr int kQh = offsetof(block_q6_K, qh), kScales = offsetof(block_q6_K, scales);
+  static constexpr int kD = offsetof(block_q6_K, d);
+  struct Rows {
+    const uint8_t* block[2];  // the chunk's block of rows g and g + 8
+    float d[2];
+    int lane;      // where the word holding bytes 2t, 2t + 1 starts, from the block
+    uint32_t sel;  // bytes 2t, 2t + 8, 2t + 1, 2t + 9 of that word and the one 8 bytes on
+  };
+  __device__ __forceinline__ static void open(const uint8_t* row0, const uint8_t* row1, int t, Rows& r) {
+    r.block[0] = row0, r.block[1] = row1;
+    // both blocks start on a word or 2 bytes past one, alike (rows are 16-byte multiples apart)
+    const bool odd = smem_addr(row0) & 2;
+    r.lane = odd ? 4 * ((t + 1) / 2) - 2 : 4 * (t / 2);
+    r.sel = (t % 2) != odd ? 0x7362u : 0x5140u;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) r.d[i] = fp16_to_float(fp16_bits(lds16(r.block[i] + kD)));
+  }
+  // [p[2t], p[2t + 8], p[2t + 1], p[2t + 9]] for p a multiple of 16 bytes into the block: two word loads
+  // and a byte_perm (16-bit loads made ptxas serialize the MMAs: C7515, as did the word's address
+  // written p + 2t - 2 (upper half))
+  __device__ __forceinline__ static uint32_t pairs(const uint8_t* p, const Rows& r) {
+    return __byte_perm(lds32(p + r.lane), lds32(p + r.lane + 8), r.sel);
+  }
+  template <class H, bool kExact, int Q>
+  __device__ __forceinline__ static void stage(const Rows& r, int, uint32_t (&f)[4][4]) {
+    constexpr int h = Q / 2, n = Q % 2;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint8_t* b = r.block[i];
+      const uint32_t sc = lds16(b + kScales + 4 * Q) | (lds16(b + kScales + 4 * Q + 2) << 16);  // scales[4Q .. + 3]
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const uint32_t xh = pairs(b + kQh + 32 * h + 16 * e, r);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {  // quarter 2n + half, step kk = 2 half + e
+          const int kk = 2 * half + e, quarter = 2 * n + half;
+          const uint32_t x = pairs(b + 64 * h + 32 * half + 16 * e, r);
+          const float s = r.d[i] * float(int8_t(sc >> (8 * kk)));
+          const float2 entry = scale_entry<H, kExact>(s, -32.0f * s);
+          const uint32_t lo = ((x >> (4 * n)) & 0x000F000Fu) | (((xh >> (2 * quarter)) & 0x00030003u) << 4);
+          const uint32_t hi = ((x >> (8 + 4 * n)) & 0x000F000Fu) | (((xh >> (8 + 2 * quarter)) & 0x00030003u) << 4);
+          f[kk][i] = reg_pair<H, kExact>(lo, entry);      // values 2t, 2t + 1 of row i
+          f[kk][2 + i] = reg_pair<H, kExact>(hi, entry);  // 2t + 8, 2t + 9
+        }
+      }
+    }
+  }
+};
 
 template <class T>
 constexpr bool kHasRegFragments = RegFragments<T>::kHas;
@@ -196,7 +266,6 @@ __global__ void __launch_bounds__(kRegsThreads, 1)
                             const __grid_constant__ CUtensorMap wmap) {
   using Lay = RegsLayout<T, Tile>;
   using F = RegFragments<T>;
-  static_assert(WeightChunk<T>::kBytes % 16 == 0, "every chunk starts its box row: F reads blocks from there");
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // the swizzle's alignment
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Lay::kBarriers);
@@ -232,7 +301,9 @@ __global__ void __launch_bounds__(kRegsThreads, 1)
     for (int i = 0; i < kMmaN / 2; ++i) acc[s][i] = 0.0f;
   typename F::Rows rows;
   const auto open_chunk = [&](int64_t u) {
-    const uint8_t* base = smem + Lay::kRaw + rawring.slot(u) * Lay::kRawBytes + rawring.wait_full_token(u);
+    // the copy starts at the 16-byte boundary below the chunk (raw_stride, qgemm_wgmma.cuh)
+    const uint8_t* base = smem + Lay::kRaw + rawring.slot(u) * Lay::kRawBytes +
+                          int(((c0 + u) * WeightChunk<T>::kBytes) & 15) + rawring.wait_full_token(u);
     F::open(base + row0 * Lay::kRawStride, base + (row0 + 8) * Lay::kRawStride, t, rows);
   };
   // stage j's MMAs on fragments f, committed as one group
