@@ -70,8 +70,8 @@ SHAPES = {q: [(200, 512), (77, 1000), (1100, 2304), (300, 2048)] if q in K_QUANT
 LARGE_WEIGHT_VALUES = 1 << 23
 LARGE_SHAPE = (4100, 2048)
 # the 32-row tile (9, the default path's first tiled row count, and 17: partial; 32: full), the
-# 64-row tile (33: partial, 64: full; on compute capability 9.0 Q4_K's and Q5_K's register-fragment
-# wgmma kernel's), and on compute capability 9.0 the wgmma kernels' 128-row tile (65: their first row
+# 64-row tile (33: partial, 64: full; on compute capability 9.0 the register-fragment wgmma kernel's
+# for Q4_K, Q5_K and Q6_K), and on compute capability 9.0 the wgmma kernels' 128-row tile (65: their first row
 # count, partial; 128: full) and 256-row tile (129: partial; 256: full); elsewhere
 # these take the dense path (its chunks past 256 rows: test_chunks_are_their_rows_multiplied_alone)
 ROWS = [9, 17, 32, 33, 64, 65, 128, 129, 256]
