@@ -160,6 +160,16 @@ __device__ __forceinline__ void wgmma_64x128x16(float (&d)[64], uint64_t a, uint
 constexpr int raw_stride(int chunk_bytes) {
   return ((chunk_bytes + (chunk_bytes % 16 == 0 ? 0 : 15) + 15) / 16 | 1) * 16;
 }
+// Chunk c of a weight row starts at byte c * kBytes: its copy starts at the 16-byte boundary below
+// (raw_copy_start) and the chunk raw_chunk_lead bytes into the copy's box row.
+template <class T>
+__device__ __forceinline__ int raw_copy_start(int64_t c) {
+  return int(c * WeightChunk<T>::kBytes) & ~15;
+}
+template <class T>
+__device__ __forceinline__ int raw_chunk_lead(int64_t c) {
+  return int(c * WeightChunk<T>::kBytes) & 15;
+}
 template <class T, class Tile>
 struct WgLayout {
   static constexpr int kChunkBytes = WeightChunk<T>::kBytes;
@@ -221,7 +231,7 @@ __device__ __forceinline__ void copy_operands(int copier, uint8_t* smem, const R
     for (int64_t u = 0; u < c1 - c0; ++u) {
       rawring.wait_empty(u);
       tma_load_2d(smem + Lay::kRaw + rawring.slot(u) * Lay::kRawBytes, wmap,
-                  int((c0 + u) * WeightChunk<T>::kBytes) & ~15, int(n0), &rawring.full[rawring.slot(u)],
+                  raw_copy_start<T>(c0 + u), int(n0), &rawring.full[rawring.slot(u)],
                   Lay::kRawBytes);
     }
   } else {
@@ -330,7 +340,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
       // the token orders the loads after the wait
       const uint32_t token = rawring.wait_full_token(u);
       const uint8_t* raw = smem + Lay::kRaw + rawring.slot(u) * Lay::kRawBytes + r * Lay::kRawStride +
-                           int((c * L::kBytes) & 15) + token;
+                           raw_chunk_lead<T>(c) + token;
       const int valid = int(std::min<int64_t>(L::kBlocks, blocks - c * L::kBlocks));
       const auto stage = [&](auto q) {
         constexpr int Q = decltype(q)::value;

@@ -301,9 +301,8 @@ __global__ void __launch_bounds__(kRegsThreads, 1)
     for (int i = 0; i < kMmaN / 2; ++i) acc[s][i] = 0.0f;
   typename F::Rows rows;
   const auto open_chunk = [&](int64_t u) {
-    // the copy starts at the 16-byte boundary below the chunk (raw_stride, qgemm_wgmma.cuh)
-    const uint8_t* base = smem + Lay::kRaw + rawring.slot(u) * Lay::kRawBytes +
-                          int(((c0 + u) * WeightChunk<T>::kBytes) & 15) + rawring.wait_full_token(u);
+    const uint8_t* base = smem + Lay::kRaw + rawring.slot(u) * Lay::kRawBytes + raw_chunk_lead<T>(c0 + u) +
+                          rawring.wait_full_token(u);
     F::open(base + row0 * Lay::kRawStride, base + (row0 + 8) * Lay::kRawStride, t, rows);
   };
   // stage j's MMAs on fragments f, committed as one group
