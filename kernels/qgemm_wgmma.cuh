@@ -207,14 +207,15 @@ template <int kSlots>
 struct Ring {
   uint64_t* full;
   uint64_t* empty;
-  __device__ __forceinline__ int slot(int64_t u) const { return int(u % kSlots); }
-  __device__ __forceinline__ void wait_full(int64_t u) const { mbar_wait(&full[slot(u)], uint32_t((u / kSlots) & 1)); }
+  // u counts a CTA's chunks or stages (at most K / 64 < 2^32): 32-bit division by a slot count that is
+  // not a power of two is a multiply and a shift, 64-bit about fifteen instructions
+  __device__ __forceinline__ int slot(int64_t u) const { return int(uint32_t(u) % kSlots); }
+  __device__ __forceinline__ uint32_t parity(int64_t u) const { return (uint32_t(u) / kSlots) & 1; }
+  __device__ __forceinline__ void wait_full(int64_t u) const { mbar_wait(&full[slot(u)], parity(u)); }
   __device__ __forceinline__ uint32_t wait_full_token(int64_t u) const {
-    return mbar_wait_token(&full[slot(u)], uint32_t((u / kSlots) & 1));
+    return mbar_wait_token(&full[slot(u)], parity(u));
   }
-  __device__ __forceinline__ void wait_empty(int64_t u) const {
-    mbar_wait(&empty[slot(u)], uint32_t((u / kSlots) & 1) ^ 1);
-  }
+  __device__ __forceinline__ void wait_empty(int64_t u) const { mbar_wait(&empty[slot(u)], parity(u) ^ 1); }
 };
 
 // The copy warps of both Hopper kernels (this file's and qgemm_wgmma_regs.cuh's), one thread a ring so

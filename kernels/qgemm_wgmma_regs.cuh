@@ -36,7 +36,21 @@ using RegsTileNarrow = RegsTile<64>;
 using RegsTileWide = RegsTile<128>;
 using RegsTileTall = RegsTile<256>;
 
-// Quants q0, q1 (below 2^7) in the halves of p as d * q + m in H, (d, m) = s from scale_entry: exact,
+// The quants of v & kMask (each below 2^7, in the halves of a word) as reg_pair takes them: as they are for
+// the exact conversion, else under 0x43 (bf16 2^7 + q), the mask and the bias in one LOP3 (ptxas keeps two
+// immediates as two instructions: the bias goes in as a register).
+template <bool kExact, uint32_t kMask>
+__device__ __forceinline__ uint32_t pair_quants(uint32_t v) {
+  if constexpr (kExact) {
+    return v & kMask;
+  } else {
+    uint32_t q;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(q) : "r"(v), "n"(kMask), "r"(0x43004300u));  // (v & mask) | bias
+    return q;
+  }
+}
+
+// Quants q0, q1 in the halves of p (pair_quants) as d * q + m in H, (d, m) = s from scale_entry: exact,
 // each an fp32 fma rounded to H (q through its bits under 2^23), as dequantize computes it; else in
 // bf16, as packed_pair: 0x43 over q is bf16 2^7 + q, taking 2^7 away is exact, and one fma rounds.
 template <class H, bool kExact>
@@ -47,7 +61,7 @@ __device__ __forceinline__ uint32_t reg_pair(uint32_t p, float2 s) {
     return pack_pair<H>(fmaf(s.x, q0, s.y), fmaf(s.x, q1, s.y));
   } else {
     constexpr uint32_t kOne = 0x3F803F80u, kMinusBias = 0xC300C300u;  // 1, -2^7
-    return fma_bf16x2(fma_bf16x2(p | 0x43004300u, kOne, kMinusBias), __float_as_uint(s.x),
+    return fma_bf16x2(fma_bf16x2(p, kOne, kMinusBias), __float_as_uint(s.x),
                       __float_as_uint(s.y));
   }
 }
@@ -55,6 +69,13 @@ __device__ __forceinline__ uint32_t reg_pair(uint32_t p, float2 s) {
 __device__ __forceinline__ uint32_t lds32(const void* p) {
   uint32_t v;
   asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(smem_addr(p)));
+  return v;
+}
+// the word at shared address addr + offset (a constant after unrolling: ptxas puts it in the load's
+// immediate, where a generic pointer's conversion took an add a load)
+__device__ __forceinline__ uint32_t lds32_at(uint32_t addr, int offset) {
+  uint32_t v;
+  asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr + offset));
   return v;
 }
 __device__ __forceinline__ uint32_t lds16(const void* p) {  // zero-extended into 32 bits
@@ -82,26 +103,27 @@ struct KQuantRegFragments {
                 "open's 16-byte load: every chunk starts its box row");
   static constexpr int kQs = kHasHigh ? 48 : 16;  // the quants' offset in the block (Q5_K: qh[32] first)
   struct Rows {
-    const uint8_t* block[2];  // the chunk's block of rows g and g + 8
-    uint32_t head[2][4];      // their first 16 bytes: d, dmin, the packed scales
+    uint32_t lane[2];     // the shared address of the word at 4 (t / 2) in the chunk's block of rows g and g + 8
+    uint32_t head[2][4];  // their first 16 bytes: d, dmin, the packed scales
     float d[2], dmin[2];
     uint32_t sel;  // bytes 2t, 2t + 8, 2t + 1, 2t + 9 of the words at 4 (t / 2) and + 8
   };
   __device__ __forceinline__ static void open(const uint8_t* row0, const uint8_t* row1, int t, Rows& r) {
-    r.block[0] = row0, r.block[1] = row1;
     r.sel = t % 2 ? 0x7362u : 0x5140u;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const uint4 h = lds128(r.block[i]);
+      const uint8_t* block = i == 0 ? row0 : row1;
+      r.lane[i] = smem_addr(block) + 4 * (t / 2);
+      const uint4 h = lds128(block);
       r.head[i][0] = h.x, r.head[i][1] = h.y, r.head[i][2] = h.z, r.head[i][3] = h.w;
       r.d[i] = fp16_to_float(fp16_bits(h.x & 0xFFFFu));
       r.dmin[i] = fp16_to_float(fp16_bits(h.x >> 16));
     }
   }
-  // the quants of bytes b and b + 2 of x (b = 0, 1), nibble n, sub-block j, in the halves of a word
-  template <int b, int n, int j>
+  // the quants of bytes b and b + 2 of x (b = 0, 1), nibble n, sub-block j, in the halves of a word (pair_quants)
+  template <bool kExact, int b, int n, int j>
   __device__ __forceinline__ static uint32_t quants(uint32_t x, uint32_t xh) {
-    uint32_t q = (x >> (8 * b + 4 * n)) & 0x000F000Fu;
+    uint32_t q = pair_quants<kExact, 0x000F000Fu>(x >> (8 * b + 4 * n));
     if constexpr (kHasHigh) q |= ((xh >> (8 * b + j)) & 0x00010001u) << 4;
     return q;
   }
@@ -120,15 +142,15 @@ struct KQuantRegFragments {
     for (int e = 0; e < 2; ++e)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const int word = 16 * e + 4 * (t / 2);
-        const uint8_t* q = r.block[i] + kQs + 32 * Q + word;
-        const uint32_t x = __byte_perm(lds32(q), lds32(q + 8), r.sel);
+        const int q = kQs + 32 * Q + 16 * e;
+        const uint32_t x = __byte_perm(lds32_at(r.lane[i], q), lds32_at(r.lane[i], q + 8), r.sel);
         uint32_t xh = 0;
-        if constexpr (kHasHigh) xh = __byte_perm(lds32(r.block[i] + 16 + word), lds32(r.block[i] + 24 + word), r.sel);
-        f[e][i] = reg_pair<H, kExact>(quants<0, 0, 2 * Q>(x, xh), lo[i]);  // values 2t, 2t + 1 of row i
-        f[e][2 + i] = reg_pair<H, kExact>(quants<1, 0, 2 * Q>(x, xh), lo[i]);  // 2t + 8, 2t + 9
-        f[2 + e][i] = reg_pair<H, kExact>(quants<0, 1, 2 * Q + 1>(x, xh), hi[i]);
-        f[2 + e][2 + i] = reg_pair<H, kExact>(quants<1, 1, 2 * Q + 1>(x, xh), hi[i]);
+        if constexpr (kHasHigh)
+          xh = __byte_perm(lds32_at(r.lane[i], 16 + 16 * e), lds32_at(r.lane[i], 24 + 16 * e), r.sel);
+        f[e][i] = reg_pair<H, kExact>(quants<kExact, 0, 0, 2 * Q>(x, xh), lo[i]);  // values 2t, 2t + 1 of row i
+        f[e][2 + i] = reg_pair<H, kExact>(quants<kExact, 1, 0, 2 * Q>(x, xh), lo[i]);  // 2t + 8, 2t + 9
+        f[2 + e][i] = reg_pair<H, kExact>(quants<kExact, 0, 1, 2 * Q + 1>(x, xh), hi[i]);
+        f[2 + e][2 + i] = reg_pair<H, kExact>(quants<kExact, 1, 1, 2 * Q + 1>(x, xh), hi[i]);
       }
   }
 };
@@ -188,8 +210,10 @@ struct RegFragments<QuantTraits<QType::Q6_K>> {
           const uint32_t x = pairs(b + 64 * h + 32 * half + 16 * e, r);
           const float s = r.d[i] * float(int8_t(sc >> (8 * kk)));
           const float2 entry = scale_entry<H, kExact>(s, -32.0f * s);
-          const uint32_t lo = ((x >> (4 * n)) & 0x000F000Fu) | (((xh >> (2 * quarter)) & 0x00030003u) << 4);
-          const uint32_t hi = ((x >> (8 + 4 * n)) & 0x000F000Fu) | (((xh >> (8 + 2 * quarter)) & 0x00030003u) << 4);
+          const uint32_t lo =
+              pair_quants<kExact, 0x000F000Fu>(x >> (4 * n)) | (((xh >> (2 * quarter)) & 0x00030003u) << 4);
+          const uint32_t hi =
+              pair_quants<kExact, 0x000F000Fu>(x >> (8 + 4 * n)) | (((xh >> (8 + 2 * quarter)) & 0x00030003u) << 4);
           f[kk][i] = reg_pair<H, kExact>(lo, entry);      // values 2t, 2t + 1 of row i
           f[kk][2 + i] = reg_pair<H, kExact>(hi, entry);  // 2t + 8, 2t + 9
         }
@@ -308,13 +332,15 @@ __global__ void __launch_bounds__(kRegsThreads, 1)
   // stage j's MMAs on fragments f, committed as one group
   const auto issue = [&](int64_t j, uint32_t (&f)[4][4]) {
     xring.wait_full(j);
-    const uint32_t xa = smem_addr(smem + Lay::kA + xring.slot(j) * Lay::kATileBytes);
+    // the stage's descriptor, then each MMA's as an offset in its address field (bits 0-13, the shared
+    // address / 16: under 228 KiB, plus at most 16 KiB, never carries out of it)
+    const uint64_t xd = tile_descriptor(smem_addr(smem + Lay::kA + xring.slot(j) * Lay::kATileBytes));
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kWgStageK / 16; ++kk)
 #pragma unroll
       for (int s = 0; s < Tile::kSubs; ++s)  // activation rows kMmaN s .. + kMmaN - 1, 128 bytes a row
-        wgmma_regs<H, kMmaN>(acc[s], f[kk], tile_descriptor(xa + s * kMmaN * 128 + 32 * kk));
+        wgmma_regs<H, kMmaN>(acc[s], f[kk], xd + ((s * kMmaN * 128 + 32 * kk) >> 4));
     wgmma_commit();
   };
   // stage j - 1's MMAs are done: its activations are free, and so are the fragments it read
