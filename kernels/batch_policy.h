@@ -80,24 +80,28 @@ constexpr int64_t kMaxTiledGemmRowsSmallWeight = 16;
 // 106.1; Q6_K 256 rows 92.7 against 103.7; but at 512 rows Q6_K 184.1 and IQ4_XS 171.6 against the
 // dense path's 143.1 and 133.4 (their dequantization, 6-bit and exact 8-bit, costs more per stage),
 // so it stops at 256. (Those are the shared-memory kernel's; Q6_K's register kernel, since, took 57.3 µs
-// at 256 rows on both shapes on an H100, where that kernel took 87.0 / 93.1: its chunks are not yet timed.)
+// at 256 rows on both shapes on an H100, where that kernel took 87.0 / 93.1, and its chunks now pay: below.)
 constexpr int64_t kMaxWgmmaRows = 256;
 // The formats whose threads build the wgmma GEMM's register fragments (Q4_K, Q5_K and Q6_K:
-// qgemm_wgmma_regs.cuh) take its 64-row tile from here, where the mma.sync kernels' 64-row tile would.
-// H200, L2 cold, bf16, µs, mma.sync -> register tile at 33 / 48 / 64 rows (bench/paths.py, 2026-12-06):
-// Q4_K 4096x14336 35.6 / 37.7 / 38.9 -> 28.0 / 28.9 / 29.8, 14336x4096 40.8 / 41.8 / 43.2 -> 29.4 / 29.6 /
-// 30.0; Q5_K 4096x14336 38.5 / 39.5 / 41.0 -> 33.1 / 33.3 / 34.0, 14336x4096 43.3 / 44.0 / 45.5 -> 34.2 /
-// 34.5 / 34.9. Q6_K on an H100 (2026-12-07; bf16 46.1-47.0 / 43.7-44.2): 4096x14336 47.7 / 50.6 -> 35.6 /
-// 36.4 at 33 / 64 rows, 14336x4096 56.9 / 56.9 -> 41.3 / 38.4. Not yet measured below 33 rows (the same H200
-// run had the register tile at 64 rows of 128256x4096 in 232 µs, the mma.sync 32-row tile at 32 rows in 269).
-constexpr int64_t kMinWgmmaRegsRows = 33;
+// qgemm_wgmma_regs.cuh) take it from here on weights of kLargeWeightValues or more, where the mma.sync
+// kernels' tiles would: its 32-row tile to 32 rows, its 64-row tile to 64 (smaller weights, not measured,
+// keep mma.sync). H200, L2 cold, bf16, µs, mma.sync -> register tile at 33 / 48 / 64 rows (bench/paths.py,
+// 2026-12-06): Q4_K 4096x14336 35.6 / 37.7 / 38.9 -> 28.0 / 28.9 / 29.8, 14336x4096 40.8 /
+// 41.8 / 43.2 -> 29.4 / 29.6 / 30.0; Q5_K 4096x14336 38.5 / 39.5 / 41.0 -> 33.1 / 33.3 / 34.0, 14336x4096
+// 43.3 / 44.0 / 45.5 -> 34.2 / 34.5 / 34.9. Q6_K on an H100 (2026-12-07; bf16 46.1-47.0 / 43.7-44.2):
+// 4096x14336 47.7 / 50.6 -> 35.6 / 36.4 at 33 / 64 rows, 14336x4096 56.9 / 56.9 -> 41.3 / 38.4. Below 33
+// rows, H100, 2026-12-07, mma.sync -> the 32-row register tile at 16 / 32 rows: Q4_K 4096x14336 28.1 /
+// 29.5 -> 22.9 / 23.8, 14336x4096 31.0 / 32.2 -> 23.4 / 23.5, 128256x4096 201.0 / 203.3 -> 168.8 / 179.9;
+// Q6_K 39.3 / 40.1 -> 29.7 / 29.8, 42.6 / 43.8 -> 30.2 / 30.2, 307.8 / 310.8 -> 222.3 / 224.4 (the 64-row
+// register tile there took Q4_K 24.7 / 25.4, 26.8 / 25.2, 214.7 / 190.3).
+constexpr int64_t kMinWgmmaRegsRows = 9;
 
 // Past that, launch_qgemm runs the wgmma GEMM on chunks of kMaxWgmmaRows rows, the last one what is
-// left (through the mma.sync kernels up to 64 rows), up to the catalog's wgmma rows (blocks.h), on
+// left (by the tiled GEMM's kernels up to 64 rows), up to the catalog's wgmma rows (blocks.h), on
 // weights of kMinWgmmaChunkedValues values or more whose rows hold kMinWgmmaChunkedK values or more
 // (tiled_gemm_rows_for). Each chunk reads the weight again, so that pays only where the kernel's 256
 // rows take well under the dense path's time: on large weights it takes the step at 257 rows away
-// for Q4_K and Q5_K, whose chunks stay level with or ahead of the dense path to 512 rows. Measured on
+// for Q4_K, Q5_K and Q6_K, whose chunks stay level with or ahead of the dense path to 512 rows. Measured on
 // an H100 with the chunks, L2 cold, bf16, µs, 256 rows by the wgmma GEMM, then chunks / dense path at
 // 257, 384 and 512 rows (qmatmul against dequantize + F.linear, 2026-12-05 and 06):
 //   4096x14336 Q4_K 72.3, 98.6 / 131.0, 125.3 / 146.3, 139.4 / 144.2; Q5_K 75.6, 102.6 / 141.2, 127.6 /
@@ -108,9 +112,12 @@ constexpr int64_t kMinWgmmaRegsRows = 33;
 // 101.0 / 89.6 (12 chunks of K a CTA and no K split at 96 CTAs: the pipeline's fill and drain weigh
 // more), hence kMinWgmmaChunkedK. Q2_K lost from 384 rows on 3072x12288 (87.1 / 81.0, 97.8 / 87.7) and
 // at 257 on 14336x4096 (107.6 / 105.8), though it won on 4096x14336 (103.1 / 118.4). Chunks lost where
-// the kernel's 256 rows cost more (Q6_K 4096x14336 99.9, 135.2 / 133.0, 175.7 / 148.8; Q3_K, IQ4_XS),
-// where its few-row chunk costs more (the grid formats, MXFP4 and NVFP4: 257 rows 47-48 µs over 256,
-// Q4_K 26), and for the 32-value formats past 257-384 rows (Q4_0 14336x4096: 384 rows 133.8 / 118.4).
+// the kernel's 256 rows cost more (Q6_K on the shared-memory kernel 4096x14336 99.9, 135.2 / 133.0, 175.7 /
+// 148.8; Q3_K, IQ4_XS); Q6_K's register kernel wins (H100, 2026-12-07, 384 and 512 rows, chunks / dense
+// path (bf16): 4096x14336 93.3 / 147.7 (86.2), 114.1 / 143.4 (78.1); 14336x4096 101.3 / 132.6 (62.8),
+// 117.2 / 159.3 (87.2)). Chunks lost where the few-row chunk costs more (the grid formats, MXFP4 and
+// NVFP4: 257 rows 47-48 µs over 256, Q4_K 26), and for the 32-value formats past 257-384 rows (Q4_0
+// 14336x4096: 384 rows 133.8 / 118.4).
 // Small weights lose even at 256 rows (Q4_K 3072x3072 23.3 / 22.1; 4096x4096 28.2 / 36.7, where a
 // 1-row chunk's ~14 µs would cost more than the dense path gains), so the chunks start at 2^25 values,
 // between 4096x4096 and the shapes above.

@@ -119,10 +119,12 @@ int64_t qgemm_max_rows(QType wt, FloatType xt, const void* w, const void* x, int
 namespace {
 
 // More rows than the mma.sync kernels take go to the wgmma GEMM (the policy sends them only where
-// qgemm_max_rows said it runs), and from kMinWgmmaRegsRows rows those of its register-fragment kernel.
-bool takes_wgmma(QType wt, int64_t k, int64_t rows, int device) {
+// qgemm_max_rows said it runs), and from kMinWgmmaRegsRows rows those of its register-fragment kernel, on
+// weights of kLargeWeightValues or more (where it was measured; smaller ones keep the mma.sync tiles).
+bool takes_wgmma(QType wt, int64_t n, int64_t k, int64_t rows, int device) {
 #ifdef TORCHEXT_WGMMA
-  return rows > kMaxTiledGemmRows || (rows >= kMinWgmmaRegsRows && qgemm::qgemm_wgmma_regs_supports(wt, k, device));
+  return rows > kMaxTiledGemmRows || (rows >= kMinWgmmaRegsRows && n * k >= kLargeWeightValues &&
+                                      qgemm::qgemm_wgmma_regs_supports(wt, k, device));
 #else
   return false;
 #endif
@@ -130,7 +132,7 @@ bool takes_wgmma(QType wt, int64_t k, int64_t rows, int device) {
 
 qgemm::Plan plan_for(QType wt, FloatType xt, bool exact, int64_t n, int64_t k, int64_t rows, int device) {
 #ifdef TORCHEXT_WGMMA
-  if (takes_wgmma(wt, k, rows, device)) return qgemm::qgemm_wgmma_plan(wt, n, k, rows, device);
+  if (takes_wgmma(wt, n, k, rows, device)) return qgemm::qgemm_wgmma_plan(wt, n, k, rows, device);
 #endif
   qgemm::Plan p{1, 0};
   visit_kernel_set(xt, exact, [&](auto set) { p = set.plan(wt, n, k, rows, device); });
@@ -163,7 +165,7 @@ cudaError_t launch_qgemm(QType wt, const uint8_t* w, int64_t n, int64_t k, const
   cudaError_t err = cudaErrorInvalidValue;
   const qgemm::Plan p = plan_for(wt, xt, exact, n, k, rows, device);
 #ifdef TORCHEXT_WGMMA
-  if (takes_wgmma(wt, k, rows, device))
+  if (takes_wgmma(wt, n, k, rows, device))
     err = qgemm::launch_qgemm_wgmma(wt, w, n, k, x, xt, exact, rows, p, workspace, out, stream);
   else
 #endif

@@ -1,4 +1,4 @@
-// The tiled GEMM on Hopper's warpgroup MMA for qmatmul's 65 (33: kMinWgmmaRegsRows) to kMaxWgmmaRows rows: the
+// The tiled GEMM on Hopper's warpgroup MMA for qmatmul's 65 (9: kMinWgmmaRegsRows) to kMaxWgmmaRows rows: the
 // formats with register fragments (Q4_K, Q5_K, Q6_K) by kernels/qgemm_wgmma_regs.cuh's kernel, the others by
 // kernels/qgemm_wgmma.cuh's (each file says how its kernel works). Compiled for sm_90a alone (wgmma and
 // setmaxnreg exist only there), by setup.py's own rule, when the build targets compute capability
@@ -23,6 +23,7 @@ using qgemm::kWgThreads;
 using qgemm::Plan;
 using qgemm::RegsLayout;
 using qgemm::RegsTileNarrow;
+using qgemm::RegsTileShort;
 using qgemm::RegsTileTall;
 using qgemm::RegsTileWide;
 using qgemm::WgLayout;
@@ -60,11 +61,12 @@ bool encode_map(CUtensorMap& map, CUtensorMapDataType type, const void* base, in
 }
 
 // Calls f(tile) with the tile shape that serves `rows` of format T: the register-fragment kernel's
-// (qgemm_wgmma_regs.cuh) where T has its fragments (the narrow tile up to 64 rows), else the
-// shared-memory one's; the wide tile up to 128 rows, the tall one beyond.
+// (qgemm_wgmma_regs.cuh) where T has its fragments (the short tile up to 32 rows, the narrow one up to 64),
+// else the shared-memory one's; the wide tile up to 128 rows, the tall one beyond.
 template <class T, class F>
 void visit_wgmma_tile(int64_t rows, F&& f) {
   if constexpr (kHasRegFragments<T>) {
+    if (rows <= RegsTileShort::kM) return f(RegsTileShort{});
     if (rows <= RegsTileNarrow::kM) return f(RegsTileNarrow{});
     if (rows <= RegsTileWide::kM) return f(RegsTileWide{});
     f(RegsTileTall{});

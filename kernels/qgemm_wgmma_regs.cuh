@@ -2,16 +2,17 @@
 // say how a thread builds its fragments (RegFragments below: Q4_K, Q5_K, Q6_K); qgemm_wgmma.cu launches it, and the
 // other formats take qgemm_wgmma.cuh's kernel, which stages them in shared memory.
 //
-// A CTA owns 128 weight rows x Tile::kM activation rows (64, 128, or 256 past 128 rows). Warpgroups 0 and 1
+// A CTA owns 128 weight rows x Tile::kM activation rows (32, 64, 128, or 256 past 128 rows). Warpgroups 0 and 1
 // each take 64 of the weight rows: thread (warp w, lane 4g + t) dequantizes rows 16w + g and + 8 of its
-// warpgroup's, values 2t, 2t + 1, 2t + 8, 2t + 9 of every 16, straight into the A fragment of
-// m64n64k16 or m64n128k16, and issues the MMAs against the activation stage (B, in shared memory). The fragments
-// of stage j + 1 are computed while the MMAs of stage j run. Warpgroup 2 copies: one thread the raw
+// warpgroup's, values 2t, 2t + 1, 2t + 8, 2t + 9 of every 16, straight into the A fragment of m64n32k16,
+// m64n64k16 or m64n128k16, and issues the MMAs against the activation stage (B, in shared memory). The
+// fragments of stage j + 1 are computed while the MMAs of stage j run. Warpgroup 2 copies: one thread the raw
 // weight chunks, one the activation stages, both by the tensor memory accelerator (zeros past the
 // weight's rows and K).
 // Against the shared-memory kernel this drops the dequantized tile's stores, proxy fences and
 // barriers, and the dequantizing warps' share of the register file: Q4_K 9-28% faster at 65-512
-// rows, Q6_K 25-39% at 33-256 (bench/NOTES.md, twenty-ninth and thirty-first sessions).
+// rows, Q6_K 25-39% at 33-256 (bench/NOTES.md, twenty-ninth and thirty-first sessions); below 33 rows it
+// replaced the mma.sync kernels' tiles (batch_policy.h, kMinWgmmaRegsRows).
 #pragma once
 
 #include <cstddef>
@@ -32,6 +33,7 @@ template <int M>
 struct RegsTile {
   static constexpr int kM = M, kN = 128, kMmaN = M < 128 ? M : 128, kSubs = M / kMmaN;
 };
+using RegsTileShort = RegsTile<32>;
 using RegsTileNarrow = RegsTile<64>;
 using RegsTileWide = RegsTile<128>;
 using RegsTileTall = RegsTile<256>;
@@ -251,6 +253,15 @@ struct RegsLayout {
         "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),       \
         "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                     \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
+#define TORCHEXT_WGMMA_REGS_64x32x16(TYPE)                                                                        \
+  asm volatile(                                                                                                   \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"                                                                \
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE                                                 \
+      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15},"                                  \
+      " {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"                                                              \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),  \
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])                     \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
 #define TORCHEXT_WGMMA_REGS_64x128x16(TYPE)                                                                       \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                       \
                "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " TORCHEXT_WGMMA_D64               \
@@ -260,8 +271,11 @@ struct RegsLayout {
 
 template <class H, int N>
 __device__ __forceinline__ void wgmma_regs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) {
-  static_assert(N == 64 || N == 128, "the tiles' MMA widths");
-  if constexpr (N == 64) {
+  static_assert(N == 32 || N == 64 || N == 128, "the tiles' MMA widths");
+  if constexpr (N == 32) {
+    if constexpr (std::is_same_v<H, __nv_bfloat16>) TORCHEXT_WGMMA_REGS_64x32x16("bf16");
+    else TORCHEXT_WGMMA_REGS_64x32x16("f16");
+  } else if constexpr (N == 64) {
     if constexpr (std::is_same_v<H, __nv_bfloat16>) TORCHEXT_WGMMA_REGS_64x64x16("bf16");
     else TORCHEXT_WGMMA_REGS_64x64x16("f16");
   } else {
@@ -269,6 +283,7 @@ __device__ __forceinline__ void wgmma_regs(float (&d)[N / 2], const uint32_t (&a
     else TORCHEXT_WGMMA_REGS_64x128x16("f16");
   }
 }
+#undef TORCHEXT_WGMMA_REGS_64x32x16
 #undef TORCHEXT_WGMMA_REGS_64x64x16
 #undef TORCHEXT_WGMMA_REGS_64x128x16
 

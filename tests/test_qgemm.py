@@ -70,17 +70,18 @@ SHAPES = {q: [(200, 512), (77, 1000), (1100, 2304), (300, 2048)] if q in K_QUANT
 LARGE_WEIGHT_VALUES = 1 << 23
 LARGE_SHAPE = (4100, 2048)
 # the 32-row tile (9, the default path's first tiled row count, and 17: partial; 32: full), the
-# 64-row tile (33: partial, 64: full; on compute capability 9.0 the register-fragment wgmma kernel's
-# for Q4_K, Q5_K and Q6_K), and on compute capability 9.0 the wgmma kernels' 128-row tile (65: their first row
-# count, partial; 128: full) and 256-row tile (129: partial; 256: full); elsewhere
-# these take the dense path (its chunks past 256 rows: test_chunks_are_their_rows_multiplied_alone)
+# 64-row tile (33: partial, 64: full; on compute capability 9.0 both the register-fragment wgmma
+# kernel's for Q4_K, Q5_K and Q6_K on weights of 2^23 values or more), and on compute capability 9.0
+# the wgmma kernels' 128-row tile (65: their first row count, partial; 128: full) and 256-row tile
+# (129: partial; 256: full); elsewhere these take the dense path (its chunks past 256 rows:
+# test_chunks_are_their_rows_multiplied_alone)
 ROWS = [9, 17, 32, 33, 64, 65, 128, 129, 256]
 
 
 # The catalog's wgmma rows (kernels/blocks.h): past 256 rows, in 256-row chunks, on weights of 2^25
 # values or more whose rows hold 4096 values or more (batch_policy.h, tiled_gemm_rows_for); 256 for
 # the others.
-WGMMA_MAX_ROWS = {Q.Q4_K: 512, Q.Q5_K: 512}
+WGMMA_MAX_ROWS = {Q.Q4_K: 512, Q.Q5_K: 512, Q.Q6_K: 512}
 WGMMA_CHUNKED_VALUES, WGMMA_CHUNKED_K = 1 << 25, 4096
 CHUNKED_SHAPE = (4100, 8192)  # 2^25 values and 4 x 8192 more
 
@@ -201,7 +202,7 @@ def test_split_k_is_deterministic():
 @pytest.mark.parametrize("qtype", list(WGMMA_MAX_ROWS), ids=qtype_name)
 def test_chunks_are_their_rows_multiplied_alone(qtype, exact):
     """Past 256 rows, on a weight of 2^25 values or more (rows of 4096 or more), the wgmma kernel runs
-    on 256-row chunks, the last one what is left (through the mma.sync kernels up to 64 rows), one
+    on 256-row chunks, the last one what is left (by the tiled GEMM's kernels up to 64 rows), one
     after another sharing the K-split workspace: every chunk's output rows are bit for bit those of its rows multiplied
     alone (by the tiled GEMM: with exact=False from 9 rows, fewer go to the GEMV). The rows alone are
     within the bound (test_within_the_bound)."""
