@@ -68,11 +68,6 @@ __device__ __forceinline__ uint32_t reg_pair(uint32_t p, float2 s) {
   }
 }
 
-__device__ __forceinline__ uint32_t lds32(const void* p) {
-  uint32_t v;
-  asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(smem_addr(p)));
-  return v;
-}
 // the word at shared address addr + offset (a constant after unrolling: ptxas puts it in the load's
 // immediate, where a generic pointer's conversion took an add a load)
 __device__ __forceinline__ uint32_t lds32_at(uint32_t addr, int offset) {
@@ -80,6 +75,7 @@ __device__ __forceinline__ uint32_t lds32_at(uint32_t addr, int offset) {
   asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr + offset));
   return v;
 }
+__device__ __forceinline__ uint32_t lds32(const void* p) { return lds32_at(smem_addr(p), 0); }
 __device__ __forceinline__ uint32_t lds16(const void* p) {  // zero-extended into 32 bits
   uint32_t v;
   asm("ld.shared.u16 %0, [%1];" : "=r"(v) : "r"(smem_addr(p)));
