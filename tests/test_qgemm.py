@@ -1,9 +1,10 @@
 """The tiled GEMM (kernels/qgemm.cu): qmatmul's path for 9 to 64 activation rows (from 5 rows for
 the 32- and 64-value formats on weights of 2^23 values or more; to 16 on weights under 2^23 values)
 on CUDA for fp16 and bf16 activations, and on compute capability 9.0 from 65 to 256 rows by its
-wgmma kernel, for Q4_K and Q5_K on weights of 2^25 values or more and rows of 4096 values or more
-to 512 in 256-row chunks (kernels/qgemm_wgmma.cu: the same values with the same bounds, every weight
-dequantized once into x's type, in registers for Q4_K, Q5_K and Q6_K and through shared memory for the others, and
+wgmma kernel, for Q4_K, Q5_K and Q6_K on weights of 2^25 values or more and rows of 4096 values or
+more to 512 in 256-row chunks (kernels/qgemm_wgmma.cu: the same values with the same bounds, every weight
+dequantized once into x's type, in registers for Q4_K, Q5_K and Q6_K (and from 9 rows on weights of
+2^23 values or more) and through shared memory for the others, and
 the products summed in fp32; for weights whose rows are a multiple of 16 bytes and whose 256-value
 chunk is at most 256 bytes, so not Q8_0) (kernels/batch_policy.h).
 
