@@ -120,10 +120,10 @@ namespace {
 
 // More rows than the mma.sync kernels take go to the wgmma GEMM (the policy sends them only where
 // qgemm_max_rows said it runs), and from kMinWgmmaRegsRows rows those of its register-fragment kernel, on
-// weights of kLargeWeightValues or more (where it was measured; smaller ones keep the mma.sync tiles).
+// weights of kMinWgmmaRegsValues or more (where it was measured; smaller ones keep the mma.sync tiles).
 bool takes_wgmma(QType wt, int64_t n, int64_t k, int64_t rows, int device) {
 #ifdef TORCHEXT_WGMMA
-  return rows > kMaxTiledGemmRows || (rows >= kMinWgmmaRegsRows && n * k >= kLargeWeightValues &&
+  return rows > kMaxTiledGemmRows || (rows >= kMinWgmmaRegsRows && n * k >= kMinWgmmaRegsValues &&
                                       qgemm::qgemm_wgmma_regs_supports(wt, k, device));
 #else
   return false;
@@ -166,7 +166,7 @@ cudaError_t launch_qgemm(QType wt, const uint8_t* w, int64_t n, int64_t k, const
   const qgemm::Plan p = plan_for(wt, xt, exact, n, k, rows, device);
 #ifdef TORCHEXT_WGMMA
   if (takes_wgmma(wt, n, k, rows, device))
-    err = qgemm::launch_qgemm_wgmma(wt, w, n, k, x, xt, exact, rows, p, workspace, out, stream);
+    err = qgemm::launch_qgemm_wgmma(wt, w, n, k, x, xt, exact, rows, p, workspace, out, device, stream);
   else
 #endif
     visit_kernel_set(xt, exact,

@@ -74,7 +74,7 @@ bool qgemm_wgmma_supports(QType wt, FloatType xt, const void* w, const void* x, 
 bool qgemm_wgmma_regs_supports(QType wt, int64_t k, int device);
 Plan qgemm_wgmma_plan(QType wt, int64_t n, int64_t k, int64_t rows, int device);
 cudaError_t launch_qgemm_wgmma(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* x, FloatType xt,
-                               bool exact, int64_t rows, const Plan& p, float* workspace, void* out,
+                               bool exact, int64_t rows, const Plan& p, float* workspace, void* out, int device,
                                cudaStream_t stream);
 
 // Each set is compiled in its own file only.

@@ -24,6 +24,7 @@ using qgemm::Plan;
 using qgemm::RegsLayout;
 using qgemm::RegsTileNarrow;
 using qgemm::RegsTileShort;
+using qgemm::RegsTileShortPaired;
 using qgemm::RegsTileTall;
 using qgemm::RegsTileWide;
 using qgemm::WgLayout;
@@ -60,12 +61,22 @@ bool encode_map(CUtensorMap& map, CUtensorMapDataType type, const void* base, in
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Calls f(tile) with the tile shape that serves `rows` of format T: the register-fragment kernel's
-// (qgemm_wgmma_regs.cuh) where T has its fragments (the short tile up to 32 rows, the narrow one up to 64),
-// else the shared-memory one's; the wide tile up to 128 rows, the tall one beyond.
+// Calls f(tile) with the tile shape that serves `rows` of format T against n weight rows on the device: the
+// register-fragment kernel's (qgemm_wgmma_regs.cuh) where T has its fragments (the short tile up to 32 rows, the
+// narrow one up to 64), else the shared-memory one's; the wide tile up to 128 rows, the tall one beyond.
+// The short tile runs two CTAs an SM where its output tiles alone are a wave of one CTA an SM or more: ncu has
+// half of the one-CTA loop's cycles issuing nothing (its two MMA warps a scheduler wait on their dequantizing
+// chains), and a second CTA's warps fill them. Where K splits fill the GPU instead, the pair's split count
+// doubles and its shared memory halves, and it loses. H100, L2 cold, bf16, µs, one CTA an SM -> two at 9 / 16
+// / 32 rows (bench/paths.py, 2026-12-07): 128256x4096 (1002 tiles) Q4_K 167.7 / 170.5 / 174.3 -> 147.4 /
+// 148.8 / 151.3, Q6_K 221.7 / 226.9 / 229.1 -> 200.8 / 203.1 / 210.5, Q5_K 209.5 -> 184.4 at 9; 14336x4096
+// (112 tiles) Q4_K 23.5 / 23.4 / 23.7 -> 26.2 / 26.3 / 27.3; 4096x14336 (32 tiles) 22.9 / 23.8 / 24.2 ->
+// 24.2 / 25.0 / 25.6.
 template <class T, class F>
-void visit_wgmma_tile(int64_t rows, F&& f) {
+void visit_wgmma_tile(int64_t rows, int64_t n, int device, F&& f) {
   if constexpr (kHasRegFragments<T>) {
+    if (rows <= RegsTileShort::kM && (n + RegsTileShort::kN - 1) / RegsTileShort::kN >= sm_count(device))
+      return f(RegsTileShortPaired{});
     if (rows <= RegsTileShort::kM) return f(RegsTileShort{});
     if (rows <= RegsTileNarrow::kM) return f(RegsTileNarrow{});
     if (rows <= RegsTileWide::kM) return f(RegsTileWide{});
@@ -83,11 +94,11 @@ struct WgmmaKernel {
   static constexpr int kThreads = kWgThreads;
   using Layout = WgLayout<T, Tile>;
 };
-template <class T, class H, bool kExact, int M>
-struct WgmmaKernel<T, H, kExact, qgemm::RegsTile<M>> {
-  static constexpr auto kernel = qgemm::qgemm_wgmma_regs_kernel<T, H, kExact, qgemm::RegsTile<M>>;
+template <class T, class H, bool kExact, int M, int C>
+struct WgmmaKernel<T, H, kExact, qgemm::RegsTile<M, C>> {
+  static constexpr auto kernel = qgemm::qgemm_wgmma_regs_kernel<T, H, kExact, qgemm::RegsTile<M, C>>;
   static constexpr int kThreads = qgemm::kRegsThreads;
-  using Layout = RegsLayout<T, qgemm::RegsTile<M>>;
+  using Layout = RegsLayout<T, qgemm::RegsTile<M, C>>;
 };
 
 template <class T, class H, bool kExact, class Tile>
@@ -157,12 +168,12 @@ Plan qgemm_wgmma_plan(QType wt, int64_t n, int64_t k, int64_t rows, int device) 
   Plan p{1, chunks};
   visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
-    visit_wgmma_tile<T>(rows, [&](auto tile) {
+    visit_wgmma_tile<T>(rows, n, device, [&](auto tile) {
       using Tile = decltype(tile);
       const int64_t tiles = (n + Tile::kN - 1) / Tile::kN * ((rows + Tile::kM - 1) / Tile::kM);
-      const int64_t most = sm_count(device) / tiles;  // splits whose CTAs all fit one wave
+      const int64_t most = sm_count(device) * Tile::kCtas / tiles;  // splits whose CTAs all fit one wave
       if (most < 2) return;
-      p = make_plan(n, k, rows, Tile::kM, Tile::kN, 1, device);
+      p = make_plan(n, k, rows, Tile::kM, Tile::kN, Tile::kCtas, device);
       if (p.splits > most) {
         p.chunks_per_split = (chunks + most - 1) / most;
         p.splits = int((chunks + p.chunks_per_split - 1) / p.chunks_per_split);
@@ -173,14 +184,14 @@ Plan qgemm_wgmma_plan(QType wt, int64_t n, int64_t k, int64_t rows, int device) 
 }
 
 cudaError_t launch_qgemm_wgmma(QType wt, const uint8_t* w, int64_t n, int64_t k, const void* x, FloatType xt,
-                               bool exact, int64_t rows, const Plan& p, float* workspace, void* out,
+                               bool exact, int64_t rows, const Plan& p, float* workspace, void* out, int device,
                                cudaStream_t stream) {
   cudaError_t err = cudaErrorInvalidValue;
   visit_weight_format(wt, [&](auto traits) {
     using T = decltype(traits);
     const int64_t row_bytes = weight_row_bytes<T>(k);
     const GemmArgs args{w, n, k, row_bytes, row_bytes * n, x, rows, p.chunks_per_split, workspace, out};
-    visit_wgmma_tile<T>(rows, [&](auto tile) {
+    visit_wgmma_tile<T>(rows, n, device, [&](auto tile) {
       using Tile = decltype(tile);
       if (xt != FloatType::BF16) err = launch_kernel<T, __half, true, Tile>(args, p, xt, stream);
       else if (exact || !kComputesInBf16<T>) err = launch_kernel<T, __nv_bfloat16, true, Tile>(args, p, xt, stream);

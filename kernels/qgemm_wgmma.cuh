@@ -46,7 +46,7 @@ static_assert((kMathRegs - kLaunchRegs) * 256 <= (kLaunchRegs - kDequantRegs) * 
 // kM activation rows x kN weight rows; each consumer warpgroup runs kSubM x kSubN m64n128 MMAs a step.
 template <int M, int N>
 struct WgTile {
-  static constexpr int kM = M, kN = N;
+  static constexpr int kM = M, kN = N, kCtas = 1;  // one CTA an SM
   static constexpr int kSubM = M / 128, kSubN = N / 128;
   static_assert(kSubM * kSubN == 2, "two 64 x 128 accumulator sets a consumer thread: kMathRegs");
   static constexpr int kHalves = N / 128;  // half stages each of the 256 dequantizing threads computes

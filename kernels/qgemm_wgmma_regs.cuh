@@ -23,17 +23,23 @@ namespace torchext::qgemm {
 namespace {
 
 constexpr int kRegsThreads = 3 * 128;
-// 168 a thread at launch (384 threads); the copy warpgroup gives back what the MMA warpgroups take.
-constexpr int kRegsLaunchRegs = 168, kRegsCopyRegs = 40, kRegsMathRegs = 232;
-static_assert((kRegsMathRegs - kRegsLaunchRegs) * 256 <= (kRegsLaunchRegs - kRegsCopyRegs) * 128,
-              "the MMA warpgroups take no more registers than the copy warpgroup gives back");
 
-// kSubs m64n(kMmaN) MMAs a 16-value step
-template <int M>
+// kSubs m64n(kMmaN) MMAs a 16-value step; kCtas CTAs an SM. Registers: kLaunchRegs a thread at launch (the
+// register file's share of kCtas x 384 threads), of which the copy warpgroup keeps kCopyRegs and gives the rest
+// to the MMA warpgroups (kMathRegs): 168, 40 and 232 at one CTA an SM, 80, 24 and 104 at two.
+template <int M, int Ctas = 1>
 struct RegsTile {
-  static constexpr int kM = M, kN = 128, kMmaN = M < 128 ? M : 128, kSubs = M / kMmaN;
+  static constexpr int kM = M, kN = 128, kMmaN = M < 128 ? M : 128, kSubs = M / kMmaN, kCtas = Ctas;
+  static constexpr int kLaunchRegs = 65536 / (kRegsThreads * kCtas) / 8 * 8;
+  static constexpr int kCopyRegs = kCtas == 1 ? 40 : 24;
+  static constexpr int kMathRegs = (kLaunchRegs + (kLaunchRegs - kCopyRegs) / 2) / 8 * 8;
+  static_assert((kMathRegs - kLaunchRegs) * 256 <= (kLaunchRegs - kCopyRegs) * 128,
+                "the MMA warpgroups take no more registers than the copy warpgroup gives back");
 };
 using RegsTileShort = RegsTile<32>;
+// The 32-row tile at two CTAs an SM (qgemm_wgmma.cu, visit_wgmma_tile, says where): its 16 accumulators a
+// thread fit the 104 registers (ptxas: no spills, for Q4_K, Q5_K and Q6_K, bf16 and fp16, exact or not).
+using RegsTileShortPaired = RegsTile<32, 2>;
 using RegsTileNarrow = RegsTile<64>;
 using RegsTileWide = RegsTile<128>;
 using RegsTileTall = RegsTile<256>;
@@ -228,13 +234,15 @@ struct RegsLayout {
   static constexpr int kRawStride = raw_stride(WeightChunk<T>::kBytes);
   static constexpr int kATileBytes = Tile::kM * kWgStageK * 2, kRawBytes = Tile::kN * kRawStride;
   static constexpr int kRawSlots = 3, kBarrierBytes = 256, kAlignBytes = 1024;  // 2 x 11 barriers at most
+  // the opt-in limit at one CTA an SM; at two, half of the SM's 228 KiB less the 1 KiB each CTA reserves
+  static constexpr int kLimit = Tile::kCtas == 1 ? kSmemLimit : 228 * 1024 / Tile::kCtas - 1024;
   static constexpr int kASlots =
-      std::min(8, (kSmemLimit - kAlignBytes - kBarrierBytes - kRawSlots * kRawBytes) / kATileBytes);
+      std::min(8, (kLimit - kAlignBytes - kBarrierBytes - kRawSlots * kRawBytes) / kATileBytes);
   static constexpr int kA = 0;
   static constexpr int kRaw = kA + kASlots * kATileBytes;
   static constexpr int kBarriers = kRaw + kRawSlots * kRawBytes;
   static constexpr int kBytes = kBarriers + kBarrierBytes + kAlignBytes;
-  static_assert(kASlots >= 4 && kBytes <= kSmemLimit, "a chunk's activation stages and the raw ring fit a Hopper CTA");
+  static_assert(kASlots >= 4 && kBytes <= kLimit, "a chunk's activation stages and the raw ring fit a Hopper CTA");
 };
 
 // d[N / 2] += a (registers: this thread's part of 64 rows x 16 values) * b[N x 16]^T (descriptor).
@@ -296,7 +304,7 @@ __device__ __forceinline__ void keep_fragments(uint32_t (&f)[4][4]) {
 // whole chunks (RegFragments' formats are 256-value blocks): past the row's end the box holds zeros,
 // which decode to zero.
 template <class T, class H, bool kExact, class Tile>
-__global__ void __launch_bounds__(kRegsThreads, 1)
+__global__ void __launch_bounds__(kRegsThreads, Tile::kCtas)
     qgemm_wgmma_regs_kernel(GemmArgs a, const __grid_constant__ CUtensorMap xmap,
                             const __grid_constant__ CUtensorMap wmap) {
   using Lay = RegsLayout<T, Tile>;
@@ -320,12 +328,12 @@ __global__ void __launch_bounds__(kRegsThreads, 1)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   if (warp >= 8) {  // copies: warps 8 and 9, one thread each
-    regs_dec<kRegsCopyRegs>();
+    regs_dec<Tile::kCopyRegs>();
     if (warp < 10 && lane == 0) copy_operands<T, Lay>(warp - 8, smem, rawring, xring, &wmap, &xmap, c0, c1, n0, m0);
     return;
   }
 
-  regs_inc<kRegsMathRegs>();
+  regs_inc<Tile::kMathRegs>();
   const int cw = warp / 4, g = lane / 4, t = lane % 4, tid = threadIdx.x % 128;
   const int row0 = 64 * cw + 16 * (warp % 4) + g;  // the thread's weight rows: row0, row0 + 8
   constexpr int kMmaN = Tile::kMmaN;

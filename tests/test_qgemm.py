@@ -4,7 +4,7 @@ on CUDA for fp16 and bf16 activations, and on compute capability 9.0 from 65 to 
 wgmma kernel, for Q4_K, Q5_K and Q6_K on weights of 2^25 values or more and rows of 4096 values or
 more to 512 in 256-row chunks (kernels/qgemm_wgmma.cu: the same values with the same bounds, every weight
 dequantized once into x's type, in registers for Q4_K, Q5_K and Q6_K (and from 9 rows on weights of
-2^23 values or more) and through shared memory for the others, and
+2^22 values or more) and through shared memory for the others, and
 the products summed in fp32; for weights whose rows are a multiple of 16 bytes and whose 256-value
 chunk is at most 256 bytes, so not Q8_0) (kernels/batch_policy.h).
 
@@ -150,6 +150,28 @@ def test_within_the_bound(qtype, rows, dtype, exact):
             assert_within_bound(y, x, W, None if exact else offset_oracle(w, qtype, n, k))
         else:
             assert_within_dense_bound(y, x, W)
+
+
+@pytest.mark.parametrize("qtype", list(WGMMA_MAX_ROWS), ids=qtype_name)
+def test_register_kernel_short_tile_within_the_bound(qtype):
+    """On compute capability 9.0 the register kernel's 32-row tile serves 9-32 rows of Q4_K, Q5_K and
+    Q6_K on weights of 2^22 values or more (test_within_the_bound's shapes are smaller at 9-16 rows),
+    two CTAs an SM where its 128-row output tiles number the GPU's SMs or more
+    (qgemm_wgmma.cu, visit_wgmma_tile); on other GPUs the mma.sync tiles serve them. Within the tiled
+    GEMM's bound either way."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for (n, k), row_counts in (((2052, 2048), (9, 16)), ((sms * 128 + 4, 2048), (9, 17, 32))):
+        w = random_weight(qtype, n, k, seed=n)
+        W = dequant_oracle(w, qtype, n, k)
+        M = offset_oracle(w, qtype, n, k)
+        wc = w.cuda()
+        for rows in row_counts:
+            for dtype in HALF_DTYPES:
+                x = gaussian_activations((rows, k), seed=rows).to(dtype)
+                for exact in (True, False):
+                    y = torchext.qmatmul(wc, int(qtype), x.cuda(), n, k, exact=exact)
+                    assert takes_tiled_gemm(qtype, n, k, rows)
+                    assert_within_bound(y, x, W, None if exact else M)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
