@@ -82,17 +82,17 @@ constexpr int64_t kMaxTiledGemmRowsSmallWeight = 16;
 // so it stops at 256. (Those are the shared-memory kernel's; Q6_K's register kernel, since, took 57.3 µs
 // at 256 rows on both shapes on an H100, where that kernel took 87.0 / 93.1, and its chunks now pay: below.)
 constexpr int64_t kMaxWgmmaRows = 256;
-// The formats whose threads build the wgmma GEMM's register fragments (Q4_K, Q5_K and Q6_K:
-// qgemm_wgmma_regs.cuh) take it from here on weights of kMinWgmmaRegsValues or more, where the mma.sync
-// kernels' tiles would: its 32-row tile to 32 rows, its 64-row tile to 64. H200, L2 cold, bf16, µs,
-// mma.sync -> register tile at 33 / 48 / 64 rows (bench/paths.py, 2026-12-06): Q4_K 4096x14336 35.6 / 37.7 / 38.9 -> 28.0 / 28.9 / 29.8, 14336x4096 40.8 /
-// 41.8 / 43.2 -> 29.4 / 29.6 / 30.0; Q5_K 4096x14336 38.5 / 39.5 / 41.0 -> 33.1 / 33.3 / 34.0, 14336x4096
-// 43.3 / 44.0 / 45.5 -> 34.2 / 34.5 / 34.9. Q6_K on an H100 (2026-12-07; bf16 46.1-47.0 / 43.7-44.2):
-// 4096x14336 47.7 / 50.6 -> 35.6 / 36.4 at 33 / 64 rows, 14336x4096 56.9 / 56.9 -> 41.3 / 38.4. Below 33
-// rows, H100, 2026-12-07, mma.sync -> the 32-row register tile at 16 / 32 rows: Q4_K 4096x14336 28.1 /
-// 29.5 -> 22.9 / 23.8, 14336x4096 31.0 / 32.2 -> 23.4 / 23.5, 128256x4096 201.0 / 203.3 -> 168.8 / 179.9;
-// Q6_K 39.3 / 40.1 -> 29.7 / 29.8, 42.6 / 43.8 -> 30.2 / 30.2, 307.8 / 310.8 -> 222.3 / 224.4 (the 64-row
-// register tile there took Q4_K 24.7 / 25.4, 26.8 / 25.2, 214.7 / 190.3).
+// The formats whose threads build the wgmma GEMM's register fragments (Q4_K, Q5_K and Q6_K: qgemm_wgmma_regs.cuh)
+// take it from here on weights of kMinWgmmaRegsValues or more, where the mma.sync kernels' tiles would: its 32-row
+// tile to 32 rows, its 64-row tile to 64. H200, L2 cold, bf16, µs, mma.sync -> register tile at 33 / 48 / 64 rows
+// (bench/paths.py, 2026-12-06): Q4_K 4096x14336 35.6 / 37.7 / 38.9 -> 28.0 / 28.9 / 29.8, 14336x4096 40.8 / 41.8 /
+// 43.2 -> 29.4 / 29.6 / 30.0; Q5_K 4096x14336 38.5 / 39.5 / 41.0 -> 33.1 / 33.3 / 34.0, 14336x4096 43.3 / 44.0 /
+// 45.5 -> 34.2 / 34.5 / 34.9. Q6_K on an H100 (2026-12-07; bf16 46.1-47.0 / 43.7-44.2): 4096x14336 47.7 / 50.6 ->
+// 35.6 / 36.4 at 33 / 64 rows, 14336x4096 56.9 / 56.9 -> 41.3 / 38.4. Below 33 rows, H100, 2026-12-07, mma.sync ->
+// the 32-row register tile at 16 / 32 rows: Q4_K 4096x14336 28.1 / 29.5 -> 22.9 / 23.8, 14336x4096 31.0 / 32.2 ->
+// 23.4 / 23.5, 128256x4096 201.0 / 203.3 -> 168.8 / 179.9; Q6_K 39.3 / 40.1 -> 29.7 / 29.8, 42.6 / 43.8 -> 30.2 /
+// 30.2, 307.8 / 310.8 -> 222.3 / 224.4 (the 64-row register tile there took Q4_K 24.7 / 25.4, 26.8 / 25.2, 214.7 /
+// 190.3).
 // Weights of 2^22 values to kLargeWeightValues, which the tiled GEMM serves to 16 rows, gain as much (H100,
 // 2026-12-07, mma.sync -> the 32-row register tile at 9 / 12 / 16 rows, two runs alike, bf16 5.7-8.5):
 // Q4_K 2048x2048 7.5 / 8.2 / 8.4 -> 5.8 / 6.6 / 6.7, 1024x4096 8.2 / 8.2 / 8.3 -> 6.6 / 6.5 / 6.6, 4096x1024

@@ -234,8 +234,9 @@ struct RegsLayout {
   static constexpr int kRawStride = raw_stride(WeightChunk<T>::kBytes);
   static constexpr int kATileBytes = Tile::kM * kWgStageK * 2, kRawBytes = Tile::kN * kRawStride;
   static constexpr int kRawSlots = 3, kBarrierBytes = 256, kAlignBytes = 1024;  // 2 x 11 barriers at most
-  // the opt-in limit at one CTA an SM; at two, half of the SM's 228 KiB less the 1 KiB each CTA reserves
-  static constexpr int kLimit = Tile::kCtas == 1 ? kSmemLimit : 228 * 1024 / Tile::kCtas - 1024;
+  // an SM's 228 KiB (kSmemLimit, a CTA's opt-in limit, and the 1 KiB the SM reserves a CTA) over kCtas CTAs,
+  // less each one's reserved 1 KiB
+  static constexpr int kLimit = (kSmemLimit + 1024) / Tile::kCtas - 1024;
   static constexpr int kASlots =
       std::min(8, (kLimit - kAlignBytes - kBarrierBytes - kRawSlots * kRawBytes) / kATileBytes);
   static constexpr int kA = 0;
