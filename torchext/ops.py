@@ -537,7 +537,7 @@ def gemv_max_rows(x: torch.Tensor, n: int, qtype) -> int:
     k = x.shape[-1]
     if x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and k % 8 == 0:
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        first = _tiled_gemm_first_row(int(QType.of(qtype)), n, k, x.dtype == torch.bfloat16, index)
+        first = _tiled_gemm_first_row(int(QType.of(qtype)), int(n), int(k), x.dtype == torch.bfloat16, index)
         if first:
             return first - 1
     return gemv_max_tokens(x, qtype)
