@@ -6,6 +6,9 @@
 #include <exception>
 
 #include "csrc/cpu/kernels.h"
+#ifdef USE_CUDA
+#include "kernels/qgemm.cuh"
+#endif
 
 namespace {
 
@@ -19,8 +22,29 @@ PyObject* cpu_kernels(PyObject*, PyObject*) {
   }
 }
 
+#ifdef USE_CUDA
+// _C.tiled_gemm_first_row(qtype, n, k, bf16, device): the first activation row that qmatmul sends to the tiled
+// GEMM rather than the GEMVs for an n x k weight of format qtype (a catalog id) and fp16 or bf16 activations on
+// the CUDA device, with both operands 16-byte aligned (0: the tiled GEMM does not run there). The batch policy's
+// own answer (qgemm_first_row), so that torchext.ops.gemv_max_rows needs no copy of its rules.
+PyObject* tiled_gemm_first_row(PyObject*, PyObject* args) {
+  long long qtype = 0, n = 0, k = 0;
+  int bf16 = 0, device = 0;
+  if (!PyArg_ParseTuple(args, "LLLpi", &qtype, &n, &k, &bf16, &device)) return nullptr;
+  alignas(16) static const uint8_t aligned[16] = {};  // stands for both operands: only their alignment is read
+  const int64_t first = torchext::qgemm_first_row(torchext::QType(qtype),
+                                                  bf16 ? torchext::FloatType::BF16 : torchext::FloatType::F16,
+                                                  aligned, aligned, n, k, device);
+  return PyLong_FromLongLong(first);
+}
+#endif
+
 PyMethodDef methods[] = {
     {"cpu_kernels", cpu_kernels, METH_NOARGS, "The CPU kernels torchext's GEMVs run (TORCHEXT_CPU_KERNELS's names)."},
+#ifdef USE_CUDA
+    {"tiled_gemm_first_row", tiled_gemm_first_row, METH_VARARGS,
+     "The first activation row qmatmul's tiled GEMM takes (qtype, n, k, bf16, device); 0: it does not run."},
+#endif
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -8,7 +8,8 @@
 //   check_ids(rows, count, n, bound)                         ids in [0, n), where it costs no sync
 //   gemv_rows(wt)                                            the most rows its GEMV takes where no tiled GEMM runs
 //   runs_tiled_gemm(xt, w, x, k), tiled_gemm_rows(wt, ...)   whether the tiled GEMM takes these operands, and the
-//                                                            most rows it takes for qmatmul (0: it does not run)
+//   tiled_gemm_first_row(wt, xt, w, x, n, k)                 most rows and the first row it takes for qmatmul (0:
+//                                                            it does not run)
 //   kIdsOnHost                                               qmatmul_id groups slots by expert on the host (CPU);
 //                                                            otherwise on the device: gemv_q8_1_id, tiled_gemm_id
 //                                                            and copy_expert_rows, no host sync
@@ -183,8 +184,10 @@ struct Ops {
     check_same_device(w, "w", x, "x");
     const int64_t rows = leading_rows(x);
     if (rows == 0) return torch::stable::new_empty(x, with_last_dim(x, n));
-    const MatmulPath path = choose_matmul_path(rows, n, k, int(f.values), Backend::gemv_rows(f.type),
-                                               Backend::tiled_gemm_rows(f.type, xt, w, x, k), exact);
+    const MatmulPath path =
+        choose_matmul_path(rows, n, k, Backend::gemv_rows(f.type),
+                           Backend::tiled_gemm_first_row(f.type, xt, w, x, n, k),
+                           Backend::tiled_gemm_rows(f.type, xt, w, x, k), exact);
     if (path == MatmulPath::TiledGemm) {
       if constexpr (Backend::kHasTiledGemm) {
         Tensor out = torch::stable::new_empty(x, with_last_dim(x, n));

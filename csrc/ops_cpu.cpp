@@ -32,6 +32,7 @@ struct CpuBackend {
   static constexpr bool kHasTiledGemm = false;
   static bool runs_tiled_gemm(FloatType, const Tensor&, const Tensor&, int64_t) { return false; }
   static int64_t tiled_gemm_rows(QType, FloatType, const Tensor&, const Tensor&, int64_t) { return 0; }
+  static int64_t tiled_gemm_first_row(QType, FloatType, const Tensor&, const Tensor&, int64_t, int64_t) { return 0; }
 
   static void quantize_q8_1(Context&, const void* x, FloatType xt, int64_t rows, int64_t k, block_q8_1* out) {
     cpu::quantize_q8_1(x, xt, rows, k, out);

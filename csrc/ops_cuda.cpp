@@ -92,6 +92,9 @@ struct CudaBackend {
   static int64_t tiled_gemm_rows(QType wt, FloatType xt, const Tensor& w, const Tensor& x, int64_t k) {
     return qgemm_max_rows(wt, xt, w.data_ptr(), x.data_ptr(), k, w.get_device_index());
   }
+  static int64_t tiled_gemm_first_row(QType wt, FloatType xt, const Tensor& w, const Tensor& x, int64_t n, int64_t k) {
+    return qgemm_first_row(wt, xt, w.data_ptr(), x.data_ptr(), n, k, w.get_device_index());
+  }
   // out [rows, n] in x's type; a K-split plan's fp32 partial sums go to a workspace from torch's allocator.
   static void tiled_gemm(Context& c, QType wt, const Tensor& w, int64_t n, int64_t k, const Tensor& x, FloatType xt,
                          bool exact, int64_t rows, const Tensor& out) {

@@ -101,6 +101,10 @@ constexpr int64_t kMaxWgmmaRows = 256;
 // Smaller ones, not measured, keep mma.sync.
 constexpr int64_t kMinWgmmaRegsRows = 9;
 constexpr int64_t kMinWgmmaRegsValues = int64_t(1) << 22;
+// ... and from kMinRegsGemmRowsLargeWeight rows, in place of the GEMVs, on weights of kMinRegsGemmEarlyValues or
+// more (tiled_gemm_first_row below says why).
+constexpr int64_t kMinRegsGemmRowsLargeWeight = 5;
+constexpr int64_t kMinRegsGemmEarlyValues = int64_t(1) << 25;
 
 // Past that, launch_qgemm runs the wgmma GEMM on chunks of kMaxWgmmaRows rows, the last one what is
 // left (by the tiled GEMM's kernels up to 64 rows), up to the catalog's wgmma rows (blocks.h), on
@@ -162,15 +166,28 @@ inline int64_t wgmma_max_rows(QType t) { return catalog_rows(t).wgmma_rows; }
 // threads and 0.57-0.74x on one keep 16.
 inline int64_t cpu_max_gemv_rows(QType t) { return catalog_rows(t).cpu_gemv_rows; }
 
-// The most rows of an n x k product that qmatmul sends to the GEMVs; block_values: the weight
-// format's values per block (256, or 32 and NVFP4's 64).
-// gemv_rows: the most rows the backend's GEMV takes where the tiled GEMM does not run (kMaxGemvRows
-// on CUDA, cpu_max_gemv_rows on the CPU); tiled_gemm_rows: the most rows the tiled GEMM takes for
-// these operands (0: it does not run; kMaxTiledGemmRows, or wgmma_max_rows where the wgmma GEMM runs).
-inline int64_t max_gemv_rows(int64_t gemv_rows, int64_t tiled_gemm_rows, int64_t n, int64_t k, int block_values) {
-  if (tiled_gemm_rows == 0) return gemv_rows;
-  const bool small_blocks_large_weight = block_values < 256 && n * k >= kLargeWeightValues;
-  return (small_blocks_large_weight ? kMinTiledGemmRowsSmallBlocks : kMinTiledGemmRows) - 1;
+// The first row the tiled GEMM takes from the GEMVs on an n x k weight of block_values values a block (256,
+// or 32 and NVFP4's 64); register_kernel: the register-fragment wgmma kernel takes the weight's rows
+// (qgemm_wgmma_regs_supports). The register kernel's 32-row tile takes the same time at 5 rows as at 9 (its
+// tile is a fixed cost), where the GEMVs' grows with the rows: on weights of kMinRegsGemmEarlyValues or more
+// it serves from kMinRegsGemmRowsLargeWeight rows. H100, L2 cold, bf16, µs, GEMV -> register tile at 5 / 6 /
+// 8 rows (bench/paths.py, 2026-12-07): Q4_K 4096x14336 27.5 / 28.9 / 31.3 -> 23.4 / 23.5 / 23.5, 14336x4096
+// 29.7 / 30.7 / 32.3 -> 23.5, 128256x4096 209.0 / 217.6 / 235.5 -> 151.1 / 151.6 / 147.6 (two CTAs an SM);
+// Q5_K 29.6 / 31.2 / 33.6 -> 28.1 / 28.2 / 28.2, 31.3 / 32.5 / 34.4 -> 28.6 / 28.5 / 28.5, 239.9 / 249.6 /
+// 266.9 -> 183.7 / 184.9 / 186.0; Q6_K 43.4 / 45.3 / 47.1 -> 30.3 / 30.1 / 30.3, 47.6 / 50.0 / 52.0 -> 30.5 /
+// 31.0 / 31.0, 356.5 / 366.2 / 378.9 -> 204.4 / 202.6 / 205.6. On 4096x4096 (2^24 values) the GEMVs stay
+// ahead of or level with it to 6 rows for Q4_K and to 8 for Q5_K (Q5_K 11.8 / 12.2 / 12.7 -> 12.9 / 12.8 /
+// 13.0), so the early start needs 2^25 values.
+inline int64_t tiled_gemm_first_row(int block_values, int64_t n, int64_t k, bool register_kernel) {
+  if (register_kernel && n * k >= kMinRegsGemmEarlyValues) return kMinRegsGemmRowsLargeWeight;
+  return block_values < 256 && n * k >= kLargeWeightValues ? kMinTiledGemmRowsSmallBlocks : kMinTiledGemmRows;
+}
+
+// The most rows of a product that qmatmul sends to the GEMVs. gemv_rows: the most rows the backend's GEMV
+// takes where the tiled GEMM does not run (kMaxGemvRows on CUDA, cpu_max_gemv_rows on the CPU);
+// tiled_first_row: the first row the tiled GEMM takes for these operands (0: it does not run).
+inline int64_t max_gemv_rows(int64_t gemv_rows, int64_t tiled_first_row) {
+  return tiled_first_row == 0 ? gemv_rows : tiled_first_row - 1;
 }
 
 // The most rows the tiled GEMM takes on an n x k weight, of the backend's tiled_gemm_rows: to
@@ -184,9 +201,9 @@ inline int64_t tiled_gemm_rows_for(int64_t tiled_gemm_rows, int64_t n, int64_t k
 }
 
 // exact: the caller asked for unrounded activations (qmatmul's `exact`), so never the GEMVs.
-inline MatmulPath choose_matmul_path(int64_t rows, int64_t n, int64_t k, int block_values, int64_t gemv_rows,
+inline MatmulPath choose_matmul_path(int64_t rows, int64_t n, int64_t k, int64_t gemv_rows, int64_t tiled_first_row,
                                      int64_t tiled_gemm_rows, bool exact) {
-  if (!exact && rows <= max_gemv_rows(gemv_rows, tiled_gemm_rows, n, k, block_values)) return MatmulPath::Gemv;
+  if (!exact && rows <= max_gemv_rows(gemv_rows, tiled_first_row)) return MatmulPath::Gemv;
   return rows <= tiled_gemm_rows_for(tiled_gemm_rows, n, k) ? MatmulPath::TiledGemm : MatmulPath::Dense;
 }
 

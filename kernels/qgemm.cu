@@ -108,6 +108,18 @@ bool qgemm_supports(FloatType xt, const void* w, const void* x, int64_t k, int d
          reinterpret_cast<uintptr_t>(x) % 16 == 0;
 }
 
+int64_t qgemm_first_row(QType wt, FloatType xt, const void* w, const void* x, int64_t n, int64_t k, int device) {
+  if (!qgemm_supports(xt, w, x, k, device)) return 0;
+  bool register_kernel = false;  // the wgmma GEMM's register-fragment kernel takes these operands
+#ifdef TORCHEXT_WGMMA
+  register_kernel =
+      qgemm::qgemm_wgmma_supports(wt, xt, w, x, k, device) && qgemm::qgemm_wgmma_regs_supports(wt, k, device);
+#endif
+  int block_values = 0;
+  visit_weight_format(wt, [&](auto traits) { block_values = decltype(traits)::kValues; });
+  return tiled_gemm_first_row(block_values, n, k, register_kernel);
+}
+
 int64_t qgemm_max_rows(QType wt, FloatType xt, const void* w, const void* x, int64_t k, int device) {
   if (!qgemm_supports(xt, w, x, k, device)) return 0;
 #ifdef TORCHEXT_WGMMA
@@ -120,10 +132,12 @@ namespace {
 
 // More rows than the mma.sync kernels take go to the wgmma GEMM (the policy sends them only where
 // qgemm_max_rows said it runs), and from kMinWgmmaRegsRows rows those of its register-fragment kernel, on
-// weights of kMinWgmmaRegsValues or more (where it was measured; smaller ones keep the mma.sync tiles).
+// weights of kMinWgmmaRegsValues or more (where it was measured; smaller ones keep the mma.sync tiles), from
+// kMinRegsGemmRowsLargeWeight on those of kMinRegsGemmEarlyValues or more.
 bool takes_wgmma(QType wt, int64_t n, int64_t k, int64_t rows, int device) {
 #ifdef TORCHEXT_WGMMA
-  return rows > kMaxTiledGemmRows || (rows >= kMinWgmmaRegsRows && n * k >= kMinWgmmaRegsValues &&
+  const int64_t first = n * k >= kMinRegsGemmEarlyValues ? kMinRegsGemmRowsLargeWeight : kMinWgmmaRegsRows;
+  return rows > kMaxTiledGemmRows || (rows >= first && n * k >= kMinWgmmaRegsValues &&
                                       qgemm::qgemm_wgmma_regs_supports(wt, k, device));
 #else
   return false;

@@ -23,6 +23,11 @@ bool qgemm_supports(FloatType xt, const void* w, const void* x, int64_t k, int d
 // says yes (past kMaxWgmmaRows in chunks of that many rows), else kMaxTiledGemmRows (batch_policy.h).
 int64_t qgemm_max_rows(QType wt, FloatType xt, const void* w, const void* x, int64_t k, int device);
 
+// The first activation row launch_qgemm takes from the GEMVs for these operands of an n x k weight: 0 where
+// qgemm_supports says no, else batch_policy.h's tiled_gemm_first_row (earlier where the register-fragment
+// wgmma kernel takes the weight).
+int64_t qgemm_first_row(QType wt, FloatType xt, const void* w, const void* x, int64_t n, int64_t k, int device);
+
 // fp32 values of scratch memory launch_qgemm needs for these sizes (0: none).
 int64_t qgemm_workspace_floats(QType wt, FloatType xt, bool exact, int64_t n, int64_t k, int64_t rows, int device);
 

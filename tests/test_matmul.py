@@ -67,11 +67,28 @@ from torchext.formats import QType, block_values
 # kernels/batch_policy.h: the Q8_1 GEMVs (DP4A or int8 MMA) serve up to 16 rows on CUDA (the CPU's
 # limit is the format's: conftest.gemv_rows), or up to 8 where the tiled GEMM runs (CUDA, fp16/bf16, K
 # a multiple of 8, aligned operands: every GPU these tests run on is sm_80 or newer), and up to 4 there
-# for the 32- and 64-value formats on weights of 2^23 values or more; more rows are unrounded.
+# for the 32- and 64-value formats on weights of 2^23 values or more, and for Q4_K, Q5_K and Q6_K on
+# weights of 2^25 values or more where the register-fragment wgmma kernel takes them (compute capability
+# 9.0, a build with its sm_90a code, rows a multiple of 16 bytes); more rows are unrounded.
 MAX_GEMV_ROWS = 16
 TILED_GEMM_MIN_ROWS = 9
 TILED_GEMM_MIN_ROWS_SMALL_BLOCKS = 5
 LARGE_WEIGHT_VALUES = 1 << 23
+REGISTER_KERNEL_QTYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
+REGISTER_KERNEL_MIN_ROWS_LARGE_WEIGHT, REGISTER_KERNEL_EARLY_VALUES = 5, 1 << 25
+
+
+def runs_register_kernel(device, qtype, k) -> bool:
+    """Whether the register-fragment wgmma kernel takes qtype's rows of k values on device (CUDA):
+    compute capability 9.0, torchext built for it (torchext/_build_info.py, which setup.py writes), and
+    rows a multiple of 16 bytes (its copies by the tensor memory accelerator)."""
+    try:
+        from torchext import _build_info
+        built = "sm_90" in _build_info.CUDA_TARGETS
+    except ImportError:
+        built = False
+    return (built and torch.cuda.get_device_capability(torch.device(device)) == (9, 0)
+            and Q(int(qtype)) in REGISTER_KERNEL_QTYPES and row_bytes(qtype, k) % 16 == 0)
 
 
 def takes_gemv(rows, device, dtype, n, k, qtype, aligned=True) -> bool:
@@ -80,6 +97,8 @@ def takes_gemv(rows, device, dtype, n, k, qtype, aligned=True) -> bool:
     pieces)."""
     if not (aligned and torch.device(device).type == "cuda" and dtype != torch.float32 and k % 8 == 0):
         return rows <= gemv_rows(qtype, device)
+    if n * k >= REGISTER_KERNEL_EARLY_VALUES and runs_register_kernel(device, qtype, k):
+        return rows < REGISTER_KERNEL_MIN_ROWS_LARGE_WEIGHT
     if block_values(qtype) < 256 and n * k >= LARGE_WEIGHT_VALUES:
         return rows < TILED_GEMM_MIN_ROWS_SMALL_BLOCKS
     return rows < TILED_GEMM_MIN_ROWS
@@ -580,21 +599,24 @@ def test_qmatmul_q8_1_is_qmatmuls_gemv_path(qtype, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("qtype, n, k", [(Q.Q4_K, 6, 256), (Q.Q4_K, 600, 256), (Q.Q4_K, 40, 300), (Q.Q8_0, 40, 256),
-                                         (Q.Q8_0, 1024, 8192), (Q.NVFP4, 2047, 4096)]
+                                         (Q.Q8_0, 1024, 8192), (Q.NVFP4, 2047, 4096), (Q.Q4_K, 8200, 4096),
+                                         (Q.Q6_K, 8200, 4096), (Q.Q4_K, 8190, 4096)]
                          + [(q, 40, ROW_SHAPES[q]) for q in WEIGHT_QTYPES],
-                         ids=["Q4_K-narrow", "Q4_K-wide", "Q4_K-k300", "Q8_0-small", "Q8_0-2^23", "NVFP4-under-2^23"]
+                         ids=["Q4_K-narrow", "Q4_K-wide", "Q4_K-k300", "Q8_0-small", "Q8_0-2^23", "NVFP4-under-2^23",
+                              "Q4_K-2^25", "Q6_K-2^25", "Q4_K-under-2^25"]
                          + [qtype_name(q) for q in WEIGHT_QTYPES])
 def test_gemv_max_rows_is_the_policy(qtype, n, k, dtype, device):
     """torchext.ops.gemv_max_rows (what nn.shared_input uses) is where qmatmul switches paths: at
     that many rows qmatmul equals the Q8_1 GEMV bit for bit, within the GEMV's bound; one more row
     leaves the activations unrounded (the tiled GEMM or the dense path). This module's takes_gemv says
     the same: for f16/bf16 on CUDA with K a multiple of 8, 4 rows for a 32- or 64-value format on a
-    weight of 2^23 values or more (1024 x 8192; 2047 x 4096 is one row short of it), else 8; otherwise
-    16 on CUDA and on the CPU the format's CPU_GEMV_MAX_ROWS, every format's checked here (the
-    catalog's CPU GEMV rows in kernels/blocks.h)."""
-    assert (torchext.ops.GEMV_MAX_ROWS, torchext.ops.TILED_GEMM_MIN_ROWS, torchext.ops.TILED_GEMM_MIN_ROWS_SMALL_BLOCKS,
-            torchext.ops.LARGE_WEIGHT_VALUES) == (MAX_GEMV_ROWS, TILED_GEMM_MIN_ROWS, TILED_GEMM_MIN_ROWS_SMALL_BLOCKS,
-                                                  LARGE_WEIGHT_VALUES)
+    weight of 2^23 values or more (1024 x 8192; 2047 x 4096 is one row short of it) and for Q4_K, Q5_K
+    and Q6_K on one of 2^25 or more where the register-fragment wgmma kernel runs (8200 x 4096; 8190 x
+    4096 is 8 rows short), else 8; otherwise 16 on CUDA and on the CPU the format's CPU_GEMV_MAX_ROWS,
+    every format's checked here (the catalog's CPU GEMV rows in kernels/blocks.h)."""
+    if torch.device(device).type == "cpu" and n * k >= 1 << 24:
+        pytest.skip("the CPU's GEMV rows do not follow the weight's size: the other cases check them")
+    assert torchext.ops.GEMV_MAX_ROWS == MAX_GEMV_ROWS
     w, W = cached_weight(qtype, n, k)
     w = w.to(device)
     last = torchext.ops.gemv_max_rows(torch.empty(0, k, dtype=dtype, device=device), n, qtype)

@@ -17,6 +17,7 @@ import numbers
 import torch
 from torch.autograd.graph import increment_version
 
+from . import _C
 from .formats import (CPU_GEMV_MAX_ROWS, QUANTIZABLE_TYPES, WEIGHT_TYPES, QType, block_bytes, block_values,
                       q8_1_row_bytes, row_bytes)
 
@@ -516,14 +517,6 @@ def _(w, qtype, x, ids, n, k, exact=False):
 #: activations unrounded. tests/test_matmul.py checks these against the kernels' behaviour.
 GEMV_MAX_ROWS = 16
 
-#: The rows from which the tiled GEMM serves what it runs (kMinTiledGemmRows), and for formats of 32
-#: or 64 values a block on weights of at least LARGE_WEIGHT_VALUES values (kMinTiledGemmRowsSmallBlocks,
-#: kLargeWeightValues); gemv_max_rows says where.
-TILED_GEMM_MIN_ROWS = 9
-TILED_GEMM_MIN_ROWS_SMALL_BLOCKS = 5
-LARGE_WEIGHT_VALUES = 1 << 23
-
-
 def gemv_max_tokens(x: torch.Tensor, qtype) -> int:
     """The most tokens of activations like x (its device) that qmatmul_id sends through the Q8_1 GEMV
     against experts of format qtype (kernels/batch_policy.h, choose_matmul_id_path): on the CPU
@@ -535,23 +528,24 @@ def gemv_max_rows(x: torch.Tensor, n: int, qtype) -> int:
     """The most rows of activations like x (its device, dtype and last dimension K) that qmatmul
     sends through the Q8_1 GEMV against an n x K weight of format qtype (kernels/batch_policy.h,
     max_gemv_rows). Where the tiled GEMM runs (CUDA, fp16 or bf16, compute capability 8.0 or newer,
-    K a multiple of 8): TILED_GEMM_MIN_ROWS_SMALL_BLOCKS - 1 for a format of 32 or 64 values a block
-    on a weight of at least LARGE_WEIGHT_VALUES values, else TILED_GEMM_MIN_ROWS - 1; elsewhere
-    gemv_max_tokens: the format's CPU_GEMV_MAX_ROWS on the CPU, GEMV_MAX_ROWS on CUDA. The tiled GEMM
-    also needs 16-byte aligned operands, which this does not look at (so that it holds for traced
-    tensors too): an x that is not aligned takes the GEMV up to GEMV_MAX_ROWS rows."""
+    K a multiple of 8) one less than the first row it takes, which the library's own policy says
+    (tiled_gemm_first_row: 8 rows, 4 for a format of 32 or 64 values a block on a weight of 2^23
+    values or more and for Q4_K, Q5_K and Q6_K on one of 2^25 or more on compute capability 9.0);
+    elsewhere gemv_max_tokens: the format's CPU_GEMV_MAX_ROWS on the CPU, GEMV_MAX_ROWS on CUDA. The
+    tiled GEMM also needs 16-byte aligned operands, which this does not look at (so that it holds for
+    traced tensors too): an x that is not aligned takes the GEMV up to GEMV_MAX_ROWS rows."""
     k = x.shape[-1]
-    if not (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and k % 8 == 0
-            and _has_tiled_gemm(x.device.index)):
-        return gemv_max_tokens(x, qtype)
-    if block_values(qtype) < 256 and n * k >= LARGE_WEIGHT_VALUES:
-        return TILED_GEMM_MIN_ROWS_SMALL_BLOCKS - 1
-    return TILED_GEMM_MIN_ROWS - 1
+    if x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and k % 8 == 0:
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        first = _tiled_gemm_first_row(int(QType.of(qtype)), int(n), int(k), x.dtype == torch.bfloat16, index)
+        if first:
+            return first - 1
+    return gemv_max_tokens(x, qtype)
 
 
-@torch.compiler.assume_constant_result  # a fact of the device: torch.compile takes it as a constant
-def _has_tiled_gemm(device: int) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 8
+@torch.compiler.assume_constant_result  # a fact of the library and the device: torch.compile takes it as a constant
+def _tiled_gemm_first_row(qtype: int, n: int, k: int, bf16: bool, device: int) -> int:
+    return _C.tiled_gemm_first_row(qtype, n, k, bf16, device) if hasattr(_C, "tiled_gemm_first_row") else 0
 
 
 # ---- weights ---------------------------------------------------------------------------------
