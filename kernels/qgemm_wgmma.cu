@@ -23,6 +23,7 @@ using qgemm::kWgThreads;
 using qgemm::Plan;
 using qgemm::RegsLayout;
 using qgemm::RegsTileNarrow;
+using qgemm::RegsTileNarrowPaired;
 using qgemm::RegsTileShort;
 using qgemm::RegsTileShortPaired;
 using qgemm::RegsTileTall;
@@ -64,21 +65,21 @@ bool encode_map(CUtensorMap& map, CUtensorMapDataType type, const void* base, in
 // Calls f(tile) with the tile shape that serves `rows` of format T against n weight rows on the device: the
 // register-fragment kernel's (qgemm_wgmma_regs.cuh) where T has its fragments (the short tile up to 32 rows, the
 // narrow one up to 64), else the shared-memory one's; the wide tile up to 128 rows, the tall one beyond.
-// The short tile runs two CTAs an SM where its output tiles alone are a wave of one CTA an SM or more: ncu has
-// half of the one-CTA loop's cycles issuing nothing (its two MMA warps a scheduler wait on their dequantizing
-// chains), and a second CTA's warps fill them. Where K splits fill the GPU instead, the pair's split count
-// doubles and its shared memory halves, and it loses. H100, L2 cold, bf16, µs, one CTA an SM -> two at 9 / 16
-// / 32 rows (bench/paths.py, 2026-12-07): 128256x4096 (1002 tiles) Q4_K 167.7 / 170.5 / 174.3 -> 147.4 /
-// 148.8 / 151.3, Q6_K 221.7 / 226.9 / 229.1 -> 200.8 / 203.1 / 210.5, Q5_K 209.5 -> 184.4 at 9; 14336x4096
-// (112 tiles) Q4_K 23.5 / 23.4 / 23.7 -> 26.2 / 26.3 / 27.3; 4096x14336 (32 tiles) 22.9 / 23.8 / 24.2 ->
-// 24.2 / 25.0 / 25.6.
+// The short and narrow tiles run two CTAs an SM where their 128-row output tiles alone are a wave of one CTA an
+// SM or more: ncu has half of the one-CTA loop's cycles issuing nothing (its two MMA warps a scheduler wait on
+// their dequantizing chains), and a second CTA's warps fill them. Where K splits fill the GPU instead, the
+// pair's split count doubles and its shared memory halves, and it loses. H100, L2 cold, bf16, µs, one CTA an
+// SM -> two (bench/paths.py, 2026-12-07): 128256x4096 (1002 tiles) at 9 / 16 / 32 rows Q4_K 167.7 / 170.5 /
+// 174.3 -> 147.4 / 148.8 / 151.3, Q6_K 221.7 / 226.9 / 229.1 -> 200.8 / 203.1 / 210.5, Q5_K 209.5 -> 184.4 at
+// 9; at 33 / 48 / 64 rows Q4_K 192.6 / 190.4 / 196.0 -> 180.5 / 171.4 / 179.2, Q6_K 246.6 / 246.4 / 248.2 ->
+// 229.8 / 223.4 / 233.5; 14336x4096 (112 tiles) Q4_K 23.5 / 23.4 / 23.7 -> 26.2 / 26.3 / 27.3; 4096x14336 (32
+// tiles) 22.9 / 23.8 / 24.2 -> 24.2 / 25.0 / 25.6.
 template <class T, class F>
 void visit_wgmma_tile(int64_t rows, int64_t n, int device, F&& f) {
   if constexpr (kHasRegFragments<T>) {
-    if (rows <= RegsTileShort::kM && (n + RegsTileShort::kN - 1) / RegsTileShort::kN >= sm_count(device))
-      return f(RegsTileShortPaired{});
-    if (rows <= RegsTileShort::kM) return f(RegsTileShort{});
-    if (rows <= RegsTileNarrow::kM) return f(RegsTileNarrow{});
+    const bool tiles_fill_gpu = (n + RegsTileShort::kN - 1) / RegsTileShort::kN >= sm_count(device);
+    if (rows <= RegsTileShort::kM) return tiles_fill_gpu ? f(RegsTileShortPaired{}) : f(RegsTileShort{});
+    if (rows <= RegsTileNarrow::kM) return tiles_fill_gpu ? f(RegsTileNarrowPaired{}) : f(RegsTileNarrow{});
     if (rows <= RegsTileWide::kM) return f(RegsTileWide{});
     f(RegsTileTall{});
   } else {

@@ -37,10 +37,12 @@ struct RegsTile {
                 "the MMA warpgroups take no more registers than the copy warpgroup gives back");
 };
 using RegsTileShort = RegsTile<32>;
-// The 32-row tile at two CTAs an SM (qgemm_wgmma.cu, visit_wgmma_tile, says where): its 16 accumulators a
-// thread fit the 104 registers (ptxas: no spills, for Q4_K, Q5_K and Q6_K, bf16 and fp16, exact or not).
-using RegsTileShortPaired = RegsTile<32, 2>;
 using RegsTileNarrow = RegsTile<64>;
+// The 32- and 64-row tiles at two CTAs an SM (qgemm_wgmma.cu, visit_wgmma_tile, says where): their 16 and 32
+// accumulators a thread fit the 104 registers (ptxas: no spills, for Q4_K, Q5_K and Q6_K, bf16 and fp16, exact
+// or not).
+using RegsTileShortPaired = RegsTile<32, 2>;
+using RegsTileNarrowPaired = RegsTile<64, 2>;
 using RegsTileWide = RegsTile<128>;
 using RegsTileTall = RegsTile<256>;
 
@@ -233,10 +235,13 @@ template <class T, class Tile>
 struct RegsLayout {
   static constexpr int kRawStride = raw_stride(WeightChunk<T>::kBytes);
   static constexpr int kATileBytes = Tile::kM * kWgStageK * 2, kRawBytes = Tile::kN * kRawStride;
-  static constexpr int kRawSlots = 3, kBarrierBytes = 256, kAlignBytes = 1024;  // 2 x 11 barriers at most
+  static constexpr int kBarrierBytes = 256, kAlignBytes = 1024;  // 2 x 11 barriers at most
   // an SM's 228 KiB (kSmemLimit, a CTA's opt-in limit, and the 1 KiB the SM reserves a CTA) over kCtas CTAs,
   // less each one's reserved 1 KiB
   static constexpr int kLimit = (kSmemLimit + 1024) / Tile::kCtas - 1024;
+  // Three raw chunks in flight where four activation stages still fit beside them, else two (Q6_K's 64-row
+  // tile at two CTAs an SM)
+  static constexpr int kRawSlots = kLimit - kAlignBytes - kBarrierBytes - 3 * kRawBytes >= 4 * kATileBytes ? 3 : 2;
   static constexpr int kASlots =
       std::min(8, (kLimit - kAlignBytes - kBarrierBytes - kRawSlots * kRawBytes) / kATileBytes);
   static constexpr int kA = 0;

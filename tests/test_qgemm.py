@@ -153,15 +153,16 @@ def test_within_the_bound(qtype, rows, dtype, exact):
 
 
 @pytest.mark.parametrize("qtype", list(WGMMA_MAX_ROWS), ids=qtype_name)
-def test_register_kernel_short_tile_within_the_bound(qtype):
+def test_register_kernel_32_and_64_row_tiles_within_the_bound(qtype):
     """On compute capability 9.0 the register kernel's 32-row tile serves 9-32 rows of Q4_K, Q5_K and
     Q6_K on weights of 2^22 values or more (test_within_the_bound's shapes are smaller at 9-16 rows),
-    two CTAs an SM where its 128-row output tiles number the GPU's SMs or more
-    (qgemm_wgmma.cu, visit_wgmma_tile), and from 5 rows on weights of 2^25 values or more (8200 x 4096;
-    exact=True, which never takes the GEMVs, at 5 and 8 rows); on other GPUs the mma.sync tiles serve
-    them. Within the tiled GEMM's bound either way."""
+    and from 5 rows on weights of 2^25 values or more (8200 x 4096; exact=True, which never takes the
+    GEMVs, at 5 and 8 rows); it and the 64-row tile run two CTAs an SM where their 128-row output tiles
+    number the GPU's SMs or more (qgemm_wgmma.cu, visit_wgmma_tile: sms * 128 + 4 rows at 9-64 rows);
+    on other GPUs the mma.sync tiles serve them. Within the tiled GEMM's bound either way."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for (n, k), row_counts in (((2052, 2048), (9, 16)), ((sms * 128 + 4, 2048), (9, 17, 32)), ((8200, 4096), (5, 8))):
+    shapes = (((2052, 2048), (9, 16)), ((sms * 128 + 4, 2048), (9, 17, 32, 33, 64)), ((8200, 4096), (5, 8)))
+    for (n, k), row_counts in shapes:
         w = random_weight(qtype, n, k, seed=n)
         W = dequant_oracle(w, qtype, n, k)
         M = offset_oracle(w, qtype, n, k)
