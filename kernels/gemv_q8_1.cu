@@ -170,6 +170,7 @@ __device__ __forceinline__ void gemv_kernel_body(const uint8_t* __restrict__ w, 
   const int64_t rows_per_step = kWarps / split;  // this CTA's first step's weight rows
   prefetch_rows_then_wait(w, int64_t(blockIdx.x) * rows_per_step, rows_per_step, n, weight_row_bytes<T>(k));
   gemv_rows<T, B, kStaged>(w, n, k, x, split, out, ot);
+  allow_dependent_grids();
 }
 
 template <class T, int B, bool kStaged>

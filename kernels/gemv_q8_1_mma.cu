@@ -180,6 +180,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t tile_rows = (kWarps / split) * kTileRows;  // this CTA's weight tiles
   prefetch_rows_then_wait(w, int64_t(blockIdx.x) * tile_rows, tile_rows, n, weight_row_bytes<T>(k));
   gemv_mma_rows<T, NT>(w, n, k, ContiguousRows{x, q8_1_blocks_per_row(k), rows}, split, out, ot);
+  allow_dependent_grids();
 }
 
 // qmatmul_id: row y of the grid serves the y-th expert routed to (gemv_expert_slots), the last row of
