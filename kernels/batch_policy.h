@@ -106,6 +106,14 @@ constexpr int64_t kMinWgmmaRegsValues = int64_t(1) << 22;
 constexpr int64_t kMinRegsGemmRowsLargeWeight = 5;
 constexpr int64_t kMinRegsGemmEarlyValues = int64_t(1) << 25;
 
+// The first row the register-fragment kernel takes on an n x k weight of its formats (0: none, under
+// kMinWgmmaRegsValues): in place of the mma.sync tiles from kMinWgmmaRegsRows, of the GEMVs from
+// kMinRegsGemmRowsLargeWeight on weights of kMinRegsGemmEarlyValues or more.
+inline int64_t regs_gemm_first_row(int64_t n, int64_t k) {
+  if (n * k < kMinWgmmaRegsValues) return 0;
+  return n * k >= kMinRegsGemmEarlyValues ? kMinRegsGemmRowsLargeWeight : kMinWgmmaRegsRows;
+}
+
 // Past that, launch_qgemm runs the wgmma GEMM on chunks of kMaxWgmmaRows rows, the last one what is
 // left (by the tiled GEMM's kernels up to 64 rows), up to the catalog's wgmma rows (blocks.h), on
 // weights of kMinWgmmaChunkedValues values or more whose rows hold kMinWgmmaChunkedK values or more
@@ -179,8 +187,10 @@ inline int64_t cpu_max_gemv_rows(QType t) { return catalog_rows(t).cpu_gemv_rows
 // ahead of or level with it to 6 rows for Q4_K and to 8 for Q5_K (Q5_K 11.8 / 12.2 / 12.7 -> 12.9 / 12.8 /
 // 13.0), so the early start needs 2^25 values.
 inline int64_t tiled_gemm_first_row(int block_values, int64_t n, int64_t k, bool register_kernel) {
-  if (register_kernel && n * k >= kMinRegsGemmEarlyValues) return kMinRegsGemmRowsLargeWeight;
-  return block_values < 256 && n * k >= kLargeWeightValues ? kMinTiledGemmRowsSmallBlocks : kMinTiledGemmRows;
+  const int64_t first =
+      block_values < 256 && n * k >= kLargeWeightValues ? kMinTiledGemmRowsSmallBlocks : kMinTiledGemmRows;
+  const int64_t regs_first = register_kernel ? regs_gemm_first_row(n, k) : 0;
+  return regs_first > 0 ? std::min(first, regs_first) : first;
 }
 
 // The most rows of a product that qmatmul sends to the GEMVs. gemv_rows: the most rows the backend's GEMV

@@ -44,15 +44,15 @@ __device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
 }
 
-// The start of a kernel launched by launch_dependent whose CTA reads weight rows [first, first + rows)
-// of n first: asks L2 for those rows (they stream in while the kernel before, the one that made the
-// activations, finishes), then waits for that kernel. Such a kernel (the GEMVs) lets the next one start
-// only once its CTA is done with the weight, not here, where a next kernel started early would wait in
-// the SM slots this one leaves free and the next call's GEMV prefetch its rows beside this one's stream
-// (which of the two costs was not profiled). H100, L2 cold, a stream of qmatmul calls (bench/paths.py, 2026-12-07), µs, the next kernel
-// allowed here -> after the rows: 640x2048 Q4_K at 1 / 2 / 4 rows 4.4 / 5.7 / 6.0 -> 3.9 / 5.0 / 5.1,
-// Q6_K 5.3 / 6.8 / 7.2 -> 4.2 / 5.7 / 5.8; 4096x4096 Q6_K 14.2 -> 11.5 at 1 row (14.0 / 14.3 -> 14.6 /
-// 15.1 at 2 / 4, the one loss); 4096x14336 Q4_K 18.7 -> 17.9, Q6_K 42.5 / 39.7 / 40.9 -> 39.9 / 38.3 / 39.1.
+// The start of a kernel launched by launch_dependent whose CTA reads weight rows [first, first + rows) of n first:
+// asks L2 for those rows (they stream in while the kernel before, the one that made the activations, finishes), then
+// waits for that kernel. Such a kernel (the GEMVs) lets the next one start only once its CTA is done with the
+// weight, not here, where a next kernel started early would wait in the SM slots this one leaves free and the next
+// call's GEMV prefetch its rows beside this one's stream (which of the two costs was not profiled). H100, L2 cold, a
+// stream of qmatmul calls (bench/paths.py, 2026-12-07), µs, the next kernel allowed here -> after the rows: 640x2048
+// Q4_K at 1 / 2 / 4 rows 4.4 / 5.7 / 6.0 -> 3.9 / 5.0 / 5.1, Q6_K 5.3 / 6.8 / 7.2 -> 4.2 / 5.7 / 5.8; 4096x4096 Q6_K
+// 14.2 -> 11.5 at 1 row (14.0 / 14.3 -> 14.6 / 15.1 at 2 / 4, the one loss); 4096x14336 Q4_K 18.7 -> 17.9, Q6_K 42.5
+// / 39.7 / 40.9 -> 39.9 / 38.3 / 39.1.
 __device__ __forceinline__ void prefetch_rows_then_wait(const uint8_t* w, int64_t first, int64_t rows, int64_t n,
                                                         int64_t row_bytes) {
   prefetch_l2(w + first * row_bytes, (first + rows < n ? rows : n - first) * row_bytes);

@@ -241,9 +241,9 @@ struct RegsLayout {
   static constexpr int kLimit = (kSmemLimit + 1024) / Tile::kCtas - 1024;
   // Three raw chunks in flight where four activation stages still fit beside them, else two (Q6_K's 64-row
   // tile at two CTAs an SM)
-  static constexpr int kRawSlots = kLimit - kAlignBytes - kBarrierBytes - 3 * kRawBytes >= 4 * kATileBytes ? 3 : 2;
-  static constexpr int kASlots =
-      std::min(8, (kLimit - kAlignBytes - kBarrierBytes - kRawSlots * kRawBytes) / kATileBytes);
+  static constexpr int kRingBytes = kLimit - kAlignBytes - kBarrierBytes;  // the two rings' share
+  static constexpr int kRawSlots = kRingBytes - 3 * kRawBytes >= 4 * kATileBytes ? 3 : 2;
+  static constexpr int kASlots = std::min(8, (kRingBytes - kRawSlots * kRawBytes) / kATileBytes);
   static constexpr int kA = 0;
   static constexpr int kRaw = kA + kASlots * kATileBytes;
   static constexpr int kBarriers = kRaw + kRawSlots * kRawBytes;
