@@ -103,7 +103,7 @@ constexpr int64_t kMinWgmmaRegsRows = 9;
 constexpr int64_t kMinWgmmaRegsValues = int64_t(1) << 22;
 // ... and from kMinRegsGemmRowsLargeWeight rows, in place of the GEMVs, on weights of kMinRegsGemmEarlyValues or
 // more (tiled_gemm_first_row below says why).
-constexpr int64_t kMinRegsGemmRowsLargeWeight = 5;
+constexpr int64_t kMinRegsGemmRowsLargeWeight = 2;
 constexpr int64_t kMinRegsGemmEarlyValues = int64_t(1) << 25;
 
 // The first row the register-fragment kernel takes on an n x k weight of its formats (0: none, under
@@ -174,18 +174,23 @@ inline int64_t wgmma_max_rows(QType t) { return catalog_rows(t).wgmma_rows; }
 // threads and 0.57-0.74x on one keep 16.
 inline int64_t cpu_max_gemv_rows(QType t) { return catalog_rows(t).cpu_gemv_rows; }
 
-// The first row the tiled GEMM takes from the GEMVs on an n x k weight of block_values values a block (256,
-// or 32 and NVFP4's 64); register_kernel: the register-fragment wgmma kernel takes the weight's rows
-// (qgemm_wgmma_regs_supports). The register kernel's 32-row tile takes the same time at 5 rows as at 9 (its
-// tile is a fixed cost), where the GEMVs' grows with the rows: on weights of kMinRegsGemmEarlyValues or more
-// it serves from kMinRegsGemmRowsLargeWeight rows. H100, L2 cold, bf16, µs, GEMV -> register tile at 5 / 6 /
-// 8 rows (bench/paths.py, 2026-12-07): Q4_K 4096x14336 27.5 / 28.9 / 31.3 -> 23.4 / 23.5 / 23.5, 14336x4096
-// 29.7 / 30.7 / 32.3 -> 23.5, 128256x4096 209.0 / 217.6 / 235.5 -> 151.1 / 151.6 / 147.6 (two CTAs an SM);
-// Q5_K 29.6 / 31.2 / 33.6 -> 28.1 / 28.2 / 28.2, 31.3 / 32.5 / 34.4 -> 28.6 / 28.5 / 28.5, 239.9 / 249.6 /
-// 266.9 -> 183.7 / 184.9 / 186.0; Q6_K 43.4 / 45.3 / 47.1 -> 30.3 / 30.1 / 30.3, 47.6 / 50.0 / 52.0 -> 30.5 /
-// 31.0 / 31.0, 356.5 / 366.2 / 378.9 -> 204.4 / 202.6 / 205.6. On 4096x4096 (2^24 values) the GEMVs stay
-// ahead of or level with it to 6 rows for Q4_K and to 8 for Q5_K (Q5_K 11.8 / 12.2 / 12.7 -> 12.9 / 12.8 /
-// 13.0), so the early start needs 2^25 values.
+// The first row the tiled GEMM takes from the GEMVs on an n x k weight of block_values values a block (256, or 32 and
+// NVFP4's 64); register_kernel: the register-fragment wgmma kernel takes the weight's rows (qgemm_wgmma_regs_supports).
+// The register kernel's 32-row tile takes the same time at 1 row as at 9 (its tile is a fixed cost), where the GEMVs'
+// grows with the rows: on weights of kMinRegsGemmEarlyValues or more it serves from kMinRegsGemmRowsLargeWeight rows.
+// H100, L2 cold, bf16, µs, GEMV -> register tile at 2 / 4 / 8 rows (bench/paths.py, 2026-12-07, the mean of two
+// rounds): Q4_K 4096x14336 25.4 / 25.1 / 31.1 -> 23.4 / 23.3 / 23.4, 14336x4096 27.2 / 28.4 / 32.2 -> 23.3 / 23.2 /
+// 23.1, 128256x4096 189.5 / 197.2 / 232.1 -> 156.7 / 155.6 / 147.4 (two CTAs an SM), 3072x12288 20.6 / 21.5 / 25.3 ->
+// 18.5, 12288x3072 19.8 / 20.8 / 23.2 -> 18.2; Q5_K 26.6 / 27.0 / 33.4 -> 28.0 / 27.9 / 27.8 (the one loss, at 2-4
+// rows), 30.5 / 30.4 / 34.2 -> 28.3, 219.0 / 226.5 / 264.0 -> 184.8 / 183.8 / 183.9, 23.1 / 23.9 / 27.8 -> 21.8, 22.8 /
+// 23.4 / 25.7 -> 22.2; Q6_K 39.4 / 40.9 / 46.8 -> 29.2 / 30.0 / 29.6, 45.0 / 46.9 / 50.9 -> 30.0 / 30.4 / 30.7, 325.9 /
+// 340.1 / 378.5 -> 207.2 / 206.5 / 201.2, 35.5 / 35.3 / 37.1 -> 22.9, 35.0 / 36.3 / 39.9 -> 33.3 / 33.5 / 33.5. At 1
+// row the GEMVs keep it: Q4_K 19.1 against 22.7 on 4096x14336, Q6_K 176.3 against 207.6 on 128256x4096 and 19.5 against
+// 33.3 on 12288x3072 (it wins Q6_K's 4096x14336, 42.2 against 29.0, and 3072x12288, 23.8 against 22.9). The GEMVs'
+// figures are from before they let the next kernel start only once done with their rows (launch.cuh), which took 0-5%
+// off them at 2-4 rows of these shapes. On 4096x4096 (2^24 values) the GEMVs stay ahead of or level with it to 6 rows
+// for Q4_K and to 8 for Q5_K (Q5_K 2 / 4 / 8 rows 11.0 / 11.3 / 12.9 -> 12.6 / 12.7 / 12.7), so the early start needs
+// 2^25 values.
 inline int64_t tiled_gemm_first_row(int block_values, int64_t n, int64_t k, bool register_kernel) {
   const int64_t first =
       block_values < 256 && n * k >= kLargeWeightValues ? kMinTiledGemmRowsSmallBlocks : kMinTiledGemmRows;

@@ -67,7 +67,7 @@ from torchext.formats import QType, block_values
 # kernels/batch_policy.h: the Q8_1 GEMVs (DP4A or int8 MMA) serve up to 16 rows on CUDA (the CPU's
 # limit is the format's: conftest.gemv_rows), or up to 8 where the tiled GEMM runs (CUDA, fp16/bf16, K
 # a multiple of 8, aligned operands: every GPU these tests run on is sm_80 or newer), and up to 4 there
-# for the 32- and 64-value formats on weights of 2^23 values or more, and for Q4_K, Q5_K and Q6_K on
+# for the 32- and 64-value formats on weights of 2^23 values or more, and 1 for Q4_K, Q5_K and Q6_K on
 # weights of 2^25 values or more where the register-fragment wgmma kernel takes them (compute capability
 # 9.0, a build with its sm_90a code, rows a multiple of 16 bytes); more rows are unrounded.
 MAX_GEMV_ROWS = 16
@@ -75,7 +75,7 @@ TILED_GEMM_MIN_ROWS = 9
 TILED_GEMM_MIN_ROWS_SMALL_BLOCKS = 5
 LARGE_WEIGHT_VALUES = 1 << 23
 REGISTER_KERNEL_QTYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
-REGISTER_KERNEL_MIN_ROWS_LARGE_WEIGHT, REGISTER_KERNEL_EARLY_VALUES = 5, 1 << 25
+REGISTER_KERNEL_MIN_ROWS_LARGE_WEIGHT, REGISTER_KERNEL_EARLY_VALUES = 2, 1 << 25
 
 
 def runs_register_kernel(device, qtype, k) -> bool:
@@ -610,7 +610,7 @@ def test_gemv_max_rows_is_the_policy(qtype, n, k, dtype, device):
     that many rows qmatmul equals the Q8_1 GEMV bit for bit, within the GEMV's bound; one more row
     leaves the activations unrounded (the tiled GEMM or the dense path). This module's takes_gemv says
     the same: for f16/bf16 on CUDA with K a multiple of 8, 4 rows for a 32- or 64-value format on a
-    weight of 2^23 values or more (1024 x 8192; 2047 x 4096 is one row short of it) and for Q4_K, Q5_K
+    weight of 2^23 values or more (1024 x 8192; 2047 x 4096 is one row short of it), 1 for Q4_K, Q5_K
     and Q6_K on one of 2^25 or more where the register-fragment wgmma kernel runs (8200 x 4096; 8190 x
     4096 is 8 rows short), else 8; otherwise 16 on CUDA and on the CPU the format's CPU_GEMV_MAX_ROWS,
     every format's checked here (the catalog's CPU GEMV rows in kernels/blocks.h)."""

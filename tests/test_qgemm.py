@@ -156,12 +156,13 @@ def test_within_the_bound(qtype, rows, dtype, exact):
 def test_register_kernel_32_and_64_row_tiles_within_the_bound(qtype):
     """On compute capability 9.0 the register kernel's 32-row tile serves 9-32 rows of Q4_K, Q5_K and
     Q6_K on weights of 2^22 values or more (test_within_the_bound's shapes are smaller at 9-16 rows),
-    and from 5 rows on weights of 2^25 values or more (8200 x 4096; exact=True, which never takes the
-    GEMVs, at 5 and 8 rows); it and the 64-row tile run two CTAs an SM where their 128-row output tiles
-    number the GPU's SMs or more (qgemm_wgmma.cu, visit_wgmma_tile: sms * 128 + 4 rows at 9-64 rows);
-    on other GPUs the mma.sync tiles serve them. Within the tiled GEMM's bound either way."""
+    and from 2 rows on weights of 2^25 values or more (8200 x 4096 at 2, 4 and 8 rows; exact=False where
+    qmatmul takes the tiled GEMM for those rows, exact=True always: it never takes the GEMVs); it and the
+    64-row tile run two CTAs an SM where their 128-row output tiles number the GPU's SMs or more
+    (qgemm_wgmma.cu, visit_wgmma_tile: sms * 128 + 4 rows at 9-64 rows); on other GPUs the mma.sync
+    tiles serve them. Within the tiled GEMM's bound either way."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    shapes = (((2052, 2048), (9, 16)), ((sms * 128 + 4, 2048), (9, 17, 32, 33, 64)), ((8200, 4096), (5, 8)))
+    shapes = (((2052, 2048), (9, 16)), ((sms * 128 + 4, 2048), (9, 17, 32, 33, 64)), ((8200, 4096), (2, 4, 8)))
     for (n, k), row_counts in shapes:
         w = random_weight(qtype, n, k, seed=n)
         W = dequant_oracle(w, qtype, n, k)
@@ -170,7 +171,8 @@ def test_register_kernel_32_and_64_row_tiles_within_the_bound(qtype):
         for rows in row_counts:
             for dtype in HALF_DTYPES:
                 x = gaussian_activations((rows, k), seed=rows).to(dtype)
-                for exact in (True, False) if rows >= 9 else (True,):
+                past_gemv = rows > torchext.ops.gemv_max_rows(x.cuda(), n, qtype)
+                for exact in (True, False) if past_gemv else (True,):
                     y = torchext.qmatmul(wc, int(qtype), x.cuda(), n, k, exact=exact)
                     assert takes_tiled_gemm(qtype, n, k, rows)
                     assert_within_bound(y, x, W, None if exact else M)

@@ -530,7 +530,7 @@ def gemv_max_rows(x: torch.Tensor, n: int, qtype) -> int:
     max_gemv_rows). Where the tiled GEMM runs (CUDA, fp16 or bf16, compute capability 8.0 or newer,
     K a multiple of 8) one less than the first row it takes, which the library's own policy says
     (tiled_gemm_first_row: 8 rows, 4 for a format of 32 or 64 values a block on a weight of 2^23
-    values or more and for Q4_K, Q5_K and Q6_K on one of 2^25 or more on compute capability 9.0);
+    values or more, 1 for Q4_K, Q5_K and Q6_K on one of 2^25 or more on compute capability 9.0);
     elsewhere gemv_max_tokens: the format's CPU_GEMV_MAX_ROWS on the CPU, GEMV_MAX_ROWS on CUDA. The
     tiled GEMM also needs 16-byte aligned operands, which this does not look at (so that it holds for
     traced tensors too): an x that is not aligned takes the GEMV up to GEMV_MAX_ROWS rows."""
