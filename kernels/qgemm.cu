@@ -52,9 +52,11 @@
 namespace torchext {
 namespace {
 
-// out[i] = the sum over splits of partial[s][i], in split order.
+// out[i] = the sum over splits of partial[s][i], in split order. Launched by launch_dependent, so that its launch
+// overlaps the end of the GEMM that writes the partial sums; it waits for that GEMM before it reads them or writes.
 __global__ void add_splits_kernel(const float* __restrict__ partial, int splits, int64_t count, void* out,
                                   FloatType ot) {
+  wait_for_prior_grids();
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
     float v = 0.0f;
     for (int s = 0; s < splits; ++s) v += partial[s * count + i];
@@ -186,8 +188,7 @@ cudaError_t launch_qgemm(QType wt, const uint8_t* w, int64_t n, int64_t k, const
   if (err != cudaSuccess || p.splits == 1) return err;
   const int64_t count = rows * n;
   const unsigned grid = unsigned(std::min<int64_t>((count + 255) / 256, int64_t(sm_count(device)) * 8));
-  add_splits_kernel<<<grid, 256, 0, stream>>>(workspace, p.splits, count, out, xt);
-  return cudaGetLastError();
+  return launch_dependent(add_splits_kernel, grid, 256, 0, stream, workspace, p.splits, count, out, xt);
 }
 
 int qgemm_id_tile_rows(int64_t slots, int64_t experts) { return slots <= 32 * experts ? 32 : 64; }

@@ -401,6 +401,9 @@ __global__ void __launch_bounds__(kRegsThreads, Tile::kCtas)
   }
   wgmma_wait<0>();
   keep_fragments(f1);
+  // The next kernel may start (add_splits_kernel, a programmatic dependent launch, waits for this grid before it
+  // reads the partial sums); the copy warps have exited.
+  allow_dependent_grids();
 
   // accumulator i of sub-tile s: weight row row0 + 8 (i / 2 % 2), activation row kMmaN s + 8 (i / 4) + 2t + i % 2
   constexpr FloatType kOut = std::is_same_v<H, __nv_bfloat16> ? FloatType::BF16 : FloatType::F16;
