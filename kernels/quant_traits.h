@@ -119,6 +119,27 @@ struct BlockWords<S, Align, true> {
   TORCHEXT_HD uint32_t half0() const { return shift ? w[kWords] : w[0] & 0xFFFFu; }
 };
 
+// Bytes o .. o + 7 of a block of 2-byte alignment at p, as two words (o a multiple of 4, o + 10 at most the
+// block's size). On the GPU (kWords) a block that starts 2 bytes past a word is read as the three aligned words
+// around those bytes and two funnel shifts: 3 loads where 2-byte halves take 4 (ncu ranks L1 first in Q6_K's
+// GEMV). The first word starts 2 bytes before byte o: inside the block for o >= 4, else in the 2 bytes before a
+// block that starts off a word, which therefore is no allocation's start (allocations start on words).
+// tests/cpp/test_block_words.cpp checks both ways on the host.
+struct TwoWords {
+  uint32_t lo, hi;
+};
+template <bool kWords = kReadWordsAndHalf>
+TORCHEXT_HD TwoWords load_8_bytes_2_aligned(const uint8_t* p, int o) {
+  if constexpr (kWords) {
+    const uint32_t off = uint32_t(reinterpret_cast<uintptr_t>(p)) & 2u;  // 2 where the block starts past a word
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(p + o - off);
+    const uint32_t w0 = w[0], w1 = w[1], w2 = off ? w[2] : 0u;
+    return {funnel_right(w0, w1, 8 * off), funnel_right(w1, w2, 8 * off)};
+  } else {
+    return {load_u32<2>(p + o), load_u32<2>(p + o + 4)};
+  }
+}
+
 // Bytes q in 0..127 become q - z (z in 0..127) as signed bytes, with no borrow between bytes.
 TORCHEXT_HD int bytes_minus(uint32_t q, uint32_t z) {
   return int(((q | 0x80808080u) - z * 0x01010101u) ^ 0x80808080u);
@@ -381,22 +402,26 @@ struct QuantTraits<QType::Q6_K> {
   static TORCHEXT_HD void dot_item(const uint8_t* p, int t, const X& x, float (&acc)[B]) {
     const block& b = *reinterpret_cast<const block*>(p);
     const int h = t / 4, l0 = 8 * (t % 4);
+    const TwoWords ql_lo = load_8_bytes_2_aligned(p, int(offsetof(block, ql)) + 64 * h + l0);  // quarters 0, 2
+    const TwoWords ql_hi = load_8_bytes_2_aligned(p, int(offsetof(block, ql)) + 64 * h + 32 + l0);  // 1, 3
+    const TwoWords qh = load_8_bytes_2_aligned(p, int(offsetof(block, qh)) + 32 * h + l0);
+    // scales[8h .. 8h + 7]: quarter i's is byte l0 / 16 + 2i of them
+    const TwoWords sc = load_8_bytes_2_aligned(p, int(offsetof(block, scales)) + 8 * h);
     int q[4][2];  // [i][word]: eight signed 6-bit values of quarter i
     TORCHEXT_UNROLL
     for (int w = 0; w < 2; ++w) {
-      const uint32_t a = load_u32<kAlign>(b.ql + 64 * h + l0 + 4 * w);
-      const uint32_t c = load_u32<kAlign>(b.ql + 64 * h + 32 + l0 + 4 * w);
-      const uint32_t hb = load_u32<kAlign>(b.qh + 32 * h + l0 + 4 * w);
+      const uint32_t a = w ? ql_lo.hi : ql_lo.lo, c = w ? ql_hi.hi : ql_hi.lo, hb = w ? qh.hi : qh.lo;
       q[0][w] = bytes_minus((a & 0x0F0F0F0Fu) | ((hb & 0x03030303u) << 4), 32);
       q[1][w] = bytes_minus((c & 0x0F0F0F0Fu) | (((hb >> 2) & 0x03030303u) << 4), 32);
       q[2][w] = bytes_minus(((a >> 4) & 0x0F0F0F0Fu) | (((hb >> 4) & 0x03030303u) << 4), 32);
       q[3][w] = bytes_minus(((c >> 4) & 0x0F0F0F0Fu) | (((hb >> 6) & 0x03030303u) << 4), 32);
     }
     const float d = fp16f(b.d);
-    const int s0 = 8 * h + l0 / 16;
+    const int sc_shift = 8 * (l0 / 16);
     for_quarters<B>(h, l0, x, [&](int r, int i, const int (&xq)[2], float xd) {
       const int sum = dp4a(q[i][1], xq[1], dp4a(q[i][0], xq[0], 0));
-      acc[r] += d * float(b.scales[s0 + 2 * i]) * xd * float(sum);  // weight scales first
+      const int scale = int8_t(((i < 2 ? sc.lo : sc.hi) >> (sc_shift + 16 * (i % 2))) & 0xFFu);
+      acc[r] += d * float(scale) * xd * float(sum);  // weight scales first
     });
   }
 
