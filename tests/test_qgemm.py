@@ -171,9 +171,10 @@ def test_register_kernel_32_and_64_row_tiles_within_the_bound(qtype):
         for rows in row_counts:
             for dtype in HALF_DTYPES:
                 x = gaussian_activations((rows, k), seed=rows).to(dtype)
-                past_gemv = rows > torchext.ops.gemv_max_rows(x.cuda(), n, qtype)
+                xc = x.cuda()
+                past_gemv = rows > torchext.ops.gemv_max_rows(xc, n, qtype)
                 for exact in (True, False) if past_gemv else (True,):
-                    y = torchext.qmatmul(wc, int(qtype), x.cuda(), n, k, exact=exact)
+                    y = torchext.qmatmul(wc, int(qtype), xc, n, k, exact=exact)
                     assert takes_tiled_gemm(qtype, n, k, rows)
                     assert_within_bound(y, x, W, None if exact else M)
 
