@@ -114,6 +114,18 @@ inline int64_t regs_gemm_first_row(int64_t n, int64_t k) {
   return n * k >= kMinRegsGemmEarlyValues ? kMinRegsGemmRowsLargeWeight : kMinWgmmaRegsRows;
 }
 
+// Of the rows that reach the tiled GEMM, the first the register-fragment kernel serves: regs_gemm_first_row's, and
+// where that is kMinRegsGemmRowsLargeWeight, also 1 row, which reaches it only by exact=True or as the last 256-row
+// chunk's remainder (257 rows). The kernel's time does not change with its rows; the mma.sync tiles' 1 row cost
+// more. H100, 2026-12-07, L2 cold, bf16, µs, mma.sync -> register kernel, two rounds alike: exact=True at 1 row
+// Q4_K 4096x14336 31.1 -> 29.0, 14336x4096 35.5 -> 31.2, 12288x3072 27.8 -> 24.8, 128256x4096 243.1 -> 206.9; Q6_K
+// 42.0 -> 34.7, 47.6 -> 36.3, 128256x4096 347.6 -> 270.5; Q5_K 0-8% (3072x12288 26.5 both); 257 rows (the policy)
+// Q4_K 79.5 -> 74.0, 81.6 -> 74.8, 63.6 -> 57.8, 674.2 -> 630.0; Q5_K 83.6 -> 80.4; Q6_K 94.7 -> 84.7, 98.0 -> 85.2.
+inline int64_t regs_tiled_gemm_first_row(int64_t n, int64_t k) {
+  const int64_t first = regs_gemm_first_row(n, k);
+  return first == kMinRegsGemmRowsLargeWeight ? 1 : first;
+}
+
 // Past that, launch_qgemm runs the wgmma GEMM on chunks of kMaxWgmmaRows rows, the last one what is
 // left (by the tiled GEMM's kernels up to 64 rows), up to the catalog's wgmma rows (blocks.h), on
 // weights of kMinWgmmaChunkedValues values or more whose rows hold kMinWgmmaChunkedK values or more
@@ -126,12 +138,15 @@ inline int64_t regs_gemm_first_row(int64_t n, int64_t k) {
 //     156.3, 143.8 / 155.8; 14336x4096 Q4_K 67.6, 97.1 / 118.4, 125.3 / 129.5, 131.9 / 156.1; Q5_K
 //     81.1, 111.6 / 128.4, 140.3 / 140.6, 153.8 / 166.2; 3072x12288 Q4_K 50.1, 73.3 / 97.7, 88.7 /
 //     89.9, 98.5 / 95.5; Q5_K 53.3, 77.8 / 104.2, 97.3 / 97.3, 107.3 / 104.0.
-// Short rows lose: 12288x3072 Q4_K 46.5, 75.4 / 76.8, 92.2 / 82.5, 97.6 / 95.9; Q5_K 52.6, 83.8 / 83.3,
-// 101.0 / 89.6 (12 chunks of K a CTA and no K split at 96 CTAs: the pipeline's fill and drain weigh
-// more), hence kMinWgmmaChunkedK. Q2_K lost from 384 rows on 3072x12288 (87.1 / 81.0, 97.8 / 87.7) and
-// at 257 on 14336x4096 (107.6 / 105.8), though it won on 4096x14336 (103.1 / 118.4). Chunks lost where
-// the kernel's 256 rows cost more (Q6_K on the shared-memory kernel 4096x14336 99.9, 135.2 / 133.0, 175.7 /
-// 148.8; Q3_K, IQ4_XS); Q6_K's register kernel wins (H100, 2026-12-07, 384 and 512 rows, chunks / dense
+// Rows of 3072 values lost with the kernel of then (12288x3072 Q4_K 46.5, 75.4 / 76.8, 92.2 / 82.5, 97.6 /
+// 95.9: 12 chunks of K a CTA and no K split at 96 CTAs) and win with today's (H100, 2026-12-07, 256 rows 38.5,
+// then chunks / dense path at 257, 320, 384, 448 and 512 rows: Q4_K 51.4 / 75.6, 59.1 / 82.2, 65.0 / 82.5,
+// 78.8 / 95.1, 80.0 / 97.0; Q5_K 54.8 / 84.1 to 83.5 / 104.1; 16384x3072 Q4_K 58.2 / 102.6 to 85.0 / 129.0):
+// 17-45% less time, hence kMinWgmmaChunkedK (Q6_K's rows of 3072 values, 2520 bytes, are no multiple of 16:
+// not the wgmma kernels'; shorter rows were not measured). Q2_K lost from 384 rows on 3072x12288 (87.1 / 81.0,
+// 97.8 / 87.7) and at 257 on 14336x4096 (107.6 / 105.8), though it won on 4096x14336 (103.1 / 118.4). Chunks
+// lost where the kernel's 256 rows cost more (Q6_K on the shared-memory kernel 4096x14336 99.9, 135.2 / 133.0,
+// 175.7 / 148.8; Q3_K, IQ4_XS); Q6_K's register kernel wins (H100, 2026-12-07, 384 and 512 rows, chunks / dense
 // path (bf16): 4096x14336 93.3 / 147.7 (86.2), 114.1 / 143.4 (78.1); 14336x4096 101.3 / 132.6 (62.8),
 // 117.2 / 159.3 (87.2)). Chunks lost where the few-row chunk costs more (the grid formats, MXFP4 and
 // NVFP4: 257 rows 47-48 µs over 256, Q4_K 26), and for the 32-value formats past 257-384 rows (Q4_0
@@ -140,7 +155,7 @@ inline int64_t regs_gemm_first_row(int64_t n, int64_t k) {
 // 1-row chunk's ~14 µs would cost more than the dense path gains), so the chunks start at 2^25 values,
 // between 4096x4096 and the shapes above.
 constexpr int64_t kMinWgmmaChunkedValues = int64_t(1) << 25;
-constexpr int64_t kMinWgmmaChunkedK = 4096;
+constexpr int64_t kMinWgmmaChunkedK = 3072;
 
 // The catalog's batch-policy columns for format t (blocks.h): its CPU GEMV rows and wgmma rows.
 struct CatalogRows {

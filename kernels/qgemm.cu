@@ -133,11 +133,11 @@ int64_t qgemm_max_rows(QType wt, FloatType xt, const void* w, const void* x, int
 namespace {
 
 // More rows than the mma.sync kernels take go to the wgmma GEMM (the policy sends them only where
-// qgemm_max_rows said it runs), and from regs_gemm_first_row on those of its register-fragment kernel
+// qgemm_max_rows said it runs), and from regs_tiled_gemm_first_row on those of its register-fragment kernel
 // (where it was measured; smaller weights keep the mma.sync tiles).
 bool takes_wgmma(QType wt, int64_t n, int64_t k, int64_t rows, int device) {
 #ifdef TORCHEXT_WGMMA
-  const int64_t first = regs_gemm_first_row(n, k);
+  const int64_t first = regs_tiled_gemm_first_row(n, k);
   return rows > kMaxTiledGemmRows || (first > 0 && rows >= first && qgemm::qgemm_wgmma_regs_supports(wt, k, device));
 #else
   return false;

@@ -80,11 +80,12 @@ ROWS = [9, 17, 32, 33, 64, 65, 128, 129, 256]
 
 
 # The catalog's wgmma rows (kernels/blocks.h): past 256 rows, in 256-row chunks, on weights of 2^25
-# values or more whose rows hold 4096 values or more (batch_policy.h, tiled_gemm_rows_for); 256 for
+# values or more whose rows hold 3072 values or more (batch_policy.h, tiled_gemm_rows_for); 256 for
 # the others.
 WGMMA_MAX_ROWS = {Q.Q4_K: 512, Q.Q5_K: 512, Q.Q6_K: 512}
-WGMMA_CHUNKED_VALUES, WGMMA_CHUNKED_K = 1 << 25, 4096
+WGMMA_CHUNKED_VALUES, WGMMA_CHUNKED_K = 1 << 25, 3072
 CHUNKED_SHAPE = (4100, 8192)  # 2^25 values and 4 x 8192 more
+SHORT_CHUNKED_SHAPE = (10924, 3072)  # rows of WGMMA_CHUNKED_K values: 2^25 values and 4096 more
 
 
 def takes_wgmma_gemm(qtype, k):
@@ -98,7 +99,7 @@ def takes_tiled_gemm(qtype, n, k, rows):
     """Whether qmatmul sends these rows to the tiled GEMM (kernels/batch_policy.h,
     tiled_gemm_rows_for) rather than the dense path: on weights under 2^23 values up to 16 rows; on
     larger ones up to 64, and where the wgmma kernel takes the weight up to 256, on weights of 2^25
-    values or more and rows of 4096 values or more up to the format's wgmma rows."""
+    values or more and rows of 3072 values or more up to the format's wgmma rows."""
     if n * k < LARGE_WEIGHT_VALUES:
         return rows <= 16
     chunks = n * k >= WGMMA_CHUNKED_VALUES and k >= WGMMA_CHUNKED_K
@@ -156,13 +157,13 @@ def test_within_the_bound(qtype, rows, dtype, exact):
 def test_register_kernel_32_and_64_row_tiles_within_the_bound(qtype):
     """On compute capability 9.0 the register kernel's 32-row tile serves 9-32 rows of Q4_K, Q5_K and
     Q6_K on weights of 2^22 values or more (test_within_the_bound's shapes are smaller at 9-16 rows),
-    and from 2 rows on weights of 2^25 values or more (8200 x 4096 at 2, 4 and 8 rows; exact=False where
-    qmatmul takes the tiled GEMM for those rows, exact=True always: it never takes the GEMVs); it and the
+    and from 2 rows on weights of 2^25 values or more, from 1 with exact=True, which never takes the GEMVs
+    (8200 x 4096 at 1, 2, 4 and 8 rows; exact=False where qmatmul takes the tiled GEMM for those rows); it and the
     64-row tile run two CTAs an SM where their 128-row output tiles number the GPU's SMs or more
     (qgemm_wgmma.cu, visit_wgmma_tile: sms * 128 + 4 rows at 9-64 rows); on other GPUs the mma.sync
     tiles serve them. Within the tiled GEMM's bound either way."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    shapes = (((2052, 2048), (9, 16)), ((sms * 128 + 4, 2048), (9, 17, 32, 33, 64)), ((8200, 4096), (2, 4, 8)))
+    shapes = (((2052, 2048), (9, 16)), ((sms * 128 + 4, 2048), (9, 17, 32, 33, 64)), ((8200, 4096), (1, 2, 4, 8)))
     for (n, k), row_counts in shapes:
         w = random_weight(qtype, n, k, seed=n)
         W = dequant_oracle(w, qtype, n, k)
@@ -226,17 +227,18 @@ def test_split_k_is_deterministic():
                 assert torch.equal(torchext.qmatmul(wc, int(fmt), xc, n, k), y)
 
 
+@pytest.mark.parametrize("shape", [CHUNKED_SHAPE, SHORT_CHUNKED_SHAPE], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "computed"])
 @pytest.mark.parametrize("qtype", list(WGMMA_MAX_ROWS), ids=qtype_name)
-def test_chunks_are_their_rows_multiplied_alone(qtype, exact):
-    """Past 256 rows, on a weight of 2^25 values or more (rows of 4096 or more), the wgmma kernel runs
+def test_chunks_are_their_rows_multiplied_alone(qtype, exact, shape):
+    """Past 256 rows, on a weight of 2^25 values or more (rows of 3072 or more), the wgmma kernel runs
     on 256-row chunks, the last one what is left (by the tiled GEMM's kernels up to 64 rows), one
     after another sharing the K-split workspace: every chunk's output rows are bit for bit those of its rows multiplied
     alone (by the tiled GEMM: with exact=False from 9 rows, fewer go to the GEMV). The rows alone are
-    within the bound (test_within_the_bound)."""
-    n, k = CHUNKED_SHAPE
+    within the bound (test_within_the_bound); the dense path, summing in another order, gives other bits."""
+    n, k = shape
     if not takes_wgmma_gemm(qtype, k):
-        pytest.skip("the wgmma kernel runs on compute capability 9.0")
+        pytest.skip("the wgmma kernel runs on compute capability 9.0, on rows of a multiple of 16 bytes")
     w = random_weight(qtype, n, k, "cuda", seed=7)
     for rows in (257, 300, 400, 512):
         x = gaussian_activations((rows, k), seed=rows).to(torch.bfloat16).cuda()
