@@ -18,6 +18,7 @@ import csv
 import math
 import platform
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -173,7 +174,20 @@ class Ctx(common.Measurements):
         return min(c, 2) if self.args.dry_run else c  # dry run: rotation exercised, no big CPU buffers
 
 
+def settle(ctx: Ctx) -> None:
+    """Leaves the GPU idle for --settle-s seconds before a group's first, lightest batch. The group
+    before ended on its largest batches, which can hold the board at its power cap: an H100 (700 W)
+    drew up to 707 W with its SM clock at 1170-1500 MHz (nvidia-smi: the power cap) through most of
+    128256x4096's groups, whose second timed 1 and 128 rows 11% and 5-12% slower than a run of that
+    shape alone; the clock was back at 1980 MHz within 0.5 s of the load's end (bench/NOTES.md,
+    thirty-seventh session)."""
+    if ctx.device.type == "cuda" and not ctx.args.dry_run and ctx.args.settle_s > 0:
+        torch.cuda.synchronize()
+        time.sleep(ctx.args.settle_s)
+
+
 def run_group(ctx: Ctx, group: str, n: int, k: int, batches: list[int], modes: list[str]) -> None:
+    settle(ctx)
     try:
         specs = specs_for(group)
     except Exception as e:  # noqa: BLE001  (torchext failed to import: the baselines still run)
@@ -581,6 +595,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-int4", action="store_true", help="skip the aten int4 baseline")
     p.add_argument("--budget-s", type=float, default=240.0,
                    help="stop measuring after this many seconds (rows left are 'skipped'); outputs still written")
+    p.add_argument("--settle-s", type=float, default=1.0,
+                   help="idle seconds before each weight group, for the GPU's clock to leave its power cap")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true",
                    help="no GPU: tiny shapes on the CPU, fake timings; checks the tables, CSV and plot")

@@ -177,6 +177,20 @@ def test_hf_memory_names_a_file_from_gguf_refuses(tmp_path, monkeypatch):
     assert "error: --memory: " in result.stderr and "Traceback" not in result.stderr
 
 
+def test_hf_memory_without_transformers_says_so(tmp_path, monkeypatch):
+    """python -m torchext.hf --memory where transformers is not installed (it is optional: torchext[gemma]) was a
+    ModuleNotFoundError traceback; it is a usage error naming the package."""
+    import subprocess
+
+    path = tmp_path / "tiny.gguf"
+    load_script("examples/gguf_generate.py", monkeypatch).write_tiny_gguf(path)
+    hide = ("import runpy, sys; sys.modules['transformers'] = None; "
+            "sys.argv = ['torchext.hf', '--memory', sys.argv[1]]; runpy.run_module('torchext.hf', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", hide, str(path)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "--memory needs transformers" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 def test_demo_without_the_gemma_extra_says_how_to_get_the_file(no_gemma_extra, capsys):
     """Was gguf_path()'s RuntimeError as a traceback."""
     err = usage_error(demo.main, [], capsys)

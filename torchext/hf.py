@@ -917,3 +917,5 @@ if __name__ == "__main__":
         _measure_load_memory(path)
     except ValueError as e:  # a file from_gguf refuses (its tensors do not fit the architecture, ...)
         parser.error(f"--memory: {e}")
+    except ModuleNotFoundError as e:  # transformers is an optional dependency of torchext
+        parser.error(f"--memory needs {e.name}, which is not installed (pip install 'torchext[gemma]')")
