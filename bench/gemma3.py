@@ -1,6 +1,6 @@
 """Gemma 3 270M (Q4_K_M GGUF) end to end: greedy batch-1 decode and 512-token prefill speed.
 
-    python bench/gemma3.py --out DIR [--gguf PATH] [--tokens 128] [--prefill 512]
+    python bench/gemma3.py --out DIR [--gguf PATH | --synthetic] [--tokens 128] [--prefill 512]
 
 Decode: a static key/value cache and one decode step (forward + argmax + position increment)
 compiled with torch.compile(mode="reduce-overhead", fullgraph=True), i.e. replayed as a CUDA graph;
@@ -13,6 +13,9 @@ The per-token split (GEMV kernels, attention, the rest) and the kernel launches 
 from torch.profiler's CUDA kernel times over the decode loop, each kernel counted from the later of
 its start and the previous kernel's end (kernels overlap under programmatic dependent launch).
 Weight memory is reported against the file and dense bf16.
+--synthetic times a model of the same sizes and weight formats with random weights (synthetic_gemma3),
+built on the GPU without the 241 MiB file: the same kernels on the same shapes, so the same speed,
+and no text to print.
 Writes DIR/gemma3.json and prints a summary. Nothing here is asserted.
 """
 
@@ -27,10 +30,48 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py
 
-from torchext.models.gemma3 import decode_step, gguf_path, load_gemma3  # noqa: E402
+from torchext.models.gemma3 import Gemma3, Gemma3Config, decode_step, gguf_path, load_gemma3  # noqa: E402
 
 LLAMA_CPP = {"decode_tok_s": 957.0, "prefill_tok_s": (44_000.0, 63_000.0)}  # H100, llama-bench tg128 / pp512
+
+
+# Gemma 3 270M's sizes as its GGUF metadata gives them, and the weight formats of its Q4_K_M file by
+# tensor (blk.N.-prefixed ones for every layer N; attn_v and ffn_down alternate as the list says). eps is
+# 1e-6 as the file stores it, in float32.
+SIZES_270M = Gemma3Config(vocab_size=262144, hidden=640, layers=18, heads=4, kv_heads=1, head_dim=256, ffn=2048,
+                          eps=9.999999974752427e-07, rope_base_global=1e6, sliding_window=512, context_length=32768)
+Q4_K_M_FORMATS = {"token_embd.weight": "Q8_0", "attn_q.weight": "Q5_0", "attn_k.weight": "Q5_0",
+                  "attn_output.weight": "Q4_K", "ffn_gate.weight": "Q5_0", "ffn_up.weight": "Q5_0"}
+Q8_0_V_LAYERS = {0, 1, 4, 7, 10, 13, 15, 16, 17}  # attn_v Q8_0 and ffn_down Q6_K here, Q5_0 and Q4_K elsewhere
+
+
+def synthetic_gemma3(dtype: torch.dtype, max_seq_len: int, batch: int = 1, seed: int = 0,
+                     device="cuda") -> tuple[Gemma3, dict]:
+    """(model, stats) of Gemma 3 270M's sizes and Q4_K_M's formats with random weights on device: random
+    quantized bytes with small positive scales (common.random_quant_weight) and norm weights near 1."""
+    from common import random_quant_weight  # noqa: E402  (beside this file)
+
+    from torchext import WeightCache, row_bytes
+    from torchext.models.gemma3 import weight_shapes
+
+    cfg, gen, cache = SIZES_270M, torch.Generator(device=device).manual_seed(seed), WeightCache()
+    for name, (n, k) in weight_shapes(cfg).items():
+        if n == 1:  # a norm: Gemma's files hold 1 + w
+            cache.put(name, 1 + 0.1 * torch.randn(k, device=device, generator=gen))
+            continue
+        parts = name.split(".")  # blk.N.attn_v.weight, token_embd.weight
+        base = ".".join(parts[2:]) if parts[0] == "blk" else name
+        fmt = Q4_K_M_FORMATS.get(base) or (("Q8_0", "Q6_K") if int(parts[1]) in Q8_0_V_LAYERS else ("Q5_0", "Q4_K"))[
+            base == "ffn_down.weight"]
+        cache.put(name, random_quant_weight(fmt, n, k, 1, device, gen)[0], fmt, n, k)
+    quantized = sum(e.n * row_bytes(e.qtype, e.k) for _, e in cache.items() if e.qtype is not None)  # before stacking
+    model = Gemma3(cache, cfg, batch=batch, max_seq_len=max_seq_len, dtype=dtype, device=device)
+    values = sum(n * k for n, k in weight_shapes(cfg).values())
+    stats = {"load_s": 0.0, "pool_bytes": cache.total_bytes(), "file_bytes": quantized, "bf16_bytes": 2 * values,
+             "params": values}
+    return model, stats
 
 
 def timed(fn, reps: int = 1) -> float:
@@ -117,6 +158,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--gguf", type=Path, default=None, help="the GGUF file (default: the gemma3 package's)")
+    ap.add_argument("--synthetic", action="store_true", help="random weights of the file's sizes and formats")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -127,11 +169,13 @@ def main(argv=None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype)
-    path = args.gguf or gguf_path()
     max_len = args.prefill + args.tokens + 8
-    model, tok, stats = load_gemma3(path, device="cuda", dtype=dtype, max_seq_len=max_len)
+    if args.synthetic:
+        (model, stats), tok = synthetic_gemma3(dtype, max_len), None
+    else:
+        model, tok, stats = load_gemma3(args.gguf or gguf_path(), device="cuda", dtype=dtype, max_seq_len=max_len)
     res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                 "dtype": args.dtype, "load": stats, "llama_cpp_h100": LLAMA_CPP,
+                 "dtype": args.dtype, "synthetic": args.synthetic, "load": stats, "llama_cpp_h100": LLAMA_CPP,
                  "gpu_weight_bytes_allocated": torch.cuda.memory_allocated()}
 
     with torch.no_grad():
@@ -164,7 +208,6 @@ def main(argv=None) -> int:
 
         # batched decode: B sequences a step, from an empty context
         for b in args.batches:
-            from torchext.models.gemma3 import Gemma3
             batched = Gemma3(model.weights, model.cfg, batch=b, max_seq_len=args.tokens + 8, dtype=dtype, device="cuda")
             step_b = torch.compile(decode_step(batched), mode="reduce-overhead", fullgraph=True)
             run = decode_loop(step_b, args.tokens, 0, batch=b)
@@ -174,14 +217,16 @@ def main(argv=None) -> int:
             del batched, step_b, run
 
         # the text, as a sanity check of what was timed
-        from torchext.models.gemma3 import generate
-        ids = tok.encode("The three primary colors are")
-        res["sample"] = tok.decode(generate(model, ids, 24, step=step))  # step: the 512-context model's
+        if tok is not None:
+            from torchext.models.gemma3 import generate
+            ids = tok.encode("The three primary colors are")
+            res["sample"] = tok.decode(generate(model, ids, 24, step=step))  # step: the 512-context model's
 
     (args.out / "gemma3.json").write_text(json.dumps(res, indent=1))
     mb = 2**20
     print(f"{res['gpu']}, torch {res['torch']}, CUDA {res['cuda']}, activations {args.dtype}")
-    print(f"weights: pool {stats['pool_bytes'] / mb:.1f} MiB on the GPU (file {stats['file_bytes'] / mb:.1f} MiB, "
+    print(f"weights{' (synthetic)' if args.synthetic else ''}: pool {stats['pool_bytes'] / mb:.1f} MiB on the GPU "
+          f"(file {stats['file_bytes'] / mb:.1f} MiB, "
           f"dense bf16 {stats['bf16_bytes'] / mb:.1f} MiB), loaded in {stats['load_s']:.1f} s")
     print(f"decode ({args.tokens} tokens from an empty context, as tg{args.tokens}): {res['decode_tok_s']:.0f} tok/s "
           f"({res['decode_us_per_token']:.0f} us/token; eager {res['decode_eager_tok_s']:.0f} tok/s; "
@@ -201,7 +246,7 @@ def main(argv=None) -> int:
     print(f"prefill {args.prefill}: compiled {res['prefill_compiled_tok_s']:.0f} tok/s "
           f"({res['prefill_compiled_ms']:.2f} ms), eager {res['prefill_eager_tok_s']:.0f} tok/s; "
           f"llama.cpp {LLAMA_CPP['prefill_tok_s'][0]:.0f}-{LLAMA_CPP['prefill_tok_s'][1]:.0f}")
-    print(f"sample: {res['sample']!r}")
+    print(f"sample: {res['sample']!r}" if "sample" in res else "sample: none (synthetic weights)")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Gemma 3 270M decode with each fused decode op against the ops it replaces, in one process.
 
-    python bench/gemma3_fusions.py [--tokens 128] [--start 0 512] [--rounds 1] [--batch 1]
+    python bench/gemma3_fusions.py [--tokens 128] [--start 0 512] [--rounds 1] [--batch 1] [--synthetic]
 
 The model's decode step calls cached_attention_quantize_q8_1 (the attention writes the output
 projection's Q8_1 input) and QuantLinear.forward_gated_gelu (gated_gelu_qmatmul: at one row the down
@@ -11,8 +11,9 @@ product, then the down layer: qmatmul's quantize_q8_1 and GEMV; the same bytes a
 decode step as bench/gemma3.py does (torch.compile, reduce-overhead: a CUDA graph) and times --tokens
 steps of --batch sequences from each start position, twice, and counts its kernels a step (36 more
 with both unfused). Variants run in turn in one process, --rounds times, so that they share the GPU's
-state; the printed spread is what separates them from noise. bf16 activations. Never asserts on a
-timing.
+state; the printed spread is what separates them from noise. bf16 activations. --synthetic: random
+weights of the file's sizes and formats (bench/gemma3.py's synthetic_gemma3), no file needed. Never
+asserts on a timing.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from gemma3 import decode_loop, kernel_split, timed  # noqa: E402
+from gemma3 import decode_loop, kernel_split, synthetic_gemma3, timed  # noqa: E402
 from torchext import ops  # noqa: E402
 from torchext.models.gemma3 import decode_step, gguf_path, load_gemma3  # noqa: E402
 from torchext.nn import QuantLinear  # noqa: E402
@@ -70,13 +71,17 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="passes over the variants")
     ap.add_argument("--batch", type=int, default=1, help="sequences a decode step")
     ap.add_argument("--gguf", type=Path, default=None, help="the GGUF file (default: the gemma3 package's)")
+    ap.add_argument("--synthetic", action="store_true", help="random weights of the file's sizes and formats")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gemma3_fusions.py needs a CUDA GPU", file=sys.stderr)
         return 2
     max_len = max(args.start) + args.tokens + 8
-    model, _, _ = load_gemma3(args.gguf or gguf_path(), device="cuda", dtype=torch.bfloat16, batch=args.batch,
-                              max_seq_len=max_len)
+    if args.synthetic:
+        model, _ = synthetic_gemma3(torch.bfloat16, max_len, batch=args.batch)
+    else:
+        model, _, _ = load_gemma3(args.gguf or gguf_path(), device="cuda", dtype=torch.bfloat16, batch=args.batch,
+                                  max_seq_len=max_len)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; tok/s (all {args.batch} sequences) over "
           f"{args.tokens} steps, two loops from each start position {args.start}")
     results: dict[str, list[float]] = {}

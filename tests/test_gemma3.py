@@ -85,6 +85,21 @@ def test_file_holds_what_llama_cpp_stored(reader):
     assert counts == {"F32": 109, "Q5_0": 81, "Q8_0": 10, "Q4_K": 27, "Q6_K": 9}
 
 
+def test_the_benchs_synthetic_model_has_the_files_sizes_and_formats(reader, loaded, monkeypatch):
+    """bench/gemma3.py --synthetic times random weights in place of the file's: the same config, tensor
+    names, shapes and formats, so the same kernels on the same shapes."""
+    from test_cli_edges import load_script
+    bench = load_script("bench/gemma3.py", monkeypatch)
+    model, stats = bench.synthetic_gemma3(torch.float32, 16, device="cpu")
+    assert model.cfg == loaded[0].cfg
+    for t in reader.tensors:
+        entry = model.weights[t.name]
+        k, n = int(t.shape[0]), int(np.prod(t.shape[1:]))
+        fmt = entry.qtype.name if entry.qtype is not None else "F32"
+        assert (fmt, entry.n, entry.k) == (t.tensor_type.name, n, k), t.name
+    assert stats["file_bytes"] == sum(int(t.n_bytes) for t in reader.tensors if t.tensor_type.name != "F32")
+
+
 # tolerance: norm-relative, for one Gaussian activation row through the Q8_1 GEMV. Q8_1 rounds
 # each activation by at most d/2 = amax/254 per 32-value block; for Gaussian rows of 640-2048
 # values that is a norm-relative output error of about 0.5-1%, measured up to 1.2% here.
