@@ -127,6 +127,7 @@ def test_put_copies_only_unaligned_or_strided_bytes():
          r"k: Q8_0 rows are whole 32-value blocks, so k must be a multiple of 32, got 40"),
         ((torch.zeros(4, 68, dtype=torch.uint8),), r"tensor: expected a float .* got torch.uint8; pass qtype"),
         ((torch.zeros(4, 8), None, 8, 4), r"n and k: a dense tensor of shape \[4, 8\] holds n=4, k=8, got n=8, k=4"),
+        ((torch.zeros(4, 8), None, "4", 8), r"n and k: .* holds n=4, k=8, got n='4', k=8"),  # was "got n=4"
         ((torch.tensor(1.0),), r"tensor: expected at least one dimension"),
     ],
     ids=lambda a: a if isinstance(a, str) else None,
@@ -192,6 +193,24 @@ def test_matmul_forwards_to_the_ops(device, dtype):
     assert torch.equal(cache.matmul("q4k", xt), torchext.qmatmul(w, q, xt.contiguous(), n, k))
     with pytest.raises(ValueError, match=r"norm: a dense weight of shape \[64\] is not a matrix"):
         cache.matmul("norm", x)
+
+
+def test_matmul_errors():
+    """x that is no tensor was an AttributeError (or a TypeError from Tensor.to); for a dense weight, an integer
+    x silently truncated the weight to integers (all zeros here) and a wrong k was F.linear's "mat1 and mat2
+    shapes cannot be multiplied", which names neither."""
+    cache = small_cache()
+    for name in ("q4k", "dense"):
+        with pytest.raises(TypeError, match="x: expected a torch.Tensor, got ndarray"):
+            cache.matmul(name, np.zeros((1, cache[name].k), dtype=np.float32))
+    with pytest.raises(ValueError, match="x: expected a floating-point tensor, got torch.int32"):
+        cache.matmul("dense", torch.ones(1, 64, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"x: expected the last dimension to be k=64 \(dense's\), got 63"):
+        cache.matmul("dense", torch.ones(2, 63))
+    with pytest.raises(ValueError, match=r"x: expected at least one dimension \[..., K\], got a scalar"):
+        cache.matmul("dense", torch.tensor(1.0))
+    x = torch.ones(2, 64, dtype=torch.float64)  # a float dtype F.linear takes stays allowed
+    assert torch.equal(cache.matmul("dense", x), F.linear(x, cache["dense"].tensor.double()))
 
 
 # ---- GGUF files ----------------------------------------------------------------------------------
@@ -336,6 +355,12 @@ def test_load_gguf_errors(gguf_file, tmp_path):
     with pytest.raises(TypeError, match=r"names: expected a list of tensor names, got the string 'output.weight' "
                                         r"\(write \['output.weight'\]\)"):
         WeightCache().load_gguf(path, names="output.weight")  # its characters were taken for names
+    with pytest.raises(TypeError, match="names: expected a list of tensor names, got int"):
+        WeightCache().load_gguf(path, names=3)
+    with pytest.raises(TypeError, match="pool: expected a bool, got str"):
+        WeightCache().load_gguf(path, pool="False")  # was a pooled load
+    with pytest.raises(TypeError, match="reader: expected a gguf.GGUFReader, got str"):
+        WeightCache().load_gguf(path, reader=str(path))  # was an AttributeError
     # a type gguf cannot dequantize (Q8_K, llama.cpp's intermediate format) is a clear error; names= skips it
     bad = tmp_path / "q8k.gguf"
     writer = GGUFWriter(str(bad), "torchext-test")
@@ -753,6 +778,11 @@ def test_stacked_individual_entries_stay_views(stack_file, tmp_path):
     ({"norm": ["a.weight", "b.weight"]}, ValueError, r"norm: the name is taken by another weight"),
     ({"x": []}, ValueError, r"x: a group needs at least one member"),
     ({"x": "a.weight"}, TypeError, r"x: expected a list of tensor names, got the string 'a.weight'"),
+    ({"x": None}, TypeError, r"x: expected a list of tensor names, got NoneType"),
+    ([("x", ["a.weight", "b.weight"])], TypeError, r"groups: expected a dict of group name -> member names, got list"),
+    # a name that is no str was stacked into the pool (3 in cache.names()), or refused after the groups before it
+    ({"x": ["a.weight", "b.weight"], 3: ["c.weight", "e.weight"]}, TypeError, r"groups: expected str group names, "
+                                                                               r"got 3"),
 ])
 def test_stack_rows_errors(stack_file, groups, error, match):
     cache = WeightCache.from_gguf(stack_file, pool=True)
@@ -760,6 +790,17 @@ def test_stack_rows_errors(stack_file, groups, error, match):
     with pytest.raises(error, match=match):
         cache.stack_rows(groups)
     assert cache.names() == names and [e.tensor.data_ptr() for _, e in cache.items()] == ptrs  # untouched
+
+
+def test_stack_rows_of_members_on_two_devices(stack_file):
+    """Was torch.cat's "Tensor on device meta is not on the expected device cpu!", naming no weight."""
+    cache = WeightCache.from_gguf(stack_file)
+    b = cache["b.weight"]
+    cache.put("b.weight", b.tensor.to("meta"), b.qtype, b.n, b.k)
+    names = cache.names()
+    with pytest.raises(ValueError, match="ab: members must be on one device; a.weight is on cpu, b.weight is on meta"):
+        cache.stack_rows(STACK_GROUPS)
+    assert cache.names() == names
 
 
 def test_total_bytes_counts_the_storage_an_entry_keeps():

@@ -15,6 +15,7 @@ import re
 import struct
 import subprocess
 import sys
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -529,6 +530,30 @@ def test_bad_tensor_names(valid, tmp_path):
 
 
 # ---- the header and the key/value table ------------------------------------------------------------
+
+def test_a_path_that_is_no_regular_file(tmp_path):
+    """A FIFO hung the load (open() waits for a writer); a pipe (bash's <(...)) or a device read as a file
+    of size 0 ("magic [0, 4) runs past the end of the file"); a directory was an IsADirectoryError."""
+    assert load_error(tmp_path) == "expected a GGUF file, got a directory"
+    assert load_error("/dev/null") == "expected a GGUF file, got a device or socket"
+    read_end, write_end = os.pipe()
+    try:
+        assert load_error(f"/dev/fd/{read_end}") == "expected a GGUF file, got a pipe"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    fifo = tmp_path / "fifo.gguf"
+    os.mkfifo(fifo)
+    errors = []
+    thread = threading.Thread(target=lambda: errors.append(load_error(fifo)), daemon=True)
+    thread.start()
+    thread.join(60)
+    if thread.is_alive():  # blocked in open(): a writer lets it return, and the test fail
+        with open(fifo, "wb"):
+            pass
+        thread.join()
+    assert errors == ["expected a GGUF file, got a pipe"]
+
 
 @pytest.mark.parametrize("magic", [b"GGUG", b"\0\0\0\0", b"GGML", b"FUGG"])
 def test_bad_magic(valid, tmp_path, magic):

@@ -23,6 +23,7 @@ Tolerances, and why:
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -32,7 +33,8 @@ from torch import nn
 import torchext
 from conftest import DEVICES, DTYPES, gaussian_activations, gaussian_linear, gemv_rows, random_weight, requires_cuda
 from torchext import QType, WeightCache
-from torchext.nn import QuantGatedMLP, QuantLinear, QuantStackedGatedMLP, gated_mlp, quantize_linears, shared_input
+from torchext.nn import (QuantExperts, QuantGatedMLP, QuantLinear, QuantStackedGatedMLP, TopKRouter, gated_mlp,
+                         quantize_linears, shared_input)
 
 
 @pytest.fixture(autouse=True)
@@ -740,3 +742,55 @@ def test_jit_script_says_what_works_instead():
     with pytest.raises(RuntimeError, match=r"QuantLinear: torch.jit.script cannot compile torchext's modules .* "
                                            r"torch.compile or torch.export, or torch.jit.trace"):
         torch.jit.script(_q8_0_linear(256, 64, 0))
+
+
+# ---- the mixture-of-experts modules' arguments ------------------------------------------------------
+
+def _float_experts(e=4, h=64, i=96):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(e, i, h, generator=g), torch.randn(e, i, h, generator=g), torch.randn(e, h, i, generator=g)
+
+
+def test_experts_from_float_checks_the_three_shapes():
+    """A down_proj given as [E, I, H] (gate's layout) quantizes to as many bytes as [E, H, I], and from_float read
+    only gate_proj's shape: it built experts of scrambled weights. Each shape is now checked, naming the tensor."""
+    gate, up, down = _float_experts()
+    with pytest.raises(ValueError, match=r"^down_proj: expected \[4, 64, 96\] for gate_proj of shape \[E, I, H\] = "
+                                         r"\[4, 96, 64\], got \[4, 96, 64\]$"):
+        QuantExperts.from_float(gate, up, down.transpose(1, 2), "Q8_0")
+    with pytest.raises(ValueError, match=r"^up_proj: expected \[4, 96, 64\] .* got \[2, 96, 64\]$"):
+        QuantExperts.from_float(gate, up[:2], down, "Q8_0")
+    with pytest.raises(ValueError, match=r"^gate_proj: expected \[num_experts, intermediate_size, hidden_size\], "
+                                         r"got \[96, 64\]$"):  # was "not enough values to unpack"
+        QuantExperts.from_float(gate[0], up[0], down[0], "Q8_0")
+
+
+@pytest.mark.parametrize("arg, bad", [("num_experts", 4.5), ("num_experts", True), ("hidden_size", 64.0),
+                                      ("intermediate_size", "96")], ids=str)
+def test_experts_sizes_are_positive_ints(arg, bad):
+    """The sizes went through int() unchecked: 4.5 experts ran as 4, True as 1 (on one expert's bytes)."""
+    experts = QuantExperts.from_float(*_float_experts(), "Q8_0")
+    sizes = {"num_experts": 4, "hidden_size": 64, "intermediate_size": 96, arg: bad}
+    with pytest.raises(ValueError, match=f"^{arg}: expected a positive int, got {bad!r}$"):
+        QuantExperts(experts.gate_proj, experts.up_proj, experts.down_proj, "Q8_0", **sizes)
+
+
+def test_experts_top_k_weights_must_match_the_ids():
+    """top_k_weights [1, k] broadcast over every token (each weighted by the first token's scores), and [T, k + 1]
+    failed in torch's multiply, naming no argument."""
+    experts = QuantExperts.from_float(*_float_experts(), "Q8_0")
+    x, ids = torch.randn(3, 64), torch.tensor([[0, 1], [2, 3], [1, 1]])
+    for weights in (torch.rand(1, 2), torch.rand(3, 3), torch.rand(3)):
+        with pytest.raises(ValueError, match=rf"^top_k_weights: expected the shape of top_k_index \[3, 2\], got "
+                                             rf"{re.escape(str(list(weights.shape)))}$"):
+            experts(x, ids, weights)
+
+
+def test_router_refuses_integer_or_misshapen_hidden_states():
+    """Integer hidden states cast the router's weight to integers (F.linear ran, the logits truncated), and a wrong
+    hidden size was reshape's error, naming nothing."""
+    router = TopKRouter(torch.randn(4, 64), top_k=2)
+    for bad in (torch.ones(3, 64, dtype=torch.long), torch.randn(3, 65), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match=rf"^hidden_states: expected float \[\.\.\., 64\] \(the router's hidden "
+                                             rf"size\), got {bad.dtype} {re.escape(str(list(bad.shape)))}$"):
+            router(bad)

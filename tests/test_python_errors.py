@@ -1,5 +1,5 @@
-"""Bad input to the Python-only parts (the GGUF tokenizer, Gemma 3's generate and loader) raises
-a ValueError that names what was wrong, instead of a silent answer.
+"""Bad input to the Python-only parts (the GGUF tokenizer, Gemma 3's generate and loader, the op wrappers'
+own argument checks) raises an error that names what was wrong, instead of a silent answer.
 
 None of this needs the Gemma 3 GGUF file: the tokenizer gets a vocabulary of a few pieces, and
 generate runs a one-layer Gemma 3 of random Q8_0 weights (the real model's code, tiny shapes).
@@ -7,6 +7,7 @@ generate runs a one-layer Gemma 3 of random Q8_0 weights (the real model's code,
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,3 +154,54 @@ def test_load_gemma3_checks_the_file_first(tmp_path):
     path.write_bytes(path.read_bytes()[:-64])  # the data cut short
     with pytest.raises(ValueError, match="cut.gguf"):
         load_gemma3(path)
+
+
+# ---- the op wrappers: arguments the dispatcher would convert -----------------------------------------
+
+def _one_row_calls(n, k):
+    """Each wrapper that takes a weight's n and k, on a one-row Q8_0 weight of k=32 values."""
+    w = torchext.quantize(torch.randn(1, 32, generator=torch.Generator().manual_seed(0)), "Q8_0")
+    x = torch.randn(2, 32)
+    xq, ids = torchext.quantize_q8_1(x), torch.zeros(2, 1, dtype=torch.long)
+    return [
+        lambda: torchext.qmatmul(w, "Q8_0", x, n, k),
+        lambda: torchext.qmatmul_q8_1(w, "Q8_0", xq, n, k),
+        lambda: torchext.gated_gelu_qmatmul(w, "Q8_0", x, x, n, k),
+        lambda: torchext.gated_silu_qmatmul(w, "Q8_0", x, x, n, k),
+        lambda: torchext.qmatmul_id(w.unsqueeze(0), "Q8_0", x, ids, n, k),
+        lambda: torchext.dequantize(w, "Q8_0", n, k),
+        lambda: torchext.embedding(w, "Q8_0", torch.tensor([0]), n, k),
+    ]
+
+
+@pytest.mark.parametrize("bad", [True, np.bool_(True), 1.0, "1"], ids=repr)
+def test_wrappers_take_n_and_k_as_whole_numbers(bad):
+    """The dispatcher takes a bool as an int: n=True ran a one-row weight as if n were 1 (a float or a str
+    was its message, which names the argument too but not the wrapper's). Each is a TypeError naming n or k."""
+    for call in _one_row_calls(bad, 32):
+        with pytest.raises(TypeError, match=f"^n: expected a whole number, got {type(bad).__name__}$"):
+            call()
+    for call in _one_row_calls(1, bad):
+        with pytest.raises(TypeError, match=f"^k: expected a whole number, got {type(bad).__name__}$"):
+            call()
+    for call in _one_row_calls(np.int64(1), np.int32(32)):  # numpy's integers are whole numbers
+        call()
+    w4 = torchext.quantize(torch.randn(1, 256), "Q4_K")
+    for wrapper in (torchext.q4k_gemv, torchext.q4k_q8_gemv, torchext.q4k_q8_gemv_packed):
+        x = torch.randn(1, 256)
+        with pytest.raises(TypeError, match="^n: expected a whole number, got bool$"):
+            wrapper(w4, x if wrapper is torchext.q4k_gemv else torchext.quantize_q8_1(x), True, 256)
+
+
+@pytest.mark.parametrize("bad, name", [(True, "bool"), ("1e-6", "str"), (torch.tensor(1e-6), "Tensor")], ids=repr)
+def test_rope_cache_write_takes_eps_as_a_number(bad, name):
+    """eps=True ran as 1.0 (the dispatcher takes a bool as a float), where rms_norm_quantize_q8_1's eps was
+    already checked: a TypeError naming eps."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 1, 2, 8, generator=g), torch.randn(1, 1, 1, 8, generator=g), torch.randn(1, 1, 1, 8)
+    cos, sin, pos = torch.ones(4, 8), torch.zeros(4, 8), torch.tensor([1])
+    k_cache, v_cache = torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8)
+    with pytest.raises(TypeError, match=f"^eps: expected a number, got {name}$"):
+        torchext.rope_cache_write(q, k, v, cos, sin, pos, k_cache, v_cache, torch.ones(8), None, bad)
+    assert not k_cache.any() and not v_cache.any()  # refused before the kernel wrote the caches
+    torchext.rope_cache_write(q, k, v, cos, sin, pos, k_cache, v_cache, torch.ones(8), None, 0)  # an int is one

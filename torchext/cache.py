@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .formats import QType, row_bytes
 from .gguf_file import VIEW_DTYPES, GGUFFile, GGUFTensor, tensor_from_bytes
-from .ops import qmatmul
+from .ops import _flag, qmatmul
 from .weights import WEIGHT_ALIGN, WEIGHT_IDS, as_weight_rows, check_weight_bytes, weight_format
 
 
@@ -48,6 +48,8 @@ def _name_list(names, arg: str) -> list[str]:
     """names as a list; a single str is refused (its characters would be taken for names)."""
     if isinstance(names, (str, bytes)):
         raise TypeError(f"{arg}: expected a list of tensor names, got the string {names!r} (write [{names!r}])")
+    if not isinstance(names, Iterable):
+        raise TypeError(f"{arg}: expected a list of tensor names, got {type(names).__name__}")
     return list(names)
 
 
@@ -130,7 +132,7 @@ class WeightCache:
         dn = math.prod(tensor.shape[:-1])
         if (n is not None and n != dn) or (k is not None and k != dk):
             raise ValueError(f"n and k: a dense tensor of shape {list(tensor.shape)} holds n={dn}, k={dk}, "
-                             f"got n={n}, k={k}")
+                             f"got n={n!r}, k={k!r}")
         return CacheEntry(tensor, None, dn, dk)
 
     def get(self, name: str) -> CacheEntry:
@@ -170,8 +172,12 @@ class WeightCache:
         members as views of its rows is left as it is, so calling this again is a no-op. Replacing or
         removing a member (put, remove, load_gguf) later removes the group's entry.
         """
+        if not isinstance(groups, Mapping):
+            raise TypeError(f"groups: expected a dict of group name -> member names, got {type(groups).__name__}")
         todo = {}
         for group, members in groups.items():
+            if not isinstance(group, str):  # checked before any group is stacked: a bad one changes nothing
+                raise TypeError(f"groups: expected str group names, got {group!r}")
             members = _name_list(members, group)
             if group in self and self._members_view(group, members):
                 self._groups[group] = tuple(members)
@@ -188,6 +194,9 @@ class WeightCache:
                     got = "a dense tensor" if e.qtype is None else f"{e.qtype.name} with k={e.k}"
                     raise ValueError(f"{group}: members must be quantized weights of one format and k; {members[0]} is "
                                      f"{first.qtype.name if first.qtype else 'dense'} with k={first.k}, {m} is {got}")
+                if e.tensor.device != first.tensor.device:  # torch.cat's error named neither
+                    raise ValueError(f"{group}: members must be on one device; {members[0]} is on "
+                                     f"{first.tensor.device}, {m} is on {e.tensor.device}")
                 if any(m in ms for ms in todo.values()):
                     raise ValueError(f"{group}: {m} is in two groups")
             starts = itertools.accumulate([e.tensor.numel() for e in entries[:-1]], initial=0)
@@ -423,10 +432,19 @@ class WeightCache:
         quantized bytes (which picks the GEMV or dense path by batch size), F.linear for a dense
         [n, k] weight (cast to x's dtype)."""
         e = self.get(name)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if e.qtype is not None:
             return qmatmul(e.tensor, e.qtype, x.contiguous(), e.n, e.k)  # any strides, as F.linear
         if e.tensor.dim() != 2:
             raise ValueError(f"{name}: a dense weight of shape {list(e.tensor.shape)} is not a matrix")
+        # the op's checks, which F.linear lacks: an integer x truncated the weight to integers (silently)
+        if not x.is_floating_point():
+            raise ValueError(f"x: expected a floating-point tensor, got {x.dtype}")
+        if x.dim() == 0:
+            raise ValueError("x: expected at least one dimension [..., K], got a scalar")
+        if x.shape[-1] != e.k:
+            raise ValueError(f"x: expected the last dimension to be k={e.k} ({name}'s), got {x.shape[-1]}")
         return F.linear(x, e.tensor.to(x.dtype))
 
     # ---- GGUF ------------------------------------------------------------------------------------
@@ -437,9 +455,9 @@ class WeightCache:
         """Add the tensors of a GGUF file (all, or those in `names`) and return self.
 
         The file's header and tables are read and checked first (torchext.gguf_file.GGUFFile):
-        anything malformed (not GGUF, a version other than 2 or 3, big-endian, cut short, a tensor
-        whose type, shape or offset does not fit the file's data) is a ValueError naming the file
-        and the tensor, before any entry is added. Tensor data is read with ordinary reads, so a
+        anything malformed (not a regular file, not GGUF, a version other than 2 or 3, big-endian, cut
+        short, a tensor whose type, shape or offset does not fit the file's data) is a ValueError naming
+        the file and the tensor, before any entry is added. Tensor data is read with ordinary reads, so a
         file that shrinks during the load is a ValueError too, never a bus error.
 
         A tensor in a torchext weight format (formats.WEIGHT_TYPES) stays raw bytes, [n, row_bytes] with
@@ -463,6 +481,7 @@ class WeightCache:
         must be the file's as read now (ValueError otherwise). Nothing is read through it.
         """
         start = time.perf_counter()
+        pool = _flag(pool, "pool")  # pool="False" would pool
         if pool and names is not None:
             raise ValueError("pool: a pool holds the whole file, so names must be None; "
                              "load chosen tensors with pool=False")

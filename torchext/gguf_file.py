@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import struct
 from typing import NamedTuple, NoReturn
 
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from .weights import WEIGHT_IDS
 
@@ -122,6 +123,11 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.name = os.fspath(path)
+        # a FIFO would block the open until a writer came, and a pipe or device reads as a file of size 0
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode) else "a device or socket"
+            raise ValueError(f"{self.name}: expected a GGUF file, got {kind}")
         self._f = open(path, "rb")
         try:
             self.size = os.fstat(self._f.fileno()).st_size
@@ -185,8 +191,10 @@ class GGUFFile:
         return self._read(self.data_offset, self.data_bytes, "the data section", pin_memory)
 
     def check_reader(self, reader) -> None:
-        """ValueError unless a gguf.GGUFReader's tensor table is this file's. Reads only the
-        reader's Python fields, never its memory map (whose pages may be gone)."""
+        """ValueError unless a gguf.GGUFReader's tensor table is this file's (TypeError for anything but a
+        GGUFReader). Reads only the reader's Python fields, never its memory map (whose pages may be gone)."""
+        if not isinstance(reader, GGUFReader):
+            raise TypeError(f"reader: expected a gguf.GGUFReader, got {type(reader).__name__}")
         theirs = [(t.name, int(t.tensor_type), int(t.data_offset)) for t in reader.tensors]
         ours = [(t.name, int(t.tensor_type), t.data_offset) for t in self.tensors]
         if theirs != ours:

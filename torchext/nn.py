@@ -410,6 +410,11 @@ class QuantExperts(PackedWeightState, nn.Module):
                  num_experts: int, hidden_size: int, intermediate_size: int, exact: bool = False) -> None:
         super().__init__()
         self.qtypes = tuple(weight_format(q) for q in _expert_formats(qtypes))
+        for arg, v in (("num_experts", num_experts), ("hidden_size", hidden_size),
+                       ("intermediate_size", intermediate_size)):
+            # checked before int(), which took 4.5 experts as 4 and True as 1
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+                raise ValueError(f"{arg}: expected a positive int, got {v!r}")
         self.num_experts, self.hidden_size = int(num_experts), int(hidden_size)
         self.intermediate_size, self.exact = int(intermediate_size), _flag(exact, "exact")
         shapes = {"gate_proj": (self.intermediate_size, self.hidden_size),
@@ -433,6 +438,9 @@ class QuantExperts(PackedWeightState, nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if top_k_weights.shape != top_k_index.shape:  # else a [1, k] or [k] one broadcasts over the tokens
+            raise ValueError(f"top_k_weights: expected the shape of top_k_index {list(top_k_index.shape)}, got "
+                             f"{list(top_k_weights.shape)}")
         x, ids = hidden_states.contiguous(), top_k_index.contiguous()
         h, i = self.hidden_size, self.intermediate_size
         gate = qmatmul_id(self.gate_proj, self.qtypes[0], x, ids, i, h, self.exact)  # [T, k, I]
@@ -446,7 +454,15 @@ class QuantExperts(PackedWeightState, nn.Module):
         """Quantize float experts: gate and up [E, I, H], down [E, H, I] (transformers keeps gate and
         up as one gate_up_proj [E, 2I, H]: pass its two halves), with torchext.quantize per expert."""
         formats = _expert_formats(qtypes)
+        if gate_proj.dim() != 3:
+            raise ValueError(f"gate_proj: expected [num_experts, intermediate_size, hidden_size], got "
+                             f"{list(gate_proj.shape)}")
         e, i, h = gate_proj.shape
+        # the bytes alone cannot tell: a down_proj given as [E, I, H] quantizes to as many bytes as [E, H, I]
+        for name, t, want in (("up_proj", up_proj, [e, i, h]), ("down_proj", down_proj, [e, h, i])):
+            if list(t.shape) != want:
+                raise ValueError(f"{name}: expected {want} for gate_proj of shape [E, I, H] = {[e, i, h]}, got "
+                                 f"{list(t.shape)}")
         data = [torch.stack([quantize(w.detach().to("cpu", torch.float32).contiguous(), q) for w in t]).to(t.device)
                 for t, q in zip((gate_proj, up_proj, down_proj), formats)]
         return cls(*data, formats, e, h, i, exact)
@@ -481,6 +497,11 @@ class TopKRouter(nn.Module):
         self.top_k, self.norm_topk_prob = int(top_k), _flag(norm_topk_prob, "norm_topk_prob")
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if (hidden_states.dim() == 0 or hidden_states.shape[-1] != self.hidden_size
+                or not hidden_states.is_floating_point()):
+            # else reshape's error, naming nothing, or integer logits of a weight cast to integers
+            raise ValueError(f"hidden_states: expected float [..., {self.hidden_size}] (the router's hidden size), got "
+                             f"{hidden_states.dtype} {list(hidden_states.shape)}")
         x = hidden_states.reshape(-1, self.hidden_size)
         if isinstance(self.proj, nn.Linear):
             logits = F.linear(x, self.proj.weight.to(x.dtype))

@@ -221,6 +221,14 @@ def _check_whole(value, arg: str) -> None:
         raise TypeError(f"{arg}: expected a whole number, got {type(value).__name__}")
 
 
+def _check_sizes(n, k) -> None:
+    """TypeError unless n and k are whole numbers: the dispatcher takes a bool as 1 or 0, so n=True ran a
+    one-row weight."""
+    if type(n) is not int or type(k) is not int:  # the common case costs two type tests
+        _check_whole(n, "n")
+        _check_whole(k, "k")
+
+
 def _check_eps(eps: float) -> None:
     torch._check(0.0 <= eps <= _FLOAT32_MAX, lambda: "eps: expected a number >= 0 that float32 holds")
 
@@ -340,6 +348,7 @@ def _(gate, up):
 
 def q4k_q8_gemv(w: torch.Tensor, xq: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """Q4_K weights [n, ceil(k/256)*144] x Q8_1 activations [..., bytes] -> float32 [..., n]."""
+    _check_sizes(n, k)
     return _ops.q4k_q8_gemv(w, xq, n, k)
 
 
@@ -347,6 +356,7 @@ def q4k_q8_gemv_packed(w: torch.Tensor, xq: torch.Tensor, n: int, k: int) -> tor
     """q4k_q8_gemv under the name that the first, pre-torchext version of this code gave its
     packed-nibble kernel, kept so that code written against it runs: the kernel already feeds
     four nibbles per DP4A operand, so both names run it and return identical bits."""
+    _check_sizes(n, k)
     return _ops.q4k_q8_gemv_packed(w, xq, n, k)
 
 
@@ -380,21 +390,25 @@ def qmatmul(w: torch.Tensor, qtype, x: torch.Tensor, n: int, k: int, exact: bool
     rounded to x's dtype; the same activations).
     exact=True takes exact weights and unrounded activations at any row count: the tiled GEMM
     multiplying each weight exactly as dequantize() gives it (fp16/bf16 on CUDA), or the dense GEMM."""
+    _check_sizes(n, k)
     return _call(_ops.qmatmul, w, int(QType.of(qtype)), x, n, k, _flag(exact, "exact"))
 
 
 def q4k_gemv(w: torch.Tensor, x: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """qmatmul for Q4_K weights."""
+    _check_sizes(n, k)
     return _call(_ops.q4k_gemv, w, x, n, k)
 
 
 def q5k_gemv(w: torch.Tensor, x: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """qmatmul for Q5_K weights."""
+    _check_sizes(n, k)
     return _call(_ops.q5k_gemv, w, x, n, k)
 
 
 def q6k_gemv(w: torch.Tensor, x: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """qmatmul for Q6_K weights."""
+    _check_sizes(n, k)
     return _call(_ops.q6k_gemv, w, x, n, k)
 
 
@@ -423,6 +437,7 @@ def qmatmul_q8_1(w: torch.Tensor, qtype, xq: torch.Tensor, n: int, k: int,
     weights reading the same input share one quantize_q8_1. With dtype = x's dtype,
     qmatmul_q8_1(w, qtype, quantize_q8_1(x), n, k, x.dtype) equals qmatmul(w, qtype, x, n, k)
     bit for bit whenever qmatmul takes the GEMV path (up to gemv_max_rows(x, n, qtype) rows)."""
+    _check_sizes(n, k)
     return _ops.qmatmul_q8_1(w, int(QType.of(qtype)), xq, n, k, dtype)
 
 
@@ -437,6 +452,7 @@ def gated_gelu_qmatmul(w: torch.Tensor, qtype, gate: torch.Tensor, up: torch.Ten
     row of the 256-value formats where the int8 tensor-core GEMV takes 2 or more), each of its CTAs
     computes and quantizes gelu(gate) * up itself: one launch instead of two. Otherwise, and on the
     CPU, the two ops run in turn."""
+    _check_sizes(n, k)
     return _call(_ops.gated_gelu_qmatmul, w, int(QType.of(qtype)), gate, up, n, k, approximate)
 
 
@@ -454,6 +470,7 @@ def gated_silu_qmatmul(w: torch.Tensor, qtype, gate: torch.Tensor, up: torch.Ten
     """A SwiGLU MLP's down projection from its gate and up outputs [..., k] (one float dtype and shape):
     qmatmul_q8_1(w, qtype, gated_silu_quantize_q8_1(gate, up), n, k, gate.dtype) -> [..., n] in gate's
     dtype, the same bits; on CUDA one launch for the rows gated_gelu_qmatmul fuses, as it does."""
+    _check_sizes(n, k)
     return _call(_ops.gated_silu_qmatmul, w, int(QType.of(qtype)), gate, up, n, k)
 
 
@@ -483,6 +500,7 @@ def qmatmul_id(w: torch.Tensor, qtype, x: torch.Tensor, ids: torch.Tensor, n: in
     routed rows on CUDA (fp16/bf16, sm_80+; bf16 weights computed in bf16 as qmatmul's unless
     exact=True) or a dense GEMM per expert.
     An id outside [0, E) raises on the CPU and gives a NaN output row on CUDA."""
+    _check_sizes(n, k)
     return _call(_ops.qmatmul_id, w, int(QType.of(qtype)), x, ids, n, k, _flag(exact, "exact"))
 
 
@@ -552,6 +570,7 @@ def _tiled_gemm_first_row(qtype: int, n: int, k: int, bf16: bool, device: int) -
 
 def dequantize(w: torch.Tensor, qtype, n: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense [n, k] values of quantized weight bytes (values past k, the padding, are dropped)."""
+    _check_sizes(n, k)
     return _ops.dequantize(w, int(QType.of(qtype)), n, k, dtype)
 
 
@@ -566,6 +585,7 @@ def embedding(w: torch.Tensor, qtype, ids: torch.Tensor, n: int, k: int,
     """Rows ids [...] (int64 or int32) of a quantized [n, k] weight as dense [..., k]: a token
     embedding that stays quantized. An id outside [0, n) raises on the CPU; on CUDA, where
     checking would synchronise with the host, its row comes out NaN."""
+    _check_sizes(n, k)
     return _ops.embedding(w, int(QType.of(qtype)), ids, n, k, dtype)
 
 
@@ -770,7 +790,7 @@ def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     torch.compile traces)."""
     _check_not_inference(k_cache, "k_cache")
     _check_not_inference(v_cache, "v_cache")
-    return _ops.rope_cache_write(q, k, v, cos, sin, pos, k_cache, v_cache, q_weight, k_weight, eps)
+    return _ops.rope_cache_write(q, k, v, cos, sin, pos, k_cache, v_cache, q_weight, k_weight, _number(eps, "eps"))
 
 
 def _check_head_rows(x: torch.Tensor, arg: str, q: torch.Tensor, heads: int, dim: int) -> None:
