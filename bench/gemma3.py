@@ -44,14 +44,15 @@ SIZES_270M = Gemma3Config(vocab_size=262144, hidden=640, layers=18, heads=4, kv_
                           eps=9.999999974752427e-07, rope_base_global=1e6, sliding_window=512, context_length=32768)
 Q4_K_M_FORMATS = {"token_embd.weight": "Q8_0", "attn_q.weight": "Q5_0", "attn_k.weight": "Q5_0",
                   "attn_output.weight": "Q4_K", "ffn_gate.weight": "Q5_0", "ffn_up.weight": "Q5_0"}
-Q8_0_V_LAYERS = {0, 1, 4, 7, 10, 13, 15, 16, 17}  # attn_v Q8_0 and ffn_down Q6_K here, Q5_0 and Q4_K elsewhere
+Q8_0_V_LAYERS = {0, 1, 4, 7, 10, 13, 15, 16, 17}  # the layers of the first format of each pair below
+Q4_K_M_ALTERNATING = {"attn_v.weight": ("Q8_0", "Q5_0"), "ffn_down.weight": ("Q6_K", "Q4_K")}
 
 
 def synthetic_gemma3(dtype: torch.dtype, max_seq_len: int, batch: int = 1, seed: int = 0,
                      device="cuda") -> tuple[Gemma3, dict]:
     """(model, stats) of Gemma 3 270M's sizes and Q4_K_M's formats with random weights on device: random
     quantized bytes with small positive scales (common.random_quant_weight) and norm weights near 1."""
-    from common import random_quant_weight  # noqa: E402  (beside this file)
+    from common import random_quant_weight
 
     from torchext import WeightCache, row_bytes
     from torchext.models.gemma3 import weight_shapes
@@ -63,8 +64,10 @@ def synthetic_gemma3(dtype: torch.dtype, max_seq_len: int, batch: int = 1, seed:
             continue
         parts = name.split(".")  # blk.N.attn_v.weight, token_embd.weight
         base = ".".join(parts[2:]) if parts[0] == "blk" else name
-        fmt = Q4_K_M_FORMATS.get(base) or (("Q8_0", "Q6_K") if int(parts[1]) in Q8_0_V_LAYERS else ("Q5_0", "Q4_K"))[
-            base == "ffn_down.weight"]
+        if base in Q4_K_M_FORMATS:
+            fmt = Q4_K_M_FORMATS[base]
+        else:
+            fmt = Q4_K_M_ALTERNATING[base][int(parts[1]) not in Q8_0_V_LAYERS]
         cache.put(name, random_quant_weight(fmt, n, k, 1, device, gen)[0], fmt, n, k)
     quantized = sum(e.n * row_bytes(e.qtype, e.k) for _, e in cache.items() if e.qtype is not None)  # before stacking
     model = Gemma3(cache, cfg, batch=batch, max_seq_len=max_seq_len, dtype=dtype, device=device)
