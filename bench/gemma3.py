@@ -239,7 +239,8 @@ def main(argv=None) -> int:
           f"({res[after + '_us_per_token']:.0f} us/token)")
     for name in ("decode", after):
         split = res[f"{name}_split_us_per_token"]
-        print(f"  {name}, per token, us: " + ", ".join(f"{k} {v:.1f}" for k, v in split.items() if isinstance(v, float)))
+        print(f"  {name}, per token, us: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in split.items() if isinstance(v, float)))
     print("  decode's kernels by time, per token (us, launches):")
     for kernel, (us, calls) in res["decode_split_us_per_token"]["top_kernels_us_launches_per_token"].items():
         print(f"    {us:6.1f} {calls:5.1f}  {kernel}")

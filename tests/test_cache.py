@@ -126,6 +126,9 @@ def test_put_copies_only_unaligned_or_strided_bytes():
         ((torch.zeros(4, 68, dtype=torch.uint8), "Q8_0", 4, 40),
          r"k: Q8_0 rows are whole 32-value blocks, so k must be a multiple of 32, got 40"),
         ((torch.zeros(4, 68, dtype=torch.uint8),), r"tensor: expected a float .* got torch.uint8; pass qtype"),
+        ((torch.zeros(4, 8, dtype=torch.complex64),), r"tensor: expected a float .* got torch.complex64"),
+        ((torch.zeros(4, 8, dtype=torch.uint16),), r"tensor: expected a float .* got torch.uint16"),
+        ((torch.zeros(4, 8, dtype=torch.bool),), r"tensor: expected a float .* got torch.bool"),
         ((torch.zeros(4, 8), None, 8, 4), r"n and k: a dense tensor of shape \[4, 8\] holds n=4, k=8, got n=8, k=4"),
         ((torch.zeros(4, 8), None, "4", 8), r"n and k: .* holds n=4, k=8, got n='4', k=8"),  # was "got n=4"
         ((torch.tensor(1.0),), r"tensor: expected at least one dimension"),

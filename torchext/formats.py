@@ -52,7 +52,8 @@ class QType(enum.IntEnum):
             try:
                 return cls[fmt.upper()]
             except KeyError:
-                raise ValueError(f"unknown quantization format {fmt!r}; expected one of {[q.name for q in cls]}") from None
+                raise ValueError(f"unknown quantization format {fmt!r}; expected one of "
+                                 f"{[q.name for q in cls]}") from None
         # operator.index, not int(): int() would truncate 12.7 to 12 (Q4_K); a bool is no id either.
         # An int (gguf's IntEnum included) is taken as it is: dynamo 2.12-2.13 recurse in operator.index.
         if isinstance(fmt, (bool, np.bool_)):
@@ -125,7 +126,8 @@ def scale_field_bytes(qtype) -> int:
 
 #: The values of NVFP4's unsigned E4M3 scale codes 0 .. 0x7E (0x7F is E4M3's NaN, which gguf decodes
 #: as 0), before the format's halving: code = exponent (bias 7) << 3 | mantissa.
-_UE4M3 = np.array([m / 8 * 2.0**-6 if e == 0 else (1 + m / 8) * 2.0**(e - 7) for e in range(16) for m in range(8)][:0x7F])
+_UE4M3 = np.array([m / 8 * 2.0**-6 if e == 0 else (1 + m / 8) * 2.0**(e - 7)
+                   for e in range(16) for m in range(8)][:0x7F])
 
 
 def put_scale_field(blocks: np.ndarray, qtype, off: int, values) -> None:

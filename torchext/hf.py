@@ -369,8 +369,9 @@ def _config(path: Path, g: GGUFFile, architecture: str, config_kwargs: dict):
                              f"metadata: {type(e).__name__}: {str(e).replace(str(meta), str(path))}") from e
     unused.pop("gguf_file", None)
     if unused:
-        raise ValueError(f"from_gguf: {', '.join(map(repr, unused))}: neither from_gguf (device, dtype, model_class) "
-                         "nor transformers' AutoConfig.from_pretrained, which takes the other keyword arguments, uses it")
+        raise ValueError(f"from_gguf: {', '.join(map(repr, unused))}: neither from_gguf (device, dtype, "
+                         "model_class) nor transformers' AutoConfig.from_pretrained, which takes the other keyword "
+                         "arguments, uses it")
     return config
 
 

@@ -267,9 +267,10 @@ def takes_q8_1(x: torch.Tensor, *layers: QuantLinear) -> bool:
     """Whether the layers, all reading x, take qmatmul's GEMV path on one Q8_1 copy of x: all
     QuantLinear (other modules, such as torchext.parallel's sharded layers, have no forward_q8_1)
     whose call is its forward alone (no forward or backward hooks, no subclass forward: calling
-    forward_q8_1 would skip them), at most ops.gemv_max_rows(x, out_features, qtype) rows for each (and some), one in_features, and
-    no layer exact (exact ones never round x). Then a caller may quantize x itself (quantize_q8_1, or
-    an op that computes and quantizes x in one kernel) and call each layer's forward_q8_1.
+    forward_q8_1 would skip them), at most ops.gemv_max_rows(x, out_features, qtype) rows for each
+    (and some), one in_features, and no layer exact (exact ones never round x). Then a caller may
+    quantize x itself (quantize_q8_1, or an op that computes and quantizes x in one kernel) and call
+    each layer's forward_q8_1.
     Never while autograd wants x's gradient: Q8_1 bytes carry none, so the layers then take x
     itself, whose GEMV rounds it the same way and passes the gradient on (qmatmul's backward).
     Never for a symbolic row count either (torch.export's dynamic dimensions, dynamic compiles): the

@@ -177,7 +177,8 @@ def _check_like(t: torch.Tensor, arg: str, ref: torch.Tensor, ref_arg: str) -> N
     """t, a second input of ref's dtype and shape (no broadcasting), contiguous, on ref's device."""
     _check_contiguous(t, arg)
     torch._check(t.dtype == ref.dtype,
-                 lambda: f"{arg}: expected the dtype of {ref_arg} ({_dtype_name(ref.dtype)}), got {_dtype_name(t.dtype)}")
+                 lambda: f"{arg}: expected the dtype of {ref_arg} ({_dtype_name(ref.dtype)}), "
+                         f"got {_dtype_name(t.dtype)}")
     torch._check(t.shape == ref.shape,
                  lambda: f"{arg}: expected the shape of {ref_arg} {list(ref.shape)}, got {list(t.shape)}")
     _check_same_device(ref, ref_arg, t, arg)
@@ -552,6 +553,10 @@ def gemv_max_rows(x: torch.Tensor, n: int, qtype) -> int:
     elsewhere gemv_max_tokens: the format's CPU_GEMV_MAX_ROWS on the CPU, GEMV_MAX_ROWS on CUDA. The
     tiled GEMM also needs 16-byte aligned operands, which this does not look at (so that it holds for
     traced tensors too): an x that is not aligned takes the GEMV up to GEMV_MAX_ROWS rows."""
+    if not isinstance(x, torch.Tensor):  # a list was an AttributeError
+        raise TypeError(f"x: expected a tensor of activations [..., K], got {type(x).__name__}")
+    if x.dim() == 0:  # was an IndexError
+        raise ValueError("x: expected at least one dimension [..., K], got a scalar")
     k = x.shape[-1]
     if x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and k % 8 == 0:
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()

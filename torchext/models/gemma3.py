@@ -257,9 +257,10 @@ class Attention(nn.Module):
         # SDPA's time on 256 fp32 rows, 5x on bf16 ones). Decode steps took this path on the CPU too
         # until its cached_attention was vectorized: 1 thread of the 2-core Xeon VM, fp32, generate of
         # 33 tokens after an 18-token prompt, 32 tokens over the whole call's time, 27 against 31 tok/s
-        # at max_seq_len 256, 24 against 29 at 1024 (the masked products grow with the cache's capacity). Grouped-query attention without repeating
-        # the cache: the `group` query heads of each key/value head become rows of one matrix,
-        # [b, kv_heads, group * t, head_dim], over the whole static cache with the invisible keys masked.
+        # at max_seq_len 256, 24 against 29 at 1024 (the masked products grow with the cache's capacity).
+        # Grouped-query attention without repeating the cache: the `group` query heads of each key/value
+        # head become rows of one matrix, [b, kv_heads, group * t, head_dim], over the whole static cache
+        # with the invisible keys masked.
         group = cfg.heads // cfg.kv_heads
         qg = q.view(b, t, cfg.kv_heads, group, cfg.head_dim).permute(0, 2, 3, 1, 4)
         qg = qg.reshape(b, cfg.kv_heads, group * t, cfg.head_dim)

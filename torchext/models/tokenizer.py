@@ -103,7 +103,8 @@ class GGUFTokenizer:
 
         model = get("tokenizer.ggml.model")
         if model != "llama":
-            raise ValueError(f"tokenizer.ggml.model: only the SentencePiece 'llama' tokenizer is supported, got {model!r}")
+            raise ValueError("tokenizer.ggml.model: only the SentencePiece 'llama' tokenizer is supported, "
+                             f"got {model!r}")
         return cls(get("tokenizer.ggml.tokens"), get("tokenizer.ggml.scores"), get("tokenizer.ggml.token_type"),
                    bos_id=get("tokenizer.ggml.bos_token_id"), eos_id=get("tokenizer.ggml.eos_token_id"),
                    add_bos=bool(get("tokenizer.ggml.add_bos_token", True)),
