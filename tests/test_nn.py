@@ -118,6 +118,19 @@ def test_from_linear_error_per_format(qtype):
         assert lower < rel < upper, (qtype.name, rows, rel)
 
 
+def test_from_linear_refuses_what_is_no_linear():
+    """A Conv1d's 3-D weight was "too many values to unpack"; a module without a weight an AttributeError."""
+    with pytest.raises(TypeError, match=r"linear: expected a module with a float weight .* got Conv1d with weight "
+                                        r"torch.float32 \[3, 3, 1\]"):
+        QuantLinear.from_linear(torch.nn.Conv1d(3, 3, 1), "Q4_K")
+    with pytest.raises(TypeError, match="got ReLU without a weight tensor"):
+        QuantLinear.from_linear(torch.nn.ReLU(), "Q4_K")
+    int_linear = torch.nn.Linear(256, 4)
+    int_linear.weight = torch.nn.Parameter(torch.ones(4, 256, dtype=torch.int32), requires_grad=False)
+    with pytest.raises(TypeError, match=r"got Linear with weight torch.int32 \[4, 256\]"):
+        QuantLinear.from_linear(int_linear, "Q4_K")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_from_linear_keeps_device_and_bias_dtype(device):
     linear = gaussian_linear(300, 40, seed=1).to(device=device, dtype=torch.bfloat16)

@@ -208,7 +208,14 @@ class QuantLinear(PackedWeightState, nn.Module):
         device (accelerate's init_empty_weights) gives a meta layer of the format's byte shape, whose
         bytes a load_state_dict(..., assign=True) then supplies."""
         q = weight_format(qtype)
-        out_features, in_features = linear.weight.shape
+        weight = getattr(linear, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+            # a Conv1d's 3-D weight was "too many values to unpack"
+            got = (f"{type(linear).__name__} with weight {weight.dtype} {list(weight.shape)}"
+                   if isinstance(weight, torch.Tensor) else f"{type(linear).__name__} without a weight tensor")
+            raise TypeError(f"linear: expected a module with a float weight [out_features, in_features] (a "
+                            f"torch.nn.Linear), got {got}")
+        out_features, in_features = weight.shape
         if (whole := whole_blocks_error(q, in_features, "in_features")) is not None:
             raise ValueError(f"{whole}, got {in_features}; use a k-quant (Q4_K, Q5_K, Q6_K) or leave this layer "
                              "in float")
