@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import WeightCache
-from .weights import as_weight_rows, check_weight_bytes, weight_format
+from .weights import as_weight_rows, check_positive_int, check_weight_bytes, weight_format
 from .formats import WEIGHT_TYPES, QType, block_values, row_bytes, whole_blocks_error
 from .ops import (_flag, gated_gelu_qmatmul, gated_silu_qmatmul, gemv_max_rows, qmatmul, qmatmul_id, qmatmul_q8_1,
                   quantize, quantize_q8_1)
@@ -420,9 +420,7 @@ class QuantExperts(PackedWeightState, nn.Module):
         self.qtypes = tuple(weight_format(q) for q in _expert_formats(qtypes))
         for arg, v in (("num_experts", num_experts), ("hidden_size", hidden_size),
                        ("intermediate_size", intermediate_size)):
-            # checked before int(), which took 4.5 experts as 4 and True as 1
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
-                raise ValueError(f"{arg}: expected a positive int, got {v!r}")
+            check_positive_int(v, arg)  # before int(), which took 4.5 experts as 4 and True as 1
         self.num_experts, self.hidden_size = int(num_experts), int(hidden_size)
         self.intermediate_size, self.exact = int(intermediate_size), _flag(exact, "exact")
         shapes = {"gate_proj": (self.intermediate_size, self.hidden_size),

@@ -30,6 +30,12 @@ def weight_format(qtype) -> QType:
     return q
 
 
+def check_positive_int(value, arg: str) -> None:
+    """ValueError unless value is a positive whole number: a bool is none, and int() would take 4.5 as 4."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{arg}: expected a positive int, got {value!r}")
+
+
 def check_weight_bytes(tensor: torch.Tensor, qtype: QType, n: int, k: int,
                        names: tuple[str, str, str] = ("tensor", "n", "k")) -> None:
     """ValueError unless `tensor` can hold an [n, k] weight of format qtype as raw bytes; the
@@ -39,9 +45,8 @@ def check_weight_bytes(tensor: torch.Tensor, qtype: QType, n: int, k: int,
     if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8:
         got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise ValueError(f"{what}: expected raw {qtype.name} bytes as a uint8 tensor, got {got}")
-    for arg, v in ((n_name, n), (k_name, k)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
-            raise ValueError(f"{arg}: expected a positive int, got {v!r}")
+    check_positive_int(n, n_name)
+    check_positive_int(k, k_name)
     if (whole := whole_blocks_error(qtype, k, k_name)) is not None:
         raise ValueError(f"{whole}, got {k}")
     expected = n * row_bytes(qtype, k)
